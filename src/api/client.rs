@@ -1,0 +1,378 @@
+//! The one blocking HTTP client (ureq 3) every command talks to the platform through.
+//!
+//! One `Agent` per process keeps connections alive between calls. Status codes are
+//! not errors at the ureq level (`http_status_as_error(false)`) so that an error
+//! response's body (`code`/`msg`) can be read and shown.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use ureq::Agent;
+use ureq::http::Response;
+
+use super::retry::{AttemptError, GaveUp, RetryPolicy, parse_retry_after};
+use super::types::{PATH_BATCH_ACCESS, PATH_SEND, PATH_UPDATES, SendRequest};
+use super::{ApiError, Token};
+use crate::exit::usage;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Per-read timeout for ordinary calls: a silent server for this long is a dead connection.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How much longer than its poll timeout a long poll may stay silent before we call it dead.
+const LONG_POLL_GRACE: Duration = Duration::from_secs(15);
+/// Error bodies are shown in one line; the start of a long HTML error page is enough.
+const MAX_DETAIL_CHARS: usize = 200;
+
+pub struct ApiClient {
+    agent: Agent,
+    base_url: String,
+    token: Token,
+    policy: RetryPolicy,
+}
+
+impl ApiClient {
+    /// A client for `base_url` (`http://` or `https://`, trailing `/` ignored).
+    pub fn new(base_url: &str, token: Token, policy: RetryPolicy) -> anyhow::Result<ApiClient> {
+        let base_url = base_url.trim().trim_end_matches('/');
+        if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+            return Err(usage(format!(
+                "base URL must start with http:// or https:// (got {base_url:?})"
+            )));
+        }
+        Ok(ApiClient {
+            agent: new_agent(),
+            base_url: base_url.to_string(),
+            token,
+            policy,
+        })
+    }
+
+    /// The shared agent, for downloads from access URLs (which carry no bearer token).
+    pub fn agent(&self) -> &Agent {
+        &self.agent
+    }
+
+    pub fn token(&self) -> &Token {
+        &self.token
+    }
+
+    /// `POST {base}{path}` with retries; returns the response's `data`.
+    pub fn post(&self, path: &str, body: &Value) -> Result<Value, ApiError> {
+        self.post_with(path, body, READ_TIMEOUT, |delay| {
+            std::thread::sleep(delay);
+            true
+        })
+    }
+
+    /// Like [`ApiClient::post`], with the read timeout and the retry wait chosen by
+    /// the caller. `wait` sleeps for the given time and returns `false` if the
+    /// caller wants to stop instead (a service shutting down).
+    pub fn post_with(
+        &self,
+        path: &str,
+        body: &Value,
+        read_timeout: Duration,
+        wait: impl FnMut(Duration) -> bool,
+    ) -> Result<Value, ApiError> {
+        let url = format!("{}{}", self.base_url, path);
+        let outcome = self.policy.run(
+            |_attempt| self.attempt(&url, path, body, read_timeout),
+            |failures, reason, delay| {
+                tracing::warn!(
+                    path,
+                    failures,
+                    "{reason}; retrying in {:.1}s",
+                    delay.as_secs_f64()
+                );
+            },
+            wait,
+        );
+        outcome.map_err(|gave_up| match gave_up {
+            GaveUp::Fatal(error) => error,
+            GaveUp::Exhausted { attempts, last } => ApiError::Unavailable {
+                path: path.to_string(),
+                attempts,
+                last,
+            },
+            GaveUp::Cancelled => ApiError::Cancelled,
+        })
+    }
+
+    /// One long poll: updates with `update_id >= offset` (confirming every update below it).
+    pub fn get_updates(
+        &self,
+        offset: i64,
+        limit: u32,
+        poll_timeout: Duration,
+        wait: impl FnMut(Duration) -> bool,
+    ) -> Result<Vec<Value>, ApiError> {
+        let body = json!({"offset": offset, "limit": limit, "timeout": poll_timeout.as_secs()});
+        let data = self.post_with(PATH_UPDATES, &body, poll_timeout + LONG_POLL_GRACE, wait)?;
+        match data.get("updates") {
+            Some(Value::Array(updates)) => Ok(updates.clone()),
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(other) => Err(ApiError::BadResponse {
+                path: PATH_UPDATES.to_string(),
+                detail: format!("data.updates is not a list: {other}"),
+            }),
+        }
+    }
+
+    /// Sends a message; a retry reuses the request's `client_msg_id`, so the
+    /// platform records it once however often it is retried.
+    pub fn send(&self, request: &SendRequest) -> Result<Value, ApiError> {
+        let body = serde_json::to_value(request).expect("SendRequest always serializes");
+        self.post(PATH_SEND, &body)
+    }
+
+    /// Exchanges media URLs for short-lived download URLs. URLs the platform
+    /// returned no access URL for are absent from the map.
+    pub fn batch_access(
+        &self,
+        urls: &[String],
+        expire_seconds: u64,
+    ) -> Result<BTreeMap<String, String>, ApiError> {
+        let files: Vec<Value> = urls.iter().map(|url| json!({"url": url})).collect();
+        let body = json!({"files": files, "expire_seconds": expire_seconds});
+        let data = self.post(PATH_BATCH_ACCESS, &body)?;
+        let mut access = BTreeMap::new();
+        if let Some(Value::Object(files)) = data.get("files") {
+            for (url, access_url) in files {
+                if let Some(access_url) = access_url.as_str().map(str::trim)
+                    && !access_url.is_empty()
+                {
+                    access.insert(url.clone(), access_url.to_string());
+                }
+            }
+        }
+        Ok(access)
+    }
+
+    fn attempt(
+        &self,
+        url: &str,
+        path: &str,
+        body: &Value,
+        read_timeout: Duration,
+    ) -> Result<Value, AttemptError<ApiError>> {
+        let result = self
+            .agent
+            .post(url)
+            .header("Authorization", &format!("Bearer {}", self.token.expose()))
+            .config()
+            .timeout_per_read(Some(read_timeout))
+            .build()
+            .send_json(body);
+        let response = result.map_err(|error| classify_transport_error(path, error))?;
+        self.read_envelope(path, response)
+    }
+
+    /// Turns a response into its `data`, or into the right kind of failure.
+    fn read_envelope(
+        &self,
+        path: &str,
+        mut response: Response<ureq::Body>,
+    ) -> Result<Value, AttemptError<ApiError>> {
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|value| value.to_str().ok())
+            .and_then(parse_retry_after);
+        // A connection dropped while reading the body is as transient as one
+        // dropped before the status line.
+        let text = response
+            .body_mut()
+            .read_to_string()
+            .map_err(|error| classify_transport_error(path, error))?;
+        let json: Option<Value> = serde_json::from_str(&text).ok();
+        let detail = self.token.redact(&error_detail(json.as_ref(), &text));
+
+        match status {
+            200..=299 => {}
+            401 | 403 => {
+                return Err(AttemptError::Fatal(ApiError::TokenRefused {
+                    status,
+                    detail,
+                }));
+            }
+            429 | 500..=599 => {
+                return Err(AttemptError::Transient {
+                    reason: format!("HTTP {status}{detail}"),
+                    retry_after,
+                });
+            }
+            _ => {
+                return Err(AttemptError::Fatal(ApiError::Rejected {
+                    path: path.to_string(),
+                    status,
+                    detail,
+                }));
+            }
+        }
+
+        let Some(Value::Object(mut envelope)) = json else {
+            return Err(AttemptError::Fatal(ApiError::BadResponse {
+                path: path.to_string(),
+                detail: format!("HTTP {status}, not a JSON object{detail}"),
+            }));
+        };
+        // The real service also reports failures inside a 2xx envelope.
+        if envelope_code_is_error(envelope.get("code")) {
+            return Err(AttemptError::Fatal(ApiError::Rejected {
+                path: path.to_string(),
+                status,
+                detail,
+            }));
+        }
+        Ok(envelope.remove("data").unwrap_or(Value::Null))
+    }
+}
+
+fn new_agent() -> Agent {
+    Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(CONNECT_TIMEOUT))
+        .timeout_per_read(Some(READ_TIMEOUT))
+        .user_agent(concat!("fly/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .new_agent()
+}
+
+/// Transport failures are transient unless the request itself can never work.
+fn classify_transport_error(path: &str, error: ureq::Error) -> AttemptError<ApiError> {
+    match error {
+        ureq::Error::BadUri(_)
+        | ureq::Error::Http(_)
+        | ureq::Error::InvalidProxyUrl
+        | ureq::Error::TooManyRedirects
+        | ureq::Error::RedirectFailed => AttemptError::Fatal(ApiError::Rejected {
+            path: path.to_string(),
+            status: 0,
+            detail: format!(" (request could not be made: {error})"),
+        }),
+        other => AttemptError::Transient {
+            reason: describe_transport_error(&other),
+            retry_after: None,
+        },
+    }
+}
+
+fn describe_transport_error(error: &ureq::Error) -> String {
+    match error {
+        ureq::Error::ConnectionFailed => "connection failed".to_string(),
+        ureq::Error::HostNotFound => "host not found".to_string(),
+        ureq::Error::Timeout(kind) => format!("timed out ({kind})"),
+        ureq::Error::Io(io) => format!("connection error: {io}"),
+        other => other.to_string(),
+    }
+}
+
+/// ` (code X: msg)` from an envelope, else the start of the body text, for error lines.
+fn error_detail(json: Option<&Value>, text: &str) -> String {
+    if let Some(Value::Object(envelope)) = json {
+        let code = envelope.get("code").filter(|code| !code.is_null());
+        let msg = envelope
+            .get("msg")
+            .or_else(|| envelope.get("message"))
+            .and_then(Value::as_str);
+        return match (code, msg) {
+            (Some(code), Some(msg)) => format!(" (code {}: {msg})", plain(code)),
+            (Some(code), None) => format!(" (code {})", plain(code)),
+            (None, Some(msg)) => format!(" ({msg})"),
+            (None, None) => String::new(),
+        };
+    }
+    let one_line: String = text
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .take(MAX_DETAIL_CHARS)
+        .collect();
+    if one_line.is_empty() {
+        String::new()
+    } else {
+        format!(": {one_line}")
+    }
+}
+
+fn plain(value: &Value) -> String {
+    match value {
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// A 2xx envelope whose numeric `code` is not 0 reports a failure.
+fn envelope_code_is_error(code: Option<&Value>) -> bool {
+    match code {
+        Some(Value::Number(number)) => number.as_i64() != Some(0),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_detail_prefers_the_envelope() {
+        let body = json!({"code": 40001, "msg": "invalid group_id"});
+        assert_eq!(
+            error_detail(Some(&body), ""),
+            " (code 40001: invalid group_id)"
+        );
+        assert_eq!(error_detail(Some(&json!({"msg": "nope"})), ""), " (nope)");
+        assert_eq!(error_detail(Some(&json!({"data": 1})), ""), "");
+    }
+
+    #[test]
+    fn error_detail_shows_the_start_of_other_bodies_on_one_line() {
+        let page = format!("<html>\n<body>Bad Gateway</body>\n{}", "x".repeat(500));
+        let detail = error_detail(None, &page);
+        assert!(detail.starts_with(": <html> <body>Bad Gateway</body>"));
+        assert!(!detail.contains('\n'));
+        assert_eq!(detail.chars().count(), 2 + MAX_DETAIL_CHARS);
+        assert_eq!(error_detail(None, ""), "");
+    }
+
+    #[test]
+    fn envelope_codes() {
+        assert!(!envelope_code_is_error(None));
+        assert!(!envelope_code_is_error(Some(&json!(0))));
+        assert!(envelope_code_is_error(Some(&json!(40001))));
+        assert!(!envelope_code_is_error(Some(&json!("ok"))));
+    }
+
+    #[test]
+    fn transport_errors_are_transient_but_bad_requests_are_not() {
+        let transient = classify_transport_error("/p", ureq::Error::ConnectionFailed);
+        assert!(matches!(transient, AttemptError::Transient { .. }));
+        let io = ureq::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert!(matches!(
+            classify_transport_error("/p", io),
+            AttemptError::Transient { .. }
+        ));
+        let fatal = classify_transport_error("/p", ureq::Error::BadUri("x".into()));
+        assert!(matches!(
+            fatal,
+            AttemptError::Fatal(ApiError::Rejected { .. })
+        ));
+    }
+
+    #[test]
+    fn base_url_must_be_http() {
+        let token = Token::new("t").unwrap();
+        let error = ApiClient::new("ftp://x", token.clone(), RetryPolicy::ONE_SHOT)
+            .err()
+            .unwrap();
+        assert_eq!(
+            crate::exit::classify(&error),
+            crate::exit::Outcome::Report(2)
+        );
+        let client = ApiClient::new("http://127.0.0.1:1/", token, RetryPolicy::ONE_SHOT).unwrap();
+        assert_eq!(client.base_url, "http://127.0.0.1:1");
+    }
+}

@@ -1,0 +1,234 @@
+//! The retry policy every command shares: which failures are worth another try,
+//! and how long to wait before it (capped exponential backoff with jitter,
+//! `Retry-After` honoured).
+//!
+//! The loop itself is here too, so no command writes its own.
+
+use std::time::Duration;
+
+/// The longest we are willing to wait because a server said so in `Retry-After`.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// How one attempt at a call ended, when it did not succeed.
+#[derive(Debug)]
+pub enum AttemptError<E> {
+    /// Worth another try: connect errors, dropped connections, timeouts, 5xx, 429.
+    Transient {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    /// Another try would fail the same way (bad request, token refused, …).
+    Fatal(E),
+}
+
+/// Why the retry loop gave up.
+#[derive(Debug)]
+pub enum GaveUp<E> {
+    /// An attempt failed in a way retrying cannot fix.
+    Fatal(E),
+    /// Every allowed attempt failed transiently; `last` says how the last one did.
+    Exhausted { attempts: u32, last: String },
+    /// The caller asked to stop while we were waiting.
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts before giving up; `None` retries for as long as the process runs
+    /// (long-running services must never die of a transient failure).
+    pub max_attempts: Option<u32>,
+    /// Wait after the first failure; doubled after each further one.
+    pub initial_delay: Duration,
+    /// Upper bound of the doubled wait.
+    pub max_delay: Duration,
+}
+
+impl RetryPolicy {
+    /// For one-shot commands (`fly send`, `fly fetch-media`): a handful of tries,
+    /// about 10 s of waiting in all before the error is reported.
+    pub const ONE_SHOT: RetryPolicy = RetryPolicy {
+        max_attempts: Some(6),
+        initial_delay: Duration::from_millis(200),
+        max_delay: Duration::from_secs(5),
+    };
+
+    /// For services (`poll-echo`, `forward`): never give up, never hammer.
+    pub const FOREVER: RetryPolicy = RetryPolicy {
+        max_attempts: None,
+        initial_delay: Duration::from_millis(200),
+        max_delay: Duration::from_secs(30),
+    };
+
+    /// The wait before the next attempt, after `failures` failed ones (1-based).
+    ///
+    /// `jitter` is a number in `[0, 1)`; half of the exponential delay is fixed and
+    /// half is scaled by it ("equal jitter"), so many clients that failed together
+    /// do not come back together, yet nobody retries immediately.
+    pub fn delay(&self, failures: u32, retry_after: Option<Duration>, jitter: f64) -> Duration {
+        if let Some(asked) = retry_after {
+            return asked.min(MAX_RETRY_AFTER);
+        }
+        let doublings = failures.saturating_sub(1).min(31);
+        let exponential = self
+            .initial_delay
+            .saturating_mul(1u32 << doublings)
+            .min(self.max_delay);
+        let half = exponential / 2;
+        half + half.mul_f64(jitter.clamp(0.0, 1.0))
+    }
+
+    /// Runs `attempt` until it succeeds, fails fatally, runs out of attempts, or
+    /// `wait` reports that the caller wants to stop (it returns `false`).
+    ///
+    /// `on_retry` is told about each transient failure before the wait, so the
+    /// caller can log it in its own words.
+    pub fn run<T, E>(
+        &self,
+        mut attempt: impl FnMut(u32) -> Result<T, AttemptError<E>>,
+        mut on_retry: impl FnMut(u32, &str, Duration),
+        mut wait: impl FnMut(Duration) -> bool,
+    ) -> Result<T, GaveUp<E>> {
+        let mut failures = 0u32;
+        loop {
+            match attempt(failures + 1) {
+                Ok(value) => return Ok(value),
+                Err(AttemptError::Fatal(error)) => return Err(GaveUp::Fatal(error)),
+                Err(AttemptError::Transient {
+                    reason,
+                    retry_after,
+                }) => {
+                    failures += 1;
+                    if self.max_attempts.is_some_and(|max| failures >= max) {
+                        return Err(GaveUp::Exhausted {
+                            attempts: failures,
+                            last: reason,
+                        });
+                    }
+                    let delay = self.delay(failures, retry_after, random_unit());
+                    on_retry(failures, &reason, delay);
+                    if !wait(delay) {
+                        return Err(GaveUp::Cancelled);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Parses `Retry-After` given in seconds. (The HTTP-date form is not used by the
+/// platform; it falls back to our own backoff.)
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// A random number in `[0, 1)` for jitter.
+fn random_unit() -> f64 {
+    let bits = crate::random::u64() >> 11; // 53 significant bits
+    bits as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    const POLICY: RetryPolicy = RetryPolicy {
+        max_attempts: Some(4),
+        initial_delay: Duration::from_millis(100),
+        max_delay: Duration::from_millis(1000),
+    };
+
+    #[test]
+    fn delay_doubles_and_is_capped() {
+        // jitter 0 gives the lower half, jitter ~1 the full exponential value.
+        let table = [
+            (1, 0.0, 50),
+            (2, 0.0, 100),
+            (3, 0.0, 200),
+            (4, 0.0, 400),
+            (5, 0.0, 500),
+            (40, 0.0, 500),
+            (1, 0.999_999, 100),
+            (4, 0.999_999, 800),
+            (9, 0.999_999, 1000),
+        ];
+        for (failures, jitter, expected_ms) in table {
+            let got = POLICY.delay(failures, None, jitter).as_millis();
+            assert_eq!(got, expected_ms, "failures={failures} jitter={jitter}");
+        }
+    }
+
+    #[test]
+    fn retry_after_wins_but_is_bounded() {
+        let asked = Some(Duration::from_secs(3));
+        assert_eq!(POLICY.delay(1, asked, 0.5), Duration::from_secs(3));
+        let absurd = Some(Duration::from_secs(86_400));
+        assert_eq!(POLICY.delay(1, absurd, 0.5), MAX_RETRY_AFTER);
+    }
+
+    #[test]
+    fn retry_after_header_parsing() {
+        assert_eq!(parse_retry_after(" 2 "), Some(Duration::from_secs(2)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(parse_retry_after("-1"), None);
+    }
+
+    fn transient<E>() -> AttemptError<E> {
+        AttemptError::Transient {
+            reason: "HTTP 503".into(),
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn succeeds_after_transient_failures() {
+        let waits = RefCell::new(Vec::new());
+        let result: Result<u32, GaveUp<()>> = POLICY.run(
+            |n| if n < 3 { Err(transient()) } else { Ok(n) },
+            |_, _, _| {},
+            |d| {
+                waits.borrow_mut().push(d);
+                true
+            },
+        );
+        assert!(matches!(result, Ok(3)));
+        assert_eq!(waits.borrow().len(), 2);
+    }
+
+    #[test]
+    fn gives_up_after_max_attempts() {
+        let mut calls = 0;
+        let result: Result<(), GaveUp<()>> = POLICY.run(
+            |_| {
+                calls += 1;
+                Err(transient())
+            },
+            |_, _, _| {},
+            |_| true,
+        );
+        assert_eq!(calls, 4);
+        assert!(matches!(result, Err(GaveUp::Exhausted { attempts: 4, .. })));
+    }
+
+    #[test]
+    fn fatal_errors_are_not_retried() {
+        let mut calls = 0;
+        let result: Result<(), GaveUp<&str>> = POLICY.run(
+            |_| {
+                calls += 1;
+                Err(AttemptError::Fatal("token refused"))
+            },
+            |_, _, _| {},
+            |_| true,
+        );
+        assert_eq!(calls, 1);
+        assert!(matches!(result, Err(GaveUp::Fatal("token refused"))));
+    }
+
+    #[test]
+    fn a_stop_request_ends_the_wait() {
+        let result: Result<(), GaveUp<()>> =
+            RetryPolicy::FOREVER.run(|_| Err(transient()), |_, _, _| {}, |_| false);
+        assert!(matches!(result, Err(GaveUp::Cancelled)));
+    }
+}

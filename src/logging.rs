@@ -1,0 +1,25 @@
+//! Log lines on stderr, as text or as one JSON object per line.
+
+use tracing::level_filters::LevelFilter;
+
+use crate::cli::LogFormat;
+
+/// Default level is `info`; each `-v` adds detail, each `-q` removes it.
+pub fn init(format: LogFormat, verbose: u8, quiet: u8) {
+    let level = match i16::from(verbose) - i16::from(quiet) {
+        i16::MIN..=-2 => LevelFilter::OFF,
+        -1 => LevelFilter::ERROR,
+        0 => LevelFilter::INFO,
+        1 => LevelFilter::DEBUG,
+        _ => LevelFilter::TRACE,
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(level)
+        .with_target(false);
+    // A subscriber is only missing if one was set already (never, in the binary).
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}

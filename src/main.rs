@@ -1,0 +1,71 @@
+//! `fly`: every tool of the Fly Bot API examples page in one binary.
+//!
+//! `main` only parses the command line, runs the command and turns an error
+//! into the one `fly: error: …` line and its exit code (see `exit.rs`).
+
+mod api;
+mod cli;
+mod commands;
+mod emulator;
+mod exit;
+mod logging;
+mod random;
+mod signature;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use clap::error::ErrorKind;
+
+fn main() -> ExitCode {
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => return report_usage_error(error),
+    };
+    logging::init(cli.global.log_format, cli.global.verbose, cli.global.quiet);
+    match commands::run(cli) {
+        Ok(code) => code,
+        Err(error) => match exit::classify(&error) {
+            exit::Outcome::Quiet => exit::code(exit::SUCCESS),
+            exit::Outcome::Report(code) => {
+                eprintln!("fly: error: {}", one_line(&format!("{error:#}")));
+                exit::code(code)
+            }
+        },
+    }
+}
+
+/// `--help` and `--version` go to stdout with exit 0; everything clap rejects
+/// becomes one `fly: error:` line with exit 2.
+fn report_usage_error(error: clap::Error) -> ExitCode {
+    match error.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = error.print();
+            exit::code(exit::SUCCESS)
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = error.print();
+            exit::code(exit::USAGE)
+        }
+        _ => {
+            // clap's message is its first paragraph; tips and usage follow a blank line.
+            let rendered = error.render().to_string();
+            let paragraph: Vec<&str> = rendered
+                .lines()
+                .take_while(|line| !line.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let joined = paragraph.join(" ");
+            let message = joined.strip_prefix("error: ").unwrap_or(&joined);
+            eprintln!("fly: error: {message} (see 'fly --help')");
+            exit::code(exit::USAGE)
+        }
+    }
+}
+
+fn one_line(text: &str) -> String {
+    text.split(['\n', '\r'])
+        .filter(|part| !part.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
