@@ -1,0 +1,147 @@
+//! Shared test helpers: the scrubbed `fly` command and a running emulator.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command as StdCommand, Stdio};
+use std::time::Duration;
+
+use assert_cmd::Command;
+use serde_json::{Value, json};
+
+pub const TOKEN: &str = "test-token-7f3a9c";
+
+/// Path of the `fly` binary under test.
+pub fn fly_path() -> std::path::PathBuf {
+    assert_cmd::cargo::cargo_bin("fly")
+}
+
+/// `fly` with an environment scrubbed of every FLY_* variable (and anything else
+/// from the developer's shell), so tests never depend on who runs them.
+pub fn fly() -> Command {
+    let mut command = Command::new(fly_path());
+    command.env_clear();
+    for keep in ["PATH", "HOME", "TMPDIR", "LANG"] {
+        if let Ok(value) = std::env::var(keep) {
+            command.env(keep, value);
+        }
+    }
+    command.timeout(Duration::from_secs(120));
+    command
+}
+
+/// `fly` pointed at an emulator with the test token.
+pub fn fly_at(emulator: &Emulator) -> Command {
+    let mut command = fly();
+    command
+        .env("FLY_BASE_URL", &emulator.base_url)
+        .env("FLY_BOT_TOKEN", TOKEN);
+    command
+}
+
+/// A `fly emulator --port 0` child process, killed when dropped.
+pub struct Emulator {
+    child: Child,
+    pub base_url: String,
+    agent: ureq::Agent,
+}
+
+impl Emulator {
+    /// An emulator that accepts any non-empty token.
+    pub fn start() -> Emulator {
+        Emulator::start_with(&[])
+    }
+
+    /// An emulator that accepts only [`TOKEN`].
+    pub fn start_strict() -> Emulator {
+        Emulator::start_with(&["--token", TOKEN])
+    }
+
+    fn start_with(extra: &[&str]) -> Emulator {
+        let mut child = StdCommand::new(fly_path())
+            .args(["emulator", "--port", "0"])
+            .args(extra)
+            .env_remove("FLY_BOT_TOKEN")
+            .env_remove("FLY_BASE_URL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn fly emulator");
+        let stdout = child.stdout.take().expect("emulator stdout");
+        let mut first_line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut first_line)
+            .expect("read emulator base URL");
+        let base_url = first_line.trim().to_string();
+        assert!(
+            base_url.starts_with("http://127.0.0.1:"),
+            "emulator's first line should be its base URL, got {base_url:?}"
+        );
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .new_agent();
+        Emulator {
+            child,
+            base_url,
+            agent,
+        }
+    }
+
+    /// POST to the control API (or any path), returning the JSON answer.
+    pub fn post(&self, path: &str, body: Value) -> Value {
+        let mut response = self
+            .agent
+            .post(&format!("{}{}", self.base_url, path))
+            .send_json(body)
+            .unwrap_or_else(|error| panic!("POST {path}: {error}"));
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().unwrap();
+        assert!(status < 300, "POST {path} answered {status}: {text}");
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
+
+    pub fn get(&self, path: &str) -> Value {
+        let mut response = self
+            .agent
+            .get(&format!("{}{}", self.base_url, path))
+            .call()
+            .unwrap_or_else(|error| panic!("GET {path}: {error}"));
+        response.body_mut().read_json().unwrap()
+    }
+
+    /// A user sends a text message; returns its update_id.
+    pub fn user_says(&self, chat_type: &str, chat_id: &str, text: &str) -> i64 {
+        let answer = self.post(
+            "/_emulator/messages",
+            json!({"chat": {"type": chat_type, "id": chat_id}, "msgType": "text", "data": {"content": text}}),
+        );
+        answer["update_id"].as_i64().expect("update_id")
+    }
+
+    /// Every send request the emulator accepted, in order.
+    pub fn sent(&self) -> Vec<Value> {
+        match self.get("/_emulator/sent")["sent"].take() {
+            Value::Array(sent) => sent,
+            other => panic!("unexpected /_emulator/sent: {other}"),
+        }
+    }
+
+    pub fn faults(&self, faults: Value) {
+        self.post("/_emulator/faults", faults);
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The lines of a command's stderr, for checks on error messages.
+pub fn stderr_of(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}

@@ -1,0 +1,1 @@
+//! `fly send` against the emulator.
