@@ -3,19 +3,11 @@
 //! `main` only parses the command line, runs the command and turns an error
 //! into the one `fly: error: …` line and its exit code (see `exit.rs`).
 
-mod api;
-mod cli;
-mod commands;
-mod emulator;
-mod exit;
-mod logging;
-mod random;
-mod signature;
-
 use std::process::ExitCode;
 
 use clap::Parser;
 use clap::error::ErrorKind;
+use fly::{cli, commands, exit, logging};
 
 fn main() -> ExitCode {
     let cli = match cli::Cli::try_parse() {

@@ -1,1 +1,254 @@
-//! `fly send` against the emulator.
+//! `fly send` against the emulator: exact payloads, bad input, faults, the token.
+
+use std::collections::HashSet;
+
+use serde_json::{Value, json};
+
+use crate::common::{Emulator, TOKEN, fly, fly_at, stderr_of};
+
+#[test]
+fn text_to_a_user_is_sent_exactly_and_its_data_printed() {
+    let emulator = Emulator::start_strict();
+    let output = fly_at(&emulator)
+        .args([
+            "send",
+            "--to",
+            "u_123",
+            "--client-msg-id",
+            "deploy-42",
+            "deploy finished ✓",
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    let printed: Value = serde_json::from_slice(&output.stdout).expect("stdout is JSON");
+    assert_eq!(printed["client_msg_id"], "deploy-42");
+    assert!(printed["message_id"].is_string(), "{printed}");
+    assert_eq!(output.stdout.iter().filter(|&&b| b == b'\n').count(), 1);
+
+    assert_eq!(
+        emulator.sent(),
+        vec![json!({
+            "msg_type": "text",
+            "data": {"content": "deploy finished ✓"},
+            "client_msg_id": "deploy-42",
+            "to_user_id": "u_123",
+        })]
+    );
+}
+
+#[test]
+fn group_target_and_text_from_stdin() {
+    let emulator = Emulator::start();
+    fly_at(&emulator)
+        .args(["send", "--group", "g_9", "-"])
+        .write_stdin("line one\nline two\n\n")
+        .assert()
+        .success();
+    let sent = emulator.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0]["group_id"], "g_9");
+    assert!(sent[0].get("to_user_id").is_none());
+    // Trailing newlines are dropped, inner ones kept.
+    assert_eq!(sent[0]["data"]["content"], "line one\nline two");
+    let id = sent[0]["client_msg_id"].as_str().unwrap();
+    assert!(id.starts_with("fly_send_"), "generated id {id}");
+}
+
+#[test]
+fn other_types_take_their_data_as_json() {
+    let emulator = Emulator::start();
+    fly_at(&emulator)
+        .args(["send", "--to", "u_1", "--type", "image"])
+        .args([
+            "--data",
+            r#"{"originalUrl":"https://cdn.example/a.png","w":640}"#,
+        ])
+        .assert()
+        .success();
+    let sent = emulator.sent();
+    assert_eq!(sent[0]["msg_type"], "image");
+    assert_eq!(
+        sent[0]["data"],
+        json!({"originalUrl": "https://cdn.example/a.png", "w": 640})
+    );
+}
+
+/// Each bad input: exit 2, one `fly: error:` line naming what is wrong, nothing sent.
+#[test]
+fn bad_input_is_exit_2_with_one_line() {
+    let emulator = Emulator::start();
+    let cases: &[(&[&str], &str)] = &[
+        (&["send", "hello"], "--to"),
+        (&["send", "--to", "u", "--group", "g", "hi"], "--group"),
+        (&["send", "--to", "u"], "missing message"),
+        (
+            &["send", "--to", "u", "--type", "image", "--data", "{oops"],
+            "--data is not valid JSON",
+        ),
+        (
+            &["send", "--to", "u", "--type", "image", "--data", "[1,2]"],
+            "--data must be a JSON object",
+        ),
+        (
+            &["send", "--to", "u", "--type", "image", "caption"],
+            "needs --data",
+        ),
+        (
+            &["send", "--to", "u", "hi", "--no-such-flag"],
+            "--no-such-flag",
+        ),
+    ];
+    for (args, expected) in cases {
+        let output = fly_at(&emulator).args(*args).output().unwrap();
+        let stderr = stderr_of(&output);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.starts_with("fly: error: "), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{args:?} should mention {expected}: {stderr}"
+        );
+    }
+    assert!(emulator.sent().is_empty());
+}
+
+#[test]
+fn missing_token_is_exit_2_naming_the_variable() {
+    let emulator = Emulator::start();
+    let output = fly()
+        .env("FLY_BASE_URL", &emulator.base_url)
+        .args(["send", "--to", "u", "hi"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr_of(&output).contains("FLY_BOT_TOKEN"));
+}
+
+#[test]
+fn token_file_is_read_and_trimmed() {
+    let emulator = Emulator::start_strict();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token");
+    std::fs::write(&path, format!("{TOKEN}\n")).unwrap();
+    fly()
+        .env("FLY_BASE_URL", &emulator.base_url)
+        .arg("--token-file")
+        .arg(&path)
+        .args(["send", "--to", "u", "hi"])
+        .assert()
+        .success();
+    assert_eq!(emulator.sent().len(), 1);
+}
+
+/// A refused token: exit 1 at once (no retries), a message saying so, and the
+/// token in no output even at the most verbose log level.
+#[test]
+fn refused_token_is_fatal_and_never_printed() {
+    let emulator = Emulator::start_strict();
+    let wrong = "wrong-token-d41d8cd98f";
+    let started = std::time::Instant::now();
+    let output = fly()
+        .env("FLY_BASE_URL", &emulator.base_url)
+        .env("FLY_BOT_TOKEN", wrong)
+        .args(["-vv", "send", "--to", "u", "hi"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = stderr_of(&output);
+    assert!(stderr.contains("refused the bot token"), "{stderr}");
+    assert!(started.elapsed().as_secs() < 5, "401 must not be retried");
+    for text in [stderr.as_str(), &String::from_utf8_lossy(&output.stdout)] {
+        assert!(!text.contains(wrong), "token leaked: {text}");
+    }
+    assert!(emulator.sent().is_empty());
+
+    // --help shows the variable but never its value.
+    let help = fly()
+        .env("FLY_BOT_TOKEN", wrong)
+        .args(["send", "--help"])
+        .output()
+        .unwrap();
+    let help_text = String::from_utf8_lossy(&help.stdout);
+    assert!(help_text.contains("FLY_BOT_TOKEN"));
+    assert!(!help_text.contains(wrong));
+}
+
+#[test]
+fn a_rejected_request_shows_the_envelope_and_exits_1() {
+    let emulator = Emulator::start();
+    let output = fly_at(&emulator)
+        .args(["send", "--to", "u", "--type", "", "--data", "{}"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = stderr_of(&output);
+    assert!(stderr.contains("HTTP 400 (code 400"), "{stderr}");
+    assert!(stderr.contains("msg_type"), "{stderr}");
+}
+
+/// Half of all calls fail (5xx/429 before processing, or the answer is lost
+/// after processing); every send still lands exactly once.
+#[test]
+fn survives_50_percent_faults_without_duplicates() {
+    let emulator = Emulator::start();
+    emulator.faults(json!({"error_rate": 0.25, "drop_rate": 0.25, "retry_after": 0, "seed": 7}));
+    let mut ids = Vec::new();
+    for n in 0..12 {
+        let output = fly_at(&emulator)
+            .args(["send", "--to", "u_faults", &format!("message {n}")])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "send {n}: {}", stderr_of(&output));
+        let printed: Value = serde_json::from_slice(&output.stdout).unwrap();
+        ids.push(printed["client_msg_id"].as_str().unwrap().to_string());
+    }
+    let sent = emulator.sent();
+    let contents: Vec<&str> = sent
+        .iter()
+        .map(|s| s["data"]["content"].as_str().unwrap())
+        .collect();
+    let expected: Vec<String> = (0..12).map(|n| format!("message {n}")).collect();
+    assert_eq!(contents, expected, "each message exactly once, in order");
+    let distinct: HashSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), 12);
+}
+
+#[test]
+fn gives_up_after_bounded_retries_with_exit_1() {
+    let emulator = Emulator::start();
+    emulator.faults(json!({"error_rate": 1.0, "retry_after": 0}));
+    let output = fly_at(&emulator)
+        .args(["send", "--to", "u", "hi"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = stderr_of(&output);
+    let last = stderr.lines().last().unwrap();
+    assert!(
+        last.starts_with("fly: error: sending the message: /api/v1/s/bot/send failed after"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("retrying"), "retries are logged: {stderr}");
+    assert!(emulator.sent().is_empty());
+}
+
+#[test]
+fn unreachable_server_is_exit_1_not_a_hang() {
+    // A port nothing listens on: connection refused on every attempt.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let output = fly()
+        .env("FLY_BASE_URL", format!("http://127.0.0.1:{port}"))
+        .env("FLY_BOT_TOKEN", TOKEN)
+        .args(["-q", "send", "--to", "u", "hi"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr_of(&output).contains("connection"),
+        "{}",
+        stderr_of(&output)
+    );
+}

@@ -1,0 +1,14 @@
+//! `fly`: every tool of the Fly Bot API examples page in one binary.
+//!
+//! The binary (`main.rs`) is a thin shell around this library; benchmarks and
+//! tests reach the pure parts (canonical JSON, signatures, retry policy) here.
+//! Data flows one way: `cli` → `commands` → `api` / `signature` / `emulator`.
+
+pub mod api;
+pub mod cli;
+pub mod commands;
+pub mod emulator;
+pub mod exit;
+pub mod logging;
+pub mod random;
+pub mod signature;

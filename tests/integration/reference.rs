@@ -1,0 +1,250 @@
+//! The platform's own examples (`../shared/reference/`) run unchanged against
+//! `fly emulator`: the emulator is faithful to what they expect.
+//!
+//! They need python3 with `requests` (and node for the JavaScript one); when
+//! those are missing the test says SKIP on stderr and passes, so a plain
+//! `cargo test` works anywhere. `.ci/run` installs `requests`.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::common::{Emulator, TOKEN};
+
+fn reference_dir() -> Option<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference");
+    dir.join("hello_bot_polling.py").exists().then_some(dir)
+}
+
+fn python_with_requests() -> bool {
+    Command::new("python3")
+        .args(["-c", "import requests"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+fn node_available() -> bool {
+    Command::new("node")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+/// The reference directory, or `None` after printing why the test is skipped.
+fn prerequisites(needs_node: bool) -> Option<PathBuf> {
+    let Some(dir) = reference_dir() else {
+        eprintln!("SKIP: ../shared/reference not found next to the repository");
+        return None;
+    };
+    if !python_with_requests() {
+        eprintln!("SKIP: python3 with the `requests` package is not available");
+        return None;
+    }
+    if needs_node && !node_available() {
+        eprintln!("SKIP: node is not available");
+        return None;
+    }
+    Some(dir)
+}
+
+/// A child process killed when dropped, so a failing assertion leaves no bot running.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_example(
+    program: &str,
+    script: PathBuf,
+    emulator: &Emulator,
+    extra_env: &[(&str, String)],
+) -> Running {
+    let mut command = Command::new(program);
+    command
+        .arg(script)
+        .env("FLY_BASE_URL", &emulator.base_url)
+        .env("FLY_BOT_TOKEN", TOKEN)
+        .env("PYTHONUNBUFFERED", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (name, value) in extra_env {
+        command.env(name, value);
+    }
+    Running(
+        command
+            .spawn()
+            .unwrap_or_else(|error| panic!("start {program}: {error}")),
+    )
+}
+
+/// Waits until the emulator recorded `count` sends, or fails after 20 s.
+fn wait_for_sent(emulator: &Emulator, count: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let sent = emulator.sent();
+        if sent.len() >= count {
+            return sent;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {count} sends, got {sent:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn conversation(emulator: &Emulator) -> (i64, i64) {
+    let private = emulator.user_says("private", "u_1", "hello 你好");
+    let group = emulator.user_says("group", "g_7", "multi\nline");
+    (private, group)
+}
+
+fn expected_echoes(private: i64, group: i64) -> Vec<Value> {
+    vec![
+        json!({"msg_type": "text", "data": {"content": "echo: hello 你好"},
+               "client_msg_id": format!("echo_{private}"), "to_user_id": "u_1"}),
+        json!({"msg_type": "text", "data": {"content": "echo: multi\nline"},
+               "client_msg_id": format!("echo_{group}"), "group_id": "g_7"}),
+    ]
+}
+
+#[test]
+fn python_polling_example_echoes_through_the_emulator() {
+    let Some(dir) = prerequisites(false) else {
+        return;
+    };
+    let emulator = Emulator::start_strict();
+    let _bot = start_example("python3", dir.join("hello_bot_polling.py"), &emulator, &[]);
+    let (private, group) = conversation(&emulator);
+    assert_eq!(wait_for_sent(&emulator, 2), expected_echoes(private, group));
+}
+
+#[test]
+fn node_polling_example_echoes_through_the_emulator() {
+    let Some(dir) = prerequisites(true) else {
+        return;
+    };
+    let emulator = Emulator::start_strict();
+    let _bot = start_example("node", dir.join("hello_bot_polling.js"), &emulator, &[]);
+    let (private, group) = conversation(&emulator);
+    assert_eq!(wait_for_sent(&emulator, 2), expected_echoes(private, group));
+}
+
+#[test]
+fn python_media_roundtrip_example_downloads_and_forwards() {
+    let Some(dir) = prerequisites(false) else {
+        return;
+    };
+    let emulator = Emulator::start_strict();
+    let media_url = "https://cdn.example/photo-original.png";
+    let content = b"\x89PNG fake image bytes \x00\x01\x02 for the round trip".to_vec();
+    emulator.post(
+        "/_emulator/media",
+        json!({"url": media_url, "content_base64": base64_encode(&content)}),
+    );
+    let mut bot = start_example(
+        "python3",
+        dir.join("media_roundtrip_polling_batch_access.py"),
+        &emulator,
+        &[],
+    );
+    let data =
+        json!({"originalUrl": media_url, "thumbnailUrl": "https://cdn.example/unknown-thumb.png"});
+    let update_id = emulator.post(
+        "/_emulator/messages",
+        json!({"chat": {"type": "group", "id": "g_media"}, "msgType": "image", "data": data}),
+    )["update_id"]
+        .as_i64()
+        .unwrap();
+
+    let sent = wait_for_sent(&emulator, 1);
+    assert_eq!(
+        sent,
+        vec![json!({"msg_type": "image", "data": data,
+                    "client_msg_id": format!("fwd_{update_id}"), "group_id": "g_media"})]
+    );
+    // The example prints the path it downloaded to; the bytes must be exact.
+    let stdout = bot.0.stdout.take().unwrap();
+    let mut first_line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut first_line).unwrap();
+    let downloaded = std::fs::read(first_line.trim()).expect("downloaded file");
+    assert_eq!(downloaded, content);
+}
+
+#[test]
+fn python_webhook_example_accepts_the_emulators_signed_deliveries() {
+    let Some(dir) = prerequisites(false) else {
+        return;
+    };
+    let emulator = Emulator::start_strict();
+    let port = free_port();
+    let secret = "whsec-reference-test";
+    let _server = start_example(
+        "python3",
+        dir.join("hello_bot_webhook_server.py"),
+        &emulator,
+        &[
+            ("FLY_WEBHOOK_PORT", port.to_string()),
+            ("FLY_WEBHOOK_SECRET", secret.to_string()),
+        ],
+    );
+    wait_for_listener(port);
+    emulator.post(
+        "/_emulator/webhook",
+        json!({"url": format!("http://127.0.0.1:{port}/webhook"), "secret": secret, "bot_id": 42}),
+    );
+    let (private, group) = conversation(&emulator);
+    // The reference server verifies each signature (it raises, i.e. no 200,
+    // on a bad one) and replies through the emulator's send.
+    assert_eq!(wait_for_sent(&emulator, 2), expected_echoes(private, group));
+    let deliveries = emulator.get("/_emulator/webhook");
+    let statuses: Vec<i64> = deliveries["delivered"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["status"].as_i64().unwrap())
+        .collect();
+    assert_eq!(statuses, vec![200, 200], "{deliveries}");
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+fn wait_for_listener(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on port {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
