@@ -211,6 +211,10 @@ pub struct PollEchoArgs {
     #[arg(long)]
     pub once: bool,
 
+    /// Chats answered at the same time (updates of one chat stay in order).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub concurrency: u32,
+
     #[command(flatten)]
     pub exec: ExecArgs,
 }

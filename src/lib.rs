@@ -5,10 +5,14 @@
 //! Data flows one way: `cli` → `commands` → `api` / `signature` / `emulator`.
 
 pub mod api;
+pub mod bot;
 pub mod cli;
 pub mod commands;
+pub mod download;
 pub mod emulator;
 pub mod exit;
 pub mod logging;
 pub mod random;
+pub mod shutdown;
 pub mod signature;
+pub mod state;

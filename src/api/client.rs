@@ -15,6 +15,7 @@ use super::retry::{AttemptError, GaveUp, RetryPolicy, parse_retry_after};
 use super::types::{PATH_BATCH_ACCESS, PATH_SEND, PATH_UPDATES, SendRequest};
 use super::{ApiError, Token};
 use crate::exit::usage;
+use crate::shutdown::Shutdown;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Per-read timeout for ordinary calls: a silent server for this long is a dead connection.
@@ -24,11 +25,15 @@ const LONG_POLL_GRACE: Duration = Duration::from_secs(15);
 /// Error bodies are shown in one line; the start of a long HTML error page is enough.
 const MAX_DETAIL_CHARS: usize = 200;
 
+/// Cheap to clone: clones share the connection pool and the stop flag.
+#[derive(Clone)]
 pub struct ApiClient {
     agent: Agent,
     base_url: String,
     token: Token,
     policy: RetryPolicy,
+    /// Waits between retries end early when this is set (a service stopping).
+    shutdown: Shutdown,
 }
 
 impl ApiClient {
@@ -45,7 +50,18 @@ impl ApiClient {
             base_url: base_url.to_string(),
             token,
             policy,
+            shutdown: Shutdown::new(),
         })
+    }
+
+    /// The same client, with retry waits that end when `shutdown` is requested.
+    pub fn with_shutdown(mut self, shutdown: Shutdown) -> ApiClient {
+        self.shutdown = shutdown;
+        self
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base_url
     }
 
     /// The shared agent, for downloads from access URLs (which carry no bearer token).
@@ -59,21 +75,14 @@ impl ApiClient {
 
     /// `POST {base}{path}` with retries; returns the response's `data`.
     pub fn post(&self, path: &str, body: &Value) -> Result<Value, ApiError> {
-        self.post_with(path, body, READ_TIMEOUT, |delay| {
-            std::thread::sleep(delay);
-            true
-        })
+        self.post_with_read_timeout(path, body, READ_TIMEOUT)
     }
 
-    /// Like [`ApiClient::post`], with the read timeout and the retry wait chosen by
-    /// the caller. `wait` sleeps for the given time and returns `false` if the
-    /// caller wants to stop instead (a service shutting down).
-    pub fn post_with(
+    fn post_with_read_timeout(
         &self,
         path: &str,
         body: &Value,
         read_timeout: Duration,
-        wait: impl FnMut(Duration) -> bool,
     ) -> Result<Value, ApiError> {
         let url = format!("{}{}", self.base_url, path);
         let outcome = self.policy.run(
@@ -86,7 +95,7 @@ impl ApiClient {
                     delay.as_secs_f64()
                 );
             },
-            wait,
+            |delay| self.shutdown.sleep(delay),
         );
         outcome.map_err(|gave_up| match gave_up {
             GaveUp::Fatal(error) => error,
@@ -105,10 +114,10 @@ impl ApiClient {
         offset: i64,
         limit: u32,
         poll_timeout: Duration,
-        wait: impl FnMut(Duration) -> bool,
     ) -> Result<Vec<Value>, ApiError> {
         let body = json!({"offset": offset, "limit": limit, "timeout": poll_timeout.as_secs()});
-        let data = self.post_with(PATH_UPDATES, &body, poll_timeout + LONG_POLL_GRACE, wait)?;
+        let read_timeout = poll_timeout + LONG_POLL_GRACE;
+        let data = self.post_with_read_timeout(PATH_UPDATES, &body, read_timeout)?;
         match data.get("updates") {
             Some(Value::Array(updates)) => Ok(updates.clone()),
             None | Some(Value::Null) => Ok(Vec::new()),

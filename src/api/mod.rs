@@ -2,13 +2,14 @@
 //! blocking HTTP client every command shares, and its retry policy.
 
 mod client;
+pub mod media;
 pub mod retry;
 pub mod types;
 
 use std::fmt;
 
 pub use client::ApiClient;
-pub use types::{SendRequest, Target};
+pub use types::{Chat, Message, SendRequest, Target, Update};
 
 /// The bot token. It has no `Display` and a redacted `Debug`, so it cannot end
 /// up in a log line or an error message by accident; the only way to the raw

@@ -77,6 +77,11 @@ impl RetryPolicy {
         half + half.mul_f64(jitter.clamp(0.0, 1.0))
     }
 
+    /// [`RetryPolicy::delay`] with random jitter.
+    pub fn next_delay(&self, failures: u32, retry_after: Option<Duration>) -> Duration {
+        self.delay(failures, retry_after, random_unit())
+    }
+
     /// Runs `attempt` until it succeeds, fails fatally, runs out of attempts, or
     /// `wait` reports that the caller wants to stop (it returns `false`).
     ///
@@ -104,7 +109,7 @@ impl RetryPolicy {
                             last: reason,
                         });
                     }
-                    let delay = self.delay(failures, retry_after, random_unit());
+                    let delay = self.next_delay(failures, retry_after);
                     on_retry(failures, &reason, delay);
                     if !wait(delay) {
                         return Err(GaveUp::Cancelled);

@@ -58,10 +58,169 @@ impl SendRequest {
     }
 }
 
+/// An update as the bots read it: lenient like the platform's examples (a
+/// missing or odd field is an empty value, not an error), strict only about
+/// `update_id`, without which an update cannot be confirmed.
+#[derive(Debug, Clone)]
+pub struct Update {
+    pub update_id: i64,
+    /// `message`, `callback_query`, …
+    pub kind: String,
+    pub message: Option<Message>,
+    /// The update exactly as received (for `--exec` handlers and forwarding).
+    pub raw: Value,
+}
+
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub chat: Option<Chat>,
+    /// `text`, `image`, `voice`, `video`, `file`, …
+    pub msg_type: String,
+    pub data: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chat {
+    /// `private` or `group`.
+    pub kind: String,
+    pub id: String,
+}
+
+impl Update {
+    /// `None` when `raw` is not an object or has no positive integer `update_id`.
+    pub fn from_value(raw: Value) -> Option<Update> {
+        let object = raw.as_object()?;
+        let update_id = match object.get("update_id")? {
+            Value::Number(number) => number.as_i64()?,
+            Value::String(text) => text.trim().parse().ok()?,
+            _ => return None,
+        };
+        if update_id <= 0 {
+            return None;
+        }
+        let kind = object.get("type").map(python_str).unwrap_or_default();
+        let message = object
+            .get("message")
+            .and_then(Value::as_object)
+            .filter(|_| kind == "message")
+            .map(Message::from_object);
+        Some(Update {
+            update_id,
+            kind,
+            message,
+            raw,
+        })
+    }
+
+    /// The message's text, if it is a text message.
+    pub fn text(&self) -> Option<&str> {
+        let message = self.message.as_ref()?;
+        (message.msg_type == "text").then(|| {
+            message
+                .data
+                .get("content")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+        })
+    }
+}
+
+impl Message {
+    fn from_object(object: &Map<String, Value>) -> Message {
+        let chat = object
+            .get("chat")
+            .and_then(Value::as_object)
+            .and_then(|chat| {
+                let kind = chat.get("type").map(python_str).unwrap_or_default();
+                let id = chat.get("id").map(python_str).unwrap_or_default();
+                (!kind.is_empty() && !id.is_empty()).then_some(Chat { kind, id })
+            });
+        Message {
+            chat,
+            msg_type: object
+                .get("msgType")
+                .map(python_str)
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+            data: object
+                .get("data")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default(),
+        }
+    }
+}
+
+impl Chat {
+    /// Where a reply to this chat goes: the group for group chats, else the
+    /// user (SPEC section 1). The one place this rule lives.
+    pub fn reply_target(&self) -> Target {
+        if self.kind == "group" {
+            Target::Group(self.id.clone())
+        } else {
+            Target::User(self.id.clone())
+        }
+    }
+}
+
+/// Python's `str(value or "")` for the scalar fields the examples read.
+fn python_str(value: &Value) -> String {
+    match value {
+        Value::String(text) => text.clone(),
+        Value::Number(number) => number.to_string(),
+        Value::Bool(true) => "True".to_string(),
+        _ => String::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn updates_are_read_leniently() {
+        let update = Update::from_value(json!({
+            "update_id": 5, "type": "message",
+            "message": {"chat": {"type": "group", "id": 42}, "msgType": "text", "data": {"content": "hi"}}
+        }))
+        .unwrap();
+        assert_eq!(update.update_id, 5);
+        assert_eq!(update.text(), Some("hi"));
+        let chat = update.message.as_ref().unwrap().chat.clone().unwrap();
+        assert_eq!(chat.reply_target(), Target::Group("42".into()));
+
+        let private = Chat {
+            kind: "private".into(),
+            id: "u_1".into(),
+        };
+        assert_eq!(private.reply_target(), Target::User("u_1".into()));
+
+        let callback =
+            Update::from_value(json!({"update_id": "6", "type": "callback_query"})).unwrap();
+        assert_eq!(callback.update_id, 6);
+        assert!(callback.message.is_none());
+        assert_eq!(callback.text(), None);
+
+        for bad in [
+            json!([]),
+            json!({"type": "message"}),
+            json!({"update_id": 0}),
+            json!({"update_id": "x"}),
+        ] {
+            assert!(Update::from_value(bad).is_none());
+        }
+    }
+
+    #[test]
+    fn a_message_without_chat_type_or_id_has_no_chat() {
+        let update = Update::from_value(json!({
+            "update_id": 1, "type": "message", "message": {"chat": {"id": "u"}, "msgType": "text"}
+        }))
+        .unwrap();
+        assert!(update.message.unwrap().chat.is_none());
+    }
 
     #[test]
     fn send_request_has_exactly_one_target_field() {

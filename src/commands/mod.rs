@@ -4,6 +4,7 @@
 //! bot token and the API client built on it.
 
 mod emulator;
+mod poll_echo;
 mod send;
 
 use std::fs;
@@ -23,7 +24,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Emulator(args) => emulator::run(args, global),
         Command::VerifySig(_) => not_implemented("verify-sig"),
         Command::Sign(_) => not_implemented("sign"),
-        Command::PollEcho(_) => not_implemented("poll-echo"),
+        Command::PollEcho(args) => poll_echo::run(args, global),
         Command::ServeWebhook(_) => not_implemented("serve-webhook"),
         Command::FetchMedia(_) => not_implemented("fetch-media"),
         Command::Forward(_) => not_implemented("forward"),

@@ -2,5 +2,6 @@
 //! usually against a real `fly emulator` on a free loopback port.
 
 mod common;
+mod poll_echo;
 mod reference;
 mod send;

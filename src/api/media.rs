@@ -1,0 +1,82 @@
+//! Which fields of a media message hold media URLs (SPEC section 1). The one
+//! place this rule lives: poll-echo, serve-webhook and fetch-media share it.
+
+use serde_json::{Map, Value};
+
+/// Message types that carry media.
+pub const MEDIA_TYPES: [&str; 4] = ["image", "voice", "video", "file"];
+
+/// A media URL and the field of `data` it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaUrl {
+    pub field: &'static str,
+    pub url: String,
+    /// A preview (`thumbnailUrl`) rather than the media itself.
+    pub is_thumbnail: bool,
+}
+
+pub fn is_media_type(msg_type: &str) -> bool {
+    MEDIA_TYPES.contains(&msg_type)
+}
+
+/// The media URLs of a message's `data`, in the examples' order: image
+/// `originalUrl`, `thumbnailUrl`; voice/file `url`; video `videoUrl`,
+/// `thumbnailUrl`. Blank or non-string fields are skipped; URLs are trimmed.
+pub fn media_urls(msg_type: &str, data: &Map<String, Value>) -> Vec<MediaUrl> {
+    let fields: &[&'static str] = match msg_type {
+        "image" => &["originalUrl", "thumbnailUrl"],
+        "voice" | "file" => &["url"],
+        "video" => &["videoUrl", "thumbnailUrl"],
+        _ => &[],
+    };
+    fields
+        .iter()
+        .filter_map(|&field| {
+            let url = data.get(field)?.as_str()?.trim();
+            (!url.is_empty()).then(|| MediaUrl {
+                field,
+                url: url.to_string(),
+                is_thumbnail: field == "thumbnailUrl",
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn urls(msg_type: &str, data: Value) -> Vec<(&'static str, String)> {
+        let data = data.as_object().unwrap().clone();
+        media_urls(msg_type, &data)
+            .into_iter()
+            .map(|media| (media.field, media.url))
+            .collect()
+    }
+
+    #[test]
+    fn each_type_has_its_fields() {
+        let all = json!({"originalUrl": "o", "thumbnailUrl": " t ", "url": "u", "videoUrl": "v"});
+        let table: [(&str, Vec<(&str, &str)>); 6] = [
+            ("image", vec![("originalUrl", "o"), ("thumbnailUrl", "t")]),
+            ("voice", vec![("url", "u")]),
+            ("file", vec![("url", "u")]),
+            ("video", vec![("videoUrl", "v"), ("thumbnailUrl", "t")]),
+            ("text", vec![]),
+            ("sticker", vec![]),
+        ];
+        for (msg_type, expected) in table {
+            let expected: Vec<(&str, String)> = expected
+                .into_iter()
+                .map(|(f, u)| (f, u.to_string()))
+                .collect();
+            assert_eq!(urls(msg_type, all.clone()), expected, "{msg_type}");
+        }
+    }
+
+    #[test]
+    fn blank_and_non_string_urls_are_skipped() {
+        assert!(urls("image", json!({"originalUrl": "  ", "thumbnailUrl": 5})).is_empty());
+    }
+}

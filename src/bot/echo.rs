@@ -1,0 +1,102 @@
+//! The examples' bot: text is echoed back (`echo: {text}`, `echo_{update_id}`);
+//! with a media directory, media messages are downloaded through batch_access
+//! and forwarded back (`fwd_{update_id}`), as the media round-trip example does.
+
+use std::path::PathBuf;
+
+use super::{HandleError, Handler, Outcome};
+use crate::api::media::{is_media_type, media_urls};
+use crate::api::{ApiClient, Chat, Message, SendRequest, Update};
+use crate::download::{fetch_into, safe_file_name, save_atomically};
+
+/// Lifetime asked for the access URLs; the download starts right away.
+const ACCESS_URL_SECONDS: u64 = 600;
+
+pub struct EchoHandler {
+    pub client: ApiClient,
+    /// Where media messages are saved; `None` echoes them like any message.
+    pub media_dir: Option<PathBuf>,
+}
+
+impl Handler for EchoHandler {
+    fn handle(&self, update: &Update) -> Result<Outcome, HandleError> {
+        let Some(message) = update.message.as_ref() else {
+            return Ok(Outcome::Ignored);
+        };
+        let Some(chat) = message.chat.as_ref() else {
+            return Ok(Outcome::Ignored);
+        };
+        if let Some(dir) = &self.media_dir
+            && is_media_type(&message.msg_type)
+        {
+            return self.media_round_trip(update.update_id, message, chat, dir);
+        }
+        // As the example: any message gets an echo, non-text ones an empty one.
+        let text = update.text().unwrap_or("");
+        let reply = SendRequest::text(
+            chat.reply_target(),
+            format!("echo: {text}"),
+            format!("echo_{}", update.update_id),
+        );
+        self.send(&reply, Outcome::Replied)
+    }
+}
+
+impl EchoHandler {
+    fn send(&self, request: &SendRequest, done: Outcome) -> Result<Outcome, HandleError> {
+        match self.client.send(request) {
+            Ok(_) => Ok(done),
+            Err(error) => HandleError::from_api(error),
+        }
+    }
+
+    /// Exchange every media URL in one batch_access call, download each file
+    /// that got an access URL, then forward the message back unchanged.
+    fn media_round_trip(
+        &self,
+        update_id: i64,
+        message: &Message,
+        chat: &Chat,
+        dir: &std::path::Path,
+    ) -> Result<Outcome, HandleError> {
+        let urls = media_urls(&message.msg_type, &message.data);
+        if urls.is_empty() {
+            tracing::warn!(update_id, "media message without media URLs; not forwarded");
+            return Ok(Outcome::Ignored);
+        }
+        let wanted: Vec<String> = urls.iter().map(|media| media.url.clone()).collect();
+        let access = match self.client.batch_access(&wanted, ACCESS_URL_SECONDS) {
+            Ok(access) => access,
+            Err(error) => return HandleError::from_api(error),
+        };
+        let mut saved = 0;
+        for media in &urls {
+            let Some(access_url) = access.get(&media.url) else {
+                tracing::warn!(update_id, url = %media.url, "the platform returned no access URL");
+                continue;
+            };
+            let destination = dir.join(format!("{update_id}-{}", safe_file_name(&media.url)));
+            save_atomically(&destination, true, |file| {
+                fetch_into(self.client.agent(), access_url, file, |_, _| {})
+            })
+            .map_err(|error| {
+                HandleError::Retry(error.context(format!("downloading {}", media.url)))
+            })?;
+            tracing::debug!(update_id, path = %destination.display(), "saved media");
+            saved += 1;
+        }
+        if saved == 0 {
+            // As the example: nothing to forward. Retrying would not change
+            // the platform's answer, so the update must not block the chat.
+            tracing::warn!(update_id, "no media could be fetched; not forwarded");
+            return Ok(Outcome::Ignored);
+        }
+        let forward = SendRequest::new(
+            chat.reply_target(),
+            message.msg_type.clone(),
+            message.data.clone(),
+            format!("fwd_{update_id}"),
+        );
+        self.send(&forward, Outcome::Forwarded)
+    }
+}

@@ -1,0 +1,80 @@
+//! What a bot does with an update, independent of how the update arrived
+//! (long poll in `poll-echo`/`forward`, HTTP in `serve-webhook`).
+//!
+//! A [`Handler`] answers one update; the [`poll_loop`] feeds it from the
+//! platform with the offset and handled ids kept in the state store.
+
+pub mod echo;
+pub mod poll_loop;
+
+use crate::api::{ApiError, Update};
+
+/// How an update ended when it needs no more work. Logged, and stored with
+/// the update id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A reply was accepted by the platform.
+    Replied,
+    /// Media downloaded and the message forwarded back.
+    Forwarded,
+    /// Nothing to answer (a non-message update, a message without a chat, …).
+    Ignored,
+    /// The platform refused the reply for good (4xx): retrying cannot help,
+    /// so the update is not allowed to block the ones after it.
+    Rejected,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Replied => "replied",
+            Outcome::Forwarded => "forwarded",
+            Outcome::Ignored => "ignored",
+            Outcome::Rejected => "rejected",
+        }
+    }
+}
+
+/// Why an update could not be handled now.
+#[derive(Debug)]
+pub enum HandleError {
+    /// Try this update again later (platform unavailable, download cut, …).
+    Retry(anyhow::Error),
+    /// Stop the service: retrying any update would fail the same way.
+    Fatal(anyhow::Error),
+}
+
+impl HandleError {
+    /// Sorts an API failure: a refused token stops the service, a stop
+    /// request or an unavailable platform means "later", anything else is
+    /// reported by the caller as a rejection.
+    pub fn from_api(error: ApiError) -> Result<Outcome, HandleError> {
+        match error {
+            ApiError::TokenRefused { .. } => Err(HandleError::Fatal(error.into())),
+            ApiError::Rejected { .. } => {
+                tracing::error!("reply rejected: {error}");
+                Ok(Outcome::Rejected)
+            }
+            ApiError::Unavailable { .. } | ApiError::BadResponse { .. } | ApiError::Cancelled => {
+                Err(HandleError::Retry(error.into()))
+            }
+        }
+    }
+}
+
+/// Answers one update. Called from several threads at once (for different chats).
+pub trait Handler: Sync {
+    fn handle(&self, update: &Update) -> Result<Outcome, HandleError>;
+}
+
+/// `chat_type:chat_id` for log lines, or `-` for updates without a chat.
+pub fn chat_label(update: &Update) -> String {
+    match update
+        .message
+        .as_ref()
+        .and_then(|message| message.chat.as_ref())
+    {
+        Some(chat) => format!("{}:{}", chat.kind, chat.id),
+        None => "-".to_string(),
+    }
+}

@@ -1,0 +1,60 @@
+//! `fly poll-echo`: the examples' polling echo bot, fit to run as a service.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::api::ApiClient;
+use crate::api::retry::RetryPolicy;
+use crate::bot::echo::EchoHandler;
+use crate::bot::poll_loop::{self, PollSettings};
+use crate::cli::{GlobalArgs, PollEchoArgs};
+use crate::commands::required_token;
+use crate::exit::{self, usage};
+use crate::shutdown::Shutdown;
+use crate::state::{BotIdentity, StateStore};
+
+pub fn run(args: PollEchoArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    if args.exec.exec.is_some() {
+        return Err(usage("--exec is not implemented yet"));
+    }
+    let token = required_token(global)?;
+    let shutdown = Shutdown::on_signals()?;
+    // --once is for CI: a bounded number of retries, then a clear failure.
+    let policy = if args.once {
+        RetryPolicy::ONE_SHOT
+    } else {
+        RetryPolicy::FOREVER
+    };
+    let client =
+        ApiClient::new(&global.base_url, token.clone(), policy)?.with_shutdown(shutdown.clone());
+    let identity = BotIdentity::new(client.base_url(), &token);
+    let state_path = match args.state {
+        Some(path) => path,
+        None => identity.default_state_path()?,
+    };
+    let store = StateStore::open(&state_path, &identity)?;
+    let media_dir = args.media_dir.map(prepare_media_dir).transpose()?;
+    let settings = PollSettings {
+        limit: args.limit,
+        poll_timeout: Duration::from_secs(args.poll_timeout),
+        concurrency: args.concurrency as usize,
+        max_updates: args.max_updates,
+        once: args.once,
+    };
+    let handler = EchoHandler {
+        client: client.clone(),
+        media_dir,
+    };
+    let summary = poll_loop::run(&client, &store, &handler, &settings, &shutdown)?;
+    tracing::info!(handled = summary.handled, "stopped");
+    Ok(exit::code(exit::SUCCESS))
+}
+
+fn prepare_media_dir(dir: PathBuf) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("creating the media directory {}", dir.display()))?;
+    Ok(dir)
+}

@@ -1,0 +1,352 @@
+//! The embedded state store: one SQLite file per bot (WAL mode) holding the
+//! poll offset, the ids of handled updates and the webhook nonces seen.
+//!
+//! Why SQLite: a crash (`kill -9`) at any moment must leave either the old or
+//! the new state, never a torn file, and the handled-id set must be queried
+//! and pruned without loading it. Committed transactions survive a process
+//! crash with `synchronous=NORMAL` in WAL mode (only a power loss may drop the
+//! last ones, and the platform's `client_msg_id` absorbs a repeat then).
+//!
+//! A file is recognised by its SQLite `application_id`; its schema version is
+//! `user_version`. A file that is not ours, is corrupt, is of a newer schema or
+//! belongs to another bot is reported, never replaced.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::api::Token;
+use crate::signature::sha256_hex;
+
+/// "FLY1" in ASCII: marks a SQLite file as a fly state store.
+const APPLICATION_ID: i64 = 0x464C_5931;
+const SCHEMA_VERSION: i64 = 1;
+/// Handled update ids kept below the current offset; older ones can never be
+/// delivered again (the platform only returns ids at or above the offset).
+const HANDLED_IDS_KEPT: i64 = 10_000;
+
+const SCHEMA: &str = "
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE poll_offset (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        next_offset INTEGER NOT NULL
+    );
+    CREATE TABLE handled_updates (
+        update_id INTEGER PRIMARY KEY,
+        outcome TEXT NOT NULL,
+        handled_at INTEGER NOT NULL
+    );
+    CREATE TABLE seen_nonces (
+        nonce TEXT PRIMARY KEY,
+        update_key TEXT NOT NULL,
+        seen_at INTEGER NOT NULL
+    );
+    CREATE INDEX seen_nonces_by_age ON seen_nonces (seen_at);
+";
+
+/// Which bot a state file belongs to: the base URL and a fingerprint of the
+/// token (a prefix of its sha256, never the token itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BotIdentity {
+    pub base_url: String,
+    pub token_fingerprint: String,
+}
+
+impl BotIdentity {
+    pub fn new(base_url: &str, token: &Token) -> BotIdentity {
+        BotIdentity {
+            base_url: base_url.trim().trim_end_matches('/').to_string(),
+            token_fingerprint: sha256_hex(token.expose().as_bytes())[..16].to_string(),
+        }
+    }
+
+    /// A short stable key for file names.
+    pub fn key(&self) -> String {
+        let joined = format!("{}\n{}", self.base_url, self.token_fingerprint);
+        sha256_hex(joined.as_bytes())[..16].to_string()
+    }
+
+    /// `$XDG_STATE_HOME/fly/bot-<key>.db`, else `~/.local/state/fly/bot-<key>.db`.
+    pub fn default_state_path(&self) -> anyhow::Result<PathBuf> {
+        let base = match std::env::var_os("XDG_STATE_HOME").filter(|dir| !dir.is_empty()) {
+            Some(dir) => PathBuf::from(dir),
+            None => match std::env::var_os("HOME").filter(|dir| !dir.is_empty()) {
+                Some(home) => PathBuf::from(home).join(".local/state"),
+                None => {
+                    bail!("no state directory: set HOME or XDG_STATE_HOME, or pass --state PATH")
+                }
+            },
+        };
+        Ok(base.join("fly").join(format!("bot-{}.db", self.key())))
+    }
+}
+
+/// The open store. Methods take `&self` (the connection is behind a mutex) so
+/// concurrent workers can share one store.
+pub struct StateStore {
+    connection: Mutex<Connection>,
+    path: PathBuf,
+}
+
+impl StateStore {
+    /// Opens (or creates) the store at `path` for `identity`.
+    pub fn open(path: &Path, identity: &BotIdentity) -> anyhow::Result<StateStore> {
+        if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating the state directory {}", dir.display()))?;
+        }
+        let shown = path.display();
+        let connection =
+            Connection::open(path).with_context(|| format!("opening the state file {shown}"))?;
+        let store = StateStore {
+            connection: Mutex::new(connection),
+            path: path.to_path_buf(),
+        };
+        store
+            .prepare(identity)
+            .with_context(|| format!("state file {shown}"))?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn prepare(&self, identity: &BotIdentity) -> anyhow::Result<()> {
+        let mut connection = self.lock();
+        connection.busy_timeout(std::time::Duration::from_secs(5))?;
+        // Reading the header is the first thing that fails on a file that is not SQLite.
+        let application_id: i64 = connection
+            .query_row("PRAGMA application_id", [], |row| row.get(0))
+            .map_err(|error| anyhow::anyhow!("not a fly state file ({error})"))?;
+        let version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+        let table_count: i64 =
+            connection.query_row("SELECT count(*) FROM sqlite_master", [], |row| row.get(0))?;
+
+        if application_id == 0 && version == 0 && table_count == 0 {
+            connection
+                .pragma_update(None, "journal_mode", "WAL")
+                .context("switching to WAL mode")?;
+            let transaction = connection.transaction()?;
+            transaction.execute_batch(SCHEMA)?;
+            transaction.pragma_update(None, "application_id", APPLICATION_ID)?;
+            transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            for (key, value) in [
+                ("base_url", identity.base_url.as_str()),
+                ("token_fingerprint", identity.token_fingerprint.as_str()),
+            ] {
+                transaction.execute(
+                    "INSERT INTO meta (key, value) VALUES (?1, ?2)",
+                    params![key, value],
+                )?;
+            }
+            transaction.execute(
+                "INSERT INTO poll_offset (id, next_offset) VALUES (1, 0)",
+                [],
+            )?;
+            transaction.commit()?;
+        } else if application_id != APPLICATION_ID {
+            bail!(
+                "not a fly state file (another program's SQLite database); pass another --state PATH"
+            );
+        } else if version > SCHEMA_VERSION {
+            bail!(
+                "written by a newer fly (schema {version}, this fly knows up to {SCHEMA_VERSION})"
+            );
+        } else if version < 1 {
+            bail!("damaged fly state file (schema version {version})");
+        }
+        connection.pragma_update(None, "journal_mode", "WAL")?;
+        connection.pragma_update(None, "synchronous", "NORMAL")?;
+
+        let stored = |key: &str| -> rusqlite::Result<Option<String>> {
+            connection
+                .query_row("SELECT value FROM meta WHERE key = ?1", [key], |row| {
+                    row.get(0)
+                })
+                .optional()
+        };
+        let stored_url = stored("base_url")?.unwrap_or_default();
+        let stored_fingerprint = stored("token_fingerprint")?.unwrap_or_default();
+        if stored_url != identity.base_url || stored_fingerprint != identity.token_fingerprint {
+            bail!(
+                "belongs to another bot (base URL {stored_url}, token fingerprint {stored_fingerprint}); \
+                 pass another --state PATH"
+            );
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent (its
+        // own transactions guarantee that), so a poisoned lock is still usable.
+        self.connection
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The offset to poll with: every update below it has been handled.
+    pub fn next_offset(&self) -> anyhow::Result<i64> {
+        let offset = self
+            .lock()
+            .query_row(
+                "SELECT next_offset FROM poll_offset WHERE id = 1",
+                [],
+                |row| row.get(0),
+            )
+            .context("reading the poll offset")?;
+        Ok(offset)
+    }
+
+    /// Moves the offset forward (never back) and prunes handled ids far below it.
+    pub fn advance_offset(&self, next_offset: i64) -> anyhow::Result<()> {
+        let mut connection = self.lock();
+        let transaction = connection.transaction()?;
+        transaction.execute(
+            "UPDATE poll_offset SET next_offset = max(next_offset, ?1) WHERE id = 1",
+            [next_offset],
+        )?;
+        transaction.execute(
+            "DELETE FROM handled_updates WHERE update_id < ?1",
+            [next_offset.saturating_sub(HANDLED_IDS_KEPT)],
+        )?;
+        transaction.commit().context("saving the poll offset")?;
+        Ok(())
+    }
+
+    pub fn is_handled(&self, update_id: i64) -> anyhow::Result<bool> {
+        let found: Option<i64> = self
+            .lock()
+            .query_row(
+                "SELECT 1 FROM handled_updates WHERE update_id = ?1",
+                [update_id],
+                |row| row.get(0),
+            )
+            .optional()
+            .context("reading handled updates")?;
+        Ok(found.is_some())
+    }
+
+    /// Records that `update_id` needs no more work (`outcome` says how it ended).
+    pub fn mark_handled(&self, update_id: i64, outcome: &str) -> anyhow::Result<()> {
+        self.lock()
+            .execute(
+                "INSERT OR REPLACE INTO handled_updates (update_id, outcome, handled_at) \
+                 VALUES (?1, ?2, ?3)",
+                params![update_id, outcome, unix_now()],
+            )
+            .context("recording a handled update")?;
+        Ok(())
+    }
+}
+
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(token: &str) -> BotIdentity {
+        BotIdentity::new("http://127.0.0.1:8787/", &Token::new(token).unwrap())
+    }
+
+    #[test]
+    fn offset_and_handled_ids_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nested/state.db");
+        {
+            let store = StateStore::open(&path, &identity("t1")).unwrap();
+            assert_eq!(store.next_offset().unwrap(), 0);
+            store.mark_handled(7, "replied").unwrap();
+            store.advance_offset(8).unwrap();
+            store.advance_offset(3).unwrap(); // never backwards
+        }
+        let store = StateStore::open(&path, &identity("t1")).unwrap();
+        assert_eq!(store.next_offset().unwrap(), 8);
+        assert!(store.is_handled(7).unwrap());
+        assert!(!store.is_handled(8).unwrap());
+    }
+
+    #[test]
+    fn handled_ids_far_below_the_offset_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(&dir.path().join("s.db"), &identity("t1")).unwrap();
+        store.mark_handled(1, "replied").unwrap();
+        store.mark_handled(HANDLED_IDS_KEPT + 5, "replied").unwrap();
+        store.advance_offset(HANDLED_IDS_KEPT + 6).unwrap();
+        assert!(!store.is_handled(1).unwrap());
+        assert!(store.is_handled(HANDLED_IDS_KEPT + 5).unwrap());
+    }
+
+    #[test]
+    fn another_bots_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        drop(StateStore::open(&path, &identity("t1")).unwrap());
+        let error = StateStore::open(&path, &identity("t2")).err().unwrap();
+        let message = format!("{error:#}");
+        assert!(message.contains("belongs to another bot"), "{message}");
+        assert!(!message.contains("t2"), "{message}");
+    }
+
+    #[test]
+    fn garbage_and_foreign_databases_are_refused_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let garbage = dir.path().join("garbage.db");
+        std::fs::write(
+            &garbage,
+            b"this is not a database, it is a shopping list\n".repeat(100),
+        )
+        .unwrap();
+        let error = StateStore::open(&garbage, &identity("t1")).err().unwrap();
+        assert!(
+            format!("{error:#}").contains("not a fly state file"),
+            "{error:#}"
+        );
+        assert!(
+            std::fs::read(&garbage)
+                .unwrap()
+                .starts_with(b"this is not a database")
+        );
+
+        let foreign = dir.path().join("foreign.db");
+        Connection::open(&foreign)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x)")
+            .unwrap();
+        let error = StateStore::open(&foreign, &identity("t1")).err().unwrap();
+        assert!(
+            format!("{error:#}").contains("another program"),
+            "{error:#}"
+        );
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        drop(StateStore::open(&path, &identity("t1")).unwrap());
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        let error = StateStore::open(&path, &identity("t1")).err().unwrap();
+        assert!(format!("{error:#}").contains("newer fly"), "{error:#}");
+    }
+
+    #[test]
+    fn default_path_never_contains_the_token() {
+        let id = identity("super-secret-token");
+        assert_eq!(id.key().len(), 16);
+        assert!(!id.key().contains("super"));
+        assert_ne!(identity("a").key(), identity("b").key());
+    }
+}

@@ -1,0 +1,409 @@
+//! `fly poll-echo` against the emulator: exact echoes, persisted state,
+//! faults, clean and unclean stops, the media round trip.
+
+use std::collections::{BTreeSet, HashSet};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::common::{Emulator, TOKEN, fly_at, fly_path, stderr_of};
+
+fn poll_once(emulator: &Emulator, state: &Path) -> std::process::Output {
+    fly_at(emulator)
+        .args(["poll-echo", "--once", "--state"])
+        .arg(state)
+        .output()
+        .unwrap()
+}
+
+/// A `fly poll-echo` child running as a service against `emulator`.
+fn spawn_service(emulator: &Emulator, state: &Path, extra: &[&str]) -> Child {
+    Command::new(fly_path())
+        .args(["poll-echo", "--state"])
+        .arg(state)
+        .args(extra)
+        .env_clear()
+        .env("FLY_BASE_URL", &emulator.base_url)
+        .env("FLY_BOT_TOKEN", TOKEN)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_for_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+fn echo(update_id: i64, content: &str, target: (&str, &str)) -> Value {
+    let mut expected = json!({
+        "msg_type": "text",
+        "data": {"content": format!("echo: {content}")},
+        "client_msg_id": format!("echo_{update_id}"),
+    });
+    expected[target.0] = json!(target.1);
+    expected
+}
+
+#[test]
+fn echoes_text_exactly_and_routes_groups_and_users() {
+    let emulator = Emulator::start_strict();
+    let dir = tempfile::tempdir().unwrap();
+    let long = "长".repeat(3000) + &"x".repeat(3000);
+    let conversation = [
+        ("private", "u_1", "hello 你好 👋🏽"),
+        ("group", "g_1", "line one\nline two\r\n\ttabbed"),
+        ("private", "u_2", long.as_str()),
+        (
+            "group",
+            "g_1",
+            "\"quotes\" and \\backslashes\\ and \u{0}nul",
+        ),
+    ];
+    let mut expected = Vec::new();
+    for (chat_type, chat_id, text) in conversation {
+        let update_id = emulator.user_says(chat_type, chat_id, text);
+        let field = if chat_type == "group" {
+            "group_id"
+        } else {
+            "to_user_id"
+        };
+        expected.push(echo(update_id, text, (field, chat_id)));
+    }
+    // A callback_query is logged and confirmed, not answered.
+    emulator.post(
+        "/_emulator/updates",
+        json!({"type": "callback_query", "callback_query": {"id": "cb1"}}),
+    );
+
+    let output = poll_once(&emulator, &dir.path().join("state.db"));
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    let mut sent = emulator.sent();
+    // Different chats may be answered concurrently: compare per chat, in order.
+    let by_chat = |list: &[Value], chat: &str| -> Vec<Value> {
+        list.iter()
+            .filter(|s| s.get("group_id").or(s.get("to_user_id")) == Some(&json!(chat)))
+            .cloned()
+            .collect()
+    };
+    for chat in ["u_1", "g_1", "u_2"] {
+        assert_eq!(
+            by_chat(&sent, chat),
+            by_chat(&expected, chat),
+            "chat {chat}"
+        );
+    }
+    sent.sort_by_key(|s| s["client_msg_id"].as_str().unwrap().to_string());
+    expected.sort_by_key(|s| s["client_msg_id"].as_str().unwrap().to_string());
+    assert_eq!(sent, expected);
+    assert!(
+        stderr_of(&output).contains("outcome=ignored"),
+        "{}",
+        stderr_of(&output)
+    );
+}
+
+#[test]
+fn a_restart_with_the_same_state_answers_only_new_updates() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.db");
+    let first = emulator.user_says("private", "u_1", "first");
+    assert!(poll_once(&emulator, &state).status.success());
+    let second = emulator.user_says("private", "u_1", "second");
+    assert!(poll_once(&emulator, &state).status.success());
+    assert!(poll_once(&emulator, &state).status.success());
+    let ids: Vec<Value> = emulator
+        .sent()
+        .iter()
+        .map(|s| s["client_msg_id"].clone())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![
+            json!(format!("echo_{first}")),
+            json!(format!("echo_{second}"))
+        ]
+    );
+}
+
+#[test]
+fn json_logs_have_one_object_per_handled_update() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let update_id = emulator.user_says("group", "g_5", "hi");
+    let output = fly_at(&emulator)
+        .args(["--log-format", "json", "poll-echo", "--once", "--state"])
+        .arg(dir.path().join("s.db"))
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let handled: Vec<Value> = stderr_of(&output)
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).expect("every log line is JSON"))
+        .filter(|line| line["message"] == "update handled")
+        .collect();
+    assert_eq!(handled.len(), 1);
+    assert_eq!(handled[0]["update_id"], update_id);
+    assert_eq!(handled[0]["chat"], "group:g_5");
+    assert_eq!(handled[0]["outcome"], "replied");
+    assert!(handled[0]["latency_ms"].is_u64());
+}
+
+/// 30% errors and 10% lost answers on every call: every update is answered,
+/// each exactly once.
+#[test]
+fn survives_errors_and_dropped_connections() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut expected = BTreeSet::new();
+    for n in 0..30 {
+        let chat = format!("u_{}", n % 4);
+        expected.insert(format!(
+            "echo_{}",
+            emulator.user_says("private", &chat, &format!("m{n}"))
+        ));
+    }
+    emulator.faults(json!({"error_rate": 0.3, "drop_rate": 0.1, "retry_after": 0, "seed": 11}));
+    let mut child = spawn_service(
+        &emulator,
+        &dir.path().join("s.db"),
+        &["--max-updates", "30", "--poll-timeout", "1"],
+    );
+    let status = wait_for_exit(&mut child, Duration::from_secs(90)).expect("poll-echo finished");
+    assert!(status.success());
+    let sent = emulator.sent();
+    let ids: Vec<String> = sent
+        .iter()
+        .map(|s| s["client_msg_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 30, "{ids:?}");
+    assert_eq!(ids.into_iter().collect::<BTreeSet<_>>(), expected);
+}
+
+#[test]
+fn sigterm_ends_an_idle_long_poll_quickly_with_exit_0() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = spawn_service(
+        &emulator,
+        &dir.path().join("s.db"),
+        &["--poll-timeout", "30"],
+    );
+    // Wait until it is polling, then give the long poll time to be in flight.
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let started = lines.next().unwrap().unwrap();
+    assert!(started.contains("polling for updates"), "{started}");
+    std::thread::sleep(Duration::from_millis(500));
+    let signalled = Instant::now();
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = wait_for_exit(&mut child, Duration::from_secs(5)).expect("stopped after SIGTERM");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        signalled.elapsed()
+    );
+    assert_eq!(status.code(), Some(0));
+}
+
+/// `kill -9` at arbitrary moments while a backlog drains, then a restart:
+/// every update is answered.
+#[test]
+fn kill_9_mid_backlog_loses_nothing() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("s.db");
+    let mut expected = HashSet::new();
+    for n in 0..120 {
+        let chat = format!("c_{}", n % 7);
+        expected.insert(format!(
+            "echo_{}",
+            emulator.user_says("group", &chat, &format!("m{n}"))
+        ));
+    }
+    emulator.faults(json!({"latency_ms": 3}));
+    for round in 0..4u64 {
+        let mut child = spawn_service(&emulator, &state, &["--poll-timeout", "1"]);
+        std::thread::sleep(Duration::from_millis(150 + 70 * round));
+        child.kill().unwrap(); // SIGKILL: no chance to clean up
+        child.wait().unwrap();
+    }
+    emulator.faults(json!({}));
+    let mut child = spawn_service(&emulator, &state, &["--poll-timeout", "1"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let answered: HashSet<String> = emulator
+            .sent()
+            .iter()
+            .map(|s| s["client_msg_id"].as_str().unwrap().to_string())
+            .collect();
+        if answered == expected {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "missing {:?}",
+            expected.difference(&answered)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        emulator.sent().len(),
+        expected.len(),
+        "no update answered twice"
+    );
+}
+
+#[test]
+fn a_refused_token_exits_1_at_once() {
+    let emulator = Emulator::start_strict();
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let output = crate::common::fly()
+        .env("FLY_BASE_URL", &emulator.base_url)
+        .env("FLY_BOT_TOKEN", "not-the-right-token")
+        .args(["poll-echo", "--state"])
+        .arg(dir.path().join("s.db"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = stderr_of(&output);
+    assert!(stderr.contains("refused the bot token"), "{stderr}");
+    assert!(!stderr.contains("not-the-right-token"));
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn a_foreign_state_file_is_an_error_and_left_alone() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("notes.txt");
+    std::fs::write(&state, "my precious notes\n".repeat(200)).unwrap();
+    let output = poll_once(&emulator, &state);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = stderr_of(&output);
+    assert!(stderr.contains("not a fly state file"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        std::fs::read_to_string(&state)
+            .unwrap()
+            .starts_with("my precious notes")
+    );
+}
+
+#[test]
+fn media_round_trip_is_byte_exact_and_forwards_the_message() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let media_dir = dir.path().join("media");
+    let original = "https://cdn.example/u/photo.jpg?sig=abc";
+    let thumbnail = "https://cdn.example/u/thumb.jpg";
+    let size = 3 * 1024 * 1024 + 17;
+    emulator.post("/_emulator/media", json!({"url": original, "size": size}));
+    emulator.post("/_emulator/media", json!({"url": thumbnail, "size": 1000}));
+    let data = json!({"originalUrl": original, "thumbnailUrl": thumbnail, "width": 800});
+    let update_id = emulator.post(
+        "/_emulator/messages",
+        json!({"chat": {"type": "private", "id": "u_m"}, "msgType": "image", "data": data}),
+    )["update_id"]
+        .as_i64()
+        .unwrap();
+    let output = fly_at(&emulator)
+        .args(["poll-echo", "--once", "--state"])
+        .arg(dir.path().join("s.db"))
+        .arg("--media-dir")
+        .arg(&media_dir)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr_of(&output));
+
+    let pattern = |n: usize| (0..n).map(|i| (i % 251) as u8).collect::<Vec<u8>>();
+    let photo = std::fs::read(media_dir.join(format!("{update_id}-photo.jpg"))).unwrap();
+    assert!(photo == pattern(size), "photo bytes differ");
+    let thumb = std::fs::read(media_dir.join(format!("{update_id}-thumb.jpg"))).unwrap();
+    assert_eq!(thumb, pattern(1000));
+    assert_eq!(
+        std::fs::read_dir(&media_dir).unwrap().count(),
+        2,
+        "no temp files left"
+    );
+    assert_eq!(
+        emulator.sent(),
+        vec![
+            json!({"msg_type": "image", "data": data, "client_msg_id": format!("fwd_{update_id}"), "to_user_id": "u_m"})
+        ]
+    );
+}
+
+/// The platform's polling example and `fly poll-echo` send the same thing for
+/// the same conversation.
+#[test]
+fn same_sends_as_the_reference_polling_example() {
+    let reference =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/hello_bot_polling.py");
+    let python_ok = Command::new("python3")
+        .args(["-c", "import requests"])
+        .status()
+        .is_ok_and(|status| status.success());
+    if !reference.exists() || !python_ok {
+        eprintln!("SKIP: needs ../shared/reference and python3 with requests");
+        return;
+    }
+    let conversation = [
+        ("private", "u_1", "hi"),
+        ("group", "g_1", "群聊 hello"),
+        ("private", "u_1", "second\nmessage"),
+        ("private", "u_2", ""),
+    ];
+    let play = |emulator: &Emulator| {
+        for (chat_type, chat_id, text) in conversation {
+            emulator.user_says(chat_type, chat_id, text);
+        }
+    };
+
+    let ours = Emulator::start();
+    play(&ours);
+    let dir = tempfile::tempdir().unwrap();
+    assert!(poll_once(&ours, &dir.path().join("s.db")).status.success());
+
+    let theirs = Emulator::start();
+    play(&theirs);
+    let mut python = Command::new("python3")
+        .arg(&reference)
+        .env("FLY_BASE_URL", &theirs.base_url)
+        .env("FLY_BOT_TOKEN", TOKEN)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while theirs.sent().len() < conversation.len() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    python.kill().unwrap();
+    python.wait().unwrap();
+
+    let sorted = |mut sent: Vec<Value>| {
+        sent.sort_by_key(|s| s["client_msg_id"].as_str().unwrap().to_string());
+        sent
+    };
+    assert_eq!(sorted(ours.sent()), sorted(theirs.sent()));
+}
