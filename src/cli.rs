@@ -277,13 +277,26 @@ pub struct FetchMediaArgs {
     #[arg(short, long, value_name = "PATH")]
     pub output: Option<String>,
 
-    /// Directory for downloaded files.
-    #[arg(long, default_value = ".", value_name = "DIR")]
+    /// Directory for downloaded files (named after the URL).
+    #[arg(
+        long,
+        default_value = ".",
+        value_name = "DIR",
+        conflicts_with = "output"
+    )]
     pub dir: PathBuf,
 
     /// Take the media URLs from an update or message JSON (FILE or -).
     #[arg(long, value_name = "FILE")]
     pub update: Option<String>,
+
+    /// With --update: skip thumbnails, fetch only the media itself.
+    #[arg(long, requires = "update")]
+    pub original_only: bool,
+
+    /// Overwrite files that already exist.
+    #[arg(long)]
+    pub force: bool,
 
     /// Lifetime requested for the access URLs.
     #[arg(long, default_value_t = 600, value_name = "SECS")]

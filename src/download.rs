@@ -6,63 +6,206 @@
 //! directory, synced, then renamed.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
+use indicatif::ProgressBar;
 use ureq::Agent;
+
+use crate::api::retry::{AttemptError, GaveUp, RetryPolicy};
+use crate::progress::set_download_length;
 
 const BUFFER_SIZE: usize = 128 * 1024;
 
-/// Streams `access_url` into `sink`; `on_progress(done, total)` is called as
-/// bytes arrive. Returns the number of bytes written.
-pub fn fetch_into(
+/// Where a download goes. A transfer that breaks is resumed with `Range`
+/// where the server allows it; otherwise it starts over, which needs a sink
+/// that can be emptied again.
+pub trait DownloadSink: Write {
+    /// Drops what was written so far. Returns `false` if that is impossible
+    /// (bytes already sent down a pipe).
+    fn restart(&mut self) -> std::io::Result<bool>;
+}
+
+impl DownloadSink for File {
+    fn restart(&mut self) -> std::io::Result<bool> {
+        self.seek(SeekFrom::Start(0))?;
+        self.set_len(0)?;
+        Ok(true)
+    }
+}
+
+/// A sink that cannot be rewound, such as stdout.
+pub struct Stream<W: Write>(pub W);
+
+impl<W: Write> Write for Stream<W> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.write(bytes)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl<W: Write> DownloadSink for Stream<W> {
+    fn restart(&mut self) -> std::io::Result<bool> {
+        Ok(false)
+    }
+}
+
+/// Why a download failed for good.
+#[derive(Debug)]
+pub enum DownloadError {
+    /// The server or the network: expired URL, broken transfer, …
+    Transfer(String),
+    /// Writing to the sink failed (disk full, the reader of a pipe went away).
+    Sink(std::io::Error),
+}
+
+impl std::fmt::Display for DownloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DownloadError::Transfer(message) => f.write_str(message),
+            DownloadError::Sink(_) => f.write_str("writing the download failed"),
+        }
+    }
+}
+
+impl std::error::Error for DownloadError {
+    // The I/O error is the source, so a broken pipe is recognised as such.
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            DownloadError::Transfer(_) => None,
+            DownloadError::Sink(error) => Some(error),
+        }
+    }
+}
+
+/// Streams `access_url` into `sink` with a fixed buffer, checking the byte
+/// count against `Content-Length`. Dropped connections, short bodies and 5xx
+/// are retried under `policy`, resuming with `Range` when the server answers
+/// 206. 403/404 mean the access URL expired (or never existed): not retried.
+pub fn download(
     agent: &Agent,
     access_url: &str,
-    sink: &mut dyn Write,
-    mut on_progress: impl FnMut(u64, Option<u64>),
-) -> anyhow::Result<u64> {
-    let mut response = agent
-        .get(access_url)
+    sink: &mut dyn DownloadSink,
+    policy: RetryPolicy,
+    progress: &ProgressBar,
+) -> Result<u64, DownloadError> {
+    let mut done = 0u64;
+    let mut buffer = vec![0u8; BUFFER_SIZE];
+    let outcome = policy.run(
+        |_| download_attempt(agent, access_url, sink, &mut done, &mut buffer, progress),
+        |failures, reason, delay| {
+            tracing::warn!(
+                failures,
+                "download: {reason}; retrying in {:.1}s",
+                delay.as_secs_f64()
+            );
+        },
+        |delay| {
+            std::thread::sleep(delay);
+            true
+        },
+    );
+    outcome.map_err(|gave_up| match gave_up {
+        GaveUp::Fatal(error) => error,
+        GaveUp::Exhausted { attempts, last } => {
+            DownloadError::Transfer(format!("failed after {attempts} attempts: {last}"))
+        }
+        GaveUp::Cancelled => DownloadError::Transfer("interrupted".to_string()),
+    })
+}
+
+fn download_attempt(
+    agent: &Agent,
+    access_url: &str,
+    sink: &mut dyn DownloadSink,
+    done: &mut u64,
+    buffer: &mut [u8],
+    progress: &ProgressBar,
+) -> Result<u64, AttemptError<DownloadError>> {
+    let fatal = |message: String| AttemptError::Fatal(DownloadError::Transfer(message));
+    let sink_failed = |error: std::io::Error| AttemptError::Fatal(DownloadError::Sink(error));
+    let transient = |reason: String| AttemptError::Transient {
+        reason,
+        retry_after: None,
+    };
+    let mut request = agent.get(access_url);
+    if *done > 0 {
+        request = request.header("Range", &format!("bytes={done}-"));
+    }
+    let mut response = request
         .call()
-        .map_err(|error| anyhow::anyhow!("download failed: {error}"))?;
+        .map_err(|error| transient(format!("connection error: {error}")))?;
     let status = response.status().as_u16();
     match status {
-        200..=299 => {}
-        403 | 404 => bail!("access URL expired or unknown (HTTP {status})"),
-        _ => bail!("download failed: HTTP {status}"),
+        206 if *done > 0 => {
+            let resumes_here = response
+                .headers()
+                .get("content-range")
+                .and_then(|value| value.to_str().ok())
+                .is_some_and(|range| range.starts_with(&format!("bytes {done}-")));
+            if !resumes_here {
+                return Err(fatal("the server resumed at the wrong offset".to_string()));
+            }
+        }
+        200 => {
+            if *done > 0 {
+                // No resume: start over, if the sink can be emptied.
+                let restarted = sink.restart().map_err(sink_failed)?;
+                if !restarted {
+                    return Err(fatal(format!(
+                        "the transfer broke after {done} bytes and the server cannot resume it"
+                    )));
+                }
+                *done = 0;
+            }
+        }
+        403 | 404 => {
+            return Err(fatal(format!(
+                "access URL expired or unknown (HTTP {status})"
+            )));
+        }
+        429 | 500..=599 => return Err(transient(format!("HTTP {status}"))),
+        _ => return Err(fatal(format!("HTTP {status}"))),
     }
-    let total = response
+    let remaining = response
         .headers()
         .get("content-length")
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.trim().parse::<u64>().ok());
+    let total = remaining.map(|remaining| *done + remaining);
+    if let Some(total) = total {
+        set_download_length(progress, total);
+    }
+    progress.set_position(*done);
     // No body size limit: the stream is copied, never collected.
     let mut body = response.body_mut().with_config().limit(u64::MAX).reader();
-    let mut buffer = vec![0u8; BUFFER_SIZE];
-    let mut done = 0u64;
-    on_progress(0, total);
     loop {
-        let read = match body.read(&mut buffer) {
+        let read = match body.read(buffer) {
             Ok(0) => break,
             Ok(read) => read,
             Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(error) => {
-                bail!("download interrupted after {done} bytes: {error}")
+                return Err(transient(format!(
+                    "transfer broke after {done} bytes: {error}"
+                )));
             }
         };
-        sink.write_all(&buffer[..read])
-            .context("writing the download")?;
-        done += read as u64;
-        on_progress(done, total);
+        sink.write_all(&buffer[..read]).map_err(sink_failed)?;
+        *done += read as u64;
+        progress.set_position(*done);
     }
-    if let Some(expected) = total
-        && done != expected
+    if let Some(total) = total
+        && *done != total
     {
-        bail!("short download: got {done} of {expected} bytes");
+        return Err(transient(format!(
+            "short transfer: got {done} of {total} bytes"
+        )));
     }
-    sink.flush().context("writing the download")?;
-    Ok(done)
+    sink.flush().map_err(sink_failed)?;
+    Ok(*done)
 }
 
 /// Creates `destination` atomically from what `write` puts into a temporary
@@ -175,7 +318,7 @@ mod tests {
         let target = dir.path().join("out.bin");
         let error = save_atomically(&target, false, |file| {
             file.write_all(b"partial")?;
-            bail!("connection dropped")
+            anyhow::bail!("connection dropped")
         });
         assert!(error.is_err());
         assert_eq!(

@@ -12,6 +12,7 @@ pub mod download;
 pub mod emulator;
 pub mod exit;
 pub mod logging;
+pub mod progress;
 pub mod random;
 pub mod shutdown;
 pub mod signature;

@@ -6,8 +6,10 @@ use std::path::PathBuf;
 
 use super::{HandleError, Handler, Outcome};
 use crate::api::media::{is_media_type, media_urls};
+use crate::api::retry::RetryPolicy;
 use crate::api::{ApiClient, Chat, Message, SendRequest, Update};
-use crate::download::{fetch_into, safe_file_name, save_atomically};
+use crate::download::{download, safe_file_name, save_atomically};
+use indicatif::ProgressBar;
 
 /// Lifetime asked for the access URLs; the download starts right away.
 const ACCESS_URL_SECONDS: u64 = 600;
@@ -77,7 +79,14 @@ impl EchoHandler {
             };
             let destination = dir.join(format!("{update_id}-{}", safe_file_name(&media.url)));
             save_atomically(&destination, true, |file| {
-                fetch_into(self.client.agent(), access_url, file, |_, _| {})
+                let progress = ProgressBar::hidden();
+                Ok(download(
+                    self.client.agent(),
+                    access_url,
+                    file,
+                    RetryPolicy::ONE_SHOT,
+                    &progress,
+                )?)
             })
             .map_err(|error| {
                 HandleError::Retry(error.context(format!("downloading {}", media.url)))

@@ -4,6 +4,7 @@
 //! bot token and the API client built on it.
 
 mod emulator;
+mod fetch_media;
 mod poll_echo;
 mod send;
 
@@ -26,7 +27,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sign(_) => not_implemented("sign"),
         Command::PollEcho(args) => poll_echo::run(args, global),
         Command::ServeWebhook(_) => not_implemented("serve-webhook"),
-        Command::FetchMedia(_) => not_implemented("fetch-media"),
+        Command::FetchMedia(args) => fetch_media::run(args, global),
         Command::Forward(_) => not_implemented("forward"),
         Command::Demo(_) => not_implemented("demo"),
     }

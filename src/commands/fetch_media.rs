@@ -1,0 +1,221 @@
+//! `fly fetch-media`: exchange media URLs through batch_access (one call for
+//! all of them) and stream the files to disk or stdout.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, anyhow};
+use serde_json::Value;
+
+use crate::api::media::media_urls;
+use crate::api::retry::RetryPolicy;
+use crate::cli::{FetchMediaArgs, GlobalArgs};
+use crate::commands::{one_shot_client, read_input};
+use crate::download::{Stream, download, safe_file_name, save_atomically};
+use crate::exit::{self, usage};
+use crate::progress;
+
+/// Where the downloaded bytes go.
+enum Output {
+    Stdout,
+    File(PathBuf),
+    Directory(PathBuf),
+}
+
+pub fn run(args: FetchMediaArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    let urls = wanted_urls(&args)?;
+    let output = match args.output.as_deref() {
+        Some("-") if urls.len() == 1 => Output::Stdout,
+        Some("-") => return Err(usage("-o - takes exactly one URL")),
+        Some(path) if urls.len() == 1 => Output::File(PathBuf::from(path)),
+        Some(_) => {
+            return Err(usage(
+                "-o PATH takes exactly one URL; use --dir for several",
+            ));
+        }
+        None => Output::Directory(args.dir.clone()),
+    };
+    let client = one_shot_client(global)?;
+    if let Output::Directory(dir) = &output {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+
+    let access = client
+        .batch_access(&urls, args.expire_seconds)
+        .context("exchanging the media URLs")?;
+    let mut names_taken = HashSet::new();
+    let mut failures = Vec::new();
+    for url in &urls {
+        let Some(access_url) = access.get(url) else {
+            failures.push(format!("{url}: the platform returned no access URL"));
+            continue;
+        };
+        let fetched = match &output {
+            Output::Stdout => fetch_to_stdout(client.agent(), url, access_url),
+            Output::File(path) => fetch_to_file(client.agent(), url, access_url, path, args.force),
+            Output::Directory(dir) => {
+                let path = dir.join(unique_name(url, &mut names_taken));
+                fetch_to_file(client.agent(), url, access_url, &path, args.force)
+            }
+        };
+        if let Err(error) = fetched {
+            failures.push(format!("{url}: {error:#}"));
+        }
+    }
+    match failures.len() {
+        0 => Ok(exit::code(exit::SUCCESS)),
+        1 => Err(anyhow!("{}", failures[0])),
+        n => Err(anyhow!(
+            "{n} of {} downloads failed: {}",
+            urls.len(),
+            failures.join("; ")
+        )),
+    }
+}
+
+/// The URLs from the command line and `--update`, in order, without repeats.
+fn wanted_urls(args: &FetchMediaArgs) -> anyhow::Result<Vec<String>> {
+    let mut urls: Vec<String> = args
+        .urls
+        .iter()
+        .map(|url| url.trim().to_string())
+        .filter(|url| !url.is_empty())
+        .collect();
+    if let Some(input) = &args.update {
+        urls.extend(urls_in_update(&read_input(input)?, args.original_only)?);
+    }
+    let mut seen = HashSet::new();
+    urls.retain(|url| seen.insert(url.clone()));
+    if urls.is_empty() {
+        return Err(usage("no media URLs: give URL arguments or --update FILE"));
+    }
+    Ok(urls)
+}
+
+/// Media URLs of an update (`{"message":{…}}`) or of a bare message.
+fn urls_in_update(json: &str, original_only: bool) -> anyhow::Result<Vec<String>> {
+    let value: Value = serde_json::from_str(json)
+        .map_err(|error| usage(format!("--update is not valid JSON: {error}")))?;
+    let message = match value.get("message") {
+        Some(message @ Value::Object(_)) => message,
+        _ => &value,
+    };
+    let msg_type = message
+        .get("msgType")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let Some(data) = message.get("data").and_then(Value::as_object) else {
+        return Err(usage(
+            "--update has no message data (expected msgType and data)",
+        ));
+    };
+    let urls: Vec<String> = media_urls(msg_type, data)
+        .into_iter()
+        .filter(|media| !(original_only && media.is_thumbnail))
+        .map(|media| media.url)
+        .collect();
+    if urls.is_empty() {
+        return Err(usage(format!(
+            "--update has no media URLs (msgType {msg_type:?})"
+        )));
+    }
+    Ok(urls)
+}
+
+/// A safe file name for `url`, made unique within this run (`a.jpg`, `a-2.jpg`).
+fn unique_name(url: &str, taken: &mut HashSet<String>) -> String {
+    let base = safe_file_name(url);
+    let (stem, extension) = match base.rfind('.') {
+        Some(dot) if dot > 0 => (&base[..dot], &base[dot..]),
+        _ => (base.as_str(), ""),
+    };
+    let mut candidate = base.clone();
+    let mut n = 2;
+    while !taken.insert(candidate.clone()) {
+        candidate = format!("{stem}-{n}{extension}");
+        n += 1;
+    }
+    candidate
+}
+
+fn fetch_to_file(
+    agent: &ureq::Agent,
+    url: &str,
+    access_url: &str,
+    path: &Path,
+    force: bool,
+) -> anyhow::Result<()> {
+    if !force && path.exists() {
+        return Err(anyhow!(
+            "{} already exists (use --force to overwrite)",
+            path.display()
+        ));
+    }
+    let bar = progress::download_bar(&path.display().to_string());
+    let bytes = save_atomically(path, force, |file| {
+        Ok(download(
+            agent,
+            access_url,
+            file,
+            RetryPolicy::ONE_SHOT,
+            &bar,
+        )?)
+    });
+    bar.finish_and_clear();
+    let bytes = bytes?;
+    tracing::debug!(url, bytes, path = %path.display(), "saved");
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{}", path.display()).context("writing to stdout")?;
+    Ok(())
+}
+
+fn fetch_to_stdout(agent: &ureq::Agent, url: &str, access_url: &str) -> anyhow::Result<()> {
+    let bar = progress::download_bar(url);
+    let mut stdout = Stream(std::io::stdout().lock());
+    let bytes = download(agent, access_url, &mut stdout, RetryPolicy::ONE_SHOT, &bar);
+    bar.finish_and_clear();
+    // A reader that went away (`| head -c 10`) surfaces as a broken pipe,
+    // which `exit::classify` treats as a normal end.
+    let bytes = bytes?;
+    tracing::debug!(url, bytes, "written to stdout");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_made_unique_within_a_run() {
+        let mut taken = HashSet::new();
+        let names: Vec<String> = [
+            "https://a/x/p.jpg",
+            "https://b/y/p.jpg",
+            "https://c/p.jpg",
+            "https://d/README",
+        ]
+        .iter()
+        .map(|url| unique_name(url, &mut taken))
+        .collect();
+        assert_eq!(names, ["p.jpg", "p-2.jpg", "p-3.jpg", "README"]);
+    }
+
+    #[test]
+    fn urls_come_from_updates_or_bare_messages() {
+        let update = r#"{"update_id":1,"message":{"msgType":"video","data":{"videoUrl":"v","thumbnailUrl":"t"}}}"#;
+        assert_eq!(urls_in_update(update, false).unwrap(), ["v", "t"]);
+        assert_eq!(urls_in_update(update, true).unwrap(), ["v"]);
+        let message = r#"{"msgType":"image","data":{"originalUrl":"o"}}"#;
+        assert_eq!(urls_in_update(message, false).unwrap(), ["o"]);
+        for bad in ["{", r#"{"msgType":"text","data":{"content":"x"}}"#, "[]"] {
+            let error = urls_in_update(bad, false).unwrap_err();
+            assert_eq!(
+                crate::exit::classify(&error),
+                crate::exit::Outcome::Report(2),
+                "{bad}"
+            );
+        }
+    }
+}
