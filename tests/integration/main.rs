@@ -2,4 +2,5 @@
 //! usually against a real `fly emulator` on a free loopback port.
 
 mod common;
+mod emulator;
 mod send;
