@@ -76,7 +76,7 @@ pub async fn handle(shared: &Shared, path: &str, request: Request<Incoming>) -> 
     };
     match read_json(request, MAX_CONTROL_BODY).await {
         Ok(body) => post(shared, body).unwrap_or_else(invalid_request),
-        Err(refusal) => refusal,
+        Err(refused) => refused.into_response(),
     }
 }
 

@@ -111,7 +111,9 @@ async fn handle(
     let path = request.uri().path().to_string();
     let outcome = route(&shared, &path, request).await;
     match &outcome {
-        Ok(response) => tracing::debug!(%method, path, status = response.status().as_u16()),
+        Ok(response) => {
+            tracing::debug!(%method, path, status = response.status().as_u16(), "answered");
+        }
         Err(dropped) => tracing::debug!(%method, path, "{dropped}"),
     }
     outcome
@@ -162,6 +164,12 @@ async fn bot_api(
         return Ok(method_not_allowed("POST"));
     }
 
+    // The body is read even for requests refused below: answering with part
+    // of a request unread would make the connection close with a reset.
+    let public_base = public_base_url(shared, &request);
+    let authorized = token_accepted(shared, &request);
+    let body = read_body(request, MAX_BOT_API_BODY).await;
+
     let faults = shared.lock().faults.clone();
     if faults.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
@@ -169,14 +177,12 @@ async fn bot_api(
     if let Some(injected) = faults.roll_error() {
         return Ok(injected_error(injected, faults.retry_after));
     }
-
-    if !token_accepted(shared, &request) {
+    if !authorized {
         return Ok(error_response(StatusCode::UNAUTHORIZED, 0, "invalid token"));
     }
-    let public_base = public_base_url(shared, &request);
-    let body = match read_json(request, MAX_BOT_API_BODY).await {
+    let body = match body.and_then(|bytes| parse_json(&bytes)) {
         Ok(body) => body,
-        Err(refusal) => return Ok(refusal),
+        Err(refused) => return Ok(refused.into_response()),
     };
     let response = match endpoint {
         BotEndpoint::Updates => updates(shared, &body).await,
@@ -349,33 +355,44 @@ fn numeric_header(text: &str) -> HeaderValue {
     HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
+/// A body refused before it reached its handler (400 or 413).
+pub struct BodyRefused {
+    status: StatusCode,
+    msg: String,
+}
+
+impl BodyRefused {
+    pub fn into_response(self) -> HttpResponse {
+        error_response(self.status, 0, self.msg)
+    }
+}
+
 /// Reads a JSON body of at most `limit` bytes; an empty body reads as `{}`.
-/// On failure, the 400/413 answer to send instead.
-pub async fn read_json(request: Request<Incoming>, limit: usize) -> Result<Value, HttpResponse> {
-    let collected = Limited::new(request.into_body(), limit)
-        .collect()
-        .await
-        .map_err(|error| {
-            if error.is::<LengthLimitError>() {
-                error_response(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    0,
-                    format!("body larger than {limit} bytes"),
-                )
-            } else {
-                error_response(StatusCode::BAD_REQUEST, 0, "could not read the body")
-            }
-        })?;
-    let bytes = collected.to_bytes();
+pub async fn read_json(request: Request<Incoming>, limit: usize) -> Result<Value, BodyRefused> {
+    parse_json(&read_body(request, limit).await?)
+}
+
+async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, BodyRefused> {
+    match Limited::new(request.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<LengthLimitError>() => Err(BodyRefused {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            msg: format!("body larger than {limit} bytes"),
+        }),
+        Err(_) => Err(BodyRefused {
+            status: StatusCode::BAD_REQUEST,
+            msg: "could not read the body".into(),
+        }),
+    }
+}
+
+fn parse_json(bytes: &[u8]) -> Result<Value, BodyRefused> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(Value::Object(serde_json::Map::new()));
     }
-    serde_json::from_slice(&bytes).map_err(|error| {
-        error_response(
-            StatusCode::BAD_REQUEST,
-            0,
-            format!("malformed JSON: {error}"),
-        )
+    serde_json::from_slice(bytes).map_err(|error| BodyRefused {
+        status: StatusCode::BAD_REQUEST,
+        msg: format!("malformed JSON: {error}"),
     })
 }
 
