@@ -18,7 +18,7 @@ const BOT_UPDATES: &str = "/api/v1/s/bot/updates";
 const BOT_SEND: &str = "/api/v1/s/bot/send";
 const BOT_BATCH_ACCESS: &str = "/api/v1/s/bot/files/batch_access";
 
-/// A raw answer: status, selected headers, body.
+/// A raw answer: status, headers, body.
 struct Answer {
     status: u16,
     headers: ureq::http::HeaderMap,
@@ -913,8 +913,9 @@ impl ReferenceBot {
             .env("FLY_BASE_URL", &emulator.base_url)
             .env("FLY_BOT_TOKEN", TOKEN)
             .env_remove("FLY_WEBHOOK_SECRET")
-            .env_remove("HTTP_PROXY")
-            .env_remove("http_proxy")
+            // The emulator is on loopback: never go through a proxy from the environment.
+            .env("NO_PROXY", "127.0.0.1,localhost")
+            .env("no_proxy", "127.0.0.1,localhost")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
