@@ -1,6 +1,38 @@
-//! The local Fly Bot API (SPEC section 4). Placeholder until it lands.
+//! The local Fly Bot API (SPEC section 4): a real HTTP server, on loopback by
+//! default, that behaves like the platform for development, demos and tests,
+//! plus a control API (`/_emulator/*`) through which tests play the users and
+//! inject faults.
+//!
+//! It runs beside blocking code: [`Emulator::start`] binds at once (so a busy
+//! port is an error for the caller) and serves on its own thread with a
+//! single-threaded tokio runtime; webhook deliveries go out from a second
+//! thread with the blocking HTTP client. `fly emulator` and `fly demo` both
+//! start it this way.
+//!
+//! Modules: `state` is all the bookkeeping as pure data, `requests` validates
+//! bodies, `server` routes and answers the bot API, `control` the control API,
+//! `media` streams downloads, `faults` decides injected failures, `webhook`
+//! delivers signed updates.
 
-use std::net::IpAddr;
+mod control;
+mod faults;
+mod media;
+mod requests;
+mod server;
+mod state;
+mod webhook;
+
+use std::io::{self, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
+use std::thread::JoinHandle;
+
+use anyhow::{Context, anyhow};
+use serde_json::{Map, Value};
+use tokio::sync::{oneshot, watch};
+
+use state::{EmulatorState, Routed, WebhookTarget};
 
 pub struct EmulatorConfig {
     pub bind: IpAddr,
@@ -9,6 +41,274 @@ pub struct EmulatorConfig {
     pub token: Option<String>,
 }
 
-pub fn run_until_signal(_config: EmulatorConfig) -> anyhow::Result<()> {
-    Err(crate::exit::usage("`fly emulator` is not implemented yet"))
+/// A running emulator; it stops when shut down or dropped.
+pub struct Emulator {
+    base_url: String,
+    shared: Arc<Shared>,
+    stop_server: Option<oneshot::Sender<()>>,
+    server_thread: Option<JoinHandle<()>>,
+}
+
+impl Emulator {
+    /// Binds the listening socket, then serves on a thread of its own.
+    pub fn start(config: EmulatorConfig) -> anyhow::Result<Emulator> {
+        let address = SocketAddr::new(config.bind, config.port);
+        let listener = TcpListener::bind(address)
+            .map_err(|error| anyhow!("cannot listen on {address}: {}", describe_io(&error)))?;
+        listener
+            .set_nonblocking(true)
+            .context("configuring the listening socket")?;
+        let local = listener
+            .local_addr()
+            .context("reading the listening address")?;
+        let base_url = base_url_for(local);
+
+        let (webhook_wake, webhook_wakeups) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            state: Mutex::new(EmulatorState::default()),
+            token: config.token,
+            base_url: base_url.clone(),
+            update_arrivals: watch::channel(0).0,
+            webhook_wake,
+            stopping: AtomicBool::new(false),
+        });
+        webhook::spawn_worker(Arc::clone(&shared), webhook_wakeups)
+            .context("starting the webhook delivery thread")?;
+
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the emulator's runtime")?;
+        let (stop_server, stop_requested) = oneshot::channel();
+        let server_shared = Arc::clone(&shared);
+        let server_thread = std::thread::Builder::new()
+            .name("fly-emulator".into())
+            .spawn(move || {
+                runtime.block_on(server::serve(listener, server_shared, stop_requested));
+            })
+            .context("starting the emulator thread")?;
+        Ok(Emulator {
+            base_url,
+            shared,
+            stop_server: Some(stop_server),
+            server_thread: Some(server_thread),
+        })
+    }
+
+    /// `http://ADDRESS:PORT`, with no trailing slash.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// Stops serving: open connections, long polls included, are closed.
+    pub fn shutdown(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        self.shared.wake_webhook_worker();
+        if let Some(stop) = self.stop_server.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.server_thread.take() {
+            let _ = thread.join();
+        }
+        // The webhook thread is not joined: it may be inside an HTTP call to a
+        // slow receiver, and it exits on its own at its next step.
+    }
+}
+
+/// `fly emulator`: serves until SIGINT or SIGTERM. The base URL is the first
+/// line on stdout, so that a script can read it.
+pub fn run_until_signal(config: EmulatorConfig) -> anyhow::Result<()> {
+    // Signal handlers are in place before the URL is printed, so a script that
+    // stops the emulator right after reading it is not killed outright.
+    let signals = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the signal handler")?;
+    let mut stop_signal = signals
+        .block_on(async { StopSignal::install() })
+        .context("installing signal handlers")?;
+
+    let emulator = Emulator::start(config)?;
+    let mut stdout = io::stdout().lock();
+    writeln!(stdout, "{}", emulator.base_url())
+        .and_then(|()| stdout.flush())
+        .context("writing the base URL to stdout")?;
+    drop(stdout);
+    tracing::info!("emulator listening on {}", emulator.base_url());
+
+    let signal = signals.block_on(stop_signal.received());
+    tracing::info!("{signal} received, stopping");
+    emulator.shutdown();
+    Ok(())
+}
+
+/// SIGINT or SIGTERM.
+struct StopSignal {
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignal {
+    #[cfg(unix)]
+    fn install() -> io::Result<StopSignal> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignal {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
+    }
+
+    #[cfg(not(unix))]
+    fn install() -> io::Result<StopSignal> {
+        Ok(StopSignal {})
+    }
+
+    #[cfg(unix)]
+    async fn received(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.interrupt.recv() => "SIGINT",
+            _ = self.terminate.recv() => "SIGTERM",
+        }
+    }
+
+    #[cfg(not(unix))]
+    async fn received(&mut self) -> &'static str {
+        let _ = tokio::signal::ctrl_c().await;
+        "Ctrl-C"
+    }
+}
+
+/// What the server, the control API and the webhook worker share.
+struct Shared {
+    state: Mutex<EmulatorState>,
+    token: Option<String>,
+    base_url: String,
+    /// Bumped whenever updates become available for polling; long polls wait on it.
+    update_arrivals: watch::Sender<u64>,
+    /// Tells the webhook worker to look at the state again.
+    webhook_wake: mpsc::Sender<()>,
+    stopping: AtomicBool,
+}
+
+impl Shared {
+    /// The state; a panic elsewhere while holding the lock leaves data that is
+    /// still consistent step by step, so poisoning is ignored.
+    fn lock(&self) -> MutexGuard<'_, EmulatorState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues a new update for polling or for the webhook; returns its id.
+    fn push_update(&self, update: Map<String, Value>) -> u64 {
+        let nonce = crate::random::hex_id(16);
+        let (update_id, routed) = self.lock().push_update(update, nonce);
+        match routed {
+            Routed::Polling => self.wake_pollers(),
+            Routed::Webhook => self.wake_webhook_worker(),
+        }
+        update_id
+    }
+
+    fn set_webhook(&self, target: Option<WebhookTarget>) {
+        let handed_to_polling = self.lock().set_webhook(target);
+        self.wake_webhook_worker();
+        if handed_to_polling {
+            self.wake_pollers();
+        }
+    }
+
+    fn wake_pollers(&self) {
+        self.update_arrivals
+            .send_modify(|arrivals| *arrivals = arrivals.wrapping_add(1));
+    }
+
+    fn wake_webhook_worker(&self) {
+        // Fails only once the worker has exited, when there is nothing to wake.
+        let _ = self.webhook_wake.send(());
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+}
+
+/// The URL clients use: an unspecified bind address (0.0.0.0, ::) is reached
+/// through loopback from this machine.
+fn base_url_for(local: SocketAddr) -> String {
+    let host = match local.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    format!("http://{}", SocketAddr::new(host, local.port()))
+}
+
+/// The OS's description of an I/O error without the "(os error N)" suffix,
+/// which tells a user nothing.
+fn describe_io(error: &io::Error) -> String {
+    let text = error.to_string();
+    match text.rfind(" (os error ") {
+        Some(index) => text[..index].to_string(),
+        None => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(port: u16) -> EmulatorConfig {
+        EmulatorConfig {
+            bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port,
+            token: None,
+        }
+    }
+
+    #[test]
+    fn base_urls() {
+        let url = |text: &str| base_url_for(text.parse().unwrap());
+        assert_eq!(url("127.0.0.1:8787"), "http://127.0.0.1:8787");
+        assert_eq!(url("0.0.0.0:80"), "http://127.0.0.1:80");
+        assert_eq!(url("[::]:9"), "http://[::1]:9");
+        assert_eq!(url("[::1]:9"), "http://[::1]:9");
+    }
+
+    #[test]
+    fn a_busy_port_is_a_clear_error() {
+        let first = Emulator::start(config(0)).unwrap();
+        let port: u16 = first
+            .base_url()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let error = Emulator::start(config(port)).err().unwrap().to_string();
+        assert_eq!(
+            error,
+            format!("cannot listen on 127.0.0.1:{port}: Address already in use")
+        );
+        first.shutdown();
+    }
+
+    #[test]
+    fn starts_serves_and_stops_in_process() {
+        let emulator = Emulator::start(config(0)).unwrap();
+        let url = format!("{}/_emulator/sent", emulator.base_url());
+        let mut response = ureq::get(&url).call().unwrap();
+        assert_eq!(
+            response.body_mut().read_to_string().unwrap(),
+            r#"{"sent":[]}"#
+        );
+        emulator.shutdown();
+        assert!(ureq::get(&url).call().is_err());
+    }
 }

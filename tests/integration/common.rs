@@ -132,6 +132,11 @@ impl Emulator {
     pub fn faults(&self, faults: Value) {
         self.post("/_emulator/faults", faults);
     }
+
+    /// The emulator's process id, e.g. to read its memory use from /proc.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Emulator {

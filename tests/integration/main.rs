@@ -2,6 +2,7 @@
 //! usually against a real `fly emulator` on a free loopback port.
 
 mod common;
+mod emulator;
 mod fetch_media;
 mod poll_echo;
 mod reference;

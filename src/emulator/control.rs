@@ -1,0 +1,145 @@
+//! The control API (`/_emulator/*`, no auth): how tests and demos play the
+//! users, register media, switch webhook mode, inject faults and inspect
+//! what the bot sent. Answers are plain JSON (no envelope); refusals use the
+//! same `{"code","msg"}` shape as the bot API.
+
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
+use serde_json::{Value, json};
+
+use super::Shared;
+use super::faults::FaultConfig;
+use super::requests::{self, MediaRequest, WebhookRequest};
+use super::server::{
+    HttpResponse, error_response, invalid_request, json_response, method_not_allowed, read_json,
+};
+use super::state::WebhookTarget;
+use crate::signature::sha256_hex;
+
+/// Control API bodies may carry media as base64.
+const MAX_CONTROL_BODY: usize = 64 * 1024 * 1024;
+const DEFAULT_WEBHOOK_BOT_ID: &str = "bot_emulator";
+
+#[derive(Debug, Clone, Copy)]
+enum Call {
+    Messages,
+    Updates,
+    Sent,
+    Media,
+    Webhook,
+    Faults,
+}
+
+impl Call {
+    fn from_path(path: &str) -> Option<Call> {
+        Some(match path {
+            "messages" => Call::Messages,
+            "updates" => Call::Updates,
+            "sent" => Call::Sent,
+            "media" => Call::Media,
+            "webhook" => Call::Webhook,
+            "faults" => Call::Faults,
+            _ => return None,
+        })
+    }
+
+    /// The value of `Allow` for a 405.
+    fn allowed_methods(self) -> &'static str {
+        match self {
+            Call::Messages | Call::Updates | Call::Media => "POST",
+            Call::Sent => "GET",
+            Call::Webhook | Call::Faults => "GET, POST",
+        }
+    }
+}
+
+pub async fn handle(shared: &Shared, path: &str, request: Request<Incoming>) -> HttpResponse {
+    let Some(call) = Call::from_path(path) else {
+        return error_response(StatusCode::NOT_FOUND, 0, "no such control call");
+    };
+    let method = request.method().clone();
+    if method == Method::GET {
+        return match call {
+            Call::Sent => answer(json!({"sent": shared.lock().sent()})),
+            Call::Webhook => answer(shared.lock().webhook_report()),
+            Call::Faults => answer(json!(shared.lock().faults)),
+            _ => method_not_allowed(call.allowed_methods()),
+        };
+    }
+    let post: fn(&Shared, Value) -> Result<HttpResponse, String> = match (call, &method) {
+        (Call::Messages, &Method::POST) => post_message,
+        (Call::Updates, &Method::POST) => post_update,
+        (Call::Media, &Method::POST) => post_media,
+        (Call::Webhook, &Method::POST) => post_webhook,
+        (Call::Faults, &Method::POST) => post_faults,
+        _ => return method_not_allowed(call.allowed_methods()),
+    };
+    match read_json(request, MAX_CONTROL_BODY).await {
+        Ok(body) => post(shared, body).unwrap_or_else(invalid_request),
+        Err(refused) => refused.into_response(),
+    }
+}
+
+/// A user sends a message: it becomes `{"update_id","type":"message","message":<body>}`.
+fn post_message(shared: &Shared, body: Value) -> Result<HttpResponse, String> {
+    requests::validate_message(&body)?;
+    let mut update = serde_json::Map::new();
+    update.insert("type".into(), "message".into());
+    update.insert("message".into(), body);
+    Ok(answer(json!({"update_id": shared.push_update(update)})))
+}
+
+fn post_update(shared: &Shared, body: Value) -> Result<HttpResponse, String> {
+    let update = requests::parse_raw_update(&body)?;
+    Ok(answer(json!({"update_id": shared.push_update(update)})))
+}
+
+fn post_media(shared: &Shared, body: Value) -> Result<HttpResponse, String> {
+    let media = MediaRequest::parse(&body)?;
+    let size = media.content.size();
+    let answer_body = json!({"url": media.url, "size": size});
+    shared.lock().register_media(media.url, media.content);
+    Ok(answer(answer_body))
+}
+
+fn post_webhook(shared: &Shared, body: Value) -> Result<HttpResponse, String> {
+    let target = match WebhookRequest::parse(&body)? {
+        WebhookRequest::Off => None,
+        WebhookRequest::On {
+            url,
+            secret,
+            bot_id,
+        } => {
+            // The platform's default secret, which receivers derive the same way.
+            let secret = match (secret, &shared.token) {
+                (Some(secret), _) => secret,
+                (None, Some(token)) => sha256_hex(token.as_bytes()),
+                (None, None) => {
+                    return Err(
+                        "secret is required: this emulator has no --token to derive \
+                                it from"
+                            .into(),
+                    );
+                }
+            };
+            Some(WebhookTarget {
+                url,
+                secret,
+                bot_id: bot_id.unwrap_or_else(|| DEFAULT_WEBHOOK_BOT_ID.to_string()),
+            })
+        }
+    };
+    shared.set_webhook(target);
+    Ok(answer(shared.lock().webhook_report()))
+}
+
+fn post_faults(shared: &Shared, body: Value) -> Result<HttpResponse, String> {
+    let faults = FaultConfig::parse(&body)?;
+    let answer_body = json!(faults);
+    shared.lock().faults = faults;
+    Ok(answer(answer_body))
+}
+
+fn answer(value: Value) -> HttpResponse {
+    json_response(StatusCode::OK, &value)
+}

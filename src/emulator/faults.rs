@@ -1,0 +1,180 @@
+//! Injected failures on the bot API, so clients can be tested against the
+//! ways the real platform fails: slow answers, 5xx/429 with `Retry-After`,
+//! responses lost after the request took effect, and downloads cut short.
+
+use serde::Serialize;
+use serde_json::Value;
+
+const MAX_LATENCY_MS: u64 = 60_000;
+const MAX_RETRY_AFTER: u64 = 3600;
+
+/// The fault configuration set through `POST /_emulator/faults`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FaultConfig {
+    /// Fraction of bot API requests answered 500 or 429 without being processed.
+    pub error_rate: f64,
+    /// Fraction of bot API requests processed and then left without any answer.
+    pub drop_rate: f64,
+    /// Delay before every bot API answer.
+    pub latency_ms: u64,
+    /// `Retry-After` seconds on injected errors.
+    pub retry_after: u64,
+    /// Fraction of downloads that stop after half the announced body.
+    pub download_cut_rate: f64,
+}
+
+impl Default for FaultConfig {
+    fn default() -> FaultConfig {
+        FaultConfig {
+            error_rate: 0.0,
+            drop_rate: 0.0,
+            latency_ms: 0,
+            retry_after: 1,
+            download_cut_rate: 0.0,
+        }
+    }
+}
+
+/// The answer that replaces a request picked by `error_rate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InjectedError {
+    Internal,
+    RateLimited,
+}
+
+impl FaultConfig {
+    /// A whole new configuration: missing fields take their defaults, unknown
+    /// ones are refused (a misspelt rate would otherwise silently be 0).
+    pub fn parse(body: &Value) -> Result<FaultConfig, String> {
+        let object = body
+            .as_object()
+            .ok_or_else(|| "the body must be a JSON object".to_string())?;
+        let mut config = FaultConfig::default();
+        for (name, value) in object {
+            match name.as_str() {
+                "error_rate" => config.error_rate = rate(name, value)?,
+                "drop_rate" => config.drop_rate = rate(name, value)?,
+                "download_cut_rate" => config.download_cut_rate = rate(name, value)?,
+                "latency_ms" => config.latency_ms = bounded_integer(name, value, MAX_LATENCY_MS)?,
+                "retry_after" => {
+                    config.retry_after = bounded_integer(name, value, MAX_RETRY_AFTER)?
+                }
+                other => {
+                    return Err(format!(
+                        "unknown fault {other:?}; known: error_rate, drop_rate, latency_ms, \
+                         retry_after, download_cut_rate"
+                    ));
+                }
+            }
+        }
+        Ok(config)
+    }
+
+    /// Whether this request gets an injected error instead of being processed, and which.
+    pub fn roll_error(&self) -> Option<InjectedError> {
+        chance(self.error_rate).then(|| {
+            if crate::random::u64() & 1 == 0 {
+                InjectedError::Internal
+            } else {
+                InjectedError::RateLimited
+            }
+        })
+    }
+
+    /// Whether this processed request loses its response.
+    pub fn roll_drop(&self) -> bool {
+        chance(self.drop_rate)
+    }
+
+    /// Whether this download is cut after half its body.
+    pub fn roll_download_cut(&self) -> bool {
+        chance(self.download_cut_rate)
+    }
+}
+
+fn rate(name: &str, value: &Value) -> Result<f64, String> {
+    match value.as_f64() {
+        Some(rate) if (0.0..=1.0).contains(&rate) => Ok(rate),
+        _ => Err(format!("{name} must be a number from 0 to 1")),
+    }
+}
+
+fn bounded_integer(name: &str, value: &Value, max: u64) -> Result<u64, String> {
+    match value.as_u64() {
+        Some(number) if number <= max => Ok(number),
+        _ => Err(format!("{name} must be an integer from 0 to {max}")),
+    }
+}
+
+/// True with probability `rate`; exactly never at 0 and always at 1.
+fn chance(rate: f64) -> bool {
+    if rate <= 0.0 {
+        return false;
+    }
+    // 53 random bits give a uniform float in [0, 1).
+    let unit = (crate::random::u64() >> 11) as f64 / (1u64 << 53) as f64;
+    unit < rate
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn missing_fields_take_defaults() {
+        let config = FaultConfig::parse(&json!({"error_rate": 0.3, "latency_ms": 20})).unwrap();
+        assert_eq!(
+            config,
+            FaultConfig {
+                error_rate: 0.3,
+                latency_ms: 20,
+                ..FaultConfig::default()
+            }
+        );
+        assert_eq!(FaultConfig::parse(&json!({})).unwrap().retry_after, 1);
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let cases = [
+            (json!({"error_rate": 1.5}), "error_rate"),
+            (json!({"drop_rate": "0.1"}), "drop_rate"),
+            (json!({"latency_ms": -1}), "latency_ms"),
+            (json!({"retry_after": 2.5}), "retry_after"),
+            (json!({"errorRate": 0.1}), "errorRate"),
+            (json!([]), "object"),
+        ];
+        for (body, field) in cases {
+            let message = FaultConfig::parse(&body).unwrap_err();
+            assert!(message.contains(field), "{message}");
+        }
+    }
+
+    #[test]
+    fn rates_zero_and_one_are_certain() {
+        let never = FaultConfig::default();
+        let always = FaultConfig {
+            error_rate: 1.0,
+            drop_rate: 1.0,
+            download_cut_rate: 1.0,
+            ..FaultConfig::default()
+        };
+        for _ in 0..200 {
+            assert!(never.roll_error().is_none() && !never.roll_drop());
+            assert!(always.roll_error().is_some() && always.roll_drop());
+            assert!(always.roll_download_cut() && !never.roll_download_cut());
+        }
+    }
+
+    #[test]
+    fn injected_errors_are_both_kinds() {
+        let always = FaultConfig {
+            error_rate: 1.0,
+            ..FaultConfig::default()
+        };
+        let kinds: Vec<_> = (0..200).filter_map(|_| always.roll_error()).collect();
+        assert!(kinds.contains(&InjectedError::Internal));
+        assert!(kinds.contains(&InjectedError::RateLimited));
+    }
+}

@@ -1,0 +1,453 @@
+//! The HTTP side: accepting connections, routing, the bot API endpoints, and
+//! the response envelope.
+//!
+//! Every bot API answer is the platform's envelope: `{"code":0,"msg":"ok","data":…}`
+//! on success, `{"code":STATUS*100+N,"msg":…}` with the matching HTTP status
+//! on failure. hyper does all HTTP parsing, with a deadline for request
+//! headers and a cap on their size; bodies are read with a size limit.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+use super::Shared;
+use super::faults::InjectedError;
+use super::media::{self, MediaBody};
+use super::requests::{BatchAccessRequest, SendRequest, UpdatesRequest};
+use crate::api::types::{PATH_BATCH_ACCESS, PATH_SEND, PATH_UPDATES};
+
+const BOT_API_PREFIX: &str = "/api/v1/s/bot/";
+const CONTROL_PREFIX: &str = "/_emulator/";
+pub const FILES_PREFIX: &str = "/_emulator/files/";
+
+/// A client that has not sent its request headers by then is dropped.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Bot API bodies are small JSON documents.
+const MAX_BOT_API_BODY: usize = 1024 * 1024;
+/// Pause after a failed accept (e.g. out of file descriptors) before the next.
+const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(50);
+
+pub type ResponseBody = Either<Full<Bytes>, MediaBody>;
+pub type HttpResponse = Response<ResponseBody>;
+
+/// Returned by the service to make hyper close the connection without
+/// writing any response: the `drop_rate` fault, a response lost in transit.
+#[derive(Debug)]
+pub struct ResponseDropped;
+
+impl fmt::Display for ResponseDropped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("response dropped by fault injection (drop_rate)")
+    }
+}
+
+impl StdError for ResponseDropped {}
+
+/// Accepts connections until `stop` fires; each connection is served by its own task.
+pub async fn serve(
+    listener: std::net::TcpListener,
+    shared: Arc<Shared>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!("emulator cannot use its listening socket: {error}");
+            return;
+        }
+    };
+    let mut connections = http1::Builder::new();
+    connections
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_header_size(MAX_HEADER_BYTES);
+    loop {
+        let stream = tokio::select! {
+            _ = &mut stop => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(error) => {
+                    tracing::warn!("accepting a connection failed: {error}");
+                    tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
+                    continue;
+                }
+            },
+        };
+        // Small JSON answers should not wait for Nagle's algorithm.
+        let _ = stream.set_nodelay(true);
+        let shared = Arc::clone(&shared);
+        let connection = connections.serve_connection(
+            TokioIo::new(stream),
+            service_fn(move |request| handle(Arc::clone(&shared), request)),
+        );
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!("connection ended: {error}");
+            }
+        });
+    }
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    request: Request<Incoming>,
+) -> Result<HttpResponse, ResponseDropped> {
+    let method = request.method().clone();
+    // Only the path is logged: headers carry the bot token.
+    let path = request.uri().path().to_string();
+    let outcome = route(&shared, &path, request).await;
+    match &outcome {
+        Ok(response) => {
+            tracing::debug!(%method, path, status = response.status().as_u16(), "answered");
+        }
+        Err(dropped) => tracing::debug!(%method, path, "{dropped}"),
+    }
+    outcome
+}
+
+async fn route(
+    shared: &Shared,
+    path: &str,
+    request: Request<Incoming>,
+) -> Result<HttpResponse, ResponseDropped> {
+    if path.starts_with(BOT_API_PREFIX) {
+        return bot_api(shared, path, request).await;
+    }
+    if let Some(token) = path.strip_prefix(FILES_PREFIX) {
+        return Ok(media_download(shared, token, &request));
+    }
+    if let Some(call) = path.strip_prefix(CONTROL_PREFIX) {
+        return Ok(super::control::handle(shared, call, request).await);
+    }
+    Ok(error_response(StatusCode::NOT_FOUND, 0, "no such path"))
+}
+
+#[derive(Debug, Clone, Copy)]
+enum BotEndpoint {
+    Updates,
+    Send,
+    BatchAccess,
+}
+
+async fn bot_api(
+    shared: &Shared,
+    path: &str,
+    request: Request<Incoming>,
+) -> Result<HttpResponse, ResponseDropped> {
+    let endpoint = match path {
+        PATH_UPDATES => BotEndpoint::Updates,
+        PATH_SEND => BotEndpoint::Send,
+        PATH_BATCH_ACCESS => BotEndpoint::BatchAccess,
+        _ => {
+            return Ok(error_response(
+                StatusCode::NOT_FOUND,
+                0,
+                "no such bot API method",
+            ));
+        }
+    };
+    if request.method() != Method::POST {
+        return Ok(method_not_allowed("POST"));
+    }
+
+    // The body is read even for requests refused below: answering with part
+    // of a request unread would make the connection close with a reset.
+    let public_base = public_base_url(shared, &request);
+    let authorized = token_accepted(shared, &request);
+    let body = read_body(request, MAX_BOT_API_BODY).await;
+
+    let faults = shared.lock().faults.clone();
+    if faults.latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
+    }
+    if let Some(injected) = faults.roll_error() {
+        return Ok(injected_error(injected, faults.retry_after));
+    }
+    if !authorized {
+        return Ok(error_response(StatusCode::UNAUTHORIZED, 0, "invalid token"));
+    }
+    let body = match body.and_then(|bytes| parse_json(&bytes)) {
+        Ok(body) => body,
+        Err(refused) => return Ok(refused.into_response()),
+    };
+    let response = match endpoint {
+        BotEndpoint::Updates => updates(shared, &body).await,
+        BotEndpoint::Send => send(shared, body),
+        BotEndpoint::BatchAccess => batch_access(shared, &body, &public_base),
+    };
+    // The request took effect; only its answer is lost.
+    if faults.roll_drop() {
+        return Err(ResponseDropped);
+    }
+    Ok(response)
+}
+
+/// `Authorization: Bearer <token>`: the configured token, or any non-empty one.
+fn token_accepted(shared: &Shared, request: &Request<Incoming>) -> bool {
+    let Some(value) = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+    else {
+        return false;
+    };
+    let Some((scheme, token)) = value.trim().split_once(' ') else {
+        return false;
+    };
+    let token = token.trim();
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+        return false;
+    }
+    shared
+        .token
+        .as_deref()
+        .is_none_or(|expected| expected == token)
+}
+
+/// Long poll: answers at once if updates are queued, else when one arrives
+/// or when the timeout passes.
+async fn updates(shared: &Shared, body: &Value) -> HttpResponse {
+    let request = match UpdatesRequest::parse(body) {
+        Ok(request) => request,
+        Err(invalid) => return invalid_request(invalid),
+    };
+    let deadline = tokio::time::Instant::now() + request.timeout;
+    // Subscribed before looking, so an update pushed in between still wakes us.
+    let mut arrivals = shared.update_arrivals.subscribe();
+    loop {
+        let updates = shared.lock().take_updates(request.offset, request.limit);
+        if !updates.is_empty() {
+            return ok_envelope(json!({"updates": updates}));
+        }
+        match tokio::time::timeout_at(deadline, arrivals.changed()).await {
+            Ok(Ok(())) => continue,
+            // Timed out (or the emulator is going away): an empty answer.
+            Ok(Err(_)) | Err(_) => return ok_envelope(json!({"updates": []})),
+        }
+    }
+}
+
+fn send(shared: &Shared, body: Value) -> HttpResponse {
+    match SendRequest::parse(&body) {
+        Ok(request) => ok_envelope(shared.lock().record_send(&request, body)),
+        Err(invalid) => invalid_request(invalid),
+    }
+}
+
+fn batch_access(shared: &Shared, body: &Value, public_base: &str) -> HttpResponse {
+    let request = match BatchAccessRequest::parse(body) {
+        Ok(request) => request,
+        Err(invalid) => return invalid_request(invalid),
+    };
+    let granted = shared.lock().grant_access(
+        &request.urls,
+        std::time::Instant::now(),
+        request.lifetime,
+        || crate::random::hex_id(16),
+    );
+    let files: serde_json::Map<String, Value> = granted
+        .into_iter()
+        .map(|(url, token)| (url, format!("{public_base}{FILES_PREFIX}{token}").into()))
+        .collect();
+    ok_envelope(json!({"files": files}))
+}
+
+/// The base URL as the client reached us (its `Host` header), so that access
+/// URLs work through whatever address it used; else our own.
+fn public_base_url(shared: &Shared, request: &Request<Incoming>) -> String {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|value| value.to_str().ok())
+        .filter(|host| {
+            !host.is_empty()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
+        });
+    match host {
+        Some(host) => format!("http://{host}"),
+        None => shared.base_url.clone(),
+    }
+}
+
+/// `GET /_emulator/files/<token>`: streams the file, honouring a single `Range`.
+fn media_download(shared: &Shared, token: &str, request: &Request<Incoming>) -> HttpResponse {
+    if request.method() != Method::GET {
+        return method_not_allowed("GET");
+    }
+    let (access, faults) = {
+        let state = shared.lock();
+        (
+            state.open_access(token, std::time::Instant::now()),
+            state.faults.clone(),
+        )
+    };
+    let content = match access {
+        Ok(content) => content,
+        Err(super::state::AccessRefused::Unknown) => {
+            return error_response(StatusCode::NOT_FOUND, 0, "unknown access URL");
+        }
+        Err(super::state::AccessRefused::Expired) => {
+            return error_response(StatusCode::FORBIDDEN, 0, "access URL expired");
+        }
+    };
+    let size = content.size();
+    let range = request
+        .headers()
+        .get(header::RANGE)
+        .and_then(|value| value.to_str().ok())
+        .map_or(media::RangeRequest::Whole, |value| {
+            media::parse_range(value, size)
+        });
+    let (status, start, end) = match range {
+        media::RangeRequest::Whole => (StatusCode::OK, 0, size),
+        media::RangeRequest::Part { start, end } => (StatusCode::PARTIAL_CONTENT, start, end + 1),
+        media::RangeRequest::Unsatisfiable => {
+            let mut response = error_response(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                0,
+                "range not satisfiable",
+            );
+            response.headers_mut().insert(
+                header::CONTENT_RANGE,
+                numeric_header(&format!("bytes */{size}")),
+            );
+            return response;
+        }
+    };
+    let length = end - start;
+    let cut_at = faults.roll_download_cut().then_some(start + length / 2);
+    let mut response = Response::new(Either::Right(MediaBody::new(content, start, end, cut_at)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if status == StatusCode::PARTIAL_CONTENT {
+        headers.insert(
+            header::CONTENT_RANGE,
+            numeric_header(&format!("bytes {start}-{}/{size}", end - 1)),
+        );
+    }
+    response
+}
+
+/// A header value made of digits and ASCII punctuation we formatted ourselves.
+fn numeric_header(text: &str) -> HeaderValue {
+    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// A body refused before it reached its handler (400 or 413).
+pub struct BodyRefused {
+    status: StatusCode,
+    msg: String,
+}
+
+impl BodyRefused {
+    pub fn into_response(self) -> HttpResponse {
+        error_response(self.status, 0, self.msg)
+    }
+}
+
+/// Reads a JSON body of at most `limit` bytes; an empty body reads as `{}`.
+pub async fn read_json(request: Request<Incoming>, limit: usize) -> Result<Value, BodyRefused> {
+    parse_json(&read_body(request, limit).await?)
+}
+
+async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, BodyRefused> {
+    match Limited::new(request.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<LengthLimitError>() => Err(BodyRefused {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            msg: format!("body larger than {limit} bytes"),
+        }),
+        Err(_) => Err(BodyRefused {
+            status: StatusCode::BAD_REQUEST,
+            msg: "could not read the body".into(),
+        }),
+    }
+}
+
+fn parse_json(bytes: &[u8]) -> Result<Value, BodyRefused> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Object(serde_json::Map::new()));
+    }
+    serde_json::from_slice(bytes).map_err(|error| BodyRefused {
+        status: StatusCode::BAD_REQUEST,
+        msg: format!("malformed JSON: {error}"),
+    })
+}
+
+pub fn ok_envelope(data: Value) -> HttpResponse {
+    json_response(
+        StatusCode::OK,
+        &json!({"code": 0, "msg": "ok", "data": data}),
+    )
+}
+
+/// An error envelope; its `code` is the HTTP status times 100 plus `detail`.
+pub fn error_response(status: StatusCode, detail: u16, msg: impl Into<String>) -> HttpResponse {
+    let code = u32::from(status.as_u16()) * 100 + u32::from(detail);
+    json_response(status, &json!({"code": code, "msg": msg.into()}))
+}
+
+/// 400 for a body that parsed but does not fit the call (code `…01`, as
+/// opposed to `…00` for malformed JSON).
+pub fn invalid_request(msg: String) -> HttpResponse {
+    error_response(StatusCode::BAD_REQUEST, 1, msg)
+}
+
+pub fn method_not_allowed(allowed: &'static str) -> HttpResponse {
+    let mut response = error_response(StatusCode::METHOD_NOT_ALLOWED, 0, "method not allowed");
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allowed));
+    response
+}
+
+pub fn json_response(status: StatusCode, value: &Value) -> HttpResponse {
+    let mut response = Response::new(Either::Left(Full::new(Bytes::from(value.to_string()))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn injected_error(injected: InjectedError, retry_after: u64) -> HttpResponse {
+    let mut response = match injected {
+        InjectedError::Internal => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            0,
+            "injected fault: internal error",
+        ),
+        InjectedError::RateLimited => error_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            0,
+            "injected fault: too many requests",
+        ),
+    };
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+    response
+}

@@ -1,0 +1,469 @@
+//! Everything the emulator remembers, as plain data with no I/O: the update
+//! queues, the sent messages and their idempotency keys, media and access
+//! grants, the webhook configuration and its deliveries, the fault config.
+//!
+//! The server and the webhook worker hold it behind one mutex and never across
+//! a wait, so each method here is one atomic step of the protocol. Time comes
+//! in as an argument to keep expiry testable.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+
+use super::faults::FaultConfig;
+use super::media::MediaContent;
+use super::requests::SendRequest;
+
+/// Expired access grants are remembered this long so that a late download
+/// gets 403 ("expired") rather than 404 ("never existed").
+const EXPIRED_GRANT_MEMORY: Duration = Duration::from_secs(3600);
+
+/// Where the webhook worker delivers to, and how it signs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookTarget {
+    pub url: String,
+    pub secret: String,
+    pub bot_id: String,
+}
+
+/// An update waiting for (re)delivery to the webhook.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingDelivery {
+    pub update_id: u64,
+    pub update: Value,
+    /// Chosen once per update and kept across redeliveries, as the platform does.
+    pub nonce: String,
+    /// Failed attempts so far.
+    pub failed_attempts: u32,
+}
+
+/// The outcome of one update's delivery, for `GET /_emulator/webhook`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeliveryRecord {
+    pub update_id: u64,
+    pub status: u16,
+    pub attempts: u32,
+}
+
+/// The webhook worker's next job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliveryJob {
+    pub target: WebhookTarget,
+    pub delivery: PendingDelivery,
+    /// The webhook configuration this job was taken under (see [`EmulatorState::webhook_generation`]).
+    pub generation: u64,
+}
+
+/// Where a new update went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routed {
+    Polling,
+    Webhook,
+}
+
+/// Why an access URL does not download.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessRefused {
+    Unknown,
+    Expired,
+}
+
+#[derive(Debug)]
+struct AccessGrant {
+    content: MediaContent,
+    expires_at: Instant,
+}
+
+#[derive(Debug)]
+pub struct EmulatorState {
+    next_update_id: u64,
+    /// Updates for `getUpdates`, by id; removed only when confirmed by a later offset.
+    polling_queue: BTreeMap<u64, Value>,
+    webhook: Option<WebhookTarget>,
+    webhook_generation: u64,
+    webhook_queue: VecDeque<PendingDelivery>,
+    delivered: Vec<DeliveryRecord>,
+    sent: Vec<Value>,
+    send_results: HashMap<String, Value>,
+    next_message_id: u64,
+    media: HashMap<String, MediaContent>,
+    access_grants: HashMap<String, AccessGrant>,
+    pub faults: FaultConfig,
+}
+
+impl Default for EmulatorState {
+    fn default() -> EmulatorState {
+        EmulatorState {
+            next_update_id: 1,
+            polling_queue: BTreeMap::new(),
+            webhook: None,
+            webhook_generation: 0,
+            webhook_queue: VecDeque::new(),
+            delivered: Vec::new(),
+            sent: Vec::new(),
+            send_results: HashMap::new(),
+            next_message_id: 1,
+            media: HashMap::new(),
+            access_grants: HashMap::new(),
+            faults: FaultConfig::default(),
+        }
+    }
+}
+
+impl EmulatorState {
+    /// Numbers a new update and queues it for polling, or for the webhook while
+    /// one is set (`nonce` is used only then).
+    pub fn push_update(&mut self, mut update: Map<String, Value>, nonce: String) -> (u64, Routed) {
+        let update_id = self.next_update_id;
+        self.next_update_id += 1;
+        update.insert("update_id".into(), update_id.into());
+        let update = Value::Object(update);
+        if self.webhook.is_some() {
+            self.webhook_queue.push_back(PendingDelivery {
+                update_id,
+                update,
+                nonce,
+                failed_attempts: 0,
+            });
+            (update_id, Routed::Webhook)
+        } else {
+            self.polling_queue.insert(update_id, update);
+            (update_id, Routed::Polling)
+        }
+    }
+
+    /// One `getUpdates` step: an `offset` above 0 confirms (forgets) every
+    /// update below it; returns up to `limit` queued updates from `offset` on.
+    pub fn take_updates(&mut self, offset: i64, limit: usize) -> Vec<Value> {
+        let from = u64::try_from(offset).unwrap_or(0);
+        if from > 0 {
+            self.polling_queue = self.polling_queue.split_off(&from);
+        }
+        self.polling_queue
+            .range(from..)
+            .take(limit)
+            .map(|(_, update)| update.clone())
+            .collect()
+    }
+
+    /// Records an accepted send and returns its answer. A `client_msg_id` seen
+    /// before returns the first answer and records nothing: the request is a
+    /// retry of one that took effect.
+    pub fn record_send(&mut self, request: &SendRequest, body: Value) -> Value {
+        if let Some(id) = &request.client_msg_id
+            && let Some(first) = self.send_results.get(id)
+        {
+            return first.clone();
+        }
+        let message_id = format!("m_{}", self.next_message_id);
+        self.next_message_id += 1;
+        let mut result = json!({"message_id": message_id, "msg_type": request.msg_type});
+        result[request.target_field] = request.target.clone();
+        if let Some(id) = &request.client_msg_id {
+            result["client_msg_id"] = id.as_str().into();
+            self.send_results.insert(id.clone(), result.clone());
+        }
+        self.sent.push(body);
+        result
+    }
+
+    pub fn sent(&self) -> &[Value] {
+        &self.sent
+    }
+
+    /// Makes `url` downloadable through batch_access (replacing earlier content).
+    pub fn register_media(&mut self, url: String, content: MediaContent) {
+        self.media.insert(url, content);
+    }
+
+    /// Grants a fresh access token per registered URL, valid for `lifetime`;
+    /// unregistered URLs get none. Also forgets grants long expired.
+    pub fn grant_access(
+        &mut self,
+        urls: &[String],
+        now: Instant,
+        lifetime: Duration,
+        mut new_token: impl FnMut() -> String,
+    ) -> Vec<(String, String)> {
+        self.access_grants
+            .retain(|_, grant| grant.expires_at + EXPIRED_GRANT_MEMORY > now);
+        let mut granted = Vec::new();
+        for url in urls {
+            let Some(content) = self.media.get(url) else {
+                continue;
+            };
+            let token = new_token();
+            self.access_grants.insert(
+                token.clone(),
+                AccessGrant {
+                    content: content.clone(),
+                    expires_at: now + lifetime,
+                },
+            );
+            granted.push((url.clone(), token));
+        }
+        granted
+    }
+
+    /// The content behind an access token, if it is known and not expired.
+    pub fn open_access(&self, token: &str, now: Instant) -> Result<MediaContent, AccessRefused> {
+        match self.access_grants.get(token) {
+            None => Err(AccessRefused::Unknown),
+            Some(grant) if now >= grant.expires_at => Err(AccessRefused::Expired),
+            Some(grant) => Ok(grant.content.clone()),
+        }
+    }
+
+    /// Sets or clears the webhook. Turning it off hands the undelivered
+    /// updates to the polling queue, so no update is lost; returns whether any
+    /// were handed over (pollers must then be woken).
+    pub fn set_webhook(&mut self, target: Option<WebhookTarget>) -> bool {
+        self.webhook_generation += 1;
+        let turned_off = target.is_none();
+        self.webhook = target;
+        if !turned_off || self.webhook_queue.is_empty() {
+            return false;
+        }
+        for pending in self.webhook_queue.drain(..) {
+            self.polling_queue.insert(pending.update_id, pending.update);
+        }
+        true
+    }
+
+    /// Changes whenever the webhook configuration does, so that a worker
+    /// waiting to retry knows to try again at once with the new one.
+    pub fn webhook_generation(&self) -> u64 {
+        self.webhook_generation
+    }
+
+    /// The oldest undelivered update and where it goes; deliveries are in order.
+    pub fn next_delivery(&self) -> Option<DeliveryJob> {
+        let target = self.webhook.as_ref()?;
+        let delivery = self.webhook_queue.front()?;
+        Some(DeliveryJob {
+            target: target.clone(),
+            delivery: delivery.clone(),
+            generation: self.webhook_generation,
+        })
+    }
+
+    /// Counts a failed attempt; returns the failures so far (0 if the update
+    /// is no longer waiting, e.g. webhook mode was turned off meanwhile).
+    pub fn note_failed_delivery(&mut self, update_id: u64) -> u32 {
+        match self.webhook_queue.front_mut() {
+            Some(front) if front.update_id == update_id => {
+                front.failed_attempts += 1;
+                front.failed_attempts
+            }
+            _ => 0,
+        }
+    }
+
+    /// Records a successful delivery and moves on to the next update.
+    pub fn finish_delivery(&mut self, update_id: u64, status: u16, attempts: u32) {
+        if self
+            .webhook_queue
+            .front()
+            .is_some_and(|front| front.update_id == update_id)
+        {
+            self.webhook_queue.pop_front();
+        }
+        self.delivered.push(DeliveryRecord {
+            update_id,
+            status,
+            attempts,
+        });
+    }
+
+    /// `GET /_emulator/webhook`. The secret is not shown: by default it is
+    /// derived from the bot token.
+    pub fn webhook_report(&self) -> Value {
+        json!({
+            "url": self.webhook.as_ref().map(|target| target.url.as_str()),
+            "bot_id": self.webhook.as_ref().map(|target| target.bot_id.as_str()),
+            "delivered": self.delivered,
+            "pending": self.webhook_queue.len(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(text: &str) -> Map<String, Value> {
+        match json!({"type": "message", "message": {"msgType": "text", "data": {"content": text}}})
+        {
+            Value::Object(map) => map,
+            _ => unreachable!(),
+        }
+    }
+
+    fn ids(updates: &[Value]) -> Vec<u64> {
+        updates
+            .iter()
+            .map(|update| update["update_id"].as_u64().unwrap())
+            .collect()
+    }
+
+    fn push_texts(state: &mut EmulatorState, count: usize) {
+        for index in 0..count {
+            state.push_update(message(&index.to_string()), String::new());
+        }
+    }
+
+    fn send_request(client_msg_id: Option<&str>) -> (SendRequest, Value) {
+        let mut body = json!({"msg_type": "text", "data": {"content": "x"}, "to_user_id": "u_1"});
+        if let Some(id) = client_msg_id {
+            body["client_msg_id"] = id.into();
+        }
+        (SendRequest::parse(&body).unwrap(), body)
+    }
+
+    fn webhook() -> WebhookTarget {
+        WebhookTarget {
+            url: "http://127.0.0.1:9/hook".into(),
+            secret: "s".into(),
+            bot_id: "b".into(),
+        }
+    }
+
+    #[test]
+    fn update_ids_start_at_1_and_increase() {
+        let mut state = EmulatorState::default();
+        assert_eq!(
+            state.push_update(message("a"), String::new()),
+            (1, Routed::Polling)
+        );
+        assert_eq!(
+            state.push_update(message("b"), String::new()),
+            (2, Routed::Polling)
+        );
+        let updates = state.take_updates(0, 100);
+        assert_eq!(ids(&updates), [1, 2]);
+        assert_eq!(updates[0]["message"]["data"]["content"], "a");
+    }
+
+    #[test]
+    fn offset_confirms_everything_below_it_and_limit_caps() {
+        let mut state = EmulatorState::default();
+        push_texts(&mut state, 5);
+        assert_eq!(ids(&state.take_updates(0, 2)), [1, 2]);
+        // Unconfirmed updates come again.
+        assert_eq!(ids(&state.take_updates(0, 2)), [1, 2]);
+        assert_eq!(ids(&state.take_updates(3, 100)), [3, 4, 5]);
+        // Confirmed ones are gone even for a client that goes back.
+        assert_eq!(ids(&state.take_updates(0, 100)), [3, 4, 5]);
+        assert_eq!(ids(&state.take_updates(6, 100)), Vec::<u64>::new());
+        push_texts(&mut state, 1);
+        assert_eq!(ids(&state.take_updates(-5, 100)), [6]);
+    }
+
+    #[test]
+    fn a_repeated_client_msg_id_returns_the_first_answer_and_records_once() {
+        let mut state = EmulatorState::default();
+        let (request, body) = send_request(Some("c1"));
+        let first = state.record_send(&request, body.clone());
+        assert_eq!(
+            first,
+            json!({"message_id": "m_1", "msg_type": "text", "to_user_id": "u_1", "client_msg_id": "c1"})
+        );
+        assert_eq!(state.record_send(&request, body), first);
+        assert_eq!(state.sent().len(), 1);
+
+        let (anonymous, body) = send_request(None);
+        let second = state.record_send(&anonymous, body.clone());
+        let third = state.record_send(&anonymous, body);
+        assert_eq!(second["message_id"], "m_2");
+        assert_eq!(third["message_id"], "m_3");
+        assert!(second.get("client_msg_id").is_none());
+        assert_eq!(state.sent().len(), 3);
+    }
+
+    #[test]
+    fn access_grants_cover_registered_urls_and_expire() {
+        let mut state = EmulatorState::default();
+        state.register_media("media://a".into(), MediaContent::Pattern { size: 3 });
+        let now = Instant::now();
+        let mut counter = 0;
+        let granted = state.grant_access(
+            &["media://a".into(), "media://unknown".into()],
+            now,
+            Duration::from_secs(10),
+            || {
+                counter += 1;
+                format!("t{counter}")
+            },
+        );
+        assert_eq!(granted, [("media://a".to_string(), "t1".to_string())]);
+        assert_eq!(
+            state.open_access("t1", now + Duration::from_secs(9)),
+            Ok(MediaContent::Pattern { size: 3 })
+        );
+        assert_eq!(
+            state.open_access("t1", now + Duration::from_secs(10)),
+            Err(AccessRefused::Expired)
+        );
+        assert_eq!(state.open_access("nope", now), Err(AccessRefused::Unknown));
+        // Long-expired grants are eventually forgotten.
+        let later = now + Duration::from_secs(10) + EXPIRED_GRANT_MEMORY;
+        state.grant_access(&[], later, Duration::from_secs(1), String::new);
+        assert_eq!(state.open_access("t1", later), Err(AccessRefused::Unknown));
+    }
+
+    #[test]
+    fn webhook_mode_routes_new_updates_in_order() {
+        let mut state = EmulatorState::default();
+        push_texts(&mut state, 1);
+        state.set_webhook(Some(webhook()));
+        assert_eq!(
+            state.push_update(message("a"), "n2".into()),
+            (2, Routed::Webhook)
+        );
+        assert_eq!(
+            state.push_update(message("b"), "n3".into()),
+            (3, Routed::Webhook)
+        );
+        // Updates queued before webhook mode stay for polling.
+        assert_eq!(ids(&state.take_updates(0, 100)), [1]);
+
+        let job = state.next_delivery().unwrap();
+        assert_eq!(
+            (job.delivery.update_id, job.delivery.nonce.as_str()),
+            (2, "n2")
+        );
+        assert_eq!(job.target, webhook());
+        assert_eq!(state.note_failed_delivery(2), 1);
+        assert_eq!(state.note_failed_delivery(2), 2);
+        state.finish_delivery(2, 200, 3);
+        assert_eq!(state.next_delivery().unwrap().delivery.update_id, 3);
+        let report = state.webhook_report();
+        assert_eq!(report["pending"], 1);
+        assert_eq!(
+            report["delivered"],
+            json!([{"update_id": 2, "status": 200, "attempts": 3}])
+        );
+        assert!(report.get("secret").is_none());
+    }
+
+    #[test]
+    fn turning_webhook_off_hands_pending_updates_to_polling() {
+        let mut state = EmulatorState::default();
+        state.set_webhook(Some(webhook()));
+        let generation = state.webhook_generation();
+        push_texts(&mut state, 2);
+        assert!(state.set_webhook(None));
+        assert_ne!(state.webhook_generation(), generation);
+        assert!(state.next_delivery().is_none());
+        assert_eq!(state.note_failed_delivery(1), 0);
+        assert_eq!(ids(&state.take_updates(0, 100)), [1, 2]);
+        assert_eq!(
+            state.push_update(message("c"), String::new()),
+            (3, Routed::Polling)
+        );
+        assert!(!state.set_webhook(None));
+        assert_eq!(state.webhook_report()["url"], Value::Null);
+    }
+}
