@@ -1,5 +1,7 @@
 //! Log lines on stderr, as text or as one JSON object per line.
 
+use std::io::IsTerminal;
+
 use tracing::level_filters::LevelFilter;
 
 use crate::cli::LogFormat;
@@ -15,6 +17,8 @@ pub fn init(format: LogFormat, verbose: u8, quiet: u8) {
     };
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal, never in files or pipes.
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .with_max_level(level)
         .with_target(false);
     // A subscriber is only missing if one was set already (never, in the binary).

@@ -301,10 +301,10 @@ fn log_handled(update: &Update, chat: &str, outcome: Outcome, latency_ms: u64) {
         .map_or("", |message| message.msg_type.as_str());
     tracing::info!(
         update_id = update.update_id,
-        chat,
+        chat = %chat,
         kind = %update.kind,
-        msg_type,
-        outcome = outcome.as_str(),
+        msg_type = %msg_type,
+        outcome = %outcome.as_str(),
         latency_ms,
         "update handled"
     );

@@ -61,6 +61,10 @@ pub fn run(args: FetchMediaArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode
             }
         };
         if let Err(error) = fetched {
+            // The reader of stdout went away: stop quietly, like any filter.
+            if exit::classify(&error) == exit::Outcome::Quiet {
+                return Err(error);
+            }
             failures.push(format!("{url}: {error:#}"));
         }
     }

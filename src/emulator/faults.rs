@@ -2,6 +2,8 @@
 //! ways the real platform fails: slow answers, 5xx/429 with `Retry-After`,
 //! responses lost after the request took effect, and downloads cut short.
 
+use std::sync::{Arc, Mutex};
+
 use serde::Serialize;
 use serde_json::Value;
 
@@ -9,7 +11,7 @@ const MAX_LATENCY_MS: u64 = 60_000;
 const MAX_RETRY_AFTER: u64 = 3600;
 
 /// The fault configuration set through `POST /_emulator/faults`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct FaultConfig {
     /// Fraction of bot API requests answered 500 or 429 without being processed.
     pub error_rate: f64,
@@ -21,6 +23,29 @@ pub struct FaultConfig {
     pub retry_after: u64,
     /// Fraction of downloads that stop after half the announced body.
     pub download_cut_rate: f64,
+    /// Makes the rolls a fixed sequence, so a test that sends its requests one
+    /// at a time meets the same faults on every run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// The seeded sequence's state, shared by every clone of this config.
+    #[serde(skip)]
+    sequence: Option<Arc<Mutex<u64>>>,
+}
+
+impl PartialEq for FaultConfig {
+    fn eq(&self, other: &FaultConfig) -> bool {
+        (
+            self.error_rate,
+            self.drop_rate,
+            self.latency_ms,
+            self.retry_after,
+        ) == (
+            other.error_rate,
+            other.drop_rate,
+            other.latency_ms,
+            other.retry_after,
+        ) && (self.download_cut_rate, self.seed) == (other.download_cut_rate, other.seed)
+    }
 }
 
 impl Default for FaultConfig {
@@ -31,6 +56,8 @@ impl Default for FaultConfig {
             latency_ms: 0,
             retry_after: 1,
             download_cut_rate: 0.0,
+            seed: None,
+            sequence: None,
         }
     }
 }
@@ -59,10 +86,15 @@ impl FaultConfig {
                 "retry_after" => {
                     config.retry_after = bounded_integer(name, value, MAX_RETRY_AFTER)?
                 }
+                "seed" => {
+                    let seed = bounded_integer(name, value, u64::MAX)?;
+                    config.seed = Some(seed);
+                    config.sequence = Some(Arc::new(Mutex::new(seed)));
+                }
                 other => {
                     return Err(format!(
                         "unknown fault {other:?}; known: error_rate, drop_rate, latency_ms, \
-                         retry_after, download_cut_rate"
+                         retry_after, download_cut_rate, seed"
                     ));
                 }
             }
@@ -72,8 +104,8 @@ impl FaultConfig {
 
     /// Whether this request gets an injected error instead of being processed, and which.
     pub fn roll_error(&self) -> Option<InjectedError> {
-        chance(self.error_rate).then(|| {
-            if crate::random::u64() & 1 == 0 {
+        self.chance(self.error_rate).then(|| {
+            if self.next_random() & 1 == 0 {
                 InjectedError::Internal
             } else {
                 InjectedError::RateLimited
@@ -83,12 +115,37 @@ impl FaultConfig {
 
     /// Whether this processed request loses its response.
     pub fn roll_drop(&self) -> bool {
-        chance(self.drop_rate)
+        self.chance(self.drop_rate)
     }
 
     /// Whether this download is cut after half its body.
     pub fn roll_download_cut(&self) -> bool {
-        chance(self.download_cut_rate)
+        self.chance(self.download_cut_rate)
+    }
+
+    /// True with probability `rate`; exactly never at 0 and always at 1.
+    fn chance(&self, rate: f64) -> bool {
+        if rate <= 0.0 {
+            return false;
+        }
+        // 53 random bits give a uniform float in [0, 1).
+        let unit = (self.next_random() >> 11) as f64 / (1u64 << 53) as f64;
+        unit < rate
+    }
+
+    /// The next number of the seeded sequence (splitmix64), else OS randomness.
+    fn next_random(&self) -> u64 {
+        let Some(sequence) = &self.sequence else {
+            return crate::random::u64();
+        };
+        let mut state = sequence
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = *state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
     }
 }
 
@@ -104,16 +161,6 @@ fn bounded_integer(name: &str, value: &Value, max: u64) -> Result<u64, String> {
         Some(number) if number <= max => Ok(number),
         _ => Err(format!("{name} must be an integer from 0 to {max}")),
     }
-}
-
-/// True with probability `rate`; exactly never at 0 and always at 1.
-fn chance(rate: f64) -> bool {
-    if rate <= 0.0 {
-        return false;
-    }
-    // 53 random bits give a uniform float in [0, 1).
-    let unit = (crate::random::u64() >> 11) as f64 / (1u64 << 53) as f64;
-    unit < rate
 }
 
 #[cfg(test)]
@@ -165,6 +212,19 @@ mod tests {
             assert!(always.roll_error().is_some() && always.roll_drop());
             assert!(always.roll_download_cut() && !never.roll_download_cut());
         }
+    }
+
+    #[test]
+    fn a_seed_gives_the_same_rolls_every_time() {
+        let rolls = || {
+            let config = FaultConfig::parse(&json!({"error_rate": 0.5, "seed": 42})).unwrap();
+            (0..64)
+                .map(|_| config.roll_error().is_some())
+                .collect::<Vec<bool>>()
+        };
+        let first = rolls();
+        assert_eq!(first, rolls());
+        assert!(first.contains(&true) && first.contains(&false));
     }
 
     #[test]

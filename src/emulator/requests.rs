@@ -127,10 +127,12 @@ impl BatchAccessRequest {
             .collect::<Result<Vec<_>, _>>()?;
         let lifetime = match field(object, "expire_seconds").map(Value::as_u64) {
             None => DEFAULT_ACCESS_LIFETIME,
-            Some(Some(seconds @ 1..=MAX_EXPIRE_SECONDS)) => Duration::from_secs(seconds),
+            // 0 is allowed on purpose: URLs born expired let a client's
+            // handling of expiry be tested without waiting.
+            Some(Some(seconds @ 0..=MAX_EXPIRE_SECONDS)) => Duration::from_secs(seconds),
             Some(_) => {
                 return Err(format!(
-                    "expire_seconds must be an integer from 1 to {MAX_EXPIRE_SECONDS}"
+                    "expire_seconds must be an integer from 0 to {MAX_EXPIRE_SECONDS}"
                 ));
             }
         };
@@ -366,7 +368,11 @@ mod tests {
         for (body, field) in [
             (json!({}), "files"),
             (json!({"files": [{"url": 1}]}), "files[0].url"),
-            (json!({"files": [], "expire_seconds": 0}), "expire_seconds"),
+            (json!({"files": [], "expire_seconds": -1}), "expire_seconds"),
+            (
+                json!({"files": [], "expire_seconds": 1e9}),
+                "expire_seconds",
+            ),
         ] {
             let message = BatchAccessRequest::parse(&body).unwrap_err();
             assert!(message.contains(field), "{body}: {message}");

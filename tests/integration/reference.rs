@@ -27,9 +27,10 @@ fn python_with_requests() -> bool {
         .is_ok_and(|status| status.success())
 }
 
+/// Node with a global `fetch` (18+), which the example needs.
 fn node_available() -> bool {
     Command::new("node")
-        .arg("--version")
+        .args(["-e", "if (typeof fetch !== 'function') process.exit(1)"])
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|status| status.success())
@@ -46,7 +47,7 @@ fn prerequisites(needs_node: bool) -> Option<PathBuf> {
         return None;
     }
     if needs_node && !node_available() {
-        eprintln!("SKIP: node is not available");
+        eprintln!("SKIP: node 18+ (with fetch) is not available");
         return None;
     }
     Some(dir)
@@ -74,6 +75,10 @@ fn start_example(
         .env("FLY_BASE_URL", &emulator.base_url)
         .env("FLY_BOT_TOKEN", TOKEN)
         .env("PYTHONUNBUFFERED", "1")
+        // The emulator is on loopback: never go through a proxy from the environment.
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env("no_proxy", "127.0.0.1,localhost")
+        .env_remove("FLY_WEBHOOK_SECRET")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
