@@ -14,7 +14,13 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(error) => return report_usage_error(error),
     };
-    logging::init(cli.global.log_format, cli.global.verbose, cli.global.quiet);
+    // The demo's output is its transcript; its service logs would only be noise.
+    let quiet_by_default = u8::from(matches!(cli.command, cli::Command::Demo(_)));
+    logging::init(
+        cli.global.log_format,
+        cli.global.verbose,
+        cli.global.quiet.saturating_add(quiet_by_default),
+    );
     match commands::run(cli) {
         Ok(code) => code,
         Err(error) => match exit::classify(&error) {

@@ -3,6 +3,7 @@
 //! This module holds what several commands need from the global flags: the
 //! bot token and the API client built on it.
 
+mod demo;
 mod emulator;
 mod fetch_media;
 mod poll_echo;
@@ -29,7 +30,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::ServeWebhook(_) => not_implemented("serve-webhook"),
         Command::FetchMedia(args) => fetch_media::run(args, global),
         Command::Forward(_) => not_implemented("forward"),
-        Command::Demo(_) => not_implemented("demo"),
+        Command::Demo(args) => demo::run(args, global),
     }
 }
 

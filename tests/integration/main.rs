@@ -2,6 +2,7 @@
 //! usually against a real `fly emulator` on a free loopback port.
 
 mod common;
+mod demo;
 mod emulator;
 mod fetch_media;
 mod poll_echo;
