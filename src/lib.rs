@@ -11,6 +11,7 @@ pub mod commands;
 pub mod download;
 pub mod emulator;
 pub mod exit;
+pub mod http_server;
 pub mod logging;
 pub mod progress;
 pub mod random;

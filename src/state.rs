@@ -243,6 +243,52 @@ impl StateStore {
     }
 }
 
+/// What the nonce cache says about a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NonceCheck {
+    /// Not seen inside the window, or seen with this same update (a redelivery).
+    Fresh,
+    /// Seen with another update inside the window: a replayed signature.
+    Reused,
+}
+
+impl StateStore {
+    /// Checks `nonce` against the ones seen in the last `window_secs` and
+    /// remembers it for `update_key`; nonces older than twice the window
+    /// (the replay window reaches that far either side of now) are pruned.
+    pub fn check_nonce(
+        &self,
+        nonce: &str,
+        update_key: &str,
+        now: i64,
+        window_secs: i64,
+    ) -> anyhow::Result<NonceCheck> {
+        let mut connection = self.lock();
+        let transaction = connection.transaction()?;
+        let oldest_kept = now.saturating_sub(window_secs.saturating_mul(2));
+        transaction.execute("DELETE FROM seen_nonces WHERE seen_at < ?1", [oldest_kept])?;
+        let seen: Option<String> = transaction
+            .query_row(
+                "SELECT update_key FROM seen_nonces WHERE nonce = ?1",
+                [nonce],
+                |row| row.get(0),
+            )
+            .optional()?;
+        let check = match seen {
+            Some(key) if key != update_key => NonceCheck::Reused,
+            _ => {
+                transaction.execute(
+                    "INSERT OR REPLACE INTO seen_nonces (nonce, update_key, seen_at) VALUES (?1, ?2, ?3)",
+                    params![nonce, update_key, now],
+                )?;
+                NonceCheck::Fresh
+            }
+        };
+        transaction.commit().context("saving a webhook nonce")?;
+        Ok(check)
+    }
+}
+
 pub fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -340,6 +386,17 @@ mod tests {
             .unwrap();
         let error = StateStore::open(&path, &identity("t1")).err().unwrap();
         assert!(format!("{error:#}").contains("newer fly"), "{error:#}");
+    }
+
+    #[test]
+    fn nonces_are_refused_with_another_update_inside_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(&dir.path().join("s.db"), &identity("t1")).unwrap();
+        assert_eq!(store.check_nonce("n1", "7", 1000, 300).unwrap(), NonceCheck::Fresh);
+        assert_eq!(store.check_nonce("n1", "7", 1010, 300).unwrap(), NonceCheck::Fresh);
+        assert_eq!(store.check_nonce("n1", "8", 1020, 300).unwrap(), NonceCheck::Reused);
+        // Long after, the nonce has been pruned and may come back.
+        assert_eq!(store.check_nonce("n1", "9", 1700, 300).unwrap(), NonceCheck::Fresh);
     }
 
     #[test]
