@@ -150,11 +150,11 @@ pub fn float_str(number: f64) -> String {
     }
 }
 
-/// Python's `repr` of a finite float: the shortest digits that round-trip
-/// (Rust's `{:e}` finds the same ones), in positional form when the decimal
-/// exponent is in -4..16, else as `d.ddde±XX` with at least two exponent digits.
+/// Python's `repr` of a finite float: the shortest digits that round-trip,
+/// in positional form when the decimal exponent is in -4..16, else as
+/// `d.ddde±XX` with at least two exponent digits.
 fn float_repr(number: f64) -> String {
-    let scientific = format!("{number:e}");
+    let scientific = shortest_scientific(number);
     let (mantissa, exponent) = scientific.split_once('e').unwrap_or((&scientific, "0"));
     let exponent: i32 = exponent.parse().unwrap_or(0);
     let (sign, mantissa) = match mantissa.strip_prefix('-') {
@@ -179,6 +179,29 @@ fn float_repr(number: f64) -> String {
     } else {
         let zeros = "0".repeat(int_len - digits.len());
         format!("{sign}{digits}{zeros}.0")
+    }
+}
+
+/// The shortest round-tripping digits as `d.ddde±x`. Rust's `{:e}` finds the
+/// same length as Python's dtoa, but when the exact value lies halfway
+/// between two shortest candidates it may take the upper one, where Python
+/// takes the even one (-1237641267491529.25 is `...529.2` in Python). Rust's
+/// fixed-precision formatting rounds the exact value half-to-even, so it
+/// gives Python's choice whenever that one round-trips too.
+fn shortest_scientific(number: f64) -> String {
+    let shortest = format!("{number:e}");
+    let digits = shortest
+        .split('e')
+        .next()
+        .unwrap_or_default()
+        .bytes()
+        .filter(u8::is_ascii_digit)
+        .count();
+    let nearest = format!("{number:.precision$e}", precision = digits.saturating_sub(1));
+    if nearest != shortest && nearest.parse::<f64>() == Ok(number) {
+        nearest
+    } else {
+        shortest
     }
 }
 
@@ -207,6 +230,8 @@ mod tests {
             (5e-324, "5e-324"),
             (f64::MAX, "1.7976931348623157e+308"),
             (-1.5e300, "-1.5e+300"),
+            (-1237641267491529.2, "-1237641267491529.2"),
+            (848724618916486.2, "848724618916486.2"),
         ];
         for (number, expected) in cases {
             assert_eq!(float_json(number), expected, "{number:e}");

@@ -16,6 +16,8 @@ pub mod canonical;
 pub mod json;
 pub mod python;
 pub mod v1;
+#[cfg(test)]
+mod vectors;
 
 use std::fmt;
 
