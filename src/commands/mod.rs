@@ -77,7 +77,10 @@ pub struct WebhookSecret {
 /// The webhook secrets (SPEC section 1): every `--secret`, else
 /// `FLY_WEBHOOK_SECRET` (stripped, as the reference does), else the sha256 hex
 /// of the bot token; none of them is a usage error.
-pub fn webhook_secrets(args: &SecretArgs, global: &GlobalArgs) -> anyhow::Result<Vec<WebhookSecret>> {
+pub fn webhook_secrets(
+    args: &SecretArgs,
+    global: &GlobalArgs,
+) -> anyhow::Result<Vec<WebhookSecret>> {
     if !args.secrets.is_empty() {
         if args.secrets.iter().any(String::is_empty) {
             return Err(usage("--secret must not be empty"));

@@ -24,7 +24,9 @@ pub fn run(args: SignArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         .map_err(|error| usage(format!("cannot sign this update: {error}")))?;
     signed.push('\n');
     let mut stdout = std::io::stdout().lock();
-    stdout.write_all(signed.as_bytes()).context("writing to stdout")?;
+    stdout
+        .write_all(signed.as_bytes())
+        .context("writing to stdout")?;
     stdout.flush().context("writing to stdout")?;
     Ok(exit::code(exit::SUCCESS))
 }

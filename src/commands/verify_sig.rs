@@ -18,7 +18,11 @@ pub fn run(args: VerifySigArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode>
     let secrets = webhook_secrets(&args.secret, global)?;
     let now = args.now.unwrap_or_else(unix_time_now);
     let window = (!args.ignore_timestamp).then_some(args.window);
-    let verifier = Verifier::new(secrets.iter().map(|secret| secret.value.as_str()), now, window);
+    let verifier = Verifier::new(
+        secrets.iter().map(|secret| secret.value.as_str()),
+        now,
+        window,
+    );
     if args.lines {
         return verify_lines(&args.input, &verifier);
     }
@@ -47,7 +51,8 @@ fn verify_lines(input: &str, verifier: &Verifier) -> anyhow::Result<ExitCode> {
     let mut reader: Box<dyn BufRead> = if input == "-" {
         Box::new(std::io::stdin().lock())
     } else {
-        let file = File::open(input).map_err(|error| usage(format!("cannot read {input}: {error}")))?;
+        let file =
+            File::open(input).map_err(|error| usage(format!("cannot read {input}: {error}")))?;
         Box::new(BufReader::with_capacity(1 << 16, file))
     };
     let mut out = BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
@@ -56,11 +61,18 @@ fn verify_lines(input: &str, verifier: &Verifier) -> anyhow::Result<ExitCode> {
     let mut all_ok = true;
     loop {
         line.clear();
-        if reader.read_until(b'\n', &mut line).context("reading the input")? == 0 {
+        if reader
+            .read_until(b'\n', &mut line)
+            .context("reading the input")?
+            == 0
+        {
             break;
         }
         number += 1;
-        if line.iter().all(|byte| matches!(byte, b' ' | b'\t' | b'\n' | b'\r')) {
+        if line
+            .iter()
+            .all(|byte| matches!(byte, b' ' | b'\t' | b'\n' | b'\r'))
+        {
             continue;
         }
         let verdict = match std::str::from_utf8(&line) {
@@ -70,7 +82,11 @@ fn verify_lines(input: &str, verifier: &Verifier) -> anyhow::Result<ExitCode> {
         all_ok &= matches!(verdict, Ok(Verdict::Ok));
         let written = match verdict {
             Ok(Verdict::Ok) => writeln!(out, "{{\"line\":{number},\"ok\":true}}"),
-            Ok(rejected) => writeln!(out, "{{\"line\":{number},\"ok\":false,\"error\":\"{}\"}}", rejected.code()),
+            Ok(rejected) => writeln!(
+                out,
+                "{{\"line\":{number},\"ok\":false,\"error\":\"{}\"}}",
+                rejected.code()
+            ),
             Err(error) => writeln!(
                 out,
                 "{{\"line\":{number},\"ok\":false,\"error\":\"INVALID_INPUT\",\"detail\":{}}}",
@@ -80,12 +96,22 @@ fn verify_lines(input: &str, verifier: &Verifier) -> anyhow::Result<ExitCode> {
         written.context("writing to stdout")?;
     }
     out.flush().context("writing to stdout")?;
-    Ok(exit::code(if all_ok { exit::SUCCESS } else { exit::FAILURE }))
+    Ok(exit::code(if all_ok {
+        exit::SUCCESS
+    } else {
+        exit::FAILURE
+    }))
 }
 
 /// Every step of the computation, for finding where another implementation
 /// differs. Secrets are named by source and length, never shown.
-fn explain(update: &Value, check: &Check, secrets: &[WebhookSecret], now: i64, window: Option<u64>) -> String {
+fn explain(
+    update: &Value,
+    check: &Check,
+    secrets: &[WebhookSecret],
+    now: i64,
+    window: Option<u64>,
+) -> String {
     let fields = &check.fields;
     let mut text = String::new();
     let payload_source = match fields.payload_key {
@@ -97,7 +123,10 @@ fn explain(update: &Value, check: &Check, secrets: &[WebhookSecret], now: i64, w
         fields.canonical_payload.len(),
         String::from_utf8_lossy(&fields.canonical_payload)
     ));
-    text.push_str(&format!("2. sha256(canonical payload) = {}\n", fields.payload_sha256));
+    text.push_str(&format!(
+        "2. sha256(canonical payload) = {}\n",
+        fields.payload_sha256
+    ));
     text.push_str("3. signing string: six fields joined by \"\\n\" (shown as ⏎):\n");
     let sources = [
         update.get("update_id"),
@@ -107,13 +136,25 @@ fn explain(update: &Value, check: &Check, secrets: &[WebhookSecret], now: i64, w
         update.get("nonce"),
         None,
     ];
-    for (index, ((label, value), source)) in fields.labelled().into_iter().zip(sources).enumerate() {
-        let shown = if value.chars().any(char::is_control) { json_string(value) } else { value.to_string() };
+    for (index, ((label, value), source)) in fields.labelled().into_iter().zip(sources).enumerate()
+    {
+        let shown = if value.chars().any(char::is_control) {
+            json_string(value)
+        } else {
+            value.to_string()
+        };
         let separator = if index < 5 { "⏎" } else { "" };
-        let origin = if index < 5 { origin_note(label, value, source) } else { String::new() };
+        let origin = if index < 5 {
+            origin_note(label, value, source)
+        } else {
+            String::new()
+        };
         text.push_str(&format!("   {label:<16}{shown}{separator}{origin}\n"));
     }
-    text.push_str(&format!("   as a string literal: {}\n", json_string(&check.signing_string)));
+    text.push_str(&format!(
+        "   as a string literal: {}\n",
+        json_string(&check.signing_string)
+    ));
     text.push_str("4. signature = hex(hmac_sha256(secret, signing string)):\n");
     let given = match &check.given {
         Ok(given) if given.is_empty() => "(none)".to_string(),
@@ -122,10 +163,17 @@ fn explain(update: &Value, check: &Check, secrets: &[WebhookSecret], now: i64, w
     };
     text.push_str(&format!("   given                {given}\n"));
     for (secret, expected) in secrets.iter().zip(&check.expected) {
-        let matches = check.given.as_ref().is_ok_and(|given| given.as_ref() == expected);
+        let matches = check
+            .given
+            .as_ref()
+            .is_ok_and(|given| given.as_ref() == expected);
         text.push_str(&format!(
             "   expected             {expected}  {} [secret from {}, {} bytes]\n",
-            if matches { "✓ matches" } else { "✗ differs" },
+            if matches {
+                "✓ matches"
+            } else {
+                "✗ differs"
+            },
             secret.source,
             secret.value.len()
         ));

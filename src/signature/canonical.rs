@@ -164,9 +164,16 @@ fn float_repr(number: f64) -> String {
     let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
     if !(-4..16).contains(&exponent) {
         let (first, rest) = digits.split_at(1);
-        let fraction = if rest.is_empty() { String::new() } else { format!(".{rest}") };
+        let fraction = if rest.is_empty() {
+            String::new()
+        } else {
+            format!(".{rest}")
+        };
         let exponent_sign = if exponent < 0 { '-' } else { '+' };
-        return format!("{sign}{first}{fraction}e{exponent_sign}{:02}", exponent.abs());
+        return format!(
+            "{sign}{first}{fraction}e{exponent_sign}{:02}",
+            exponent.abs()
+        );
     }
     if exponent < 0 {
         let zeros = "0".repeat((-exponent - 1) as usize);
@@ -197,7 +204,10 @@ fn shortest_scientific(number: f64) -> String {
         .bytes()
         .filter(u8::is_ascii_digit)
         .count();
-    let nearest = format!("{number:.precision$e}", precision = digits.saturating_sub(1));
+    let nearest = format!(
+        "{number:.precision$e}",
+        precision = digits.saturating_sub(1)
+    );
     if nearest != shortest && nearest.parse::<f64>() == Ok(number) {
         nearest
     } else {

@@ -324,9 +324,9 @@ impl<'a> Parser<'a> {
             .get(at..at + 4)
             .filter(|digits| digits.iter().all(u8::is_ascii_hexdigit))
             .ok_or_else(|| self.error("Invalid \\uXXXX escape", at - 1))?;
-        Ok(digits
-            .iter()
-            .fold(0, |code, &digit| code * 16 + (digit as char).to_digit(16).unwrap_or(0)))
+        Ok(digits.iter().fold(0, |code, &digit| {
+            code * 16 + (digit as char).to_digit(16).unwrap_or(0)
+        }))
     }
 
     fn object(&mut self) -> Result<Value<'a>, SignatureInputError> {
@@ -435,7 +435,9 @@ fn insert_member<'a>(
 fn push_wtf8(out: &mut Vec<u8>, code: u32) {
     match code {
         0..=0x7F => out.push(code as u8),
-        0x80..=0x7FF => out.extend_from_slice(&[0xC0 | (code >> 6) as u8, 0x80 | (code & 0x3F) as u8]),
+        0x80..=0x7FF => {
+            out.extend_from_slice(&[0xC0 | (code >> 6) as u8, 0x80 | (code & 0x3F) as u8])
+        }
         0x800..=0xFFFF => out.extend_from_slice(&[
             0xE0 | (code >> 12) as u8,
             0x80 | ((code >> 6) & 0x3F) as u8,
@@ -479,7 +481,8 @@ mod tests {
 
     #[test]
     fn parses_python_literals_and_keeps_int_lexemes() {
-        let value = parse(r#"[NaN, Infinity, -Infinity, 18446744073709551617, -0, 1e400]"#).unwrap();
+        let value =
+            parse(r#"[NaN, Infinity, -Infinity, 18446744073709551617, -0, 1e400]"#).unwrap();
         let Value::Array(items) = value else {
             panic!("not an array")
         };
@@ -530,13 +533,25 @@ mod tests {
         let cases = [
             ("", "Expecting value: line 1 column 1 (char 0)"),
             ("[1,]", "Expecting value: line 1 column 4 (char 3)"),
-            ("{\"a\" 1}", "Expecting ':' delimiter: line 1 column 6 (char 5)"),
-            ("{\"a\":1,}", "Expecting property name enclosed in double quotes"),
+            (
+                "{\"a\" 1}",
+                "Expecting ':' delimiter: line 1 column 6 (char 5)",
+            ),
+            (
+                "{\"a\":1,}",
+                "Expecting property name enclosed in double quotes",
+            ),
             ("[1 2]", "Expecting ',' delimiter"),
-            ("\"a\tb\"", "Invalid control character at: line 1 column 3 (char 2)"),
+            (
+                "\"a\tb\"",
+                "Invalid control character at: line 1 column 3 (char 2)",
+            ),
             ("\"\\x\"", "Invalid \\escape"),
             ("\"\\u12g4\"", "Invalid \\uXXXX escape"),
-            ("\"abc", "Unterminated string starting at: line 1 column 1 (char 0)"),
+            (
+                "\"abc",
+                "Unterminated string starting at: line 1 column 1 (char 0)",
+            ),
             ("1.", "Extra data: line 1 column 2 (char 1)"),
             ("01", "Extra data"),
             ("\u{feff}{}", "Unexpected UTF-8 BOM"),
@@ -553,7 +568,12 @@ mod tests {
         let ok = format!("{}{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
         assert!(parse(&ok).is_ok());
         let deep = format!("{}{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
-        assert!(parse(&deep).unwrap_err().to_string().contains("RecursionError"));
+        assert!(
+            parse(&deep)
+                .unwrap_err()
+                .to_string()
+                .contains("RecursionError")
+        );
     }
 
     #[test]

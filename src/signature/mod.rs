@@ -14,6 +14,8 @@
 
 pub mod canonical;
 pub mod json;
+#[cfg(test)]
+mod properties;
 pub mod python;
 pub mod v1;
 #[cfg(test)]
@@ -84,7 +86,11 @@ pub fn sign_update_text(
             Some(index) if written[index] => continue,
             Some(index) => {
                 written[index] = true;
-                push_member(&mut out, SIGNED_KEYS[index], &replacement(SIGNED_KEYS[index]));
+                push_member(
+                    &mut out,
+                    SIGNED_KEYS[index],
+                    &replacement(SIGNED_KEYS[index]),
+                );
             }
             None => {
                 separate(&mut out);
@@ -155,8 +161,12 @@ mod tests {
 
     #[test]
     fn signing_ignores_the_old_bot_and_refuses_what_python_cannot_sign() {
-        let signed = sign_update_text(r#"{"bot":"old","message":{"a":1}}"#, "s", "b", 1, "n").unwrap();
-        assert!(signed.starts_with(r#"{"bot":{"id":"b"},"message""#), "{signed}");
+        let signed =
+            sign_update_text(r#"{"bot":"old","message":{"a":1}}"#, "s", "b", 1, "n").unwrap();
+        assert!(
+            signed.starts_with(r#"{"bot":{"id":"b"},"message""#),
+            "{signed}"
+        );
         assert!(sign_update_text("[]", "s", "b", 1, "n").is_err());
         assert!(sign_update_text(r#"{"message":{"a":"\ud800"}}"#, "s", "b", 1, "n").is_err());
     }

@@ -59,7 +59,9 @@ pub fn py_int<'a>(value: Option<&Value<'a>>, what: &str) -> Result<PyInt<'a>, Si
         Value::Str(text) => {
             let text = std::str::from_utf8(text)
                 .map_err(|_| refuse("string with a lone surrogate is not an integer".into()))?;
-            int_from_str(text).map(|digits| PyInt(Cow::Owned(digits))).map_err(refuse)
+            int_from_str(text)
+                .map(|digits| PyInt(Cow::Owned(digits)))
+                .map_err(refuse)
         }
         Value::Array(_) | Value::Object(_) | Value::Null => Err(refuse(format!(
             "Python's int() does not accept a {} (TypeError)",
@@ -86,7 +88,9 @@ fn int_from_str(text: &str) -> Result<String, String> {
         _ => (false, trimmed),
     };
     let well_formed = !unsigned.is_empty()
-        && unsigned.split('_').all(|group| !group.is_empty() && group.bytes().all(|b| b.is_ascii_digit()));
+        && unsigned
+            .split('_')
+            .all(|group| !group.is_empty() && group.bytes().all(|b| b.is_ascii_digit()));
     if !well_formed {
         return Err(invalid());
     }
@@ -147,7 +151,10 @@ fn truncated_float_digits(number: f64) -> String {
 /// `str(value or "")`, where `what` names the field for error messages. The
 /// result must become part of a UTF-8 signing string, so a lone surrogate is
 /// an error here, as Python's `.encode("utf-8")` of that string would be.
-pub fn py_str<'a>(value: Option<&'a Value<'a>>, what: &str) -> Result<Cow<'a, str>, SignatureInputError> {
+pub fn py_str<'a>(
+    value: Option<&'a Value<'a>>,
+    what: &str,
+) -> Result<Cow<'a, str>, SignatureInputError> {
     let value = match value {
         Some(value) if truthy(value) => value,
         _ => return Ok(Cow::Borrowed("")),
@@ -212,7 +219,11 @@ fn write_str_repr(text: &[u8], out: &mut String) -> Result<(), String> {
             "cannot reproduce Python's repr() of a container holding non-ASCII text".into(),
         );
     }
-    let quote = if text.contains(&b'\'') && !text.contains(&b'"') { '"' } else { '\'' };
+    let quote = if text.contains(&b'\'') && !text.contains(&b'"') {
+        '"'
+    } else {
+        '\''
+    };
     out.push(quote);
     for &byte in text {
         match byte {
@@ -278,12 +289,27 @@ mod tests {
             ("-42.9", "-42"),
             ("1e20", "100000000000000000000"),
             ("-1.5e30", "-1499999999999999889089448902656"),
-            ("1.7976931348623157e308", "179769313486231570814527423731704356798070567525844996598917476803157260780028538760589558632766878171540458953514382464234321326889464182768467546703537516986049910576551282076245490090389328944075868508455133942304583236903222948165808559332123348274797826204144723168738177180919299881250404026184124858368"),
+            (
+                "1.7976931348623157e308",
+                "179769313486231570814527423731704356798070567525844996598917476803157260780028538760589558632766878171540458953514382464234321326889464182768467546703537516986049910576551282076245490090389328944075868508455133942304583236903222948165808559332123348274797826204144723168738177180919299881250404026184124858368",
+            ),
         ];
         for (json, expected) in cases {
             assert_eq!(int_of(json).unwrap(), expected, "{json}");
         }
-        for bad in ["\"4.5\"", "\"4__2\"", "\"_4\"", "\" \"", "\"- 4\"", "\"\\u001c4\"", "[1]", "{\"a\":1}", "NaN", "Infinity", "\"٤\""] {
+        for bad in [
+            "\"4.5\"",
+            "\"4__2\"",
+            "\"_4\"",
+            "\" \"",
+            "\"- 4\"",
+            "\"\\u001c4\"",
+            "[1]",
+            "{\"a\":1}",
+            "NaN",
+            "Infinity",
+            "\"٤\"",
+        ] {
             assert!(int_of(bad).is_err(), "{bad}");
         }
     }
@@ -301,13 +327,29 @@ mod tests {
             ("2.0", "2.0"),
             ("NaN", "nan"),
             ("-Infinity", "-inf"),
-            ("[1, \"a'b\", null, 2.5, [], {\"k\": false}]", "[1, \"a'b\", None, 2.5, [], {'k': False}]"),
-            ("{\"a\\n\\u0001\\\\\": \"it's \\\"q\\\"\"}", "{'a\\n\\x01\\\\': 'it\\'s \"q\"'}"),
+            (
+                "[1, \"a'b\", null, 2.5, [], {\"k\": false}]",
+                "[1, \"a'b\", None, 2.5, [], {'k': False}]",
+            ),
+            (
+                "{\"a\\n\\u0001\\\\\": \"it's \\\"q\\\"\"}",
+                "{'a\\n\\x01\\\\': 'it\\'s \"q\"'}",
+            ),
         ];
         for (json, expected) in cases {
             assert_eq!(str_of(json).unwrap(), expected, "{json}");
         }
-        assert!(str_of("[\"é\"]").unwrap_err().to_string().contains("cannot reproduce"));
-        assert!(str_of("\"\\udfff\"").unwrap_err().to_string().contains("\\udfff"));
+        assert!(
+            str_of("[\"é\"]")
+                .unwrap_err()
+                .to_string()
+                .contains("cannot reproduce")
+        );
+        assert!(
+            str_of("\"\\udfff\"")
+                .unwrap_err()
+                .to_string()
+                .contains("\\udfff")
+        );
     }
 }

@@ -172,17 +172,27 @@ impl Check<'_> {
         if self.replay_exceeded {
             return Ok(Verdict::ReplayWindowExceeded);
         }
-        let given = self.given.as_ref().map_err(|error| SignatureInputError(error.0.clone()))?;
-        let any_match = self
-            .expected
-            .iter()
-            .fold(false, |found, expected| found | constant_time_eq(expected.as_bytes(), given.as_bytes()));
-        Ok(if any_match { Verdict::Ok } else { Verdict::SignatureMismatch })
+        let given = self
+            .given
+            .as_ref()
+            .map_err(|error| SignatureInputError(error.0.clone()))?;
+        let any_match = self.expected.iter().fold(false, |found, expected| {
+            found | constant_time_eq(expected.as_bytes(), given.as_bytes())
+        });
+        Ok(if any_match {
+            Verdict::Ok
+        } else {
+            Verdict::SignatureMismatch
+        })
     }
 }
 
 impl Verifier {
-    pub fn new<'s>(secrets: impl IntoIterator<Item = &'s str>, now: i64, window: Option<u64>) -> Self {
+    pub fn new<'s>(
+        secrets: impl IntoIterator<Item = &'s str>,
+        now: i64,
+        window: Option<u64>,
+    ) -> Self {
         Verifier {
             keys: secrets.into_iter().map(hmac_key).collect(),
             now,
@@ -200,7 +210,11 @@ impl Verifier {
     pub fn check<'a>(&self, update: &'a Value<'a>) -> Result<Check<'a>, SignatureInputError> {
         let fields = SigningFields::of_update(update)?;
         let signing_string = fields.signing_string();
-        let expected = self.keys.iter().map(|key| signature_with(key, &signing_string)).collect();
+        let expected = self
+            .keys
+            .iter()
+            .map(|key| signature_with(key, &signing_string))
+            .collect();
         let skew = fields
             .timestamp
             .as_i128()
@@ -257,14 +271,21 @@ mod tests {
         assert_eq!(fields.canonical_payload, br#"{"n":1.0,"text":"hi"}"#);
         assert_eq!(
             fields.signing_string(),
-            format!("7\nmessage\nb\n1000\nn1\n{}", sha256_hex(br#"{"n":1.0,"text":"hi"}"#))
+            format!(
+                "7\nmessage\nb\n1000\nn1\n{}",
+                sha256_hex(br#"{"n":1.0,"text":"hi"}"#)
+            )
         );
     }
 
     #[test]
     fn falsy_message_falls_through_to_callback_query_then_empty_object() {
         for (json, key, canonical) in [
-            (r#"{"message":{},"callback_query":{"a":1}}"#, Some("callback_query"), "{\"a\":1}"),
+            (
+                r#"{"message":{},"callback_query":{"a":1}}"#,
+                Some("callback_query"),
+                "{\"a\":1}",
+            ),
             (r#"{"message":0.0,"callback_query":""}"#, None, "{}"),
             (r#"{"message":"x"}"#, Some("message"), "\"x\""),
         ] {
@@ -281,20 +302,34 @@ mod tests {
         let signing = SigningFields::of_update(&update).unwrap().signing_string();
         let good = signature_with(&hmac_key("s"), &signing);
         let signed = UPDATE.replace("\"nonce\"", &format!("\"signature\":\"{good}\",\"nonce\""));
-        let verify = |secrets: &[&str], now, window| Verifier::new(secrets.iter().copied(), now, window).verify_text(&signed);
+        let verify = |secrets: &[&str], now, window| {
+            Verifier::new(secrets.iter().copied(), now, window).verify_text(&signed)
+        };
         assert_eq!(verify(&["s"], 1300, Some(300)).unwrap(), Verdict::Ok);
         assert_eq!(verify(&["x", "s"], 1000, Some(300)).unwrap(), Verdict::Ok);
-        assert_eq!(verify(&["x"], 1000, Some(300)).unwrap(), Verdict::SignatureMismatch);
-        assert_eq!(verify(&["x"], 1301, Some(300)).unwrap(), Verdict::ReplayWindowExceeded);
+        assert_eq!(
+            verify(&["x"], 1000, Some(300)).unwrap(),
+            Verdict::SignatureMismatch
+        );
+        assert_eq!(
+            verify(&["x"], 1301, Some(300)).unwrap(),
+            Verdict::ReplayWindowExceeded
+        );
         assert_eq!(verify(&["s"], 1301, None).unwrap(), Verdict::Ok);
     }
 
     #[test]
     fn non_ascii_signature_is_an_input_error_unless_replay_comes_first() {
         let update = r#"{"timestamp":1000,"signature":"é"}"#;
-        assert!(Verifier::new(["s"], 1000, Some(300)).verify_text(update).is_err());
+        assert!(
+            Verifier::new(["s"], 1000, Some(300))
+                .verify_text(update)
+                .is_err()
+        );
         assert_eq!(
-            Verifier::new(["s"], 5000, Some(300)).verify_text(update).unwrap(),
+            Verifier::new(["s"], 5000, Some(300))
+                .verify_text(update)
+                .unwrap(),
             Verdict::ReplayWindowExceeded
         );
     }
@@ -310,7 +345,10 @@ mod tests {
             r#"{"nonce":"\udc00"}"#,
             r#"{"timestamp":NaN}"#,
         ] {
-            assert!(Verifier::new(["s"], 0, None).verify_text(json).is_err(), "{json}");
+            assert!(
+                Verifier::new(["s"], 0, None).verify_text(json).is_err(),
+                "{json}"
+            );
         }
         // A lone surrogate outside the signed fields is harmless, as in Python.
         let harmless = r#"{"other":"\ud800","message":{"a":{"b":"\ud800","b":1}}}"#;

@@ -9,10 +9,17 @@ use super::json::parse;
 
 #[test]
 fn every_cpython_vector_matches() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/canonical_vectors.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/canonical_vectors.json"
+    );
     let fixture = std::fs::read_to_string(path).expect("read the vector fixture");
     let vectors: Vec<Json> = serde_json::from_str(&fixture).expect("parse the vector fixture");
-    assert!(vectors.len() > 300, "the fixture has only {} vectors", vectors.len());
+    assert!(
+        vectors.len() > 300,
+        "the fixture has only {} vectors",
+        vectors.len()
+    );
     let mut failures = Vec::new();
     for vector in &vectors {
         let name = vector["name"].as_str().unwrap_or("?");
@@ -38,5 +45,11 @@ fn every_cpython_vector_matches() {
             failures.push(format!("{name}:\n  python: {python}\n  fly:    {ours}"));
         }
     }
-    assert!(failures.is_empty(), "{} of {} vectors differ:\n{}", failures.len(), vectors.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} vectors differ:\n{}",
+        failures.len(),
+        vectors.len(),
+        failures.join("\n")
+    );
 }
