@@ -117,7 +117,7 @@ static EMPTY_OBJECT: Value<'static> = Value::Object(Vec::new());
 pub fn signature_with(key: &HmacSha256, signing_string: &str) -> String {
     let mut mac = key.clone();
     mac.update(signing_string.as_bytes());
-    hex::encode(mac.finalize().into_bytes())
+    super::lower_hex(&mac.finalize().into_bytes())
 }
 
 /// An HMAC key prepared once per secret, so checking many updates does not
