@@ -119,11 +119,23 @@ pub fn webhook_secrets(
     }
 }
 
-/// The current unix time in seconds (commands take `--now`/`FLY_NOW_TS` first).
-pub fn unix_time_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_secs() as i64)
+/// The current unix time in seconds: `--now`, else `FLY_NOW_TS` read as the
+/// platform's script reads it (`int(value.strip() or time.time())`: spaces
+/// around it are fine and an empty value means the clock), else the clock.
+pub fn unix_time_now(flag: Option<i64>) -> anyhow::Result<i64> {
+    if let Some(now) = flag {
+        return Ok(now);
+    }
+    let from_env = std::env::var("FLY_NOW_TS").unwrap_or_default();
+    if from_env.trim().is_empty() {
+        return Ok(std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_secs() as i64));
+    }
+    crate::signature::python::int_from_str(&from_env)
+        .ok()
+        .and_then(|digits| digits.parse().ok())
+        .ok_or_else(|| usage(format!("FLY_NOW_TS is not a unix time: {from_env:?}")))
 }
 
 /// Reads a whole input named on the command line: a path, or `-` for stdin.

@@ -18,7 +18,7 @@ pub fn run(args: SignArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         _ => return Err(usage("fly sign signs with one secret: give --secret once")),
     };
     let update = read_input(&args.input)?;
-    let timestamp = args.now.unwrap_or_else(unix_time_now);
+    let timestamp = unix_time_now(args.now)?;
     let nonce = args.nonce.unwrap_or_else(|| random::hex_id(16));
     let mut signed = sign_update_text(&update, &secret, &args.bot_id, timestamp, &nonce)
         .map_err(|error| usage(format!("cannot sign this update: {error}")))?;

@@ -16,7 +16,7 @@ use crate::signature::{self, Check, SignatureInputError, Verdict, Verifier};
 
 pub fn run(args: VerifySigArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let secrets = webhook_secrets(&args.secret, global)?;
-    let now = args.now.unwrap_or_else(unix_time_now);
+    let now = unix_time_now(args.now)?;
     let window = (!args.ignore_timestamp).then_some(args.window);
     let verifier = Verifier::new(
         secrets.iter().map(|secret| secret.value.as_str()),

@@ -51,7 +51,12 @@ pub fn lower_hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let digits: Vec<u8> = bytes
         .iter()
-        .flat_map(|&byte| [DIGITS[usize::from(byte >> 4)], DIGITS[usize::from(byte & 0xF)]])
+        .flat_map(|&byte| {
+            [
+                DIGITS[usize::from(byte >> 4)],
+                DIGITS[usize::from(byte & 0xF)],
+            ]
+        })
         .collect();
     String::from_utf8(digits).unwrap_or_default()
 }

@@ -72,7 +72,8 @@ pub fn py_int<'a>(value: Option<&Value<'a>>, what: &str) -> Result<PyInt<'a>, Si
 
 /// Python's `int(text)` for base 10, limited to ASCII: optional whitespace,
 /// a sign, digits with single underscores between them, optional whitespace.
-fn int_from_str(text: &str) -> Result<String, String> {
+/// Returns the decimal digits `str(int(text))` would print.
+pub fn int_from_str(text: &str) -> Result<String, String> {
     if !text.is_ascii() {
         return Err(format!(
             "cannot reproduce Python's int() of the non-ASCII string {}",

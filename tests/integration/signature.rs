@@ -106,6 +106,21 @@ fn now_comes_from_fly_now_ts() {
         stderr_of(&output),
         "Verify failed: REPLAY_WINDOW_EXCEEDED\n"
     );
+    // Read as the reference reads it: spaces are fine, empty means the clock.
+    for (value, code) in [(" 1700000100 ", 0), ("", 1), ("soon", 2)] {
+        let output = fly()
+            .args(["verify-sig", "--secret", SECRET])
+            .env("FLY_NOW_TS", value)
+            .write_stdin(signed(SECRET))
+            .output()
+            .unwrap();
+        assert_eq!(
+            output.status.code(),
+            Some(code),
+            "{value:?}: {}",
+            stderr_of(&output)
+        );
+    }
 }
 
 #[test]
