@@ -115,7 +115,8 @@ pub struct VerifySigArgs {
     pub secret: SecretArgs,
 
     /// Current unix time for the replay-window check.
-    #[arg(long, env = "FLY_NOW_TS", value_name = "TS")]
+    /// Default: FLY_NOW_TS (read as the platform's script reads it), else the clock.
+    #[arg(long, value_name = "TS", allow_negative_numbers = true)]
     pub now: Option<i64>,
 
     /// Replay window in seconds.
@@ -148,8 +149,8 @@ pub struct SignArgs {
     #[arg(long, default_value = "bot_local", value_name = "ID")]
     pub bot_id: String,
 
-    /// Timestamp to sign with (default: now).
-    #[arg(long, env = "FLY_NOW_TS", value_name = "TS")]
+    /// Timestamp to sign with. Default: FLY_NOW_TS, else the clock.
+    #[arg(long, value_name = "TS", allow_negative_numbers = true)]
     pub now: Option<i64>,
 
     /// Nonce to sign with (default: random).

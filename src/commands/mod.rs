@@ -8,6 +8,8 @@ mod emulator;
 mod fetch_media;
 mod poll_echo;
 mod send;
+mod sign;
+mod verify_sig;
 
 use std::fs;
 use std::process::ExitCode;
@@ -16,7 +18,7 @@ use anyhow::Context;
 
 use crate::api::retry::RetryPolicy;
 use crate::api::{ApiClient, Token};
-use crate::cli::{Cli, Command, GlobalArgs};
+use crate::cli::{Cli, Command, GlobalArgs, SecretArgs};
 use crate::exit::{self, usage};
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -24,8 +26,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Send(args) => send::run(args, global),
         Command::Emulator(args) => emulator::run(args, global),
-        Command::VerifySig(_) => not_implemented("verify-sig"),
-        Command::Sign(_) => not_implemented("sign"),
+        Command::VerifySig(args) => verify_sig::run(args, global),
+        Command::Sign(args) => sign::run(args, global),
         Command::PollEcho(args) => poll_echo::run(args, global),
         Command::ServeWebhook(_) => not_implemented("serve-webhook"),
         Command::FetchMedia(args) => fetch_media::run(args, global),
@@ -66,6 +68,77 @@ pub fn one_shot_client(global: &GlobalArgs) -> anyhow::Result<ApiClient> {
     let token = required_token(global)?;
     ApiClient::new(&global.base_url, token, RetryPolicy::ONE_SHOT)
         .context("configuring the API client")
+}
+
+/// A webhook secret and where it came from. The value is never shown: the
+/// `source` is what `--explain` and error messages name.
+pub struct WebhookSecret {
+    pub value: String,
+    pub source: String,
+}
+
+/// The webhook secrets (SPEC section 1): every `--secret`, else
+/// `FLY_WEBHOOK_SECRET` (stripped, as the reference does), else the sha256 hex
+/// of the bot token; none of them is a usage error.
+pub fn webhook_secrets(
+    args: &SecretArgs,
+    global: &GlobalArgs,
+) -> anyhow::Result<Vec<WebhookSecret>> {
+    if !args.secrets.is_empty() {
+        if args.secrets.iter().any(String::is_empty) {
+            return Err(usage("--secret must not be empty"));
+        }
+        let count = args.secrets.len();
+        return Ok(args
+            .secrets
+            .iter()
+            .enumerate()
+            .map(|(index, value)| WebhookSecret {
+                value: value.clone(),
+                source: if count == 1 {
+                    "--secret".into()
+                } else {
+                    format!("--secret #{}", index + 1)
+                },
+            })
+            .collect());
+    }
+    let from_env = std::env::var("FLY_WEBHOOK_SECRET").unwrap_or_default();
+    if !from_env.trim().is_empty() {
+        return Ok(vec![WebhookSecret {
+            value: from_env.trim().to_string(),
+            source: "FLY_WEBHOOK_SECRET".into(),
+        }]);
+    }
+    match configured_token(global)? {
+        Some(token) => Ok(vec![WebhookSecret {
+            value: crate::signature::sha256_hex(token.expose().as_bytes()),
+            source: "sha256 of the bot token".into(),
+        }]),
+        None => Err(usage(
+            "missing secret: pass --secret S, set FLY_WEBHOOK_SECRET, or configure the bot token \
+             (FLY_BOT_TOKEN or --token-file) to use its sha256",
+        )),
+    }
+}
+
+/// The current unix time in seconds: `--now`, else `FLY_NOW_TS` read as the
+/// platform's script reads it (`int(value.strip() or time.time())`: spaces
+/// around it are fine and an empty value means the clock), else the clock.
+pub fn unix_time_now(flag: Option<i64>) -> anyhow::Result<i64> {
+    if let Some(now) = flag {
+        return Ok(now);
+    }
+    let from_env = std::env::var("FLY_NOW_TS").unwrap_or_default();
+    if from_env.trim().is_empty() {
+        return Ok(std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_secs() as i64));
+    }
+    crate::signature::python::int_from_str(&from_env)
+        .ok()
+        .and_then(|digits| digits.parse().ok())
+        .ok_or_else(|| usage(format!("FLY_NOW_TS is not a unix time: {from_env:?}")))
 }
 
 /// Reads a whole input named on the command line: a path, or `-` for stdin.

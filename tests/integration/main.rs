@@ -8,3 +8,4 @@ mod fetch_media;
 mod poll_echo;
 mod reference;
 mod send;
+mod signature;

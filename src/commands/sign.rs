@@ -1,0 +1,32 @@
+//! `fly sign`: turns an update into a signed update (v1), for fixtures and for
+//! testing a webhook receiver.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use crate::cli::{GlobalArgs, SignArgs};
+use crate::commands::{read_input, unix_time_now, webhook_secrets};
+use crate::exit::{self, usage};
+use crate::random;
+use crate::signature::sign_update_text;
+
+pub fn run(args: SignArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    let secret = match webhook_secrets(&args.secret, global)?.as_mut_slice() {
+        [only] => std::mem::take(&mut only.value),
+        _ => return Err(usage("fly sign signs with one secret: give --secret once")),
+    };
+    let update = read_input(&args.input)?;
+    let timestamp = unix_time_now(args.now)?;
+    let nonce = args.nonce.unwrap_or_else(|| random::hex_id(16));
+    let mut signed = sign_update_text(&update, &secret, &args.bot_id, timestamp, &nonce)
+        .map_err(|error| usage(format!("cannot sign this update: {error}")))?;
+    signed.push('\n');
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(signed.as_bytes())
+        .context("writing to stdout")?;
+    stdout.flush().context("writing to stdout")?;
+    Ok(exit::code(exit::SUCCESS))
+}
