@@ -56,7 +56,7 @@ FLY_SECS=() CURL_SECS=() FLY_RSS=() CURL_RSS=()
 for run in $(seq "$RUNS"); do
     rm -f "$WORK/fly.bin" "$WORK/curl.bin"
     FLY_BASE_URL=$URL FLY_BOT_TOKEN=bench /usr/bin/time -v -o "$WORK/time.fly" \
-        "$FLY" -q fetch-media "$MEDIA" -o "$WORK/fly.bin"
+        "$FLY" -q fetch-media "$MEDIA" -o "$WORK/fly.bin" >"$WORK/fly.out"
     /usr/bin/time -v -o "$WORK/time.curl" bash "$WORK/curl.sh" "$URL" "$MEDIA" "$WORK/curl.bin"
     check_outputs
     FLY_SECS+=("$(elapsed "$WORK/time.fly")") FLY_RSS+=("$(max_rss_kb "$WORK/time.fly")")

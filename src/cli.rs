@@ -252,6 +252,22 @@ pub struct ServeWebhookArgs {
     #[arg(long, default_value_t = 1024 * 1024, value_name = "BYTES")]
     pub max_body: u64,
 
+    /// Replay window in seconds (timestamps further from now are refused).
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    pub window: u64,
+
+    /// Connections open at once; more wait in the listen backlog.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Seconds a client gets to send its request headers (slowloris protection).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300), value_name = "SECS")]
+    pub header_timeout: u64,
+
+    /// Replies sent at the same time (a bounded pool of blocking threads).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=512))]
+    pub concurrency: u32,
+
     /// State store file for dedupe and nonces.
     #[arg(long, value_name = "PATH")]
     pub state: Option<PathBuf>,

@@ -115,7 +115,10 @@ pub async fn serve<S, B, F>(
         .await
         .is_err()
     {
-        tracing::warn!("stopped with requests still in flight after {:?}", limits.drain_timeout);
+        tracing::warn!(
+            "stopped with requests still in flight after {:?}",
+            limits.drain_timeout
+        );
     }
 }
 

@@ -18,3 +18,4 @@ pub mod random;
 pub mod shutdown;
 pub mod signature;
 pub mod state;
+pub mod webhook;

@@ -392,11 +392,23 @@ mod tests {
     fn nonces_are_refused_with_another_update_inside_the_window() {
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::open(&dir.path().join("s.db"), &identity("t1")).unwrap();
-        assert_eq!(store.check_nonce("n1", "7", 1000, 300).unwrap(), NonceCheck::Fresh);
-        assert_eq!(store.check_nonce("n1", "7", 1010, 300).unwrap(), NonceCheck::Fresh);
-        assert_eq!(store.check_nonce("n1", "8", 1020, 300).unwrap(), NonceCheck::Reused);
+        assert_eq!(
+            store.check_nonce("n1", "7", 1000, 300).unwrap(),
+            NonceCheck::Fresh
+        );
+        assert_eq!(
+            store.check_nonce("n1", "7", 1010, 300).unwrap(),
+            NonceCheck::Fresh
+        );
+        assert_eq!(
+            store.check_nonce("n1", "8", 1020, 300).unwrap(),
+            NonceCheck::Reused
+        );
         // Long after, the nonce has been pruned and may come back.
-        assert_eq!(store.check_nonce("n1", "9", 1700, 300).unwrap(), NonceCheck::Fresh);
+        assert_eq!(
+            store.check_nonce("n1", "9", 1700, 300).unwrap(),
+            NonceCheck::Fresh
+        );
     }
 
     #[test]

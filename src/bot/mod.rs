@@ -63,7 +63,7 @@ impl HandleError {
 }
 
 /// Answers one update. Called from several threads at once (for different chats).
-pub trait Handler: Sync {
+pub trait Handler: Send + Sync {
     fn handle(&self, update: &Update) -> Result<Outcome, HandleError>;
 }
 

@@ -8,6 +8,7 @@ mod emulator;
 mod fetch_media;
 mod poll_echo;
 mod send;
+mod serve_webhook;
 mod sign;
 mod verify_sig;
 
@@ -29,7 +30,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::VerifySig(args) => verify_sig::run(args, global),
         Command::Sign(args) => sign::run(args, global),
         Command::PollEcho(args) => poll_echo::run(args, global),
-        Command::ServeWebhook(_) => not_implemented("serve-webhook"),
+        Command::ServeWebhook(args) => serve_webhook::run(args, global),
         Command::FetchMedia(args) => fetch_media::run(args, global),
         Command::Forward(_) => not_implemented("forward"),
         Command::Demo(args) => demo::run(args, global),
@@ -167,4 +168,14 @@ pub fn print_json(value: &serde_json::Value) -> anyhow::Result<ExitCode> {
         .context("writing to stdout")?;
     stdout.flush().context("writing to stdout")?;
     Ok(exit::code(exit::SUCCESS))
+}
+
+/// Prints one line on stdout and flushes it at once (a script may be waiting
+/// for it, e.g. the URL a server listens on).
+pub fn print_line(line: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{line}").context("writing to stdout")?;
+    stdout.flush().context("writing to stdout")?;
+    Ok(())
 }

@@ -1,0 +1,70 @@
+//! `fly serve-webhook`: a webhook receiver safe to expose.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::api::ApiClient;
+use crate::api::retry::RetryPolicy;
+use crate::bot::echo::EchoHandler;
+use crate::cli::{GlobalArgs, ServeWebhookArgs};
+use crate::commands::{required_token, webhook_secrets};
+use crate::exit::{self, usage};
+use crate::state::{BotIdentity, StateStore};
+use crate::webhook::{self, TlsFiles, WebhookConfig};
+
+/// Replies are retried briefly: on failure the platform delivers the update
+/// again, so holding the request open longer helps nobody.
+const REPLY_RETRIES: RetryPolicy = RetryPolicy {
+    max_attempts: Some(3),
+    initial_delay: Duration::from_millis(100),
+    max_delay: Duration::from_secs(1),
+};
+
+pub fn run(args: ServeWebhookArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    if args.exec.exec.is_some() {
+        return Err(usage("--exec is not implemented yet"));
+    }
+    if !args.path.starts_with('/') {
+        return Err(usage(format!(
+            "--path must start with / (got {:?})",
+            args.path
+        )));
+    }
+    let token = required_token(global)?;
+    let secrets = webhook_secrets(&args.secret, global)?
+        .into_iter()
+        .map(|secret| secret.value)
+        .collect();
+    let client = ApiClient::new(&global.base_url, token.clone(), REPLY_RETRIES)?;
+    let identity = BotIdentity::new(client.base_url(), &token);
+    let state_path = match args.state {
+        Some(path) => path,
+        None => identity.default_state_path()?,
+    };
+    let store = StateStore::open(&state_path, &identity)?;
+    let handler = Arc::new(EchoHandler {
+        client,
+        media_dir: None,
+    });
+    let config = WebhookConfig {
+        bind: args.bind,
+        port: args.port,
+        path: args.path,
+        secrets,
+        replay_window_secs: args.window,
+        max_body_bytes: args.max_body,
+        max_connections: args.max_connections as usize,
+        header_read_timeout: Duration::from_secs(args.header_timeout),
+        concurrency: args.concurrency as usize,
+        tls: match (args.tls_cert, args.tls_key) {
+            (Some(cert_chain), Some(private_key)) => Some(TlsFiles {
+                cert_chain,
+                private_key,
+            }),
+            _ => None,
+        },
+    };
+    webhook::run_until_signal(config, store, handler)?;
+    Ok(exit::code(exit::SUCCESS))
+}

@@ -1,0 +1,151 @@
+//! `fly serve-webhook`'s server: receives signed updates and answers them
+//! like poll-echo does, safe to expose to the internet.
+//!
+//! Each delivery is checked in this order, and the status code says where it
+//! stopped (SPEC section 3): path and method (404/405), size (413, enforced
+//! while reading), JSON (400), signature v1 and replay window (401), the
+//! update id already handled (200, not handled twice), the nonce already seen
+//! with another update (401), then the reply (200, or 500 so the platform
+//! delivers again). Verification runs on the I/O threads (microseconds);
+//! replies go through the shared blocking HTTP client on a bounded pool of
+//! blocking threads, so a slow platform never stalls verification.
+
+mod receiver;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use tokio_rustls::TlsAcceptor;
+
+use crate::bot::Handler;
+use crate::http_server::{self, Limits};
+use crate::state::StateStore;
+
+pub struct WebhookConfig {
+    pub bind: IpAddr,
+    pub port: u16,
+    pub path: String,
+    /// Any of these verifies a delivery (key rotation).
+    pub secrets: Vec<String>,
+    pub replay_window_secs: u64,
+    pub max_body_bytes: u64,
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    /// Replies (handler calls) running at once.
+    pub concurrency: usize,
+    pub tls: Option<TlsFiles>,
+}
+
+pub struct TlsFiles {
+    pub cert_chain: PathBuf,
+    pub private_key: PathBuf,
+}
+
+/// Serves until SIGINT/SIGTERM, then finishes the requests in flight (at most
+/// `DRAIN_TIMEOUT`). The first stdout line is the URL deliveries go to.
+pub fn run_until_signal(
+    config: WebhookConfig,
+    store: StateStore,
+    handler: Arc<dyn Handler + Send>,
+) -> anyhow::Result<()> {
+    let tls = config.tls.as_ref().map(load_tls).transpose()?;
+    let address = SocketAddr::new(config.bind, config.port);
+    let listener = std::net::TcpListener::bind(address)
+        .map_err(|error| anyhow!("cannot listen on {address}: {error}"))?;
+    listener
+        .set_nonblocking(true)
+        .context("configuring the listening socket")?;
+    let local = listener
+        .local_addr()
+        .context("reading the listening address")?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://{local}{}", config.path);
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(config.concurrency.max(1))
+        .thread_name("fly-webhook")
+        .enable_all()
+        .build()
+        .context("starting the server runtime")?;
+    let limits = Limits {
+        header_read_timeout: config.header_read_timeout,
+        max_header_bytes: 64 * 1024,
+        max_connections: config.max_connections,
+        drain_timeout: DRAIN_TIMEOUT,
+    };
+    let receiver = Arc::new(receiver::Receiver::new(&config, store, handler));
+    runtime.block_on(async move {
+        let listener =
+            tokio::net::TcpListener::from_std(listener).context("using the listening socket")?;
+        let stop = stop_signal()?;
+        crate::commands::print_line(&url)?;
+        tracing::info!(%url, "receiving webhook deliveries");
+        http_server::serve(
+            listener,
+            tls,
+            limits,
+            || receiver::service(Arc::clone(&receiver)),
+            stop,
+        )
+        .await;
+        tracing::info!("stopped");
+        anyhow::Ok(())
+    })
+}
+
+/// How long a stop waits for requests in flight (a reply being sent).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Completes on the first SIGINT or SIGTERM.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the signal handler")?;
+    let mut terminate = signal(SignalKind::terminate()).context("installing the signal handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        tracing::info!("stopping: finishing requests in flight");
+    })
+}
+
+fn load_tls(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert_chain)
+        .and_then(|certificates| certificates.collect())
+        .map_err(|error| {
+            crate::exit::usage(format!(
+                "--tls-cert {}: {error}",
+                files.cert_chain.display()
+            ))
+        })?;
+    if chain.is_empty() {
+        return Err(crate::exit::usage(format!(
+            "--tls-cert {}: no certificate found",
+            files.cert_chain.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.private_key).map_err(|error| {
+        crate::exit::usage(format!(
+            "--tls-key {}: {error}",
+            files.private_key.display()
+        ))
+    })?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("configuring TLS")?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|error| {
+            crate::exit::usage(format!("--tls-cert/--tls-key do not fit together: {error}"))
+        })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
