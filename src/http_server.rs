@@ -7,8 +7,11 @@
 //! listener and a service.
 
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
+
+use anyhow::{Context, anyhow};
 
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::http1;
@@ -38,11 +41,36 @@ pub struct Limits {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Binds a non-blocking listener (ready for tokio) and returns it with the
+/// address it got (`port` 0 picks a free one). Binding happens before any
+/// runtime starts, so "address in use" is reported as a plain error.
+pub fn bind(ip: IpAddr, port: u16) -> anyhow::Result<(std::net::TcpListener, SocketAddr)> {
+    let address = SocketAddr::new(ip, port);
+    let listener = std::net::TcpListener::bind(address)
+        .map_err(|error| anyhow!("cannot listen on {address}: {}", describe_io(&error)))?;
+    listener
+        .set_nonblocking(true)
+        .context("configuring the listening socket")?;
+    let local = listener
+        .local_addr()
+        .context("reading the listening address")?;
+    Ok((listener, local))
+}
+
+/// An I/O error without the "(os error N)" suffix, for one-line messages.
+fn describe_io(error: &std::io::Error) -> String {
+    let text = error.to_string();
+    match text.rfind(" (os error ") {
+        Some(index) => text[..index].to_string(),
+        None => text,
+    }
+}
+
 /// Serves connections from `listener` until `stop` completes, then stops
 /// accepting and waits (at most `limits.drain_timeout`) for open connections
 /// to finish their requests.
 pub async fn serve<S, B, F>(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     tls: Option<TlsAcceptor>,
     limits: Limits,
     make_service: F,
@@ -56,6 +84,13 @@ pub async fn serve<S, B, F>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!("cannot use the listening socket: {error}");
+            return;
+        }
+    };
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())

@@ -23,12 +23,12 @@ mod state;
 mod webhook;
 
 use std::io::{self, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
 use std::thread::JoinHandle;
 
-use anyhow::{Context, anyhow};
+use anyhow::Context;
 use serde_json::{Map, Value};
 use tokio::sync::{oneshot, watch};
 
@@ -52,15 +52,7 @@ pub struct Emulator {
 impl Emulator {
     /// Binds the listening socket, then serves on a thread of its own.
     pub fn start(config: EmulatorConfig) -> anyhow::Result<Emulator> {
-        let address = SocketAddr::new(config.bind, config.port);
-        let listener = TcpListener::bind(address)
-            .map_err(|error| anyhow!("cannot listen on {address}: {}", describe_io(&error)))?;
-        listener
-            .set_nonblocking(true)
-            .context("configuring the listening socket")?;
-        let local = listener
-            .local_addr()
-            .context("reading the listening address")?;
+        let (listener, local) = crate::http_server::bind(config.bind, config.port)?;
         let base_url = base_url_for(local);
 
         let (webhook_wake, webhook_wakeups) = mpsc::channel();
@@ -252,14 +244,6 @@ fn base_url_for(local: SocketAddr) -> String {
 
 /// The OS's description of an I/O error without the "(os error N)" suffix,
 /// which tells a user nothing.
-fn describe_io(error: &io::Error) -> String {
-    let text = error.to_string();
-    match text.rfind(" (os error ") {
-        Some(index) => text[..index].to_string(),
-        None => text,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

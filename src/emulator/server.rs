@@ -15,12 +15,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use super::Shared;
@@ -28,6 +25,7 @@ use super::faults::InjectedError;
 use super::media::{self, MediaBody};
 use super::requests::{BatchAccessRequest, SendRequest, UpdatesRequest};
 use crate::api::types::{PATH_BATCH_ACCESS, PATH_SEND, PATH_UPDATES};
+use crate::http_server::{self, Limits};
 
 const BOT_API_PREFIX: &str = "/api/v1/s/bot/";
 const CONTROL_PREFIX: &str = "/_emulator/";
@@ -38,8 +36,8 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Bot API bodies are small JSON documents.
 const MAX_BOT_API_BODY: usize = 1024 * 1024;
-/// Pause after a failed accept (e.g. out of file descriptors) before the next.
-const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(50);
+/// Far more than tests and demos open; a bound all the same.
+const MAX_CONNECTIONS: usize = 4096;
 
 pub type ResponseBody = Either<Full<Bytes>, MediaBody>;
 pub type HttpResponse = Response<ResponseBody>;
@@ -61,45 +59,23 @@ impl StdError for ResponseDropped {}
 pub async fn serve(
     listener: std::net::TcpListener,
     shared: Arc<Shared>,
-    mut stop: oneshot::Receiver<()>,
+    stop: oneshot::Receiver<()>,
 ) {
-    let listener = match TcpListener::from_std(listener) {
-        Ok(listener) => listener,
-        Err(error) => {
-            tracing::error!("emulator cannot use its listening socket: {error}");
-            return;
-        }
+    let limits = Limits {
+        header_read_timeout: HEADER_READ_TIMEOUT,
+        max_header_bytes: MAX_HEADER_BYTES,
+        max_connections: MAX_CONNECTIONS,
+        // Long polls may be in flight; a stopping emulator does not wait for them.
+        drain_timeout: Duration::ZERO,
     };
-    let mut connections = http1::Builder::new();
-    connections
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_header_size(MAX_HEADER_BYTES);
-    loop {
-        let stream = tokio::select! {
-            _ = &mut stop => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => stream,
-                Err(error) => {
-                    tracing::warn!("accepting a connection failed: {error}");
-                    tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
-                    continue;
-                }
-            },
-        };
-        // Small JSON answers should not wait for Nagle's algorithm.
-        let _ = stream.set_nodelay(true);
+    let make_service = || {
         let shared = Arc::clone(&shared);
-        let connection = connections.serve_connection(
-            TokioIo::new(stream),
-            service_fn(move |request| handle(Arc::clone(&shared), request)),
-        );
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!("connection ended: {error}");
-            }
-        });
-    }
+        service_fn(move |request| handle(Arc::clone(&shared), request))
+    };
+    http_server::serve(listener, None, limits, make_service, async {
+        let _ = stop.await;
+    })
+    .await;
 }
 
 async fn handle(

@@ -79,8 +79,6 @@ pub fn run_until_signal(
     };
     let receiver = Arc::new(receiver::Receiver::new(&config, store, handler));
     runtime.block_on(async move {
-        let listener =
-            tokio::net::TcpListener::from_std(listener).context("using the listening socket")?;
         let stop = stop_signal()?;
         crate::commands::print_line(&url)?;
         tracing::info!(%url, "receiving webhook deliveries");
