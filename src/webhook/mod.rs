@@ -12,12 +12,12 @@
 
 mod receiver;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, anyhow};
+use anyhow::Context;
 use tokio_rustls::TlsAcceptor;
 
 use crate::bot::Handler;
@@ -52,15 +52,7 @@ pub fn run_until_signal(
     handler: Arc<dyn Handler + Send>,
 ) -> anyhow::Result<()> {
     let tls = config.tls.as_ref().map(load_tls).transpose()?;
-    let address = SocketAddr::new(config.bind, config.port);
-    let listener = std::net::TcpListener::bind(address)
-        .map_err(|error| anyhow!("cannot listen on {address}: {error}"))?;
-    listener
-        .set_nonblocking(true)
-        .context("configuring the listening socket")?;
-    let local = listener
-        .local_addr()
-        .context("reading the listening address")?;
+    let (listener, local) = http_server::bind(config.bind, config.port)?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let url = format!("{scheme}://{local}{}", config.path);
 
