@@ -99,7 +99,8 @@ pub enum Command {
 /// Where a signed-update secret comes from, shared by every command that signs or verifies.
 #[derive(Debug, Args)]
 pub struct SecretArgs {
-    /// Webhook secret; repeat the flag to accept any of several (key rotation).
+    /// Webhook secret; repeat the flag to accept any of several (key rotation;
+    /// commands that sign use the first).
     /// Default: FLY_WEBHOOK_SECRET, else the sha256 hex of the bot token.
     #[arg(long = "secret", value_name = "SECRET")]
     pub secrets: Vec<String>,
@@ -227,8 +228,12 @@ pub struct ExecArgs {
     pub exec: Option<String>,
 
     /// Kill a handler that runs longer than this many seconds.
-    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    #[arg(long, default_value_t = 60, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     pub exec_timeout: u64,
+
+    /// Give the handler the bot token as FLY_BOT_TOKEN (withheld by default).
+    #[arg(long, requires = "exec")]
+    pub exec_pass_token: bool,
 }
 
 #[derive(Debug, Args)]
@@ -328,6 +333,14 @@ pub struct ForwardArgs {
 
     #[command(flatten)]
     pub secret: SecretArgs,
+
+    /// bot.id to sign with.
+    #[arg(long, default_value = "bot_local", value_name = "ID")]
+    pub bot_id: String,
+
+    /// Long-poll timeout in seconds.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    pub poll_timeout: u64,
 
     /// State store file.
     #[arg(long, value_name = "PATH")]

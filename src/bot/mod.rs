@@ -5,6 +5,8 @@
 //! platform with the offset and handled ids kept in the state store.
 
 pub mod echo;
+pub mod exec;
+pub mod forward;
 pub mod poll_loop;
 
 use crate::api::{ApiError, Update};
@@ -17,6 +19,10 @@ pub enum Outcome {
     Replied,
     /// Media downloaded and the message forwarded back.
     Forwarded,
+    /// An `--exec` handler succeeded without a reply.
+    Handled,
+    /// Signed and delivered to a webhook receiver (`fly forward`).
+    Delivered,
     /// Nothing to answer (a non-message update, a message without a chat, …).
     Ignored,
     /// The platform refused the reply for good (4xx): retrying cannot help,
@@ -29,6 +35,8 @@ impl Outcome {
         match self {
             Outcome::Replied => "replied",
             Outcome::Forwarded => "forwarded",
+            Outcome::Handled => "handled",
+            Outcome::Delivered => "delivered",
             Outcome::Ignored => "ignored",
             Outcome::Rejected => "rejected",
         }

@@ -6,6 +6,7 @@
 mod demo;
 mod emulator;
 mod fetch_media;
+mod forward;
 mod poll_echo;
 mod send;
 mod serve_webhook;
@@ -32,13 +33,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::PollEcho(args) => poll_echo::run(args, global),
         Command::ServeWebhook(args) => serve_webhook::run(args, global),
         Command::FetchMedia(args) => fetch_media::run(args, global),
-        Command::Forward(_) => not_implemented("forward"),
+        Command::Forward(args) => forward::run(args, global),
         Command::Demo(args) => demo::run(args, global),
     }
-}
-
-fn not_implemented(command: &str) -> anyhow::Result<ExitCode> {
-    Err(usage(format!("`fly {command}` is not implemented yet")))
 }
 
 /// The bot token from `--token`/`FLY_BOT_TOKEN` or `--token-file`, if any.
@@ -178,4 +175,36 @@ pub fn print_line(line: &str) -> anyhow::Result<()> {
     writeln!(stdout, "{line}").context("writing to stdout")?;
     stdout.flush().context("writing to stdout")?;
     Ok(())
+}
+
+/// What answers updates: the `--exec` handler when one is given, else the echo
+/// (with the media round trip when `media_dir` is set).
+pub fn reply_handler(
+    exec: &crate::cli::ExecArgs,
+    client: ApiClient,
+    media_dir: Option<std::path::PathBuf>,
+) -> std::sync::Arc<dyn crate::bot::Handler> {
+    match &exec.exec {
+        Some(command) => std::sync::Arc::new(crate::bot::exec::ExecHandler {
+            command: command.clone(),
+            timeout: std::time::Duration::from_secs(exec.exec_timeout),
+            client,
+            pass_token: exec.exec_pass_token,
+        }),
+        None => std::sync::Arc::new(crate::bot::echo::EchoHandler { client, media_dir }),
+    }
+}
+
+/// The one secret a signing command signs with (`fly sign`, `fly forward`).
+pub fn signing_secret(
+    args: &SecretArgs,
+    global: &GlobalArgs,
+    command: &str,
+) -> anyhow::Result<String> {
+    match webhook_secrets(args, global)?.as_mut_slice() {
+        [only] => Ok(std::mem::take(&mut only.value)),
+        _ => Err(usage(format!(
+            "{command} signs with one secret: give --secret once"
+        ))),
+    }
 }

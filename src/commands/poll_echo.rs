@@ -8,18 +8,14 @@ use anyhow::Context;
 
 use crate::api::ApiClient;
 use crate::api::retry::RetryPolicy;
-use crate::bot::echo::EchoHandler;
 use crate::bot::poll_loop::{self, PollSettings};
 use crate::cli::{GlobalArgs, PollEchoArgs};
-use crate::commands::required_token;
-use crate::exit::{self, usage};
+use crate::commands::{reply_handler, required_token};
+use crate::exit;
 use crate::shutdown::Shutdown;
 use crate::state::{BotIdentity, StateStore};
 
 pub fn run(args: PollEchoArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
-    if args.exec.exec.is_some() {
-        return Err(usage("--exec is not implemented yet"));
-    }
     let token = required_token(global)?;
     let shutdown = Shutdown::on_signals()?;
     // --once is for CI: a bounded number of retries, then a clear failure.
@@ -44,11 +40,8 @@ pub fn run(args: PollEchoArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> 
         max_updates: args.max_updates,
         once: args.once,
     };
-    let handler = EchoHandler {
-        client: client.clone(),
-        media_dir,
-    };
-    let summary = poll_loop::run(&client, &store, &handler, &settings, &shutdown)?;
+    let handler = reply_handler(&args.exec, client.clone(), media_dir);
+    let summary = poll_loop::run(&client, &store, handler.as_ref(), &settings, &shutdown)?;
     tracing::info!(handled = summary.handled, "stopped");
     Ok(exit::code(exit::SUCCESS))
 }

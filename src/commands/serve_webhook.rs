@@ -1,14 +1,12 @@
 //! `fly serve-webhook`: a webhook receiver safe to expose.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::api::ApiClient;
 use crate::api::retry::RetryPolicy;
-use crate::bot::echo::EchoHandler;
 use crate::cli::{GlobalArgs, ServeWebhookArgs};
-use crate::commands::{required_token, webhook_secrets};
+use crate::commands::{reply_handler, required_token, webhook_secrets};
 use crate::exit::{self, usage};
 use crate::state::{BotIdentity, StateStore};
 use crate::webhook::{self, TlsFiles, WebhookConfig};
@@ -22,9 +20,6 @@ const REPLY_RETRIES: RetryPolicy = RetryPolicy {
 };
 
 pub fn run(args: ServeWebhookArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
-    if args.exec.exec.is_some() {
-        return Err(usage("--exec is not implemented yet"));
-    }
     if !args.path.starts_with('/') {
         return Err(usage(format!(
             "--path must start with / (got {:?})",
@@ -43,10 +38,7 @@ pub fn run(args: ServeWebhookArgs, global: &GlobalArgs) -> anyhow::Result<ExitCo
         None => identity.default_state_path()?,
     };
     let store = StateStore::open(&state_path, &identity)?;
-    let handler = Arc::new(EchoHandler {
-        client,
-        media_dir: None,
-    });
+    let handler = reply_handler(&args.exec, client, None);
     let config = WebhookConfig {
         bind: args.bind,
         port: args.port,

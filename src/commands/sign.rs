@@ -7,16 +7,13 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 use crate::cli::{GlobalArgs, SignArgs};
-use crate::commands::{read_input, unix_time_now, webhook_secrets};
+use crate::commands::{read_input, signing_secret, unix_time_now};
 use crate::exit::{self, usage};
 use crate::random;
 use crate::signature::sign_update_text;
 
 pub fn run(args: SignArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
-    let secret = match webhook_secrets(&args.secret, global)?.as_mut_slice() {
-        [only] => std::mem::take(&mut only.value),
-        _ => return Err(usage("fly sign signs with one secret: give --secret once")),
-    };
+    let secret = signing_secret(&args.secret, global, "fly sign")?;
     let update = read_input(&args.input)?;
     let timestamp = unix_time_now(args.now)?;
     let nonce = args.nonce.unwrap_or_else(|| random::hex_id(16));

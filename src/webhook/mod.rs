@@ -49,7 +49,7 @@ pub struct TlsFiles {
 pub fn run_until_signal(
     config: WebhookConfig,
     store: StateStore,
-    handler: Arc<dyn Handler + Send>,
+    handler: Arc<dyn Handler>,
 ) -> anyhow::Result<()> {
     let tls = config.tls.as_ref().map(load_tls).transpose()?;
     let (listener, local) = http_server::bind(config.bind, config.port)?;

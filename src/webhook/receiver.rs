@@ -29,7 +29,7 @@ pub struct Receiver {
     replay_window_secs: u64,
     max_body_bytes: u64,
     store: Arc<StateStore>,
-    handler: Arc<dyn Handler + Send>,
+    handler: Arc<dyn Handler>,
     /// Update ids being handled right now: a second delivery of one of them
     /// waits for the platform's next retry instead of replying twice.
     in_flight: Mutex<HashSet<i64>>,
@@ -38,11 +38,7 @@ pub struct Receiver {
 type HttpResponse = Response<Full<Bytes>>;
 
 impl Receiver {
-    pub fn new(
-        config: &WebhookConfig,
-        store: StateStore,
-        handler: Arc<dyn Handler + Send>,
-    ) -> Receiver {
+    pub fn new(config: &WebhookConfig, store: StateStore, handler: Arc<dyn Handler>) -> Receiver {
         Receiver {
             path: config.path.clone(),
             secrets: config.secrets.clone(),

@@ -1,0 +1,128 @@
+//! `fly forward`'s handler: each update, signed (v1) as the platform signs
+//! webhook deliveries, is POSTed to a local receiver until it answers 2xx.
+
+use std::time::{Duration, Instant};
+
+use anyhow::anyhow;
+
+use super::{HandleError, Handler, Outcome};
+use crate::api::Update;
+use crate::api::retry::{AttemptError, GaveUp, RetryPolicy};
+use crate::shutdown::Shutdown;
+use crate::signature::sign_update_text;
+use crate::state::unix_now;
+
+/// A local receiver that is down is waited for patiently but checked often.
+const DELIVERY_RETRIES: RetryPolicy = RetryPolicy {
+    max_attempts: None,
+    initial_delay: Duration::from_millis(100),
+    max_delay: Duration::from_secs(5),
+};
+
+pub struct ForwardHandler {
+    pub receiver_url: String,
+    pub secret: String,
+    pub bot_id: String,
+    pub agent: ureq::Agent,
+    pub shutdown: Shutdown,
+}
+
+impl ForwardHandler {
+    pub fn new(
+        receiver_url: String,
+        secret: String,
+        bot_id: String,
+        shutdown: Shutdown,
+    ) -> ForwardHandler {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(5)))
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .new_agent();
+        ForwardHandler {
+            receiver_url,
+            secret,
+            bot_id,
+            agent,
+            shutdown,
+        }
+    }
+
+    fn deliver_once(
+        &self,
+        update: &Update,
+        nonce: &str,
+    ) -> Result<u16, AttemptError<anyhow::Error>> {
+        let text = serde_json::to_string(&update.raw)
+            .map_err(|error| AttemptError::Fatal(error.into()))?;
+        // Signed afresh for each attempt, so a receiver that was down for a
+        // while still sees a timestamp inside its replay window.
+        let signed = sign_update_text(&text, &self.secret, &self.bot_id, unix_now(), nonce)
+            .map_err(|error| {
+                AttemptError::Fatal(anyhow!("cannot sign update {}: {error}", update.update_id))
+            })?;
+        let started = Instant::now();
+        let result = self
+            .agent
+            .post(&self.receiver_url)
+            .header("Content-Type", "application/json")
+            .send(signed.as_bytes());
+        let latency_ms = started.elapsed().as_millis() as u64;
+        match result {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                tracing::info!(update_id = update.update_id, status, latency_ms, "delivery");
+                if (200..300).contains(&status) {
+                    Ok(status)
+                } else {
+                    Err(AttemptError::Transient {
+                        reason: format!("the receiver answered HTTP {status}"),
+                        retry_after: None,
+                    })
+                }
+            }
+            Err(error) => {
+                tracing::info!(
+                    update_id = update.update_id,
+                    latency_ms,
+                    "delivery failed: {error}"
+                );
+                Err(AttemptError::Transient {
+                    reason: format!("the receiver is unreachable: {error}"),
+                    retry_after: None,
+                })
+            }
+        }
+    }
+}
+
+impl Handler for ForwardHandler {
+    fn handle(&self, update: &Update) -> Result<Outcome, HandleError> {
+        // One nonce per update: a redelivery is recognisably the same delivery.
+        let nonce = crate::random::hex_id(16);
+        let outcome = DELIVERY_RETRIES.run(
+            |_| self.deliver_once(update, &nonce),
+            |failures, reason, delay| {
+                tracing::warn!(
+                    update_id = update.update_id,
+                    failures,
+                    "{reason}; retrying in {:.1}s",
+                    delay.as_secs_f64()
+                );
+            },
+            |delay| self.shutdown.sleep(delay),
+        );
+        match outcome {
+            Ok(_) => Ok(Outcome::Delivered),
+            Err(GaveUp::Fatal(error)) => {
+                tracing::error!("{error:#}");
+                Ok(Outcome::Rejected)
+            }
+            Err(GaveUp::Exhausted { last, .. }) => Err(HandleError::Retry(anyhow!(last))),
+            Err(GaveUp::Cancelled) => Err(HandleError::Retry(anyhow!(
+                "stopped before the receiver answered"
+            ))),
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! `fly forward`: the local-development bridge. Long-polls the platform with
+//! poll-echo's loop and state store, and delivers each update, signed, to a
+//! local webhook receiver; the offset moves only after the receiver's 2xx.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::api::ApiClient;
+use crate::api::retry::RetryPolicy;
+use crate::bot::forward::ForwardHandler;
+use crate::bot::poll_loop::{self, PollSettings};
+use crate::cli::{ForwardArgs, GlobalArgs};
+use crate::commands::{required_token, signing_secret};
+use crate::exit::{self, usage};
+use crate::shutdown::Shutdown;
+use crate::state::{BotIdentity, StateStore};
+
+pub fn run(args: ForwardArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    if !(args.to.starts_with("http://") || args.to.starts_with("https://")) {
+        return Err(usage(format!(
+            "--to must be an http:// or https:// URL (got {:?})",
+            args.to
+        )));
+    }
+    let token = required_token(global)?;
+    let secret = signing_secret(&args.secret, global, "fly forward")?;
+    let shutdown = Shutdown::on_signals()?;
+    let client = ApiClient::new(&global.base_url, token.clone(), RetryPolicy::FOREVER)?
+        .with_shutdown(shutdown.clone());
+    let identity = BotIdentity::new(client.base_url(), &token);
+    let state_path = match args.state {
+        Some(path) => path,
+        None => identity.default_state_path()?,
+    };
+    let store = StateStore::open(&state_path, &identity)?;
+    let handler = ForwardHandler::new(args.to, secret, args.bot_id, shutdown.clone());
+    let settings = PollSettings {
+        limit: 50,
+        poll_timeout: Duration::from_secs(args.poll_timeout),
+        // A webhook receiver gets updates in order, as from the platform.
+        concurrency: 1,
+        max_updates: None,
+        once: false,
+    };
+    let summary = poll_loop::run(&client, &store, &handler, &settings, &shutdown)?;
+    tracing::info!(delivered = summary.handled, "stopped");
+    Ok(exit::code(exit::SUCCESS))
+}
