@@ -10,6 +10,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
@@ -21,6 +22,8 @@ use crate::api::{ApiClient, SendRequest, Update};
 /// A handler's reply is one message; more than this is a bug in the handler.
 const MAX_REPLY_BYTES: u64 = 1024 * 1024;
 const WAIT_SLICE: Duration = Duration::from_millis(10);
+/// How long the handler's last stderr lines get to reach the log once it is gone.
+const LOG_GRACE: Duration = Duration::from_millis(500);
 
 pub struct ExecHandler {
     pub command: String,
@@ -107,13 +110,15 @@ impl ExecHandler {
         if self.pass_token {
             command.env("FLY_BOT_TOKEN", self.client.token().expose());
         }
+        let deadline = Instant::now() + self.timeout;
         let mut child = command.spawn().context("starting the handler")?;
 
         let input = serde_json::to_vec(&update.raw).context("encoding the update")?;
         let mut stdin = child.stdin.take().expect("stdin is piped");
-        // Written on a thread: a handler that does not read stdin must not
-        // block us once the pipe buffer is full (a closed pipe is fine too).
-        let feeder = std::thread::spawn(move || {
+        // Written on a thread that is never waited for: a handler that does
+        // not read stdin must not block us once the pipe buffer is full. The
+        // write ends (done, or a broken pipe) when the handler exits or is killed.
+        std::thread::spawn(move || {
             let _ = stdin.write_all(&input);
         });
         let mut stdout = child.stdout.take().expect("stdout is piped");
@@ -131,22 +136,23 @@ impl ExecHandler {
             }
         });
 
-        let status = wait_with_timeout(&mut child, self.timeout);
-        let _ = feeder.join();
-        let status = match status {
-            Some(status) => status,
-            None => {
-                kill_group(&child);
-                let _ = child.wait();
-                let _ = logger.join();
-                return Err(anyhow!("timed out after {:?}; killed", self.timeout));
-            }
+        // The reply is complete once the handler exited and its stdout closed;
+        // a background job it started may hold stdout open after the shell
+        // exits, so both count against the timeout.
+        let status = wait_until(&mut child, deadline);
+        let reply = status.and_then(|_| join_by(reader, deadline));
+        let (Some(status), Some(reply)) = (status, reply) else {
+            kill_group(&child);
+            let _ = child.wait();
+            let _ = join_by(logger, Instant::now() + LOG_GRACE);
+            return Err(anyhow!("timed out after {:?}; killed", self.timeout));
         };
-        let reply = reader
-            .join()
+        // Lines written before the exit still reach the log; a background job
+        // that keeps stderr open is not waited for.
+        let _ = join_by(logger, Instant::now() + LOG_GRACE);
+        let reply = reply
             .map_err(|_| anyhow!("reading the handler's output failed"))?
             .context("reading the handler's output")?;
-        let _ = logger.join();
         if !status.success() {
             return Err(anyhow!("failed ({status})"));
         }
@@ -154,8 +160,7 @@ impl ExecHandler {
     }
 }
 
-fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + timeout;
+fn wait_until(child: &mut Child, deadline: Instant) -> Option<ExitStatus> {
     loop {
         match child.try_wait() {
             Ok(Some(status)) => return Some(status),
@@ -163,6 +168,19 @@ fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus>
             Ok(None) => std::thread::sleep(WAIT_SLICE),
             Err(_) => return None,
         }
+    }
+}
+
+/// Joins `thread` if it finishes by `deadline`; otherwise leaves it running.
+fn join_by<T>(thread: JoinHandle<T>, deadline: Instant) -> Option<std::thread::Result<T>> {
+    loop {
+        if thread.is_finished() {
+            return Some(thread.join());
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(WAIT_SLICE);
     }
 }
 

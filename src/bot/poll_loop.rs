@@ -212,7 +212,11 @@ fn handle_batch(
     std::thread::scope(|scope| {
         for _ in 0..workers {
             scope.spawn(|| {
-                while let Some(chat_updates) = lock(&queue).pop_front() {
+                // The queue's lock is released before the chat is handled
+                // (a `while let` would hold it for the whole loop body).
+                loop {
+                    let next = lock(&queue).pop_front();
+                    let Some(chat_updates) = next else { break };
                     let stopped_at = handle_chat(
                         &chat_updates,
                         handler,

@@ -4,6 +4,7 @@
 mod common;
 mod demo;
 mod emulator;
+mod exec;
 mod fetch_media;
 mod poll_echo;
 mod reference;

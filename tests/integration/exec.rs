@@ -1,0 +1,720 @@
+//! `--exec` handlers (poll-echo and serve-webhook) and `fly forward`, against
+//! the emulator: the handler contract (stdin, environment, stdout as the
+//! reply, exit codes, timeout), retries that never double-post, per-chat order
+//! under concurrency, and forward's delivery until the receiver answers 2xx.
+//!
+//! Handlers are plain `sh` with `sed`/`tr`, so the tests need nothing else.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::common::{Emulator, TOKEN, fly, fly_at, fly_path, stderr_of};
+
+/// Prints the text content of the update on stdin (plain ASCII without quotes
+/// is all these tests send).
+const CONTENT: &str = r#"sed -n 's/.*"content":"\([^"]*\)".*/\1/p'"#;
+
+/// `fly poll-echo --once --state STATE --exec HANDLER EXTRA…`, bounded in time.
+fn poll_once(
+    emulator: &Emulator,
+    state: &Path,
+    handler: &str,
+    extra: &[&str],
+) -> std::process::Output {
+    fly_at(emulator)
+        .args(["poll-echo", "--once", "--state"])
+        .arg(state)
+        .args(["--exec", handler])
+        .args(extra)
+        .timeout(Duration::from_secs(15))
+        .output()
+        .unwrap()
+}
+
+/// A long-running `fly` child (poll-echo, serve-webhook, forward) pointed at
+/// the emulator. Its stderr is collected as it comes; killed when dropped.
+struct Service {
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+    log: Arc<Mutex<String>>,
+    collector: Option<JoinHandle<()>>,
+}
+
+impl Service {
+    fn start(emulator: &Emulator, args: &[&str]) -> Service {
+        let mut child = Command::new(fly_path())
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("FLY_BASE_URL", &emulator.base_url)
+            .env("FLY_BOT_TOKEN", TOKEN)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let collector = std::thread::spawn({
+            let log = Arc::clone(&log);
+            move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    let mut log = log.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            }
+        });
+        Service {
+            child,
+            stdout,
+            log,
+            collector: Some(collector),
+        }
+    }
+
+    /// The first stdout line (serve-webhook's URL).
+    fn first_line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    }
+
+    /// stderr so far.
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits for the child to exit by itself; then its whole stderr is in `log`.
+    fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                if let Some(collector) = self.collector.take() {
+                    collector.join().unwrap();
+                }
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `condition` every 50 ms until it holds; false if `limit` passed first.
+fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The text reply a handler's stdout becomes.
+fn text_reply(update_id: i64, content: &str, chat_type: &str, chat_id: &str) -> Value {
+    let mut expected = json!({
+        "msg_type": "text",
+        "data": {"content": content},
+        "client_msg_id": format!("reply_{update_id}"),
+    });
+    expected[target_field(chat_type)] = json!(chat_id);
+    expected
+}
+
+fn target_field(chat_type: &str) -> &'static str {
+    if chat_type == "group" {
+        "group_id"
+    } else {
+        "to_user_id"
+    }
+}
+
+fn sorted_by_id(mut sent: Vec<Value>) -> Vec<Value> {
+    sent.sort_by_key(|s| s["client_msg_id"].as_str().unwrap_or_default().to_string());
+    sent
+}
+
+fn client_msg_ids(sent: &[Value]) -> Vec<String> {
+    sent.iter()
+        .map(|s| s["client_msg_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A number no other test run on this machine uses at the same time, for
+/// `sleep` durations that `pgrep -f` can find.
+fn unique_suffix() -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{}{:03}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+fn processes_matching(pattern: &str) -> String {
+    let output = Command::new("pgrep")
+        .args(["-a", "-f", pattern])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A port nothing listens on right now.
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// Upper-cases the text and reports what the handler saw in its environment.
+const UPPERCASE_AND_ENV: &str = r#"
+    echo run >> "$RUNS"
+    text=$(sed -n 's/.*"content":"\([^"]*\)".*/\1/p' | tr '[:lower:]' '[:upper:]')
+    printf '%s|%s|%s|%s|%s|%s|token=%s|secret=%s\n' "$text" \
+        "$FLY_UPDATE_ID" "$FLY_UPDATE_TYPE" "$FLY_CHAT_ID" "$FLY_CHAT_TYPE" "$FLY_MSG_TYPE" \
+        "${FLY_BOT_TOKEN-unset}" "${FLY_WEBHOOK_SECRET-unset}"
+"#;
+
+#[test]
+fn a_shell_handler_replies_with_its_stdout_and_sees_the_update_but_not_the_token() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("s.db");
+    let runs = dir.path().join("runs");
+    let handler = UPPERCASE_AND_ENV.replace("$RUNS", &runs.display().to_string());
+    let conversation = [
+        ("private", "u_1", "hello world"),
+        ("group", "g_1", "mixed Case 123"),
+        ("private", "u_1", "second one"),
+    ];
+    let mut expected = Vec::new();
+    for (chat_type, chat_id, text) in conversation {
+        let update_id = emulator.user_says(chat_type, chat_id, text);
+        let reply = format!(
+            "{}|{update_id}|message|{chat_id}|{chat_type}|text|token=unset|secret=unset",
+            text.to_uppercase()
+        );
+        expected.push(text_reply(update_id, &reply, chat_type, chat_id));
+    }
+    // Not a message: the handler is not run for it.
+    emulator.post(
+        "/_emulator/updates",
+        json!({"type": "callback_query", "callback_query": {"id": "cb1"}}),
+    );
+
+    let output = fly_at(&emulator)
+        .env("FLY_WEBHOOK_SECRET", "webhook-secret-not-for-handlers")
+        .args(["poll-echo", "--once", "--state"])
+        .arg(&state)
+        .args(["--exec", &handler])
+        .timeout(Duration::from_secs(20))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    assert_eq!(
+        sorted_by_id(emulator.sent()),
+        sorted_by_id(expected.clone())
+    );
+    assert_eq!(std::fs::read_to_string(&runs).unwrap().lines().count(), 3);
+    let log = stderr_of(&output);
+    assert_eq!(log.matches("outcome=replied").count(), 3, "{log}");
+    assert!(
+        !log.contains(TOKEN),
+        "the token never reaches the log: {log}"
+    );
+
+    // With --exec-pass-token the handler gets the token.
+    let update_id = emulator.user_says("group", "g_2", "token please");
+    let output = poll_once(&emulator, &state, &handler, &["--exec-pass-token"]);
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    let reply =
+        format!("TOKEN PLEASE|{update_id}|message|g_2|group|text|token={TOKEN}|secret=unset");
+    expected.push(text_reply(update_id, &reply, "group", "g_2"));
+    assert_eq!(sorted_by_id(emulator.sent()), sorted_by_id(expected));
+}
+
+#[test]
+fn a_json_reply_with_msg_type_and_data_is_sent_as_that_message() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let image =
+        json!({"originalUrl": "https://cdn.example/cat.jpg", "width": 640, "caption": "猫"});
+    let handler = format!(
+        r#"cat > /dev/null
+        case "$FLY_CHAT_ID" in
+            u_img) printf '%s\n' '{}' ;;
+            *) printf '%s\n' '{{"note": "no msg_type, so this is text"}}' ;;
+        esac"#,
+        json!({"msg_type": "image", "data": image})
+    );
+    let image_id = emulator.user_says("private", "u_img", "a picture please");
+    let text_id = emulator.user_says("group", "g_txt", "anything");
+    let output = poll_once(&emulator, &dir.path().join("s.db"), &handler, &[]);
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    assert_eq!(
+        sorted_by_id(emulator.sent()),
+        sorted_by_id(vec![
+            json!({"msg_type": "image", "data": image, "client_msg_id": format!("reply_{image_id}"), "to_user_id": "u_img"}),
+            text_reply(
+                text_id,
+                r#"{"note": "no msg_type, so this is text"}"#,
+                "group",
+                "g_txt"
+            ),
+        ])
+    );
+}
+
+#[test]
+fn a_failing_handler_is_retried_until_it_succeeds_and_replies_once() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("failed-once");
+    let runs = dir.path().join("runs");
+    let handler = format!(
+        r#"echo run >> '{runs}'
+        if [ -e '{marker}' ]; then
+            echo "recovered on update $FLY_UPDATE_ID"
+        else
+            touch '{marker}'
+            echo 'first try: database unavailable' >&2
+            exit 3
+        fi"#,
+        runs = runs.display(),
+        marker = marker.display()
+    );
+    let update_id = emulator.user_says("private", "u_r", "try me");
+    let state = dir.path().join("s.db");
+    let state = state.to_str().unwrap();
+    let mut service = Service::start(
+        &emulator,
+        &[
+            "poll-echo",
+            "--state",
+            state,
+            "--max-updates",
+            "1",
+            "--poll-timeout",
+            "1",
+            "--exec",
+            &handler,
+        ],
+    );
+    let status = service
+        .wait(Duration::from_secs(20))
+        .expect("poll-echo stops after one handled update");
+    let log = service.log();
+    assert!(status.success(), "{log}");
+    assert_eq!(
+        emulator.sent(),
+        vec![text_reply(
+            update_id,
+            &format!("recovered on update {update_id}"),
+            "private",
+            "u_r"
+        )]
+    );
+    assert_eq!(std::fs::read_to_string(&runs).unwrap().lines().count(), 2);
+    assert!(
+        log.contains("[exec] first try: database unavailable"),
+        "the handler's stderr is logged with a prefix: {log}"
+    );
+    assert!(
+        log.contains("will retry") && log.contains("exit status: 3"),
+        "{log}"
+    );
+    assert_eq!(log.matches("outcome=replied").count(), 1, "{log}");
+}
+
+/// Runs a hanging handler on one update with `--exec-timeout 1`: fly gives up
+/// quickly with exit 1, kills the handler's whole process group, sends
+/// nothing, and keeps the update for the next run.
+fn assert_hanging_handler_is_killed(content: &str, hang: &str) {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("s.db");
+    let update_id = emulator.user_says("private", "u_h", content);
+    let suffix = unique_suffix();
+    let sleep = format!("sleep 31.{suffix}");
+    let handler = hang.replace("SLEEP", &sleep);
+
+    let started = Instant::now();
+    let output = poll_once(&emulator, &state, &handler, &["--exec-timeout", "1"]);
+    let elapsed = started.elapsed();
+    let log = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(1), "{log}");
+    assert!(elapsed < Duration::from_secs(8), "took {elapsed:?}: {log}");
+    assert!(log.contains("timed out"), "{log}");
+    assert!(emulator.sent().is_empty(), "{:?}", emulator.sent());
+    // SIGKILL to the group is immediate; allow a moment for the reaping.
+    let pattern = format!("sleep 31\\.{suffix}");
+    assert!(
+        eventually(Duration::from_secs(2), || processes_matching(&pattern)
+            .is_empty()),
+        "the handler's processes outlived the timeout: {}",
+        processes_matching(&pattern)
+    );
+
+    // The offset did not move: the next run answers the same update.
+    let output = poll_once(&emulator, &state, "cat > /dev/null; echo answered", &[]);
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    assert_eq!(
+        emulator.sent(),
+        vec![text_reply(update_id, "answered", "private", "u_h")]
+    );
+}
+
+#[test]
+fn a_hanging_handler_is_killed_at_the_timeout_with_its_children() {
+    // `sleep` runs as a child of the shell: only a group kill reaches it.
+    assert_hanging_handler_is_killed("hang", "cat > /dev/null; SLEEP; echo too late");
+}
+
+#[test]
+fn a_hanging_handler_that_never_reads_a_large_update_is_killed_at_the_timeout() {
+    // More than a pipe buffer of update that the handler never reads.
+    assert_hanging_handler_is_killed(&"x".repeat(300_000), "SLEEP; echo too late");
+}
+
+#[test]
+fn a_handler_whose_background_job_keeps_stdout_open_times_out() {
+    // The shell exits at once, but its background job holds stdout (and
+    // stderr) open: the reply is not complete before the timeout.
+    assert_hanging_handler_is_killed("bg", "cat > /dev/null; echo partial; SLEEP &");
+}
+
+#[test]
+fn concurrent_handlers_keep_each_chats_order() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events");
+    let running = dir.path().join("running");
+    std::fs::create_dir(&running).unwrap();
+    // Logs "start ID CHAT N" (N = handlers running at that moment) and
+    // "end ID CHAT", and replies with the text it was given.
+    let handler = format!(
+        r#"text=$({CONTENT})
+        touch '{running}/'"$FLY_UPDATE_ID"
+        n=$(ls '{running}' | wc -l)
+        echo "start $FLY_UPDATE_ID $FLY_CHAT_ID $n" >> '{events}'
+        sleep 0.3
+        echo "end $FLY_UPDATE_ID $FLY_CHAT_ID" >> '{events}'
+        rm '{running}/'"$FLY_UPDATE_ID"
+        echo "$text""#,
+        running = running.display(),
+        events = events.display()
+    );
+    let chats = ["c_1", "c_2", "c_3", "c_4", "c_5", "c_6"];
+    let mut expected: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
+    for round in 0..3 {
+        for chat in chats {
+            let text = format!("{chat}-m{round}");
+            let update_id = emulator.user_says("group", chat, &text);
+            expected
+                .entry(chat)
+                .or_default()
+                .push(text_reply(update_id, &text, "group", chat));
+        }
+    }
+    let started = Instant::now();
+    let output = poll_once(
+        &emulator,
+        &dir.path().join("s.db"),
+        &handler,
+        &["--concurrency", "4"],
+    );
+    let elapsed = started.elapsed();
+    assert!(output.status.success(), "{}", stderr_of(&output));
+
+    let sent = emulator.sent();
+    assert_eq!(sent.len(), 18);
+    for (chat, replies) in &expected {
+        let of_chat: Vec<Value> = sent
+            .iter()
+            .filter(|s| s["group_id"] == json!(chat))
+            .cloned()
+            .collect();
+        assert_eq!(&of_chat, replies, "replies of {chat} in update order");
+    }
+
+    // Per chat, each handler ends before the next one starts, in update order.
+    let events = std::fs::read_to_string(&events).unwrap();
+    let mut per_chat: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut most_at_once = 0;
+    for line in events.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        per_chat
+            .entry(fields[2].to_string())
+            .or_default()
+            .push(format!("{} {}", fields[0], fields[1]));
+        if fields[0] == "start" {
+            most_at_once = most_at_once.max(fields[3].parse::<u32>().unwrap());
+        }
+    }
+    for (chat, replies) in &expected {
+        let ids: Vec<String> = client_msg_ids(replies)
+            .iter()
+            .map(|id| id.trim_start_matches("reply_").to_string())
+            .collect();
+        let order: Vec<String> = ids
+            .iter()
+            .flat_map(|id| [format!("start {id}"), format!("end {id}")])
+            .collect();
+        assert_eq!(per_chat[*chat], order, "handlers of {chat}:\n{events}");
+    }
+    assert!(
+        (2..=4).contains(&most_at_once),
+        "--concurrency 4 runs several handlers at once, never more than 4 (saw {most_at_once}):\n{events}"
+    );
+    // 18 handlers of 0.3 s one after the other would take 5.4 s.
+    assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
+}
+
+#[test]
+fn empty_output_with_exit_0_is_handled_without_a_reply_and_not_retried() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("s.db");
+    let runs = dir.path().join("runs");
+    let handler = format!(
+        r#"echo "$FLY_UPDATE_ID" >> '{}'
+        case "$({CONTENT})" in
+            quiet) ;;
+            *) printf ' \n\n' ;;
+        esac"#,
+        runs.display()
+    );
+    let quiet = emulator.user_says("private", "u_q", "quiet");
+    let blank = emulator.user_says("group", "g_q", "blank");
+    let output = poll_once(&emulator, &state, &handler, &[]);
+    let log = stderr_of(&output);
+    assert!(output.status.success(), "{log}");
+    assert_eq!(log.matches("outcome=handled").count(), 2, "{log}");
+    assert!(emulator.sent().is_empty(), "{:?}", emulator.sent());
+    // Handled means done: another run does not call the handler again.
+    let output = poll_once(&emulator, &state, &handler, &[]);
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    let mut ran: Vec<String> = std::fs::read_to_string(&runs)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    ran.sort();
+    let mut expected = vec![quiet.to_string(), blank.to_string()];
+    expected.sort();
+    assert_eq!(ran, expected);
+    assert!(emulator.sent().is_empty());
+}
+
+/// `fly serve-webhook --exec HANDLER` on a port, pointed at the emulator;
+/// returns the service and the URL it printed.
+fn start_receiver(
+    emulator: &Emulator,
+    port: u16,
+    state: &Path,
+    handler: &str,
+) -> (Service, String) {
+    let port = port.to_string();
+    let mut receiver = Service::start(
+        emulator,
+        &[
+            "serve-webhook",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--state",
+            state.to_str().unwrap(),
+            "--secret",
+            "forward-test-secret",
+            "--exec",
+            handler,
+        ],
+    );
+    let url = receiver.first_line();
+    assert!(
+        url.starts_with("http://127.0.0.1:"),
+        "{url:?}: {}",
+        receiver.log()
+    );
+    (receiver, url)
+}
+
+fn start_forward(emulator: &Emulator, url: &str, state: &Path) -> Service {
+    Service::start(
+        emulator,
+        &[
+            "forward",
+            "--to",
+            url,
+            "--secret",
+            "forward-test-secret",
+            "--state",
+            state.to_str().unwrap(),
+            "--poll-timeout",
+            "1",
+        ],
+    )
+}
+
+/// Replies `shout: TEXT` and records each run's update id.
+fn shouting_handler(runs: &Path) -> String {
+    format!(
+        r#"echo "$FLY_UPDATE_ID" >> '{}'
+        echo "shout: $({CONTENT} | tr '[:lower:]' '[:upper:]')""#,
+        runs.display()
+    )
+}
+
+#[test]
+fn forward_delivers_into_serve_webhook_exec_end_to_end() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let runs = dir.path().join("runs");
+    let (receiver, url) = start_receiver(
+        &emulator,
+        0,
+        &dir.path().join("receiver.db"),
+        &shouting_handler(&runs),
+    );
+    let forward = start_forward(&emulator, &url, &dir.path().join("forward.db"));
+    let conversation = [
+        ("private", "u_1", "hello"),
+        ("group", "g_1", "from the group"),
+        ("private", "u_2", "third"),
+    ];
+    let mut expected = Vec::new();
+    for (chat_type, chat_id, text) in conversation {
+        let update_id = emulator.user_says(chat_type, chat_id, text);
+        let reply = format!("shout: {}", text.to_uppercase());
+        expected.push(text_reply(update_id, &reply, chat_type, chat_id));
+    }
+    assert!(
+        eventually(Duration::from_secs(20), || emulator.sent().len() >= 3),
+        "sent {:?}\nforward: {}\nreceiver: {}",
+        emulator.sent(),
+        forward.log(),
+        receiver.log()
+    );
+    assert_eq!(sorted_by_id(emulator.sent()), sorted_by_id(expected));
+    let log = forward.log();
+    let deliveries: Vec<&str> = log.lines().filter(|l| l.contains(" delivery ")).collect();
+    assert_eq!(deliveries.len(), 3, "{log}");
+    for line in deliveries {
+        assert!(
+            line.contains("status=200") && line.contains("latency_ms="),
+            "{line}"
+        );
+    }
+    assert_eq!(
+        receiver.log().matches("outcome=\"OK\"").count(),
+        3,
+        "{}",
+        receiver.log()
+    );
+}
+
+#[test]
+fn forward_waits_for_a_receiver_that_is_down_and_loses_nothing() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let runs = dir.path().join("runs");
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}/webhook");
+    let forward = start_forward(&emulator, &url, &dir.path().join("forward.db"));
+    let mut expected = BTreeSet::new();
+    for n in 0..5 {
+        let chat = format!("u_{}", n % 2);
+        expected.insert(emulator.user_says("private", &chat, &format!("m{n}")));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(emulator.sent().is_empty());
+    assert!(
+        forward.log().contains("delivery failed"),
+        "each attempt is logged: {}",
+        forward.log()
+    );
+
+    let (receiver, receiver_url) = start_receiver(
+        &emulator,
+        port,
+        &dir.path().join("receiver.db"),
+        &shouting_handler(&runs),
+    );
+    assert_eq!(receiver_url, url);
+    expected.insert(emulator.user_says("group", "g_late", "after it came up"));
+    assert!(
+        eventually(Duration::from_secs(20), || emulator.sent().len()
+            >= expected.len()),
+        "sent {:?}\nforward: {}\nreceiver: {}",
+        emulator.sent(),
+        forward.log(),
+        receiver.log()
+    );
+    // Give a doubled delivery the chance to show up.
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = emulator.sent();
+    let expected_ids: BTreeSet<String> = expected.iter().map(|id| format!("reply_{id}")).collect();
+    let ids = client_msg_ids(&sent);
+    assert_eq!(ids.len(), expected.len(), "{ids:?}");
+    assert_eq!(ids.into_iter().collect::<BTreeSet<_>>(), expected_ids);
+    // Each handler ran once: no update was delivered and handled twice.
+    let mut ran: Vec<i64> = std::fs::read_to_string(&runs)
+        .unwrap()
+        .lines()
+        .map(|line| line.parse().unwrap())
+        .collect();
+    ran.sort();
+    assert_eq!(ran, expected.into_iter().collect::<Vec<_>>());
+    assert!(forward.log().contains("status=200"), "{}", forward.log());
+}
+
+#[test]
+fn bad_usage_is_exit_2_with_one_error_line() {
+    for args in [
+        &["poll-echo", "--once", "--exec-pass-token"][..],
+        &["serve-webhook", "--exec-pass-token"],
+        &["forward", "--to", "ftp://x"],
+    ] {
+        let output = fly()
+            .env("FLY_BOT_TOKEN", TOKEN)
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = stderr_of(&output);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.starts_with("fly: error: "), "{args:?}: {stderr}");
+        assert!(output.stdout.is_empty(), "{args:?}");
+    }
+    let output = fly()
+        .env("FLY_BOT_TOKEN", TOKEN)
+        .args(["forward", "--to", "ftp://x"])
+        .output()
+        .unwrap();
+    assert!(
+        stderr_of(&output).contains("--to"),
+        "{}",
+        stderr_of(&output)
+    );
+}
