@@ -8,4 +8,5 @@ mod fetch_media;
 mod poll_echo;
 mod reference;
 mod send;
+mod serve_webhook;
 mod signature;
