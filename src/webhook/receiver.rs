@@ -234,9 +234,11 @@ struct InFlight<'a> {
 
 impl<'a> InFlight<'a> {
     fn claim(set: &'a Mutex<HashSet<i64>>, update_id: i64) -> Option<InFlight<'a>> {
-        lock(set)
-            .insert(update_id)
-            .then_some(InFlight { set, update_id })
+        // The guard must be gone, and no InFlight built, when the id is
+        // taken: dropping one would lock the set again (a deadlock) and
+        // release the other delivery's claim.
+        let claimed = lock(set).insert(update_id);
+        claimed.then(|| InFlight { set, update_id })
     }
 }
 
@@ -250,4 +252,28 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_claim_on_an_update_in_flight_fails_and_keeps_the_first() {
+        // On a thread: the bug this guards against was a deadlock.
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let set = Mutex::new(HashSet::new());
+            let first = InFlight::claim(&set, 7).expect("first claim");
+            assert!(InFlight::claim(&set, 7).is_none());
+            assert!(lock(&set).contains(&7));
+            drop(first);
+            assert!(lock(&set).is_empty());
+            assert!(InFlight::claim(&set, 7).is_some());
+            done.send(()).unwrap();
+        });
+        finished
+            .recv_timeout(Duration::from_secs(5))
+            .expect("claims finish without deadlock");
+    }
 }

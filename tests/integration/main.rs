@@ -9,4 +9,5 @@ mod fetch_media;
 mod poll_echo;
 mod reference;
 mod send;
+mod serve_webhook;
 mod signature;

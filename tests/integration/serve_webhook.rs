@@ -1,0 +1,966 @@
+//! `fly serve-webhook`: signed deliveries from the emulator's webhook mode and
+//! raw requests for every status code, key rotation, a slowloris crowd,
+//! dedupe across a restart, HTTPS, and clean stops.
+
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+
+use crate::common::{Emulator, TOKEN, fly, fly_path, stderr_of};
+
+const SECRET: &str = "hook-secret";
+const FIVE_MIB: usize = 5 * 1024 * 1024;
+
+/// A `fly serve-webhook --bind 127.0.0.1 --port 0` child, killed when dropped.
+/// Its stderr (the log) goes to a file, so a chatty server never blocks on a
+/// full pipe and a failing test can show what it said.
+struct Server {
+    child: Child,
+    _stdout: BufReader<ChildStdout>,
+    /// The URL it printed: where deliveries go.
+    url: String,
+    /// `scheme://127.0.0.1:port`, for other paths.
+    origin: String,
+    addr: SocketAddr,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Serves in `dir` (state store `dir/s.db`) for the emulator at `base_url`.
+    fn start(base_url: &str, dir: &Path, extra: &[&str]) -> Server {
+        let log = tempfile::Builder::new()
+            .prefix("serve-webhook-")
+            .suffix(".log")
+            .tempfile_in(dir)
+            .unwrap()
+            .into_temp_path()
+            .keep()
+            .unwrap();
+        let mut child = Command::new(fly_path())
+            .args([
+                "serve-webhook",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--state",
+            ])
+            .arg(dir.join("s.db"))
+            .args(extra)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("FLY_BASE_URL", base_url)
+            .env("FLY_BOT_TOKEN", TOKEN)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn fly serve-webhook");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut first_line = String::new();
+        stdout.read_line(&mut first_line).unwrap();
+        let url = first_line.trim().to_string();
+        if url.is_empty() {
+            let status = child.wait().unwrap();
+            panic!(
+                "serve-webhook printed no URL ({status}): {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        let rest = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"))
+            .unwrap_or_else(|| panic!("first line should be the URL, got {url:?}"));
+        let authority = rest.split('/').next().unwrap();
+        let addr: SocketAddr = authority.parse().unwrap();
+        let origin = url[..url.len() - rest.len() + authority.len()].to_string();
+        Server {
+            child,
+            _stdout: stdout,
+            url,
+            origin,
+            addr,
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, as a service manager stops it.
+    fn terminate(&self) {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
+
+    fn wait_for_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A status code, its body and the `Allow` header.
+#[derive(Debug, PartialEq)]
+struct Answer {
+    status: u16,
+    body: String,
+    allow: Option<String>,
+}
+
+fn answer(status: u16, body: &str) -> Answer {
+    Answer {
+        status,
+        body: body.to_string(),
+        allow: None,
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(20)))
+        .proxy(None)
+        .build()
+        .new_agent()
+}
+
+fn read(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Answer {
+    let mut response = result.expect("request to serve-webhook");
+    let allow = response
+        .headers()
+        .get("allow")
+        .map(|value| value.to_str().unwrap().to_string());
+    Answer {
+        status: response.status().as_u16(),
+        body: response.body_mut().read_to_string().unwrap(),
+        allow,
+    }
+}
+
+fn post_with(agent: &ureq::Agent, url: &str, body: &str) -> Answer {
+    read(
+        agent
+            .post(url)
+            .header("Content-Type", "application/json")
+            .send(body),
+    )
+}
+
+fn post(url: &str, body: &str) -> Answer {
+    post_with(&agent(), url, body)
+}
+
+fn get(url: &str) -> Answer {
+    read(agent().get(url).call())
+}
+
+/// A text message update as the platform sends it (before signing).
+fn text_update(update_id: i64, chat: (&str, &str), text: &str) -> String {
+    json!({
+        "update_id": update_id,
+        "type": "message",
+        "message": {
+            "chat": {"type": chat.0, "id": chat.1},
+            "msgType": "text",
+            "data": {"content": text},
+        },
+    })
+    .to_string()
+}
+
+/// `update` signed by `fly sign --secret secret` plus `extra` flags.
+fn sign(update: &str, secret: &str, extra: &[&str]) -> String {
+    let output = fly()
+        .args(["sign", "--secret", secret])
+        .args(extra)
+        .write_stdin(update.to_string())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .trim_end()
+        .to_string()
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// The echo poll-echo (and so serve-webhook) sends for a text update.
+fn echo(update_id: i64, content: &str, target: (&str, &str)) -> Value {
+    let mut expected = json!({
+        "msg_type": "text",
+        "data": {"content": format!("echo: {content}")},
+        "client_msg_id": format!("echo_{update_id}"),
+    });
+    expected[target.0] = json!(target.1);
+    expected
+}
+
+fn wait_until(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends `head`, then has `write_body` write to the socket from another
+/// thread (the server may answer, and close, before reading all of it), and
+/// reads one response: its status line's code and its body.
+fn raw_exchange(
+    addr: SocketAddr,
+    head: &str,
+    write_body: impl FnOnce(&mut TcpStream) + Send + 'static,
+) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let writing = std::thread::spawn(move || write_body(&mut writer));
+
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 8192];
+    let response = loop {
+        if let Some(end) = find(&received, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&received[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length:"))
+                .map_or(0, |value| value.trim().parse().unwrap());
+            if received.len() >= end + 4 + length {
+                let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+                let body = String::from_utf8_lossy(&received[end + 4..end + 4 + length]);
+                break (status, body.into_owned());
+            }
+        }
+        match stream.read(&mut buffer) {
+            Ok(0) => panic!(
+                "connection closed before a full response: {:?}",
+                String::from_utf8_lossy(&received)
+            ),
+            Ok(n) => received.extend_from_slice(&buffer[..n]),
+            Err(error) => panic!(
+                "reading the response: {error} (got {:?})",
+                String::from_utf8_lossy(&received)
+            ),
+        }
+    };
+    // Unblocks the writer if the server neither reads nor closes.
+    let _ = stream.shutdown(Shutdown::Both);
+    writing.join().unwrap();
+    response
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
+}
+
+// ---------------------------------------------------------------------------
+// Deliveries from the emulator
+
+#[test]
+fn emulator_deliveries_are_echoed_to_users_and_groups() {
+    let emulator = Emulator::start_strict();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&emulator.base_url, dir.path(), &["--secret", SECRET]);
+    emulator.post(
+        "/_emulator/webhook",
+        json!({"url": server.url, "secret": SECRET, "bot_id": 42}),
+    );
+    let private = emulator.user_says("private", "u_1", "hello 你好 👋🏽");
+    let group = emulator.user_says("group", "g_1", "line one\nline \"two\"");
+    wait_until(Duration::from_secs(15), "both deliveries", || {
+        emulator.get("/_emulator/webhook")["delivered"]
+            .as_array()
+            .is_some_and(|delivered| delivered.len() == 2)
+    });
+    let report = emulator.get("/_emulator/webhook");
+    assert_eq!(
+        report["delivered"],
+        json!([
+            {"update_id": private, "status": 200, "attempts": 1},
+            {"update_id": group, "status": 200, "attempts": 1},
+        ]),
+        "{}",
+        server.log()
+    );
+    assert_eq!(report["pending"], 0);
+    assert_eq!(
+        emulator.sent(),
+        [
+            echo(private, "hello 你好 👋🏽", ("to_user_id", "u_1")),
+            echo(group, "line one\nline \"two\"", ("group_id", "g_1")),
+        ]
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Status codes, with raw requests
+
+#[test]
+fn a_handled_update_is_answered_ok_once_and_its_redelivery_is_a_duplicate() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&emulator.base_url, dir.path(), &["--secret", SECRET]);
+
+    let signed = sign(&text_update(101, ("private", "u_1"), "first"), SECRET, &[]);
+    assert_eq!(post(&server.url, &signed), answer(200, "OK"));
+    assert_eq!(post(&server.url, &signed), answer(200, "DUPLICATE"));
+
+    // The platform's bot.id may be a number: 42 signs as "42".
+    let signed = sign(
+        &text_update(102, ("group", "g_1"), "numeric bot id"),
+        SECRET,
+        &["--bot-id", "42"],
+    );
+    let numeric = signed.replace(r#""bot":{"id":"42"}"#, r#""bot":{"id":42}"#);
+    assert_ne!(numeric, signed);
+    assert_eq!(post(&server.url, &numeric), answer(200, "OK"));
+    assert_eq!(post(&server.url, &numeric), answer(200, "DUPLICATE"));
+
+    // An update without a message (a callback_query) is confirmed, not answered.
+    let callback = sign(
+        r#"{"update_id":103,"type":"callback_query","callback_query":{"id":"cb1"}}"#,
+        SECRET,
+        &[],
+    );
+    assert_eq!(post(&server.url, &callback), answer(200, "OK"));
+
+    assert_eq!(
+        emulator.sent(),
+        [
+            echo(101, "first", ("to_user_id", "u_1")),
+            echo(102, "numeric bot id", ("group_id", "g_1")),
+        ]
+    );
+    assert_eq!(
+        get(&format!("{}/healthz", server.origin)),
+        answer(200, "ok")
+    );
+}
+
+#[test]
+fn bad_json_signatures_replays_and_reused_nonces_are_refused() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&emulator.base_url, dir.path(), &["--secret", SECRET]);
+    let url = server.url.as_str();
+
+    // 400: not JSON, not UTF-8, not an update.
+    assert_eq!(post(url, r#"{"update_id":"#), answer(400, "MALFORMED_JSON"));
+    let (status, body) = raw_exchange(
+        server.addr,
+        "POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n",
+        |stream| stream.write_all(b"\xff\xfe").unwrap(),
+    );
+    assert_eq!((status, body.as_str()), (400, "MALFORMED_JSON"));
+    assert_eq!(post(url, "[1,2]"), answer(400, "INVALID_UPDATE"));
+    let zero_id = sign(r#"{"update_id":0,"type":"message"}"#, SECRET, &[]);
+    assert_eq!(post(url, &zero_id), answer(400, "INVALID_UPDATE"));
+
+    // 401: another secret, a field changed after signing.
+    let update = text_update(201, ("private", "u_1"), "hi");
+    let foreign = sign(&update, "another-secret", &[]);
+    assert_eq!(post(url, &foreign), answer(401, "SIGNATURE_MISMATCH"));
+    let signed = sign(&update, SECRET, &[]);
+    for tampered in [
+        signed.replace(r#""content":"hi""#, r#""content":"ho""#),
+        signed.replace(r#""id":"u_1""#, r#""id":"u_2""#),
+        signed.replace(r#""update_id":201"#, r#""update_id":209"#),
+    ] {
+        assert_ne!(tampered, signed);
+        assert_eq!(post(url, &tampered), answer(401, "SIGNATURE_MISMATCH"));
+    }
+
+    // 401: signed 1000 s ago, or 1000 s ahead (window 300 s).
+    for skew in [-1000, 1000] {
+        let stale = sign(
+            &text_update(202, ("private", "u_1"), "late"),
+            SECRET,
+            &[&format!("--now={}", unix_now() + skew)],
+        );
+        assert_eq!(post(url, &stale), answer(401, "REPLAY_WINDOW_EXCEEDED"));
+    }
+
+    // 401: a nonce already seen with another update.
+    let first = sign(
+        &text_update(203, ("private", "u_1"), "one"),
+        SECRET,
+        &["--nonce", "n-shared"],
+    );
+    let second = sign(
+        &text_update(204, ("private", "u_1"), "two"),
+        SECRET,
+        &["--nonce", "n-shared"],
+    );
+    assert_eq!(post(url, &first), answer(200, "OK"));
+    assert_eq!(post(url, &second), answer(401, "NONCE_REUSED"));
+    // A redelivery of the first (same nonce, same update) is not a replay.
+    assert_eq!(post(url, &first), answer(200, "DUPLICATE"));
+
+    // The refused deliveries were not answered, and were not marked handled:
+    // the untampered update still gets its echo.
+    assert_eq!(post(url, &signed), answer(200, "OK"));
+    assert_eq!(
+        emulator.sent(),
+        [
+            echo(203, "one", ("to_user_id", "u_1")),
+            echo(201, "hi", ("to_user_id", "u_1")),
+        ]
+    );
+}
+
+#[test]
+fn other_paths_are_404_and_other_methods_405() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&emulator.base_url, dir.path(), &["--secret", SECRET]);
+    let signed = sign(&text_update(301, ("private", "u_1"), "x"), SECRET, &[]);
+    for path in ["/", "/other", "/webhook/", "/webhook/x", "/WEBHOOK"] {
+        let url = format!("{}{path}", server.origin);
+        assert_eq!(post(&url, &signed), answer(404, "NOT_FOUND"), "POST {path}");
+        assert_eq!(get(&url), answer(404, "NOT_FOUND"), "GET {path}");
+    }
+    let not_allowed = Answer {
+        status: 405,
+        body: "METHOD_NOT_ALLOWED".into(),
+        allow: Some("POST".into()),
+    };
+    assert_eq!(get(&server.url), not_allowed);
+    assert_eq!(
+        read(agent().put(&server.url).send(signed.as_str())),
+        not_allowed
+    );
+    assert_eq!(read(agent().delete(&server.url).call()), not_allowed);
+    assert!(emulator.sent().is_empty());
+}
+
+#[test]
+fn bodies_over_max_body_are_413_with_or_without_content_length() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&emulator.base_url, dir.path(), &["--secret", SECRET]);
+
+    let head = format!("POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: {FIVE_MIB}\r\n\r\n");
+    let (status, body) = raw_exchange(server.addr, &head, |stream| {
+        let chunk = vec![b' '; 64 * 1024];
+        for _ in 0..FIVE_MIB / chunk.len() {
+            if stream.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+    });
+    assert_eq!((status, body.as_str()), (413, "PAYLOAD_TOO_LARGE"));
+
+    // Chunked: no length to check up front, so the limit holds while reading.
+    let head = "POST /webhook HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let (status, body) = raw_exchange(server.addr, head, |stream| {
+        let chunk = format!("10000\r\n{}\r\n", " ".repeat(0x10000));
+        for _ in 0..FIVE_MIB / 0x10000 {
+            if stream.write_all(chunk.as_bytes()).is_err() {
+                return;
+            }
+        }
+        let _ = stream.write_all(b"0\r\n\r\n");
+    });
+    assert_eq!((status, body.as_str()), (413, "PAYLOAD_TOO_LARGE"));
+    assert_eq!(
+        get(&format!("{}/healthz", server.origin)),
+        answer(200, "ok")
+    );
+
+    // --max-body is the exact limit: a signed update padded to it is handled.
+    let small_dir = tempfile::tempdir().unwrap();
+    let small = Server::start(
+        &emulator.base_url,
+        small_dir.path(),
+        &["--secret", SECRET, "--max-body", "4096"],
+    );
+    let signed = sign(&text_update(401, ("private", "u_1"), "fits"), SECRET, &[]);
+    let padded = format!("{signed}{}", " ".repeat(4096 - signed.len()));
+    let over = format!("{padded} ");
+    assert_eq!(post(&small.url, &over), answer(413, "PAYLOAD_TOO_LARGE"));
+    let (status, body) = raw_exchange(
+        small.addr,
+        "POST /webhook HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+        move |stream| {
+            let chunked = format!("{:x}\r\n{over}\r\n0\r\n\r\n", over.len());
+            let _ = stream.write_all(chunked.as_bytes());
+        },
+    );
+    assert_eq!((status, body.as_str()), (413, "PAYLOAD_TOO_LARGE"));
+    assert_eq!(post(&small.url, &padded), answer(200, "OK"));
+    assert_eq!(emulator.sent(), [echo(401, "fits", ("to_user_id", "u_1"))]);
+}
+
+#[test]
+fn a_reply_that_cannot_be_sent_is_500_and_the_redelivery_is_answered_once() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&emulator.base_url, dir.path(), &["--secret", SECRET]);
+    let signed = sign(
+        &text_update(501, ("group", "g_7"), "try again"),
+        SECRET,
+        &[],
+    );
+
+    emulator.faults(json!({"error_rate": 1.0, "retry_after": 0}));
+    assert_eq!(post(&server.url, &signed), answer(500, "REPLY_FAILED"));
+    assert_eq!(post(&server.url, &signed), answer(500, "REPLY_FAILED"));
+    assert!(emulator.sent().is_empty());
+
+    emulator.faults(json!({}));
+    assert_eq!(post(&server.url, &signed), answer(200, "OK"));
+    assert_eq!(post(&server.url, &signed), answer(200, "DUPLICATE"));
+    assert_eq!(
+        emulator.sent(),
+        [echo(501, "try again", ("group_id", "g_7"))]
+    );
+}
+
+#[test]
+fn a_redelivery_while_the_first_is_still_being_answered_is_409() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&emulator.base_url, dir.path(), &["--secret", SECRET]);
+    let signed = sign(&text_update(601, ("private", "u_1"), "slow"), SECRET, &[]);
+
+    emulator.faults(json!({"latency_ms": 1500}));
+    let url = server.url.clone();
+    let body = signed.clone();
+    let first = std::thread::spawn(move || post(&url, &body));
+    std::thread::sleep(Duration::from_millis(400));
+    let started = Instant::now();
+    assert_eq!(post(&server.url, &signed), answer(409, "IN_PROGRESS"));
+    // Verification does not wait for the reply being sent.
+    assert!(started.elapsed() < Duration::from_millis(500));
+    assert_eq!(first.join().unwrap(), answer(200, "OK"));
+    assert_eq!(post(&server.url, &signed), answer(200, "DUPLICATE"));
+    assert_eq!(emulator.sent(), [echo(601, "slow", ("to_user_id", "u_1"))]);
+}
+
+// ---------------------------------------------------------------------------
+// Secrets
+
+#[test]
+fn any_of_several_secrets_verifies_and_the_default_is_the_token_hash() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &emulator.base_url,
+        dir.path(),
+        &["--secret", "old", "--secret", "new"],
+    );
+    let update = |id: i64| text_update(id, ("private", "u_1"), &format!("update {id}"));
+    assert_eq!(
+        post(&server.url, &sign(&update(701), "old", &[])),
+        answer(200, "OK")
+    );
+    assert_eq!(
+        post(&server.url, &sign(&update(702), "new", &[])),
+        answer(200, "OK")
+    );
+    assert_eq!(
+        post(&server.url, &sign(&update(703), "third", &[])),
+        answer(401, "SIGNATURE_MISMATCH")
+    );
+    let token_hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(TOKEN.as_bytes()));
+    assert_eq!(
+        post(&server.url, &sign(&update(704), &token_hash, &[])),
+        answer(401, "SIGNATURE_MISMATCH")
+    );
+
+    // Without --secret (and FLY_WEBHOOK_SECRET) the secret is sha256(token).
+    let default_dir = tempfile::tempdir().unwrap();
+    let default = Server::start(&emulator.base_url, default_dir.path(), &[]);
+    assert_eq!(
+        post(&default.url, &sign(&update(705), &token_hash, &[])),
+        answer(200, "OK")
+    );
+    assert_eq!(
+        post(&default.url, &sign(&update(706), TOKEN, &[])),
+        answer(401, "SIGNATURE_MISMATCH")
+    );
+
+    let ids: Vec<Value> = emulator
+        .sent()
+        .iter()
+        .map(|sent| sent["client_msg_id"].clone())
+        .collect();
+    assert_eq!(
+        ids,
+        [json!("echo_701"), json!("echo_702"), json!("echo_705")]
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Slowloris
+
+/// True when the server has closed `stream` (EOF or reset), after reading
+/// whatever it sent first; false while it is open. `stream` is non-blocking.
+fn is_closed(stream: &mut TcpStream) -> bool {
+    let mut buffer = [0u8; 1024];
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(error) if error.kind() == ErrorKind::WouldBlock => return false,
+            Err(error) if error.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn five_hundred_stalled_connections_neither_block_healthz_nor_stay_open() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &emulator.base_url,
+        dir.path(),
+        &["--secret", SECRET, "--header-timeout", "2"],
+    );
+    let opened = Instant::now();
+    // Each connection with the time it was established: the listen backlog
+    // (128) can make a burst wait for a SYN retransmit, and the header
+    // timeout runs from the server's accept.
+    let mut stalled: Vec<(TcpStream, Duration)> = (0..500)
+        .map(|n| {
+            let mut stream = TcpStream::connect(server.addr).unwrap();
+            // Half of them send nothing, half stop in the middle of the request line.
+            if n % 2 == 1 {
+                stream.write_all(b"POST /webh").unwrap();
+            }
+            stream.set_nonblocking(true).unwrap();
+            (stream, opened.elapsed())
+        })
+        .collect();
+    let connected = opened.elapsed();
+
+    let asked = Instant::now();
+    assert_eq!(
+        get(&format!("{}/healthz", server.origin)),
+        answer(200, "ok")
+    );
+    let answered = asked.elapsed();
+    assert!(
+        answered < Duration::from_secs(1),
+        "/healthz took {answered:?} behind 500 stalled connections"
+    );
+
+    // Watch them until the server closes them (giving up 6 s after the last connected).
+    let mut lifetimes: Vec<Option<Duration>> = vec![None; stalled.len()];
+    let give_up = Instant::now() + Duration::from_secs(6);
+    while lifetimes.iter().any(Option::is_none) && Instant::now() < give_up {
+        for ((stream, established), lifetime) in stalled.iter_mut().zip(&mut lifetimes) {
+            if lifetime.is_none() && is_closed(stream) {
+                *lifetime = Some(opened.elapsed() - *established);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let still_open = lifetimes.iter().filter(|closed| closed.is_none()).count();
+    assert_eq!(still_open, 0, "stalled connections left open for 6 s");
+    let shortest = lifetimes.iter().flatten().min().copied().unwrap();
+    let longest = lifetimes.iter().flatten().max().copied().unwrap();
+    // Not before the 2 s header timeout, and every one of them soon after it.
+    assert!(
+        shortest >= Duration::from_millis(1900) && longest <= Duration::from_secs(3),
+        "stalled connections lived {shortest:?} to {longest:?} (opening all took {connected:?})"
+    );
+    assert_eq!(
+        get(&format!("{}/healthz", server.origin)),
+        answer(200, "ok")
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Restart, stop, usage
+
+#[test]
+fn handled_updates_and_seen_nonces_survive_a_restart() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let signed = sign(
+        &text_update(801, ("private", "u_1"), "before restart"),
+        SECRET,
+        &["--nonce", "n-801"],
+    );
+    let mut first = Server::start(&emulator.base_url, dir.path(), &["--secret", SECRET]);
+    assert_eq!(post(&first.url, &signed), answer(200, "OK"));
+    let stopping = Instant::now();
+    first.terminate();
+    let status = first
+        .wait_for_exit(Duration::from_secs(5))
+        .expect("exits after SIGTERM");
+    assert!(status.success(), "{status}: {}", first.log());
+    assert!(stopping.elapsed() < Duration::from_secs(2));
+
+    let second = Server::start(&emulator.base_url, dir.path(), &["--secret", SECRET]);
+    assert_eq!(post(&second.url, &signed), answer(200, "DUPLICATE"));
+    let replay = sign(
+        &text_update(802, ("private", "u_1"), "same nonce"),
+        SECRET,
+        &["--nonce", "n-801"],
+    );
+    assert_eq!(post(&second.url, &replay), answer(401, "NONCE_REUSED"));
+    assert_eq!(
+        emulator.sent(),
+        [echo(801, "before restart", ("to_user_id", "u_1"))]
+    );
+}
+
+#[test]
+fn sigterm_while_idle_exits_0_quickly() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(&emulator.base_url, dir.path(), &["--secret", SECRET]);
+    // One idle keep-alive connection must not hold the stop up.
+    let keep_alive = agent();
+    assert_eq!(
+        read(keep_alive.get(&format!("{}/healthz", server.origin)).call()),
+        answer(200, "ok")
+    );
+    let signalled = Instant::now();
+    server.terminate();
+    let status = server
+        .wait_for_exit(Duration::from_secs(5))
+        .expect("exits after SIGTERM");
+    assert!(status.success(), "{status}: {}", server.log());
+    let took = signalled.elapsed();
+    assert!(took < Duration::from_secs(2), "stopping took {took:?}");
+}
+
+#[test]
+fn sigterm_lets_a_reply_in_flight_finish() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(&emulator.base_url, dir.path(), &["--secret", SECRET]);
+    let signed = sign(
+        &text_update(901, ("private", "u_1"), "last one"),
+        SECRET,
+        &[],
+    );
+    emulator.faults(json!({"latency_ms": 1000}));
+    let url = server.url.clone();
+    let in_flight = std::thread::spawn(move || post(&url, &signed));
+    std::thread::sleep(Duration::from_millis(300));
+    server.terminate();
+    std::thread::sleep(Duration::from_millis(200));
+    // No longer accepting...
+    assert!(TcpStream::connect(server.addr).is_err());
+    // ...but the delivery in flight is answered, and then it exits 0.
+    assert_eq!(in_flight.join().unwrap(), answer(200, "OK"));
+    let status = server
+        .wait_for_exit(Duration::from_secs(5))
+        .expect("exits after SIGTERM");
+    assert!(status.success(), "{status}: {}", server.log());
+    assert_eq!(
+        emulator.sent(),
+        [echo(901, "last one", ("to_user_id", "u_1"))]
+    );
+}
+
+fn assert_usage_error(output: &std::process::Output, mentions: &str) {
+    let stderr = stderr_of(output);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("fly: error: "), "{stderr}");
+    assert!(stderr.contains(mentions), "{stderr}");
+}
+
+#[test]
+fn bad_usage_exits_2_with_one_error_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("s.db");
+    let serve = |extra: &[&str], token: bool| {
+        let mut command = fly();
+        command
+            .args([
+                "serve-webhook",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--state",
+            ])
+            .arg(&state)
+            .args(extra)
+            .env("FLY_BASE_URL", "http://127.0.0.1:9");
+        if token {
+            command.env("FLY_BOT_TOKEN", TOKEN);
+        }
+        command.timeout(Duration::from_secs(10)).output().unwrap()
+    };
+    assert_usage_error(&serve(&["--path", "nopath"], true), "--path");
+    assert_usage_error(&serve(&[], false), "token");
+    assert_usage_error(&serve(&["--header-timeout", "0"], true), "--header-timeout");
+    assert_usage_error(
+        &serve(&["--max-connections", "0"], true),
+        "--max-connections",
+    );
+}
+
+// ---------------------------------------------------------------------------
+// TLS
+
+fn write_certificate(dir: &Path) -> (PathBuf, PathBuf, String) {
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let cert_pem = certified.cert.pem();
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    std::fs::write(&cert, &cert_pem).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    (cert, key, cert_pem)
+}
+
+#[test]
+fn tls_serves_https_with_the_given_certificate() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, cert_pem) = write_certificate(dir.path());
+    let server = Server::start(
+        &emulator.base_url,
+        dir.path(),
+        &[
+            "--secret",
+            SECRET,
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        server.url.starts_with("https://127.0.0.1:") && server.url.ends_with("/webhook"),
+        "{}",
+        server.url
+    );
+
+    let trusted = ureq::tls::Certificate::from_pem(cert_pem.as_bytes()).unwrap();
+    let tls = ureq::tls::TlsConfig::builder()
+        .root_certs(ureq::tls::RootCerts::Specific(Arc::new(vec![trusted])))
+        .build();
+    let https = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(20)))
+        .proxy(None)
+        .tls_config(tls)
+        .build()
+        .new_agent();
+    assert_eq!(
+        read(https.get(&format!("{}/healthz", server.origin)).call()),
+        answer(200, "ok")
+    );
+    let signed = sign(
+        &text_update(1001, ("private", "u_1"), "over tls"),
+        SECRET,
+        &[],
+    );
+    assert_eq!(post_with(&https, &server.url, &signed), answer(200, "OK"));
+    assert_eq!(
+        post_with(&https, &server.url, &signed),
+        answer(200, "DUPLICATE")
+    );
+    assert_eq!(
+        emulator.sent(),
+        [echo(1001, "over tls", ("to_user_id", "u_1"))]
+    );
+
+    // A client that does not trust the certificate gets no answer.
+    assert!(
+        agent()
+            .get(&format!("{}/healthz", server.origin))
+            .call()
+            .is_err()
+    );
+    // Plain HTTP to the TLS port does not get through.
+    let plain = format!("http://{}/healthz", server.addr);
+    match agent().get(&plain).call() {
+        Err(_) => {}
+        Ok(response) => panic!("plain HTTP was answered {}", response.status()),
+    }
+    // The server carries on.
+    assert_eq!(
+        read(https.get(&format!("{}/healthz", server.origin)).call()),
+        answer(200, "ok")
+    );
+}
+
+#[test]
+fn bad_tls_files_exit_2_with_one_error_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, _) = write_certificate(dir.path());
+    let other = tempfile::tempdir().unwrap();
+    let (_, other_key, _) = write_certificate(other.path());
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+    let missing = dir.path().join("missing.pem");
+    let state = dir.path().join("s.db");
+    let serve = |cert: &Path, key: &Path| {
+        fly()
+            .args([
+                "serve-webhook",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--state",
+            ])
+            .arg(&state)
+            .arg("--tls-cert")
+            .arg(cert)
+            .arg("--tls-key")
+            .arg(key)
+            .env("FLY_BASE_URL", "http://127.0.0.1:9")
+            .env("FLY_BOT_TOKEN", TOKEN)
+            .timeout(Duration::from_secs(10))
+            .output()
+            .unwrap()
+    };
+    assert_usage_error(&serve(&missing, &key), "--tls-cert");
+    assert_usage_error(&serve(&cert, &missing), "--tls-key");
+    assert_usage_error(&serve(&garbage, &key), "--tls-cert");
+    assert_usage_error(&serve(&cert, &garbage), "--tls-key");
+    assert_usage_error(&serve(&cert, &other_key), "--tls-cert/--tls-key");
+    // --tls-cert alone is a usage error too.
+    let alone = fly()
+        .args(["serve-webhook", "--port", "0", "--tls-cert"])
+        .arg(&cert)
+        .env("FLY_BOT_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    assert_usage_error(&alone, "--tls-key");
+}
