@@ -9,7 +9,7 @@
 //! Python's final `.encode("utf-8")` raises on it.
 
 use super::SignatureInputError;
-use super::json::{Text, Value, lone_surrogate};
+use super::json::{Text, Value, lone_surrogate, plain_run_end};
 
 /// The canonical encoding of `value`.
 pub fn canonical_json(value: &Value) -> Result<Vec<u8>, SignatureInputError> {
@@ -68,39 +68,27 @@ fn write_members<'v, 'a: 'v>(
     Ok(())
 }
 
-/// Bytes that need a look while escaping: `"`, `\`, controls, and 0xED (the
-/// lead byte of a surrogate in WTF-8).
-const SPECIAL: [bool; 256] = {
-    let mut table = [false; 256];
-    let mut byte = 0;
-    while byte < 0x20 {
-        table[byte] = true;
-        byte += 1;
-    }
-    table[b'"' as usize] = true;
-    table[b'\\' as usize] = true;
-    table[0xED] = true;
-    table
-};
-
-/// A JSON string as Python writes it with `ensure_ascii=False`.
+/// A JSON string as Python writes it with `ensure_ascii=False`: only `"`,
+/// `\` and U+0000..U+001F are escaped, the very bytes that end a plain run
+/// for the parser too.
 pub fn write_string(text: &[u8], out: &mut Vec<u8>) -> Result<(), SignatureInputError> {
+    // Only strings decoded from `\u` escapes can hold a lone surrogate, and
+    // its lead byte 0xED is rare: look closer only when it is there.
+    if text.contains(&0xED)
+        && let Some(code) = lone_surrogate(text)
+    {
+        return Err(SignatureInputError(format!(
+            "a string contains the lone surrogate \\u{code:04x}, which Python cannot encode as UTF-8"
+        )));
+    }
     out.push(b'"');
-    let mut plain_from = 0;
-    for (at, &byte) in text.iter().enumerate() {
-        if !SPECIAL[byte as usize] {
-            continue;
-        }
-        if byte == 0xED {
-            if let Some(code) = lone_surrogate(text.get(at..at + 3).unwrap_or_default()) {
-                return Err(SignatureInputError(format!(
-                    "a string contains the lone surrogate \\u{code:04x}, which Python cannot encode as UTF-8"
-                )));
-            }
-            continue;
-        }
-        out.extend_from_slice(&text[plain_from..at]);
-        plain_from = at + 1;
+    let mut at = 0;
+    loop {
+        let run_end = plain_run_end(text, at);
+        out.extend_from_slice(&text[at..run_end]);
+        let Some(&byte) = text.get(run_end) else {
+            break;
+        };
         match byte {
             b'"' => out.extend_from_slice(b"\\\""),
             b'\\' => out.extend_from_slice(b"\\\\"),
@@ -116,8 +104,8 @@ pub fn write_string(text: &[u8], out: &mut Vec<u8>) -> Result<(), SignatureInput
                 out.push(HEX[usize::from(control & 0xF)]);
             }
         }
+        at = run_end + 1;
     }
-    out.extend_from_slice(&text[plain_from..]);
     out.push(b'"');
     Ok(())
 }

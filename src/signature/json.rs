@@ -409,7 +409,7 @@ impl<'a> Parser<'a> {
 /// Where the run of ordinary string bytes starting at `at` ends. Eight
 /// bytes at a time while none of them is special: string bodies are most
 /// of a signed update, and this scan was the parser's hottest loop.
-fn plain_run_end(bytes: &[u8], mut at: usize) -> usize {
+pub fn plain_run_end(bytes: &[u8], mut at: usize) -> usize {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
     let has_zero_byte = |word: u64| word.wrapping_sub(ONES) & !word & HIGHS;

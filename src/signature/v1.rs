@@ -79,7 +79,8 @@ impl<'a> SigningFields<'a> {
             })
             .unwrap_or((None, &EMPTY_OBJECT));
         let canonical_payload = canonical_json(payload).map_err(|error| {
-            SignatureInputError(format!("payload {}: {error}", payload_key.unwrap_or("{}")))
+            let key = payload_key.unwrap_or("payload");
+            SignatureInputError(format!("in update.{key}: {error}"))
         })?;
         Ok(SigningFields {
             payload_key,

@@ -321,6 +321,33 @@ fn lines_gives_one_verdict_per_line() {
 }
 
 #[test]
+fn lines_keeps_input_order_and_numbers_across_batches() {
+    let good = signed(SECRET);
+    let bad = good.replace("\"n1\"", "\"n2\"");
+    let mut input = String::new();
+    let mut expected = Vec::new();
+    for number in 1..=3000 {
+        match number % 7 {
+            0 => input.push('\n'),
+            3 => {
+                input.push_str(&bad);
+                expected.push(format!(
+                    r#"{{"line":{number},"ok":false,"error":"SIGNATURE_MISMATCH"}}"#
+                ));
+            }
+            _ => {
+                input.push_str(&good);
+                expected.push(format!(r#"{{"line":{number},"ok":true}}"#));
+            }
+        }
+    }
+    let output = verify(&input, &["--lines", "--secret", SECRET, &now_arg(NOW)]);
+    assert_eq!(output.status.code(), Some(1));
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(stdout.lines().collect::<Vec<_>>(), expected);
+}
+
+#[test]
 fn sign_replaces_signed_fields_in_place_and_keeps_lexemes() {
     let input = r#"{"update_id": 1, "nonce": "old", "message": {"n": 1E2, "big": 18446744073709551617}, "nonce": "older"}"#;
     let output = fly()
