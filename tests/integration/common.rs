@@ -3,8 +3,8 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command as StdCommand, Stdio};
-use std::time::Duration;
+use std::process::{Child, Command as StdCommand, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 use assert_cmd::Command;
 use serde_json::{Value, json};
@@ -149,4 +149,56 @@ impl Drop for Emulator {
 /// The lines of a command's stderr, for checks on error messages.
 pub fn stderr_of(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Polls `condition` until it holds (true) or `limit` passes (false).
+pub fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Like [`eventually`], failing the test with `what` on a timeout.
+pub fn wait_until(limit: Duration, what: &str, condition: impl FnMut() -> bool) {
+    assert!(eventually(limit, condition), "timed out waiting for {what}");
+}
+
+/// The exit status of `child` if it ends within `limit`.
+pub fn wait_for_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let mut status = None;
+    eventually(limit, || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    status
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// The echo poll-echo and serve-webhook send for a text update; `target` is
+/// `("to_user_id" | "group_id", chat id)`.
+pub fn echo(update_id: i64, content: &str, target: (&str, &str)) -> Value {
+    let mut expected = json!({
+        "msg_type": "text",
+        "data": {"content": format!("echo: {content}")},
+        "client_msg_id": format!("echo_{update_id}"),
+    });
+    expected[target.0] = json!(target.1);
+    expected
+}
+
+/// The emulator's deterministic content for `{"size": n}` files: byte i is i % 251.
+pub fn media_pattern(size: usize) -> Vec<u8> {
+    (0..size).map(|i| (i % 251) as u8).collect()
 }

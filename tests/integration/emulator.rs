@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
-use crate::common::{Emulator, TOKEN, fly};
+use crate::common::{Emulator, TOKEN, fly, wait_until};
 
 const BOT_UPDATES: &str = "/api/v1/s/bot/updates";
 const BOT_SEND: &str = "/api/v1/s/bot/send";
@@ -123,15 +123,6 @@ fn pattern_byte(index: u64) -> u8 {
 
 fn send_body(client_msg_id: &str, to: &str) -> Value {
     json!({"msg_type": "text", "data": {"content": "hello"}, "client_msg_id": client_msg_id, "to_user_id": to})
-}
-
-/// Polls `condition` every 20 ms until it holds or `limit` passes.
-fn wait_until(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]

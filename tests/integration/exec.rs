@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::common::{Emulator, TOKEN, fly, fly_at, fly_path, stderr_of};
+use crate::common::{Emulator, TOKEN, eventually, fly, fly_at, fly_path, free_port, stderr_of};
 
 /// Prints the text content of the update on stdin (plain ASCII without quotes
 /// is all these tests send).
@@ -117,20 +117,6 @@ impl Drop for Service {
     }
 }
 
-/// Polls `condition` every 50 ms until it holds; false if `limit` passed first.
-fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if condition() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// The text reply a handler's stdout becomes.
 fn text_reply(update_id: i64, content: &str, chat_type: &str, chat_id: &str) -> Value {
     let mut expected = json!({
@@ -178,12 +164,6 @@ fn processes_matching(pattern: &str) -> String {
         .output()
         .unwrap();
     String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// A port nothing listens on right now.
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
 }
 
 /// Upper-cases the text and reports what the handler saw in its environment.

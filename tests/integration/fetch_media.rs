@@ -7,12 +7,7 @@ use std::time::Duration;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::common::{Emulator, TOKEN, fly_at, fly_path, stderr_of};
-
-/// The emulator's deterministic content for `{"size": n}` files: byte i is i % 251.
-fn pattern(size: usize) -> Vec<u8> {
-    (0..size).map(|i| (i % 251) as u8).collect()
-}
+use crate::common::{Emulator, TOKEN, fly_at, fly_path, media_pattern, stderr_of};
 
 fn register(emulator: &Emulator, url: &str, size: usize) {
     emulator.post("/_emulator/media", json!({"url": url, "size": size}));
@@ -44,7 +39,7 @@ fn one_url_to_a_named_file() {
         String::from_utf8_lossy(&output.stdout).trim(),
         target.display().to_string()
     );
-    assert!(std::fs::read(&target).unwrap() == pattern(700_001));
+    assert!(std::fs::read(&target).unwrap() == media_pattern(700_001));
     assert!(
         output.stderr.is_empty(),
         "no progress bars when stderr is not a terminal"
@@ -73,15 +68,15 @@ fn several_urls_into_a_directory_with_safe_unique_names() {
     assert_eq!(files_in(dir.path()), ["passwd", "photo-2.jpg", "photo.jpg"]);
     assert_eq!(
         std::fs::read(dir.path().join("photo.jpg")).unwrap(),
-        pattern(1000)
+        media_pattern(1000)
     );
     assert_eq!(
         std::fs::read(dir.path().join("photo-2.jpg")).unwrap(),
-        pattern(2000)
+        media_pattern(2000)
     );
     assert_eq!(
         std::fs::read(dir.path().join("passwd")).unwrap(),
-        pattern(3000)
+        media_pattern(3000)
     );
     assert_eq!(String::from_utf8_lossy(&output.stdout).lines().count(), 3);
 
@@ -124,7 +119,7 @@ fn stdout_carries_the_bytes_alone_through_a_pipe() {
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", stderr_of(&output));
-    let expected = hex::encode(Sha256::digest(pattern(size)));
+    let expected = hex::encode(Sha256::digest(media_pattern(size)));
     assert!(String::from_utf8_lossy(&output.stdout).starts_with(&expected));
 }
 
@@ -180,7 +175,7 @@ fn urls_from_image_and_video_updates_on_stdin() {
     );
     assert_eq!(
         std::fs::read(dir.path().join("clip.mp4")).unwrap(),
-        pattern(9000)
+        media_pattern(9000)
     );
 }
 
@@ -247,7 +242,7 @@ fn dropped_connections_mid_body_are_recovered_byte_exact() {
             .unwrap();
         assert!(output.status.success(), "{}", stderr_of(&output));
         assert!(
-            std::fs::read(&target).unwrap() == pattern(size),
+            std::fs::read(&target).unwrap() == media_pattern(size),
             "round {round}"
         );
     }

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::common::{Emulator, TOKEN, fly_at, fly_path, stderr_of};
+use crate::common::{
+    Emulator, TOKEN, echo, fly_at, fly_path, media_pattern, stderr_of, wait_for_exit,
+};
 
 fn poll_once(emulator: &Emulator, state: &Path) -> std::process::Output {
     fly_at(emulator)
@@ -33,27 +35,6 @@ fn spawn_service(emulator: &Emulator, state: &Path, extra: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
-}
-
-fn wait_for_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
-}
-
-fn echo(update_id: i64, content: &str, target: (&str, &str)) -> Value {
-    let mut expected = json!({
-        "msg_type": "text",
-        "data": {"content": format!("echo: {content}")},
-        "client_msg_id": format!("echo_{update_id}"),
-    });
-    expected[target.0] = json!(target.1);
-    expected
 }
 
 #[test]
@@ -335,11 +316,10 @@ fn media_round_trip_is_byte_exact_and_forwards_the_message() {
         .unwrap();
     assert!(output.status.success(), "{}", stderr_of(&output));
 
-    let pattern = |n: usize| (0..n).map(|i| (i % 251) as u8).collect::<Vec<u8>>();
     let photo = std::fs::read(media_dir.join(format!("{update_id}-photo.jpg"))).unwrap();
-    assert!(photo == pattern(size), "photo bytes differ");
+    assert!(photo == media_pattern(size), "photo bytes differ");
     let thumb = std::fs::read(media_dir.join(format!("{update_id}-thumb.jpg"))).unwrap();
-    assert_eq!(thumb, pattern(1000));
+    assert_eq!(thumb, media_pattern(1000));
     assert_eq!(
         std::fs::read_dir(&media_dir).unwrap().count(),
         2,

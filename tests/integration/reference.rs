@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::common::{Emulator, TOKEN};
+use crate::common::{Emulator, TOKEN, free_port};
 
 fn reference_dir() -> Option<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference");
@@ -220,11 +220,6 @@ fn python_webhook_example_accepts_the_emulators_signed_deliveries() {
         .map(|d| d["status"].as_i64().unwrap())
         .collect();
     assert_eq!(statuses, vec![200, 200], "{deliveries}");
-}
-
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
 }
 
 fn wait_for_listener(port: u16) {

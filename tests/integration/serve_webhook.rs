@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
-use crate::common::{Emulator, TOKEN, fly, fly_path, stderr_of};
+use crate::common::{Emulator, TOKEN, echo, fly, fly_path, stderr_of, wait_until};
 
 const SECRET: &str = "hook-secret";
 const FIVE_MIB: usize = 5 * 1024 * 1024;
@@ -210,25 +210,6 @@ fn unix_now() -> i64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
-}
-
-/// The echo poll-echo (and so serve-webhook) sends for a text update.
-fn echo(update_id: i64, content: &str, target: (&str, &str)) -> Value {
-    let mut expected = json!({
-        "msg_type": "text",
-        "data": {"content": format!("echo: {content}")},
-        "client_msg_id": format!("echo_{update_id}"),
-    });
-    expected[target.0] = json!(target.1);
-    expected
-}
-
-fn wait_until(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Sends `head`, then has `write_body` write to the socket from another
