@@ -36,6 +36,10 @@ access=$(curl -sf -XPOST "$1/api/v1/s/bot/files/batch_access" \
     | sed -n 's/.*"files":{"[^"]*":"\([^"]*\)".*/\1/p')
 [ -n "$access" ] || { echo "batch_access returned no access URL" >&2; exit 1; }
 curl -sf -o "$3" "$access"
+# With a 4th argument, make the file durable as fly does before naming it.
+if [ $# -ge 4 ]; then
+    python3 -c 'import os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); os.fsync(fd)' "$3"
+fi
 SH
 
 elapsed() { # /usr/bin/time -v report -> seconds
@@ -52,28 +56,33 @@ check_outputs() { # both files complete and identical
         { echo "fly.bin and curl.bin differ (sha256)"; exit 1; }
 }
 
-FLY_SECS=() CURL_SECS=() FLY_RSS=() CURL_RSS=()
+FLY_SECS=() CURL_SECS=() FLY_RSS=() CURL_RSS=() DURABLE_SECS=()
 for run in $(seq "$RUNS"); do
     rm -f "$WORK/fly.bin" "$WORK/curl.bin"
     FLY_BASE_URL=$URL FLY_BOT_TOKEN=bench /usr/bin/time -v -o "$WORK/time.fly" \
         "$FLY" -q fetch-media "$MEDIA" -o "$WORK/fly.bin" >"$WORK/fly.out"
     /usr/bin/time -v -o "$WORK/time.curl" bash "$WORK/curl.sh" "$URL" "$MEDIA" "$WORK/curl.bin"
     check_outputs
+    rm -f "$WORK/curl.bin"
+    /usr/bin/time -v -o "$WORK/time.durable" bash "$WORK/curl.sh" "$URL" "$MEDIA" "$WORK/curl.bin" fsync
+    DURABLE_SECS+=("$(elapsed "$WORK/time.durable")")
     FLY_SECS+=("$(elapsed "$WORK/time.fly")") FLY_RSS+=("$(max_rss_kb "$WORK/time.fly")")
     CURL_SECS+=("$(elapsed "$WORK/time.curl")") CURL_RSS+=("$(max_rss_kb "$WORK/time.curl")")
 done
 
-python3 - "$SIZE" "${FLY_SECS[*]}" "${CURL_SECS[*]}" "${FLY_RSS[*]}" "${CURL_RSS[*]}" <<'PY'
+python3 - "$SIZE" "${FLY_SECS[*]}" "${CURL_SECS[*]}" "${FLY_RSS[*]}" "${CURL_RSS[*]}" "${DURABLE_SECS[*]}" <<'PY'
 import sys, statistics
 size = int(sys.argv[1])
-fly, curl, fly_rss, curl_rss = ([float(x) for x in a.split()] for a in sys.argv[2:6])
+fly, curl, fly_rss, curl_rss, durable = ([float(x) for x in a.split()] for a in sys.argv[2:7])
 mib = size / 2**20
 fm, cm = statistics.median(fly), statistics.median(curl)
 def runs(xs): return " ".join(f"{x:.2f}" for x in xs)
 print(f"fetch {mib:.0f} MiB ({len(fly)} runs)    median wall s   MiB/s   peak RSS MiB   runs (s)")
 print(f"fly fetch-media            {fm:13.2f}  {mib/fm:6.0f}   {max(fly_rss)/1024:12.1f}   {runs(fly)}")
 print(f"curl (batch_access+get)    {cm:13.2f}  {mib/cm:6.0f}   {max(curl_rss)/1024:12.1f}   {runs(curl)}")
-print(f"ratio fly/curl: {fm/cm:.2f}x (target <= 1.25x)")
+dm = statistics.median(durable)
+print(f"curl + fsync (as durable)  {dm:13.2f}  {mib/dm:6.0f}   {'':>12}   {runs(durable)}")
+print(f"ratio fly/curl: {fm/cm:.2f}x (target <= 1.25x); fly/(curl + fsync): {fm/dm:.2f}x")
 print(f"fly peak RSS: {max(fly_rss)/1024:.1f} MiB (target <= 32 MiB)")
 print("curl side: both curl calls (batch_access + download) timed together as one bash script;")
 print("wall times from /usr/bin/time -v (10 ms resolution); outputs checked: size and sha256 equal")

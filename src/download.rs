@@ -32,7 +32,7 @@ pub trait DownloadSink: Write {
 }
 
 /// How often a file download asks the kernel to start writing back.
-const WRITEBACK_STEP: u64 = 8 * 1024 * 1024;
+const WRITEBACK_STEP: u64 = 2 * 1024 * 1024;
 
 impl DownloadSink for File {
     fn restart(&mut self) -> std::io::Result<bool> {
