@@ -111,6 +111,19 @@ impl StateStore {
         Ok(store)
     }
 
+    /// Opens the store at `explicit` (`--state`), else at the identity's
+    /// default path: what every long-running command does.
+    pub fn open_for(
+        identity: &BotIdentity,
+        explicit: Option<PathBuf>,
+    ) -> anyhow::Result<StateStore> {
+        let path = match explicit {
+            Some(path) => path,
+            None => identity.default_state_path()?,
+        };
+        StateStore::open(&path, identity)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

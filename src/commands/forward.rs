@@ -28,11 +28,7 @@ pub fn run(args: ForwardArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let client = ApiClient::new(&global.base_url, token.clone(), RetryPolicy::FOREVER)?
         .with_shutdown(shutdown.clone());
     let identity = BotIdentity::new(client.base_url(), &token);
-    let state_path = match args.state {
-        Some(path) => path,
-        None => identity.default_state_path()?,
-    };
-    let store = StateStore::open(&state_path, &identity)?;
+    let store = StateStore::open_for(&identity, args.state)?;
     let handler = ForwardHandler::new(args.to, secret, args.bot_id, shutdown.clone());
     let settings = PollSettings {
         limit: 50,

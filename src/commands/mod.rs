@@ -129,9 +129,7 @@ pub fn unix_time_now(flag: Option<i64>) -> anyhow::Result<i64> {
     }
     let from_env = std::env::var("FLY_NOW_TS").unwrap_or_default();
     if from_env.trim().is_empty() {
-        return Ok(std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.as_secs() as i64));
+        return Ok(crate::state::unix_now());
     }
     crate::signature::python::int_from_str(&from_env)
         .ok()

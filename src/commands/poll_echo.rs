@@ -27,11 +27,7 @@ pub fn run(args: PollEchoArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> 
     let client =
         ApiClient::new(&global.base_url, token.clone(), policy)?.with_shutdown(shutdown.clone());
     let identity = BotIdentity::new(client.base_url(), &token);
-    let state_path = match args.state {
-        Some(path) => path,
-        None => identity.default_state_path()?,
-    };
-    let store = StateStore::open(&state_path, &identity)?;
+    let store = StateStore::open_for(&identity, args.state)?;
     let media_dir = args.media_dir.map(prepare_media_dir).transpose()?;
     let settings = PollSettings {
         limit: args.limit,

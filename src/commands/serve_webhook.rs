@@ -33,11 +33,7 @@ pub fn run(args: ServeWebhookArgs, global: &GlobalArgs) -> anyhow::Result<ExitCo
         .collect();
     let client = ApiClient::new(&global.base_url, token.clone(), REPLY_RETRIES)?;
     let identity = BotIdentity::new(client.base_url(), &token);
-    let state_path = match args.state {
-        Some(path) => path,
-        None => identity.default_state_path()?,
-    };
-    let store = StateStore::open(&state_path, &identity)?;
+    let store = StateStore::open_for(&identity, args.state)?;
     let handler = reply_handler(&args.exec, client, None);
     let config = WebhookConfig {
         bind: args.bind,

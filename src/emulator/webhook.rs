@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ureq::Agent;
 
@@ -88,9 +88,7 @@ enum Attempt {
 
 /// One signed POST.
 fn attempt(agent: &Agent, job: &DeliveryJob) -> Attempt {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_secs() as i64);
+    let now = crate::state::unix_now();
     let signed = match sign_update_text(
         &job.delivery.update.to_string(),
         &job.target.secret,
