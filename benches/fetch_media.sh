@@ -14,17 +14,9 @@ MEDIA=https://cdn.example/bench.bin
 if [ ! -x /usr/bin/time ]; then
     apt-get install -y -qq time >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq time >/dev/null; }
 fi
-cargo build --release --quiet
-FLY=$PWD/target/release/fly
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$WORK"; }
-trap cleanup EXIT
+source benches/common.sh
 
-"$FLY" emulator --port 0 >"$WORK/emu" 2>/dev/null &
-PIDS+=($!)
-for _ in $(seq 100); do [ -s "$WORK/emu" ] && break; sleep 0.05; done
-URL=$(head -1 "$WORK/emu")
+start_emulator; URL=$EMULATOR_URL
 curl -sf -XPOST "$URL/_emulator/media" -d "{\"url\":\"$MEDIA\",\"size\":$SIZE}" >/dev/null
 
 # The curl side: batch_access, then the download, as one timed process.

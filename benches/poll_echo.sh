@@ -8,19 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-1000}
 REFERENCE=../shared/reference/hello_bot_polling.py
-cargo build --release --quiet
-FLY=$PWD/target/release/fly
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$WORK"; }
-trap cleanup EXIT
-
-start_emulator() { # prints the base URL
-    "$FLY" emulator --port 0 >"$WORK/emu.$1" 2>/dev/null &
-    PIDS+=($!)
-    for _ in $(seq 100); do [ -s "$WORK/emu.$1" ] && break; sleep 0.05; done
-    head -1 "$WORK/emu.$1"
-}
+source benches/common.sh
 
 fill_backlog() { # base_url
     python3 - "$1" "$N" <<'PY'
@@ -37,7 +25,7 @@ sent_count() { python3 -c "import sys,requests; print(len(requests.get(sys.argv[
 now() { date +%s.%N; }
 
 # fly
-URL=$(start_emulator fly)
+start_emulator fly; URL=$EMULATOR_URL
 fill_backlog "$URL"
 t0=$(now)
 FLY_BASE_URL=$URL FLY_BOT_TOKEN=bench "$FLY" -q poll-echo --state "$WORK/state.db" --max-updates "$N" --poll-timeout 1
@@ -46,7 +34,7 @@ t1=$(now)
 fly_secs=$(python3 -c "print($t1 - $t0)")
 
 # reference
-URL=$(start_emulator ref)
+start_emulator ref; URL=$EMULATOR_URL
 fill_backlog "$URL"
 t0=$(now)
 FLY_BASE_URL=$URL FLY_BOT_TOKEN=bench python3 "$REFERENCE" >/dev/null 2>&1 &

@@ -12,19 +12,12 @@ REFERENCE=../shared/reference/hello_bot_webhook_server.py
 if ! command -v wrk >/dev/null; then
     (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null
 fi
-cargo build --release --quiet
-FLY=$PWD/target/release/fly
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$WORK"; }
-trap cleanup EXIT
+source benches/common.sh
 export FLY_BOT_TOKEN=bench-token FLY_WEBHOOK_SECRET=bench-secret
 
-wait_for_line() { for _ in $(seq 200); do [ -s "$1" ] && break; sleep 0.05; done; head -1 "$1"; }
-
 # Replies (none for callback_query) would go to a local emulator.
-"$FLY" emulator --port 0 >"$WORK/emu.url" 2>/dev/null & PIDS+=($!)
-export FLY_BASE_URL=$(wait_for_line "$WORK/emu.url")
+start_emulator
+export FLY_BASE_URL=$EMULATOR_URL
 
 echo '{"update_id":7,"type":"callback_query","callback_query":{"id":"cb_1","data":"approve","from":{"id":"u_1"}}}' \
     | "$FLY" sign --bot-id bot_bench >"$WORK/body.json"
