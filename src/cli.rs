@@ -320,6 +320,12 @@ pub struct FetchMediaArgs {
     #[arg(long)]
     pub force: bool,
 
+    /// Skip the fsync before a file gets its name: faster where the disk is
+    /// slower than the network, but a power cut soon after can leave an empty
+    /// or partial file under the final name.
+    #[arg(long)]
+    pub no_fsync: bool,
+
     /// Lifetime requested for the access URLs.
     #[arg(long, default_value_t = 600, value_name = "SECS")]
     pub expire_seconds: u64,

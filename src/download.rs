@@ -3,7 +3,7 @@
 //! Memory stays flat whatever the size (a fixed buffer), the byte count is
 //! checked against `Content-Length`, and a file only ever appears under its
 //! final name complete: it is written to a temporary file in the same
-//! directory, synced, then renamed.
+//! directory, synced (unless the caller opts out), then renamed.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -34,18 +34,48 @@ pub trait DownloadSink: Write {
 /// How often a file download asks the kernel to start writing back.
 const WRITEBACK_STEP: u64 = 2 * 1024 * 1024;
 
-impl DownloadSink for File {
+/// Whether a saved file is forced onto the disk before it gets its name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync, then rename: even after a power cut the file is complete under
+    /// its name or not there at all. The default.
+    Synced,
+    /// Rename without fsync, leaving the bytes to the page cache: as fast as
+    /// curl, but a power cut soon after can leave an empty or partial file
+    /// under the final name (a crash of fly itself cannot).
+    PageCache,
+}
+
+/// The temporary file a download is written to before it is renamed.
+pub struct PartFile<'a> {
+    file: &'a mut File,
+    durability: Durability,
+}
+
+impl Write for PartFile<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.file.write(bytes)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl DownloadSink for PartFile<'_> {
     fn restart(&mut self) -> std::io::Result<bool> {
-        self.seek(SeekFrom::Start(0))?;
-        self.set_len(0)?;
+        self.file.seek(SeekFrom::Start(0))?;
+        self.file.set_len(0)?;
         Ok(true)
     }
 
     /// Starts writeback of the range without waiting for it: the final
-    /// fsync (a file only gets its name once it is on disk) then has little
-    /// left to do, instead of writing the whole file after the transfer.
+    /// fsync then has little left to do, instead of writing the whole file
+    /// after the transfer. Nothing to do when there is no fsync.
     fn written(&mut self, offset: u64, length: u64) {
         use std::os::fd::AsRawFd;
+        if self.durability != Durability::Synced {
+            return;
+        }
         let (Ok(offset), Ok(length)) = (
             libc::off64_t::try_from(offset),
             libc::off64_t::try_from(length),
@@ -57,7 +87,7 @@ impl DownloadSink for File {
         // harmless (the fsync at the end still makes the file durable).
         unsafe {
             libc::sync_file_range(
-                self.as_raw_fd(),
+                self.file.as_raw_fd(),
                 offset,
                 length,
                 libc::SYNC_FILE_RANGE_WRITE,
@@ -250,7 +280,8 @@ fn download_attempt(
 pub fn save_atomically(
     destination: &Path,
     overwrite: bool,
-    write: impl FnOnce(&mut File) -> anyhow::Result<u64>,
+    durability: Durability,
+    write: impl FnOnce(&mut PartFile) -> anyhow::Result<u64>,
 ) -> anyhow::Result<u64> {
     let dir = match destination.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
@@ -265,11 +296,16 @@ pub fn save_atomically(
         .suffix(".part")
         .tempfile_in(dir)
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    let written = write(temporary.as_file_mut())?;
-    temporary
-        .as_file()
-        .sync_all()
-        .context("syncing the download to disk")?;
+    let written = write(&mut PartFile {
+        file: temporary.as_file_mut(),
+        durability,
+    })?;
+    if durability == Durability::Synced {
+        temporary
+            .as_file()
+            .sync_all()
+            .context("syncing the download to disk")?;
+    }
     let persisted = if overwrite {
         temporary.persist(destination).map(drop)
     } else {
@@ -352,7 +388,7 @@ mod tests {
     fn atomic_save_leaves_nothing_on_failure_and_refuses_to_clobber() {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("out.bin");
-        let error = save_atomically(&target, false, |file| {
+        let error = save_atomically(&target, false, Durability::Synced, |file| {
             file.write_all(b"partial")?;
             anyhow::bail!("connection dropped")
         });
@@ -363,18 +399,18 @@ mod tests {
             "no temp file left"
         );
 
-        save_atomically(&target, false, |file| {
+        save_atomically(&target, false, Durability::Synced, |file| {
             file.write_all(b"first")?;
             Ok(5)
         })
         .unwrap();
-        let clobber = save_atomically(&target, false, |file| {
+        let clobber = save_atomically(&target, false, Durability::Synced, |file| {
             file.write_all(b"second")?;
             Ok(6)
         });
         assert!(format!("{:#}", clobber.unwrap_err()).contains("already exists"));
         assert_eq!(std::fs::read(&target).unwrap(), b"first");
-        save_atomically(&target, true, |file| {
+        save_atomically(&target, true, Durability::PageCache, |file| {
             file.write_all(b"second")?;
             Ok(6)
         })

@@ -8,7 +8,7 @@ use super::{HandleError, Handler, Outcome};
 use crate::api::media::{is_media_type, media_urls};
 use crate::api::retry::RetryPolicy;
 use crate::api::{ApiClient, Chat, Message, SendRequest, Update};
-use crate::download::{download, safe_file_name, save_atomically};
+use crate::download::{Durability, download, safe_file_name, save_atomically};
 use indicatif::ProgressBar;
 
 /// Lifetime asked for the access URLs; the download starts right away.
@@ -78,7 +78,7 @@ impl EchoHandler {
                 continue;
             };
             let destination = dir.join(format!("{update_id}-{}", safe_file_name(&media.url)));
-            save_atomically(&destination, true, |file| {
+            save_atomically(&destination, true, Durability::Synced, |file| {
                 let progress = ProgressBar::hidden();
                 Ok(download(
                     self.client.agent(),

@@ -13,7 +13,7 @@ use crate::api::media::media_urls;
 use crate::api::retry::RetryPolicy;
 use crate::cli::{FetchMediaArgs, GlobalArgs};
 use crate::commands::{one_shot_client, read_input};
-use crate::download::{Stream, download, safe_file_name, save_atomically};
+use crate::download::{Durability, Stream, download, safe_file_name, save_atomically};
 use crate::exit::{self, usage};
 use crate::progress;
 
@@ -37,6 +37,11 @@ pub fn run(args: FetchMediaArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode
         }
         None => Output::Directory(args.dir.clone()),
     };
+    let durability = if args.no_fsync {
+        Durability::PageCache
+    } else {
+        Durability::Synced
+    };
     let client = one_shot_client(global)?;
     if let Output::Directory(dir) = &output {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -54,10 +59,24 @@ pub fn run(args: FetchMediaArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode
         };
         let fetched = match &output {
             Output::Stdout => fetch_to_stdout(client.agent(), url, access_url),
-            Output::File(path) => fetch_to_file(client.agent(), url, access_url, path, args.force),
+            Output::File(path) => fetch_to_file(
+                client.agent(),
+                url,
+                access_url,
+                path,
+                args.force,
+                durability,
+            ),
             Output::Directory(dir) => {
                 let path = dir.join(unique_name(url, &mut names_taken));
-                fetch_to_file(client.agent(), url, access_url, &path, args.force)
+                fetch_to_file(
+                    client.agent(),
+                    url,
+                    access_url,
+                    &path,
+                    args.force,
+                    durability,
+                )
             }
         };
         if let Err(error) = fetched {
@@ -150,6 +169,7 @@ fn fetch_to_file(
     access_url: &str,
     path: &Path,
     force: bool,
+    durability: Durability,
 ) -> anyhow::Result<()> {
     if !force && path.exists() {
         return Err(anyhow!(
@@ -158,7 +178,7 @@ fn fetch_to_file(
         ));
     }
     let bar = progress::download_bar(&path.display().to_string());
-    let bytes = save_atomically(path, force, |file| {
+    let bytes = save_atomically(path, force, durability, |file| {
         Ok(download(
             agent,
             access_url,

@@ -225,7 +225,8 @@ fn an_expired_access_url_is_exit_1_and_leaves_no_file() {
     assert!(files_in(dir.path()).is_empty(), "no partial or temp file");
 }
 
-/// Transfers cut half-way are resumed (Range) or restarted until complete.
+/// Transfers cut half-way are resumed (Range) or restarted until complete,
+/// with and without the fsync before the rename.
 #[test]
 fn dropped_connections_mid_body_are_recovered_byte_exact() {
     let emulator = Emulator::start();
@@ -235,11 +236,13 @@ fn dropped_connections_mid_body_are_recovered_byte_exact() {
     let dir = tempfile::tempdir().unwrap();
     for round in 0..4 {
         let target = dir.path().join(format!("flaky-{round}.bin"));
-        let output = fly_at(&emulator)
-            .args(["fetch-media", "https://cdn.example/flaky.bin", "-o"])
-            .arg(&target)
-            .output()
-            .unwrap();
+        let mut fly = fly_at(&emulator);
+        fly.args(["fetch-media", "https://cdn.example/flaky.bin", "-o"])
+            .arg(&target);
+        if round % 2 == 1 {
+            fly.arg("--no-fsync");
+        }
+        let output = fly.output().unwrap();
         assert!(output.status.success(), "{}", stderr_of(&output));
         assert!(
             std::fs::read(&target).unwrap() == media_pattern(size),
