@@ -18,4 +18,5 @@ pub mod random;
 pub mod shutdown;
 pub mod signature;
 pub mod state;
+pub mod sync;
 pub mod webhook;

@@ -194,11 +194,7 @@ impl StateStore {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
-        // A panic while holding the lock cannot leave SQLite inconsistent (its
-        // own transactions guarantee that), so a poisoned lock is still usable.
-        self.connection
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.connection)
     }
 
     /// The offset to poll with: every update below it has been handled.

@@ -21,6 +21,7 @@ use crate::api::retry::RetryPolicy;
 use crate::api::{ApiClient, ApiError, Update};
 use crate::shutdown::Shutdown;
 use crate::state::StateStore;
+use crate::sync::lock;
 
 /// How often a waiting loop checks whether a stop was requested.
 const STOP_CHECK: Duration = Duration::from_millis(100);
@@ -332,10 +333,4 @@ fn group_by_chat(updates: &[Update]) -> VecDeque<Vec<&Update>> {
 
 fn queue_len<T>(queue: &Mutex<VecDeque<T>>) -> usize {
     lock(queue).len()
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -25,7 +25,7 @@ mod webhook;
 use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::thread::JoinHandle;
 
 use anyhow::Context;
@@ -191,10 +191,8 @@ struct Shared {
 }
 
 impl Shared {
-    /// The state; a panic elsewhere while holding the lock leaves data that is
-    /// still consistent step by step, so poisoning is ignored.
     fn lock(&self) -> MutexGuard<'_, EmulatorState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::sync::lock(&self.state)
     }
 
     /// Queues a new update for polling or for the webhook; returns its id.

@@ -19,6 +19,7 @@ use crate::api::Update;
 use crate::bot::{HandleError, Handler};
 use crate::signature::{Verdict, Verifier};
 use crate::state::{NonceCheck, StateStore, unix_now};
+use crate::sync::lock;
 
 /// A client that has sent its headers gets this long for the body.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -246,12 +247,6 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         lock(self.set).remove(&self.update_id);
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
