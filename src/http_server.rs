@@ -41,6 +41,12 @@ pub struct Limits {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Connections the kernel queues before they are accepted. std listens with
+/// 128, so a burst of a few hundred clients (a platform redelivering after an
+/// outage, a load test) had SYNs dropped and retried a second later; the
+/// kernel caps this at net.core.somaxconn.
+const LISTEN_BACKLOG: libc::c_int = 1024;
+
 /// Binds a non-blocking listener (ready for tokio) and returns it with the
 /// address it got (`port` 0 picks a free one). Binding happens before any
 /// runtime starts, so "address in use" is reported as a plain error.
@@ -51,10 +57,27 @@ pub fn bind(ip: IpAddr, port: u16) -> anyhow::Result<(std::net::TcpListener, Soc
     listener
         .set_nonblocking(true)
         .context("configuring the listening socket")?;
+    widen_backlog(&listener);
     let local = listener
         .local_addr()
         .context("reading the listening address")?;
     Ok((listener, local))
+}
+
+/// Calling listen(2) again on a listening socket changes its backlog (Linux
+/// and the BSDs), which spares a socket-building dependency. If it fails the
+/// socket keeps std's backlog, which still works.
+fn widen_backlog(listener: &std::net::TcpListener) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: listen only reads its integer arguments; the descriptor is
+    // valid while `listener` is borrowed.
+    let result = unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) };
+    if result != 0 {
+        tracing::debug!(
+            "keeping the default listen backlog: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// An I/O error without the "(os error N)" suffix, for one-line messages.
@@ -174,5 +197,31 @@ async fn run_connection<I, S, B>(
     let connection = watcher.watch(builder.serve_connection(TokioIo::new(io), service));
     if let Err(error) = connection.await {
         tracing::debug!("connection ended: {error}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A burst of clients beyond std's backlog of 128 is queued by the
+    /// kernel at once, not left retrying SYNs while nothing accepts yet.
+    #[test]
+    fn a_burst_of_connections_waits_in_the_backlog() {
+        // The kernel caps the backlog at somaxconn (4096 on current kernels).
+        let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(4096);
+        let burst = somaxconn.min(400);
+        let (listener, address) = bind(IpAddr::from([127, 0, 0, 1]), 0).unwrap();
+        let clients: Vec<std::net::TcpStream> = (0..burst)
+            .map(|n| {
+                std::net::TcpStream::connect_timeout(&address, Duration::from_millis(500))
+                    .unwrap_or_else(|error| panic!("connection {n} was not queued: {error}"))
+            })
+            .collect();
+        assert_eq!(clients.len(), burst);
+        drop(listener);
     }
 }
