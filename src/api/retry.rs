@@ -120,10 +120,20 @@ impl RetryPolicy {
     }
 }
 
-/// Parses `Retry-After` given in seconds. (The HTTP-date form is not used by the
-/// platform; it falls back to our own backoff.)
+/// Parses `Retry-After`: seconds (what the platform sends) or an HTTP date
+/// (what a proxy or CDN in front of it may send). A date already past means
+/// "now". Anything else is ignored and our own backoff applies.
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
-    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+    parse_retry_after_at(value, std::time::SystemTime::now())
+}
+
+fn parse_retry_after_at(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let date = httpdate::parse_http_date(value).ok()?;
+    Some(date.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 /// A random number in `[0, 1)` for jitter.
@@ -174,8 +184,19 @@ mod tests {
     #[test]
     fn retry_after_header_parsing() {
         assert_eq!(parse_retry_after(" 2 "), Some(Duration::from_secs(2)));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
-        assert_eq!(parse_retry_after("-1"), None);
+        let now = httpdate::parse_http_date("Wed, 21 Oct 2015 07:28:00 GMT").unwrap();
+        assert_eq!(
+            parse_retry_after_at("Wed, 21 Oct 2015 07:28:30 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            parse_retry_after_at("Wed, 21 Oct 2015 07:27:00 GMT", now),
+            Some(Duration::ZERO),
+            "a date already past"
+        );
+        for ignored in ["-1", "soon", "1.5", ""] {
+            assert_eq!(parse_retry_after(ignored), None, "{ignored:?}");
+        }
     }
 
     fn transient<E>() -> AttemptError<E> {
