@@ -48,8 +48,9 @@ pub struct GlobalArgs {
     )]
     pub token: Option<String>,
 
-    /// Read the bot token from this file (surrounding whitespace is ignored).
-    #[arg(long, global = true, value_name = "PATH", conflicts_with = "token")]
+    /// Read the bot token from this file (surrounding whitespace is ignored);
+    /// takes precedence over --token and FLY_BOT_TOKEN.
+    #[arg(long, global = true, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
 
     /// Format of log lines on stderr.

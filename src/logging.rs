@@ -3,6 +3,7 @@
 use std::io::IsTerminal;
 
 use tracing::level_filters::LevelFilter;
+use tracing_subscriber::EnvFilter;
 
 use crate::cli::LogFormat;
 
@@ -15,11 +16,18 @@ pub fn init(format: LogFormat, verbose: u8, quiet: u8) {
         1 => LevelFilter::DEBUG,
         _ => LevelFilter::TRACE,
     };
+    // The HTTP client's own trace level dumps every request in hex, the
+    // Authorization header with the bot token included; its debug level
+    // redacts it. So the client never logs below debug.
+    let client_level = level.min(LevelFilter::DEBUG);
+    let filter = EnvFilter::builder().parse_lossy(format!(
+        "{level},ureq={client_level},ureq_proto={client_level}"
+    ));
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         // Colours only for a person at a terminal, never in files or pipes.
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
-        .with_max_level(level)
+        .with_env_filter(filter)
         .with_target(false);
     // A subscriber is only missing if one was set already (never, in the binary).
     let _ = match format {

@@ -40,18 +40,30 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// The bot token from `--token`/`FLY_BOT_TOKEN` or `--token-file`, if any.
 pub fn configured_token(global: &GlobalArgs) -> anyhow::Result<Option<Token>> {
-    if let Some(path) = &global.token_file {
+    let (token, source) = if let Some(path) = &global.token_file {
         let raw = fs::read_to_string(path).map_err(|error| {
             usage(format!(
                 "cannot read --token-file {}: {error}",
                 path.display()
             ))
         })?;
-        return Token::new(&raw)
-            .map(Some)
-            .ok_or_else(|| usage(format!("--token-file {} is empty", path.display())));
+        let token = Token::new(&raw)
+            .ok_or_else(|| usage(format!("--token-file {} is empty", path.display())))?;
+        (token, format!("--token-file {}", path.display()))
+    } else {
+        match global.token.as_deref().and_then(Token::new) {
+            Some(token) => (token, "--token / FLY_BOT_TOKEN".to_string()),
+            None => return Ok(None),
+        }
+    };
+    // A header value cannot hold them: caught here, the message can say where
+    // the token came from instead of "request could not be made".
+    if token.expose().chars().any(char::is_control) {
+        return Err(usage(format!(
+            "the bot token from {source} contains a line break or another control character"
+        )));
     }
-    Ok(global.token.as_deref().and_then(Token::new))
+    Ok(Some(token))
 }
 
 /// The bot token, or a usage error naming every way to give one.

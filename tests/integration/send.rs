@@ -125,6 +125,8 @@ fn missing_token_is_exit_2_naming_the_variable() {
     assert!(stderr_of(&output).contains("FLY_BOT_TOKEN"));
 }
 
+/// The file is read and trimmed, and wins over FLY_BOT_TOKEN (a stale
+/// variable in the environment must not make --token-file unusable).
 #[test]
 fn token_file_is_read_and_trimmed() {
     let emulator = Emulator::start_strict();
@@ -133,12 +135,36 @@ fn token_file_is_read_and_trimmed() {
     std::fs::write(&path, format!("{TOKEN}\n")).unwrap();
     fly()
         .env("FLY_BASE_URL", &emulator.base_url)
+        .env("FLY_BOT_TOKEN", "a-stale-token-from-the-environment")
         .arg("--token-file")
         .arg(&path)
         .args(["send", "--to", "u", "hi"])
         .assert()
         .success();
     assert_eq!(emulator.sent().len(), 1);
+}
+
+/// A line break inside the token is bad input (exit 2) named at once, not a
+/// failed request after retries; the token is still not shown.
+#[test]
+fn a_token_with_a_line_break_is_exit_2() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token");
+    std::fs::write(&path, "secret-part-one\nsecret-part-two\n").unwrap();
+    let output = fly()
+        .env("FLY_BASE_URL", &emulator.base_url)
+        .arg("--token-file")
+        .arg(&path)
+        .args(["send", "--to", "u", "hi"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = stderr_of(&output);
+    assert!(stderr.contains("line break"), "{stderr}");
+    assert!(!stderr.contains("secret-part"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(emulator.sent().is_empty());
 }
 
 /// A refused token: exit 1 at once (no retries), a message saying so, and the
@@ -161,6 +187,15 @@ fn refused_token_is_fatal_and_never_printed() {
     for text in [stderr.as_str(), &String::from_utf8_lossy(&output.stdout)] {
         assert!(!text.contains(wrong), "token leaked: {text}");
     }
+    // Nor split across the lines of a hex dump (the text column of each line).
+    let dump_text: String = stderr
+        .lines()
+        .filter_map(|line| line.rsplit(' ').next())
+        .collect();
+    assert!(
+        !dump_text.contains(wrong),
+        "token leaked in a dump: {stderr}"
+    );
     assert!(emulator.sent().is_empty());
 
     // --help shows the variable but never its value.
