@@ -202,8 +202,8 @@ pub struct PollEchoArgs {
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub limit: u32,
 
-    /// Long-poll timeout in seconds.
-    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    /// Long-poll timeout in seconds (0..=3600).
+    #[arg(long, default_value_t = 30, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub poll_timeout: u64,
 
     /// Exit after this many handled updates.
@@ -228,8 +228,8 @@ pub struct ExecArgs {
     #[arg(long, value_name = "CMD")]
     pub exec: Option<String>,
 
-    /// Kill a handler that runs longer than this many seconds.
-    #[arg(long, default_value_t = 60, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    /// Kill a handler that runs longer than this many seconds (1..=86400).
+    #[arg(long, default_value_t = 60, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub exec_timeout: u64,
 
     /// Give the handler the bot token as FLY_BOT_TOKEN (withheld by default).
@@ -258,8 +258,9 @@ pub struct ServeWebhookArgs {
     #[arg(long, default_value_t = 1024 * 1024, value_name = "BYTES")]
     pub max_body: u64,
 
-    /// Replay window in seconds (timestamps further from now are refused).
-    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    /// Replay window in seconds (timestamps further from now are refused;
+    /// nonces are kept for twice as long). At most a year.
+    #[arg(long, default_value_t = 300, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
     pub window: u64,
 
     /// Connections open at once; more wait in the listen backlog.
@@ -345,8 +346,8 @@ pub struct ForwardArgs {
     #[arg(long, default_value = "bot_local", value_name = "ID")]
     pub bot_id: String,
 
-    /// Long-poll timeout in seconds.
-    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    /// Long-poll timeout in seconds (0..=3600).
+    #[arg(long, default_value_t = 30, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub poll_timeout: u64,
 
     /// State store file.

@@ -26,11 +26,18 @@ fn main() -> ExitCode {
         Err(error) => match exit::classify(&error) {
             exit::Outcome::Quiet => exit::code(exit::SUCCESS),
             exit::Outcome::Report(code) => {
-                eprintln!("fly: error: {}", one_line(&format!("{error:#}")));
+                print_error_line(&one_line(&format!("{error:#}")));
                 exit::code(code)
             }
         },
     }
+}
+
+/// The one error line. If stderr cannot be written to (`2>/dev/full`) there
+/// is nobody to tell; the exit code still says it.
+fn print_error_line(message: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "fly: error: {message}");
 }
 
 /// `--help` and `--version` go to stdout with exit 0; everything clap rejects
@@ -55,7 +62,7 @@ fn report_usage_error(error: clap::Error) -> ExitCode {
                 .collect();
             let joined = paragraph.join(" ");
             let message = joined.strip_prefix("error: ").unwrap_or(&joined);
-            eprintln!("fly: error: {message} (see 'fly --help')");
+            print_error_line(&format!("{message} (see 'fly --help')"));
             exit::code(exit::USAGE)
         }
     }

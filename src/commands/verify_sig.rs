@@ -11,7 +11,7 @@ use std::thread;
 use anyhow::Context;
 
 use crate::cli::{GlobalArgs, VerifySigArgs};
-use crate::commands::{WebhookSecret, read_input, unix_time_now, webhook_secrets};
+use crate::commands::{WebhookSecret, print_line, read_input, unix_time_now, webhook_secrets};
 use crate::exit::{self, usage};
 use crate::signature::canonical::{canonical_json, json_string};
 use crate::signature::json::Value;
@@ -33,16 +33,22 @@ pub fn run(args: VerifySigArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode>
     let invalid = |error: SignatureInputError| usage(format!("invalid signed update: {error}"));
     let update = signature::parse(&text).map_err(invalid)?;
     let check = verifier.check(&update).map_err(invalid)?;
+    // A stderr that cannot be written to (2>/dev/full) changes nothing: the
+    // exit code still carries the verdict.
     if args.explain {
-        eprint!("{}", explain(&update, &check, &secrets, now, window));
+        let _ = write!(
+            std::io::stderr(),
+            "{}",
+            explain(&update, &check, &secrets, now, window)
+        );
     }
     match check.verdict().map_err(invalid)? {
         Verdict::Ok => {
-            println!("Verify OK");
+            print_line("Verify OK")?;
             Ok(exit::code(exit::SUCCESS))
         }
         rejected => {
-            eprintln!("Verify failed: {}", rejected.code());
+            let _ = writeln!(std::io::stderr(), "Verify failed: {}", rejected.code());
             Ok(exit::code(exit::FAILURE))
         }
     }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::common::{
-    Emulator, TOKEN, echo, fly_at, fly_path, media_pattern, stderr_of, wait_for_exit,
+    Emulator, TOKEN, echo, fly, fly_at, fly_path, media_pattern, stderr_of, wait_for_exit,
 };
 
 fn poll_once(emulator: &Emulator, state: &Path) -> std::process::Output {
@@ -386,4 +386,41 @@ fn same_sends_as_the_reference_polling_example() {
         sent
     };
     assert_eq!(sorted(ours.sent()), sorted(theirs.sent()));
+}
+
+/// Durations beyond what the tools can wait are refused up front (exit 2),
+/// not left to overflow a clock later.
+#[test]
+fn out_of_range_timeouts_are_usage_errors() {
+    let huge = "18446744073709551615";
+    for args in [
+        vec!["poll-echo", "--once", "--poll-timeout", huge],
+        vec![
+            "poll-echo",
+            "--once",
+            "--exec",
+            "cat",
+            "--exec-timeout",
+            huge,
+        ],
+        vec!["serve-webhook", "--exec", "cat", "--exec-timeout", huge],
+        vec!["serve-webhook", "--window", huge],
+        vec![
+            "forward",
+            "--to",
+            "http://127.0.0.1:1/x",
+            "--poll-timeout",
+            huge,
+        ],
+    ] {
+        let output = fly()
+            .env("FLY_BOT_TOKEN", TOKEN)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        let stderr = stderr_of(&output);
+        assert!(stderr.contains("is not in"), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    }
 }

@@ -6,7 +6,7 @@ use std::process::{Command as StdCommand, Stdio};
 
 use serde_json::Value;
 
-use crate::common::{TOKEN, fly, stderr_of};
+use crate::common::{TOKEN, fly, fly_path, stderr_of};
 
 const SECRET: &str = "s3cret";
 const NOW: i64 = 1_700_000_000;
@@ -616,5 +616,50 @@ fn fly_sign_output_verifies_with_the_reference_script() {
             "{signed}"
         );
         assert_eq!(fly_verdict(&signed), "OK", "{signed}");
+    }
+}
+
+/// Output that cannot be written (a full disk: /dev/full) is exit 1 with one
+/// line, never a panic; the verdict is still in the exit code when only
+/// stderr is lost.
+#[test]
+fn a_full_stdout_or_stderr_is_exit_1_not_a_panic() {
+    let full = || {
+        std::fs::File::options()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("signed.json");
+    std::fs::write(&input, signed(SECRET)).unwrap();
+    let verify_sig = |extra: &[&str]| {
+        let mut command = StdCommand::new(fly_path());
+        command
+            .env_clear()
+            .args(["verify-sig", "--secret", SECRET])
+            .args(extra)
+            .arg(&input);
+        command
+    };
+    let output = verify_sig(&[&now_arg(NOW)])
+        .stdout(full())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = stderr_of(&output);
+    assert!(
+        stderr.starts_with("fly: error: writing to stdout"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+
+    for (now, code) in [(now_arg(NOW), 0), (now_arg(1), 1)] {
+        let status = verify_sig(&["--explain", &now])
+            .stdout(Stdio::null())
+            .stderr(full())
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(code), "{now}");
     }
 }
