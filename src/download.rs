@@ -15,6 +15,7 @@ use ureq::Agent;
 
 use crate::api::retry::{AttemptError, GaveUp, RetryPolicy};
 use crate::progress::set_download_length;
+use crate::shutdown::Shutdown;
 
 const BUFFER_SIZE: usize = 128 * 1024;
 
@@ -146,17 +147,25 @@ impl std::error::Error for DownloadError {
 /// count against `Content-Length`. Dropped connections, short bodies and 5xx
 /// are retried under `policy`, resuming with `Range` when the server answers
 /// 206. 403/404 mean the access URL expired (or never existed): not retried.
+/// A stop requested through `shutdown` ends the transfer between two reads.
 pub fn download(
     agent: &Agent,
     access_url: &str,
     sink: &mut dyn DownloadSink,
     policy: RetryPolicy,
     progress: &ProgressBar,
+    shutdown: &Shutdown,
 ) -> Result<u64, DownloadError> {
     let mut done = 0u64;
     let mut buffer = vec![0u8; BUFFER_SIZE];
+    let transfer = Transfer {
+        agent,
+        access_url,
+        progress,
+        shutdown,
+    };
     let outcome = policy.run(
-        |_| download_attempt(agent, access_url, sink, &mut done, &mut buffer, progress),
+        |_| transfer.attempt(sink, &mut done, &mut buffer),
         |failures, reason, delay| {
             tracing::warn!(
                 failures,
@@ -164,10 +173,7 @@ pub fn download(
                 delay.as_secs_f64()
             );
         },
-        |delay| {
-            std::thread::sleep(delay);
-            true
-        },
+        |delay| shutdown.sleep(delay),
     );
     outcome.map_err(|gave_up| match gave_up {
         GaveUp::Fatal(error) => error,
@@ -178,100 +184,117 @@ pub fn download(
     })
 }
 
-fn download_attempt(
-    agent: &Agent,
-    access_url: &str,
-    sink: &mut dyn DownloadSink,
-    done: &mut u64,
-    buffer: &mut [u8],
-    progress: &ProgressBar,
-) -> Result<u64, AttemptError<DownloadError>> {
-    let fatal = |message: String| AttemptError::Fatal(DownloadError::Transfer(message));
-    let sink_failed = |error: std::io::Error| AttemptError::Fatal(DownloadError::Sink(error));
-    let transient = |reason: String| AttemptError::Transient {
-        reason,
-        retry_after: None,
-    };
-    let mut request = agent.get(access_url);
-    if *done > 0 {
-        request = request.header("Range", &format!("bytes={done}-"));
-    }
-    let mut response = request
-        .call()
-        .map_err(|error| transient(format!("connection error: {error}")))?;
-    let status = response.status().as_u16();
-    match status {
-        206 if *done > 0 => {
-            let resumes_here = response
-                .headers()
-                .get("content-range")
-                .and_then(|value| value.to_str().ok())
-                .is_some_and(|range| range.starts_with(&format!("bytes {done}-")));
-            if !resumes_here {
-                return Err(fatal("the server resumed at the wrong offset".to_string()));
-            }
+/// What stays the same from one attempt of a download to the next.
+struct Transfer<'a> {
+    agent: &'a Agent,
+    access_url: &'a str,
+    progress: &'a ProgressBar,
+    shutdown: &'a Shutdown,
+}
+
+impl Transfer<'_> {
+    fn attempt(
+        &self,
+        sink: &mut dyn DownloadSink,
+        done: &mut u64,
+        buffer: &mut [u8],
+    ) -> Result<u64, AttemptError<DownloadError>> {
+        let Transfer {
+            agent,
+            access_url,
+            progress,
+            shutdown,
+        } = *self;
+        let fatal = |message: String| AttemptError::Fatal(DownloadError::Transfer(message));
+        let sink_failed = |error: std::io::Error| AttemptError::Fatal(DownloadError::Sink(error));
+        let transient = |reason: String| AttemptError::Transient {
+            reason,
+            retry_after: None,
+        };
+        let mut request = agent.get(access_url);
+        if *done > 0 {
+            request = request.header("Range", &format!("bytes={done}-"));
         }
-        200 => {
-            if *done > 0 {
-                // No resume: start over, if the sink can be emptied.
-                let restarted = sink.restart().map_err(sink_failed)?;
-                if !restarted {
-                    return Err(fatal(format!(
-                        "the transfer broke after {done} bytes and the server cannot resume it"
-                    )));
+        let mut response = request
+            .call()
+            .map_err(|error| transient(format!("connection error: {error}")))?;
+        let status = response.status().as_u16();
+        match status {
+            206 if *done > 0 => {
+                let resumes_here = response
+                    .headers()
+                    .get("content-range")
+                    .and_then(|value| value.to_str().ok())
+                    .is_some_and(|range| range.starts_with(&format!("bytes {done}-")));
+                if !resumes_here {
+                    return Err(fatal("the server resumed at the wrong offset".to_string()));
                 }
-                *done = 0;
             }
-        }
-        403 | 404 => {
-            return Err(fatal(format!(
-                "access URL expired or unknown (HTTP {status})"
-            )));
-        }
-        429 | 500..=599 => return Err(transient(format!("HTTP {status}"))),
-        _ => return Err(fatal(format!("HTTP {status}"))),
-    }
-    let remaining = response
-        .headers()
-        .get("content-length")
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.trim().parse::<u64>().ok());
-    let total = remaining.map(|remaining| *done + remaining);
-    if let Some(total) = total {
-        set_download_length(progress, total);
-    }
-    progress.set_position(*done);
-    // No body size limit: the stream is copied, never collected.
-    let mut body = response.body_mut().with_config().limit(u64::MAX).reader();
-    loop {
-        let read = match body.read(buffer) {
-            Ok(0) => break,
-            Ok(read) => read,
-            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(error) => {
-                return Err(transient(format!(
-                    "transfer broke after {done} bytes: {error}"
+            200 => {
+                if *done > 0 {
+                    // No resume: start over, if the sink can be emptied.
+                    let restarted = sink.restart().map_err(sink_failed)?;
+                    if !restarted {
+                        return Err(fatal(format!(
+                            "the transfer broke after {done} bytes and the server cannot resume it"
+                        )));
+                    }
+                    *done = 0;
+                }
+            }
+            403 | 404 => {
+                return Err(fatal(format!(
+                    "access URL expired or unknown (HTTP {status})"
                 )));
             }
-        };
-        sink.write_all(&buffer[..read]).map_err(sink_failed)?;
-        let before = *done;
-        *done += read as u64;
-        if before / WRITEBACK_STEP != *done / WRITEBACK_STEP {
-            let step_start = (*done / WRITEBACK_STEP - 1) * WRITEBACK_STEP;
-            sink.written(step_start, WRITEBACK_STEP);
+            429 | 500..=599 => return Err(transient(format!("HTTP {status}"))),
+            _ => return Err(fatal(format!("HTTP {status}"))),
+        }
+        let remaining = response
+            .headers()
+            .get("content-length")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.trim().parse::<u64>().ok());
+        let total = remaining.map(|remaining| *done + remaining);
+        if let Some(total) = total {
+            set_download_length(progress, total);
         }
         progress.set_position(*done);
+        // No body size limit: the stream is copied, never collected.
+        let mut body = response.body_mut().with_config().limit(u64::MAX).reader();
+        loop {
+            if shutdown.is_requested() {
+                return Err(fatal("interrupted".to_string()));
+            }
+            let read = match body.read(buffer) {
+                Ok(0) => break,
+                Ok(read) => read,
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(error) => {
+                    return Err(transient(format!(
+                        "transfer broke after {done} bytes: {error}"
+                    )));
+                }
+            };
+            sink.write_all(&buffer[..read]).map_err(sink_failed)?;
+            let before = *done;
+            *done += read as u64;
+            if before / WRITEBACK_STEP != *done / WRITEBACK_STEP {
+                let step_start = (*done / WRITEBACK_STEP - 1) * WRITEBACK_STEP;
+                sink.written(step_start, WRITEBACK_STEP);
+            }
+            progress.set_position(*done);
+        }
+        if let Some(total) = total
+            && *done != total
+        {
+            return Err(transient(format!(
+                "short transfer: got {done} of {total} bytes"
+            )));
+        }
+        sink.flush().map_err(sink_failed)?;
+        Ok(*done)
     }
-    if let Some(total) = total
-        && *done != total
-    {
-        return Err(transient(format!(
-            "short transfer: got {done} of {total} bytes"
-        )));
-    }
-    sink.flush().map_err(sink_failed)?;
-    Ok(*done)
 }
 
 /// Creates `destination` atomically from what `write` puts into a temporary
@@ -291,9 +314,12 @@ pub fn save_atomically(
         .file_name()
         .map(|name| name.to_string_lossy().into_owned())
         .unwrap_or_default();
+    // 0666 less the umask, as any new file gets (tempfile's default 0600
+    // would survive the rename and hide the media from a web server).
     let mut temporary = tempfile::Builder::new()
         .prefix(&format!(".{name}."))
         .suffix(".part")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
         .tempfile_in(dir)
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
     let written = write(&mut PartFile {

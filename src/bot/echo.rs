@@ -9,6 +9,7 @@ use crate::api::media::{is_media_type, media_urls};
 use crate::api::retry::RetryPolicy;
 use crate::api::{ApiClient, Chat, Message, SendRequest, Update};
 use crate::download::{Durability, download, safe_file_name, save_atomically};
+use crate::shutdown::Shutdown;
 use indicatif::ProgressBar;
 
 /// Lifetime asked for the access URLs; the download starts right away.
@@ -86,6 +87,8 @@ impl EchoHandler {
                     file,
                     RetryPolicy::ONE_SHOT,
                     &progress,
+                    // A stop lets the update in hand finish, its media included.
+                    &Shutdown::new(),
                 )?)
             })
             .map_err(|error| {

@@ -16,36 +16,75 @@ use crate::commands::{one_shot_client, read_input};
 use crate::download::{Durability, Stream, download, safe_file_name, save_atomically};
 use crate::exit::{self, usage};
 use crate::progress;
+use crate::shutdown::Shutdown;
 
 /// Where the downloaded bytes go.
 enum Output {
     Stdout,
+    /// A regular file, created atomically.
     File(PathBuf),
+    /// Something that exists and is not a regular file (`/dev/null`, a FIFO):
+    /// written into as it is, like stdout, never replaced.
+    Special(PathBuf),
     Directory(PathBuf),
+}
+
+impl Output {
+    fn choose(args: &FetchMediaArgs, url_count: usize) -> anyhow::Result<Output> {
+        let Some(path) = args.output.as_deref() else {
+            return Ok(Output::Directory(args.dir.clone()));
+        };
+        if url_count != 1 {
+            return Err(usage(match path {
+                "-" => "-o - takes exactly one URL",
+                _ => "-o PATH takes exactly one URL; use --dir for several",
+            }));
+        }
+        match path {
+            "-" => Ok(Output::Stdout),
+            "" => Err(usage("-o needs a path, or - for stdout")),
+            path => {
+                let path = PathBuf::from(path);
+                match std::fs::metadata(&path) {
+                    Ok(found) if found.is_dir() => Err(usage(format!(
+                        "-o {} is a directory; use --dir DIR to save into it",
+                        path.display()
+                    ))),
+                    Ok(found) if !found.is_file() => Ok(Output::Special(path)),
+                    _ => Ok(Output::File(path)),
+                }
+            }
+        }
+    }
+}
+
+/// How every file of one run is fetched.
+struct Fetcher<'a> {
+    agent: &'a ureq::Agent,
+    force: bool,
+    durability: Durability,
+    shutdown: Shutdown,
 }
 
 pub fn run(args: FetchMediaArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let urls = wanted_urls(&args)?;
-    let output = match args.output.as_deref() {
-        Some("-") if urls.len() == 1 => Output::Stdout,
-        Some("-") => return Err(usage("-o - takes exactly one URL")),
-        Some(path) if urls.len() == 1 => Output::File(PathBuf::from(path)),
-        Some(_) => {
-            return Err(usage(
-                "-o PATH takes exactly one URL; use --dir for several",
-            ));
-        }
-        None => Output::Directory(args.dir.clone()),
-    };
-    let durability = if args.no_fsync {
-        Durability::PageCache
-    } else {
-        Durability::Synced
-    };
+    let output = Output::choose(&args, urls.len())?;
     let client = one_shot_client(global)?;
     if let Output::Directory(dir) = &output {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    // Ctrl-C ends the transfer between two reads, so the temporary file is
+    // removed instead of being left behind by a killed process.
+    let fetcher = Fetcher {
+        agent: client.agent(),
+        force: args.force,
+        durability: if args.no_fsync {
+            Durability::PageCache
+        } else {
+            Durability::Synced
+        },
+        shutdown: Shutdown::on_signals()?,
+    };
 
     let access = client
         .batch_access(&urls, args.expire_seconds)
@@ -53,30 +92,29 @@ pub fn run(args: FetchMediaArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode
     let mut names_taken = HashSet::new();
     let mut failures = Vec::new();
     for url in &urls {
+        if fetcher.shutdown.is_requested() {
+            failures.push(format!("{url}: not fetched (interrupted)"));
+            continue;
+        }
         let Some(access_url) = access.get(url) else {
             failures.push(format!("{url}: the platform returned no access URL"));
             continue;
         };
         let fetched = match &output {
-            Output::Stdout => fetch_to_stdout(client.agent(), url, access_url),
-            Output::File(path) => fetch_to_file(
-                client.agent(),
-                url,
-                access_url,
-                path,
-                args.force,
-                durability,
-            ),
+            Output::Stdout => {
+                fetcher.to_stream(url, access_url, "stdout", std::io::stdout().lock())
+            }
+            Output::Special(path) => std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))
+                .and_then(|file| {
+                    fetcher.to_stream(url, access_url, &path.display().to_string(), file)
+                }),
+            Output::File(path) => fetcher.to_file(url, access_url, path),
             Output::Directory(dir) => {
                 let path = dir.join(unique_name(url, &mut names_taken));
-                fetch_to_file(
-                    client.agent(),
-                    url,
-                    access_url,
-                    &path,
-                    args.force,
-                    durability,
-                )
+                fetcher.to_file(url, access_url, &path)
             }
         };
         if let Err(error) = fetched {
@@ -163,48 +201,61 @@ fn unique_name(url: &str, taken: &mut HashSet<String>) -> String {
     candidate
 }
 
-fn fetch_to_file(
-    agent: &ureq::Agent,
-    url: &str,
-    access_url: &str,
-    path: &Path,
-    force: bool,
-    durability: Durability,
-) -> anyhow::Result<()> {
-    if !force && path.exists() {
-        return Err(anyhow!(
-            "{} already exists (use --force to overwrite)",
-            path.display()
-        ));
+impl Fetcher<'_> {
+    /// Downloads into a temporary file next to `path`, then renames it, and
+    /// prints the path.
+    fn to_file(&self, url: &str, access_url: &str, path: &Path) -> anyhow::Result<()> {
+        if !self.force && path.exists() {
+            return Err(anyhow!(
+                "{} already exists (use --force to overwrite)",
+                path.display()
+            ));
+        }
+        let bar = progress::download_bar(&path.display().to_string());
+        let bytes = save_atomically(path, self.force, self.durability, |file| {
+            Ok(download(
+                self.agent,
+                access_url,
+                file,
+                RetryPolicy::ONE_SHOT,
+                &bar,
+                &self.shutdown,
+            )?)
+        });
+        bar.finish_and_clear();
+        let bytes = bytes?;
+        tracing::debug!(url, bytes, path = %path.display(), "saved");
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "{}", path.display()).context("writing to stdout")?;
+        Ok(())
     }
-    let bar = progress::download_bar(&path.display().to_string());
-    let bytes = save_atomically(path, force, durability, |file| {
-        Ok(download(
-            agent,
+
+    /// Downloads straight into `writer` (stdout, a device, a FIFO), which
+    /// cannot be rewound: a transfer that breaks can only be resumed.
+    fn to_stream(
+        &self,
+        url: &str,
+        access_url: &str,
+        label: &str,
+        writer: impl Write,
+    ) -> anyhow::Result<()> {
+        let bar = progress::download_bar(url);
+        let mut sink = Stream(writer);
+        let bytes = download(
+            self.agent,
             access_url,
-            file,
+            &mut sink,
             RetryPolicy::ONE_SHOT,
             &bar,
-        )?)
-    });
-    bar.finish_and_clear();
-    let bytes = bytes?;
-    tracing::debug!(url, bytes, path = %path.display(), "saved");
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{}", path.display()).context("writing to stdout")?;
-    Ok(())
-}
-
-fn fetch_to_stdout(agent: &ureq::Agent, url: &str, access_url: &str) -> anyhow::Result<()> {
-    let bar = progress::download_bar(url);
-    let mut stdout = Stream(std::io::stdout().lock());
-    let bytes = download(agent, access_url, &mut stdout, RetryPolicy::ONE_SHOT, &bar);
-    bar.finish_and_clear();
-    // A reader that went away (`| head -c 10`) surfaces as a broken pipe,
-    // which `exit::classify` treats as a normal end.
-    let bytes = bytes?;
-    tracing::debug!(url, bytes, "written to stdout");
-    Ok(())
+            &self.shutdown,
+        );
+        bar.finish_and_clear();
+        // A reader that went away (`| head -c 10`) surfaces as a broken pipe,
+        // which `exit::classify` treats as a normal end.
+        let bytes = bytes?;
+        tracing::debug!(url, bytes, "written to {label}");
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -1,13 +1,16 @@
 //! `fly fetch-media` against the emulator: exact bytes to files and pipes,
 //! URLs from updates, failures named, nothing partial left behind, flat memory.
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::common::{Emulator, TOKEN, fly_at, fly_path, media_pattern, stderr_of};
+use crate::common::{
+    Emulator, TOKEN, fly_at, fly_path, media_pattern, stderr_of, wait_for_exit, wait_until,
+};
 
 fn register(emulator: &Emulator, url: &str, size: usize) {
     emulator.post("/_emulator/media", json!({"url": url, "size": size}));
@@ -289,4 +292,129 @@ fn memory_stays_flat_for_a_1_gib_file() {
     assert_eq!(counter.join().unwrap(), size);
     assert!(peak_kib > 0, "no memory reading taken");
     assert!(peak_kib < 32 * 1024, "peak RSS {peak_kib} KiB");
+}
+
+/// Ctrl-C in the middle of a download removes the temporary file: nothing
+/// is left under any name, and the run ends with one line, exit 1.
+#[test]
+fn an_interrupted_download_leaves_no_temp_file() {
+    let emulator = Emulator::start();
+    // Far more than can arrive before the signal does.
+    let size: u64 = 64 << 30;
+    emulator.post(
+        "/_emulator/media",
+        json!({"url": "https://cdn.example/endless.bin", "size": size}),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(fly_path())
+        .args([
+            "fetch-media",
+            "https://cdn.example/endless.bin",
+            "--no-fsync",
+            "--dir",
+        ])
+        .arg(dir.path())
+        .env_clear()
+        .env("FLY_BASE_URL", &emulator.base_url)
+        .env("FLY_BOT_TOKEN", TOKEN)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(30), "the download to start", || {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .any(|entry| entry.unwrap().metadata().unwrap().len() > 1 << 20)
+    });
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = wait_for_exit(&mut child, Duration::from_secs(10)).expect("stopped after SIGINT");
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(status.code(), Some(1));
+    let stderr = stderr_of(&output);
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        output.stdout.is_empty(),
+        "no path printed for a file not saved"
+    );
+    assert!(
+        files_in(dir.path()).is_empty(),
+        "left behind: {:?}",
+        files_in(dir.path())
+    );
+}
+
+/// `-o` into something that is not a regular file writes into it instead of
+/// replacing it; a directory is a usage error naming --dir.
+#[test]
+fn output_into_a_device_or_fifo_is_written_never_replaced() {
+    let emulator = Emulator::start();
+    register(&emulator, "https://cdn.example/s.bin", 300_000);
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("pipe");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read(fifo).unwrap())
+    };
+    for target in [fifo.as_path(), Path::new("/dev/null")] {
+        let output = fly_at(&emulator)
+            .args(["fetch-media", "https://cdn.example/s.bin", "--force", "-o"])
+            .arg(target)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", stderr_of(&output));
+    }
+    assert!(reader.join().unwrap() == media_pattern(300_000));
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+    assert!(
+        std::fs::metadata("/dev/null")
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    );
+
+    let output = fly_at(&emulator)
+        .args(["fetch-media", "https://cdn.example/s.bin", "-o"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr_of(&output).contains("is a directory; use --dir"));
+}
+
+/// Saved files get the usual 0666-less-umask mode, not the 0600 of a
+/// temporary file (a web server must be able to serve the media).
+#[test]
+fn saved_files_get_the_umask_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let emulator = Emulator::start();
+    register(&emulator, "https://cdn.example/m.bin", 10);
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("m.bin");
+    let output = fly_at(&emulator)
+        .args(["fetch-media", "https://cdn.example/m.bin", "-o"])
+        .arg(&target)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    // SAFETY: umask only swaps an integer; read it and put it back at once.
+    let umask = unsafe {
+        let mask = libc::umask(0o022);
+        libc::umask(mask);
+        mask
+    };
+    let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o666 & !u32::from(umask), "mode {mode:o}");
 }
