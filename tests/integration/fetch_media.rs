@@ -416,5 +416,5 @@ fn saved_files_get_the_umask_mode() {
         mask
     };
     let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o666 & !u32::from(umask), "mode {mode:o}");
+    assert_eq!(mode, 0o666 & !umask, "mode {mode:o}");
 }
