@@ -28,10 +28,21 @@ pub fn run(args: SendArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
 /// Validates the arguments into the request body, before any network traffic.
 fn build_request(args: SendArgs) -> anyhow::Result<SendRequest> {
     let target = match (args.to, args.group) {
-        (Some(user), None) => Target::User(user),
-        (None, Some(group)) => Target::Group(group),
+        (Some(user), None) if !user.trim().is_empty() => Target::User(user),
+        (None, Some(group)) if !group.trim().is_empty() => Target::Group(group),
+        (Some(_), None) | (None, Some(_)) => {
+            return Err(usage("the chat to send to is empty (--to or --group)"));
+        }
         _ => return Err(usage("give exactly one of --to USER and --group GROUP")),
     };
+    if args.msg_type.trim().is_empty() {
+        return Err(usage("--type must not be empty (text, image, …)"));
+    }
+    if args.client_msg_id.as_deref().is_some_and(str::is_empty) {
+        return Err(usage(
+            "--client-msg-id must not be empty (leave it out for a random one)",
+        ));
+    }
     let data = match (args.data, args.text) {
         (Some(json), _) => parse_data(&json)?,
         (None, Some(text)) if args.msg_type == "text" => {
@@ -40,6 +51,11 @@ fn build_request(args: SendArgs) -> anyhow::Result<SendRequest> {
             } else {
                 text
             };
+            // Most likely a script whose command printed nothing: say so
+            // rather than send a blank message.
+            if content.trim().is_empty() {
+                return Err(usage("the message text is empty"));
+            }
             let mut data = Map::new();
             data.insert("content".into(), Value::String(content));
             data
@@ -109,6 +125,17 @@ mod tests {
             args(None, Some("[1]"), "image"),
             args(None, Some("{nope"), "image"),
             args(Some("x"), None, "image"),
+            args(Some(""), None, "text"),
+            args(Some(" \n"), None, "text"),
+            args(Some("x"), None, ""),
+            SendArgs {
+                to: Some(" ".into()),
+                ..args(Some("x"), None, "text")
+            },
+            SendArgs {
+                client_msg_id: Some(String::new()),
+                ..args(Some("x"), None, "text")
+            },
         ] {
             let error = build_request(bad).unwrap_err();
             assert_eq!(

@@ -213,13 +213,13 @@ fn refused_token_is_fatal_and_never_printed() {
 fn a_rejected_request_shows_the_envelope_and_exits_1() {
     let emulator = Emulator::start();
     let output = fly_at(&emulator)
-        .args(["send", "--to", "u", "--type", "", "--data", "{}"])
+        .args(["send", "--to", "u", "-"])
+        .write_stdin("x".repeat(2 << 20))
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
     let stderr = stderr_of(&output);
-    assert!(stderr.contains("HTTP 400 (code 400"), "{stderr}");
-    assert!(stderr.contains("msg_type"), "{stderr}");
+    assert!(stderr.contains("HTTP 413 (code 413"), "{stderr}");
 }
 
 /// Half of all calls fail (5xx/429 before processing, or the answer is lost
