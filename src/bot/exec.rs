@@ -24,6 +24,9 @@ const MAX_REPLY_BYTES: u64 = 1024 * 1024;
 const WAIT_SLICE: Duration = Duration::from_millis(10);
 /// How long the handler's last stderr lines get to reach the log once it is gone.
 const LOG_GRACE: Duration = Duration::from_millis(500);
+/// A stderr "line" longer than this (binary output, no newlines) is logged in
+/// pieces rather than held in memory whole.
+const MAX_LOG_LINE: u64 = 16 * 1024;
 
 pub struct ExecHandler {
     pub command: String,
@@ -130,11 +133,7 @@ impl ExecHandler {
             read.map(|_| reply)
         });
         let stderr = child.stderr.take().expect("stderr is piped");
-        let logger = std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                tracing::warn!(update_id, "[exec] {line}");
-            }
-        });
+        let logger = std::thread::spawn(move || log_stderr(stderr, update_id));
 
         // The reply is complete once the handler exited and its stdout closed;
         // a background job it started may hold stdout open after the shell
@@ -157,6 +156,28 @@ impl ExecHandler {
             return Err(anyhow!("failed ({status})"));
         }
         String::from_utf8(reply).map_err(|_| anyhow!("its output is not UTF-8"))
+    }
+}
+
+/// Logs the handler's stderr, one warning per line, until it is closed.
+/// Lines are raw bytes shown lossily: a handler printing non-UTF-8 (a Latin-1
+/// message, a stray binary byte) must not silence every line after it. A line
+/// longer than `MAX_LOG_LINE` is logged in pieces.
+fn log_stderr(stderr: impl Read, update_id: i64) {
+    let mut stderr = BufReader::new(stderr);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match (&mut stderr)
+            .take(MAX_LOG_LINE)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim_end_matches(['\n', '\r']);
+        tracing::warn!(update_id, "[exec] {text}");
     }
 }
 
