@@ -10,6 +10,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,26 @@ const MAX_REPLY_BYTES: u64 = 1024 * 1024;
 const WAIT_SLICE: Duration = Duration::from_millis(10);
 /// How long the handler's last stderr lines get to reach the log once it is gone.
 const LOG_GRACE: Duration = Duration::from_millis(500);
+/// A stderr "line" longer than this (binary output, no newlines) is logged in
+/// pieces rather than held in memory whole.
+const MAX_LOG_LINE: u64 = 16 * 1024;
+
+/// Set when fly is exiting and has stopped waiting for handlers (serve-webhook
+/// after its drain timeout). Process-wide, because the handlers run deep in
+/// blocking threads the server no longer waits for, and it is only ever set
+/// on the way out.
+static ABANDONED: AtomicBool = AtomicBool::new(false);
+
+/// Kills the process group of every handler still running (within
+/// `WAIT_SLICE`) and starts no more: their updates fail, so they are not
+/// marked handled and get delivered again. For a server that is exiting.
+pub fn abandon_running_handlers() {
+    ABANDONED.store(true, Ordering::SeqCst);
+}
+
+fn abandoned() -> bool {
+    ABANDONED.load(Ordering::SeqCst)
+}
 
 pub struct ExecHandler {
     pub command: String,
@@ -110,6 +131,9 @@ impl ExecHandler {
         if self.pass_token {
             command.env("FLY_BOT_TOKEN", self.client.token().expose());
         }
+        if abandoned() {
+            return Err(anyhow!("not started: fly is stopping"));
+        }
         let deadline = Instant::now() + self.timeout;
         let mut child = command.spawn().context("starting the handler")?;
 
@@ -130,26 +154,28 @@ impl ExecHandler {
             read.map(|_| reply)
         });
         let stderr = child.stderr.take().expect("stderr is piped");
-        let logger = std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                tracing::warn!(update_id, "[exec] {line}");
-            }
-        });
+        let logger = std::thread::spawn(move || log_stderr(stderr, update_id));
 
         // The reply is complete once the handler exited and its stdout closed;
         // a background job it started may hold stdout open after the shell
         // exits, so both count against the timeout.
-        let status = wait_until(&mut child, deadline);
-        let reply = status.and_then(|_| join_by(reader, deadline));
+        let give_up = || Instant::now() >= deadline || abandoned();
+        let status = wait_until(&mut child, give_up);
+        let reply = status.and_then(|_| join_unless(reader, give_up));
         let (Some(status), Some(reply)) = (status, reply) else {
             kill_group(&child);
             let _ = child.wait();
-            let _ = join_by(logger, Instant::now() + LOG_GRACE);
+            join_logger(logger);
+            if abandoned() {
+                tracing::warn!(
+                    update_id,
+                    "fly is stopping: handler killed, the update is not marked handled"
+                );
+                return Err(anyhow!("killed: fly is stopping"));
+            }
             return Err(anyhow!("timed out after {:?}; killed", self.timeout));
         };
-        // Lines written before the exit still reach the log; a background job
-        // that keeps stderr open is not waited for.
-        let _ = join_by(logger, Instant::now() + LOG_GRACE);
+        join_logger(logger);
         let reply = reply
             .map_err(|_| anyhow!("reading the handler's output failed"))?
             .context("reading the handler's output")?;
@@ -160,28 +186,61 @@ impl ExecHandler {
     }
 }
 
-fn wait_until(child: &mut Child, deadline: Instant) -> Option<ExitStatus> {
+/// Logs the handler's stderr, one warning per line, until it is closed.
+/// Lines are raw bytes shown lossily: a handler printing non-UTF-8 (a Latin-1
+/// message, a stray binary byte) must not silence every line after it. A line
+/// longer than `MAX_LOG_LINE` is logged in pieces.
+fn log_stderr(stderr: impl Read, update_id: i64) {
+    let mut stderr = BufReader::new(stderr);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match (&mut stderr)
+            .take(MAX_LOG_LINE)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim_end_matches(['\n', '\r']);
+        tracing::warn!(update_id, "[exec] {text}");
+    }
+}
+
+/// The child's exit status, or `None` once `give_up` says so first.
+fn wait_until(child: &mut Child, give_up: impl Fn() -> bool) -> Option<ExitStatus> {
     loop {
         match child.try_wait() {
             Ok(Some(status)) => return Some(status),
-            Ok(None) if Instant::now() >= deadline => return None,
+            Ok(None) if give_up() => return None,
             Ok(None) => std::thread::sleep(WAIT_SLICE),
             Err(_) => return None,
         }
     }
 }
 
-/// Joins `thread` if it finishes by `deadline`; otherwise leaves it running.
-fn join_by<T>(thread: JoinHandle<T>, deadline: Instant) -> Option<std::thread::Result<T>> {
+/// Joins `thread` if it finishes before `give_up` says so; otherwise leaves it running.
+fn join_unless<T>(
+    thread: JoinHandle<T>,
+    give_up: impl Fn() -> bool,
+) -> Option<std::thread::Result<T>> {
     loop {
         if thread.is_finished() {
             return Some(thread.join());
         }
-        if Instant::now() >= deadline {
+        if give_up() {
             return None;
         }
         std::thread::sleep(WAIT_SLICE);
     }
+}
+
+/// Lines written before the handler ended still reach the log; a background
+/// job that keeps stderr open is not waited for.
+fn join_logger(logger: JoinHandle<()>) {
+    let deadline = Instant::now() + LOG_GRACE;
+    let _ = join_unless(logger, || Instant::now() >= deadline);
 }
 
 /// SIGKILL to the handler's whole process group (its shell and children).

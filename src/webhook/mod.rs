@@ -45,7 +45,8 @@ pub struct TlsFiles {
 }
 
 /// Serves until SIGINT/SIGTERM, then finishes the requests in flight (at most
-/// `DRAIN_TIMEOUT`). The first stdout line is the URL deliveries go to.
+/// `DRAIN_TIMEOUT`; `--exec` handlers still running then are killed). The
+/// first stdout line is the URL deliveries go to.
 pub fn run_until_signal(
     config: WebhookConfig,
     store: StateStore,
@@ -70,7 +71,7 @@ pub fn run_until_signal(
         drain_timeout: DRAIN_TIMEOUT,
     };
     let receiver = Arc::new(receiver::Receiver::new(&config, store, handler));
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let stop = stop_signal()?;
         crate::commands::print_line(&url)?;
         tracing::info!(%url, "receiving webhook deliveries");
@@ -82,13 +83,28 @@ pub fn run_until_signal(
             stop,
         )
         .await;
-        tracing::info!("stopped");
         anyhow::Ok(())
-    })
+    });
+    // Requests still in flight after the drain are given up on. Their
+    // handlers run on the blocking pool, which dropping the runtime would
+    // wait for without limit (up to --exec-timeout for a hanging --exec
+    // handler): kill the handlers' process groups instead, and wait for the
+    // blocking threads only briefly. Their updates are not marked handled,
+    // so the platform delivers them again.
+    crate::bot::exec::abandon_running_handlers();
+    runtime.shutdown_timeout(ABANDON_GRACE);
+    if served.is_ok() {
+        tracing::info!("stopped");
+    }
+    served
 }
 
 /// How long a stop waits for requests in flight (a reply being sent).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long, after the drain, the requests given up on get to end: enough for
+/// a killed handler to be reaped and its last stderr lines logged.
+const ABANDON_GRACE: Duration = Duration::from_secs(2);
 
 /// Completes on the first SIGINT or SIGTERM.
 fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {

@@ -326,6 +326,35 @@ fn a_failing_handler_is_retried_until_it_succeeds_and_replies_once() {
     assert_eq!(log.matches("outcome=replied").count(), 1, "{log}");
 }
 
+#[test]
+fn stderr_lines_after_one_that_is_not_utf8_still_reach_the_log() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("s.db");
+    let update_id = emulator.user_says("private", "u_b", "bytes");
+    // \377 is never valid UTF-8; a CRLF line ending is trimmed like LF.
+    let handler = r#"cat > /dev/null; printf 'first\n\377bad\nthird\r\nno newline' >&2; echo ok"#;
+    let output = poll_once(&emulator, &state, handler, &[]);
+    let log = stderr_of(&output);
+    assert!(output.status.success(), "{log}");
+    for line in [
+        "[exec] first",
+        "[exec] \u{FFFD}bad",
+        "[exec] third",
+        "[exec] no newline",
+    ] {
+        assert!(
+            log.contains(line),
+            "{line:?} is missing from the log: {log}"
+        );
+    }
+    assert!(!log.contains('\r'), "{log:?}");
+    assert_eq!(
+        emulator.sent(),
+        vec![text_reply(update_id, "ok", "private", "u_b")]
+    );
+}
+
 /// Runs a hanging handler on one update with `--exec-timeout 1`: fly gives up
 /// quickly with exit 1, kills the handler's whole process group, sends
 /// nothing, and keeps the update for the next run.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
-use crate::common::{Emulator, TOKEN, echo, fly, fly_path, stderr_of, wait_until};
+use crate::common::{Emulator, TOKEN, echo, eventually, fly, fly_path, stderr_of, wait_until};
 
 const SECRET: &str = "hook-secret";
 const FIVE_MIB: usize = 5 * 1024 * 1024;
@@ -771,6 +771,103 @@ fn sigterm_lets_a_reply_in_flight_finish() {
         emulator.sent(),
         [echo(901, "last one", ("to_user_id", "u_1"))]
     );
+}
+
+/// The live (not zombie) processes in process group `group`, one per line.
+fn live_members_of_group(group: &str) -> String {
+    let output = Command::new("ps")
+        .args(["-A", "-o", "pgid=,stat=,pid=,args="])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| {
+            let mut fields = line.split_whitespace();
+            fields.next() == Some(group) && !fields.next().unwrap_or("Z").starts_with('Z')
+        })
+        .map(|line| format!("{line}\n"))
+        .collect()
+}
+
+#[test]
+fn sigterm_with_a_hanging_exec_handler_kills_it_after_the_drain_and_exits_0() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let group_file = dir.path().join("handler-group");
+    // The handler runs in its own process group, led by its shell.
+    let handler = format!(
+        "echo $$ > '{group}.tmp' && mv '{group}.tmp' '{group}'; cat > /dev/null; sleep 100; echo too late",
+        group = group_file.display()
+    );
+    let mut server = Server::start(
+        &emulator.base_url,
+        dir.path(),
+        &[
+            "--secret",
+            SECRET,
+            "--exec-timeout",
+            "60",
+            "--exec",
+            &handler,
+        ],
+    );
+    let signed = sign(&text_update(951, ("private", "u_1"), "hang"), SECRET, &[]);
+    let url = server.url.clone();
+    let body = signed.clone();
+    let in_flight = std::thread::spawn(move || {
+        agent()
+            .post(&url)
+            .header("Content-Type", "application/json")
+            .send(&body)
+            .map(|response| response.status().as_u16())
+    });
+    wait_until(Duration::from_secs(10), "the handler starts", || {
+        group_file.exists()
+    });
+    let group = std::fs::read_to_string(&group_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(!live_members_of_group(&group).is_empty());
+    let kill_group = || {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{group}")])
+            .status();
+    };
+
+    let signalled = Instant::now();
+    server.terminate();
+    let Some(status) = server.wait_for_exit(Duration::from_secs(15)) else {
+        kill_group();
+        panic!(
+            "still running 15 s after SIGTERM (drain timeout 10 s): {}",
+            server.log()
+        );
+    };
+    let took = signalled.elapsed();
+    assert!(status.success(), "{status}: {}", server.log());
+    assert!(took < Duration::from_secs(15), "stopping took {took:?}");
+    // The delivery got no 200: the platform will deliver it again.
+    assert_ne!(in_flight.join().unwrap().ok(), Some(200));
+    let survivors = if eventually(Duration::from_secs(2), || {
+        live_members_of_group(&group).is_empty()
+    }) {
+        String::new()
+    } else {
+        let survivors = live_members_of_group(&group);
+        kill_group();
+        survivors
+    };
+    assert!(
+        survivors.is_empty(),
+        "the handler outlived fly: {survivors}{}",
+        server.log()
+    );
+
+    // Not marked handled: the redelivery is answered.
+    let again = Server::start(&emulator.base_url, dir.path(), &["--secret", SECRET]);
+    assert_eq!(post(&again.url, &signed), answer(200, "OK"));
+    assert_eq!(emulator.sent(), [echo(951, "hang", ("to_user_id", "u_1"))]);
 }
 
 fn assert_usage_error(output: &std::process::Output, mentions: &str) {
