@@ -225,7 +225,7 @@ pub struct PollEchoArgs {
 #[derive(Debug, Args)]
 pub struct ExecArgs {
     /// Run CMD (through sh -c) per update instead of the echo; its stdout is the reply.
-    #[arg(long, value_name = "CMD")]
+    #[arg(long, value_name = "CMD", value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub exec: Option<String>,
 
     /// Kill a handler that runs longer than this many seconds (1..=86400).

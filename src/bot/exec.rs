@@ -29,32 +29,40 @@ const LOG_GRACE: Duration = Duration::from_millis(500);
 /// pieces rather than held in memory whole.
 const MAX_LOG_LINE: u64 = 16 * 1024;
 
-/// Set when fly is exiting and has stopped waiting for handlers (serve-webhook
-/// after its drain timeout). Process-wide, because the handlers run deep in
-/// blocking threads the server no longer waits for, and it is only ever set
-/// on the way out.
-static ABANDONED: AtomicBool = AtomicBool::new(false);
-
-/// Kills the process group of every handler still running (within
-/// `WAIT_SLICE`) and starts no more: their updates fail, so they are not
-/// marked handled and get delivered again. For a server that is exiting.
-pub fn abandon_running_handlers() {
-    ABANDONED.store(true, Ordering::SeqCst);
-}
-
-fn abandoned() -> bool {
-    ABANDONED.load(Ordering::SeqCst)
-}
-
 pub struct ExecHandler {
-    pub command: String,
-    pub timeout: Duration,
-    pub client: ApiClient,
+    command: String,
+    timeout: Duration,
+    client: ApiClient,
     /// Hand the bot token to the handler as FLY_BOT_TOKEN (off by default).
-    pub pass_token: bool,
+    pass_token: bool,
+    /// Set by [`Handler::abandon`] when fly is exiting without waiting.
+    abandoned: AtomicBool,
+}
+
+impl ExecHandler {
+    pub fn new(command: String, timeout: Duration, client: ApiClient, pass_token: bool) -> Self {
+        ExecHandler {
+            command,
+            timeout,
+            client,
+            pass_token,
+            abandoned: AtomicBool::new(false),
+        }
+    }
+
+    fn abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::SeqCst)
+    }
 }
 
 impl Handler for ExecHandler {
+    /// Kills the process group of every handler still running (within
+    /// `WAIT_SLICE`) and starts no more: their updates fail, so they are not
+    /// marked handled and get delivered again.
+    fn abandon(&self) {
+        self.abandoned.store(true, Ordering::SeqCst);
+    }
+
     fn handle(&self, update: &Update) -> Result<Outcome, HandleError> {
         let Some(message) = update.message.as_ref() else {
             return Ok(Outcome::Ignored);
@@ -131,7 +139,7 @@ impl ExecHandler {
         if self.pass_token {
             command.env("FLY_BOT_TOKEN", self.client.token().expose());
         }
-        if abandoned() {
+        if self.abandoned() {
             return Err(anyhow!("not started: fly is stopping"));
         }
         let deadline = Instant::now() + self.timeout;
@@ -159,14 +167,14 @@ impl ExecHandler {
         // The reply is complete once the handler exited and its stdout closed;
         // a background job it started may hold stdout open after the shell
         // exits, so both count against the timeout.
-        let give_up = || Instant::now() >= deadline || abandoned();
+        let give_up = || Instant::now() >= deadline || self.abandoned();
         let status = wait_until(&mut child, give_up);
         let reply = status.and_then(|_| join_unless(reader, give_up));
         let (Some(status), Some(reply)) = (status, reply) else {
             kill_group(&child);
             let _ = child.wait();
             join_logger(logger);
-            if abandoned() {
+            if self.abandoned() {
                 tracing::warn!(
                     update_id,
                     "fly is stopping: handler killed, the update is not marked handled"

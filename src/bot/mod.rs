@@ -73,6 +73,11 @@ impl HandleError {
 /// Answers one update. Called from several threads at once (for different chats).
 pub trait Handler: Send + Sync {
     fn handle(&self, update: &Update) -> Result<Outcome, HandleError>;
+
+    /// fly is exiting and will not wait for handlers still running: end them
+    /// now (failing their updates, so they are delivered again) and start no
+    /// more. Only handlers that can hang for long need to do anything.
+    fn abandon(&self) {}
 }
 
 /// `chat_type:chat_id` for log lines, or `-` for updates without a chat.

@@ -195,12 +195,12 @@ pub fn reply_handler(
     media_dir: Option<std::path::PathBuf>,
 ) -> std::sync::Arc<dyn crate::bot::Handler> {
     match &exec.exec {
-        Some(command) => std::sync::Arc::new(crate::bot::exec::ExecHandler {
-            command: command.clone(),
-            timeout: std::time::Duration::from_secs(exec.exec_timeout),
+        Some(command) => std::sync::Arc::new(crate::bot::exec::ExecHandler::new(
+            command.clone(),
+            std::time::Duration::from_secs(exec.exec_timeout),
             client,
-            pass_token: exec.exec_pass_token,
-        }),
+            exec.exec_pass_token,
+        )),
         None => std::sync::Arc::new(crate::bot::echo::EchoHandler { client, media_dir }),
     }
 }

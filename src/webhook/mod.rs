@@ -70,7 +70,11 @@ pub fn run_until_signal(
         max_connections: config.max_connections,
         drain_timeout: DRAIN_TIMEOUT,
     };
-    let receiver = Arc::new(receiver::Receiver::new(&config, store, handler));
+    let receiver = Arc::new(receiver::Receiver::new(
+        &config,
+        store,
+        Arc::clone(&handler),
+    ));
     let served = runtime.block_on(async move {
         let stop = stop_signal()?;
         crate::commands::print_line(&url)?;
@@ -91,7 +95,7 @@ pub fn run_until_signal(
     // handler): kill the handlers' process groups instead, and wait for the
     // blocking threads only briefly. Their updates are not marked handled,
     // so the platform delivers them again.
-    crate::bot::exec::abandon_running_handlers();
+    handler.abandon();
     runtime.shutdown_timeout(ABANDON_GRACE);
     if served.is_ok() {
         tracing::info!("stopped");
