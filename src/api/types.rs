@@ -113,14 +113,14 @@ impl Update {
     }
 
     /// The message's text, if it is a text message.
-    pub fn text(&self) -> Option<&str> {
+    pub fn text(&self) -> Option<String> {
         let message = self.message.as_ref()?;
         (message.msg_type == "text").then(|| {
             message
                 .data
                 .get("content")
-                .and_then(Value::as_str)
-                .unwrap_or("")
+                .map(python_str)
+                .unwrap_or_default()
         })
     }
 }
@@ -164,13 +164,25 @@ impl Chat {
     }
 }
 
-/// Python's `str(value or "")` for the scalar fields the examples read.
+/// Python's `str(value or "")`, as the examples read every field: falsy
+/// values (null, false, 0, 0.0, "", [], {}) give "", others print as Python
+/// prints them (`True`, `1e-05`, `{'a': 1}`). The signature module already
+/// implements Python's rules for its own JSON values, so non-strings take
+/// that route.
 fn python_str(value: &Value) -> String {
     match value {
         Value::String(text) => text.clone(),
-        Value::Number(number) => number.to_string(),
-        Value::Bool(true) => "True".to_string(),
-        _ => String::new(),
+        other => {
+            let text = other.to_string();
+            crate::signature::json::parse(&text)
+                .ok()
+                .and_then(|parsed| {
+                    crate::signature::python::py_str(Some(&parsed), "value")
+                        .ok()
+                        .map(|printed| printed.into_owned())
+                })
+                .unwrap_or_default()
+        }
     }
 }
 
@@ -178,6 +190,33 @@ fn python_str(value: &Value) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Expected values printed by CPython: `str(json.loads(text) or "")`.
+    #[test]
+    fn fields_read_as_python_str_would() {
+        let table = [
+            ("5", "5"),
+            ("0", ""),
+            ("1.5", "1.5"),
+            ("1e-05", "1e-05"),
+            ("0.0", ""),
+            ("true", "True"),
+            ("false", ""),
+            ("null", ""),
+            ("[]", ""),
+            ("{}", ""),
+            (r#"[1, "a"]"#, "[1, 'a']"),
+            (r#"{"a": 1}"#, "{'a': 1}"),
+            ("-3", "-3"),
+            ("1e16", "1e+16"),
+            ("123456789012345678", "123456789012345678"),
+            (r#""héllo""#, "héllo"),
+        ];
+        for (json, expected) in table {
+            let value: Value = serde_json::from_str(json).unwrap();
+            assert_eq!(python_str(&value), expected, "{json}");
+        }
+    }
 
     #[test]
     fn updates_are_read_leniently() {
@@ -187,7 +226,7 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(update.update_id, 5);
-        assert_eq!(update.text(), Some("hi"));
+        assert_eq!(update.text().as_deref(), Some("hi"));
         let chat = update.message.as_ref().unwrap().chat.clone().unwrap();
         assert_eq!(chat.reply_target(), Target::Group("42".into()));
 

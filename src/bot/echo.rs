@@ -35,7 +35,7 @@ impl Handler for EchoHandler {
             return self.media_round_trip(update.update_id, message, chat, dir);
         }
         // As the example: any message gets an echo, non-text ones an empty one.
-        let text = update.text().unwrap_or("");
+        let text = update.text().unwrap_or_default();
         let reply = SendRequest::text(
             chat.reply_target(),
             format!("echo: {text}"),

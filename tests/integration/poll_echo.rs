@@ -427,3 +427,28 @@ fn out_of_range_timeouts_are_usage_errors() {
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
     }
 }
+
+/// Content that is not a string is echoed as the Python example prints it
+/// (`str(content or "")`), not dropped.
+#[test]
+fn non_string_content_is_echoed_as_the_python_example_would() {
+    let emulator = Emulator::start();
+    for content in [json!(5), json!(true), json!(0), json!({"a": 1})] {
+        emulator.post(
+            "/_emulator/messages",
+            json!({"chat": {"type": "private", "id": "u_1"}, "msgType": "text", "data": {"content": content}}),
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let output = poll_once(&emulator, &dir.path().join("s.db"));
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    let echoed: Vec<Value> = emulator
+        .sent()
+        .iter()
+        .map(|sent| sent["data"]["content"].clone())
+        .collect();
+    assert_eq!(
+        echoed,
+        ["echo: 5", "echo: True", "echo: ", "echo: {'a': 1}"]
+    );
+}
