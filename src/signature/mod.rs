@@ -61,15 +61,13 @@ pub fn lower_hex(bytes: &[u8]) -> String {
     String::from_utf8(digits).unwrap_or_default()
 }
 
-/// The keys `fly sign` sets, in the order it appends the missing ones.
-const SIGNED_KEYS: [&str; 4] = ["bot", "timestamp", "nonce", "signature"];
-
 /// Signs an update given as JSON text: returns the signed update as one line
 /// of JSON. The input's members keep their order and their exact text (minus
 /// insignificant whitespace), so every number and escape re-parses in Python
-/// to the same value; `bot`, `timestamp`, `nonce` and `signature` replace
+/// to the same value; `bot.id`, `timestamp`, `nonce` and `signature` replace
 /// existing members in place (later duplicates are dropped, since Python
-/// would let them win) or are appended.
+/// would let them win) or are appended. Other members of `bot` are kept:
+/// only `bot.id` is signed.
 pub fn sign_update_text(
     update_json: &str,
     secret: &str,
@@ -85,42 +83,71 @@ pub fn sign_update_text(
     fields.nonce = nonce.into();
     let signature = v1::signature_with(&v1::hmac_key(secret), &fields.signing_string());
 
-    let replacement = |key: &str| match key {
-        "bot" => format!("{{\"id\":{}}}", canonical::json_string(bot_id)),
-        "timestamp" => timestamp_digits.clone(),
-        "nonce" => canonical::json_string(nonce),
-        _ => format!("\"{signature}\""),
+    let bot_id_json = canonical::json_string(bot_id);
+    // The `bot` that Python would read (the last one), if it is an object.
+    let old_bot = members
+        .iter()
+        .rev()
+        .find(|member| member.key.as_ref() == b"bot")
+        .map(|member| &update_json[member.span.clone()])
+        // The key decodes to "bot", so its text holds no '{': the first one
+        // opens the value.
+        .and_then(|text| text.find('{').map(|start| &text[start..]));
+    let bot = match old_bot.map(json::parse_with_members) {
+        Some(Ok((_, bot_members))) => with_members_set(
+            old_bot.unwrap_or_default(),
+            &bot_members,
+            &[("id", bot_id_json)],
+        ),
+        _ => format!("{{\"id\":{bot_id_json}}}"),
     };
-    let mut out = String::with_capacity(update_json.len() + 200);
-    let mut written = [false; SIGNED_KEYS.len()];
+    Ok(with_members_set(
+        update_json,
+        &members,
+        &[
+            ("bot", bot),
+            ("timestamp", timestamp_digits),
+            ("nonce", canonical::json_string(nonce)),
+            ("signature", format!("\"{signature}\"")),
+        ],
+    ))
+}
+
+/// The JSON object `object_json` (whose members are `members`) as one line,
+/// with each key of `set` given its new value: in place of the first member
+/// of that name (later ones dropped), or appended in `set`'s order. Other
+/// members are copied as written, minus whitespace.
+fn with_members_set(
+    object_json: &str,
+    members: &[json::MemberSpan],
+    set: &[(&str, String)],
+) -> String {
+    let mut out = String::with_capacity(object_json.len() + 200);
+    let mut written = vec![false; set.len()];
     out.push('{');
-    for member in &members {
-        let signed_key = SIGNED_KEYS
+    for member in members {
+        let replaced = set
             .iter()
-            .position(|key| member.key.as_ref() == key.as_bytes());
-        match signed_key {
+            .position(|(key, _)| member.key.as_ref() == key.as_bytes());
+        match replaced {
             Some(index) if written[index] => continue,
             Some(index) => {
                 written[index] = true;
-                push_member(
-                    &mut out,
-                    SIGNED_KEYS[index],
-                    &replacement(SIGNED_KEYS[index]),
-                );
+                push_member(&mut out, set[index].0, &set[index].1);
             }
             None => {
                 separate(&mut out);
-                compact_into(&update_json[member.span.clone()], &mut out);
+                compact_into(&object_json[member.span.clone()], &mut out);
             }
         }
     }
-    for (index, key) in SIGNED_KEYS.iter().enumerate() {
+    for (index, (key, value)) in set.iter().enumerate() {
         if !written[index] {
-            push_member(&mut out, key, &replacement(key));
+            push_member(&mut out, key, value);
         }
     }
     out.push('}');
-    Ok(out)
+    out
 }
 
 fn separate(out: &mut String) {
@@ -176,13 +203,28 @@ mod tests {
     }
 
     #[test]
-    fn signing_ignores_the_old_bot_and_refuses_what_python_cannot_sign() {
+    fn signing_sets_bot_id_and_refuses_what_python_cannot_sign() {
         let signed =
             sign_update_text(r#"{"bot":"old","message":{"a":1}}"#, "s", "b", 1, "n").unwrap();
         assert!(
             signed.starts_with(r#"{"bot":{"id":"b"},"message""#),
             "{signed}"
         );
+        // Other members of an old bot object stay, in place; only id changes.
+        let signed = sign_update_text(
+            r#"{"bot": {"name": "x", "id": 1, "n": 1E2, "id": 2}, "message": {}}"#,
+            "s",
+            "b",
+            1,
+            "n",
+        )
+        .unwrap();
+        assert!(
+            signed.starts_with(r#"{"bot":{"name":"x","id":"b","n":1E2},"message""#),
+            "{signed}"
+        );
+        let verifier = Verifier::new(["s"], 1, Some(300));
+        assert_eq!(verifier.verify_text(&signed).unwrap(), Verdict::Ok);
         assert!(sign_update_text("[]", "s", "b", 1, "n").is_err());
         assert!(sign_update_text(r#"{"message":{"a":"\ud800"}}"#, "s", "b", 1, "n").is_err());
     }
