@@ -184,12 +184,16 @@ impl StateStore {
         };
         let stored_url = stored("base_url")?.unwrap_or_default();
         let stored_fingerprint = stored("token_fingerprint")?.unwrap_or_default();
-        if stored_url != identity.base_url || stored_fingerprint != identity.token_fingerprint {
-            bail!(
-                "belongs to another bot (base URL {stored_url}, token fingerprint {stored_fingerprint}); \
-                 pass another --state PATH"
-            );
-        }
+        // The fingerprint itself is not shown: it is a prefix of the sha256
+        // of the token, and so of the default webhook secret.
+        let other = if stored_url != identity.base_url {
+            format!("the bot at {stored_url}")
+        } else if stored_fingerprint != identity.token_fingerprint {
+            "a bot with another token".to_string()
+        } else {
+            return Ok(());
+        };
+        bail!("belongs to {other}; pass another --state PATH");
         Ok(())
     }
 
@@ -348,8 +352,13 @@ mod tests {
         drop(StateStore::open(&path, &identity("t1")).unwrap());
         let error = StateStore::open(&path, &identity("t2")).err().unwrap();
         let message = format!("{error:#}");
-        assert!(message.contains("belongs to another bot"), "{message}");
+        assert!(message.contains("a bot with another token"), "{message}");
         assert!(!message.contains("t2"), "{message}");
+        // Nor any part of the token's sha256 (the default webhook secret).
+        for token in ["t1", "t2"] {
+            let prefix = &sha256_hex(token.as_bytes())[..8];
+            assert!(!message.contains(prefix), "{message}");
+        }
     }
 
     #[test]
