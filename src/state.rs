@@ -193,8 +193,7 @@ impl StateStore {
         } else {
             return Ok(());
         };
-        bail!("belongs to {other}; pass another --state PATH");
-        Ok(())
+        bail!("belongs to {other}; pass another --state PATH")
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
