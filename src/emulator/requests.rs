@@ -158,9 +158,17 @@ pub fn validate_message(body: &Value) -> Result<(), Invalid> {
     }
 }
 
-/// `POST /_emulator/updates`: any JSON object; the emulator numbers it.
+/// `POST /_emulator/updates`: any JSON object but an empty one (most likely
+/// a forgotten body: odd updates are welcome, for testing a bot's leniency);
+/// the emulator numbers it.
 pub fn parse_raw_update(body: &Value) -> Result<Map<String, Value>, Invalid> {
     let object = as_object(body)?;
+    if object.is_empty() {
+        return Err(
+            "the update is empty: give at least its type, e.g. {\"type\":\"callback_query\"}"
+                .into(),
+        );
+    }
     if object.contains_key("update_id") {
         return Err("leave update_id out: the emulator assigns it".into());
     }
@@ -401,6 +409,8 @@ mod tests {
         }
         assert!(parse_raw_update(&json!({"type": "callback_query"})).is_ok());
         assert!(parse_raw_update(&json!({"update_id": 3})).is_err());
+        assert!(parse_raw_update(&json!({})).is_err());
+        assert!(parse_raw_update(&json!({"odd": 1})).is_ok());
     }
 
     #[test]
