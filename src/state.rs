@@ -89,6 +89,9 @@ impl BotIdentity {
 pub struct StateStore {
     connection: Mutex<Connection>,
     path: PathBuf,
+    /// Held while this process polls with the store (see `claim_polling`);
+    /// declared after the connection so it is closed after it.
+    polling_lock: Mutex<Option<std::fs::File>>,
 }
 
 impl StateStore {
@@ -104,6 +107,7 @@ impl StateStore {
         let store = StateStore {
             connection: Mutex::new(connection),
             path: path.to_path_buf(),
+            polling_lock: Mutex::new(None),
         };
         store
             .prepare(identity)
@@ -126,6 +130,29 @@ impl StateStore {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Claims the store for polling, until this process exits: two pollers
+    /// on one state file would confirm each other's offsets and answer the
+    /// same updates. (Webhook receivers may share a store: they only record
+    /// handled ids and nonces.) An advisory flock on its own descriptor of
+    /// the file, which is kept open: SQLite's own locks are fcntl locks,
+    /// which flock does not touch.
+    pub fn claim_polling(&self) -> anyhow::Result<()> {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(&self.path)
+            .with_context(|| format!("opening the state file {}", self.path.display()))?;
+        // SAFETY: flock only reads its integer arguments; the descriptor is
+        // valid while `file` lives.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            bail!(
+                "another fly process is already polling with the state file {}; \
+                 stop it first, or pass another --state PATH",
+                self.path.display()
+            );
+        }
+        *crate::sync::lock(&self.polling_lock) = Some(file);
+        Ok(())
     }
 
     fn prepare(&self, identity: &BotIdentity) -> anyhow::Result<()> {

@@ -52,6 +52,7 @@ pub fn run(
     settings: &PollSettings,
     shutdown: &Shutdown,
 ) -> anyhow::Result<Summary> {
+    store.claim_polling()?;
     let mut offset = store.next_offset()?;
     let handled = AtomicU64::new(0);
     let mut failed_rounds = 0u32;

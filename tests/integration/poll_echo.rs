@@ -452,3 +452,27 @@ fn non_string_content_is_echoed_as_the_python_example_would() {
         ["echo: 5", "echo: True", "echo: ", "echo: {'a': 1}"]
     );
 }
+
+/// A second poller on the same state file is refused (exit 1, one line)
+/// while the first runs; once the first has stopped, the file is free again.
+#[test]
+fn one_poller_per_state_file() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("s.db");
+    let mut first = spawn_service(&emulator, &state, &["--poll-timeout", "30"]);
+    let stderr = first.stderr.take().unwrap();
+    let started = BufReader::new(stderr).lines().next().unwrap().unwrap();
+    assert!(started.contains("polling for updates"), "{started}");
+
+    let second = poll_once(&emulator, &state);
+    assert_eq!(second.status.code(), Some(1));
+    let message = stderr_of(&second);
+    assert!(message.contains("already polling"), "{message}");
+    assert_eq!(message.lines().count(), 1, "{message}");
+
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let third = poll_once(&emulator, &state);
+    assert!(third.status.success(), "{}", stderr_of(&third));
+}
