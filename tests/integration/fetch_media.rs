@@ -259,11 +259,8 @@ fn dropped_connections_mid_body_are_recovered_byte_exact() {
 #[test]
 fn memory_stays_flat_for_a_1_gib_file() {
     let emulator = Emulator::start();
-    let size: u64 = 1 << 30;
-    emulator.post(
-        "/_emulator/media",
-        json!({"url": "https://cdn.example/huge.bin", "size": size}),
-    );
+    let size: usize = 1 << 30;
+    register(&emulator, "https://cdn.example/huge.bin", size);
     let mut child = Command::new(fly_path())
         .args(["fetch-media", "https://cdn.example/huge.bin", "-o", "-"])
         .env_clear()
@@ -289,7 +286,7 @@ fn memory_stays_flat_for_a_1_gib_file() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(child.wait().unwrap().success());
-    assert_eq!(counter.join().unwrap(), size);
+    assert_eq!(counter.join().unwrap(), size as u64);
     assert!(peak_kib > 0, "no memory reading taken");
     assert!(peak_kib < 32 * 1024, "peak RSS {peak_kib} KiB");
 }
@@ -300,11 +297,8 @@ fn memory_stays_flat_for_a_1_gib_file() {
 fn an_interrupted_download_leaves_no_temp_file() {
     let emulator = Emulator::start();
     // Far more than can arrive before the signal does.
-    let size: u64 = 64 << 30;
-    emulator.post(
-        "/_emulator/media",
-        json!({"url": "https://cdn.example/endless.bin", "size": size}),
-    );
+    let size: usize = 64 << 30;
+    register(&emulator, "https://cdn.example/endless.bin", size);
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(fly_path())
         .args([
