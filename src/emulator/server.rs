@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::service::service_fn;
@@ -348,18 +348,38 @@ pub async fn read_json(request: Request<Incoming>, limit: usize) -> Result<Value
     parse_json(&read_body(request, limit).await?)
 }
 
+/// How much of a body over the limit is still read (and dropped) before the
+/// 413 goes out. A client is still sending when the limit is reached; were
+/// the connection closed then, it would see a reset instead of the answer
+/// and retry in vain. Front-end servers do the same ("lingering close").
+const DRAINED_BEYOND_LIMIT: usize = 64 * 1024 * 1024;
+
 async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, BodyRefused> {
-    match Limited::new(request.into_body(), limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.is::<LengthLimitError>() => Err(BodyRefused {
+    let unreadable = || BodyRefused {
+        status: StatusCode::BAD_REQUEST,
+        msg: "could not read the body".into(),
+    };
+    let mut body = request.into_body();
+    let mut kept = Vec::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(|_| unreadable())?.into_data() else {
+            continue; // trailers
+        };
+        seen = seen.saturating_add(data.len());
+        if seen <= limit {
+            kept.extend_from_slice(&data);
+        } else if seen > limit.saturating_add(DRAINED_BEYOND_LIMIT) {
+            break;
+        }
+    }
+    if seen > limit {
+        return Err(BodyRefused {
             status: StatusCode::PAYLOAD_TOO_LARGE,
             msg: format!("body larger than {limit} bytes"),
-        }),
-        Err(_) => Err(BodyRefused {
-            status: StatusCode::BAD_REQUEST,
-            msg: "could not read the body".into(),
-        }),
+        });
     }
+    Ok(Bytes::from(kept))
 }
 
 fn parse_json(bytes: &[u8]) -> Result<Value, BodyRefused> {

@@ -214,7 +214,9 @@ fn a_rejected_request_shows_the_envelope_and_exits_1() {
     let emulator = Emulator::start();
     let output = fly_at(&emulator)
         .args(["send", "--to", "u", "-"])
-        .write_stdin("x".repeat(2 << 20))
+        // Far more than socket buffers hold: the emulator must read it all
+        // (and drop it) for the 413 to reach a client still sending.
+        .write_stdin("x".repeat(24 << 20))
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
