@@ -75,8 +75,19 @@ pub fn run_until_signal(
         store,
         Arc::clone(&handler),
     ));
+    let abandon_before_drain_ends = Arc::clone(&handler);
     let served = runtime.block_on(async move {
-        let stop = stop_signal()?;
+        let signal = stop_signal()?;
+        let stop = async move {
+            signal.await;
+            // Handlers still running just before the drain ends are ended
+            // then, so their requests are answered 500 (the platform delivers
+            // again) rather than cut off without an answer.
+            tokio::spawn(async move {
+                tokio::time::sleep(DRAIN_TIMEOUT.saturating_sub(ANSWER_TIME)).await;
+                abandon_before_drain_ends.abandon();
+            });
+        };
         crate::commands::print_line(&url)?;
         tracing::info!(%url, "receiving webhook deliveries");
         http_server::serve(
@@ -89,7 +100,8 @@ pub fn run_until_signal(
         .await;
         anyhow::Ok(())
     });
-    // Requests still in flight after the drain are given up on. Their
+    // Requests still in flight after the drain are given up on (handlers
+    // that ignored the abandon above, or were started after it). Their
     // handlers run on the blocking pool, which dropping the runtime would
     // wait for without limit (up to --exec-timeout for a hanging --exec
     // handler): kill the handlers' process groups instead, and wait for the
@@ -105,6 +117,9 @@ pub fn run_until_signal(
 
 /// How long a stop waits for requests in flight (a reply being sent).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Time left, after handlers are abandoned, for their requests to be answered.
+const ANSWER_TIME: Duration = Duration::from_secs(1);
 
 /// How long, after the drain, the requests given up on get to end: enough for
 /// a killed handler to be reaped and its last stderr lines logged.
