@@ -171,6 +171,9 @@ impl ApiClient {
             .header("Authorization", &format!("Bearer {}", self.token.expose()))
             .config()
             .timeout_per_read(Some(read_timeout))
+            // Following a redirect would turn the POST into a bodyless GET
+            // (301-303) whose 2xx looks like success: a 3xx is an answer.
+            .max_redirects(0)
             .build()
             .send_json(body);
         let response = result.map_err(|error| classify_transport_error(path, error))?;
@@ -212,6 +215,21 @@ impl ApiClient {
                     retry_after,
                 });
             }
+            300..=399 => {
+                let location = response
+                    .headers()
+                    .get("location")
+                    .and_then(|value| value.to_str().ok())
+                    .unwrap_or("nowhere");
+                return Err(AttemptError::Fatal(ApiError::Rejected {
+                    path: path.to_string(),
+                    status,
+                    detail: format!(
+                        " (a redirect to {}; API calls are not redirected: check --base-url)",
+                        self.token.redact(location)
+                    ),
+                }));
+            }
             _ => {
                 return Err(AttemptError::Fatal(ApiError::Rejected {
                     path: path.to_string(),
@@ -235,7 +253,15 @@ impl ApiClient {
                 detail,
             }));
         }
-        Ok(envelope.remove("data").unwrap_or(Value::Null))
+        // Every call answers with data (the sent message, the updates, the
+        // access URLs); a 2xx without it did not do what was asked.
+        match envelope.remove("data") {
+            Some(Value::Null) | None => Err(AttemptError::Fatal(ApiError::BadResponse {
+                path: path.to_string(),
+                detail: format!("HTTP {status} without data{detail}"),
+            })),
+            Some(data) => Ok(data),
+        }
     }
 }
 

@@ -36,6 +36,10 @@ impl ForwardHandler {
     ) -> ForwardHandler {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            // A 3xx is the receiver's answer, not a place to go: following it
+            // would turn the POST into a bodyless GET whose 2xx looks like
+            // delivery.
+            .max_redirects(0)
             .timeout_connect(Some(Duration::from_secs(5)))
             .timeout_global(Some(Duration::from_secs(60)))
             .build()

@@ -202,3 +202,61 @@ pub fn echo(update_id: i64, content: &str, target: (&str, &str)) -> Value {
 pub fn media_pattern(size: usize) -> Vec<u8> {
     (0..size).map(|i| (i % 251) as u8).collect()
 }
+
+/// The answer of `misbehaving_server` to every POST: a redirect to `/landing`.
+pub const REDIRECT: &str =
+    "HTTP/1.1 302 Found\r\nLocation: /landing\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+
+/// A server that answers every POST with `post_answer` (raw HTTP), and a GET
+/// of `/landing` with a 2xx envelope, so a client that followed a redirect
+/// would think it succeeded. Returns its base URL and the request lines it
+/// has seen. (Fixed answers from a raw socket: nothing here needs real HTTP
+/// parsing, and no library server does a wrong thing on purpose.)
+pub fn misbehaving_server(
+    post_answer: &'static str,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base_url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let recorded = std::sync::Arc::clone(&seen);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request_line = String::new();
+            if reader.read_line(&mut request_line).is_err() {
+                continue;
+            }
+            // The rest of the head, then the body: unread bytes would make
+            // the close a reset, which the client would see instead.
+            let mut body_length = 0usize;
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|read| read > 2) {
+                if let Some((name, value)) = line.split_once(':')
+                    && name.eq_ignore_ascii_case("content-length")
+                {
+                    body_length = value.trim().parse().unwrap_or(0);
+                }
+                line.clear();
+            }
+            let mut body = vec![0u8; body_length];
+            let _ = std::io::Read::read_exact(&mut reader, &mut body);
+            recorded
+                .lock()
+                .unwrap()
+                .push(request_line.trim().to_string());
+            let answer = if request_line.starts_with("GET /landing") {
+                let body = r#"{"code":0,"msg":"ok","data":{"message_id":"m_1"}}"#;
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+            } else {
+                post_answer.to_string()
+            };
+            let _ = stream.write_all(answer.as_bytes());
+        }
+    });
+    (base_url, seen)
+}

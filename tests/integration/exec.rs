@@ -727,3 +727,31 @@ fn bad_usage_is_exit_2_with_one_error_line() {
         stderr_of(&output)
     );
 }
+
+/// A receiver answering 302 has not taken the update: forward does not
+/// follow the redirect (a bodyless GET whose 200 would look like delivery),
+/// and keeps retrying the POST, logging the status.
+#[test]
+fn forward_does_not_follow_a_receivers_redirect() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (receiver_url, seen) = crate::common::misbehaving_server(crate::common::REDIRECT);
+    let forward = start_forward(
+        &emulator,
+        &format!("{receiver_url}/hook"),
+        &dir.path().join("forward.db"),
+    );
+    emulator.user_says("private", "u_1", "hello");
+    assert!(
+        eventually(Duration::from_secs(10), || seen.lock().unwrap().len() >= 2),
+        "{}",
+        forward.log()
+    );
+    let requests = seen.lock().unwrap().clone();
+    assert!(
+        requests.iter().all(|line| line == "POST /hook HTTP/1.1"),
+        "{requests:?}"
+    );
+    assert!(forward.log().contains("302"), "{}", forward.log());
+    assert!(!forward.log().contains("delivered"), "{}", forward.log());
+}

@@ -289,3 +289,42 @@ fn unreachable_server_is_exit_1_not_a_hang() {
         stderr_of(&output)
     );
 }
+
+/// A redirect is not followed (it would turn the POST into a bodyless GET
+/// whose 2xx looks like success): exit 1 naming it.
+#[test]
+fn a_redirect_is_an_error_not_a_silent_success() {
+    let (base_url, seen) = crate::common::misbehaving_server(crate::common::REDIRECT);
+    let output = fly()
+        .env("FLY_BASE_URL", &base_url)
+        .env("FLY_BOT_TOKEN", TOKEN)
+        .args(["send", "--to", "u", "hi"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = stderr_of(&output);
+    assert!(
+        stderr.contains("HTTP 302") && stderr.contains("redirect"),
+        "{stderr}"
+    );
+    assert_eq!(*seen.lock().unwrap(), ["POST /api/v1/s/bot/send HTTP/1.1"]);
+}
+
+/// A 2xx envelope without `data` did not send anything: exit 1, not a
+/// printed `null`.
+#[test]
+fn an_answer_without_data_is_an_error() {
+    let (base_url, _) = crate::common::misbehaving_server(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 10\r\nConnection: close\r\n\r\n{\"code\":0}",
+    );
+    let output = fly()
+        .env("FLY_BASE_URL", &base_url)
+        .env("FLY_BOT_TOKEN", TOKEN)
+        .args(["send", "--to", "u", "hi"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(output.stdout.is_empty());
+    let stderr = stderr_of(&output);
+    assert!(stderr.contains("without data"), "{stderr}");
+}
