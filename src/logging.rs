@@ -28,6 +28,10 @@ pub fn init(format: LogFormat, verbose: u8, quiet: u8) {
         // Colours only for a person at a terminal, never in files or pipes.
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .with_env_filter(filter)
+        // A log line that cannot be written (stderr piped into `head`, a
+        // logger that died) is dropped: the default reports it with
+        // `eprintln!`, which panics on that same broken stderr.
+        .log_internal_errors(false)
         .with_target(false);
     // A subscriber is only missing if one was set already (never, in the binary).
     let _ = match format {

@@ -476,3 +476,28 @@ fn one_poller_per_state_file() {
     let third = poll_once(&emulator, &state);
     assert!(third.status.success(), "{}", stderr_of(&third));
 }
+
+/// A stderr nobody reads any more (`2>&1 | head -1`, a logger that died)
+/// loses the log lines, not the work: no panic, every update answered.
+#[test]
+fn a_closed_stderr_does_not_stop_the_bot() {
+    let emulator = Emulator::start();
+    for n in 0..3 {
+        emulator.user_says("private", "u_1", &format!("m{n}"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(fly_path())
+        .args(["-vv", "poll-echo", "--once", "--state"])
+        .arg(dir.path().join("s.db"))
+        .env_clear()
+        .env("FLY_BASE_URL", &emulator.base_url)
+        .env("FLY_BOT_TOKEN", TOKEN)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    let status = wait_for_exit(&mut child, Duration::from_secs(20)).expect("exits");
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(emulator.sent().len(), 3);
+}
