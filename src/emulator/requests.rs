@@ -45,8 +45,9 @@ impl UpdatesRequest {
         };
         let timeout = match field(object, "timeout").map(Value::as_f64) {
             None => Duration::ZERO,
+            // Clamped before the conversion, which panics past u64 seconds.
             Some(Some(seconds)) if seconds >= 0.0 && seconds.is_finite() => {
-                Duration::from_secs_f64(seconds).min(MAX_POLL_TIMEOUT)
+                Duration::from_secs_f64(seconds.min(MAX_POLL_TIMEOUT.as_secs_f64()))
             }
             Some(_) => return Err("timeout must be a non-negative number of seconds".into()),
         };
@@ -298,6 +299,11 @@ mod tests {
             UpdatesRequest::parse(&json!({"offset": 7, "limit": 50, "timeout": 600})).unwrap();
         assert_eq!((request.offset, request.limit), (7, 50));
         assert_eq!(request.timeout, MAX_POLL_TIMEOUT);
+        for huge in ["1e300", "99999999999999999999"] {
+            let body: Value = serde_json::from_str(&format!(r#"{{"timeout":{huge}}}"#)).unwrap();
+            let request = UpdatesRequest::parse(&body).unwrap();
+            assert_eq!(request.timeout, MAX_POLL_TIMEOUT);
+        }
         let fractional = UpdatesRequest::parse(&json!({"timeout": 0.5, "offset": null})).unwrap();
         assert_eq!(fractional.timeout, Duration::from_millis(500));
     }
