@@ -102,6 +102,15 @@ impl StateStore {
                 .with_context(|| format!("creating the state directory {}", dir.display()))?;
         }
         let shown = path.display();
+        // SQLite would open a device or a FIFO, fail, and leave its journal
+        // next to it (in /dev, for `--state /dev/null`).
+        if let Ok(found) = std::fs::metadata(path)
+            && !found.is_file()
+        {
+            return Err(crate::exit::usage(format!(
+                "state file {shown} is not a regular file"
+            )));
+        }
         let connection =
             Connection::open(path).with_context(|| format!("opening the state file {shown}"))?;
         let store = StateStore {
@@ -369,6 +378,21 @@ mod tests {
         store.advance_offset(HANDLED_IDS_KEPT + 6).unwrap();
         assert!(!store.is_handled(1).unwrap());
         assert!(store.is_handled(HANDLED_IDS_KEPT + 5).unwrap());
+    }
+
+    #[test]
+    fn only_a_regular_file_can_be_a_store() {
+        let dir = tempfile::tempdir().unwrap();
+        for path in [dir.path(), Path::new("/dev/null")] {
+            let error = StateStore::open(path, &identity("t1")).err().unwrap();
+            assert_eq!(
+                crate::exit::classify(&error),
+                crate::exit::Outcome::Report(2),
+                "{error:#}"
+            );
+            assert!(format!("{error:#}").contains("not a regular file"));
+        }
+        assert!(!Path::new("/dev/null-journal").exists());
     }
 
     #[test]
