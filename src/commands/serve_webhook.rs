@@ -20,9 +20,17 @@ const REPLY_RETRIES: RetryPolicy = RetryPolicy {
 };
 
 pub fn run(args: ServeWebhookArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
-    if !args.path.starts_with('/') {
+    // Compared with the request path as it arrives (percent-encoded, query
+    // apart), so anything else could never match and every delivery would be 404.
+    let path_ok = args.path.starts_with('/')
+        && args
+            .path
+            .bytes()
+            .all(|byte| byte.is_ascii_graphic() && byte != b'?' && byte != b'#');
+    if !path_ok {
         return Err(usage(format!(
-            "--path must start with / (got {:?})",
+            "--path must start with / and hold only URL path characters: \
+             no spaces, ?, # or non-ASCII (got {:?})",
             args.path
         )));
     }
@@ -33,7 +41,8 @@ pub fn run(args: ServeWebhookArgs, global: &GlobalArgs) -> anyhow::Result<ExitCo
         .collect();
     let client = ApiClient::new(&global.base_url, token.clone(), REPLY_RETRIES)?;
     let identity = BotIdentity::new(client.base_url(), &token);
-    let store = StateStore::open_for(&identity, args.state)?;
+    let state_path = args.state;
+    let open_store = move || StateStore::open_for(&identity, state_path);
     let handler = reply_handler(&args.exec, client, None);
     let config = WebhookConfig {
         bind: args.bind,
@@ -53,6 +62,6 @@ pub fn run(args: ServeWebhookArgs, global: &GlobalArgs) -> anyhow::Result<ExitCo
             _ => None,
         },
     };
-    webhook::run_until_signal(config, store, handler)?;
+    webhook::run_until_signal(config, open_store, handler)?;
     Ok(exit::code(exit::SUCCESS))
 }

@@ -47,13 +47,17 @@ pub struct TlsFiles {
 /// Serves until SIGINT/SIGTERM, then finishes the requests in flight (at most
 /// `DRAIN_TIMEOUT`; `--exec` handlers still running then are killed). The
 /// first stdout line is the URL deliveries go to.
+///
+/// The state store is opened (and created) only once the TLS files are read
+/// and the port is bound, so a mistake there leaves no file behind.
 pub fn run_until_signal(
     config: WebhookConfig,
-    store: StateStore,
+    open_store: impl FnOnce() -> anyhow::Result<StateStore>,
     handler: Arc<dyn Handler>,
 ) -> anyhow::Result<()> {
     let tls = config.tls.as_ref().map(load_tls).transpose()?;
     let (listener, local) = http_server::bind(config.bind, config.port)?;
+    let store = open_store()?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let url = format!("{scheme}://{local}{}", config.path);
 

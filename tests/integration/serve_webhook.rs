@@ -901,7 +901,9 @@ fn bad_usage_exits_2_with_one_error_line() {
         }
         command.timeout(Duration::from_secs(10)).output().unwrap()
     };
-    assert_usage_error(&serve(&["--path", "nopath"], true), "--path");
+    for path in ["nopath", "/héllo", "/webhook?x=1", "/a b", "/a#b"] {
+        assert_usage_error(&serve(&["--path", path], true), "--path");
+    }
     assert_usage_error(&serve(&[], false), "token");
     assert_usage_error(&serve(&["--header-timeout", "0"], true), "--header-timeout");
     assert_usage_error(
@@ -1033,6 +1035,7 @@ fn bad_tls_files_exit_2_with_one_error_line() {
     assert_usage_error(&serve(&garbage, &key), "--tls-cert");
     assert_usage_error(&serve(&cert, &garbage), "--tls-key");
     assert_usage_error(&serve(&cert, &other_key), "--tls-cert/--tls-key");
+    assert!(!state.exists(), "a failed start leaves no state file");
     // --tls-cert alone is a usage error too.
     let alone = fly()
         .args(["serve-webhook", "--port", "0", "--tls-cert"])
