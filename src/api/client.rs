@@ -40,11 +40,7 @@ impl ApiClient {
     /// A client for `base_url` (`http://` or `https://`, trailing `/` ignored).
     pub fn new(base_url: &str, token: Token, policy: RetryPolicy) -> anyhow::Result<ApiClient> {
         let base_url = base_url.trim().trim_end_matches('/');
-        if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
-            return Err(usage(format!(
-                "base URL must start with http:// or https:// (got {base_url:?})"
-            )));
-        }
+        check_http_url(base_url, "the base URL")?;
         Ok(ApiClient {
             agent: new_agent(),
             base_url: base_url.to_string(),
@@ -265,6 +261,32 @@ impl ApiClient {
     }
 }
 
+/// Checks that `url` is an http(s) URL a request can be made to, so a typo
+/// is exit 2 at once rather than a request retried forever. `what` names it.
+pub fn check_http_url(url: &str, what: &str) -> anyhow::Result<()> {
+    let invalid = |why: &str| Err(usage(format!("{what} {why} (got {url:?})")));
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return invalid("must be an http:// or https:// URL");
+    }
+    let Ok(uri) = url.parse::<ureq::http::Uri>() else {
+        return invalid("is not a valid URL");
+    };
+    match uri.authority() {
+        Some(authority) if !authority.host().is_empty() => {
+            // The parser accepts any digits as a port; a connection cannot.
+            let host_port = authority.as_str().rsplit('@').next().unwrap_or_default();
+            if let Some((_, port)) = host_port.rsplit_once(':')
+                && !port.contains(']')
+                && !port.parse::<u16>().is_ok_and(|port| port > 0)
+            {
+                return invalid("has a port outside 1-65535");
+            }
+            Ok(())
+        }
+        _ => invalid("has no host"),
+    }
+}
+
 fn new_agent() -> Agent {
     Agent::config_builder()
         .http_status_as_error(false)
@@ -351,6 +373,34 @@ fn envelope_code_is_error(code: Option<&Value>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_usable_http_urls_pass() {
+        for good in [
+            "http://127.0.0.1:8080/hook",
+            "https://api.example",
+            "http://[::1]:5000/x",
+            "http://user@h:1/",
+        ] {
+            assert!(check_http_url(good, "--to").is_ok(), "{good}");
+        }
+        for bad in [
+            "notaurl",
+            "ftp://h/",
+            "http://",
+            "http://[::1",
+            "http://127.0.0.1:99999/x",
+            "http://127.0.0.1:0/x",
+            "http://h/x y",
+        ] {
+            let error = check_http_url(bad, "--to").unwrap_err();
+            assert_eq!(
+                crate::exit::classify(&error),
+                crate::exit::Outcome::Report(2),
+                "{bad}"
+            );
+        }
+    }
 
     #[test]
     fn error_detail_prefers_the_envelope() {

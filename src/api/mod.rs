@@ -8,7 +8,7 @@ pub mod types;
 
 use std::fmt;
 
-pub use client::ApiClient;
+pub use client::{ApiClient, check_http_url};
 pub use types::{Chat, Message, SendRequest, Target, Update};
 
 /// The bot token. It has no `Display` and a redacted `Debug`, so it cannot end

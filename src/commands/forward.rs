@@ -5,23 +5,18 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::api::ApiClient;
 use crate::api::retry::RetryPolicy;
+use crate::api::{ApiClient, check_http_url};
 use crate::bot::forward::ForwardHandler;
 use crate::bot::poll_loop::{self, PollSettings};
 use crate::cli::{ForwardArgs, GlobalArgs};
 use crate::commands::{required_token, signing_secret};
-use crate::exit::{self, usage};
+use crate::exit;
 use crate::shutdown::Shutdown;
 use crate::state::{BotIdentity, StateStore};
 
 pub fn run(args: ForwardArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
-    if !(args.to.starts_with("http://") || args.to.starts_with("https://")) {
-        return Err(usage(format!(
-            "--to must be an http:// or https:// URL (got {:?})",
-            args.to
-        )));
-    }
+    check_http_url(&args.to, "--to")?;
     let token = required_token(global)?;
     let secret = signing_secret(&args.secret, global, "fly forward")?;
     let shutdown = Shutdown::on_signals()?;
