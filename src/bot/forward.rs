@@ -41,7 +41,7 @@ impl ForwardHandler {
             // delivery.
             .max_redirects(0)
             .timeout_connect(Some(Duration::from_secs(5)))
-            .timeout_global(Some(Duration::from_secs(60)))
+            .timeout_global(Some(DELIVERY_TIMEOUT))
             .build()
             .new_agent();
         ForwardHandler {
@@ -67,11 +67,12 @@ impl ForwardHandler {
                 AttemptError::Fatal(anyhow!("cannot sign update {}: {error}", update.update_id))
             })?;
         let started = Instant::now();
-        let result = self
-            .agent
-            .post(&self.receiver_url)
-            .header("Content-Type", "application/json")
-            .send(signed.as_bytes());
+        let Some(result) = self.post_unless_stopped(signed) else {
+            return Err(AttemptError::Transient {
+                reason: "stopping before the receiver answered".to_string(),
+                retry_after: None,
+            });
+        };
         let latency_ms = started.elapsed().as_millis() as u64;
         match result {
             Ok(response) => {
@@ -87,19 +88,60 @@ impl ForwardHandler {
                 }
             }
             Err(error) => {
+                let reason = match error {
+                    ureq::Error::Timeout(_) => {
+                        format!(
+                            "the receiver did not answer within {}s",
+                            DELIVERY_TIMEOUT.as_secs()
+                        )
+                    }
+                    other => format!("the receiver is unreachable: {other}"),
+                };
                 tracing::info!(
                     update_id = update.update_id,
                     latency_ms,
-                    "delivery failed: {error}"
+                    "delivery failed: {reason}"
                 );
                 Err(AttemptError::Transient {
-                    reason: format!("the receiver is unreachable: {error}"),
+                    reason,
                     retry_after: None,
                 })
             }
         }
     }
+
+    /// POSTs `body` on a thread of its own and waits for the answer unless a
+    /// stop is requested first (`None`): a receiver that hangs must not hold
+    /// up Ctrl-C for the whole delivery timeout. The abandoned request ends
+    /// with the process; the update is not confirmed, so it is delivered
+    /// again next time.
+    fn post_unless_stopped(
+        &self,
+        body: String,
+    ) -> Option<Result<ureq::http::Response<ureq::Body>, ureq::Error>> {
+        let (answer, answered) = std::sync::mpsc::channel();
+        let agent = self.agent.clone();
+        let url = self.receiver_url.clone();
+        std::thread::spawn(move || {
+            let result = agent
+                .post(&url)
+                .header("Content-Type", "application/json")
+                .send(body.as_bytes());
+            let _ = answer.send(result);
+        });
+        loop {
+            match answered.recv_timeout(Duration::from_millis(50)) {
+                Ok(result) => return Some(result),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                    if !self.shutdown.is_requested() => {}
+                Err(_) => return None,
+            }
+        }
+    }
 }
+
+/// The longest a receiver gets to answer one delivery.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Handler for ForwardHandler {
     fn handle(&self, update: &Update) -> Result<Outcome, HandleError> {

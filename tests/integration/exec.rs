@@ -755,3 +755,35 @@ fn forward_does_not_follow_a_receivers_redirect() {
     assert!(forward.log().contains("302"), "{}", forward.log());
     assert!(!forward.log().contains("delivered"), "{}", forward.log());
 }
+
+/// SIGTERM while the receiver holds a delivery without answering stops
+/// forward at once (exit 0), not after the 60 s delivery timeout; the
+/// update stays unconfirmed, for the next run.
+#[test]
+fn forward_stops_at_once_while_a_receiver_hangs() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    // Accepts connections and never answers them.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", silent.local_addr().unwrap());
+    let held = std::thread::spawn(move || silent.accept().map(|(stream, _)| stream));
+    let mut forward = start_forward(&emulator, &url, &dir.path().join("forward.db"));
+    emulator.user_says("private", "u_1", "hello");
+    let _connection = held.join().unwrap().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let signalled = Instant::now();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &forward.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = forward.wait(Duration::from_secs(10)).expect("stops");
+    assert!(status.success(), "{status}: {}", forward.log());
+    assert!(
+        signalled.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        signalled.elapsed()
+    );
+}
