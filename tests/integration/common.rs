@@ -20,13 +20,29 @@ pub fn fly_path() -> std::path::PathBuf {
 /// from the developer's shell), so tests never depend on who runs them.
 pub fn fly() -> Command {
     let mut command = Command::new(fly_path());
-    command.env_clear();
-    for keep in ["PATH", "HOME", "TMPDIR", "LANG"] {
-        if let Ok(value) = std::env::var(keep) {
-            command.env(keep, value);
-        }
-    }
+    command.env_clear().envs(kept_environment());
     command.timeout(Duration::from_secs(120));
+    command
+}
+
+/// The variables of the developer's shell a test run keeps.
+fn kept_environment() -> Vec<(&'static str, String)> {
+    ["PATH", "HOME", "TMPDIR", "LANG"]
+        .into_iter()
+        .filter_map(|name| Some((name, std::env::var(name).ok()?)))
+        .collect()
+}
+
+/// `fly` as a std Command, for tests that need the running child (signals,
+/// pipes, /proc): the environment scrubbed as for `fly()`, pointed at
+/// `base_url` with the test token.
+pub fn fly_child(base_url: &str) -> StdCommand {
+    let mut command = StdCommand::new(fly_path());
+    command
+        .env_clear()
+        .envs(kept_environment())
+        .env("FLY_BASE_URL", base_url)
+        .env("FLY_BOT_TOKEN", TOKEN);
     command
 }
 

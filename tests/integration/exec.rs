@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::common::{Emulator, TOKEN, eventually, fly, fly_at, fly_path, free_port, stderr_of};
+use crate::common::{Emulator, TOKEN, eventually, fly, fly_at, fly_child, free_port, stderr_of};
 
 /// Prints the text content of the update on stdin (plain ASCII without quotes
 /// is all these tests send).
@@ -50,12 +50,8 @@ struct Service {
 
 impl Service {
     fn start(emulator: &Emulator, args: &[&str]) -> Service {
-        let mut child = Command::new(fly_path())
+        let mut child = fly_child(&emulator.base_url)
             .args(args)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("FLY_BASE_URL", &emulator.base_url)
-            .env("FLY_BOT_TOKEN", TOKEN)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -9,7 +9,8 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::common::{
-    Emulator, TOKEN, fly_at, fly_path, media_pattern, stderr_of, wait_for_exit, wait_until,
+    Emulator, TOKEN, fly_at, fly_child, fly_path, media_pattern, stderr_of, wait_for_exit,
+    wait_until,
 };
 
 fn register(emulator: &Emulator, url: &str, size: usize) {
@@ -261,11 +262,8 @@ fn memory_stays_flat_for_a_1_gib_file() {
     let emulator = Emulator::start();
     let size: usize = 1 << 30;
     register(&emulator, "https://cdn.example/huge.bin", size);
-    let mut child = Command::new(fly_path())
+    let mut child = fly_child(&emulator.base_url)
         .args(["fetch-media", "https://cdn.example/huge.bin", "-o", "-"])
-        .env_clear()
-        .env("FLY_BASE_URL", &emulator.base_url)
-        .env("FLY_BOT_TOKEN", TOKEN)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -300,7 +298,7 @@ fn an_interrupted_download_leaves_no_temp_file() {
     let size: usize = 64 << 30;
     register(&emulator, "https://cdn.example/endless.bin", size);
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(fly_path())
+    let mut child = fly_child(&emulator.base_url)
         .args([
             "fetch-media",
             "https://cdn.example/endless.bin",
@@ -308,9 +306,6 @@ fn an_interrupted_download_leaves_no_temp_file() {
             "--dir",
         ])
         .arg(dir.path())
-        .env_clear()
-        .env("FLY_BASE_URL", &emulator.base_url)
-        .env("FLY_BOT_TOKEN", TOKEN)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

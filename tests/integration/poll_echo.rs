@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::common::{
-    Emulator, TOKEN, echo, fly, fly_at, fly_path, media_pattern, stderr_of, wait_for_exit,
+    Emulator, TOKEN, echo, fly, fly_at, fly_child, media_pattern, stderr_of, wait_for_exit,
 };
 
 fn poll_once(emulator: &Emulator, state: &Path) -> std::process::Output {
@@ -23,13 +23,10 @@ fn poll_once(emulator: &Emulator, state: &Path) -> std::process::Output {
 
 /// A `fly poll-echo` child running as a service against `emulator`.
 fn spawn_service(emulator: &Emulator, state: &Path, extra: &[&str]) -> Child {
-    Command::new(fly_path())
+    fly_child(&emulator.base_url)
         .args(["poll-echo", "--state"])
         .arg(state)
         .args(extra)
-        .env_clear()
-        .env("FLY_BASE_URL", &emulator.base_url)
-        .env("FLY_BOT_TOKEN", TOKEN)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -486,12 +483,9 @@ fn a_closed_stderr_does_not_stop_the_bot() {
         emulator.user_says("private", "u_1", &format!("m{n}"));
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(fly_path())
+    let mut child = fly_child(&emulator.base_url)
         .args(["-vv", "poll-echo", "--once", "--state"])
         .arg(dir.path().join("s.db"))
-        .env_clear()
-        .env("FLY_BASE_URL", &emulator.base_url)
-        .env("FLY_BOT_TOKEN", TOKEN)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

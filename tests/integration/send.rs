@@ -292,15 +292,20 @@ fn unreachable_server_is_exit_1_not_a_hang() {
 
 /// A redirect is not followed (it would turn the POST into a bodyless GET
 /// whose 2xx looks like success): exit 1 naming it.
-#[test]
-fn a_redirect_is_an_error_not_a_silent_success() {
-    let (base_url, seen) = crate::common::misbehaving_server(crate::common::REDIRECT);
-    let output = fly()
-        .env("FLY_BASE_URL", &base_url)
+/// `fly send --to u hi` against a server that is not the platform.
+fn send_to(base_url: &str) -> std::process::Output {
+    fly()
+        .env("FLY_BASE_URL", base_url)
         .env("FLY_BOT_TOKEN", TOKEN)
         .args(["send", "--to", "u", "hi"])
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn a_redirect_is_an_error_not_a_silent_success() {
+    let (base_url, seen) = crate::common::misbehaving_server(crate::common::REDIRECT);
+    let output = send_to(&base_url);
     assert_eq!(output.status.code(), Some(1));
     let stderr = stderr_of(&output);
     assert!(
@@ -317,12 +322,7 @@ fn an_answer_without_data_is_an_error() {
     let (base_url, _) = crate::common::misbehaving_server(
         "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 10\r\nConnection: close\r\n\r\n{\"code\":0}",
     );
-    let output = fly()
-        .env("FLY_BASE_URL", &base_url)
-        .env("FLY_BOT_TOKEN", TOKEN)
-        .args(["send", "--to", "u", "hi"])
-        .output()
-        .unwrap();
+    let output = send_to(&base_url);
     assert_eq!(output.status.code(), Some(1));
     assert!(output.stdout.is_empty());
     let stderr = stderr_of(&output);

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
-use crate::common::{Emulator, TOKEN, echo, eventually, fly, fly_path, stderr_of, wait_until};
+use crate::common::{Emulator, TOKEN, echo, eventually, fly, fly_child, stderr_of, wait_until};
 
 const SECRET: &str = "hook-secret";
 const FIVE_MIB: usize = 5 * 1024 * 1024;
@@ -41,7 +41,7 @@ impl Server {
             .into_temp_path()
             .keep()
             .unwrap();
-        let mut child = Command::new(fly_path())
+        let mut child = fly_child(base_url)
             .args([
                 "serve-webhook",
                 "--bind",
@@ -52,10 +52,6 @@ impl Server {
             ])
             .arg(dir.join("s.db"))
             .args(extra)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("FLY_BASE_URL", base_url)
-            .env("FLY_BOT_TOKEN", TOKEN)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
