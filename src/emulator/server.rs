@@ -263,8 +263,9 @@ fn public_base_url(shared: &Shared, request: &Request<Incoming>) -> String {
 
 /// `GET /_emulator/files/<token>`: streams the file, honouring a single `Range`.
 fn media_download(shared: &Shared, token: &str, request: &Request<Incoming>) -> HttpResponse {
-    if request.method() != Method::GET {
-        return method_not_allowed("GET");
+    // HEAD answers as GET would, without the body (hyper drops it).
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return method_not_allowed("GET, HEAD");
     }
     let (access, faults) = {
         let state = shared.lock();

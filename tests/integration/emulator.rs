@@ -349,7 +349,14 @@ fn downloads_are_byte_exact_with_content_length() {
     assert_eq!(download.header("content-length"), Some("100000"));
     assert_eq!(download.body, stored);
 
-    let download = get(&access_url(&emulator, "fly://sized", 600), None);
+    let sized_url = access_url(&emulator, "fly://sized", 600);
+    // HEAD: the same headers, no body.
+    let head = read_answer(agent().head(&sized_url).call().expect("HEAD"));
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-length"), Some("300001"));
+    assert!(head.body.is_empty());
+
+    let download = get(&sized_url, None);
     assert_eq!(download.status, 200);
     assert_eq!(download.header("content-length"), Some("300001"));
     assert_eq!(download.body.len() as u64, size);
