@@ -19,6 +19,7 @@ use serde_json::{Map, Value};
 
 use super::{HandleError, Handler, Outcome};
 use crate::api::{ApiClient, SendRequest, Update};
+use crate::sync::join_unless;
 
 /// A handler's reply is one message; more than this is a bug in the handler.
 const MAX_REPLY_BYTES: u64 = 1024 * 1024;
@@ -225,22 +226,6 @@ fn wait_until(child: &mut Child, give_up: impl Fn() -> bool) -> Option<ExitStatu
             Ok(None) => std::thread::sleep(WAIT_SLICE),
             Err(_) => return None,
         }
-    }
-}
-
-/// Joins `thread` if it finishes before `give_up` says so; otherwise leaves it running.
-fn join_unless<T>(
-    thread: JoinHandle<T>,
-    give_up: impl Fn() -> bool,
-) -> Option<std::thread::Result<T>> {
-    loop {
-        if thread.is_finished() {
-            return Some(thread.join());
-        }
-        if give_up() {
-            return None;
-        }
-        std::thread::sleep(WAIT_SLICE);
     }
 }
 

@@ -11,6 +11,7 @@ use crate::api::retry::{AttemptError, GaveUp, RetryPolicy};
 use crate::shutdown::Shutdown;
 use crate::signature::sign_update_text;
 use crate::state::unix_now;
+use crate::sync::join_unless;
 
 /// A local receiver that is down is waited for patiently but checked often.
 const DELIVERY_RETRIES: RetryPolicy = RetryPolicy {
@@ -119,24 +120,16 @@ impl ForwardHandler {
         &self,
         body: String,
     ) -> Option<Result<ureq::http::Response<ureq::Body>, ureq::Error>> {
-        let (answer, answered) = std::sync::mpsc::channel();
         let agent = self.agent.clone();
         let url = self.receiver_url.clone();
-        std::thread::spawn(move || {
-            let result = agent
+        let request = std::thread::spawn(move || {
+            agent
                 .post(&url)
                 .header("Content-Type", "application/json")
-                .send(body.as_bytes());
-            let _ = answer.send(result);
+                .send(body.as_bytes())
         });
-        loop {
-            match answered.recv_timeout(Duration::from_millis(50)) {
-                Ok(result) => return Some(result),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-                    if !self.shutdown.is_requested() => {}
-                Err(_) => return None,
-            }
-        }
+        // A request thread that panicked counts as no answer: retried.
+        join_unless(request, || self.shutdown.is_requested())?.ok()
     }
 }
 
