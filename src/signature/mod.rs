@@ -93,12 +93,10 @@ pub fn sign_update_text(
         // The key decodes to "bot", so its text holds no '{': the first one
         // opens the value.
         .and_then(|text| text.find('{').map(|start| &text[start..]));
-    let bot = match old_bot.map(json::parse_with_members) {
-        Some(Ok((_, bot_members))) => with_members_set(
-            old_bot.unwrap_or_default(),
-            &bot_members,
-            &[("id", bot_id_json)],
-        ),
+    let bot = match old_bot.map(|text| (text, json::parse_with_members(text))) {
+        Some((text, Ok((_, bot_members)))) => {
+            with_members_set(text, &bot_members, &[("id", bot_id_json)])
+        }
         _ => format!("{{\"id\":{bot_id_json}}}"),
     };
     Ok(with_members_set(
