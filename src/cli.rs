@@ -95,6 +95,12 @@ pub enum Command {
     Emulator(EmulatorArgs),
     /// Play a short conversation through poll-echo against an in-process emulator.
     Demo(DemoArgs),
+    /// List the updates that could never be handled, one JSON object per line.
+    ///
+    /// poll-echo, forward and serve-webhook record an update they cannot handle
+    /// at all (no usable update_id, a message with no chat to answer, …) with
+    /// its exact bytes and the reason, and go on with the others.
+    DeadLetters(DeadLettersArgs),
 }
 
 /// Where a signed-update secret comes from, shared by every command that signs or verifies.
@@ -370,6 +376,17 @@ pub struct EmulatorArgs {
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {}
+
+#[derive(Debug, Args)]
+pub struct DeadLettersArgs {
+    /// State store file (default: the bot's, found from the base URL and token).
+    #[arg(long, value_name = "PATH")]
+    pub state: Option<PathBuf>,
+
+    /// Remove every dead letter instead of listing them.
+    #[arg(long)]
+    pub purge: bool,
+}
 
 #[cfg(test)]
 mod tests {

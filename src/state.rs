@@ -1,5 +1,6 @@
 //! The embedded state store: one SQLite file per bot (WAL mode) holding the
-//! poll offset, the ids of handled updates and the webhook nonces seen.
+//! poll offset, the ids of handled updates, the webhook nonces seen and the
+//! dead letters (updates that can never be handled, kept with their bytes).
 //!
 //! Why SQLite: a crash (`kill -9`) at any moment must leave either the old or
 //! the new state, never a torn file, and the handled-id set must be queried
@@ -23,7 +24,7 @@ use crate::signature::sha256_hex;
 
 /// "FLY1" in ASCII: marks a SQLite file as a fly state store.
 const APPLICATION_ID: i64 = 0x464C_5931;
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 /// Handled update ids kept below the current offset; older ones can never be
 /// delivered again (the platform only returns ids at or above the offset).
 const HANDLED_IDS_KEPT: i64 = 10_000;
@@ -46,6 +47,30 @@ const SCHEMA: &str = "
     );
     CREATE INDEX seen_nonces_by_age ON seen_nonces (seen_at);
 ";
+
+/// Schema 2: dead letters. Also how a schema-1 file is brought up to date.
+/// `raw_sha256` keeps an update that comes again (one without an id cannot
+/// be confirmed) from being recorded twice.
+const DEAD_LETTERS_SCHEMA: &str = "
+    CREATE TABLE IF NOT EXISTS dead_letters (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        update_id INTEGER,
+        reason TEXT NOT NULL,
+        raw TEXT NOT NULL,
+        raw_sha256 TEXT NOT NULL UNIQUE,
+        recorded_at INTEGER NOT NULL
+    );
+";
+
+/// An update that could not be handled at all, as `fly dead-letters` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub update_id: Option<i64>,
+    pub reason: String,
+    /// The update exactly as received.
+    pub raw: String,
+    pub recorded_at: i64,
+}
 
 /// Which bot a state file belongs to: the base URL and a fingerprint of the
 /// token (a prefix of its sha256, never the token itself).
@@ -101,6 +126,22 @@ impl StateStore {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("creating the state directory {}", dir.display()))?;
         }
+        StateStore::open_file(path, Some(identity))
+    }
+
+    /// Opens an existing store whatever bot it belongs to, for commands that
+    /// only inspect it (`fly dead-letters --state PATH`, which needs no token).
+    pub fn open_existing(path: &Path) -> anyhow::Result<StateStore> {
+        if !path.exists() {
+            return Err(crate::exit::usage(format!(
+                "no state file at {}",
+                path.display()
+            )));
+        }
+        StateStore::open_file(path, None)
+    }
+
+    fn open_file(path: &Path, identity: Option<&BotIdentity>) -> anyhow::Result<StateStore> {
         let shown = path.display();
         // SQLite would open a device or a FIFO, fail, and leave its journal
         // next to it (in /dev, for `--state /dev/null`).
@@ -164,7 +205,9 @@ impl StateStore {
         Ok(())
     }
 
-    fn prepare(&self, identity: &BotIdentity) -> anyhow::Result<()> {
+    /// Checks (or, for a new file and a known identity, creates) the schema,
+    /// and that the file belongs to `identity` when one is given.
+    fn prepare(&self, identity: Option<&BotIdentity>) -> anyhow::Result<()> {
         let mut connection = self.lock();
         connection.busy_timeout(std::time::Duration::from_secs(5))?;
         // Reading the header is the first thing that fails on a file that is not SQLite.
@@ -175,12 +218,14 @@ impl StateStore {
         let table_count: i64 =
             connection.query_row("SELECT count(*) FROM sqlite_master", [], |row| row.get(0))?;
 
-        if application_id == 0 && version == 0 && table_count == 0 {
+        let is_new = application_id == 0 && version == 0 && table_count == 0;
+        if let (true, Some(identity)) = (is_new, identity) {
             connection
                 .pragma_update(None, "journal_mode", "WAL")
                 .context("switching to WAL mode")?;
             let transaction = connection.transaction()?;
             transaction.execute_batch(SCHEMA)?;
+            transaction.execute_batch(DEAD_LETTERS_SCHEMA)?;
             transaction.pragma_update(None, "application_id", APPLICATION_ID)?;
             transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             for (key, value) in [
@@ -197,6 +242,8 @@ impl StateStore {
                 [],
             )?;
             transaction.commit()?;
+        } else if is_new {
+            bail!("not a fly state file (it is empty)");
         } else if application_id != APPLICATION_ID {
             bail!(
                 "not a fly state file (another program's SQLite database); pass another --state PATH"
@@ -207,9 +254,19 @@ impl StateStore {
             );
         } else if version < 1 {
             bail!("damaged fly state file (schema version {version})");
+        } else if version < SCHEMA_VERSION {
+            let transaction = connection.transaction()?;
+            transaction.execute_batch(DEAD_LETTERS_SCHEMA)?;
+            transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            transaction
+                .commit()
+                .with_context(|| format!("upgrading from schema {version}"))?;
         }
         connection.pragma_update(None, "journal_mode", "WAL")?;
         connection.pragma_update(None, "synchronous", "NORMAL")?;
+        let Some(identity) = identity else {
+            return Ok(());
+        };
 
         let stored = |key: &str| -> rusqlite::Result<Option<String>> {
             connection
@@ -288,6 +345,59 @@ impl StateStore {
             )
             .context("recording a handled update")?;
         Ok(())
+    }
+}
+
+impl StateStore {
+    /// Records an update that can never be handled, with its bytes and why.
+    /// Returns whether it is new (an update recorded before is not again).
+    pub fn record_dead_letter(
+        &self,
+        update_id: Option<i64>,
+        raw: &str,
+        reason: &str,
+    ) -> anyhow::Result<bool> {
+        let inserted = self
+            .lock()
+            .execute(
+                "INSERT OR IGNORE INTO dead_letters \
+                 (update_id, reason, raw, raw_sha256, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    update_id,
+                    reason,
+                    raw,
+                    sha256_hex(raw.as_bytes()),
+                    unix_now()
+                ],
+            )
+            .context("recording a dead letter")?;
+        Ok(inserted == 1)
+    }
+
+    /// Every dead letter, oldest first.
+    pub fn dead_letters(&self) -> anyhow::Result<Vec<DeadLetter>> {
+        let connection = self.lock();
+        let mut statement = connection
+            .prepare("SELECT update_id, reason, raw, recorded_at FROM dead_letters ORDER BY id")?;
+        let letters = statement
+            .query_map([], |row| {
+                Ok(DeadLetter {
+                    update_id: row.get(0)?,
+                    reason: row.get(1)?,
+                    raw: row.get(2)?,
+                    recorded_at: row.get(3)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()
+            .context("reading dead letters")?;
+        Ok(letters)
+    }
+
+    /// Forgets every dead letter; returns how many there were.
+    pub fn purge_dead_letters(&self) -> anyhow::Result<usize> {
+        self.lock()
+            .execute("DELETE FROM dead_letters", [])
+            .context("purging dead letters")
     }
 }
 
@@ -477,6 +587,57 @@ mod tests {
             store.check_nonce("n1", "9", 1700, 300).unwrap(),
             NonceCheck::Fresh
         );
+    }
+
+    #[test]
+    fn dead_letters_are_kept_once_with_their_bytes_and_purged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(&dir.path().join("s.db"), &identity("t1")).unwrap();
+        assert!(
+            store
+                .record_dead_letter(None, "[1]", "not an object")
+                .unwrap()
+        );
+        assert!(
+            !store
+                .record_dead_letter(None, "[1]", "not an object")
+                .unwrap()
+        );
+        assert!(
+            store
+                .record_dead_letter(Some(4), "{\"update_id\":4}", "no chat")
+                .unwrap()
+        );
+        let letters = store.dead_letters().unwrap();
+        assert_eq!(letters.len(), 2);
+        assert_eq!(
+            (letters[0].update_id, letters[0].raw.as_str()),
+            (None, "[1]")
+        );
+        assert_eq!(
+            (letters[1].update_id, letters[1].reason.as_str()),
+            (Some(4), "no chat")
+        );
+        assert_eq!(store.purge_dead_letters().unwrap(), 2);
+        assert!(store.dead_letters().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_schema_1_file_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        {
+            let store = StateStore::open(&path, &identity("t1")).unwrap();
+            store.advance_offset(9).unwrap();
+        }
+        {
+            let connection = Connection::open(&path).unwrap();
+            connection.execute_batch("DROP TABLE dead_letters").unwrap();
+            connection.pragma_update(None, "user_version", 1).unwrap();
+        }
+        let store = StateStore::open(&path, &identity("t1")).unwrap();
+        assert_eq!(store.next_offset().unwrap(), 9);
+        assert!(store.record_dead_letter(Some(1), "{}", "why").unwrap());
     }
 
     #[test]

@@ -7,15 +7,47 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use ureq::Agent;
 use ureq::http::Response;
 
 use super::retry::{AttemptError, GaveUp, RetryPolicy, parse_retry_after};
-use super::types::{PATH_BATCH_ACCESS, PATH_SEND, PATH_UPDATES, SendRequest};
+use super::types::{PATH_BATCH_ACCESS, PATH_SEND, PATH_UPDATES, SendRequest, Unusable, Update};
 use super::{ApiError, Token};
 use crate::exit::usage;
 use crate::shutdown::Shutdown;
+use crate::signature::json::{self, Value};
+use crate::signature::python;
+
+/// Where the updates sit in an updates response; their spans are recorded
+/// while parsing so each update keeps its exact bytes.
+const UPDATES_PATH: &[&str] = &["data", "updates"];
+
+/// One update of an updates response: readable, or a dead letter.
+pub type Received = Result<Update, Unusable>;
+
+/// A 2xx answer, parsed by the Python-compatible reader (SPEC section 2:
+/// whatever the platform's Python accepts, fly accepts).
+struct Envelope<'t> {
+    text: &'t str,
+    located: json::Located<'t>,
+}
+
+impl Envelope<'_> {
+    fn data(&self) -> &Value<'_> {
+        self.located.value.get("data").unwrap_or(&Value::Null)
+    }
+
+    /// The text of `data` as sent (the last `data` member, as Python reads it).
+    fn data_text(&self) -> &str {
+        self.located
+            .members
+            .iter()
+            .rev()
+            .find(|member| member.key.as_ref() == b"data")
+            .map_or("null", |member| &self.text[member.value_span.clone()])
+    }
+}
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Per-read timeout for ordinary calls: a silent server for this long is a dead connection.
@@ -69,20 +101,18 @@ impl ApiClient {
         &self.token
     }
 
-    /// `POST {base}{path}` with retries; returns the response's `data`.
-    pub fn post(&self, path: &str, body: &Value) -> Result<Value, ApiError> {
-        self.post_with_read_timeout(path, body, READ_TIMEOUT)
-    }
-
-    fn post_with_read_timeout(
+    /// `POST {base}{path}` with a JSON body, with retries; `read` turns the
+    /// answer's envelope into the result (an `Err` is a malformed answer).
+    fn call<T>(
         &self,
         path: &str,
-        body: &Value,
+        body: &str,
         read_timeout: Duration,
-    ) -> Result<Value, ApiError> {
+        read: impl Fn(&Envelope) -> Result<T, String>,
+    ) -> Result<T, ApiError> {
         let url = format!("{}{}", self.base_url, path);
         let outcome = self.policy.run(
-            |_attempt| self.attempt(&url, path, body, read_timeout),
+            |_attempt| self.attempt(&url, path, body, read_timeout, &read),
             |failures, reason, delay| {
                 tracing::warn!(
                     path,
@@ -104,31 +134,42 @@ impl ApiClient {
         })
     }
 
-    /// One long poll: updates with `update_id >= offset` (confirming every update below it).
+    /// One long poll: updates with `update_id >= offset` (confirming every
+    /// update below it), each with its exact bytes, or why it is unusable.
     pub fn get_updates(
         &self,
         offset: i64,
         limit: u32,
         poll_timeout: Duration,
-    ) -> Result<Vec<Value>, ApiError> {
+    ) -> Result<Vec<Received>, ApiError> {
         let body = json!({"offset": offset, "limit": limit, "timeout": poll_timeout.as_secs()});
         let read_timeout = poll_timeout + LONG_POLL_GRACE;
-        let data = self.post_with_read_timeout(PATH_UPDATES, &body, read_timeout)?;
-        match data.get("updates") {
-            Some(Value::Array(updates)) => Ok(updates.clone()),
-            None | Some(Value::Null) => Ok(Vec::new()),
-            Some(other) => Err(ApiError::BadResponse {
-                path: PATH_UPDATES.to_string(),
-                detail: format!("data.updates is not a list: {other}"),
-            }),
-        }
+        self.call(
+            PATH_UPDATES,
+            &body.to_string(),
+            read_timeout,
+            |envelope| match envelope.data().get("updates") {
+                Some(Value::Array(updates)) => Ok(updates
+                    .iter()
+                    .zip(&envelope.located.items)
+                    .map(|(update, span)| Update::read(update, &envelope.text[span.clone()]))
+                    .collect()),
+                None | Some(Value::Null) => Ok(Vec::new()),
+                Some(other) => Err(format!(
+                    "data.updates is a {}, not a list",
+                    python::type_name(other)
+                )),
+            },
+        )
     }
 
     /// Sends a message; a retry reuses the request's `client_msg_id`, so the
-    /// platform records it once however often it is retried.
-    pub fn send(&self, request: &SendRequest) -> Result<Value, ApiError> {
-        let body = serde_json::to_value(request).expect("SendRequest always serializes");
-        self.post(PATH_SEND, &body)
+    /// platform records it once however often it is retried. Returns the
+    /// answer's `data` (the sent message) as one line of JSON, as sent.
+    pub fn send(&self, request: &SendRequest) -> Result<String, ApiError> {
+        self.call(PATH_SEND, &request.to_json(), READ_TIMEOUT, |envelope| {
+            Ok(json::compact(envelope.data_text()))
+        })
     }
 
     /// Exchanges media URLs for short-lived download URLs. URLs the platform
@@ -138,29 +179,38 @@ impl ApiClient {
         urls: &[String],
         expire_seconds: u64,
     ) -> Result<BTreeMap<String, String>, ApiError> {
-        let files: Vec<Value> = urls.iter().map(|url| json!({"url": url})).collect();
+        let files: Vec<serde_json::Value> = urls.iter().map(|url| json!({"url": url})).collect();
         let body = json!({"files": files, "expire_seconds": expire_seconds});
-        let data = self.post(PATH_BATCH_ACCESS, &body)?;
-        let mut access = BTreeMap::new();
-        if let Some(Value::Object(files)) = data.get("files") {
-            for (url, access_url) in files {
-                if let Some(access_url) = access_url.as_str().map(str::trim)
-                    && !access_url.is_empty()
-                {
-                    access.insert(url.clone(), access_url.to_string());
+        self.call(
+            PATH_BATCH_ACCESS,
+            &body.to_string(),
+            READ_TIMEOUT,
+            |envelope| {
+                let mut access = BTreeMap::new();
+                if let Some(Value::Object(files)) = envelope.data().get("files") {
+                    for (url, access_url) in files {
+                        if let (Ok(url), Value::Str(access_url)) =
+                            (std::str::from_utf8(url), access_url)
+                            && let Ok(access_url) = std::str::from_utf8(access_url)
+                            && !access_url.trim().is_empty()
+                        {
+                            access.insert(url.to_string(), access_url.trim().to_string());
+                        }
+                    }
                 }
-            }
-        }
-        Ok(access)
+                Ok(access)
+            },
+        )
     }
 
-    fn attempt(
+    fn attempt<T>(
         &self,
         url: &str,
         path: &str,
-        body: &Value,
+        body: &str,
         read_timeout: Duration,
-    ) -> Result<Value, AttemptError<ApiError>> {
+        read: &impl Fn(&Envelope) -> Result<T, String>,
+    ) -> Result<T, AttemptError<ApiError>> {
         let result = self
             .agent
             .post(url)
@@ -171,17 +221,20 @@ impl ApiClient {
             // (301-303) whose 2xx looks like success: a 3xx is an answer.
             .max_redirects(0)
             .build()
-            .send_json(body);
+            .header("Content-Type", "application/json")
+            .send(body.as_bytes());
         let response = result.map_err(|error| classify_transport_error(path, error))?;
-        self.read_envelope(path, response)
+        self.read_envelope(path, response, read)
     }
 
-    /// Turns a response into its `data`, or into the right kind of failure.
-    fn read_envelope(
+    /// Turns a response into what `read` makes of its envelope, or into the
+    /// right kind of failure.
+    fn read_envelope<T>(
         &self,
         path: &str,
         mut response: Response<ureq::Body>,
-    ) -> Result<Value, AttemptError<ApiError>> {
+        read: &impl Fn(&Envelope) -> Result<T, String>,
+    ) -> Result<T, AttemptError<ApiError>> {
         let status = response.status().as_u16();
         let retry_after = response
             .headers()
@@ -194,8 +247,10 @@ impl ApiClient {
             .body_mut()
             .read_to_string()
             .map_err(|error| classify_transport_error(path, error))?;
-        let json: Option<Value> = serde_json::from_str(&text).ok();
-        let detail = self.token.redact(&error_detail(json.as_ref(), &text));
+        let parsed = json::parse_located(&text, UPDATES_PATH).ok();
+        let detail = self
+            .token
+            .redact(&error_detail(parsed.as_ref().map(|p| &p.value), &text));
 
         match status {
             200..=299 => {}
@@ -235,14 +290,14 @@ impl ApiClient {
             }
         }
 
-        let Some(Value::Object(mut envelope)) = json else {
+        let Some(located) = parsed.filter(|p| matches!(p.value, Value::Object(_))) else {
             return Err(AttemptError::Fatal(ApiError::BadResponse {
                 path: path.to_string(),
                 detail: format!("HTTP {status}, not a JSON object{detail}"),
             }));
         };
         // The real service also reports failures inside a 2xx envelope.
-        if envelope_code_is_error(envelope.get("code")) {
+        if envelope_code_is_error(located.value.get("code")) {
             return Err(AttemptError::Fatal(ApiError::Rejected {
                 path: path.to_string(),
                 status,
@@ -251,13 +306,22 @@ impl ApiClient {
         }
         // Every call answers with data (the sent message, the updates, the
         // access URLs); a 2xx without it did not do what was asked.
-        match envelope.remove("data") {
-            Some(Value::Null) | None => Err(AttemptError::Fatal(ApiError::BadResponse {
+        if matches!(located.value.get("data"), None | Some(Value::Null)) {
+            return Err(AttemptError::Fatal(ApiError::BadResponse {
                 path: path.to_string(),
                 detail: format!("HTTP {status} without data{detail}"),
-            })),
-            Some(data) => Ok(data),
+            }));
         }
+        let envelope = Envelope {
+            text: &text,
+            located,
+        };
+        read(&envelope).map_err(|detail| {
+            AttemptError::Fatal(ApiError::BadResponse {
+                path: path.to_string(),
+                detail,
+            })
+        })
     }
 }
 
@@ -328,15 +392,15 @@ fn describe_transport_error(error: &ureq::Error) -> String {
 
 /// ` (code X: msg)` from an envelope, else the start of the body text, for error lines.
 fn error_detail(json: Option<&Value>, text: &str) -> String {
-    if let Some(Value::Object(envelope)) = json {
-        let code = envelope.get("code").filter(|code| !code.is_null());
+    if let Some(envelope @ Value::Object(_)) = json {
+        let code = envelope.get("code").filter(|code| **code != Value::Null);
         let msg = envelope
             .get("msg")
             .or_else(|| envelope.get("message"))
-            .and_then(Value::as_str);
-        return match (code, msg) {
-            (Some(code), Some(msg)) => format!(" (code {}: {msg})", plain(code)),
-            (Some(code), None) => format!(" (code {})", plain(code)),
+            .filter(|msg| matches!(msg, Value::Str(_)));
+        return match (code.map(plain), msg.map(plain)) {
+            (Some(code), Some(msg)) => format!(" (code {code}: {msg})"),
+            (Some(code), None) => format!(" (code {code})"),
             (None, Some(msg)) => format!(" ({msg})"),
             (None, None) => String::new(),
         };
@@ -355,17 +419,19 @@ fn error_detail(json: Option<&Value>, text: &str) -> String {
     }
 }
 
+/// A value for an error line: strings as their text, anything else as JSON.
 fn plain(value: &Value) -> String {
     match value {
-        Value::String(text) => text.clone(),
-        other => other.to_string(),
+        Value::Str(text) => String::from_utf8_lossy(text).into_owned(),
+        other => crate::signature::canonical::wire_json(other),
     }
 }
 
 /// A 2xx envelope whose numeric `code` is not 0 reports a failure.
 fn envelope_code_is_error(code: Option<&Value>) -> bool {
     match code {
-        Some(Value::Number(number)) => number.as_i64() != Some(0),
+        Some(Value::Int(digits)) => *digits != "0",
+        Some(Value::Float(number)) => *number != 0.0,
         _ => false,
     }
 }
@@ -402,15 +468,18 @@ mod tests {
         }
     }
 
+    fn detail_of(body: &str) -> String {
+        error_detail(Some(&json::parse(body).unwrap()), body)
+    }
+
     #[test]
     fn error_detail_prefers_the_envelope() {
-        let body = json!({"code": 40001, "msg": "invalid group_id"});
         assert_eq!(
-            error_detail(Some(&body), ""),
+            detail_of(r#"{"code": 40001, "msg": "invalid group_id"}"#),
             " (code 40001: invalid group_id)"
         );
-        assert_eq!(error_detail(Some(&json!({"msg": "nope"})), ""), " (nope)");
-        assert_eq!(error_detail(Some(&json!({"data": 1})), ""), "");
+        assert_eq!(detail_of(r#"{"msg": "nope"}"#), " (nope)");
+        assert_eq!(detail_of(r#"{"data": 1}"#), "");
     }
 
     #[test]
@@ -425,10 +494,12 @@ mod tests {
 
     #[test]
     fn envelope_codes() {
+        let code = |text: &str| envelope_code_is_error(Some(&json::parse(text).unwrap()));
         assert!(!envelope_code_is_error(None));
-        assert!(!envelope_code_is_error(Some(&json!(0))));
-        assert!(envelope_code_is_error(Some(&json!(40001))));
-        assert!(!envelope_code_is_error(Some(&json!("ok"))));
+        assert!(!code("0"));
+        assert!(!code("0.0"));
+        assert!(code("40001"));
+        assert!(!code(r#""ok""#));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Which fields of a media message hold media URLs (SPEC section 1). The one
 //! place this rule lives: poll-echo, serve-webhook and fetch-media share it.
 
-use serde_json::{Map, Value};
+use crate::signature::json::Value;
 
 /// Message types that carry media.
 pub const MEDIA_TYPES: [&str; 4] = ["image", "voice", "video", "file"];
@@ -21,8 +21,10 @@ pub fn is_media_type(msg_type: &str) -> bool {
 
 /// The media URLs of a message's `data`, in the examples' order: image
 /// `originalUrl`, `thumbnailUrl`; voice/file `url`; video `videoUrl`,
-/// `thumbnailUrl`. Blank or non-string fields are skipped; URLs are trimmed.
-pub fn media_urls(msg_type: &str, data: &Map<String, Value>) -> Vec<MediaUrl> {
+/// `thumbnailUrl`. Blank or non-string fields are skipped, and so are strings
+/// no URL can be (a lone surrogate); URLs are trimmed. `data` is the message's
+/// `data` as the Python-compatible reader parsed it.
+pub fn media_urls(msg_type: &str, data: &Value) -> Vec<MediaUrl> {
     let fields: &[&'static str] = match msg_type {
         "image" => &["originalUrl", "thumbnailUrl"],
         "voice" | "file" => &["url"],
@@ -32,7 +34,10 @@ pub fn media_urls(msg_type: &str, data: &Map<String, Value>) -> Vec<MediaUrl> {
     fields
         .iter()
         .filter_map(|&field| {
-            let url = data.get(field)?.as_str()?.trim();
+            let Value::Str(url) = data.get(field)? else {
+                return None;
+            };
+            let url = std::str::from_utf8(url).ok()?.trim();
             (!url.is_empty()).then(|| MediaUrl {
                 field,
                 url: url.to_string(),
@@ -45,11 +50,10 @@ pub fn media_urls(msg_type: &str, data: &Map<String, Value>) -> Vec<MediaUrl> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::signature::json::parse;
 
-    fn urls(msg_type: &str, data: Value) -> Vec<(&'static str, String)> {
-        let data = data.as_object().unwrap().clone();
-        media_urls(msg_type, &data)
+    fn urls(msg_type: &str, data: &str) -> Vec<(&'static str, String)> {
+        media_urls(msg_type, &parse(data).unwrap())
             .into_iter()
             .map(|media| (media.field, media.url))
             .collect()
@@ -57,7 +61,7 @@ mod tests {
 
     #[test]
     fn each_type_has_its_fields() {
-        let all = json!({"originalUrl": "o", "thumbnailUrl": " t ", "url": "u", "videoUrl": "v"});
+        let all = r#"{"originalUrl": "o", "thumbnailUrl": " t ", "url": "u", "videoUrl": "v"}"#;
         let table: [(&str, Vec<(&str, &str)>); 6] = [
             ("image", vec![("originalUrl", "o"), ("thumbnailUrl", "t")]),
             ("voice", vec![("url", "u")]),
@@ -71,12 +75,13 @@ mod tests {
                 .into_iter()
                 .map(|(f, u)| (f, u.to_string()))
                 .collect();
-            assert_eq!(urls(msg_type, all.clone()), expected, "{msg_type}");
+            assert_eq!(urls(msg_type, all), expected, "{msg_type}");
         }
     }
 
     #[test]
     fn blank_and_non_string_urls_are_skipped() {
-        assert!(urls("image", json!({"originalUrl": "  ", "thumbnailUrl": 5})).is_empty());
+        assert!(urls("image", r#"{"originalUrl": "  ", "thumbnailUrl": 5}"#).is_empty());
+        assert!(urls("file", r#"{"url": "\ud800"}"#).is_empty());
     }
 }

@@ -8,8 +8,8 @@ pub mod types;
 
 use std::fmt;
 
-pub use client::{ApiClient, check_http_url};
-pub use types::{Chat, Message, SendRequest, Target, Update};
+pub use client::{ApiClient, Received, check_http_url};
+pub use types::{Chat, Message, MessageData, SendRequest, Target, Unusable, Update};
 
 /// The bot token. It has no `Display` and a redacted `Debug`, so it cannot end
 /// up in a log line or an error message by accident; the only way to the raw

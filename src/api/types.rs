@@ -1,7 +1,9 @@
 //! The platform's wire types (SPEC section 1) and its paths.
 
-use serde::Serialize;
 use serde_json::{Map, Value};
+
+use super::media::{MediaUrl, media_urls};
+use crate::signature::{canonical, json, python};
 
 pub const PATH_UPDATES: &str = "/api/v1/s/bot/updates";
 pub const PATH_SEND: &str = "/api/v1/s/bot/send";
@@ -14,61 +16,103 @@ pub enum Target {
     Group(String),
 }
 
+/// A message's `data` object as JSON text, ready for the wire. Text, so that
+/// what came from the platform (a forwarded media message, an echo of text
+/// with a lone surrogate) goes back exactly as Python would send it, which a
+/// `serde_json::Value` cannot hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageData(String);
+
+impl MessageData {
+    /// `{"content": TEXT}` from WTF-8 text (see [`Message::text`]).
+    pub fn text(content: &[u8]) -> MessageData {
+        let mut out = b"{\"content\":".to_vec();
+        canonical::write_wire_string(content, &mut out);
+        out.push(b'}');
+        MessageData(String::from_utf8(out).unwrap_or_default())
+    }
+
+    /// A `data` object given as JSON fields (`fly send --data`, a handler's reply).
+    pub fn from_fields(fields: &Map<String, Value>) -> MessageData {
+        MessageData(Value::Object(fields.clone()).to_string())
+    }
+
+    pub fn as_json(&self) -> &str {
+        &self.0
+    }
+}
+
 /// The body of `POST /api/v1/s/bot/send`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct SendRequest {
     pub msg_type: String,
-    pub data: Map<String, Value>,
+    pub data: MessageData,
     pub client_msg_id: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub to_user_id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub group_id: Option<String>,
+    pub target: Target,
 }
 
 impl SendRequest {
     pub fn new(
         target: Target,
         msg_type: impl Into<String>,
-        data: Map<String, Value>,
+        data: MessageData,
         client_msg_id: impl Into<String>,
     ) -> SendRequest {
-        let (to_user_id, group_id) = match target {
-            Target::User(id) => (Some(id), None),
-            Target::Group(id) => (None, Some(id)),
-        };
         SendRequest {
             msg_type: msg_type.into(),
             data,
             client_msg_id: client_msg_id.into(),
-            to_user_id,
-            group_id,
+            target,
         }
     }
 
-    /// A text message: `{"msg_type":"text","data":{"content":…}}`.
+    /// A text message: `{"msg_type":"text","data":{"content":…}}`, from
+    /// WTF-8 text (any `&str` is).
     pub fn text(
         target: Target,
-        content: impl Into<String>,
+        content: impl AsRef<[u8]>,
         client_msg_id: impl Into<String>,
     ) -> SendRequest {
-        let mut data = Map::new();
-        data.insert("content".into(), Value::String(content.into()));
-        SendRequest::new(target, "text", data, client_msg_id)
+        SendRequest::new(
+            target,
+            "text",
+            MessageData::text(content.as_ref()),
+            client_msg_id,
+        )
+    }
+
+    /// The JSON body: `msg_type`, `data`, `client_msg_id`, then exactly one
+    /// of `to_user_id` and `group_id`.
+    pub fn to_json(&self) -> String {
+        let string = |text: &str| Value::String(text.to_string()).to_string();
+        let (field, id) = match &self.target {
+            Target::User(id) => ("to_user_id", id),
+            Target::Group(id) => ("group_id", id),
+        };
+        format!(
+            "{{\"msg_type\":{},\"data\":{},\"client_msg_id\":{},\"{field}\":{}}}",
+            string(&self.msg_type),
+            self.data.as_json(),
+            string(&self.client_msg_id),
+            string(id),
+        )
     }
 }
 
-/// An update as the bots read it: lenient like the platform's examples (a
-/// missing or odd field is an empty value, not an error), strict only about
-/// `update_id`, without which an update cannot be confirmed.
+/// An update as the bots read it: the few typed fields routing needs, read
+/// leniently as the platform's Python examples read them (`str(x or "")`),
+/// next to the update's exact bytes.
 #[derive(Debug, Clone)]
 pub struct Update {
     pub update_id: i64,
     /// `message`, `callback_query`, …
     pub kind: String,
+    /// For `message` updates whose `message` is an object.
     pub message: Option<Message>,
-    /// The update exactly as received (for `--exec` handlers and forwarding).
-    pub raw: Value,
+    /// The update exactly as the platform sent it: its slice of the updates
+    /// response, or the webhook request body. `--exec` handlers get these
+    /// bytes and `fly forward` signs them.
+    pub raw: String,
 }
 
 #[derive(Debug, Clone)]
@@ -76,7 +120,14 @@ pub struct Message {
     pub chat: Option<Chat>,
     /// `text`, `image`, `voice`, `video`, `file`, …
     pub msg_type: String,
-    pub data: Map<String, Value>,
+    /// `str(data.content or "")` for text messages, as WTF-8 bytes: a lone
+    /// surrogate the platform sent (`"\ud83d"`, an emoji cut in half) is kept,
+    /// so that the echo carries it back as Python's does.
+    pub text: Option<Vec<u8>>,
+    /// The media URLs of `data` (see [`media_urls`]).
+    pub media: Vec<MediaUrl>,
+    /// `data` as JSON for the wire, for forwarding the message back.
+    pub data: MessageData,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,68 +137,93 @@ pub struct Chat {
     pub id: String,
 }
 
+/// An update that can never be handled (not an object, no usable
+/// `update_id`): a dead letter, recorded and never retried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unusable {
+    pub reason: String,
+    /// The update exactly as received.
+    pub raw: String,
+}
+
 impl Update {
-    /// `None` when `raw` is not an object or has no positive integer `update_id`.
-    pub fn from_value(raw: Value) -> Option<Update> {
-        let object = raw.as_object()?;
-        let update_id = match object.get("update_id")? {
-            Value::Number(number) => number.as_i64()?,
-            Value::String(text) => text.trim().parse().ok()?,
-            _ => return None,
+    /// Reads an update parsed by the Python-compatible reader; `raw` is its text.
+    pub fn read(value: &json::Value, raw: &str) -> Result<Update, Unusable> {
+        let unusable = |reason: String| Unusable {
+            reason,
+            raw: raw.to_string(),
         };
-        if update_id <= 0 {
-            return None;
+        if !matches!(value, json::Value::Object(_)) {
+            return Err(unusable(format!(
+                "the update is a JSON {}, not an object",
+                python::type_name(value)
+            )));
         }
-        let kind = object.get("type").map(python_str).unwrap_or_default();
-        let message = object
-            .get("message")
-            .and_then(Value::as_object)
-            .filter(|_| kind == "message")
-            .map(Message::from_object);
-        Some(Update {
+        // `int(update.get("update_id") or 0)`, as the examples read it.
+        let digits = python::py_int(value.get("update_id"), "update_id")
+            .map_err(|error| unusable(format!("no usable update_id ({error})")))?;
+        let update_id = match digits.0.parse::<i64>() {
+            Ok(id) if id > 0 => id,
+            Ok(_) => {
+                return Err(unusable(
+                    "no usable update_id (missing, 0 or negative)".into(),
+                ));
+            }
+            Err(_) => {
+                return Err(unusable(format!("update_id {} is out of range", digits.0)));
+            }
+        };
+        let kind = python_str(value.get("type")).unwrap_or_default();
+        let message = match value.get("message") {
+            Some(message @ json::Value::Object(_)) if kind == "message" => {
+                Some(Message::read(message))
+            }
+            _ => None,
+        };
+        Ok(Update {
             update_id,
             kind,
             message,
-            raw,
+            raw: raw.to_string(),
         })
     }
 
-    /// The message's text, if it is a text message.
-    pub fn text(&self) -> Option<String> {
-        let message = self.message.as_ref()?;
-        (message.msg_type == "text").then(|| {
-            message
-                .data
-                .get("content")
-                .map(python_str)
-                .unwrap_or_default()
-        })
+    /// The message's text, if it is a text message (WTF-8, see [`Message::text`]).
+    pub fn text(&self) -> Option<&[u8]> {
+        self.message.as_ref()?.text.as_deref()
     }
 }
 
 impl Message {
-    fn from_object(object: &Map<String, Value>) -> Message {
-        let chat = object
+    fn read(message: &json::Value) -> Message {
+        let chat = message
             .get("chat")
-            .and_then(Value::as_object)
+            .filter(|chat| matches!(chat, json::Value::Object(_)))
             .and_then(|chat| {
-                let kind = chat.get("type").map(python_str).unwrap_or_default();
-                let id = chat.get("id").map(python_str).unwrap_or_default();
+                let kind = python_str(chat.get("type")).unwrap_or_default();
+                let id = python_str(chat.get("id")).unwrap_or_default();
                 (!kind.is_empty() && !id.is_empty()).then_some(Chat { kind, id })
             });
+        let msg_type = python_str(message.get("msgType"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let data = message
+            .get("data")
+            .filter(|data| matches!(data, json::Value::Object(_)));
+        let text = (msg_type == "text").then(|| {
+            data.and_then(|data| data.get("content"))
+                .map(python_text)
+                .unwrap_or_default()
+        });
         Message {
             chat,
-            msg_type: object
-                .get("msgType")
-                .map(python_str)
-                .unwrap_or_default()
-                .trim()
-                .to_string(),
-            data: object
-                .get("data")
-                .and_then(Value::as_object)
-                .cloned()
+            media: data
+                .map(|data| media_urls(&msg_type, data))
                 .unwrap_or_default(),
+            data: MessageData(data.map_or_else(|| "{}".to_string(), canonical::wire_json)),
+            msg_type,
+            text,
         }
     }
 }
@@ -166,30 +242,34 @@ impl Chat {
 
 /// Python's `str(value or "")`, as the examples read every field: falsy
 /// values (null, false, 0, 0.0, "", [], {}) give "", others print as Python
-/// prints them (`True`, `1e-05`, `{'a': 1}`). The signature module already
-/// implements Python's rules for its own JSON values, so non-strings take
-/// that route.
-fn python_str(value: &Value) -> String {
+/// prints them (`True`, `1e-05`, `{'a': 1}`). `None` where Python's result
+/// cannot be a UTF-8 string (a lone surrogate) or reproduced exactly.
+fn python_str(value: Option<&json::Value>) -> Option<String> {
+    python::py_str(value, "field")
+        .ok()
+        .map(|printed| printed.into_owned())
+}
+
+/// `str(value or "")` as WTF-8 bytes: a string is kept as it is, lone
+/// surrogates included. Another value Python would print in a way this
+/// cannot reproduce (a container holding non-ASCII text) gives its JSON.
+fn python_text(value: &json::Value) -> Vec<u8> {
     match value {
-        Value::String(text) => text.clone(),
-        other => {
-            let text = other.to_string();
-            crate::signature::json::parse(&text)
-                .ok()
-                .and_then(|parsed| {
-                    crate::signature::python::py_str(Some(&parsed), "value")
-                        .ok()
-                        .map(|printed| printed.into_owned())
-                })
-                .unwrap_or_default()
-        }
+        json::Value::Str(text) if python::truthy(value) => text.to_vec(),
+        other => match python::py_str(Some(other), "content") {
+            Ok(printed) => printed.into_owned().into_bytes(),
+            Err(_) => canonical::wire_json(other).into_bytes(),
+        },
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+
+    fn read(text: &str) -> Result<Update, Unusable> {
+        Update::read(&json::parse(text).unwrap(), text)
+    }
 
     /// Expected values printed by CPython: `str(json.loads(text) or "")`.
     #[test]
@@ -210,24 +290,33 @@ mod tests {
             ("-3", "-3"),
             ("1e16", "1e+16"),
             ("123456789012345678", "123456789012345678"),
+            ("18446744073709551617", "18446744073709551617"),
+            ("NaN", "nan"),
+            ("-Infinity", "-inf"),
             (r#""héllo""#, "héllo"),
         ];
-        for (json, expected) in table {
-            let value: Value = serde_json::from_str(json).unwrap();
-            assert_eq!(python_str(&value), expected, "{json}");
+        for (text, expected) in table {
+            let value = json::parse(text).unwrap();
+            assert_eq!(
+                python_str(Some(&value)).as_deref(),
+                Some(expected),
+                "{text}"
+            );
         }
+        assert_eq!(python_str(Some(&json::parse(r#""\ud83d""#).unwrap())), None);
     }
 
     #[test]
-    fn updates_are_read_leniently() {
-        let update = Update::from_value(json!({
-            "update_id": 5, "type": "message",
-            "message": {"chat": {"type": "group", "id": 42}, "msgType": "text", "data": {"content": "hi"}}
-        }))
-        .unwrap();
+    fn updates_are_read_leniently_and_keep_their_bytes() {
+        let text = r#"{"update_id": 5, "type": "message",
+            "message": {"chat": {"type": "group", "id": 42}, "msgType": "text", "data": {"content": "hi", "n": 1E2}}}"#;
+        let update = read(text).unwrap();
         assert_eq!(update.update_id, 5);
-        assert_eq!(update.text().as_deref(), Some("hi"));
-        let chat = update.message.as_ref().unwrap().chat.clone().unwrap();
+        assert_eq!(update.raw, text);
+        assert_eq!(update.text(), Some(&b"hi"[..]));
+        let message = update.message.as_ref().unwrap();
+        assert_eq!(message.data.as_json(), r#"{"content":"hi","n":100.0}"#);
+        let chat = message.chat.clone().unwrap();
         assert_eq!(chat.reply_target(), Target::Group("42".into()));
 
         let private = Chat {
@@ -236,42 +325,73 @@ mod tests {
         };
         assert_eq!(private.reply_target(), Target::User("u_1".into()));
 
-        let callback =
-            Update::from_value(json!({"update_id": "6", "type": "callback_query"})).unwrap();
+        let callback = read(r#"{"update_id": "6", "type": "callback_query"}"#).unwrap();
         assert_eq!(callback.update_id, 6);
         assert!(callback.message.is_none());
         assert_eq!(callback.text(), None);
+        // int(7.9) is 7, as in the examples.
+        assert_eq!(read(r#"{"update_id": 7.9}"#).unwrap().update_id, 7);
+    }
 
-        for bad in [
-            json!([]),
-            json!({"type": "message"}),
-            json!({"update_id": 0}),
-            json!({"update_id": "x"}),
-        ] {
-            assert!(Update::from_value(bad).is_none());
+    #[test]
+    fn updates_without_a_usable_id_are_unusable_with_a_reason() {
+        let table = [
+            ("[]", "not an object"),
+            (r#"{"type": "message"}"#, "no usable update_id"),
+            (r#"{"update_id": 0}"#, "no usable update_id"),
+            (r#"{"update_id": -4}"#, "no usable update_id"),
+            (r#"{"update_id": "x"}"#, "invalid literal for int()"),
+            (r#"{"update_id": NaN}"#, "NaN"),
+            (r#"{"update_id": [1]}"#, "TypeError"),
+            (r#"{"update_id": 99999999999999999999}"#, "out of range"),
+        ];
+        for (text, reason) in table {
+            let unusable = read(text).unwrap_err();
+            assert!(
+                unusable.reason.contains(reason),
+                "{text}: {}",
+                unusable.reason
+            );
+            assert_eq!(unusable.raw, text);
         }
     }
 
     #[test]
-    fn a_message_without_chat_type_or_id_has_no_chat() {
-        let update = Update::from_value(json!({
-            "update_id": 1, "type": "message", "message": {"chat": {"id": "u"}, "msgType": "text"}
-        }))
+    fn text_with_a_lone_surrogate_is_kept_and_sent_back_escaped() {
+        let update = read(
+            r#"{"update_id":1,"type":"message","message":{"chat":{"type":"private","id":"u"},"msgType":"text","data":{"content":"a\ud83d"}}}"#,
+        )
         .unwrap();
-        assert!(update.message.unwrap().chat.is_none());
+        let mut reply = b"echo: ".to_vec();
+        reply.extend_from_slice(update.text().unwrap());
+        let request = SendRequest::text(Target::User("u".into()), reply, "echo_1");
+        assert_eq!(
+            request.to_json(),
+            r#"{"msg_type":"text","data":{"content":"echo: a\ud83d"},"client_msg_id":"echo_1","to_user_id":"u"}"#
+        );
+    }
+
+    #[test]
+    fn a_message_without_chat_type_or_id_has_no_chat() {
+        let update =
+            read(r#"{"update_id": 1, "type": "message", "message": {"chat": {"id": "u"}, "msgType": "text"}}"#)
+                .unwrap();
+        let message = update.message.unwrap();
+        assert!(message.chat.is_none());
+        assert_eq!(message.text, Some(Vec::new()));
     }
 
     #[test]
     fn send_request_has_exactly_one_target_field() {
         let to_user = SendRequest::text(Target::User("u_1".into()), "hi", "c1");
         assert_eq!(
-            serde_json::to_value(&to_user).unwrap(),
-            json!({"msg_type":"text","data":{"content":"hi"},"client_msg_id":"c1","to_user_id":"u_1"})
+            to_user.to_json(),
+            r#"{"msg_type":"text","data":{"content":"hi"},"client_msg_id":"c1","to_user_id":"u_1"}"#
         );
         let to_group = SendRequest::text(Target::Group("g_1".into()), "hi", "c2");
         assert_eq!(
-            serde_json::to_value(&to_group).unwrap(),
-            json!({"msg_type":"text","data":{"content":"hi"},"client_msg_id":"c2","group_id":"g_1"})
+            to_group.to_json(),
+            r#"{"msg_type":"text","data":{"content":"hi"},"client_msg_id":"c2","group_id":"g_1"}"#
         );
     }
 }

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use super::{HandleError, Handler, Outcome};
-use crate::api::media::{is_media_type, media_urls};
+use crate::api::media::is_media_type;
 use crate::api::retry::RetryPolicy;
 use crate::api::{ApiClient, Chat, Message, SendRequest, Update};
 use crate::download::{Durability, download, safe_file_name, save_atomically};
@@ -23,11 +23,18 @@ pub struct EchoHandler {
 
 impl Handler for EchoHandler {
     fn handle(&self, update: &Update) -> Result<Outcome, HandleError> {
-        let Some(message) = update.message.as_ref() else {
+        if update.kind != "message" {
+            // Callbacks and other kinds: the examples' bot answers only messages.
             return Ok(Outcome::Ignored);
-        };
-        let Some(chat) = message.chat.as_ref() else {
-            return Ok(Outcome::Ignored);
+        }
+        let Some((message, chat)) = update
+            .message
+            .as_ref()
+            .and_then(|message| Some((message, message.chat.as_ref()?)))
+        else {
+            return Err(HandleError::DeadLetter(
+                "a message without a chat (type and id) to reply to".into(),
+            ));
         };
         if let Some(dir) = &self.media_dir
             && is_media_type(&message.msg_type)
@@ -35,10 +42,11 @@ impl Handler for EchoHandler {
             return self.media_round_trip(update.update_id, message, chat, dir);
         }
         // As the example: any message gets an echo, non-text ones an empty one.
-        let text = update.text().unwrap_or_default();
+        let mut echo = b"echo: ".to_vec();
+        echo.extend_from_slice(update.text().unwrap_or_default());
         let reply = SendRequest::text(
             chat.reply_target(),
-            format!("echo: {text}"),
+            echo,
             format!("echo_{}", update.update_id),
         );
         self.send(&reply, Outcome::Replied)
@@ -62,7 +70,7 @@ impl EchoHandler {
         chat: &Chat,
         dir: &std::path::Path,
     ) -> Result<Outcome, HandleError> {
-        let urls = media_urls(&message.msg_type, &message.data);
+        let urls = &message.media;
         if urls.is_empty() {
             tracing::warn!(update_id, "media message without media URLs; not forwarded");
             return Ok(Outcome::Ignored);
@@ -73,7 +81,7 @@ impl EchoHandler {
             Err(error) => return HandleError::from_api(error),
         };
         let mut saved = 0;
-        for media in &urls {
+        for media in urls {
             let Some(access_url) = access.get(&media.url) else {
                 tracing::warn!(update_id, url = %media.url, "the platform returned no access URL");
                 continue;

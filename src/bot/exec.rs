@@ -1,7 +1,7 @@
 //! `--exec CMD`: your own logic, in any language, instead of the echo.
 //!
-//! CMD runs through `sh -c` once per message update, with the update JSON on
-//! stdin and its key fields in the environment. A non-empty stdout is the
+//! CMD runs through `sh -c` once per message update, with the update on stdin
+//! byte for byte as the platform sent it, and its key fields in the environment. A non-empty stdout is the
 //! reply (text, or a JSON object with `msg_type` and `data`); exit 0 means
 //! handled, anything else (or running past the timeout) means failed, and the
 //! update is retried. Replies carry `client_msg_id` `reply_{update_id}`, so a
@@ -18,7 +18,7 @@ use anyhow::{Context, anyhow};
 use serde_json::{Map, Value};
 
 use super::{HandleError, Handler, Outcome};
-use crate::api::{ApiClient, SendRequest, Update};
+use crate::api::{ApiClient, MessageData, SendRequest, Update};
 use crate::sync::join_unless;
 
 /// A handler's reply is one message; more than this is a bug in the handler.
@@ -84,9 +84,12 @@ impl Handler for ExecHandler {
         };
         let client_msg_id = format!("reply_{}", update.update_id);
         let request = match reply_message(reply) {
-            Some((msg_type, data)) => {
-                SendRequest::new(chat.reply_target(), msg_type, data, client_msg_id)
-            }
+            Some((msg_type, data)) => SendRequest::new(
+                chat.reply_target(),
+                msg_type,
+                MessageData::from_fields(&data),
+                client_msg_id,
+            ),
             None => SendRequest::text(chat.reply_target(), reply, client_msg_id),
         };
         match self.client.send(&request) {
@@ -146,7 +149,8 @@ impl ExecHandler {
         let deadline = Instant::now() + self.timeout;
         let mut child = command.spawn().context("starting the handler")?;
 
-        let input = serde_json::to_vec(&update.raw).context("encoding the update")?;
+        // The update byte for byte as the platform sent it.
+        let input = update.raw.clone().into_bytes();
         let mut stdin = child.stdin.take().expect("stdin is piped");
         // Written on a thread that is never waited for: a handler that does
         // not read stdin must not block us once the pipe buffer is full. The

@@ -59,11 +59,10 @@ impl ForwardHandler {
         update: &Update,
         nonce: &str,
     ) -> Result<u16, AttemptError<anyhow::Error>> {
-        let text = serde_json::to_string(&update.raw)
-            .map_err(|error| AttemptError::Fatal(error.into()))?;
+        let text = &update.raw;
         // Signed afresh for each attempt, so a receiver that was down for a
         // while still sees a timestamp inside its replay window.
-        let signed = sign_update_text(&text, &self.secret, &self.bot_id, unix_now(), nonce)
+        let signed = sign_update_text(text, &self.secret, &self.bot_id, unix_now(), nonce)
             .map_err(|error| {
                 AttemptError::Fatal(anyhow!("cannot sign update {}: {error}", update.update_id))
             })?;
@@ -154,10 +153,9 @@ impl Handler for ForwardHandler {
         );
         match outcome {
             Ok(_) => Ok(Outcome::Delivered),
-            Err(GaveUp::Fatal(error)) => {
-                tracing::error!("{error:#}");
-                Ok(Outcome::Rejected)
-            }
+            // The update cannot be signed as the platform's Python would
+            // (a lone surrogate in the message): no retry can change that.
+            Err(GaveUp::Fatal(error)) => Err(HandleError::DeadLetter(format!("{error:#}"))),
             Err(GaveUp::Exhausted { last, .. }) => Err(HandleError::Retry(anyhow!(last))),
             Err(GaveUp::Cancelled) => Err(HandleError::Retry(anyhow!(
                 "stopped before the receiver answered"

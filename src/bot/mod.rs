@@ -10,6 +10,7 @@ pub mod forward;
 pub mod poll_loop;
 
 use crate::api::{ApiError, Update};
+use crate::state::StateStore;
 
 /// How an update ended when it needs no more work. Logged, and stored with
 /// the update id.
@@ -50,6 +51,10 @@ pub enum HandleError {
     Retry(anyhow::Error),
     /// Stop the service: retrying any update would fail the same way.
     Fatal(anyhow::Error),
+    /// This update can never be handled (a message with no chat to answer):
+    /// record it as a dead letter with this reason and confirm it, so it
+    /// never blocks the updates after it.
+    DeadLetter(String),
 }
 
 impl HandleError {
@@ -78,6 +83,20 @@ pub trait Handler: Send + Sync {
     /// now (failing their updates, so they are delivered again) and start no
     /// more. Only handlers that can hang for long need to do anything.
     fn abandon(&self) {}
+}
+
+/// Records an update that can never be handled and marks it handled, so it
+/// is confirmed and never blocks its chat. The poll loop and the webhook receiver share it.
+pub fn record_dead_letter(store: &StateStore, update: &Update, reason: &str) -> anyhow::Result<()> {
+    let update_id = update.update_id;
+    if store.record_dead_letter(Some(update_id), &update.raw, reason)? {
+        tracing::warn!(
+            update_id,
+            chat = %chat_label(update),
+            "update recorded as a dead letter (see fly dead-letters): {reason}"
+        );
+    }
+    store.mark_handled(update_id, "dead_letter")
 }
 
 /// `chat_type:chat_id` for log lines, or `-` for updates without a chat.

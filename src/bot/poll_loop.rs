@@ -14,11 +14,10 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use serde_json::Value;
 
-use super::{HandleError, Handler, Outcome, chat_label};
+use super::{HandleError, Handler, Outcome, chat_label, record_dead_letter};
 use crate::api::retry::RetryPolicy;
-use crate::api::{ApiClient, ApiError, Update};
+use crate::api::{ApiClient, ApiError, Received, Update};
 use crate::shutdown::Shutdown;
 use crate::state::StateStore;
 use crate::sync::lock;
@@ -64,7 +63,7 @@ pub fn run(
         } else {
             settings.poll_timeout
         };
-        let raw_updates = match poll(client, offset, settings.limit, timeout, shutdown)? {
+        let received = match poll(client, offset, settings.limit, timeout, shutdown)? {
             Polled::Updates(updates) => updates,
             Polled::Stopped => break,
             Polled::Garbled => {
@@ -73,7 +72,7 @@ pub fn run(
                 continue;
             }
         };
-        let batch = Batch::from_raw(raw_updates, offset, store)?;
+        let batch = Batch::read(received, offset, store)?;
         let result = handle_batch(&batch.pending, handler, store, settings, &handled, shutdown);
         let next_offset = result.first_unfinished.unwrap_or(batch.past_last);
         if next_offset > offset {
@@ -90,7 +89,10 @@ pub fn run(
             }
             break;
         }
-        if unfinished {
+        // A poll that brings back only updates without a usable id cannot
+        // move the offset past them: the next poll would bring them at once.
+        let stuck_on_unusable = batch.unusable_seen && next_offset == offset;
+        if unfinished || stuck_on_unusable {
             // Something failed (the platform is down, a download broke): wait
             // before the next try instead of spinning on the same update.
             failed_rounds += 1;
@@ -111,7 +113,7 @@ fn limit_reached(handled: &AtomicU64, settings: &PollSettings) -> bool {
 }
 
 enum Polled {
-    Updates(Vec<Value>),
+    Updates(Vec<Received>),
     /// A stop was requested while the poll was in flight.
     Stopped,
     /// The platform answered something that is not an update list.
@@ -160,16 +162,30 @@ struct Batch {
     pending: Vec<Update>,
     /// One past the highest id seen: the offset once everything is handled.
     past_last: i64,
+    /// The poll brought updates without a usable id (recorded as dead letters).
+    unusable_seen: bool,
 }
 
 impl Batch {
-    fn from_raw(raw_updates: Vec<Value>, offset: i64, store: &StateStore) -> anyhow::Result<Batch> {
+    fn read(received: Vec<Received>, offset: i64, store: &StateStore) -> anyhow::Result<Batch> {
         let mut past_last = offset;
         let mut pending = Vec::new();
-        for raw in raw_updates {
-            let Some(update) = Update::from_value(raw) else {
-                tracing::warn!("skipping an update without a usable update_id");
-                continue;
+        let mut unusable_seen = false;
+        for update in received {
+            let update = match update {
+                Ok(update) => update,
+                Err(unusable) => {
+                    // No id, so nothing to confirm it by: recorded once (by
+                    // its bytes), and the updates after it go on.
+                    unusable_seen = true;
+                    if store.record_dead_letter(None, &unusable.raw, &unusable.reason)? {
+                        tracing::warn!(
+                            "update recorded as a dead letter (see fly dead-letters): {}",
+                            unusable.reason
+                        );
+                    }
+                    continue;
+                }
             };
             // The platform only returns ids at or above the offset; anything
             // below was confirmed already.
@@ -188,7 +204,11 @@ impl Batch {
         }
         pending.sort_by_key(|update| update.update_id);
         pending.dedup_by_key(|update| update.update_id);
-        Ok(Batch { pending, past_last })
+        Ok(Batch {
+            pending,
+            past_last,
+            unusable_seen,
+        })
     }
 }
 
@@ -294,6 +314,12 @@ fn handle_chat(
                 handled.fetch_sub(1, Ordering::SeqCst);
                 lock(result).fatal = Some(error);
                 return Some(update_id);
+            }
+            Err(HandleError::DeadLetter(reason)) => {
+                if let Err(error) = record_dead_letter(store, update, &reason) {
+                    lock(result).fatal = Some(error);
+                    return Some(update_id);
+                }
             }
         }
     }

@@ -6,8 +6,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use crate::signature::json::Value as PyValue;
 use anyhow::{Context, anyhow};
-use serde_json::Value;
 
 use crate::api::media::media_urls;
 use crate::api::retry::RetryPolicy;
@@ -155,24 +155,25 @@ fn wanted_urls(args: &FetchMediaArgs) -> anyhow::Result<Vec<String>> {
     Ok(urls)
 }
 
-/// Media URLs of an update (`{"message":{…}}`) or of a bare message.
+/// Media URLs of an update (`{"message":{…}}`) or of a bare message, read
+/// as the platform's Python reads updates (see `signature::json`).
 fn urls_in_update(json: &str, original_only: bool) -> anyhow::Result<Vec<String>> {
-    let value: Value = serde_json::from_str(json)
+    let value = crate::signature::parse(json.trim_end())
         .map_err(|error| usage(format!("--update is not valid JSON: {error}")))?;
     let message = match value.get("message") {
-        Some(message @ Value::Object(_)) => message,
+        Some(message @ PyValue::Object(_)) => message,
         _ => &value,
     };
-    let msg_type = message
-        .get("msgType")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    let Some(data) = message.get("data").and_then(Value::as_object) else {
+    let msg_type = match message.get("msgType") {
+        Some(PyValue::Str(msg_type)) => String::from_utf8_lossy(msg_type).into_owned(),
+        _ => String::new(),
+    };
+    let Some(data @ PyValue::Object(_)) = message.get("data") else {
         return Err(usage(
             "--update has no message data (expected msgType and data)",
         ));
     };
-    let urls: Vec<String> = media_urls(msg_type, data)
+    let urls: Vec<String> = media_urls(&msg_type, data)
         .into_iter()
         .filter(|media| !(original_only && media.is_thumbnail))
         .map(|media| media.url)

@@ -3,6 +3,7 @@
 //! This module holds what several commands need from the global flags: the
 //! bot token and the API client built on it.
 
+mod dead_letters;
 mod demo;
 mod emulator;
 mod fetch_media;
@@ -35,6 +36,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::FetchMedia(args) => fetch_media::run(args, global),
         Command::Forward(args) => forward::run(args, global),
         Command::Demo(args) => demo::run(args, global),
+        Command::DeadLetters(args) => dead_letters::run(args, global),
     }
 }
 

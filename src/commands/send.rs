@@ -5,24 +5,21 @@ use std::process::ExitCode;
 use anyhow::Context;
 use serde_json::{Map, Value};
 
+use crate::api::MessageData;
 use crate::api::{SendRequest, Target};
 use crate::cli::{GlobalArgs, SendArgs};
-use crate::commands::{one_shot_client, print_json, read_input};
-use crate::exit::usage;
+use crate::commands::{one_shot_client, print_line, read_input};
+use crate::exit::{self, usage};
 use crate::random;
 
 pub fn run(args: SendArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let request = build_request(args)?;
     let client = one_shot_client(global)?;
-    let target = request
-        .to_user_id
-        .as_deref()
-        .or(request.group_id.as_deref())
-        .unwrap_or_default()
-        .to_string();
+    let (Target::User(target) | Target::Group(target)) = &request.target;
     tracing::debug!(client_msg_id = %request.client_msg_id, %target, "sending");
     let sent = client.send(&request).context("sending the message")?;
-    print_json(&sent)
+    print_line(&sent)?;
+    Ok(exit::code(exit::SUCCESS))
 }
 
 /// Validates the arguments into the request body, before any network traffic.
@@ -44,7 +41,7 @@ fn build_request(args: SendArgs) -> anyhow::Result<SendRequest> {
         ));
     }
     let data = match (args.data, args.text) {
-        (Some(json), _) => parse_data(&json)?,
+        (Some(json), _) => MessageData::from_fields(&parse_data(&json)?),
         (None, Some(text)) if args.msg_type == "text" => {
             let content = if text == "-" {
                 read_stdin_text()?
@@ -56,9 +53,7 @@ fn build_request(args: SendArgs) -> anyhow::Result<SendRequest> {
             if content.trim().is_empty() {
                 return Err(usage("the message text is empty"));
             }
-            let mut data = Map::new();
-            data.insert("content".into(), Value::String(content));
-            data
+            MessageData::text(content.as_bytes())
         }
         (None, Some(_)) => {
             return Err(usage(format!(
@@ -114,7 +109,7 @@ mod tests {
     #[test]
     fn text_becomes_content() {
         let request = build_request(args(Some("héllo"), None, "text")).unwrap();
-        assert_eq!(request.data["content"], "héllo");
+        assert_eq!(request.data.as_json(), r#"{"content":"héllo"}"#);
         assert!(request.client_msg_id.starts_with("fly_send_"));
     }
 

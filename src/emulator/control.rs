@@ -11,7 +11,8 @@ use super::Shared;
 use super::faults::FaultConfig;
 use super::requests::{self, MediaRequest, WebhookRequest};
 use super::server::{
-    HttpResponse, error_response, invalid_request, json_response, method_not_allowed, read_json,
+    HttpResponse, JsonBody, error_response, invalid_request, json_response, json_text_response,
+    method_not_allowed, read_json,
 };
 use super::state::WebhookTarget;
 use crate::signature::sha256_hex;
@@ -60,13 +61,17 @@ pub async fn handle(shared: &Shared, path: &str, request: Request<Incoming>) -> 
     let method = request.method().clone();
     if method == Method::GET {
         return match call {
-            Call::Sent => answer(json!({"sent": shared.lock().sent()})),
+            // The bodies as the bot sent them, byte for byte.
+            Call::Sent => json_text_response(
+                StatusCode::OK,
+                format!("{{\"sent\":[{}]}}", shared.lock().sent().join(",")),
+            ),
             Call::Webhook => answer(shared.lock().webhook_report()),
             Call::Faults => answer(json!(shared.lock().faults)),
             _ => method_not_allowed(call.allowed_methods()),
         };
     }
-    let post: fn(&Shared, Value) -> Result<HttpResponse, String> = match (call, &method) {
+    let post: fn(&Shared, JsonBody) -> Result<HttpResponse, String> = match (call, &method) {
         (Call::Messages, &Method::POST) => post_message,
         (Call::Updates, &Method::POST) => post_update,
         (Call::Media, &Method::POST) => post_media,
@@ -80,30 +85,30 @@ pub async fn handle(shared: &Shared, path: &str, request: Request<Incoming>) -> 
     }
 }
 
-/// A user sends a message: it becomes `{"update_id","type":"message","message":<body>}`.
-fn post_message(shared: &Shared, body: Value) -> Result<HttpResponse, String> {
-    requests::validate_message(&body)?;
-    let mut update = serde_json::Map::new();
-    update.insert("type".into(), "message".into());
-    update.insert("message".into(), body);
-    Ok(answer(json!({"update_id": shared.push_update(update)})))
+/// A user sends a message: it becomes `{"update_id","type":"message","message":<body>}`,
+/// the body as written.
+fn post_message(shared: &Shared, body: JsonBody) -> Result<HttpResponse, String> {
+    requests::validate_message(&body.value)?;
+    let update = format!("{{\"type\":\"message\",\"message\":{}}}", body.text.trim());
+    Ok(answer(json!({"update_id": shared.push_update(&update)})))
 }
 
-fn post_update(shared: &Shared, body: Value) -> Result<HttpResponse, String> {
-    let update = requests::parse_raw_update(&body)?;
-    Ok(answer(json!({"update_id": shared.push_update(update)})))
+/// A raw update, queued as written (with `update_id` put first).
+fn post_update(shared: &Shared, body: JsonBody) -> Result<HttpResponse, String> {
+    requests::validate_raw_update(&body.value)?;
+    Ok(answer(json!({"update_id": shared.push_update(&body.text)})))
 }
 
-fn post_media(shared: &Shared, body: Value) -> Result<HttpResponse, String> {
-    let media = MediaRequest::parse(&body)?;
+fn post_media(shared: &Shared, body: JsonBody) -> Result<HttpResponse, String> {
+    let media = MediaRequest::parse(&body.value)?;
     let size = media.content.size();
     let answer_body = json!({"url": media.url, "size": size});
     shared.lock().register_media(media.url, media.content);
     Ok(answer(answer_body))
 }
 
-fn post_webhook(shared: &Shared, body: Value) -> Result<HttpResponse, String> {
-    let target = match WebhookRequest::parse(&body)? {
+fn post_webhook(shared: &Shared, body: JsonBody) -> Result<HttpResponse, String> {
+    let target = match WebhookRequest::parse(&body.value)? {
         WebhookRequest::Off => None,
         WebhookRequest::On {
             url,
@@ -133,8 +138,8 @@ fn post_webhook(shared: &Shared, body: Value) -> Result<HttpResponse, String> {
     Ok(answer(shared.lock().webhook_report()))
 }
 
-fn post_faults(shared: &Shared, body: Value) -> Result<HttpResponse, String> {
-    let faults = FaultConfig::parse(&body)?;
+fn post_faults(shared: &Shared, body: JsonBody) -> Result<HttpResponse, String> {
+    let faults = FaultConfig::parse(&body.value)?;
     let answer_body = json!(faults);
     shared.lock().faults = faults;
     Ok(answer(answer_body))

@@ -29,7 +29,6 @@ use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::thread::JoinHandle;
 
 use anyhow::Context;
-use serde_json::{Map, Value};
 use tokio::sync::{oneshot, watch};
 
 use state::{EmulatorState, Routed, WebhookTarget};
@@ -196,7 +195,7 @@ impl Shared {
     }
 
     /// Queues a new update for polling or for the webhook; returns its id.
-    fn push_update(&self, update: Map<String, Value>) -> u64 {
+    fn push_update(&self, update: &str) -> u64 {
         let nonce = crate::random::hex_id(16);
         let (update_id, routed) = self.lock().push_update(update, nonce);
         match routed {

@@ -26,6 +26,7 @@ use super::media::{self, MediaBody};
 use super::requests::{BatchAccessRequest, SendRequest, UpdatesRequest};
 use crate::api::types::{PATH_BATCH_ACCESS, PATH_SEND, PATH_UPDATES};
 use crate::http_server::{self, Limits};
+use crate::signature::json::Value as PyValue;
 
 const BOT_API_PREFIX: &str = "/api/v1/s/bot/";
 const CONTROL_PREFIX: &str = "/_emulator/";
@@ -161,9 +162,9 @@ async fn bot_api(
         Err(refused) => return Ok(refused.into_response()),
     };
     let response = match endpoint {
-        BotEndpoint::Updates => updates(shared, &body).await,
-        BotEndpoint::Send => send(shared, body),
-        BotEndpoint::BatchAccess => batch_access(shared, &body, &public_base),
+        BotEndpoint::Updates => updates(shared, &body.value).await,
+        BotEndpoint::Send => send(shared, &body),
+        BotEndpoint::BatchAccess => batch_access(shared, &body.value, &public_base),
     };
     // The request took effect; only its answer is lost.
     if faults.roll_drop() {
@@ -207,7 +208,9 @@ async fn updates(shared: &Shared, body: &Value) -> HttpResponse {
     loop {
         let updates = shared.lock().take_updates(request.offset, request.limit);
         if !updates.is_empty() {
-            return ok_envelope(json!({"updates": updates}));
+            // Served as stored, byte for byte.
+            let data = format!("{{\"updates\":[{}]}}", updates.join(","));
+            return ok_envelope_text(&data);
         }
         match tokio::time::timeout_at(deadline, arrivals.changed()).await {
             Ok(Ok(())) => continue,
@@ -217,9 +220,9 @@ async fn updates(shared: &Shared, body: &Value) -> HttpResponse {
     }
 }
 
-fn send(shared: &Shared, body: Value) -> HttpResponse {
-    match SendRequest::parse(&body) {
-        Ok(request) => ok_envelope(shared.lock().record_send(&request, body)),
+fn send(shared: &Shared, body: &JsonBody) -> HttpResponse {
+    match SendRequest::parse(&body.value) {
+        Ok(request) => ok_envelope(shared.lock().record_send(&request, &body.text)),
         Err(invalid) => invalid_request(invalid),
     }
 }
@@ -344,8 +347,18 @@ impl BodyRefused {
     }
 }
 
+/// A request body read as the platform's Python reads JSON (SPEC section 2:
+/// `NaN`, deep nesting, lone surrogates, big integers all pass): its text as
+/// sent, kept where it is stored or served again, and a plain view of it
+/// for validation (odd values approximated: `NaN` as null, a lone surrogate
+/// as U+FFFD, an integer past 64 bits as a float).
+pub struct JsonBody {
+    pub text: String,
+    pub value: Value,
+}
+
 /// Reads a JSON body of at most `limit` bytes; an empty body reads as `{}`.
-pub async fn read_json(request: Request<Incoming>, limit: usize) -> Result<Value, BodyRefused> {
+pub async fn read_json(request: Request<Incoming>, limit: usize) -> Result<JsonBody, BodyRefused> {
     parse_json(&read_body(request, limit).await?)
 }
 
@@ -383,20 +396,65 @@ async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Bo
     Ok(Bytes::from(kept))
 }
 
-fn parse_json(bytes: &[u8]) -> Result<Value, BodyRefused> {
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Ok(Value::Object(serde_json::Map::new()));
-    }
-    serde_json::from_slice(bytes).map_err(|error| BodyRefused {
+fn parse_json(bytes: &[u8]) -> Result<JsonBody, BodyRefused> {
+    let malformed = |why: String| BodyRefused {
         status: StatusCode::BAD_REQUEST,
-        msg: format!("malformed JSON: {error}"),
+        msg: format!("malformed JSON: {why}"),
+    };
+    let text = std::str::from_utf8(bytes).map_err(|error| malformed(error.to_string()))?;
+    if text.trim().is_empty() {
+        return Ok(JsonBody {
+            text: "{}".into(),
+            value: Value::Object(serde_json::Map::new()),
+        });
+    }
+    let parsed = crate::signature::parse(text).map_err(|error| {
+        let why = error.to_string();
+        malformed(
+            why.strip_prefix("malformed JSON: ")
+                .unwrap_or(&why)
+                .to_string(),
+        )
+    })?;
+    Ok(JsonBody {
+        value: plain_view(&parsed),
+        text: text.to_string(),
     })
 }
 
+/// The serde view of a value from the Python-compatible reader (see [`JsonBody`]).
+fn plain_view(value: &PyValue) -> Value {
+    match value {
+        PyValue::Null => Value::Null,
+        PyValue::Bool(flag) => Value::Bool(*flag),
+        PyValue::Int(digits) => serde_json::from_str(digits)
+            .ok()
+            .filter(Value::is_i64)
+            .or_else(|| digits.parse::<u64>().ok().map(Value::from))
+            .unwrap_or_else(|| digits.parse::<f64>().map_or(Value::Null, Value::from)),
+        PyValue::Float(number) => {
+            serde_json::Number::from_f64(*number).map_or(Value::Null, Value::Number)
+        }
+        PyValue::Str(text) => Value::String(String::from_utf8_lossy(text).into_owned()),
+        PyValue::Array(items) => Value::Array(items.iter().map(plain_view).collect()),
+        PyValue::Object(members) => Value::Object(
+            members
+                .iter()
+                .map(|(key, item)| (String::from_utf8_lossy(key).into_owned(), plain_view(item)))
+                .collect(),
+        ),
+    }
+}
+
 pub fn ok_envelope(data: Value) -> HttpResponse {
-    json_response(
+    ok_envelope_text(&data.to_string())
+}
+
+/// The success envelope around `data` given as JSON text.
+pub fn ok_envelope_text(data: &str) -> HttpResponse {
+    json_text_response(
         StatusCode::OK,
-        &json!({"code": 0, "msg": "ok", "data": data}),
+        format!("{{\"code\":0,\"msg\":\"ok\",\"data\":{data}}}"),
     )
 }
 
@@ -421,7 +479,11 @@ pub fn method_not_allowed(allowed: &'static str) -> HttpResponse {
 }
 
 pub fn json_response(status: StatusCode, value: &Value) -> HttpResponse {
-    let mut response = Response::new(Either::Left(Full::new(Bytes::from(value.to_string()))));
+    json_text_response(status, value.to_string())
+}
+
+pub fn json_text_response(status: StatusCode, text: String) -> HttpResponse {
+    let mut response = Response::new(Either::Left(Full::new(Bytes::from(text))));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use super::faults::FaultConfig;
 use super::media::MediaContent;
@@ -32,7 +32,8 @@ pub struct WebhookTarget {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PendingDelivery {
     pub update_id: u64,
-    pub update: Value,
+    /// The update's JSON text (see [`EmulatorState::push_update`]).
+    pub update: String,
     /// Chosen once per update and kept across redeliveries, as the platform does.
     pub nonce: String,
     /// Failed attempts so far.
@@ -79,13 +80,15 @@ struct AccessGrant {
 #[derive(Debug)]
 pub struct EmulatorState {
     next_update_id: u64,
-    /// Updates for `getUpdates`, by id; removed only when confirmed by a later offset.
-    polling_queue: BTreeMap<u64, Value>,
+    /// Updates for `getUpdates`, by id, as JSON text served byte for byte;
+    /// removed only when confirmed by a later offset.
+    polling_queue: BTreeMap<u64, String>,
     webhook: Option<WebhookTarget>,
     webhook_generation: u64,
     webhook_queue: VecDeque<PendingDelivery>,
     delivered: Vec<DeliveryRecord>,
-    sent: Vec<Value>,
+    /// Accepted send bodies, as the bot sent them.
+    sent: Vec<String>,
     send_results: HashMap<String, Value>,
     next_message_id: u64,
     media: HashMap<String, MediaContent>,
@@ -114,12 +117,13 @@ impl Default for EmulatorState {
 
 impl EmulatorState {
     /// Numbers a new update and queues it for polling, or for the webhook while
-    /// one is set (`nonce` is used only then).
-    pub fn push_update(&mut self, mut update: Map<String, Value>, nonce: String) -> (u64, Routed) {
+    /// one is set (`nonce` is used only then). `update` is the JSON text of an
+    /// object without `update_id`: it is kept as written, with `"update_id":N`
+    /// put first, so odd updates reach the bot byte for byte.
+    pub fn push_update(&mut self, update: &str, nonce: String) -> (u64, Routed) {
         let update_id = self.next_update_id;
         self.next_update_id += 1;
-        update.insert("update_id".into(), update_id.into());
-        let update = Value::Object(update);
+        let update = with_update_id(update, update_id);
         if self.webhook.is_some() {
             self.webhook_queue.push_back(PendingDelivery {
                 update_id,
@@ -136,7 +140,7 @@ impl EmulatorState {
 
     /// One `getUpdates` step: an `offset` above 0 confirms (forgets) every
     /// update below it; returns up to `limit` queued updates from `offset` on.
-    pub fn take_updates(&mut self, offset: i64, limit: usize) -> Vec<Value> {
+    pub fn take_updates(&mut self, offset: i64, limit: usize) -> Vec<String> {
         let from = u64::try_from(offset).unwrap_or(0);
         if from > 0 {
             self.polling_queue = self.polling_queue.split_off(&from);
@@ -151,7 +155,7 @@ impl EmulatorState {
     /// Records an accepted send and returns its answer. A `client_msg_id` seen
     /// before returns the first answer and records nothing: the request is a
     /// retry of one that took effect.
-    pub fn record_send(&mut self, request: &SendRequest, body: Value) -> Value {
+    pub fn record_send(&mut self, request: &SendRequest, body: &str) -> Value {
         if let Some(id) = &request.client_msg_id
             && let Some(first) = self.send_results.get(id)
         {
@@ -165,11 +169,11 @@ impl EmulatorState {
             result["client_msg_id"] = id.as_str().into();
             self.send_results.insert(id.clone(), result.clone());
         }
-        self.sent.push(body);
+        self.sent.push(body.trim().to_string());
         result
     }
 
-    pub fn sent(&self) -> &[Value] {
+    pub fn sent(&self) -> &[String] {
         &self.sent
     }
 
@@ -289,37 +293,50 @@ impl EmulatorState {
     }
 }
 
+/// `{"update_id":N,…}` from the text of an object without it: the members
+/// follow as written. (The caller has checked that `object` is an object.)
+fn with_update_id(object: &str, update_id: u64) -> String {
+    let members = object.trim().strip_prefix('{').unwrap_or("}");
+    let separator = if members.trim_start().starts_with('}') {
+        ""
+    } else {
+        ","
+    };
+    format!("{{\"update_id\":{update_id}{separator}{members}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn message(text: &str) -> Map<String, Value> {
-        match json!({"type": "message", "message": {"msgType": "text", "data": {"content": text}}})
-        {
-            Value::Object(map) => map,
-            _ => unreachable!(),
-        }
+    fn message(text: &str) -> String {
+        json!({"type": "message", "message": {"msgType": "text", "data": {"content": text}}})
+            .to_string()
     }
 
-    fn ids(updates: &[Value]) -> Vec<u64> {
+    fn ids(updates: &[String]) -> Vec<u64> {
         updates
             .iter()
-            .map(|update| update["update_id"].as_u64().unwrap())
+            .map(|update| {
+                serde_json::from_str::<Value>(update).unwrap()["update_id"]
+                    .as_u64()
+                    .unwrap()
+            })
             .collect()
     }
 
     fn push_texts(state: &mut EmulatorState, count: usize) {
         for index in 0..count {
-            state.push_update(message(&index.to_string()), String::new());
+            state.push_update(&message(&index.to_string()), String::new());
         }
     }
 
-    fn send_request(client_msg_id: Option<&str>) -> (SendRequest, Value) {
+    fn send_request(client_msg_id: Option<&str>) -> (SendRequest, String) {
         let mut body = json!({"msg_type": "text", "data": {"content": "x"}, "to_user_id": "u_1"});
         if let Some(id) = client_msg_id {
             body["client_msg_id"] = id.into();
         }
-        (SendRequest::parse(&body).unwrap(), body)
+        (SendRequest::parse(&body).unwrap(), body.to_string())
     }
 
     fn webhook() -> WebhookTarget {
@@ -334,16 +351,30 @@ mod tests {
     fn update_ids_start_at_1_and_increase() {
         let mut state = EmulatorState::default();
         assert_eq!(
-            state.push_update(message("a"), String::new()),
+            state.push_update(&message("a"), String::new()),
             (1, Routed::Polling)
         );
         assert_eq!(
-            state.push_update(message("b"), String::new()),
+            state.push_update(&message("b"), String::new()),
             (2, Routed::Polling)
         );
         let updates = state.take_updates(0, 100);
         assert_eq!(ids(&updates), [1, 2]);
-        assert_eq!(updates[0]["message"]["data"]["content"], "a");
+        assert!(updates[0].starts_with(r#"{"update_id":1,"message":"#));
+    }
+
+    #[test]
+    fn raw_updates_keep_their_text_after_the_id() {
+        let mut state = EmulatorState::default();
+        state.push_update(" {\n \"n\": 1E2, \"b\":\"\\/\"} ", String::new());
+        state.push_update("{ }", String::new());
+        assert_eq!(
+            state.take_updates(0, 100),
+            [
+                "{\"update_id\":1,\n \"n\": 1E2, \"b\":\"\\/\"}",
+                "{\"update_id\":2 }"
+            ]
+        );
     }
 
     #[test]
@@ -365,17 +396,17 @@ mod tests {
     fn a_repeated_client_msg_id_returns_the_first_answer_and_records_once() {
         let mut state = EmulatorState::default();
         let (request, body) = send_request(Some("c1"));
-        let first = state.record_send(&request, body.clone());
+        let first = state.record_send(&request, &body);
         assert_eq!(
             first,
             json!({"message_id": "m_1", "msg_type": "text", "to_user_id": "u_1", "client_msg_id": "c1"})
         );
-        assert_eq!(state.record_send(&request, body), first);
+        assert_eq!(state.record_send(&request, &body), first);
         assert_eq!(state.sent().len(), 1);
 
         let (anonymous, body) = send_request(None);
-        let second = state.record_send(&anonymous, body.clone());
-        let third = state.record_send(&anonymous, body);
+        let second = state.record_send(&anonymous, &body);
+        let third = state.record_send(&anonymous, &body);
         assert_eq!(second["message_id"], "m_2");
         assert_eq!(third["message_id"], "m_3");
         assert!(second.get("client_msg_id").is_none());
@@ -419,11 +450,11 @@ mod tests {
         push_texts(&mut state, 1);
         state.set_webhook(Some(webhook()));
         assert_eq!(
-            state.push_update(message("a"), "n2".into()),
+            state.push_update(&message("a"), "n2".into()),
             (2, Routed::Webhook)
         );
         assert_eq!(
-            state.push_update(message("b"), "n3".into()),
+            state.push_update(&message("b"), "n3".into()),
             (3, Routed::Webhook)
         );
         // Updates queued before webhook mode stay for polling.
@@ -460,7 +491,7 @@ mod tests {
         assert_eq!(state.note_failed_delivery(1), 0);
         assert_eq!(ids(&state.take_updates(0, 100)), [1, 2]);
         assert_eq!(
-            state.push_update(message("c"), String::new()),
+            state.push_update(&message("c"), String::new()),
             (3, Routed::Polling)
         );
         assert!(!state.set_webhook(None));

@@ -90,7 +90,7 @@ enum Attempt {
 fn attempt(agent: &Agent, job: &DeliveryJob) -> Attempt {
     let now = crate::state::unix_now();
     let signed = match sign_update_text(
-        &job.delivery.update.to_string(),
+        &job.delivery.update,
         &job.target.secret,
         &job.target.bot_id,
         now,

@@ -82,6 +82,73 @@ pub fn write_string(text: &[u8], out: &mut Vec<u8>) -> Result<(), SignatureInput
         )));
     }
     out.push(b'"');
+    write_string_body(text, out);
+    out.push(b'"');
+    Ok(())
+}
+
+/// JSON text of a parsed value as it goes back on the wire (a forwarded
+/// message's `data`): members in their order, numbers as Python prints them,
+/// and strings as UTF-8 except that a lone surrogate is written as its
+/// `\udXXX` escape, as Python's `json.dumps` sends it (UTF-8 cannot carry one).
+pub fn wire_json(value: &Value) -> String {
+    let mut out = Vec::with_capacity(128);
+    write_wire_value(value, &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+fn write_wire_value(value: &Value, out: &mut Vec<u8>) {
+    match value {
+        Value::Array(items) => {
+            out.push(b'[');
+            for (position, item) in items.iter().enumerate() {
+                if position > 0 {
+                    out.push(b',');
+                }
+                write_wire_value(item, out);
+            }
+            out.push(b']');
+        }
+        Value::Object(members) => {
+            out.push(b'{');
+            for (position, (key, item)) in members.iter().enumerate() {
+                if position > 0 {
+                    out.push(b',');
+                }
+                write_wire_string(key, out);
+                out.push(b':');
+                write_wire_value(item, out);
+            }
+            out.push(b'}');
+        }
+        Value::Str(text) => write_wire_string(text, out),
+        // Scalars have one form; the canonical writer cannot fail on them.
+        scalar => {
+            let _ = write_value(scalar, out);
+        }
+    }
+}
+
+/// A JSON string for the wire from WTF-8 text (see [`wire_json`]): the
+/// escapes of [`write_string`], plus `\udXXX` for each lone surrogate.
+pub fn write_wire_string(text: &[u8], out: &mut Vec<u8>) {
+    out.push(b'"');
+    let mut rest = text;
+    while let Some(at) = rest
+        .windows(3)
+        .position(|window| window[0] == 0xED && (0xA0..=0xBF).contains(&window[1]))
+    {
+        write_string_body(&rest[..at], out);
+        let code = 0xD000 | (u32::from(rest[at + 1] & 0x3F) << 6) | u32::from(rest[at + 2] & 0x3F);
+        out.extend_from_slice(format!("\\u{code:04x}").as_bytes());
+        rest = &rest[at + 3..];
+    }
+    write_string_body(rest, out);
+    out.push(b'"');
+}
+
+/// The inside of a JSON string: only `"`, `\` and U+0000..U+001F escaped.
+fn write_string_body(text: &[u8], out: &mut Vec<u8>) {
     let mut at = 0;
     loop {
         let run_end = plain_run_end(text, at);
@@ -106,8 +173,6 @@ pub fn write_string(text: &[u8], out: &mut Vec<u8>) -> Result<(), SignatureInput
         }
         at = run_end + 1;
     }
-    out.push(b'"');
-    Ok(())
 }
 
 /// A Rust string as a JSON string literal (for verdict lines and `fly sign`).

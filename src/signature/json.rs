@@ -73,11 +73,26 @@ impl<'a> Value<'a> {
 pub struct MemberSpan<'a> {
     pub key: Text<'a>,
     pub span: Range<usize>,
+    /// The value alone (after the `:` and any whitespace).
+    pub value_span: Range<usize>,
+}
+
+/// A parsed document and where some of its parts sit in the input text.
+#[derive(Debug)]
+pub struct Located<'a> {
+    pub value: Value<'a>,
+    /// The top-level object's members, duplicates included, in input order.
+    pub members: Vec<MemberSpan<'a>>,
+    /// The items of the array found at the key path asked for (the one
+    /// Python would see: a repeated key's last value), in input order.
+    pub items: Vec<Range<usize>>,
 }
 
 /// Parses a whole document, like `json.loads(text)`.
 pub fn parse(text: &str) -> Result<Value<'_>, SignatureInputError> {
-    Parser::new(text, false).document().map(|(value, _)| value)
+    Parser::new(text, false, &[])
+        .document()
+        .map(|located| located.value)
 }
 
 /// Parses a whole document and also returns the spans of the top-level
@@ -85,7 +100,59 @@ pub fn parse(text: &str) -> Result<Value<'_>, SignatureInputError> {
 pub fn parse_with_members(
     text: &str,
 ) -> Result<(Value<'_>, Vec<MemberSpan<'_>>), SignatureInputError> {
-    Parser::new(text, true).document()
+    Parser::new(text, true, &[])
+        .document()
+        .map(|located| (located.value, located.members))
+}
+
+/// Parses a whole document, recording the top-level members and the items
+/// of the array at `items_at` (object keys from the top, e.g. `["data",
+/// "updates"]`): how each update of a platform response keeps its exact bytes.
+pub fn parse_located<'a>(
+    text: &'a str,
+    items_at: &'static [&'static str],
+) -> Result<Located<'a>, SignatureInputError> {
+    Parser::new(text, true, items_at).document()
+}
+
+/// `text` (a valid JSON document) without the whitespace between tokens:
+/// every lexeme, escape and member stays exactly as written.
+pub fn compact(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        match bytes[at] {
+            b' ' | b'\t' | b'\n' | b'\r' => at += 1,
+            b'"' => {
+                let end = string_end(bytes, at + 1);
+                out.push_str(&text[at..end]);
+                at = end;
+            }
+            _ => {
+                let end = bytes[at..]
+                    .iter()
+                    .position(|byte| matches!(byte, b' ' | b'\t' | b'\n' | b'\r' | b'"'))
+                    .map_or(bytes.len(), |offset| at + offset);
+                out.push_str(&text[at..end]);
+                at = end;
+            }
+        }
+    }
+    out
+}
+
+/// One past the closing quote of the string whose body starts at `at`.
+fn string_end(bytes: &[u8], mut at: usize) -> usize {
+    loop {
+        at = plain_run_end(bytes, at);
+        match bytes.get(at) {
+            Some(b'"') => return at + 1,
+            Some(b'\\') => at += 2,
+            Some(_) => at += 1,
+            None => return bytes.len(),
+        }
+    }
 }
 
 /// Bytes that end the plain run of a string: the quote, the backslash, and
@@ -112,20 +179,28 @@ struct Parser<'a> {
     pos: usize,
     depth: usize,
     members: Option<Vec<MemberSpan<'a>>>,
+    /// The key path whose array items are recorded, how many of its keys
+    /// the value being parsed sits under, and the items recorded so far.
+    items_at: &'static [&'static str],
+    keys_matched: usize,
+    items: Vec<Range<usize>>,
 }
 
 impl<'a> Parser<'a> {
-    fn new(text: &'a str, record_members: bool) -> Self {
+    fn new(text: &'a str, record_members: bool, items_at: &'static [&'static str]) -> Self {
         Parser {
             text,
             bytes: text.as_bytes(),
             pos: 0,
             depth: 0,
             members: record_members.then(Vec::new),
+            items_at,
+            keys_matched: 0,
+            items: Vec::new(),
         }
     }
 
-    fn document(mut self) -> Result<(Value<'a>, Vec<MemberSpan<'a>>), SignatureInputError> {
+    fn document(mut self) -> Result<Located<'a>, SignatureInputError> {
         if self.text.starts_with('\u{feff}') {
             return Err(self.error("Unexpected UTF-8 BOM (decode using utf-8-sig)", 0));
         }
@@ -135,7 +210,30 @@ impl<'a> Parser<'a> {
         if self.pos != self.bytes.len() {
             return Err(self.error("Extra data", self.pos));
         }
-        Ok((value, self.members.unwrap_or_default()))
+        Ok(Located {
+            value,
+            members: self.members.unwrap_or_default(),
+            items: self.items,
+        })
+    }
+
+    /// Whether the member `key` of the object being parsed continues the
+    /// recorded key path. The object sits at `self.depth`, under
+    /// `self.depth - 1` keys.
+    fn continues_items_path(&self, key: &[u8]) -> bool {
+        let level = self.depth - 1;
+        self.keys_matched == level
+            && self
+                .items_at
+                .get(level)
+                .is_some_and(|wanted| wanted.as_bytes() == key)
+    }
+
+    /// Whether the array being parsed is the one at the recorded key path.
+    fn records_items(&self) -> bool {
+        !self.items_at.is_empty()
+            && self.keys_matched == self.items_at.len()
+            && self.depth == self.items_at.len() + 1
     }
 
     /// A Python-style message: `Expecting value: line 1 column 5 (char 4)`,
@@ -358,11 +456,24 @@ impl<'a> Parser<'a> {
             }
             self.pos += 1;
             self.skip_whitespace();
-            let value = self.value()?;
+            let value_start = self.pos;
+            let on_items_path = self.continues_items_path(&key);
+            let value = if on_items_path {
+                // A repeated key replaces the earlier value, as in Python:
+                // forget the items recorded under the earlier one.
+                self.items.clear();
+                self.keys_matched += 1;
+                let value = self.value();
+                self.keys_matched -= 1;
+                value?
+            } else {
+                self.value()?
+            };
             if record && let Some(spans) = &mut self.members {
                 spans.push(MemberSpan {
                     key: key.clone(),
                     span: member_start..self.pos,
+                    value_span: value_start..self.pos,
                 });
             }
             insert_member(&mut members, &mut index, key, value);
@@ -383,13 +494,18 @@ impl<'a> Parser<'a> {
 
     fn array(&mut self) -> Result<Value<'a>, SignatureInputError> {
         let mut items = Vec::new();
+        let record = self.records_items();
         self.skip_whitespace();
         if self.peek() == Some(b']') {
             self.pos += 1;
             return Ok(Value::Array(items));
         }
         loop {
+            let item_start = self.pos;
             items.push(self.value()?);
+            if record {
+                self.items.push(item_start..self.pos);
+            }
             self.skip_whitespace();
             match self.peek() {
                 Some(b',') => {

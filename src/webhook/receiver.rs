@@ -6,20 +6,18 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::WebhookConfig;
+use crate::api::Update;
+use crate::bot::{HandleError, Handler, record_dead_letter};
+use crate::signature::{Verdict, Verifier, json, python};
+use crate::state::{NonceCheck, StateStore, unix_now};
+use crate::sync::lock;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use serde_json::Value;
-
-use super::WebhookConfig;
-use crate::api::Update;
-use crate::bot::{HandleError, Handler};
-use crate::signature::{Verdict, Verifier};
-use crate::state::{NonceCheck, StateStore, unix_now};
-use crate::sync::lock;
 
 /// A client that has sent its headers gets this long for the body.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -117,16 +115,37 @@ impl Receiver {
             return (StatusCode::BAD_REQUEST, "MALFORMED_JSON");
         };
 
+        let Ok(parsed) = crate::signature::parse(text) else {
+            return (StatusCode::BAD_REQUEST, "MALFORMED_JSON");
+        };
         let now = unix_now();
-        match self.verify(text, now) {
+        match self.verify(&parsed, now) {
             Ok(Verdict::Ok) => {}
             Ok(rejected) => return (StatusCode::UNAUTHORIZED, rejected.code()),
             Err(status_and_reason) => return status_and_reason,
         }
-        // Verified: the update's fields can be trusted from here on.
-        let Some((update, nonce)) = read_update(text) else {
-            return (StatusCode::BAD_REQUEST, "INVALID_UPDATE");
+        // Verified: the update's fields can be trusted from here on. One
+        // without a usable id is recorded and accepted: a 4xx would only make
+        // the platform drop it, a 5xx deliver it again for nothing.
+        let update = match Update::read(&parsed, text) {
+            Ok(update) => update,
+            Err(unusable) => {
+                return match self.store.record_dead_letter(None, text, &unusable.reason) {
+                    Ok(_) => {
+                        tracing::warn!(
+                            "delivery recorded as a dead letter (see fly dead-letters): {}",
+                            unusable.reason
+                        );
+                        (StatusCode::OK, "DEAD_LETTER")
+                    }
+                    Err(error) => store_failed(error),
+                };
+            }
         };
+        // As the platform's Python reads it: `str(nonce or "")`.
+        let nonce = python::py_str(parsed.get("nonce"), "nonce")
+            .map(|nonce| nonce.into_owned())
+            .unwrap_or_default();
         let update_id = update.update_id;
         match self.store.is_handled(update_id) {
             Ok(true) => return (StatusCode::OK, "DUPLICATE"),
@@ -151,16 +170,18 @@ impl Receiver {
     }
 
     /// Signature v1 and the replay window, exactly as the platform's Python.
-    fn verify(&self, text: &str, now: i64) -> Result<Verdict, (StatusCode, &'static str)> {
-        let parsed = crate::signature::parse(text)
-            .map_err(|_| (StatusCode::BAD_REQUEST, "MALFORMED_JSON"))?;
+    fn verify(
+        &self,
+        parsed: &json::Value,
+        now: i64,
+    ) -> Result<Verdict, (StatusCode, &'static str)> {
         let verifier = Verifier::new(
             self.secrets.iter().map(String::as_str),
             now,
             Some(self.replay_window_secs),
         );
         verifier
-            .check(&parsed)
+            .check(parsed)
             .and_then(|check| check.verdict())
             .map_err(|error| {
                 tracing::debug!("unverifiable delivery: {error}");
@@ -178,8 +199,14 @@ impl Receiver {
             match handler.handle(&update) {
                 Ok(outcome) => store
                     .mark_handled(update_id, outcome.as_str())
-                    .map(|()| outcome)
+                    .map(|()| "OK")
                     .map_err(|error| format!("{error:#}")),
+                // Accepted (200): delivering it again could not help.
+                Err(HandleError::DeadLetter(reason)) => {
+                    record_dead_letter(&store, &update, &reason)
+                        .map(|()| "DEAD_LETTER")
+                        .map_err(|error| format!("{error:#}"))
+                }
                 Err(HandleError::Retry(error) | HandleError::Fatal(error)) => {
                     Err(format!("{error:#}"))
                 }
@@ -187,7 +214,7 @@ impl Receiver {
         })
         .await;
         match joined {
-            Ok(Ok(_outcome)) => (StatusCode::OK, "OK"),
+            Ok(Ok(answer)) => (StatusCode::OK, answer),
             Ok(Err(error)) => {
                 tracing::error!("reply not sent, the platform will deliver again: {error}");
                 (StatusCode::INTERNAL_SERVER_ERROR, "REPLY_FAILED")
@@ -198,17 +225,6 @@ impl Receiver {
             }
         }
     }
-}
-
-/// The update (for the handler) and its nonce, from a verified body.
-fn read_update(text: &str) -> Option<(Update, String)> {
-    let value: Value = serde_json::from_str(text).ok()?;
-    let nonce = match value.get("nonce") {
-        Some(Value::String(nonce)) => nonce.clone(),
-        Some(Value::Number(number)) => number.to_string(),
-        _ => String::new(),
-    };
-    Some((Update::from_value(value)?, nonce))
 }
 
 fn store_failed(error: anyhow::Error) -> (StatusCode, &'static str) {

@@ -20,7 +20,9 @@ use crate::common::{Emulator, TOKEN, eventually, fly, fly_at, fly_child, free_po
 
 /// Prints the text content of the update on stdin (plain ASCII without quotes
 /// is all these tests send).
-const CONTENT: &str = r#"sed -n 's/.*"content":"\([^"]*\)".*/\1/p'"#;
+/// The text of the update on stdin, which comes as the platform sent it
+/// (the test emulator's client sends it pretty-printed).
+const CONTENT: &str = r#"tr -d '\n' | sed -n 's/.*"content": *"\([^"]*\)".*/\1/p'"#;
 
 /// `fly poll-echo --once --state STATE --exec HANDLER EXTRA…`, bounded in time.
 fn poll_once(
@@ -165,7 +167,7 @@ fn processes_matching(pattern: &str) -> String {
 /// Upper-cases the text and reports what the handler saw in its environment.
 const UPPERCASE_AND_ENV: &str = r#"
     echo run >> "$RUNS"
-    text=$(sed -n 's/.*"content":"\([^"]*\)".*/\1/p' | tr '[:lower:]' '[:upper:]')
+    text=$(tr -d '\n' | sed -n 's/.*"content": *"\([^"]*\)".*/\1/p' | tr '[:lower:]' '[:upper:]')
     printf '%s|%s|%s|%s|%s|%s|token=%s|secret=%s\n' "$text" \
         "$FLY_UPDATE_ID" "$FLY_UPDATE_TYPE" "$FLY_CHAT_ID" "$FLY_CHAT_TYPE" "$FLY_MSG_TYPE" \
         "${FLY_BOT_TOKEN-unset}" "${FLY_WEBHOOK_SECRET-unset}"

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::common::{Emulator, TOKEN, free_port};
+use crate::common::{Emulator, TOKEN, free_port, wait_until};
 
 fn reference_dir() -> Option<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference");
@@ -212,6 +212,10 @@ fn python_webhook_example_accepts_the_emulators_signed_deliveries() {
     // The reference server verifies each signature (it raises, i.e. no 200,
     // on a bad one) and replies through the emulator's send.
     assert_eq!(wait_for_sent(&emulator, 2), expected_echoes(private, group));
+    // The second echo can be sent before its delivery's 200 is back.
+    wait_until(Duration::from_secs(10), "both deliveries answered", || {
+        emulator.get("/_emulator/webhook")["pending"] == 0
+    });
     let deliveries = emulator.get("/_emulator/webhook");
     let statuses: Vec<i64> = deliveries["delivered"]
         .as_array()

@@ -1,0 +1,57 @@
+//! `fly dead-letters`: the updates poll-echo, forward and serve-webhook could
+//! never handle, as NDJSON on stdout (`--purge` empties the list).
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use serde_json::json;
+
+use crate::cli::{DeadLettersArgs, GlobalArgs};
+use crate::commands::required_token;
+use crate::exit;
+use crate::state::{BotIdentity, StateStore};
+
+pub fn run(args: DeadLettersArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    let store = match args.state {
+        Some(path) => StateStore::open_existing(&path)?,
+        None => {
+            // The bot's default state file; looking never creates it.
+            let token = required_token(global)?;
+            let identity = BotIdentity::new(&global.base_url, &token);
+            let path = identity.default_state_path()?;
+            if !path.exists() {
+                tracing::info!(state = %path.display(), "no state file yet: no dead letters");
+                return Ok(exit::code(exit::SUCCESS));
+            }
+            StateStore::open(&path, &identity)?
+        }
+    };
+    if args.purge {
+        let purged = store.purge_dead_letters()?;
+        tracing::info!(purged, state = %store.path().display(), "dead letters purged");
+        return Ok(exit::code(exit::SUCCESS));
+    }
+    let mut stdout = std::io::stdout().lock();
+    for letter in store.dead_letters()? {
+        // The update's bytes as a JSON string: always valid JSON, even when
+        // the update holds what only Python reads (NaN, a lone surrogate).
+        let line = json!({
+            "update_id": letter.update_id,
+            "reason": letter.reason,
+            "recorded_at": letter.recorded_at,
+            "raw": letter.raw,
+        });
+        match writeln!(stdout, "{line}") {
+            Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => break,
+            written => written.context("writing to stdout")?,
+        }
+    }
+    match stdout.flush() {
+        Err(error) if error.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(error).context("writing to stdout")?
+        }
+        _ => {}
+    }
+    Ok(exit::code(exit::SUCCESS))
+}
