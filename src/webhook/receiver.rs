@@ -14,9 +14,9 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::Value;
 
-use super::WebhookConfig;
+use super::{FatalStop, WebhookConfig};
 use crate::api::Update;
-use crate::bot::{HandleError, Handler};
+use crate::bot::{HandleError, Handler, Outcome};
 use crate::signature::{Verdict, Verifier};
 use crate::state::{NonceCheck, StateStore, unix_now};
 use crate::sync::lock;
@@ -34,12 +34,19 @@ pub struct Receiver {
     /// Update ids being handled right now: a second delivery of one of them
     /// waits for the platform's next retry instead of replying twice.
     in_flight: Mutex<HashSet<i64>>,
+    /// Raised by a delivery whose handling failed fatally: stops the server.
+    fatal: Arc<FatalStop>,
 }
 
 type HttpResponse = Response<Full<Bytes>>;
 
 impl Receiver {
-    pub fn new(config: &WebhookConfig, store: StateStore, handler: Arc<dyn Handler>) -> Receiver {
+    pub fn new(
+        config: &WebhookConfig,
+        store: StateStore,
+        handler: Arc<dyn Handler>,
+        fatal: Arc<FatalStop>,
+    ) -> Receiver {
         Receiver {
             path: config.path.clone(),
             secrets: config.secrets.clone(),
@@ -48,6 +55,7 @@ impl Receiver {
             store: Arc::new(store),
             handler,
             in_flight: Mutex::new(HashSet::new()),
+            fatal,
         }
     }
 }
@@ -169,28 +177,28 @@ impl Receiver {
     }
 
     /// Runs the handler on the blocking pool; marks the update handled only
-    /// once its reply was accepted.
+    /// once its reply was accepted. A fatal error stops the server; its
+    /// update is not handled, so the platform delivers it again.
     async fn handle(&self, update: Update) -> (StatusCode, &'static str) {
         let handler = Arc::clone(&self.handler);
         let store = Arc::clone(&self.store);
-        let joined = tokio::task::spawn_blocking(move || {
-            let update_id = update.update_id;
-            match handler.handle(&update) {
-                Ok(outcome) => store
-                    .mark_handled(update_id, outcome.as_str())
-                    .map(|()| outcome)
-                    .map_err(|error| format!("{error:#}")),
-                Err(HandleError::Retry(error) | HandleError::Fatal(error)) => {
-                    Err(format!("{error:#}"))
-                }
-            }
+        let joined = tokio::task::spawn_blocking(move || -> Result<Outcome, HandleError> {
+            let outcome = handler.handle(&update)?;
+            store
+                .mark_handled(update.update_id, outcome.as_str())
+                .map_err(HandleError::Retry)?;
+            Ok(outcome)
         })
         .await;
         match joined {
             Ok(Ok(_outcome)) => (StatusCode::OK, "OK"),
-            Ok(Err(error)) => {
-                tracing::error!("reply not sent, the platform will deliver again: {error}");
+            Ok(Err(HandleError::Retry(error))) => {
+                tracing::error!("reply not sent, the platform will deliver again: {error:#}");
                 (StatusCode::INTERNAL_SERVER_ERROR, "REPLY_FAILED")
+            }
+            Ok(Err(HandleError::Fatal(error))) => {
+                self.fatal.raise(error);
+                (StatusCode::INTERNAL_SERVER_ERROR, "FATAL_ERROR")
             }
             Err(error) => {
                 tracing::error!("handler crashed: {error}");
