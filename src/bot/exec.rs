@@ -6,7 +6,13 @@
 //! handled, anything else (or running past the timeout) means failed, and the
 //! update is retried. Replies carry `client_msg_id` `reply_{update_id}`, so a
 //! handler that is retried after its reply was sent never double-posts.
+//!
+//! Except 126 and 127: the shell's "found but cannot be run" and "not found".
+//! They say the set-up is wrong (a script without `chmod +x`, a typo in the
+//! path), so every update would fail the same way: a [`SetupError`] stops fly
+//! instead of retrying forever, and the update stays for the run after the fix.
 
+use std::fmt;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -68,9 +74,14 @@ impl Handler for ExecHandler {
         let Some(message) = update.message.as_ref() else {
             return Ok(Outcome::Ignored);
         };
-        let stdout = self.run(update).map_err(|error| {
-            HandleError::Retry(error.context(format!("--exec {:?}", self.command)))
-        })?;
+        let stdout = self
+            .run(update)
+            .map_err(|error| match error.downcast::<SetupError>() {
+                Ok(setup) => HandleError::Fatal(setup.into()),
+                Err(error) => {
+                    HandleError::Retry(error.context(format!("--exec {:?}", self.command)))
+                }
+            })?;
         let reply = stdout.trim_end_matches(['\n', '\r']);
         if reply.trim().is_empty() {
             return Ok(Outcome::Handled);
@@ -192,11 +203,146 @@ impl ExecHandler {
         let reply = reply
             .map_err(|_| anyhow!("reading the handler's output failed"))?
             .context("reading the handler's output")?;
+        if let Some(problem) = SetupProblem::from_status(status) {
+            return Err(SetupError::new(&self.command, problem).into());
+        }
         if !status.success() {
             return Err(anyhow!("failed ({status})"));
         }
         String::from_utf8(reply).map_err(|_| anyhow!("its output is not UTF-8"))
     }
+}
+
+/// What a handler's exit status says about the set-up rather than the update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetupProblem {
+    /// Exit 126: the shell found the command but could not execute it
+    /// (no execute permission, a directory).
+    NotExecutable,
+    /// Exit 127: the shell (or the script, for a command inside it, or the
+    /// kernel, for a missing `#!` interpreter) did not find a command.
+    NotFound,
+}
+
+impl SetupProblem {
+    /// The one place 126 and 127 are told apart from ordinary failures.
+    pub fn from_status(status: ExitStatus) -> Option<SetupProblem> {
+        match status.code() {
+            Some(126) => Some(SetupProblem::NotExecutable),
+            Some(127) => Some(SetupProblem::NotFound),
+            _ => None,
+        }
+    }
+}
+
+/// An `--exec` handler that cannot run at all: fly stops (exit 1) with this
+/// as its one error line, naming the command and the likely fix.
+#[derive(Debug)]
+pub struct SetupError {
+    command: String,
+    problem: SetupProblem,
+    /// The program the command plainly names, and what is at that path.
+    program: Option<(String, Found)>,
+}
+
+/// What is at the path of the program a handler command names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Found {
+    Nothing,
+    Directory,
+    /// A file (or anything else) without an execute bit.
+    NotExecutable,
+    Executable,
+}
+
+impl SetupError {
+    /// Looks at the program the command names right away, from fly's working
+    /// directory (the handler's too), so the hint says which fix applies.
+    pub fn new(command: &str, problem: SetupProblem) -> SetupError {
+        let program = program_path(command).map(|path| {
+            let found = match std::fs::metadata(path) {
+                Err(_) => Found::Nothing,
+                Ok(meta) if meta.is_dir() => Found::Directory,
+                Ok(_) if may_execute(path) => Found::Executable,
+                Ok(_) => Found::NotExecutable,
+            };
+            (path.to_string(), found)
+        });
+        SetupError {
+            command: command.to_string(),
+            problem,
+            program,
+        }
+    }
+}
+
+impl fmt::Display for SetupError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let command = &self.command;
+        let program = self
+            .program
+            .as_ref()
+            .map(|(path, found)| (path.as_str(), *found));
+        match (self.problem, program) {
+            (SetupProblem::NotExecutable, Some((path, Found::Directory))) => write!(
+                f,
+                "--exec {command:?} could not be run (exit 126): {path} is a directory"
+            ),
+            (SetupProblem::NotExecutable, Some((path, Found::Executable))) => write!(
+                f,
+                "--exec {command:?} could not be run (exit 126): {path} is executable, so \
+                 its #! interpreter or a program it runs is not: chmod +x that one"
+            ),
+            (SetupProblem::NotExecutable, Some((path, _))) => write!(
+                f,
+                "--exec {command:?} could not be run (exit 126): is it executable? \
+                 chmod +x {path}"
+            ),
+            (SetupProblem::NotExecutable, None) => write!(
+                f,
+                "--exec {command:?} could not be run (exit 126): is it executable? \
+                 chmod +x the program it runs"
+            ),
+            (SetupProblem::NotFound, Some((path, Found::Nothing))) => write!(
+                f,
+                "--exec {command:?}: {path} not found (exit 127): check the path \
+                 (a relative one starts from fly's working directory)"
+            ),
+            (SetupProblem::NotFound, Some((path, _))) => write!(
+                f,
+                "--exec {command:?}: a command in {path}, or its #! interpreter, was not \
+                 found (exit 127): check the paths it uses and PATH"
+            ),
+            (SetupProblem::NotFound, None) => write!(
+                f,
+                "--exec {command:?}: command not found (exit 127): check the path / PATH"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for SetupError {}
+
+/// Whether fly (and so its handler: same user, same working directory) may
+/// execute `path`, as execve(2) decides it: owner, group, root, noexec mounts.
+fn may_execute(path: &str) -> bool {
+    let Ok(path) = std::ffi::CString::new(path) else {
+        return false;
+    };
+    // SAFETY: access(2) reads the NUL-terminated path, which outlives the call.
+    unsafe { libc::access(path.as_ptr(), libc::X_OK) == 0 }
+}
+
+/// The program a handler command starts, when it plainly is a path
+/// (`./upper.sh`, `/srv/bot/run arg`): the file a fix would be about. A bare
+/// name, or anything the shell would rewrite first (quotes, `$`, `VAR=x`,
+/// `cd … &&`), gives `None` rather than a wrong guess.
+fn program_path(command: &str) -> Option<&str> {
+    let first = command.split_whitespace().next()?;
+    let plain = first
+        .bytes()
+        .all(|byte| byte.is_ascii_alphanumeric() || b"/._-+,@%:".contains(&byte));
+    (plain && first.contains('/')).then_some(first)
 }
 
 /// Logs the handler's stderr, one warning per line, until it is closed.
@@ -255,6 +401,107 @@ fn kill_group(child: &Child) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_126_and_127_are_set_up_problems() {
+        use std::os::unix::process::ExitStatusExt;
+        let exited = |code: i32| ExitStatus::from_raw(code << 8);
+        assert_eq!(
+            SetupProblem::from_status(exited(126)),
+            Some(SetupProblem::NotExecutable)
+        );
+        assert_eq!(
+            SetupProblem::from_status(exited(127)),
+            Some(SetupProblem::NotFound)
+        );
+        for code in [0, 1, 2, 125, 128, 255] {
+            assert_eq!(SetupProblem::from_status(exited(code)), None, "{code}");
+        }
+        // Killed by a signal (SIGKILL at the timeout): no exit code at all.
+        assert_eq!(SetupProblem::from_status(ExitStatus::from_raw(9)), None);
+    }
+
+    #[test]
+    fn the_fix_names_the_program_only_when_it_is_plainly_a_path() {
+        let cases = [
+            ("./upper.sh", Some("./upper.sh")),
+            ("/srv/bot/run --fast", Some("/srv/bot/run")),
+            ("  bin/bot.py\targ", Some("bin/bot.py")),
+            ("python3 bot.py", None),
+            ("upper.sh", None),
+            ("cd /srv && ./run", None),
+            ("\"./my bot.sh\"", None),
+            ("$HOME/bot.sh", None),
+            ("LANG=C ./bot.sh", None),
+            ("", None),
+        ];
+        for (command, expected) in cases {
+            assert_eq!(program_path(command), expected, "{command:?}");
+        }
+    }
+
+    #[test]
+    fn set_up_errors_name_the_command_and_the_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let message = |command: &str, problem| SetupError::new(command, problem).to_string();
+        let dir = tempfile::tempdir().unwrap();
+        let in_dir = |name: &str| dir.path().join(name).display().to_string();
+        let script = |name: &str, mode: u32| {
+            let path = in_dir(name);
+            std::fs::write(&path, "#!/bin/sh\njq .\n").unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            path
+        };
+        let plain = script("plain.sh", 0o644);
+        let runnable = script("runnable.sh", 0o755);
+        let missing = in_dir("missing.sh");
+        let cases = [
+            (
+                plain.clone(),
+                SetupProblem::NotExecutable,
+                format!("is it executable? chmod +x {plain}"),
+            ),
+            (
+                runnable.clone(),
+                SetupProblem::NotExecutable,
+                format!("{runnable} is executable, so its #! interpreter"),
+            ),
+            (
+                in_dir(""),
+                SetupProblem::NotExecutable,
+                "is a directory".to_string(),
+            ),
+            (
+                "python3 bot.py".to_string(),
+                SetupProblem::NotExecutable,
+                "chmod +x the program it runs".to_string(),
+            ),
+            (
+                missing.clone(),
+                SetupProblem::NotFound,
+                format!("{missing} not found (exit 127): check the path"),
+            ),
+            (
+                runnable.clone(),
+                SetupProblem::NotFound,
+                format!("a command in {runnable}, or its #! interpreter"),
+            ),
+            (
+                "no-such-handler".to_string(),
+                SetupProblem::NotFound,
+                "command not found (exit 127): check the path / PATH".to_string(),
+            ),
+        ];
+        for (command, problem, expected) in cases {
+            let text = message(&command, problem);
+            assert!(text.starts_with(&format!("--exec {command:?}")), "{text}");
+            assert!(
+                text.contains(&expected),
+                "{text}\nshould contain {expected}"
+            );
+            assert!(!text.contains('\n'), "{text}");
+        }
+    }
 
     #[test]
     fn json_replies_need_msg_type_and_data() {

@@ -49,7 +49,9 @@ impl Outcome {
 pub enum HandleError {
     /// Try this update again later (platform unavailable, download cut, …).
     Retry(anyhow::Error),
-    /// Stop the service: retrying any update would fail the same way.
+    /// Stop the service: retrying any update would fail the same way (a
+    /// refused token, an `--exec` handler that cannot run). The update is
+    /// not handled, so the run after the fix gets it again.
     Fatal(anyhow::Error),
     /// This update can never be handled (a message with no chat to answer):
     /// record it as a dead letter with this reason and confirm it, so it

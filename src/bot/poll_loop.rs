@@ -43,7 +43,9 @@ pub struct Summary {
 }
 
 /// Runs until stopped, `max_updates` is reached, or (with `once`) after one
-/// poll. Returns an error for a refused token or a store that cannot be written.
+/// poll. Returns an error for a refused token, a handler that cannot run at
+/// all (any [`HandleError::Fatal`]: its update stays unconfirmed) or a store
+/// that cannot be written.
 pub fn run(
     client: &ApiClient,
     store: &StateStore,

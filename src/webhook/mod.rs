@@ -6,7 +6,10 @@
 //! while reading), JSON (400), signature v1 and replay window (401), the
 //! update id already handled (200, not handled twice), the nonce already seen
 //! with another update (401), then the reply (200, or 500 so the platform
-//! delivers again). Verification runs on the I/O threads (microseconds);
+//! delivers again). A fatal error (an `--exec` handler that cannot run, a
+//! refused token) is answered 500 too, and stops the server as a signal does,
+//! with the error as the process's one error line. Verification runs on the
+//! I/O threads (microseconds);
 //! replies go through the shared blocking HTTP client on a bounded pool of
 //! blocking threads, so a slow platform never stalls verification.
 
@@ -14,15 +17,17 @@ mod receiver;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 
 use crate::bot::Handler;
 use crate::http_server::{self, Limits};
 use crate::state::StateStore;
+use crate::sync::lock;
 
 pub struct WebhookConfig {
     pub bind: IpAddr,
@@ -44,9 +49,10 @@ pub struct TlsFiles {
     pub private_key: PathBuf,
 }
 
-/// Serves until SIGINT/SIGTERM, then finishes the requests in flight (at most
-/// `DRAIN_TIMEOUT`; `--exec` handlers still running then are killed). The
-/// first stdout line is the URL deliveries go to.
+/// Serves until SIGINT/SIGTERM or a fatal error in a delivery, then finishes
+/// the requests in flight (at most `DRAIN_TIMEOUT`; `--exec` handlers still
+/// running then are killed) and returns that error, if any. The first stdout
+/// line is the URL deliveries go to.
 ///
 /// The state store is opened (and created) only once the TLS files are read
 /// and the port is bound, so a mistake there leaves no file behind.
@@ -74,16 +80,24 @@ pub fn run_until_signal(
         max_connections: config.max_connections,
         drain_timeout: DRAIN_TIMEOUT,
     };
+    let fatal = Arc::new(FatalStop::default());
     let receiver = Arc::new(receiver::Receiver::new(
         &config,
         store,
         Arc::clone(&handler),
+        Arc::clone(&fatal),
     ));
     let abandon_before_drain_ends = Arc::clone(&handler);
+    let fatal_raised = Arc::clone(&fatal);
     let served = runtime.block_on(async move {
         let signal = stop_signal()?;
         let stop = async move {
-            signal.await;
+            tokio::select! {
+                () = signal => {}
+                () = fatal_raised.raised() => {
+                    tracing::warn!("stopping on a fatal error: finishing requests in flight");
+                }
+            }
             // Handlers still running just before the drain ends are ended
             // then, so their requests are answered 500 (the platform delivers
             // again) rather than cut off without an answer.
@@ -113,10 +127,45 @@ pub fn run_until_signal(
     // so the platform delivers them again.
     handler.abandon();
     runtime.shutdown_timeout(ABANDON_GRACE);
-    if served.is_ok() {
-        tracing::info!("stopped");
+    served?;
+    if let Some(error) = fatal.take() {
+        return Err(error);
     }
-    served
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The first fatal error a delivery ran into: every later delivery would
+/// fail the same way, so raising it stops the server like a signal does,
+/// and `run_until_signal` returns it.
+#[derive(Default)]
+struct FatalStop {
+    error: Mutex<Option<anyhow::Error>>,
+    raised: Notify,
+}
+
+impl FatalStop {
+    /// Keeps the first error (the one the user sees) and starts the stop.
+    fn raise(&self, error: anyhow::Error) {
+        {
+            let mut first = lock(&self.error);
+            match first.as_ref() {
+                None => *first = Some(error),
+                Some(_) => tracing::debug!("another fatal error while stopping: {error:#}"),
+            }
+        }
+        // notify_one keeps a permit when nobody is waiting yet, so a raise
+        // is never missed.
+        self.raised.notify_one();
+    }
+
+    async fn raised(&self) {
+        self.raised.notified().await;
+    }
+
+    fn take(&self) -> Option<anyhow::Error> {
+        lock(&self.error).take()
+    }
 }
 
 /// How long a stop waits for requests in flight (a reply being sent).

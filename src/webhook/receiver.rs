@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::WebhookConfig;
+use super::{FatalStop, WebhookConfig};
 use crate::api::Update;
 use crate::bot::{HandleError, Handler, record_dead_letter};
 use crate::signature::{Verdict, Verifier, json, python};
@@ -32,12 +32,19 @@ pub struct Receiver {
     /// Update ids being handled right now: a second delivery of one of them
     /// waits for the platform's next retry instead of replying twice.
     in_flight: Mutex<HashSet<i64>>,
+    /// Raised by a delivery whose handling failed fatally: stops the server.
+    fatal: Arc<FatalStop>,
 }
 
 type HttpResponse = Response<Full<Bytes>>;
 
 impl Receiver {
-    pub fn new(config: &WebhookConfig, store: StateStore, handler: Arc<dyn Handler>) -> Receiver {
+    pub fn new(
+        config: &WebhookConfig,
+        store: StateStore,
+        handler: Arc<dyn Handler>,
+        fatal: Arc<FatalStop>,
+    ) -> Receiver {
         Receiver {
             path: config.path.clone(),
             secrets: config.secrets.clone(),
@@ -46,6 +53,7 @@ impl Receiver {
             store: Arc::new(store),
             handler,
             in_flight: Mutex::new(HashSet::new()),
+            fatal,
         }
     }
 }
@@ -190,34 +198,42 @@ impl Receiver {
     }
 
     /// Runs the handler on the blocking pool; marks the update handled only
-    /// once its reply was accepted.
+    /// once its reply was accepted. A fatal error stops the server; its
+    /// update is not handled, so the platform delivers it again.
     async fn handle(&self, update: Update) -> (StatusCode, &'static str) {
         let handler = Arc::clone(&self.handler);
         let store = Arc::clone(&self.store);
-        let joined = tokio::task::spawn_blocking(move || {
-            let update_id = update.update_id;
+        let joined = tokio::task::spawn_blocking(move || -> Result<&'static str, HandleError> {
             match handler.handle(&update) {
-                Ok(outcome) => store
-                    .mark_handled(update_id, outcome.as_str())
-                    .map(|()| "OK")
-                    .map_err(|error| format!("{error:#}")),
+                Ok(outcome) => {
+                    store
+                        .mark_handled(update.update_id, outcome.as_str())
+                        .map_err(HandleError::Retry)?;
+                    Ok("OK")
+                }
                 // Accepted (200): delivering it again could not help.
                 Err(HandleError::DeadLetter(reason)) => {
-                    record_dead_letter(&store, &update, &reason)
-                        .map(|()| "DEAD_LETTER")
-                        .map_err(|error| format!("{error:#}"))
+                    record_dead_letter(&store, &update, &reason).map_err(HandleError::Retry)?;
+                    Ok("DEAD_LETTER")
                 }
-                Err(HandleError::Retry(error) | HandleError::Fatal(error)) => {
-                    Err(format!("{error:#}"))
-                }
+                Err(other) => Err(other),
             }
         })
         .await;
         match joined {
             Ok(Ok(answer)) => (StatusCode::OK, answer),
-            Ok(Err(error)) => {
-                tracing::error!("reply not sent, the platform will deliver again: {error}");
+            Ok(Err(HandleError::Retry(error))) => {
+                tracing::error!("reply not sent, the platform will deliver again: {error:#}");
                 (StatusCode::INTERNAL_SERVER_ERROR, "REPLY_FAILED")
+            }
+            Ok(Err(HandleError::DeadLetter(reason))) => {
+                // Recorded in the closure above; never returned from it.
+                tracing::error!("dead letter not recorded: {reason}");
+                (StatusCode::INTERNAL_SERVER_ERROR, "REPLY_FAILED")
+            }
+            Ok(Err(HandleError::Fatal(error))) => {
+                self.fatal.raise(error);
+                (StatusCode::INTERNAL_SERVER_ERROR, "FATAL_ERROR")
             }
             Err(error) => {
                 tracing::error!("handler crashed: {error}");

@@ -791,3 +791,256 @@ fn forward_stops_at_once_while_a_receiver_hangs() {
         signalled.elapsed()
     );
 }
+
+// ---------------------------------------------------------------------------
+// Handlers that cannot run at all (exit 126/127): a set-up error, not a
+// failed update. fly stops with exit 1 and one line naming the fix, and the
+// update waits for the run after the fix.
+
+/// A handler that cannot run, and what its error line must say.
+struct Unrunnable {
+    what: &'static str,
+    command: String,
+    fix: Vec<String>,
+    /// Where a handler that did start records each run.
+    runs: Option<std::path::PathBuf>,
+}
+
+/// A script without execute permission (126), a missing command (127), and a
+/// script that runs but calls a missing command (127 from inside it).
+fn unrunnable_handlers(dir: &Path) -> Vec<Unrunnable> {
+    use std::os::unix::fs::PermissionsExt;
+    let script = |name: &str, body: &str, mode: u32| {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path.display().to_string()
+    };
+    let upper = script("upper.sh", "tr '[:lower:]' '[:upper:]'", 0o644);
+    let runs = dir.join("runs");
+    let calls_missing = script(
+        "calls-missing.sh",
+        &format!(
+            "echo run >> '{}'\nno-such-tool-{} --json",
+            runs.display(),
+            unique_suffix()
+        ),
+        0o755,
+    );
+    let missing = format!("no-such-fly-handler-{}", unique_suffix());
+    vec![
+        Unrunnable {
+            what: "not executable",
+            fix: vec![format!("is it executable? chmod +x {upper}")],
+            command: upper,
+            runs: None,
+        },
+        Unrunnable {
+            what: "not found",
+            fix: vec!["not found".into(), "PATH".into()],
+            command: missing,
+            runs: None,
+        },
+        Unrunnable {
+            what: "calls a command that is not found",
+            fix: vec![
+                format!("a command in {calls_missing}"),
+                "not found".into(),
+                "PATH".into(),
+            ],
+            command: calls_missing,
+            runs: Some(runs),
+        },
+    ]
+}
+
+/// The log has exactly one `fly: error:` line, and it names the command and
+/// the fix.
+fn assert_one_set_up_error_line(log: &str, handler: &Unrunnable) {
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|line| line.starts_with("fly: error: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "{}: {log}", handler.what);
+    let line = errors[0];
+    assert!(
+        line.contains(&format!("--exec {:?}", handler.command)),
+        "{}: the line names the command: {line}",
+        handler.what
+    );
+    for fix in &handler.fix {
+        assert!(
+            line.contains(fix.as_str()),
+            "{}: {fix:?} in {line}",
+            handler.what
+        );
+    }
+}
+
+#[test]
+fn poll_echo_stops_with_exit_1_on_a_handler_that_cannot_run_and_keeps_the_update() {
+    let dir = tempfile::tempdir().unwrap();
+    for handler in unrunnable_handlers(dir.path()) {
+        let emulator = Emulator::start();
+        let state = dir.path().join(format!("{}.db", unique_suffix()));
+        let update_id = emulator.user_says("private", "u_s", "set me up");
+        // A service, not --once: it used to retry this forever.
+        let mut service = Service::start(
+            &emulator,
+            &[
+                "poll-echo",
+                "--state",
+                state.to_str().unwrap(),
+                "--poll-timeout",
+                "1",
+                "--exec",
+                &handler.command,
+            ],
+        );
+        let status = service.wait(Duration::from_secs(20));
+        let log = service.log();
+        let status = status.unwrap_or_else(|| panic!("{}: still running: {log}", handler.what));
+        assert_eq!(status.code(), Some(1), "{}: {log}", handler.what);
+        assert_one_set_up_error_line(&log, &handler);
+        assert!(emulator.sent().is_empty(), "{:?}", emulator.sent());
+        if let Some(runs) = &handler.runs {
+            let ran = std::fs::read_to_string(runs).unwrap();
+            assert_eq!(ran.lines().count(), 1, "not retried: {ran}");
+        }
+
+        // Not confirmed: the run after the fix answers it.
+        let output = poll_once(&emulator, &state, "cat > /dev/null; echo fixed", &[]);
+        assert!(output.status.success(), "{}", stderr_of(&output));
+        assert_eq!(
+            emulator.sent(),
+            vec![text_reply(update_id, "fixed", "private", "u_s")],
+            "{}",
+            handler.what
+        );
+    }
+}
+
+/// A delivery of a text update, signed for `start_receiver`'s secret.
+fn signed_delivery(update_id: i64, chat_id: &str, text: &str) -> String {
+    let update = json!({
+        "update_id": update_id,
+        "type": "message",
+        "message": {
+            "chat": {"type": "private", "id": chat_id},
+            "msgType": "text",
+            "data": {"content": text},
+        },
+    });
+    let output = fly()
+        .args(["sign", "--secret", "forward-test-secret"])
+        .write_stdin(update.to_string())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .trim_end()
+        .to_string()
+}
+
+/// POSTs a delivery; returns the status code and body.
+fn deliver(url: &str, body: &str) -> (u16, String) {
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .proxy(None)
+        .build()
+        .new_agent();
+    let mut response = agent
+        .post(url)
+        .header("Content-Type", "application/json")
+        .send(body)
+        .unwrap_or_else(|error| panic!("POST {url}: {error}"));
+    let status = response.status().as_u16();
+    (status, response.body_mut().read_to_string().unwrap())
+}
+
+#[test]
+fn serve_webhook_answers_500_and_exits_1_on_a_handler_that_cannot_run() {
+    let dir = tempfile::tempdir().unwrap();
+    for (n, handler) in unrunnable_handlers(dir.path()).into_iter().enumerate() {
+        let emulator = Emulator::start();
+        let state = dir.path().join(format!("{}.db", unique_suffix()));
+        let update_id = 7000 + n as i64;
+        let delivery = signed_delivery(update_id, "u_w", "set me up");
+        let (mut receiver, url) = start_receiver(&emulator, 0, &state, &handler.command);
+        let answer = deliver(&url, &delivery);
+        assert_eq!(answer.0, 500, "{}: {answer:?}", handler.what);
+        // It stops by itself: no signal.
+        let status = receiver.wait(Duration::from_secs(20));
+        let log = receiver.log();
+        let status = status.unwrap_or_else(|| panic!("{}: still running: {log}", handler.what));
+        assert_eq!(status.code(), Some(1), "{}: {log}", handler.what);
+        assert_one_set_up_error_line(&log, &handler);
+        assert!(emulator.sent().is_empty(), "{:?}", emulator.sent());
+
+        // Not marked handled: the platform's redelivery, to the fixed
+        // server, is answered.
+        let (_fixed, url) = start_receiver(&emulator, 0, &state, "cat > /dev/null; echo fixed");
+        assert_eq!(deliver(&url, &delivery), (200, "OK".to_string()));
+        assert_eq!(
+            emulator.sent(),
+            vec![text_reply(update_id, "fixed", "private", "u_w")],
+            "{}",
+            handler.what
+        );
+    }
+}
+
+/// The stop after a set-up error is graceful: a delivery whose handler is
+/// still running is answered (and its reply sent) before fly exits 1.
+#[test]
+fn serve_webhook_finishes_a_delivery_in_flight_before_stopping_on_a_set_up_error() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let started = dir.path().join("started");
+    let release = dir.path().join("release");
+    // u_slow waits for the test's go-ahead; any other chat exits 127 as a
+    // missing program would.
+    let handler = format!(
+        r#"cat > /dev/null
+        case "$FLY_CHAT_ID" in
+            u_slow)
+                touch '{started}'
+                while [ ! -e '{release}' ]; do sleep 0.05; done
+                echo finished ;;
+            *) exit 127 ;;
+        esac"#,
+        started = started.display(),
+        release = release.display()
+    );
+    let (mut receiver, url) = start_receiver(&emulator, 0, &dir.path().join("s.db"), &handler);
+    let slow = signed_delivery(8001, "u_slow", "slow");
+    let in_flight = std::thread::spawn({
+        let url = url.clone();
+        move || deliver(&url, &slow)
+    });
+    crate::common::wait_until(Duration::from_secs(10), "the slow handler", || {
+        started.exists()
+    });
+    let failing = signed_delivery(8002, "u_fail", "fails");
+    assert_eq!(deliver(&url, &failing).0, 500);
+    // Stopping, but still waiting for the delivery in flight.
+    assert!(
+        receiver.child.try_wait().unwrap().is_none(),
+        "{}",
+        receiver.log()
+    );
+    std::fs::write(&release, "").unwrap();
+    assert_eq!(in_flight.join().unwrap(), (200, "OK".to_string()));
+    let status = receiver
+        .wait(Duration::from_secs(20))
+        .expect("stops by itself");
+    let log = receiver.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("command not found (exit 127)"), "{log}");
+    assert_eq!(
+        emulator.sent(),
+        vec![text_reply(8001, "finished", "private", "u_slow")]
+    );
+}

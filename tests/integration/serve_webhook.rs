@@ -529,6 +529,34 @@ fn a_reply_that_cannot_be_sent_is_500_and_the_redelivery_is_answered_once() {
     );
 }
 
+/// A refused token would fail every reply the same way: the delivery is 500
+/// (the platform delivers it again) and the server stops by itself, exit 1,
+/// with one line saying the token was refused.
+#[test]
+fn a_refused_token_is_500_and_stops_the_server_with_exit_1() {
+    let emulator = Emulator::start_strict();
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(
+        &emulator.base_url,
+        dir.path(),
+        &["--secret", SECRET, "--token", "revoked-token"],
+    );
+    let signed = sign(&text_update(511, ("private", "u_1"), "hello"), SECRET, &[]);
+    assert_eq!(post(&server.url, &signed), answer(500, "FATAL_ERROR"));
+    let status = server.wait_for_exit(Duration::from_secs(20));
+    let log = server.log();
+    let status = status.unwrap_or_else(|| panic!("still running: {log}"));
+    assert_eq!(status.code(), Some(1), "{log}");
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|line| line.starts_with("fly: error: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "{log}");
+    assert!(errors[0].contains("refused the bot token"), "{log}");
+    assert!(!log.contains("revoked-token"), "{log}");
+    assert!(emulator.sent().is_empty());
+}
+
 #[test]
 fn a_redelivery_while_the_first_is_still_being_answered_is_409() {
     let emulator = Emulator::start();
