@@ -804,6 +804,7 @@ fn permanent_failures_are_not_retried() {
     for (name, cause) in table {
         let url = format!("https://cdn.example/x/{name}");
         let output = host.fetch(&[&url], dir.path());
+        assert_eq!(host.gets(&format!("/{name}")), 1, "{name} was retried");
         assert_eq!(output.status.code(), Some(1), "{name}");
         let stderr = stderr_of(&output);
         assert_eq!(stderr.lines().count(), 1, "{name}: {stderr}");
@@ -811,7 +812,6 @@ fn permanent_failures_are_not_retried() {
             stderr.starts_with(&format!("fly: error: {url}: ")) && stderr.contains(cause),
             "{name}: {stderr}"
         );
-        assert_eq!(host.gets(&format!("/{name}")), 1, "{name} was retried");
     }
     assert!(
         files_in(dir.path()).is_empty(),
