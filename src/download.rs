@@ -397,7 +397,9 @@ fn redirect_target(base: &str, location: &str) -> Result<String, String> {
         Some(scheme)
             if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") =>
         {
-            location.to_string()
+            // Schemes are case-insensitive; the request needs lower case.
+            let rest = &location[scheme.len()..];
+            format!("{}{rest}", scheme.to_ascii_lowercase())
         }
         Some(scheme) => {
             return Err(refuse(format!(
@@ -585,8 +587,13 @@ fn remove_stale_part_files(dir: &Path, name: &OsStr) {
         else {
             continue;
         };
-        // Locked by a live writer, or renamed into place meanwhile.
-        if !matches!(try_lock_exclusive(&file), Ok(true)) || !still_named(&path, &file) {
+        // Skipped: held by a live writer, or no longer this regular file
+        // under this name (renamed into place, or removed, meanwhile).
+        let is_regular = file.metadata().is_ok_and(|found| found.is_file());
+        if !is_regular
+            || !matches!(try_lock_exclusive(&file), Ok(true))
+            || !still_named(&path, &file)
+        {
             continue;
         }
         if std::fs::remove_file(&path).is_ok() {
@@ -689,7 +696,7 @@ mod tests {
         let base = "http://cdn.example:8080/files/a/photo.jpg?sig=1";
         let followed = [
             ("https://other.example/x.jpg", "https://other.example/x.jpg"),
-            ("HTTP://other.example/x", "HTTP://other.example/x"),
+            ("HTTP://other.example/x", "http://other.example/x"),
             ("//mirror.example/x", "http://mirror.example/x"),
             (
                 "/elsewhere?sig=2",

@@ -725,7 +725,7 @@ fn a_part_file_another_fly_is_writing_is_left_alone() {
             ])
             .current_dir(dir.path())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     );
