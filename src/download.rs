@@ -1,23 +1,34 @@
 //! Streaming downloads from access URLs, and files that appear atomically.
 //!
-//! Memory stays flat whatever the size (a fixed buffer), the byte count is
-//! checked against `Content-Length`, and a file only ever appears under its
-//! final name complete: it is written to a temporary file in the same
-//! directory, synced (unless the caller opts out), then renamed.
+//! Memory stays flat whatever the size (a fixed buffer), the bytes saved are
+//! the bytes sent (no decompression: `Accept-Encoding: identity`), their
+//! count is checked against `Content-Length`, and a file only ever appears
+//! under its final name complete: it is written to a temporary file
+//! `.NAME.XXXXXX.part` in the same directory, synced (unless the caller opts
+//! out), then renamed. One that a killed process left behind is removed by
+//! the next fetch of the same name.
 
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use anyhow::Context;
 use indicatif::ProgressBar;
 use ureq::Agent;
+use ureq::http::{Response, Uri};
 
-use crate::api::retry::{AttemptError, GaveUp, RetryPolicy};
+use crate::api::retry::{
+    AttemptError, GaveUp, RetryPolicy, TransportFailure, classify_transport, status_is_transient,
+};
 use crate::progress::set_download_length;
 use crate::shutdown::Shutdown;
 
 const BUFFER_SIZE: usize = 128 * 1024;
+
+/// Redirects followed from an access URL before giving up (ureq's default).
+const MAX_REDIRECTS: usize = 10;
 
 /// Where a download goes. A transfer that breaks is resumed with `Range`
 /// where the server allows it; otherwise it starts over, which needs a sink
@@ -144,10 +155,12 @@ impl std::error::Error for DownloadError {
 }
 
 /// Streams `access_url` into `sink` with a fixed buffer, checking the byte
-/// count against `Content-Length`. Dropped connections, short bodies and 5xx
-/// are retried under `policy`, resuming with `Range` when the server answers
-/// 206. 403/404 mean the access URL expired (or never existed): not retried.
-/// A stop requested through `shutdown` ends the transfer between two reads.
+/// count against `Content-Length`. What can succeed later (dropped
+/// connections, short bodies, 429, 5xx but 501) is retried under `policy`,
+/// resuming with `Range` when the server answers 206; anything else fails at
+/// once: 403/404 (the access URL expired, or never existed), other statuses,
+/// HTTP that cannot be read, a redirect to anything but http(s). A stop
+/// requested through `shutdown` ends the transfer between two reads.
 pub fn download(
     agent: &Agent,
     access_url: &str,
@@ -200,24 +213,10 @@ impl Transfer<'_> {
         buffer: &mut [u8],
     ) -> Result<u64, AttemptError<DownloadError>> {
         let Transfer {
-            agent,
-            access_url,
-            progress,
-            shutdown,
+            progress, shutdown, ..
         } = *self;
-        let fatal = |message: String| AttemptError::Fatal(DownloadError::Transfer(message));
         let sink_failed = |error: std::io::Error| AttemptError::Fatal(DownloadError::Sink(error));
-        let transient = |reason: String| AttemptError::Transient {
-            reason,
-            retry_after: None,
-        };
-        let mut request = agent.get(access_url);
-        if *done > 0 {
-            request = request.header("Range", &format!("bytes={done}-"));
-        }
-        let mut response = request
-            .call()
-            .map_err(|error| transient(format!("connection error: {error}")))?;
+        let mut response = self.get(*done)?;
         let status = response.status().as_u16();
         match status {
             206 if *done > 0 => {
@@ -247,15 +246,22 @@ impl Transfer<'_> {
                     "access URL expired or unknown (HTTP {status})"
                 )));
             }
-            429 | 500..=599 => return Err(transient(format!("HTTP {status}"))),
-            _ => return Err(fatal(format!("HTTP {status}"))),
+            status if status_is_transient(status) => {
+                return Err(transient(format!("HTTP {status}")));
+            }
+            _ => {
+                let reason = response.status().canonical_reason().unwrap_or_default();
+                return Err(fatal(
+                    format!("HTTP {status} {reason}").trim_end().to_string(),
+                ));
+            }
         }
-        let remaining = response
-            .headers()
-            .get("content-length")
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.trim().parse::<u64>().ok());
-        let total = remaining.map(|remaining| *done + remaining);
+        // As ureq read it: a Content-Length that is not a number, or two
+        // that disagree, never get this far (they are malformed HTTP).
+        let total = response
+            .body()
+            .content_length()
+            .map(|remaining| *done + remaining);
         if let Some(total) = total {
             set_download_length(progress, total);
         }
@@ -270,10 +276,12 @@ impl Transfer<'_> {
                 Ok(0) => break,
                 Ok(read) => read,
                 Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+                // ureq's own errors (a broken chunk) travel inside the I/O error.
                 Err(error) => {
-                    return Err(transient(format!(
-                        "transfer broke after {done} bytes: {error}"
-                    )));
+                    return Err(failed_transfer(
+                        ureq::Error::from(error),
+                        &format!("transfer broke after {done} bytes"),
+                    ));
                 }
             };
             sink.write_all(&buffer[..read]).map_err(sink_failed)?;
@@ -295,11 +303,144 @@ impl Transfer<'_> {
         sink.flush().map_err(sink_failed)?;
         Ok(*done)
     }
+
+    /// GETs the access URL from byte `offset` on, following redirects here
+    /// rather than in ureq, which would take `Location: file:///etc/passwd`
+    /// for a path on the same host and fetch that: each hop must be http(s).
+    fn get(&self, offset: u64) -> Result<Response<ureq::Body>, AttemptError<DownloadError>> {
+        let mut url = self.access_url.to_string();
+        for _ in 0..=MAX_REDIRECTS {
+            let mut request = self
+                .agent
+                .get(&url)
+                // The bytes as stored, never a compressed rendering of them:
+                // what lands on disk is what the server holds (a .gz stays
+                // gzipped, as with curl), and Content-Length and Range
+                // offsets count exactly those bytes.
+                .header("Accept-Encoding", "identity");
+            if offset > 0 {
+                request = request.header("Range", &format!("bytes={offset}-"));
+            }
+            let response = request
+                .config()
+                .max_redirects(0)
+                .build()
+                .call()
+                .map_err(|error| failed_transfer(error, "connection error"))?;
+            if !response.status().is_redirection() {
+                return Ok(response);
+            }
+            let Some(location) = response.headers().get("location") else {
+                // 304 and friends: not a place to go, and not the file.
+                return Ok(response);
+            };
+            let location = location.to_str().map_err(|_| {
+                fatal(format!(
+                    "HTTP {} with a Location that is not text",
+                    response.status().as_u16()
+                ))
+            })?;
+            url = redirect_target(&url, location).map_err(fatal)?;
+        }
+        Err(fatal(format!(
+            "more than {MAX_REDIRECTS} redirects from the access URL"
+        )))
+    }
+}
+
+fn fatal(message: String) -> AttemptError<DownloadError> {
+    AttemptError::Fatal(DownloadError::Transfer(message))
+}
+
+fn transient(reason: String) -> AttemptError<DownloadError> {
+    AttemptError::Transient {
+        reason,
+        retry_after: None,
+    }
+}
+
+/// A request or read that got no usable answer: retried only if the
+/// network may do better next time ([`classify_transport`]).
+fn failed_transfer(error: ureq::Error, what: &str) -> AttemptError<DownloadError> {
+    match classify_transport(&error) {
+        TransportFailure::Transient => transient(format!("{what}: {error}")),
+        TransportFailure::Malformed => {
+            let detail = match &error {
+                ureq::Error::Protocol(protocol) => protocol.to_string(),
+                other => other.to_string(),
+            };
+            fatal(format!("the server sent malformed HTTP: {detail}"))
+        }
+        TransportFailure::Unusable => fatal(format!("the request cannot be made: {error}")),
+    }
+}
+
+/// The absolute URL a redirect from `base` leads to. Only http(s) is
+/// followed: any other scheme (`file:`, `ftp:`, `data:`) is refused, naming
+/// the URL, and so is anything that is not a URL.
+fn redirect_target(base: &str, location: &str) -> Result<String, String> {
+    let location = location.trim();
+    let refuse = |why: String| format!("refused a redirect to {location:?}: {why}");
+    // RFC 3986 section 3.1: a letter, then letters, digits, `+`, `-` or `.`,
+    // then a colon. Without one, the location is relative to `base`.
+    let scheme = location
+        .split_once(':')
+        .map(|(scheme, _)| scheme)
+        .filter(|scheme| {
+            let mut chars = scheme.chars();
+            chars
+                .next()
+                .is_some_and(|first| first.is_ascii_alphabetic())
+                && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        });
+    let target = match scheme {
+        Some(scheme)
+            if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") =>
+        {
+            // Schemes are case-insensitive; the request needs lower case.
+            let rest = &location[scheme.len()..];
+            format!("{}{rest}", scheme.to_ascii_lowercase())
+        }
+        Some(scheme) => {
+            return Err(refuse(format!(
+                "the scheme {scheme}: is not HTTP (only http and https URLs are fetched)"
+            )));
+        }
+        None => {
+            let base: Uri = base
+                .parse()
+                .map_err(|_| refuse("the URL it comes from is not valid".to_string()))?;
+            let (Some(base_scheme), Some(authority)) = (base.scheme_str(), base.authority()) else {
+                return Err(refuse("the URL it comes from is not absolute".to_string()));
+            };
+            let origin = format!("{base_scheme}://{authority}");
+            let path = base.path();
+            if location.starts_with("//") {
+                format!("{base_scheme}:{location}")
+            } else if location.starts_with('/') {
+                format!("{origin}{location}")
+            } else if location.starts_with('?') {
+                format!("{origin}{path}{location}")
+            } else {
+                let directory = &path[..path.rfind('/').map_or(0, |slash| slash + 1)];
+                format!("{origin}{directory}{location}")
+            }
+        }
+    };
+    // A fragment is for the browser; it is never sent.
+    let target = target.split('#').next().unwrap_or_default().to_string();
+    match target.parse::<Uri>() {
+        Ok(uri) if uri.host().is_some_and(|host| !host.is_empty()) => Ok(target),
+        _ => Err(refuse("not a valid URL".to_string())),
+    }
 }
 
 /// Creates `destination` atomically from what `write` puts into a temporary
 /// file next to it. With `overwrite` false an existing file is an error and is
 /// left untouched. On any error no file appears under the final name.
+///
+/// Temporary files of the same name that a killed fly left behind are
+/// removed first (see [`create_part_file`]).
 pub fn save_atomically(
     destination: &Path,
     overwrite: bool,
@@ -310,18 +451,20 @@ pub fn save_atomically(
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
-    let name = destination
-        .file_name()
-        .map(|name| name.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    // 0666 less the umask, as any new file gets (tempfile's default 0600
-    // would survive the rename and hide the media from a web server).
-    let mut temporary = tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".part")
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
-        .tempfile_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    let name = destination.file_name().unwrap_or_default();
+    remove_stale_part_files(dir, name);
+    let already_exists = || {
+        anyhow::anyhow!(
+            "{} already exists (use --force to overwrite)",
+            destination.display()
+        )
+    };
+    // Checked before the transfer too, so a file that is there is not
+    // downloaded for nothing; the rename below is what guarantees it.
+    if !overwrite && destination.exists() {
+        return Err(already_exists());
+    }
+    let mut temporary = create_part_file(dir, name)?;
     let written = write(&mut PartFile {
         file: temporary.as_file_mut(),
         durability,
@@ -339,14 +482,152 @@ pub fn save_atomically(
     };
     // On failure the temporary file is dropped, which removes it.
     persisted.map_err(|error| match error.error.kind() {
-        std::io::ErrorKind::AlreadyExists => anyhow::anyhow!(
-            "{} already exists (use --force to overwrite)",
-            destination.display()
-        ),
+        std::io::ErrorKind::AlreadyExists => already_exists(),
         _ => anyhow::Error::new(error.error)
             .context(format!("moving the download to {}", destination.display())),
     })?;
     Ok(written)
+}
+
+/// Random characters in a temporary file's name, `.NAME.XXXXXX.part`.
+const PART_RANDOM_CHARS: usize = 6;
+
+/// `.NAME.`: how the temporary files of `name` begin.
+fn part_prefix(name: &OsStr) -> OsString {
+    let mut prefix = OsString::from(".");
+    prefix.push(name);
+    prefix.push(".");
+    prefix
+}
+
+/// Whether `file_name` is one of fly's temporary files for `name`: exactly
+/// `.NAME.` + six letters or digits + `.part` (so `.NAME.x.XXXXXX.part`,
+/// which belongs to `NAME.x`, is not).
+fn is_part_file_of(file_name: &OsStr, name: &OsStr) -> bool {
+    let prefix = part_prefix(name);
+    let Some(rest) = file_name.as_bytes().strip_prefix(prefix.as_bytes()) else {
+        return false;
+    };
+    rest.strip_suffix(b".part").is_some_and(|random| {
+        random.len() == PART_RANDOM_CHARS && random.iter().all(u8::is_ascii_alphanumeric)
+    })
+}
+
+/// Creates the temporary file `.NAME.XXXXXX.part` in `dir`, holding an
+/// exclusive flock on it until it is closed: after the rename, or when the
+/// process dies, however it dies.
+///
+/// Why a lock: `kill -9` or a power cut leaves the part file behind, and
+/// only a later fetch of the same name can clean it up; but another fly
+/// process may be fetching that name right now, and its part file looks
+/// just the same. The kernel drops a flock when its holder dies, so "nobody
+/// holds its lock" is exactly "no live process is writing it": no pid files
+/// (pids are reused, and mean nothing across machines sharing a disk), no
+/// guessing by age (a slow download is not a dead one). [`remove_stale_part_files`]
+/// removes only files whose lock it took. A cleaner can take the lock in the
+/// instant between our creating the file and locking it, and then removes
+/// it: so once locked, the name must still lead to our file, or we start
+/// over with a new one.
+fn create_part_file(dir: &Path, name: &OsStr) -> anyhow::Result<tempfile::NamedTempFile> {
+    const TRIES: usize = 3;
+    for _ in 0..TRIES {
+        // 0666 less the umask, as any new file gets (tempfile's default 0600
+        // would survive the rename and hide the media from a web server).
+        let temporary = tempfile::Builder::new()
+            .prefix(&part_prefix(name))
+            .suffix(".part")
+            .rand_bytes(PART_RANDOM_CHARS)
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
+            .tempfile_in(dir)
+            .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+        match try_lock_exclusive(temporary.as_file()) {
+            Ok(true) if still_named(temporary.path(), temporary.as_file()) => {
+                return Ok(temporary);
+            }
+            // A cleaner has it, or has already removed it: dropping ours
+            // removes whatever is left, and the next name is another one.
+            Ok(_) => continue,
+            // No flock on this file system: nobody else can take the lock
+            // either, so no cleaner ever removes this file.
+            Err(error) => {
+                tracing::debug!("no lock on {}: {error}", temporary.path().display());
+                return Ok(temporary);
+            }
+        }
+    }
+    anyhow::bail!(
+        "creating a temporary file in {}: removed as soon as it was made, {TRIES} times",
+        dir.display()
+    )
+}
+
+/// Removes the temporary files of `name` in `dir` that no live process holds
+/// locked: the leftovers of a fly killed mid-download (see
+/// [`create_part_file`]). Best effort: one that cannot be opened, locked or
+/// removed stays.
+fn remove_stale_part_files(dir: &Path, name: &OsStr) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let is_file = entry.file_type().is_ok_and(|kind| kind.is_file());
+        if !is_file || !is_part_file_of(&entry.file_name(), name) {
+            continue;
+        }
+        let path = entry.path();
+        // Opened for writing, as an exclusive lock needs on NFS; never
+        // through a symlink, and never blocking on something that turned
+        // into a FIFO since the directory was read.
+        let Ok(file) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+        else {
+            continue;
+        };
+        // Skipped: held by a live writer, or no longer this regular file
+        // under this name (renamed into place, or removed, meanwhile).
+        let is_regular = file.metadata().is_ok_and(|found| found.is_file());
+        if !is_regular
+            || !matches!(try_lock_exclusive(&file), Ok(true))
+            || !still_named(&path, &file)
+        {
+            continue;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            tracing::info!(
+                "removed {}, left by an interrupted download",
+                path.display()
+            );
+        }
+    }
+}
+
+/// Takes an exclusive flock on `file` without waiting: `Ok(false)` when
+/// another open file holds one.
+fn try_lock_exclusive(file: &File) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock only reads its integer arguments; the descriptor is
+    // valid while `file` is borrowed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let error = std::io::Error::last_os_error();
+    match error.kind() {
+        std::io::ErrorKind::WouldBlock => Ok(false),
+        _ => Err(error),
+    }
+}
+
+/// Whether `path` still names the open `file` (same device and inode).
+fn still_named(path: &Path, file: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::symlink_metadata(path), file.metadata()) {
+        (Ok(named), Ok(open)) => named.dev() == open.dev() && named.ino() == open.ino(),
+        _ => false,
+    }
 }
 
 /// A file name derived from a media URL that is safe in any directory: the
@@ -408,6 +689,93 @@ mod tests {
             safe_file_name(&format!("https://x/{}", "a".repeat(300))).len(),
             100
         );
+    }
+
+    #[test]
+    fn redirects_lead_only_to_http_urls() {
+        let base = "http://cdn.example:8080/files/a/photo.jpg?sig=1";
+        let followed = [
+            ("https://other.example/x.jpg", "https://other.example/x.jpg"),
+            ("HTTP://other.example/x", "http://other.example/x"),
+            ("//mirror.example/x", "http://mirror.example/x"),
+            (
+                "/elsewhere?sig=2",
+                "http://cdn.example:8080/elsewhere?sig=2",
+            ),
+            ("b.jpg", "http://cdn.example:8080/files/a/b.jpg"),
+            ("?sig=3", "http://cdn.example:8080/files/a/photo.jpg?sig=3"),
+            (" /x#fragment ", "http://cdn.example:8080/x"),
+        ];
+        for (location, expected) in followed {
+            assert_eq!(
+                redirect_target(base, location).as_deref(),
+                Ok(expected),
+                "{location}"
+            );
+        }
+        let refused = [
+            ("file:///etc/passwd", "scheme file:"),
+            ("ftp://h/x", "scheme ftp:"),
+            ("data:text/plain,hi", "scheme data:"),
+            ("javascript:alert(1)", "scheme javascript:"),
+            ("http://", "not a valid URL"),
+        ];
+        for (location, why) in refused {
+            let error = redirect_target(base, location).unwrap_err();
+            assert!(error.contains(location), "{error}");
+            assert!(error.contains(why), "{error}");
+        }
+    }
+
+    #[test]
+    fn part_files_are_recognised_by_their_exact_pattern() {
+        let name = OsStr::new("a.jpg");
+        for yes in [".a.jpg.Ab12Cd.part", ".a.jpg.000000.part"] {
+            assert!(is_part_file_of(OsStr::new(yes), name), "{yes}");
+        }
+        for no in [
+            "a.jpg",
+            ".a.jpg.part",
+            ".a.jpg.Ab12C.part",
+            ".a.jpg.Ab12Cde.part",
+            ".a.jpg.Ab-2Cd.part",
+            ".a.jpg.x.Ab12Cd.part",
+            ".b.jpg.Ab12Cd.part",
+            ".a.jpg.Ab12Cd.part.bak",
+        ] {
+            assert!(!is_part_file_of(OsStr::new(no), name), "{no}");
+        }
+    }
+
+    #[test]
+    fn stale_part_files_go_and_locked_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let make = |name: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, b"partial").unwrap();
+            path
+        };
+        let stale = make(".out.bin.Stale1.part");
+        let live = make(".out.bin.Live12.part");
+        let other = make(".out.bin.x.Stale2.part");
+        // Another open file description, as another process would have.
+        let writer = File::options().write(true).open(&live).unwrap();
+        assert!(try_lock_exclusive(&writer).unwrap());
+
+        save_atomically(
+            &dir.path().join("out.bin"),
+            false,
+            Durability::PageCache,
+            |file| {
+                file.write_all(b"done")?;
+                Ok(4)
+            },
+        )
+        .unwrap();
+        assert!(!stale.exists(), "a part file nobody holds is removed");
+        assert!(live.exists(), "a part file being written is left alone");
+        assert!(other.exists(), "another name's part file is left alone");
+        drop(writer);
     }
 
     #[test]

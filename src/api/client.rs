@@ -11,7 +11,10 @@ use serde_json::json;
 use ureq::Agent;
 use ureq::http::Response;
 
-use super::retry::{AttemptError, GaveUp, RetryPolicy, parse_retry_after};
+use super::retry::{
+    AttemptError, GaveUp, RetryPolicy, TransportFailure, classify_transport, parse_retry_after,
+    status_is_transient,
+};
 use super::types::{PATH_BATCH_ACCESS, PATH_SEND, PATH_UPDATES, SendRequest, Unusable, Update};
 use super::{ApiError, Token};
 use crate::exit::usage;
@@ -260,7 +263,7 @@ impl ApiClient {
                     detail,
                 }));
             }
-            429 | 500..=599 => {
+            status if status_is_transient(status) => {
                 return Err(AttemptError::Transient {
                     reason: format!("HTTP {status}{detail}"),
                     retry_after,
@@ -361,20 +364,21 @@ fn new_agent() -> Agent {
         .new_agent()
 }
 
-/// Transport failures are transient unless the request itself can never work.
+/// Transport failures are transient unless the request itself can never
+/// work or the answer can never be read (see [`classify_transport`]).
 fn classify_transport_error(path: &str, error: ureq::Error) -> AttemptError<ApiError> {
-    match error {
-        ureq::Error::BadUri(_)
-        | ureq::Error::Http(_)
-        | ureq::Error::InvalidProxyUrl
-        | ureq::Error::TooManyRedirects
-        | ureq::Error::RedirectFailed => AttemptError::Fatal(ApiError::Rejected {
+    match classify_transport(&error) {
+        TransportFailure::Unusable => AttemptError::Fatal(ApiError::Rejected {
             path: path.to_string(),
             status: 0,
             detail: format!(" (request could not be made: {error})"),
         }),
-        other => AttemptError::Transient {
-            reason: describe_transport_error(&other),
+        TransportFailure::Malformed => AttemptError::Fatal(ApiError::BadResponse {
+            path: path.to_string(),
+            detail: format!("malformed HTTP: {error}"),
+        }),
+        TransportFailure::Transient => AttemptError::Transient {
+            reason: describe_transport_error(&error),
             retry_after: None,
         },
     }
@@ -515,6 +519,11 @@ mod tests {
         assert!(matches!(
             fatal,
             AttemptError::Fatal(ApiError::Rejected { .. })
+        ));
+        let malformed = classify_transport_error("/p", ureq::Error::LargeResponseHeader(1, 1));
+        assert!(matches!(
+            malformed,
+            AttemptError::Fatal(ApiError::BadResponse { .. })
         ));
     }
 

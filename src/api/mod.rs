@@ -66,7 +66,8 @@ pub enum ApiError {
         attempts: u32,
         last: String,
     },
-    /// The server answered 2xx with something that is not the documented JSON.
+    /// The server answered 2xx with something that is not the documented JSON,
+    /// or with HTTP that cannot be read (never retried: it would answer the same).
     BadResponse { path: String, detail: String },
     /// The caller asked to stop while a retry was pending.
     Cancelled,

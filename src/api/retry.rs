@@ -2,7 +2,10 @@
 //! and how long to wait before it (capped exponential backoff with jitter,
 //! `Retry-After` honoured).
 //!
-//! The loop itself is here too, so no command writes its own.
+//! The loop itself is here too, so no command writes its own, and so is the
+//! one rule for which HTTP failures can succeed later
+//! ([`status_is_transient`], [`classify_transport`]): the API client and
+//! downloads both ask it.
 
 use std::time::Duration;
 
@@ -120,6 +123,51 @@ impl RetryPolicy {
     }
 }
 
+/// Whether an HTTP status is worth another try: 429 (slow down) and 5xx,
+/// except 501 (the server does not implement what was asked, and will not
+/// later). Everything else is the server's final word.
+pub fn status_is_transient(status: u16) -> bool {
+    status == 429 || ((500..=599).contains(&status) && status != 501)
+}
+
+/// What a failure without a usable HTTP answer says about another try.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportFailure {
+    /// The network: refused or dropped connections, DNS, timeouts, TLS.
+    /// Worth another try.
+    Transient,
+    /// The server answered in HTTP nobody can read (a non-numeric or
+    /// conflicting `Content-Length`, too many or too large headers, broken
+    /// chunking): it would answer the same way again.
+    Malformed,
+    /// The request cannot be made at all (a bad URL, an unsupported scheme,
+    /// a header that is not valid).
+    Unusable,
+}
+
+/// Sorts a ureq failure by [`TransportFailure`].
+pub fn classify_transport(error: &ureq::Error) -> TransportFailure {
+    use ureq::Error;
+    match error {
+        Error::Protocol(_)
+        | Error::LargeResponseHeader(..)
+        | Error::BodyExceedsLimit(_)
+        | Error::Json(_) => TransportFailure::Malformed,
+        Error::BadUri(_)
+        | Error::Http(_)
+        | Error::InvalidProxyUrl
+        | Error::TooManyRedirects
+        | Error::RedirectFailed
+        | Error::RequireHttpsOnly(_)
+        | Error::TlsRequired
+        | Error::Pem(_) => TransportFailure::Unusable,
+        // Connect and read failures, timeouts, TLS (a handshake cut short
+        // looks the same as a bad certificate from here), and whatever a
+        // later ureq adds.
+        _ => TransportFailure::Transient,
+    }
+}
+
 /// Parses `Retry-After`: seconds (what the platform sends) or an HTTP date
 /// (what a proxy or CDN in front of it may send). A date already past means
 /// "now". Anything else is ignored and our own backoff applies.
@@ -179,6 +227,36 @@ mod tests {
         assert_eq!(POLICY.delay(1, asked, 0.5), Duration::from_secs(3));
         let absurd = Some(Duration::from_secs(86_400));
         assert_eq!(POLICY.delay(1, absurd, 0.5), MAX_RETRY_AFTER);
+    }
+
+    #[test]
+    fn only_what_can_succeed_later_is_transient() {
+        for status in [429, 500, 502, 503, 504, 599] {
+            assert!(status_is_transient(status), "{status}");
+        }
+        for status in [200, 301, 400, 401, 403, 404, 408, 413, 501] {
+            assert!(!status_is_transient(status), "{status}");
+        }
+        let table = [
+            (ureq::Error::ConnectionFailed, TransportFailure::Transient),
+            (ureq::Error::HostNotFound, TransportFailure::Transient),
+            (
+                ureq::Error::Io(std::io::ErrorKind::ConnectionReset.into()),
+                TransportFailure::Transient,
+            ),
+            (
+                ureq::Error::LargeResponseHeader(70_000, 65_536),
+                TransportFailure::Malformed,
+            ),
+            (
+                ureq::Error::BadUri("unknown scheme: ftp".into()),
+                TransportFailure::Unusable,
+            ),
+            (ureq::Error::TooManyRedirects, TransportFailure::Unusable),
+        ];
+        for (error, expected) in table {
+            assert_eq!(classify_transport(&error), expected, "{error}");
+        }
     }
 
     #[test]

@@ -204,14 +204,8 @@ fn unique_name(url: &str, taken: &mut HashSet<String>) -> String {
 
 impl Fetcher<'_> {
     /// Downloads into a temporary file next to `path`, then renames it, and
-    /// prints the path.
+    /// prints the path. An existing file is an error unless `--force`.
     fn to_file(&self, url: &str, access_url: &str, path: &Path) -> anyhow::Result<()> {
-        if !self.force && path.exists() {
-            return Err(anyhow!(
-                "{} already exists (use --force to overwrite)",
-                path.display()
-            ));
-        }
         let bar = progress::download_bar(&path.display().to_string());
         let bytes = save_atomically(path, self.force, self.durability, |file| {
             Ok(download(

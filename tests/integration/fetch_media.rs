@@ -1,15 +1,21 @@
-//! `fly fetch-media` against the emulator: exact bytes to files and pipes,
-//! URLs from updates, failures named, nothing partial left behind, flat memory.
+//! `fly fetch-media` against the emulator, and against a hand-rolled host for
+//! what the emulator never does wrong: exact bytes to files and pipes (no
+//! decompression), URLs from updates, failures named and retried only when
+//! that can help, redirects checked, nothing partial left behind (not even
+//! by `kill -9`, after the next fetch), flat memory.
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::common::{
-    Emulator, TOKEN, fly_at, fly_child, fly_path, media_pattern, stderr_of, wait_for_exit,
+    Emulator, TOKEN, fly, fly_at, fly_child, fly_path, media_pattern, stderr_of, wait_for_exit,
     wait_until,
 };
 
@@ -406,4 +412,466 @@ fn saved_files_get_the_umask_mode() {
     };
     let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o666 & !umask, "mode {mode:o}");
+}
+
+/// One request [`MediaHost`] saw: the request line and the headers
+/// (names in lower case).
+struct Seen {
+    line: String,
+    headers: Vec<(String, String)>,
+}
+
+/// A loopback server standing in for the platform and its file host at
+/// once: `batch_access` maps every media URL to an access URL on this same
+/// server (`/` + the URL's last path segment), and a GET of that path is
+/// answered by `answer(path, stream)` with whatever raw bytes it writes, so
+/// a test can send what no library server would. Every request is recorded.
+/// (Hand-rolled like `common::misbehaving_server`, for the same reason.)
+struct MediaHost {
+    base_url: String,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl MediaHost {
+    fn start(answer: impl Fn(&str, &mut TcpStream) + Send + Sync + 'static) -> MediaHost {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let base_url = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let recorded = Arc::clone(&seen);
+        let answer = Arc::new(answer);
+        let own_url = base_url.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let (recorded, answer, own_url) =
+                    (Arc::clone(&recorded), Arc::clone(&answer), own_url.clone());
+                // A connection each, so a held-back answer blocks no other.
+                std::thread::spawn(move || serve_one(stream, &recorded, &*answer, &own_url));
+            }
+        });
+        MediaHost { base_url, seen }
+    }
+
+    /// How many GETs of `path` arrived.
+    fn gets(&self, path: &str) -> usize {
+        let request_line = format!("GET {path} ");
+        let seen = self.seen.lock().unwrap();
+        seen.iter()
+            .filter(|seen| seen.line.starts_with(&request_line))
+            .count()
+    }
+
+    /// The request lines of every GET, in order.
+    fn get_lines(&self) -> Vec<String> {
+        let seen = self.seen.lock().unwrap();
+        seen.iter()
+            .filter(|seen| seen.line.starts_with("GET "))
+            .map(|seen| seen.line.clone())
+            .collect()
+    }
+
+    /// The values of header `name` on the GETs of `path`.
+    fn header_on_gets(&self, path: &str, name: &str) -> Vec<String> {
+        let request_line = format!("GET {path} ");
+        let seen = self.seen.lock().unwrap();
+        seen.iter()
+            .filter(|seen| seen.line.starts_with(&request_line))
+            .flat_map(|seen| seen.headers.iter())
+            .filter(|(header, _)| header == name)
+            .map(|(_, value)| value.clone())
+            .collect()
+    }
+
+    /// `fly fetch-media URL… ARGS` against this host.
+    fn fetch(&self, args: &[&str], dir: &Path) -> std::process::Output {
+        fly()
+            .env("FLY_BASE_URL", &self.base_url)
+            .env("FLY_BOT_TOKEN", TOKEN)
+            .arg("fetch-media")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap()
+    }
+}
+
+fn serve_one(
+    mut stream: TcpStream,
+    recorded: &Mutex<Vec<Seen>>,
+    answer: &(dyn Fn(&str, &mut TcpStream) + Send + Sync),
+    own_url: &str,
+) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() {
+        return;
+    }
+    let mut headers = Vec::new();
+    let mut header = String::new();
+    while reader.read_line(&mut header).is_ok_and(|read| read > 2) {
+        if let Some((name, value)) = header.split_once(':') {
+            headers.push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
+        }
+        header.clear();
+    }
+    let body_length = headers
+        .iter()
+        .find(|(name, _)| name == "content-length")
+        .map_or(0, |(_, value)| value.parse().unwrap());
+    let mut body = vec![0u8; body_length];
+    reader.read_exact(&mut body).unwrap();
+    let line = line.trim().to_string();
+    recorded.lock().unwrap().push(Seen {
+        line: line.clone(),
+        headers,
+    });
+    let path = line.split(' ').nth(1).unwrap_or_default().to_string();
+    if line.starts_with("POST /api/v1/s/bot/files/batch_access ") {
+        let request: Value = serde_json::from_slice(&body).unwrap();
+        let mut files = serde_json::Map::new();
+        for file in request["files"].as_array().unwrap() {
+            let url = file["url"].as_str().unwrap();
+            let name = url.rsplit('/').next().unwrap();
+            files.insert(url.to_string(), json!(format!("{own_url}/{name}")));
+        }
+        let envelope = json!({"code": 0, "msg": "ok", "data": {"files": files}}).to_string();
+        respond(&mut stream, "200 OK", &[], envelope.as_bytes());
+    } else {
+        answer(&path, &mut stream);
+    }
+}
+
+/// Writes a whole answer: status, extra header lines, a Content-Length
+/// for `body`, and `body`.
+fn respond(stream: &mut TcpStream, status: &str, headers: &[&str], body: &[u8]) {
+    let mut head = format!("HTTP/1.1 {status}\r\n");
+    for header in headers {
+        head.push_str(header);
+        head.push_str("\r\n");
+    }
+    head.push_str(&format!(
+        "Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    ));
+    let _ = stream.write_all(head.as_bytes());
+    let _ = stream.write_all(body);
+}
+
+/// Writes `raw` as it is: for answers that are not valid HTTP.
+fn respond_raw(stream: &mut TcpStream, raw: &[u8]) {
+    let _ = stream.write_all(raw);
+}
+
+/// The part files (`.NAME.XXXXXX.part`) in `dir`.
+fn part_files_in(dir: &Path) -> Vec<String> {
+    files_in(dir)
+        .into_iter()
+        .filter(|name| name.starts_with('.') && name.ends_with(".part"))
+        .collect()
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped, so a failed
+/// assertion leaves no `fly` running.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A `.gz` served with `Content-Encoding: gzip` is saved as the bytes sent,
+/// as curl saves it: no decompression, and `Accept-Encoding: identity` asks
+/// the server for exactly those bytes.
+#[test]
+fn a_gzip_encoded_response_is_saved_byte_for_byte_as_sent() {
+    let gzipped =
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/greeting.txt.gz"))
+            .unwrap();
+    let served = gzipped.clone();
+    let host = MediaHost::start(move |_, stream| {
+        respond(
+            stream,
+            "200 OK",
+            &["Content-Type: application/gzip", "Content-Encoding: gzip"],
+            &served,
+        );
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let output = host.fetch(
+        &["https://cdn.example/m/greeting.txt.gz", "-o", "saved.gz"],
+        dir.path(),
+    );
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    assert!(
+        std::fs::read(dir.path().join("saved.gz")).unwrap() == gzipped,
+        "the file holds the gzip bytes as sent"
+    );
+    assert_eq!(
+        host.header_on_gets("/greeting.txt.gz", "accept-encoding"),
+        ["identity"]
+    );
+
+    // The same through stdout.
+    let output = host.fetch(
+        &["https://cdn.example/m/greeting.txt.gz", "-o", "-"],
+        dir.path(),
+    );
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    assert!(output.stdout == gzipped);
+}
+
+/// `kill -9` in the middle of a download leaves its hidden part file; the
+/// next fetch of the same name removes it, and only it: a part file of
+/// another name, or one a live process holds locked, stays.
+#[test]
+fn a_part_file_left_by_kill_9_is_removed_by_the_next_fetch_of_that_name() {
+    let emulator = Emulator::start();
+    register(&emulator, "https://cdn.example/endless.bin", 64 << 30);
+    register(&emulator, "https://cdn.example/small.bin", 5000);
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("media.bin");
+    let killed = KillOnDrop(
+        fly_child(&emulator.base_url)
+            .args([
+                "fetch-media",
+                "https://cdn.example/endless.bin",
+                "--no-fsync",
+                "-o",
+            ])
+            .arg(&target)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until(Duration::from_secs(30), "the download to start", || {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .any(|entry| entry.unwrap().metadata().unwrap().len() > 1 << 20)
+    });
+    drop(killed); // SIGKILL: no chance to clean up
+    let left = part_files_in(dir.path());
+    assert_eq!(left.len(), 1, "kill -9 leaves the part file: {left:?}");
+    assert!(left[0].starts_with(".media.bin."), "{left:?}");
+
+    // Look-alikes that must survive: another name's, and one being written.
+    let other_name = dir.path().join(".media.bin.x.Ab12Cd.part");
+    std::fs::write(&other_name, b"not ours").unwrap();
+    let held = dir.path().join(".media.bin.Held12.part");
+    let writer = std::fs::File::create(&held).unwrap();
+    // SAFETY: flock only reads its integer arguments; `writer` is open.
+    let locked = unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&writer),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    };
+    assert_eq!(locked, 0);
+
+    let output = fly_at(&emulator)
+        .args(["fetch-media", "https://cdn.example/small.bin", "-o"])
+        .arg(&target)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    assert!(std::fs::read(&target).unwrap() == media_pattern(5000));
+    assert!(
+        !dir.path().join(&left[0]).exists(),
+        "the stale part file is gone"
+    );
+    assert!(other_name.exists(), "another name's part file stays");
+    assert!(held.exists(), "a part file someone holds locked stays");
+    let stderr = stderr_of(&output);
+    assert!(
+        stderr.contains(&left[0]) && stderr.contains("interrupted download"),
+        "the removal is logged: {stderr}"
+    );
+    drop(writer);
+}
+
+/// Two fly processes fetching to the same name at once: the second never
+/// removes the part file the first is still writing, and both succeed.
+#[test]
+fn a_part_file_another_fly_is_writing_is_left_alone() {
+    const SIZE: usize = 2 << 20;
+    let release = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+    let released = Arc::clone(&release);
+    let host = MediaHost::start(move |path, stream| match path {
+        "/slow.bin" => {
+            let body = media_pattern(SIZE);
+            let head =
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {SIZE}\r\nConnection: close\r\n\r\n");
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body[..SIZE / 2]);
+            let (lock, condvar) = &*released;
+            let _guard = condvar
+                .wait_while(lock.lock().unwrap(), |released| !*released)
+                .unwrap();
+            let _ = stream.write_all(&body[SIZE / 2..]);
+        }
+        _ => respond(stream, "200 OK", &[], b"quick"),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = KillOnDrop(
+        fly_child(&host.base_url)
+            .args([
+                "fetch-media",
+                "https://cdn.example/slow.bin",
+                "--force",
+                "-o",
+                "same.bin",
+            ])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until(Duration::from_secs(30), "half of the slow file", || {
+        part_files_in(dir.path()).iter().any(|name| {
+            std::fs::metadata(dir.path().join(name))
+                .is_ok_and(|found| found.len() >= (SIZE / 2) as u64)
+        })
+    });
+    let writing = part_files_in(dir.path());
+
+    let second = host.fetch(
+        &["https://cdn.example/quick.bin", "--force", "-o", "same.bin"],
+        dir.path(),
+    );
+    assert!(second.status.success(), "{}", stderr_of(&second));
+    assert_eq!(
+        part_files_in(dir.path()),
+        writing,
+        "the live part file stays"
+    );
+
+    {
+        let (lock, condvar) = &*release;
+        *lock.lock().unwrap() = true;
+        condvar.notify_all();
+    }
+    let status = wait_for_exit(&mut first.0, Duration::from_secs(30)).expect("first fly ends");
+    assert!(status.success(), "the first fly still saves its file");
+    assert!(std::fs::read(dir.path().join("same.bin")).unwrap() == media_pattern(SIZE));
+    assert!(part_files_in(dir.path()).is_empty());
+}
+
+/// Answers that will never get better fail at the first attempt, with one
+/// line naming the cause; a 503 is still retried (the control).
+#[test]
+fn permanent_failures_are_not_retried() {
+    let busy_once = std::sync::atomic::AtomicBool::new(true);
+    let host = MediaHost::start(move |path, stream| {
+        match path {
+        "/not-implemented.bin" => respond(stream, "501 Not Implemented", &[], b""),
+        "/letters-length.bin" => respond_raw(
+            stream,
+            b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\nConnection: close\r\n\r\nhello",
+        ),
+        "/two-lengths.bin" => respond_raw(
+            stream,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\nConnection: close\r\n\r\nhello!",
+        ),
+        "/many-headers.bin" => {
+            let mut raw = b"HTTP/1.1 200 OK\r\n".to_vec();
+            for n in 0..2000 {
+                raw.extend_from_slice(format!("X-Header-{n}: x\r\n").as_bytes());
+            }
+            raw.extend_from_slice(b"Content-Length: 5\r\nConnection: close\r\n\r\nhello");
+            respond_raw(stream, &raw);
+        }
+        "/broken-chunks.bin" => respond_raw(
+            stream,
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        ),
+        "/busy-once.bin" if busy_once.swap(false, std::sync::atomic::Ordering::SeqCst) => {
+            respond(stream, "503 Service Unavailable", &[], b"")
+        }
+        _ => respond(stream, "200 OK", &[], b"fine"),
+    }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let table = [
+        ("not-implemented.bin", "HTTP 501"),
+        ("letters-length.bin", "content-length header not a number"),
+        ("two-lengths.bin", "conflicting content-length"),
+        ("many-headers.bin", "too many headers"),
+        ("broken-chunks.bin", "chunk length"),
+    ];
+    for (name, cause) in table {
+        let url = format!("https://cdn.example/x/{name}");
+        let output = host.fetch(&[&url], dir.path());
+        assert_eq!(host.gets(&format!("/{name}")), 1, "{name} was retried");
+        assert_eq!(output.status.code(), Some(1), "{name}");
+        let stderr = stderr_of(&output);
+        assert_eq!(stderr.lines().count(), 1, "{name}: {stderr}");
+        assert!(
+            stderr.starts_with(&format!("fly: error: {url}: ")) && stderr.contains(cause),
+            "{name}: {stderr}"
+        );
+    }
+    assert!(
+        files_in(dir.path()).is_empty(),
+        "{:?}",
+        files_in(dir.path())
+    );
+
+    let output = host.fetch(&["https://cdn.example/x/busy-once.bin"], dir.path());
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    assert_eq!(host.gets("/busy-once.bin"), 2, "a 503 is retried");
+    assert_eq!(
+        std::fs::read(dir.path().join("busy-once.bin")).unwrap(),
+        b"fine"
+    );
+}
+
+/// A redirect to `file:` (or any scheme but http/https) is refused with the
+/// URL named, instead of being fetched as a path on the same host; an http
+/// redirect is still followed.
+#[test]
+fn a_redirect_to_a_non_http_scheme_is_refused_naming_it() {
+    let host = MediaHost::start(|path, stream| match path {
+        "/to-file.bin" => respond(stream, "302 Found", &["Location: file:///etc/passwd"], b""),
+        "/to-ftp.bin" => respond(
+            stream,
+            "301 Moved Permanently",
+            &["Location: ftp://files.example/x"],
+            b"",
+        ),
+        "/to-here.bin" => respond(stream, "302 Found", &["Location: /landed.bin?sig=1"], b""),
+        "/landed.bin?sig=1" => respond(stream, "200 OK", &[], b"landed"),
+        _ => respond(stream, "404 Not Found", &[], b""),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    for (name, location, scheme) in [
+        ("to-file.bin", "file:///etc/passwd", "file:"),
+        ("to-ftp.bin", "ftp://files.example/x", "ftp:"),
+    ] {
+        let url = format!("https://cdn.example/r/{name}");
+        let output = host.fetch(&[&url], dir.path());
+        assert_eq!(output.status.code(), Some(1), "{name}");
+        let stderr = stderr_of(&output);
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains(location) && stderr.contains(&format!("scheme {scheme}")),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("expired"), "{stderr}");
+    }
+    assert_eq!(
+        host.get_lines(),
+        ["GET /to-file.bin HTTP/1.1", "GET /to-ftp.bin HTTP/1.1"],
+        "nothing fetched past the refused redirects, nothing retried"
+    );
+
+    let output = host.fetch(&["https://cdn.example/r/to-here.bin"], dir.path());
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    assert_eq!(
+        std::fs::read(dir.path().join("to-here.bin")).unwrap(),
+        b"landed"
+    );
+    assert!(files_in(dir.path()) == ["to-here.bin"]);
 }
