@@ -119,6 +119,39 @@ impl Emulator {
         serde_json::from_str(&text).unwrap_or(Value::Null)
     }
 
+    /// POST a body given as text (what serde cannot write: `NaN`, a lone
+    /// surrogate escape, a 30-digit integer), returning the JSON answer.
+    pub fn post_text(&self, path: &str, body: &str) -> Value {
+        let mut response = self
+            .agent
+            .post(&format!("{}{}", self.base_url, path))
+            .header("Content-Type", "application/json")
+            .send(body)
+            .unwrap_or_else(|error| panic!("POST {path}: {error}"));
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().unwrap();
+        assert!(status < 300, "POST {path} answered {status}: {text}");
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
+
+    /// Queues a raw update given as text; returns its update_id.
+    pub fn raw_update(&self, update: &str) -> i64 {
+        self.post_text("/_emulator/updates", update)["update_id"]
+            .as_i64()
+            .expect("update_id")
+    }
+
+    /// `GET /_emulator/sent` as text: the send bodies exactly as the bot
+    /// sent them (serde cannot read a lone surrogate escape).
+    pub fn sent_text(&self) -> String {
+        let mut response = self
+            .agent
+            .get(&format!("{}/_emulator/sent", self.base_url))
+            .call()
+            .unwrap_or_else(|error| panic!("GET /_emulator/sent: {error}"));
+        response.body_mut().read_to_string().unwrap()
+    }
+
     pub fn get(&self, path: &str) -> Value {
         let mut response = self
             .agent
@@ -212,6 +245,18 @@ pub fn echo(update_id: i64, content: &str, target: (&str, &str)) -> Value {
     });
     expected[target.0] = json!(target.1);
     expected
+}
+
+/// The text of an update the emulator serves for a raw update posted as
+/// `posted`: `"update_id":N` put first, the rest as written.
+pub fn served_update(update_id: i64, posted: &str) -> String {
+    let members = posted.trim().strip_prefix('{').expect("an object");
+    let separator = if members.trim_start().starts_with('}') {
+        ""
+    } else {
+        ","
+    };
+    format!("{{\"update_id\":{update_id}{separator}{members}")
 }
 
 /// The emulator's deterministic content for `{"size": n}` files: byte i is i % 251.

@@ -6,6 +6,7 @@ mod demo;
 mod emulator;
 mod exec;
 mod fetch_media;
+mod intake;
 mod poll_echo;
 mod reference;
 mod send;
