@@ -1072,3 +1072,104 @@ fn bad_tls_files_exit_2_with_one_error_line() {
         .unwrap();
     assert_usage_error(&alone, "--tls-key");
 }
+
+// ---------------------------------------------------------------------------
+// Updates as the platform's Python reads them
+
+/// A text message update whose `data` also holds `extra` (JSON text).
+fn odd_update(update_id: i64, content: &str, extra: &str) -> String {
+    format!(
+        r#"{{"update_id":{update_id},"type":"message","message":{{"chat":{{"type":"private","id":"u_odd"}},"msgType":"text","data":{{"content":"{content}","extra":{extra}}}}}}}"#
+    )
+}
+
+#[test]
+fn odd_deliveries_that_verify_are_answered_never_refused() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&emulator.base_url, dir.path(), &["--secret", SECRET]);
+    let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+    let odd = [
+        (301, "deep", deep.as_str()),
+        (302, "nan", "NaN"),
+        (303, "neginf", "-Infinity"),
+        (304, "huge", "1e400"),
+        (305, "bigint", "123456789012345678901234567890"),
+    ];
+    for (update_id, name, extra) in odd {
+        let signed = sign(&odd_update(update_id, name, extra), SECRET, &[]);
+        let verified = fly()
+            .args(["verify-sig", "--secret", SECRET])
+            .write_stdin(signed.clone())
+            .output()
+            .unwrap();
+        assert!(
+            verified.status.success(),
+            "{name}: {}",
+            stderr_of(&verified)
+        );
+        assert_eq!(post(&server.url, &signed), answer(200, "OK"), "{name}");
+        let echo =
+            format!(r#""data":{{"content":"echo: {name}"}},"client_msg_id":"echo_{update_id}""#);
+        assert!(
+            emulator.sent_text().contains(&echo),
+            "{name}: {}",
+            server.log()
+        );
+    }
+}
+
+#[test]
+fn emulator_deliveries_of_odd_raw_updates_are_signed_and_answered() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&emulator.base_url, dir.path(), &["--secret", SECRET]);
+    emulator.post(
+        "/_emulator/webhook",
+        json!({"url": server.url, "secret": SECRET}),
+    );
+    let odd = r#"{"type":"message","message":{"chat":{"type":"private","id":"u_1"},"msgType":"text","data":{"content":"nan","x":NaN,"n":1E2}}}"#;
+    let update_id = emulator.raw_update(odd);
+    wait_until(Duration::from_secs(15), "the delivery", || {
+        emulator.get("/_emulator/webhook")["pending"] == 0
+    });
+    assert_eq!(
+        emulator.get("/_emulator/webhook")["delivered"],
+        json!([{"update_id": update_id, "status": 200, "attempts": 1}]),
+        "{}",
+        server.log()
+    );
+    assert_eq!(
+        emulator.sent(),
+        [echo(update_id, "nan", ("to_user_id", "u_1"))]
+    );
+}
+
+#[test]
+fn exec_stdin_is_the_delivery_body_byte_for_byte() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let stdin_dir = dir.path().join("stdin");
+    std::fs::create_dir(&stdin_dir).unwrap();
+    let handler = format!("cat > '{}'/\"$FLY_UPDATE_ID\"", stdin_dir.display());
+    let server = Server::start(
+        &emulator.base_url,
+        dir.path(),
+        &["--secret", SECRET, "--exec", &handler],
+    );
+    let signed = sign(
+        &odd_update(401, r"a\/b \u00e9", "[18446744073709551617, 1E2, -0.0]"),
+        SECRET,
+        &[],
+    );
+    // Whitespace between tokens is not signed: the body keeps its own.
+    let body = format!("{{\n  {}\n", &signed[1..]);
+    assert_eq!(
+        post(&server.url, &body),
+        answer(200, "OK"),
+        "{}",
+        server.log()
+    );
+    let received = std::fs::read(stdin_dir.join("401")).unwrap();
+    assert_eq!(String::from_utf8(received).unwrap(), body);
+}
