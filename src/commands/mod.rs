@@ -22,7 +22,7 @@ use anyhow::Context;
 use crate::api::retry::RetryPolicy;
 use crate::api::{ApiClient, Token};
 use crate::cli::{Cli, Command, GlobalArgs, SecretArgs};
-use crate::exit::{self, usage};
+use crate::exit::usage;
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let global = &cli.global;
@@ -164,19 +164,6 @@ pub fn read_input(name: &str) -> anyhow::Result<String> {
             .map_err(|error| usage(format!("cannot read {name}: {error}")))?;
     }
     Ok(text)
-}
-
-/// Prints one JSON value on stdout, followed by a newline.
-pub fn print_json(value: &serde_json::Value) -> anyhow::Result<ExitCode> {
-    use std::io::Write;
-    let mut line = serde_json::to_string(value).context("encoding the result")?;
-    line.push('\n');
-    let mut stdout = std::io::stdout().lock();
-    stdout
-        .write_all(line.as_bytes())
-        .context("writing to stdout")?;
-    stdout.flush().context("writing to stdout")?;
-    Ok(exit::code(exit::SUCCESS))
 }
 
 /// Prints one line on stdout and flushes it at once (a script may be waiting

@@ -3,7 +3,9 @@
 //! Pure functions, no I/O, no HTTP.
 //!
 //! - [`json`]: a parser accepting what CPython's `json.loads` accepts
-//!   (why not serde_json: see its header);
+//!   (why not serde_json: see its header); also how every piece of platform
+//!   JSON is read (updates responses, webhook bodies, the emulator's bodies),
+//!   keeping the spans that give each update its exact bytes;
 //! - [`canonical`]: Python's `json.dumps(..., sort_keys=True,
 //!   ensure_ascii=False, separators=(",", ":"))`, byte for byte;
 //! - [`python`]: truthiness, `int()` and `str()` of parsed values;

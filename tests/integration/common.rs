@@ -108,15 +108,7 @@ impl Emulator {
 
     /// POST to the control API (or any path), returning the JSON answer.
     pub fn post(&self, path: &str, body: Value) -> Value {
-        let mut response = self
-            .agent
-            .post(&format!("{}{}", self.base_url, path))
-            .send_json(body)
-            .unwrap_or_else(|error| panic!("POST {path}: {error}"));
-        let status = response.status().as_u16();
-        let text = response.body_mut().read_to_string().unwrap();
-        assert!(status < 300, "POST {path} answered {status}: {text}");
-        serde_json::from_str(&text).unwrap_or(Value::Null)
+        self.post_text(path, &body.to_string())
     }
 
     /// POST a body given as text (what serde cannot write: `NaN`, a lone
@@ -245,6 +237,21 @@ pub fn echo(update_id: i64, content: &str, target: (&str, &str)) -> Value {
     });
     expected[target.0] = json!(target.1);
     expected
+}
+
+/// `fly sign --secret SECRET EXTRA…` of `update`: the signed update, one line.
+pub fn sign_update(update: &str, secret: &str, extra: &[&str]) -> String {
+    let output = fly()
+        .args(["sign", "--secret", secret])
+        .args(extra)
+        .write_stdin(update.to_string())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .trim_end()
+        .to_string()
 }
 
 /// The text of an update the emulator serves for a raw update posted as

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::common::{Emulator, TOKEN, eventually, fly, fly_at, fly_child, free_port, stderr_of};
+use crate::common::{
+    Emulator, TOKEN, eventually, fly, fly_at, fly_child, free_port, sign_update, stderr_of,
+};
 
 /// Prints the text content of the update on stdin (plain ASCII without quotes
 /// is all these tests send).
@@ -931,16 +933,7 @@ fn signed_delivery(update_id: i64, chat_id: &str, text: &str) -> String {
             "data": {"content": text},
         },
     });
-    let output = fly()
-        .args(["sign", "--secret", "forward-test-secret"])
-        .write_stdin(update.to_string())
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", stderr_of(&output));
-    String::from_utf8(output.stdout)
-        .unwrap()
-        .trim_end()
-        .to_string()
+    sign_update(&update.to_string(), "forward-test-secret", &[])
 }
 
 /// POSTs a delivery; returns the status code and body.
@@ -1042,5 +1035,55 @@ fn serve_webhook_finishes_a_delivery_in_flight_before_stopping_on_a_set_up_error
     assert_eq!(
         emulator.sent(),
         vec![text_reply(8001, "finished", "private", "u_slow")]
+    );
+}
+
+#[test]
+fn forward_records_an_update_it_cannot_sign_as_a_dead_letter_and_goes_on() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let runs = dir.path().join("runs");
+    let (_receiver, url) = start_receiver(
+        &emulator,
+        0,
+        &dir.path().join("receiver.db"),
+        &shouting_handler(&runs),
+    );
+    let state = dir.path().join("forward.db");
+    let forward = start_forward(&emulator, &url, &state);
+    // Python cannot encode a lone surrogate as UTF-8, so the platform could
+    // never sign this message (v1 hashes its canonical UTF-8).
+    let unsignable = emulator.raw_update(
+        r#"{"type":"message","message":{"chat":{"type":"private","id":"u_1"},"msgType":"text","data":{"content":"cut \ud83d"}}}"#,
+    );
+    let next = emulator.user_says("private", "u_1", "after");
+    assert!(
+        eventually(Duration::from_secs(20), || !emulator.sent().is_empty()),
+        "forward: {}",
+        forward.log()
+    );
+    assert_eq!(
+        emulator.sent(),
+        [text_reply(next, "shout: AFTER", "private", "u_1")]
+    );
+    let listed = fly()
+        .args(["dead-letters", "--state"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    let lines: Vec<Value> = String::from_utf8(listed.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}\n{}", forward.log());
+    assert_eq!(lines[0]["update_id"], unsignable);
+    assert!(
+        lines[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("lone surrogate"),
+        "{}",
+        lines[0]
     );
 }

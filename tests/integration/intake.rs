@@ -30,6 +30,15 @@ fn poll_once(emulator: &Emulator, state: &Path, extra: &[&str]) -> std::process:
         .unwrap()
 }
 
+/// A handler that saves its stdin as `DIR/stdin/UPDATE_ID`: that directory
+/// and the handler.
+fn stdin_recorder(dir: &Path) -> (std::path::PathBuf, String) {
+    let stdin_dir = dir.join("stdin");
+    std::fs::create_dir(&stdin_dir).unwrap();
+    let handler = format!("cat > '{}'/\"$FLY_UPDATE_ID\"", stdin_dir.display());
+    (stdin_dir, handler)
+}
+
 /// The echo of update `update_id` as it appears in the emulator's sent text.
 fn echo_json(update_id: i64, content: &str, chat: &str) -> String {
     format!(
@@ -89,9 +98,7 @@ fn exec_stdin_is_the_update_byte_for_byte() {
         .unwrap();
     assert!(polled.contains(&expected), "{polled}");
 
-    let stdin_dir = dir.path().join("stdin");
-    std::fs::create_dir(&stdin_dir).unwrap();
-    let handler = format!("cat > '{}'/\"$FLY_UPDATE_ID\"", stdin_dir.display());
+    let (stdin_dir, handler) = stdin_recorder(dir.path());
     let output = poll_once(
         &emulator,
         &dir.path().join("s.db"),
@@ -252,9 +259,7 @@ fn random_odd_updates_reach_the_handler_byte_for_byte() {
                     (update_id, served_update(update_id, &posted))
                 })
                 .collect();
-            let stdin_dir = dir.path().join("stdin");
-            std::fs::create_dir(&stdin_dir).unwrap();
-            let handler = format!("cat > '{}'/\"$FLY_UPDATE_ID\"", stdin_dir.display());
+            let (stdin_dir, handler) = stdin_recorder(dir.path());
             let output = poll_once(
                 &emulator,
                 &dir.path().join("s.db"),

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
-use crate::common::{Emulator, TOKEN, echo, eventually, fly, fly_child, stderr_of, wait_until};
+use crate::common::{
+    Emulator, TOKEN, echo, eventually, fly, fly_child, sign_update, stderr_of, wait_until,
+};
 
 const SECRET: &str = "hook-secret";
 const FIVE_MIB: usize = 5 * 1024 * 1024;
@@ -186,21 +188,6 @@ fn text_update(update_id: i64, chat: (&str, &str), text: &str) -> String {
     .to_string()
 }
 
-/// `update` signed by `fly sign --secret secret` plus `extra` flags.
-fn sign(update: &str, secret: &str, extra: &[&str]) -> String {
-    let output = fly()
-        .args(["sign", "--secret", secret])
-        .args(extra)
-        .write_stdin(update.to_string())
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", stderr_of(&output));
-    String::from_utf8(output.stdout)
-        .unwrap()
-        .trim_end()
-        .to_string()
-}
-
 fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -311,12 +298,12 @@ fn a_handled_update_is_answered_ok_once_and_its_redelivery_is_a_duplicate() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&emulator.base_url, dir.path(), &["--secret", SECRET]);
 
-    let signed = sign(&text_update(101, ("private", "u_1"), "first"), SECRET, &[]);
+    let signed = sign_update(&text_update(101, ("private", "u_1"), "first"), SECRET, &[]);
     assert_eq!(post(&server.url, &signed), answer(200, "OK"));
     assert_eq!(post(&server.url, &signed), answer(200, "DUPLICATE"));
 
     // The platform's bot.id may be a number: 42 signs as "42".
-    let signed = sign(
+    let signed = sign_update(
         &text_update(102, ("group", "g_1"), "numeric bot id"),
         SECRET,
         &["--bot-id", "42"],
@@ -327,7 +314,7 @@ fn a_handled_update_is_answered_ok_once_and_its_redelivery_is_a_duplicate() {
     assert_eq!(post(&server.url, &numeric), answer(200, "DUPLICATE"));
 
     // An update without a message (a callback_query) is confirmed, not answered.
-    let callback = sign(
+    let callback = sign_update(
         r#"{"update_id":103,"type":"callback_query","callback_query":{"id":"cb1"}}"#,
         SECRET,
         &[],
@@ -366,14 +353,14 @@ fn bad_json_signatures_replays_and_reused_nonces_are_refused() {
     // A signed update without a usable id verifies (as in `fly verify-sig`):
     // it is recorded as a dead letter and accepted, never refused with a 400
     // that would make the platform drop it.
-    let zero_id = sign(r#"{"update_id":0,"type":"message"}"#, SECRET, &[]);
+    let zero_id = sign_update(r#"{"update_id":0,"type":"message"}"#, SECRET, &[]);
     assert_eq!(post(url, &zero_id), answer(200, "DEAD_LETTER"));
 
     // 401: another secret, a field changed after signing.
     let update = text_update(201, ("private", "u_1"), "hi");
-    let foreign = sign(&update, "another-secret", &[]);
+    let foreign = sign_update(&update, "another-secret", &[]);
     assert_eq!(post(url, &foreign), answer(401, "SIGNATURE_MISMATCH"));
-    let signed = sign(&update, SECRET, &[]);
+    let signed = sign_update(&update, SECRET, &[]);
     for tampered in [
         signed.replace(r#""content":"hi""#, r#""content":"ho""#),
         signed.replace(r#""id":"u_1""#, r#""id":"u_2""#),
@@ -385,7 +372,7 @@ fn bad_json_signatures_replays_and_reused_nonces_are_refused() {
 
     // 401: signed 1000 s ago, or 1000 s ahead (window 300 s).
     for skew in [-1000, 1000] {
-        let stale = sign(
+        let stale = sign_update(
             &text_update(202, ("private", "u_1"), "late"),
             SECRET,
             &[&format!("--now={}", unix_now() + skew)],
@@ -394,12 +381,12 @@ fn bad_json_signatures_replays_and_reused_nonces_are_refused() {
     }
 
     // 401: a nonce already seen with another update.
-    let first = sign(
+    let first = sign_update(
         &text_update(203, ("private", "u_1"), "one"),
         SECRET,
         &["--nonce", "n-shared"],
     );
-    let second = sign(
+    let second = sign_update(
         &text_update(204, ("private", "u_1"), "two"),
         SECRET,
         &["--nonce", "n-shared"],
@@ -426,7 +413,7 @@ fn other_paths_are_404_and_other_methods_405() {
     let emulator = Emulator::start();
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&emulator.base_url, dir.path(), &["--secret", SECRET]);
-    let signed = sign(&text_update(301, ("private", "u_1"), "x"), SECRET, &[]);
+    let signed = sign_update(&text_update(301, ("private", "u_1"), "x"), SECRET, &[]);
     for path in ["/", "/other", "/webhook/", "/webhook/x", "/WEBHOOK"] {
         let url = format!("{}{path}", server.origin);
         assert_eq!(post(&url, &signed), answer(404, "NOT_FOUND"), "POST {path}");
@@ -487,7 +474,7 @@ fn bodies_over_max_body_are_413_with_or_without_content_length() {
         small_dir.path(),
         &["--secret", SECRET, "--max-body", "4096"],
     );
-    let signed = sign(&text_update(401, ("private", "u_1"), "fits"), SECRET, &[]);
+    let signed = sign_update(&text_update(401, ("private", "u_1"), "fits"), SECRET, &[]);
     let padded = format!("{signed}{}", " ".repeat(4096 - signed.len()));
     let over = format!("{padded} ");
     assert_eq!(post(&small.url, &over), answer(413, "PAYLOAD_TOO_LARGE"));
@@ -509,7 +496,7 @@ fn a_reply_that_cannot_be_sent_is_500_and_the_redelivery_is_answered_once() {
     let emulator = Emulator::start();
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&emulator.base_url, dir.path(), &["--secret", SECRET]);
-    let signed = sign(
+    let signed = sign_update(
         &text_update(501, ("group", "g_7"), "try again"),
         SECRET,
         &[],
@@ -541,7 +528,7 @@ fn a_refused_token_is_500_and_stops_the_server_with_exit_1() {
         dir.path(),
         &["--secret", SECRET, "--token", "revoked-token"],
     );
-    let signed = sign(&text_update(511, ("private", "u_1"), "hello"), SECRET, &[]);
+    let signed = sign_update(&text_update(511, ("private", "u_1"), "hello"), SECRET, &[]);
     assert_eq!(post(&server.url, &signed), answer(500, "FATAL_ERROR"));
     let status = server.wait_for_exit(Duration::from_secs(20));
     let log = server.log();
@@ -562,7 +549,7 @@ fn a_redelivery_while_the_first_is_still_being_answered_is_409() {
     let emulator = Emulator::start();
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&emulator.base_url, dir.path(), &["--secret", SECRET]);
-    let signed = sign(&text_update(601, ("private", "u_1"), "slow"), SECRET, &[]);
+    let signed = sign_update(&text_update(601, ("private", "u_1"), "slow"), SECRET, &[]);
 
     emulator.faults(json!({"latency_ms": 1500}));
     let url = server.url.clone();
@@ -592,20 +579,20 @@ fn any_of_several_secrets_verifies_and_the_default_is_the_token_hash() {
     );
     let update = |id: i64| text_update(id, ("private", "u_1"), &format!("update {id}"));
     assert_eq!(
-        post(&server.url, &sign(&update(701), "old", &[])),
+        post(&server.url, &sign_update(&update(701), "old", &[])),
         answer(200, "OK")
     );
     assert_eq!(
-        post(&server.url, &sign(&update(702), "new", &[])),
+        post(&server.url, &sign_update(&update(702), "new", &[])),
         answer(200, "OK")
     );
     assert_eq!(
-        post(&server.url, &sign(&update(703), "third", &[])),
+        post(&server.url, &sign_update(&update(703), "third", &[])),
         answer(401, "SIGNATURE_MISMATCH")
     );
     let token_hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(TOKEN.as_bytes()));
     assert_eq!(
-        post(&server.url, &sign(&update(704), &token_hash, &[])),
+        post(&server.url, &sign_update(&update(704), &token_hash, &[])),
         answer(401, "SIGNATURE_MISMATCH")
     );
 
@@ -613,11 +600,11 @@ fn any_of_several_secrets_verifies_and_the_default_is_the_token_hash() {
     let default_dir = tempfile::tempdir().unwrap();
     let default = Server::start(&emulator.base_url, default_dir.path(), &[]);
     assert_eq!(
-        post(&default.url, &sign(&update(705), &token_hash, &[])),
+        post(&default.url, &sign_update(&update(705), &token_hash, &[])),
         answer(200, "OK")
     );
     assert_eq!(
-        post(&default.url, &sign(&update(706), TOKEN, &[])),
+        post(&default.url, &sign_update(&update(706), TOKEN, &[])),
         answer(401, "SIGNATURE_MISMATCH")
     );
 
@@ -720,7 +707,7 @@ fn five_hundred_stalled_connections_neither_block_healthz_nor_stay_open() {
 fn handled_updates_and_seen_nonces_survive_a_restart() {
     let emulator = Emulator::start();
     let dir = tempfile::tempdir().unwrap();
-    let signed = sign(
+    let signed = sign_update(
         &text_update(801, ("private", "u_1"), "before restart"),
         SECRET,
         &["--nonce", "n-801"],
@@ -737,7 +724,7 @@ fn handled_updates_and_seen_nonces_survive_a_restart() {
 
     let second = Server::start(&emulator.base_url, dir.path(), &["--secret", SECRET]);
     assert_eq!(post(&second.url, &signed), answer(200, "DUPLICATE"));
-    let replay = sign(
+    let replay = sign_update(
         &text_update(802, ("private", "u_1"), "same nonce"),
         SECRET,
         &["--nonce", "n-801"],
@@ -775,7 +762,7 @@ fn sigterm_lets_a_reply_in_flight_finish() {
     let emulator = Emulator::start();
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(&emulator.base_url, dir.path(), &["--secret", SECRET]);
-    let signed = sign(
+    let signed = sign_update(
         &text_update(901, ("private", "u_1"), "last one"),
         SECRET,
         &[],
@@ -838,7 +825,7 @@ fn sigterm_with_a_hanging_exec_handler_kills_it_after_the_drain_and_exits_0() {
             &handler,
         ],
     );
-    let signed = sign(&text_update(951, ("private", "u_1"), "hang"), SECRET, &[]);
+    let signed = sign_update(&text_update(951, ("private", "u_1"), "hang"), SECRET, &[]);
     let url = server.url.clone();
     let body = signed.clone();
     let in_flight = std::thread::spawn(move || {
@@ -991,7 +978,7 @@ fn tls_serves_https_with_the_given_certificate() {
         read(https.get(&format!("{}/healthz", server.origin)).call()),
         answer(200, "ok")
     );
-    let signed = sign(
+    let signed = sign_update(
         &text_update(1001, ("private", "u_1"), "over tls"),
         SECRET,
         &[],
@@ -1097,7 +1084,7 @@ fn odd_deliveries_that_verify_are_answered_never_refused() {
         (305, "bigint", "123456789012345678901234567890"),
     ];
     for (update_id, name, extra) in odd {
-        let signed = sign(&odd_update(update_id, name, extra), SECRET, &[]);
+        let signed = sign_update(&odd_update(update_id, name, extra), SECRET, &[]);
         let verified = fly()
             .args(["verify-sig", "--secret", SECRET])
             .write_stdin(signed.clone())
@@ -1157,7 +1144,7 @@ fn exec_stdin_is_the_delivery_body_byte_for_byte() {
         dir.path(),
         &["--secret", SECRET, "--exec", &handler],
     );
-    let signed = sign(
+    let signed = sign_update(
         &odd_update(401, r"a\/b \u00e9", "[18446744073709551617, 1E2, -0.0]"),
         SECRET,
         &[],
