@@ -5,6 +5,7 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
@@ -226,6 +227,9 @@ pub struct PollEchoArgs {
 
     #[command(flatten)]
     pub exec: ExecArgs,
+
+    #[command(flatten)]
+    pub stop: StopArgs,
 }
 
 #[derive(Debug, Args)]
@@ -295,6 +299,9 @@ pub struct ServeWebhookArgs {
 
     #[command(flatten)]
     pub exec: ExecArgs,
+
+    #[command(flatten)]
+    pub stop: StopArgs,
 }
 
 #[derive(Debug, Args)]
@@ -359,6 +366,27 @@ pub struct ForwardArgs {
     /// State store file.
     #[arg(long, value_name = "PATH")]
     pub state: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub stop: StopArgs,
+}
+
+/// How a long-running command stops (SPEC section 2).
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// After SIGINT/SIGTERM, how long work in hand may still run (seconds);
+    /// handlers still running then are killed and their updates come again.
+    /// A second signal stops at once (exit 130).
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_grace)]
+    pub grace: Duration,
+}
+
+/// A grace period: seconds, fractions allowed, up to an hour.
+fn parse_grace(text: &str) -> Result<Duration, String> {
+    match text.trim().parse::<f64>() {
+        Ok(seconds) if (0.0..=3600.0).contains(&seconds) => Ok(Duration::from_secs_f64(seconds)),
+        _ => Err("expected seconds from 0 to 3600, e.g. 10 or 2.5".into()),
+    }
 }
 
 #[derive(Debug, Args)]

@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod bot;
+pub mod children;
 pub mod cli;
 pub mod commands;
 pub mod download;

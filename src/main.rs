@@ -7,9 +7,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use clap::error::ErrorKind;
-use fly::{cli, commands, exit, logging};
+use fly::{children, cli, commands, exit, logging};
 
 fn main() -> ExitCode {
+    // Whatever way main ends (a result, an error, a panic unwinding), no
+    // handler process outlives fly.
+    let _handlers = children::KillAllOnDrop;
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => return report_usage_error(error),

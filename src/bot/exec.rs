@@ -15,21 +15,21 @@
 use std::fmt;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use serde_json::{Map, Value};
 
 use super::{HandleError, Handler, Outcome};
 use crate::api::{ApiClient, MessageData, SendRequest, Update};
-use crate::sync::join_unless;
+use crate::children::{self, Group};
 
 /// A handler's reply is one message; more than this is a bug in the handler.
 const MAX_REPLY_BYTES: u64 = 1024 * 1024;
-const WAIT_SLICE: Duration = Duration::from_millis(10);
 /// How long the handler's last stderr lines get to reach the log once it is gone.
 const LOG_GRACE: Duration = Duration::from_millis(500);
 /// A stderr "line" longer than this (binary output, no newlines) is logged in
@@ -63,11 +63,12 @@ impl ExecHandler {
 }
 
 impl Handler for ExecHandler {
-    /// Kills the process group of every handler still running (within
-    /// `WAIT_SLICE`) and starts no more: their updates fail, so they are not
-    /// marked handled and get delivered again.
+    /// Kills the process group of every handler still running and starts
+    /// no more: their updates fail, so they are not marked handled and get
+    /// delivered again.
     fn abandon(&self) {
         self.abandoned.store(true, Ordering::SeqCst);
+        children::kill_all();
     }
 
     fn handle(&self, update: &Update) -> Result<Outcome, HandleError> {
@@ -157,8 +158,12 @@ impl ExecHandler {
         if self.abandoned() {
             return Err(anyhow!("not started: fly is stopping"));
         }
-        let deadline = Instant::now() + self.timeout;
         let mut child = command.spawn().context("starting the handler")?;
+        let mut group = Group::register(child.id()).context("registering the handler")?;
+        if self.abandoned() {
+            // fly began stopping between the check above and the registration.
+            group.kill();
+        }
 
         // The update byte for byte as the platform sent it.
         let input = update.raw.clone().into_bytes();
@@ -170,36 +175,55 @@ impl ExecHandler {
             let _ = stdin.write_all(&input);
         });
         let mut stdout = child.stdout.take().expect("stdout is piped");
-        let reader = std::thread::spawn(move || {
+        let (reply_sender, reply_receiver) = mpsc::channel();
+        std::thread::spawn(move || {
             let mut reply = Vec::new();
             let read = (&mut stdout).take(MAX_REPLY_BYTES).read_to_end(&mut reply);
             // Keep draining so the handler never blocks on a full pipe.
             let _ = std::io::copy(&mut stdout, &mut std::io::sink());
-            read.map(|_| reply)
+            let _ = reply_sender.send(read.map(|_| reply));
         });
         let stderr = child.stderr.take().expect("stderr is piped");
-        let logger = std::thread::spawn(move || log_stderr(stderr, update_id));
+        let (logged_sender, logged) = mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            log_stderr(stderr, update_id);
+            drop(logged_sender);
+        });
+        // The watchdog kills the group at the deadline unless the handler is
+        // done first (its channel closes). Every wait below is a blocking one
+        // that a kill ends: the exit, the end of stdout.
+        let (done, watched) = mpsc::channel::<()>();
+        let timed_out = Arc::new(AtomicBool::new(false));
+        let watchdog_timed_out = Arc::clone(&timed_out);
+        let timeout = self.timeout;
+        let watched_group = group.id();
+        std::thread::spawn(move || {
+            if let Err(RecvTimeoutError::Timeout) = watched.recv_timeout(timeout) {
+                watchdog_timed_out.store(true, Ordering::SeqCst);
+                children::kill_group(watched_group);
+            }
+        });
 
         // The reply is complete once the handler exited and its stdout closed;
         // a background job it started may hold stdout open after the shell
         // exits, so both count against the timeout.
-        let give_up = || Instant::now() >= deadline || self.abandoned();
-        let status = wait_until(&mut child, give_up);
-        let reply = status.and_then(|_| join_unless(reader, give_up));
-        let (Some(status), Some(reply)) = (status, reply) else {
-            kill_group(&child);
-            let _ = child.wait();
-            join_logger(logger);
-            if self.abandoned() {
-                tracing::warn!(
-                    update_id,
-                    "fly is stopping: handler killed, the update is not marked handled"
-                );
-                return Err(anyhow!("killed: fly is stopping"));
-            }
+        let status = child.wait().context("waiting for the handler")?;
+        let reply = reply_receiver.recv();
+        drop(done);
+        group.leader_reaped();
+        // Lines written before the handler ended still reach the log; a
+        // background job that keeps stderr open is not waited for.
+        let _ = logged.recv_timeout(LOG_GRACE);
+        if timed_out.load(Ordering::SeqCst) {
             return Err(anyhow!("timed out after {:?}; killed", self.timeout));
-        };
-        join_logger(logger);
+        }
+        if self.abandoned() && !status.success() {
+            tracing::warn!(
+                update_id,
+                "fly is stopping: handler killed, the update is not marked handled"
+            );
+            return Err(anyhow!("killed: fly is stopping"));
+        }
         let reply = reply
             .map_err(|_| anyhow!("reading the handler's output failed"))?
             .context("reading the handler's output")?;
@@ -364,37 +388,6 @@ fn log_stderr(stderr: impl Read, update_id: i64) {
         let text = String::from_utf8_lossy(&line);
         let text = text.trim_end_matches(['\n', '\r']);
         tracing::warn!(update_id, "[exec] {text}");
-    }
-}
-
-/// The child's exit status, or `None` once `give_up` says so first.
-fn wait_until(child: &mut Child, give_up: impl Fn() -> bool) -> Option<ExitStatus> {
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return Some(status),
-            Ok(None) if give_up() => return None,
-            Ok(None) => std::thread::sleep(WAIT_SLICE),
-            Err(_) => return None,
-        }
-    }
-}
-
-/// Lines written before the handler ended still reach the log; a background
-/// job that keeps stderr open is not waited for.
-fn join_logger(logger: JoinHandle<()>) {
-    let deadline = Instant::now() + LOG_GRACE;
-    let _ = join_unless(logger, || Instant::now() >= deadline);
-}
-
-/// SIGKILL to the handler's whole process group (its shell and children).
-fn kill_group(child: &Child) {
-    let Ok(group) = libc::pid_t::try_from(child.id()) else {
-        return;
-    };
-    // SAFETY: kill(2) with a negative pid signals that process group; it has
-    // no memory-safety preconditions.
-    unsafe {
-        libc::kill(-group, libc::SIGKILL);
     }
 }
 

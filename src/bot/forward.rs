@@ -8,10 +8,9 @@ use anyhow::anyhow;
 use super::{HandleError, Handler, Outcome};
 use crate::api::Update;
 use crate::api::retry::{AttemptError, GaveUp, RetryPolicy};
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Shutdown, Stage};
 use crate::signature::sign_update_text;
 use crate::state::unix_now;
-use crate::sync::join_unless;
 
 /// A local receiver that is down is waited for patiently but checked often.
 const DELIVERY_RETRIES: RetryPolicy = RetryPolicy {
@@ -110,25 +109,23 @@ impl ForwardHandler {
         }
     }
 
-    /// POSTs `body` on a thread of its own and waits for the answer unless a
-    /// stop is requested first (`None`): a receiver that hangs must not hold
-    /// up Ctrl-C for the whole delivery timeout. The abandoned request ends
-    /// with the process; the update is not confirmed, so it is delivered
-    /// again next time.
+    /// POSTs `body` on a thread of its own and waits for the answer unless
+    /// the stop's grace period ends first (`None`): a receiver that hangs
+    /// must not hold up a stop for the whole delivery timeout. The abandoned
+    /// request ends with the process; the update is not confirmed, so it is
+    /// delivered again next time.
     fn post_unless_stopped(
         &self,
         body: String,
     ) -> Option<Result<ureq::http::Response<ureq::Body>, ureq::Error>> {
         let agent = self.agent.clone();
         let url = self.receiver_url.clone();
-        let request = std::thread::spawn(move || {
+        self.shutdown.unless_reached(Stage::Abandon, move || {
             agent
                 .post(&url)
                 .header("Content-Type", "application/json")
                 .send(body.as_bytes())
-        });
-        // A request thread that panicked counts as no answer: retried.
-        join_unless(request, || self.shutdown.is_requested())?.ok()
+        })
     }
 }
 

@@ -1,40 +1,53 @@
-//! The long-poll loop shared by `poll-echo` and `forward`: poll, hand each
-//! update to a [`Handler`], remember what was handled, move the offset.
+//! The long-poll loop shared by `poll-echo` and `forward`: one poll thread
+//! feeds a queue per chat, a long-lived pool of `concurrency` workers handles
+//! them, and the offset follows the lowest unfinished update.
 //!
-//! At-least-once, never lost: the offset only moves past an update once it is
+//! At-least-once, never lost: the offset (what the next poll confirms, and
+//! what the state store keeps) never passes an update that is queued or being
 //! handled, and handled ids are stored so an update delivered again (after a
-//! crash between the reply and the offset) is not answered twice. Updates of
-//! one chat are handled in order; different chats run concurrently on a
-//! bounded number of threads.
+//! crash between the reply and the offset) is not answered twice.
+//!
+//! Per-chat order with shared workers (the Kafka-partition shape): the
+//! updates of one chat run one at a time, in id order; different chats never
+//! wait for each other, and the poller keeps polling while workers work, up
+//! to a bound of updates in flight. An update that fails is retried after a
+//! backoff of its own chat's; the other chats go on.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::anyhow;
 
 use super::{HandleError, Handler, Outcome, chat_label, record_dead_letter};
 use crate::api::retry::RetryPolicy;
 use crate::api::{ApiClient, ApiError, Received, Update};
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Shutdown, Stage};
 use crate::state::StateStore;
 use crate::sync::lock;
 
-/// How often a waiting loop checks whether a stop was requested.
-const STOP_CHECK: Duration = Duration::from_millis(100);
+/// While updates are in flight the platform answers a poll at once (they are
+/// unconfirmed), so a poll that brought nothing new waits this long (or until
+/// an update finishes) before the next one, as the examples' bot does.
+const REPOLL_INTERVAL: Duration = Duration::from_millis(200);
 
 #[derive(Debug, Clone)]
 pub struct PollSettings {
     pub limit: u32,
     pub poll_timeout: Duration,
-    /// Chats handled at the same time.
+    /// Workers, i.e. chats handled at the same time.
     pub concurrency: usize,
     /// Stop after this many handled updates.
     pub max_updates: Option<u64>,
-    /// One poll with timeout 0, then stop.
+    /// One poll with timeout 0, handle what came, then stop.
     pub once: bool,
+}
+
+impl PollSettings {
+    /// Updates queued or being handled at most; the poller waits for room.
+    fn max_in_flight(&self) -> usize {
+        (self.limit as usize * 2).max(self.concurrency * 2)
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -43,143 +56,221 @@ pub struct Summary {
 }
 
 /// Runs until stopped, `max_updates` is reached, or (with `once`) after one
-/// poll. Returns an error for a refused token, a handler that cannot run at
-/// all (any [`HandleError::Fatal`]: its update stays unconfirmed) or a store
-/// that cannot be written.
+/// poll. Returns an error for a refused token or a store that cannot be written.
 pub fn run(
     client: &ApiClient,
-    store: &StateStore,
-    handler: &dyn Handler,
+    store: Arc<StateStore>,
+    handler: Arc<dyn Handler>,
     settings: &PollSettings,
     shutdown: &Shutdown,
 ) -> anyhow::Result<Summary> {
     store.claim_polling()?;
-    let mut offset = store.next_offset()?;
-    let handled = AtomicU64::new(0);
-    let mut failed_rounds = 0u32;
+    let offset = store.next_offset()?;
     tracing::info!(offset, state = %store.path().display(), "polling for updates");
+    let scheduler = Arc::new(Scheduler::new(offset, settings.clone()));
 
-    while !shutdown.is_requested() && !limit_reached(&handled, settings) {
-        let timeout = if settings.once {
-            Duration::ZERO
-        } else {
-            settings.poll_timeout
-        };
-        let received = match poll(client, offset, settings.limit, timeout, shutdown)? {
-            Polled::Updates(updates) => updates,
-            Polled::Stopped => break,
-            Polled::Garbled => {
-                failed_rounds += 1;
-                shutdown.sleep(RetryPolicy::FOREVER.next_delay(failed_rounds, None));
-                continue;
-            }
-        };
-        let batch = Batch::read(received, offset, store)?;
-        let result = handle_batch(&batch.pending, handler, store, settings, &handled, shutdown);
-        let next_offset = result.first_unfinished.unwrap_or(batch.past_last);
-        if next_offset > offset {
-            store.advance_offset(next_offset)?;
-            offset = next_offset;
+    // The stop stages reach the scheduler and the handler from here.
+    let listening = Arc::clone(&scheduler);
+    let abandoning = Arc::clone(&handler);
+    let grace = shutdown.grace().as_secs_f64();
+    let _subscription = shutdown.subscribe(move |stage| {
+        if stage == Stage::Requested {
+            tracing::info!(
+                "stopping: finishing the updates in hand (at most {grace:.0} s; \
+                 a second Ctrl-C stops at once)"
+            );
         }
-        if let Some(fatal) = result.fatal {
-            return Err(fatal);
+        if stage >= Stage::Requested {
+            listening.stop_taking_work();
         }
-        let unfinished = result.first_unfinished.is_some() && !limit_reached(&handled, settings);
-        if settings.once {
-            if unfinished && !shutdown.is_requested() {
-                bail!("some updates could not be handled; they are retried on the next run");
-            }
-            break;
+        if stage >= Stage::Abandon {
+            abandoning.abandon();
         }
-        // A poll that brings back only updates without a usable id cannot
-        // move the offset past them: the next poll would bring them at once.
-        let stuck_on_unusable = batch.unusable_seen && next_offset == offset;
-        if unfinished || stuck_on_unusable {
-            // Something failed (the platform is down, a download broke): wait
-            // before the next try instead of spinning on the same update.
-            failed_rounds += 1;
-            shutdown.sleep(RetryPolicy::FOREVER.next_delay(failed_rounds, None));
-        } else {
-            failed_rounds = 0;
+    });
+
+    // The poll thread is not joined: it may be inside a long poll when the
+    // loop ends, holding nothing that needs saving (the offset it confirms is
+    // already stored); it sees the loop is over when the poll returns.
+    let poller = Poller {
+        client: client.clone(),
+        store: Arc::clone(&store),
+        scheduler: Arc::clone(&scheduler),
+        settings: settings.clone(),
+    };
+    std::thread::Builder::new()
+        .name("fly-poll".into())
+        .spawn(move || poller.run())
+        .map_err(|error| anyhow!("starting the poll thread: {error}"))?;
+
+    std::thread::scope(|scope| {
+        for _ in 0..settings.concurrency.max(1) {
+            scope.spawn(|| scheduler.work(handler.as_ref(), &store));
         }
+        scheduler.wait_until_done();
+    });
+
+    let state = scheduler.lock();
+    store.advance_offset(state.offset())?;
+    if let Some(fatal) = lock(&scheduler.fatal).take() {
+        return Err(fatal);
+    }
+    if settings.once && state.failed && !shutdown.is_requested() {
+        anyhow::bail!("some updates could not be handled; they are retried on the next run");
     }
     Ok(Summary {
-        handled: handled.load(Ordering::SeqCst),
+        handled: state.handled,
     })
 }
 
-fn limit_reached(handled: &AtomicU64, settings: &PollSettings) -> bool {
-    settings
-        .max_updates
-        .is_some_and(|max| handled.load(Ordering::SeqCst) >= max)
+/// The queues and their bookkeeping, under one mutex; the Condvar wakes the
+/// poller, the workers and the caller whenever any of it changes.
+struct Scheduler {
+    state: Mutex<Queues>,
+    changed: Condvar,
+    /// The error that ends the loop (a refused token, a store that fails).
+    fatal: Mutex<Option<anyhow::Error>>,
+    settings: PollSettings,
 }
 
-enum Polled {
-    Updates(Vec<Received>),
-    /// A stop was requested while the poll was in flight.
-    Stopped,
-    /// The platform answered something that is not an update list.
-    Garbled,
+#[derive(Default)]
+struct Queues {
+    chats: HashMap<String, ChatQueue>,
+    /// Chats whose next update can start now, in the order they became ready.
+    ready: VecDeque<String>,
+    /// Ids queued or being handled: the offset stays at or below the lowest.
+    unfinished: BTreeSet<i64>,
+    /// One past the highest id seen: the offset once nothing is unfinished.
+    past_last: i64,
+    busy_workers: usize,
+    /// Updates started or done, counted against `--max-updates`.
+    claimed: u64,
+    handled: u64,
+    /// No more polls (stop requested, `--once` polled, a fatal error, the limit).
+    polling_over: bool,
+    /// Workers start nothing new.
+    stopping: bool,
+    /// `--once`: an update failed and was left for the next run.
+    failed: bool,
 }
 
-/// One long poll, on its own thread so that a stop request does not have to
-/// wait for an idle poll to time out: the abandoned poll holds no state (the
-/// offset it confirms is already persisted) and dies with the process.
-fn poll(
-    client: &ApiClient,
-    offset: i64,
-    limit: u32,
-    timeout: Duration,
-    shutdown: &Shutdown,
-) -> anyhow::Result<Polled> {
-    let (sender, receiver) = mpsc::channel();
-    let poller = client.clone();
-    std::thread::spawn(move || {
-        let _ = sender.send(poller.get_updates(offset, limit, timeout));
-    });
-    let result = loop {
-        match receiver.recv_timeout(STOP_CHECK) {
-            Ok(result) => break result,
-            Err(RecvTimeoutError::Timeout) if shutdown.is_requested() => {
-                return Ok(Polled::Stopped);
-            }
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => bail!("the polling thread died"),
-        }
-    };
-    match result {
-        Ok(updates) => Ok(Polled::Updates(updates)),
-        Err(ApiError::Cancelled) => Ok(Polled::Stopped),
-        Err(error @ ApiError::BadResponse { .. }) => {
-            tracing::error!("{error}");
-            Ok(Polled::Garbled)
-        }
-        Err(error) => Err(error.into()),
+#[derive(Default)]
+struct ChatQueue {
+    updates: VecDeque<Update>,
+    /// Consecutive failures of the update at the front.
+    failures: u32,
+    /// When the front update may be tried again after a failure.
+    retry_at: Option<Instant>,
+    busy: bool,
+    /// `--once`: the front update failed; this chat waits for the next run.
+    parked: bool,
+}
+
+impl Queues {
+    /// What the next poll confirms with: every update below it is handled.
+    fn offset(&self) -> i64 {
+        self.unfinished.first().copied().unwrap_or(self.past_last)
+    }
+
+    fn is_idle(&self) -> bool {
+        self.busy_workers == 0
     }
 }
 
-/// The updates of one poll that still need work.
-struct Batch {
-    /// Unhandled updates, ascending by id.
-    pending: Vec<Update>,
-    /// One past the highest id seen: the offset once everything is handled.
-    past_last: i64,
-    /// The poll brought updates without a usable id (recorded as dead letters).
-    unusable_seen: bool,
-}
+impl Scheduler {
+    fn new(offset: i64, settings: PollSettings) -> Scheduler {
+        Scheduler {
+            state: Mutex::new(Queues {
+                past_last: offset,
+                ..Queues::default()
+            }),
+            changed: Condvar::new(),
+            fatal: Mutex::new(None),
+            settings,
+        }
+    }
 
-impl Batch {
-    fn read(received: Vec<Received>, offset: i64, store: &StateStore) -> anyhow::Result<Batch> {
-        let mut past_last = offset;
-        let mut pending = Vec::new();
-        let mut unusable_seen = false;
+    fn lock(&self) -> MutexGuard<'_, Queues> {
+        lock(&self.state)
+    }
+
+    fn wait<'a>(&self, guard: MutexGuard<'a, Queues>) -> MutexGuard<'a, Queues> {
+        self.changed
+            .wait(guard)
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn wait_timeout<'a>(
+        &self,
+        guard: MutexGuard<'a, Queues>,
+        timeout: Duration,
+    ) -> MutexGuard<'a, Queues> {
+        self.changed
+            .wait_timeout(guard, timeout)
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
+    }
+
+    /// Wakes everyone waiting; takes the guard to show the change was made under it.
+    fn notify(&self, _state: &mut Queues) {
+        self.changed.notify_all();
+    }
+
+    /// A stop was requested: nothing new starts, no more polls.
+    fn stop_taking_work(&self) {
+        let mut state = self.lock();
+        state.stopping = true;
+        state.polling_over = true;
+        self.notify(&mut state);
+    }
+
+    fn fail(&self, error: anyhow::Error) {
+        lock(&self.fatal).get_or_insert(error);
+        self.stop_taking_work();
+    }
+
+    fn limit_reached(&self, state: &Queues) -> bool {
+        self.settings
+            .max_updates
+            .is_some_and(|max| state.handled >= max)
+    }
+
+    /// Blocks the caller until the loop is over and no worker is busy.
+    fn wait_until_done(&self) {
+        let mut state = self.lock();
+        loop {
+            let once_done = self.settings.once
+                && state.polling_over
+                && state.chats.values().all(|chat| chat.parked);
+            let over = state.stopping || self.limit_reached(&state) || once_done;
+            if over && state.is_idle() {
+                break;
+            }
+            if over {
+                // Let the updates in hand finish; start nothing new.
+                state.stopping = true;
+            }
+            state = self.wait(state);
+        }
+        state.stopping = true;
+        state.polling_over = true;
+        self.notify(&mut state);
+    }
+
+    /// Queues the new updates of a poll: ids at or above the offset the
+    /// poll was made with, neither unfinished nor handled already.
+    fn enqueue(
+        &self,
+        received: Vec<Received>,
+        offset: i64,
+        store: &StateStore,
+    ) -> anyhow::Result<usize> {
+        let mut fresh = Vec::new();
         for update in received {
             let update = match update {
                 Ok(update) => update,
                 Err(unusable) => {
                     // No id, so nothing to confirm it by: recorded once (by
                     // its bytes), and the updates after it go on.
-                    unusable_seen = true;
                     if store.record_dead_letter(None, &unusable.raw, &unusable.reason)? {
                         tracing::warn!(
                             "update recorded as a dead letter (see fly dead-letters): {}",
@@ -194,138 +285,265 @@ impl Batch {
             if update.update_id < offset {
                 continue;
             }
-            past_last = past_last.max(update.update_id.saturating_add(1));
-            if store.is_handled(update.update_id)? {
-                tracing::debug!(
-                    update_id = update.update_id,
-                    "already handled; not answered again"
-                );
+            let known = self.lock().unfinished.contains(&update.update_id);
+            if !known && !store.is_handled(update.update_id)? {
+                fresh.push(update);
+            } else {
+                let mut state = self.lock();
+                state.past_last = state.past_last.max(update.update_id.saturating_add(1));
+            }
+        }
+        fresh.sort_by_key(|update| update.update_id);
+        fresh.dedup_by_key(|update| update.update_id);
+        let mut state = self.lock();
+        let count = fresh.len();
+        for update in fresh {
+            let update_id = update.update_id;
+            state.past_last = state.past_last.max(update_id.saturating_add(1));
+            if !state.unfinished.insert(update_id) {
                 continue;
             }
-            pending.push(update);
+            let chat = chat_label(&update);
+            let queue = state.chats.entry(chat.clone()).or_default();
+            queue.updates.push_back(update);
+            let startable = queue.updates.len() == 1 && !queue.busy && queue.retry_at.is_none();
+            if startable {
+                state.ready.push_back(chat);
+            }
         }
-        pending.sort_by_key(|update| update.update_id);
-        pending.dedup_by_key(|update| update.update_id);
-        Ok(Batch {
-            pending,
-            past_last,
-            unusable_seen,
-        })
+        self.notify(&mut state);
+        Ok(count)
     }
-}
 
-#[derive(Default)]
-struct BatchResult {
-    /// The lowest id that is not handled yet; the offset must stay at or below it.
-    first_unfinished: Option<i64>,
-    fatal: Option<anyhow::Error>,
-}
-
-/// Handles a batch: one queue per chat, in order, `concurrency` chats at a time.
-fn handle_batch(
-    updates: &[Update],
-    handler: &dyn Handler,
-    store: &StateStore,
-    settings: &PollSettings,
-    handled: &AtomicU64,
-    shutdown: &Shutdown,
-) -> BatchResult {
-    let queue = Mutex::new(group_by_chat(updates));
-    let result = Mutex::new(BatchResult::default());
-    let workers = settings.concurrency.max(1).min(queue_len(&queue));
-    std::thread::scope(|scope| {
-        for _ in 0..workers {
-            scope.spawn(|| {
-                // The queue's lock is released before the chat is handled
-                // (a `while let` would hold it for the whole loop body).
-                loop {
-                    let next = lock(&queue).pop_front();
-                    let Some(chat_updates) = next else { break };
-                    let stopped_at = handle_chat(
-                        &chat_updates,
-                        handler,
-                        store,
-                        settings,
-                        handled,
-                        shutdown,
-                        &result,
+    /// A worker: takes the next ready chat's front update, handles it,
+    /// records the outcome; until the loop stops.
+    fn work(&self, handler: &dyn Handler, store: &StateStore) {
+        while let Some((chat, update)) = self.next_update() {
+            let started = Instant::now();
+            let outcome = handler.handle(&update);
+            let latency_ms = started.elapsed().as_millis() as u64;
+            let recorded = match outcome {
+                Ok(outcome) => store
+                    .mark_handled(update.update_id, outcome.as_str())
+                    .map(|()| {
+                        log_handled(&update, &chat, outcome, latency_ms);
+                        Done::Finished
+                    }),
+                Err(HandleError::DeadLetter(reason)) => {
+                    record_dead_letter(store, &update, &reason).map(|()| Done::Finished)
+                }
+                Err(HandleError::Retry(error)) => {
+                    tracing::warn!(
+                        update_id = update.update_id,
+                        chat,
+                        latency_ms,
+                        "update not handled, will retry: {error:#}"
                     );
-                    if let Some(update_id) = stopped_at {
-                        let mut result = lock(&result);
-                        result.first_unfinished = Some(
-                            result
-                                .first_unfinished
-                                .map_or(update_id, |first| first.min(update_id)),
-                        );
+                    Ok(Done::Failed)
+                }
+                Err(HandleError::Fatal(error)) => Err(error),
+            };
+            match recorded {
+                Ok(done) => self.finish(&chat, update.update_id, done),
+                Err(error) => {
+                    self.finish(&chat, update.update_id, Done::Failed);
+                    self.fail(error);
+                }
+            }
+        }
+    }
+
+    /// Waits for an update that can start now: `None` once the loop stops.
+    fn next_update(&self) -> Option<(String, Update)> {
+        let mut state = self.lock();
+        loop {
+            let at_limit = self
+                .settings
+                .max_updates
+                .is_some_and(|max| state.claimed >= max);
+            if state.stopping {
+                return None;
+            }
+            if !at_limit && let Some(chat) = state.ready.pop_front() {
+                let queue = state.chats.get_mut(&chat)?;
+                queue.busy = true;
+                let update = queue.updates.front()?.clone();
+                state.busy_workers += 1;
+                state.claimed += 1;
+                return Some((chat, update));
+            }
+            // Chats waiting out a retry backoff become ready when it ends.
+            let now = Instant::now();
+            let mut next_retry: Option<Instant> = None;
+            let mut due = Vec::new();
+            for (name, queue) in &mut state.chats {
+                match queue.retry_at {
+                    Some(at) if at <= now => {
+                        queue.retry_at = None;
+                        due.push(name.clone());
+                    }
+                    Some(at) => next_retry = Some(next_retry.map_or(at, |next| next.min(at))),
+                    None => {}
+                }
+            }
+            if !due.is_empty() {
+                state.ready.extend(due);
+                continue;
+            }
+            state = match next_retry {
+                Some(at) => self.wait_timeout(state, at.saturating_duration_since(now)),
+                None => self.wait(state),
+            };
+        }
+    }
+
+    /// Records how the front update of `chat` ended.
+    fn finish(&self, chat: &str, update_id: i64, done: Done) {
+        let mut state = self.lock();
+        state.busy_workers -= 1;
+        let once = self.settings.once;
+        let Queues {
+            chats,
+            ready,
+            unfinished,
+            handled,
+            claimed,
+            failed,
+            ..
+        } = &mut *state;
+        if let Some(queue) = chats.get_mut(chat) {
+            queue.busy = false;
+            match done {
+                Done::Finished => {
+                    queue.updates.pop_front();
+                    unfinished.remove(&update_id);
+                    *handled += 1;
+                    queue.failures = 0;
+                    if queue.updates.is_empty() {
+                        chats.remove(chat);
+                    } else {
+                        ready.push_back(chat.to_string());
                     }
                 }
-            });
+                Done::Failed => {
+                    *claimed -= 1;
+                    queue.failures += 1;
+                    if once {
+                        // Left for the next run: this chat stops here.
+                        *failed = true;
+                        queue.parked = true;
+                    } else {
+                        let delay = RetryPolicy::FOREVER.next_delay(queue.failures, None);
+                        queue.retry_at = Some(Instant::now() + delay);
+                    }
+                }
+            }
         }
-    });
-    result
-        .into_inner()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.notify(&mut state);
+    }
 }
 
-/// Handles one chat's updates in order. Returns the id it stopped at, if it
-/// did not get through them all.
-fn handle_chat(
-    updates: &[&Update],
-    handler: &dyn Handler,
-    store: &StateStore,
-    settings: &PollSettings,
-    handled: &AtomicU64,
-    shutdown: &Shutdown,
-    result: &Mutex<BatchResult>,
-) -> Option<i64> {
-    for update in updates {
-        let update_id = update.update_id;
-        if shutdown.is_requested() || lock(result).fatal.is_some() {
-            return Some(update_id);
+enum Done {
+    /// Handled, ignored, or recorded as a dead letter: confirmed.
+    Finished,
+    /// Not handled; stays unfinished and is tried again.
+    Failed,
+}
+
+/// The poll thread: polls whenever there is room, hands what came to the
+/// scheduler, and keeps the stored offset at the lowest unfinished update.
+struct Poller {
+    client: ApiClient,
+    store: Arc<StateStore>,
+    scheduler: Arc<Scheduler>,
+    settings: PollSettings,
+}
+
+impl Poller {
+    fn run(self) {
+        if let Err(error) = self.poll_until_over() {
+            self.scheduler.fail(error);
         }
-        // Claim a slot under --max-updates before starting, so that
-        // concurrent chats never handle more than asked.
-        let claimed = handled.fetch_add(1, Ordering::SeqCst);
-        if settings.max_updates.is_some_and(|max| claimed >= max) {
-            handled.fetch_sub(1, Ordering::SeqCst);
-            return Some(update_id);
-        }
-        let started = Instant::now();
-        let outcome = handler.handle(update);
-        let latency_ms = started.elapsed().as_millis() as u64;
-        let chat = chat_label(update);
-        match outcome {
-            Ok(outcome) => {
-                if let Err(error) = store.mark_handled(update_id, outcome.as_str()) {
-                    lock(result).fatal = Some(error);
-                    return Some(update_id);
+    }
+
+    fn poll_until_over(&self) -> anyhow::Result<()> {
+        let mut stored_offset = i64::MIN;
+        let mut failed_rounds = 0u32;
+        loop {
+            let offset = {
+                let mut state = self.scheduler.lock();
+                while !state.polling_over && state.unfinished.len() >= self.settings.max_in_flight()
+                {
+                    state = self.scheduler.wait(state);
                 }
-                log_handled(update, &chat, outcome, latency_ms);
+                if state.polling_over {
+                    return Ok(());
+                }
+                state.offset()
+            };
+            if offset > stored_offset {
+                self.store.advance_offset(offset)?;
+                stored_offset = offset;
             }
-            Err(HandleError::Retry(error)) => {
-                handled.fetch_sub(1, Ordering::SeqCst);
-                tracing::warn!(
-                    update_id,
-                    chat,
-                    latency_ms,
-                    "update not handled, will retry: {error:#}"
-                );
-                return Some(update_id);
+            let timeout = if self.settings.once {
+                Duration::ZERO
+            } else {
+                self.settings.poll_timeout
+            };
+            let received = match self
+                .client
+                .get_updates(offset, self.settings.limit, timeout)
+            {
+                Ok(received) => received,
+                Err(ApiError::Cancelled) => return Ok(()),
+                Err(error @ ApiError::BadResponse { .. }) => {
+                    tracing::error!("{error}");
+                    failed_rounds += 1;
+                    self.pause(RetryPolicy::FOREVER.next_delay(failed_rounds, None), None);
+                    continue;
+                }
+                Err(error) => return Err(error.into()),
+            };
+            failed_rounds = 0;
+            let had_updates = !received.is_empty();
+            let fresh = self.scheduler.enqueue(received, offset, &self.store)?;
+            if self.settings.once {
+                let mut state = self.scheduler.lock();
+                state.polling_over = true;
+                self.scheduler.notify(&mut state);
+                return Ok(());
             }
-            Err(HandleError::Fatal(error)) => {
-                handled.fetch_sub(1, Ordering::SeqCst);
-                lock(result).fatal = Some(error);
-                return Some(update_id);
-            }
-            Err(HandleError::DeadLetter(reason)) => {
-                if let Err(error) = record_dead_letter(store, update, &reason) {
-                    lock(result).fatal = Some(error);
-                    return Some(update_id);
+            if fresh == 0 && had_updates {
+                // Only unfinished (or unusable) updates came back: the
+                // platform answers at once while they are unconfirmed.
+                let in_flight = !self.scheduler.lock().unfinished.is_empty();
+                if in_flight {
+                    self.pause(REPOLL_INTERVAL, Some(offset));
+                } else {
+                    self.pause(RetryPolicy::FOREVER.next_delay(1, None), None);
                 }
             }
         }
     }
-    None
+
+    /// Waits `duration`, or less if the loop ends or, given the offset of
+    /// the last poll, once the queue runs low behind a moved offset (new
+    /// updates can then come into the platform's window).
+    fn pause(&self, duration: Duration, polled_at: Option<i64>) {
+        let deadline = Instant::now() + duration;
+        let low_water = self.settings.max_in_flight() / 4;
+        let mut state = self.scheduler.lock();
+        loop {
+            let now = Instant::now();
+            let refill = polled_at.is_some_and(|offset| {
+                state.offset() != offset && state.unfinished.len() <= low_water
+            });
+            if state.polling_over || refill || now >= deadline {
+                return;
+            }
+            state = self.scheduler.wait_timeout(state, deadline - now);
+        }
+    }
 }
 
 fn log_handled(update: &Update, chat: &str, outcome: Outcome, latency_ms: u64) {
@@ -342,24 +560,4 @@ fn log_handled(update: &Update, chat: &str, outcome: Outcome, latency_ms: u64) {
         latency_ms,
         "update handled"
     );
-}
-
-/// One queue per chat, in order of first appearance; updates without a chat
-/// (callbacks, …) share one queue.
-fn group_by_chat(updates: &[Update]) -> VecDeque<Vec<&Update>> {
-    let mut index: HashMap<String, usize> = HashMap::new();
-    let mut groups: Vec<Vec<&Update>> = Vec::new();
-    for update in updates {
-        let key = chat_label(update);
-        let slot = *index.entry(key).or_insert_with(|| {
-            groups.push(Vec::new());
-            groups.len() - 1
-        });
-        groups[slot].push(update);
-    }
-    groups.into()
-}
-
-fn queue_len<T>(queue: &Mutex<VecDeque<T>>) -> usize {
-    lock(queue).len()
 }

@@ -90,7 +90,7 @@ pub fn run(_args: DemoArgs, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let token = Token::new(DEMO_TOKEN).expect("the demo token is not empty");
     let client = ApiClient::new(emulator.base_url(), token.clone(), RetryPolicy::ONE_SHOT)?;
     let identity = BotIdentity::new(emulator.base_url(), &token);
-    let store = StateStore::open(&work.path().join("state.db"), &identity)?;
+    let store = std::sync::Arc::new(StateStore::open(&work.path().join("state.db"), &identity)?);
     let media_dir = work.path().join("media");
     std::fs::create_dir_all(&media_dir)?;
     let handler = EchoHandler {
@@ -104,7 +104,13 @@ pub fn run(_args: DemoArgs, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         max_updates: Some(incoming.len() as u64),
         once: false,
     };
-    let summary = poll_loop::run(&client, &store, &handler, &settings, &Shutdown::new())?;
+    let summary = poll_loop::run(
+        &client,
+        store,
+        std::sync::Arc::new(handler),
+        &settings,
+        &Shutdown::new(),
+    )?;
     let sent = control.get("/_emulator/sent")?;
     let sent = sent["sent"].as_array().cloned().unwrap_or_default();
 

@@ -83,7 +83,7 @@ pub fn run(args: FetchMediaArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode
         } else {
             Durability::Synced
         },
-        shutdown: Shutdown::on_signals()?,
+        shutdown: Shutdown::on_signals(crate::shutdown::DEFAULT_GRACE)?,
     };
 
     let access = client

@@ -3,6 +3,7 @@
 //! local webhook receiver; the offset moves only after the receiver's 2xx.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::api::retry::RetryPolicy;
@@ -19,12 +20,17 @@ pub fn run(args: ForwardArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     check_http_url(&args.to, "--to")?;
     let token = required_token(global)?;
     let secret = signing_secret(&args.secret, global, "fly forward")?;
-    let shutdown = Shutdown::on_signals()?;
+    let shutdown = Shutdown::on_signals(args.stop.grace)?;
     let client = ApiClient::new(&global.base_url, token.clone(), RetryPolicy::FOREVER)?
         .with_shutdown(shutdown.clone());
     let identity = BotIdentity::new(client.base_url(), &token);
-    let store = StateStore::open_for(&identity, args.state)?;
-    let handler = ForwardHandler::new(args.to, secret, args.bot_id, shutdown.clone());
+    let store = Arc::new(StateStore::open_for(&identity, args.state)?);
+    let handler = Arc::new(ForwardHandler::new(
+        args.to,
+        secret,
+        args.bot_id,
+        shutdown.clone(),
+    ));
     let settings = PollSettings {
         limit: 50,
         poll_timeout: Duration::from_secs(args.poll_timeout),
@@ -33,7 +39,7 @@ pub fn run(args: ForwardArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         max_updates: None,
         once: false,
     };
-    let summary = poll_loop::run(&client, &store, &handler, &settings, &shutdown)?;
+    let summary = poll_loop::run(&client, store, handler, &settings, &shutdown)?;
     tracing::info!(delivered = summary.handled, "stopped");
     Ok(exit::code(exit::SUCCESS))
 }

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -17,7 +18,7 @@ use crate::state::{BotIdentity, StateStore};
 
 pub fn run(args: PollEchoArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let token = required_token(global)?;
-    let shutdown = Shutdown::on_signals()?;
+    let shutdown = Shutdown::on_signals(args.stop.grace)?;
     // --once is for CI: a bounded number of retries, then a clear failure.
     let policy = if args.once {
         RetryPolicy::ONE_SHOT
@@ -27,7 +28,7 @@ pub fn run(args: PollEchoArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> 
     let client =
         ApiClient::new(&global.base_url, token.clone(), policy)?.with_shutdown(shutdown.clone());
     let identity = BotIdentity::new(client.base_url(), &token);
-    let store = StateStore::open_for(&identity, args.state)?;
+    let store = Arc::new(StateStore::open_for(&identity, args.state)?);
     let media_dir = args.media_dir.map(prepare_media_dir).transpose()?;
     let settings = PollSettings {
         limit: args.limit,
@@ -37,7 +38,7 @@ pub fn run(args: PollEchoArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> 
         once: args.once,
     };
     let handler = reply_handler(&args.exec, client.clone(), media_dir);
-    let summary = poll_loop::run(&client, &store, handler.as_ref(), &settings, &shutdown)?;
+    let summary = poll_loop::run(&client, store, handler, &settings, &shutdown)?;
     tracing::info!(handled = summary.handled, "stopped");
     Ok(exit::code(exit::SUCCESS))
 }

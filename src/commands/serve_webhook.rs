@@ -8,6 +8,7 @@ use crate::api::retry::RetryPolicy;
 use crate::cli::{GlobalArgs, ServeWebhookArgs};
 use crate::commands::{reply_handler, required_token, webhook_secrets};
 use crate::exit::{self, usage};
+use crate::shutdown::Shutdown;
 use crate::state::{BotIdentity, StateStore};
 use crate::webhook::{self, TlsFiles, WebhookConfig};
 
@@ -35,6 +36,9 @@ pub fn run(args: ServeWebhookArgs, global: &GlobalArgs) -> anyhow::Result<ExitCo
         )));
     }
     let token = required_token(global)?;
+    // Before the URL is printed: a script that stops the server right after
+    // reading it gets a clean stop.
+    let shutdown = Shutdown::on_signals(args.stop.grace)?;
     let secrets = webhook_secrets(&args.secret, global)?
         .into_iter()
         .map(|secret| secret.value)
@@ -62,6 +66,6 @@ pub fn run(args: ServeWebhookArgs, global: &GlobalArgs) -> anyhow::Result<ExitCo
             _ => None,
         },
     };
-    webhook::run_until_signal(config, open_store, handler)?;
+    webhook::run_until_signal(config, open_store, handler, shutdown)?;
     Ok(exit::code(exit::SUCCESS))
 }

@@ -29,6 +29,8 @@ use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::thread::JoinHandle;
 
 use anyhow::Context;
+
+use crate::shutdown::{Shutdown, Stage};
 use tokio::sync::{oneshot, watch};
 
 use state::{EmulatorState, Routed, WebhookTarget};
@@ -117,14 +119,7 @@ impl Drop for Emulator {
 pub fn run_until_signal(config: EmulatorConfig) -> anyhow::Result<()> {
     // Signal handlers are in place before the URL is printed, so a script that
     // stops the emulator right after reading it is not killed outright.
-    let signals = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the signal handler")?;
-    let mut stop_signal = signals
-        .block_on(async { StopSignal::install() })
-        .context("installing signal handlers")?;
-
+    let shutdown = Shutdown::on_signals(crate::shutdown::DEFAULT_GRACE)?;
     let emulator = Emulator::start(config)?;
     let mut stdout = io::stdout().lock();
     writeln!(stdout, "{}", emulator.base_url())
@@ -133,48 +128,9 @@ pub fn run_until_signal(config: EmulatorConfig) -> anyhow::Result<()> {
     drop(stdout);
     tracing::info!("emulator listening on {}", emulator.base_url());
 
-    let signal = signals.block_on(stop_signal.received());
-    tracing::info!("{signal} received, stopping");
+    shutdown.wait_for(Stage::Requested, None);
     emulator.shutdown();
     Ok(())
-}
-
-/// SIGINT or SIGTERM.
-struct StopSignal {
-    #[cfg(unix)]
-    interrupt: tokio::signal::unix::Signal,
-    #[cfg(unix)]
-    terminate: tokio::signal::unix::Signal,
-}
-
-impl StopSignal {
-    #[cfg(unix)]
-    fn install() -> io::Result<StopSignal> {
-        use tokio::signal::unix::{SignalKind, signal};
-        Ok(StopSignal {
-            interrupt: signal(SignalKind::interrupt())?,
-            terminate: signal(SignalKind::terminate())?,
-        })
-    }
-
-    #[cfg(not(unix))]
-    fn install() -> io::Result<StopSignal> {
-        Ok(StopSignal {})
-    }
-
-    #[cfg(unix)]
-    async fn received(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.interrupt.recv() => "SIGINT",
-            _ = self.terminate.recv() => "SIGTERM",
-        }
-    }
-
-    #[cfg(not(unix))]
-    async fn received(&mut self) -> &'static str {
-        let _ = tokio::signal::ctrl_c().await;
-        "Ctrl-C"
-    }
 }
 
 /// What the server, the control API and the webhook worker share.

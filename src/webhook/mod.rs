@@ -21,11 +21,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 
 use crate::bot::Handler;
 use crate::http_server::{self, Limits};
+use crate::shutdown::{Shutdown, Stage};
 use crate::state::StateStore;
 use crate::sync::lock;
 
@@ -49,10 +49,12 @@ pub struct TlsFiles {
     pub private_key: PathBuf,
 }
 
-/// Serves until SIGINT/SIGTERM or a fatal error in a delivery, then finishes
-/// the requests in flight (at most `DRAIN_TIMEOUT`; `--exec` handlers still
-/// running then are killed) and returns that error, if any. The first stdout
-/// line is the URL deliveries go to.
+/// Serves until the stop is requested (SIGINT/SIGTERM) or a delivery runs
+/// into a fatal error, then finishes the requests in flight: at the end of
+/// the grace period `--exec` handlers still running are killed, so their
+/// requests are answered 500 (the platform delivers again) rather than cut
+/// off. Returns the fatal error, if any. The first stdout line is the URL
+/// deliveries go to.
 ///
 /// The state store is opened (and created) only once the TLS files are read
 /// and the port is bound, so a mistake there leaves no file behind.
@@ -60,6 +62,7 @@ pub fn run_until_signal(
     config: WebhookConfig,
     open_store: impl FnOnce() -> anyhow::Result<StateStore>,
     handler: Arc<dyn Handler>,
+    shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let tls = config.tls.as_ref().map(load_tls).transpose()?;
     let (listener, local) = http_server::bind(config.bind, config.port)?;
@@ -78,33 +81,39 @@ pub fn run_until_signal(
         header_read_timeout: config.header_read_timeout,
         max_header_bytes: 64 * 1024,
         max_connections: config.max_connections,
-        drain_timeout: DRAIN_TIMEOUT,
+        drain_timeout: shutdown.grace() + ANSWER_TIME,
     };
-    let fatal = Arc::new(FatalStop::default());
+    let fatal = Arc::new(FatalStop::new(shutdown.clone()));
     let receiver = Arc::new(receiver::Receiver::new(
         &config,
         store,
         Arc::clone(&handler),
         Arc::clone(&fatal),
     ));
-    let abandon_before_drain_ends = Arc::clone(&handler);
-    let fatal_raised = Arc::clone(&fatal);
+    // The stop stages reach the server (a drain) and the handlers (ended
+    // when the grace period is over) from here.
+    let (stop_sender, stop_received) = tokio::sync::oneshot::channel::<()>();
+    let stop_sender = Mutex::new(Some(stop_sender));
+    let abandoning = Arc::clone(&handler);
+    let _subscription = shutdown.subscribe(move |stage| {
+        if stage >= Stage::Requested
+            && let Some(sender) = lock(&stop_sender).take()
+        {
+            let _ = sender.send(());
+        }
+        if stage >= Stage::Abandon {
+            abandoning.abandon();
+        }
+    });
+    let grace = shutdown.grace();
     let served = runtime.block_on(async move {
-        let signal = stop_signal()?;
         let stop = async move {
-            tokio::select! {
-                () = signal => {}
-                () = fatal_raised.raised() => {
-                    tracing::warn!("stopping on a fatal error: finishing requests in flight");
-                }
-            }
-            // Handlers still running just before the drain ends are ended
-            // then, so their requests are answered 500 (the platform delivers
-            // again) rather than cut off without an answer.
-            tokio::spawn(async move {
-                tokio::time::sleep(DRAIN_TIMEOUT.saturating_sub(ANSWER_TIME)).await;
-                abandon_before_drain_ends.abandon();
-            });
+            let _ = stop_received.await;
+            tracing::info!(
+                "stopping: finishing requests in flight (at most {:.0} s; \
+                 a second Ctrl-C stops at once)",
+                grace.as_secs_f64()
+            );
         };
         crate::commands::print_line(&url)?;
         tracing::info!(%url, "receiving webhook deliveries");
@@ -136,31 +145,34 @@ pub fn run_until_signal(
 }
 
 /// The first fatal error a delivery ran into: every later delivery would
-/// fail the same way, so raising it stops the server like a signal does,
-/// and `run_until_signal` returns it.
-#[derive(Default)]
+/// fail the same way, so raising it requests the stop, as a signal does, and
+/// `run_until_signal` returns it.
 struct FatalStop {
     error: Mutex<Option<anyhow::Error>>,
-    raised: Notify,
+    shutdown: Shutdown,
 }
 
 impl FatalStop {
+    fn new(shutdown: Shutdown) -> FatalStop {
+        FatalStop {
+            error: Mutex::new(None),
+            shutdown,
+        }
+    }
+
     /// Keeps the first error (the one the user sees) and starts the stop.
     fn raise(&self, error: anyhow::Error) {
         {
             let mut first = lock(&self.error);
             match first.as_ref() {
-                None => *first = Some(error),
+                None => {
+                    tracing::warn!("stopping on a fatal error: {error:#}");
+                    *first = Some(error);
+                }
                 Some(_) => tracing::debug!("another fatal error while stopping: {error:#}"),
             }
         }
-        // notify_one keeps a permit when nobody is waiting yet, so a raise
-        // is never missed.
-        self.raised.notify_one();
-    }
-
-    async fn raised(&self) {
-        self.raised.notified().await;
+        self.shutdown.request();
     }
 
     fn take(&self) -> Option<anyhow::Error> {
@@ -168,29 +180,12 @@ impl FatalStop {
     }
 }
 
-/// How long a stop waits for requests in flight (a reply being sent).
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Time left, after handlers are abandoned, for their requests to be answered.
 const ANSWER_TIME: Duration = Duration::from_secs(1);
 
 /// How long, after the drain, the requests given up on get to end: enough for
 /// a killed handler to be reaped and its last stderr lines logged.
 const ABANDON_GRACE: Duration = Duration::from_secs(2);
-
-/// Completes on the first SIGINT or SIGTERM.
-fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing the signal handler")?;
-    let mut terminate = signal(SignalKind::terminate()).context("installing the signal handler")?;
-    Ok(async move {
-        tokio::select! {
-            _ = interrupt.recv() => {}
-            _ = terminate.recv() => {}
-        }
-        tracing::info!("stopping: finishing requests in flight");
-    })
-}
 
 fn load_tls(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
     use rustls_pki_types::pem::PemObject;

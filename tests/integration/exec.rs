@@ -582,6 +582,8 @@ fn start_forward(emulator: &Emulator, url: &str, state: &Path) -> Service {
             state.to_str().unwrap(),
             "--poll-timeout",
             "1",
+            "--grace",
+            "1",
         ],
     )
 }
@@ -766,7 +768,7 @@ fn forward_does_not_follow_a_receivers_redirect() {
 /// forward at once (exit 0), not after the 60 s delivery timeout; the
 /// update stays unconfirmed, for the next run.
 #[test]
-fn forward_stops_at_once_while_a_receiver_hangs() {
+fn forward_stops_within_the_grace_period_while_a_receiver_hangs() {
     let emulator = Emulator::start();
     let dir = tempfile::tempdir().unwrap();
     // Accepts connections and never answers them.
