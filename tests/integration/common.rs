@@ -254,6 +254,22 @@ pub fn sign_update(update: &str, secret: &str, extra: &[&str]) -> String {
         .to_string()
 }
 
+/// The live (not zombie) processes in process group `group`, one per line.
+pub fn live_members_of_group(group: &str) -> String {
+    let output = StdCommand::new("ps")
+        .args(["-A", "-o", "pgid=,stat=,pid=,args="])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| {
+            let mut fields = line.split_whitespace();
+            fields.next() == Some(group) && !fields.next().unwrap_or("Z").starts_with('Z')
+        })
+        .map(|line| format!("{line}\n"))
+        .collect()
+}
+
 /// The text of an update the emulator serves for a raw update posted as
 /// `posted`: `"update_id":N` put first, the rest as written.
 pub fn served_update(update_id: i64, posted: &str) -> String {

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::common::{
-    Emulator, TOKEN, eventually, fly, fly_at, fly_child, free_port, sign_update, stderr_of,
+    Emulator, TOKEN, eventually, fly, fly_at, fly_child, free_port, live_members_of_group,
+    sign_update, stderr_of, wait_until,
 };
 
 /// Prints the text content of the update on stdin (plain ASCII without quotes
@@ -1087,5 +1088,204 @@ fn forward_records_an_update_it_cannot_sign_as_a_dead_letter_and_goes_on() {
             .contains("lone surrogate"),
         "{}",
         lines[0]
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The runtime: chats never wait for each other; the staged stop.
+
+/// A handler that hangs for chat `u_slow` until `release` exists, writing
+/// its process group id to `group` first; other chats are answered at once.
+fn slow_chat_handler(release: &Path, group: &Path) -> String {
+    format!(
+        r#"cat > /dev/null
+        if [ "$FLY_CHAT_ID" = u_slow ]; then
+            echo $$ > '{group}.tmp' && mv '{group}.tmp' '{group}'
+            while [ ! -e '{release}' ]; do sleep 0.05; done
+        fi
+        echo "done $FLY_CHAT_ID""#,
+        group = group.display(),
+        release = release.display()
+    )
+}
+
+fn start_poll_echo(emulator: &Emulator, dir: &Path, handler: &str, extra: &[&str]) -> Service {
+    let state = dir.join("s.db");
+    let mut args = vec![
+        "poll-echo",
+        "--state",
+        state.to_str().unwrap(),
+        "--poll-timeout",
+        "1",
+        "--exec",
+        handler,
+    ];
+    args.extend_from_slice(extra);
+    Service::start(emulator, &args)
+}
+
+fn signal(service: &Service, name: &str) {
+    let sent = Command::new("kill")
+        .args([&format!("-{name}"), &service.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+fn read_group(group_file: &Path) -> String {
+    wait_until(Duration::from_secs(15), "the slow handler to start", || {
+        group_file.exists()
+    });
+    std::fs::read_to_string(group_file)
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn a_slow_chat_does_not_hold_up_the_others() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let release = dir.path().join("release");
+    let group_file = dir.path().join("group");
+    let handler = slow_chat_handler(&release, &group_file);
+    let service = start_poll_echo(&emulator, dir.path(), &handler, &[]);
+    let slow = emulator.user_says("private", "u_slow", "first");
+    read_group(&group_file);
+    // Sent while the slow chat's handler runs: answered without waiting for it.
+    let quick = emulator.user_says("private", "u_quick", "second");
+    let answered = eventually(Duration::from_secs(10), || !emulator.sent().is_empty());
+    std::fs::write(&release, "").unwrap();
+    assert!(
+        answered,
+        "chat u_quick waited for u_slow: {}",
+        service.log()
+    );
+    assert_eq!(
+        emulator.sent(),
+        [text_reply(quick, "done u_quick", "private", "u_quick")]
+    );
+    wait_until(Duration::from_secs(10), "the slow chat's reply", || {
+        emulator.sent().len() == 2
+    });
+    assert_eq!(
+        emulator.sent()[1],
+        text_reply(slow, "done u_slow", "private", "u_slow")
+    );
+}
+
+#[test]
+fn sigterm_with_a_hanging_handler_exits_0_after_the_grace_period_and_leaves_nothing_running() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let release = dir.path().join("never");
+    let group_file = dir.path().join("group");
+    let handler = slow_chat_handler(&release, &group_file);
+    let mut service = start_poll_echo(&emulator, dir.path(), &handler, &["--grace", "1"]);
+    let hanging = emulator.user_says("private", "u_slow", "hang");
+    let group = read_group(&group_file);
+    signal(&service, "TERM");
+    let status = service.wait(Duration::from_secs(15));
+    let left = live_members_of_group(&group);
+    assert_eq!(status.map(|s| s.code()), Some(Some(0)), "{}", service.log());
+    assert!(left.is_empty(), "left running: {left}");
+    assert!(service.log().contains("grace period"), "{}", service.log());
+    // Not confirmed: the next run gets the update again.
+    std::fs::write(&release, "").unwrap();
+    let output = poll_once(&emulator, &dir.path().join("s.db"), &handler, &[]);
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    assert_eq!(
+        emulator.sent(),
+        [text_reply(hanging, "done u_slow", "private", "u_slow")]
+    );
+}
+
+#[test]
+fn a_second_signal_stops_poll_echo_at_once_with_130_and_no_handler_left() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let group_file = dir.path().join("group");
+    let handler = slow_chat_handler(&dir.path().join("never"), &group_file);
+    let mut service = start_poll_echo(&emulator, dir.path(), &handler, &["--grace", "600"]);
+    emulator.user_says("private", "u_slow", "hang");
+    let group = read_group(&group_file);
+    signal(&service, "INT");
+    wait_until(Duration::from_secs(10), "the stop to begin", || {
+        service.log().contains("stopping")
+    });
+    signal(&service, "INT");
+    let status = service.wait(Duration::from_secs(10));
+    let left = live_members_of_group(&group);
+    assert_eq!(
+        status.map(|s| s.code()),
+        Some(Some(130)),
+        "{}",
+        service.log()
+    );
+    assert!(left.is_empty(), "left running: {left}");
+}
+
+#[test]
+fn a_second_signal_stops_serve_webhook_at_once_with_130_and_no_handler_left() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let group_file = dir.path().join("group");
+    let handler = slow_chat_handler(&dir.path().join("never"), &group_file);
+    let (mut receiver, url) = start_receiver(&emulator, 0, &dir.path().join("r.db"), &handler);
+    let delivery = signed_delivery(9101, "u_slow", "hang");
+    std::thread::spawn(move || deliver(&url, &delivery));
+    let group = read_group(&group_file);
+    signal(&receiver, "INT");
+    wait_until(Duration::from_secs(10), "the stop to begin", || {
+        receiver.log().contains("stopping")
+    });
+    signal(&receiver, "INT");
+    let status = receiver.wait(Duration::from_secs(10));
+    let left = live_members_of_group(&group);
+    assert_eq!(
+        status.map(|s| s.code()),
+        Some(Some(130)),
+        "{}",
+        receiver.log()
+    );
+    assert!(left.is_empty(), "left running: {left}");
+}
+
+#[test]
+fn a_second_signal_stops_forward_at_once_with_130() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    // Accepts connections and never answers them.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", silent.local_addr().unwrap());
+    let held = std::thread::spawn(move || silent.accept().map(|(stream, _)| stream));
+    let state = dir.path().join("forward.db");
+    let mut forward = Service::start(
+        &emulator,
+        &[
+            "forward",
+            "--to",
+            &url,
+            "--secret",
+            "s",
+            "--state",
+            state.to_str().unwrap(),
+            "--grace",
+            "600",
+        ],
+    );
+    emulator.user_says("private", "u_1", "hello");
+    let _connection = held.join().unwrap().unwrap();
+    signal(&forward, "INT");
+    wait_until(Duration::from_secs(10), "the stop to begin", || {
+        forward.log().contains("stopping")
+    });
+    signal(&forward, "INT");
+    let status = forward.wait(Duration::from_secs(10));
+    assert_eq!(
+        status.map(|s| s.code()),
+        Some(Some(130)),
+        "{}",
+        forward.log()
     );
 }

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{Value, json};
 
 use crate::common::{
-    Emulator, TOKEN, echo, eventually, fly, fly_child, sign_update, stderr_of, wait_until,
+    Emulator, TOKEN, echo, eventually, fly, fly_child, live_members_of_group, sign_update,
+    stderr_of, wait_until,
 };
 
 const SECRET: &str = "hook-secret";
@@ -785,22 +786,6 @@ fn sigterm_lets_a_reply_in_flight_finish() {
         emulator.sent(),
         [echo(901, "last one", ("to_user_id", "u_1"))]
     );
-}
-
-/// The live (not zombie) processes in process group `group`, one per line.
-fn live_members_of_group(group: &str) -> String {
-    let output = Command::new("ps")
-        .args(["-A", "-o", "pgid=,stat=,pid=,args="])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter(|line| {
-            let mut fields = line.split_whitespace();
-            fields.next() == Some(group) && !fields.next().unwrap_or("Z").starts_with('Z')
-        })
-        .map(|line| format!("{line}\n"))
-        .collect()
 }
 
 #[test]
