@@ -135,8 +135,10 @@ struct Scheduler {
 #[derive(Default)]
 struct Queues {
     chats: HashMap<String, ChatQueue>,
-    /// Chats whose next update can start now, in the order they became ready.
-    ready: VecDeque<String>,
+    /// Chats whose next update can start now, by the id of that update: the
+    /// oldest update goes first, so one worker (`fly forward`) keeps the
+    /// platform's order across chats.
+    ready: BTreeSet<(i64, String)>,
     /// Ids queued or being handled: the offset stays at or below the lowest.
     unfinished: BTreeSet<i64>,
     /// One past the highest id seen: the offset once nothing is unfinished.
@@ -308,7 +310,7 @@ impl Scheduler {
             queue.updates.push_back(update);
             let startable = queue.updates.len() == 1 && !queue.busy && queue.retry_at.is_none();
             if startable {
-                state.ready.push_back(chat);
+                state.ready.insert((update_id, chat));
             }
         }
         self.notify(&mut state);
@@ -364,7 +366,7 @@ impl Scheduler {
             if state.stopping {
                 return None;
             }
-            if !at_limit && let Some(chat) = state.ready.pop_front() {
+            if !at_limit && let Some((_, chat)) = state.ready.pop_first() {
                 let queue = state.chats.get_mut(&chat)?;
                 queue.busy = true;
                 let update = queue.updates.front()?.clone();
@@ -380,7 +382,9 @@ impl Scheduler {
                 match queue.retry_at {
                     Some(at) if at <= now => {
                         queue.retry_at = None;
-                        due.push(name.clone());
+                        if let Some(front) = queue.updates.front() {
+                            due.push((front.update_id, name.clone()));
+                        }
                     }
                     Some(at) => next_retry = Some(next_retry.map_or(at, |next| next.min(at))),
                     None => {}
@@ -419,10 +423,13 @@ impl Scheduler {
                     unfinished.remove(&update_id);
                     *handled += 1;
                     queue.failures = 0;
-                    if queue.updates.is_empty() {
-                        chats.remove(chat);
-                    } else {
-                        ready.push_back(chat.to_string());
+                    match queue.updates.front() {
+                        Some(next) => {
+                            ready.insert((next.update_id, chat.to_string()));
+                        }
+                        None => {
+                            chats.remove(chat);
+                        }
                     }
                 }
                 Done::Failed => {

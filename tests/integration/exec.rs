@@ -1289,3 +1289,37 @@ fn a_second_signal_stops_forward_at_once_with_130() {
         forward.log()
     );
 }
+
+#[test]
+fn forward_delivers_in_the_platforms_order_across_chats() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let runs = dir.path().join("runs");
+    let mut expected = Vec::new();
+    for round in 0..4 {
+        for chat in ["u_a", "u_b", "u_c"] {
+            expected.push(emulator.user_says("private", chat, &format!("m{round}")));
+        }
+    }
+    let handler = format!(
+        "cat > /dev/null; echo \"$FLY_UPDATE_ID\" >> '{}'",
+        runs.display()
+    );
+    let (_receiver, url) = start_receiver(&emulator, 0, &dir.path().join("r.db"), &handler);
+    let forward = start_forward(&emulator, &url, &dir.path().join("forward.db"));
+    let delivered = || -> Vec<i64> {
+        std::fs::read_to_string(&runs)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| line.parse().unwrap())
+            .collect()
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || delivered().len()
+            == expected.len()),
+        "{:?}\n{}",
+        delivered(),
+        forward.log()
+    );
+    assert_eq!(delivered(), expected);
+}
