@@ -13,6 +13,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::Context;
 use indicatif::ProgressBar;
@@ -20,7 +21,8 @@ use ureq::Agent;
 use ureq::http::{Response, Uri};
 
 use crate::api::retry::{
-    AttemptError, GaveUp, RetryPolicy, TransportFailure, classify_transport, status_is_transient,
+    AttemptError, GaveUp, Limit, RetryPolicy, TransportFailure, attempts_text, classify_transport,
+    parse_retry_after, status_is_transient,
 };
 use crate::progress::set_download_length;
 use crate::shutdown::Shutdown;
@@ -156,8 +158,10 @@ impl std::error::Error for DownloadError {
 
 /// Streams `access_url` into `sink` with a fixed buffer, checking the byte
 /// count against `Content-Length`. What can succeed later (dropped
-/// connections, short bodies, 429, 5xx but 501) is retried under `policy`,
-/// resuming with `Range` when the server answers 206; anything else fails at
+/// connections, short bodies, 429, 5xx but 501) is retried under `policy`
+/// (`Retry-After` honoured within its budget; a transfer that got further
+/// than ever before starts the budget again), resuming with `Range` when the
+/// server answers 206; anything else fails at
 /// once: 403/404 (the access URL expired, or never existed), other statuses,
 /// HTTP that cannot be read, a redirect to anything but http(s). A stop
 /// requested through `shutdown` ends the transfer between two reads.
@@ -177,8 +181,17 @@ pub fn download(
         progress,
         shutdown,
     };
+    // The furthest any attempt got: a retry that gets past it made progress.
+    let mut furthest = 0u64;
     let outcome = policy.run(
-        |_| transfer.attempt(sink, &mut done, &mut buffer),
+        |attempt| {
+            let result = transfer.attempt(sink, &mut done, &mut buffer, attempt.time_left);
+            if done > furthest {
+                furthest = done;
+                attempt.made_progress();
+            }
+            result
+        },
         |failures, reason, delay| {
             tracing::warn!(
                 failures,
@@ -190,9 +203,20 @@ pub fn download(
     );
     outcome.map_err(|gave_up| match gave_up {
         GaveUp::Fatal(error) => error,
-        GaveUp::Exhausted { attempts, last } => {
-            DownloadError::Transfer(format!("failed after {attempts} attempts: {last}"))
-        }
+        GaveUp::Exhausted {
+            last,
+            limit: Limit::RetryAfter(wait),
+            ..
+        } => DownloadError::Transfer(format!("{last}; the server {wait}")),
+        GaveUp::Exhausted {
+            attempts,
+            last,
+            limit,
+        } => DownloadError::Transfer(format!(
+            "failed after {}{}: {last}",
+            attempts_text(attempts),
+            limit.spent()
+        )),
         GaveUp::Cancelled => DownloadError::Transfer("interrupted".to_string()),
     })
 }
@@ -211,12 +235,13 @@ impl Transfer<'_> {
         sink: &mut dyn DownloadSink,
         done: &mut u64,
         buffer: &mut [u8],
+        time_left: Option<Duration>,
     ) -> Result<u64, AttemptError<DownloadError>> {
         let Transfer {
             progress, shutdown, ..
         } = *self;
         let sink_failed = |error: std::io::Error| AttemptError::Fatal(DownloadError::Sink(error));
-        let mut response = self.get(*done)?;
+        let mut response = self.get(*done, time_left)?;
         let status = response.status().as_u16();
         match status {
             206 if *done > 0 => {
@@ -247,7 +272,15 @@ impl Transfer<'_> {
                 )));
             }
             status if status_is_transient(status) => {
-                return Err(transient(format!("HTTP {status}")));
+                let retry_after = response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|value| value.to_str().ok())
+                    .and_then(parse_retry_after);
+                return Err(AttemptError::Transient {
+                    reason: format!("HTTP {status}"),
+                    retry_after,
+                });
             }
             _ => {
                 let reason = response.status().canonical_reason().unwrap_or_default();
@@ -307,7 +340,22 @@ impl Transfer<'_> {
     /// GETs the access URL from byte `offset` on, following redirects here
     /// rather than in ureq, which would take `Location: file:///etc/passwd`
     /// for a path on the same host and fetch that: each hop must be http(s).
-    fn get(&self, offset: u64) -> Result<Response<ureq::Body>, AttemptError<DownloadError>> {
+    ///
+    /// `time_left` (what the retry budget has left) bounds each wait on the
+    /// server (connecting, the answer, any one read), so a silent server
+    /// cannot keep a one-shot fetch past its budget. The transfer as a whole
+    /// is not bounded: one that moves starts the budget again.
+    fn get(
+        &self,
+        offset: u64,
+        time_left: Option<Duration>,
+    ) -> Result<Response<ureq::Body>, AttemptError<DownloadError>> {
+        let config = self.agent.config();
+        let within = |timeout: Option<Duration>| match (timeout, time_left) {
+            (Some(timeout), Some(left)) => Some(timeout.min(left)),
+            (timeout, left) => timeout.or(left),
+        };
+        let timeouts = config.timeouts();
         let mut url = self.access_url.to_string();
         for _ in 0..=MAX_REDIRECTS {
             let mut request = self
@@ -324,6 +372,9 @@ impl Transfer<'_> {
             let response = request
                 .config()
                 .max_redirects(0)
+                .timeout_connect(within(timeouts.connect))
+                .timeout_recv_response(within(timeouts.recv_response))
+                .timeout_per_read(within(config.timeout_per_read()))
                 .build()
                 .call()
                 .map_err(|error| failed_transfer(error, "connection error"))?;

@@ -115,7 +115,7 @@ impl ApiClient {
     ) -> Result<T, ApiError> {
         let url = format!("{}{}", self.base_url, path);
         let outcome = self.policy.run(
-            |_attempt| self.attempt(&url, path, body, read_timeout, &read),
+            |attempt| self.attempt(&url, path, body, read_timeout, attempt.time_left, &read),
             |failures, reason, delay| {
                 tracing::warn!(
                     path,
@@ -128,10 +128,15 @@ impl ApiClient {
         );
         outcome.map_err(|gave_up| match gave_up {
             GaveUp::Fatal(error) => error,
-            GaveUp::Exhausted { attempts, last } => ApiError::Unavailable {
+            GaveUp::Exhausted {
+                attempts,
+                last,
+                limit,
+            } => ApiError::Unavailable {
                 path: path.to_string(),
                 attempts,
                 last,
+                limit,
             },
             GaveUp::Cancelled => ApiError::Cancelled,
         })
@@ -206,12 +211,16 @@ impl ApiClient {
         )
     }
 
+    /// One request. `time_left` (what the retry budget has left) bounds the
+    /// whole exchange, so a server that stops answering cannot stretch a
+    /// one-shot command past its budget.
     fn attempt<T>(
         &self,
         url: &str,
         path: &str,
         body: &str,
         read_timeout: Duration,
+        time_left: Option<Duration>,
         read: &impl Fn(&Envelope) -> Result<T, String>,
     ) -> Result<T, AttemptError<ApiError>> {
         let result = self
@@ -220,6 +229,7 @@ impl ApiClient {
             .header("Authorization", &format!("Bearer {}", self.token.expose()))
             .config()
             .timeout_per_read(Some(read_timeout))
+            .timeout_global(time_left)
             // Following a redirect would turn the POST into a bodyless GET
             // (301-303) whose 2xx looks like success: a 3xx is an answer.
             .max_redirects(0)
@@ -388,6 +398,8 @@ fn describe_transport_error(error: &ureq::Error) -> String {
     match error {
         ureq::Error::ConnectionFailed => "connection failed".to_string(),
         ureq::Error::HostNotFound => "host not found".to_string(),
+        // Only the retry budget sets a global timeout (see `attempt`).
+        ureq::Error::Timeout(ureq::Timeout::Global) => "no answer in the time left".to_string(),
         ureq::Error::Timeout(kind) => format!("timed out ({kind})"),
         ureq::Error::Io(io) => format!("connection error: {io}"),
         other => other.to_string(),

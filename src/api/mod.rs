@@ -11,6 +11,8 @@ use std::fmt;
 pub use client::{ApiClient, Received, check_http_url};
 pub use types::{Chat, Message, MessageData, SendRequest, Target, Unusable, Update};
 
+use retry::{Limit, attempts_text};
+
 /// The bot token. It has no `Display` and a redacted `Debug`, so it cannot end
 /// up in a log line or an error message by accident; the only way to the raw
 /// value is [`Token::expose`], used to build the `Authorization` header.
@@ -60,11 +62,13 @@ pub enum ApiError {
         status: u16,
         detail: String,
     },
-    /// Transient failures until the retry policy gave up.
+    /// Transient failures until the retry policy gave up: out of attempts,
+    /// out of time, or asked (`Retry-After`) to wait longer than it has left.
     Unavailable {
         path: String,
         attempts: u32,
         last: String,
+        limit: Limit,
     },
     /// The server answered 2xx with something that is not the documented JSON,
     /// or with HTTP that cannot be read (never retried: it would answer the same).
@@ -88,9 +92,21 @@ impl fmt::Display for ApiError {
             } => write!(f, "{path} was rejected: HTTP {status}{detail}"),
             ApiError::Unavailable {
                 path,
+                last,
+                limit: Limit::RetryAfter(wait),
+                ..
+            } => write!(f, "{path} failed: {last}; the platform {wait}"),
+            ApiError::Unavailable {
+                path,
                 attempts,
                 last,
-            } => write!(f, "{path} failed after {attempts} attempts: {last}"),
+                limit,
+            } => write!(
+                f,
+                "{path} failed after {}{}: {last}",
+                attempts_text(*attempts),
+                limit.spent()
+            ),
             ApiError::BadResponse { path, detail } => {
                 write!(f, "{path} answered with an unexpected body: {detail}")
             }
@@ -128,14 +144,36 @@ mod tests {
             "the platform refused the bot token (HTTP 401 (code 40100: invalid token)); \
              check FLY_BOT_TOKEN or --token-file"
         );
-        let gave_up = ApiError::Unavailable {
+        let gave_up = |attempts, limit| ApiError::Unavailable {
             path: "/api/v1/s/bot/send".into(),
-            attempts: 6,
+            attempts,
             last: "HTTP 503".into(),
+            limit,
         };
         assert_eq!(
-            gave_up.to_string(),
+            gave_up(6, Limit::Attempts).to_string(),
             "/api/v1/s/bot/send failed after 6 attempts: HTTP 503"
+        );
+        let budget = std::time::Duration::from_secs(30);
+        assert_eq!(
+            gave_up(1, Limit::Time { budget }).to_string(),
+            "/api/v1/s/bot/send failed after 1 attempt in about 30 s \
+             (as long as this command retries): HTTP 503"
+        );
+        let throttled = ApiError::Unavailable {
+            path: "/api/v1/s/bot/send".into(),
+            attempts: 1,
+            last: "HTTP 429 (code 42900: slow down)".into(),
+            limit: Limit::RetryAfter(retry::WaitTooLong {
+                asked: std::time::Duration::from_secs(300),
+                left: std::time::Duration::from_secs(29),
+                budget,
+            }),
+        };
+        assert_eq!(
+            throttled.to_string(),
+            "/api/v1/s/bot/send failed: HTTP 429 (code 42900: slow down); the platform \
+             asked to wait 300 s (Retry-After), more than the ~30 s this command retries for"
         );
     }
 }

@@ -1,16 +1,27 @@
 //! The retry policy every command shares: which failures are worth another try,
-//! and how long to wait before it (capped exponential backoff with jitter,
-//! `Retry-After` honoured).
+//! how long to wait before it (capped exponential backoff with jitter,
+//! `Retry-After` honoured), and how long a call may go on failing in all.
 //!
 //! The loop itself is here too, so no command writes its own, and so is the
 //! one rule for which HTTP failures can succeed later
 //! ([`status_is_transient`], [`classify_transport`]): the API client and
 //! downloads both ask it.
+//!
+//! A policy's budget (SPEC section 2) is wall-clock time from the first
+//! attempt, the attempts themselves included, not only the waits: a one-shot
+//! command gives up within about 30 s, and a `Retry-After` longer than what is
+//! left of that fails at once rather than after a wait that cannot help.
+//! Policies without a budget (services) honour `Retry-After` up to 5 minutes.
 
-use std::time::Duration;
+use std::fmt;
+use std::time::{Duration, Instant};
 
 /// The longest we are willing to wait because a server said so in `Retry-After`.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// A wait is only worth taking if at least this much of the budget is left
+/// after it for the attempt that follows.
+const LAST_ATTEMPT_TIME: Duration = Duration::from_secs(1);
 
 /// How one attempt at a call ended, when it did not succeed.
 #[derive(Debug)]
@@ -24,15 +35,111 @@ pub enum AttemptError<E> {
     Fatal(E),
 }
 
+/// What the loop tells an attempt, and what the attempt can tell the loop.
+#[derive(Debug)]
+pub struct Attempt {
+    /// 1 for the first attempt.
+    pub number: u32,
+    /// What is left of the policy's budget: an attempt that can bound its own
+    /// duration (a request timeout) should, so the budget holds in all.
+    /// `None` when the policy has no budget.
+    pub time_left: Option<Duration>,
+    progressed: bool,
+}
+
+impl Attempt {
+    /// This attempt got somewhere before it failed (a download received bytes
+    /// the next attempt resumes from, beyond any earlier attempt): the budget
+    /// starts again when it ends. Failing is what the budget bounds, not a
+    /// transfer that keeps moving.
+    pub fn made_progress(&mut self) {
+        self.progressed = true;
+    }
+}
+
 /// Why the retry loop gave up.
 #[derive(Debug)]
 pub enum GaveUp<E> {
     /// An attempt failed in a way retrying cannot fix.
     Fatal(E),
-    /// Every allowed attempt failed transiently; `last` says how the last one did.
-    Exhausted { attempts: u32, last: String },
+    /// Attempts failed transiently until `limit` ran out; `last` says how the
+    /// last one did.
+    Exhausted {
+        attempts: u32,
+        last: String,
+        limit: Limit,
+    },
     /// The caller asked to stop while we were waiting.
     Cancelled,
+}
+
+/// What ran out when the loop stopped retrying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// The policy's `max_attempts`.
+    Attempts,
+    /// The policy's budget: no time left for another wait and attempt.
+    Time { budget: Duration },
+    /// The server asked (`Retry-After`) for a longer wait than the budget has
+    /// left, so the loop gave up at once instead of waiting.
+    RetryAfter(WaitTooLong),
+}
+
+/// A `Retry-After` the budget cannot honour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaitTooLong {
+    /// What the server asked for.
+    pub asked: Duration,
+    /// The longest wait the budget had left (room for one more attempt kept).
+    pub left: Duration,
+    /// The policy's whole budget.
+    pub budget: Duration,
+}
+
+impl fmt::Display for WaitTooLong {
+    /// `asked to wait 300 s (Retry-After), more than the ~30 s this command
+    /// retries for`; the caller says who asked.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let asked = whole_seconds_up(self.asked);
+        let budget = self.budget.as_secs();
+        write!(f, "asked to wait {asked} s (Retry-After), more than the ")?;
+        if self.asked + LAST_ATTEMPT_TIME > self.budget {
+            // It could never have fitted, whenever it was asked.
+            write!(f, "~{budget} s this command retries for")
+        } else {
+            let left = self.left.as_secs();
+            write!(
+                f,
+                "{left} s left of the ~{budget} s this command retries for"
+            )
+        }
+    }
+}
+
+impl Limit {
+    /// ` in about 30 s` for a spent budget, for "failed after N attempts…".
+    pub fn spent(&self) -> String {
+        match self {
+            Limit::Time { budget } => format!(
+                " in about {} s (as long as this command retries)",
+                budget.as_secs()
+            ),
+            Limit::Attempts | Limit::RetryAfter(_) => String::new(),
+        }
+    }
+}
+
+/// `1 attempt`, `3 attempts`.
+pub fn attempts_text(attempts: u32) -> String {
+    if attempts == 1 {
+        "1 attempt".to_string()
+    } else {
+        format!("{attempts} attempts")
+    }
+}
+
+fn whole_seconds_up(duration: Duration) -> u64 {
+    duration.as_secs() + u64::from(duration.subsec_nanos() > 0)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,15 +151,22 @@ pub struct RetryPolicy {
     pub initial_delay: Duration,
     /// Upper bound of the doubled wait.
     pub max_delay: Duration,
+    /// How long a call may go on failing, attempts and waits included, counted
+    /// from the first attempt (or from the end of the last one that made
+    /// progress). `None`: no limit but `max_attempts`, and `Retry-After` is
+    /// honoured up to 5 minutes.
+    pub budget: Option<Duration>,
 }
 
 impl RetryPolicy {
-    /// For one-shot commands (`fly send`, `fly fetch-media`): a handful of tries,
-    /// about 10 s of waiting in all before the error is reported.
+    /// For one-shot commands (`fly send`, `fly fetch-media`, `poll-echo
+    /// --once`): a handful of tries, and within about 30 s in all the error is
+    /// reported.
     pub const ONE_SHOT: RetryPolicy = RetryPolicy {
         max_attempts: Some(6),
         initial_delay: Duration::from_millis(200),
         max_delay: Duration::from_secs(5),
+        budget: Some(Duration::from_secs(30)),
     };
 
     /// For services (`poll-echo`, `forward`): never give up, never hammer.
@@ -60,17 +174,30 @@ impl RetryPolicy {
         max_attempts: None,
         initial_delay: Duration::from_millis(200),
         max_delay: Duration::from_secs(30),
+        budget: None,
     };
 
-    /// The wait before the next attempt, after `failures` failed ones (1-based).
+    /// The wait before the next attempt, after `failures` failed ones
+    /// (1-based), leaving the budget aside (in [`RetryPolicy::run`] a budget
+    /// may shorten the wait or refuse it).
     ///
     /// `jitter` is a number in `[0, 1)`; half of the exponential delay is fixed and
     /// half is scaled by it ("equal jitter"), so many clients that failed together
     /// do not come back together, yet nobody retries immediately.
     pub fn delay(&self, failures: u32, retry_after: Option<Duration>, jitter: f64) -> Duration {
-        if let Some(asked) = retry_after {
-            return asked.min(MAX_RETRY_AFTER);
+        match retry_after {
+            Some(asked) => asked.min(MAX_RETRY_AFTER),
+            None => self.backoff(failures, jitter),
         }
+    }
+
+    /// [`RetryPolicy::delay`] with random jitter.
+    pub fn next_delay(&self, failures: u32, retry_after: Option<Duration>) -> Duration {
+        self.delay(failures, retry_after, random_unit())
+    }
+
+    /// Capped exponential backoff with equal jitter.
+    fn backoff(&self, failures: u32, jitter: f64) -> Duration {
         let doublings = failures.saturating_sub(1).min(31);
         let exponential = self
             .initial_delay
@@ -80,44 +207,96 @@ impl RetryPolicy {
         half + half.mul_f64(jitter.clamp(0.0, 1.0))
     }
 
-    /// [`RetryPolicy::delay`] with random jitter.
-    pub fn next_delay(&self, failures: u32, retry_after: Option<Duration>) -> Duration {
-        self.delay(failures, retry_after, random_unit())
+    /// The wait before the next attempt, or why there is none: `elapsed` is
+    /// the time spent failing so far (see [`RetryPolicy::budget`]).
+    fn wait_before_retry(
+        &self,
+        failures: u32,
+        retry_after: Option<Duration>,
+        elapsed: Duration,
+        jitter: f64,
+    ) -> Result<Duration, Limit> {
+        let Some(budget) = self.budget else {
+            return Ok(self.delay(failures, retry_after, jitter));
+        };
+        let left = budget
+            .saturating_sub(elapsed)
+            .saturating_sub(LAST_ATTEMPT_TIME);
+        match retry_after {
+            Some(asked) if asked > left => Err(Limit::RetryAfter(WaitTooLong {
+                asked,
+                left,
+                budget,
+            })),
+            Some(asked) => Ok(asked.min(MAX_RETRY_AFTER)),
+            // Our own backoff is only a suggestion: the last wait is cut to fit.
+            None if left.is_zero() => Err(Limit::Time { budget }),
+            None => Ok(self.backoff(failures, jitter).min(left)),
+        }
     }
 
-    /// Runs `attempt` until it succeeds, fails fatally, runs out of attempts, or
-    /// `wait` reports that the caller wants to stop (it returns `false`).
+    /// Runs `attempt` until it succeeds, fails fatally, runs out of attempts
+    /// or budget, or `wait` reports that the caller wants to stop (it returns
+    /// `false`).
     ///
     /// `on_retry` is told about each transient failure before the wait, so the
     /// caller can log it in its own words.
     pub fn run<T, E>(
         &self,
-        mut attempt: impl FnMut(u32) -> Result<T, AttemptError<E>>,
+        attempt: impl FnMut(&mut Attempt) -> Result<T, AttemptError<E>>,
+        on_retry: impl FnMut(u32, &str, Duration),
+        wait: impl FnMut(Duration) -> bool,
+    ) -> Result<T, GaveUp<E>> {
+        self.run_timed(Instant::now, random_unit, attempt, on_retry, wait)
+    }
+
+    /// [`RetryPolicy::run`] with the clock and the jitter passed in, so tests
+    /// can drive time (`wait` is the sleeper) without sleeping.
+    fn run_timed<T, E>(
+        &self,
+        now: impl Fn() -> Instant,
+        mut jitter: impl FnMut() -> f64,
+        mut attempt: impl FnMut(&mut Attempt) -> Result<T, AttemptError<E>>,
         mut on_retry: impl FnMut(u32, &str, Duration),
         mut wait: impl FnMut(Duration) -> bool,
     ) -> Result<T, GaveUp<E>> {
+        let mut failing_since = now();
         let mut failures = 0u32;
         loop {
-            match attempt(failures + 1) {
+            let mut this = Attempt {
+                number: failures + 1,
+                time_left: self
+                    .budget
+                    .map(|budget| budget.saturating_sub(now() - failing_since)),
+                progressed: false,
+            };
+            let (reason, retry_after) = match attempt(&mut this) {
                 Ok(value) => return Ok(value),
                 Err(AttemptError::Fatal(error)) => return Err(GaveUp::Fatal(error)),
                 Err(AttemptError::Transient {
                     reason,
                     retry_after,
-                }) => {
-                    failures += 1;
-                    if self.max_attempts.is_some_and(|max| failures >= max) {
-                        return Err(GaveUp::Exhausted {
-                            attempts: failures,
-                            last: reason,
-                        });
-                    }
-                    let delay = self.next_delay(failures, retry_after);
-                    on_retry(failures, &reason, delay);
-                    if !wait(delay) {
-                        return Err(GaveUp::Cancelled);
-                    }
-                }
+                }) => (reason, retry_after),
+            };
+            failures += 1;
+            if this.progressed {
+                failing_since = now();
+            }
+            let gave_up = |limit| GaveUp::Exhausted {
+                attempts: failures,
+                last: reason.clone(),
+                limit,
+            };
+            if self.max_attempts.is_some_and(|max| failures >= max) {
+                return Err(gave_up(Limit::Attempts));
+            }
+            let elapsed = now() - failing_since;
+            let delay = self
+                .wait_before_retry(failures, retry_after, elapsed, jitter())
+                .map_err(gave_up)?;
+            on_retry(failures, &reason, delay);
+            if !wait(delay) {
+                return Err(GaveUp::Cancelled);
             }
         }
     }
@@ -193,12 +372,13 @@ fn random_unit() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::cell::RefCell;
+    use std::cell::{Cell, RefCell};
 
     const POLICY: RetryPolicy = RetryPolicy {
         max_attempts: Some(4),
         initial_delay: Duration::from_millis(100),
         max_delay: Duration::from_millis(1000),
+        budget: None,
     };
 
     #[test]
@@ -284,49 +464,125 @@ mod tests {
         }
     }
 
-    #[test]
-    fn succeeds_after_transient_failures() {
+    fn asked_to_wait<E>(seconds: u64) -> AttemptError<E> {
+        AttemptError::Transient {
+            reason: "HTTP 429".into(),
+            retry_after: Some(Duration::from_secs(seconds)),
+        }
+    }
+
+    /// A clock that moves only when told: attempts advance it by how long
+    /// they take, the sleeper by how long it was asked to wait.
+    struct FakeClock {
+        start: Instant,
+        elapsed: Cell<Duration>,
+    }
+
+    impl FakeClock {
+        fn new() -> FakeClock {
+            FakeClock {
+                start: Instant::now(),
+                elapsed: Cell::new(Duration::ZERO),
+            }
+        }
+        fn now(&self) -> Instant {
+            self.start + self.elapsed.get()
+        }
+        fn advance(&self, by: Duration) {
+            self.elapsed.set(self.elapsed.get() + by);
+        }
+        fn elapsed(&self) -> Duration {
+            self.elapsed.get()
+        }
+    }
+
+    /// What one run did: its result, the waits asked for, the time left
+    /// each attempt was told, and the fake time it took in all.
+    struct Run<T, E> {
+        result: Result<T, GaveUp<E>>,
+        waits: Vec<Duration>,
+        time_left: Vec<Option<Duration>>,
+        elapsed: Duration,
+    }
+
+    /// Runs `policy` on a fake clock with jitter 1 (the full backoff): each
+    /// attempt takes `attempt_takes` or the time it is told is left, if
+    /// less (as a request bounded by a timeout), then `outcome(attempt)`
+    /// decides how it ended.
+    fn run_on_fake_clock<T, E>(
+        policy: RetryPolicy,
+        attempt_takes: Duration,
+        mut outcome: impl FnMut(&mut Attempt) -> Result<T, AttemptError<E>>,
+    ) -> Run<T, E> {
+        let clock = FakeClock::new();
         let waits = RefCell::new(Vec::new());
-        let result: Result<u32, GaveUp<()>> = POLICY.run(
-            |n| if n < 3 { Err(transient()) } else { Ok(n) },
+        let time_left = RefCell::new(Vec::new());
+        let result = policy.run_timed(
+            || clock.now(),
+            || 1.0,
+            |attempt| {
+                time_left.borrow_mut().push(attempt.time_left);
+                clock.advance(attempt_takes.min(attempt.time_left.unwrap_or(Duration::MAX)));
+                outcome(attempt)
+            },
             |_, _, _| {},
-            |d| {
-                waits.borrow_mut().push(d);
+            |delay| {
+                waits.borrow_mut().push(delay);
+                clock.advance(delay);
                 true
             },
         );
-        assert!(matches!(result, Ok(3)));
-        assert_eq!(waits.borrow().len(), 2);
+        Run {
+            result,
+            waits: waits.into_inner(),
+            time_left: time_left.into_inner(),
+            elapsed: clock.elapsed(),
+        }
+    }
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn succeeds_after_transient_failures() {
+        let run = run_on_fake_clock(POLICY, Duration::ZERO, |attempt| {
+            if attempt.number < 3 {
+                Err(transient::<()>())
+            } else {
+                Ok(attempt.number)
+            }
+        });
+        assert!(matches!(run.result, Ok(3)));
+        assert_eq!(run.waits.len(), 2);
     }
 
     #[test]
     fn gives_up_after_max_attempts() {
         let mut calls = 0;
-        let result: Result<(), GaveUp<()>> = POLICY.run(
-            |_| {
-                calls += 1;
-                Err(transient())
-            },
-            |_, _, _| {},
-            |_| true,
-        );
+        let run = run_on_fake_clock(POLICY, Duration::ZERO, |_| {
+            calls += 1;
+            Err::<(), _>(transient::<()>())
+        });
         assert_eq!(calls, 4);
-        assert!(matches!(result, Err(GaveUp::Exhausted { attempts: 4, .. })));
+        assert!(matches!(
+            run.result,
+            Err(GaveUp::Exhausted {
+                attempts: 4,
+                limit: Limit::Attempts,
+                ..
+            })
+        ));
     }
 
     #[test]
     fn fatal_errors_are_not_retried() {
         let mut calls = 0;
-        let result: Result<(), GaveUp<&str>> = POLICY.run(
-            |_| {
-                calls += 1;
-                Err(AttemptError::Fatal("token refused"))
-            },
-            |_, _, _| {},
-            |_| true,
-        );
+        let run = run_on_fake_clock(POLICY, Duration::ZERO, |_| {
+            calls += 1;
+            Err::<(), _>(AttemptError::Fatal("token refused"))
+        });
         assert_eq!(calls, 1);
-        assert!(matches!(result, Err(GaveUp::Fatal("token refused"))));
+        assert!(matches!(run.result, Err(GaveUp::Fatal("token refused"))));
+        assert!(run.waits.is_empty());
     }
 
     #[test]
@@ -334,5 +590,196 @@ mod tests {
         let result: Result<(), GaveUp<()>> =
             RetryPolicy::FOREVER.run(|_| Err(transient()), |_, _, _| {}, |_| false);
         assert!(matches!(result, Err(GaveUp::Cancelled)));
+    }
+
+    /// The issue this budget fixes: 429 with `Retry-After: 300` made `fly
+    /// send` wait 5 minutes, up to 5 times. Now it fails at once, saying how
+    /// long the platform asked for.
+    #[test]
+    fn one_shot_fails_at_once_when_retry_after_exceeds_the_budget() {
+        let mut calls = 0;
+        let run = run_on_fake_clock(RetryPolicy::ONE_SHOT, 100 * MS, |_| {
+            calls += 1;
+            Err::<(), _>(asked_to_wait::<()>(300))
+        });
+        assert_eq!(calls, 1);
+        assert!(run.waits.is_empty(), "no wait at all: {:?}", run.waits);
+        let Err(GaveUp::Exhausted {
+            attempts: 1,
+            last,
+            limit: Limit::RetryAfter(wait),
+        }) = run.result
+        else {
+            panic!("expected a Retry-After refusal, got {:?}", run.result);
+        };
+        assert_eq!(last, "HTTP 429");
+        assert_eq!(wait.asked, 300 * SECOND);
+        assert_eq!(wait.budget, 30 * SECOND);
+        assert_eq!(
+            wait.to_string(),
+            "asked to wait 300 s (Retry-After), more than the ~30 s this command retries for"
+        );
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_retry_after_that_fits_is_honoured_exactly() {
+        let run = run_on_fake_clock(RetryPolicy::ONE_SHOT, 100 * MS, |attempt| {
+            if attempt.number == 1 {
+                Err(asked_to_wait::<()>(2))
+            } else {
+                Ok(())
+            }
+        });
+        assert!(run.result.is_ok());
+        assert_eq!(run.waits, [2 * SECOND]);
+    }
+
+    /// Each 10 s wait fits at first; the third would end past the budget,
+    /// counting the time the requests took, so the loop stops there.
+    #[test]
+    fn retry_after_is_weighed_against_what_is_left() {
+        let run = run_on_fake_clock(RetryPolicy::ONE_SHOT, 500 * MS, |_| {
+            Err::<(), _>(asked_to_wait::<()>(10))
+        });
+        assert_eq!(run.waits, [10 * SECOND, 10 * SECOND]);
+        let Err(GaveUp::Exhausted {
+            attempts: 3,
+            limit: Limit::RetryAfter(wait),
+            ..
+        }) = run.result
+        else {
+            panic!("expected a Retry-After refusal, got {:?}", run.result);
+        };
+        // 21.5 s spent, 1 s kept for an attempt after the wait.
+        assert_eq!(wait.left, Duration::from_millis(7_500));
+        assert_eq!(
+            wait.to_string(),
+            "asked to wait 10 s (Retry-After), more than the 7 s left of the ~30 s \
+             this command retries for"
+        );
+        assert!(run.elapsed <= 30 * SECOND);
+    }
+
+    /// Slow failures (each attempt takes 6 s, as a timeout would) count:
+    /// with attempts to spare, the budget ends the loop, the last backoff
+    /// wait is cut so that one more attempt fits, and each attempt is told
+    /// what is left so it can bound its own request.
+    #[test]
+    fn the_budget_counts_the_attempts_and_cuts_the_last_wait() {
+        let policy = RetryPolicy {
+            max_attempts: None,
+            initial_delay: 2 * SECOND,
+            max_delay: 8 * SECOND,
+            budget: Some(30 * SECOND),
+        };
+        let run = run_on_fake_clock(policy, 6 * SECOND, |_| Err::<(), _>(transient::<()>()));
+        // 6 + 2 + 6 + 4 + 6 = 24 s: an 8 s wait would leave nothing for
+        // the attempt after it, so it is cut to 5 s, leaving 1 s.
+        assert_eq!(run.waits, [2 * SECOND, 4 * SECOND, 5 * SECOND]);
+        assert_eq!(
+            run.time_left,
+            [
+                Some(30 * SECOND),
+                Some(22 * SECOND),
+                Some(12 * SECOND),
+                Some(SECOND)
+            ]
+        );
+        assert!(matches!(
+            run.result,
+            Err(GaveUp::Exhausted {
+                attempts: 4,
+                limit: Limit::Time { .. },
+                ..
+            })
+        ));
+        assert_eq!(run.elapsed, 30 * SECOND);
+    }
+
+    /// A server that never answers: each request runs into its timeout,
+    /// and the whole run still ends within the budget.
+    #[test]
+    fn a_silent_server_is_given_up_on_within_the_budget() {
+        let run = run_on_fake_clock(RetryPolicy::ONE_SHOT, 20 * SECOND, |_| {
+            Err::<(), _>(transient::<()>())
+        });
+        assert!(matches!(
+            run.result,
+            Err(GaveUp::Exhausted {
+                attempts: 2,
+                limit: Limit::Time { .. },
+                ..
+            })
+        ));
+        assert!(run.elapsed <= 30 * SECOND, "{:?}", run.elapsed);
+    }
+
+    #[test]
+    fn services_honour_retry_after_up_to_5_minutes() {
+        let run = run_on_fake_clock(RetryPolicy::FOREVER, 100 * MS, |attempt| {
+            match attempt.number {
+                1 => Err(asked_to_wait::<()>(240)),
+                2 => Err(asked_to_wait(86_400)),
+                _ => Ok(()),
+            }
+        });
+        assert!(run.result.is_ok());
+        assert_eq!(run.waits, [240 * SECOND, MAX_RETRY_AFTER]);
+        assert_eq!(run.time_left, [None, None, None]);
+    }
+
+    /// A transfer that keeps moving is not failing: each attempt that made
+    /// progress starts the budget again, so a long download that breaks now
+    /// and then is resumed to the end, while one that stalls gives up.
+    #[test]
+    fn progress_starts_the_budget_again() {
+        let policy = RetryPolicy {
+            max_attempts: None,
+            ..RetryPolicy::ONE_SHOT
+        };
+        let run = run_on_fake_clock(policy, 20 * SECOND, |attempt| {
+            if attempt.number < 5 {
+                attempt.made_progress();
+                Err(transient::<()>())
+            } else {
+                Ok(())
+            }
+        });
+        assert!(run.result.is_ok(), "{:?}", run.result.err());
+        assert!(run.elapsed > 90 * SECOND);
+
+        let stalled = run_on_fake_clock(policy, 20 * SECOND, |_| Err::<(), _>(transient::<()>()));
+        assert!(matches!(
+            stalled.result,
+            Err(GaveUp::Exhausted {
+                attempts: 2,
+                limit: Limit::Time { .. },
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn gave_up_texts() {
+        assert_eq!(attempts_text(1), "1 attempt");
+        assert_eq!(attempts_text(6), "6 attempts");
+        let budget = 30 * SECOND;
+        assert_eq!(
+            Limit::Time { budget }.spent(),
+            " in about 30 s (as long as this command retries)"
+        );
+        assert_eq!(Limit::Attempts.spent(), "");
+        // A date-form Retry-After is rarely whole seconds: rounded up.
+        let wait = WaitTooLong {
+            asked: Duration::from_millis(45_200),
+            left: 20 * SECOND,
+            budget,
+        };
+        assert_eq!(
+            wait.to_string(),
+            "asked to wait 46 s (Retry-After), more than the ~30 s this command retries for"
+        );
     }
 }

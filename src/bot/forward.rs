@@ -17,6 +17,7 @@ const DELIVERY_RETRIES: RetryPolicy = RetryPolicy {
     max_attempts: None,
     initial_delay: Duration::from_millis(100),
     max_delay: Duration::from_secs(5),
+    budget: None,
 };
 
 pub struct ForwardHandler {

@@ -13,11 +13,13 @@ use crate::state::{BotIdentity, StateStore};
 use crate::webhook::{self, TlsFiles, WebhookConfig};
 
 /// Replies are retried briefly: on failure the platform delivers the update
-/// again, so holding the request open longer helps nobody.
+/// again, so holding the request open longer helps nobody. The budget keeps
+/// a long `Retry-After` (or a silent platform) from holding it for minutes.
 const REPLY_RETRIES: RetryPolicy = RetryPolicy {
     max_attempts: Some(3),
     initial_delay: Duration::from_millis(100),
     max_delay: Duration::from_secs(1),
+    budget: Some(Duration::from_secs(10)),
 };
 
 pub fn run(args: ServeWebhookArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {

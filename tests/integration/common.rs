@@ -294,16 +294,54 @@ pub const REDIRECT: &str =
 /// A server that answers every POST with `post_answer` (raw HTTP), and a GET
 /// of `/landing` with a 2xx envelope, so a client that followed a redirect
 /// would think it succeeded. Returns its base URL and the request lines it
-/// has seen. (Fixed answers from a raw socket: nothing here needs real HTTP
-/// parsing, and no library server does a wrong thing on purpose.)
+/// has seen.
 pub fn misbehaving_server(
     post_answer: &'static str,
 ) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let recorded = std::sync::Arc::clone(&seen);
+    let base_url = raw_http_server(move |request_line| {
+        recorded.lock().unwrap().push(request_line.to_string());
+        if request_line.starts_with("GET /landing") {
+            let body = r#"{"code":0,"msg":"ok","data":{"message_id":"m_1"}}"#;
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+        } else {
+            post_answer.to_string()
+        }
+    });
+    (base_url, seen)
+}
+
+/// Each request line a test server has seen, with the time it arrived.
+pub type SeenWithTimes = std::sync::Arc<std::sync::Mutex<Vec<(String, Instant)>>>;
+
+/// A server that answers the requests it gets with `answers` in turn (raw
+/// HTTP), the last one again for every request after them. Returns its base
+/// URL and what it has seen.
+pub fn answering_in_turn(answers: &[&'static str]) -> (String, SeenWithTimes) {
+    let answers = answers.to_vec();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let recorded = std::sync::Arc::clone(&seen);
+    let base_url = raw_http_server(move |request_line| {
+        let mut seen = recorded.lock().unwrap();
+        let answer = answers[seen.len().min(answers.len() - 1)];
+        seen.push((request_line.to_string(), Instant::now()));
+        answer.to_string()
+    });
+    (base_url, seen)
+}
+
+/// A loopback server (port 0) that reads each request whole and writes back
+/// `answer(request line)` as it is, one connection at a time. Returns its
+/// base URL. (Fixed answers from a raw socket: nothing here needs real HTTP
+/// parsing, and no library server does a wrong thing on purpose.)
+fn raw_http_server(mut answer: impl FnMut(&str) -> String + Send + 'static) -> String {
     use std::io::Write;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let base_url = format!("http://{}", listener.local_addr().unwrap());
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let recorded = std::sync::Arc::clone(&seen);
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { return };
@@ -326,21 +364,9 @@ pub fn misbehaving_server(
             }
             let mut body = vec![0u8; body_length];
             let _ = std::io::Read::read_exact(&mut reader, &mut body);
-            recorded
-                .lock()
-                .unwrap()
-                .push(request_line.trim().to_string());
-            let answer = if request_line.starts_with("GET /landing") {
-                let body = r#"{"code":0,"msg":"ok","data":{"message_id":"m_1"}}"#;
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-            } else {
-                post_answer.to_string()
-            };
+            let answer = answer(request_line.trim());
             let _ = stream.write_all(answer.as_bytes());
         }
     });
-    (base_url, seen)
+    base_url
 }

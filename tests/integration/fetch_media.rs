@@ -828,6 +828,46 @@ fn permanent_failures_are_not_retried() {
     );
 }
 
+/// The file host's `Retry-After` is honoured while it fits in the ~30 s a
+/// one-shot command retries for, and refused at once, naming the wait,
+/// when it does not.
+#[test]
+fn a_file_hosts_retry_after_is_honoured_within_the_budget() {
+    let busy_once = std::sync::atomic::AtomicBool::new(true);
+    let host = MediaHost::start(move |path, stream| match path {
+        "/throttled.bin" => respond(stream, "429 Too Many Requests", &["Retry-After: 300"], b""),
+        "/busy-once.bin" if busy_once.swap(false, std::sync::atomic::Ordering::SeqCst) => {
+            respond(stream, "503 Service Unavailable", &["Retry-After: 1"], b"")
+        }
+        _ => respond(stream, "200 OK", &[], b"fine"),
+    });
+    let dir = tempfile::tempdir().unwrap();
+
+    let url = "https://cdn.example/x/throttled.bin";
+    let output = host.fetch(&[url], dir.path());
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr,
+        format!(
+            "fly: error: {url}: HTTP 429; the server asked to wait 300 s (Retry-After), \
+             more than the ~30 s this command retries for\n"
+        )
+    );
+    assert_eq!(host.gets("/throttled.bin"), 1, "no retry after the refusal");
+    assert!(files_in(dir.path()).is_empty());
+
+    let output = host.fetch(&["https://cdn.example/x/busy-once.bin"], dir.path());
+    let stderr = stderr_of(&output);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("retrying in 1.0s"), "{stderr}");
+    assert_eq!(host.gets("/busy-once.bin"), 2);
+    assert_eq!(
+        std::fs::read(dir.path().join("busy-once.bin")).unwrap(),
+        b"fine"
+    );
+}
+
 /// A redirect to `file:` (or any scheme but http/https) is refused with the
 /// URL named, instead of being fetched as a path on the same host; an http
 /// redirect is still followed.

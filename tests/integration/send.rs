@@ -328,3 +328,103 @@ fn an_answer_without_data_is_an_error() {
     let stderr = stderr_of(&output);
     assert!(stderr.contains("without data"), "{stderr}");
 }
+
+/// `429` asking for a 5 minute wait, with the platform's envelope.
+const SLOW_DOWN_300: &str = "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 300\r\nContent-Type: application/json\r\nContent-Length: 32\r\nConnection: close\r\n\r\n{\"code\":42900,\"msg\":\"slow down\"}";
+
+/// A `Retry-After` longer than the ~30 s a one-shot command retries for is
+/// not waited for (it used to be, up to 5 minutes on each of 5 retries): exit
+/// 1 at once, after one request, with one line naming the wait asked for.
+#[test]
+fn a_retry_after_past_the_budget_fails_at_once_naming_the_wait() {
+    let (base_url, seen) = crate::common::answering_in_turn(&[SLOW_DOWN_300]);
+    let output = fly()
+        .env("FLY_BASE_URL", &base_url)
+        .env("FLY_BOT_TOKEN", TOKEN)
+        .args(["send", "--to", "u", "hi"])
+        // Twice the budget: a regression that waits is a failure, not a hang.
+        .timeout(std::time::Duration::from_secs(60))
+        .output()
+        .unwrap();
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr,
+        "fly: error: sending the message: /api/v1/s/bot/send failed: \
+         HTTP 429 (code 42900: slow down); the platform asked to wait 300 s (Retry-After), \
+         more than the ~30 s this command retries for\n"
+    );
+    let requests: Vec<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(line, _)| line.clone())
+        .collect();
+    assert_eq!(requests, ["POST /api/v1/s/bot/send HTTP/1.1"]);
+}
+
+/// A `Retry-After` that fits is honoured: the retry comes no sooner than
+/// asked, and succeeds.
+#[test]
+fn a_short_retry_after_is_waited_for_and_the_retry_succeeds() {
+    let (base_url, seen) = crate::common::answering_in_turn(&[
+        "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 82\r\nConnection: close\r\n\r\n{\"code\":0,\"msg\":\"ok\",\"data\":{\"message_id\":\"m_7\",\"client_msg_id\":\"after-the-wait\"}}",
+    ]);
+    let output = fly()
+        .env("FLY_BASE_URL", &base_url)
+        .env("FLY_BOT_TOKEN", TOKEN)
+        .args([
+            "send",
+            "--to",
+            "u",
+            "--client-msg-id",
+            "after-the-wait",
+            "hi",
+        ])
+        .timeout(std::time::Duration::from_secs(60))
+        .output()
+        .unwrap();
+    let stderr = stderr_of(&output);
+    assert!(output.status.success(), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "{\"message_id\":\"m_7\",\"client_msg_id\":\"after-the-wait\"}\n"
+    );
+    assert!(stderr.contains("retrying in 1.0s"), "{stderr}");
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(
+        seen[1].1 - seen[0].1 >= std::time::Duration::from_secs(1),
+        "the retry came before the platform's Retry-After: {seen:?}"
+    );
+}
+
+/// What would fail the same way again is tried once: 501, a 2xx that is
+/// not the platform's JSON, HTTP that cannot be read.
+#[test]
+fn answers_that_cannot_get_better_are_not_retried() {
+    let cases: [(&'static str, &str); 3] = [
+        (
+            "HTTP/1.1 501 Not Implemented\r\nContent-Type: application/json\r\nContent-Length: 38\r\nConnection: close\r\n\r\n{\"code\":50100,\"msg\":\"not implemented\"}",
+            "HTTP 501 (code 50100: not implemented)",
+        ),
+        (
+            "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 17\r\nConnection: close\r\n\r\n<html>busy</html>",
+            "not a JSON object",
+        ),
+        (
+            "HTTP/1.1 200 OK\r\nContent-Length: abc\r\nConnection: close\r\n\r\n{}",
+            "malformed HTTP",
+        ),
+    ];
+    for (answer, expected) in cases {
+        let (base_url, seen) = crate::common::misbehaving_server(answer);
+        let output = send_to(&base_url);
+        let stderr = stderr_of(&output);
+        assert_eq!(output.status.code(), Some(1), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(expected), "{expected}: {stderr}");
+        assert_eq!(seen.lock().unwrap().len(), 1, "{expected} was retried");
+    }
+}
