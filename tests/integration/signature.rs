@@ -465,7 +465,8 @@ fn fly_verdict(text: &str) -> String {
 #[test]
 #[ignore = "needs ../shared/reference and python3 (bash .ci/run)"]
 fn fly_agrees_with_the_reference_script_on_random_signed_updates() {
-    let reference = python_and_reference().unwrap_or_else(|why| panic!("{why} (run this test in CI)"));
+    let reference =
+        python_and_reference().unwrap_or_else(|why| panic!("{why} (run this test in CI)"));
     let cases = generate_cases(&reference, 20_240_603, 500);
     let mut fly_verdicts: Vec<Option<String>> = vec![None; cases.len()];
 
@@ -582,7 +583,8 @@ fn reference_process_verdict(reference: &Path, text: &str) -> String {
 #[test]
 #[ignore = "needs ../shared/reference and python3 (bash .ci/run)"]
 fn fly_sign_output_verifies_with_the_reference_script() {
-    let reference = python_and_reference().unwrap_or_else(|why| panic!("{why} (run this test in CI)"));
+    let reference =
+        python_and_reference().unwrap_or_else(|why| panic!("{why} (run this test in CI)"));
     let tricky = r#"{"update_id":"7","type":"message","message":{"f":[1e-5,1E16,-0.0,NaN,1e400,0.1],"i":-0,"big":123456789012345678901234567890,"s":"\u0000\ud83d\ude00é\n","dup":1,"dup":2},"other":"\udc00"}"#;
     for update in [UPDATE, tricky] {
         let output = fly()
