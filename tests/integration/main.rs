@@ -8,6 +8,7 @@ mod exec;
 mod fetch_media;
 mod intake;
 mod poll_echo;
+mod readme;
 mod reference;
 mod send;
 mod serve_webhook;
