@@ -172,7 +172,7 @@ impl Shutdown {
             }
             *stage = to;
         }
-        self.inner.changed.notify_all();
+        // Listeners first, so that whoever waits for a stage finds it acted on.
         let listeners: Vec<Listener> = lock(&self.inner.listeners)
             .iter()
             .map(|(_, listener)| Arc::clone(listener))
@@ -180,6 +180,7 @@ impl Shutdown {
         for listener in listeners {
             listener(to);
         }
+        self.inner.changed.notify_all();
         true
     }
 
