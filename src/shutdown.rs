@@ -307,6 +307,11 @@ mod tests {
         assert!(shutdown.wait_for(Stage::Abandon, Some(Duration::from_secs(10))));
         shutdown.request();
         assert_eq!(shutdown.stage(), Stage::Abandon);
+        // The grace thread may still be telling the listener.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lock(&seen).len() < 2 && Instant::now() < deadline {
+            std::thread::yield_now();
+        }
         assert_eq!(*lock(&seen), [Stage::Requested, Stage::Abandon]);
     }
 
