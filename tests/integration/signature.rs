@@ -464,7 +464,7 @@ const REFUSED: &str = "REFUSED (cannot reproduce)";
 
 /// `fly verify-sig` on one document, as a verdict name.
 fn fly_verdict(text: &str) -> String {
-    let output = verify(text, &["--secret", SECRET, &now_arg(NOW)]);
+    let output = verify_with_secret(text, SECRET, &[&now_arg(NOW)]);
     match output.status.code() {
         Some(0) => "OK".into(),
         Some(1) => stderr_of(&output)
