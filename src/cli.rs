@@ -7,7 +7,10 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+use clap::builder::StyledStr;
+use clap::builder::styling::Style;
+use clap::parser::ValueSource;
+use clap::{ArgAction, ArgMatches, Args, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 pub const DEFAULT_BASE_URL: &str = "https://api.flycrytp.com";
 
@@ -17,23 +20,105 @@ pub const DEFAULT_BASE_URL: &str = "https://api.flycrytp.com";
 /// Data goes to stdout; logs, progress and errors go to stderr.
 /// Exit codes: 0 success, 1 the operation failed, 2 bad usage or bad input.
 #[derive(Debug, Parser)]
-#[command(name = "fly", version, propagate_version = true)]
+#[command(
+    name = "fly",
+    version,
+    propagate_version = true,
+    after_help = examples(&[
+        "# See the whole loop work: no token, no network",
+        "fly demo",
+        "# A local Fly Bot API, and the echo bot answering it (two terminals)",
+        "fly emulator",
+        "FLY_BASE_URL=http://127.0.0.1:8787 FLY_BOT_TOKEN=dev fly poll-echo",
+        "# One command's options and examples",
+        "fly send --help",
+    ])
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalArgs,
 
     #[command(subcommand)]
     pub command: Command,
+
+    /// The flags carrying a credential that were typed on the command line
+    /// (`--token`, `--secret`): other users can read them in the process list.
+    #[arg(skip)]
+    pub credentials_on_command_line: Vec<&'static str>,
 }
 
+impl Cli {
+    /// Parses the command line (and the environment variables of its
+    /// options), or says why it cannot be parsed.
+    pub fn parse_args() -> Result<Cli, clap::Error> {
+        Cli::parse_args_from(std::env::args_os())
+    }
+
+    pub fn parse_args_from<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::CommandFactory;
+        let matches = Cli::command().try_get_matches_from(args)?;
+        let mut cli = Cli::from_arg_matches(&matches)?;
+        let mut leaf = &matches;
+        while let Some((_, sub)) = leaf.subcommand() {
+            leaf = sub;
+        }
+        cli.credentials_on_command_line = [("token", "--token"), ("secrets", "--secret")]
+            .into_iter()
+            .filter(|(id, _)| {
+                leaf.ids().any(|present| present.as_str() == *id)
+                    && leaf.value_source(id) == Some(ValueSource::CommandLine)
+            })
+            .map(|(_, flag)| flag)
+            .collect();
+        Ok(cli)
+    }
+}
+
+/// An `Examples:` section for a command's help, its heading styled as clap
+/// styles its own (the styling is dropped when stdout is not a terminal).
+fn examples(lines: &[&str]) -> StyledStr {
+    let heading = Style::new().bold().underline();
+    StyledStr::from(format!(
+        "{}Examples:{}\n  {}",
+        heading.render(),
+        heading.render_reset(),
+        lines.join("\n  ")
+    ))
+}
+
+/// Options every command takes: how much to log, and in which format.
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Global options")]
 pub struct GlobalArgs {
+    /// Format of log lines on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+
+    /// More log output: -v fly's own steps (each API request, its status and
+    /// latency, retry decisions), -vv everything fly traces, -vvv the HTTP and
+    /// TLS libraries' own logs too.
+    #[arg(short, long, action = ArgAction::Count, global = true, conflicts_with = "quiet")]
+    pub verbose: u8,
+
+    /// Less log output (-q errors only, -qq nothing but the final error line).
+    #[arg(short, long, action = ArgAction::Count, global = true)]
+    pub quiet: u8,
+}
+
+/// How a command that calls the Bot API reaches it: the base URL and the bot token.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Bot API")]
+pub struct ApiArgs {
     /// Base URL of the Fly Bot API (or of a local `fly emulator`).
     #[arg(
         long,
         env = "FLY_BASE_URL",
+        hide_env_values = true,
         default_value = DEFAULT_BASE_URL,
-        global = true,
         value_name = "URL"
     )]
     pub base_url: String,
@@ -44,27 +129,14 @@ pub struct GlobalArgs {
         long,
         env = "FLY_BOT_TOKEN",
         hide_env_values = true,
-        global = true,
         value_name = "TOKEN"
     )]
     pub token: Option<String>,
 
     /// Read the bot token from this file (surrounding whitespace is ignored);
     /// takes precedence over --token and FLY_BOT_TOKEN.
-    #[arg(long, global = true, value_name = "PATH")]
+    #[arg(long, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
-
-    /// Format of log lines on stderr.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
-    pub log_format: LogFormat,
-
-    /// More log output (-v debug, -vv trace).
-    #[arg(short, long, action = ArgAction::Count, global = true, conflicts_with = "quiet")]
-    pub verbose: u8,
-
-    /// Less log output (-q errors only, -qq nothing but the final error line).
-    #[arg(short, long, action = ArgAction::Count, global = true)]
-    pub quiet: u8,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -102,31 +174,129 @@ pub enum Command {
     /// at all (no usable update_id, a message with no chat to answer, …) with
     /// its exact bytes and the reason, and go on with the others.
     DeadLetters(DeadLettersArgs),
+    /// Print the shell completion script for SHELL on stdout.
+    Completions(CompletionsArgs),
+    /// Print the man page (roff) on stdout: fly(1), or fly-COMMAND(1).
+    Man(ManArgs),
 }
 
-/// Where a signed-update secret comes from, shared by every command that signs or verifies.
-#[derive(Debug, Args)]
+/// Where a signed-update secret comes from, shared by every command that
+/// signs or verifies: the flags, else FLY_WEBHOOK_SECRET (each command says
+/// what comes after that).
+#[derive(Debug, Clone, Default)]
 pub struct SecretArgs {
-    /// Webhook secret; repeat the flag to accept any of several (key rotation;
-    /// commands that sign use the first).
-    /// Default: FLY_WEBHOOK_SECRET, else the sha256 hex of the bot token.
-    #[arg(long = "secret", value_name = "SECRET")]
+    /// Every `--secret`, as typed.
     pub secrets: Vec<String>,
+    /// Every `--secret-file`.
+    pub secret_files: Vec<PathBuf>,
+    /// FLY_WEBHOOK_SECRET as set, when neither flag was given.
+    pub from_env: Option<String>,
+}
+
+/// The flags behind [`SecretArgs`], as clap sees them.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Webhook secret")]
+struct SecretFlags {
+    /// Webhook secret; repeat the flag to accept any of several (key rotation;
+    /// commands that sign use the first). Prefer the environment variable or
+    /// --secret-file: a flag is visible to other users in the process list.
+    #[arg(
+        long = "secret",
+        env = "FLY_WEBHOOK_SECRET",
+        hide_env_values = true,
+        value_name = "SECRET"
+    )]
+    secrets: Vec<String>,
+
+    /// Read a webhook secret from this file (surrounding whitespace is
+    /// ignored); repeatable like --secret, and used together with it.
+    #[arg(long = "secret-file", value_name = "PATH")]
+    secret_files: Vec<PathBuf>,
+}
+
+impl FromArgMatches for SecretArgs {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        let flags = SecretFlags::from_arg_matches(matches)?;
+        // clap fills --secret from the variable when the flag is absent; the
+        // variable is only a default, so a --secret-file alone sets it aside.
+        if matches.value_source("secrets") == Some(ValueSource::EnvVariable) {
+            let from_env = flags.secrets.into_iter().next();
+            return Ok(SecretArgs {
+                secrets: Vec::new(),
+                from_env: from_env.filter(|_| flags.secret_files.is_empty()),
+                secret_files: flags.secret_files,
+            });
+        }
+        Ok(SecretArgs {
+            secrets: flags.secrets,
+            secret_files: flags.secret_files,
+            from_env: None,
+        })
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        *self = SecretArgs::from_arg_matches(matches)?;
+        Ok(())
+    }
+}
+
+impl Args for SecretArgs {
+    fn augment_args(command: clap::Command) -> clap::Command {
+        SecretFlags::augment_args(command)
+    }
+
+    fn augment_args_for_update(command: clap::Command) -> clap::Command {
+        SecretFlags::augment_args_for_update(command)
+    }
+}
+
+/// A unix time in seconds from `--now` or FLY_NOW_TS, read as the platform's
+/// script reads FLY_NOW_TS (`int(value.strip() or time.time())`): spaces
+/// around the number are fine, and an empty value means the clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnixTime {
+    Clock,
+    At(i64),
+}
+
+fn parse_unix_time(text: &str) -> Result<UnixTime, String> {
+    if text.trim().is_empty() {
+        return Ok(UnixTime::Clock);
+    }
+    crate::signature::python::int_from_str(text)
+        .ok()
+        .and_then(|digits| digits.parse().ok())
+        .map(UnixTime::At)
+        .ok_or_else(|| "expected a unix time in seconds (from --now or FLY_NOW_TS)".to_string())
 }
 
 #[derive(Debug, Args)]
+#[command(after_help = examples(&[
+    "# Sign an update and check it, the secret from the environment",
+    "export FLY_WEBHOOK_SECRET=s3cret",
+    r#"echo '{"update_id":1,"type":"message","message":{}}' | fly sign | fly verify-sig"#,
+    "# A delivery saved earlier: no replay window, every step of the check shown",
+    "fly verify-sig --ignore-timestamp --explain delivery.json",
+    "# Key rotation: either secret passes",
+    "fly verify-sig --secret-file old.secret --secret-file new.secret delivery.json",
+    "# Many deliveries, one per line: one JSON verdict per line",
+    "fly verify-sig --lines --ignore-timestamp captured.ndjson",
+]))]
 pub struct VerifySigArgs {
     /// Signed update JSON file, or - for stdin.
     #[arg(value_name = "FILE", default_value = "-")]
     pub input: String,
 
-    #[command(flatten)]
-    pub secret: SecretArgs,
-
-    /// Current unix time for the replay-window check.
-    /// Default: FLY_NOW_TS (read as the platform's script reads it), else the clock.
-    #[arg(long, value_name = "TS", allow_negative_numbers = true)]
-    pub now: Option<i64>,
+    /// Current unix time for the replay-window check (default: the clock).
+    #[arg(
+        long,
+        env = "FLY_NOW_TS",
+        hide_env_values = true,
+        value_name = "TS",
+        allow_negative_numbers = true,
+        value_parser = parse_unix_time
+    )]
+    pub now: Option<UnixTime>,
 
     /// Replay window in seconds.
     #[arg(long, default_value_t = 300, value_name = "SECS")]
@@ -143,32 +313,72 @@ pub struct VerifySigArgs {
     /// Input is NDJSON: one signed update per line, one JSON verdict per line on stdout.
     #[arg(long, conflicts_with = "explain")]
     pub lines: bool,
+
+    #[command(flatten)]
+    pub secret: SecretArgs,
+
+    /// Without a secret: use the sha256 hex of the bot token in this file
+    /// (else of FLY_BOT_TOKEN), as the platform does.
+    #[arg(long, value_name = "PATH", help_heading = "Webhook secret")]
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
+#[command(after_help = examples(&[
+    "# bot.id, timestamp, nonce and signature added; the secret from a file",
+    "fly sign --secret-file webhook.secret --bot-id bot_1 update.json",
+    "# A fixed timestamp and nonce: the same bytes every time, for fixtures",
+    "fly sign --secret-file webhook.secret --now 1700000000 --nonce n1 < update.json",
+    "# A signed delivery for your webhook receiver",
+    "fly sign --secret-file webhook.secret update.json | curl -d @- http://127.0.0.1:8080/webhook",
+]))]
 pub struct SignArgs {
     /// Update JSON file, or - for stdin.
     #[arg(value_name = "FILE", default_value = "-")]
     pub input: String,
 
-    #[command(flatten)]
-    pub secret: SecretArgs,
-
     /// bot.id to sign with.
     #[arg(long, default_value = "bot_local", value_name = "ID")]
     pub bot_id: String,
 
-    /// Timestamp to sign with. Default: FLY_NOW_TS, else the clock.
-    #[arg(long, value_name = "TS", allow_negative_numbers = true)]
-    pub now: Option<i64>,
+    /// Timestamp to sign with (default: the clock).
+    #[arg(
+        long,
+        env = "FLY_NOW_TS",
+        hide_env_values = true,
+        value_name = "TS",
+        allow_negative_numbers = true,
+        value_parser = parse_unix_time
+    )]
+    pub now: Option<UnixTime>,
 
     /// Nonce to sign with (default: random).
     #[arg(long, value_name = "NONCE")]
     pub nonce: Option<String>,
+
+    #[command(flatten)]
+    pub secret: SecretArgs,
+
+    /// Without a secret: use the sha256 hex of the bot token in this file
+    /// (else of FLY_BOT_TOKEN), as the platform does.
+    #[arg(long, value_name = "PATH", help_heading = "Webhook secret")]
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("target").required(true).args(["to", "group"])))]
+#[command(
+    group(clap::ArgGroup::new("target").required(true).args(["to", "group"])),
+    after_help = examples(&[
+        "# With FLY_BOT_TOKEN set (or --token-file PATH)",
+        r#"fly send --to u_123 "deploy finished""#,
+        "# The text from stdin, to a group",
+        "git log -1 --format=%s | fly send --group g_42 -",
+        "# Other message types: their data object as JSON",
+        r#"fly send --to u_123 --type image --data '{"originalUrl":"https://cdn.example/a.png"}'"#,
+        "# Your own idempotency key: a re-run of this step is delivered once",
+        r#"fly send --to u_123 --client-msg-id "deploy-$BUILD_ID" "deploy finished""#,
+    ])
+)]
 pub struct SendArgs {
     /// Send to this user id.
     #[arg(long, value_name = "USER")]
@@ -193,9 +403,22 @@ pub struct SendArgs {
     /// Idempotency key (default: one random id per invocation, reused by its retries).
     #[arg(long, value_name = "ID")]
     pub client_msg_id: Option<String>,
+
+    #[command(flatten)]
+    pub api: ApiArgs,
 }
 
 #[derive(Debug, Args)]
+#[command(after_help = examples(&[
+    "# Against a local emulator (`fly emulator` in another terminal)",
+    "FLY_BASE_URL=http://127.0.0.1:8787 FLY_BOT_TOKEN=dev fly poll-echo",
+    "# Media messages too: downloaded into ./media and forwarded back",
+    "fly poll-echo --media-dir media",
+    "# Your program answers: the update on its stdin, the reply from its stdout",
+    "fly poll-echo --exec 'python3 bot.py' --concurrency 4",
+    "# In CI: one poll, answer what came, exit",
+    "fly poll-echo --once",
+]))]
 pub struct PollEchoArgs {
     /// State store file (default: per bot, under the user's state directory).
     #[arg(long, value_name = "PATH")]
@@ -230,6 +453,9 @@ pub struct PollEchoArgs {
 
     #[command(flatten)]
     pub stop: StopArgs,
+
+    #[command(flatten)]
+    pub api: ApiArgs,
 }
 
 #[derive(Debug, Args)]
@@ -248,21 +474,36 @@ pub struct ExecArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(after_help = examples(&[
+    "# http://0.0.0.0:8080/webhook, with FLY_BOT_TOKEN set",
+    "fly serve-webhook --secret-file webhook.secret",
+    "# HTTPS on port 8443, your program answering each message",
+    "fly serve-webhook --port 8443 --tls-cert fullchain.pem --tls-key privkey.pem --exec ./bot.sh",
+    "# A signed delivery to it, from another terminal",
+    "fly sign --secret-file webhook.secret update.json | curl -d @- http://127.0.0.1:8080/webhook",
+]))]
 pub struct ServeWebhookArgs {
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0", value_name = "ADDR")]
     pub bind: IpAddr,
 
     /// Port to listen on.
-    #[arg(long, env = "FLY_WEBHOOK_PORT", default_value_t = 8080)]
+    #[arg(
+        long,
+        env = "FLY_WEBHOOK_PORT",
+        hide_env_values = true,
+        default_value_t = 8080
+    )]
     pub port: u16,
 
     /// Path that receives deliveries.
-    #[arg(long, env = "FLY_WEBHOOK_PATH", default_value = "/webhook")]
+    #[arg(
+        long,
+        env = "FLY_WEBHOOK_PATH",
+        hide_env_values = true,
+        default_value = "/webhook"
+    )]
     pub path: String,
-
-    #[command(flatten)]
-    pub secret: SecretArgs,
 
     /// Largest accepted body in bytes.
     #[arg(long, default_value_t = 1024 * 1024, value_name = "BYTES")]
@@ -302,9 +543,21 @@ pub struct ServeWebhookArgs {
 
     #[command(flatten)]
     pub stop: StopArgs,
+
+    #[command(flatten)]
+    pub secret: SecretArgs,
+
+    #[command(flatten)]
+    pub api: ApiArgs,
 }
 
 #[derive(Debug, Args)]
+#[command(after_help = examples(&[
+    "# The media of a message (image, thumbnail, …) saved into ./media",
+    "fly fetch-media --update update.json --dir media",
+    "# URLs as they appear in messages; one file to stdout",
+    "fly fetch-media https://cdn.example/a.png -o - | sha256sum",
+]))]
 pub struct FetchMediaArgs {
     /// Media URLs as they appear in messages.
     #[arg(value_name = "URL")]
@@ -344,16 +597,22 @@ pub struct FetchMediaArgs {
     /// Lifetime requested for the access URLs.
     #[arg(long, default_value_t = 600, value_name = "SECS")]
     pub expire_seconds: u64,
+
+    #[command(flatten)]
+    pub api: ApiArgs,
 }
 
 #[derive(Debug, Args)]
+#[command(after_help = examples(&[
+    "# Each update, signed, to a receiver on this machine (FLY_BOT_TOKEN set)",
+    "FLY_WEBHOOK_SECRET=s3cret fly forward --to http://127.0.0.1:8080/webhook",
+    "# fly serve-webhook as that receiver, in another terminal",
+    "FLY_WEBHOOK_SECRET=s3cret fly serve-webhook --bind 127.0.0.1 --exec ./bot.sh",
+]))]
 pub struct ForwardArgs {
     /// The local webhook receiver to deliver signed updates to.
     #[arg(long, value_name = "URL")]
     pub to: String,
-
-    #[command(flatten)]
-    pub secret: SecretArgs,
 
     /// bot.id to sign with.
     #[arg(long, default_value = "bot_local", value_name = "ID")]
@@ -369,6 +628,12 @@ pub struct ForwardArgs {
 
     #[command(flatten)]
     pub stop: StopArgs,
+
+    #[command(flatten)]
+    pub secret: SecretArgs,
+
+    #[command(flatten)]
+    pub api: ApiArgs,
 }
 
 /// How a long-running command stops (SPEC section 2).
@@ -390,6 +655,14 @@ fn parse_grace(text: &str) -> Result<Duration, String> {
 }
 
 #[derive(Debug, Args)]
+#[command(after_help = examples(&[
+    "# http://127.0.0.1:8787, any non-empty token accepted",
+    "fly emulator",
+    "# A free port (the first stdout line is the base URL); only this token accepted",
+    "fly emulator --port 0 --token dev",
+    "# A user says hi, for the bot to answer",
+    r#"curl -d '{"chat":{"type":"private","id":"u_1"},"msgType":"text","data":{"content":"hi"}}' http://127.0.0.1:8787/_emulator/messages"#,
+]))]
 pub struct EmulatorArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1", value_name = "ADDR")]
@@ -398,14 +671,34 @@ pub struct EmulatorArgs {
     /// Port to listen on (0 picks a free one).
     #[arg(long, default_value_t = 8787)]
     pub port: u16,
-    // The accepted bot token is the global --token / FLY_BOT_TOKEN / --token-file:
-    // when one is configured only it is accepted, otherwise any non-empty token is.
+
+    /// Accept only this bot token (default: any non-empty one).
+    #[arg(
+        long = "token",
+        env = "FLY_BOT_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub accepted_token: Option<String>,
+
+    /// Accept only the bot token in this file (surrounding whitespace is
+    /// ignored); takes precedence over --token and FLY_BOT_TOKEN.
+    #[arg(long = "token-file", value_name = "PATH")]
+    pub accepted_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
+#[command(after_help = examples(&["fly demo"]))]
 pub struct DemoArgs {}
 
 #[derive(Debug, Args)]
+#[command(after_help = examples(&[
+    "# The bot's own state file, found from FLY_BASE_URL and the token",
+    "fly dead-letters",
+    "# A state file given by path needs no token",
+    "fly dead-letters --state bot.db",
+    "fly dead-letters --state bot.db --purge",
+]))]
 pub struct DeadLettersArgs {
     /// State store file (default: the bot's, found from the base URL and token).
     #[arg(long, value_name = "PATH")]
@@ -414,6 +707,39 @@ pub struct DeadLettersArgs {
     /// Remove every dead letter instead of listing them.
     #[arg(long)]
     pub purge: bool,
+
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = examples(&[
+    "# bash, for this session",
+    "source <(fly completions bash)",
+    "# bash, for every session",
+    "fly completions bash > ~/.local/share/bash-completion/completions/fly",
+    "# zsh (into a directory on $fpath) and fish",
+    "fly completions zsh > ~/.zfunc/_fly",
+    "fly completions fish > ~/.config/fish/completions/fly.fish",
+]))]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum, value_name = "SHELL")]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = examples(&[
+    "fly man | man -l -",
+    "fly man send | man -l -",
+    "# Installed for man(1) to find (as root)",
+    "fly man > /usr/local/share/man/man1/fly.1",
+    "fly man send > /usr/local/share/man/man1/fly-send.1",
+]))]
+pub struct ManArgs {
+    /// The command whose page to print (default: fly's own, which lists them all).
+    #[arg(value_name = "COMMAND")]
+    pub command: Vec<String>,
 }
 
 #[cfg(test)]
@@ -424,5 +750,99 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// The words of a simple shell command, quotes removed.
+    fn shell_words(command: &str) -> Vec<String> {
+        let mut words = Vec::new();
+        let mut word = String::new();
+        let mut in_word = false;
+        let mut chars = command.chars();
+        while let Some(ch) = chars.next() {
+            match ch {
+                '\'' | '"' => {
+                    in_word = true;
+                    for quoted in chars.by_ref() {
+                        if quoted == ch {
+                            break;
+                        }
+                        word.push(quoted);
+                    }
+                }
+                ' ' => {
+                    if in_word {
+                        words.push(std::mem::take(&mut word));
+                        in_word = false;
+                    }
+                }
+                _ => {
+                    in_word = true;
+                    word.push(ch);
+                }
+            }
+        }
+        if in_word {
+            words.push(word);
+        }
+        words
+    }
+
+    /// Every `fly …` in the examples of every command's help parses, and
+    /// each command's examples run that command.
+    #[test]
+    fn help_examples_parse() {
+        let root = Cli::command();
+        // Every command and the words naming it after `fly`, nested ones included.
+        let mut pages: Vec<(String, &clap::Command)> = vec![(String::new(), &root)];
+        let mut index = 0;
+        while index < pages.len() {
+            let (path, page) = pages[index].clone();
+            pages.extend(
+                page.get_subcommands()
+                    .filter(|sub| sub.get_name() != "help")
+                    .map(|sub| (format!("{path} {}", sub.get_name()).trim().to_string(), sub)),
+            );
+            index += 1;
+        }
+        for (name, page) in pages {
+            let examples = page
+                .get_after_help()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            assert!(
+                examples.starts_with("Examples:\n"),
+                "fly {name}: no examples"
+            );
+            let mut runs_itself = name.is_empty();
+            for line in examples.lines().skip(1).map(str::trim) {
+                if line.starts_with('#') {
+                    continue;
+                }
+                for segment in line.split(" | ") {
+                    let segment = segment.trim();
+                    let segment = segment
+                        .strip_prefix("source <(")
+                        .and_then(|rest| rest.strip_suffix(')'))
+                        .unwrap_or(segment);
+                    let words: Vec<String> = shell_words(segment)
+                        .into_iter()
+                        .skip_while(|word| word.contains('=') && !word.starts_with('-'))
+                        .take_while(|word| !word.starts_with(['<', '>']))
+                        .collect();
+                    if words.first().map(String::as_str) != Some("fly") {
+                        continue;
+                    }
+                    runs_itself |=
+                        format!("{} ", words[1..].join(" ")).starts_with(&format!("{name} "));
+                    if let Err(error) = Cli::parse_args_from(&words) {
+                        assert!(
+                            matches!(error.kind(), clap::error::ErrorKind::DisplayHelp),
+                            "fly {name}: example {line:?} does not parse: {error}"
+                        );
+                    }
+                }
+            }
+            assert!(runs_itself, "fly {name}: no example runs it");
+        }
     }
 }

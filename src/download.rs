@@ -13,7 +13,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use indicatif::ProgressBar;
@@ -369,6 +369,7 @@ impl Transfer<'_> {
             if offset > 0 {
                 request = request.header("Range", &format!("bytes={offset}-"));
             }
+            let started = Instant::now();
             let response = request
                 .config()
                 .max_redirects(0)
@@ -376,8 +377,20 @@ impl Transfer<'_> {
                 .timeout_recv_response(within(timeouts.recv_response))
                 .timeout_per_read(within(config.timeout_per_read()))
                 .build()
-                .call()
-                .map_err(|error| failed_transfer(error, "connection error"))?;
+                .call();
+            let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            let shown = url_for_log(&url);
+            let response = match response {
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    tracing::debug!(status, ms, offset, "GET {shown}");
+                    response
+                }
+                Err(error) => {
+                    tracing::debug!(ms, offset, "GET {shown}: {error}");
+                    return Err(failed_transfer(error, "connection error"));
+                }
+            };
             if !response.status().is_redirection() {
                 return Ok(response);
             }
@@ -396,6 +409,23 @@ impl Transfer<'_> {
         Err(fatal(format!(
             "more than {MAX_REDIRECTS} redirects from the access URL"
         )))
+    }
+}
+
+/// An access URL for a log line: scheme, host and path. The query is left
+/// out: it is where a signed URL keeps its signature.
+fn url_for_log(url: &str) -> String {
+    match url.parse::<ureq::http::Uri>() {
+        Ok(uri) => format!(
+            "{}://{}{}{}",
+            uri.scheme_str().unwrap_or("?"),
+            uri.host().unwrap_or("?"),
+            uri.port_u16()
+                .map(|port| format!(":{port}"))
+                .unwrap_or_default(),
+            uri.path()
+        ),
+        Err(_) => "(unreadable URL)".to_string(),
     }
 }
 

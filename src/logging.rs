@@ -8,21 +8,12 @@ use tracing_subscriber::EnvFilter;
 use crate::cli::LogFormat;
 
 /// Default level is `info`; each `-v` adds detail, each `-q` removes it.
+///
+/// `-v` and `-vv` are about fly's own steps (each API request with its
+/// status and latency, retry decisions); the libraries underneath (the HTTP
+/// client's state machine, TLS) say only warnings and errors until `-vvv`.
 pub fn init(format: LogFormat, verbose: u8, quiet: u8) {
-    let level = match i16::from(verbose) - i16::from(quiet) {
-        i16::MIN..=-2 => LevelFilter::OFF,
-        -1 => LevelFilter::ERROR,
-        0 => LevelFilter::INFO,
-        1 => LevelFilter::DEBUG,
-        _ => LevelFilter::TRACE,
-    };
-    // The HTTP client's own trace level dumps every request in hex, the
-    // Authorization header with the bot token included; its debug level
-    // redacts it. So the client never logs below debug.
-    let client_level = level.min(LevelFilter::DEBUG);
-    let filter = EnvFilter::builder().parse_lossy(format!(
-        "{level},ureq={client_level},ureq_proto={client_level}"
-    ));
+    let filter = EnvFilter::builder().parse_lossy(filter_directives(verbose, quiet));
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         // Colours only for a person at a terminal, never in files or pipes.
@@ -38,4 +29,54 @@ pub fn init(format: LogFormat, verbose: u8, quiet: u8) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// The filter for `-v`/`-q` counts: fly's own level, then the libraries'.
+fn filter_directives(verbose: u8, quiet: u8) -> String {
+    let level = match i16::from(verbose) - i16::from(quiet) {
+        i16::MIN..=-2 => LevelFilter::OFF,
+        -1 => LevelFilter::ERROR,
+        0 => LevelFilter::INFO,
+        1 => LevelFilter::DEBUG,
+        _ => LevelFilter::TRACE,
+    };
+    let libraries = if verbose >= 3 {
+        level
+    } else {
+        level.min(LevelFilter::WARN)
+    };
+    // The HTTP client's own trace level dumps every request in hex, the
+    // Authorization header with the bot token included; its debug level
+    // redacts it. So the client never logs below debug.
+    let client = libraries.min(LevelFilter::DEBUG);
+    format!("{libraries},fly={level},ureq={client},ureq_proto={client}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libraries_speak_up_only_at_vvv() {
+        assert_eq!(
+            filter_directives(0, 0),
+            "warn,fly=info,ureq=warn,ureq_proto=warn"
+        );
+        assert_eq!(
+            filter_directives(1, 0),
+            "warn,fly=debug,ureq=warn,ureq_proto=warn"
+        );
+        assert_eq!(
+            filter_directives(3, 0),
+            "trace,fly=trace,ureq=debug,ureq_proto=debug"
+        );
+        assert_eq!(
+            filter_directives(0, 1),
+            "error,fly=error,ureq=error,ureq_proto=error"
+        );
+        assert_eq!(
+            filter_directives(0, 2),
+            "off,fly=off,ureq=off,ureq_proto=off"
+        );
+    }
 }

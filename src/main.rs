@@ -5,15 +5,14 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use clap::error::ErrorKind;
+use clap::error::{ContextKind, ContextValue, ErrorKind};
 use fly::{children, cli, commands, exit, logging};
 
 fn main() -> ExitCode {
     // Whatever way main ends (a result, an error, a panic unwinding), no
     // handler process outlives fly.
     let _handlers = children::KillAllOnDrop;
-    let cli = match cli::Cli::try_parse() {
+    let cli = match cli::Cli::parse_args() {
         Ok(cli) => cli,
         Err(error) => return report_usage_error(error),
     };
@@ -24,7 +23,8 @@ fn main() -> ExitCode {
         cli.global.verbose,
         cli.global.quiet.saturating_add(quiet_by_default),
     );
-    match commands::run(cli) {
+    warn_about_credentials_on_command_line(&cli.credentials_on_command_line);
+    match commands::run(cli.command) {
         Ok(code) => code,
         Err(error) => match exit::classify(&error) {
             exit::Outcome::Quiet => exit::code(exit::SUCCESS),
@@ -36,6 +36,25 @@ fn main() -> ExitCode {
     }
 }
 
+/// One warning line for credentials typed as flags: any user of the machine
+/// can read a command line (`ps`), and shells keep it in their history.
+fn warn_about_credentials_on_command_line(flags: &[&str]) {
+    let better: Vec<&str> = flags
+        .iter()
+        .map(|flag| match *flag {
+            "--token" => "FLY_BOT_TOKEN or --token-file PATH",
+            _ => "FLY_WEBHOOK_SECRET or --secret-file PATH",
+        })
+        .collect();
+    if !flags.is_empty() {
+        tracing::warn!(
+            "{} on the command line can be read by other users in the process list; use {} instead",
+            flags.join(" and "),
+            better.join(", and ")
+        );
+    }
+}
+
 /// The one error line. If stderr cannot be written to (`2>/dev/full`) there
 /// is nobody to tell; the exit code still says it.
 fn print_error_line(message: &str) {
@@ -44,7 +63,8 @@ fn print_error_line(message: &str) {
 }
 
 /// `--help` and `--version` go to stdout with exit 0; everything clap rejects
-/// becomes one `fly: error:` line with exit 2.
+/// becomes one `fly: error:` line with exit 2: clap's message, its
+/// suggestion (`did you mean 'send'?`) and where to read more.
 fn report_usage_error(error: clap::Error) -> ExitCode {
     match error.kind() {
         ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
@@ -64,11 +84,81 @@ fn report_usage_error(error: clap::Error) -> ExitCode {
                 .map(str::trim)
                 .collect();
             let joined = paragraph.join(" ");
-            let message = joined.strip_prefix("error: ").unwrap_or(&joined);
-            print_error_line(&format!("{message} (see 'fly --help')"));
+            let mut message = joined
+                .strip_prefix("error: ")
+                .unwrap_or(&joined)
+                .to_string();
+            for hint in suggestions(&error) {
+                message.push_str("; ");
+                message.push_str(&hint);
+            }
+            let help = help_command(std::env::args_os().skip(1));
+            print_error_line(&format!("{message} (see '{help}')"));
             exit::code(exit::USAGE)
         }
     }
+}
+
+/// clap's suggestions for a usage error, in words for the one error line.
+fn suggestions(error: &clap::Error) -> Vec<String> {
+    let quoted = |values: &[String]| {
+        values
+            .iter()
+            .map(|value| format!("'{value}'"))
+            .collect::<Vec<_>>()
+            .join(" or ")
+    };
+    let mut hints = Vec::new();
+    for (kind, value) in error.context() {
+        match (kind, value) {
+            (
+                ContextKind::SuggestedSubcommand
+                | ContextKind::SuggestedArg
+                | ContextKind::SuggestedValue,
+                ContextValue::String(one),
+            ) => hints.push(format!("did you mean '{one}'?")),
+            (
+                ContextKind::SuggestedSubcommand
+                | ContextKind::SuggestedArg
+                | ContextKind::SuggestedValue,
+                ContextValue::Strings(many),
+            ) if !many.is_empty() => hints.push(format!("did you mean {}?", quoted(many))),
+            (ContextKind::Suggested, ContextValue::StyledStrs(tips)) => {
+                hints.extend(tips.iter().map(|tip| one_line(&tip.to_string())));
+            }
+            _ => {}
+        }
+    }
+    hints
+}
+
+/// `fly SUBCOMMAND… --help` for the deepest subcommand named on the command
+/// line, so the pointer leads to the options of the command that was meant.
+fn help_command(args: impl Iterator<Item = std::ffi::OsString>) -> String {
+    use clap::CommandFactory;
+    let root = cli::Cli::command();
+    let mut current = &root;
+    let mut path = vec!["fly".to_string()];
+    for arg in args {
+        let Some(arg) = arg.to_str() else { continue };
+        if arg == "--" {
+            break;
+        }
+        if arg.starts_with('-') {
+            continue;
+        }
+        match current.find_subcommand(arg) {
+            Some(sub) => {
+                path.push(sub.get_name().to_string());
+                current = sub;
+            }
+            // An argument of a command without subcommands: its own words.
+            None if current.has_subcommands() => continue,
+            None => break,
+        }
+    }
+    path.push("--help".into());
+    path.join(" ")
 }
 
 fn one_line(text: &str) -> String {

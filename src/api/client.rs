@@ -5,15 +5,15 @@
 //! response's body (`code`/`msg`) can be read and shown.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use ureq::Agent;
 use ureq::http::Response;
 
 use super::retry::{
-    AttemptError, GaveUp, RetryPolicy, TransportFailure, classify_transport, parse_retry_after,
-    status_is_transient,
+    AttemptError, GaveUp, RetryPolicy, TransportFailure, attempts_text, classify_transport,
+    parse_retry_after, status_is_transient,
 };
 use super::types::{PATH_BATCH_ACCESS, PATH_SEND, PATH_UPDATES, SendRequest, Unusable, Update};
 use super::{ApiError, Token};
@@ -127,17 +127,23 @@ impl ApiClient {
             |delay| self.shutdown.sleep(delay),
         );
         outcome.map_err(|gave_up| match gave_up {
-            GaveUp::Fatal(error) => error,
+            GaveUp::Fatal(error) => {
+                tracing::debug!("POST {path}: not retried, another try would fail the same way");
+                error
+            }
             GaveUp::Exhausted {
                 attempts,
                 last,
                 limit,
-            } => ApiError::Unavailable {
-                path: path.to_string(),
-                attempts,
-                last,
-                limit,
-            },
+            } => {
+                tracing::debug!("POST {path}: giving up after {}", attempts_text(attempts));
+                ApiError::Unavailable {
+                    path: path.to_string(),
+                    attempts,
+                    last,
+                    limit,
+                }
+            }
             GaveUp::Cancelled => ApiError::Cancelled,
         })
     }
@@ -223,6 +229,7 @@ impl ApiClient {
         time_left: Option<Duration>,
         read: &impl Fn(&Envelope) -> Result<T, String>,
     ) -> Result<T, AttemptError<ApiError>> {
+        let started = Instant::now();
         let result = self
             .agent
             .post(url)
@@ -236,8 +243,24 @@ impl ApiClient {
             .build()
             .header("Content-Type", "application/json")
             .send(body.as_bytes());
-        let response = result.map_err(|error| classify_transport_error(path, error))?;
-        self.read_envelope(path, response, read)
+        // fly's own account of each request at -v: method, path (never the
+        // URL's credentials or the token), status and latency.
+        let response = match result {
+            Ok(response) => response,
+            Err(error) => {
+                let failure = classify_transport_error(path, error);
+                tracing::debug!(
+                    ms = elapsed_ms(started),
+                    "POST {path}: {}",
+                    failure_text(&failure)
+                );
+                return Err(failure);
+            }
+        };
+        let status = response.status().as_u16();
+        let outcome = self.read_envelope(path, response, read);
+        tracing::debug!(status, ms = elapsed_ms(started), "POST {path}");
+        outcome
     }
 
     /// Turns a response into what `read` makes of its envelope, or into the
@@ -372,6 +395,18 @@ fn new_agent() -> Agent {
         .user_agent(concat!("fly/", env!("CARGO_PKG_VERSION")))
         .build()
         .new_agent()
+}
+
+fn elapsed_ms(started: Instant) -> u64 {
+    u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// How an attempt failed, for the request's log line.
+fn failure_text(failure: &AttemptError<ApiError>) -> String {
+    match failure {
+        AttemptError::Transient { reason, .. } => reason.clone(),
+        AttemptError::Fatal(error) => error.to_string(),
+    }
 }
 
 /// Transport failures are transient unless the request itself can never

@@ -7,18 +7,18 @@ use std::process::ExitCode;
 use anyhow::Context;
 use serde_json::json;
 
-use crate::cli::{DeadLettersArgs, GlobalArgs};
+use crate::cli::DeadLettersArgs;
 use crate::commands::required_token;
 use crate::exit;
 use crate::state::{BotIdentity, StateStore};
 
-pub fn run(args: DeadLettersArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+pub fn run(args: DeadLettersArgs) -> anyhow::Result<ExitCode> {
     let store = match args.state {
         Some(path) => StateStore::open_existing(&path)?,
         None => {
             // The bot's default state file; looking never creates it.
-            let token = required_token(global)?;
-            let identity = BotIdentity::new(&global.base_url, &token);
+            let token = required_token(&args.api)?;
+            let identity = BotIdentity::new(&args.api.base_url, &token);
             let path = identity.default_state_path()?;
             if !path.exists() {
                 tracing::info!(state = %path.display(), "no state file yet: no dead letters");

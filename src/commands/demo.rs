@@ -15,7 +15,7 @@ use crate::api::retry::RetryPolicy;
 use crate::api::{ApiClient, Token};
 use crate::bot::echo::EchoHandler;
 use crate::bot::poll_loop::{self, PollSettings};
-use crate::cli::{DemoArgs, GlobalArgs};
+use crate::cli::DemoArgs;
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::exit;
 use crate::shutdown::Shutdown;
@@ -58,7 +58,7 @@ fn conversation() -> Vec<(
     ]
 }
 
-pub fn run(_args: DemoArgs, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+pub fn run(_args: DemoArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let emulator = Emulator::start(EmulatorConfig {
         bind: IpAddr::V4(Ipv4Addr::LOCALHOST),

@@ -11,7 +11,7 @@ use anyhow::{Context, anyhow};
 
 use crate::api::media::media_urls;
 use crate::api::retry::RetryPolicy;
-use crate::cli::{FetchMediaArgs, GlobalArgs};
+use crate::cli::FetchMediaArgs;
 use crate::commands::{one_shot_client, read_input};
 use crate::download::{Durability, Stream, download, safe_file_name, save_atomically};
 use crate::exit::{self, usage};
@@ -66,10 +66,10 @@ struct Fetcher<'a> {
     shutdown: Shutdown,
 }
 
-pub fn run(args: FetchMediaArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+pub fn run(args: FetchMediaArgs) -> anyhow::Result<ExitCode> {
     let urls = wanted_urls(&args)?;
     let output = Output::choose(&args, urls.len())?;
-    let client = one_shot_client(global)?;
+    let client = one_shot_client(&args.api)?;
     if let Output::Directory(dir) = &output {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }

@@ -10,18 +10,18 @@ use crate::api::retry::RetryPolicy;
 use crate::api::{ApiClient, check_http_url};
 use crate::bot::forward::ForwardHandler;
 use crate::bot::poll_loop::{self, PollSettings};
-use crate::cli::{ForwardArgs, GlobalArgs};
-use crate::commands::{required_token, signing_secret};
+use crate::cli::ForwardArgs;
+use crate::commands::{configured_token, required_token, signing_secret};
 use crate::exit;
 use crate::shutdown::Shutdown;
 use crate::state::{BotIdentity, StateStore};
 
-pub fn run(args: ForwardArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
     check_http_url(&args.to, "--to")?;
-    let token = required_token(global)?;
-    let secret = signing_secret(&args.secret, global, "fly forward")?;
+    let token = required_token(&args.api)?;
+    let secret = signing_secret(&args.secret, || configured_token(&args.api), "fly forward")?;
     let shutdown = Shutdown::on_signals(args.stop.grace)?;
-    let client = ApiClient::new(&global.base_url, token.clone(), RetryPolicy::FOREVER)?
+    let client = ApiClient::new(&args.api.base_url, token.clone(), RetryPolicy::FOREVER)?
         .with_shutdown(shutdown.clone());
     let identity = BotIdentity::new(client.base_url(), &token);
     let store = Arc::new(StateStore::open_for(&identity, args.state)?);

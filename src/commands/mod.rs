@@ -1,59 +1,94 @@
 //! One module per subcommand: each turns its clap `Args` into plain values and runs.
 //!
-//! This module holds what several commands need from the global flags: the
-//! bot token and the API client built on it.
+//! This module holds what several commands share: the bot token and the API
+//! client built on it, the webhook secrets, credentials read from files.
 
+mod completions;
 mod dead_letters;
 mod demo;
 mod emulator;
 mod fetch_media;
 mod forward;
+mod man;
 mod poll_echo;
 mod send;
 mod serve_webhook;
 mod sign;
 mod verify_sig;
 
-use std::fs;
+use std::io::Read;
+use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
 
 use crate::api::retry::RetryPolicy;
 use crate::api::{ApiClient, Token};
-use crate::cli::{Cli, Command, GlobalArgs, SecretArgs};
+use crate::cli::{ApiArgs, Command, SecretArgs, UnixTime};
 use crate::exit::usage;
 
-pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let global = &cli.global;
-    match cli.command {
-        Command::Send(args) => send::run(args, global),
-        Command::Emulator(args) => emulator::run(args, global),
-        Command::VerifySig(args) => verify_sig::run(args, global),
-        Command::Sign(args) => sign::run(args, global),
-        Command::PollEcho(args) => poll_echo::run(args, global),
-        Command::ServeWebhook(args) => serve_webhook::run(args, global),
-        Command::FetchMedia(args) => fetch_media::run(args, global),
-        Command::Forward(args) => forward::run(args, global),
-        Command::Demo(args) => demo::run(args, global),
-        Command::DeadLetters(args) => dead_letters::run(args, global),
+pub fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Send(args) => send::run(args),
+        Command::Emulator(args) => emulator::run(args),
+        Command::VerifySig(args) => verify_sig::run(args),
+        Command::Sign(args) => sign::run(args),
+        Command::PollEcho(args) => poll_echo::run(args),
+        Command::ServeWebhook(args) => serve_webhook::run(args),
+        Command::FetchMedia(args) => fetch_media::run(args),
+        Command::Forward(args) => forward::run(args),
+        Command::Demo(args) => demo::run(args),
+        Command::DeadLetters(args) => dead_letters::run(args),
+        Command::Completions(args) => completions::run(args),
+        Command::Man(args) => man::run(args),
     }
 }
 
-/// The bot token from `--token`/`FLY_BOT_TOKEN` or `--token-file`, if any.
-pub fn configured_token(global: &GlobalArgs) -> anyhow::Result<Option<Token>> {
-    let (token, source) = if let Some(path) = &global.token_file {
-        let raw = fs::read_to_string(path).map_err(|error| {
-            usage(format!(
-                "cannot read --token-file {}: {error}",
-                path.display()
-            ))
-        })?;
-        let token = Token::new(&raw)
-            .ok_or_else(|| usage(format!("--token-file {} is empty", path.display())))?;
+/// A token or a secret is a line or two; a file much larger than this was
+/// named by mistake (a log, a binary) and is not read whole.
+const MAX_CREDENTIAL_FILE_BYTES: u64 = 64 * 1024;
+
+/// The contents of a file holding a credential (`--token-file`,
+/// `--secret-file`), surrounding whitespace stripped. A file that cannot be
+/// read, is too large or holds only whitespace is a usage error naming `flag`.
+pub fn read_credential_file(path: &Path, flag: &str) -> anyhow::Result<String> {
+    let shown = path.display();
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|file| {
+            file.take(MAX_CREDENTIAL_FILE_BYTES + 1)
+                .read_to_end(&mut bytes)
+        })
+        .map_err(|error| usage(format!("cannot read {flag} {shown}: {error}")))?;
+    if bytes.len() as u64 > MAX_CREDENTIAL_FILE_BYTES {
+        return Err(usage(format!(
+            "{flag} {shown} is larger than {} KiB: is it the right file?",
+            MAX_CREDENTIAL_FILE_BYTES / 1024
+        )));
+    }
+    let text =
+        String::from_utf8(bytes).map_err(|_| usage(format!("{flag} {shown} is not UTF-8 text")))?;
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(usage(format!("{flag} {shown} is empty")));
+    }
+    Ok(trimmed.to_string())
+}
+
+/// The bot token of a command that calls the API: `--token-file`, else
+/// `--token`/`FLY_BOT_TOKEN`, if any.
+pub fn configured_token(api: &ApiArgs) -> anyhow::Result<Option<Token>> {
+    token_from(api.token.as_deref(), api.token_file.as_deref())
+}
+
+/// The bot token from a `--token-file`, else from a `--token`/`FLY_BOT_TOKEN` value.
+pub fn token_from(value: Option<&str>, file: Option<&Path>) -> anyhow::Result<Option<Token>> {
+    let (token, source) = if let Some(path) = file {
+        let raw = read_credential_file(path, "--token-file")?;
+        let token = Token::new(&raw).expect("a credential file is never blank");
         (token, format!("--token-file {}", path.display()))
     } else {
-        match global.token.as_deref().and_then(Token::new) {
+        match value.and_then(Token::new) {
             Some(token) => (token, "--token / FLY_BOT_TOKEN".to_string()),
             None => return Ok(None),
         }
@@ -69,16 +104,16 @@ pub fn configured_token(global: &GlobalArgs) -> anyhow::Result<Option<Token>> {
 }
 
 /// The bot token, or a usage error naming every way to give one.
-pub fn required_token(global: &GlobalArgs) -> anyhow::Result<Token> {
-    configured_token(global)?.ok_or_else(|| {
+pub fn required_token(api: &ApiArgs) -> anyhow::Result<Token> {
+    configured_token(api)?.ok_or_else(|| {
         usage("missing bot token: set FLY_BOT_TOKEN, or pass --token-file PATH (or --token)")
     })
 }
 
 /// The API client for one-shot commands (a bounded number of retries).
-pub fn one_shot_client(global: &GlobalArgs) -> anyhow::Result<ApiClient> {
-    let token = required_token(global)?;
-    ApiClient::new(&global.base_url, token, RetryPolicy::ONE_SHOT)
+pub fn one_shot_client(api: &ApiArgs) -> anyhow::Result<ApiClient> {
+    let token = required_token(api)?;
+    ApiClient::new(&api.base_url, token, RetryPolicy::ONE_SHOT)
         .context("configuring the API client")
 }
 
@@ -89,78 +124,84 @@ pub struct WebhookSecret {
     pub source: String,
 }
 
-/// The webhook secrets (SPEC section 1): every `--secret`, else
-/// `FLY_WEBHOOK_SECRET` (stripped, as the reference does), else the sha256 hex
-/// of the bot token; none of them is a usage error.
+/// The webhook secrets (SPEC section 1): every `--secret` and `--secret-file`,
+/// else `FLY_WEBHOOK_SECRET` (stripped, as the reference does), else the
+/// sha256 hex of the bot token (`token`, asked only then); none of them is a
+/// usage error.
 pub fn webhook_secrets(
     args: &SecretArgs,
-    global: &GlobalArgs,
+    token: impl FnOnce() -> anyhow::Result<Option<Token>>,
 ) -> anyhow::Result<Vec<WebhookSecret>> {
-    if !args.secrets.is_empty() {
-        if args.secrets.iter().any(String::is_empty) {
-            return Err(usage("--secret must not be empty"));
-        }
-        let count = args.secrets.len();
-        return Ok(args
-            .secrets
-            .iter()
-            .enumerate()
-            .map(|(index, value)| WebhookSecret {
-                value: value.clone(),
-                source: if count == 1 {
-                    "--secret".into()
-                } else {
-                    format!("--secret #{}", index + 1)
-                },
-            })
-            .collect());
+    if args.secrets.iter().any(String::is_empty) {
+        return Err(usage("--secret must not be empty"));
     }
-    let from_env = std::env::var("FLY_WEBHOOK_SECRET").unwrap_or_default();
-    if !from_env.trim().is_empty() {
+    let mut secrets: Vec<WebhookSecret> = args
+        .secrets
+        .iter()
+        .map(|value| WebhookSecret {
+            value: value.clone(),
+            source: "--secret".into(),
+        })
+        .collect();
+    for path in &args.secret_files {
+        secrets.push(WebhookSecret {
+            value: read_credential_file(path, "--secret-file")?,
+            source: format!("--secret-file {}", path.display()),
+        });
+    }
+    if secrets.len() > 1 {
+        for (index, secret) in secrets.iter_mut().enumerate() {
+            secret.source = format!("{} #{}", secret.source, index + 1);
+        }
+    }
+    if !secrets.is_empty() {
+        return Ok(secrets);
+    }
+    if let Some(from_env) = args.from_env.as_deref().map(str::trim)
+        && !from_env.is_empty()
+    {
         return Ok(vec![WebhookSecret {
-            value: from_env.trim().to_string(),
+            value: from_env.to_string(),
             source: "FLY_WEBHOOK_SECRET".into(),
         }]);
     }
-    match configured_token(global)? {
+    match token()? {
         Some(token) => Ok(vec![WebhookSecret {
             value: crate::signature::sha256_hex(token.expose().as_bytes()),
             source: "sha256 of the bot token".into(),
         }]),
         None => Err(usage(
-            "missing secret: pass --secret S, set FLY_WEBHOOK_SECRET, or configure the bot token \
-             (FLY_BOT_TOKEN or --token-file) to use its sha256",
+            "missing secret: pass --secret-file PATH (or --secret S), set FLY_WEBHOOK_SECRET, \
+             or configure the bot token (FLY_BOT_TOKEN or --token-file) to use its sha256",
         )),
     }
 }
 
-/// The current unix time in seconds: `--now`, else `FLY_NOW_TS` read as the
-/// platform's script reads it (`int(value.strip() or time.time())`: spaces
-/// around it are fine and an empty value means the clock), else the clock.
-pub fn unix_time_now(flag: Option<i64>) -> anyhow::Result<i64> {
-    if let Some(now) = flag {
-        return Ok(now);
+/// The bot token of an offline command (`verify-sig`, `sign`), whose only
+/// use is the default secret: `--token-file`, else `FLY_BOT_TOKEN`.
+pub fn offline_token(token_file: Option<&Path>) -> anyhow::Result<Option<Token>> {
+    let from_env = std::env::var("FLY_BOT_TOKEN").ok();
+    token_from(from_env.as_deref(), token_file)
+}
+
+/// The current unix time in seconds: `--now`/`FLY_NOW_TS` (see
+/// [`UnixTime`]), else the clock.
+pub fn unix_time_now(given: Option<UnixTime>) -> i64 {
+    match given {
+        Some(UnixTime::At(now)) => now,
+        Some(UnixTime::Clock) | None => crate::state::unix_now(),
     }
-    let from_env = std::env::var("FLY_NOW_TS").unwrap_or_default();
-    if from_env.trim().is_empty() {
-        return Ok(crate::state::unix_now());
-    }
-    crate::signature::python::int_from_str(&from_env)
-        .ok()
-        .and_then(|digits| digits.parse().ok())
-        .ok_or_else(|| usage(format!("FLY_NOW_TS is not a unix time: {from_env:?}")))
 }
 
 /// Reads a whole input named on the command line: a path, or `-` for stdin.
 pub fn read_input(name: &str) -> anyhow::Result<String> {
-    use std::io::Read;
     let mut text = String::new();
     if name == "-" {
         std::io::stdin()
             .read_to_string(&mut text)
             .map_err(|error| usage(format!("cannot read stdin: {error}")))?;
     } else {
-        text = fs::read_to_string(name)
+        text = std::fs::read_to_string(name)
             .map_err(|error| usage(format!("cannot read {name}: {error}")))?;
     }
     Ok(text)
@@ -197,13 +238,21 @@ pub fn reply_handler(
 /// The one secret a signing command signs with (`fly sign`, `fly forward`).
 pub fn signing_secret(
     args: &SecretArgs,
-    global: &GlobalArgs,
+    token: impl FnOnce() -> anyhow::Result<Option<Token>>,
     command: &str,
 ) -> anyhow::Result<String> {
-    match webhook_secrets(args, global)?.as_mut_slice() {
+    match webhook_secrets(args, token)?.as_mut_slice() {
         [only] => Ok(std::mem::take(&mut only.value)),
         _ => Err(usage(format!(
-            "{command} signs with one secret: give --secret once"
+            "{command} signs with one secret: give one --secret or --secret-file"
         ))),
     }
+}
+
+/// Writes `bytes` to stdout and flushes them.
+pub fn write_stdout(bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(bytes)?;
+    stdout.flush()
 }

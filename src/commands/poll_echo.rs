@@ -10,14 +10,14 @@ use anyhow::Context;
 use crate::api::ApiClient;
 use crate::api::retry::RetryPolicy;
 use crate::bot::poll_loop::{self, PollSettings};
-use crate::cli::{GlobalArgs, PollEchoArgs};
+use crate::cli::PollEchoArgs;
 use crate::commands::{reply_handler, required_token};
 use crate::exit;
 use crate::shutdown::Shutdown;
 use crate::state::{BotIdentity, StateStore};
 
-pub fn run(args: PollEchoArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
-    let token = required_token(global)?;
+pub fn run(args: PollEchoArgs) -> anyhow::Result<ExitCode> {
+    let token = required_token(&args.api)?;
     let shutdown = Shutdown::on_signals(args.stop.grace)?;
     // --once is for CI: a bounded number of retries, then a clear failure.
     let policy = if args.once {
@@ -26,7 +26,7 @@ pub fn run(args: PollEchoArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> 
         RetryPolicy::FOREVER
     };
     let client =
-        ApiClient::new(&global.base_url, token.clone(), policy)?.with_shutdown(shutdown.clone());
+        ApiClient::new(&args.api.base_url, token.clone(), policy)?.with_shutdown(shutdown.clone());
     let identity = BotIdentity::new(client.base_url(), &token);
     let store = Arc::new(StateStore::open_for(&identity, args.state)?);
     let media_dir = args.media_dir.map(prepare_media_dir).transpose()?;

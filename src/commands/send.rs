@@ -7,14 +7,15 @@ use serde_json::{Map, Value};
 
 use crate::api::MessageData;
 use crate::api::{SendRequest, Target};
-use crate::cli::{GlobalArgs, SendArgs};
+use crate::cli::SendArgs;
 use crate::commands::{one_shot_client, print_line, read_input};
 use crate::exit::{self, usage};
 use crate::random;
 
-pub fn run(args: SendArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+pub fn run(args: SendArgs) -> anyhow::Result<ExitCode> {
+    let api = args.api.clone();
     let request = build_request(args)?;
-    let client = one_shot_client(global)?;
+    let client = one_shot_client(&api)?;
     let (Target::User(target) | Target::Group(target)) = &request.target;
     tracing::debug!(client_msg_id = %request.client_msg_id, %target, "sending");
     let sent = client.send(&request).context("sending the message")?;
@@ -94,6 +95,7 @@ fn read_stdin_text() -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::ApiArgs;
 
     fn args(text: Option<&str>, data: Option<&str>, msg_type: &str) -> SendArgs {
         SendArgs {
@@ -103,6 +105,11 @@ mod tests {
             msg_type: msg_type.into(),
             data: data.map(String::from),
             client_msg_id: None,
+            api: ApiArgs {
+                base_url: crate::cli::DEFAULT_BASE_URL.into(),
+                token: None,
+                token_file: None,
+            },
         }
     }
 

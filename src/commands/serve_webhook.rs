@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use crate::api::ApiClient;
 use crate::api::retry::RetryPolicy;
-use crate::cli::{GlobalArgs, ServeWebhookArgs};
-use crate::commands::{reply_handler, required_token, webhook_secrets};
+use crate::cli::ServeWebhookArgs;
+use crate::commands::{configured_token, reply_handler, required_token, webhook_secrets};
 use crate::exit::{self, usage};
 use crate::shutdown::Shutdown;
 use crate::state::{BotIdentity, StateStore};
@@ -22,7 +22,7 @@ const REPLY_RETRIES: RetryPolicy = RetryPolicy {
     budget: Some(Duration::from_secs(10)),
 };
 
-pub fn run(args: ServeWebhookArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+pub fn run(args: ServeWebhookArgs) -> anyhow::Result<ExitCode> {
     // Compared with the request path as it arrives (percent-encoded, query
     // apart), so anything else could never match and every delivery would be 404.
     let path_ok = args.path.starts_with('/')
@@ -37,15 +37,15 @@ pub fn run(args: ServeWebhookArgs, global: &GlobalArgs) -> anyhow::Result<ExitCo
             args.path
         )));
     }
-    let token = required_token(global)?;
+    let token = required_token(&args.api)?;
     // Before the URL is printed: a script that stops the server right after
     // reading it gets a clean stop.
     let shutdown = Shutdown::on_signals(args.stop.grace)?;
-    let secrets = webhook_secrets(&args.secret, global)?
+    let secrets = webhook_secrets(&args.secret, || configured_token(&args.api))?
         .into_iter()
         .map(|secret| secret.value)
         .collect();
-    let client = ApiClient::new(&global.base_url, token.clone(), REPLY_RETRIES)?;
+    let client = ApiClient::new(&args.api.base_url, token.clone(), REPLY_RETRIES)?;
     let identity = BotIdentity::new(client.base_url(), &token);
     let state_path = args.state;
     let open_store = move || StateStore::open_for(&identity, state_path);

@@ -6,16 +6,20 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
-use crate::cli::{GlobalArgs, SignArgs};
-use crate::commands::{read_input, signing_secret, unix_time_now};
+use crate::cli::SignArgs;
+use crate::commands::{offline_token, read_input, signing_secret, unix_time_now};
 use crate::exit::{self, usage};
 use crate::random;
 use crate::signature::sign_update_text;
 
-pub fn run(args: SignArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
-    let secret = signing_secret(&args.secret, global, "fly sign")?;
+pub fn run(args: SignArgs) -> anyhow::Result<ExitCode> {
+    let secret = signing_secret(
+        &args.secret,
+        || offline_token(args.token_file.as_deref()),
+        "fly sign",
+    )?;
     let update = read_input(&args.input)?;
-    let timestamp = unix_time_now(args.now)?;
+    let timestamp = unix_time_now(args.now);
     let nonce = args.nonce.unwrap_or_else(|| random::hex_id(16));
     let mut signed = sign_update_text(&update, &secret, &args.bot_id, timestamp, &nonce)
         .map_err(|error| usage(format!("cannot sign this update: {error}")))?;

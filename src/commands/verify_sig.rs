@@ -10,16 +10,18 @@ use std::thread;
 
 use anyhow::Context;
 
-use crate::cli::{GlobalArgs, VerifySigArgs};
-use crate::commands::{WebhookSecret, print_line, read_input, unix_time_now, webhook_secrets};
+use crate::cli::VerifySigArgs;
+use crate::commands::{
+    WebhookSecret, offline_token, print_line, read_input, unix_time_now, webhook_secrets,
+};
 use crate::exit::{self, usage};
 use crate::signature::canonical::{canonical_json, json_string};
 use crate::signature::json::Value;
 use crate::signature::{self, Check, SignatureInputError, Verdict, Verifier};
 
-pub fn run(args: VerifySigArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
-    let secrets = webhook_secrets(&args.secret, global)?;
-    let now = unix_time_now(args.now)?;
+pub fn run(args: VerifySigArgs) -> anyhow::Result<ExitCode> {
+    let secrets = webhook_secrets(&args.secret, || offline_token(args.token_file.as_deref()))?;
+    let now = unix_time_now(args.now);
     let window = (!args.ignore_timestamp).then_some(args.window);
     let verifier = Verifier::new(
         secrets.iter().map(|secret| secret.value.as_str()),

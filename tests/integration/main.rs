@@ -1,6 +1,7 @@
 //! The one integration test crate: every test runs the real `fly` binary,
 //! usually against a real `fly emulator` on a free loopback port.
 
+mod cli;
 mod common;
 mod demo;
 mod emulator;

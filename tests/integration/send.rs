@@ -136,9 +136,8 @@ fn token_file_is_read_and_trimmed() {
     fly()
         .env("FLY_BASE_URL", &emulator.base_url)
         .env("FLY_BOT_TOKEN", "a-stale-token-from-the-environment")
-        .arg("--token-file")
+        .args(["send", "--to", "u", "hi", "--token-file"])
         .arg(&path)
-        .args(["send", "--to", "u", "hi"])
         .assert()
         .success();
     assert_eq!(emulator.sent().len(), 1);
@@ -154,9 +153,8 @@ fn a_token_with_a_line_break_is_exit_2() {
     std::fs::write(&path, "secret-part-one\nsecret-part-two\n").unwrap();
     let output = fly()
         .env("FLY_BASE_URL", &emulator.base_url)
-        .arg("--token-file")
+        .args(["send", "--to", "u", "hi", "--token-file"])
         .arg(&path)
-        .args(["send", "--to", "u", "hi"])
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(2));

@@ -620,6 +620,31 @@ fn any_of_several_secrets_verifies_and_the_default_is_the_token_hash() {
     );
 }
 
+/// `--secret-file`: the secret in the file (its trailing newline ignored)
+/// verifies deliveries, as `--secret` would, with no warning in the log.
+#[test]
+fn a_secret_file_verifies_deliveries() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("webhook.secret");
+    std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+    let server = Server::start(
+        &emulator.base_url,
+        dir.path(),
+        &["--secret-file", secret_file.to_str().unwrap()],
+    );
+    let update = |id: i64| text_update(id, ("private", "u_1"), &format!("update {id}"));
+    assert_eq!(
+        post(&server.url, &sign_update(&update(711), SECRET, &[])),
+        answer(200, "OK")
+    );
+    assert_eq!(
+        post(&server.url, &sign_update(&update(712), "other", &[])),
+        answer(401, "SIGNATURE_MISMATCH")
+    );
+    assert!(!server.log().contains("WARN"), "{}", server.log());
+}
+
 // ---------------------------------------------------------------------------
 // Slowloris
 

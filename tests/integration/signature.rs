@@ -42,13 +42,25 @@ fn verify(input: &str, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `verify` with the secret in FLY_WEBHOOK_SECRET, for checks of everything
+/// on stderr (a `--secret` flag adds a warning there).
+fn verify_with_secret(input: &str, secret: &str, args: &[&str]) -> std::process::Output {
+    fly()
+        .arg("verify-sig")
+        .args(args)
+        .env("FLY_WEBHOOK_SECRET", secret)
+        .write_stdin(input.to_string())
+        .output()
+        .unwrap()
+}
+
 fn now_arg(now: i64) -> String {
     format!("--now={now}")
 }
 
 #[test]
 fn a_signed_update_verifies() {
-    let output = verify(&signed(SECRET), &["--secret", SECRET, &now_arg(NOW + 300)]);
+    let output = verify_with_secret(&signed(SECRET), SECRET, &[&now_arg(NOW + 300)]);
     assert_eq!(output.status.code(), Some(0), "{}", stderr_of(&output));
     assert_eq!(String::from_utf8_lossy(&output.stdout), "Verify OK\n");
     assert!(output.stderr.is_empty());
@@ -56,7 +68,7 @@ fn a_signed_update_verifies() {
 
 #[test]
 fn a_wrong_secret_is_a_mismatch() {
-    let output = verify(&signed(SECRET), &["--secret", "other", &now_arg(NOW)]);
+    let output = verify_with_secret(&signed(SECRET), "other", &[&now_arg(NOW)]);
     assert_eq!(output.status.code(), Some(1));
     assert_eq!(stderr_of(&output), "Verify failed: SIGNATURE_MISMATCH\n");
     assert!(output.stdout.is_empty());
@@ -64,13 +76,13 @@ fn a_wrong_secret_is_a_mismatch() {
 
 #[test]
 fn a_stale_timestamp_is_a_replay_even_with_a_wrong_secret() {
-    let output = verify(&signed(SECRET), &["--secret", "other", &now_arg(NOW + 301)]);
+    let output = verify_with_secret(&signed(SECRET), "other", &[&now_arg(NOW + 301)]);
     assert_eq!(output.status.code(), Some(1));
     assert_eq!(
         stderr_of(&output),
         "Verify failed: REPLAY_WINDOW_EXCEEDED\n"
     );
-    let early = verify(&signed(SECRET), &["--secret", SECRET, &now_arg(NOW - 301)]);
+    let early = verify_with_secret(&signed(SECRET), SECRET, &[&now_arg(NOW - 301)]);
     assert_eq!(stderr_of(&early), "Verify failed: REPLAY_WINDOW_EXCEEDED\n");
 }
 
@@ -97,7 +109,8 @@ fn window_and_ignore_timestamp() {
 #[test]
 fn now_comes_from_fly_now_ts() {
     let output = fly()
-        .args(["verify-sig", "--secret", SECRET])
+        .arg("verify-sig")
+        .env("FLY_WEBHOOK_SECRET", SECRET)
         .env("FLY_NOW_TS", (NOW + 5000).to_string())
         .write_stdin(signed(SECRET))
         .output()
@@ -109,7 +122,8 @@ fn now_comes_from_fly_now_ts() {
     // Read as the reference reads it: spaces are fine, empty means the clock.
     for (value, code) in [(" 1700000100 ", 0), ("", 1), ("soon", 2)] {
         let output = fly()
-            .args(["verify-sig", "--secret", SECRET])
+            .arg("verify-sig")
+            .env("FLY_WEBHOOK_SECRET", SECRET)
             .env("FLY_NOW_TS", value)
             .write_stdin(signed(SECRET))
             .output()
@@ -209,7 +223,7 @@ fn missing_secret_is_a_usage_error() {
 
 #[test]
 fn malformed_json_is_a_usage_error_with_python_position() {
-    let output = verify("{\"update_id\": 1,}", &["--secret", SECRET]);
+    let output = verify_with_secret("{\"update_id\": 1,}", SECRET, &[]);
     assert_eq!(output.status.code(), Some(2));
     assert_eq!(
         stderr_of(&output),
@@ -219,9 +233,10 @@ fn malformed_json_is_a_usage_error_with_python_position() {
 
 #[test]
 fn a_lone_surrogate_in_the_payload_is_an_input_error_not_a_verdict() {
-    let output = verify(
+    let output = verify_with_secret(
         r#"{"message":{"text":"\ud800"},"timestamp":1700000000}"#,
-        &["--secret", SECRET, &now_arg(NOW)],
+        SECRET,
+        &[&now_arg(NOW)],
     );
     assert_eq!(output.status.code(), Some(2));
     let stderr = stderr_of(&output);
@@ -449,7 +464,7 @@ const REFUSED: &str = "REFUSED (cannot reproduce)";
 
 /// `fly verify-sig` on one document, as a verdict name.
 fn fly_verdict(text: &str) -> String {
-    let output = verify(text, &["--secret", SECRET, &now_arg(NOW)]);
+    let output = verify_with_secret(text, SECRET, &[&now_arg(NOW)]);
     match output.status.code() {
         Some(0) => "OK".into(),
         Some(1) => stderr_of(&output)
@@ -629,7 +644,8 @@ fn a_full_stdout_or_stderr_is_exit_1_not_a_panic() {
         let mut command = StdCommand::new(fly_path());
         command
             .env_clear()
-            .args(["verify-sig", "--secret", SECRET])
+            .env("FLY_WEBHOOK_SECRET", SECRET)
+            .arg("verify-sig")
             .args(extra)
             .arg(&input);
         command
