@@ -5,7 +5,7 @@
 //! response's body (`code`/`msg`) can be read and shown.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::json;
 use ureq::Agent;
@@ -34,6 +34,8 @@ pub type Received = Result<Update, Unusable>;
 struct Envelope<'t> {
     text: &'t str,
     located: json::Located<'t>,
+    /// The platform's clock: the answer's `Date` header, when it sent one.
+    date: Option<SystemTime>,
 }
 
 impl Envelope<'_> {
@@ -65,6 +67,8 @@ const MAX_DETAIL_CHARS: usize = 200;
 pub struct ApiClient {
     agent: Agent,
     base_url: String,
+    /// `host:port` of the base URL, for network errors.
+    host: String,
     token: Token,
     policy: RetryPolicy,
     /// Waits between retries end early when this is set (a service stopping).
@@ -74,11 +78,11 @@ pub struct ApiClient {
 impl ApiClient {
     /// A client for `base_url` (`http://` or `https://`, trailing `/` ignored).
     pub fn new(base_url: &str, token: Token, policy: RetryPolicy) -> anyhow::Result<ApiClient> {
-        let base_url = base_url.trim().trim_end_matches('/');
-        check_http_url(base_url, "the base URL")?;
+        let base_url = check_base_url(base_url)?;
         Ok(ApiClient {
             agent: new_agent(),
-            base_url: base_url.to_string(),
+            host: host_and_port(&base_url),
+            base_url,
             token,
             policy,
             shutdown: Shutdown::new(),
@@ -177,6 +181,20 @@ impl ApiClient {
         )
     }
 
+    /// A harmless call to see whether the token is accepted (`fly doctor`):
+    /// an updates call with timeout 0, limit 1 and no offset. It must not
+    /// carry an offset: asking with one confirms every update below it, and
+    /// the bot's own poller would never see them. Without one nothing is
+    /// confirmed, so whatever it returns is delivered again to the poller.
+    pub fn probe(&self) -> Result<Probe, ApiError> {
+        let body = json!({"limit": 1, "timeout": 0});
+        self.call(PATH_UPDATES, &body.to_string(), READ_TIMEOUT, |envelope| {
+            Ok(Probe {
+                server_date: envelope.date,
+            })
+        })
+    }
+
     /// Sends a message; a retry reuses the request's `client_msg_id`, so the
     /// platform records it once however often it is retried. Returns the
     /// answer's `data` (the sent message) as one line of JSON, as sent.
@@ -248,7 +266,7 @@ impl ApiClient {
         let response = match result {
             Ok(response) => response,
             Err(error) => {
-                let failure = classify_transport_error(path, error);
+                let failure = classify_transport_error(&self.host, path, error);
                 tracing::debug!(
                     ms = elapsed_ms(started),
                     "POST {path}: {}",
@@ -277,12 +295,17 @@ impl ApiClient {
             .get("retry-after")
             .and_then(|value| value.to_str().ok())
             .and_then(parse_retry_after);
+        let date = response
+            .headers()
+            .get("date")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| httpdate::parse_http_date(value).ok());
         // A connection dropped while reading the body is as transient as one
         // dropped before the status line.
         let text = response
             .body_mut()
             .read_to_string()
-            .map_err(|error| classify_transport_error(path, error))?;
+            .map_err(|error| classify_transport_error(&self.host, path, error))?;
         let parsed = json::parse_located(&text, UPDATES_PATH).ok();
         let detail = self
             .token
@@ -351,6 +374,7 @@ impl ApiClient {
         let envelope = Envelope {
             text: &text,
             located,
+            date,
         };
         read(&envelope).map_err(|detail| {
             AttemptError::Fatal(ApiError::BadResponse {
@@ -359,6 +383,61 @@ impl ApiClient {
             })
         })
     }
+}
+
+/// What [`ApiClient::probe`] learnt besides "the token is accepted".
+#[derive(Debug, Clone, Copy)]
+pub struct Probe {
+    /// The platform's clock (its `Date` header), when it sent one.
+    pub server_date: Option<SystemTime>,
+}
+
+/// Where the bot API's paths start: a base URL must stop before it.
+const API_PATH_PREFIX: &str = "/api/v1";
+
+/// The base URL without surrounding spaces or trailing `/`, checked: an
+/// http(s) URL that does not already hold the API path (the paths are added
+/// to it, so `…/api/v1` would be sent to `…/api/v1/api/v1/…` and read as a 404).
+pub fn check_base_url(url: &str) -> anyhow::Result<String> {
+    let url = url.trim().trim_end_matches('/');
+    check_http_url(url, "the base URL")?;
+    let path_start = url
+        .find("://")
+        .map(|scheme_end| scheme_end + 3)
+        .and_then(|host_start| url[host_start..].find('/').map(|slash| host_start + slash));
+    if let Some(path_start) = path_start {
+        let path = &url[path_start..];
+        let api_path = path.match_indices(API_PATH_PREFIX).find(|(at, _)| {
+            let rest = &path[at + API_PATH_PREFIX.len()..];
+            rest.is_empty() || rest.starts_with('/') || rest.starts_with('?')
+        });
+        if let Some((at, _)) = api_path {
+            let cut = path_start + at;
+            let fixed = &url[..cut];
+            return Err(usage(format!(
+                "the base URL {url} includes the API path: drop {} from the base URL \
+                 (--base-url or FLY_BASE_URL) and use {fixed}",
+                &url[cut..]
+            )));
+        }
+    }
+    Ok(url.to_string())
+}
+
+/// `host:port` of an http(s) URL (the scheme's port when none is given, no
+/// user info), as network errors name it.
+fn host_and_port(url: &str) -> String {
+    let Ok(uri) = url.parse::<ureq::http::Uri>() else {
+        return url.to_string();
+    };
+    let Some(authority) = uri.authority() else {
+        return url.to_string();
+    };
+    let port = authority.port_u16().unwrap_or(match uri.scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    });
+    format!("{}:{port}", authority.host())
 }
 
 /// Checks that `url` is an http(s) URL a request can be made to, so a typo
@@ -411,7 +490,8 @@ fn failure_text(failure: &AttemptError<ApiError>) -> String {
 
 /// Transport failures are transient unless the request itself can never
 /// work or the answer can never be read (see [`classify_transport`]).
-fn classify_transport_error(path: &str, error: ureq::Error) -> AttemptError<ApiError> {
+/// `host` is the server's `host:port`, which the description names.
+fn classify_transport_error(host: &str, path: &str, error: ureq::Error) -> AttemptError<ApiError> {
     match classify_transport(&error) {
         TransportFailure::Unusable => AttemptError::Fatal(ApiError::Rejected {
             path: path.to_string(),
@@ -423,21 +503,45 @@ fn classify_transport_error(path: &str, error: ureq::Error) -> AttemptError<ApiE
             detail: format!("malformed HTTP: {error}"),
         }),
         TransportFailure::Transient => AttemptError::Transient {
-            reason: describe_transport_error(&error),
+            reason: describe_transport_error(host, &error),
             retry_after: None,
         },
     }
 }
 
-fn describe_transport_error(error: &ureq::Error) -> String {
+/// A network failure in words that name the server (`host` is its
+/// `host:port`): "connection refused by 127.0.0.1:9" says where to look,
+/// "Connection refused" does not.
+fn describe_transport_error(host: &str, error: &ureq::Error) -> String {
+    use std::io::ErrorKind;
     match error {
-        ureq::Error::ConnectionFailed => "connection failed".to_string(),
-        ureq::Error::HostNotFound => "host not found".to_string(),
+        ureq::Error::ConnectionFailed => format!("cannot connect to {host}"),
+        ureq::Error::HostNotFound => {
+            let name = host.rsplit_once(':').map_or(host, |(name, _)| name);
+            format!("host not found: {name} (DNS)")
+        }
         // Only the retry budget sets a global timeout (see `attempt`).
-        ureq::Error::Timeout(ureq::Timeout::Global) => "no answer in the time left".to_string(),
-        ureq::Error::Timeout(kind) => format!("timed out ({kind})"),
-        ureq::Error::Io(io) => format!("connection error: {io}"),
-        other => other.to_string(),
+        ureq::Error::Timeout(ureq::Timeout::Global) => {
+            format!("no answer from {host} in the time left")
+        }
+        ureq::Error::Timeout(kind) => format!("{host} timed out ({kind})"),
+        ureq::Error::Io(io) => match io.kind() {
+            ErrorKind::ConnectionRefused => format!("connection refused by {host}"),
+            ErrorKind::ConnectionReset => format!("connection reset by {host}"),
+            ErrorKind::ConnectionAborted | ErrorKind::UnexpectedEof => {
+                format!("{host} closed the connection without an answer")
+            }
+            ErrorKind::TimedOut => format!("no answer from {host} (timed out)"),
+            _ => {
+                // The OS's words, without the "(os error N)" that tells nobody anything.
+                let text = io.to_string();
+                let text = text
+                    .rfind(" (os error ")
+                    .map_or(&text[..], |at| &text[..at]);
+                format!("connection to {host} failed: {text}")
+            }
+        },
+        other => format!("talking to {host}: {other}"),
     }
 }
 
@@ -555,19 +659,20 @@ mod tests {
 
     #[test]
     fn transport_errors_are_transient_but_bad_requests_are_not() {
-        let transient = classify_transport_error("/p", ureq::Error::ConnectionFailed);
+        let transient = classify_transport_error("h:1", "/p", ureq::Error::ConnectionFailed);
         assert!(matches!(transient, AttemptError::Transient { .. }));
         let io = ureq::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
         assert!(matches!(
-            classify_transport_error("/p", io),
+            classify_transport_error("h:1", "/p", io),
             AttemptError::Transient { .. }
         ));
-        let fatal = classify_transport_error("/p", ureq::Error::BadUri("x".into()));
+        let fatal = classify_transport_error("h:1", "/p", ureq::Error::BadUri("x".into()));
         assert!(matches!(
             fatal,
             AttemptError::Fatal(ApiError::Rejected { .. })
         ));
-        let malformed = classify_transport_error("/p", ureq::Error::LargeResponseHeader(1, 1));
+        let malformed =
+            classify_transport_error("h:1", "/p", ureq::Error::LargeResponseHeader(1, 1));
         assert!(matches!(
             malformed,
             AttemptError::Fatal(ApiError::BadResponse { .. })
@@ -586,5 +691,90 @@ mod tests {
         );
         let client = ApiClient::new("http://127.0.0.1:1/", token, RetryPolicy::ONE_SHOT).unwrap();
         assert_eq!(client.base_url, "http://127.0.0.1:1");
+    }
+
+    #[test]
+    fn a_base_url_holding_the_api_path_is_refused_with_the_fix() {
+        for (given, dropped, fixed) in [
+            (
+                "http://127.0.0.1:8787/api/v1",
+                "/api/v1",
+                "http://127.0.0.1:8787",
+            ),
+            (
+                "http://127.0.0.1:8787/api/v1/",
+                "/api/v1",
+                "http://127.0.0.1:8787",
+            ),
+            (
+                "https://api.example/api/v1/s/bot",
+                "/api/v1/s/bot",
+                "https://api.example",
+            ),
+            (
+                "https://gw.example/fly/api/v1/s",
+                "/api/v1/s",
+                "https://gw.example/fly",
+            ),
+        ] {
+            let error = check_base_url(given).unwrap_err();
+            assert_eq!(
+                crate::exit::classify(&error),
+                crate::exit::Outcome::Report(2),
+                "{given}"
+            );
+            let message = error.to_string();
+            assert!(
+                message.contains(&format!("drop {dropped} from the base URL")),
+                "{message}"
+            );
+            assert!(message.contains(&format!("use {fixed}")), "{message}");
+        }
+        for fine in [
+            "https://api.flycrytp.com/",
+            "http://127.0.0.1:8787",
+            "https://gw.example/fly",
+            "https://gw.example/api/v10",
+            "https://gw.example/api/v1x",
+        ] {
+            assert_eq!(
+                check_base_url(fine).unwrap(),
+                fine.trim_end_matches('/'),
+                "{fine}"
+            );
+        }
+    }
+
+    #[test]
+    fn network_errors_name_the_host() {
+        assert_eq!(host_and_port("http://127.0.0.1:9"), "127.0.0.1:9");
+        assert_eq!(
+            host_and_port("https://user:pw@api.example/x"),
+            "api.example:443"
+        );
+        assert_eq!(host_and_port("http://[::1]"), "[::1]:80");
+        let io = |kind| ureq::Error::Io(std::io::Error::from(kind));
+        let describe = |error| describe_transport_error("127.0.0.1:9", &error);
+        assert_eq!(
+            describe(io(std::io::ErrorKind::ConnectionRefused)),
+            "connection refused by 127.0.0.1:9"
+        );
+        assert_eq!(
+            describe(io(std::io::ErrorKind::ConnectionReset)),
+            "connection reset by 127.0.0.1:9"
+        );
+        assert_eq!(
+            describe(ureq::Error::HostNotFound),
+            "host not found: 127.0.0.1 (DNS)"
+        );
+        assert_eq!(
+            describe(ureq::Error::ConnectionFailed),
+            "cannot connect to 127.0.0.1:9"
+        );
+        let os_error = ureq::Error::Io(std::io::Error::from_raw_os_error(libc::ENETUNREACH));
+        assert_eq!(
+            describe(os_error),
+            "connection to 127.0.0.1:9 failed: Network is unreachable"
+        );
     }
 }
