@@ -13,6 +13,8 @@ use clap::parser::ValueSource;
 use clap::{ArgAction, ArgMatches, Args, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 pub const DEFAULT_BASE_URL: &str = "https://api.flycrytp.com";
+/// Where `fly emulator` listens unless told otherwise.
+pub const DEFAULT_EMULATOR_URL: &str = "http://127.0.0.1:8787";
 
 /// Every tool of the Fly Bot API examples page in one binary.
 ///
@@ -164,10 +166,22 @@ pub enum Command {
     /// Run a local Fly Bot API on loopback for development and tests.
     ///
     /// With --token (or FLY_BOT_TOKEN, --token-file) only that token is accepted;
-    /// otherwise any non-empty bearer token is.
+    /// otherwise any non-empty bearer token is. Update ids start at the unix
+    /// time in milliseconds, so a restarted emulator's ids are above the last
+    /// run's and a poller's saved offset never hides new messages. While a
+    /// webhook is set, the updates call answers 409 (polling is refused).
+    /// `fly emulator say` sends it a user message from another terminal.
     Emulator(EmulatorArgs),
     /// Play a short conversation through poll-echo against an in-process emulator.
     Demo(DemoArgs),
+    /// Check a set-up: base URL, token, a harmless API call, the clock, the state store.
+    ///
+    /// One line per check on stdout (the report is what was asked for);
+    /// the token itself is never shown. Exit 0 when all is well, 1 when a
+    /// check failed (the token refused, the platform unreachable, the clock
+    /// off by more than the 300 s replay window, a state file that does not
+    /// open), 2 when the set-up is unusable as given (no token, a bad base URL).
+    Doctor(DoctorArgs),
     /// List the updates that could never be handled, one JSON object per line.
     ///
     /// poll-echo, forward and serve-webhook record an update they cannot handle
@@ -655,15 +669,21 @@ fn parse_grace(text: &str) -> Result<Duration, String> {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = examples(&[
-    "# http://127.0.0.1:8787, any non-empty token accepted",
-    "fly emulator",
-    "# A free port (the first stdout line is the base URL); only this token accepted",
-    "fly emulator --port 0 --token dev",
-    "# A user says hi, for the bot to answer",
-    r#"curl -d '{"chat":{"type":"private","id":"u_1"},"msgType":"text","data":{"content":"hi"}}' http://127.0.0.1:8787/_emulator/messages"#,
-]))]
+#[command(
+    args_conflicts_with_subcommands = true,
+    after_help = examples(&[
+        "# http://127.0.0.1:8787, any non-empty token accepted",
+        "fly emulator",
+        "# A free port (the first stdout line is the base URL); only this token accepted",
+        "fly emulator --port 0 --token dev",
+        "# A user says hi, for the bot to answer (from another terminal)",
+        "fly emulator say --chat u_1 hi",
+    ])
+)]
 pub struct EmulatorArgs {
+    #[command(subcommand)]
+    pub action: Option<EmulatorAction>,
+
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1", value_name = "ADDR")]
     pub bind: IpAddr,
@@ -687,9 +707,81 @@ pub struct EmulatorArgs {
     pub accepted_token_file: Option<PathBuf>,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum EmulatorAction {
+    /// Send a user message to a running emulator; prints its update id.
+    Say(EmulatorSayArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("chat_target").required(true).args(["chat", "group"])))]
+#[command(group(clap::ArgGroup::new("content").required(true).args(["text", "image"])))]
+#[command(after_help = examples(&[
+    "# A user writes to the bot in a private chat, then in a group",
+    "fly emulator say --chat u_1 hello",
+    "fly emulator say --group g_1 hi",
+    "# An image message, to an emulator on another port",
+    "fly emulator say --chat u_1 --image https://cdn.example/cat.png --base-url http://127.0.0.1:9000",
+]))]
+pub struct EmulatorSayArgs {
+    /// Base URL of the running emulator.
+    #[arg(
+        long,
+        env = "FLY_BASE_URL",
+        hide_env_values = true,
+        default_value = DEFAULT_EMULATOR_URL,
+        value_name = "URL"
+    )]
+    pub base_url: String,
+
+    /// The user who writes, in a private chat with the bot (the chat id).
+    #[arg(long, value_name = "ID")]
+    pub chat: Option<String>,
+
+    /// The group chat the message is written in.
+    #[arg(long, value_name = "ID")]
+    pub group: Option<String>,
+
+    /// Message text, or - to read it from stdin.
+    #[arg(value_name = "TEXT")]
+    pub text: Option<String>,
+
+    /// Send an image message with this URL (originalUrl) instead of text.
+    #[arg(long, value_name = "URL")]
+    pub image: Option<String>,
+}
+
 #[derive(Debug, Args)]
 #[command(after_help = examples(&["fly demo"]))]
 pub struct DemoArgs {}
+
+#[derive(Debug, Args)]
+#[command(after_help = examples(&[
+    "# The set-up in the environment: FLY_BASE_URL, FLY_BOT_TOKEN",
+    "fly doctor",
+    "# A local emulator, and a given state file",
+    "FLY_BASE_URL=http://127.0.0.1:8787 FLY_BOT_TOKEN=dev fly doctor --state bot.db",
+]))]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+
+    /// State store file to check (default: the bot's, found from the base URL
+    /// and token). It is opened if it exists, never created.
+    #[arg(long, value_name = "PATH")]
+    pub state: Option<PathBuf>,
+
+    /// The local time to compare with the platform's clock (default: the clock).
+    #[arg(
+        long,
+        env = "FLY_NOW_TS",
+        hide_env_values = true,
+        value_name = "TS",
+        allow_negative_numbers = true,
+        value_parser = parse_unix_time
+    )]
+    pub now: Option<UnixTime>,
+}
 
 #[derive(Debug, Args)]
 #[command(after_help = examples(&[

@@ -74,15 +74,17 @@ impl ForwardHandler {
             });
         };
         let latency_ms = started.elapsed().as_millis() as u64;
+        // One log line per attempt: a success here, a failure in the retry
+        // loop's line (see `handle`), which says what happened and what next.
         match result {
             Ok(response) => {
                 let status = response.status().as_u16();
-                tracing::info!(update_id = update.update_id, status, latency_ms, "delivery");
                 if (200..300).contains(&status) {
+                    tracing::info!(update_id = update.update_id, status, latency_ms, "delivery");
                     Ok(status)
                 } else {
                     Err(AttemptError::Transient {
-                        reason: format!("the receiver answered HTTP {status}"),
+                        reason: format!("the receiver answered HTTP {status} ({latency_ms} ms)"),
                         retry_after: None,
                     })
                 }
@@ -95,13 +97,8 @@ impl ForwardHandler {
                             DELIVERY_TIMEOUT.as_secs()
                         )
                     }
-                    other => format!("the receiver is unreachable: {other}"),
+                    other => format!("the receiver {} is unreachable: {other}", self.receiver_url),
                 };
-                tracing::info!(
-                    update_id = update.update_id,
-                    latency_ms,
-                    "delivery failed: {reason}"
-                );
                 Err(AttemptError::Transient {
                     reason,
                     retry_after: None,
@@ -143,7 +140,7 @@ impl Handler for ForwardHandler {
                 tracing::warn!(
                     update_id = update.update_id,
                     failures,
-                    "{reason}; retrying in {:.1}s",
+                    "delivery failed: {reason}; retrying in {:.1}s",
                     delay.as_secs_f64()
                 );
             },

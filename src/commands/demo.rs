@@ -16,7 +16,7 @@ use crate::api::{ApiClient, Token};
 use crate::bot::echo::EchoHandler;
 use crate::bot::poll_loop::{self, PollSettings};
 use crate::cli::DemoArgs;
-use crate::emulator::{Emulator, EmulatorConfig};
+use crate::emulator::{ControlClient, Emulator, EmulatorConfig};
 use crate::exit;
 use crate::shutdown::Shutdown;
 use crate::state::{BotIdentity, StateStore};
@@ -64,21 +64,24 @@ pub fn run(_args: DemoArgs) -> anyhow::Result<ExitCode> {
         bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
         port: 0,
         token: Some(DEMO_TOKEN.to_string()),
+        // The demo's state is a temporary file no earlier run shares, so
+        // small ids (and short media file names in the transcript) are safe.
+        first_update_id: 1,
     })?;
-    let control = Control::new(emulator.base_url());
+    let control = ControlClient::new(emulator.base_url());
     control.post(
         "/_emulator/media",
-        json!({"url": IMAGE_URL, "size": 48_000}),
+        &json!({"url": IMAGE_URL, "size": 48_000}),
     )?;
     control.post(
         "/_emulator/media",
-        json!({"url": THUMBNAIL_URL, "size": 4_000}),
+        &json!({"url": THUMBNAIL_URL, "size": 4_000}),
     )?;
     let mut incoming = Vec::new();
     for (chat_type, chat_id, speaker, msg_type, data) in conversation() {
         let answer = control.post(
             "/_emulator/messages",
-            json!({"chat": {"type": chat_type, "id": chat_id}, "msgType": msg_type, "data": data}),
+            &json!({"chat": {"type": chat_type, "id": chat_id}, "msgType": msg_type, "data": data}),
         )?;
         let update_id = answer["update_id"]
             .as_i64()
@@ -145,8 +148,11 @@ pub fn run(_args: DemoArgs) -> anyhow::Result<ExitCode> {
     )?;
     writeln!(
         out,
-        "Try it yourself: `fly emulator` in one terminal, then\n  \
-         FLY_BASE_URL=http://127.0.0.1:8787 FLY_BOT_TOKEN=dev fly poll-echo\nin another."
+        "Try it yourself, in three terminals:\n  \
+         fly emulator\n  \
+         FLY_BASE_URL=http://127.0.0.1:8787 FLY_BOT_TOKEN=dev fly poll-echo\n  \
+         fly emulator say --chat u_me \"hello bot\"\n\
+         poll-echo logs its reply (outcome=replied); the emulator logs every API call."
     )?;
     out.flush()?;
     emulator.shutdown();
@@ -195,37 +201,4 @@ fn describe_reply(request: &Value, media_dir: &std::path::Path, update_id: i64) 
         "[{msg_type}] forwarded back after saving {}",
         saved.join(", ")
     )
-}
-
-/// The emulator's control API, over real HTTP like any client would use it.
-struct Control {
-    agent: ureq::Agent,
-    base_url: String,
-}
-
-impl Control {
-    fn new(base_url: &str) -> Control {
-        Control {
-            agent: ureq::Agent::new_with_defaults(),
-            base_url: base_url.to_string(),
-        }
-    }
-
-    fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
-        let mut response = self
-            .agent
-            .post(&format!("{}{path}", self.base_url))
-            .send_json(body)
-            .with_context(|| format!("calling the emulator's {path}"))?;
-        Ok(response.body_mut().read_json()?)
-    }
-
-    fn get(&self, path: &str) -> anyhow::Result<Value> {
-        let mut response = self
-            .agent
-            .get(&format!("{}{path}", self.base_url))
-            .call()
-            .with_context(|| format!("calling the emulator's {path}"))?;
-        Ok(response.body_mut().read_json()?)
-    }
 }

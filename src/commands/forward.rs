@@ -25,9 +25,18 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
         .with_shutdown(shutdown.clone());
     let identity = BotIdentity::new(client.base_url(), &token);
     let store = Arc::new(StateStore::open_for(&identity, args.state)?);
+    // What it does, before it does it: a developer sees at once which
+    // receiver, which platform, and which secret to verify with.
+    tracing::info!(
+        "forwarding updates from {} to {}, signed with {} (bot.id {}); Ctrl-C to stop",
+        client.base_url(),
+        args.to,
+        secret.source,
+        args.bot_id
+    );
     let handler = Arc::new(ForwardHandler::new(
         args.to,
-        secret,
+        secret.value,
         args.bot_id,
         shutdown.clone(),
     ));

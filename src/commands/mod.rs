@@ -6,6 +6,7 @@
 mod completions;
 mod dead_letters;
 mod demo;
+mod doctor;
 mod emulator;
 mod fetch_media;
 mod forward;
@@ -38,6 +39,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::FetchMedia(args) => fetch_media::run(args),
         Command::Forward(args) => forward::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Doctor(args) => doctor::run(args),
         Command::DeadLetters(args) => dead_letters::run(args),
         Command::Completions(args) => completions::run(args),
         Command::Man(args) => man::run(args),
@@ -235,14 +237,16 @@ pub fn reply_handler(
     }
 }
 
-/// The one secret a signing command signs with (`fly sign`, `fly forward`).
+/// The one secret a signing command signs with (`fly sign`, `fly forward`),
+/// and where it came from.
 pub fn signing_secret(
     args: &SecretArgs,
     token: impl FnOnce() -> anyhow::Result<Option<Token>>,
     command: &str,
-) -> anyhow::Result<String> {
-    match webhook_secrets(args, token)?.as_mut_slice() {
-        [only] => Ok(std::mem::take(&mut only.value)),
+) -> anyhow::Result<WebhookSecret> {
+    let mut secrets = webhook_secrets(args, token)?;
+    match secrets.len() {
+        1 => Ok(secrets.remove(0)),
         _ => Err(usage(format!(
             "{command} signs with one secret: give one --secret or --secret-file"
         ))),

@@ -17,7 +17,8 @@ pub fn run(args: SignArgs) -> anyhow::Result<ExitCode> {
         &args.secret,
         || offline_token(args.token_file.as_deref()),
         "fly sign",
-    )?;
+    )?
+    .value;
     let update = read_input(&args.input)?;
     let timestamp = unix_time_now(args.now);
     let nonce = args.nonce.unwrap_or_else(|| random::hex_id(16));

@@ -12,8 +12,10 @@
 //! Modules: `state` is all the bookkeeping as pure data, `requests` validates
 //! bodies, `server` routes and answers the bot API, `control` the control API,
 //! `media` streams downloads, `faults` decides injected failures, `webhook`
-//! delivers signed updates.
+//! delivers signed updates, and `client` is the control API's client side
+//! (`fly emulator say`, `fly demo`).
 
+mod client;
 mod control;
 mod faults;
 mod media;
@@ -33,6 +35,7 @@ use anyhow::Context;
 use crate::shutdown::{Shutdown, Stage};
 use tokio::sync::{oneshot, watch};
 
+pub use client::ControlClient;
 use state::{EmulatorState, Routed, WebhookTarget};
 
 pub struct EmulatorConfig {
@@ -40,6 +43,24 @@ pub struct EmulatorConfig {
     pub port: u16,
     /// The only accepted bearer token; `None` accepts any non-empty token.
     pub token: Option<String>,
+    /// The id of the first update; see [`first_update_id_from_clock`].
+    pub first_update_id: u64,
+}
+
+/// The first update id of a new run: the current unix time in milliseconds.
+///
+/// A poller keeps its offset (in its state file) across emulator restarts,
+/// and the platform only returns updates at or above the offset: ids that
+/// started at 1 again would hide every new message from it. Persisting the
+/// last id would need a state file of the emulator's own; the clock needs
+/// nothing, and a new run starts above an earlier one's last id as long as
+/// that run averaged fewer than 1000 updates a second. Ids stay below 2^53,
+/// so JavaScript clients read them exactly.
+pub fn first_update_id_from_clock() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |elapsed| elapsed.as_millis() as u64)
+        .max(1)
 }
 
 /// A running emulator; it stops when shut down or dropped.
@@ -58,7 +79,7 @@ impl Emulator {
 
         let (webhook_wake, webhook_wakeups) = mpsc::channel();
         let shared = Arc::new(Shared {
-            state: Mutex::new(EmulatorState::default()),
+            state: Mutex::new(EmulatorState::new(config.first_update_id)),
             token: config.token,
             base_url: base_url.clone(),
             update_arrivals: watch::channel(0).0,
@@ -120,13 +141,18 @@ pub fn run_until_signal(config: EmulatorConfig) -> anyhow::Result<()> {
     // Signal handlers are in place before the URL is printed, so a script that
     // stops the emulator right after reading it is not killed outright.
     let shutdown = Shutdown::on_signals(crate::shutdown::DEFAULT_GRACE)?;
+    let config_first_id = config.first_update_id;
     let emulator = Emulator::start(config)?;
     let mut stdout = io::stdout().lock();
     writeln!(stdout, "{}", emulator.base_url())
         .and_then(|()| stdout.flush())
         .context("writing the base URL to stdout")?;
     drop(stdout);
-    tracing::info!("emulator listening on {}", emulator.base_url());
+    tracing::info!(
+        first_update_id = config_first_id,
+        "emulator listening on {}; send it a message with: fly emulator say --chat u_1 hello",
+        emulator.base_url()
+    );
 
     shutdown.wait_for(Stage::Requested, None);
     emulator.shutdown();
@@ -162,9 +188,11 @@ impl Shared {
     }
 
     fn set_webhook(&self, target: Option<WebhookTarget>) {
-        let handed_to_polling = self.lock().set_webhook(target);
+        let pollers_concerned = self
+            .lock()
+            .set_webhook(target, || crate::random::hex_id(16));
         self.wake_webhook_worker();
-        if handed_to_polling {
+        if pollers_concerned {
             self.wake_pollers();
         }
     }
@@ -206,6 +234,7 @@ mod tests {
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             port,
             token: None,
+            first_update_id: 1,
         }
     }
 

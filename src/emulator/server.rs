@@ -79,19 +79,31 @@ pub async fn serve(
     .await;
 }
 
+/// One info line per request: method, path, status, latency. Only the path
+/// is logged, never headers or query (the `Authorization` header carries the
+/// bot token), and an access URL's token is left out.
 async fn handle(
     shared: Arc<Shared>,
     request: Request<Incoming>,
 ) -> Result<HttpResponse, ResponseDropped> {
+    let started = std::time::Instant::now();
     let method = request.method().clone();
-    // Only the path is logged: headers carry the bot token.
     let path = request.uri().path().to_string();
     let outcome = route(&shared, &path, request).await;
+    let shown = if path.starts_with(FILES_PREFIX) {
+        format!("{FILES_PREFIX}…")
+    } else {
+        path
+    };
+    let latency_ms = started.elapsed().as_millis() as u64;
     match &outcome {
         Ok(response) => {
-            tracing::debug!(%method, path, status = response.status().as_u16(), "answered");
+            let status = response.status().as_u16();
+            tracing::info!(%method, path = %shown, status, latency_ms, "request");
         }
-        Err(dropped) => tracing::debug!(%method, path, "{dropped}"),
+        Err(dropped) => {
+            tracing::info!(%method, path = %shown, latency_ms, "request not answered: {dropped}");
+        }
     }
     outcome
 }
@@ -195,8 +207,20 @@ fn token_accepted(shared: &Shared, request: &Request<Incoming>) -> bool {
         .is_none_or(|expected| expected == token)
 }
 
+/// The updates call while a webhook is set: 409 Conflict, envelope code
+/// 40901, as real bot platforms refuse polling then (Telegram answers 409
+/// too). Polling on would starve: every new update goes to the webhook.
+fn polling_refused() -> HttpResponse {
+    error_response(
+        StatusCode::CONFLICT,
+        1,
+        "polling is refused while a webhook is set: updates go to the webhook; \
+         turn it off with POST /_emulator/webhook {\"url\":null}",
+    )
+}
+
 /// Long poll: answers at once if updates are queued, else when one arrives
-/// or when the timeout passes.
+/// or when the timeout passes; refused while a webhook is set.
 async fn updates(shared: &Shared, body: &Value) -> HttpResponse {
     let request = match UpdatesRequest::parse(body) {
         Ok(request) => request,
@@ -206,7 +230,13 @@ async fn updates(shared: &Shared, body: &Value) -> HttpResponse {
     // Subscribed before looking, so an update pushed in between still wakes us.
     let mut arrivals = shared.update_arrivals.subscribe();
     loop {
-        let updates = shared.lock().take_updates(request.offset, request.limit);
+        let updates = {
+            let mut state = shared.lock();
+            if state.webhook_is_set() {
+                return polling_refused();
+            }
+            state.take_updates(request.offset, request.limit)
+        };
         if !updates.is_empty() {
             // Served as stored, byte for byte.
             let data = format!("{{\"updates\":[{}]}}", updates.join(","));

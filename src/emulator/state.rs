@@ -96,10 +96,11 @@ pub struct EmulatorState {
     pub faults: FaultConfig,
 }
 
-impl Default for EmulatorState {
-    fn default() -> EmulatorState {
+impl EmulatorState {
+    /// An empty emulator whose first update gets `first_update_id`.
+    pub fn new(first_update_id: u64) -> EmulatorState {
         EmulatorState {
-            next_update_id: 1,
+            next_update_id: first_update_id,
             polling_queue: BTreeMap::new(),
             webhook: None,
             webhook_generation: 0,
@@ -113,9 +114,7 @@ impl Default for EmulatorState {
             faults: FaultConfig::default(),
         }
     }
-}
 
-impl EmulatorState {
     /// Numbers a new update and queues it for polling, or for the webhook while
     /// one is set (`nonce` is used only then). `update` is the JSON text of an
     /// object without `update_id`: it is kept as written, with `"update_id":N`
@@ -220,20 +219,43 @@ impl EmulatorState {
         }
     }
 
-    /// Sets or clears the webhook. Turning it off hands the undelivered
-    /// updates to the polling queue, so no update is lost; returns whether any
-    /// were handed over (pollers must then be woken).
-    pub fn set_webhook(&mut self, target: Option<WebhookTarget>) -> bool {
+    /// Whether a webhook is set: the updates call is refused meanwhile, as
+    /// real bot platforms refuse polling while a webhook is set.
+    pub fn webhook_is_set(&self) -> bool {
+        self.webhook.is_some()
+    }
+
+    /// Sets or clears the webhook; no update is lost either way. Turning it
+    /// on hands the updates waiting for polling (unconfirmed) to the webhook,
+    /// ahead of new ones, each with a nonce from `new_nonce`: polling is
+    /// refused from now on, so they would wait for nobody. Turning it off
+    /// hands the undelivered updates to the polling queue. Returns whether
+    /// pollers must be woken (to be refused, or to get updates).
+    pub fn set_webhook(
+        &mut self,
+        target: Option<WebhookTarget>,
+        mut new_nonce: impl FnMut() -> String,
+    ) -> bool {
         self.webhook_generation += 1;
-        let turned_off = target.is_none();
+        let was_set = self.webhook.is_some();
+        let turned_on = target.is_some();
         self.webhook = target;
-        if !turned_off || self.webhook_queue.is_empty() {
-            return false;
+        if turned_on {
+            let waiting = std::mem::take(&mut self.polling_queue);
+            for (update_id, update) in waiting.into_iter().rev() {
+                self.webhook_queue.push_front(PendingDelivery {
+                    update_id,
+                    update,
+                    nonce: new_nonce(),
+                    failed_attempts: 0,
+                });
+            }
+            return !was_set;
         }
         for pending in self.webhook_queue.drain(..) {
             self.polling_queue.insert(pending.update_id, pending.update);
         }
-        true
+        was_set
     }
 
     /// Changes whenever the webhook configuration does, so that a worker
@@ -349,7 +371,7 @@ mod tests {
 
     #[test]
     fn update_ids_start_at_1_and_increase() {
-        let mut state = EmulatorState::default();
+        let mut state = EmulatorState::new(1);
         assert_eq!(
             state.push_update(&message("a"), String::new()),
             (1, Routed::Polling)
@@ -365,7 +387,7 @@ mod tests {
 
     #[test]
     fn raw_updates_keep_their_text_after_the_id() {
-        let mut state = EmulatorState::default();
+        let mut state = EmulatorState::new(1);
         state.push_update(" {\n \"n\": 1E2, \"b\":\"\\/\"} ", String::new());
         state.push_update("{ }", String::new());
         assert_eq!(
@@ -379,7 +401,7 @@ mod tests {
 
     #[test]
     fn offset_confirms_everything_below_it_and_limit_caps() {
-        let mut state = EmulatorState::default();
+        let mut state = EmulatorState::new(1);
         push_texts(&mut state, 5);
         assert_eq!(ids(&state.take_updates(0, 2)), [1, 2]);
         // Unconfirmed updates come again.
@@ -394,7 +416,7 @@ mod tests {
 
     #[test]
     fn a_repeated_client_msg_id_returns_the_first_answer_and_records_once() {
-        let mut state = EmulatorState::default();
+        let mut state = EmulatorState::new(1);
         let (request, body) = send_request(Some("c1"));
         let first = state.record_send(&request, &body);
         assert_eq!(
@@ -415,7 +437,7 @@ mod tests {
 
     #[test]
     fn access_grants_cover_registered_urls_and_expire() {
-        let mut state = EmulatorState::default();
+        let mut state = EmulatorState::new(1);
         state.register_media("media://a".into(), MediaContent::Pattern { size: 3 });
         let now = Instant::now();
         let mut counter = 0;
@@ -446,9 +468,12 @@ mod tests {
 
     #[test]
     fn webhook_mode_routes_new_updates_in_order() {
-        let mut state = EmulatorState::default();
+        let mut state = EmulatorState::new(1);
         push_texts(&mut state, 1);
-        state.set_webhook(Some(webhook()));
+        assert!(!state.webhook_is_set());
+        // Newly set: pollers are woken, to be refused.
+        assert!(state.set_webhook(Some(webhook()), || "n1".into()));
+        assert!(state.webhook_is_set());
         assert_eq!(
             state.push_update(&message("a"), "n2".into()),
             (2, Routed::Webhook)
@@ -457,8 +482,14 @@ mod tests {
             state.push_update(&message("b"), "n3".into()),
             (3, Routed::Webhook)
         );
-        // Updates queued before webhook mode stay for polling.
-        assert_eq!(ids(&state.take_updates(0, 100)), [1]);
+        // The update that waited for polling goes to the webhook first.
+        assert!(state.take_updates(0, 100).is_empty());
+        let job = state.next_delivery().unwrap();
+        assert_eq!(
+            (job.delivery.update_id, job.delivery.nonce.as_str()),
+            (1, "n1")
+        );
+        state.finish_delivery(1, 200, 1);
 
         let job = state.next_delivery().unwrap();
         assert_eq!(
@@ -474,18 +505,24 @@ mod tests {
         assert_eq!(report["pending"], 1);
         assert_eq!(
             report["delivered"],
-            json!([{"update_id": 2, "status": 200, "attempts": 3}])
+            json!([
+                {"update_id": 1, "status": 200, "attempts": 1},
+                {"update_id": 2, "status": 200, "attempts": 3}
+            ])
         );
         assert!(report.get("secret").is_none());
+        // Another URL: nothing changes for pollers.
+        assert!(!state.set_webhook(Some(webhook()), String::new));
     }
 
     #[test]
     fn turning_webhook_off_hands_pending_updates_to_polling() {
-        let mut state = EmulatorState::default();
-        state.set_webhook(Some(webhook()));
+        let mut state = EmulatorState::new(1);
+        state.set_webhook(Some(webhook()), String::new);
         let generation = state.webhook_generation();
         push_texts(&mut state, 2);
-        assert!(state.set_webhook(None));
+        assert!(state.set_webhook(None, String::new));
+        assert!(!state.webhook_is_set());
         assert_ne!(state.webhook_generation(), generation);
         assert!(state.next_delivery().is_none());
         assert_eq!(state.note_failed_delivery(1), 0);
@@ -494,7 +531,17 @@ mod tests {
             state.push_update(&message("c"), String::new()),
             (3, Routed::Polling)
         );
-        assert!(!state.set_webhook(None));
+        assert!(!state.set_webhook(None, String::new));
         assert_eq!(state.webhook_report()["url"], Value::Null);
+    }
+
+    #[test]
+    fn update_ids_start_where_told() {
+        let mut state = EmulatorState::new(1_700_000_000_000);
+        push_texts(&mut state, 2);
+        assert_eq!(
+            ids(&state.take_updates(0, 100)),
+            [1_700_000_000_000, 1_700_000_000_001]
+        );
     }
 }

@@ -65,17 +65,22 @@ pub struct Emulator {
 impl Emulator {
     /// An emulator that accepts any non-empty token.
     pub fn start() -> Emulator {
-        Emulator::start_with(&[])
+        Emulator::start_with(0, &[])
     }
 
     /// An emulator that accepts only [`TOKEN`].
     pub fn start_strict() -> Emulator {
-        Emulator::start_with(&["--token", TOKEN])
+        Emulator::start_with(0, &["--token", TOKEN])
     }
 
-    fn start_with(extra: &[&str]) -> Emulator {
+    /// An emulator on `port` (e.g. a restart where an earlier run listened).
+    pub fn start_on_port(port: u16) -> Emulator {
+        Emulator::start_with(port, &[])
+    }
+
+    fn start_with(port: u16, extra: &[&str]) -> Emulator {
         let mut child = StdCommand::new(fly_path())
-            .args(["emulator", "--port", "0"])
+            .args(["emulator", "--port", &port.to_string()])
             .args(extra)
             .env_remove("FLY_BOT_TOKEN")
             .env_remove("FLY_BASE_URL")
