@@ -144,10 +144,9 @@ fn long_poll_returns_as_soon_as_a_message_arrives() {
         "long poll took {elapsed:?}"
     );
     assert_eq!(update_ids(&updates), [update_id]);
-    assert_eq!(update_id, 1);
     assert_eq!(
         updates[0],
-        json!({"update_id": 1, "type": "message", "message": {
+        json!({"update_id": update_id, "type": "message", "message": {
             "chat": {"type": "private", "id": "u_1"}, "msgType": "text", "data": {"content": "hi"}}})
     );
 }
@@ -168,15 +167,27 @@ fn idle_long_poll_honours_its_timeout() {
 #[test]
 fn offset_confirms_earlier_updates_and_limit_caps_the_batch() {
     let emulator = Emulator::start();
-    for text in ["a", "b", "c", "d"] {
-        emulator.user_says("group", "g_1", text);
-    }
-    assert_eq!(update_ids(&poll(&emulator, json!({"limit": 2}))), [1, 2]);
+    let ids: Vec<i64> = ["a", "b", "c", "d"]
+        .into_iter()
+        .map(|text| emulator.user_says("group", "g_1", text))
+        .collect();
+    let first = ids[0];
+    assert_eq!(ids, [first, first + 1, first + 2, first + 3]);
+    assert_eq!(
+        update_ids(&poll(&emulator, json!({"limit": 2}))),
+        [first, first + 1]
+    );
     // Nothing is confirmed until a later offset says so.
-    assert_eq!(update_ids(&poll(&emulator, json!({}))), [1, 2, 3, 4]);
-    assert_eq!(update_ids(&poll(&emulator, json!({"offset": 3}))), [3, 4]);
-    assert_eq!(update_ids(&poll(&emulator, json!({"offset": 0}))), [3, 4]);
-    assert!(poll(&emulator, json!({"offset": 5})).is_empty());
+    assert_eq!(update_ids(&poll(&emulator, json!({}))), ids);
+    assert_eq!(
+        update_ids(&poll(&emulator, json!({"offset": first + 2}))),
+        [first + 2, first + 3]
+    );
+    assert_eq!(
+        update_ids(&poll(&emulator, json!({"offset": 0}))),
+        [first + 2, first + 3]
+    );
+    assert!(poll(&emulator, json!({"offset": first + 4})).is_empty());
 
     for (body, field) in [
         (json!({"limit": 0}), "limit"),
@@ -197,11 +208,14 @@ fn raw_updates_are_numbered_and_delivered() {
         "/_emulator/updates",
         json!({"type": "callback_query", "callback_query": {"data": "yes"}}),
     );
-    assert_eq!(answer, json!({"update_id": 1}));
+    let update_id = answer["update_id"].as_i64().expect("update_id");
+    assert_eq!(answer, json!({"update_id": update_id}));
     let updates = poll(&emulator, json!({}));
     assert_eq!(
         updates,
-        [json!({"update_id": 1, "type": "callback_query", "callback_query": {"data": "yes"}})]
+        [
+            json!({"update_id": update_id, "type": "callback_query", "callback_query": {"data": "yes"}})
+        ]
     );
 }
 
@@ -801,10 +815,8 @@ fn webhook_mode_delivers_signed_updates_in_order_retrying_until_2xx() {
     assert_eq!(received[0]["nonce"], received[2]["nonce"]);
     assert_ne!(received[2]["nonce"], received[3]["nonce"]);
     assert_eq!(received[3]["message"]["data"]["content"], "two");
-    // Delivered updates are not also queued for polling.
-    assert!(poll(&emulator, json!({})).is_empty());
-
     emulator.post("/_emulator/webhook", json!({"url": null}));
+    // Delivered updates were not also queued for polling.
     let third = emulator.user_says("private", "u_1", "three");
     assert_eq!(update_ids(&poll(&emulator, json!({}))), [third]);
 }
@@ -859,4 +871,247 @@ fn turning_webhook_off_hands_undelivered_updates_to_polling() {
         (report["pending"].clone(), report["url"].clone()),
         (json!(0), Value::Null)
     );
+}
+
+/// poll-echo's offset outlives an emulator run (it is in the state file):
+/// the next run numbers its updates above the last run's, so the saved
+/// offset does not hide them.
+#[test]
+fn a_restarted_emulator_numbers_updates_above_the_last_runs_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("bot.db");
+    let port = crate::common::free_port();
+    let poll_echo_once = |emulator: &Emulator| {
+        let output = crate::common::fly_at(emulator)
+            .args(["poll-echo", "--once", "--state"])
+            .arg(&state)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            crate::common::stderr_of(&output)
+        );
+    };
+
+    let first_run = Emulator::start_on_port(port);
+    let before = first_run.user_says("private", "u_1", "before the restart");
+    poll_echo_once(&first_run);
+    assert_eq!(
+        first_run.sent(),
+        [crate::common::echo(
+            before,
+            "before the restart",
+            ("to_user_id", "u_1")
+        )]
+    );
+    drop(first_run);
+
+    let second_run = Emulator::start_on_port(port);
+    let after = second_run.user_says("private", "u_1", "after the restart");
+    assert!(after > before, "{after} after {before}");
+    poll_echo_once(&second_run);
+    assert_eq!(
+        second_run.sent(),
+        [crate::common::echo(
+            after,
+            "after the restart",
+            ("to_user_id", "u_1")
+        )]
+    );
+}
+
+/// As real bot platforms do, the emulator refuses polling while a webhook
+/// is set (409, code 40901) instead of starving the poller in silence.
+#[test]
+fn polling_while_a_webhook_is_set_answers_an_error_saying_so() {
+    let emulator = Arc::new(Emulator::start());
+    // A long poll already waiting is answered with the refusal too.
+    let waiting = {
+        let emulator = Arc::clone(&emulator);
+        thread::spawn(move || {
+            bot_call(&emulator, BOT_UPDATES, Some(TOKEN), &json!({"timeout": 20}))
+        })
+    };
+    thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    emulator.post(
+        "/_emulator/webhook",
+        json!({"url": "http://127.0.0.1:9/webhook", "secret": "s"}),
+    );
+    let waited = waiting.join().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    for answer in [
+        waited,
+        bot_call(&emulator, BOT_UPDATES, Some(TOKEN), &json!({})),
+    ] {
+        assert_eq!(answer.status, 409);
+        let envelope = answer.json();
+        assert_eq!(envelope["code"], 40901, "{envelope}");
+        assert!(
+            envelope["msg"].as_str().unwrap().contains("webhook is set"),
+            "{envelope}"
+        );
+    }
+
+    let output = crate::common::fly_at(&emulator)
+        .args(["poll-echo", "--once", "--state"])
+        .arg(tempfile::tempdir().unwrap().path().join("bot.db"))
+        .output()
+        .unwrap();
+    let stderr = crate::common::stderr_of(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let error_line = stderr.lines().last().unwrap();
+    assert!(
+        error_line.starts_with("fly: error: ")
+            && error_line.contains("HTTP 409")
+            && error_line.contains("webhook is set"),
+        "{stderr}"
+    );
+
+    // Off again: polling works.
+    emulator.post("/_emulator/webhook", json!({"url": null}));
+    assert!(poll(&emulator, json!({})).is_empty());
+}
+
+#[test]
+fn emulator_say_queues_a_user_message_that_poll_echo_answers() {
+    let emulator = Emulator::start();
+    let say = |args: &[&str]| {
+        let output = fly()
+            .env("FLY_BASE_URL", &emulator.base_url)
+            .args(["emulator", "say"])
+            .args(args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        // The update id, alone on stdout, for scripts.
+        stdout
+            .trim_end()
+            .parse::<i64>()
+            .unwrap_or_else(|_| panic!("{args:?}: stdout is not an update id: {stdout:?}"))
+    };
+    let private = say(&["--chat", "u_7", "hello from the shell"]);
+    let group = say(&["--group", "g_7", "hi all"]);
+    let image = say(&["--chat", "u_7", "--image", "https://cdn.example/cat.png"]);
+    assert_eq!([group, image], [private + 1, private + 2]);
+    let updates = poll(&emulator, json!({}));
+    assert_eq!(
+        updates[2]["message"],
+        json!({"chat": {"type": "private", "id": "u_7"}, "msgType": "image",
+               "data": {"originalUrl": "https://cdn.example/cat.png"}})
+    );
+
+    let output = crate::common::fly_at(&emulator)
+        .args(["poll-echo", "--once", "--state"])
+        .arg(tempfile::tempdir().unwrap().path().join("bot.db"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        crate::common::stderr_of(&output)
+    );
+    let mut sent = emulator.sent();
+    sent.sort_by_key(|request| request["client_msg_id"].as_str().unwrap().to_string());
+    let mut expected = vec![
+        crate::common::echo(private, "hello from the shell", ("to_user_id", "u_7")),
+        crate::common::echo(group, "hi all", ("group_id", "g_7")),
+        crate::common::echo(image, "", ("to_user_id", "u_7")),
+    ];
+    expected.sort_by_key(|request| request["client_msg_id"].as_str().unwrap().to_string());
+    assert_eq!(sent, expected);
+}
+
+#[test]
+fn emulator_say_without_an_emulator_or_a_chat_is_one_clear_error() {
+    let port = crate::common::free_port();
+    let output = fly()
+        .env("FLY_BASE_URL", format!("http://127.0.0.1:{port}"))
+        .args(["emulator", "say", "--chat", "u_1", "hello"])
+        .output()
+        .unwrap();
+    let stderr = crate::common::stderr_of(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with(&format!(
+            "fly: error: no emulator at http://127.0.0.1:{port} (connection refused)"
+        )),
+        "{stderr}"
+    );
+    let output = fly().args(["emulator", "say", "hello"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(output.stdout.is_empty());
+}
+
+/// One info line per request (method, path, status, latency), never the token.
+#[test]
+fn the_emulator_logs_one_line_per_request_without_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("emulator.log");
+    let mut child = StdCommand::new(crate::common::fly_path())
+        .args(["emulator", "--port", "0", "--token", TOKEN])
+        .env_remove("FLY_BOT_TOKEN")
+        .env_remove("FLY_BASE_URL")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut first_line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut first_line,
+    )
+    .unwrap();
+    let base_url = first_line.trim();
+    let call = |path: &str, token: &str| {
+        agent()
+            .post(&format!("{base_url}{path}"))
+            .header("Authorization", &format!("Bearer {token}"))
+            .send_json(json!({}))
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(call(BOT_UPDATES, TOKEN), 200);
+    assert_eq!(call(BOT_UPDATES, "wrong-token-but-secret-too"), 401);
+    assert_eq!(call(BOT_SEND, TOKEN), 400);
+    let lines = || -> Vec<String> {
+        std::fs::read_to_string(&log_path)
+            .unwrap()
+            .lines()
+            .filter(|line| line.contains(" request "))
+            .map(str::to_string)
+            .collect()
+    };
+    wait_until(Duration::from_secs(5), "three request lines", || {
+        lines().len() >= 3
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let lines = lines();
+    assert_eq!(lines.len(), 3, "{lines:#?}");
+    for (line, (path, status)) in
+        lines
+            .iter()
+            .zip([(BOT_UPDATES, 200), (BOT_UPDATES, 401), (BOT_SEND, 400)])
+    {
+        assert!(
+            line.contains(" INFO ")
+                && line.contains("method=POST")
+                && line.contains(&format!("path={path}"))
+                && line.contains(&format!("status={status}"))
+                && line.contains("latency_ms="),
+            "{line}"
+        );
+    }
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(!log.contains(TOKEN) && !log.contains("wrong-token-but-secret-too"));
 }

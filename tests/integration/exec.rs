@@ -797,6 +797,78 @@ fn forward_stops_within_the_grace_period_while_a_receiver_hangs() {
     );
 }
 
+/// On start, forward says what it does: where from, where to, which secret
+/// (its source, never its value) and how to stop.
+#[test]
+fn forward_says_what_it_does_on_start() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("http://127.0.0.1:{}/webhook", free_port());
+    let state = dir.path().join("forward.db");
+    let forward = Service::start(
+        &emulator,
+        &["forward", "--to", &url, "--state", state.to_str().unwrap()],
+    );
+    wait_until(Duration::from_secs(10), "the start line", || {
+        forward.log().contains("Ctrl-C")
+    });
+    let log = forward.log();
+    let start = log.lines().find(|line| line.contains("Ctrl-C")).unwrap();
+    assert!(
+        start.contains(&format!("from {} to {url}", emulator.base_url))
+            && start.contains("signed with sha256 of the bot token"),
+        "{start}"
+    );
+    let default_secret = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(TOKEN.as_bytes()));
+    assert!(
+        !log.contains(TOKEN) && !log.contains(&default_secret),
+        "{log}"
+    );
+}
+
+/// Each delivery attempt is one log line: the receiver's 500s one warning
+/// each (what happened and when the next try is), its 200 one info line.
+#[test]
+fn forward_logs_one_line_per_delivery_attempt() {
+    const ANSWER_500: &str =
+        "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    const ANSWER_200: &str = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (receiver_url, seen) =
+        crate::common::answering_in_turn(&[ANSWER_500, ANSWER_500, ANSWER_200]);
+    let forward = start_forward(
+        &emulator,
+        &format!("{receiver_url}/hook"),
+        &dir.path().join("forward.db"),
+    );
+    let update_id = emulator.user_says("private", "u_1", "hello");
+    let tag = format!("update_id={update_id}");
+    wait_until(Duration::from_secs(15), "the update handled", || {
+        forward.log().contains("update handled")
+    });
+    assert_eq!(seen.lock().unwrap().len(), 3, "{}", forward.log());
+    let log = forward.log();
+    let attempts: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains(&tag) && !line.contains("update handled"))
+        .collect();
+    assert_eq!(attempts.len(), 3, "{log}");
+    for failed in &attempts[..2] {
+        assert!(
+            failed.contains("WARN")
+                && failed.contains("delivery failed: the receiver answered HTTP 500")
+                && failed.contains("retrying in"),
+            "{failed}"
+        );
+    }
+    assert!(
+        attempts[2].contains("INFO") && attempts[2].contains("status=200"),
+        "{}",
+        attempts[2]
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Handlers that cannot run at all (exit 126/127): a set-up error, not a
 // failed update. fly stops with exit 1 and one line naming the fix, and the

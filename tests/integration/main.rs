@@ -4,6 +4,7 @@
 mod cli;
 mod common;
 mod demo;
+mod doctor;
 mod emulator;
 mod exec;
 mod fetch_media;
