@@ -351,19 +351,20 @@ fn same_sends_as_the_reference_polling_example() {
         ("private", "u_1", "second\nmessage"),
         ("private", "u_2", ""),
     ];
-    let play = |emulator: &Emulator| {
-        for (chat_type, chat_id, text) in conversation {
-            emulator.user_says(chat_type, chat_id, text);
-        }
+    let play = |emulator: &Emulator| -> Vec<i64> {
+        conversation
+            .iter()
+            .map(|(chat_type, chat_id, text)| emulator.user_says(chat_type, chat_id, text))
+            .collect()
     };
 
     let ours = Emulator::start();
-    play(&ours);
+    let our_ids = play(&ours);
     let dir = tempfile::tempdir().unwrap();
     assert!(poll_once(&ours, &dir.path().join("s.db")).status.success());
 
     let theirs = Emulator::start();
-    play(&theirs);
+    let their_ids = play(&theirs);
     let mut python = Command::new("python3")
         .arg(&reference)
         .env("FLY_BASE_URL", &theirs.base_url)
@@ -379,11 +380,24 @@ fn same_sends_as_the_reference_polling_example() {
     python.kill().unwrap();
     python.wait().unwrap();
 
-    let sorted = |mut sent: Vec<Value>| {
+    // Each emulator run numbers its updates from its own start (the clock),
+    // so `echo_{update_id}` is compared as "the echo of the n-th message".
+    let sorted = |mut sent: Vec<Value>, ids: &[i64]| {
+        for send in &mut sent {
+            let id = send["client_msg_id"].as_str().unwrap().to_string();
+            let position = ids
+                .iter()
+                .position(|update_id| id == format!("echo_{update_id}"))
+                .unwrap_or_else(|| panic!("{id} answers none of {ids:?}"));
+            send["client_msg_id"] = format!("echo_of_message_{position}").into();
+        }
         sent.sort_by_key(|s| s["client_msg_id"].as_str().unwrap().to_string());
         sent
     };
-    assert_eq!(sorted(ours.sent()), sorted(theirs.sent()));
+    assert_eq!(
+        sorted(ours.sent(), &our_ids),
+        sorted(theirs.sent(), &their_ids)
+    );
 }
 
 /// Durations beyond what the tools can wait are refused up front (exit 2),
