@@ -426,7 +426,7 @@ pub fn check_base_url(url: &str) -> anyhow::Result<String> {
 
 /// `host:port` of an http(s) URL (the scheme's port when none is given, no
 /// user info), as network errors name it.
-fn host_and_port(url: &str) -> String {
+pub fn host_and_port(url: &str) -> String {
     let Ok(uri) = url.parse::<ureq::http::Uri>() else {
         return url.to_string();
     };
@@ -512,7 +512,7 @@ fn classify_transport_error(host: &str, path: &str, error: ureq::Error) -> Attem
 /// A network failure in words that name the server (`host` is its
 /// `host:port`): "connection refused by 127.0.0.1:9" says where to look,
 /// "Connection refused" does not.
-fn describe_transport_error(host: &str, error: &ureq::Error) -> String {
+pub fn describe_transport_error(host: &str, error: &ureq::Error) -> String {
     use std::io::ErrorKind;
     match error {
         ureq::Error::ConnectionFailed => format!("cannot connect to {host}"),

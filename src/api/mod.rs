@@ -8,7 +8,10 @@ pub mod types;
 
 use std::fmt;
 
-pub use client::{ApiClient, Probe, Received, check_base_url, check_http_url};
+pub use client::{
+    ApiClient, Probe, Received, check_base_url, check_http_url, describe_transport_error,
+    host_and_port,
+};
 pub use types::{Chat, Message, MessageData, SendRequest, Target, Unusable, Update};
 
 use retry::{Limit, attempts_text};

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use anyhow::anyhow;
 
 use super::{HandleError, Handler, Outcome};
-use crate::api::Update;
 use crate::api::retry::{AttemptError, GaveUp, RetryPolicy};
+use crate::api::{Update, describe_transport_error, host_and_port};
 use crate::shutdown::{Shutdown, Stage};
 use crate::signature::sign_update_text;
 use crate::state::unix_now;
@@ -97,7 +97,10 @@ impl ForwardHandler {
                             DELIVERY_TIMEOUT.as_secs()
                         )
                     }
-                    other => format!("the receiver {} is unreachable: {other}", self.receiver_url),
+                    other => format!(
+                        "the receiver is unreachable: {}",
+                        describe_transport_error(&host_and_port(&self.receiver_url), &other)
+                    ),
                 };
                 Err(AttemptError::Transient {
                     reason,
