@@ -13,8 +13,7 @@ use clap::parser::ValueSource;
 use clap::{ArgAction, ArgMatches, Args, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 pub const DEFAULT_BASE_URL: &str = "https://api.flycrytp.com";
-/// Where `fly emulator` listens unless told otherwise.
-pub const DEFAULT_EMULATOR_URL: &str = "http://127.0.0.1:8787";
+pub use crate::emulator::DEFAULT_URL as DEFAULT_EMULATOR_URL;
 
 /// Every tool of the Fly Bot API examples page in one binary.
 ///
@@ -763,9 +762,6 @@ pub struct DemoArgs {}
     "FLY_BASE_URL=http://127.0.0.1:8787 FLY_BOT_TOKEN=dev fly doctor --state bot.db",
 ]))]
 pub struct DoctorArgs {
-    #[command(flatten)]
-    pub api: ApiArgs,
-
     /// State store file to check (default: the bot's, found from the base URL
     /// and token). It is opened if it exists, never created.
     #[arg(long, value_name = "PATH")]
@@ -781,6 +777,9 @@ pub struct DoctorArgs {
         value_parser = parse_unix_time
     )]
     pub now: Option<UnixTime>,
+
+    #[command(flatten)]
+    pub api: ApiArgs,
 }
 
 #[derive(Debug, Args)]

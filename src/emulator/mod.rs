@@ -38,6 +38,9 @@ use tokio::sync::{oneshot, watch};
 pub use client::ControlClient;
 use state::{EmulatorState, Routed, WebhookTarget};
 
+/// Where `fly emulator` listens unless told otherwise.
+pub const DEFAULT_URL: &str = "http://127.0.0.1:8787";
+
 pub struct EmulatorConfig {
     pub bind: IpAddr,
     pub port: u16,
@@ -148,9 +151,18 @@ pub fn run_until_signal(config: EmulatorConfig) -> anyhow::Result<()> {
         .and_then(|()| stdout.flush())
         .context("writing the base URL to stdout")?;
     drop(stdout);
+    // How to play a user from another terminal, ready to copy.
+    let say = if emulator.base_url() == DEFAULT_URL {
+        "fly emulator say --chat u_1 hello".to_string()
+    } else {
+        format!(
+            "fly emulator say --base-url {} --chat u_1 hello",
+            emulator.base_url()
+        )
+    };
     tracing::info!(
         first_update_id = config_first_id,
-        "emulator listening on {}; send it a message with: fly emulator say --chat u_1 hello",
+        "emulator listening on {}; a user writes to the bot with: {say}",
         emulator.base_url()
     );
 
