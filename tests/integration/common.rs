@@ -65,20 +65,26 @@ pub struct Emulator {
 impl Emulator {
     /// An emulator that accepts any non-empty token.
     pub fn start() -> Emulator {
-        Emulator::start_with(0, &[])
+        Emulator::start_with(0, &[], Stdio::null())
     }
 
     /// An emulator that accepts only [`TOKEN`].
     pub fn start_strict() -> Emulator {
-        Emulator::start_with(0, &["--token", TOKEN])
+        Emulator::start_with(0, &["--token", TOKEN], Stdio::null())
     }
 
     /// An emulator on `port` (e.g. a restart where an earlier run listened).
     pub fn start_on_port(port: u16) -> Emulator {
-        Emulator::start_with(port, &[])
+        Emulator::start_with(port, &[], Stdio::null())
     }
 
-    fn start_with(port: u16, extra: &[&str]) -> Emulator {
+    /// A strict emulator whose log (stderr) goes to the file `log`.
+    pub fn start_strict_logging_to(log: &std::path::Path) -> Emulator {
+        let file = std::fs::File::create(log).expect("create the emulator's log file");
+        Emulator::start_with(0, &["--token", TOKEN], Stdio::from(file))
+    }
+
+    fn start_with(port: u16, extra: &[&str], stderr: Stdio) -> Emulator {
         let mut child = StdCommand::new(fly_path())
             .args(["emulator", "--port", &port.to_string()])
             .args(extra)
@@ -86,7 +92,7 @@ impl Emulator {
             .env_remove("FLY_BASE_URL")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("spawn fly emulator");
         let stdout = child.stdout.take().expect("emulator stdout");

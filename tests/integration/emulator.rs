@@ -1056,22 +1056,8 @@ fn emulator_say_without_an_emulator_or_a_chat_is_one_clear_error() {
 fn the_emulator_logs_one_line_per_request_without_the_token() {
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("emulator.log");
-    let mut child = StdCommand::new(crate::common::fly_path())
-        .args(["emulator", "--port", "0", "--token", TOKEN])
-        .env_remove("FLY_BOT_TOKEN")
-        .env_remove("FLY_BASE_URL")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let mut first_line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut first_line,
-    )
-    .unwrap();
-    let base_url = first_line.trim();
+    let emulator = Emulator::start_strict_logging_to(&log_path);
+    let base_url = emulator.base_url.as_str();
     let call = |path: &str, token: &str| {
         agent()
             .post(&format!("{base_url}{path}"))
@@ -1095,8 +1081,7 @@ fn the_emulator_logs_one_line_per_request_without_the_token() {
     wait_until(Duration::from_secs(5), "three request lines", || {
         lines().len() >= 3
     });
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(emulator);
     let lines = lines();
     assert_eq!(lines.len(), 3, "{lines:#?}");
     for (line, (path, status)) in
