@@ -19,7 +19,7 @@ use super::{HandleError, Handler, Outcome, chat_label, record_dead_letter};
 use crate::api::retry::RetryPolicy;
 use crate::api::{ApiClient, ApiError, Received, Update};
 use crate::shutdown::Shutdown;
-use crate::state::StateStore;
+use crate::state::Store;
 use crate::sync::lock;
 
 /// How often a waiting loop checks whether a stop was requested.
@@ -48,7 +48,7 @@ pub struct Summary {
 /// that cannot be written.
 pub fn run(
     client: &ApiClient,
-    store: &StateStore,
+    store: &dyn Store,
     handler: &dyn Handler,
     settings: &PollSettings,
     shutdown: &Shutdown,
@@ -57,7 +57,7 @@ pub fn run(
     let mut offset = store.next_offset()?;
     let handled = AtomicU64::new(0);
     let mut failed_rounds = 0u32;
-    tracing::info!(offset, state = %store.path().display(), "polling for updates");
+    tracing::info!(offset, state = %store.location(), "polling for updates");
 
     while !shutdown.is_requested() && !limit_reached(&handled, settings) {
         let timeout = if settings.once {
@@ -169,7 +169,7 @@ struct Batch {
 }
 
 impl Batch {
-    fn read(received: Vec<Received>, offset: i64, store: &StateStore) -> anyhow::Result<Batch> {
+    fn read(received: Vec<Received>, offset: i64, store: &dyn Store) -> anyhow::Result<Batch> {
         let mut past_last = offset;
         let mut pending = Vec::new();
         let mut unusable_seen = false;
@@ -225,7 +225,7 @@ struct BatchResult {
 fn handle_batch(
     updates: &[Update],
     handler: &dyn Handler,
-    store: &StateStore,
+    store: &dyn Store,
     settings: &PollSettings,
     handled: &AtomicU64,
     shutdown: &Shutdown,
@@ -272,7 +272,7 @@ fn handle_batch(
 fn handle_chat(
     updates: &[&Update],
     handler: &dyn Handler,
-    store: &StateStore,
+    store: &dyn Store,
     settings: &PollSettings,
     handled: &AtomicU64,
     shutdown: &Shutdown,

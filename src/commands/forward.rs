@@ -13,7 +13,7 @@ use crate::cli::{ForwardArgs, GlobalArgs};
 use crate::commands::{required_token, signing_secret};
 use crate::exit;
 use crate::shutdown::Shutdown;
-use crate::state::{BotIdentity, StateStore};
+use crate::state::{BotIdentity, SqliteStore};
 
 pub fn run(args: ForwardArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     check_http_url(&args.to, "--to")?;
@@ -23,7 +23,8 @@ pub fn run(args: ForwardArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let client = ApiClient::new(&global.base_url, token.clone(), RetryPolicy::FOREVER)?
         .with_shutdown(shutdown.clone());
     let identity = BotIdentity::new(client.base_url(), &token);
-    let store = StateStore::open_for(&identity, args.state)?;
+    let store =
+        SqliteStore::open_for(&identity, args.state)?.with_retention(args.retention.retention);
     let handler = ForwardHandler::new(args.to, secret, args.bot_id, shutdown.clone());
     let settings = PollSettings {
         limit: 50,

@@ -13,7 +13,7 @@ use crate::cli::{GlobalArgs, PollEchoArgs};
 use crate::commands::{reply_handler, required_token};
 use crate::exit;
 use crate::shutdown::Shutdown;
-use crate::state::{BotIdentity, StateStore};
+use crate::state::{BotIdentity, SqliteStore};
 
 pub fn run(args: PollEchoArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let token = required_token(global)?;
@@ -27,7 +27,8 @@ pub fn run(args: PollEchoArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> 
     let client =
         ApiClient::new(&global.base_url, token.clone(), policy)?.with_shutdown(shutdown.clone());
     let identity = BotIdentity::new(client.base_url(), &token);
-    let store = StateStore::open_for(&identity, args.state)?;
+    let store =
+        SqliteStore::open_for(&identity, args.state)?.with_retention(args.retention.retention);
     let media_dir = args.media_dir.map(prepare_media_dir).transpose()?;
     let settings = PollSettings {
         limit: args.limit,
