@@ -1,14 +1,26 @@
 #!/usr/bin/env bash
 # Benchmark: `fly serve-webhook` vs the platform's reference webhook server
-# (Python), same signed callback_query body (both verify it and answer without
-# a reply), under wrk at 32 connections. Reports requests/s and p99 latency
-# side by side. Not a test: run it by hand.
+# (Python), side by side on the same signed callback_query bodies (both verify
+# them and answer without a reply), under wrk at 32 connections. Two modes:
 #
-#   bash benches/serve_webhook.sh [DURATION_SECS]      (default 10)
+#   duplicate  every request repeats one signed update (fly answers DUPLICATE
+#              from its handled ids after the first)
+#   distinct   every request is a new update: pre-signed bodies, each with its
+#              own update_id and nonce, cycled through by a wrk Lua script, so
+#              fly verifies, records the nonce, handles and marks every one
+#
+# Reports requests/s, p99 latency, non-2xx answers and peak RSS (VmHWM).
+# Not a test: run it by hand.
+#
+#   bash benches/serve_webhook.sh [DURATION_SECS] [MODE]   (10; both, duplicate or distinct)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${1:-10}
+MODE=${2:-both}
 REFERENCE=../shared/reference/hello_bot_webhook_server.py
+# Distinct bodies signed up front: more than fly can take in DURATION seconds,
+# so no body is sent twice (the Lua script counts wraps and the run says so).
+BODIES=${BODIES:-$((DURATION * 60000))}
 if ! command -v wrk >/dev/null; then
     (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null
 fi
@@ -22,7 +34,7 @@ export FLY_BASE_URL=$EMULATOR_URL
 echo '{"update_id":7,"type":"callback_query","callback_query":{"id":"cb_1","data":"approve","from":{"id":"u_1"}}}' \
     | "$FLY" sign --bot-id bot_bench >"$WORK/body.json"
 "$FLY" verify-sig "$WORK/body.json" >/dev/null
-cat >"$WORK/post.lua" <<LUA
+cat >"$WORK/duplicate.lua" <<LUA
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 local file = io.open("$WORK/body.json", "rb")
@@ -30,37 +42,149 @@ wrk.body = file:read("*a")
 file:close()
 LUA
 
-run_wrk() { # url label
-    wrk -t2 -c32 -d"${DURATION}s" --latency -s "$WORK/post.lua" "$1" >"$WORK/$2.wrk"
-    local rps p99 non2xx
+# Each wrk thread takes every Nth line of the bodies file (one signed update
+# per line) and pre-formats its requests, so the run measures the server, not
+# Lua. A thread that runs out starts again from its first body: a repeat,
+# counted in "wrapped" and reported.
+cat >"$WORK/distinct.lua" <<LUA
+local threads = {}
+local counter = 0
+function setup(thread)
+    thread:set("index", counter)
+    counter = counter + 1
+    table.insert(threads, thread)
+end
+function init(args)
+    requests = {}
+    local n = 0
+    for line in io.lines("$WORK/bodies.ndjson") do
+        if n % 2 == index then
+            table.insert(requests, wrk.format("POST", nil, {["Content-Type"] = "application/json"}, line))
+        end
+        n = n + 1
+    end
+    next_request = 1
+    wrapped = 0
+end
+function request()
+    local request = requests[next_request]
+    next_request = next_request + 1
+    if next_request > #requests then
+        next_request = 1
+        wrapped = wrapped + 1
+    end
+    return request
+end
+function done(summary, latency, requests)
+    local total = 0
+    for _, thread in ipairs(threads) do
+        total = total + thread:get("wrapped")
+    end
+    io.write(string.format("wrapped %d\n", total))
+end
+LUA
+
+make_bodies() { # count
+    python3 - "$1" "$FLY_WEBHOOK_SECRET" >"$WORK/bodies.ndjson" <<'PY'
+import hashlib, hmac, json, os, sys, time
+count, secret = int(sys.argv[1]), sys.argv[2].encode()
+now = int(time.time())
+run = os.urandom(4).hex()
+out = sys.stdout
+for i in range(count):
+    update_id = 1_000_000 + i
+    payload = {"id": f"cb_{i}", "data": "approve", "from": {"id": f"u_{i % 100}"}}
+    canonical = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    nonce = f"{run}-{i}"
+    signing = "\n".join([str(update_id), "callback_query", "bot_bench", str(now), nonce,
+                         hashlib.sha256(canonical.encode()).hexdigest()])
+    signature = hmac.new(secret, signing.encode(), hashlib.sha256).hexdigest()
+    out.write(json.dumps({"update_id": update_id, "type": "callback_query", "callback_query": payload,
+                          "bot": {"id": "bot_bench"}, "timestamp": now, "nonce": nonce,
+                          "signature": signature}, separators=(",", ":")) + "\n")
+PY
+    # The generator signs as the platform does: fly must agree.
+    head -3 "$WORK/bodies.ndjson" | "$FLY" verify-sig --lines >/dev/null
+}
+
+run_wrk() { # url label script
+    wrk -t2 -c32 -d"${DURATION}s" --latency -s "$3" "$1" >"$WORK/$2.wrk"
+    local rps p99 non2xx wrapped
     rps=$(awk '/Requests\/sec/ {print $2}' "$WORK/$2.wrk")
     p99=$(awk '$1 == "99%" {print $2}' "$WORK/$2.wrk")
     non2xx=$(awk '/Non-2xx/ {print $NF}' "$WORK/$2.wrk")
+    wrapped=$(awk '$1 == "wrapped" {print $2}' "$WORK/$2.wrk")
+    if [ "${wrapped:-0}" != 0 ]; then
+        echo "warning: $2 ran out of distinct bodies ($wrapped repeats); raise BODIES" >&2
+    fi
     echo "$2 $rps $p99 ${non2xx:-0}"
 }
 
-"$FLY" -q serve-webhook --bind 127.0.0.1 --port 0 --state "$WORK/state.db" >"$WORK/fly.url" & PIDS+=($!)
-FLY_URL=$(wait_for_line "$WORK/fly.url")
-fly_line=$(run_wrk "$FLY_URL" fly)
+peak_rss() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; } # KiB
 
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-FLY_WEBHOOK_PORT=$PORT python3 "$REFERENCE" >/dev/null 2>&1 & PIDS+=($!)
-for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$PORT/" && break; sleep 0.05; done
-ref_line=$(run_wrk "http://127.0.0.1:$PORT/webhook" reference)
+start_fly() { # state
+    "$FLY" -q serve-webhook --bind 127.0.0.1 --port 0 --state "$1" >"$WORK/fly.url" &
+    FLY_PID=$!
+    PIDS+=("$FLY_PID")
+    FLY_URL=$(wait_for_line "$WORK/fly.url")
+}
 
-python3 - "$fly_line" "$ref_line" <<'PY'
+start_reference() {
+    local port
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    FLY_WEBHOOK_PORT=$port python3 "$REFERENCE" >/dev/null 2>&1 &
+    REF_PID=$!
+    PIDS+=("$REF_PID")
+    for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.05; done
+    REF_URL="http://127.0.0.1:$port/webhook"
+}
+
+show_raw() { [ -n "${SHOW_WRK:-}" ] && cat "$WORK"/*.wrk >&2 || true; }
+stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+rows=()
+if [ "$MODE" = both ] || [ "$MODE" = duplicate ]; then
+    start_fly "$WORK/dup.db"
+    line=$(run_wrk "$FLY_URL" fly-duplicate "$WORK/duplicate.lua")
+    rows+=("duplicate $line $(peak_rss "$FLY_PID")")
+    stop "$FLY_PID"
+    start_reference
+    line=$(run_wrk "$REF_URL" reference-duplicate "$WORK/duplicate.lua")
+    rows+=("duplicate $line $(peak_rss "$REF_PID")")
+    stop "$REF_PID"
+fi
+if [ "$MODE" = both ] || [ "$MODE" = distinct ]; then
+    make_bodies "$BODIES"
+    start_fly "$WORK/distinct.db"
+    line=$(run_wrk "$FLY_URL" fly-distinct "$WORK/distinct.lua")
+    rows+=("distinct $line $(peak_rss "$FLY_PID")")
+    stop "$FLY_PID"
+    # Every request was a new update: each one is a row (none was a duplicate).
+    handled=$(python3 -c 'import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute("select count(*) from handled_updates").fetchone()[0])' "$WORK/distinct.db")
+    echo "fly-distinct: $handled updates handled and stored" >&2
+    start_reference
+    line=$(run_wrk "$REF_URL" reference-distinct "$WORK/distinct.lua")
+    rows+=("distinct $line $(peak_rss "$REF_PID")")
+    stop "$REF_PID"
+fi
+
+show_raw
+python3 - "${rows[@]}" <<'PY'
 import sys
 def ms(text):
-    units = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-    for unit in ("us", "ms", "s"):
+    for unit, scale in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
         if text.endswith(unit):
-            return float(text[: -len(unit)]) * units[unit]
+            return float(text[: -len(unit)]) * scale
     return float("nan")
 rows = [line.split() for line in sys.argv[1:]]
-print("serve-webhook, 32 connections   requests/s   p99 latency   non-2xx")
-for label, rps, p99, bad in rows:
-    print(f"{label:<31} {float(rps):10.0f}   {ms(p99):8.2f} ms   {bad}")
-(_, fly_rps, fly_p99, _), (_, ref_rps, ref_p99, _) = rows
-print(f"ratio fly/reference: {float(fly_rps)/float(ref_rps):.1f}x requests/s (target >= 10x), "
-      f"fly p99 {ms(fly_p99):.2f} ms (target <= 5 ms)")
+print("serve-webhook, wrk 2 threads, 32 connections")
+print(f"{'mode':<10} {'server':<22} {'requests/s':>10}   {'p99':>9}   {'non-2xx':>7}   {'peak RSS':>9}")
+for mode, label, rps, p99, bad, rss in rows:
+    print(f"{mode:<10} {label:<22} {float(rps):10.0f}   {ms(p99):6.2f} ms   {bad:>7}   {int(rss)/1024:6.1f} MiB")
+by = {(row[0], row[1].split("-")[0]): row for row in rows}
+for mode, target_ratio in (("duplicate", 10), ("distinct", 15)):
+    if (mode, "fly") in by and (mode, "reference") in by:
+        fly, ref = by[(mode, "fly")], by[(mode, "reference")]
+        print(f"{mode}: fly/reference {float(fly[2]) / float(ref[2]):.1f}x requests/s "
+              f"(target >= {target_ratio}x), fly p99 {ms(fly[3]):.2f} ms (target <= 5 ms)")
 PY

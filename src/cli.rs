@@ -462,6 +462,9 @@ pub struct PollEchoArgs {
     pub concurrency: u32,
 
     #[command(flatten)]
+    pub retention: RetentionArgs,
+
+    #[command(flatten)]
     pub exec: ExecArgs,
 
     #[command(flatten)]
@@ -469,6 +472,44 @@ pub struct PollEchoArgs {
 
     #[command(flatten)]
     pub api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RetentionArgs {
+    /// How long handled update ids are kept in the state store, to answer a
+    /// redelivery as a duplicate: seconds, or a number with a unit (30s, 90m,
+    /// 12h, 7d). Older ones are pruned, so the state file stays bounded.
+    #[arg(long, default_value = "7d", value_name = "DURATION", value_parser = parse_duration)]
+    pub retention: Duration,
+}
+
+/// `604800`, `30s`, `90m`, `12h` or `7d`: at least a second, at most 100 years.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let trimmed = text.trim();
+    let (digits, unit) = match trimmed.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => trimmed.split_at(at),
+        None => (trimmed, "s"),
+    };
+    let scale: u64 = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(format!(
+                "unknown unit {unit:?}: use s, m, h or d (e.g. 7d, 12h, 30s)"
+            ));
+        }
+    };
+    let count: u64 = digits.parse().map_err(|_| {
+        "expected a number of seconds, or a number with s, m, h or d (e.g. 7d)".to_string()
+    })?;
+    const MAX_SECS: u64 = 100 * 365 * 86_400;
+    match count.checked_mul(scale) {
+        Some(0) => Err("must be at least 1s".into()),
+        Some(secs) if secs <= MAX_SECS => Ok(Duration::from_secs(secs)),
+        _ => Err("must be at most 100 years".into()),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -539,9 +580,13 @@ pub struct ServeWebhookArgs {
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=512))]
     pub concurrency: u32,
 
-    /// State store file for dedupe and nonces.
+    /// State store file for dedupe and nonces (used by this process alone
+    /// while it serves).
     #[arg(long, value_name = "PATH")]
     pub state: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub retention: RetentionArgs,
 
     /// Serve HTTPS with this certificate chain (PEM).
     #[arg(long, value_name = "PEM", requires = "tls_key")]
@@ -647,6 +692,9 @@ pub struct ForwardArgs {
 
     #[command(flatten)]
     pub api: ApiArgs,
+
+    #[command(flatten)]
+    pub retention: RetentionArgs,
 }
 
 /// How a long-running command stops (SPEC section 2).
@@ -934,6 +982,38 @@ mod tests {
                 }
             }
             assert!(runs_itself, "fly {name}: no example runs it");
+        }
+    }
+
+    #[test]
+    fn durations_take_seconds_or_a_unit() {
+        for (text, secs) in [
+            ("604800", 604_800),
+            ("30s", 30),
+            ("90m", 5_400),
+            ("12h", 43_200),
+            ("7d", 604_800),
+            (" 1d ", 86_400),
+        ] {
+            assert_eq!(
+                parse_duration(text),
+                Ok(Duration::from_secs(secs)),
+                "{text}"
+            );
+        }
+        for bad in [
+            "",
+            "0",
+            "0s",
+            "7x",
+            "d",
+            "-1",
+            "1.5h",
+            "7 d",
+            "36501d",
+            "99999999999999999999",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
     }
 }

@@ -23,7 +23,7 @@ use super::{HandleError, Handler, Outcome, chat_label, record_dead_letter};
 use crate::api::retry::RetryPolicy;
 use crate::api::{ApiClient, ApiError, Received, Update};
 use crate::shutdown::{Shutdown, Stage};
-use crate::state::StateStore;
+use crate::state::Store;
 use crate::sync::lock;
 
 /// While updates are in flight the platform answers a poll at once (they are
@@ -59,14 +59,14 @@ pub struct Summary {
 /// poll. Returns an error for a refused token or a store that cannot be written.
 pub fn run(
     client: &ApiClient,
-    store: Arc<StateStore>,
+    store: Arc<dyn Store>,
     handler: Arc<dyn Handler>,
     settings: &PollSettings,
     shutdown: &Shutdown,
 ) -> anyhow::Result<Summary> {
     store.claim_polling()?;
     let offset = store.next_offset()?;
-    tracing::info!(offset, state = %store.path().display(), "polling for updates");
+    tracing::info!(offset, state = %store.location(), "polling for updates");
     let scheduler = Arc::new(Scheduler::new(offset, settings.clone()));
 
     // The stop stages reach the scheduler and the handler from here.
@@ -104,7 +104,7 @@ pub fn run(
 
     std::thread::scope(|scope| {
         for _ in 0..settings.concurrency.max(1) {
-            scope.spawn(|| scheduler.work(handler.as_ref(), &store));
+            scope.spawn(|| scheduler.work(handler.as_ref(), store.as_ref()));
         }
         scheduler.wait_until_done();
     });
@@ -264,7 +264,7 @@ impl Scheduler {
         &self,
         received: Vec<Received>,
         offset: i64,
-        store: &StateStore,
+        store: &dyn Store,
     ) -> anyhow::Result<usize> {
         let mut fresh = Vec::new();
         for update in received {
@@ -319,7 +319,7 @@ impl Scheduler {
 
     /// A worker: takes the next ready chat's front update, handles it,
     /// records the outcome; until the loop stops.
-    fn work(&self, handler: &dyn Handler, store: &StateStore) {
+    fn work(&self, handler: &dyn Handler, store: &dyn Store) {
         while let Some((chat, update)) = self.next_update() {
             let started = Instant::now();
             let outcome = handler.handle(&update);
@@ -461,7 +461,7 @@ enum Done {
 /// scheduler, and keeps the stored offset at the lowest unfinished update.
 struct Poller {
     client: ApiClient,
-    store: Arc<StateStore>,
+    store: Arc<dyn Store>,
     scheduler: Arc<Scheduler>,
     settings: PollSettings,
 }
@@ -513,7 +513,7 @@ impl Poller {
             };
             failed_rounds = 0;
             let had_updates = !received.is_empty();
-            let fresh = self.scheduler.enqueue(received, offset, &self.store)?;
+            let fresh = self.scheduler.enqueue(received, offset, self.store.as_ref())?;
             if self.settings.once {
                 let mut state = self.scheduler.lock();
                 state.polling_over = true;

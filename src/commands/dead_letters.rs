@@ -10,11 +10,11 @@ use serde_json::json;
 use crate::cli::DeadLettersArgs;
 use crate::commands::required_token;
 use crate::exit;
-use crate::state::{BotIdentity, StateStore};
+use crate::state::{BotIdentity, SqliteStore, Store};
 
 pub fn run(args: DeadLettersArgs) -> anyhow::Result<ExitCode> {
     let store = match args.state {
-        Some(path) => StateStore::open_existing(&path)?,
+        Some(path) => SqliteStore::open_existing(&path)?,
         None => {
             // The bot's default state file; looking never creates it.
             let token = required_token(&args.api)?;
@@ -24,7 +24,7 @@ pub fn run(args: DeadLettersArgs) -> anyhow::Result<ExitCode> {
                 tracing::info!(state = %path.display(), "no state file yet: no dead letters");
                 return Ok(exit::code(exit::SUCCESS));
             }
-            StateStore::open(&path, &identity)?
+            SqliteStore::open(&path, &identity)?
         }
     };
     if args.purge {

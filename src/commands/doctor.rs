@@ -19,7 +19,7 @@ use crate::api::{ApiClient, ApiError, Probe, Token, check_base_url};
 use crate::cli::{ApiArgs, DEFAULT_BASE_URL, DoctorArgs, UnixTime};
 use crate::commands::{configured_token, print_line, unix_time_now};
 use crate::exit::{self, usage};
-use crate::state::{BotIdentity, StateStore};
+use crate::state::{BotIdentity, SqliteStore, Store};
 
 /// Signed updates further than this from the receiver's clock are refused
 /// (SPEC section 1, REPLAY_WINDOW_EXCEEDED).
@@ -286,7 +286,7 @@ fn check_state(identity: &BotIdentity, explicit: Option<PathBuf>) -> (Status, St
             format!("{shown}: not created yet (poll-echo, forward and serve-webhook create it)"),
         );
     }
-    match StateStore::open(&path, identity).and_then(|store| store.next_offset()) {
+    match SqliteStore::open(&path, identity).and_then(|store| store.next_offset()) {
         Ok(offset) => (Status::Ok, format!("{shown} opens (poll offset {offset})")),
         Err(error) => (Status::Fail, format!("{error:#}")),
     }

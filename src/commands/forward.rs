@@ -14,7 +14,7 @@ use crate::cli::ForwardArgs;
 use crate::commands::{configured_token, required_token, signing_secret};
 use crate::exit;
 use crate::shutdown::Shutdown;
-use crate::state::{BotIdentity, StateStore};
+use crate::state::{BotIdentity, SqliteStore};
 
 pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
     check_http_url(&args.to, "--to")?;
@@ -24,7 +24,9 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
     let client = ApiClient::new(&args.api.base_url, token.clone(), RetryPolicy::FOREVER)?
         .with_shutdown(shutdown.clone());
     let identity = BotIdentity::new(client.base_url(), &token);
-    let store = Arc::new(StateStore::open_for(&identity, args.state)?);
+    let store = Arc::new(
+        SqliteStore::open_for(&identity, args.state)?.with_retention(args.retention.retention),
+    );
     // What it does, before it does it: a developer sees at once which
     // receiver, which platform, and which secret to verify with.
     tracing::info!(

@@ -14,7 +14,7 @@ use crate::cli::PollEchoArgs;
 use crate::commands::{reply_handler, required_token};
 use crate::exit;
 use crate::shutdown::Shutdown;
-use crate::state::{BotIdentity, StateStore};
+use crate::state::{BotIdentity, SqliteStore};
 
 pub fn run(args: PollEchoArgs) -> anyhow::Result<ExitCode> {
     let token = required_token(&args.api)?;
@@ -28,7 +28,9 @@ pub fn run(args: PollEchoArgs) -> anyhow::Result<ExitCode> {
     let client =
         ApiClient::new(&args.api.base_url, token.clone(), policy)?.with_shutdown(shutdown.clone());
     let identity = BotIdentity::new(client.base_url(), &token);
-    let store = Arc::new(StateStore::open_for(&identity, args.state)?);
+    let store = Arc::new(
+        SqliteStore::open_for(&identity, args.state)?.with_retention(args.retention.retention),
+    );
     let media_dir = args.media_dir.map(prepare_media_dir).transpose()?;
     let settings = PollSettings {
         limit: args.limit,

@@ -1,6 +1,7 @@
 //! `fly serve-webhook`: a webhook receiver safe to expose.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::api::ApiClient;
@@ -9,7 +10,7 @@ use crate::cli::ServeWebhookArgs;
 use crate::commands::{configured_token, reply_handler, required_token, webhook_secrets};
 use crate::exit::{self, usage};
 use crate::shutdown::Shutdown;
-use crate::state::{BotIdentity, StateStore};
+use crate::state::{BotIdentity, Front, SqliteStore, Store};
 use crate::webhook::{self, TlsFiles, WebhookConfig};
 
 /// Replies are retried briefly: on failure the platform delivers the update
@@ -48,7 +49,14 @@ pub fn run(args: ServeWebhookArgs) -> anyhow::Result<ExitCode> {
     let client = ApiClient::new(&args.api.base_url, token.clone(), REPLY_RETRIES)?;
     let identity = BotIdentity::new(client.base_url(), &token);
     let state_path = args.state;
-    let open_store = move || StateStore::open_for(&identity, state_path);
+    let retention = args.retention.retention;
+    let window = i64::try_from(args.window).unwrap_or(i64::MAX);
+    // Deliveries are answered from memory in front of the file, written by
+    // group commit (see state::front).
+    let open_store = move || -> anyhow::Result<Arc<dyn Store>> {
+        let file = SqliteStore::open_for(&identity, state_path)?.with_retention(retention);
+        Ok(Arc::new(Front::open(file, window)?))
+    };
     let handler = reply_handler(&args.exec, client, None);
     let config = WebhookConfig {
         bind: args.bind,
@@ -60,6 +68,9 @@ pub fn run(args: ServeWebhookArgs) -> anyhow::Result<ExitCode> {
         max_connections: args.max_connections as usize,
         header_read_timeout: Duration::from_secs(args.header_timeout),
         concurrency: args.concurrency as usize,
+        // A claim outlives any handler (which --exec-timeout ends) and its
+        // reply's retries; it lapses only if its holder vanished.
+        claim_lease: Duration::from_secs(args.exec.exec_timeout + 120),
         tls: match (args.tls_cert, args.tls_key) {
             (Some(cert_chain), Some(private_key)) => Some(TlsFiles {
                 cert_chain,

@@ -8,10 +8,17 @@
 //! with another update (401), then the reply (200, or 500 so the platform
 //! delivers again). A fatal error (an `--exec` handler that cannot run, a
 //! refused token) is answered 500 too, and stops the server as a signal does,
-//! with the error as the process's one error line. Verification runs on the
-//! I/O threads (microseconds);
-//! replies go through the shared blocking HTTP client on a bounded pool of
-//! blocking threads, so a slow platform never stalls verification.
+//! with the error as the process's one error line.
+//!
+//! **The rule: no blocking call on the async I/O threads.** They parse,
+//! verify (microseconds of CPU) and ask the store only what it answers
+//! without waiting ([`Store::try_admit`]: memory, in front of SQLite).
+//! Everything that may wait on a disk, a network or a process (a store
+//! lookup memory cannot answer, the handler and its reply through the
+//! shared blocking HTTP client, a dead letter) runs on the bounded pool of
+//! blocking threads, and waiting for a group commit is a future, not a
+//! parked thread. So a slow platform, disk or handler never stalls
+//! verification, duplicates or `/healthz`.
 
 mod receiver;
 
@@ -26,7 +33,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::bot::Handler;
 use crate::http_server::{self, Limits};
 use crate::shutdown::{Shutdown, Stage};
-use crate::state::StateStore;
+use crate::state::Store;
 use crate::sync::lock;
 
 pub struct WebhookConfig {
@@ -41,6 +48,8 @@ pub struct WebhookConfig {
     pub header_read_timeout: Duration,
     /// Replies (handler calls) running at once.
     pub concurrency: usize,
+    /// How long a claim on an update being handled lasts if never released.
+    pub claim_lease: Duration,
     pub tls: Option<TlsFiles>,
 }
 
@@ -60,7 +69,7 @@ pub struct TlsFiles {
 /// and the port is bound, so a mistake there leaves no file behind.
 pub fn run_until_signal(
     config: WebhookConfig,
-    open_store: impl FnOnce() -> anyhow::Result<StateStore>,
+    open_store: impl FnOnce() -> anyhow::Result<Arc<dyn Store>>,
     handler: Arc<dyn Handler>,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
@@ -86,7 +95,7 @@ pub fn run_until_signal(
     let fatal = Arc::new(FatalStop::new(shutdown.clone()));
     let receiver = Arc::new(receiver::Receiver::new(
         &config,
-        store,
+        Arc::clone(&store),
         Arc::clone(&handler),
         Arc::clone(&fatal),
     ));
@@ -136,6 +145,11 @@ pub fn run_until_signal(
     // so the platform delivers them again.
     handler.abandon();
     runtime.shutdown_timeout(ABANDON_GRACE);
+    // What was answered is on disk before the process ends.
+    if let Err(error) = store.flush() {
+        tracing::error!("the state store could not save its last writes: {error:#}");
+    }
+    drop(store);
     served?;
     if let Some(error) = fatal.take() {
         return Err(error);

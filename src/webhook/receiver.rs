@@ -1,17 +1,15 @@
 //! One delivery, from request to status code. See the module above for the
 //! order of the checks.
 
-use std::collections::HashSet;
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::{FatalStop, WebhookConfig};
 use crate::api::Update;
 use crate::bot::{HandleError, Handler, record_dead_letter};
 use crate::signature::{Verdict, Verifier, json, python};
-use crate::state::{NonceCheck, StateStore, unix_now};
-use crate::sync::lock;
+use crate::state::{Admission, Claim, Delivery, Pending, Store, unix_now};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -27,11 +25,12 @@ pub struct Receiver {
     secrets: Vec<String>,
     replay_window_secs: u64,
     max_body_bytes: u64,
-    store: Arc<StateStore>,
+    /// Handled ids, nonces and the claims on updates being handled: a
+    /// second delivery of an update in hand waits for the platform's next
+    /// retry (409) instead of replying twice.
+    store: Arc<dyn Store>,
+    claim_lease: Duration,
     handler: Arc<dyn Handler>,
-    /// Update ids being handled right now: a second delivery of one of them
-    /// waits for the platform's next retry instead of replying twice.
-    in_flight: Mutex<HashSet<i64>>,
     /// Raised by a delivery whose handling failed fatally: stops the server.
     fatal: Arc<FatalStop>,
 }
@@ -41,7 +40,7 @@ type HttpResponse = Response<Full<Bytes>>;
 impl Receiver {
     pub fn new(
         config: &WebhookConfig,
-        store: StateStore,
+        store: Arc<dyn Store>,
         handler: Arc<dyn Handler>,
         fatal: Arc<FatalStop>,
     ) -> Receiver {
@@ -50,9 +49,9 @@ impl Receiver {
             secrets: config.secrets.clone(),
             replay_window_secs: config.replay_window_secs,
             max_body_bytes: config.max_body_bytes,
-            store: Arc::new(store),
+            store,
+            claim_lease: config.claim_lease,
             handler,
-            in_flight: Mutex::new(HashSet::new()),
             fatal,
         }
     }
@@ -137,44 +136,69 @@ impl Receiver {
         // the platform drop it, a 5xx deliver it again for nothing.
         let update = match Update::read(&parsed, text) {
             Ok(update) => update,
-            Err(unusable) => {
-                return match self.store.record_dead_letter(None, text, &unusable.reason) {
-                    Ok(_) => {
-                        tracing::warn!(
-                            "delivery recorded as a dead letter (see fly dead-letters): {}",
-                            unusable.reason
-                        );
-                        (StatusCode::OK, "DEAD_LETTER")
-                    }
-                    Err(error) => store_failed(error),
-                };
-            }
+            Err(unusable) => return self.record_unusable(text, unusable.reason).await,
         };
         // As the platform's Python reads it: `str(nonce or "")`.
         let nonce = python::py_str(parsed.get("nonce"), "nonce")
             .map(|nonce| nonce.into_owned())
             .unwrap_or_default();
-        let update_id = update.update_id;
-        match self.store.is_handled(update_id) {
-            Ok(true) => return (StatusCode::OK, "DUPLICATE"),
-            Ok(false) => {}
-            Err(error) => return store_failed(error),
-        }
-        if !nonce.is_empty() {
-            let window = self.replay_window_secs as i64;
-            match self
-                .store
-                .check_nonce(&nonce, &update_id.to_string(), now, window)
-            {
-                Ok(NonceCheck::Fresh) => {}
-                Ok(NonceCheck::Reused) => return (StatusCode::UNAUTHORIZED, "NONCE_REUSED"),
-                Err(error) => return store_failed(error),
-            }
-        }
-        let Some(_claim) = InFlight::claim(&self.in_flight, update_id) else {
-            return (StatusCode::CONFLICT, "IN_PROGRESS");
+        let delivery = Delivery {
+            update_id: update.update_id,
+            nonce,
+            now,
+            window_secs: self.replay_window_secs as i64,
+            lease: self.claim_lease,
         };
-        self.handle(update).await
+        let admission = match self.store.try_admit(&delivery) {
+            Some(answer) => answer.map(|admission| self.guard(admission)),
+            // Only the store's disk or server can say: on a blocking thread,
+            // where the claim is also guarded at once, so a client that
+            // disconnects meanwhile cannot leave it held.
+            None => {
+                let store = Arc::clone(&self.store);
+                tokio::task::spawn_blocking(move || {
+                    store
+                        .admit(&delivery)
+                        .map(|admission| guard(&store, admission))
+                })
+                .await
+                .unwrap_or_else(|error| Err(anyhow::anyhow!("the state store crashed: {error}")))
+            }
+        };
+        match admission {
+            Ok(Guarded::Admitted { claim, nonce }) => self.handle(update, claim, nonce).await,
+            Ok(Guarded::Duplicate) => (StatusCode::OK, "DUPLICATE"),
+            Ok(Guarded::NonceReused) => (StatusCode::UNAUTHORIZED, "NONCE_REUSED"),
+            Ok(Guarded::InProgress) => (StatusCode::CONFLICT, "IN_PROGRESS"),
+            Err(error) => store_failed(error),
+        }
+    }
+
+    fn guard(&self, admission: Admission) -> Guarded {
+        guard(&self.store, admission)
+    }
+
+    /// A verified update without a usable id: recorded as a dead letter (a
+    /// write to disk, so on a blocking thread) and accepted.
+    async fn record_unusable(&self, text: &str, reason: String) -> (StatusCode, &'static str) {
+        let store = Arc::clone(&self.store);
+        let raw = text.to_string();
+        let recorded = tokio::task::spawn_blocking(move || {
+            store
+                .record_dead_letter(None, &raw, &reason)
+                .map(|_| reason)
+        })
+        .await
+        .unwrap_or_else(|error| Err(anyhow::anyhow!("the state store crashed: {error}")));
+        match recorded {
+            Ok(reason) => {
+                tracing::warn!(
+                    "delivery recorded as a dead letter (see fly dead-letters): {reason}"
+                );
+                (StatusCode::OK, "DEAD_LETTER")
+            }
+            Err(error) => store_failed(error),
+        }
     }
 
     /// Signature v1 and the replay window, exactly as the platform's Python.
@@ -197,13 +221,26 @@ impl Receiver {
             })
     }
 
-    /// Runs the handler on the blocking pool; marks the update handled only
-    /// once its reply was accepted. A fatal error stops the server; its
-    /// update is not handled, so the platform delivers it again.
-    async fn handle(&self, update: Update) -> (StatusCode, &'static str) {
+    /// Runs the handler on the blocking pool once the delivery's nonce is
+    /// durable (see `state::front` for why that order); marks the update
+    /// handled only once its reply was accepted, then releases its claim. A
+    /// fatal error stops the server; its update is not handled, so the
+    /// platform delivers it again.
+    async fn handle(
+        &self,
+        update: Update,
+        claim: ClaimGuard,
+        nonce: Pending,
+    ) -> (StatusCode, &'static str) {
+        if let Err(error) = durable(nonce).await {
+            return store_failed(error);
+        }
         let handler = Arc::clone(&self.handler);
         let store = Arc::clone(&self.store);
         let joined = tokio::task::spawn_blocking(move || -> Result<&'static str, HandleError> {
+            // Released when this closure ends, after the mark: a redelivery
+            // then finds the update handled, never unclaimed and unmarked.
+            let _claim = claim;
             match handler.handle(&update) {
                 Ok(outcome) => {
                     store
@@ -213,7 +250,8 @@ impl Receiver {
                 }
                 // Accepted (200): delivering it again could not help.
                 Err(HandleError::DeadLetter(reason)) => {
-                    record_dead_letter(&store, &update, &reason).map_err(HandleError::Retry)?;
+                    record_dead_letter(store.as_ref(), &update, &reason)
+                        .map_err(HandleError::Retry)?;
                     Ok("DEAD_LETTER")
                 }
                 Err(other) => Err(other),
@@ -243,6 +281,61 @@ impl Receiver {
     }
 }
 
+/// A group-committed write as a future: the writer thread completes it, so
+/// no thread is parked while the disk catches up.
+async fn durable(pending: Pending) -> anyhow::Result<()> {
+    if let Some(result) = pending.try_result() {
+        return result;
+    }
+    let (sender, receiver) = tokio::sync::oneshot::channel();
+    pending.on_done(move |result| {
+        let _ = sender.send(result);
+    });
+    receiver
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the state store's writer stopped")))
+}
+
+/// An [`Admission`] whose claim is released when dropped.
+enum Guarded {
+    Duplicate,
+    NonceReused,
+    InProgress,
+    Admitted { claim: ClaimGuard, nonce: Pending },
+}
+
+fn guard(store: &Arc<dyn Store>, admission: Admission) -> Guarded {
+    match admission {
+        Admission::Duplicate => Guarded::Duplicate,
+        Admission::NonceReused => Guarded::NonceReused,
+        Admission::InProgress => Guarded::InProgress,
+        Admission::Admitted { claim, nonce } => Guarded::Admitted {
+            claim: ClaimGuard {
+                store: Arc::clone(store),
+                claim: Some(claim),
+            },
+            nonce,
+        },
+    }
+}
+
+/// A claim on an update being handled; released when dropped, even if the
+/// client disconnects and hyper drops the request half-way.
+struct ClaimGuard {
+    store: Arc<dyn Store>,
+    claim: Option<Claim>,
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        if let Some(claim) = self.claim.take()
+            && let Err(error) = self.store.release_update(claim)
+        {
+            tracing::error!("releasing an update's claim: {error:#}");
+        }
+    }
+}
+
 fn store_failed(error: anyhow::Error) -> (StatusCode, &'static str) {
     tracing::error!("state store: {error:#}");
     (StatusCode::INTERNAL_SERVER_ERROR, "STATE_STORE_FAILED")
@@ -256,51 +349,4 @@ fn reply(status: StatusCode, body: &'static str) -> HttpResponse {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
-}
-
-/// An update id marked as being handled; unmarked when dropped, even if the
-/// client disconnects and hyper drops the request half-way.
-struct InFlight<'a> {
-    set: &'a Mutex<HashSet<i64>>,
-    update_id: i64,
-}
-
-impl<'a> InFlight<'a> {
-    fn claim(set: &'a Mutex<HashSet<i64>>, update_id: i64) -> Option<InFlight<'a>> {
-        // The guard must be gone, and no InFlight built, when the id is
-        // taken: dropping one would lock the set again (a deadlock) and
-        // release the other delivery's claim.
-        let claimed = lock(set).insert(update_id);
-        claimed.then(|| InFlight { set, update_id })
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        lock(self.set).remove(&self.update_id);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_second_claim_on_an_update_in_flight_fails_and_keeps_the_first() {
-        // On a thread: the bug this guards against was a deadlock.
-        let (done, finished) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let set = Mutex::new(HashSet::new());
-            let first = InFlight::claim(&set, 7).expect("first claim");
-            assert!(InFlight::claim(&set, 7).is_none());
-            assert!(lock(&set).contains(&7));
-            drop(first);
-            assert!(lock(&set).is_empty());
-            assert!(InFlight::claim(&set, 7).is_some());
-            done.send(()).unwrap();
-        });
-        finished
-            .recv_timeout(Duration::from_secs(5))
-            .expect("claims finish without deadlock");
-    }
 }

@@ -1,0 +1,504 @@
+//! The store serve-webhook uses: the SQLite store with its hot sets in memory
+//! and its writes group-committed, so that a delivery costs no disk wait on
+//! the request path and thousands of them share one transaction.
+//!
+//! - **Answers from memory.** Handled ids ([`RecentIds`]), nonces
+//!   ([`RecentNonces`]) and in-flight claims live in one mutex-guarded set,
+//!   never held across I/O, so [`Store::try_admit`] is safe on an async I/O
+//!   thread. When memory cannot say (an id below the recent set's floor, a
+//!   nonce the filter may have seen), `try_admit` declines and
+//!   [`Store::admit`] asks the SQLite file on a blocking thread, after a
+//!   barrier so that the file holds everything memory was told.
+//! - **Group commit.** Handled marks and nonces go to one writer thread with
+//!   a connection of its own, which commits what gathered since its last
+//!   commit as one transaction, and prunes handled ids past `--retention` and
+//!   nonces past twice the window between batches, a bounded chunk at a time.
+//! - **Checkpoints off the request path.** No connection checkpoints when
+//!   it commits; a checkpoint thread copies the log into the database file
+//!   every quarter second without waiting for the writer, and a clean stop
+//!   empties the log.
+//! - **One process per file.** Memory is the truth for what this process
+//!   wrote, so the file is claimed (flock) for as long as the server runs; a
+//!   second fly on the same file is refused with one line. Replicas share a
+//!   server-backed store instead (SPEC 4b).
+//!
+//! # What a crash (`kill -9`, power loss) can lose, and why that is safe
+//!
+//! - **A nonce is durable before its update is handled.** The receiver waits
+//!   for the commit of a new nonce before the handler runs. A lost nonce
+//!   would let *another* update signed with the same nonce through, which is
+//!   exactly what the nonce check exists to refuse and nothing downstream
+//!   would absorb. So a crash loses only nonces of deliveries whose handler
+//!   had not started: nothing was done for them and they were not answered
+//!   2xx, so the platform delivers them again anyway.
+//! - **A handled mark is committed a few milliseconds after the reply** (the
+//!   200 does not wait for it). A crash in between forgets that the update
+//!   was handled: if the platform delivers it again, it is answered again,
+//!   with the same `client_msg_id` (`echo_{update_id}`), which the platform
+//!   takes as an idempotent retry. This is the at-least-once contract poll-echo
+//!   has too, and the loss is bounded by one batch (a few milliseconds).
+//! - **Claims are memory only**: a crash ends every handler with the process,
+//!   and none of their updates was answered 2xx or marked, so their
+//!   redeliveries are handled.
+//! - **Pruning** deletes only what is past its keep time; an interrupted
+//!   chunk is rolled back whole.
+//!
+//! A batch that fails to commit (disk full) fails the deliveries waiting on
+//! its nonces (500: delivered again) and is logged; marks in it stay known in
+//! memory for as long as the process runs.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::group_commit::{GroupCommit, Pending};
+use super::memory::{Claims, RecentIds, RecentNonces};
+use super::sqlite::{Checkpointer, SqliteStore, Write};
+use super::{Admission, Claim, DeadLetter, Delivery, NonceCheck, Store, unix_now};
+use crate::sync::lock;
+
+/// Handled ids known in memory: at a busy platform's pace, the last few
+/// seconds; at an ordinary bot's, days. Older ones are asked of the file.
+const RECENT_IDS: usize = 1 << 18;
+/// One nonce filter: 1 MiB, wrong about one nonce in a thousand at capacity.
+const NONCE_FILTER_BITS: usize = 1 << 23;
+const NONCE_FILTER_CAPACITY: usize = 580_000;
+/// At most this many filters (64 MiB) under a flood; past it the newest one
+/// fills up and more lookups go to the file.
+const NONCE_FILTERS_MAX: usize = 64;
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+
+pub struct Front {
+    store: SqliteStore,
+    hot: Mutex<Hot>,
+    /// `None` only while dropping: the writer stops (and drains) first.
+    writer: Option<GroupCommit<Write>>,
+    checkpointer: Option<Checkpointer>,
+}
+
+/// Everything memory knows, under one lock so an admission is one step.
+struct Hot {
+    handled: RecentIds,
+    nonces: RecentNonces,
+    claims: Claims,
+}
+
+impl Front {
+    /// Claims `store` for this process, loads what memory needs from it
+    /// (the newest handled ids, the nonces of the last two windows) and
+    /// starts the writer and checkpoint threads.
+    pub fn open(store: SqliteStore, window_secs: i64) -> anyhow::Result<Front> {
+        store.claim_exclusive("serving webhooks")?;
+        store.leave_checkpoints_to_a_thread()?;
+        let now = unix_now();
+        let nonce_keep_secs = window_secs.max(1).saturating_mul(2);
+        let (newest, complete) = store.newest_handled(RECENT_IDS)?;
+        let mut nonces = RecentNonces::new(
+            window_secs,
+            NONCE_FILTER_BITS,
+            NONCE_FILTER_CAPACITY,
+            NONCE_FILTERS_MAX,
+        );
+        store.each_nonce_since(now.saturating_sub(nonce_keep_secs), |nonce| {
+            nonces.insert(nonce, now)
+        })?;
+        let writer = GroupCommit::start("fly-state-writer", store.batch_writer(nonce_keep_secs)?)?;
+        let checkpointer = store.checkpointer(CHECKPOINT_EVERY)?;
+        Ok(Front {
+            hot: Mutex::new(Hot {
+                handled: RecentIds::new(RECENT_IDS, newest, complete),
+                nonces,
+                claims: Claims::default(),
+            }),
+            store,
+            writer: Some(writer),
+            checkpointer: Some(checkpointer),
+        })
+    }
+
+    fn writer(&self) -> &GroupCommit<Write> {
+        self.writer
+            .as_ref()
+            .expect("the writer lives as long as the front")
+    }
+
+    /// Completes once the file holds everything memory was told so far.
+    fn barrier(&self) -> anyhow::Result<()> {
+        self.writer().barrier().wait()
+    }
+
+    /// Whether `update_id` is handled, asking the file only when memory cannot say.
+    fn handled_anywhere(&self, update_id: i64) -> anyhow::Result<bool> {
+        if let Some(known) = lock(&self.hot).handled.lookup(update_id) {
+            return Ok(known);
+        }
+        self.barrier()?;
+        self.store.is_handled(update_id)
+    }
+}
+
+impl Store for Front {
+    fn location(&self) -> String {
+        self.store.location()
+    }
+
+    fn next_offset(&self) -> anyhow::Result<i64> {
+        self.store.next_offset()
+    }
+
+    fn advance_offset(&self, next_offset: i64) -> anyhow::Result<()> {
+        self.store.advance_offset(next_offset)
+    }
+
+    fn is_handled(&self, update_id: i64) -> anyhow::Result<bool> {
+        self.handled_anywhere(update_id)
+    }
+
+    /// Known in memory at once; committed with the next batch, not waited for.
+    fn mark_handled(&self, update_id: i64, outcome: &str) -> anyhow::Result<()> {
+        let mut hot = lock(&self.hot);
+        // Queued before memory knows it: should the id leave memory (the
+        // floor rising past it), a barrier then still covers its write.
+        drop(self.writer().submit(Write::Handled {
+            update_id,
+            outcome: outcome.to_string(),
+            at: unix_now(),
+        }));
+        hot.handled.insert(update_id);
+        Ok(())
+    }
+
+    fn check_nonce(
+        &self,
+        nonce: &str,
+        update_key: &str,
+        now: i64,
+        window_secs: i64,
+    ) -> anyhow::Result<NonceCheck> {
+        let new = {
+            let mut hot = lock(&self.hot);
+            (!hot.nonces.maybe_seen(nonce)).then(|| {
+                hot.nonces.insert(nonce, now);
+                self.writer().submit(Write::Nonce {
+                    nonce: nonce.to_string(),
+                    update_key: update_key.to_string(),
+                    seen_at: now,
+                })
+            })
+        };
+        if let Some(pending) = new {
+            pending.wait()?;
+            return Ok(NonceCheck::Fresh);
+        }
+        self.barrier()?;
+        let check = self
+            .store
+            .check_nonce(nonce, update_key, now, window_secs)?;
+        lock(&self.hot).nonces.insert(nonce, now);
+        Ok(check)
+    }
+
+    fn claim_update(&self, update_id: i64, lease: Duration) -> anyhow::Result<Option<Claim>> {
+        Ok(lock(&self.hot)
+            .claims
+            .claim(update_id, "", lease)
+            .map(|token| Claim { update_id, token }))
+    }
+
+    fn release_update(&self, claim: Claim) -> anyhow::Result<()> {
+        lock(&self.hot).claims.release(claim.update_id, claim.token);
+        Ok(())
+    }
+
+    fn record_dead_letter(
+        &self,
+        update_id: Option<i64>,
+        raw: &str,
+        reason: &str,
+    ) -> anyhow::Result<bool> {
+        self.store.record_dead_letter(update_id, raw, reason)
+    }
+
+    fn dead_letters(&self) -> anyhow::Result<Vec<DeadLetter>> {
+        self.store.dead_letters()
+    }
+
+    fn purge_dead_letters(&self) -> anyhow::Result<usize> {
+        self.store.purge_dead_letters()
+    }
+
+    fn claim_polling(&self) -> anyhow::Result<()> {
+        self.store.claim_polling()
+    }
+
+    /// The slow path, on a blocking thread: memory first, then the file for
+    /// what memory cannot say. The nonce check-and-remember is then one
+    /// SQLite transaction (durable when it returns), and the handled check is
+    /// made again once the claim is held: a delivery of the same update may
+    /// have finished (marked, then released) in between.
+    fn admit(&self, delivery: &Delivery) -> anyhow::Result<Admission> {
+        if let Some(answer) = self.try_admit(delivery) {
+            return answer;
+        }
+        let update_id = delivery.update_id;
+        if self.handled_anywhere(update_id)? {
+            return Ok(Admission::Duplicate);
+        }
+        if !delivery.nonce.is_empty() {
+            self.barrier()?;
+            let key = update_id.to_string();
+            let check = self.store.check_nonce(
+                &delivery.nonce,
+                &key,
+                delivery.now,
+                delivery.window_secs,
+            )?;
+            if check == NonceCheck::Reused {
+                return Ok(Admission::NonceReused);
+            }
+            lock(&self.hot).nonces.insert(&delivery.nonce, delivery.now);
+        }
+        let claimed = lock(&self.hot)
+            .claims
+            .claim(update_id, &delivery.nonce, delivery.lease);
+        let Some(token) = claimed else {
+            return Ok(Admission::InProgress);
+        };
+        let claim = Claim { update_id, token };
+        match self.handled_anywhere(update_id) {
+            Ok(false) => Ok(Admission::Admitted {
+                claim,
+                nonce: Pending::done(),
+            }),
+            handled_or_failed => {
+                self.release_update(claim)?;
+                handled_or_failed.map(|_| Admission::Duplicate)
+            }
+        }
+    }
+
+    /// The fast path, in memory, for the I/O threads. Declines (`None`) when
+    /// the update id is below the recent set's floor, or the nonce may have
+    /// been seen (rare: a redelivery, a replay, or the filter's one in a
+    /// thousand).
+    fn try_admit(&self, delivery: &Delivery) -> Option<anyhow::Result<Admission>> {
+        let update_id = delivery.update_id;
+        let mut hot = lock(&self.hot);
+        if hot.handled.lookup(update_id)? {
+            return Some(Ok(Admission::Duplicate));
+        }
+        let mut nonce = Pending::done();
+        if !delivery.nonce.is_empty() {
+            if hot.nonces.maybe_seen(&delivery.nonce) {
+                // The same delivery again while it is being handled: its
+                // nonce came with this very update, so no store is needed.
+                if hot.claims.held_with_nonce(update_id, &delivery.nonce) {
+                    return Some(Ok(Admission::InProgress));
+                }
+                return None;
+            }
+            hot.nonces.insert(&delivery.nonce, delivery.now);
+            nonce = self.writer().submit(Write::Nonce {
+                nonce: delivery.nonce.clone(),
+                update_key: update_id.to_string(),
+                seen_at: delivery.now,
+            });
+        }
+        let answer = match hot.claims.claim(update_id, &delivery.nonce, delivery.lease) {
+            Some(token) => Admission::Admitted {
+                claim: Claim { update_id, token },
+                nonce,
+            },
+            None => Admission::InProgress,
+        };
+        Some(Ok(answer))
+    }
+
+    fn flush(&self) -> anyhow::Result<()> {
+        self.barrier()
+    }
+}
+
+impl Drop for Front {
+    fn drop(&mut self) {
+        // The writer commits what is queued before it stops; then nobody
+        // writes, and the log can be emptied into the database file.
+        self.writer = None;
+        self.checkpointer = None;
+        if let Err(error) = self.store.checkpoint_fully() {
+            tracing::debug!("final checkpoint skipped: {error:#}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::Token;
+    use crate::state::BotIdentity;
+    use std::path::Path;
+
+    fn open(path: &Path) -> Front {
+        let identity = BotIdentity::new("http://127.0.0.1:1", &Token::new("t").unwrap());
+        Front::open(SqliteStore::open(path, &identity).unwrap(), 300).unwrap()
+    }
+
+    fn delivery(update_id: i64, nonce: &str) -> Delivery {
+        Delivery {
+            update_id,
+            nonce: nonce.to_string(),
+            now: unix_now(),
+            window_secs: 300,
+            lease: Duration::from_secs(60),
+        }
+    }
+
+    /// Admits through the fast path when it answers, as the receiver does.
+    fn admit(front: &Front, delivery: &Delivery) -> Admission {
+        match front.try_admit(delivery) {
+            Some(answer) => answer.unwrap(),
+            None => front.admit(delivery).unwrap(),
+        }
+    }
+
+    fn admitted(admission: Admission) -> Claim {
+        match admission {
+            Admission::Admitted { claim, nonce } => {
+                nonce.wait().unwrap();
+                claim
+            }
+            other => panic!("not admitted: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn deliveries_are_answered_as_before_from_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let front = open(&dir.path().join("s.db"));
+        let first = delivery(10, "n-10");
+        let claim = admitted(front.try_admit(&first).expect("fast path").unwrap());
+        // The same delivery while it is handled.
+        assert!(matches!(
+            front.try_admit(&first).expect("fast path").unwrap(),
+            Admission::InProgress
+        ));
+        // Another update with that nonce: only the file knows which update
+        // the nonce came with, so memory declines and the slow path refuses.
+        let replay = delivery(11, "n-10");
+        assert!(front.try_admit(&replay).is_none());
+        assert!(matches!(
+            front.admit(&replay).unwrap(),
+            Admission::NonceReused
+        ));
+        front.mark_handled(10, "replied").unwrap();
+        front.release_update(claim).unwrap();
+        assert!(matches!(
+            front.try_admit(&first).expect("fast path").unwrap(),
+            Admission::Duplicate
+        ));
+        // A delivery without a nonce, and one whose handling failed.
+        let claim = admitted(admit(&front, &delivery(12, "")));
+        front.release_update(claim).unwrap();
+        let claim = admitted(admit(&front, &delivery(12, "")));
+        front.release_update(claim).unwrap();
+    }
+
+    #[test]
+    fn a_redelivery_after_a_failure_takes_the_slow_path_and_is_admitted() {
+        let dir = tempfile::tempdir().unwrap();
+        let front = open(&dir.path().join("s.db"));
+        let once = delivery(20, "n-20");
+        let claim = admitted(admit(&front, &once));
+        front.release_update(claim).unwrap(); // the reply failed: 500
+        assert!(front.try_admit(&once).is_none(), "the nonce was seen");
+        let claim = admitted(front.admit(&once).unwrap());
+        assert_eq!(claim.update_id, 20);
+    }
+
+    #[test]
+    fn marks_and_nonces_survive_a_restart_and_the_file_is_exclusive() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        {
+            let front = open(&path);
+            let claim = admitted(admit(&front, &delivery(30, "n-30")));
+            front.mark_handled(30, "replied").unwrap();
+            front.release_update(claim).unwrap();
+            let identity = BotIdentity::new("http://127.0.0.1:1", &Token::new("t").unwrap());
+            let error = Front::open(SqliteStore::open(&path, &identity).unwrap(), 300)
+                .err()
+                .unwrap();
+            assert!(
+                format!("{error:#}").contains("already serving webhooks"),
+                "{error:#}"
+            );
+        }
+        let wal = path.with_extension("db-wal");
+        assert_eq!(
+            std::fs::metadata(&wal)
+                .map(|found| found.len())
+                .unwrap_or(0),
+            0,
+            "a clean stop empties the log"
+        );
+        let front = open(&path);
+        assert!(matches!(
+            front.try_admit(&delivery(30, "n-30")).unwrap().unwrap(),
+            Admission::Duplicate
+        ));
+        assert!(matches!(
+            admit(&front, &delivery(31, "n-30")),
+            Admission::NonceReused
+        ));
+    }
+
+    #[test]
+    fn ids_below_the_recent_floor_are_asked_of_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let front = open(&dir.path().join("s.db"));
+        {
+            let mut hot = lock(&front.hot);
+            hot.handled = RecentIds::new(2, [], true);
+        }
+        for id in [1, 2, 3] {
+            front.mark_handled(id, "replied").unwrap();
+        }
+        // 1 left memory; its mark may still be queued: the barrier covers it.
+        assert_eq!(lock(&front.hot).handled.lookup(1), None);
+        assert!(front.try_admit(&delivery(1, "n-a")).is_none());
+        assert!(matches!(
+            front.admit(&delivery(1, "n-a")).unwrap(),
+            Admission::Duplicate
+        ));
+        assert!(front.is_handled(1).unwrap());
+        assert!(!front.is_handled(0).unwrap());
+        admitted(front.admit(&delivery(0, "n-b")).unwrap());
+    }
+
+    #[test]
+    fn concurrent_deliveries_of_one_update_are_admitted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let front = std::sync::Arc::new(open(&dir.path().join("s.db")));
+        for update_id in 100..150 {
+            let admitted_count = std::sync::atomic::AtomicUsize::new(0);
+            std::thread::scope(|scope| {
+                for attempt in 0..4 {
+                    let front = &front;
+                    let admitted_count = &admitted_count;
+                    scope.spawn(move || {
+                        // Two nonces: the platform may sign a redelivery anew.
+                        let nonce = format!("n-{update_id}-{}", attempt % 2);
+                        if let Admission::Admitted { claim, nonce } =
+                            admit(front, &delivery(update_id, &nonce))
+                        {
+                            nonce.wait().unwrap();
+                            admitted_count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            front.mark_handled(update_id, "replied").unwrap();
+                            front.release_update(claim).unwrap();
+                        }
+                    });
+                }
+            });
+            assert_eq!(admitted_count.into_inner(), 1, "update {update_id}");
+        }
+    }
+}

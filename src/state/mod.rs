@@ -1,0 +1,282 @@
+//! What the bots keep between updates and between runs, behind one trait,
+//! [`Store`]: the poll offset, the ids of handled updates, the webhook nonces
+//! seen, the updates being handled right now (in-flight claims), dead
+//! letters, and the polling lease.
+//!
+//! - [`SqliteStore`] (`sqlite.rs`): the embedded default, one SQLite file per
+//!   bot; every call is its own transaction. poll-echo and forward use it as is.
+//! - [`Front`] (`front.rs`): what serve-webhook puts in front of it, so that
+//!   the store keeps up with a busy platform: handled ids and nonces are
+//!   answered from memory (`memory.rs`), writes are group-committed by a
+//!   writer thread (`group_commit.rs`), checkpoints and pruning happen off
+//!   the request path.
+//! - A store shared by several fly processes (Redis, issue 14) implements the
+//!   same trait; its atomic claims and expiring leases are then what keep two
+//!   replicas from handling one update twice, and two pollers from polling.
+
+mod front;
+mod group_commit;
+mod memory;
+mod sqlite;
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::api::Token;
+use crate::signature::sha256_hex;
+
+pub use front::Front;
+pub use group_commit::Pending;
+pub use sqlite::SqliteStore;
+
+/// How long handled update ids are kept when nothing else is said
+/// (`--retention`): far longer than any platform redelivers an update.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// What the bots keep. Every method may block (disk, network): callers on an
+/// async I/O thread use only the `try_` methods, which never do, and run the
+/// others on a blocking thread.
+///
+/// Update ids and offsets are the platform's integers; a nonce is remembered
+/// with the update it came with (`update_key`, the id as text).
+pub trait Store: Send + Sync {
+    /// Where the state lives, for log lines: a file path, or a server address
+    /// without credentials.
+    fn location(&self) -> String;
+
+    // -- The poll offset --------------------------------------------------
+
+    /// The offset to poll with: every update below it has been handled.
+    fn next_offset(&self) -> anyhow::Result<i64>;
+
+    /// Moves the offset forward, never back, and prunes handled ids that
+    /// cannot come again (far below the offset, or older than the retention).
+    /// Where the polling lease can be lost (it expires), the write is fenced
+    /// by it: a poller that lost its lease gets an error, not a write.
+    fn advance_offset(&self, next_offset: i64) -> anyhow::Result<()>;
+
+    // -- Handled update ids -----------------------------------------------
+
+    fn is_handled(&self, update_id: i64) -> anyhow::Result<bool>;
+
+    /// Records that `update_id` needs no more work (`outcome` says how it
+    /// ended). Called only once its reply was accepted, or it was recorded
+    /// as a dead letter. Durable when it returns, or (a [`Front`]) a few
+    /// milliseconds later: see there what a crash in between can lose.
+    fn mark_handled(&self, update_id: i64, outcome: &str) -> anyhow::Result<()>;
+
+    // -- Webhook nonces ---------------------------------------------------
+
+    /// Checks `nonce` against the ones seen in the last `window_secs` and
+    /// remembers it for `update_key`, atomically: of two deliveries with one
+    /// nonce and different updates, only the first is [`NonceCheck::Fresh`].
+    /// Nonces are kept for twice the window (the replay window reaches that
+    /// far either side of now).
+    fn check_nonce(
+        &self,
+        nonce: &str,
+        update_key: &str,
+        now: i64,
+        window_secs: i64,
+    ) -> anyhow::Result<NonceCheck>;
+
+    // -- In-flight claims -------------------------------------------------
+
+    /// Claims `update_id` for handling: `None` while someone else holds an
+    /// unexpired claim on it. A claim is a lease: after `lease` it lapses by
+    /// itself, so a holder that died does not keep the update forever.
+    fn claim_update(&self, update_id: i64, lease: Duration) -> anyhow::Result<Option<Claim>>;
+
+    /// Gives a claim up (after `mark_handled`, or without it when handling
+    /// failed and the update is to come again). Releasing a claim that has
+    /// lapsed and been taken by another holder leaves theirs alone. May be
+    /// called from a drop on an async I/O thread (a client that disconnected):
+    /// a backend that needs I/O to release hands it to a thread of its own.
+    fn release_update(&self, claim: Claim) -> anyhow::Result<()>;
+
+    // -- Dead letters -----------------------------------------------------
+
+    /// Records an update that can never be handled, with its bytes and why.
+    /// Returns whether it is new (an update recorded before is not again).
+    fn record_dead_letter(
+        &self,
+        update_id: Option<i64>,
+        raw: &str,
+        reason: &str,
+    ) -> anyhow::Result<bool>;
+
+    /// Every dead letter, oldest first.
+    fn dead_letters(&self) -> anyhow::Result<Vec<DeadLetter>>;
+
+    /// Forgets every dead letter; returns how many there were.
+    fn purge_dead_letters(&self) -> anyhow::Result<usize>;
+
+    // -- The polling lease ------------------------------------------------
+
+    /// Takes the polling lease, held until this process exits: two pollers
+    /// on one state would confirm each other's offsets and answer the same
+    /// updates. An error says who holds it. A backend whose lease expires
+    /// renews it while the process lives and fences `advance_offset` by it.
+    fn claim_polling(&self) -> anyhow::Result<()>;
+
+    // -- Webhook deliveries -----------------------------------------------
+
+    /// Decides what a verified delivery may do, in the order the receiver
+    /// answers (handled → nonce → claim), and claims its update when it may
+    /// be handled. Provided from the calls above, with the handled check
+    /// made again once the claim is held (a delivery of the same update may
+    /// have finished in between); a backend may do it in one atomic step.
+    fn admit(&self, delivery: &Delivery) -> anyhow::Result<Admission> {
+        if self.is_handled(delivery.update_id)? {
+            return Ok(Admission::Duplicate);
+        }
+        if !delivery.nonce.is_empty() {
+            let key = delivery.update_id.to_string();
+            let check =
+                self.check_nonce(&delivery.nonce, &key, delivery.now, delivery.window_secs)?;
+            if check == NonceCheck::Reused {
+                return Ok(Admission::NonceReused);
+            }
+        }
+        let Some(claim) = self.claim_update(delivery.update_id, delivery.lease)? else {
+            return Ok(Admission::InProgress);
+        };
+        if self.is_handled(delivery.update_id)? {
+            self.release_update(claim)?;
+            return Ok(Admission::Duplicate);
+        }
+        Ok(Admission::Admitted {
+            claim,
+            nonce: Pending::done(),
+        })
+    }
+
+    /// [`Store::admit`] if it can be answered without waiting on disk or
+    /// network (from memory), else `None`: the caller then runs `admit` on a
+    /// blocking thread. Safe on an async I/O thread.
+    fn try_admit(&self, _delivery: &Delivery) -> Option<anyhow::Result<Admission>> {
+        None
+    }
+
+    /// Makes everything accepted so far durable (a clean stop).
+    fn flush(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// What the nonce cache says about a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NonceCheck {
+    /// Not seen inside the window, or seen with this same update (a redelivery).
+    Fresh,
+    /// Seen with another update inside the window: a replayed signature.
+    Reused,
+}
+
+/// A verified webhook delivery, as [`Store::admit`] needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub update_id: i64,
+    /// Empty when the delivery has none (nothing to check or remember).
+    pub nonce: String,
+    pub now: i64,
+    pub window_secs: i64,
+    /// How long the claim lasts if its holder never releases it.
+    pub lease: Duration,
+}
+
+/// What a delivery may do.
+#[derive(Debug)]
+pub enum Admission {
+    /// Handled before: answered, not handled twice.
+    Duplicate,
+    /// Its nonce came with another update inside the window.
+    NonceReused,
+    /// Another delivery of this update is being handled right now.
+    InProgress,
+    /// Handle it, holding `claim`, once `nonce` (the record of its nonce) is
+    /// durable.
+    Admitted { claim: Claim, nonce: Pending },
+}
+
+/// A claim on an update being handled, from [`Store::claim_update`]; give it
+/// back with [`Store::release_update`].
+#[derive(Debug, PartialEq, Eq)]
+pub struct Claim {
+    pub update_id: i64,
+    /// Tells this holder's claim from a later one on the same update.
+    pub token: u64,
+}
+
+/// An update that could not be handled at all, as `fly dead-letters` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub update_id: Option<i64>,
+    pub reason: String,
+    /// The update exactly as received.
+    pub raw: String,
+    pub recorded_at: i64,
+}
+
+/// Which bot a state belongs to: the base URL and a fingerprint of the token
+/// (a prefix of its sha256, never the token itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BotIdentity {
+    pub base_url: String,
+    pub token_fingerprint: String,
+}
+
+impl BotIdentity {
+    pub fn new(base_url: &str, token: &Token) -> BotIdentity {
+        BotIdentity {
+            base_url: base_url.trim().trim_end_matches('/').to_string(),
+            token_fingerprint: sha256_hex(token.expose().as_bytes())[..16].to_string(),
+        }
+    }
+
+    /// A short stable key for file names.
+    pub fn key(&self) -> String {
+        let joined = format!("{}\n{}", self.base_url, self.token_fingerprint);
+        sha256_hex(joined.as_bytes())[..16].to_string()
+    }
+
+    /// `$XDG_STATE_HOME/fly/bot-<key>.db`, else `~/.local/state/fly/bot-<key>.db`.
+    pub fn default_state_path(&self) -> anyhow::Result<PathBuf> {
+        let base = match std::env::var_os("XDG_STATE_HOME").filter(|dir| !dir.is_empty()) {
+            Some(dir) => PathBuf::from(dir),
+            None => match std::env::var_os("HOME").filter(|dir| !dir.is_empty()) {
+                Some(home) => PathBuf::from(home).join(".local/state"),
+                None => {
+                    anyhow::bail!(
+                        "no state directory: set HOME or XDG_STATE_HOME, or pass --state PATH"
+                    )
+                }
+            },
+        };
+        Ok(base.join("fly").join(format!("bot-{}.db", self.key())))
+    }
+}
+
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(token: &str) -> BotIdentity {
+        BotIdentity::new("http://127.0.0.1:8787/", &Token::new(token).unwrap())
+    }
+
+    #[test]
+    fn default_path_never_contains_the_token() {
+        let id = identity("super-secret-token");
+        assert_eq!(id.key().len(), 16);
+        assert!(!id.key().contains("super"));
+        assert_ne!(identity("a").key(), identity("b").key());
+    }
+}

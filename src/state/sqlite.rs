@@ -1,0 +1,972 @@
+//! The embedded state store: one SQLite file per bot (WAL mode) holding the
+//! poll offset, the ids of handled updates, the webhook nonces seen and the
+//! dead letters (updates that can never be handled, kept with their bytes).
+//! In-flight claims live in this process's memory: the file is used by one
+//! fly process at a time (see `claim_exclusive`).
+//!
+//! Why SQLite: a crash (`kill -9`) at any moment must leave either the old or
+//! the new state, never a torn file, and the handled-id set must be queried
+//! and pruned without loading it. Committed transactions survive a process
+//! crash with `synchronous=NORMAL` in WAL mode (only a power loss may drop the
+//! last ones, and the platform's `client_msg_id` absorbs a repeat then).
+//!
+//! A file is recognised by its SQLite `application_id`; its schema version is
+//! `user_version`. A file that is not ours, is corrupt, is of a newer schema or
+//! belongs to another bot is reported, never replaced.
+//!
+//! Besides the [`Store`] calls (each its own transaction), this module gives
+//! the [`Front`](super::Front) what it builds on: the newest handled ids and
+//! the recent nonces to load, a [`BatchWriter`] for its group commits, and a
+//! [`Checkpointer`] thread.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+use super::group_commit::Sink;
+use super::memory::Claims;
+use super::{BotIdentity, Claim, DEFAULT_RETENTION, DeadLetter, NonceCheck, Store, unix_now};
+use crate::signature::sha256_hex;
+use crate::sync::lock;
+
+/// "FLY1" in ASCII: marks a SQLite file as a fly state store.
+const APPLICATION_ID: i64 = 0x464C_5931;
+const SCHEMA_VERSION: i64 = 3;
+/// Handled update ids kept below the current offset; older ones can never be
+/// delivered again (the platform only returns ids at or above the offset).
+const HANDLED_IDS_KEPT: i64 = 10_000;
+/// How long a connection waits for another one's write to finish.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The write-ahead log is cut back to this size once checkpointed, so a
+/// burst of writes does not leave a large file behind.
+const WAL_SIZE_LIMIT: i64 = 8 * 1024 * 1024;
+
+const SCHEMA: &str = "
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE poll_offset (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        next_offset INTEGER NOT NULL
+    );
+    CREATE TABLE handled_updates (
+        update_id INTEGER PRIMARY KEY,
+        outcome TEXT NOT NULL,
+        handled_at INTEGER NOT NULL
+    );
+    CREATE TABLE seen_nonces (
+        nonce TEXT PRIMARY KEY,
+        update_key TEXT NOT NULL,
+        seen_at INTEGER NOT NULL
+    );
+    CREATE INDEX seen_nonces_by_age ON seen_nonces (seen_at);
+";
+
+/// Schema 2: dead letters. Also how a schema-1 file is brought up to date.
+/// `raw_sha256` keeps an update that comes again (one without an id cannot
+/// be confirmed) from being recorded twice.
+const DEAD_LETTERS_SCHEMA: &str = "
+    CREATE TABLE IF NOT EXISTS dead_letters (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        update_id INTEGER,
+        reason TEXT NOT NULL,
+        raw TEXT NOT NULL,
+        raw_sha256 TEXT NOT NULL UNIQUE,
+        recorded_at INTEGER NOT NULL
+    );
+";
+
+/// Schema 3: handled ids are pruned by age (`--retention`), which serve-webhook
+/// (no offset) needs to keep its file bounded.
+const RETENTION_SCHEMA: &str = "
+    CREATE INDEX IF NOT EXISTS handled_updates_by_age ON handled_updates (handled_at);
+";
+
+/// The open store. Methods take `&self` (the connection is behind a mutex) so
+/// concurrent workers can share one store.
+pub struct SqliteStore {
+    connection: Mutex<Connection>,
+    path: PathBuf,
+    /// Handled ids older than this many seconds are pruned.
+    retention_secs: i64,
+    claims: Mutex<Claims>,
+    /// Held while this process uses the store alone (see `claim_exclusive`);
+    /// declared after the connection so it is closed after it.
+    exclusive_lock: Mutex<Option<std::fs::File>>,
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the store at `path` for `identity`.
+    pub fn open(path: &Path, identity: &BotIdentity) -> anyhow::Result<SqliteStore> {
+        if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating the state directory {}", dir.display()))?;
+        }
+        SqliteStore::open_file(path, Some(identity))
+    }
+
+    /// Opens an existing store whatever bot it belongs to, for commands that
+    /// only inspect it (`fly dead-letters --state PATH`, which needs no token).
+    pub fn open_existing(path: &Path) -> anyhow::Result<SqliteStore> {
+        if !path.exists() {
+            return Err(crate::exit::usage(format!(
+                "no state file at {}",
+                path.display()
+            )));
+        }
+        SqliteStore::open_file(path, None)
+    }
+
+    fn open_file(path: &Path, identity: Option<&BotIdentity>) -> anyhow::Result<SqliteStore> {
+        let shown = path.display();
+        // SQLite would open a device or a FIFO, fail, and leave its journal
+        // next to it (in /dev, for `--state /dev/null`).
+        if let Ok(found) = std::fs::metadata(path)
+            && !found.is_file()
+        {
+            return Err(crate::exit::usage(format!(
+                "state file {shown} is not a regular file"
+            )));
+        }
+        let connection =
+            Connection::open(path).with_context(|| format!("opening the state file {shown}"))?;
+        let store = SqliteStore {
+            connection: Mutex::new(connection),
+            path: path.to_path_buf(),
+            retention_secs: DEFAULT_RETENTION.as_secs() as i64,
+            claims: Mutex::new(Claims::default()),
+            exclusive_lock: Mutex::new(None),
+        };
+        store
+            .prepare(identity)
+            .with_context(|| format!("state file {shown}"))?;
+        Ok(store)
+    }
+
+    /// Opens the store at `explicit` (`--state`), else at the identity's
+    /// default path: what every long-running command does.
+    pub fn open_for(
+        identity: &BotIdentity,
+        explicit: Option<PathBuf>,
+    ) -> anyhow::Result<SqliteStore> {
+        let path = match explicit {
+            Some(path) => path,
+            None => identity.default_state_path()?,
+        };
+        SqliteStore::open(&path, identity)
+    }
+
+    /// Keeps handled ids for `retention` (`--retention`), not the default 7 days.
+    pub fn with_retention(mut self, retention: Duration) -> SqliteStore {
+        self.retention_secs = i64::try_from(retention.as_secs()).unwrap_or(i64::MAX);
+        self
+    }
+
+    pub fn retention_secs(&self) -> i64 {
+        self.retention_secs
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Claims the file for this process alone, `doing` something (polling,
+    /// serving webhooks) until it exits: two pollers would confirm each
+    /// other's offsets and answer the same updates, and a webhook server
+    /// answers from memory what it has written. An advisory flock on its own
+    /// descriptor of the file, which is kept open: SQLite's own locks are
+    /// fcntl locks, which flock does not touch.
+    pub fn claim_exclusive(&self, doing: &str) -> anyhow::Result<()> {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(&self.path)
+            .with_context(|| format!("opening the state file {}", self.path.display()))?;
+        // SAFETY: flock only reads its integer arguments; the descriptor is
+        // valid while `file` lives.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            bail!(
+                "another fly process is already {doing} with the state file {}; \
+                 stop it first, or pass another --state PATH",
+                self.path.display()
+            );
+        }
+        *lock(&self.exclusive_lock) = Some(file);
+        Ok(())
+    }
+
+    /// Checks (or, for a new file and a known identity, creates) the schema,
+    /// and that the file belongs to `identity` when one is given.
+    fn prepare(&self, identity: Option<&BotIdentity>) -> anyhow::Result<()> {
+        let mut connection = self.lock();
+        connection.busy_timeout(BUSY_TIMEOUT)?;
+        // Reading the header is the first thing that fails on a file that is not SQLite.
+        let application_id: i64 = connection
+            .query_row("PRAGMA application_id", [], |row| row.get(0))
+            .map_err(|error| anyhow::anyhow!("not a fly state file ({error})"))?;
+        let version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+        let table_count: i64 =
+            connection.query_row("SELECT count(*) FROM sqlite_master", [], |row| row.get(0))?;
+
+        let is_new = application_id == 0 && version == 0 && table_count == 0;
+        if let (true, Some(identity)) = (is_new, identity) {
+            connection
+                .pragma_update(None, "journal_mode", "WAL")
+                .context("switching to WAL mode")?;
+            let transaction = connection.transaction()?;
+            transaction.execute_batch(SCHEMA)?;
+            transaction.execute_batch(DEAD_LETTERS_SCHEMA)?;
+            transaction.execute_batch(RETENTION_SCHEMA)?;
+            transaction.pragma_update(None, "application_id", APPLICATION_ID)?;
+            transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            for (key, value) in [
+                ("base_url", identity.base_url.as_str()),
+                ("token_fingerprint", identity.token_fingerprint.as_str()),
+            ] {
+                transaction.execute(
+                    "INSERT INTO meta (key, value) VALUES (?1, ?2)",
+                    params![key, value],
+                )?;
+            }
+            transaction.execute(
+                "INSERT INTO poll_offset (id, next_offset) VALUES (1, 0)",
+                [],
+            )?;
+            transaction.commit()?;
+        } else if is_new {
+            bail!("not a fly state file (it is empty)");
+        } else if application_id != APPLICATION_ID {
+            bail!(
+                "not a fly state file (another program's SQLite database); pass another --state PATH"
+            );
+        } else if version > SCHEMA_VERSION {
+            bail!(
+                "written by a newer fly (schema {version}, this fly knows up to {SCHEMA_VERSION})"
+            );
+        } else if version < 1 {
+            bail!("damaged fly state file (schema version {version})");
+        } else if version < SCHEMA_VERSION {
+            let transaction = connection.transaction()?;
+            transaction.execute_batch(DEAD_LETTERS_SCHEMA)?;
+            transaction.execute_batch(RETENTION_SCHEMA)?;
+            transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            transaction
+                .commit()
+                .with_context(|| format!("upgrading from schema {version}"))?;
+        }
+        connection.pragma_update(None, "journal_mode", "WAL")?;
+        tune(&connection)?;
+        let Some(identity) = identity else {
+            return Ok(());
+        };
+
+        let stored = |key: &str| -> rusqlite::Result<Option<String>> {
+            connection
+                .query_row("SELECT value FROM meta WHERE key = ?1", [key], |row| {
+                    row.get(0)
+                })
+                .optional()
+        };
+        let stored_url = stored("base_url")?.unwrap_or_default();
+        let stored_fingerprint = stored("token_fingerprint")?.unwrap_or_default();
+        // The fingerprint itself is not shown: it is a prefix of the sha256
+        // of the token, and so of the default webhook secret.
+        let other = if stored_url != identity.base_url {
+            format!("the bot at {stored_url}")
+        } else if stored_fingerprint != identity.token_fingerprint {
+            "a bot with another token".to_string()
+        } else {
+            return Ok(());
+        };
+        bail!("belongs to {other}; pass another --state PATH")
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        lock(&self.connection)
+    }
+}
+
+/// What every connection to a store file is set to.
+fn tune(connection: &Connection) -> rusqlite::Result<()> {
+    connection.busy_timeout(BUSY_TIMEOUT)?;
+    connection.pragma_update(None, "synchronous", "NORMAL")?;
+    connection.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
+    Ok(())
+}
+
+impl Store for SqliteStore {
+    fn location(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn next_offset(&self) -> anyhow::Result<i64> {
+        let offset = self
+            .lock()
+            .query_row(
+                "SELECT next_offset FROM poll_offset WHERE id = 1",
+                [],
+                |row| row.get(0),
+            )
+            .context("reading the poll offset")?;
+        Ok(offset)
+    }
+
+    fn advance_offset(&self, next_offset: i64) -> anyhow::Result<()> {
+        let mut connection = self.lock();
+        let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        transaction.execute(
+            "UPDATE poll_offset SET next_offset = max(next_offset, ?1) WHERE id = 1",
+            [next_offset],
+        )?;
+        transaction.execute(
+            "DELETE FROM handled_updates WHERE update_id < ?1",
+            [next_offset.saturating_sub(HANDLED_IDS_KEPT)],
+        )?;
+        transaction.execute(
+            "DELETE FROM handled_updates WHERE handled_at < ?1",
+            [unix_now().saturating_sub(self.retention_secs)],
+        )?;
+        transaction.commit().context("saving the poll offset")?;
+        Ok(())
+    }
+
+    fn is_handled(&self, update_id: i64) -> anyhow::Result<bool> {
+        let found: Option<i64> = self
+            .lock()
+            .query_row(
+                "SELECT 1 FROM handled_updates WHERE update_id = ?1",
+                [update_id],
+                |row| row.get(0),
+            )
+            .optional()
+            .context("reading handled updates")?;
+        Ok(found.is_some())
+    }
+
+    fn mark_handled(&self, update_id: i64, outcome: &str) -> anyhow::Result<()> {
+        self.lock()
+            .execute(
+                "INSERT OR REPLACE INTO handled_updates (update_id, outcome, handled_at) \
+                 VALUES (?1, ?2, ?3)",
+                params![update_id, outcome, unix_now()],
+            )
+            .context("recording a handled update")?;
+        Ok(())
+    }
+
+    fn check_nonce(
+        &self,
+        nonce: &str,
+        update_key: &str,
+        now: i64,
+        window_secs: i64,
+    ) -> anyhow::Result<NonceCheck> {
+        let mut connection = self.lock();
+        // Immediate: the write lock is taken before the read, so two
+        // processes (or this one and its writer thread) cannot both find
+        // the nonce new.
+        let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let oldest_kept = now.saturating_sub(window_secs.saturating_mul(2));
+        transaction.execute("DELETE FROM seen_nonces WHERE seen_at < ?1", [oldest_kept])?;
+        let seen: Option<String> = transaction
+            .query_row(
+                "SELECT update_key FROM seen_nonces WHERE nonce = ?1",
+                [nonce],
+                |row| row.get(0),
+            )
+            .optional()?;
+        let check = match seen {
+            Some(key) if key != update_key => NonceCheck::Reused,
+            _ => {
+                transaction.execute(
+                    "INSERT OR REPLACE INTO seen_nonces (nonce, update_key, seen_at) VALUES (?1, ?2, ?3)",
+                    params![nonce, update_key, now],
+                )?;
+                NonceCheck::Fresh
+            }
+        };
+        transaction.commit().context("saving a webhook nonce")?;
+        Ok(check)
+    }
+
+    fn claim_update(&self, update_id: i64, lease: Duration) -> anyhow::Result<Option<Claim>> {
+        Ok(lock(&self.claims)
+            .claim(update_id, "", lease)
+            .map(|token| Claim { update_id, token }))
+    }
+
+    fn release_update(&self, claim: Claim) -> anyhow::Result<()> {
+        lock(&self.claims).release(claim.update_id, claim.token);
+        Ok(())
+    }
+
+    fn record_dead_letter(
+        &self,
+        update_id: Option<i64>,
+        raw: &str,
+        reason: &str,
+    ) -> anyhow::Result<bool> {
+        let inserted = self
+            .lock()
+            .execute(
+                "INSERT OR IGNORE INTO dead_letters \
+                 (update_id, reason, raw, raw_sha256, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    update_id,
+                    reason,
+                    raw,
+                    sha256_hex(raw.as_bytes()),
+                    unix_now()
+                ],
+            )
+            .context("recording a dead letter")?;
+        Ok(inserted == 1)
+    }
+
+    fn dead_letters(&self) -> anyhow::Result<Vec<DeadLetter>> {
+        let connection = self.lock();
+        let mut statement = connection
+            .prepare("SELECT update_id, reason, raw, recorded_at FROM dead_letters ORDER BY id")?;
+        let letters = statement
+            .query_map([], |row| {
+                Ok(DeadLetter {
+                    update_id: row.get(0)?,
+                    reason: row.get(1)?,
+                    raw: row.get(2)?,
+                    recorded_at: row.get(3)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()
+            .context("reading dead letters")?;
+        Ok(letters)
+    }
+
+    fn purge_dead_letters(&self) -> anyhow::Result<usize> {
+        self.lock()
+            .execute("DELETE FROM dead_letters", [])
+            .context("purging dead letters")
+    }
+
+    fn claim_polling(&self) -> anyhow::Result<()> {
+        self.claim_exclusive("polling")
+    }
+}
+
+// ---------------------------------------------------------------------------
+// What the Front builds on
+
+/// One write of a group commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    Handled {
+        update_id: i64,
+        outcome: String,
+        at: i64,
+    },
+    Nonce {
+        nonce: String,
+        update_key: String,
+        seen_at: i64,
+    },
+}
+
+/// Rows deleted per pruning step: a step stays a few milliseconds long.
+const PRUNE_CHUNK: i64 = 2_000;
+
+impl SqliteStore {
+    /// A connection of its own, for a thread that writes or checkpoints
+    /// beside this store's own connection. Checkpoints are left to the
+    /// [`Checkpointer`] on every connection of a store with one.
+    fn second_connection(&self) -> anyhow::Result<Connection> {
+        let connection = Connection::open(&self.path)
+            .with_context(|| format!("opening the state file {}", self.path.display()))?;
+        tune(&connection)?;
+        connection.pragma_update(None, "wal_autocheckpoint", 0)?;
+        Ok(connection)
+    }
+
+    /// Leaves checkpoints to a [`Checkpointer`]: a commit on this connection
+    /// never copies the log into the database file itself.
+    pub fn leave_checkpoints_to_a_thread(&self) -> anyhow::Result<()> {
+        self.lock().pragma_update(None, "wal_autocheckpoint", 0)?;
+        Ok(())
+    }
+
+    /// Copies the whole log into the database file and empties it (a clean stop).
+    pub fn checkpoint_fully(&self) -> anyhow::Result<()> {
+        self.lock()
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .context("checkpointing the state file")
+    }
+
+    /// The highest `limit` handled ids, and whether they are all there are.
+    pub fn newest_handled(&self, limit: usize) -> anyhow::Result<(Vec<i64>, bool)> {
+        let connection = self.lock();
+        let mut statement = connection
+            .prepare("SELECT update_id FROM handled_updates ORDER BY update_id DESC LIMIT ?1")?;
+        let mut ids = statement
+            .query_map([limit as i64 + 1], |row| row.get(0))?
+            .collect::<Result<Vec<i64>, _>>()
+            .context("reading handled updates")?;
+        let complete = ids.len() <= limit;
+        ids.truncate(limit);
+        Ok((ids, complete))
+    }
+
+    /// Calls `each` with every nonce seen at or after `since`.
+    pub fn each_nonce_since(&self, since: i64, mut each: impl FnMut(&str)) -> anyhow::Result<()> {
+        let connection = self.lock();
+        let mut statement =
+            connection.prepare("SELECT nonce FROM seen_nonces WHERE seen_at >= ?1")?;
+        let mut rows = statement.query([since])?;
+        while let Some(row) = rows.next().context("reading webhook nonces")? {
+            each(row.get_ref(0)?.as_str()?);
+        }
+        Ok(())
+    }
+
+    /// The group-commit side of this store: its own connection, committing
+    /// batches of [`Write`]s, and pruning handled ids past the retention and
+    /// nonces older than `nonce_keep_secs` between batches.
+    pub fn batch_writer(&self, nonce_keep_secs: i64) -> anyhow::Result<BatchWriter> {
+        // Prune often enough that nothing outlives its keep time by more
+        // than a quarter of it (a short --retention in tests), at most a minute.
+        let shortest = self.retention_secs.min(nonce_keep_secs).max(0) as u64;
+        let prune_every = Duration::from_millis(shortest.saturating_mul(250))
+            .clamp(Duration::from_millis(100), Duration::from_secs(60));
+        Ok(BatchWriter {
+            connection: self.second_connection()?,
+            retention_secs: self.retention_secs,
+            nonce_keep_secs,
+            prune_every,
+        })
+    }
+
+    /// A thread that checkpoints this store's log every `every`.
+    pub fn checkpointer(&self, every: Duration) -> anyhow::Result<Checkpointer> {
+        Checkpointer::start(self.second_connection()?, every)
+    }
+}
+
+/// Commits batches of writes on a connection of its own (group commit's sink).
+pub struct BatchWriter {
+    connection: Connection,
+    retention_secs: i64,
+    nonce_keep_secs: i64,
+    prune_every: Duration,
+}
+
+impl BatchWriter {
+    /// Deletes at most `PRUNE_CHUNK` expired rows of each kind; returns how many went.
+    fn prune_step(&mut self) -> anyhow::Result<usize> {
+        let now = unix_now();
+        let transaction = self
+            .connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let handled = transaction.execute(
+            "DELETE FROM handled_updates WHERE update_id IN \
+             (SELECT update_id FROM handled_updates WHERE handled_at < ?1 LIMIT ?2)",
+            params![now.saturating_sub(self.retention_secs), PRUNE_CHUNK],
+        )?;
+        let nonces = transaction.execute(
+            "DELETE FROM seen_nonces WHERE rowid IN \
+             (SELECT rowid FROM seen_nonces WHERE seen_at < ?1 LIMIT ?2)",
+            params![now.saturating_sub(self.nonce_keep_secs), PRUNE_CHUNK],
+        )?;
+        transaction.commit()?;
+        Ok(handled + nonces)
+    }
+}
+
+impl Sink<Write> for BatchWriter {
+    fn commit(&mut self, writes: &[Write]) -> anyhow::Result<()> {
+        let transaction = self
+            .connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut handled = transaction.prepare_cached(
+                "INSERT OR REPLACE INTO handled_updates (update_id, outcome, handled_at) \
+                 VALUES (?1, ?2, ?3)",
+            )?;
+            let mut nonces = transaction.prepare_cached(
+                "INSERT OR REPLACE INTO seen_nonces (nonce, update_key, seen_at) \
+                 VALUES (?1, ?2, ?3)",
+            )?;
+            for write in writes {
+                match write {
+                    Write::Handled {
+                        update_id,
+                        outcome,
+                        at,
+                    } => handled.execute(params![update_id, outcome, at])?,
+                    Write::Nonce {
+                        nonce,
+                        update_key,
+                        seen_at,
+                    } => nonces.execute(params![nonce, update_key, seen_at])?,
+                };
+            }
+        }
+        transaction.commit()?;
+        Ok(())
+    }
+
+    fn maintain(&mut self) -> Instant {
+        match self.prune_step() {
+            // More to go: again after the next batch, not before it.
+            Ok(deleted) if deleted as i64 >= PRUNE_CHUNK => {
+                Instant::now() + Duration::from_millis(5)
+            }
+            Ok(_) => Instant::now() + self.prune_every,
+            Err(error) => {
+                tracing::warn!("pruning the state store failed (tried again later): {error:#}");
+                Instant::now() + self.prune_every
+            }
+        }
+    }
+}
+
+/// Copies the write-ahead log into the database file on a thread of its
+/// own, so no commit (and no request waiting for one) ever does it. Passive:
+/// it never waits for the writer, which goes on appending meanwhile.
+pub struct Checkpointer {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn start(connection: Connection, every: Duration) -> anyhow::Result<Checkpointer> {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let stopped = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("fly-checkpoint".into())
+            .spawn(move || {
+                let (flag, wake) = &*stopped;
+                let mut stopping = lock(flag);
+                while !*stopping {
+                    stopping = wake
+                        .wait_timeout(stopping, every)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .0;
+                    if *stopping {
+                        break;
+                    }
+                    drop(stopping);
+                    if let Err(error) =
+                        connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
+                        tracing::debug!("checkpoint skipped: {error}");
+                    }
+                    stopping = lock(flag);
+                }
+            })
+            .context("starting the checkpoint thread")?;
+        Ok(Checkpointer {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        *lock(&self.stop.0) = true;
+        self.stop.1.notify_one();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::Token;
+
+    fn identity(token: &str) -> BotIdentity {
+        BotIdentity::new("http://127.0.0.1:8787/", &Token::new(token).unwrap())
+    }
+
+    #[test]
+    fn offset_and_handled_ids_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nested/state.db");
+        {
+            let store = SqliteStore::open(&path, &identity("t1")).unwrap();
+            assert_eq!(store.next_offset().unwrap(), 0);
+            store.mark_handled(7, "replied").unwrap();
+            store.advance_offset(8).unwrap();
+            store.advance_offset(3).unwrap(); // never backwards
+        }
+        let store = SqliteStore::open(&path, &identity("t1")).unwrap();
+        assert_eq!(store.next_offset().unwrap(), 8);
+        assert!(store.is_handled(7).unwrap());
+        assert!(!store.is_handled(8).unwrap());
+    }
+
+    #[test]
+    fn handled_ids_far_below_the_offset_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db"), &identity("t1")).unwrap();
+        store.mark_handled(1, "replied").unwrap();
+        store.mark_handled(HANDLED_IDS_KEPT + 5, "replied").unwrap();
+        store.advance_offset(HANDLED_IDS_KEPT + 6).unwrap();
+        assert!(!store.is_handled(1).unwrap());
+        assert!(store.is_handled(HANDLED_IDS_KEPT + 5).unwrap());
+    }
+
+    #[test]
+    fn only_a_regular_file_can_be_a_store() {
+        let dir = tempfile::tempdir().unwrap();
+        for path in [dir.path(), Path::new("/dev/null")] {
+            let error = SqliteStore::open(path, &identity("t1")).err().unwrap();
+            assert_eq!(
+                crate::exit::classify(&error),
+                crate::exit::Outcome::Report(2),
+                "{error:#}"
+            );
+            assert!(format!("{error:#}").contains("not a regular file"));
+        }
+        assert!(!Path::new("/dev/null-journal").exists());
+    }
+
+    #[test]
+    fn another_bots_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        drop(SqliteStore::open(&path, &identity("t1")).unwrap());
+        let error = SqliteStore::open(&path, &identity("t2")).err().unwrap();
+        let message = format!("{error:#}");
+        assert!(message.contains("a bot with another token"), "{message}");
+        assert!(!message.contains("t2"), "{message}");
+        // Nor any part of the token's sha256 (the default webhook secret).
+        for token in ["t1", "t2"] {
+            let prefix = &sha256_hex(token.as_bytes())[..8];
+            assert!(!message.contains(prefix), "{message}");
+        }
+    }
+
+    #[test]
+    fn garbage_and_foreign_databases_are_refused_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let garbage = dir.path().join("garbage.db");
+        std::fs::write(
+            &garbage,
+            b"this is not a database, it is a shopping list\n".repeat(100),
+        )
+        .unwrap();
+        let error = SqliteStore::open(&garbage, &identity("t1")).err().unwrap();
+        assert!(
+            format!("{error:#}").contains("not a fly state file"),
+            "{error:#}"
+        );
+        assert!(
+            std::fs::read(&garbage)
+                .unwrap()
+                .starts_with(b"this is not a database")
+        );
+
+        let foreign = dir.path().join("foreign.db");
+        Connection::open(&foreign)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x)")
+            .unwrap();
+        let error = SqliteStore::open(&foreign, &identity("t1")).err().unwrap();
+        assert!(
+            format!("{error:#}").contains("another program"),
+            "{error:#}"
+        );
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        drop(SqliteStore::open(&path, &identity("t1")).unwrap());
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        let error = SqliteStore::open(&path, &identity("t1")).err().unwrap();
+        assert!(format!("{error:#}").contains("newer fly"), "{error:#}");
+    }
+
+    #[test]
+    fn nonces_are_refused_with_another_update_inside_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db"), &identity("t1")).unwrap();
+        assert_eq!(
+            store.check_nonce("n1", "7", 1000, 300).unwrap(),
+            NonceCheck::Fresh
+        );
+        assert_eq!(
+            store.check_nonce("n1", "7", 1010, 300).unwrap(),
+            NonceCheck::Fresh
+        );
+        assert_eq!(
+            store.check_nonce("n1", "8", 1020, 300).unwrap(),
+            NonceCheck::Reused
+        );
+        // Long after, the nonce has been pruned and may come back.
+        assert_eq!(
+            store.check_nonce("n1", "9", 1700, 300).unwrap(),
+            NonceCheck::Fresh
+        );
+    }
+
+    #[test]
+    fn dead_letters_are_kept_once_with_their_bytes_and_purged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db"), &identity("t1")).unwrap();
+        assert!(
+            store
+                .record_dead_letter(None, "[1]", "not an object")
+                .unwrap()
+        );
+        assert!(
+            !store
+                .record_dead_letter(None, "[1]", "not an object")
+                .unwrap()
+        );
+        assert!(
+            store
+                .record_dead_letter(Some(4), "{\"update_id\":4}", "no chat")
+                .unwrap()
+        );
+        let letters = store.dead_letters().unwrap();
+        assert_eq!(letters.len(), 2);
+        assert_eq!(
+            (letters[0].update_id, letters[0].raw.as_str()),
+            (None, "[1]")
+        );
+        assert_eq!(
+            (letters[1].update_id, letters[1].reason.as_str()),
+            (Some(4), "no chat")
+        );
+        assert_eq!(store.purge_dead_letters().unwrap(), 2);
+        assert!(store.dead_letters().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_schema_1_file_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        {
+            let store = SqliteStore::open(&path, &identity("t1")).unwrap();
+            store.advance_offset(9).unwrap();
+        }
+        {
+            let connection = Connection::open(&path).unwrap();
+            connection
+                .execute_batch("DROP TABLE dead_letters; DROP INDEX handled_updates_by_age")
+                .unwrap();
+            connection.pragma_update(None, "user_version", 1).unwrap();
+        }
+        let store = SqliteStore::open(&path, &identity("t1")).unwrap();
+        assert_eq!(store.next_offset().unwrap(), 9);
+        assert!(store.record_dead_letter(Some(1), "{}", "why").unwrap());
+        let indexed: i64 = store
+            .lock()
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'handled_updates_by_age'",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(indexed, 1, "schema 3 prunes handled ids by age");
+    }
+
+    #[test]
+    fn pollers_prune_handled_ids_older_than_the_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let store = SqliteStore::open(&path, &identity("t1"))
+            .unwrap()
+            .with_retention(Duration::from_secs(3600));
+        store.mark_handled(1, "replied").unwrap();
+        store.mark_handled(2, "replied").unwrap();
+        // Handled two hours ago, by the clock of the rows.
+        let old = unix_now() - 7200;
+        store
+            .lock()
+            .execute(
+                "UPDATE handled_updates SET handled_at = ?1 WHERE update_id = 1",
+                [old],
+            )
+            .unwrap();
+        store.advance_offset(3).unwrap();
+        assert!(!store.is_handled(1).unwrap());
+        assert!(store.is_handled(2).unwrap());
+    }
+
+    #[test]
+    fn the_batch_writer_commits_batches_and_prunes_what_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db"), &identity("t1"))
+            .unwrap()
+            .with_retention(Duration::from_secs(60));
+        let mut writer = store.batch_writer(600).unwrap();
+        let now = unix_now();
+        let mut writes = vec![
+            Write::Handled {
+                update_id: 1,
+                outcome: "replied".into(),
+                at: now - 120,
+            },
+            Write::Handled {
+                update_id: 2,
+                outcome: "ignored".into(),
+                at: now,
+            },
+            Write::Nonce {
+                nonce: "old".into(),
+                update_key: "1".into(),
+                seen_at: now - 601,
+            },
+            Write::Nonce {
+                nonce: "new".into(),
+                update_key: "2".into(),
+                seen_at: now,
+            },
+        ];
+        writer.commit(&writes).unwrap();
+        assert!(store.is_handled(1).unwrap() && store.is_handled(2).unwrap());
+        assert_eq!(
+            store.check_nonce("new", "3", now, 300).unwrap(),
+            NonceCheck::Reused,
+            "committed nonces are seen by the store's own connection"
+        );
+        writer.maintain();
+        assert!(!store.is_handled(1).unwrap(), "past the retention");
+        assert!(store.is_handled(2).unwrap());
+        let mut left = Vec::new();
+        store
+            .each_nonce_since(0, |nonce| left.push(nonce.to_string()))
+            .unwrap();
+        assert_eq!(left, ["new"]);
+
+        // A batch is all or nothing.
+        writes.push(Write::Handled {
+            update_id: 3,
+            outcome: "x".into(),
+            at: now,
+        });
+        store
+            .lock()
+            .execute_batch("DROP TABLE seen_nonces")
+            .unwrap();
+        assert!(writer.commit(&writes).is_err());
+        assert!(!store.is_handled(3).unwrap());
+    }
+
+    #[test]
+    fn the_newest_handled_ids_say_whether_they_are_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db"), &identity("t1")).unwrap();
+        for id in [5, 1, 9, 7] {
+            store.mark_handled(id, "replied").unwrap();
+        }
+        assert_eq!(store.newest_handled(2).unwrap(), (vec![9, 7], false));
+        assert_eq!(store.newest_handled(4).unwrap(), (vec![9, 7, 5, 1], true));
+    }
+}
