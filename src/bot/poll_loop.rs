@@ -513,7 +513,9 @@ impl Poller {
             };
             failed_rounds = 0;
             let had_updates = !received.is_empty();
-            let fresh = self.scheduler.enqueue(received, offset, self.store.as_ref())?;
+            let fresh = self
+                .scheduler
+                .enqueue(received, offset, self.store.as_ref())?;
             if self.settings.once {
                 let mut state = self.scheduler.lock();
                 state.polling_over = true;

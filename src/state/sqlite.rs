@@ -152,7 +152,20 @@ impl SqliteStore {
         explicit: Option<PathBuf>,
     ) -> anyhow::Result<SqliteStore> {
         let path = match explicit {
-            Some(path) => path,
+            Some(path) => {
+                // A typo in a path given by hand must not grow directories:
+                // only the default location is created.
+                if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty())
+                    && !dir.is_dir()
+                {
+                    return Err(crate::exit::usage(format!(
+                        "--state {}: the directory {} does not exist (create it first)",
+                        path.display(),
+                        dir.display()
+                    )));
+                }
+                path
+            }
             None => identity.default_state_path()?,
         };
         SqliteStore::open(&path, identity)

@@ -510,3 +510,20 @@ fn a_closed_stderr_does_not_stop_the_bot() {
     assert_eq!(status.code(), Some(0));
     assert_eq!(emulator.sent().len(), 3);
 }
+
+#[test]
+fn a_state_path_in_a_missing_directory_is_exit_2_and_creates_nothing() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-dir");
+    let output = fly_at(&emulator)
+        .args(["poll-echo", "--once", "--state"])
+        .arg(missing.join("bot.db"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{}", stderr_of(&output));
+    let stderr = stderr_of(&output);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("does not exist"), "{stderr}");
+    assert!(!missing.exists());
+}
