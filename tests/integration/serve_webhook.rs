@@ -1170,3 +1170,43 @@ fn exec_stdin_is_the_delivery_body_byte_for_byte() {
     let received = std::fs::read(stdin_dir.join("401")).unwrap();
     assert_eq!(String::from_utf8(received).unwrap(), body);
 }
+
+#[test]
+fn handled_ids_past_the_retention_are_pruned_so_the_state_file_stays_bounded() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &emulator.base_url,
+        dir.path(),
+        &["--secret", SECRET, "--retention", "3s"],
+    );
+    let handled = || -> i64 {
+        let connection = rusqlite::Connection::open(dir.path().join("s.db")).unwrap();
+        connection
+            .query_row("SELECT count(*) FROM handled_updates", [], |row| row.get(0))
+            .unwrap_or(-1)
+    };
+    for update_id in 1001..1021 {
+        let signed = sign_update(
+            &text_update(update_id, ("private", "u_1"), "keep me briefly"),
+            SECRET,
+            &[],
+        );
+        assert_eq!(
+            post(&server.url, &signed),
+            answer(200, "OK"),
+            "{}",
+            server.log()
+        );
+    }
+    wait_until(
+        Duration::from_secs(15),
+        "the handled ids to be written",
+        || handled() > 0,
+    );
+    wait_until(
+        Duration::from_secs(15),
+        "the handled ids to be pruned",
+        || handled() == 0,
+    );
+}
