@@ -91,6 +91,12 @@ impl<W: Send + 'static> GroupCommit<W> {
 
     /// Queues `write` for the next batch; never waits for the disk.
     pub fn submit(&self, write: W) -> Pending {
+        self.submit_counted(write).0
+    }
+
+    /// [`GroupCommit::submit`], also saying how many writes wait in the
+    /// queue with it: how far behind the writer is.
+    pub fn submit_counted(&self, write: W) -> (Pending, usize) {
         let mut queue = lock(&self.shared.queue);
         queue.writes.push(write);
         let done = Arc::clone(&queue.done);
@@ -98,7 +104,7 @@ impl<W: Send + 'static> GroupCommit<W> {
             queue.writer_idle = false;
             self.shared.wake_writer.notify_one();
         }
-        Pending(Some(done))
+        (Pending(Some(done)), queue.writes.len())
     }
 
     /// Completes once every write submitted before it is committed.

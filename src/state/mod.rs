@@ -147,7 +147,7 @@ pub trait Store: Send + Sync {
         }
         Ok(Admission::Admitted {
             claim,
-            nonce: Pending::done(),
+            wait: Pending::done(),
         })
     }
 
@@ -194,9 +194,10 @@ pub enum Admission {
     NonceReused,
     /// Another delivery of this update is being handled right now.
     InProgress,
-    /// Handle it, holding `claim`, once `nonce` (the record of its nonce) is
-    /// durable.
-    Admitted { claim: Claim, nonce: Pending },
+    /// Handle it, holding `claim`, once `wait` completes: at once, unless
+    /// the store is behind with its writes and holds deliveries back until
+    /// it has caught up (backpressure).
+    Admitted { claim: Claim, wait: Pending },
 }
 
 /// A claim on an update being handled, from [`Store::claim_update`]; give it
