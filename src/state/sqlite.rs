@@ -730,7 +730,13 @@ impl BatchWriter {
             &format!("PRAGMA wal_checkpoint({mode})"),
             [],
             // (blocked, frames in the log, frames copied)
-            |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get::<_, i64>(2)?)),
+            |row| {
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    row.get::<_, i64>(1)?,
+                    row.get::<_, i64>(2)?,
+                ))
+            },
         );
         match result {
             Ok((0, frames, _)) => {
@@ -1082,9 +1088,15 @@ mod tests {
         assert!(store.nonce_reused("new", "3", now - 600).unwrap());
         assert!(!store.nonce_reused("new", "2", now - 600).unwrap());
         writer.merge_nonce_log().unwrap(); // run 2
-        assert!(store.nonce_reused("new", "3", now - 600).unwrap(), "and in a run");
+        assert!(
+            store.nonce_reused("new", "3", now - 600).unwrap(),
+            "and in a run"
+        );
         assert!(store.nonce_reused("old", "3", now - 700).unwrap());
-        assert!(!store.nonce_reused("old", "3", now - 600).unwrap(), "too old");
+        assert!(
+            !store.nonce_reused("old", "3", now - 600).unwrap(),
+            "too old"
+        );
 
         writer.maintain();
         assert!(!store.is_handled(1).unwrap(), "past the retention");
@@ -1123,7 +1135,9 @@ mod tests {
         let count = |table: &str| -> i64 {
             store
                 .lock()
-                .query_row(&format!("SELECT count(*) FROM {table}"), [], |row| row.get(0))
+                .query_row(&format!("SELECT count(*) FROM {table}"), [], |row| {
+                    row.get(0)
+                })
                 .unwrap()
         };
         assert_eq!(count("nonce_log"), 0);
@@ -1144,7 +1158,8 @@ mod tests {
             .collect::<Result<_, _>>()
             .unwrap();
         assert!(
-            plan.iter().any(|step| step.contains("PRIMARY KEY (run=? AND nonce=?)")),
+            plan.iter()
+                .any(|step| step.contains("PRIMARY KEY (run=? AND nonce=?)")),
             "{plan:?}"
         );
     }
@@ -1194,5 +1209,3 @@ mod tests {
         assert_eq!(store.newest_handled(4).unwrap(), (vec![9, 7, 5, 1], true));
     }
 }
-
-
