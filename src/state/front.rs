@@ -83,7 +83,7 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 /// Writes queued beyond this hold new deliveries until the writer catches
 /// up: about a tenth of a second of writes at full speed, where a
 /// healthy writer is a few hundred behind.
-pub const MAX_BEHIND: usize = 8192;
+const MAX_BEHIND: usize = 8192;
 
 pub struct Front {
     store: SqliteStore,

@@ -61,8 +61,9 @@ pub trait Store: Send + Sync {
 
     /// Records that `update_id` needs no more work (`outcome` says how it
     /// ended). Called only once its reply was accepted, or it was recorded
-    /// as a dead letter. Durable when it returns, or (a [`Front`]) a few
-    /// milliseconds later: see there what a crash in between can lose.
+    /// as a dead letter. Durable when it returns, or (a [`Front`]) with the
+    /// writer's next batch, milliseconds later: see there what a crash in
+    /// between can lose.
     fn mark_handled(&self, update_id: i64, outcome: &str) -> anyhow::Result<()>;
 
     // -- Webhook nonces ---------------------------------------------------
@@ -71,7 +72,7 @@ pub trait Store: Send + Sync {
     /// remembers it for `update_key`, atomically: of two deliveries with one
     /// nonce and different updates, only the first is [`NonceCheck::Fresh`].
     /// Nonces are kept for twice the window (the replay window reaches that
-    /// far either side of now).
+    /// far either side of now). Durable as `mark_handled` is.
     fn check_nonce(
         &self,
         nonce: &str,

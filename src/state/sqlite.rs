@@ -180,10 +180,6 @@ impl SqliteStore {
         self
     }
 
-    pub fn retention_secs(&self) -> i64 {
-        self.retention_secs
-    }
-
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -490,7 +486,7 @@ impl Store for SqliteStore {
 
 /// One write of a group commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Write {
+pub(super) enum Write {
     Handled {
         update_id: i64,
         outcome: String,
@@ -519,13 +515,13 @@ impl SqliteStore {
 
     /// Leaves checkpoints to a [`BatchWriter`]: a commit on this connection
     /// never copies the log into the database file itself.
-    pub fn leave_checkpoints_to_the_writer(&self) -> anyhow::Result<()> {
+    pub(super) fn leave_checkpoints_to_the_writer(&self) -> anyhow::Result<()> {
         self.lock().pragma_update(None, "wal_autocheckpoint", 0)?;
         Ok(())
     }
 
     /// The highest `limit` handled ids, and whether they are all there are.
-    pub fn newest_handled(&self, limit: usize) -> anyhow::Result<(Vec<i64>, bool)> {
+    pub(super) fn newest_handled(&self, limit: usize) -> anyhow::Result<(Vec<i64>, bool)> {
         let connection = self.lock();
         let mut statement = connection
             .prepare("SELECT update_id FROM handled_updates ORDER BY update_id DESC LIMIT ?1")?;
@@ -539,12 +535,21 @@ impl SqliteStore {
     }
 
     /// Whether `nonce` was seen at or after `since` with another update than `update_key`.
-    pub fn nonce_reused(&self, nonce: &str, update_key: &str, since: i64) -> anyhow::Result<bool> {
+    pub(super) fn nonce_reused(
+        &self,
+        nonce: &str,
+        update_key: &str,
+        since: i64,
+    ) -> anyhow::Result<bool> {
         nonce_reused(&self.lock(), nonce, update_key, since).context("reading webhook nonces")
     }
 
     /// Calls `each` with every nonce seen at or after `since`.
-    pub fn each_nonce_since(&self, since: i64, mut each: impl FnMut(&str)) -> anyhow::Result<()> {
+    pub(super) fn each_nonce_since(
+        &self,
+        since: i64,
+        mut each: impl FnMut(&str),
+    ) -> anyhow::Result<()> {
         let connection = self.lock();
         let mut statement = connection.prepare(
             "SELECT nonce FROM nonce_log WHERE seen_at >= ?1 \
@@ -563,7 +568,7 @@ impl SqliteStore {
     /// merging the nonce log into runs, checkpointing every
     /// `checkpoint_every`, and pruning handled ids past the retention and
     /// nonces older than `nonce_keep_secs`.
-    pub fn batch_writer(
+    pub(super) fn batch_writer(
         &self,
         nonce_keep_secs: i64,
         checkpoint_every: Duration,
@@ -620,7 +625,7 @@ impl SqliteStore {
 /// writes. Once writes pause, the log file is emptied (no
 /// `journal_size_limit`: cutting the file back at every restart of the log
 /// stalled commits).
-pub struct BatchWriter {
+pub(super) struct BatchWriter {
     connection: Connection,
     retention_secs: i64,
     nonce_keep_secs: i64,
