@@ -95,7 +95,7 @@ for i in range(count):
     update_id = 1_000_000 + i
     payload = {"id": f"cb_{i}", "data": "approve", "from": {"id": f"u_{i % 100}"}}
     canonical = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
-    nonce = f"{run}-{i}"
+    nonce = os.urandom(16).hex()
     signing = "\n".join([str(update_id), "callback_query", "bot_bench", str(now), nonce,
                          hashlib.sha256(canonical.encode()).hexdigest()])
     signature = hmac.new(secret, signing.encode(), hashlib.sha256).hexdigest()

@@ -8,6 +8,7 @@
 //!
 //! Nothing here knows SQLite: the [`Sink`] does the writing.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -91,6 +92,12 @@ impl<W: Send + 'static> GroupCommit<W> {
 
     /// Queues `write` for the next batch; never waits for the disk.
     pub fn submit(&self, write: W) -> Pending {
+        self.submit_counted(write).0
+    }
+
+    /// [`GroupCommit::submit`], also saying how many writes wait in the
+    /// queue with it: how far behind the writer is.
+    pub fn submit_counted(&self, write: W) -> (Pending, usize) {
         let mut queue = lock(&self.shared.queue);
         queue.writes.push(write);
         let done = Arc::clone(&queue.done);
@@ -98,7 +105,7 @@ impl<W: Send + 'static> GroupCommit<W> {
             queue.writer_idle = false;
             self.shared.wake_writer.notify_one();
         }
-        Pending(Some(done))
+        (Pending(Some(done)), queue.writes.len())
     }
 
     /// Completes once every write submitted before it is committed.
@@ -136,7 +143,11 @@ fn write_batches<W>(shared: &Shared<W>, mut sink: impl Sink<W>) {
     loop {
         if Instant::now() >= maintenance_due {
             drop(queue);
-            maintenance_due = sink.maintain();
+            maintenance_due =
+                catch_unwind(AssertUnwindSafe(|| sink.maintain())).unwrap_or_else(|_| {
+                    tracing::error!("the state store's upkeep panicked; tried again in a minute");
+                    Instant::now() + Duration::from_secs(60)
+                });
             queue = lock(&shared.queue);
             continue;
         }
@@ -167,10 +178,16 @@ fn write_batches<W>(shared: &Shared<W>, mut sink: impl Sink<W>) {
         queue.committing = true;
         drop(queue);
 
+        // A panic fails the batch like an error (the transaction is rolled
+        // back as it unwinds) rather than the thread, whose waiters would
+        // then wait forever.
         let result = if writes.is_empty() {
             Ok(())
         } else {
-            sink.commit(&writes).map_err(|error| format!("{error:#}"))
+            match catch_unwind(AssertUnwindSafe(|| sink.commit(&writes))) {
+                Ok(committed) => committed.map_err(|error| format!("{error:#}")),
+                Err(_) => Err("the state store's writer panicked".to_string()),
+            }
         };
         if let Err(error) = &result {
             tracing::error!(
@@ -367,6 +384,26 @@ mod tests {
         assert!(format!("{error:#}").contains("disk full"), "{error:#}");
         writer.submit(2).wait().unwrap();
         assert_eq!(*lock(&sink.batches), [vec![2]]);
+    }
+
+    /// A sink that panics on its first batch.
+    struct Panicky(bool);
+
+    impl Sink<u32> for Panicky {
+        fn commit(&mut self, _writes: &[u32]) -> anyhow::Result<()> {
+            if !std::mem::replace(&mut self.0, true) {
+                panic!("a bug");
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_panicking_commit_fails_its_batch_and_the_writer_goes_on() {
+        let writer = GroupCommit::start("test-writer", Panicky(false)).unwrap();
+        let error = writer.submit(1).wait().unwrap_err();
+        assert!(format!("{error:#}").contains("panicked"), "{error:#}");
+        writer.submit(2).wait().unwrap();
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //!   handled"; below it only the store knows.
 //! - [`RecentNonces`]: every nonce seen within the horizon (twice the replay
 //!   window), in Bloom filters: "never seen" is certain, "maybe seen" is
-//!   settled by the store. About 1.8 bytes per nonce, whatever their length.
+//!   settled by the store. About 2.4 bytes per nonce, whatever their length.
 //! - [`Claims`]: the updates being handled right now, as leases.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -95,9 +95,9 @@ struct Generation {
     newest_at: i64,
 }
 
-/// Bit probes per nonce. With 14.4 bits per nonce at capacity, a filter is
-/// wrong about one nonce in a thousand (each such one goes to the store).
-const PROBES: u64 = 10;
+/// Bit probes per nonce. With 19.5 bits per nonce at capacity, a filter is
+/// wrong about one nonce in ten thousand (each such one goes to the store).
+const PROBES: u64 = 13;
 
 impl RecentNonces {
     /// Filters of `bits_per_generation` bits (a power of two), each taking at

@@ -61,8 +61,9 @@ pub trait Store: Send + Sync {
 
     /// Records that `update_id` needs no more work (`outcome` says how it
     /// ended). Called only once its reply was accepted, or it was recorded
-    /// as a dead letter. Durable when it returns, or (a [`Front`]) a few
-    /// milliseconds later: see there what a crash in between can lose.
+    /// as a dead letter. Durable when it returns, or (a [`Front`]) with the
+    /// writer's next batch, milliseconds later: see there what a crash in
+    /// between can lose.
     fn mark_handled(&self, update_id: i64, outcome: &str) -> anyhow::Result<()>;
 
     // -- Webhook nonces ---------------------------------------------------
@@ -71,7 +72,7 @@ pub trait Store: Send + Sync {
     /// remembers it for `update_key`, atomically: of two deliveries with one
     /// nonce and different updates, only the first is [`NonceCheck::Fresh`].
     /// Nonces are kept for twice the window (the replay window reaches that
-    /// far either side of now).
+    /// far either side of now). Durable as `mark_handled` is.
     fn check_nonce(
         &self,
         nonce: &str,
@@ -147,7 +148,7 @@ pub trait Store: Send + Sync {
         }
         Ok(Admission::Admitted {
             claim,
-            nonce: Pending::done(),
+            wait: Pending::done(),
         })
     }
 
@@ -194,9 +195,10 @@ pub enum Admission {
     NonceReused,
     /// Another delivery of this update is being handled right now.
     InProgress,
-    /// Handle it, holding `claim`, once `nonce` (the record of its nonce) is
-    /// durable.
-    Admitted { claim: Claim, nonce: Pending },
+    /// Handle it, holding `claim`, once `wait` completes: at once, unless
+    /// the store is behind with its writes and holds deliveries back until
+    /// it has caught up (backpressure).
+    Admitted { claim: Claim, wait: Pending },
 }
 
 /// A claim on an update being handled, from [`Store::claim_update`]; give it

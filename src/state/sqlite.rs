@@ -16,12 +16,10 @@
 //!
 //! Besides the [`Store`] calls (each its own transaction), this module gives
 //! the [`Front`](super::Front) what it builds on: the newest handled ids and
-//! the recent nonces to load, a [`BatchWriter`] for its group commits, and a
-//! [`Checkpointer`] thread.
+//! the recent nonces to load, and a [`BatchWriter`] for its group commits.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -41,9 +39,6 @@ const SCHEMA_VERSION: i64 = 3;
 const HANDLED_IDS_KEPT: i64 = 10_000;
 /// How long a connection waits for another one's write to finish.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-/// The write-ahead log is cut back to this size once checkpointed, so a
-/// burst of writes does not leave a large file behind.
-const WAL_SIZE_LIMIT: i64 = 8 * 1024 * 1024;
 
 const SCHEMA: &str = "
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -78,10 +73,31 @@ const DEAD_LETTERS_SCHEMA: &str = "
     );
 ";
 
-/// Schema 3: handled ids are pruned by age (`--retention`), which serve-webhook
-/// (no offset) needs to keep its file bounded.
-const RETENTION_SCHEMA: &str = "
+/// Schema 3. Handled ids are pruned by age (`--retention`), which
+/// serve-webhook (no offset) needs to keep its file bounded. Nonces are
+/// appended to a log and merged, a few thousand at a time, into sorted runs
+/// (see [`BatchWriter`]); the nonces of schema 2 go to the log.
+const SCHEMA_3: &str = "
     CREATE INDEX IF NOT EXISTS handled_updates_by_age ON handled_updates (handled_at);
+    CREATE TABLE IF NOT EXISTS nonce_log (
+        nonce TEXT NOT NULL,
+        update_key TEXT NOT NULL,
+        seen_at INTEGER NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS nonce_runs (
+        run INTEGER NOT NULL,
+        nonce TEXT NOT NULL,
+        update_key TEXT NOT NULL,
+        seen_at INTEGER NOT NULL,
+        PRIMARY KEY (run, nonce)
+    ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS nonce_run_ages (
+        run INTEGER PRIMARY KEY,
+        newest_at INTEGER NOT NULL
+    );
+    INSERT INTO nonce_log (nonce, update_key, seen_at)
+        SELECT nonce, update_key, seen_at FROM seen_nonces;
+    DROP TABLE seen_nonces;
 ";
 
 /// The open store. Methods take `&self` (the connection is behind a mutex) so
@@ -177,10 +193,6 @@ impl SqliteStore {
         self
     }
 
-    pub fn retention_secs(&self) -> i64 {
-        self.retention_secs
-    }
-
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -229,7 +241,7 @@ impl SqliteStore {
             let transaction = connection.transaction()?;
             transaction.execute_batch(SCHEMA)?;
             transaction.execute_batch(DEAD_LETTERS_SCHEMA)?;
-            transaction.execute_batch(RETENTION_SCHEMA)?;
+            transaction.execute_batch(SCHEMA_3)?;
             transaction.pragma_update(None, "application_id", APPLICATION_ID)?;
             transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             for (key, value) in [
@@ -261,7 +273,7 @@ impl SqliteStore {
         } else if version < SCHEMA_VERSION {
             let transaction = connection.transaction()?;
             transaction.execute_batch(DEAD_LETTERS_SCHEMA)?;
-            transaction.execute_batch(RETENTION_SCHEMA)?;
+            transaction.execute_batch(SCHEMA_3)?;
             transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             transaction
                 .commit()
@@ -299,11 +311,35 @@ impl SqliteStore {
     }
 }
 
-/// What every connection to a store file is set to.
+/// Whether `nonce` was seen at or after `since` with another update: in the
+/// log (a scan of what is not merged yet: at most `MERGE_ROWS` rows, unless
+/// writes pause) or in a run that is not older than `since` (one index
+/// lookup per run).
+fn nonce_reused(
+    connection: &Connection,
+    nonce: &str,
+    update_key: &str,
+    since: i64,
+) -> rusqlite::Result<bool> {
+    connection.query_row(
+        "SELECT EXISTS (SELECT 1 FROM nonce_log \
+             WHERE nonce = ?1 AND seen_at >= ?2 AND update_key <> ?3) \
+         OR EXISTS (SELECT 1 FROM nonce_runs \
+             WHERE run IN (SELECT run FROM nonce_run_ages WHERE newest_at >= ?2) \
+             AND nonce = ?1 AND seen_at >= ?2 AND update_key <> ?3)",
+        params![nonce, since, update_key],
+        |row| row.get(0),
+    )
+}
+
+/// What every connection to a store file is set to. No `journal_size_limit`:
+/// it would cut the log file back each time the log starts over (ten times a
+/// second under load), and writing into a file that was just cut short
+/// stalls commits for milliseconds. The log file keeps its size instead, and
+/// the checkpoint thread empties it once writes pause.
 fn tune(connection: &Connection) -> rusqlite::Result<()> {
     connection.busy_timeout(BUSY_TIMEOUT)?;
     connection.pragma_update(None, "synchronous", "NORMAL")?;
-    connection.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
     Ok(())
 }
 
@@ -376,27 +412,20 @@ impl Store for SqliteStore {
     ) -> anyhow::Result<NonceCheck> {
         let mut connection = self.lock();
         // Immediate: the write lock is taken before the read, so two
-        // processes (or this one and its writer thread) cannot both find
-        // the nonce new.
+        // processes cannot both find the nonce new.
         let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let oldest_kept = now.saturating_sub(window_secs.saturating_mul(2));
-        transaction.execute("DELETE FROM seen_nonces WHERE seen_at < ?1", [oldest_kept])?;
-        let seen: Option<String> = transaction
-            .query_row(
-                "SELECT update_key FROM seen_nonces WHERE nonce = ?1",
-                [nonce],
-                |row| row.get(0),
-            )
-            .optional()?;
-        let check = match seen {
-            Some(key) if key != update_key => NonceCheck::Reused,
-            _ => {
-                transaction.execute(
-                    "INSERT OR REPLACE INTO seen_nonces (nonce, update_key, seen_at) VALUES (?1, ?2, ?3)",
-                    params![nonce, update_key, now],
-                )?;
-                NonceCheck::Fresh
-            }
+        let kept_since = now.saturating_sub(window_secs.saturating_mul(2));
+        // Without a writer to merge and prune it (poll-echo's store), the
+        // log is kept short here.
+        transaction.execute("DELETE FROM nonce_log WHERE seen_at < ?1", [kept_since])?;
+        let check = if nonce_reused(&transaction, nonce, update_key, kept_since)? {
+            NonceCheck::Reused
+        } else {
+            transaction.execute(
+                "INSERT INTO nonce_log (nonce, update_key, seen_at) VALUES (?1, ?2, ?3)",
+                params![nonce, update_key, now],
+            )?;
+            NonceCheck::Fresh
         };
         transaction.commit().context("saving a webhook nonce")?;
         Ok(check)
@@ -470,7 +499,7 @@ impl Store for SqliteStore {
 
 /// One write of a group commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Write {
+pub(super) enum Write {
     Handled {
         update_id: i64,
         outcome: String,
@@ -487,9 +516,8 @@ pub enum Write {
 const PRUNE_CHUNK: i64 = 2_000;
 
 impl SqliteStore {
-    /// A connection of its own, for a thread that writes or checkpoints
-    /// beside this store's own connection. Checkpoints are left to the
-    /// [`Checkpointer`] on every connection of a store with one.
+    /// A connection of its own, for the writer thread beside this store's
+    /// own connection; it checkpoints when it chooses to, never on commit.
     fn second_connection(&self) -> anyhow::Result<Connection> {
         let connection = Connection::open(&self.path)
             .with_context(|| format!("opening the state file {}", self.path.display()))?;
@@ -498,22 +526,15 @@ impl SqliteStore {
         Ok(connection)
     }
 
-    /// Leaves checkpoints to a [`Checkpointer`]: a commit on this connection
+    /// Leaves checkpoints to a [`BatchWriter`]: a commit on this connection
     /// never copies the log into the database file itself.
-    pub fn leave_checkpoints_to_a_thread(&self) -> anyhow::Result<()> {
+    pub(super) fn leave_checkpoints_to_the_writer(&self) -> anyhow::Result<()> {
         self.lock().pragma_update(None, "wal_autocheckpoint", 0)?;
         Ok(())
     }
 
-    /// Copies the whole log into the database file and empties it (a clean stop).
-    pub fn checkpoint_fully(&self) -> anyhow::Result<()> {
-        self.lock()
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-            .context("checkpointing the state file")
-    }
-
     /// The highest `limit` handled ids, and whether they are all there are.
-    pub fn newest_handled(&self, limit: usize) -> anyhow::Result<(Vec<i64>, bool)> {
+    pub(super) fn newest_handled(&self, limit: usize) -> anyhow::Result<(Vec<i64>, bool)> {
         let connection = self.lock();
         let mut statement = connection
             .prepare("SELECT update_id FROM handled_updates ORDER BY update_id DESC LIMIT ?1")?;
@@ -526,11 +547,28 @@ impl SqliteStore {
         Ok((ids, complete))
     }
 
+    /// Whether `nonce` was seen at or after `since` with another update than `update_key`.
+    pub(super) fn nonce_reused(
+        &self,
+        nonce: &str,
+        update_key: &str,
+        since: i64,
+    ) -> anyhow::Result<bool> {
+        nonce_reused(&self.lock(), nonce, update_key, since).context("reading webhook nonces")
+    }
+
     /// Calls `each` with every nonce seen at or after `since`.
-    pub fn each_nonce_since(&self, since: i64, mut each: impl FnMut(&str)) -> anyhow::Result<()> {
+    pub(super) fn each_nonce_since(
+        &self,
+        since: i64,
+        mut each: impl FnMut(&str),
+    ) -> anyhow::Result<()> {
         let connection = self.lock();
-        let mut statement =
-            connection.prepare("SELECT nonce FROM seen_nonces WHERE seen_at >= ?1")?;
+        let mut statement = connection.prepare(
+            "SELECT nonce FROM nonce_log WHERE seen_at >= ?1 \
+             UNION ALL SELECT nonce FROM nonce_runs \
+             WHERE run IN (SELECT run FROM nonce_run_ages WHERE newest_at >= ?1) AND seen_at >= ?1",
+        )?;
         let mut rows = statement.query([since])?;
         while let Some(row) = rows.next().context("reading webhook nonces")? {
             each(row.get_ref(0)?.as_str()?);
@@ -538,38 +576,127 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// The group-commit side of this store: its own connection, committing
-    /// batches of [`Write`]s, and pruning handled ids past the retention and
-    /// nonces older than `nonce_keep_secs` between batches.
-    pub fn batch_writer(&self, nonce_keep_secs: i64) -> anyhow::Result<BatchWriter> {
+    /// The group-commit side of this store: a [`BatchWriter`] on its own
+    /// connection, committing batches of [`Write`]s and, between batches,
+    /// merging the nonce log into runs, checkpointing every
+    /// `checkpoint_every`, and pruning handled ids past the retention and
+    /// nonces older than `nonce_keep_secs`.
+    pub(super) fn batch_writer(
+        &self,
+        nonce_keep_secs: i64,
+        checkpoint_every: Duration,
+    ) -> anyhow::Result<BatchWriter> {
         // Prune often enough that nothing outlives its keep time by more
         // than a quarter of it (a short --retention in tests), at most a minute.
         let shortest = self.retention_secs.min(nonce_keep_secs).max(0) as u64;
         let prune_every = Duration::from_millis(shortest.saturating_mul(250))
             .clamp(Duration::from_millis(100), Duration::from_secs(60));
+        let connection = self.second_connection()?;
+        let (logged, oldest_logged): (i64, Option<i64>) = connection
+            .query_row("SELECT count(*), min(seen_at) FROM nonce_log", [], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .context("reading the nonce log")?;
+        let now = Instant::now();
         Ok(BatchWriter {
-            connection: self.second_connection()?,
+            connection,
             retention_secs: self.retention_secs,
             nonce_keep_secs,
             prune_every,
+            next_prune: now,
+            checkpoint_every,
+            next_checkpoint: now + checkpoint_every,
+            committed_since_checkpoint: false,
+            wal_is_empty: false,
+            logged: logged as usize,
+            oldest_logged,
         })
-    }
-
-    /// A thread that checkpoints this store's log every `every`.
-    pub fn checkpointer(&self, every: Duration) -> anyhow::Result<Checkpointer> {
-        Checkpointer::start(self.second_connection()?, every)
     }
 }
 
-/// Commits batches of writes on a connection of its own (group commit's sink).
-pub struct BatchWriter {
+/// Commits batches of writes on a connection of its own (group commit's
+/// sink), and keeps the file in shape between batches.
+///
+/// **Nonces are logged, then merged.** A table keyed by nonce takes each new
+/// (random) nonce on a page of its own: a page written per nonce, four times
+/// the cost of everything else a delivery writes. So a nonce is appended to
+/// `nonce_log` (pages fill in order), and every `MERGE_ROWS` nonces the log
+/// is sorted into a new run of `nonce_runs` (keyed by run, then nonce: the
+/// run is appended in order too) and emptied, in one transaction. A lookup
+/// scans the log (a few thousand rows) and probes each run's index; the
+/// memory in front of the file (the Front's Bloom filter) makes lookups
+/// rare. Runs expire whole, a chunk at a time.
+///
+/// **Checkpoints are the writer's too.** SQLite starts the write-ahead log
+/// over only when a write begins with every frame of it copied into the
+/// database file; a checkpoint on another thread never sees that moment
+/// under a steady stream of commits (the writer appends while it copies),
+/// and the log grew by gigabytes a minute. Between two of its own batches
+/// the writer is that moment: its checkpoint copies the whole log and the
+/// next batch starts it over. Requests do not wait for commits, so the few
+/// milliseconds a checkpoint takes only let the next batch gather more
+/// writes. Once writes pause, the log file is emptied (no
+/// `journal_size_limit`: cutting the file back at every restart of the log
+/// stalled commits).
+pub(super) struct BatchWriter {
     connection: Connection,
     retention_secs: i64,
     nonce_keep_secs: i64,
     prune_every: Duration,
+    next_prune: Instant,
+    checkpoint_every: Duration,
+    next_checkpoint: Instant,
+    committed_since_checkpoint: bool,
+    wal_is_empty: bool,
+    /// Rows in `nonce_log`, and the oldest one's time.
+    logged: usize,
+    oldest_logged: Option<i64>,
 }
 
+/// Nonces logged before they are merged into a run: the log a lookup scans
+/// stays under a millisecond, and a merge (sorting them into a run) takes a
+/// few.
+const MERGE_ROWS: usize = 16_384;
+
 impl BatchWriter {
+    /// Sorts the nonce log into a new run and empties it.
+    fn merge_nonce_log(&mut self) -> anyhow::Result<()> {
+        let transaction = self
+            .connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let run: i64 = transaction.query_row(
+            "SELECT coalesce(max(run), 0) + 1 FROM nonce_run_ages",
+            [],
+            |row| row.get(0),
+        )?;
+        // One row per nonce (a redelivery may have logged it twice): the latest.
+        transaction.execute(
+            "INSERT INTO nonce_runs (run, nonce, update_key, seen_at) \
+             SELECT ?1, nonce, update_key, max(seen_at) FROM nonce_log \
+             GROUP BY nonce ORDER BY nonce",
+            [run],
+        )?;
+        transaction.execute(
+            "INSERT INTO nonce_run_ages (run, newest_at) SELECT ?1, max(seen_at) FROM nonce_log",
+            [run],
+        )?;
+        transaction.execute("DELETE FROM nonce_log", [])?;
+        transaction.commit()?;
+        self.logged = 0;
+        self.oldest_logged = None;
+        self.committed_since_checkpoint = true;
+        Ok(())
+    }
+
+    /// Whether the nonce log is due to be merged: full, or holding a nonce
+    /// for half its keep time (so runs expire about when their nonces do).
+    fn merge_due(&self) -> bool {
+        self.logged >= MERGE_ROWS
+            || self
+                .oldest_logged
+                .is_some_and(|oldest| unix_now() - oldest >= self.nonce_keep_secs / 2)
+    }
+
     /// Deletes at most `PRUNE_CHUNK` expired rows of each kind; returns how many went.
     fn prune_step(&mut self) -> anyhow::Result<usize> {
         let now = unix_now();
@@ -581,13 +708,62 @@ impl BatchWriter {
              (SELECT update_id FROM handled_updates WHERE handled_at < ?1 LIMIT ?2)",
             params![now.saturating_sub(self.retention_secs), PRUNE_CHUNK],
         )?;
-        let nonces = transaction.execute(
-            "DELETE FROM seen_nonces WHERE rowid IN \
-             (SELECT rowid FROM seen_nonces WHERE seen_at < ?1 LIMIT ?2)",
-            params![now.saturating_sub(self.nonce_keep_secs), PRUNE_CHUNK],
-        )?;
+        // A run goes once its newest nonce is past the keep time, from its
+        // first rows on (contiguous pages), its age row last.
+        let expired: Option<i64> = transaction
+            .query_row(
+                "SELECT run FROM nonce_run_ages WHERE newest_at < ?1 ORDER BY run LIMIT 1",
+                [now.saturating_sub(self.nonce_keep_secs)],
+                |row| row.get(0),
+            )
+            .optional()?;
+        let mut nonces = 0;
+        if let Some(run) = expired {
+            nonces = transaction.execute(
+                "DELETE FROM nonce_runs WHERE run = ?1 AND nonce IN \
+                 (SELECT nonce FROM nonce_runs WHERE run = ?1 LIMIT ?2)",
+                params![run, PRUNE_CHUNK],
+            )?;
+            if (nonces as i64) < PRUNE_CHUNK {
+                transaction.execute("DELETE FROM nonce_run_ages WHERE run = ?1", [run])?;
+                nonces += 1;
+            }
+        }
         transaction.commit()?;
+        if handled + nonces > 0 {
+            self.committed_since_checkpoint = true;
+        }
         Ok(handled + nonces)
+    }
+
+    /// Copies the write-ahead log into the database file; empties the log
+    /// file when nothing was committed since the last time (writes paused).
+    fn checkpoint(&mut self) {
+        let idle = !self.committed_since_checkpoint;
+        if idle && self.wal_is_empty {
+            return;
+        }
+        let mode = if idle { "TRUNCATE" } else { "PASSIVE" };
+        let result = self.connection.query_row(
+            &format!("PRAGMA wal_checkpoint({mode})"),
+            [],
+            // (blocked, frames in the log, frames copied)
+            |row| {
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    row.get::<_, i64>(1)?,
+                    row.get::<_, i64>(2)?,
+                ))
+            },
+        );
+        match result {
+            Ok((0, frames, _)) => {
+                self.committed_since_checkpoint = false;
+                self.wal_is_empty = idle || frames <= 0;
+            }
+            Ok(_) => tracing::debug!("checkpoint blocked by a reader; tried again later"),
+            Err(error) => tracing::debug!("checkpoint skipped: {error}"),
+        }
     }
 }
 
@@ -596,14 +772,15 @@ impl Sink<Write> for BatchWriter {
         let transaction = self
             .connection
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut logged = 0;
+        let mut oldest = None;
         {
             let mut handled = transaction.prepare_cached(
                 "INSERT OR REPLACE INTO handled_updates (update_id, outcome, handled_at) \
                  VALUES (?1, ?2, ?3)",
             )?;
             let mut nonces = transaction.prepare_cached(
-                "INSERT OR REPLACE INTO seen_nonces (nonce, update_key, seen_at) \
-                 VALUES (?1, ?2, ?3)",
+                "INSERT INTO nonce_log (nonce, update_key, seen_at) VALUES (?1, ?2, ?3)",
             )?;
             for write in writes {
                 match write {
@@ -616,78 +793,58 @@ impl Sink<Write> for BatchWriter {
                         nonce,
                         update_key,
                         seen_at,
-                    } => nonces.execute(params![nonce, update_key, seen_at])?,
+                    } => {
+                        logged += 1;
+                        oldest = Some(oldest.map_or(*seen_at, |known: i64| known.min(*seen_at)));
+                        nonces.execute(params![nonce, update_key, seen_at])?
+                    }
                 };
             }
         }
         transaction.commit()?;
+        self.logged += logged;
+        if let Some(oldest) = oldest {
+            self.oldest_logged = Some(self.oldest_logged.map_or(oldest, |known| known.min(oldest)));
+        }
+        self.committed_since_checkpoint = true;
+        self.wal_is_empty = false;
         Ok(())
     }
 
     fn maintain(&mut self) -> Instant {
-        match self.prune_step() {
-            // More to go: again after the next batch, not before it.
-            Ok(deleted) if deleted as i64 >= PRUNE_CHUNK => {
-                Instant::now() + Duration::from_millis(5)
-            }
-            Ok(_) => Instant::now() + self.prune_every,
-            Err(error) => {
-                tracing::warn!("pruning the state store failed (tried again later): {error:#}");
-                Instant::now() + self.prune_every
-            }
+        let now = Instant::now();
+        if self.merge_due()
+            && let Err(error) = self.merge_nonce_log()
+        {
+            tracing::warn!("merging webhook nonces failed (tried again later): {error:#}");
         }
-    }
-}
-
-/// Copies the write-ahead log into the database file on a thread of its
-/// own, so no commit (and no request waiting for one) ever does it. Passive:
-/// it never waits for the writer, which goes on appending meanwhile.
-pub struct Checkpointer {
-    stop: Arc<(Mutex<bool>, Condvar)>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Checkpointer {
-    fn start(connection: Connection, every: Duration) -> anyhow::Result<Checkpointer> {
-        let stop = Arc::new((Mutex::new(false), Condvar::new()));
-        let stopped = Arc::clone(&stop);
-        let thread = std::thread::Builder::new()
-            .name("fly-checkpoint".into())
-            .spawn(move || {
-                let (flag, wake) = &*stopped;
-                let mut stopping = lock(flag);
-                while !*stopping {
-                    stopping = wake
-                        .wait_timeout(stopping, every)
-                        .unwrap_or_else(|poisoned| poisoned.into_inner())
-                        .0;
-                    if *stopping {
-                        break;
-                    }
-                    drop(stopping);
-                    if let Err(error) =
-                        connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-                    {
-                        tracing::debug!("checkpoint skipped: {error}");
-                    }
-                    stopping = lock(flag);
+        if now >= self.next_checkpoint {
+            self.checkpoint();
+            self.next_checkpoint = now + self.checkpoint_every;
+        }
+        if now >= self.next_prune {
+            self.next_prune = match self.prune_step() {
+                // More to go: again after the next batch, not before it.
+                Ok(deleted) if deleted as i64 >= PRUNE_CHUNK => now + Duration::from_millis(5),
+                Ok(_) => now + self.prune_every,
+                Err(error) => {
+                    tracing::warn!("pruning the state store failed (tried again later): {error:#}");
+                    now + self.prune_every
                 }
-            })
-            .context("starting the checkpoint thread")?;
-        Ok(Checkpointer {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for Checkpointer {
-    fn drop(&mut self) {
-        *lock(&self.stop.0) = true;
-        self.stop.1.notify_one();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            };
         }
+        // A full log is merged after the next batch, not a checkpoint later.
+        let next = self.next_prune.min(self.next_checkpoint);
+        if self.logged >= MERGE_ROWS {
+            next.min(now + Duration::from_millis(1))
+        } else {
+            next
+        }
+    }
+
+    fn finish(&mut self) {
+        self.committed_since_checkpoint = false;
+        self.checkpoint();
     }
 }
 
@@ -870,8 +1027,15 @@ mod tests {
         }
         {
             let connection = Connection::open(&path).unwrap();
+            // What schema 1 had: no dead letters, no age index, nonces keyed by nonce.
             connection
-                .execute_batch("DROP TABLE dead_letters; DROP INDEX handled_updates_by_age")
+                .execute_batch(
+                    "DROP TABLE dead_letters; DROP INDEX handled_updates_by_age; \
+                     DROP TABLE nonce_log; DROP TABLE nonce_runs; DROP TABLE nonce_run_ages; \
+                     CREATE TABLE seen_nonces (nonce TEXT PRIMARY KEY, update_key TEXT NOT NULL, \
+                         seen_at INTEGER NOT NULL); \
+                     CREATE INDEX seen_nonces_by_age ON seen_nonces (seen_at);",
+                )
                 .unwrap();
             connection.pragma_update(None, "user_version", 1).unwrap();
         }
@@ -918,37 +1082,40 @@ mod tests {
         let store = SqliteStore::open(&dir.path().join("s.db"), &identity("t1"))
             .unwrap()
             .with_retention(Duration::from_secs(60));
-        let mut writer = store.batch_writer(600).unwrap();
+        let mut writer = store.batch_writer(600, Duration::from_secs(1)).unwrap();
         let now = unix_now();
-        let mut writes = vec![
-            Write::Handled {
-                update_id: 1,
-                outcome: "replied".into(),
-                at: now - 120,
-            },
-            Write::Handled {
-                update_id: 2,
-                outcome: "ignored".into(),
-                at: now,
-            },
-            Write::Nonce {
-                nonce: "old".into(),
-                update_key: "1".into(),
-                seen_at: now - 601,
-            },
-            Write::Nonce {
-                nonce: "new".into(),
-                update_key: "2".into(),
-                seen_at: now,
-            },
-        ];
-        writer.commit(&writes).unwrap();
+        let nonce = |nonce: &str, key: &str, seen_at: i64| Write::Nonce {
+            nonce: nonce.into(),
+            update_key: key.into(),
+            seen_at,
+        };
+        let handled = |update_id: i64, at: i64| Write::Handled {
+            update_id,
+            outcome: "replied".into(),
+            at,
+        };
+        writer
+            .commit(&[handled(1, now - 120), nonce("old", "1", now - 601)])
+            .unwrap();
+        writer.merge_nonce_log().unwrap(); // run 1: expired
+        writer
+            .commit(&[handled(2, now), nonce("new", "2", now)])
+            .unwrap();
         assert!(store.is_handled(1).unwrap() && store.is_handled(2).unwrap());
-        assert_eq!(
-            store.check_nonce("new", "3", now, 300).unwrap(),
-            NonceCheck::Reused,
-            "committed nonces are seen by the store's own connection"
+        // Seen in the log (not merged yet) by the store's own connection.
+        assert!(store.nonce_reused("new", "3", now - 600).unwrap());
+        assert!(!store.nonce_reused("new", "2", now - 600).unwrap());
+        writer.merge_nonce_log().unwrap(); // run 2
+        assert!(
+            store.nonce_reused("new", "3", now - 600).unwrap(),
+            "and in a run"
         );
+        assert!(store.nonce_reused("old", "3", now - 700).unwrap());
+        assert!(
+            !store.nonce_reused("old", "3", now - 600).unwrap(),
+            "too old"
+        );
+
         writer.maintain();
         assert!(!store.is_handled(1).unwrap(), "past the retention");
         assert!(store.is_handled(2).unwrap());
@@ -956,20 +1123,97 @@ mod tests {
         store
             .each_nonce_since(0, |nonce| left.push(nonce.to_string()))
             .unwrap();
-        assert_eq!(left, ["new"]);
+        assert_eq!(left, ["new"], "the expired run is gone");
 
         // A batch is all or nothing.
-        writes.push(Write::Handled {
-            update_id: 3,
-            outcome: "x".into(),
-            at: now,
-        });
-        store
-            .lock()
-            .execute_batch("DROP TABLE seen_nonces")
-            .unwrap();
-        assert!(writer.commit(&writes).is_err());
+        store.lock().execute_batch("DROP TABLE nonce_log").unwrap();
+        assert!(
+            writer
+                .commit(&[handled(3, now), nonce("x", "3", now)])
+                .is_err()
+        );
         assert!(!store.is_handled(3).unwrap());
+    }
+
+    #[test]
+    fn a_full_nonce_log_is_merged_into_a_sorted_run_between_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db"), &identity("t1")).unwrap();
+        let mut writer = store.batch_writer(600, Duration::from_secs(1)).unwrap();
+        let now = unix_now();
+        let writes: Vec<Write> = (0..MERGE_ROWS as i64)
+            .map(|n| Write::Nonce {
+                nonce: format!("{:016x}", (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+                update_key: n.to_string(),
+                seen_at: now,
+            })
+            .collect();
+        writer.commit(&writes).unwrap();
+        writer.maintain();
+        let count = |table: &str| -> i64 {
+            store
+                .lock()
+                .query_row(&format!("SELECT count(*) FROM {table}"), [], |row| {
+                    row.get(0)
+                })
+                .unwrap()
+        };
+        assert_eq!(count("nonce_log"), 0);
+        assert_eq!(count("nonce_runs"), MERGE_ROWS as i64);
+        let probe = format!("{:016x}", 7u64.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        assert!(store.nonce_reused(&probe, "8", now - 1).unwrap());
+        assert!(!store.nonce_reused(&probe, "7", now - 1).unwrap());
+        // One index lookup per run, not a scan of the runs.
+        let plan: Vec<String> = store
+            .lock()
+            .prepare(
+                "EXPLAIN QUERY PLAN SELECT 1 FROM nonce_runs WHERE run IN \
+                 (SELECT run FROM nonce_run_ages WHERE newest_at >= 0) AND nonce = 'x'",
+            )
+            .unwrap()
+            .query_map([], |row| row.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            plan.iter()
+                .any(|step| step.contains("PRIMARY KEY (run=? AND nonce=?)")),
+            "{plan:?}"
+        );
+    }
+
+    #[test]
+    fn schema_2_nonces_move_to_the_log_and_are_still_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        drop(SqliteStore::open(&path, &identity("t1")).unwrap());
+        let now = unix_now();
+        {
+            // Back to schema 2, with a nonce as schema 2 kept it.
+            let connection = Connection::open(&path).unwrap();
+            connection
+                .execute_batch(
+                    "DROP TABLE nonce_log; DROP TABLE nonce_runs; DROP TABLE nonce_run_ages; \
+                     DROP INDEX handled_updates_by_age; \
+                     CREATE TABLE seen_nonces (nonce TEXT PRIMARY KEY, update_key TEXT NOT NULL, \
+                         seen_at INTEGER NOT NULL); \
+                     CREATE INDEX seen_nonces_by_age ON seen_nonces (seen_at);",
+                )
+                .unwrap();
+            connection
+                .execute("INSERT INTO seen_nonces VALUES ('n1', '7', ?1)", [now])
+                .unwrap();
+            connection.pragma_update(None, "user_version", 2).unwrap();
+        }
+        let store = SqliteStore::open(&path, &identity("t1")).unwrap();
+        assert_eq!(
+            store.check_nonce("n1", "8", now, 300).unwrap(),
+            NonceCheck::Reused
+        );
+        assert_eq!(
+            store.check_nonce("n1", "7", now, 300).unwrap(),
+            NonceCheck::Fresh
+        );
     }
 
     #[test]

@@ -166,7 +166,7 @@ impl Receiver {
             }
         };
         match admission {
-            Ok(Guarded::Admitted { claim, nonce }) => self.handle(update, claim, nonce).await,
+            Ok(Guarded::Admitted { claim, wait }) => self.handle(update, claim, wait).await,
             Ok(Guarded::Duplicate) => (StatusCode::OK, "DUPLICATE"),
             Ok(Guarded::NonceReused) => (StatusCode::UNAUTHORIZED, "NONCE_REUSED"),
             Ok(Guarded::InProgress) => (StatusCode::CONFLICT, "IN_PROGRESS"),
@@ -221,18 +221,17 @@ impl Receiver {
             })
     }
 
-    /// Runs the handler on the blocking pool once the delivery's nonce is
-    /// durable (see `state::front` for why that order); marks the update
-    /// handled only once its reply was accepted, then releases its claim. A
-    /// fatal error stops the server; its update is not handled, so the
-    /// platform delivers it again.
+    /// Runs the handler on the blocking pool (once the store lets it: see
+    /// `Admission::Admitted`); marks the update handled only once its reply
+    /// was accepted, then releases its claim. A fatal error stops the
+    /// server; its update is not handled, so the platform delivers it again.
     async fn handle(
         &self,
         update: Update,
         claim: ClaimGuard,
-        nonce: Pending,
+        wait: Pending,
     ) -> (StatusCode, &'static str) {
-        if let Err(error) = durable(nonce).await {
+        if let Err(error) = committed(wait).await {
             return store_failed(error);
         }
         let handler = Arc::clone(&self.handler);
@@ -283,7 +282,7 @@ impl Receiver {
 
 /// A group-committed write as a future: the writer thread completes it, so
 /// no thread is parked while the disk catches up.
-async fn durable(pending: Pending) -> anyhow::Result<()> {
+async fn committed(pending: Pending) -> anyhow::Result<()> {
     if let Some(result) = pending.try_result() {
         return result;
     }
@@ -301,7 +300,7 @@ enum Guarded {
     Duplicate,
     NonceReused,
     InProgress,
-    Admitted { claim: ClaimGuard, nonce: Pending },
+    Admitted { claim: ClaimGuard, wait: Pending },
 }
 
 fn guard(store: &Arc<dyn Store>, admission: Admission) -> Guarded {
@@ -309,12 +308,12 @@ fn guard(store: &Arc<dyn Store>, admission: Admission) -> Guarded {
         Admission::Duplicate => Guarded::Duplicate,
         Admission::NonceReused => Guarded::NonceReused,
         Admission::InProgress => Guarded::InProgress,
-        Admission::Admitted { claim, nonce } => Guarded::Admitted {
+        Admission::Admitted { claim, wait } => Guarded::Admitted {
             claim: ClaimGuard {
                 store: Arc::clone(store),
                 claim: Some(claim),
             },
-            nonce,
+            wait,
         },
     }
 }

@@ -727,6 +727,165 @@ fn five_hundred_stalled_connections_neither_block_healthz_nor_stay_open() {
 }
 
 // ---------------------------------------------------------------------------
+// The state store: bounded by --retention, one server per file, crashes
+
+/// A signed update, signed here as the platform's Python signs it, for
+/// tests that need hundreds (a `fly sign` process each would be slow).
+/// `payload` is the message or callback_query as canonical JSON: keys
+/// sorted, no spaces.
+fn signed_here(update_id: i64, kind: &str, payload: &str, nonce: &str) -> String {
+    use hmac::{Hmac, KeyInit, Mac};
+    let payload_sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(payload.as_bytes()));
+    let timestamp = unix_now();
+    let signing = format!("{update_id}\n{kind}\nbot_test\n{timestamp}\n{nonce}\n{payload_sha}");
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(signing.as_bytes());
+    let signature = hex::encode(mac.finalize().into_bytes());
+    format!(
+        r#"{{"update_id":{update_id},"type":"{kind}","{kind}":{payload},"bot":{{"id":"bot_test"}},"timestamp":{timestamp},"nonce":"{nonce}","signature":"{signature}"}}"#
+    )
+}
+
+/// A callback query (confirmed, not answered).
+fn signed_callback(update_id: i64, nonce: &str) -> String {
+    let payload = format!(r#"{{"data":"tap","id":"cb_{update_id}"}}"#);
+    signed_here(update_id, "callback_query", &payload, nonce)
+}
+
+/// What the state file holds: handled ids, and nonces (logged or merged).
+fn stored_rows(state: &Path) -> (i64, i64) {
+    let connection = rusqlite::Connection::open(state).unwrap();
+    connection.busy_timeout(Duration::from_secs(5)).unwrap();
+    let count = |sql: &str| -> i64 { connection.query_row(sql, [], |row| row.get(0)).unwrap() };
+    (
+        count("SELECT count(*) FROM handled_updates"),
+        count("SELECT (SELECT count(*) FROM nonce_log) + (SELECT count(*) FROM nonce_runs)"),
+    )
+}
+
+fn file_size(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |found| found.len())
+}
+
+/// serve-webhook has no poll offset to prune handled ids by: they are kept
+/// for --retention, nonces for twice the window, so round after round of
+/// deliveries the file stays the same size (freed pages are reused) and the
+/// write-ahead log is emptied once writes pause.
+#[test]
+fn the_state_file_stops_growing_past_the_retention() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &emulator.base_url,
+        dir.path(),
+        &["--secret", SECRET, "--retention", "1s", "--window", "1"],
+    );
+    let state = dir.path().join("s.db");
+    let wal = dir.path().join("s.db-wal");
+    let agent = agent();
+    let mut sizes = Vec::new();
+    for round in 1..=3i64 {
+        for n in 0..300 {
+            let update_id = round * 10_000 + n;
+            let body = signed_callback(update_id, &format!("n-{update_id}"));
+            assert_eq!(post_with(&agent, &server.url, &body), answer(200, "OK"));
+        }
+        // Inside the retention, a redelivery is still a duplicate.
+        let first = round * 10_000;
+        let again = signed_callback(first, &format!("n-{first}"));
+        assert_eq!(
+            post_with(&agent, &server.url, &again),
+            answer(200, "DUPLICATE")
+        );
+        wait_until(
+            Duration::from_secs(30),
+            &format!("round {round}'s handled ids and nonces pruned"),
+            || stored_rows(&state) == (0, 0),
+        );
+        wait_until(Duration::from_secs(10), "the log emptied", || {
+            file_size(&wal) == 0
+        });
+        sizes.push(file_size(&state));
+    }
+    // A page or two of slack: the trees' inner pages move as ids grow.
+    assert!(
+        sizes[2] <= sizes[0] + 2 * 4096,
+        "the state file grew round after round: {sizes:?}\n{}",
+        server.log()
+    );
+}
+
+#[test]
+fn a_second_server_on_the_same_state_file_is_refused_with_one_line() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let _first = Server::start(&emulator.base_url, dir.path(), &["--secret", SECRET]);
+    let second = fly()
+        .args(["serve-webhook", "--bind", "127.0.0.1", "--port", "0"])
+        .arg("--state")
+        .arg(dir.path().join("s.db"))
+        .env("FLY_BASE_URL", &emulator.base_url)
+        .env("FLY_BOT_TOKEN", TOKEN)
+        .env("FLY_WEBHOOK_SECRET", SECRET)
+        .timeout(Duration::from_secs(20))
+        .output()
+        .unwrap();
+    let stderr = stderr_of(&second);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("fly: error: ") && stderr.contains("already serving webhooks"),
+        "{stderr}"
+    );
+}
+
+/// kill -9 right after the answers: what the state file lost (marks not yet
+/// committed) is answered again on redelivery, and each reply's
+/// client_msg_id makes the platform record it once.
+#[test]
+fn a_crash_loses_only_what_redelivery_answers_again_once() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = Server::start(&emulator.base_url, dir.path(), &["--secret", SECRET]);
+    let bodies: Vec<(i64, String)> = (0..40)
+        .map(|n| {
+            let update_id = 7_000 + n;
+            let message = format!(
+                r#"{{"chat":{{"id":"u_crash","type":"private"}},"data":{{"content":"m {n}"}},"msgType":"text"}}"#
+            );
+            (update_id, signed_here(update_id, "message", &message, &format!("c-{n}")))
+        })
+        .collect();
+    let agent = agent();
+    for (_, body) in &bodies {
+        assert_eq!(post_with(&agent, &first.url, body), answer(200, "OK"));
+    }
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+
+    let second = Server::start(&emulator.base_url, dir.path(), &["--secret", SECRET]);
+    for (update_id, body) in &bodies {
+        let again = post_with(&agent, &second.url, body);
+        assert!(
+            again == answer(200, "DUPLICATE") || again == answer(200, "OK"),
+            "update {update_id}: {again:?}\n{}",
+            second.log()
+        );
+    }
+    let echoed: Vec<i64> = emulator
+        .sent()
+        .iter()
+        .map(|sent| {
+            sent["client_msg_id"].as_str().unwrap()["echo_".len()..]
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    let expected: Vec<i64> = bodies.iter().map(|(update_id, _)| *update_id).collect();
+    assert_eq!(echoed, expected, "each reply recorded once, in order");
+}
+
+// ---------------------------------------------------------------------------
 // Restart, stop, usage
 
 #[test]
