@@ -83,7 +83,7 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 /// Writes queued beyond this hold new deliveries until the writer catches
 /// up: about a tenth of a second of writes at full speed, where a
 /// healthy writer is a few hundred behind.
-const MAX_BEHIND: usize = 8192;
+const MAX_BEHIND: usize = 4096;
 
 pub struct Front {
     store: SqliteStore,
@@ -149,13 +149,13 @@ impl Front {
     /// delivery waits for: nothing, unless the writer is far behind.
     fn remember_nonce(&self, hot: &mut Hot, nonce: &str, update_key: &str, now: i64) -> Pending {
         hot.nonces.insert(nonce, now);
-        let (committed, behind) = self.writer().submit_counted(Write::Nonce {
+        let (_committed, behind) = self.writer().submit_counted(Write::Nonce {
             nonce: nonce.to_string(),
             update_key: update_key.to_string(),
             seen_at: now,
         });
         if behind > MAX_BEHIND {
-            committed
+            self.writer().next_step()
         } else {
             Pending::done()
         }
