@@ -23,8 +23,9 @@ pub struct EchoHandler {
 
 impl Handler for EchoHandler {
     fn handle(&self, update: &Update) -> Result<Outcome, HandleError> {
-        if let Some(outcome) = self.nothing_to_do(update) {
-            return Ok(outcome);
+        if update.kind != "message" {
+            // Callbacks and other kinds: the examples' bot answers only messages.
+            return Ok(Outcome::Ignored);
         }
         let Some((message, chat)) = update
             .message
@@ -49,11 +50,6 @@ impl Handler for EchoHandler {
             format!("echo_{}", update.update_id),
         );
         self.send(&reply, Outcome::Replied)
-    }
-
-    fn nothing_to_do(&self, update: &Update) -> Option<Outcome> {
-        // Callbacks and other kinds: the examples' bot answers only messages.
-        (update.kind != "message").then_some(Outcome::Ignored)
     }
 }
 

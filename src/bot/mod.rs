@@ -81,14 +81,6 @@ impl HandleError {
 pub trait Handler: Send + Sync {
     fn handle(&self, update: &Update) -> Result<Outcome, HandleError>;
 
-    /// `Some(outcome)` when this handler does nothing at all for `update`
-    /// (no reply, no process, no I/O), which is then how it ended: a server
-    /// need not hand it to a blocking thread. `None` (the default) when it
-    /// must be handled.
-    fn nothing_to_do(&self, _update: &Update) -> Option<Outcome> {
-        None
-    }
-
     /// fly is exiting and will not wait for handlers still running: end them
     /// now (failing their updates, so they are delivered again) and start no
     /// more. Only handlers that can hang for long need to do anything.

@@ -225,10 +225,6 @@ impl Store for Front {
         Ok(())
     }
 
-    fn try_mark_handled(&self, update_id: i64, outcome: &str) -> Option<anyhow::Result<()>> {
-        Some(self.mark_handled(update_id, outcome))
-    }
-
     fn check_nonce(
         &self,
         nonce: &str,

@@ -234,20 +234,6 @@ impl Receiver {
         if let Err(error) = committed(wait).await {
             return store_failed(error);
         }
-        // An update the handler has nothing to do for (the echo's callback
-        // queries) is marked here if the store can without waiting: no trip
-        // to the blocking pool, and no wait behind slow replies there. The
-        // claim is released on return, after the mark.
-        if let Some(outcome) = self.handler.nothing_to_do(&update)
-            && let Some(marked) = self
-                .store
-                .try_mark_handled(update.update_id, outcome.as_str())
-        {
-            return match marked {
-                Ok(()) => (StatusCode::OK, "OK"),
-                Err(error) => store_failed(error),
-            };
-        }
         let handler = Arc::clone(&self.handler);
         let store = Arc::clone(&self.store);
         let joined = tokio::task::spawn_blocking(move || -> Result<&'static str, HandleError> {
