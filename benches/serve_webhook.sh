@@ -13,6 +13,7 @@
 # Not a test: run it by hand.
 #
 #   bash benches/serve_webhook.sh [DURATION_SECS] [MODE]   (10; both, duplicate or distinct)
+#   BODIES=N  distinct bodies to sign up front (default 60000 per second)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${1:-10}
@@ -88,14 +89,13 @@ make_bodies() { # count
     python3 - "$1" "$FLY_WEBHOOK_SECRET" >"$WORK/bodies.ndjson" <<'PY'
 import hashlib, hmac, json, os, sys, time
 count, secret = int(sys.argv[1]), sys.argv[2].encode()
-now = int(time.time())
-run = os.urandom(4).hex()
+now = int(time.time())  # every body is inside the 300 s replay window for a few minutes
 out = sys.stdout
 for i in range(count):
     update_id = 1_000_000 + i
     payload = {"id": f"cb_{i}", "data": "approve", "from": {"id": f"u_{i % 100}"}}
     canonical = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
-    nonce = os.urandom(16).hex()
+    nonce = os.urandom(16).hex()  # random, as the platform's: no order for a B-tree to exploit
     signing = "\n".join([str(update_id), "callback_query", "bot_bench", str(now), nonce,
                          hashlib.sha256(canonical.encode()).hexdigest()])
     signature = hmac.new(secret, signing.encode(), hashlib.sha256).hexdigest()
@@ -139,6 +139,8 @@ start_reference() {
     REF_URL="http://127.0.0.1:$port/webhook"
 }
 
+# SHOW_WRK=1: wrk's own reports too (the reference server's "Socket errors:
+# read" are its HTTP/1.0 connections closing after each answer).
 show_raw() { [ -n "${SHOW_WRK:-}" ] && cat "$WORK"/*.wrk >&2 || true; }
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 

@@ -14,9 +14,10 @@
 //!   commit as one transaction (under load, the writes of the last few
 //!   milliseconds), in the order they came. Between batches it prunes
 //!   handled ids past `--retention` and nonces past twice the window, a
-//!   bounded chunk at a time. Requests do not wait for the disk: only when
-//!   the writer falls [`MAX_BEHIND`] writes behind are new deliveries held
-//!   until it catches up, which bounds both memory and what a crash can lose.
+//!   bounded chunk at a time. Requests do not wait for the disk: only while
+//!   the writer is more than [`MAX_BEHIND`] writes behind does a new
+//!   delivery wait for it to finish the batch in hand (backpressure), which
+//!   bounds both memory and what a crash can lose.
 //! - **Checkpoints off the request path.** No commit checkpoints; the
 //!   writer copies the log into the database file between two batches, ten
 //!   times a second, so the log starts over and stays small, and empties the
@@ -30,7 +31,8 @@
 //!
 //! The file after a crash holds a prefix of the writes, in order: the
 //! batches committed before it. Lost are the writes of the last batch or
-//! few (milliseconds; never more than [`MAX_BEHIND`] writes):
+//! few (milliseconds; at most about [`MAX_BEHIND`] writes, plus one per
+//! request in flight):
 //!
 //! - **Handled marks** of updates answered just before the crash. If the
 //!   platform delivers one of them again, it is handled again, with the same
@@ -80,10 +82,10 @@ const NONCE_FILTER_CAPACITY: usize = 430_000;
 /// fills up and more lookups go to the file.
 const NONCE_FILTERS_MAX: usize = 64;
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
-/// Writes queued beyond this hold new deliveries until the writer catches
-/// up: about a tenth of a second of writes at full speed, where a
-/// healthy writer is a few hundred behind.
-const MAX_BEHIND: usize = 8192;
+/// Writes queued beyond this make new deliveries wait for the writer's
+/// batch in hand: about 50 ms of writes at full speed, where a writer
+/// that keeps up is a few hundred behind.
+const MAX_BEHIND: usize = 4096;
 
 pub struct Front {
     store: SqliteStore,
@@ -149,13 +151,13 @@ impl Front {
     /// delivery waits for: nothing, unless the writer is far behind.
     fn remember_nonce(&self, hot: &mut Hot, nonce: &str, update_key: &str, now: i64) -> Pending {
         hot.nonces.insert(nonce, now);
-        let (committed, behind) = self.writer().submit_counted(Write::Nonce {
+        let (_committed, behind) = self.writer().submit_counted(Write::Nonce {
             nonce: nonce.to_string(),
             update_key: update_key.to_string(),
             seen_at: now,
         });
         if behind > MAX_BEHIND {
-            committed
+            self.writer().next_step()
         } else {
             Pending::done()
         }

@@ -52,6 +52,9 @@ struct Queue<W> {
     barrier_wanted: bool,
     /// The writer is committing a batch taken from here.
     committing: bool,
+    /// Completes when the writer ends the step (a batch, or part of one) it
+    /// is on: what a producer that is too far ahead waits for.
+    step: Arc<Completion>,
     /// The writer waits for work: a new write must wake it.
     writer_idle: bool,
     stopping: bool,
@@ -61,7 +64,7 @@ struct Queue<W> {
 }
 
 /// Batches larger than this are split, so one transaction stays short.
-const MAX_BATCH: usize = 4096;
+const MAX_BATCH: usize = 1024;
 
 impl<W: Send + 'static> GroupCommit<W> {
     pub fn start(name: &str, sink: impl Sink<W>) -> anyhow::Result<GroupCommit<W>> {
@@ -71,6 +74,7 @@ impl<W: Send + 'static> GroupCommit<W> {
                 done: Arc::new(Completion::default()),
                 barrier_wanted: false,
                 committing: false,
+                step: Arc::new(Completion::default()),
                 writer_idle: false,
                 stopping: false,
                 split_failure: None,
@@ -106,6 +110,18 @@ impl<W: Send + 'static> GroupCommit<W> {
             self.shared.wake_writer.notify_one();
         }
         (Pending(Some(done)), queue.writes.len())
+    }
+
+    /// Completes when the writer has finished the step it is on (at once
+    /// when it is idle): a producer far ahead waits for this, one batch,
+    /// rather than for its own write at the end of the queue.
+    pub fn next_step(&self) -> Pending {
+        let queue = lock(&self.shared.queue);
+        if queue.committing {
+            Pending(Some(Arc::clone(&queue.step)))
+        } else {
+            Pending::done()
+        }
     }
 
     /// Completes once every write submitted before it is committed.
@@ -198,6 +214,10 @@ fn write_batches<W>(shared: &Shared<W>, mut sink: impl Sink<W>) {
         drop(writes);
         queue = lock(&shared.queue);
         queue.committing = false;
+        let step = std::mem::replace(&mut queue.step, Arc::new(Completion::default()));
+        drop(queue);
+        step.complete(Ok(()));
+        queue = lock(&shared.queue);
         match done {
             Some(done) => {
                 // The completion of a split batch's first part fails with it.
@@ -447,6 +467,25 @@ mod tests {
         let committed: Vec<u32> = lock(&sink.batches).concat();
         assert_eq!(committed, (0..10).collect::<Vec<_>>());
         assert!(*lock(&sink.finished));
+    }
+
+    #[test]
+    fn next_step_waits_for_the_batch_being_committed_only() {
+        let sink = Recorder::default();
+        let writer = GroupCommit::start("test-writer", sink.clone()).unwrap();
+        assert!(writer.next_step().try_result().is_some(), "idle: no wait");
+        let gate = lock(&sink.gate);
+        let first = writer.submit(1);
+        while !lock(&writer.shared.queue).committing {
+            std::thread::yield_now();
+        }
+        let later = writer.submit(2);
+        let step = writer.next_step();
+        assert!(step.try_result().is_none());
+        drop(gate);
+        step.wait().unwrap();
+        first.wait().unwrap();
+        later.wait().unwrap();
     }
 
     #[test]

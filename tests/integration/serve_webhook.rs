@@ -321,6 +321,7 @@ fn a_handled_update_is_answered_ok_once_and_its_redelivery_is_a_duplicate() {
         &[],
     );
     assert_eq!(post(&server.url, &callback), answer(200, "OK"));
+    assert_eq!(post(&server.url, &callback), answer(200, "DUPLICATE"));
 
     assert_eq!(
         emulator.sent(),
