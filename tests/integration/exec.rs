@@ -1204,6 +1204,17 @@ fn signal(service: &Service, name: &str) {
     assert!(sent.success());
 }
 
+/// SIGINT, then once the stop has begun a second SIGINT; the exit status
+/// if the service ends within 10 s after it.
+fn signal_twice(service: &mut Service) -> Option<ExitStatus> {
+    signal(service, "INT");
+    wait_until(Duration::from_secs(10), "the stop to begin", || {
+        service.log().contains("stopping")
+    });
+    signal(service, "INT");
+    service.wait(Duration::from_secs(10))
+}
+
 fn read_group(group_file: &Path) -> String {
     wait_until(Duration::from_secs(15), "the slow handler to start", || {
         group_file.exists()
@@ -1281,12 +1292,7 @@ fn a_second_signal_stops_poll_echo_at_once_with_130_and_no_handler_left() {
     let mut service = start_poll_echo(&emulator, dir.path(), &handler, &["--grace", "600"]);
     emulator.user_says("private", "u_slow", "hang");
     let group = read_group(&group_file);
-    signal(&service, "INT");
-    wait_until(Duration::from_secs(10), "the stop to begin", || {
-        service.log().contains("stopping")
-    });
-    signal(&service, "INT");
-    let status = service.wait(Duration::from_secs(10));
+    let status = signal_twice(&mut service);
     let left = live_members_of_group(&group);
     assert_eq!(
         status.map(|s| s.code()),
@@ -1307,12 +1313,7 @@ fn a_second_signal_stops_serve_webhook_at_once_with_130_and_no_handler_left() {
     let delivery = signed_delivery(9101, "u_slow", "hang");
     std::thread::spawn(move || deliver(&url, &delivery));
     let group = read_group(&group_file);
-    signal(&receiver, "INT");
-    wait_until(Duration::from_secs(10), "the stop to begin", || {
-        receiver.log().contains("stopping")
-    });
-    signal(&receiver, "INT");
-    let status = receiver.wait(Duration::from_secs(10));
+    let status = signal_twice(&mut receiver);
     let left = live_members_of_group(&group);
     assert_eq!(
         status.map(|s| s.code()),
@@ -1348,12 +1349,7 @@ fn a_second_signal_stops_forward_at_once_with_130() {
     );
     emulator.user_says("private", "u_1", "hello");
     let _connection = held.join().unwrap().unwrap();
-    signal(&forward, "INT");
-    wait_until(Duration::from_secs(10), "the stop to begin", || {
-        forward.log().contains("stopping")
-    });
-    signal(&forward, "INT");
-    let status = forward.wait(Duration::from_secs(10));
+    let status = signal_twice(&mut forward);
     assert_eq!(
         status.map(|s| s.code()),
         Some(Some(130)),
