@@ -513,17 +513,23 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("handler").args(["exec", "exec_worker"])))]
 pub struct ExecArgs {
     /// Run CMD (through sh -c) per update instead of the echo; its stdout is the reply.
     #[arg(long, value_name = "CMD", value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub exec: Option<String>,
 
-    /// Kill a handler that runs longer than this many seconds (1..=86400).
+    /// Keep --concurrency long-lived workers (sh -c CMD): one update per line
+    /// on a worker's stdin, one JSON answer per line on its stdout.
+    #[arg(long, value_name = "CMD", value_parser = clap::builder::NonEmptyStringValueParser::new(), conflicts_with = "exec")]
+    pub exec_worker: Option<String>,
+
+    /// Kill a handler (or a worker) that takes longer than this many seconds for an update (1..=86400).
     #[arg(long, default_value_t = 60, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub exec_timeout: u64,
 
     /// Give the handler the bot token as FLY_BOT_TOKEN (withheld by default).
-    #[arg(long, requires = "exec")]
+    #[arg(long, requires = "handler")]
     pub exec_pass_token: bool,
 }
 

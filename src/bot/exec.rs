@@ -13,28 +13,25 @@
 //! instead of retrying forever, and the update stays for the run after the fix.
 
 use std::fmt;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::Arc;
+use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
 use serde_json::{Map, Value};
 
+use super::child_io::{self, Chunk, ExitWatch, LogLines};
 use super::{HandleError, Handler, Outcome};
 use crate::api::{ApiClient, MessageData, SendRequest, Update};
 use crate::children::{self, Group};
 
 /// A handler's reply is one message; more than this is a bug in the handler.
-const MAX_REPLY_BYTES: u64 = 1024 * 1024;
+pub const MAX_REPLY_BYTES: usize = 1024 * 1024;
 /// How long the handler's last stderr lines get to reach the log once it is gone.
 const LOG_GRACE: Duration = Duration::from_millis(500);
-/// A stderr "line" longer than this (binary output, no newlines) is logged in
-/// pieces rather than held in memory whole.
-const MAX_LOG_LINE: u64 = 16 * 1024;
 
 pub struct ExecHandler {
     command: String,
@@ -87,27 +84,53 @@ impl Handler for ExecHandler {
         if reply.trim().is_empty() {
             return Ok(Outcome::Handled);
         }
-        let Some(chat) = message.chat.as_ref() else {
-            tracing::warn!(
-                update_id = update.update_id,
-                "the handler replied, but the message has no chat to reply to"
-            );
-            return Ok(Outcome::Handled);
+        let reply = match reply_message(reply) {
+            Some((msg_type, data)) => Reply::Message { msg_type, data },
+            None => Reply::Text(reply.to_string()),
         };
-        let client_msg_id = format!("reply_{}", update.update_id);
-        let request = match reply_message(reply) {
-            Some((msg_type, data)) => SendRequest::new(
-                chat.reply_target(),
-                msg_type,
-                MessageData::from_fields(&data),
-                client_msg_id,
-            ),
-            None => SendRequest::text(chat.reply_target(), reply, client_msg_id),
-        };
-        match self.client.send(&request) {
-            Ok(_) => Ok(Outcome::Replied),
-            Err(error) => HandleError::from_api(error),
-        }
+        send_reply(&self.client, update, message, reply)
+    }
+}
+
+/// What a handler asked to be sent back to the chat of its update.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    Text(String),
+    Message {
+        msg_type: String,
+        data: Map<String, Value>,
+    },
+}
+
+/// Sends a handler's reply to the chat `message` came from, with
+/// `client_msg_id` `reply_{update_id}`: a handler that runs again for the
+/// same update (a retry after the reply went out) never posts twice.
+pub fn send_reply(
+    client: &ApiClient,
+    update: &Update,
+    message: &crate::api::Message,
+    reply: Reply,
+) -> Result<Outcome, HandleError> {
+    let Some(chat) = message.chat.as_ref() else {
+        tracing::warn!(
+            update_id = update.update_id,
+            "the handler replied, but the message has no chat to reply to"
+        );
+        return Ok(Outcome::Handled);
+    };
+    let client_msg_id = format!("reply_{}", update.update_id);
+    let request = match reply {
+        Reply::Message { msg_type, data } => SendRequest::new(
+            chat.reply_target(),
+            msg_type,
+            MessageData::from_fields(&data),
+            client_msg_id,
+        ),
+        Reply::Text(text) => SendRequest::text(chat.reply_target(), text, client_msg_id),
+    };
+    match client.send(&request) {
+        Ok(_) => Ok(Outcome::Replied),
+        Err(error) => HandleError::from_api(error),
     }
 }
 
@@ -128,6 +151,12 @@ fn reply_message(reply: &str) -> Option<(String, Map<String, Value>)> {
 
 impl ExecHandler {
     /// Runs the handler for one update; returns its stdout if it exited 0 in time.
+    ///
+    /// No thread of its own and no sleep-and-check: the calling thread
+    /// writes the update to the handler's stdin, reads its stdout and stderr
+    /// and waits for its exit (a pidfd) in one poll(2) loop on nonblocking
+    /// pipes, whose timeout is the deadline. So an update costs a fork and
+    /// an exec, and the answer is taken the moment the handler is done.
     fn run(&self, update: &Update) -> anyhow::Result<String> {
         let update_id = update.update_id;
         let message = update.message.as_ref();
@@ -158,63 +187,46 @@ impl ExecHandler {
         if self.abandoned() {
             return Err(anyhow!("not started: fly is stopping"));
         }
+        let deadline = Instant::now() + self.timeout;
         let mut child = command.spawn().context("starting the handler")?;
         let mut group = Group::register(child.id()).context("registering the handler")?;
         if self.abandoned() {
             // fly began stopping between the check above and the registration.
             group.kill();
         }
+        let exit = ExitWatch::new(child.id()).context("watching the handler")?;
+        let mut pipes = Pipes::new(&mut child, update.raw.as_bytes(), update_id)
+            .context("setting up the handler's pipes")?;
 
-        // The update byte for byte as the platform sent it.
-        let input = update.raw.clone().into_bytes();
-        let mut stdin = child.stdin.take().expect("stdin is piped");
-        // Written on a thread that is never waited for: a handler that does
-        // not read stdin must not block us once the pipe buffer is full. The
-        // write ends (done, or a broken pipe) when the handler exits or is killed.
-        std::thread::spawn(move || {
-            let _ = stdin.write_all(&input);
-        });
-        let mut stdout = child.stdout.take().expect("stdout is piped");
-        let (reply_sender, reply_receiver) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut reply = Vec::new();
-            let read = (&mut stdout).take(MAX_REPLY_BYTES).read_to_end(&mut reply);
-            // Keep draining so the handler never blocks on a full pipe.
-            let _ = std::io::copy(&mut stdout, &mut std::io::sink());
-            let _ = reply_sender.send(read.map(|_| reply));
-        });
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let (logged_sender, logged) = mpsc::channel::<()>();
-        std::thread::spawn(move || {
-            log_stderr(stderr, update_id);
-            drop(logged_sender);
-        });
-        // The watchdog kills the group at the deadline unless the handler is
-        // done first (its channel closes). Every wait below is a blocking one
-        // that a kill ends: the exit, the end of stdout.
-        let (done, watched) = mpsc::channel::<()>();
-        let timed_out = Arc::new(AtomicBool::new(false));
-        let watchdog_timed_out = Arc::clone(&timed_out);
-        let timeout = self.timeout;
-        let watched_group = group.id();
-        std::thread::spawn(move || {
-            if let Err(RecvTimeoutError::Timeout) = watched.recv_timeout(timeout) {
-                watchdog_timed_out.store(true, Ordering::SeqCst);
-                children::kill_group(watched_group);
+        // The reply is complete once the handler exited and its stdout
+        // closed; a background job it started may hold stdout open after
+        // the shell exits, so both count against the timeout.
+        let mut exited = false;
+        let mut timed_out = false;
+        while !(exited && pipes.stdout.is_none()) {
+            let mut fds = pipes.wanted();
+            if !exited {
+                fds.push(child_io::want(exit.fd(), libc::POLLIN));
             }
-        });
-
-        // The reply is complete once the handler exited and its stdout closed;
-        // a background job it started may hold stdout open after the shell
-        // exits, so both count against the timeout.
+            if !child_io::wait(&mut fds, Some(deadline)).context("waiting for the handler")? {
+                timed_out = true;
+                break;
+            }
+            pipes.serve(&fds);
+            if !exited && fds.last().is_some_and(child_io::readable) {
+                exited = true;
+            }
+        }
+        if timed_out {
+            group.kill();
+        }
+        // At once: it has exited, or has just been killed.
         let status = child.wait().context("waiting for the handler")?;
-        let reply = reply_receiver.recv();
-        drop(done);
         group.leader_reaped();
         // Lines written before the handler ended still reach the log; a
         // background job that keeps stderr open is not waited for.
-        let _ = logged.recv_timeout(LOG_GRACE);
-        if timed_out.load(Ordering::SeqCst) {
+        pipes.log_the_rest(Instant::now() + LOG_GRACE);
+        if timed_out {
             return Err(anyhow!("timed out after {:?}; killed", self.timeout));
         }
         if self.abandoned() && !status.success() {
@@ -224,16 +236,162 @@ impl ExecHandler {
             );
             return Err(anyhow!("killed: fly is stopping"));
         }
-        let reply = reply
-            .map_err(|_| anyhow!("reading the handler's output failed"))?
-            .context("reading the handler's output")?;
         if let Some(problem) = SetupProblem::from_status(status) {
-            return Err(SetupError::new(&self.command, problem).into());
+            return Err(SetupError::new("--exec", &self.command, problem).into());
         }
         if !status.success() {
             return Err(anyhow!("failed ({status})"));
         }
-        String::from_utf8(reply).map_err(|_| anyhow!("its output is not UTF-8"))
+        String::from_utf8(pipes.reply).map_err(|_| anyhow!("its output is not UTF-8"))
+    }
+}
+
+/// The three pipes of a handler run, served from one thread.
+struct Pipes<'a> {
+    stdin: Option<ChildStdin>,
+    input: &'a [u8],
+    stdout: Option<ChildStdout>,
+    /// The first `MAX_REPLY_BYTES` of stdout; the rest is read and dropped,
+    /// so the handler never blocks on a full pipe.
+    reply: Vec<u8>,
+    stderr: Option<ChildStderr>,
+    lines: LogLines,
+    update_id: i64,
+    buffer: Box<[u8]>,
+}
+
+impl<'a> Pipes<'a> {
+    fn new(child: &mut Child, input: &'a [u8], update_id: i64) -> std::io::Result<Pipes<'a>> {
+        let stdin = child.stdin.take().expect("stdin is piped");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        child_io::set_nonblocking(&stdin)?;
+        child_io::set_nonblocking(&stdout)?;
+        child_io::set_nonblocking(&stderr)?;
+        Ok(Pipes {
+            // An empty update (never sent, but harmless) closes stdin at once.
+            stdin: (!input.is_empty()).then_some(stdin),
+            input,
+            stdout: Some(stdout),
+            reply: Vec::new(),
+            stderr: Some(stderr),
+            lines: LogLines::default(),
+            update_id,
+            buffer: vec![0; 64 * 1024].into_boxed_slice(),
+        })
+    }
+
+    /// What to wait for: room in stdin while there is input left, output on
+    /// stdout and stderr until they close. In this order (see `serve`).
+    fn wanted(&self) -> Vec<libc::pollfd> {
+        let mut fds = Vec::with_capacity(4);
+        let none = -1; // poll(2) skips negative descriptors
+        fds.push(child_io::want(
+            self.stdin.as_ref().map_or(none, |pipe| pipe.as_raw_fd()),
+            libc::POLLOUT,
+        ));
+        fds.push(child_io::want(
+            self.stdout.as_ref().map_or(none, |pipe| pipe.as_raw_fd()),
+            libc::POLLIN,
+        ));
+        fds.push(child_io::want(
+            self.stderr.as_ref().map_or(none, |pipe| pipe.as_raw_fd()),
+            libc::POLLIN,
+        ));
+        fds
+    }
+
+    /// Writes, reads and logs what the poll said is ready.
+    fn serve(&mut self, fds: &[libc::pollfd]) {
+        if fds[0].fd >= 0 && child_io::writable(&fds[0]) {
+            self.write_input();
+        }
+        if fds[1].fd >= 0 && child_io::readable(&fds[1]) {
+            self.read_stdout();
+        }
+        if fds[2].fd >= 0 && child_io::readable(&fds[2]) {
+            self.read_stderr();
+        }
+    }
+
+    /// The update, byte for byte as the platform sent it. A handler that
+    /// does not read it all (it exits, or closes stdin) ends the writing:
+    /// that is its business, not a failure.
+    fn write_input(&mut self) {
+        let Some(stdin) = self.stdin.as_mut() else {
+            return;
+        };
+        loop {
+            match stdin.write(self.input) {
+                Ok(written) => {
+                    self.input = &self.input[written..];
+                    if self.input.is_empty() {
+                        self.stdin = None; // end of input
+                        return;
+                    }
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(_) => {
+                    self.stdin = None;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn read_stdout(&mut self) {
+        let Some(stdout) = self.stdout.as_mut() else {
+            return;
+        };
+        loop {
+            match child_io::read_some(stdout, &mut self.buffer) {
+                Chunk::Data(read) => {
+                    let room = MAX_REPLY_BYTES.saturating_sub(self.reply.len());
+                    self.reply
+                        .extend_from_slice(&self.buffer[..read.min(room)]);
+                }
+                Chunk::End => {
+                    self.stdout = None;
+                    return;
+                }
+                Chunk::Empty => return,
+            }
+        }
+    }
+
+    fn read_stderr(&mut self) {
+        let Some(stderr) = self.stderr.as_mut() else {
+            return;
+        };
+        let update_id = self.update_id;
+        let mut log = |text: &str| tracing::warn!(update_id, "[exec] {text}");
+        loop {
+            match child_io::read_some(stderr, &mut self.buffer) {
+                Chunk::Data(read) => self.lines.push(&self.buffer[..read], &mut log),
+                Chunk::End => {
+                    self.stderr = None;
+                    self.lines.finish(&mut log);
+                    return;
+                }
+                Chunk::Empty => return,
+            }
+        }
+    }
+
+    /// Once the handler is gone: its stderr until it closes or `deadline`.
+    fn log_the_rest(&mut self, deadline: Instant) {
+        self.stdin = None;
+        while let Some(stderr) = self.stderr.as_ref() {
+            let mut fds = [child_io::want(stderr.as_raw_fd(), libc::POLLIN)];
+            match child_io::wait(&mut fds, Some(deadline)) {
+                Ok(true) => self.read_stderr(),
+                Ok(false) | Err(_) => break,
+            }
+        }
+        let update_id = self.update_id;
+        self.lines
+            .finish(&mut |text: &str| tracing::warn!(update_id, "[exec] {text}"));
     }
 }
 
@@ -263,6 +421,8 @@ impl SetupProblem {
 /// as its one error line, naming the command and the likely fix.
 #[derive(Debug)]
 pub struct SetupError {
+    /// `--exec` or `--exec-worker`.
+    flag: &'static str,
     command: String,
     problem: SetupProblem,
     /// The program the command plainly names, and what is at that path.
@@ -282,7 +442,7 @@ enum Found {
 impl SetupError {
     /// Looks at the program the command names right away, from fly's working
     /// directory (the handler's too), so the hint says which fix applies.
-    pub fn new(command: &str, problem: SetupProblem) -> SetupError {
+    pub fn new(flag: &'static str, command: &str, problem: SetupProblem) -> SetupError {
         let program = program_path(command).map(|path| {
             let found = match std::fs::metadata(path) {
                 Err(_) => Found::Nothing,
@@ -293,6 +453,7 @@ impl SetupError {
             (path.to_string(), found)
         });
         SetupError {
+            flag,
             command: command.to_string(),
             problem,
             program,
@@ -303,6 +464,7 @@ impl SetupError {
 impl fmt::Display for SetupError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let command = &self.command;
+        let flag = self.flag;
         let program = self
             .program
             .as_ref()
@@ -310,36 +472,36 @@ impl fmt::Display for SetupError {
         match (self.problem, program) {
             (SetupProblem::NotExecutable, Some((path, Found::Directory))) => write!(
                 f,
-                "--exec {command:?} could not be run (exit 126): {path} is a directory"
+                "{flag} {command:?} could not be run (exit 126): {path} is a directory"
             ),
             (SetupProblem::NotExecutable, Some((path, Found::Executable))) => write!(
                 f,
-                "--exec {command:?} could not be run (exit 126): {path} is executable, so \
+                "{flag} {command:?} could not be run (exit 126): {path} is executable, so \
                  its #! interpreter or a program it runs is not: chmod +x that one"
             ),
             (SetupProblem::NotExecutable, Some((path, _))) => write!(
                 f,
-                "--exec {command:?} could not be run (exit 126): is it executable? \
+                "{flag} {command:?} could not be run (exit 126): is it executable? \
                  chmod +x {path}"
             ),
             (SetupProblem::NotExecutable, None) => write!(
                 f,
-                "--exec {command:?} could not be run (exit 126): is it executable? \
+                "{flag} {command:?} could not be run (exit 126): is it executable? \
                  chmod +x the program it runs"
             ),
             (SetupProblem::NotFound, Some((path, Found::Nothing))) => write!(
                 f,
-                "--exec {command:?}: {path} not found (exit 127): check the path \
+                "{flag} {command:?}: {path} not found (exit 127): check the path \
                  (a relative one starts from fly's working directory)"
             ),
             (SetupProblem::NotFound, Some((path, _))) => write!(
                 f,
-                "--exec {command:?}: a command in {path}, or its #! interpreter, was not \
+                "{flag} {command:?}: a command in {path}, or its #! interpreter, was not \
                  found (exit 127): check the paths it uses and PATH"
             ),
             (SetupProblem::NotFound, None) => write!(
                 f,
-                "--exec {command:?}: command not found (exit 127): check the path / PATH"
+                "{flag} {command:?}: command not found (exit 127): check the path / PATH"
             ),
         }
     }
@@ -367,28 +529,6 @@ fn program_path(command: &str) -> Option<&str> {
         .bytes()
         .all(|byte| byte.is_ascii_alphanumeric() || b"/._-+,@%:".contains(&byte));
     (plain && first.contains('/')).then_some(first)
-}
-
-/// Logs the handler's stderr, one warning per line, until it is closed.
-/// Lines are raw bytes shown lossily: a handler printing non-UTF-8 (a Latin-1
-/// message, a stray binary byte) must not silence every line after it. A line
-/// longer than `MAX_LOG_LINE` is logged in pieces.
-fn log_stderr(stderr: impl Read, update_id: i64) {
-    let mut stderr = BufReader::new(stderr);
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        match (&mut stderr)
-            .take(MAX_LOG_LINE)
-            .read_until(b'\n', &mut line)
-        {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let text = String::from_utf8_lossy(&line);
-        let text = text.trim_end_matches(['\n', '\r']);
-        tracing::warn!(update_id, "[exec] {text}");
-    }
 }
 
 #[cfg(test)]
@@ -436,7 +576,7 @@ mod tests {
     #[test]
     fn set_up_errors_name_the_command_and_the_fix() {
         use std::os::unix::fs::PermissionsExt;
-        let message = |command: &str, problem| SetupError::new(command, problem).to_string();
+        let message = |command: &str, problem| SetupError::new("--exec", command, problem).to_string();
         let dir = tempfile::tempdir().unwrap();
         let in_dir = |name: &str| dir.path().join(name).display().to_string();
         let script = |name: &str, mode: u32| {

@@ -5,9 +5,11 @@
 //! platform with the offset and handled ids kept in the state store.
 
 pub mod echo;
+pub mod child_io;
 pub mod exec;
 pub mod forward;
 pub mod poll_loop;
+pub mod worker;
 
 use crate::api::{ApiError, Update};
 use crate::state::Store;
@@ -85,6 +87,11 @@ pub trait Handler: Send + Sync {
     /// now (failing their updates, so they are delivered again) and start no
     /// more. Only handlers that can hang for long need to do anything.
     fn abandon(&self) {}
+
+    /// fly is done with the handler (every update in hand has finished or
+    /// been abandoned): end whatever it keeps running (`--exec-worker`'s
+    /// workers). Called once, at the end of every run.
+    fn close(&self) {}
 }
 
 /// Records an update that can never be handled and marks it handled, so it

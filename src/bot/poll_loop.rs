@@ -108,6 +108,8 @@ pub fn run(
         }
         scheduler.wait_until_done();
     });
+    // No update is in hand any more: long-lived workers can go.
+    handler.close();
 
     let state = scheduler.lock();
     store.advance_offset(state.offset())?;

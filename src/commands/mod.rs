@@ -219,22 +219,34 @@ pub fn print_line(line: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What answers updates: the `--exec` handler when one is given, else the echo
-/// (with the media round trip when `media_dir` is set).
+/// What answers updates: the `--exec` handler or the `--exec-worker`
+/// workers (`concurrency` of them) when one is given, else the echo (with
+/// the media round trip when `media_dir` is set).
 pub fn reply_handler(
     exec: &crate::cli::ExecArgs,
     client: ApiClient,
     media_dir: Option<std::path::PathBuf>,
+    concurrency: usize,
 ) -> std::sync::Arc<dyn crate::bot::Handler> {
-    match &exec.exec {
-        Some(command) => std::sync::Arc::new(crate::bot::exec::ExecHandler::new(
+    let timeout = std::time::Duration::from_secs(exec.exec_timeout);
+    if let Some(command) = &exec.exec {
+        return std::sync::Arc::new(crate::bot::exec::ExecHandler::new(
             command.clone(),
-            std::time::Duration::from_secs(exec.exec_timeout),
+            timeout,
             client,
             exec.exec_pass_token,
-        )),
-        None => std::sync::Arc::new(crate::bot::echo::EchoHandler { client, media_dir }),
+        ));
     }
+    if let Some(command) = &exec.exec_worker {
+        return std::sync::Arc::new(crate::bot::worker::WorkerPool::start(
+            command.clone(),
+            concurrency,
+            timeout,
+            client,
+            exec.exec_pass_token,
+        ));
+    }
+    std::sync::Arc::new(crate::bot::echo::EchoHandler { client, media_dir })
 }
 
 /// The one secret a signing command signs with (`fly sign`, `fly forward`),

@@ -57,7 +57,7 @@ pub fn run(args: ServeWebhookArgs) -> anyhow::Result<ExitCode> {
         let file = SqliteStore::open_for(&identity, state_path)?.with_retention(retention);
         Ok(Arc::new(Front::open(file, window)?))
     };
-    let handler = reply_handler(&args.exec, client, None);
+    let handler = reply_handler(&args.exec, client, None, args.concurrency as usize);
     let config = WebhookConfig {
         bind: args.bind,
         port: args.port,

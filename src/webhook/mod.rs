@@ -145,6 +145,8 @@ pub fn run_until_signal(
     // so the platform delivers them again.
     handler.abandon();
     runtime.shutdown_timeout(ABANDON_GRACE);
+    // No delivery is in hand any more: long-lived workers can go.
+    handler.close();
     // What was answered is on disk before the process ends.
     if let Err(error) = store.flush() {
         tracing::error!("the state store could not save its last writes: {error:#}");

@@ -46,7 +46,7 @@ fn poll_once(
 
 /// A long-running `fly` child (poll-echo, serve-webhook, forward) pointed at
 /// the emulator. Its stderr is collected as it comes; killed when dropped.
-struct Service {
+pub(crate) struct Service {
     child: Child,
     stdout: BufReader<ChildStdout>,
     log: Arc<Mutex<String>>,
@@ -54,7 +54,7 @@ struct Service {
 }
 
 impl Service {
-    fn start(emulator: &Emulator, args: &[&str]) -> Service {
+    pub(crate) fn start(emulator: &Emulator, args: &[&str]) -> Service {
         let mut child = fly_child(&emulator.base_url)
             .args(args)
             .stdin(Stdio::null())
@@ -84,19 +84,19 @@ impl Service {
     }
 
     /// The first stdout line (serve-webhook's URL).
-    fn first_line(&mut self) -> String {
+    pub(crate) fn first_line(&mut self) -> String {
         let mut line = String::new();
         self.stdout.read_line(&mut line).unwrap();
         line.trim().to_string()
     }
 
     /// stderr so far.
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
 
     /// Waits for the child to exit by itself; then its whole stderr is in `log`.
-    fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
+    pub(crate) fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -119,7 +119,7 @@ impl Drop for Service {
 }
 
 /// The text reply a handler's stdout becomes.
-fn text_reply(update_id: i64, content: &str, chat_type: &str, chat_id: &str) -> Value {
+pub(crate) fn text_reply(update_id: i64, content: &str, chat_type: &str, chat_id: &str) -> Value {
     let mut expected = json!({
         "msg_type": "text",
         "data": {"content": content},
@@ -544,23 +544,30 @@ fn start_receiver(
     state: &Path,
     handler: &str,
 ) -> (Service, String) {
+    start_receiver_with(emulator, port, state, &["--exec", handler])
+}
+
+/// `fly serve-webhook` on a port with `extra` arguments (the handler).
+pub(crate) fn start_receiver_with(
+    emulator: &Emulator,
+    port: u16,
+    state: &Path,
+    extra: &[&str],
+) -> (Service, String) {
     let port = port.to_string();
-    let mut receiver = Service::start(
-        emulator,
-        &[
-            "serve-webhook",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            &port,
-            "--state",
-            state.to_str().unwrap(),
-            "--secret",
-            "forward-test-secret",
-            "--exec",
-            handler,
-        ],
-    );
+    let mut args = vec![
+        "serve-webhook",
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        &port,
+        "--state",
+        state.to_str().unwrap(),
+        "--secret",
+        "forward-test-secret",
+    ];
+    args.extend_from_slice(extra);
+    let mut receiver = Service::start(emulator, &args);
     let url = receiver.first_line();
     assert!(
         url.starts_with("http://127.0.0.1:"),
@@ -998,7 +1005,7 @@ fn poll_echo_stops_with_exit_1_on_a_handler_that_cannot_run_and_keeps_the_update
 }
 
 /// A delivery of a text update, signed for `start_receiver`'s secret.
-fn signed_delivery(update_id: i64, chat_id: &str, text: &str) -> String {
+pub(crate) fn signed_delivery(update_id: i64, chat_id: &str, text: &str) -> String {
     let update = json!({
         "update_id": update_id,
         "type": "message",
@@ -1012,7 +1019,7 @@ fn signed_delivery(update_id: i64, chat_id: &str, text: &str) -> String {
 }
 
 /// POSTs a delivery; returns the status code and body.
-fn deliver(url: &str, body: &str) -> (u16, String) {
+pub(crate) fn deliver(url: &str, body: &str) -> (u16, String) {
     let agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(30)))
@@ -1196,7 +1203,7 @@ fn start_poll_echo(emulator: &Emulator, dir: &Path, handler: &str, extra: &[&str
     Service::start(emulator, &args)
 }
 
-fn signal(service: &Service, name: &str) {
+pub(crate) fn signal(service: &Service, name: &str) {
     let sent = Command::new("kill")
         .args([&format!("-{name}"), &service.child.id().to_string()])
         .status()
@@ -1206,7 +1213,7 @@ fn signal(service: &Service, name: &str) {
 
 /// SIGINT, then once the stop has begun a second SIGINT; the exit status
 /// if the service ends within 10 s after it.
-fn signal_twice(service: &mut Service) -> Option<ExitStatus> {
+pub(crate) fn signal_twice(service: &mut Service) -> Option<ExitStatus> {
     signal(service, "INT");
     wait_until(Duration::from_secs(10), "the stop to begin", || {
         service.log().contains("stopping")

@@ -15,3 +15,4 @@ mod reference;
 mod send;
 mod serve_webhook;
 mod signature;
+mod worker;

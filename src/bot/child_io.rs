@@ -1,0 +1,274 @@
+//! Talking to handler processes without a thread per pipe and without
+//! sleep-and-check: nonblocking pipes waited on with poll(2), and a child's
+//! exit seen as a file descriptor (a pidfd) so it can be waited on in the
+//! same poll. Shared by `--exec` (a process per update) and `--exec-worker`
+//! (long-lived workers).
+
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+/// A stderr "line" longer than this (binary output, no newlines) is logged in
+/// pieces rather than held in memory whole.
+pub const MAX_LOG_LINE: usize = 16 * 1024;
+
+/// Makes reads and writes on `fd` return `WouldBlock` instead of waiting.
+pub fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
+    let fd = fd.as_raw_fd();
+    // SAFETY: fcntl(2) on a descriptor the caller owns; no memory is passed.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// One descriptor to wait on.
+pub fn want(fd: RawFd, events: libc::c_short) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    }
+}
+
+/// Whether a descriptor polled for reading is ready: data, end of file, or an error.
+pub fn readable(fd: &libc::pollfd) -> bool {
+    fd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+}
+
+/// Whether a descriptor polled for writing is ready (or broken: the write says how).
+pub fn writable(fd: &libc::pollfd) -> bool {
+    fd.revents & (libc::POLLOUT | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+}
+
+/// poll(2) until one of `fds` is ready or `deadline` passes (`None`: no
+/// limit). Returns false on the deadline. A signal interrupting the wait is
+/// not an event: the wait goes on with the time left.
+pub fn wait(fds: &mut [libc::pollfd], deadline: Option<Instant>) -> io::Result<bool> {
+    loop {
+        let timeout_ms = match deadline {
+            None => -1,
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                // Rounded up: a wait that ends a little early would only
+                // come back for the last fraction of a millisecond.
+                let ms = left.as_nanos().div_ceil(1_000_000);
+                i32::try_from(ms).unwrap_or(i32::MAX)
+            }
+        };
+        for fd in fds.iter_mut() {
+            fd.revents = 0;
+        }
+        // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd of
+        // the length given.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+        if ready > 0 {
+            return Ok(true);
+        }
+        if ready == 0 {
+            if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                return Ok(false);
+            }
+            continue;
+        }
+        let error = io::Error::last_os_error();
+        if error.kind() != io::ErrorKind::Interrupted {
+            return Err(error);
+        }
+    }
+}
+
+/// What one nonblocking read brought.
+pub enum Chunk {
+    Data(usize),
+    /// The other end is closed (or the pipe failed: nothing more will come).
+    End,
+    /// Nothing to read right now.
+    Empty,
+}
+
+/// Reads once from a nonblocking pipe.
+pub fn read_some(pipe: &mut impl Read, buffer: &mut [u8]) -> Chunk {
+    loop {
+        return match pipe.read(buffer) {
+            Ok(0) => Chunk::End,
+            Ok(read) => Chunk::Data(read),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => Chunk::Empty,
+            Err(_) => Chunk::End,
+        };
+    }
+}
+
+/// A child's exit as a descriptor that becomes readable when the child has
+/// exited (it is not reaped: `Child::wait` does that, at once, afterwards).
+///
+/// A pidfd (Linux 5.3) where the kernel has one; elsewhere a thread waits
+/// for the exit with `waitid(WNOWAIT)` (which leaves the child for
+/// `Child::wait` to reap) and then closes the write end of a pipe.
+pub struct ExitWatch {
+    fd: OwnedFd,
+}
+
+impl ExitWatch {
+    pub fn new(pid: u32) -> io::Result<ExitWatch> {
+        let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::other("pid out of range"))?;
+        // SAFETY: pidfd_open(2) takes a pid and flags and returns a new
+        // descriptor (close-on-exec) or -1; the pid is our unreaped child,
+        // so it cannot name another process.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd >= 0 {
+            // SAFETY: a descriptor just returned to us and owned by nobody else.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+            return Ok(ExitWatch { fd });
+        }
+        let mut ends = [0 as RawFd; 2];
+        // SAFETY: pipe2(2) writes two descriptors into the array.
+        if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both descriptors were just created and are owned here alone.
+        let (read_end, write_end) =
+            unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
+        std::thread::Builder::new()
+            .name("fly-exit-watch".into())
+            .spawn(move || {
+                // SAFETY: waitid(2) fills the zeroed siginfo_t it is given.
+                unsafe {
+                    let mut info: libc::siginfo_t = std::mem::zeroed();
+                    libc::waitid(
+                        libc::P_PID,
+                        pid as libc::id_t,
+                        &mut info,
+                        libc::WEXITED | libc::WNOWAIT,
+                    );
+                }
+                drop(write_end);
+            })?;
+        Ok(ExitWatch { fd: read_end })
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Waits until the child has exited or `deadline` passes (false).
+    pub fn wait_until(&self, deadline: Instant) -> io::Result<bool> {
+        let mut fds = [want(self.fd(), libc::POLLIN)];
+        wait(&mut fds, Some(deadline))
+    }
+}
+
+/// Splits a stream of bytes (a handler's stderr) into lines for the log: a
+/// line is handed on without its `\n` (and `\r`), shown lossily (a handler
+/// printing non-UTF-8 must not silence the lines after it); a line longer
+/// than [`MAX_LOG_LINE`] is handed on in pieces.
+#[derive(Default)]
+pub struct LogLines {
+    partial: Vec<u8>,
+}
+
+impl LogLines {
+    pub fn push(&mut self, mut bytes: &[u8], emit: &mut impl FnMut(&str)) {
+        while !bytes.is_empty() {
+            let room = MAX_LOG_LINE - self.partial.len();
+            let take = bytes.len().min(room);
+            match bytes[..take].iter().position(|&byte| byte == b'\n') {
+                Some(at) => {
+                    self.partial.extend_from_slice(&bytes[..at]);
+                    self.emit(emit);
+                    bytes = &bytes[at + 1..];
+                }
+                None => {
+                    self.partial.extend_from_slice(&bytes[..take]);
+                    bytes = &bytes[take..];
+                    if self.partial.len() >= MAX_LOG_LINE {
+                        self.emit(emit);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The last line, if it had no newline.
+    pub fn finish(&mut self, emit: &mut impl FnMut(&str)) {
+        if !self.partial.is_empty() {
+            self.emit(emit);
+        }
+    }
+
+    fn emit(&mut self, emit: &mut impl FnMut(&str)) {
+        let text = String::from_utf8_lossy(&self.partial);
+        emit(text.trim_end_matches(['\n', '\r']));
+        self.partial.clear();
+    }
+}
+
+/// Reads `pipe` (blocking) to its end, handing each line to `emit`: a
+/// worker's stderr, on a thread of its own for the worker's whole life.
+pub fn log_lines_until_end(mut pipe: impl Read, mut emit: impl FnMut(&str)) {
+    let mut lines = LogLines::default();
+    let mut buffer = [0u8; 8192];
+    loop {
+        match pipe.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(read) => lines.push(&buffer[..read], &mut emit),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    lines.finish(&mut emit);
+}
+
+/// How long `deadline` is from now, for messages.
+pub fn seconds(duration: Duration) -> String {
+    format!("{:.1} s", duration.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines_of(chunks: &[&[u8]]) -> Vec<String> {
+        let mut lines = LogLines::default();
+        let mut seen = Vec::new();
+        let mut emit = |line: &str| seen.push(line.to_string());
+        for chunk in chunks {
+            lines.push(chunk, &mut emit);
+        }
+        lines.finish(&mut emit);
+        seen
+    }
+
+    #[test]
+    fn lines_are_split_across_chunks_and_long_ones_in_pieces() {
+        assert_eq!(
+            lines_of(&[b"one\ntw", b"o\r\n\xff three", b"\nlast"]),
+            ["one", "two", "\u{fffd} three", "last"]
+        );
+        let long = vec![b'x'; MAX_LOG_LINE * 2 + 10];
+        let pieces = lines_of(&[&long, b"\nnext\n"]);
+        assert_eq!(pieces.len(), 4);
+        assert_eq!(pieces[0].len(), MAX_LOG_LINE);
+        assert_eq!(pieces[2], "x".repeat(10));
+        assert_eq!(pieces[3], "next");
+    }
+
+    #[test]
+    fn an_exit_is_seen_without_waiting_for_it() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "exit 3"])
+            .spawn()
+            .unwrap();
+        let watch = ExitWatch::new(child.id()).unwrap();
+        assert!(
+            watch
+                .wait_until(Instant::now() + Duration::from_secs(10))
+                .unwrap()
+        );
+        assert_eq!(child.wait().unwrap().code(), Some(3));
+    }
+}

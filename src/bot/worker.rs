@@ -1,0 +1,824 @@
+//! `--exec-worker CMD`: long-lived handlers, for programs whose start costs
+//! more than their work (an interpreter, a model, a database connection).
+//!
+//! fly keeps `--concurrency` workers (`sh -c CMD`, each in a process group
+//! of its own) and, for each message update, writes one line to a worker's
+//! stdin, the update compacted onto one line (see [`one_line`]), and reads
+//! exactly one line back:
+//!
+//! | answer | means |
+//! |---|---|
+//! | `{"reply":"text"}` | send this text to the chat (blank: nothing) |
+//! | `{"reply":{"msg_type":…,"data":{…}}}` | send this message |
+//! | `{}` | handled, no reply |
+//! | `{"error":"why"}` | failed: the update is retried, as a failed `--exec` |
+//!
+//! One update in flight per worker; one chat's updates go to one worker at
+//! a time, in the order they came. A worker that exits, answers anything
+//! else, or passes `--exec-timeout` is killed (its whole group) and started
+//! again, after a backoff when that keeps happening; the update it had
+//! fails and is retried, never lost. Its stderr goes to the log as an
+//! `--exec` handler's does. Non-message updates (`callback_query`, …) are
+//! not sent to workers: they are confirmed without a reply, as with `--exec`.
+//!
+//! At the end (a stop, once the updates in hand are done or the grace
+//! period is over) every worker gets the end of its stdin, a moment to
+//! exit, and then its group is killed: no worker outlives fly.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+use serde_json::Value;
+
+use super::child_io::{self, Chunk, ExitWatch};
+use super::exec::{MAX_REPLY_BYTES, Reply, SetupError, SetupProblem, send_reply};
+use super::{HandleError, Handler, Outcome, chat_label};
+use crate::api::{ApiClient, Update};
+use crate::children::Group;
+use crate::sync::lock;
+
+/// How long workers get to exit by themselves once their stdin is closed.
+const EXIT_WAIT: Duration = Duration::from_secs(1);
+/// The first restart after a failure waits this long; each failure in a
+/// row doubles it, up to `MAX_RESTART_DELAY`.
+const FIRST_RESTART_DELAY: Duration = Duration::from_millis(100);
+const MAX_RESTART_DELAY: Duration = Duration::from_secs(5);
+/// Said in the log line of a worker that breaks the protocol.
+const PROTOCOL: &str = r#"one JSON object per line: {"reply":"text"}, {"reply":{"msg_type":…,"data":{…}}}, {} or {"error":"why"}"#;
+
+pub struct WorkerPool {
+    command: String,
+    timeout: Duration,
+    client: ApiClient,
+    pass_token: bool,
+    state: Mutex<PoolState>,
+    changed: Condvar,
+}
+
+struct PoolState {
+    slots: Vec<Slot>,
+    /// Turns of the chats with an update in hand (see [`WorkerPool::take_turn`]).
+    chats: HashMap<String, Turns>,
+    /// fly is stopping: nothing new starts.
+    closed: bool,
+}
+
+enum Slot {
+    /// Running and waiting for an update.
+    Idle(Worker),
+    /// Lent to a thread handling an update; the group is 0 while it starts.
+    Busy { group: libc::pid_t },
+    /// Not running: (re)started when needed, not before `at`.
+    Down { failures: u32, at: Instant },
+}
+
+#[derive(Default)]
+struct Turns {
+    /// The ticket the next update of the chat gets.
+    next: u64,
+    /// The ticket whose turn it is.
+    serving: u64,
+}
+
+struct Worker {
+    index: usize,
+    child: Child,
+    group: Group,
+    stdin: Option<ChildStdin>,
+    stdout: ChildStdout,
+    /// Read from stdout and not yet taken as an answer.
+    pending: Vec<u8>,
+    /// The update in hand, for the stderr log (0: none).
+    current: Arc<AtomicI64>,
+    /// Failures in a row before this worker started: the backoff goes on
+    /// growing until one answers.
+    failures: u32,
+}
+
+/// Why a worker is no good any more.
+enum Broken {
+    /// It exited (its stdout closed, or its stdin did).
+    Exited,
+    TimedOut,
+    /// It wrote something that is not an answer.
+    Garbage(String),
+    /// Output came while it had no update.
+    Unasked(String),
+    Io(std::io::Error),
+}
+
+/// A conforming answer line.
+#[derive(Debug, PartialEq)]
+enum Answer {
+    Nothing,
+    Reply(Reply),
+    Error(String),
+}
+
+impl WorkerPool {
+    /// Starts `workers` workers at once, so the first updates do not wait
+    /// for an interpreter to start.
+    pub fn start(
+        command: String,
+        workers: usize,
+        timeout: Duration,
+        client: ApiClient,
+        pass_token: bool,
+    ) -> WorkerPool {
+        let now = Instant::now();
+        let pool = WorkerPool {
+            command,
+            timeout,
+            client,
+            pass_token,
+            state: Mutex::new(PoolState {
+                slots: (0..workers.max(1))
+                    .map(|_| Slot::Down {
+                        failures: 0,
+                        at: now,
+                    })
+                    .collect(),
+                chats: HashMap::new(),
+                closed: false,
+            }),
+            changed: Condvar::new(),
+        };
+        let mut state = pool.lock();
+        for index in 0..state.slots.len() {
+            state.slots[index] = match pool.spawn(index, 0) {
+                Ok(worker) => Slot::Idle(worker),
+                Err(error) => {
+                    tracing::warn!(worker = index, "--exec-worker: {error:#}");
+                    Slot::Down {
+                        failures: 1,
+                        at: now + restart_delay(1),
+                    }
+                }
+            };
+        }
+        drop(state);
+        tracing::info!(
+            workers = workers.max(1),
+            command = %pool.command,
+            "--exec-worker: workers started"
+        );
+        pool
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        lock(&self.state)
+    }
+
+    fn wait<'a>(
+        &self,
+        guard: MutexGuard<'a, PoolState>,
+        until: Option<Instant>,
+    ) -> MutexGuard<'a, PoolState> {
+        match until {
+            None => self
+                .changed
+                .wait(guard)
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            Some(at) => {
+                self.changed
+                    .wait_timeout(guard, at.saturating_duration_since(Instant::now()))
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .0
+            }
+        }
+    }
+
+    /// Starts worker `index`: `sh -c CMD` in a process group of its own,
+    /// registered so that no exit path of fly leaves it behind; its stderr
+    /// logged by a thread of its own for the worker's whole life.
+    fn spawn(&self, index: usize, failures: u32) -> anyhow::Result<Worker> {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(&self.command)
+            .env_remove("FLY_BOT_TOKEN")
+            .env_remove("FLY_WEBHOOK_SECRET")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        if self.pass_token {
+            command.env("FLY_BOT_TOKEN", self.client.token().expose());
+        }
+        let mut child = command.spawn().context("starting a worker")?;
+        let group = Group::register(child.id()).context("registering a worker")?;
+        let stdin = child.stdin.take().expect("stdin is piped");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        child_io::set_nonblocking(&stdin).context("setting up a worker's stdin")?;
+        child_io::set_nonblocking(&stdout).context("setting up a worker's stdout")?;
+        let current = Arc::new(AtomicI64::new(0));
+        let shown = Arc::clone(&current);
+        std::thread::Builder::new()
+            .name(format!("fly-worker-{index}-log"))
+            .spawn(move || {
+                child_io::log_lines_until_end(stderr, |text| {
+                    match shown.load(Ordering::Relaxed) {
+                        0 => tracing::warn!(worker = index, "[exec] {text}"),
+                        update_id => tracing::warn!(update_id, worker = index, "[exec] {text}"),
+                    }
+                });
+            })
+            .context("starting a worker's log thread")?;
+        tracing::debug!(worker = index, pid = child.id(), "worker started");
+        Ok(Worker {
+            index,
+            child,
+            group,
+            stdin: Some(stdin),
+            stdout,
+            pending: Vec::new(),
+            current,
+            failures,
+        })
+    }
+
+    /// Waits until no earlier update of `chat` is in hand: serve-webhook may
+    /// be given a chat's updates at the same time, and they go to the
+    /// workers one at a time, in the order they came. (poll-echo's
+    /// scheduler already hands over one update per chat at a time.)
+    fn take_turn(&self, chat: &str) -> Turn<'_> {
+        let mut state = self.lock();
+        let turns = state.chats.entry(chat.to_string()).or_default();
+        let ticket = turns.next;
+        turns.next += 1;
+        while state.chats.get(chat).is_some_and(|turns| turns.serving != ticket) {
+            state = self.wait(state, None);
+        }
+        Turn {
+            pool: self,
+            chat: chat.to_string(),
+        }
+    }
+
+    /// A worker to send an update to: an idle one, else one (re)started
+    /// now, else the first to become free or due for a restart.
+    fn check_out(&self) -> Result<Worker, HandleError> {
+        let mut state = self.lock();
+        loop {
+            if state.closed {
+                return Err(HandleError::Retry(anyhow!(
+                    "not sent to a worker: fly is stopping"
+                )));
+            }
+            if let Some(index) = state
+                .slots
+                .iter()
+                .position(|slot| matches!(slot, Slot::Idle(_)))
+            {
+                let worker = match std::mem::replace(&mut state.slots[index], Slot::Busy { group: 0 })
+                {
+                    Slot::Idle(worker) => worker,
+                    _ => unreachable!("the slot was idle"),
+                };
+                state.slots[index] = Slot::Busy {
+                    group: worker.group.id(),
+                };
+                return Ok(worker);
+            }
+            let now = Instant::now();
+            let due = state.slots.iter().position(|slot| match slot {
+                Slot::Down { at, .. } => *at <= now,
+                _ => false,
+            });
+            if let Some(index) = due {
+                let Slot::Down { failures, .. } =
+                    std::mem::replace(&mut state.slots[index], Slot::Busy { group: 0 })
+                else {
+                    unreachable!("the slot was down")
+                };
+                drop(state);
+                let started = self.spawn(index, failures);
+                state = self.lock();
+                match started {
+                    Ok(worker) if !state.closed => {
+                        state.slots[index] = Slot::Busy {
+                            group: worker.group.id(),
+                        };
+                        return Ok(worker);
+                    }
+                    Ok(worker) => {
+                        // fly began stopping while it started.
+                        state.slots[index] = Slot::Down { failures, at: now };
+                        drop(state);
+                        worker.group.kill();
+                        self.changed.notify_all();
+                        return Err(HandleError::Retry(anyhow!(
+                            "not sent to a worker: fly is stopping"
+                        )));
+                    }
+                    Err(error) => {
+                        let failures = failures + 1;
+                        state.slots[index] = Slot::Down {
+                            failures,
+                            at: Instant::now() + restart_delay(failures),
+                        };
+                        self.changed.notify_all();
+                        return Err(HandleError::Retry(error));
+                    }
+                }
+            }
+            let next_restart = state
+                .slots
+                .iter()
+                .filter_map(|slot| match slot {
+                    Slot::Down { at, .. } => Some(*at),
+                    _ => None,
+                })
+                .min();
+            state = self.wait(state, next_restart);
+        }
+    }
+
+    /// Gives back a worker that answered.
+    fn check_in(&self, mut worker: Worker) {
+        worker.failures = 0;
+        let index = worker.index;
+        let mut state = self.lock();
+        if state.closed {
+            drop(state);
+            end_gracefully(vec![worker]);
+            return;
+        }
+        state.slots[index] = Slot::Idle(worker);
+        drop(state);
+        self.changed.notify_all();
+    }
+
+    /// Kills a broken worker's group and schedules its restart. An exit
+    /// status of 126 or 127 (the command cannot be run at all) is a
+    /// set-up error, as for `--exec`.
+    fn retire(&self, mut worker: Worker, why: &Broken) -> Option<SetupError> {
+        worker.group.kill();
+        let status = worker.child.wait().ok();
+        worker.group.leader_reaped();
+        let failures = worker.failures + 1;
+        let delay = restart_delay(failures);
+        let index = worker.index;
+        let setup = status
+            .and_then(SetupProblem::from_status)
+            .map(|problem| SetupError::new("--exec-worker", &self.command, problem));
+        let exit = status.map_or_else(|| "unknown".to_string(), |status| status.to_string());
+        let mut state = self.lock();
+        if !state.closed && setup.is_none() {
+            tracing::warn!(
+                worker = index,
+                failures,
+                "worker {}; killed ({exit}), restarting in {:.1} s",
+                describe(why, self.timeout),
+                delay.as_secs_f64()
+            );
+        }
+        state.slots[index] = Slot::Down {
+            failures,
+            at: Instant::now() + delay,
+        };
+        drop(state);
+        self.changed.notify_all();
+        setup
+    }
+
+    /// Sends `update` to a worker and waits for its answer.
+    fn ask(&self, update: &Update) -> Result<Answer, HandleError> {
+        let line = one_line(&update.raw);
+        // A worker found dead (or talking out of turn) before the update was
+        // sent costs the update nothing: another one takes it. Bounded, for
+        // a command whose every worker dies at once.
+        for _ in 0..3 {
+            let mut worker = self.check_out()?;
+            let deadline = Instant::now() + self.timeout;
+            let result = match worker.check_quiet() {
+                Err(broken) => Err((broken, false)),
+                Ok(()) => {
+                    worker.current.store(update.update_id, Ordering::Relaxed);
+                    let exchanged = worker
+                        .write_line(&line, deadline)
+                        .and_then(|()| worker.read_line(deadline))
+                        .and_then(|line| parse_answer(&line).map_err(Broken::Garbage));
+                    worker.current.store(0, Ordering::Relaxed);
+                    exchanged.map_err(|broken| (broken, true))
+                }
+            };
+            match result {
+                Ok(answer) => {
+                    self.check_in(worker);
+                    return Ok(answer);
+                }
+                Err((broken, sent)) => {
+                    let index = worker.index;
+                    if let Some(setup) = self.retire(worker, &broken) {
+                        return Err(HandleError::Fatal(setup.into()));
+                    }
+                    if sent {
+                        return Err(HandleError::Retry(anyhow!(
+                            "--exec-worker {:?}: worker {index} {}",
+                            self.command,
+                            describe(&broken, self.timeout)
+                        )));
+                    }
+                }
+            }
+        }
+        Err(HandleError::Retry(anyhow!(
+            "--exec-worker {:?}: the workers keep exiting",
+            self.command
+        )))
+    }
+
+    /// Starts nothing more; kills the groups of workers with an update in
+    /// hand (their updates fail and come again) and returns the idle ones.
+    fn close_slots(&self) -> Vec<Worker> {
+        let mut state = self.lock();
+        state.closed = true;
+        let mut idle = Vec::new();
+        for slot in &mut state.slots {
+            match slot {
+                Slot::Busy { group } if *group != 0 => crate::children::kill_group(*group),
+                Slot::Idle(_) => {
+                    let Slot::Idle(worker) = std::mem::replace(
+                        slot,
+                        Slot::Down {
+                            failures: 0,
+                            at: Instant::now(),
+                        },
+                    ) else {
+                        unreachable!("the slot was idle")
+                    };
+                    idle.push(worker);
+                }
+                _ => {}
+            }
+        }
+        drop(state);
+        self.changed.notify_all();
+        idle
+    }
+}
+
+/// The turn of one update of a chat; the next update's turn when dropped.
+struct Turn<'a> {
+    pool: &'a WorkerPool,
+    chat: String,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut state = self.pool.lock();
+        if let Some(turns) = state.chats.get_mut(&self.chat) {
+            turns.serving += 1;
+            if turns.serving == turns.next {
+                state.chats.remove(&self.chat);
+            }
+        }
+        drop(state);
+        self.pool.changed.notify_all();
+    }
+}
+
+impl Handler for WorkerPool {
+    fn handle(&self, update: &Update) -> Result<Outcome, HandleError> {
+        let Some(message) = update.message.as_ref() else {
+            // Not a message: confirmed without a reply, as with --exec.
+            return Ok(Outcome::Ignored);
+        };
+        let answer = {
+            let _turn = self.take_turn(&chat_label(update));
+            self.ask(update)?
+        };
+        match answer {
+            Answer::Nothing => Ok(Outcome::Handled),
+            Answer::Reply(reply) => send_reply(&self.client, update, message, reply),
+            Answer::Error(why) => Err(HandleError::Retry(anyhow!(
+                "--exec-worker {:?} answered an error: {why}",
+                self.command
+            ))),
+        }
+    }
+
+    /// The grace period is over: workers with an update in hand are killed
+    /// (their updates come again), the others get the end of their stdin
+    /// and a moment to exit, then are killed. Nothing starts any more.
+    fn abandon(&self) {
+        let idle = self.close_slots();
+        // The stop's listener must return at once: the moment is waited out
+        // on a thread of its own.
+        let _ = std::thread::Builder::new()
+            .name("fly-worker-stop".into())
+            .spawn(move || end_gracefully(idle));
+    }
+
+    fn close(&self) {
+        end_gracefully(self.close_slots());
+    }
+}
+
+impl Drop for WorkerPool {
+    fn drop(&mut self) {
+        end_gracefully(self.close_slots());
+    }
+}
+
+/// The end of stdin for every worker, up to [`EXIT_WAIT`] to exit, then
+/// SIGKILL to each group (anything they started included) and the reaping.
+fn end_gracefully(mut workers: Vec<Worker>) {
+    if workers.is_empty() {
+        return;
+    }
+    for worker in &mut workers {
+        worker.stdin = None;
+    }
+    let deadline = Instant::now() + EXIT_WAIT;
+    for worker in &mut workers {
+        if let Ok(exit) = ExitWatch::new(worker.child.id()) {
+            let _ = exit.wait_until(deadline);
+        }
+        worker.group.kill();
+        let _ = worker.child.wait();
+        worker.group.leader_reaped();
+    }
+}
+
+/// After `failures` failures in a row: 0.1 s, 0.2 s, 0.4 s, … up to 5 s.
+fn restart_delay(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    (FIRST_RESTART_DELAY * 2u32.pow(doublings)).min(MAX_RESTART_DELAY)
+}
+
+fn describe(broken: &Broken, timeout: Duration) -> String {
+    match broken {
+        Broken::Exited => "exited".to_string(),
+        Broken::TimedOut => format!("did not answer within {timeout:?} (--exec-timeout)"),
+        Broken::Garbage(why) => format!("broke the protocol ({PROTOCOL}): {why}"),
+        Broken::Unasked(what) => format!(
+            "wrote to stdout while it had no update ({what}); stdout is for answers only, \
+             log to stderr"
+        ),
+        Broken::Io(error) => format!("could not be talked to: {error}"),
+    }
+}
+
+impl Worker {
+    /// Before an update is sent: the worker must still run and have said
+    /// nothing since its last answer.
+    fn check_quiet(&mut self) -> Result<(), Broken> {
+        if !self.pending.is_empty() {
+            return Err(Broken::Unasked(shown(&self.pending)));
+        }
+        let mut fds = [child_io::want(self.stdout.as_raw_fd(), libc::POLLIN)];
+        if !child_io::wait(&mut fds, Some(Instant::now())).map_err(Broken::Io)? {
+            return Ok(());
+        }
+        let mut buffer = [0u8; 4096];
+        match child_io::read_some(&mut self.stdout, &mut buffer) {
+            Chunk::End => Err(Broken::Exited),
+            Chunk::Data(read) => Err(Broken::Unasked(shown(&buffer[..read]))),
+            Chunk::Empty => Ok(()),
+        }
+    }
+
+    fn write_line(&mut self, line: &[u8], deadline: Instant) -> Result<(), Broken> {
+        let stdin = self.stdin.as_mut().ok_or(Broken::Exited)?;
+        let mut rest = line;
+        while !rest.is_empty() {
+            match stdin.write(rest) {
+                Ok(written) => rest = &rest[written..],
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                    // A worker busy with something else, or not reading.
+                    let mut fds = [child_io::want(stdin.as_raw_fd(), libc::POLLOUT)];
+                    if !child_io::wait(&mut fds, Some(deadline)).map_err(Broken::Io)? {
+                        return Err(Broken::TimedOut);
+                    }
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => {
+                    return Err(Broken::Exited);
+                }
+                Err(error) => return Err(Broken::Io(error)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The next line of stdout, without its line ending.
+    fn read_line(&mut self, deadline: Instant) -> Result<Vec<u8>, Broken> {
+        let mut buffer = [0u8; 16 * 1024];
+        let mut searched = 0;
+        loop {
+            if let Some(at) = self.pending[searched..].iter().position(|&b| b == b'\n') {
+                let end = searched + at;
+                let rest = self.pending.split_off(end + 1);
+                let mut line = std::mem::replace(&mut self.pending, rest);
+                line.truncate(end);
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                return Ok(line);
+            }
+            searched = self.pending.len();
+            if self.pending.len() > MAX_REPLY_BYTES {
+                return Err(Broken::Garbage(format!(
+                    "a line longer than {} KiB",
+                    MAX_REPLY_BYTES / 1024
+                )));
+            }
+            let mut fds = [child_io::want(self.stdout.as_raw_fd(), libc::POLLIN)];
+            if !child_io::wait(&mut fds, Some(deadline)).map_err(Broken::Io)? {
+                return Err(Broken::TimedOut);
+            }
+            match child_io::read_some(&mut self.stdout, &mut buffer) {
+                Chunk::Data(read) => self.pending.extend_from_slice(&buffer[..read]),
+                Chunk::End if self.pending.is_empty() => return Err(Broken::Exited),
+                Chunk::End => {
+                    return Err(Broken::Garbage(format!(
+                        "{} and no newline before it exited",
+                        shown(&self.pending)
+                    )));
+                }
+                Chunk::Empty => {}
+            }
+        }
+    }
+}
+
+/// Output for a log line: lossy, and cut short.
+fn shown(bytes: &[u8]) -> String {
+    const SHOWN: usize = 200;
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(SHOWN)]);
+    let text = text.trim_end_matches(['\n', '\r']);
+    if bytes.len() > SHOWN {
+        format!("{text:?}…")
+    } else {
+        format!("{text:?}")
+    }
+}
+
+/// One answer line, or why it is not one.
+fn parse_answer(line: &[u8]) -> Result<Answer, String> {
+    let not_an_answer = || format!("got {}", shown(line));
+    let Ok(Value::Object(mut object)) = serde_json::from_slice::<Value>(line) else {
+        return Err(not_an_answer());
+    };
+    let reply = object.remove("reply");
+    let error = object.remove("error");
+    if let Some(key) = object.keys().next() {
+        return Err(format!("unknown key {key:?} in {}", shown(line)));
+    }
+    match (reply, error) {
+        (None, None) => Ok(Answer::Nothing),
+        (None, Some(Value::String(why))) => Ok(Answer::Error(why)),
+        (Some(Value::String(text)), None) if text.trim().is_empty() => Ok(Answer::Nothing),
+        (Some(Value::String(text)), None) => Ok(Answer::Reply(Reply::Text(text))),
+        (Some(Value::Object(mut message)), None) => {
+            let msg_type = message.remove("msg_type");
+            let data = message.remove("data");
+            match (msg_type, data) {
+                (Some(Value::String(msg_type)), Some(Value::Object(data))) if message.is_empty() => {
+                    Ok(Answer::Reply(Reply::Message { msg_type, data }))
+                }
+                _ => Err(format!(
+                    "a reply object needs a string msg_type and an object data, and nothing \
+                     else: {}",
+                    shown(line)
+                )),
+            }
+        }
+        _ => Err(not_an_answer()),
+    }
+}
+
+/// The update on one line, for a worker's stdin: the whitespace between
+/// tokens dropped, every token kept byte for byte.
+///
+/// Why a lexer and not a JSON parser and writer: the worker is to see the
+/// update as the platform sent it, and re-serialising would change it (big
+/// integers, `1E2`, `\u00e9` escapes, key order, duplicate keys). And why
+/// this is enough: the text already parsed as JSON (it is an update), so
+/// outside strings, whitespace only ever separates tokens, and two tokens
+/// of a valid document always have a structural character (`{}[],:`)
+/// between them, so dropping it can never join two into one; strings are
+/// copied as they are, from the opening quote to the closing one, with
+/// escapes (`\"`, `\\`) skipped over. A string cannot hold a raw line break
+/// (strict JSON, as the platform's Python reads it, refuses control
+/// characters in strings), so the line has no newline but its last; a raw
+/// control character that got through anyway is written as its `\u00XX`
+/// escape, the same string, so that the line stays one line.
+pub fn one_line(raw: &str) -> Vec<u8> {
+    let mut line = Vec::with_capacity(raw.len() + 1);
+    let mut in_string = false;
+    let mut escaped = false;
+    for &byte in raw.as_bytes() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if byte == b'\\' {
+                escaped = true;
+            } else if byte == b'"' {
+                in_string = false;
+            } else if byte < 0x20 {
+                line.extend_from_slice(format!("\\u{byte:04x}").as_bytes());
+                continue;
+            }
+            line.push(byte);
+        } else if !matches!(byte, b' ' | b'\t' | b'\n' | b'\r') {
+            in_string = byte == b'"';
+            line.push(byte);
+        }
+    }
+    line.push(b'\n');
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compact(raw: &str) -> String {
+        String::from_utf8(one_line(raw)).unwrap()
+    }
+
+    #[test]
+    fn the_update_is_one_line_with_every_token_kept() {
+        let raw = "{\n  \"update_id\" : 18446744073709551617,\r\n\t\"type\": \"message\",\n  \
+                   \"message\": {\"data\": {\"content\": \"a  b\\n \\\" { , \\\\\", \
+                   \"n\": [1E2, -0.5e-3, true, null, NaN, -Infinity], \"x\": \"\\u00e9\\/\"}}\n}\n";
+        assert_eq!(
+            compact(raw),
+            "{\"update_id\":18446744073709551617,\"type\":\"message\",\"message\":{\"data\":\
+             {\"content\":\"a  b\\n \\\" { , \\\\\",\"n\":[1E2,-0.5e-3,true,null,NaN,-Infinity],\
+             \"x\":\"\\u00e9\\/\"}}}\n"
+        );
+        // Already compact: unchanged.
+        let tight = r#"{"a":"b c","d":[1,2]}"#;
+        assert_eq!(compact(tight), format!("{tight}\n"));
+        // Multi-byte text stays as it is.
+        assert_eq!(compact("{ \"t\" : \"héllo 🌍\" }"), "{\"t\":\"héllo 🌍\"}\n");
+    }
+
+    #[test]
+    fn a_raw_control_character_in_a_string_is_escaped_so_the_line_stays_one() {
+        assert_eq!(compact("{\"a\":\"x\ny\"}"), "{\"a\":\"x\\u000ay\"}\n");
+    }
+
+    #[test]
+    fn answers_are_the_four_shapes_and_nothing_else() {
+        assert_eq!(parse_answer(b"{}"), Ok(Answer::Nothing));
+        assert_eq!(parse_answer(b" { } "), Ok(Answer::Nothing));
+        assert_eq!(
+            parse_answer(br#"{"reply":"hi"}"#),
+            Ok(Answer::Reply(Reply::Text("hi".into())))
+        );
+        assert_eq!(parse_answer(br#"{"reply":"  "}"#), Ok(Answer::Nothing));
+        let Ok(Answer::Reply(Reply::Message { msg_type, data })) =
+            parse_answer(br#"{"reply":{"msg_type":"image","data":{"originalUrl":"u"}}}"#)
+        else {
+            panic!("a message reply");
+        };
+        assert_eq!(msg_type, "image");
+        assert_eq!(data["originalUrl"], "u");
+        assert_eq!(
+            parse_answer(br#"{"error":"db down"}"#),
+            Ok(Answer::Error("db down".into()))
+        );
+        for garbage in [
+            &b"hello"[..],
+            b"",
+            b"[]",
+            b"\"reply\"",
+            br#"{"reply":"a","error":"b"}"#,
+            br#"{"replay":"typo"}"#,
+            br#"{"reply":3}"#,
+            br#"{"reply":null}"#,
+            br#"{"error":{}}"#,
+            br#"{"reply":{"msg_type":"text"}}"#,
+            br#"{"reply":{"msg_type":"text","data":{},"x":1}}"#,
+            b"{} {}",
+        ] {
+            assert!(
+                parse_answer(garbage).is_err(),
+                "{}",
+                String::from_utf8_lossy(garbage)
+            );
+        }
+    }
+
+    #[test]
+    fn restarts_back_off_up_to_five_seconds() {
+        assert_eq!(restart_delay(1), Duration::from_millis(100));
+        assert_eq!(restart_delay(2), Duration::from_millis(200));
+        assert_eq!(restart_delay(4), Duration::from_millis(800));
+        assert_eq!(restart_delay(7), Duration::from_secs(5));
+        assert_eq!(restart_delay(u32::MAX), Duration::from_secs(5));
+    }
+}
