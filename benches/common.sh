@@ -19,3 +19,88 @@ start_emulator() {
     PIDS+=($!)
     EMULATOR_URL=$(wait_for_line "$WORK/emu.${1:-main}")
 }
+
+# Writes $3 signed updates of kind $1 (callback_query, or message: a text
+# message, chats u_0…u_99 in turn) to file $2, one per line, each with its own
+# update_id and random nonce (as the platform's: no order for a B-tree to
+# exploit), signed with $FLY_WEBHOOK_SECRET as the platform signs (timestamp
+# now: inside the 300 s replay window for a few minutes). Also $2.hmac: per
+# line, the HMAC-SHA256 of the whole body, for peers that check a header.
+make_bodies() { # kind file count
+    python3 - "$1" "$3" "$FLY_WEBHOOK_SECRET" "$2" <<'PY'
+import hashlib, hmac, json, os, sys, time
+kind, count, secret, path = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode(), sys.argv[4]
+now = int(time.time())
+with open(path, "w") as bodies, open(path + ".hmac", "w") as macs:
+    for i in range(count):
+        update_id = 1_000_000 + i
+        if kind == "callback_query":
+            payload = {"id": f"cb_{i}", "data": "approve", "from": {"id": f"u_{i % 100}"}}
+        else:
+            payload = {"chat": {"type": "private", "id": f"u_{i % 100}"}, "msgType": "text",
+                       "data": {"content": f"hello {i}"}}
+        canonical = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+        nonce = os.urandom(16).hex()
+        signing = "\n".join([str(update_id), kind, "bot_bench", str(now), nonce,
+                             hashlib.sha256(canonical.encode()).hexdigest()])
+        signature = hmac.new(secret, signing.encode(), hashlib.sha256).hexdigest()
+        body = json.dumps({"update_id": update_id, "type": kind, kind: payload,
+                           "bot": {"id": "bot_bench"}, "timestamp": now, "nonce": nonce,
+                           "signature": signature}, separators=(",", ":"))
+        bodies.write(body + "\n")
+        macs.write(hmac.new(secret, body.encode(), hashlib.sha256).hexdigest() + "\n")
+PY
+    # The generator signs as the platform does: fly must agree.
+    head -3 "$2" | "$FLY" verify-sig --lines >/dev/null
+}
+
+# Writes to $1 a wrk script that POSTs the bodies of file $2 (one per line,
+# from make_bodies), each once: each wrk thread takes every Nth line (N, the
+# thread count, is the script's argument: `wrk -tN … -s FILE URL -- N`) and
+# pre-formats its requests, so the run measures the server, not Lua. Every
+# request carries `X-Body-Signature: sha256=<HMAC of the body>` (from $2.hmac).
+# A thread that runs out starts again from its first body: a repeat, counted
+# and printed as "wrapped N" at the end of wrk's report.
+write_distinct_lua() { # file bodies
+    cat >"$1" <<LUA
+local threads = {}
+local counter = 0
+function setup(thread)
+    thread:set("index", counter)
+    counter = counter + 1
+    table.insert(threads, thread)
+end
+function init(args)
+    local count = tonumber(args[1]) or 1
+    requests = {}
+    local macs = io.lines("$2.hmac")
+    local n = 0
+    for line in io.lines("$2") do
+        local mac = macs()
+        if n % count == index then
+            local headers = {["Content-Type"] = "application/json", ["X-Body-Signature"] = "sha256=" .. mac}
+            table.insert(requests, wrk.format("POST", nil, headers, line))
+        end
+        n = n + 1
+    end
+    next_request = 1
+    wrapped = 0
+end
+function request()
+    local request = requests[next_request]
+    next_request = next_request + 1
+    if next_request > #requests then
+        next_request = 1
+        wrapped = wrapped + 1
+    end
+    return request
+end
+function done(summary, latency, requests)
+    local total = 0
+    for _, thread in ipairs(threads) do
+        total = total + thread:get("wrapped")
+    end
+    io.write(string.format("wrapped %d\n", total))
+end
+LUA
+}

@@ -43,72 +43,10 @@ wrk.body = file:read("*a")
 file:close()
 LUA
 
-# Each wrk thread takes every Nth line of the bodies file (one signed update
-# per line) and pre-formats its requests, so the run measures the server, not
-# Lua. A thread that runs out starts again from its first body: a repeat,
-# counted in "wrapped" and reported.
-cat >"$WORK/distinct.lua" <<LUA
-local threads = {}
-local counter = 0
-function setup(thread)
-    thread:set("index", counter)
-    counter = counter + 1
-    table.insert(threads, thread)
-end
-function init(args)
-    requests = {}
-    local n = 0
-    for line in io.lines("$WORK/bodies.ndjson") do
-        if n % 2 == index then
-            table.insert(requests, wrk.format("POST", nil, {["Content-Type"] = "application/json"}, line))
-        end
-        n = n + 1
-    end
-    next_request = 1
-    wrapped = 0
-end
-function request()
-    local request = requests[next_request]
-    next_request = next_request + 1
-    if next_request > #requests then
-        next_request = 1
-        wrapped = wrapped + 1
-    end
-    return request
-end
-function done(summary, latency, requests)
-    local total = 0
-    for _, thread in ipairs(threads) do
-        total = total + thread:get("wrapped")
-    end
-    io.write(string.format("wrapped %d\n", total))
-end
-LUA
-
-make_bodies() { # count
-    python3 - "$1" "$FLY_WEBHOOK_SECRET" >"$WORK/bodies.ndjson" <<'PY'
-import hashlib, hmac, json, os, sys, time
-count, secret = int(sys.argv[1]), sys.argv[2].encode()
-now = int(time.time())  # every body is inside the 300 s replay window for a few minutes
-out = sys.stdout
-for i in range(count):
-    update_id = 1_000_000 + i
-    payload = {"id": f"cb_{i}", "data": "approve", "from": {"id": f"u_{i % 100}"}}
-    canonical = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
-    nonce = os.urandom(16).hex()  # random, as the platform's: no order for a B-tree to exploit
-    signing = "\n".join([str(update_id), "callback_query", "bot_bench", str(now), nonce,
-                         hashlib.sha256(canonical.encode()).hexdigest()])
-    signature = hmac.new(secret, signing.encode(), hashlib.sha256).hexdigest()
-    out.write(json.dumps({"update_id": update_id, "type": "callback_query", "callback_query": payload,
-                          "bot": {"id": "bot_bench"}, "timestamp": now, "nonce": nonce,
-                          "signature": signature}, separators=(",", ":")) + "\n")
-PY
-    # The generator signs as the platform does: fly must agree.
-    head -3 "$WORK/bodies.ndjson" | "$FLY" verify-sig --lines >/dev/null
-}
+write_distinct_lua "$WORK/distinct.lua" "$WORK/bodies.ndjson"
 
 run_wrk() { # url label script
-    wrk -t2 -c32 -d"${DURATION}s" --latency -s "$3" "$1" >"$WORK/$2.wrk"
+    wrk -t2 -c32 -d"${DURATION}s" --latency -s "$3" "$1" -- 2 >"$WORK/$2.wrk"
     local rps p99 non2xx wrapped
     rps=$(awk '/Requests\/sec/ {print $2}' "$WORK/$2.wrk")
     p99=$(awk '$1 == "99%" {print $2}' "$WORK/$2.wrk")
@@ -156,7 +94,7 @@ if [ "$MODE" = both ] || [ "$MODE" = duplicate ]; then
     stop "$REF_PID"
 fi
 if [ "$MODE" = both ] || [ "$MODE" = distinct ]; then
-    make_bodies "$BODIES"
+    make_bodies callback_query "$WORK/bodies.ndjson" "$BODIES"
     start_fly "$WORK/distinct.db"
     line=$(run_wrk "$FLY_URL" fly-distinct "$WORK/distinct.lua")
     rows+=("distinct $line $(peak_rss "$FLY_PID")")

@@ -6,7 +6,7 @@
 
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// A stderr "line" longer than this (binary output, no newlines) is logged in
 /// pieces rather than held in memory whole.
@@ -223,14 +223,10 @@ pub fn log_lines_until_end(mut pipe: impl Read, mut emit: impl FnMut(&str)) {
     lines.finish(&mut emit);
 }
 
-/// How long `deadline` is from now, for messages.
-pub fn seconds(duration: Duration) -> String {
-    format!("{:.1} s", duration.as_secs_f64())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn lines_of(chunks: &[&[u8]]) -> Vec<String> {
         let mut lines = LogLines::default();

@@ -161,7 +161,9 @@ impl ExecHandler {
         let update_id = update.update_id;
         let message = update.message.as_ref();
         let chat = message.and_then(|message| message.chat.as_ref());
-        let mut command = Command::new("sh");
+        // /bin/sh, as system(3) runs commands: the POSIX shell, found
+        // without trying every directory of PATH first.
+        let mut command = Command::new("/bin/sh");
         command
             .arg("-c")
             .arg(&self.command)
@@ -348,8 +350,7 @@ impl<'a> Pipes<'a> {
             match child_io::read_some(stdout, &mut self.buffer) {
                 Chunk::Data(read) => {
                     let room = MAX_REPLY_BYTES.saturating_sub(self.reply.len());
-                    self.reply
-                        .extend_from_slice(&self.buffer[..read.min(room)]);
+                    self.reply.extend_from_slice(&self.buffer[..read.min(room)]);
                 }
                 Chunk::End => {
                     self.stdout = None;
@@ -576,7 +577,8 @@ mod tests {
     #[test]
     fn set_up_errors_name_the_command_and_the_fix() {
         use std::os::unix::fs::PermissionsExt;
-        let message = |command: &str, problem| SetupError::new("--exec", command, problem).to_string();
+        let message =
+            |command: &str, problem| SetupError::new("--exec", command, problem).to_string();
         let dir = tempfile::tempdir().unwrap();
         let in_dir = |name: &str| dir.path().join(name).display().to_string();
         let script = |name: &str, mode: u32| {

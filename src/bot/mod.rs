@@ -4,8 +4,8 @@
 //! A [`Handler`] answers one update; the [`poll_loop`] feeds it from the
 //! platform with the offset and handled ids kept in the state store.
 
-pub mod echo;
 pub mod child_io;
+pub mod echo;
 pub mod exec;
 pub mod forward;
 pub mod poll_loop;

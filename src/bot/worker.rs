@@ -68,6 +68,8 @@ struct PoolState {
     chats: HashMap<String, Turns>,
     /// fly is stopping: nothing new starts.
     closed: bool,
+    /// Workers told to end (their stdin closed), not yet waited for.
+    ending: Vec<Worker>,
 }
 
 enum Slot {
@@ -147,6 +149,7 @@ impl WorkerPool {
                     .collect(),
                 chats: HashMap::new(),
                 closed: false,
+                ending: Vec::new(),
             }),
             changed: Condvar::new(),
         };
@@ -199,7 +202,7 @@ impl WorkerPool {
     /// registered so that no exit path of fly leaves it behind; its stderr
     /// logged by a thread of its own for the worker's whole life.
     fn spawn(&self, index: usize, failures: u32) -> anyhow::Result<Worker> {
-        let mut command = Command::new("sh");
+        let mut command = Command::new("/bin/sh");
         command
             .arg("-c")
             .arg(&self.command)
@@ -224,11 +227,9 @@ impl WorkerPool {
         std::thread::Builder::new()
             .name(format!("fly-worker-{index}-log"))
             .spawn(move || {
-                child_io::log_lines_until_end(stderr, |text| {
-                    match shown.load(Ordering::Relaxed) {
-                        0 => tracing::warn!(worker = index, "[exec] {text}"),
-                        update_id => tracing::warn!(update_id, worker = index, "[exec] {text}"),
-                    }
+                child_io::log_lines_until_end(stderr, |text| match shown.load(Ordering::Relaxed) {
+                    0 => tracing::warn!(worker = index, "[exec] {text}"),
+                    update_id => tracing::warn!(update_id, worker = index, "[exec] {text}"),
                 });
             })
             .context("starting a worker's log thread")?;
@@ -254,7 +255,11 @@ impl WorkerPool {
         let turns = state.chats.entry(chat.to_string()).or_default();
         let ticket = turns.next;
         turns.next += 1;
-        while state.chats.get(chat).is_some_and(|turns| turns.serving != ticket) {
+        while state
+            .chats
+            .get(chat)
+            .is_some_and(|turns| turns.serving != ticket)
+        {
             state = self.wait(state, None);
         }
         Turn {
@@ -278,11 +283,11 @@ impl WorkerPool {
                 .iter()
                 .position(|slot| matches!(slot, Slot::Idle(_)))
             {
-                let worker = match std::mem::replace(&mut state.slots[index], Slot::Busy { group: 0 })
-                {
-                    Slot::Idle(worker) => worker,
-                    _ => unreachable!("the slot was idle"),
-                };
+                let worker =
+                    match std::mem::replace(&mut state.slots[index], Slot::Busy { group: 0 }) {
+                        Slot::Idle(worker) => worker,
+                        _ => unreachable!("the slot was idle"),
+                    };
                 state.slots[index] = Slot::Busy {
                     group: worker.group.id(),
                 };
@@ -348,8 +353,9 @@ impl WorkerPool {
         let index = worker.index;
         let mut state = self.lock();
         if state.closed {
-            drop(state);
-            end_gracefully(vec![worker]);
+            // fly began stopping while it worked: told to end at once.
+            worker.stdin = None;
+            state.ending.push(worker);
             return;
         }
         state.slots[index] = Slot::Idle(worker);
@@ -438,8 +444,9 @@ impl WorkerPool {
     }
 
     /// Starts nothing more; kills the groups of workers with an update in
-    /// hand (their updates fail and come again) and returns the idle ones.
-    fn close_slots(&self) -> Vec<Worker> {
+    /// hand (their updates fail and come again) and closes the stdin of
+    /// the idle ones, which are kept in `ending` to be waited for.
+    fn close_slots(&self) {
         let mut state = self.lock();
         state.closed = true;
         let mut idle = Vec::new();
@@ -447,7 +454,7 @@ impl WorkerPool {
             match slot {
                 Slot::Busy { group } if *group != 0 => crate::children::kill_group(*group),
                 Slot::Idle(_) => {
-                    let Slot::Idle(worker) = std::mem::replace(
+                    let Slot::Idle(mut worker) = std::mem::replace(
                         slot,
                         Slot::Down {
                             failures: 0,
@@ -456,14 +463,23 @@ impl WorkerPool {
                     ) else {
                         unreachable!("the slot was idle")
                     };
+                    worker.stdin = None;
                     idle.push(worker);
                 }
                 _ => {}
             }
         }
+        state.ending.extend(idle);
         drop(state);
         self.changed.notify_all();
-        idle
+    }
+
+    /// Every worker told to end, given what is left of its moment to exit,
+    /// then killed with its group.
+    fn end_all(&self) {
+        self.close_slots();
+        let ending = std::mem::take(&mut self.lock().ending);
+        end_gracefully(ending);
     }
 }
 
@@ -509,24 +525,20 @@ impl Handler for WorkerPool {
 
     /// The grace period is over: workers with an update in hand are killed
     /// (their updates come again), the others get the end of their stdin
-    /// and a moment to exit, then are killed. Nothing starts any more.
+    /// (and get killed by `close`, or by the last step of `main`, if they
+    /// do not exit). Nothing starts any more.
     fn abandon(&self) {
-        let idle = self.close_slots();
-        // The stop's listener must return at once: the moment is waited out
-        // on a thread of its own.
-        let _ = std::thread::Builder::new()
-            .name("fly-worker-stop".into())
-            .spawn(move || end_gracefully(idle));
+        self.close_slots();
     }
 
     fn close(&self) {
-        end_gracefully(self.close_slots());
+        self.end_all();
     }
 }
 
 impl Drop for WorkerPool {
     fn drop(&mut self) {
-        end_gracefully(self.close_slots());
+        self.end_all();
     }
 }
 
@@ -684,7 +696,9 @@ fn parse_answer(line: &[u8]) -> Result<Answer, String> {
             let msg_type = message.remove("msg_type");
             let data = message.remove("data");
             match (msg_type, data) {
-                (Some(Value::String(msg_type)), Some(Value::Object(data))) if message.is_empty() => {
+                (Some(Value::String(msg_type)), Some(Value::Object(data)))
+                    if message.is_empty() =>
+                {
                     Ok(Answer::Reply(Reply::Message { msg_type, data }))
                 }
                 _ => Err(format!(
@@ -763,7 +777,10 @@ mod tests {
         let tight = r#"{"a":"b c","d":[1,2]}"#;
         assert_eq!(compact(tight), format!("{tight}\n"));
         // Multi-byte text stays as it is.
-        assert_eq!(compact("{ \"t\" : \"héllo 🌍\" }"), "{\"t\":\"héllo 🌍\"}\n");
+        assert_eq!(
+            compact("{ \"t\" : \"héllo 🌍\" }"),
+            "{\"t\":\"héllo 🌍\"}\n"
+        );
     }
 
     #[test]

@@ -39,12 +39,7 @@ pub fn run(args: PollEchoArgs) -> anyhow::Result<ExitCode> {
         max_updates: args.max_updates,
         once: args.once,
     };
-    let handler = reply_handler(
-        &args.exec,
-        client.clone(),
-        media_dir,
-        settings.concurrency,
-    );
+    let handler = reply_handler(&args.exec, client.clone(), media_dir, settings.concurrency);
     let summary = poll_loop::run(&client, store, handler, &settings, &shutdown)?;
     tracing::info!(handled = summary.handled, "stopped");
     Ok(exit::code(exit::SUCCESS))

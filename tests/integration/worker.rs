@@ -182,7 +182,10 @@ fn assert_fixture_bots_agree(per_update: &str, worker: &str) {
         json!({"chat": {"type": "private", "id": "u_1"}, "msgType": "image",
                "data": {"originalUrl": "https://cdn.example/a.png"}}),
     );
-    for (flag, command, state) in [("--exec", per_update, "a.db"), ("--exec-worker", worker, "b.db")] {
+    for (flag, command, state) in [
+        ("--exec", per_update, "a.db"),
+        ("--exec-worker", worker, "b.db"),
+    ] {
         let output = fly_at(&emulator)
             .args(["poll-echo", "--once", flag, command, "--state"])
             .arg(dir.path().join(state))
@@ -371,23 +374,61 @@ fn a_worker_that_answers_garbage_or_hangs_is_replaced_and_its_update_retried() {
     assert_eq!(processes_matching(&format!("sleep {hang}")), "");
 }
 
-#[test]
-fn stop_leaves_no_worker_process_even_one_that_ignores_the_end_of_its_stdin() {
-    let emulator = Emulator::start();
-    let dir = tempfile::tempdir().unwrap();
+/// A worker that answers `{"reply":"ok"}` and, after the end of its stdin,
+/// goes on sleeping (ignoring SIGTERM): only the kill of its group ends
+/// it. Returns the command and the sleep's unique duration.
+fn stubborn_worker(dir: &Path) -> (String, String) {
     let linger = unique_number();
-    // After the end of stdin it goes on (and ignores SIGTERM): only the
-    // kill of its group ends it.
-    let script = dir.path().join("stubborn.sh");
+    let script = dir.join("stubborn.sh");
     std::fs::write(
         &script,
         format!(
             "trap '' TERM\necho $$ >> '{groups}'\nwhile IFS= read -r line; do echo '{{\"reply\":\"ok\"}}'; done\nsleep {linger}\n",
-            groups = dir.path().join("groups").display()
+            groups = dir.join("groups").display()
         ),
     )
     .unwrap();
-    let worker = format!("sh '{}'", script.display());
+    (format!("sh '{}'", script.display()), linger)
+}
+
+#[test]
+fn serve_webhook_stop_leaves_no_worker_process() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (worker, linger) = stubborn_worker(dir.path());
+    let (mut receiver, url) = start_receiver_with(
+        &emulator,
+        0,
+        &dir.path().join("r.db"),
+        &["--exec-worker", &worker, "--concurrency", "2"],
+    );
+    assert_eq!(
+        deliver(&url, &signed_delivery(7201, "u_1", "hello")),
+        (200, "OK".to_string())
+    );
+    wait_until(Duration::from_secs(10), "the workers to start", || {
+        groups(dir.path()).len() == 2
+    });
+    signal(&receiver, "TERM");
+    let status = receiver.wait(Duration::from_secs(15));
+    assert_eq!(
+        status.map(|s| s.code()),
+        Some(Some(0)),
+        "{}",
+        receiver.log()
+    );
+    for group in groups(dir.path()) {
+        let left = live_members_of_group(&group);
+        assert!(left.is_empty(), "left running: {left}");
+    }
+    assert_eq!(processes_matching(&format!("sleep {linger}")), "");
+}
+
+#[test]
+fn stop_leaves_no_worker_process_even_one_that_ignores_the_end_of_its_stdin() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (worker, linger) = stubborn_worker(dir.path());
     let mut service = start_poll_echo(&emulator, dir.path(), &worker, &["--concurrency", "3"]);
     emulator.user_says("private", "u_1", "hello");
     wait_until(Duration::from_secs(20), "the reply", || {
@@ -491,7 +532,10 @@ fn a_worker_command_that_cannot_run_stops_fly_with_one_error_line() {
         .unwrap();
     let log = stderr_of(&output);
     assert_eq!(output.status.code(), Some(1), "{log}");
-    let error: Vec<&str> = log.lines().filter(|l| l.starts_with("fly: error:")).collect();
+    let error: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("fly: error:"))
+        .collect();
     assert_eq!(
         error,
         [format!(

@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# Benchmark: handlers behind `fly serve-webhook`, under wrk, every request a
+# new signed text message (pre-signed bodies, each with its own update_id and
+# nonce, cycled through by a wrk Lua script: see benches/common.sh). Two parts:
+#
+#   fork    the fork path: fly serve-webhook --exec 'cat >/dev/null' against
+#           adnanh/webhook (Go; Debian package `webhook`, installed when
+#           missing) running `sh -c 'cat >/dev/null'` with the payload (as
+#           an argument: it has no stdin to give), both checking an HMAC (fly:
+#           signature v1 and the replay window; webhook: payload-hmac-sha256 of
+#           the body in a header) and waiting for the command; 1 and 8
+#           connections. Targets: fly >= the peer's rate at both, fly p50 <=
+#           2 ms at 1 connection.
+#   python  the same Python bot (fixtures/bot.py, fixtures/worker.py: text in
+#           capitals, sent back to the chat through a local emulator), a
+#           process per update (--exec) against long-lived workers
+#           (--exec-worker), 8 connections, --concurrency 8. Target: >= 50x.
+#
+# Reports requests/s, p50 and p99 latency and non-2xx answers. Not a test: run it by hand.
+#
+#   bash benches/exec.sh [DURATION_SECS] [PART]   (10; both, fork or python)
+#   BODIES=N     distinct bodies to sign up front (default 8000 per second)
+#   SHOW_WRK=1   wrk's own reports too
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${1:-10}
+PART=${2:-both}
+BODIES=${BODIES:-$((DURATION * 8000))}
+missing=()
+command -v wrk >/dev/null || missing+=(wrk)
+command -v webhook >/dev/null || missing+=(webhook)
+if [ ${#missing[@]} -gt 0 ]; then
+    (apt-get update -qq && apt-get install -y -qq "${missing[@]}") >/dev/null
+fi
+source benches/common.sh
+export FLY_BOT_TOKEN=bench-token FLY_WEBHOOK_SECRET=bench-secret
+
+# Replies (the Python bot's) go to a local emulator.
+start_emulator
+export FLY_BASE_URL=$EMULATOR_URL
+
+make_bodies message "$WORK/bodies.ndjson" "$BODIES"
+write_distinct_lua "$WORK/distinct.lua" "$WORK/bodies.ndjson"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+run_wrk() { # url label connections
+    local threads=$(($3 < 2 ? $3 : 2))
+    wrk -t"$threads" -c"$3" -d"${DURATION}s" --latency -s "$WORK/distinct.lua" "$1" -- "$threads" >"$WORK/$2.wrk"
+    local rps p50 p99 non2xx wrapped
+    rps=$(awk '/Requests\/sec/ {print $2}' "$WORK/$2.wrk")
+    p50=$(awk '$1 == "50%" {print $2}' "$WORK/$2.wrk")
+    p99=$(awk '$1 == "99%" {print $2}' "$WORK/$2.wrk")
+    non2xx=$(awk '/Non-2xx/ {print $NF}' "$WORK/$2.wrk")
+    wrapped=$(awk '$1 == "wrapped" {print $2}' "$WORK/$2.wrk")
+    if [ "${wrapped:-0}" != 0 ]; then
+        echo "warning: $2 ran out of distinct bodies ($wrapped repeats); raise BODIES" >&2
+    fi
+    echo "$2 $3 $rps $p50 $p99 ${non2xx:-0}"
+}
+
+start_fly() { # label, then serve-webhook's handler arguments
+    local label=$1
+    shift
+    "$FLY" -q serve-webhook --bind 127.0.0.1 --port 0 --state "$WORK/$label.db" "$@" \
+        >"$WORK/$label.url" 2>"$WORK/$label.log" &
+    FLY_PID=$!
+    PIDS+=("$FLY_PID")
+    FLY_URL=$(wait_for_line "$WORK/$label.url")
+}
+
+start_webhook() {
+    local port
+    port=$(free_port)
+    cat >"$WORK/hooks.json" <<JSON
+[{
+  "id": "bot",
+  "execute-command": "/bin/sh",
+  "pass-arguments-to-command": [
+    {"source": "string", "name": "-c"},
+    {"source": "string", "name": "cat >/dev/null"},
+    {"source": "entire-payload"}
+  ],
+  "include-command-output-in-response": true,
+  "trigger-rule-mismatch-http-response-code": 401,
+  "trigger-rule": {"match": {"type": "payload-hmac-sha256", "secret": "$FLY_WEBHOOK_SECRET",
+                             "parameter": {"source": "header", "name": "X-Body-Signature"}}}
+}]
+JSON
+    webhook ${PEER_VERBOSE:+-verbose} -hooks "$WORK/hooks.json" -ip 127.0.0.1 -port "$port" >"$WORK/webhook.log" 2>&1 &
+    PEER_PID=$!
+    PIDS+=("$PEER_PID")
+    for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.05; done
+    PEER_URL="http://127.0.0.1:$port/hooks/bot"
+    # One signed body through it: answered 200 (a wrong HMAC would be 401).
+    local status
+    status=$(curl -s -o /dev/null -w '%{http_code}' -H "Content-Type: application/json" \
+        -H "X-Body-Signature: sha256=$(tail -1 "$WORK/bodies.ndjson.hmac")" \
+        --data-binary "@$WORK/check.json" "$PEER_URL")
+    [ "$status" = 200 ] || { echo "adnanh/webhook answered $status to a signed body" >&2; cat "$WORK/webhook.log" >&2; exit 1; }
+}
+tail -1 "$WORK/bodies.ndjson" | tr -d "\n" >"$WORK/check.json"
+
+# The floor: the command alone, spawned and waited for in a loop (no HTTP,
+# no HMAC), so a p50 can be read against what a fork and an exec cost here.
+fork_floor() {
+    python3 - <<'PY'
+import os, statistics, time
+runs = []
+for _ in range(300):
+    started = time.perf_counter()
+    pid = os.posix_spawn("/bin/sh", ["sh", "-c", "cat >/dev/null"], os.environ)
+    os.waitpid(pid, 0)
+    runs.append(time.perf_counter() - started)
+print(f"{statistics.median(runs) * 1000:.2f}")
+PY
+}
+
+rows=()
+if [ "$PART" = both ] || [ "$PART" = fork ]; then
+    FLOOR=$(fork_floor)
+    for connections in 1 8; do
+        start_fly "fork-$connections" --exec 'cat >/dev/null'
+        rows+=("fork $(run_wrk "$FLY_URL" fly-exec "$connections")")
+        stop "$FLY_PID"
+        start_webhook
+        rows+=("fork $(run_wrk "$PEER_URL" adnanh-webhook "$connections")")
+        stop "$PEER_PID"
+    done
+fi
+# The interpreter itself, not a wrapper in front of it (a pyenv shim is a
+# shell script that costs more than Python's own start).
+PYTHON=$(python3 -c 'import sys; print(sys.executable)')
+if [ "$PART" = both ] || [ "$PART" = python ]; then
+    start_fly python-exec --concurrency 8 --exec "$PYTHON $PWD/fixtures/bot.py"
+    rows+=("python $(run_wrk "$FLY_URL" per-update 8)")
+    stop "$FLY_PID"
+    start_fly python-worker --concurrency 8 --exec-worker "$PYTHON $PWD/fixtures/worker.py"
+    rows+=("python $(run_wrk "$FLY_URL" worker 8)")
+    stop "$FLY_PID"
+    # Every reply was sent: one per update the worker run answered 200.
+    echo "emulator: $(curl -s "$EMULATOR_URL/_emulator/sent" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["sent"]))') replies in all" >&2
+fi
+
+[ -n "${SHOW_WRK:-}" ] && cat "$WORK"/*.wrk >&2
+FLOOR=${FLOOR:-} python3 - "${rows[@]}" <<'PY'
+import os, sys
+def ms(text):
+    for unit, scale in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * scale
+    return float("nan")
+rows = [line.split() for line in sys.argv[1:]]
+print("handlers behind a webhook, wrk, every request a new signed text message")
+print(f"{'part':<7} {'server':<16} {'conns':>5} {'requests/s':>11} {'p50':>10} {'p99':>10} {'non-2xx':>8}")
+for part, label, conns, rps, p50, p99, bad in rows:
+    print(f"{part:<7} {label:<16} {conns:>5} {float(rps):11.0f} {ms(p50):7.2f} ms {ms(p99):7.2f} ms {bad:>8}")
+if os.environ.get("FLOOR"):
+    print(f"the command alone, sh -c 'cat >/dev/null' spawned and waited for in a loop: {os.environ['FLOOR']} ms per run (median)")
+by = {(row[1], row[2]): row for row in rows}
+for conns in ("1", "8"):
+    if ("fly-exec", conns) in by and ("adnanh-webhook", conns) in by:
+        fly, peer = by[("fly-exec", conns)], by[("adnanh-webhook", conns)]
+        line = f"fork, {conns} connection(s): fly/webhook {float(fly[3]) / float(peer[3]):.2f}x requests/s (target >= 1x)"
+        if conns == "1":
+            line += f", fly p50 {ms(fly[4]):.2f} ms (target <= 2 ms)"
+        print(line)
+if ("per-update", "8") in by and ("worker", "8") in by:
+    ratio = float(by[("worker", "8")][3]) / float(by[("per-update", "8")][3])
+    print(f"python: worker/per-update {ratio:.0f}x updates/s (target >= 50x)")
+PY
