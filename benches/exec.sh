@@ -16,9 +16,14 @@
 #           process per update (--exec) against long-lived workers
 #           (--exec-worker), 8 connections, --concurrency 8. Target: >= 50x.
 #
-# Reports requests/s, p50 and p99 latency and non-2xx answers. Not a test: run it by hand.
+# Reports requests/s, p50 and p99 latency, non-2xx answers and the server's
+# own CPU time per request (its children's not counted). On a shared machine
+# the load changes from one run to the next, so the fork part runs fly and
+# the peer in turn, ROUNDS times each, and shows every run and the medians.
+# Not a test: run it by hand.
 #
 #   bash benches/exec.sh [DURATION_SECS] [PART]   (10; both, fork or python)
+#   ROUNDS=N     runs of each server in the fork part (default 3)
 #   BODIES=N     distinct bodies to sign up front (default 8000 per second)
 #   SHOW_WRK=1   wrk's own reports too
 set -euo pipefail
@@ -26,6 +31,7 @@ cd "$(dirname "$0")/.."
 DURATION=${1:-10}
 PART=${2:-both}
 BODIES=${BODIES:-$((DURATION * 8000))}
+ROUNDS=${ROUNDS:-3}
 missing=()
 command -v wrk >/dev/null || missing+=(wrk)
 command -v webhook >/dev/null || missing+=(webhook)
@@ -45,19 +51,29 @@ write_distinct_lua "$WORK/distinct.lua" "$WORK/bodies.ndjson"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
-run_wrk() { # url label connections
-    local threads=$(($3 < 2 ? $3 : 2))
-    wrk -t"$threads" -c"$3" -d"${DURATION}s" --latency -s "$WORK/distinct.lua" "$1" -- "$threads" >"$WORK/$2.wrk"
-    local rps p50 p99 non2xx wrapped
-    rps=$(awk '/Requests\/sec/ {print $2}' "$WORK/$2.wrk")
-    p50=$(awk '$1 == "50%" {print $2}' "$WORK/$2.wrk")
-    p99=$(awk '$1 == "99%" {print $2}' "$WORK/$2.wrk")
-    non2xx=$(awk '/Non-2xx/ {print $NF}' "$WORK/$2.wrk")
-    wrapped=$(awk '$1 == "wrapped" {print $2}' "$WORK/$2.wrk")
+# The CPU time (user + system, ms) process $1 has used itself, and that of
+# its children it has waited for (the handlers), as "self children".
+cpu_ms() { awk -v tick="$(getconf CLK_TCK)" '{print ($14 + $15) * 1000 / tick, ($16 + $17) * 1000 / tick}' "/proc/$1/stat"; }
+
+run_wrk() { # url label connections pid
+    local threads=$(($3 < 2 ? $3 : 2)) cpu_before cpu_after
+    cpu_before=$(cpu_ms "$4")
+    local report="$WORK/$2-$3-$RANDOM.wrk"
+    wrk -t"$threads" -c"$3" -d"${DURATION}s" --latency -s "$WORK/distinct.lua" "$1" -- "$threads" >"$report"
+    cpu_after=$(cpu_ms "$4")
+    local requests rps p50 p99 non2xx wrapped
+    requests=$(awk '/requests in/ {print $1}' "$report")
+    rps=$(awk '/Requests\/sec/ {print $2}' "$report")
+    p50=$(awk '$1 == "50%" {print $2}' "$report")
+    p99=$(awk '$1 == "99%" {print $2}' "$report")
+    non2xx=$(awk '/Non-2xx/ {print $NF}' "$report")
+    wrapped=$(awk '$1 == "wrapped" {print $2}' "$report")
     if [ "${wrapped:-0}" != 0 ]; then
         echo "warning: $2 ran out of distinct bodies ($wrapped repeats); raise BODIES" >&2
     fi
-    echo "$2 $3 $rps $p50 $p99 ${non2xx:-0}"
+    local cpu
+    cpu=$(echo "$cpu_before $cpu_after" | awk -v n="$requests" '{printf "%.3f %.3f", ($3 - $1) / n, ($4 - $2) / n}')
+    echo "$2 $3 $rps $p50 $p99 ${non2xx:-0} $cpu"
 }
 
 start_fly() { # label, then serve-webhook's handler arguments
@@ -121,12 +137,15 @@ rows=()
 if [ "$PART" = both ] || [ "$PART" = fork ]; then
     FLOOR=$(fork_floor)
     for connections in 1 8; do
-        start_fly "fork-$connections" --exec 'cat >/dev/null'
-        rows+=("fork $(run_wrk "$FLY_URL" fly-exec "$connections")")
-        stop "$FLY_PID"
-        start_webhook
-        rows+=("fork $(run_wrk "$PEER_URL" adnanh-webhook "$connections")")
-        stop "$PEER_PID"
+        for round in $(seq "$ROUNDS"); do
+            # A new state file each run: every body is a new update again.
+            start_fly "fork-$connections-$round" --exec 'cat >/dev/null'
+            rows+=("fork $(run_wrk "$FLY_URL" fly-exec "$connections" "$FLY_PID")")
+            stop "$FLY_PID"
+            start_webhook
+            rows+=("fork $(run_wrk "$PEER_URL" adnanh-webhook "$connections" "$PEER_PID")")
+            stop "$PEER_PID"
+        done
     done
 fi
 # The interpreter itself, not a wrapper in front of it (a pyenv shim is a
@@ -134,10 +153,10 @@ fi
 PYTHON=$(python3 -c 'import sys; print(sys.executable)')
 if [ "$PART" = both ] || [ "$PART" = python ]; then
     start_fly python-exec --concurrency 8 --exec "$PYTHON $PWD/fixtures/bot.py"
-    rows+=("python $(run_wrk "$FLY_URL" per-update 8)")
+    rows+=("python $(run_wrk "$FLY_URL" per-update 8 "$FLY_PID")")
     stop "$FLY_PID"
     start_fly python-worker --concurrency 8 --exec-worker "$PYTHON $PWD/fixtures/worker.py"
-    rows+=("python $(run_wrk "$FLY_URL" worker 8)")
+    rows+=("python $(run_wrk "$FLY_URL" worker 8 "$FLY_PID")")
     stop "$FLY_PID"
     # Every reply was sent: one per update the worker run answered 200.
     echo "emulator: $(curl -s "$EMULATOR_URL/_emulator/sent" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["sent"]))') replies in all" >&2
@@ -145,7 +164,7 @@ fi
 
 [ -n "${SHOW_WRK:-}" ] && cat "$WORK"/*.wrk >&2
 FLOOR=${FLOOR:-} python3 - "${rows[@]}" <<'PY'
-import os, sys
+import os, statistics, sys
 def ms(text):
     for unit, scale in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
         if text.endswith(unit):
@@ -153,20 +172,25 @@ def ms(text):
     return float("nan")
 rows = [line.split() for line in sys.argv[1:]]
 print("handlers behind a webhook, wrk, every request a new signed text message")
-print(f"{'part':<7} {'server':<16} {'conns':>5} {'requests/s':>11} {'p50':>10} {'p99':>10} {'non-2xx':>8}")
-for part, label, conns, rps, p50, p99, bad in rows:
-    print(f"{part:<7} {label:<16} {conns:>5} {float(rps):11.0f} {ms(p50):7.2f} ms {ms(p99):7.2f} ms {bad:>8}")
+print(f"{'part':<7} {'server':<16} {'conns':>5} {'requests/s':>11} {'p50':>10} {'p99':>10} {'non-2xx':>8}"
+      f" {'CPU/request: server':>20} {'commands':>9}")
+for part, label, conns, rps, p50, p99, bad, cpu, children in rows:
+    print(f"{part:<7} {label:<16} {conns:>5} {float(rps):11.0f} {ms(p50):7.2f} ms {ms(p99):7.2f} ms {bad:>8}"
+          f" {float(cpu):17.3f} ms {float(children):6.3f} ms")
 if os.environ.get("FLOOR"):
     print(f"the command alone, sh -c 'cat >/dev/null' spawned and waited for in a loop: {os.environ['FLOOR']} ms per run (median)")
-by = {(row[1], row[2]): row for row in rows}
+def median(label, conns, column):
+    values = [float(row[column]) if column != 4 else ms(row[column])
+              for row in rows if row[1] == label and row[2] == conns]
+    return statistics.median(values) if values else None
 for conns in ("1", "8"):
-    if ("fly-exec", conns) in by and ("adnanh-webhook", conns) in by:
-        fly, peer = by[("fly-exec", conns)], by[("adnanh-webhook", conns)]
-        line = f"fork, {conns} connection(s): fly/webhook {float(fly[3]) / float(peer[3]):.2f}x requests/s (target >= 1x)"
-        if conns == "1":
-            line += f", fly p50 {ms(fly[4]):.2f} ms (target <= 2 ms)"
-        print(line)
-if ("per-update", "8") in by and ("worker", "8") in by:
-    ratio = float(by[("worker", "8")][3]) / float(by[("per-update", "8")][3])
-    print(f"python: worker/per-update {ratio:.0f}x updates/s (target >= 50x)")
+    fly, peer = median("fly-exec", conns, 3), median("adnanh-webhook", conns, 3)
+    if fly and peer:
+        fly_p50, peer_p50 = median("fly-exec", conns, 4), median("adnanh-webhook", conns, 4)
+        print(f"fork, {conns} connection(s), medians: fly {fly:.0f}/s p50 {fly_p50:.2f} ms, "
+              f"webhook {peer:.0f}/s p50 {peer_p50:.2f} ms: fly/webhook {fly / peer:.2f}x requests/s "
+              f"(target >= 1x)" + (" and fly p50 target <= 2 ms" if conns == "1" else ""))
+worker, per_update = median("worker", "8", 3), median("per-update", "8", 3)
+if worker and per_update:
+    print(f"python: worker/per-update {worker / per_update:.0f}x updates/s (target >= 50x)")
 PY
