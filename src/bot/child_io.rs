@@ -125,6 +125,12 @@ impl ExitWatch {
             let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
             return Ok(ExitWatch { fd });
         }
+        ExitWatch::on_a_thread(pid)
+    }
+
+    /// Without a pidfd: a thread waits for the exit, leaving the child to be
+    /// reaped, then closes the write end of a pipe whose read end is watched.
+    fn on_a_thread(pid: libc::pid_t) -> io::Result<ExitWatch> {
         let mut ends = [0 as RawFd; 2];
         // SAFETY: pipe2(2) writes two descriptors into the array.
         if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -254,17 +260,32 @@ mod tests {
     }
 
     #[test]
-    fn an_exit_is_seen_without_waiting_for_it() {
-        let mut child = std::process::Command::new("sh")
-            .args(["-c", "exit 3"])
-            .spawn()
+    fn an_exit_is_seen_without_reaping_the_child_with_a_pidfd_or_a_thread() {
+        for pidfd in [true, false] {
+            let mut child = std::process::Command::new("sh")
+                .args(["-c", "read line; exit 3"])
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let watch = if pidfd {
+                ExitWatch::new(child.id())
+            } else {
+                ExitWatch::on_a_thread(child.id() as libc::pid_t)
+            }
             .unwrap();
-        let watch = ExitWatch::new(child.id()).unwrap();
-        assert!(
-            watch
-                .wait_until(Instant::now() + Duration::from_secs(10))
-                .unwrap()
-        );
-        assert_eq!(child.wait().unwrap().code(), Some(3));
+            // Still running: the watch says so when its deadline passes.
+            assert!(
+                !watch
+                    .wait_until(Instant::now() + Duration::from_millis(50))
+                    .unwrap()
+            );
+            drop(child.stdin.take());
+            assert!(
+                watch
+                    .wait_until(Instant::now() + Duration::from_secs(10))
+                    .unwrap()
+            );
+            assert_eq!(child.wait().unwrap().code(), Some(3), "pidfd: {pidfd}");
+        }
     }
 }

@@ -259,7 +259,8 @@ struct Pipes<'a> {
     stderr: Option<ChildStderr>,
     lines: LogLines,
     update_id: i64,
-    buffer: Box<[u8]>,
+    /// For reads; small, as a reply is: a long output takes more reads.
+    buffer: [u8; 8192],
 }
 
 impl<'a> Pipes<'a> {
@@ -279,7 +280,7 @@ impl<'a> Pipes<'a> {
             stderr: Some(stderr),
             lines: LogLines::default(),
             update_id,
-            buffer: vec![0; 64 * 1024].into_boxed_slice(),
+            buffer: [0; 8192],
         })
     }
 

@@ -625,7 +625,7 @@ impl Worker {
 
     /// The next line of stdout, without its line ending.
     fn read_line(&mut self, deadline: Instant) -> Result<Vec<u8>, Broken> {
-        let mut buffer = [0u8; 16 * 1024];
+        let mut buffer = [0u8; 8192];
         let mut searched = 0;
         loop {
             if let Some(at) = self.pending[searched..].iter().position(|&b| b == b'\n') {
