@@ -281,7 +281,12 @@ fn a_worker_killed_with_kill_9_mid_run_is_restarted_and_every_message_answered_o
     let emulator = Emulator::start();
     let dir = tempfile::tempdir().unwrap();
     let expected = messages_over_chats(&emulator, &["u_a", "u_b", "u_c"], 150);
-    let worker = sh_worker(dir.path(), r#"printf '{"reply":"got %s"}\n' "$text""#);
+    // A little work per update, so that the run is still going when the
+    // workers are killed.
+    let worker = sh_worker(
+        dir.path(),
+        r#"sleep 0.01; printf '{"reply":"got %s"}\n' "$text""#,
+    );
     let mut service = start_poll_echo(
         &emulator,
         dir.path(),
@@ -453,11 +458,13 @@ fn a_worker_busy_at_the_grace_deadline_is_killed_and_its_update_comes_again() {
     let emulator = Emulator::start();
     let dir = tempfile::tempdir().unwrap();
     let release = dir.path().join("release");
+    let busy = dir.path().join("busy");
     let worker = sh_worker(
         dir.path(),
         &format!(
-            r#"while [ ! -e '{}' ]; do sleep 0.05; done
+            r#"touch '{}'; while [ ! -e '{}' ]; do sleep 0.05; done
             printf '{{"reply":"got %s"}}\n' "$text""#,
+            busy.display(),
             release.display()
         ),
     );
@@ -468,11 +475,11 @@ fn a_worker_busy_at_the_grace_deadline_is_killed_and_its_update_comes_again() {
         &["--concurrency", "1", "--grace", "1"],
     );
     let update_id = emulator.user_says("private", "u_1", "slow");
-    wait_until(Duration::from_secs(10), "the worker to start", || {
-        groups(dir.path()).len() == 1
-    });
-    // Give the poller time to hand the update over.
-    std::thread::sleep(Duration::from_millis(500));
+    wait_until(
+        Duration::from_secs(10),
+        "the worker to take the update",
+        || busy.exists(),
+    );
     signal(&service, "TERM");
     let status = service.wait(Duration::from_secs(15));
     assert_eq!(status.map(|s| s.code()), Some(Some(0)), "{}", service.log());
@@ -499,12 +506,18 @@ fn a_worker_busy_at_the_grace_deadline_is_killed_and_its_update_comes_again() {
 fn a_second_signal_stops_at_once_with_130_and_no_worker_left() {
     let emulator = Emulator::start();
     let dir = tempfile::tempdir().unwrap();
-    let worker = sh_worker(dir.path(), "sleep 1000; echo '{}'");
+    let busy = dir.path().join("busy");
+    let worker = sh_worker(
+        dir.path(),
+        &format!("touch '{}'; sleep 1000; echo '{{}}'", busy.display()),
+    );
     let mut service = start_poll_echo(&emulator, dir.path(), &worker, &["--grace", "600"]);
     emulator.user_says("private", "u_1", "hang");
-    wait_until(Duration::from_secs(10), "the workers to start", || {
-        groups(dir.path()).len() == 8
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "a worker to take the update",
+        || busy.exists() && groups(dir.path()).len() == 8,
+    );
     let status = signal_twice(&mut service);
     assert_eq!(
         status.map(|s| s.code()),
