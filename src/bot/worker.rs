@@ -31,7 +31,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
@@ -46,6 +46,8 @@ use crate::sync::lock;
 
 /// How long workers get to exit by themselves once their stdin is closed.
 const EXIT_WAIT: Duration = Duration::from_secs(1);
+/// How long a worker's last stderr lines get to reach the log once it is gone.
+const LOG_GRACE: Duration = Duration::from_millis(500);
 /// The first restart after a failure waits this long; each failure in a
 /// row doubles it, up to `MAX_RESTART_DELAY`.
 const FIRST_RESTART_DELAY: Duration = Duration::from_millis(100);
@@ -99,6 +101,8 @@ struct Worker {
     pending: Vec<u8>,
     /// The update in hand, for the stderr log (0: none).
     current: Arc<AtomicI64>,
+    /// Closed when the log thread has read stderr to its end.
+    logged: mpsc::Receiver<()>,
     /// Failures in a row before this worker started: the backoff goes on
     /// growing until one answers.
     failures: u32,
@@ -224,6 +228,7 @@ impl WorkerPool {
         child_io::set_nonblocking(&stdout).context("setting up a worker's stdout")?;
         let current = Arc::new(AtomicI64::new(0));
         let shown = Arc::clone(&current);
+        let (done, logged) = mpsc::channel::<()>();
         std::thread::Builder::new()
             .name(format!("fly-worker-{index}-log"))
             .spawn(move || {
@@ -231,6 +236,7 @@ impl WorkerPool {
                     0 => tracing::warn!(worker = index, "[exec] {text}"),
                     update_id => tracing::warn!(update_id, worker = index, "[exec] {text}"),
                 });
+                drop(done);
             })
             .context("starting a worker's log thread")?;
         tracing::debug!(worker = index, pid = child.id(), "worker started");
@@ -242,6 +248,7 @@ impl WorkerPool {
             stdout,
             pending: Vec::new(),
             current,
+            logged,
             failures,
         })
     }
@@ -370,6 +377,7 @@ impl WorkerPool {
         worker.group.kill();
         let status = worker.child.wait().ok();
         worker.group.leader_reaped();
+        worker.log_the_rest(Instant::now() + LOG_GRACE);
         let failures = worker.failures + 1;
         let delay = restart_delay(failures);
         let index = worker.index;
@@ -559,6 +567,7 @@ fn end_gracefully(mut workers: Vec<Worker>) {
         worker.group.kill();
         let _ = worker.child.wait();
         worker.group.leader_reaped();
+        worker.log_the_rest(deadline + LOG_GRACE);
     }
 }
 
@@ -582,6 +591,14 @@ fn describe(broken: &Broken, timeout: Duration) -> String {
 }
 
 impl Worker {
+    /// Once the worker is gone: its last stderr lines reach the log (until
+    /// `deadline`, for a process that escaped its group and holds stderr).
+    fn log_the_rest(&self, deadline: Instant) {
+        let _ = self
+            .logged
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()));
+    }
+
     /// Before an update is sent: the worker must still run and have said
     /// nothing since its last answer.
     fn check_quiet(&mut self) -> Result<(), Broken> {

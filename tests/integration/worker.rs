@@ -248,7 +248,7 @@ fn the_worker_sees_the_update_on_one_line_with_every_token_kept() {
     let worker = sh_worker(
         dir.path(),
         &format!(
-            "printf '%s\\n' \"$line\" >> '{}'; echo '{{}}'",
+            "printf '%s\\n' \"$line\" >> '{}'; echo 'a note from the worker' >&2; echo '{{}}'",
             seen.display()
         ),
     );
@@ -274,6 +274,13 @@ fn the_worker_sees_the_update_on_one_line_with_every_token_kept() {
     );
     // `{}`: handled, no reply.
     assert!(emulator.sent().is_empty());
+    // stderr goes to the log, tagged with the update in hand.
+    let log = stderr_of(&output);
+    let note = log
+        .lines()
+        .find(|line| line.contains("[exec] a note from the worker"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(note.contains(&format!("update_id={update_id}")), "{note}");
 }
 
 #[test]
