@@ -429,6 +429,8 @@ pub struct SendArgs {
     "fly poll-echo --media-dir media",
     "# Your program answers: the update on its stdin, the reply from its stdout",
     "fly poll-echo --exec 'python3 bot.py' --concurrency 4",
+    "# The same program kept running: one update per line in, one JSON answer per line out",
+    "fly poll-echo --exec-worker 'python3 worker.py' --concurrency 4",
     "# In CI: one poll, answer what came, exit",
     "fly poll-echo --once",
 ]))]
@@ -457,7 +459,8 @@ pub struct PollEchoArgs {
     #[arg(long)]
     pub once: bool,
 
-    /// Chats answered at the same time (updates of one chat stay in order).
+    /// Chats answered at the same time (updates of one chat stay in order);
+    /// with --exec-worker, the number of workers.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub concurrency: u32,
 
@@ -539,6 +542,8 @@ pub struct ExecArgs {
     "fly serve-webhook --secret-file webhook.secret",
     "# HTTPS on port 8443, your program answering each message",
     "fly serve-webhook --port 8443 --tls-cert fullchain.pem --tls-key privkey.pem --exec ./bot.sh",
+    "# Long-lived workers instead of a process per message",
+    "fly serve-webhook --exec-worker 'node worker.js'",
     "# A signed delivery to it, from another terminal",
     "fly sign --secret-file webhook.secret update.json | curl -d @- http://127.0.0.1:8080/webhook",
 ]))]
@@ -582,7 +587,8 @@ pub struct ServeWebhookArgs {
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300), value_name = "SECS")]
     pub header_timeout: u64,
 
-    /// Replies sent at the same time (a bounded pool of blocking threads).
+    /// Replies sent at the same time (a bounded pool of blocking threads);
+    /// with --exec-worker, the number of workers.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=512))]
     pub concurrency: u32,
 
