@@ -22,6 +22,10 @@ pub struct EchoHandler {
 }
 
 impl Handler for EchoHandler {
+    fn is_instant(&self, update: &Update) -> bool {
+        update.kind != "message"
+    }
+
     fn handle(&self, update: &Update) -> Result<Outcome, HandleError> {
         if update.kind != "message" {
             // Callbacks and other kinds: the examples' bot answers only messages.

@@ -227,6 +227,11 @@ impl Store for Front {
         Ok(())
     }
 
+    /// Never waits: the mark is memory and a queued write.
+    fn try_mark_handled(&self, update_id: i64, outcome: &str) -> Option<anyhow::Result<()>> {
+        Some(self.mark_handled(update_id, outcome))
+    }
+
     fn check_nonce(
         &self,
         nonce: &str,

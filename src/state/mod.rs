@@ -66,6 +66,13 @@ pub trait Store: Send + Sync {
     /// between can lose.
     fn mark_handled(&self, update_id: i64, outcome: &str) -> anyhow::Result<()>;
 
+    /// [`Store::mark_handled`] if it can be done without waiting on disk or
+    /// network (in memory, the write queued), else `None`. Safe on an async
+    /// I/O thread.
+    fn try_mark_handled(&self, _update_id: i64, _outcome: &str) -> Option<anyhow::Result<()>> {
+        None
+    }
+
     // -- Webhook nonces ---------------------------------------------------
 
     /// Checks `nonce` against the ones seen in the last `window_secs` and

@@ -234,6 +234,21 @@ impl Receiver {
         if let Err(error) = committed(wait).await {
             return store_failed(error);
         }
+        // Nothing to answer, and a store that marks in memory: done here.
+        // Should either say otherwise, the update takes the worker pool
+        // like any other (an instant handler has no side effect to repeat).
+        if self.handler.is_instant(&update)
+            && let Ok(outcome) = self.handler.handle(&update)
+            && let Some(marked) = self
+                .store
+                .try_mark_handled(update.update_id, outcome.as_str())
+        {
+            drop(claim);
+            return match marked {
+                Ok(()) => (StatusCode::OK, "OK"),
+                Err(error) => store_failed(error),
+            };
+        }
         let handler = Arc::clone(&self.handler);
         let store = Arc::clone(&self.store);
         let joined = tokio::task::spawn_blocking(move || -> Result<&'static str, HandleError> {
