@@ -2,8 +2,12 @@
 
 use std::io::IsTerminal;
 
+use std::fmt::Write as _;
+
 use tracing::level_filters::LevelFilter;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::field::MakeExt;
+use tracing_subscriber::fmt::format::debug_fn;
 
 use crate::cli::LogFormat;
 
@@ -26,9 +30,53 @@ pub fn init(format: LogFormat, verbose: u8, quiet: u8) {
         .with_target(false);
     // A subscriber is only missing if one was set already (never, in the binary).
     let _ = match format {
-        LogFormat::Text => builder.try_init(),
+        // One event, one line: a value from outside (a chat id, a text, a
+        // handler's stderr) cannot end the line and forge the next one, nor
+        // move the cursor or recolour the terminal.
+        LogFormat::Text => builder
+            .fmt_fields(
+                debug_fn(|writer, field, value| {
+                    let raw = format!("{value:?}");
+                    let text = escape_controls(&raw);
+                    if field.name() == "message" {
+                        writer.write_str(&text)
+                    } else {
+                        write!(writer, "{field}={text}")
+                    }
+                })
+                .delimited(" "),
+            )
+            .try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// `text` with every character that could break a log line or drive a
+/// terminal written as an escape: control characters (newline, ESC, NUL,
+/// DEL, C1), line and paragraph separators, and the bidirectional overrides
+/// that reorder what is shown. Everything else, Chinese included, stays
+/// as it is.
+fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    let needs_escape = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(needs_escape) {
+        return text.into();
+    }
+    let mut escaped = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => escaped.push_str("\\n"),
+            '\r' => escaped.push_str("\\r"),
+            '\t' => escaped.push_str("\\t"),
+            c if needs_escape(c) => {
+                let _ = write!(escaped, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => escaped.push(c),
+        }
+    }
+    escaped.into()
 }
 
 /// The filter for `-v`/`-q` counts: fly's own level, then the libraries'.
@@ -55,6 +103,15 @@ fn filter_directives(verbose: u8, quiet: u8) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_and_chinese_is_not() {
+        assert_eq!(escape_controls("你好 ok"), "你好 ok");
+        assert_eq!(
+            escape_controls("a\nINFO stopped\r\u{1b}[2J\0\u{7f}\u{9b}\u{202e}"),
+            "a\\nINFO stopped\\r\\u{1b}[2J\\u{0}\\u{7f}\\u{9b}\\u{202e}"
+        );
+    }
 
     #[test]
     fn libraries_speak_up_only_at_vvv() {

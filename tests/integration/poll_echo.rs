@@ -139,6 +139,37 @@ fn json_logs_have_one_object_per_handled_update() {
     assert!(handled[0]["latency_ms"].is_u64());
 }
 
+/// A chat id is the sender's to choose: one holding a newline and a fake log
+/// line, or terminal escapes, stays inside its own line of the text log.
+#[test]
+fn text_logs_cannot_be_forged_by_a_chat_id() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let forged = "u_1\n2026-01-01T00:00:00Z  INFO stopped\u{1b}[2J\u{1b}[31m";
+    emulator.user_says("private", forged, "hi");
+    let output = fly_at(&emulator)
+        .args(["poll-echo", "--once", "--state"])
+        .arg(dir.path().join("s.db"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    let log = stderr_of(&output);
+    assert!(!log.contains('\u{1b}'), "raw escape in the log: {log:?}");
+    assert!(
+        log.lines().all(|line| !line.starts_with("2026-01-01")),
+        "a forged line: {log}"
+    );
+    let handled: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("update handled"))
+        .collect();
+    assert_eq!(handled.len(), 1, "{log}");
+    assert!(
+        handled[0].contains(r"chat=private:u_1\n2026-01-01T00:00:00Z  INFO stopped\u{1b}[2J"),
+        "{log}"
+    );
+}
+
 /// 30% errors and 10% lost answers on every call: every update is answered,
 /// each exactly once.
 #[test]
