@@ -18,6 +18,7 @@ pub mod progress;
 pub mod random;
 pub mod shutdown;
 pub mod signature;
+pub mod small_file;
 pub mod state;
 pub mod sync;
 pub mod webhook;

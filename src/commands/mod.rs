@@ -55,19 +55,8 @@ const MAX_CREDENTIAL_FILE_BYTES: u64 = 64 * 1024;
 /// read, is too large or holds only whitespace is a usage error naming `flag`.
 pub fn read_credential_file(path: &Path, flag: &str) -> anyhow::Result<String> {
     let shown = path.display();
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|file| {
-            file.take(MAX_CREDENTIAL_FILE_BYTES + 1)
-                .read_to_end(&mut bytes)
-        })
-        .map_err(|error| usage(format!("cannot read {flag} {shown}: {error}")))?;
-    if bytes.len() as u64 > MAX_CREDENTIAL_FILE_BYTES {
-        return Err(usage(format!(
-            "{flag} {shown} is larger than {} KiB: is it the right file?",
-            MAX_CREDENTIAL_FILE_BYTES / 1024
-        )));
-    }
+    let bytes = crate::small_file::read_small_file(path, MAX_CREDENTIAL_FILE_BYTES)
+        .map_err(|error| usage(error.message(flag, path)))?;
     let text =
         String::from_utf8(bytes).map_err(|_| usage(format!("{flag} {shown} is not UTF-8 text")))?;
     let trimmed = text.trim();

@@ -23,14 +23,17 @@
 mod receiver;
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use rustls_pki_types::pem::{PemObject, SectionKind};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
 use crate::bot::Handler;
+use crate::exit::usage;
 use crate::http_server::{self, Limits};
 use crate::shutdown::{Shutdown, Stage};
 use crate::state::Store;
@@ -201,38 +204,87 @@ const ANSWER_TIME: Duration = Duration::from_secs(1);
 /// a killed handler to be reaped and its last stderr lines logged.
 const ABANDON_GRACE: Duration = Duration::from_secs(2);
 
+/// A certificate chain or key file is a few KiB; a larger one was named by mistake.
+const MAX_TLS_FILE_BYTES: u64 = 1024 * 1024;
+
 fn load_tls(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert_chain)
-        .and_then(|certificates| certificates.collect())
-        .map_err(|error| {
-            crate::exit::usage(format!(
-                "--tls-cert {}: {error}",
-                files.cert_chain.display()
-            ))
-        })?;
-    if chain.is_empty() {
-        return Err(crate::exit::usage(format!(
-            "--tls-cert {}: no certificate found",
-            files.cert_chain.display()
-        )));
-    }
-    let key = PrivateKeyDer::from_pem_file(&files.private_key).map_err(|error| {
-        crate::exit::usage(format!(
-            "--tls-key {}: {error}",
-            files.private_key.display()
-        ))
-    })?;
+    let chain = read_certificate_chain(&files.cert_chain)?;
+    let key = read_private_key(&files.private_key)?;
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
     let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .context("configuring TLS")?
         .with_no_client_auth()
         .with_single_cert(chain, key)
-        .map_err(|error| {
-            crate::exit::usage(format!("--tls-cert/--tls-key do not fit together: {error}"))
-        })?;
+        .map_err(|error| usage(format!("--tls-cert/--tls-key do not fit together: {error}")))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Every certificate of `--tls-cert`, each one parsed: a broken block is
+/// refused at start, not found out by every client's failed handshake.
+fn read_certificate_chain(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let pem = crate::small_file::read_small_file(path, MAX_TLS_FILE_BYTES)
+        .map_err(|error| usage(error.message("--tls-cert", path)))?;
+    let shown = path.display();
+    let mut chain = Vec::new();
+    for (index, block) in CertificateDer::pem_slice_iter(&pem).enumerate() {
+        let number = index + 1;
+        let certificate = block.map_err(|error| {
+            usage(format!(
+                "--tls-cert {shown}: certificate {number} is not valid PEM: {error}"
+            ))
+        })?;
+        tokio_rustls::rustls::server::ParsedCertificate::try_from(&certificate).map_err(
+            |error| {
+                usage(format!(
+                    "--tls-cert {shown}: certificate {number} is broken: {error}"
+                ))
+            },
+        )?;
+        chain.push(certificate);
+    }
+    if chain.is_empty() {
+        return Err(usage(format!(
+            "--tls-cert {shown}: no certificate found (PEM, -----BEGIN CERTIFICATE-----)"
+        )));
+    }
+    Ok(chain)
+}
+
+/// The private key of `--tls-key`, with a message that says what the file
+/// holds instead when it is not a usable key.
+fn read_private_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
+    let pem = crate::small_file::read_small_file(path, MAX_TLS_FILE_BYTES)
+        .map_err(|error| usage(error.message("--tls-key", path)))?;
+    let shown = path.display();
+    let mut holds_certificate = false;
+    for block in <(SectionKind, Vec<u8>)>::pem_slice_iter(&pem) {
+        let (kind, _) =
+            block.map_err(|error| usage(format!("--tls-key {shown}: not valid PEM: {error}")))?;
+        match kind {
+            SectionKind::PrivateKey | SectionKind::RsaPrivateKey | SectionKind::EcPrivateKey => {
+                return PrivateKeyDer::from_pem_slice(&pem)
+                    .map_err(|error| usage(format!("--tls-key {shown}: {error}")));
+            }
+            SectionKind::Certificate => holds_certificate = true,
+            _ => {}
+        }
+    }
+    let text = String::from_utf8_lossy(&pem);
+    Err(usage(
+        if text.contains("ENCRYPTED PRIVATE KEY") || text.contains("Proc-Type: 4,ENCRYPTED") {
+            format!(
+                "--tls-key {shown} is encrypted: fly needs the key without a passphrase \
+                 (openssl pkey -in {shown} -out key.pem)"
+            )
+        } else if holds_certificate {
+            format!(
+                "--tls-key {shown} holds a certificate, not a private key: \
+                 give the certificate as --tls-cert and its key as --tls-key"
+            )
+        } else {
+            format!("--tls-key {shown}: no private key found (PEM, -----BEGIN PRIVATE KEY-----)")
+        },
+    ))
 }

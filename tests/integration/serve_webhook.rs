@@ -1230,6 +1230,92 @@ fn bad_tls_files_exit_2_with_one_error_line() {
     assert_usage_error(&alone, "--tls-key");
 }
 
+/// Material that cannot serve is named at start, with what is wrong with it:
+/// no server that fails every handshake, no read that never ends.
+#[test]
+fn broken_tls_material_is_refused_at_start_saying_what_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, cert_pem) = write_certificate(dir.path());
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let broken_der = write(
+        "broken-der.pem",
+        &format!("{cert_pem}-----BEGIN CERTIFICATE-----\nAAAAAAAA\n-----END CERTIFICATE-----\n"),
+    );
+    let broken_base64 = write(
+        "broken-base64.pem",
+        &format!("{cert_pem}-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n"),
+    );
+    let unterminated = write(
+        "unterminated.pem",
+        &format!("{cert_pem}-----BEGIN CERTIFICATE-----\nAAAA\n"),
+    );
+    let encrypted = write(
+        "encrypted.pem",
+        "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIB\n-----END ENCRYPTED PRIVATE KEY-----\n",
+    );
+    let fifo = dir.path().join("fifo.pem");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let state = dir.path().join("s.db");
+    let serve = |cert: &Path, key: &Path| {
+        fly()
+            .args([
+                "serve-webhook",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--state",
+            ])
+            .arg(&state)
+            .arg("--tls-cert")
+            .arg(cert)
+            .arg("--tls-key")
+            .arg(key)
+            .env("FLY_BASE_URL", "http://127.0.0.1:9")
+            .env("FLY_BOT_TOKEN", TOKEN)
+            .timeout(Duration::from_secs(10))
+            .output()
+            .unwrap()
+    };
+    assert_usage_error(&serve(&broken_der, &key), "certificate 2 is broken");
+    assert_usage_error(
+        &serve(&broken_base64, &key),
+        "certificate 2 is not valid PEM",
+    );
+    assert_usage_error(
+        &serve(&unterminated, &key),
+        "certificate 2 is not valid PEM",
+    );
+    assert_usage_error(&serve(&cert, &encrypted), "is encrypted");
+    assert_usage_error(
+        &serve(&cert, &cert),
+        "holds a certificate, not a private key",
+    );
+    assert_usage_error(
+        &serve(&fifo, &key),
+        "is a FIFO (named pipe), not a regular file",
+    );
+    assert_usage_error(
+        &serve(&cert, &fifo),
+        "is a FIFO (named pipe), not a regular file",
+    );
+    let zero = Path::new("/dev/zero");
+    let urandom = Path::new("/dev/urandom");
+    assert_usage_error(&serve(zero, &key), "--tls-cert /dev/zero is a device");
+    assert_usage_error(&serve(&cert, urandom), "--tls-key /dev/urandom is a device");
+    assert!(!state.exists(), "a failed start leaves no state file");
+}
+
 // ---------------------------------------------------------------------------
 // Updates as the platform's Python reads them
 
