@@ -91,6 +91,14 @@ pub fn token_from(value: Option<&str>, file: Option<&Path>) -> anyhow::Result<Op
             "the bot token from {source} contains a line break or another control character"
         )));
     }
+    // What an Authorization header can carry; anything else would only be
+    // found out, and retried, at the first request.
+    if !token.expose().chars().all(|c| c.is_ascii_graphic() || c == ' ') {
+        return Err(usage(format!(
+            "the bot token from {source} contains characters an HTTP header cannot carry \
+             (only printable ASCII): is it the right token?"
+        )));
+    }
     Ok(Some(token))
 }
 
