@@ -93,7 +93,11 @@ pub fn token_from(value: Option<&str>, file: Option<&Path>) -> anyhow::Result<Op
     }
     // What an Authorization header can carry; anything else would only be
     // found out, and retried, at the first request.
-    if !token.expose().chars().all(|c| c.is_ascii_graphic() || c == ' ') {
+    if !token
+        .expose()
+        .chars()
+        .all(|c| c.is_ascii_graphic() || c == ' ')
+    {
         return Err(usage(format!(
             "the bot token from {source} contains characters an HTTP header cannot carry \
              (only printable ASCII): is it the right token?"

@@ -227,29 +227,49 @@ pub struct DeadLetter {
     pub recorded_at: i64,
 }
 
-/// Which bot a state belongs to: the base URL and a fingerprint of the token
-/// (a prefix of its sha256, never the token itself).
+/// Which bot a state belongs to: the base URL (without credentials) and a
+/// fingerprint of the token, never the token itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BotIdentity {
     pub base_url: String,
     pub token_fingerprint: String,
+    /// The fingerprint fly wrote before 0.2 (a prefix of sha256(token), and
+    /// so of the default webhook secret): recognised in older state files,
+    /// which are then rewritten with `token_fingerprint`. Never stored anew.
+    legacy_fingerprint: String,
 }
+
+/// Keeps the fingerprint apart from every other hash of the token (the
+/// default webhook secret is sha256(token)): knowing it says nothing of them.
+const FINGERPRINT_DOMAIN: &str = "fly state: token fingerprint v2\n";
 
 impl BotIdentity {
     pub fn new(base_url: &str, token: &Token) -> BotIdentity {
+        let token = token.expose();
         BotIdentity {
-            base_url: base_url.trim().trim_end_matches('/').to_string(),
-            token_fingerprint: sha256_hex(token.expose().as_bytes())[..16].to_string(),
+            base_url: without_userinfo(base_url.trim().trim_end_matches('/')),
+            token_fingerprint: sha256_hex(format!("{FINGERPRINT_DOMAIN}{token}").as_bytes())[..16]
+                .to_string(),
+            legacy_fingerprint: sha256_hex(token.as_bytes())[..16].to_string(),
         }
+    }
+
+    /// Whether `stored` is this bot's fingerprint as an older fly wrote it.
+    pub fn is_legacy_fingerprint(&self, stored: &str) -> bool {
+        stored == self.legacy_fingerprint
     }
 
     /// A short stable key for file names.
     pub fn key(&self) -> String {
-        let joined = format!("{}\n{}", self.base_url, self.token_fingerprint);
-        sha256_hex(joined.as_bytes())[..16].to_string()
+        Self::key_of(&self.base_url, &self.token_fingerprint)
     }
 
-    /// `$XDG_STATE_HOME/fly/bot-<key>.db`, else `~/.local/state/fly/bot-<key>.db`.
+    fn key_of(base_url: &str, fingerprint: &str) -> String {
+        sha256_hex(format!("{base_url}\n{fingerprint}").as_bytes())[..16].to_string()
+    }
+
+    /// `$XDG_STATE_HOME/fly/bot-<key>.db`, else `~/.local/state/fly/bot-<key>.db`;
+    /// the file an older fly named there for this bot, if it exists.
     pub fn default_state_path(&self) -> anyhow::Result<PathBuf> {
         let base = match std::env::var_os("XDG_STATE_HOME").filter(|dir| !dir.is_empty()) {
             Some(dir) => PathBuf::from(dir),
@@ -262,7 +282,28 @@ impl BotIdentity {
                 }
             },
         };
-        Ok(base.join("fly").join(format!("bot-{}.db", self.key())))
+        let dir = base.join("fly");
+        let legacy = dir.join(format!(
+            "bot-{}.db",
+            Self::key_of(&self.base_url, &self.legacy_fingerprint)
+        ));
+        if legacy.is_file() {
+            return Ok(legacy);
+        }
+        Ok(dir.join(format!("bot-{}.db", self.key())))
+    }
+}
+
+/// `url` without `user:password@`: what may be stored, logged and shown.
+pub fn without_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rfind('@') {
+        Some(at) => format!("{scheme}://{}{path}", &authority[at + 1..]),
+        None => url.to_string(),
     }
 }
 
@@ -279,6 +320,28 @@ mod tests {
 
     fn identity(token: &str) -> BotIdentity {
         BotIdentity::new("http://127.0.0.1:8787/", &Token::new(token).unwrap())
+    }
+
+    #[test]
+    fn credentials_in_the_base_url_are_not_kept() {
+        let id = BotIdentity::new(
+            "https://user:PASS@api.example.com:8443/",
+            &Token::new("t").unwrap(),
+        );
+        assert_eq!(id.base_url, "https://api.example.com:8443");
+        assert_eq!(without_userinfo("http://a@b/c@d?e@f"), "http://b/c@d?e@f");
+        assert_eq!(without_userinfo("http://host/p"), "http://host/p");
+        assert_eq!(without_userinfo("not a url"), "not a url");
+    }
+
+    #[test]
+    fn the_fingerprint_is_no_prefix_of_the_default_secret() {
+        let token = Token::new("a-token").unwrap();
+        let id = BotIdentity::new("http://h", &token);
+        let default_secret = sha256_hex(b"a-token");
+        assert_eq!(id.token_fingerprint.len(), 16);
+        assert!(!default_secret.starts_with(&id.token_fingerprint));
+        assert!(id.is_legacy_fingerprint(&default_secret[..16]));
     }
 
     #[test]

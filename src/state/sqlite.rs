@@ -117,9 +117,11 @@ impl SqliteStore {
     /// Opens (or creates) the store at `path` for `identity`.
     pub fn open(path: &Path, identity: &BotIdentity) -> anyhow::Result<SqliteStore> {
         if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
+            create_private_dir(dir)
                 .with_context(|| format!("creating the state directory {}", dir.display()))?;
         }
+        create_private_file(path)
+            .with_context(|| format!("creating the state file {}", path.display()))?;
         SqliteStore::open_file(path, Some(identity))
     }
 
@@ -144,6 +146,21 @@ impl SqliteStore {
         {
             return Err(crate::exit::usage(format!(
                 "state file {shown} is not a regular file"
+            )));
+        }
+        // SQLite would open it read-only and fail later, less clearly.
+        if let Err(error) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            && matches!(
+                error.kind(),
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+            )
+        {
+            return Err(crate::exit::usage(format!(
+                "state file {shown} is read-only ({error}): fly writes to it; \
+                 check its owner and permissions"
             )));
         }
         let connection =
@@ -292,15 +309,28 @@ impl SqliteStore {
                 })
                 .optional()
         };
-        let stored_url = stored("base_url")?.unwrap_or_default();
+        let stored_url = super::without_userinfo(&stored("base_url")?.unwrap_or_default());
         let stored_fingerprint = stored("token_fingerprint")?.unwrap_or_default();
-        // The fingerprint itself is not shown: it is a prefix of the sha256
-        // of the token, and so of the default webhook secret.
+        // The fingerprint itself is not shown (an older fly's is a prefix of
+        // the sha256 of the token, and so of the default webhook secret).
         let other = if stored_url != identity.base_url {
             format!("the bot at {stored_url}")
-        } else if stored_fingerprint != identity.token_fingerprint {
+        } else if stored_fingerprint != identity.token_fingerprint
+            && !identity.is_legacy_fingerprint(&stored_fingerprint)
+        {
             "a bot with another token".to_string()
         } else {
+            // This bot's file: what an older fly stored (credentials in the
+            // URL, the undivided fingerprint) is written over once.
+            for (key, value) in [
+                ("base_url", identity.base_url.as_str()),
+                ("token_fingerprint", identity.token_fingerprint.as_str()),
+            ] {
+                connection.execute(
+                    "UPDATE meta SET value = ?2 WHERE key = ?1 AND value != ?2",
+                    params![key, value],
+                )?;
+            }
             return Ok(());
         };
         bail!("belongs to {other}; pass another --state PATH")
@@ -308,6 +338,30 @@ impl SqliteStore {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
         lock(&self.connection)
+    }
+}
+
+/// What fly keeps (handled updates with their text, dead letters) is for
+/// its user alone: directories it creates are 0700.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+/// Creates the state file 0600 if it is missing (SQLite would create it
+/// with the umask's 0644, and gives its log files the file's mode).
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(error) => Err(error),
     }
 }
 
@@ -914,6 +968,57 @@ mod tests {
             let prefix = &sha256_hex(token.as_bytes())[..8];
             assert!(!message.contains(prefix), "{message}");
         }
+    }
+
+    /// A file an older fly wrote (the URL's credentials and the undivided
+    /// fingerprint stored) is this bot's still, and is rewritten without them.
+    #[test]
+    fn an_older_flys_file_is_recognised_and_cleaned() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        drop(SqliteStore::open(&path, &identity("t1")).unwrap());
+        let meta = |connection: &Connection, key: &str| -> String {
+            connection
+                .query_row("SELECT value FROM meta WHERE key = ?1", [key], |row| {
+                    row.get(0)
+                })
+                .unwrap()
+        };
+        {
+            let connection = Connection::open(&path).unwrap();
+            connection
+                .execute_batch(&format!(
+                    "UPDATE meta SET value = 'http://user:PASS@127.0.0.1:8787' WHERE key = 'base_url';
+                     UPDATE meta SET value = '{}' WHERE key = 'token_fingerprint';",
+                    &sha256_hex(b"t1")[..16]
+                ))
+                .unwrap();
+        }
+        let store = SqliteStore::open(&path, &identity("t1")).unwrap();
+        store.mark_handled(1, "replied").unwrap();
+        drop(store);
+        let connection = Connection::open(&path).unwrap();
+        assert_eq!(meta(&connection, "base_url"), "http://127.0.0.1:8787");
+        assert_eq!(
+            meta(&connection, "token_fingerprint"),
+            identity("t1").token_fingerprint
+        );
+        assert!(SqliteStore::open(&path, &identity("t2")).is_err());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn new_state_directories_and_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new/dir/s.db");
+        let store = SqliteStore::open(&path, &identity("t1")).unwrap();
+        store.mark_handled(1, "replied").unwrap();
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.path().join("new")), 0o700);
+        assert_eq!(mode(&dir.path().join("new/dir")), 0o700);
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&dir.path().join("new/dir/s.db-wal")), 0o600);
     }
 
     #[test]

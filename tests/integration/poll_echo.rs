@@ -170,6 +170,76 @@ fn text_logs_cannot_be_forged_by_a_chat_id() {
     );
 }
 
+/// Credentials in `FLY_BASE_URL` are used, never shown or kept: not in
+/// `--help`, not in the state file.
+#[test]
+fn a_password_in_the_base_url_is_not_shown_or_stored() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("s.db");
+    let with_password = emulator
+        .base_url
+        .replacen("http://", "http://user:PASSWORD_42@", 1);
+    for command in ["poll-echo", "send", "doctor", "forward"] {
+        let help = fly()
+            .env("FLY_BASE_URL", &with_password)
+            .args([command, "--help"])
+            .output()
+            .unwrap();
+        assert!(help.status.success());
+        let shown = String::from_utf8_lossy(&help.stdout);
+        assert!(!shown.contains("PASSWORD_42"), "{command} --help: {shown}");
+    }
+    emulator.user_says("private", "u_1", "hi");
+    let output = fly()
+        .env("FLY_BASE_URL", &with_password)
+        .env("FLY_BOT_TOKEN", TOKEN)
+        .args(["poll-echo", "--once", "--state"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    assert_eq!(emulator.sent().len(), 1);
+    assert!(!stderr_of(&output).contains("PASSWORD_42"));
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        assert!(!String::from_utf8_lossy(&bytes).contains("PASSWORD_42"));
+    }
+}
+
+/// A state file fly may not write is named as such, not as a foreign file.
+#[test]
+fn a_read_only_state_file_says_so() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("s.db");
+    assert!(poll_once(&emulator, &state).status.success());
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o444)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Root may write anything: the check runs as nobody when the tests do as root.
+    let root = String::from_utf8(Command::new("id").arg("-u").output().unwrap().stdout).unwrap();
+    let mut command = if root.trim() == "0" {
+        let mut setpriv = Command::new("setpriv");
+        setpriv.args(["--reuid=65534", "--regid=65534", "--clear-groups"]);
+        setpriv.arg(crate::common::fly_path());
+        setpriv
+    } else {
+        Command::new(crate::common::fly_path())
+    };
+    let output = command
+        .env("FLY_BASE_URL", &emulator.base_url)
+        .env("FLY_BOT_TOKEN", TOKEN)
+        .args(["poll-echo", "--once", "--state"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{}", stderr_of(&output));
+    let stderr = stderr_of(&output);
+    assert!(stderr.contains("is read-only"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
+
 /// 30% errors and 10% lost answers on every call: every update is answered,
 /// each exactly once.
 #[test]

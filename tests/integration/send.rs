@@ -182,7 +182,12 @@ fn a_token_that_is_not_a_header_value_is_exit_2_at_once() {
     assert!(stderr.contains("HTTP header cannot carry"), "{stderr}");
     assert!(!stderr.contains("secret"), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(emulator.get("/_emulator/sent")["sent"].as_array().unwrap().is_empty());
+    assert!(
+        emulator.get("/_emulator/sent")["sent"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
 }
 
 /// Text piped from a binary by mistake (NUL bytes) is exit 2, not sent.
