@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use super::{HandleError, Handler, Outcome};
-use crate::api::media::is_media_type;
+use crate::api::media::{MediaUrl, is_media_type};
 use crate::api::retry::RetryPolicy;
 use crate::api::{ApiClient, Chat, Message, SendRequest, Update};
 use crate::download::{Durability, download, safe_file_name, save_atomically};
@@ -90,7 +90,7 @@ impl EchoHandler {
                 tracing::warn!(update_id, url = %media.url, "the platform returned no access URL");
                 continue;
             };
-            let destination = dir.join(format!("{update_id}-{}", safe_file_name(&media.url)));
+            let destination = dir.join(media_file_name(update_id, media));
             save_atomically(&destination, true, Durability::Synced, |file| {
                 let progress = ProgressBar::hidden();
                 Ok(download(
@@ -122,5 +122,17 @@ impl EchoHandler {
             format!("fwd_{update_id}"),
         );
         self.send(&forward, Outcome::Forwarded)
+    }
+}
+
+/// `{update_id}-{name}` for the media, `{update_id}-thumb-{name}` for its
+/// preview: a message has at most one of each, so no file of an update
+/// overwrites another even when both URLs end in the same name.
+fn media_file_name(update_id: i64, media: &MediaUrl) -> String {
+    let name = safe_file_name(&media.url);
+    if media.is_thumbnail {
+        format!("{update_id}-thumb-{name}")
+    } else {
+        format!("{update_id}-{name}")
     }
 }

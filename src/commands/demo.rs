@@ -23,7 +23,7 @@ use crate::state::{BotIdentity, SqliteStore};
 
 const DEMO_TOKEN: &str = "demo-token-not-secret";
 const IMAGE_URL: &str = "https://cdn.example/demo/cat.png";
-const THUMBNAIL_URL: &str = "https://cdn.example/demo/cat-thumb.png";
+const THUMBNAIL_URL: &str = "https://cdn.example/demo/thumbs/cat.png";
 
 /// Who says what in the demo: (chat type, chat id, speaker, msgType, data).
 fn conversation() -> Vec<(

@@ -394,7 +394,8 @@ fn media_round_trip_is_byte_exact_and_forwards_the_message() {
     let dir = tempfile::tempdir().unwrap();
     let media_dir = dir.path().join("media");
     let original = "https://cdn.example/u/photo.jpg?sig=abc";
-    let thumbnail = "https://cdn.example/u/thumb.jpg";
+    // Both URLs end in the same name: neither file may replace the other.
+    let thumbnail = "https://cdn.example/u/thumbs/photo.jpg";
     let size = 3 * 1024 * 1024 + 17;
     emulator.post("/_emulator/media", json!({"url": original, "size": size}));
     emulator.post("/_emulator/media", json!({"url": thumbnail, "size": 1000}));
@@ -416,7 +417,7 @@ fn media_round_trip_is_byte_exact_and_forwards_the_message() {
 
     let photo = std::fs::read(media_dir.join(format!("{update_id}-photo.jpg"))).unwrap();
     assert!(photo == media_pattern(size), "photo bytes differ");
-    let thumb = std::fs::read(media_dir.join(format!("{update_id}-thumb.jpg"))).unwrap();
+    let thumb = std::fs::read(media_dir.join(format!("{update_id}-thumb-photo.jpg"))).unwrap();
     assert_eq!(thumb, media_pattern(1000));
     assert_eq!(
         std::fs::read_dir(&media_dir).unwrap().count(),
