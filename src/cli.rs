@@ -676,6 +676,17 @@ pub struct ForwardArgs {
     #[arg(long, default_value = "bot_local", value_name = "ID")]
     pub bot_id: String,
 
+    /// Trust this certificate (PEM) for an https:// receiver, such as a
+    /// local one with a self-signed certificate.
+    #[arg(long, value_name = "PEM")]
+    pub to_ca: Option<PathBuf>,
+
+    /// Deliveries in flight at once, each of another chat. 1 keeps the
+    /// platform's order; more delivers different chats in parallel, so the
+    /// receiver sees chats interleaved out of order (each chat stays in order).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub concurrency: u32,
+
     /// Long-poll timeout in seconds (0..=3600).
     #[arg(long, default_value_t = 30, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub poll_timeout: u64,

@@ -8,6 +8,14 @@ use std::fmt;
 use std::io::Read;
 use std::path::Path;
 
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+use crate::exit::usage;
+
+/// A certificate chain or key file is a few KiB; a larger one was named by mistake.
+pub const MAX_PEM_FILE_BYTES: u64 = 1024 * 1024;
+
 #[derive(Debug)]
 pub enum SmallFileError {
     /// A FIFO, a device, a directory, a socket: named by mistake.
@@ -61,6 +69,38 @@ pub fn read_small_file(path: &Path, cap: u64) -> Result<Vec<u8>, SmallFileError>
         return Err(SmallFileError::TooLarge(cap));
     }
     Ok(bytes)
+}
+
+/// Every certificate of the PEM file given with `flag`, each one parsed: a
+/// broken block is refused at start (exit 2, naming it), not found out by a
+/// failed handshake later.
+pub fn read_certificates(path: &Path, flag: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let pem = read_small_file(path, MAX_PEM_FILE_BYTES)
+        .map_err(|error| usage(error.message(flag, path)))?;
+    let shown = path.display();
+    let mut certificates = Vec::new();
+    for (index, block) in CertificateDer::pem_slice_iter(&pem).enumerate() {
+        let number = index + 1;
+        let certificate = block.map_err(|error| {
+            usage(format!(
+                "{flag} {shown}: certificate {number} is not valid PEM: {error}"
+            ))
+        })?;
+        tokio_rustls::rustls::server::ParsedCertificate::try_from(&certificate).map_err(
+            |error| {
+                usage(format!(
+                    "{flag} {shown}: certificate {number} is broken: {error}"
+                ))
+            },
+        )?;
+        certificates.push(certificate);
+    }
+    if certificates.is_empty() {
+        return Err(usage(format!(
+            "{flag} {shown}: no certificate found (PEM, -----BEGIN CERTIFICATE-----)"
+        )));
+    }
+    Ok(certificates)
 }
 
 /// Opens for reading without waiting for a FIFO's writer: the type is

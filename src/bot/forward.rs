@@ -1,7 +1,10 @@
 //! `fly forward`'s handler: each update, signed (v1) as the platform signs
 //! webhook deliveries, is POSTed to a local receiver until it answers 2xx.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use rustls_pki_types::CertificateDer;
 
 use anyhow::anyhow;
 
@@ -33,9 +36,22 @@ impl ForwardHandler {
         receiver_url: String,
         secret: String,
         bot_id: String,
+        trusted: Option<Vec<CertificateDer<'static>>>,
         shutdown: Shutdown,
     ) -> ForwardHandler {
-        let agent = ureq::Agent::config_builder()
+        let mut config = ureq::Agent::config_builder();
+        if let Some(certificates) = trusted {
+            let roots = certificates
+                .iter()
+                .map(|certificate| ureq::tls::Certificate::from_der(certificate).to_owned())
+                .collect();
+            config = config.tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(ureq::tls::RootCerts::Specific(Arc::new(roots)))
+                    .build(),
+            );
+        }
+        let agent = config
             .http_status_as_error(false)
             // A 3xx is the receiver's answer, not a place to go: following it
             // would turn the POST into a bodyless GET whose 2xx looks like
@@ -97,6 +113,11 @@ impl ForwardHandler {
                             DELIVERY_TIMEOUT.as_secs()
                         )
                     }
+                    other if is_tls_failure(&other) => format!(
+                        "TLS with the receiver failed: {} (a self-signed receiver? \
+                         trust its certificate with --to-ca FILE)",
+                        describe_transport_error(&host_and_port(&self.receiver_url), &other)
+                    ),
                     other => format!(
                         "the receiver is unreachable: {}",
                         describe_transport_error(&host_and_port(&self.receiver_url), &other)
@@ -127,6 +148,18 @@ impl ForwardHandler {
                 .header("Content-Type", "application/json")
                 .send(body.as_bytes())
         })
+    }
+}
+
+/// Whether the handshake failed (an untrusted certificate, most often),
+/// rather than the connection.
+fn is_tls_failure(error: &ureq::Error) -> bool {
+    match error {
+        ureq::Error::Rustls(_) | ureq::Error::Tls(_) => true,
+        ureq::Error::Io(io) => io
+            .get_ref()
+            .is_some_and(|inner| inner.is::<tokio_rustls::rustls::Error>()),
+        _ => false,
     }
 }
 

@@ -31,6 +31,9 @@ use crate::sync::lock;
 /// an update finishes) before the next one, as the examples' bot does.
 const REPOLL_INTERVAL: Duration = Duration::from_millis(200);
 
+/// Between two polls that do not wait (`--poll-timeout 0`) and found nothing.
+const SHORT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone)]
 pub struct PollSettings {
     pub limit: u32,
@@ -52,7 +55,10 @@ impl PollSettings {
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Summary {
+    /// Updates that ended with an [`Outcome`] (replied, delivered, …).
     pub handled: u64,
+    /// Updates recorded as dead letters instead (see `fly dead-letters`).
+    pub dead_letters: u64,
 }
 
 /// Runs until stopped, `max_updates` is reached, or (with `once`) after one
@@ -119,6 +125,7 @@ pub fn run(
     }
     Ok(Summary {
         handled: state.handled,
+        dead_letters: state.dead_letters,
     })
 }
 
@@ -147,6 +154,7 @@ struct Queues {
     /// Updates started or done, counted against `--max-updates`.
     claimed: u64,
     handled: u64,
+    dead_letters: u64,
     /// No more polls (stop requested, `--once` polled, a fatal error, the limit).
     polling_over: bool,
     /// Workers start nothing new.
@@ -233,7 +241,7 @@ impl Scheduler {
     fn limit_reached(&self, state: &Queues) -> bool {
         self.settings
             .max_updates
-            .is_some_and(|max| state.handled >= max)
+            .is_some_and(|max| state.handled + state.dead_letters >= max)
     }
 
     /// Blocks the caller until the loop is over and no worker is busy.
@@ -332,7 +340,7 @@ impl Scheduler {
                         Done::Finished
                     }),
                 Err(HandleError::DeadLetter(reason)) => {
-                    record_dead_letter(store, &update, &reason).map(|()| Done::Finished)
+                    record_dead_letter(store, &update, &reason).map(|()| Done::DeadLetter)
                 }
                 Err(HandleError::Retry(error)) => {
                     tracing::warn!(
@@ -411,6 +419,7 @@ impl Scheduler {
             ready,
             unfinished,
             handled,
+            dead_letters,
             claimed,
             failed,
             ..
@@ -418,10 +427,14 @@ impl Scheduler {
         if let Some(queue) = chats.get_mut(chat) {
             queue.busy = false;
             match done {
-                Done::Finished => {
+                Done::Finished | Done::DeadLetter => {
                     queue.updates.pop_front();
                     unfinished.remove(&update_id);
-                    *handled += 1;
+                    if done == Done::Finished {
+                        *handled += 1;
+                    } else {
+                        *dead_letters += 1;
+                    }
                     queue.failures = 0;
                     match queue.updates.front() {
                         Some(next) => {
@@ -450,9 +463,12 @@ impl Scheduler {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Done {
-    /// Handled, ignored, or recorded as a dead letter: confirmed.
+    /// Handled or ignored: confirmed.
     Finished,
+    /// Recorded as a dead letter: confirmed too.
+    DeadLetter,
     /// Not handled; stays unfinished and is tried again.
     Failed,
 }
@@ -522,7 +538,11 @@ impl Poller {
                 self.scheduler.notify(&mut state);
                 return Ok(());
             }
-            if fresh == 0 && had_updates {
+            if !had_updates && timeout.is_zero() {
+                // A poll that does not wait (`--poll-timeout 0`) and found
+                // nothing: the next one waits a moment rather than spin.
+                self.pause(SHORT_POLL_INTERVAL, None);
+            } else if fresh == 0 && had_updates {
                 // Only unfinished (or unusable) updates came back: the
                 // platform answers at once while they are unconfirmed.
                 let in_flight = !self.scheduler.lock().unfinished.is_empty();

@@ -18,6 +18,11 @@ use crate::state::{BotIdentity, SqliteStore};
 
 pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
     check_http_url(&args.to, "--to")?;
+    if args.to_ca.is_some() && !args.to.starts_with("https://") {
+        return Err(crate::exit::usage(
+            "--to-ca is for an https:// receiver; --to is plain http",
+        ));
+    }
     let token = required_token(&args.api)?;
     let secret = signing_secret(&args.secret, || configured_token(&args.api), "fly forward")?;
     let shutdown = Shutdown::on_signals(args.stop.grace)?;
@@ -36,21 +41,32 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
         secret.source,
         args.bot_id
     );
+    let trusted = match &args.to_ca {
+        Some(path) => Some(crate::small_file::read_certificates(path, "--to-ca")?),
+        None => None,
+    };
     let handler = Arc::new(ForwardHandler::new(
         args.to,
         secret.value,
         args.bot_id,
+        trusted,
         shutdown.clone(),
     ));
     let settings = PollSettings {
         limit: 50,
         poll_timeout: Duration::from_secs(args.poll_timeout),
-        // A webhook receiver gets updates in order, as from the platform.
-        concurrency: 1,
+        // 1: the receiver gets updates in the platform's order.
+        concurrency: args.concurrency as usize,
         max_updates: None,
         once: false,
     };
     let summary = poll_loop::run(&client, store, handler, &settings, &shutdown)?;
-    tracing::info!(delivered = summary.handled, "stopped");
+    // Only 2xx answers end as handled; an update that could not be signed
+    // is a dead letter.
+    tracing::info!(
+        delivered = summary.handled,
+        dead_letters = summary.dead_letters,
+        "stopped"
+    );
     Ok(exit::code(exit::SUCCESS))
 }

@@ -41,7 +41,11 @@ pub fn run(args: PollEchoArgs) -> anyhow::Result<ExitCode> {
     };
     let handler = reply_handler(&args.exec, client.clone(), media_dir);
     let summary = poll_loop::run(&client, store, handler, &settings, &shutdown)?;
-    tracing::info!(handled = summary.handled, "stopped");
+    tracing::info!(
+        handled = summary.handled,
+        dead_letters = summary.dead_letters,
+        "stopped"
+    );
     Ok(exit::code(exit::SUCCESS))
 }
 

@@ -28,8 +28,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::{PemObject, SectionKind};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
 use crate::bot::Handler;
@@ -204,11 +204,8 @@ const ANSWER_TIME: Duration = Duration::from_secs(1);
 /// a killed handler to be reaped and its last stderr lines logged.
 const ABANDON_GRACE: Duration = Duration::from_secs(2);
 
-/// A certificate chain or key file is a few KiB; a larger one was named by mistake.
-const MAX_TLS_FILE_BYTES: u64 = 1024 * 1024;
-
 fn load_tls(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
-    let chain = read_certificate_chain(&files.cert_chain)?;
+    let chain = crate::small_file::read_certificates(&files.cert_chain, "--tls-cert")?;
     let key = read_private_key(&files.private_key)?;
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
     let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
@@ -221,41 +218,10 @@ fn load_tls(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Every certificate of `--tls-cert`, each one parsed: a broken block is
-/// refused at start, not found out by every client's failed handshake.
-fn read_certificate_chain(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let pem = crate::small_file::read_small_file(path, MAX_TLS_FILE_BYTES)
-        .map_err(|error| usage(error.message("--tls-cert", path)))?;
-    let shown = path.display();
-    let mut chain = Vec::new();
-    for (index, block) in CertificateDer::pem_slice_iter(&pem).enumerate() {
-        let number = index + 1;
-        let certificate = block.map_err(|error| {
-            usage(format!(
-                "--tls-cert {shown}: certificate {number} is not valid PEM: {error}"
-            ))
-        })?;
-        tokio_rustls::rustls::server::ParsedCertificate::try_from(&certificate).map_err(
-            |error| {
-                usage(format!(
-                    "--tls-cert {shown}: certificate {number} is broken: {error}"
-                ))
-            },
-        )?;
-        chain.push(certificate);
-    }
-    if chain.is_empty() {
-        return Err(usage(format!(
-            "--tls-cert {shown}: no certificate found (PEM, -----BEGIN CERTIFICATE-----)"
-        )));
-    }
-    Ok(chain)
-}
-
 /// The private key of `--tls-key`, with a message that says what the file
 /// holds instead when it is not a usable key.
 fn read_private_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
-    let pem = crate::small_file::read_small_file(path, MAX_TLS_FILE_BYTES)
+    let pem = crate::small_file::read_small_file(path, crate::small_file::MAX_PEM_FILE_BYTES)
         .map_err(|error| usage(error.message("--tls-key", path)))?;
     let shown = path.display();
     let mut holds_certificate = false;

@@ -8,6 +8,7 @@ mod doctor;
 mod emulator;
 mod exec;
 mod fetch_media;
+mod forward;
 mod intake;
 mod poll_echo;
 mod readme;

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::common::{
     Emulator, TOKEN, echo, eventually, fly, fly_child, live_members_of_group, sign_update,
-    stderr_of, wait_until,
+    stderr_of, wait_until, write_certificate,
 };
 
 const SECRET: &str = "hook-secret";
@@ -1098,17 +1098,6 @@ fn bad_usage_exits_2_with_one_error_line() {
 
 // ---------------------------------------------------------------------------
 // TLS
-
-fn write_certificate(dir: &Path) -> (PathBuf, PathBuf, String) {
-    let certified =
-        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    let cert_pem = certified.cert.pem();
-    let cert = dir.join("cert.pem");
-    let key = dir.join("key.pem");
-    std::fs::write(&cert, &cert_pem).unwrap();
-    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
-    (cert, key, cert_pem)
-}
 
 #[test]
 fn tls_serves_https_with_the_given_certificate() {
