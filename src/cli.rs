@@ -465,6 +465,9 @@ pub struct PollEchoArgs {
     pub retention: RetentionArgs,
 
     #[command(flatten)]
+    pub park: ParkArgs,
+
+    #[command(flatten)]
     pub exec: ExecArgs,
 
     #[command(flatten)]
@@ -706,6 +709,24 @@ pub struct ForwardArgs {
 
     #[command(flatten)]
     pub retention: RetentionArgs,
+
+    #[command(flatten)]
+    pub park: ParkArgs,
+}
+
+/// When an update that keeps failing is parked (SPEC section 3).
+#[derive(Debug, Clone, Args)]
+pub struct ParkArgs {
+    /// Failed attempts of one update before it is parked: recorded (see
+    /// `fly dead-letters`) and retried every few minutes, its chat waiting
+    /// behind it while the other chats go on.
+    #[arg(long, default_value_t = 5, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_attempts: u32,
+
+    /// The longest wait between two tries of a parked update, in seconds
+    /// (for tests).
+    #[arg(long, hide = true, value_name = "SECS", default_value = "300", value_parser = parse_grace)]
+    pub park_retry_max: Duration,
 }
 
 /// How a long-running command stops (SPEC section 2).
@@ -854,9 +875,21 @@ pub struct DeadLettersArgs {
     #[arg(long, value_name = "PATH")]
     pub state: Option<PathBuf>,
 
-    /// Remove every dead letter instead of listing them.
-    #[arg(long)]
+    /// Remove every dead letter instead of listing them (parked updates,
+    /// which are not handled, stay: drop them one by one with --drop).
+    #[arg(long, conflicts_with_all = ["retry", "drop"])]
     pub purge: bool,
+
+    /// Try this update again: a dead letter becomes parked, and poll-echo
+    /// or forward retry it at their next start (stop them first).
+    #[arg(long, value_name = "UPDATE_ID", conflicts_with = "drop")]
+    pub retry: Option<i64>,
+
+    /// Give up on this dead or parked update for good: forgotten, and a
+    /// parked one is marked handled so it is never answered (stop poll-echo
+    /// or forward first).
+    #[arg(long, value_name = "UPDATE_ID")]
+    pub drop: Option<i64>,
 
     #[command(flatten)]
     pub api: ApiArgs,

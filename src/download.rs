@@ -131,8 +131,11 @@ impl<W: Write> DownloadSink for Stream<W> {
 /// Why a download failed for good.
 #[derive(Debug)]
 pub enum DownloadError {
-    /// The server or the network: expired URL, broken transfer, …
+    /// The server or the network: broken transfer, unexpected status, …
     Transfer(String),
+    /// 403/404: the URL expired or never existed. Asking again for the same
+    /// URL cannot help (a new access URL might).
+    Gone(String),
     /// Writing to the sink failed (disk full, the reader of a pipe went away).
     Sink(std::io::Error),
 }
@@ -140,7 +143,7 @@ pub enum DownloadError {
 impl std::fmt::Display for DownloadError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            DownloadError::Transfer(message) => f.write_str(message),
+            DownloadError::Transfer(message) | DownloadError::Gone(message) => f.write_str(message),
             DownloadError::Sink(_) => f.write_str("writing the download failed"),
         }
     }
@@ -150,7 +153,7 @@ impl std::error::Error for DownloadError {
     // The I/O error is the source, so a broken pipe is recognised as such.
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            DownloadError::Transfer(_) => None,
+            DownloadError::Transfer(_) | DownloadError::Gone(_) => None,
             DownloadError::Sink(error) => Some(error),
         }
     }
@@ -267,9 +270,9 @@ impl Transfer<'_> {
                 }
             }
             403 | 404 => {
-                return Err(fatal(format!(
+                return Err(AttemptError::Fatal(DownloadError::Gone(format!(
                     "access URL expired or unknown (HTTP {status})"
-                )));
+                ))));
             }
             status if status_is_transient(status) => {
                 let retry_after = response

@@ -8,7 +8,7 @@ use super::{HandleError, Handler, Outcome};
 use crate::api::media::{MediaUrl, is_media_type};
 use crate::api::retry::RetryPolicy;
 use crate::api::{ApiClient, Chat, Message, SendRequest, Update};
-use crate::download::{Durability, download, safe_file_name, save_atomically};
+use crate::download::{DownloadError, Durability, download, safe_file_name, save_atomically};
 use crate::shutdown::Shutdown;
 use indicatif::ProgressBar;
 
@@ -104,7 +104,16 @@ impl EchoHandler {
                 )?)
             })
             .map_err(|error| {
-                HandleError::Retry(error.context(format!("downloading {}", media.url)))
+                let gone = matches!(
+                    error.downcast_ref::<DownloadError>(),
+                    Some(DownloadError::Gone(_))
+                );
+                let error = error.context(format!("downloading {}", media.url));
+                if gone {
+                    HandleError::Park(error)
+                } else {
+                    HandleError::Retry(error)
+                }
             })?;
             tracing::debug!(update_id, path = %destination.display(), "saved media");
             saved += 1;

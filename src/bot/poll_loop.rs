@@ -12,6 +12,16 @@
 //! wait for each other, and the poller keeps polling while workers work, up
 //! to a bound of updates in flight. An update that fails is retried after a
 //! backoff of its own chat's; the other chats go on.
+//!
+//! Parking: an update that failed `--max-attempts` times (or failed for
+//! good: a refused reply, media gone) is parked: recorded in the store with
+//! its bytes and last error, and so are the updates of its chat queued
+//! behind it (they wait, in order). A parked update is not handled, but it is
+//! recorded, so the offset may pass it: the platform's window of 50 updates
+//! then moves on for the other chats. Parked updates are retried with a long
+//! backoff, also after a restart (they are loaded from the store), and
+//! unparked when handled. So the rule is: the offset never passes an update
+//! that is neither finished nor recorded in the store.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -31,12 +41,20 @@ use crate::sync::lock;
 /// an update finishes) before the next one, as the examples' bot does.
 const REPOLL_INTERVAL: Duration = Duration::from_millis(200);
 
+/// The first wait before a parked update is tried again; it doubles up to
+/// `PollSettings::park_retry_max` (5 minutes unless told otherwise).
+const PARKED_FIRST_RETRY: Duration = Duration::from_secs(10);
+
 /// Between two polls that do not wait (`--poll-timeout 0`) and found nothing.
 const SHORT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct PollSettings {
     pub limit: u32,
+    /// Failed attempts of one update before it is parked.
+    pub max_attempts: u32,
+    /// The longest wait between two tries of a parked update.
+    pub park_retry_max: Duration,
     pub poll_timeout: Duration,
     /// Workers, i.e. chats handled at the same time.
     pub concurrency: usize,
@@ -74,6 +92,10 @@ pub fn run(
     let offset = store.next_offset()?;
     tracing::info!(offset, state = %store.location(), "polling for updates");
     let scheduler = Arc::new(Scheduler::new(offset, settings.clone()));
+    let parked = scheduler.load_parked(store.as_ref())?;
+    if parked > 0 {
+        tracing::info!(parked, "parked updates from an earlier run are tried again");
+    }
 
     // The stop stages reach the scheduler and the handler from here.
     let listening = Arc::clone(&scheduler);
@@ -146,8 +168,11 @@ struct Queues {
     /// oldest update goes first, so one worker (`fly forward`) keeps the
     /// platform's order across chats.
     ready: BTreeSet<(i64, String)>,
-    /// Ids queued or being handled: the offset stays at or below the lowest.
+    /// Ids queued or being handled: the offset stays at or below the lowest
+    /// that is not parked.
     unfinished: BTreeSet<i64>,
+    /// The unfinished ids recorded as parked in the store (a subset).
+    parked: BTreeSet<i64>,
     /// One past the highest id seen: the offset once nothing is unfinished.
     past_last: i64,
     busy_workers: usize,
@@ -172,13 +197,25 @@ struct ChatQueue {
     retry_at: Option<Instant>,
     busy: bool,
     /// `--once`: the front update failed; this chat waits for the next run.
-    parked: bool,
+    left_for_next_run: bool,
+    /// The front update is parked and failed again: updates that join the
+    /// queue are recorded as parked too, so they cannot hold the offset.
+    blocked: bool,
 }
 
 impl Queues {
     /// What the next poll confirms with: every update below it is handled.
     fn offset(&self) -> i64 {
-        self.unfinished.first().copied().unwrap_or(self.past_last)
+        self.unfinished
+            .iter()
+            .find(|id| !self.parked.contains(id))
+            .copied()
+            .unwrap_or(self.past_last)
+    }
+
+    /// Updates queued or being handled that hold the offset back.
+    fn in_flight(&self) -> usize {
+        self.unfinished.len() - self.parked.len()
     }
 
     fn is_idle(&self) -> bool {
@@ -250,7 +287,7 @@ impl Scheduler {
         loop {
             let once_done = self.settings.once
                 && state.polling_over
-                && state.chats.values().all(|chat| chat.parked);
+                && state.chats.values().all(|chat| chat.left_for_next_run);
             let over = state.stopping || self.limit_reached(&state) || once_done;
             if over && state.is_idle() {
                 break;
@@ -307,6 +344,7 @@ impl Scheduler {
         fresh.dedup_by_key(|update| update.update_id);
         let mut state = self.lock();
         let count = fresh.len();
+        let mut behind_parked = Vec::new();
         for update in fresh {
             let update_id = update.update_id;
             state.past_last = state.past_last.max(update_id.saturating_add(1));
@@ -315,9 +353,84 @@ impl Scheduler {
             }
             let chat = chat_label(&update);
             let queue = state.chats.entry(chat.clone()).or_default();
+            if queue.blocked {
+                behind_parked.push((update.clone(), queue.updates.front().map(|f| f.update_id)));
+            }
             queue.updates.push_back(update);
             let startable = queue.updates.len() == 1 && !queue.busy && queue.retry_at.is_none();
             if startable {
+                state.ready.insert((update_id, chat));
+            }
+        }
+        self.notify(&mut state);
+        drop(state);
+        self.park_waiting(store, behind_parked)?;
+        Ok(count)
+    }
+
+    /// Records updates that wait behind a parked one of their chat as parked
+    /// too (outside the lock: a store write), then lets the offset pass them.
+    fn park_waiting(
+        &self,
+        store: &dyn Store,
+        waiting: Vec<(Update, Option<i64>)>,
+    ) -> anyhow::Result<()> {
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        for (update, front) in &waiting {
+            let reason = match front {
+                Some(front) => format!("waiting behind parked update {front} of its chat"),
+                None => "waiting behind a parked update of its chat".to_string(),
+            };
+            store.park(update.update_id, &update.raw, &reason)?;
+        }
+        let mut state = self.lock();
+        for (update, _) in waiting {
+            if state.unfinished.contains(&update.update_id) {
+                state.parked.insert(update.update_id);
+            }
+        }
+        self.notify(&mut state);
+        Ok(())
+    }
+
+    /// The updates parked by an earlier run, back in their chats' queues
+    /// (in id order, ahead of anything polled) and tried at once.
+    fn load_parked(&self, store: &dyn Store) -> anyhow::Result<usize> {
+        let mut loaded = Vec::new();
+        for letter in store.dead_letters()? {
+            let Some(update_id) = letter.update_id.filter(|_| letter.parked) else {
+                continue;
+            };
+            let read = crate::signature::parse(&letter.raw)
+                .map_err(|error| anyhow!("{error}"))
+                .and_then(|parsed| {
+                    Update::read(&parsed, &letter.raw).map_err(|e| anyhow!(e.reason))
+                });
+            match read {
+                Ok(update) if update.update_id == update_id => loaded.push(update),
+                Ok(_) | Err(_) => {
+                    tracing::warn!(
+                        update_id,
+                        "a parked update could not be read back; left in the store"
+                    );
+                }
+            }
+        }
+        loaded.sort_by_key(|update| update.update_id);
+        let mut state = self.lock();
+        let count = loaded.len();
+        for update in loaded {
+            let update_id = update.update_id;
+            if !state.unfinished.insert(update_id) {
+                continue;
+            }
+            state.parked.insert(update_id);
+            let chat = chat_label(&update);
+            let queue = state.chats.entry(chat.clone()).or_default();
+            queue.updates.push_back(update);
+            if queue.updates.len() == 1 {
                 state.ready.insert((update_id, chat));
             }
         }
@@ -332,24 +445,26 @@ impl Scheduler {
             let started = Instant::now();
             let outcome = handler.handle(&update);
             let latency_ms = started.elapsed().as_millis() as u64;
+            let was_parked = self.lock().parked.contains(&update.update_id);
             let recorded = match outcome {
                 Ok(outcome) => store
                     .mark_handled(update.update_id, outcome.as_str())
+                    .and_then(|()| unpark(store, &update, was_parked))
                     .map(|()| {
                         log_handled(&update, &chat, outcome, latency_ms);
                         Done::Finished
                     }),
                 Err(HandleError::DeadLetter(reason)) => {
-                    record_dead_letter(store, &update, &reason).map(|()| Done::DeadLetter)
+                    // A parked record of it makes way for the dead letter.
+                    unpark(store, &update, was_parked)
+                        .and_then(|()| record_dead_letter(store, &update, &reason))
+                        .map(|()| Done::DeadLetter)
                 }
                 Err(HandleError::Retry(error)) => {
-                    tracing::warn!(
-                        update_id = update.update_id,
-                        chat,
-                        latency_ms,
-                        "update not handled, will retry: {error:#}"
-                    );
-                    Ok(Done::Failed)
+                    self.failed(store, &chat, &update, &error, false, latency_ms)
+                }
+                Err(HandleError::Park(error)) => {
+                    self.failed(store, &chat, &update, &error, true, latency_ms)
                 }
                 Err(HandleError::Fatal(error)) => Err(error),
             };
@@ -361,6 +476,69 @@ impl Scheduler {
                 }
             }
         }
+    }
+
+    /// An attempt of the front update of `chat` failed: retried after a
+    /// backoff, or parked (recorded) once it has failed `--max-attempts`
+    /// times, failed for good, or was parked already; the updates queued
+    /// behind it are then parked too.
+    fn failed(
+        &self,
+        store: &dyn Store,
+        chat: &str,
+        update: &Update,
+        error: &anyhow::Error,
+        for_good: bool,
+        latency_ms: u64,
+    ) -> anyhow::Result<Done> {
+        let update_id = update.update_id;
+        let (attempts, was_parked) = {
+            let state = self.lock();
+            let failures = state.chats.get(chat).map_or(0, |queue| queue.failures);
+            (failures + 1, state.parked.contains(&update_id))
+        };
+        let park = for_good || was_parked || attempts >= self.settings.max_attempts.max(1);
+        if !park || (self.settings.once && !for_good && !was_parked) {
+            tracing::warn!(
+                update_id,
+                chat,
+                latency_ms,
+                attempts,
+                "update not handled, will retry: {error:#}"
+            );
+            return Ok(Done::Failed);
+        }
+        store.park(update_id, &update.raw, &format!("{error:#}"))?;
+        if was_parked {
+            tracing::warn!(
+                update_id,
+                chat,
+                attempts,
+                "parked update failed again: {error:#}"
+            );
+        } else {
+            tracing::warn!(
+                update_id,
+                chat,
+                attempts,
+                "update parked (see fly dead-letters): {error:#}; \
+                 later updates of its chat wait behind it, other chats go on"
+            );
+        }
+        let waiting: Vec<(Update, Option<i64>)> = {
+            let state = self.lock();
+            state.chats.get(chat).map_or_else(Vec::new, |queue| {
+                queue
+                    .updates
+                    .iter()
+                    .skip(1)
+                    .filter(|waiting| !state.parked.contains(&waiting.update_id))
+                    .map(|waiting| (waiting.clone(), Some(update_id)))
+                    .collect()
+            })
+        };
+        self.park_waiting(store, waiting)?;
+        Ok(Done::Parked)
     }
 
     /// Waits for an update that can start now: `None` once the loop stops.
@@ -418,6 +596,7 @@ impl Scheduler {
             chats,
             ready,
             unfinished,
+            parked,
             handled,
             dead_letters,
             claimed,
@@ -430,6 +609,8 @@ impl Scheduler {
                 Done::Finished | Done::DeadLetter => {
                     queue.updates.pop_front();
                     unfinished.remove(&update_id);
+                    parked.remove(&update_id);
+                    queue.blocked = false;
                     if done == Done::Finished {
                         *handled += 1;
                     } else {
@@ -445,15 +626,29 @@ impl Scheduler {
                         }
                     }
                 }
-                Done::Failed => {
+                Done::Failed | Done::Parked => {
                     *claimed -= 1;
                     queue.failures += 1;
+                    if done == Done::Parked {
+                        parked.insert(update_id);
+                        queue.blocked = true;
+                    }
                     if once {
                         // Left for the next run: this chat stops here.
-                        *failed = true;
-                        queue.parked = true;
+                        *failed = done == Done::Failed;
+                        queue.left_for_next_run = true;
                     } else {
-                        let delay = RetryPolicy::FOREVER.next_delay(queue.failures, None);
+                        let policy = if done == Done::Parked {
+                            RetryPolicy {
+                                max_attempts: None,
+                                initial_delay: PARKED_FIRST_RETRY.min(self.settings.park_retry_max),
+                                max_delay: self.settings.park_retry_max,
+                                budget: None,
+                            }
+                        } else {
+                            RetryPolicy::FOREVER
+                        };
+                        let delay = policy.next_delay(queue.failures, None);
                         queue.retry_at = Some(Instant::now() + delay);
                     }
                 }
@@ -471,6 +666,20 @@ enum Done {
     DeadLetter,
     /// Not handled; stays unfinished and is tried again.
     Failed,
+    /// Not handled and recorded as parked: tried again after a long backoff,
+    /// while the offset may pass it.
+    Parked,
+}
+
+/// Forgets the parked record of `update` (handled at last, or dead now).
+fn unpark(store: &dyn Store, update: &Update, was_parked: bool) -> anyhow::Result<()> {
+    if was_parked && store.unpark(update.update_id)? {
+        tracing::info!(
+            update_id = update.update_id,
+            "parked update handled at last"
+        );
+    }
+    Ok(())
 }
 
 /// The poll thread: polls whenever there is room, hands what came to the
@@ -495,8 +704,7 @@ impl Poller {
         loop {
             let offset = {
                 let mut state = self.scheduler.lock();
-                while !state.polling_over && state.unfinished.len() >= self.settings.max_in_flight()
-                {
+                while !state.polling_over && state.in_flight() >= self.settings.max_in_flight() {
                     state = self.scheduler.wait(state);
                 }
                 if state.polling_over {
@@ -564,9 +772,8 @@ impl Poller {
         let mut state = self.scheduler.lock();
         loop {
             let now = Instant::now();
-            let refill = polled_at.is_some_and(|offset| {
-                state.offset() != offset && state.unfinished.len() <= low_water
-            });
+            let refill = polled_at
+                .is_some_and(|offset| state.offset() != offset && state.in_flight() <= low_water);
             if state.polling_over || refill || now >= deadline {
                 return;
             }

@@ -1,5 +1,6 @@
 //! `fly dead-letters`: the updates poll-echo, forward and serve-webhook could
-//! never handle, as NDJSON on stdout (`--purge` empties the list).
+//! never handle (dead) or keep failing (parked), as NDJSON on stdout;
+//! `--retry ID` and `--drop ID` act on one, `--purge` forgets the dead ones.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -27,6 +28,37 @@ pub fn run(args: DeadLettersArgs) -> anyhow::Result<ExitCode> {
             SqliteStore::open(&path, &identity)?
         }
     };
+    if let Some(update_id) = args.retry.or(args.drop) {
+        // A running poller keeps parked updates in memory: changing them
+        // under it would be undone or, worse, half seen.
+        store.claim_exclusive("running")?;
+        let letter = store
+            .dead_letters()?
+            .into_iter()
+            .find(|letter| letter.update_id == Some(update_id))
+            .ok_or_else(|| {
+                crate::exit::usage(format!("no dead letter or parked update {update_id}"))
+            })?;
+        if args.retry.is_some() {
+            store.park(
+                update_id,
+                &letter.raw,
+                "to be retried (fly dead-letters --retry)",
+            )?;
+            tracing::info!(
+                update_id,
+                "parked: poll-echo or forward tries it again when it next starts"
+            );
+        } else {
+            if letter.parked {
+                // Never answered: marked handled, so a poll cannot bring it back.
+                store.mark_handled(update_id, "dropped")?;
+            }
+            store.forget_dead_letter(update_id)?;
+            tracing::info!(update_id, "dropped");
+        }
+        return Ok(exit::code(exit::SUCCESS));
+    }
     if args.purge {
         let purged = store.purge_dead_letters()?;
         tracing::info!(purged, state = %store.path().display(), "dead letters purged");
@@ -38,6 +70,7 @@ pub fn run(args: DeadLettersArgs) -> anyhow::Result<ExitCode> {
         // the update holds what only Python reads (NaN, a lone surrogate).
         let line = json!({
             "update_id": letter.update_id,
+            "state": if letter.parked { "parked" } else { "dead" },
             "reason": letter.reason,
             "recorded_at": letter.recorded_at,
             "raw": letter.raw,

@@ -101,6 +101,8 @@ pub fn run(_args: DemoArgs) -> anyhow::Result<ExitCode> {
         media_dir: Some(media_dir.clone()),
     };
     let settings = PollSettings {
+        max_attempts: 5,
+        park_retry_max: Duration::from_secs(300),
         limit: 50,
         poll_timeout: Duration::from_secs(1),
         concurrency: 1,

@@ -53,6 +53,8 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
         shutdown.clone(),
     ));
     let settings = PollSettings {
+        max_attempts: args.park.max_attempts,
+        park_retry_max: args.park.park_retry_max,
         limit: 50,
         poll_timeout: Duration::from_secs(args.poll_timeout),
         // 1: the receiver gets updates in the platform's order.

@@ -33,6 +33,8 @@ pub fn run(args: PollEchoArgs) -> anyhow::Result<ExitCode> {
     );
     let media_dir = args.media_dir.map(prepare_media_dir).transpose()?;
     let settings = PollSettings {
+        max_attempts: args.park.max_attempts,
+        park_retry_max: args.park.park_retry_max,
         limit: args.limit,
         poll_timeout: Duration::from_secs(args.poll_timeout),
         concurrency: args.concurrency as usize,

@@ -279,6 +279,18 @@ impl Store for Front {
         self.store.purge_dead_letters()
     }
 
+    fn park(&self, update_id: i64, raw: &str, reason: &str) -> anyhow::Result<()> {
+        self.store.park(update_id, raw, reason)
+    }
+
+    fn unpark(&self, update_id: i64) -> anyhow::Result<bool> {
+        self.store.unpark(update_id)
+    }
+
+    fn forget_dead_letter(&self, update_id: i64) -> anyhow::Result<bool> {
+        self.store.forget_dead_letter(update_id)
+    }
+
     fn claim_polling(&self) -> anyhow::Result<()> {
         self.store.claim_polling()
     }

@@ -116,8 +116,24 @@ pub trait Store: Send + Sync {
     /// Every dead letter, oldest first.
     fn dead_letters(&self) -> anyhow::Result<Vec<DeadLetter>>;
 
-    /// Forgets every dead letter; returns how many there were.
+    /// Forgets every dead letter, parked updates excepted (they are not
+    /// handled: dropping one is `forget_dead_letter`); returns how many.
     fn purge_dead_letters(&self) -> anyhow::Result<usize>;
+
+    // -- Parked updates ---------------------------------------------------
+
+    /// Records `update_id` as parked, with its bytes and why (the last
+    /// error), or updates the reason of one parked already (a dead letter
+    /// of that id becomes parked: retried again). A parked update is not
+    /// handled; it is kept here so the offset may pass it, and retried.
+    /// Listed with the dead letters.
+    fn park(&self, update_id: i64, raw: &str, reason: &str) -> anyhow::Result<()>;
+
+    /// Forgets a parked update (handled at last); whether there was one.
+    fn unpark(&self, update_id: i64) -> anyhow::Result<bool>;
+
+    /// Forgets the dead or parked update `update_id`; whether there was one.
+    fn forget_dead_letter(&self, update_id: i64) -> anyhow::Result<bool>;
 
     // -- The polling lease ------------------------------------------------
 
@@ -225,6 +241,8 @@ pub struct DeadLetter {
     /// The update exactly as received.
     pub raw: String,
     pub recorded_at: i64,
+    /// Parked (still retried, not confirmed as handled) rather than dead.
+    pub parked: bool,
 }
 
 /// Which bot a state belongs to: the base URL (without credentials) and a

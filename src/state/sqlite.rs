@@ -33,7 +33,7 @@ use crate::sync::lock;
 
 /// "FLY1" in ASCII: marks a SQLite file as a fly state store.
 const APPLICATION_ID: i64 = 0x464C_5931;
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 /// Handled update ids kept below the current offset; older ones can never be
 /// delivered again (the platform only returns ids at or above the offset).
 const HANDLED_IDS_KEPT: i64 = 10_000;
@@ -72,6 +72,24 @@ const DEAD_LETTERS_SCHEMA: &str = "
         recorded_at INTEGER NOT NULL
     );
 ";
+
+/// Schema 4. A dead letter may be parked: an update that kept failing (or
+/// failed for good), recorded so the offset can pass it, and retried.
+fn upgrade_to_schema_4(transaction: &rusqlite::Transaction) -> rusqlite::Result<()> {
+    let has_column: bool = transaction.query_row(
+        "SELECT count(*) > 0 FROM pragma_table_info('dead_letters') WHERE name = 'parked'",
+        [],
+        |row| row.get(0),
+    )?;
+    if !has_column {
+        transaction.execute_batch(
+            "ALTER TABLE dead_letters ADD COLUMN parked INTEGER NOT NULL DEFAULT 0;",
+        )?;
+    }
+    transaction.execute_batch(
+        "CREATE INDEX IF NOT EXISTS dead_letters_by_update ON dead_letters (update_id);",
+    )
+}
 
 /// Schema 3. Handled ids are pruned by age (`--retention`), which
 /// serve-webhook (no offset) needs to keep its file bounded. Nonces are
@@ -259,6 +277,7 @@ impl SqliteStore {
             transaction.execute_batch(SCHEMA)?;
             transaction.execute_batch(DEAD_LETTERS_SCHEMA)?;
             transaction.execute_batch(SCHEMA_3)?;
+            upgrade_to_schema_4(&transaction)?;
             transaction.pragma_update(None, "application_id", APPLICATION_ID)?;
             transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             for (key, value) in [
@@ -289,8 +308,11 @@ impl SqliteStore {
             bail!("damaged fly state file (schema version {version})");
         } else if version < SCHEMA_VERSION {
             let transaction = connection.transaction()?;
-            transaction.execute_batch(DEAD_LETTERS_SCHEMA)?;
-            transaction.execute_batch(SCHEMA_3)?;
+            if version < 3 {
+                transaction.execute_batch(DEAD_LETTERS_SCHEMA)?;
+                transaction.execute_batch(SCHEMA_3)?;
+            }
+            upgrade_to_schema_4(&transaction)?;
             transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             transaction
                 .commit()
@@ -521,8 +543,9 @@ impl Store for SqliteStore {
 
     fn dead_letters(&self) -> anyhow::Result<Vec<DeadLetter>> {
         let connection = self.lock();
-        let mut statement = connection
-            .prepare("SELECT update_id, reason, raw, recorded_at FROM dead_letters ORDER BY id")?;
+        let mut statement = connection.prepare(
+            "SELECT update_id, reason, raw, recorded_at, parked FROM dead_letters ORDER BY id",
+        )?;
         let letters = statement
             .query_map([], |row| {
                 Ok(DeadLetter {
@@ -530,6 +553,7 @@ impl Store for SqliteStore {
                     reason: row.get(1)?,
                     raw: row.get(2)?,
                     recorded_at: row.get(3)?,
+                    parked: row.get(4)?,
                 })
             })?
             .collect::<Result<Vec<_>, _>>()
@@ -539,8 +563,54 @@ impl Store for SqliteStore {
 
     fn purge_dead_letters(&self) -> anyhow::Result<usize> {
         self.lock()
-            .execute("DELETE FROM dead_letters", [])
+            .execute("DELETE FROM dead_letters WHERE parked = 0", [])
             .context("purging dead letters")
+    }
+
+    fn park(&self, update_id: i64, raw: &str, reason: &str) -> anyhow::Result<()> {
+        let connection = self.lock();
+        let updated = connection
+            .execute(
+                "UPDATE dead_letters SET reason = ?2, parked = 1 WHERE update_id = ?1",
+                params![update_id, reason],
+            )
+            .context("parking an update")?;
+        if updated == 0 {
+            connection
+                .execute(
+                    "INSERT INTO dead_letters \
+                     (update_id, reason, raw, raw_sha256, recorded_at, parked) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, 1)",
+                    params![
+                        update_id,
+                        reason,
+                        raw,
+                        sha256_hex(raw.as_bytes()),
+                        unix_now()
+                    ],
+                )
+                .context("parking an update")?;
+        }
+        Ok(())
+    }
+
+    fn unpark(&self, update_id: i64) -> anyhow::Result<bool> {
+        let removed = self
+            .lock()
+            .execute(
+                "DELETE FROM dead_letters WHERE update_id = ?1 AND parked = 1",
+                [update_id],
+            )
+            .context("unparking an update")?;
+        Ok(removed > 0)
+    }
+
+    fn forget_dead_letter(&self, update_id: i64) -> anyhow::Result<bool> {
+        let removed = self
+            .lock()
+            .execute("DELETE FROM dead_letters WHERE update_id = ?1", [update_id])
+            .context("removing a dead letter")?;
+        Ok(removed > 0)
     }
 
     fn claim_polling(&self) -> anyhow::Result<()> {

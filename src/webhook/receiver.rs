@@ -262,9 +262,17 @@ impl Receiver {
                         .map_err(HandleError::Retry)?;
                     Ok("OK")
                 }
-                // Accepted (200): delivering it again could not help.
+                // Accepted (200): delivering it again could not help. A
+                // rejected reply or media gone for good too: the platform's
+                // redeliveries would only meet the same refusal, and this
+                // server cannot retry later by itself (poll-echo parks it).
                 Err(HandleError::DeadLetter(reason)) => {
                     record_dead_letter(store.as_ref(), &update, &reason)
+                        .map_err(HandleError::Retry)?;
+                    Ok("DEAD_LETTER")
+                }
+                Err(HandleError::Park(error)) => {
+                    record_dead_letter(store.as_ref(), &update, &format!("{error:#}"))
                         .map_err(HandleError::Retry)?;
                     Ok("DEAD_LETTER")
                 }
@@ -276,6 +284,11 @@ impl Receiver {
             Ok(Ok(answer)) => (StatusCode::OK, answer),
             Ok(Err(HandleError::Retry(error))) => {
                 tracing::error!("reply not sent, the platform will deliver again: {error:#}");
+                (StatusCode::INTERNAL_SERVER_ERROR, "REPLY_FAILED")
+            }
+            Ok(Err(HandleError::Park(error))) => {
+                // Recorded in the closure above; never returned from it.
+                tracing::error!("dead letter not recorded: {error:#}");
                 (StatusCode::INTERNAL_SERVER_ERROR, "REPLY_FAILED")
             }
             Ok(Err(HandleError::DeadLetter(reason))) => {

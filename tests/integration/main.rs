@@ -10,6 +10,7 @@ mod exec;
 mod fetch_media;
 mod forward;
 mod intake;
+mod parking;
 mod poll_echo;
 mod readme;
 mod reference;
