@@ -85,6 +85,7 @@ impl DownloadSink for PartFile<'_> {
     /// Starts writeback of the range without waiting for it: the final
     /// fsync then has little left to do, instead of writing the whole file
     /// after the transfer. Nothing to do when there is no fsync.
+    #[cfg(target_os = "linux")]
     fn written(&mut self, offset: u64, length: u64) {
         use std::os::fd::AsRawFd;
         if self.durability != Durability::Synced {
@@ -108,6 +109,10 @@ impl DownloadSink for PartFile<'_> {
             );
         }
     }
+
+    /// Elsewhere the final fsync does all the writing.
+    #[cfg(not(target_os = "linux"))]
+    fn written(&mut self, _offset: u64, _length: u64) {}
 }
 
 /// A sink that cannot be rewound, such as stdout.
@@ -692,16 +697,10 @@ fn remove_stale_part_files(dir: &Path, name: &OsStr) {
 /// Takes an exclusive flock on `file` without waiting: `Ok(false)` when
 /// another open file holds one.
 fn try_lock_exclusive(file: &File) -> std::io::Result<bool> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock only reads its integer arguments; the descriptor is
-    // valid while `file` is borrowed.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        return Ok(true);
-    }
-    let error = std::io::Error::last_os_error();
-    match error.kind() {
-        std::io::ErrorKind::WouldBlock => Ok(false),
-        _ => Err(error),
+    match file.try_lock() {
+        Ok(()) => Ok(true),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+        Err(std::fs::TryLockError::Error(error)) => Err(error),
     }
 }
 

@@ -239,17 +239,19 @@ impl SqliteStore {
     /// descriptor of the file, which is kept open: SQLite's own locks are
     /// fcntl locks, which flock does not touch.
     pub fn claim_exclusive(&self, doing: &str) -> anyhow::Result<()> {
-        use std::os::fd::AsRawFd;
         let file = std::fs::File::open(&self.path)
             .with_context(|| format!("opening the state file {}", self.path.display()))?;
-        // SAFETY: flock only reads its integer arguments; the descriptor is
-        // valid while `file` lives.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            bail!(
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => bail!(
                 "another fly process is already {doing} with the state file {}; \
                  stop it first, or pass another --state PATH",
                 self.path.display()
-            );
+            ),
+            Err(std::fs::TryLockError::Error(error)) => {
+                return Err(error)
+                    .with_context(|| format!("locking the state file {}", self.path.display()));
+            }
         }
         *lock(&self.exclusive_lock) = Some(file);
         Ok(())
