@@ -9,6 +9,7 @@ pub mod bot;
 pub mod children;
 pub mod cli;
 pub mod commands;
+pub mod delivery;
 pub mod download;
 pub mod emulator;
 pub mod exit;

@@ -12,6 +12,7 @@ use crate::bot::forward::ForwardHandler;
 use crate::bot::poll_loop::{self, PollSettings};
 use crate::cli::ForwardArgs;
 use crate::commands::{configured_token, required_token, signing_secret};
+use crate::delivery::Receiver;
 use crate::exit;
 use crate::shutdown::Shutdown;
 use crate::state::{BotIdentity, SqliteStore};
@@ -46,9 +47,11 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let handler = Arc::new(ForwardHandler::new(
-        args.to,
-        secret.value,
-        args.bot_id,
+        Receiver {
+            url: args.to,
+            secret: secret.value,
+            bot_id: args.bot_id,
+        },
         trusted,
         shutdown.clone(),
     ));
