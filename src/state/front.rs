@@ -274,8 +274,11 @@ impl Store for Front {
         self.store.purge_dead_letters()
     }
 
-    fn claim_polling(&self) -> anyhow::Result<()> {
-        self.store.claim_polling()
+    fn claim_polling(
+        &self,
+        standby: Option<&crate::shutdown::Shutdown>,
+    ) -> anyhow::Result<Option<super::PollingLease>> {
+        self.store.claim_polling(standby)
     }
 
     /// The slow path, on a blocking thread: memory first, then the file for

@@ -11,6 +11,7 @@ mod fetch_media;
 mod intake;
 mod poll_echo;
 mod readme;
+mod redis;
 mod reference;
 mod send;
 mod serve_webhook;
