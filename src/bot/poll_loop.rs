@@ -86,7 +86,16 @@ pub fn run(
         session.max_updates = settings
             .max_updates
             .map(|max| max.saturating_sub(total.handled));
-        let (summary, lost) = run_holding(client, &store, &handler, &session, shutdown, &lease)?;
+        let (summary, lost) =
+            match run_holding(client, &store, &handler, &session, shutdown, &lease) {
+                // The store went away before polling began: the lease
+                // lapses or is given back, and is taken again once it answers.
+                Err(error) if is_unavailable(&error) && !settings.once => {
+                    tracing::debug!("not polling: {error:#}");
+                    (Summary::default(), true)
+                }
+                other => other?,
+            };
         total.handled += summary.handled;
         drop(lease);
         if !lost || shutdown.is_requested() || settings.once {
