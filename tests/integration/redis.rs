@@ -623,6 +623,74 @@ fn a_standby_poller_takes_over_within_the_lease_after_kill_9() {
     eprintln!("takeover after {takeover:?}, {answered_at_kill} of {MESSAGES} answered at the kill");
 }
 
+/// The active poller frozen (SIGSTOP: a long GC pause, a suspended VM) for
+/// longer than its lease: the standby takes over; thawed, the old one finds
+/// its lease gone, writes nothing (the offset does not go back) and stands
+/// by. Every message is answered, each reply recorded once.
+#[test]
+#[ignore = "needs redis-server"]
+fn a_poller_frozen_past_its_lease_writes_nothing_when_it_wakes() {
+    let redis = RedisServer::unix();
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    const MESSAGES: usize = 40;
+    let mut ids: Vec<i64> = (0..MESSAGES)
+        .map(|n| emulator.user_says("private", &format!("u_{}", n % 2), &format!("m {n}")))
+        .collect();
+    emulator.faults(json!({"latency_ms": 40}));
+    let lease = ["--lease", "1.5", "--concurrency", "1"];
+    let frozen = Poller::start(&emulator, &redis, dir.path(), &lease);
+    wait_until(Duration::from_secs(20), "the first answers", || {
+        emulator.sent().len() >= 5
+    });
+    let standby = Poller::start(&emulator, &redis, dir.path(), &lease);
+    wait_until(Duration::from_secs(10), "the second to stand by", || {
+        standby.log().contains("standing by")
+    });
+    let pid = frozen.child.id().to_string();
+    signal(&pid, "-STOP");
+    wait_until(Duration::from_secs(10), "the standby to take over", || {
+        standby.log().contains("took over the polling lease")
+    });
+    wait_until(Duration::from_secs(30), "the backlog answered", || {
+        emulator.sent().len() >= MESSAGES
+    });
+    let offset = || {
+        let keys = redis.command(&["KEYS", "*:offset"]);
+        let key = keys[0].as_str().unwrap_or_default().to_string();
+        redis
+            .command(&["GET", &key])
+            .as_str()
+            .and_then(|o| o.parse::<i64>().ok())
+    };
+    let next = *ids.last().unwrap() + 1;
+    wait_until(
+        Duration::from_secs(10),
+        "the offset past the backlog",
+        || offset() == Some(next),
+    );
+    signal(&pid, "-CONT");
+    wait_until(
+        Duration::from_secs(10),
+        "the thawed poller to stand down",
+        || frozen.log().contains("lost the polling lease"),
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the thawed poller to stand by",
+        || frozen.log().contains("standing by"),
+    );
+    assert_eq!(offset(), Some(next), "the offset went back");
+    ids.push(emulator.user_says("private", "u_9", "after"));
+    wait_until(Duration::from_secs(10), "the new message answered", || {
+        emulator.sent().len() > MESSAGES
+    });
+    let mut echoed = echoed_ids(&emulator);
+    echoed.sort_unstable();
+    assert_eq!(echoed, ids);
+    assert!(!frozen.log().contains("ERROR"), "{}", frozen.log());
+}
+
 /// A poller stopped cleanly gives the lease back: the standby takes over at
 /// once, not after the lease.
 #[test]
