@@ -433,9 +433,19 @@ pub struct SendArgs {
     "fly poll-echo --once",
 ]))]
 pub struct PollEchoArgs {
-    /// State store file (default: per bot, under the user's state directory).
-    #[arg(long, value_name = "PATH")]
+    /// State store: a file (default: per bot, under the user's state
+    /// directory), or redis://[user:pass@]host:port[/db] (also rediss://),
+    /// shared with standby pollers.
+    #[arg(
+        long,
+        value_name = "PATH|URL",
+        env = "FLY_STATE",
+        hide_env_values = true
+    )]
     pub state: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub lease: LeaseArgs,
 
     /// Download media messages into DIR and forward them back.
     #[arg(long, value_name = "DIR")]
@@ -475,6 +485,23 @@ pub struct PollEchoArgs {
 
     #[command(flatten)]
     pub api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct LeaseArgs {
+    /// With a Redis state: the polling lease, in seconds. One poller holds
+    /// it (renewed every third of it) and polls; the others stand by and
+    /// take over within this time after it dies.
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_lease)]
+    pub lease: Duration,
+}
+
+/// A lease: seconds, fractions allowed, from 0.3 s to an hour.
+fn parse_lease(text: &str) -> Result<Duration, String> {
+    match text.trim().parse::<f64>() {
+        Ok(seconds) if (0.3..=3600.0).contains(&seconds) => Ok(Duration::from_secs_f64(seconds)),
+        _ => Err("expected seconds from 0.3 to 3600, e.g. 10 or 2.5".into()),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -583,9 +610,15 @@ pub struct ServeWebhookArgs {
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=512))]
     pub concurrency: u32,
 
-    /// State store file for dedupe and nonces (used by this process alone
-    /// while it serves).
-    #[arg(long, value_name = "PATH")]
+    /// State store for dedupe and nonces: a file (used by this process alone
+    /// while it serves), or redis://[user:pass@]host:port[/db] (also
+    /// rediss://), shared by replicas behind a load balancer.
+    #[arg(
+        long,
+        value_name = "PATH|URL",
+        env = "FLY_STATE",
+        hide_env_values = true
+    )]
     pub state: Option<PathBuf>,
 
     #[command(flatten)]
@@ -694,9 +727,18 @@ pub struct ForwardArgs {
     #[arg(long, default_value_t = 30, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub poll_timeout: u64,
 
-    /// State store file.
-    #[arg(long, value_name = "PATH")]
+    /// State store: a file, or redis://[user:pass@]host:port[/db] (also
+    /// rediss://), shared with standby forwarders.
+    #[arg(
+        long,
+        value_name = "PATH|URL",
+        env = "FLY_STATE",
+        hide_env_values = true
+    )]
     pub state: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub lease: LeaseArgs,
 
     #[command(flatten)]
     pub stop: StopArgs,
@@ -842,9 +884,15 @@ pub struct DemoArgs {}
     "FLY_BASE_URL=http://127.0.0.1:8787 FLY_BOT_TOKEN=dev fly doctor --state bot.db",
 ]))]
 pub struct DoctorArgs {
-    /// State store file to check (default: the bot's, found from the base URL
-    /// and token). It is opened if it exists, never created.
-    #[arg(long, value_name = "PATH")]
+    /// State store to check (default: the bot's file, found from the base URL
+    /// and token): a file, opened if it exists, never created; or a redis://
+    /// URL, which must answer.
+    #[arg(
+        long,
+        value_name = "PATH|URL",
+        env = "FLY_STATE",
+        hide_env_values = true
+    )]
     pub state: Option<PathBuf>,
 
     /// The local time to compare with the platform's clock (default: the clock).
@@ -871,8 +919,15 @@ pub struct DoctorArgs {
     "fly dead-letters --state bot.db --purge",
 ]))]
 pub struct DeadLettersArgs {
-    /// State store file (default: the bot's, found from the base URL and token).
-    #[arg(long, value_name = "PATH")]
+    /// State store file (default: the bot's, found from the base URL and
+    /// token), or a redis:// URL (which needs the token: a bot's keys are
+    /// found from it).
+    #[arg(
+        long,
+        value_name = "PATH|URL",
+        env = "FLY_STATE",
+        hide_env_values = true
+    )]
     pub state: Option<PathBuf>,
 
     /// Remove every dead letter instead of listing them (parked updates,

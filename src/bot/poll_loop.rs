@@ -24,6 +24,7 @@
 //! that is neither finished nor recorded in the store.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -33,8 +34,12 @@ use super::{HandleError, Handler, Outcome, chat_label, record_dead_letter};
 use crate::api::retry::RetryPolicy;
 use crate::api::{ApiClient, ApiError, Received, Update};
 use crate::shutdown::{Shutdown, Stage};
-use crate::state::Store;
+use crate::state::{PollingLease, Store, is_lease_lost, is_unavailable};
 use crate::sync::lock;
+
+/// An update whose handled mark could not reach the store (an outage) is
+/// tried again after about this long; the store logs the outage once.
+const STORE_RETRY: Duration = Duration::from_secs(1);
 
 /// While updates are in flight the platform answers a poll at once (they are
 /// unconfirmed), so a poll that brought nothing new waits this long (or until
@@ -81,6 +86,12 @@ pub struct Summary {
 
 /// Runs until stopped, `max_updates` is reached, or (with `once`) after one
 /// poll. Returns an error for a refused token or a store that cannot be written.
+///
+/// Polls only while holding the store's polling lease. A poller that finds
+/// it held by another stands by until it can take it over (not with
+/// `once`: that is refused); one that loses it (a shared store's lease
+/// lapses when renewals fail for its whole time) finishes the updates in
+/// hand, whose marks are then refused, and stands by again.
 pub fn run(
     client: &ApiClient,
     store: Arc<dyn Store>,
@@ -88,7 +99,46 @@ pub fn run(
     settings: &PollSettings,
     shutdown: &Shutdown,
 ) -> anyhow::Result<Summary> {
-    store.claim_polling()?;
+    let standby = (!settings.once).then_some(shutdown);
+    let mut total = Summary::default();
+    loop {
+        let Some(lease) = store.claim_polling(standby)? else {
+            tracing::info!("stopped while standing by");
+            return Ok(total);
+        };
+        let mut session = settings.clone();
+        session.max_updates = settings
+            .max_updates
+            .map(|max| max.saturating_sub(total.handled + total.dead_letters));
+        let (summary, lost) =
+            match run_holding(client, &store, &handler, &session, shutdown, &lease) {
+                // The store went away before polling began: the lease
+                // lapses or is given back, and is taken again once it answers.
+                Err(error) if is_unavailable(&error) && !settings.once => {
+                    tracing::debug!("not polling: {error:#}");
+                    (Summary::default(), true)
+                }
+                other => other?,
+            };
+        total.handled += summary.handled;
+        total.dead_letters += summary.dead_letters;
+        drop(lease);
+        if !lost || shutdown.is_requested() || settings.once {
+            return Ok(total);
+        }
+    }
+}
+
+/// One stretch of polling under `lease`; returns what it handled and
+/// whether it ended because the lease was lost.
+fn run_holding(
+    client: &ApiClient,
+    store: &Arc<dyn Store>,
+    handler: &Arc<dyn Handler>,
+    settings: &PollSettings,
+    shutdown: &Shutdown,
+    lease: &PollingLease,
+) -> anyhow::Result<(Summary, bool)> {
     let offset = store.next_offset()?;
     tracing::info!(offset, state = %store.location(), "polling for updates");
     let scheduler = Arc::new(Scheduler::new(offset, settings.clone()));
@@ -96,10 +146,12 @@ pub fn run(
     if parked > 0 {
         tracing::info!(parked, "parked updates from an earlier run are tried again");
     }
+    let losing = Arc::clone(&scheduler);
+    lease.when_lost(move || losing.lease_lost());
 
     // The stop stages reach the scheduler and the handler from here.
     let listening = Arc::clone(&scheduler);
-    let abandoning = Arc::clone(&handler);
+    let abandoning = Arc::clone(handler);
     let grace = shutdown.grace().as_secs_f64();
     let _subscription = shutdown.subscribe(move |stage| {
         if stage == Stage::Requested {
@@ -121,7 +173,7 @@ pub fn run(
     // already stored); it sees the loop is over when the poll returns.
     let poller = Poller {
         client: client.clone(),
-        store: Arc::clone(&store),
+        store: Arc::clone(store),
         scheduler: Arc::clone(&scheduler),
         settings: settings.clone(),
     };
@@ -132,23 +184,37 @@ pub fn run(
 
     std::thread::scope(|scope| {
         for _ in 0..settings.concurrency.max(1) {
-            scope.spawn(|| scheduler.work(handler.as_ref(), store.as_ref()));
+            scope.spawn(|| scheduler.work(handler.as_ref(), store.as_ref(), lease));
         }
         scheduler.wait_until_done();
     });
 
     let state = scheduler.lock();
-    store.advance_offset(state.offset())?;
+    let lost = scheduler.lost.load(Ordering::SeqCst);
+    if !lost {
+        match store.advance_offset(state.offset()) {
+            Ok(()) => {}
+            // Every update below the stored offset is handled; the ones
+            // above come again.
+            Err(error) if is_unavailable(&error) || is_lease_lost(&error) => {
+                tracing::warn!("the last offset was not saved: {error:#}");
+            }
+            Err(error) => return Err(error),
+        }
+    }
     if let Some(fatal) = lock(&scheduler.fatal).take() {
         return Err(fatal);
     }
     if settings.once && state.failed && !shutdown.is_requested() {
         anyhow::bail!("some updates could not be handled; they are retried on the next run");
     }
-    Ok(Summary {
-        handled: state.handled,
-        dead_letters: state.dead_letters,
-    })
+    Ok((
+        Summary {
+            handled: state.handled,
+            dead_letters: state.dead_letters,
+        },
+        lost,
+    ))
 }
 
 /// The queues and their bookkeeping, under one mutex; the Condvar wakes the
@@ -158,6 +224,8 @@ struct Scheduler {
     changed: Condvar,
     /// The error that ends the loop (a refused token, a store that fails).
     fatal: Mutex<Option<anyhow::Error>>,
+    /// The polling lease was lost: the loop ends, and stands by again.
+    lost: AtomicBool,
     settings: PollSettings,
 }
 
@@ -232,6 +300,7 @@ impl Scheduler {
             }),
             changed: Condvar::new(),
             fatal: Mutex::new(None),
+            lost: AtomicBool::new(false),
             settings,
         }
     }
@@ -271,7 +340,22 @@ impl Scheduler {
     }
 
     fn fail(&self, error: anyhow::Error) {
+        if is_lease_lost(&error) {
+            return self.lease_lost();
+        }
         lock(&self.fatal).get_or_insert(error);
+        self.stop_taking_work();
+    }
+
+    /// Another poller may poll now: nothing new starts here, and what is in
+    /// hand finishes (its marks are refused, so it comes again to the other).
+    fn lease_lost(&self) {
+        if !self.lost.swap(true, Ordering::SeqCst) {
+            tracing::warn!(
+                "lost the polling lease: finishing the updates in hand, then taking it \
+                 again or standing by"
+            );
+        }
         self.stop_taking_work();
     }
 
@@ -440,8 +524,15 @@ impl Scheduler {
 
     /// A worker: takes the next ready chat's front update, handles it,
     /// records the outcome; until the loop stops.
-    fn work(&self, handler: &dyn Handler, store: &dyn Store) {
+    fn work(&self, handler: &dyn Handler, store: &dyn Store, lease: &PollingLease) {
         while let Some((chat, update)) = self.next_update() {
+            if !lease.is_current() {
+                // Not renewed for the lease time: another poller may have
+                // this update by now.
+                self.finish(&chat, update.update_id, Done::Failed);
+                self.lease_lost();
+                continue;
+            }
             let started = Instant::now();
             let outcome = handler.handle(&update);
             let latency_ms = started.elapsed().as_millis() as u64;
@@ -470,6 +561,12 @@ impl Scheduler {
             };
             match recorded {
                 Ok(done) => self.finish(&chat, update.update_id, done),
+                // Not marked: tried again once the store answers (a repeat
+                // of the reply is absorbed by its client_msg_id).
+                Err(error) if is_unavailable(&error) => {
+                    tracing::debug!(update_id = update.update_id, "not recorded: {error:#}");
+                    self.finish(&chat, update.update_id, Done::Deferred);
+                }
                 Err(error) => {
                     self.finish(&chat, update.update_id, Done::Failed);
                     self.fail(error);
@@ -626,6 +723,11 @@ impl Scheduler {
                         }
                     }
                 }
+                Done::Deferred => {
+                    *claimed -= 1;
+                    let jitter = STORE_RETRY.mul_f64(crate::random::unit());
+                    queue.retry_at = Some(Instant::now() + STORE_RETRY + jitter);
+                }
                 Done::Failed | Done::Parked => {
                     *claimed -= 1;
                     queue.failures += 1;
@@ -669,6 +771,9 @@ enum Done {
     /// Not handled and recorded as parked: tried again after a long backoff,
     /// while the offset may pass it.
     Parked,
+    /// Handled, but the store could not record it (an outage): tried again
+    /// shortly, not counted as a failure of the update.
+    Deferred,
 }
 
 /// Forgets the parked record of `update` (handled at last, or dead now).
@@ -701,6 +806,8 @@ impl Poller {
     fn poll_until_over(&self) -> anyhow::Result<()> {
         let mut stored_offset = i64::MIN;
         let mut failed_rounds = 0u32;
+        // Consecutive rounds the state store could not be reached in.
+        let mut store_failures = 0u32;
         loop {
             let offset = {
                 let mut state = self.scheduler.lock();
@@ -713,8 +820,17 @@ impl Poller {
                 state.offset()
             };
             if offset > stored_offset {
-                self.store.advance_offset(offset)?;
-                stored_offset = offset;
+                match self.store.advance_offset(offset) {
+                    Ok(()) => stored_offset = offset,
+                    // No poll while the offset cannot be saved: the store
+                    // logs the outage; this waits for it with backoff.
+                    Err(error) if is_unavailable(&error) => {
+                        store_failures += 1;
+                        self.pause(RetryPolicy::FOREVER.next_delay(store_failures, None), None);
+                        continue;
+                    }
+                    Err(error) => return Err(error),
+                }
             }
             let timeout = if self.settings.once {
                 Duration::ZERO
@@ -737,9 +853,21 @@ impl Poller {
             };
             failed_rounds = 0;
             let had_updates = !received.is_empty();
-            let fresh = self
+            let fresh = match self
                 .scheduler
-                .enqueue(received, offset, self.store.as_ref())?;
+                .enqueue(received, offset, self.store.as_ref())
+            {
+                Ok(fresh) => fresh,
+                // What came is not queued; being unconfirmed, it comes
+                // again with the next poll once the store answers.
+                Err(error) if is_unavailable(&error) => {
+                    store_failures += 1;
+                    self.pause(RetryPolicy::FOREVER.next_delay(store_failures, None), None);
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
+            store_failures = 0;
             if self.settings.once {
                 let mut state = self.scheduler.lock();
                 state.polling_over = true;

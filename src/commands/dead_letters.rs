@@ -11,12 +11,18 @@ use serde_json::json;
 use crate::cli::DeadLettersArgs;
 use crate::commands::required_token;
 use crate::exit;
-use crate::state::{BotIdentity, SqliteStore, Store};
+use crate::state::{BotIdentity, RedisStore, SqliteStore, StateLocation, Store};
 
 pub fn run(args: DeadLettersArgs) -> anyhow::Result<ExitCode> {
-    let store = match args.state {
-        Some(path) => SqliteStore::open_existing(&path)?,
-        None => {
+    let store: Box<dyn Store> = match StateLocation::from_arg(args.state) {
+        // A bot's keys are found from its base URL and token.
+        StateLocation::Redis(url) => {
+            let token = required_token(&args.api)?;
+            let identity = BotIdentity::new(&args.api.base_url, &token);
+            Box::new(RedisStore::open(&url, &identity)?)
+        }
+        StateLocation::File(Some(path)) => Box::new(SqliteStore::open_existing(&path)?),
+        StateLocation::File(None) => {
             // The bot's default state file; looking never creates it.
             let token = required_token(&args.api)?;
             let identity = BotIdentity::new(&args.api.base_url, &token);
@@ -25,13 +31,14 @@ pub fn run(args: DeadLettersArgs) -> anyhow::Result<ExitCode> {
                 tracing::info!(state = %path.display(), "no state file yet: no dead letters");
                 return Ok(exit::code(exit::SUCCESS));
             }
-            SqliteStore::open(&path, &identity)?
+            Box::new(SqliteStore::open(&path, &identity)?)
         }
     };
     if let Some(update_id) = args.retry.or(args.drop) {
         // A running poller keeps parked updates in memory: changing them
-        // under it would be undone or, worse, half seen.
-        store.claim_exclusive("running")?;
+        // under it would be undone or, worse, half seen. Holding the
+        // polling lease (the file's lock) says none runs.
+        let _no_poller = store.claim_polling(None)?;
         let letter = store
             .dead_letters()?
             .into_iter()
@@ -61,7 +68,7 @@ pub fn run(args: DeadLettersArgs) -> anyhow::Result<ExitCode> {
     }
     if args.purge {
         let purged = store.purge_dead_letters()?;
-        tracing::info!(purged, state = %store.path().display(), "dead letters purged");
+        tracing::info!(purged, state = %store.location(), "dead letters purged");
         return Ok(exit::code(exit::SUCCESS));
     }
     let mut stdout = std::io::stdout().lock();

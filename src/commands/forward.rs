@@ -11,11 +11,11 @@ use crate::api::{ApiClient, check_http_url};
 use crate::bot::forward::ForwardHandler;
 use crate::bot::poll_loop::{self, PollSettings};
 use crate::cli::ForwardArgs;
-use crate::commands::{configured_token, required_token, signing_secret};
+use crate::commands::{configured_token, polling_store, required_token, signing_secret};
 use crate::delivery::Receiver;
 use crate::exit;
 use crate::shutdown::Shutdown;
-use crate::state::{BotIdentity, SqliteStore};
+use crate::state::BotIdentity;
 
 pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
     check_http_url(&args.to, "--to")?;
@@ -30,9 +30,12 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
     let client = ApiClient::new(&args.api.base_url, token.clone(), RetryPolicy::FOREVER)?
         .with_shutdown(shutdown.clone());
     let identity = BotIdentity::new(client.base_url(), &token);
-    let store = Arc::new(
-        SqliteStore::open_for(&identity, args.state)?.with_retention(args.retention.retention),
-    );
+    let store = polling_store(
+        &identity,
+        args.state,
+        args.retention.retention,
+        args.lease.lease,
+    )?;
     // What it does, before it does it: a developer sees at once which
     // receiver, which platform, and which secret to verify with.
     tracing::info!(

@@ -254,6 +254,27 @@ pub fn signing_secret(
     }
 }
 
+/// The state store of a polling command (poll-echo, forward): the SQLite
+/// file, or a Redis server shared with standby pollers (`--lease`).
+pub fn polling_store(
+    identity: &crate::state::BotIdentity,
+    state: Option<std::path::PathBuf>,
+    retention: std::time::Duration,
+    lease: std::time::Duration,
+) -> anyhow::Result<std::sync::Arc<dyn crate::state::Store>> {
+    use crate::state::{RedisStore, SqliteStore, StateLocation};
+    Ok(match StateLocation::from_arg(state) {
+        StateLocation::Redis(url) => std::sync::Arc::new(
+            RedisStore::open(&url, identity)?
+                .with_retention(retention)
+                .with_lease(lease),
+        ),
+        StateLocation::File(path) => {
+            std::sync::Arc::new(SqliteStore::open_for(identity, path)?.with_retention(retention))
+        }
+    })
+}
+
 /// Writes `bytes` to stdout and flushes them.
 pub fn write_stdout(bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;

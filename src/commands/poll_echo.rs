@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -11,10 +10,10 @@ use crate::api::ApiClient;
 use crate::api::retry::RetryPolicy;
 use crate::bot::poll_loop::{self, PollSettings};
 use crate::cli::PollEchoArgs;
-use crate::commands::{reply_handler, required_token};
+use crate::commands::{polling_store, reply_handler, required_token};
 use crate::exit;
 use crate::shutdown::Shutdown;
-use crate::state::{BotIdentity, SqliteStore};
+use crate::state::BotIdentity;
 
 pub fn run(args: PollEchoArgs) -> anyhow::Result<ExitCode> {
     let token = required_token(&args.api)?;
@@ -28,9 +27,12 @@ pub fn run(args: PollEchoArgs) -> anyhow::Result<ExitCode> {
     let client =
         ApiClient::new(&args.api.base_url, token.clone(), policy)?.with_shutdown(shutdown.clone());
     let identity = BotIdentity::new(client.base_url(), &token);
-    let store = Arc::new(
-        SqliteStore::open_for(&identity, args.state)?.with_retention(args.retention.retention),
-    );
+    let store = polling_store(
+        &identity,
+        args.state,
+        args.retention.retention,
+        args.lease.lease,
+    )?;
     let media_dir = args.media_dir.map(prepare_media_dir).transpose()?;
     let settings = PollSettings {
         max_attempts: args.park.max_attempts,

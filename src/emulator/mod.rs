@@ -284,7 +284,7 @@ mod tests {
         let mut response = ureq::get(&url).call().unwrap();
         assert_eq!(
             response.body_mut().read_to_string().unwrap(),
-            r#"{"sent":[]}"#
+            r#"{"sent":[],"attempts":0}"#
         );
         emulator.shutdown();
         assert!(ureq::get(&url).call().is_err());

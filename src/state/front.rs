@@ -291,8 +291,11 @@ impl Store for Front {
         self.store.forget_dead_letter(update_id)
     }
 
-    fn claim_polling(&self) -> anyhow::Result<()> {
-        self.store.claim_polling()
+    fn claim_polling(
+        &self,
+        standby: Option<&crate::shutdown::Shutdown>,
+    ) -> anyhow::Result<Option<super::PollingLease>> {
+        self.store.claim_polling(standby)
     }
 
     /// The slow path, on a blocking thread: memory first, then the file for

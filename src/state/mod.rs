@@ -10,24 +10,107 @@
 //!   answered from memory (`memory.rs`), writes are group-committed by a
 //!   writer thread (`group_commit.rs`), checkpoints and pruning happen off
 //!   the request path.
-//! - A store shared by several fly processes (Redis, issue 14) implements the
-//!   same trait; its atomic claims and expiring leases are then what keep two
-//!   replicas from handling one update twice, and two pollers from polling.
+//! - [`RedisStore`] (`redis.rs`): a Redis (or Valkey) server shared by
+//!   several fly processes on one bot (SPEC 4b). Its atomic claims and
+//!   expiring leases are what keep two webhook replicas from handling one
+//!   update twice, and two pollers from polling at once.
 
 mod front;
 mod group_commit;
 mod memory;
+mod redis;
 mod sqlite;
 
-use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::api::Token;
+use crate::shutdown::Shutdown;
 use crate::signature::sha256_hex;
+use crate::sync::lock;
 
+pub use self::redis::{DEFAULT_LEASE, RedisStore};
 pub use front::Front;
 pub use group_commit::Pending;
 pub use sqlite::SqliteStore;
+
+/// Where `--state` (`FLY_STATE`) says the state lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateLocation {
+    /// A SQLite file: the one given, else the bot's default path.
+    File(Option<PathBuf>),
+    /// A Redis or Valkey server, as a URL (which may hold a password: never
+    /// shown; see [`RedisStore::location`]).
+    Redis(String),
+}
+
+impl StateLocation {
+    /// `redis://`, `rediss://`, `redis+unix://` (and the `valkey` forms)
+    /// name a server; anything else is a file path.
+    pub fn from_arg(arg: Option<PathBuf>) -> StateLocation {
+        match arg {
+            Some(path) if is_server_url(&path) => {
+                StateLocation::Redis(path.to_string_lossy().into_owned())
+            }
+            other => StateLocation::File(other),
+        }
+    }
+}
+
+fn is_server_url(path: &Path) -> bool {
+    let Some(text) = path.to_str() else {
+        return false;
+    };
+    let lower = text.trim_start().to_ascii_lowercase();
+    [
+        "redis://",
+        "rediss://",
+        "redis+unix://",
+        "valkey://",
+        "valkeys://",
+        "valkey+unix://",
+    ]
+    .iter()
+    .any(|scheme| lower.starts_with(scheme))
+}
+
+/// The error of a store that could not be reached, or did not answer in
+/// time: nothing was decided, try again later (a webhook delivery is
+/// answered 503, a poller pauses). Find it with `error.downcast_ref`.
+#[derive(Debug)]
+pub struct Unavailable(pub String);
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unavailable {}
+
+/// The error of a fenced write by a poller that no longer holds the
+/// polling lease: another poller may have taken over, so nothing is written.
+#[derive(Debug)]
+pub struct LeaseLost;
+
+impl std::fmt::Display for LeaseLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("this fly no longer holds the polling lease")
+    }
+}
+
+impl std::error::Error for LeaseLost {}
+
+/// Whether `error` says the store is unreachable for now.
+pub fn is_unavailable(error: &anyhow::Error) -> bool {
+    error.downcast_ref::<Unavailable>().is_some()
+}
+
+/// Whether `error` says the polling lease is lost.
+pub fn is_lease_lost(error: &anyhow::Error) -> bool {
+    error.downcast_ref::<LeaseLost>().is_some()
+}
 
 /// How long handled update ids are kept when nothing else is said
 /// (`--retention`): far longer than any platform redelivers an update.
@@ -137,11 +220,16 @@ pub trait Store: Send + Sync {
 
     // -- The polling lease ------------------------------------------------
 
-    /// Takes the polling lease, held until this process exits: two pollers
-    /// on one state would confirm each other's offsets and answer the same
-    /// updates. An error says who holds it. A backend whose lease expires
-    /// renews it while the process lives and fences `advance_offset` by it.
-    fn claim_polling(&self) -> anyhow::Result<()>;
+    /// Takes the polling lease: two pollers on one state would confirm each
+    /// other's offsets and answer the same updates. The SQLite file is
+    /// locked until this process exits, and a second poller is refused with
+    /// an error that says so. A shared store's lease expires: it is renewed
+    /// while the [`PollingLease`] lives and given back when it is dropped,
+    /// and `advance_offset` and `mark_handled` are fenced by it. With
+    /// `standby`, a poller that finds the lease held waits (logging once that
+    /// it stands by) until it can take it over, or until the stop is
+    /// requested (`None`); without, it is refused.
+    fn claim_polling(&self, standby: Option<&Shutdown>) -> anyhow::Result<Option<PollingLease>>;
 
     // -- Webhook deliveries -----------------------------------------------
 
@@ -185,6 +273,130 @@ pub trait Store: Send + Sync {
     /// Makes everything accepted so far durable (a clean stop).
     fn flush(&self) -> anyhow::Result<()> {
         Ok(())
+    }
+
+    /// Whether the store answered lately (`GET /readyz`), known without
+    /// waiting: a store on a server watches it in the background. Safe on
+    /// an async I/O thread.
+    fn is_reachable(&self) -> bool {
+        true
+    }
+}
+
+/// The right to poll, from [`Store::claim_polling`]. A lease that can expire
+/// (a shared store's) says when it is lost, and is given back when dropped,
+/// so that a standby takes over at once after a clean stop.
+pub struct PollingLease {
+    watch: Arc<LeaseWatch>,
+    give_back: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+/// What a [`PollingLease`] knows of itself; shared with whoever renews it.
+pub struct LeaseWatch {
+    state: Mutex<LeaseState>,
+}
+
+type LostListener = Box<dyn FnOnce() + Send>;
+
+struct LeaseState {
+    lost: bool,
+    /// Confirmed held at this moment, for this long after it (`None`: held
+    /// until the process exits).
+    confirmed: Option<(Instant, Duration)>,
+    listeners: Vec<LostListener>,
+}
+
+impl LeaseWatch {
+    fn new(confirmed: Option<(Instant, Duration)>) -> Arc<LeaseWatch> {
+        Arc::new(LeaseWatch {
+            state: Mutex::new(LeaseState {
+                lost: false,
+                confirmed,
+                listeners: Vec::new(),
+            }),
+        })
+    }
+
+    /// The lease was renewed by a call that started at `at`.
+    pub fn confirmed_at(&self, at: Instant) {
+        let mut state = lock(&self.state);
+        if let Some((last, _)) = state.confirmed.as_mut() {
+            *last = (*last).max(at);
+        }
+    }
+
+    /// Whether the lease has run out since its last confirmation.
+    pub fn expired(&self) -> bool {
+        let state = lock(&self.state);
+        state.lost
+            || state
+                .confirmed
+                .is_some_and(|(at, valid_for)| at.elapsed() >= valid_for)
+    }
+
+    /// The lease is gone: tells every listener, once.
+    pub fn lose(&self) {
+        let listeners = {
+            let mut state = lock(&self.state);
+            if state.lost {
+                return;
+            }
+            state.lost = true;
+            std::mem::take(&mut state.listeners)
+        };
+        for listener in listeners {
+            listener();
+        }
+    }
+}
+
+impl PollingLease {
+    /// A lease held until the process exits (a locked file).
+    pub fn until_exit() -> PollingLease {
+        PollingLease {
+            watch: LeaseWatch::new(None),
+            give_back: None,
+        }
+    }
+
+    /// A lease confirmed now for `valid_for`, renewed through `watch`;
+    /// `give_back` runs when it is dropped.
+    pub fn expiring(
+        valid_for: Duration,
+        confirmed_at: Instant,
+        give_back: impl FnOnce() + Send + Sync + 'static,
+    ) -> (PollingLease, Arc<LeaseWatch>) {
+        let watch = LeaseWatch::new(Some((confirmed_at, valid_for)));
+        let lease = PollingLease {
+            watch: Arc::clone(&watch),
+            give_back: Some(Box::new(give_back)),
+        };
+        (lease, watch)
+    }
+
+    /// Whether work may still be started under it: not lost, and confirmed
+    /// within the lease time.
+    pub fn is_current(&self) -> bool {
+        !self.watch.expired()
+    }
+
+    /// Calls `listener` once when the lease is lost (at once if it is).
+    pub fn when_lost(&self, listener: impl FnOnce() + Send + 'static) {
+        let mut state = lock(&self.watch.state);
+        if state.lost {
+            drop(state);
+            listener();
+        } else {
+            state.listeners.push(Box::new(listener));
+        }
+    }
+}
+
+impl Drop for PollingLease {
+    fn drop(&mut self) {
+        if let Some(give_back) = self.give_back.take() {
+            give_back();
+        }
     }
 }
 

@@ -615,8 +615,15 @@ impl Store for SqliteStore {
         Ok(removed > 0)
     }
 
-    fn claim_polling(&self) -> anyhow::Result<()> {
-        self.claim_exclusive("polling")
+    /// The file is locked for this process alone: a second poller is
+    /// refused, standby or not (pollers on one machine share nothing a
+    /// standby could take over from; a shared store has standbys).
+    fn claim_polling(
+        &self,
+        _standby: Option<&crate::shutdown::Shutdown>,
+    ) -> anyhow::Result<Option<super::PollingLease>> {
+        self.claim_exclusive("polling")?;
+        Ok(Some(super::PollingLease::until_exit()))
     }
 }
 

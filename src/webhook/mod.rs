@@ -8,11 +8,14 @@
 //! with another update (401), then the reply (200, or 500 so the platform
 //! delivers again). A fatal error (an `--exec` handler that cannot run, a
 //! refused token) is answered 500 too, and stops the server as a signal does,
-//! with the error as the process's one error line.
+//! with the error as the process's one error line. A shared state store
+//! (Redis) that is out of reach makes a delivery 503, and `GET /readyz` 503
+//! while `GET /healthz` stays 200.
 //!
 //! **The rule: no blocking call on the async I/O threads.** They parse,
 //! verify (microseconds of CPU) and ask the store only what it answers
-//! without waiting ([`Store::try_admit`]: memory, in front of SQLite).
+//! without waiting ([`Store::try_admit`]: memory, in front of SQLite; for
+//! Redis, only "it is down"; [`Store::is_reachable`] for `/readyz`).
 //! Everything that may wait on a disk, a network or a process (a store
 //! lookup memory cannot answer, the handler and its reply through the
 //! shared blocking HTTP client, a dead letter) runs on the bounded pool of

@@ -184,6 +184,14 @@ impl Emulator {
         }
     }
 
+    /// How many send requests arrived, repeats of a client_msg_id and
+    /// refused ones included (`GET /_emulator/sent`'s `attempts`).
+    pub fn send_attempts(&self) -> u64 {
+        self.get("/_emulator/sent")["attempts"]
+            .as_u64()
+            .expect("attempts")
+    }
+
     pub fn faults(&self, faults: Value) {
         self.post("/_emulator/faults", faults);
     }

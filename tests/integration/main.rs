@@ -13,6 +13,7 @@ mod intake;
 mod parking;
 mod poll_echo;
 mod readme;
+mod redis;
 mod reference;
 mod send;
 mod serve_webhook;

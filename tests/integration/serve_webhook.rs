@@ -16,26 +16,37 @@ use crate::common::{
     stderr_of, wait_until, write_certificate,
 };
 
-const SECRET: &str = "hook-secret";
+pub(crate) const SECRET: &str = "hook-secret";
 const FIVE_MIB: usize = 5 * 1024 * 1024;
 
 /// A `fly serve-webhook --bind 127.0.0.1 --port 0` child, killed when dropped.
 /// Its stderr (the log) goes to a file, so a chatty server never blocks on a
 /// full pipe and a failing test can show what it said.
-struct Server {
-    child: Child,
+pub(crate) struct Server {
+    pub(crate) child: Child,
     _stdout: BufReader<ChildStdout>,
     /// The URL it printed: where deliveries go.
-    url: String,
+    pub(crate) url: String,
     /// `scheme://127.0.0.1:port`, for other paths.
-    origin: String,
+    pub(crate) origin: String,
     addr: SocketAddr,
     log: PathBuf,
 }
 
 impl Server {
     /// Serves in `dir` (state store `dir/s.db`) for the emulator at `base_url`.
-    fn start(base_url: &str, dir: &Path, extra: &[&str]) -> Server {
+    pub(crate) fn start(base_url: &str, dir: &Path, extra: &[&str]) -> Server {
+        Server::start_with_state(base_url, dir, dir.join("s.db").as_os_str(), extra)
+    }
+
+    /// Serves for the emulator at `base_url` with `--state state` (a file
+    /// or a server URL), its log in `dir`.
+    pub(crate) fn start_with_state(
+        base_url: &str,
+        dir: &Path,
+        state: &std::ffi::OsStr,
+        extra: &[&str],
+    ) -> Server {
         let log = tempfile::Builder::new()
             .prefix("serve-webhook-")
             .suffix(".log")
@@ -53,7 +64,7 @@ impl Server {
                 "0",
                 "--state",
             ])
-            .arg(dir.join("s.db"))
+            .arg(state)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -88,7 +99,7 @@ impl Server {
         }
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
@@ -122,13 +133,13 @@ impl Drop for Server {
 
 /// A status code, its body and the `Allow` header.
 #[derive(Debug, PartialEq)]
-struct Answer {
-    status: u16,
-    body: String,
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) body: String,
     allow: Option<String>,
 }
 
-fn answer(status: u16, body: &str) -> Answer {
+pub(crate) fn answer(status: u16, body: &str) -> Answer {
     Answer {
         status,
         body: body.to_string(),
@@ -136,7 +147,7 @@ fn answer(status: u16, body: &str) -> Answer {
     }
 }
 
-fn agent() -> ureq::Agent {
+pub(crate) fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(20)))
@@ -158,7 +169,7 @@ fn read(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Answer
     }
 }
 
-fn post_with(agent: &ureq::Agent, url: &str, body: &str) -> Answer {
+pub(crate) fn post_with(agent: &ureq::Agent, url: &str, body: &str) -> Answer {
     read(
         agent
             .post(url)
@@ -171,12 +182,12 @@ fn post(url: &str, body: &str) -> Answer {
     post_with(&agent(), url, body)
 }
 
-fn get(url: &str) -> Answer {
+pub(crate) fn get(url: &str) -> Answer {
     read(agent().get(url).call())
 }
 
 /// A text message update as the platform sends it (before signing).
-fn text_update(update_id: i64, chat: (&str, &str), text: &str) -> String {
+pub(crate) fn text_update(update_id: i64, chat: (&str, &str), text: &str) -> String {
     json!({
         "update_id": update_id,
         "type": "message",
@@ -734,7 +745,7 @@ fn five_hundred_stalled_connections_neither_block_healthz_nor_stay_open() {
 /// tests that need hundreds (a `fly sign` process each would be slow).
 /// `payload` is the message or callback_query as canonical JSON: keys
 /// sorted, no spaces.
-fn signed_here(update_id: i64, kind: &str, payload: &str, nonce: &str) -> String {
+pub(crate) fn signed_here(update_id: i64, kind: &str, payload: &str, nonce: &str) -> String {
     use hmac::{Hmac, KeyInit, Mac};
     let payload_sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(payload.as_bytes()));
     let timestamp = unix_now();
