@@ -938,3 +938,76 @@ fn dead_letters_live_in_redis_too_and_passwords_never_show() {
         "{stderr}"
     );
 }
+
+/// Parking with a Redis state: the failing update is recorded there (the
+/// offset passes it), the other chat is answered, and the parked update is
+/// answered and forgotten once its handler recovers; `--purge` keeps it.
+#[test]
+#[ignore = "needs redis-server"]
+fn parked_updates_live_in_redis_and_are_answered_once_fixed() {
+    let redis = RedisServer::unix();
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let fixed = dir.path().join("fixed");
+    let handler = format!(
+        "cat >/dev/null; if [ \"$FLY_CHAT_ID\" = u_bad ] && [ ! -e '{}' ]; then exit 1; fi; echo ok",
+        fixed.display()
+    );
+    let bad = emulator.user_says("private", "u_bad", "one");
+    let good = emulator.user_says("private", "u_1", "two");
+    let poller = Poller::start(
+        &emulator,
+        &redis,
+        dir.path(),
+        &[
+            "--exec",
+            &handler,
+            "--max-attempts",
+            "1",
+            "--park-retry-max",
+            "0.3",
+        ],
+    );
+    let listed = || -> Vec<Value> {
+        let output = fly()
+            .env("FLY_BASE_URL", &emulator.base_url)
+            .env("FLY_BOT_TOKEN", TOKEN)
+            .args(["dead-letters", "--state", &redis.url()])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    };
+    let replied = |id: i64| {
+        emulator
+            .sent()
+            .iter()
+            .any(|sent| sent["client_msg_id"] == format!("reply_{id}"))
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || replied(good)
+            && listed().len() == 1),
+        "{}",
+        poller.log()
+    );
+    let letter = &listed()[0];
+    assert_eq!(letter["update_id"], json!(bad));
+    assert_eq!(letter["state"], "parked");
+    let purge = fly()
+        .env("FLY_BASE_URL", &emulator.base_url)
+        .env("FLY_BOT_TOKEN", TOKEN)
+        .args(["dead-letters", "--purge", "--state", &redis.url()])
+        .output()
+        .unwrap();
+    assert!(purge.status.success());
+    assert_eq!(listed().len(), 1, "a parked update is not purged");
+    std::fs::write(&fixed, "").unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || replied(bad)
+            && listed().is_empty()),
+        "{}",
+        poller.log()
+    );
+}
