@@ -15,6 +15,7 @@ pub mod emulator;
 pub mod exit;
 pub mod http_server;
 pub mod logging;
+pub mod output;
 pub mod progress;
 pub mod random;
 pub mod shutdown;

@@ -11,7 +11,14 @@ use tracing_subscriber::fmt::format::debug_fn;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use crate::cli::LogFormat;
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Text for people: time, level, message, fields.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
 
 /// Default level is `info`; each `-v` adds detail, each `-q` removes it.
 ///

@@ -28,6 +28,8 @@ use crate::api::{ApiClient, Token};
 use crate::cli::{ApiArgs, Command, SecretArgs, UnixTime};
 use crate::exit::usage;
 
+pub use crate::output::{print_line, write_stdout};
+
 pub fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Send(args) => send::run(args),
@@ -210,16 +212,6 @@ pub fn read_input(name: &str) -> anyhow::Result<String> {
     Ok(text)
 }
 
-/// Prints one line on stdout and flushes it at once (a script may be waiting
-/// for it, e.g. the URL a server listens on).
-pub fn print_line(line: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{line}").context("writing to stdout")?;
-    stdout.flush().context("writing to stdout")?;
-    Ok(())
-}
-
 /// What answers updates: the `--exec` handler when one is given, else the echo
 /// (with the media round trip when `media_dir` is set).
 pub fn reply_handler(
@@ -273,12 +265,4 @@ pub fn polling_store(
             std::sync::Arc::new(SqliteStore::open_for(identity, path)?.with_retention(retention))
         }
     })
-}
-
-/// Writes `bytes` to stdout and flushes them.
-pub fn write_stdout(bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut stdout = std::io::stdout().lock();
-    stdout.write_all(bytes)?;
-    stdout.flush()
 }

@@ -130,7 +130,7 @@ pub fn run_until_signal(
                 grace.as_secs_f64()
             );
         };
-        crate::commands::print_line(&url)?;
+        crate::output::print_line(&url)?;
         tracing::info!(%url, "receiving webhook deliveries");
         http_server::serve(
             listener,
