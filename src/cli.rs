@@ -146,6 +146,15 @@ pub enum LogFormat {
     Json,
 }
 
+impl From<LogFormat> for crate::logging::LogFormat {
+    fn from(format: LogFormat) -> Self {
+        match format {
+            LogFormat::Text => crate::logging::LogFormat::Text,
+            LogFormat::Json => crate::logging::LogFormat::Json,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Check the v1 signature of a signed update (offline).
@@ -435,9 +444,19 @@ pub struct SendArgs {
     "fly poll-echo --once",
 ]))]
 pub struct PollEchoArgs {
-    /// State store file (default: per bot, under the user's state directory).
-    #[arg(long, value_name = "PATH")]
+    /// State store: a file (default: per bot, under the user's state
+    /// directory), or redis://[user:pass@]host:port[/db] (also rediss://),
+    /// shared with standby pollers.
+    #[arg(
+        long,
+        value_name = "PATH|URL",
+        env = "FLY_STATE",
+        hide_env_values = true
+    )]
     pub state: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub lease: LeaseArgs,
 
     /// Download media messages into DIR and forward them back.
     #[arg(long, value_name = "DIR")]
@@ -468,6 +487,9 @@ pub struct PollEchoArgs {
     pub retention: RetentionArgs,
 
     #[command(flatten)]
+    pub park: ParkArgs,
+
+    #[command(flatten)]
     pub exec: ExecArgs,
 
     #[command(flatten)]
@@ -475,6 +497,23 @@ pub struct PollEchoArgs {
 
     #[command(flatten)]
     pub api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct LeaseArgs {
+    /// With a Redis state: the polling lease, in seconds. One poller holds
+    /// it (renewed every third of it) and polls; the others stand by and
+    /// take over within this time after it dies.
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_lease)]
+    pub lease: Duration,
+}
+
+/// A lease: seconds, fractions allowed, from 0.3 s to an hour.
+fn parse_lease(text: &str) -> Result<Duration, String> {
+    match text.trim().parse::<f64>() {
+        Ok(seconds) if (0.3..=3600.0).contains(&seconds) => Ok(Duration::from_secs_f64(seconds)),
+        _ => Err("expected seconds from 0.3 to 3600, e.g. 10 or 2.5".into()),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -592,9 +631,15 @@ pub struct ServeWebhookArgs {
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=512))]
     pub concurrency: u32,
 
-    /// State store file for dedupe and nonces (used by this process alone
-    /// while it serves).
-    #[arg(long, value_name = "PATH")]
+    /// State store for dedupe and nonces: a file (used by this process alone
+    /// while it serves), or redis://[user:pass@]host:port[/db] (also
+    /// rediss://), shared by replicas behind a load balancer.
+    #[arg(
+        long,
+        value_name = "PATH|URL",
+        env = "FLY_STATE",
+        hide_env_values = true
+    )]
     pub state: Option<PathBuf>,
 
     #[command(flatten)]
@@ -688,13 +733,33 @@ pub struct ForwardArgs {
     #[arg(long, default_value = "bot_local", value_name = "ID")]
     pub bot_id: String,
 
+    /// Trust this certificate (PEM) for an https:// receiver, such as a
+    /// local one with a self-signed certificate.
+    #[arg(long, value_name = "PEM")]
+    pub to_ca: Option<PathBuf>,
+
+    /// Deliveries in flight at once, each of another chat. 1 keeps the
+    /// platform's order; more delivers different chats in parallel, so the
+    /// receiver sees chats interleaved out of order (each chat stays in order).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub concurrency: u32,
+
     /// Long-poll timeout in seconds (0..=3600).
     #[arg(long, default_value_t = 30, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub poll_timeout: u64,
 
-    /// State store file.
-    #[arg(long, value_name = "PATH")]
+    /// State store: a file, or redis://[user:pass@]host:port[/db] (also
+    /// rediss://), shared with standby forwarders.
+    #[arg(
+        long,
+        value_name = "PATH|URL",
+        env = "FLY_STATE",
+        hide_env_values = true
+    )]
     pub state: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub lease: LeaseArgs,
 
     #[command(flatten)]
     pub stop: StopArgs,
@@ -707,6 +772,24 @@ pub struct ForwardArgs {
 
     #[command(flatten)]
     pub retention: RetentionArgs,
+
+    #[command(flatten)]
+    pub park: ParkArgs,
+}
+
+/// When an update that keeps failing is parked (SPEC section 3).
+#[derive(Debug, Clone, Args)]
+pub struct ParkArgs {
+    /// Failed attempts of one update before it is parked: recorded (see
+    /// `fly dead-letters`) and retried every few minutes, its chat waiting
+    /// behind it while the other chats go on.
+    #[arg(long, default_value_t = 5, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_attempts: u32,
+
+    /// The longest wait between two tries of a parked update, in seconds
+    /// (for tests).
+    #[arg(long, hide = true, value_name = "SECS", default_value = "300", value_parser = parse_grace)]
+    pub park_retry_max: Duration,
 }
 
 /// How a long-running command stops (SPEC section 2).
@@ -822,9 +905,15 @@ pub struct DemoArgs {}
     "FLY_BASE_URL=http://127.0.0.1:8787 FLY_BOT_TOKEN=dev fly doctor --state bot.db",
 ]))]
 pub struct DoctorArgs {
-    /// State store file to check (default: the bot's, found from the base URL
-    /// and token). It is opened if it exists, never created.
-    #[arg(long, value_name = "PATH")]
+    /// State store to check (default: the bot's file, found from the base URL
+    /// and token): a file, opened if it exists, never created; or a redis://
+    /// URL, which must answer.
+    #[arg(
+        long,
+        value_name = "PATH|URL",
+        env = "FLY_STATE",
+        hide_env_values = true
+    )]
     pub state: Option<PathBuf>,
 
     /// The local time to compare with the platform's clock (default: the clock).
@@ -851,13 +940,32 @@ pub struct DoctorArgs {
     "fly dead-letters --state bot.db --purge",
 ]))]
 pub struct DeadLettersArgs {
-    /// State store file (default: the bot's, found from the base URL and token).
-    #[arg(long, value_name = "PATH")]
+    /// State store file (default: the bot's, found from the base URL and
+    /// token), or a redis:// URL (which needs the token: a bot's keys are
+    /// found from it).
+    #[arg(
+        long,
+        value_name = "PATH|URL",
+        env = "FLY_STATE",
+        hide_env_values = true
+    )]
     pub state: Option<PathBuf>,
 
-    /// Remove every dead letter instead of listing them.
-    #[arg(long)]
+    /// Remove every dead letter instead of listing them (parked updates,
+    /// which are not handled, stay: drop them one by one with --drop).
+    #[arg(long, conflicts_with_all = ["retry", "drop"])]
     pub purge: bool,
+
+    /// Try this update again: a dead letter becomes parked, and poll-echo
+    /// or forward retry it at their next start (stop them first).
+    #[arg(long, value_name = "UPDATE_ID", conflicts_with = "drop")]
+    pub retry: Option<i64>,
+
+    /// Give up on this dead or parked update for good: forgotten, and a
+    /// parked one is marked handled so it is never answered (stop poll-echo
+    /// or forward first).
+    #[arg(long, value_name = "UPDATE_ID")]
+    pub drop: Option<i64>,
 
     #[command(flatten)]
     pub api: ApiArgs,

@@ -85,6 +85,7 @@ impl DownloadSink for PartFile<'_> {
     /// Starts writeback of the range without waiting for it: the final
     /// fsync then has little left to do, instead of writing the whole file
     /// after the transfer. Nothing to do when there is no fsync.
+    #[cfg(target_os = "linux")]
     fn written(&mut self, offset: u64, length: u64) {
         use std::os::fd::AsRawFd;
         if self.durability != Durability::Synced {
@@ -108,6 +109,10 @@ impl DownloadSink for PartFile<'_> {
             );
         }
     }
+
+    /// Elsewhere the final fsync does all the writing.
+    #[cfg(not(target_os = "linux"))]
+    fn written(&mut self, _offset: u64, _length: u64) {}
 }
 
 /// A sink that cannot be rewound, such as stdout.
@@ -131,8 +136,11 @@ impl<W: Write> DownloadSink for Stream<W> {
 /// Why a download failed for good.
 #[derive(Debug)]
 pub enum DownloadError {
-    /// The server or the network: expired URL, broken transfer, …
+    /// The server or the network: broken transfer, unexpected status, …
     Transfer(String),
+    /// 403/404: the URL expired or never existed. Asking again for the same
+    /// URL cannot help (a new access URL might).
+    Gone(String),
     /// Writing to the sink failed (disk full, the reader of a pipe went away).
     Sink(std::io::Error),
 }
@@ -140,7 +148,7 @@ pub enum DownloadError {
 impl std::fmt::Display for DownloadError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            DownloadError::Transfer(message) => f.write_str(message),
+            DownloadError::Transfer(message) | DownloadError::Gone(message) => f.write_str(message),
             DownloadError::Sink(_) => f.write_str("writing the download failed"),
         }
     }
@@ -150,7 +158,7 @@ impl std::error::Error for DownloadError {
     // The I/O error is the source, so a broken pipe is recognised as such.
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            DownloadError::Transfer(_) => None,
+            DownloadError::Transfer(_) | DownloadError::Gone(_) => None,
             DownloadError::Sink(error) => Some(error),
         }
     }
@@ -267,9 +275,9 @@ impl Transfer<'_> {
                 }
             }
             403 | 404 => {
-                return Err(fatal(format!(
+                return Err(AttemptError::Fatal(DownloadError::Gone(format!(
                     "access URL expired or unknown (HTTP {status})"
-                )));
+                ))));
             }
             status if status_is_transient(status) => {
                 let retry_after = response
@@ -689,16 +697,10 @@ fn remove_stale_part_files(dir: &Path, name: &OsStr) {
 /// Takes an exclusive flock on `file` without waiting: `Ok(false)` when
 /// another open file holds one.
 fn try_lock_exclusive(file: &File) -> std::io::Result<bool> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock only reads its integer arguments; the descriptor is
-    // valid while `file` is borrowed.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        return Ok(true);
-    }
-    let error = std::io::Error::last_os_error();
-    match error.kind() {
-        std::io::ErrorKind::WouldBlock => Ok(false),
-        _ => Err(error),
+    match file.try_lock() {
+        Ok(()) => Ok(true),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+        Err(std::fs::TryLockError::Error(error)) => Err(error),
     }
 }
 

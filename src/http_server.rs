@@ -45,39 +45,36 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// 128, so a burst of a few hundred clients (a platform redelivering after an
 /// outage, a load test) had SYNs dropped and retried a second later; the
 /// kernel caps this at net.core.somaxconn.
-const LISTEN_BACKLOG: libc::c_int = 1024;
+const LISTEN_BACKLOG: i32 = 1024;
 
 /// Binds a non-blocking listener (ready for tokio) and returns it with the
 /// address it got (`port` 0 picks a free one). Binding happens before any
 /// runtime starts, so "address in use" is reported as a plain error.
 pub fn bind(ip: IpAddr, port: u16) -> anyhow::Result<(std::net::TcpListener, SocketAddr)> {
+    use socket2::{Domain, Protocol, Socket, Type};
     let address = SocketAddr::new(ip, port);
-    let listener = std::net::TcpListener::bind(address)
-        .map_err(|error| anyhow!("cannot listen on {address}: {}", describe_io(&error)))?;
-    listener
+    let cannot_listen =
+        |error: std::io::Error| anyhow!("cannot listen on {address}: {}", describe_io(&error));
+    // As std's TcpListener::bind, with a longer backlog (socket2 is already
+    // built for tokio).
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )
+    .map_err(cannot_listen)?;
+    #[cfg(unix)]
+    socket.set_reuse_address(true).map_err(cannot_listen)?;
+    socket.bind(&address.into()).map_err(cannot_listen)?;
+    socket.listen(LISTEN_BACKLOG).map_err(cannot_listen)?;
+    socket
         .set_nonblocking(true)
         .context("configuring the listening socket")?;
-    widen_backlog(&listener);
+    let listener = std::net::TcpListener::from(socket);
     let local = listener
         .local_addr()
         .context("reading the listening address")?;
     Ok((listener, local))
-}
-
-/// Calling listen(2) again on a listening socket changes its backlog (Linux
-/// and the BSDs), which spares a socket-building dependency. If it fails the
-/// socket keeps std's backlog, which still works.
-fn widen_backlog(listener: &std::net::TcpListener) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: listen only reads its integer arguments; the descriptor is
-    // valid while `listener` is borrowed.
-    let result = unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) };
-    if result != 0 {
-        tracing::debug!(
-            "keeping the default listen backlog: {}",
-            std::io::Error::last_os_error()
-        );
-    }
 }
 
 /// An I/O error without the "(os error N)" suffix, for one-line messages.

@@ -2,10 +2,23 @@
 
 use std::io::IsTerminal;
 
-use tracing::level_filters::LevelFilter;
-use tracing_subscriber::EnvFilter;
+use std::fmt::Write as _;
 
-use crate::cli::LogFormat;
+use tracing::level_filters::LevelFilter;
+use tracing_subscriber::field::MakeExt;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::fmt::format::debug_fn;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Text for people: time, level, message, fields.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
 
 /// Default level is `info`; each `-v` adds detail, each `-q` removes it.
 ///
@@ -13,12 +26,19 @@ use crate::cli::LogFormat;
 /// status and latency, retry decisions); the libraries underneath (the HTTP
 /// client's state machine, TLS) say only warnings and errors until `-vvv`.
 pub fn init(format: LogFormat, verbose: u8, quiet: u8) {
-    let filter = EnvFilter::builder().parse_lossy(filter_directives(verbose, quiet));
+    let levels = Levels::of(verbose, quiet);
+    let filter = Targets::new()
+        .with_default(levels.libraries)
+        .with_target("fly", levels.fly)
+        .with_target("ureq", levels.client)
+        .with_target("ureq_proto", levels.client);
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // The builder's own filter (INFO by default) lets everything through
+        // to `filter`, which decides.
+        .with_max_level(LevelFilter::TRACE)
         // Colours only for a person at a terminal, never in files or pipes.
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
-        .with_env_filter(filter)
         // A log line that cannot be written (stderr piped into `head`, a
         // logger that died) is dropped: the default reports it with
         // `eprintln!`, which panics on that same broken stderr.
@@ -26,30 +46,95 @@ pub fn init(format: LogFormat, verbose: u8, quiet: u8) {
         .with_target(false);
     // A subscriber is only missing if one was set already (never, in the binary).
     let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        // One event, one line: a value from outside (a chat id, a text, a
+        // handler's stderr) cannot end the line and forge the next one, nor
+        // move the cursor or recolour the terminal.
+        LogFormat::Text => builder
+            .fmt_fields(
+                debug_fn(|writer, field, value| {
+                    let raw = format!("{value:?}");
+                    let text = escape_controls(&raw);
+                    if field.name() == "message" {
+                        writer.write_str(&text)
+                    } else {
+                        write!(writer, "{field}={text}")
+                    }
+                })
+                .delimited(" "),
+            )
+            .finish()
+            .with(filter)
+            .try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .finish()
+            .with(filter)
+            .try_init(),
     };
 }
 
-/// The filter for `-v`/`-q` counts: fly's own level, then the libraries'.
-fn filter_directives(verbose: u8, quiet: u8) -> String {
-    let level = match i16::from(verbose) - i16::from(quiet) {
-        i16::MIN..=-2 => LevelFilter::OFF,
-        -1 => LevelFilter::ERROR,
-        0 => LevelFilter::INFO,
-        1 => LevelFilter::DEBUG,
-        _ => LevelFilter::TRACE,
+/// `text` with every character that could break a log line or drive a
+/// terminal written as an escape: control characters (newline, ESC, NUL,
+/// DEL, C1), line and paragraph separators, and the bidirectional overrides
+/// that reorder what is shown. Everything else, Chinese included, stays
+/// as it is.
+fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    let needs_escape = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
     };
-    let libraries = if verbose >= 3 {
-        level
-    } else {
-        level.min(LevelFilter::WARN)
-    };
-    // The HTTP client's own trace level dumps every request in hex, the
-    // Authorization header with the bot token included; its debug level
-    // redacts it. So the client never logs below debug.
-    let client = libraries.min(LevelFilter::DEBUG);
-    format!("{libraries},fly={level},ureq={client},ureq_proto={client}")
+    if !text.chars().any(needs_escape) {
+        return text.into();
+    }
+    let mut escaped = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => escaped.push_str("\\n"),
+            '\r' => escaped.push_str("\\r"),
+            '\t' => escaped.push_str("\\t"),
+            c if needs_escape(c) => {
+                let _ = write!(escaped, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => escaped.push(c),
+        }
+    }
+    escaped.into()
+}
+
+/// The levels for `-v`/`-q` counts: fly's own, the libraries', and the
+/// HTTP client's.
+#[derive(Debug, PartialEq, Eq)]
+struct Levels {
+    fly: LevelFilter,
+    libraries: LevelFilter,
+    client: LevelFilter,
+}
+
+impl Levels {
+    fn of(verbose: u8, quiet: u8) -> Levels {
+        let fly = match i16::from(verbose) - i16::from(quiet) {
+            i16::MIN..=-2 => LevelFilter::OFF,
+            -1 => LevelFilter::ERROR,
+            0 => LevelFilter::INFO,
+            1 => LevelFilter::DEBUG,
+            _ => LevelFilter::TRACE,
+        };
+        let libraries = if verbose >= 3 {
+            fly
+        } else {
+            fly.min(LevelFilter::WARN)
+        };
+        // The HTTP client's own trace level dumps every request in hex, the
+        // Authorization header with the bot token included; its debug level
+        // redacts it. So the client never logs below debug.
+        let client = libraries.min(LevelFilter::DEBUG);
+        Levels {
+            fly,
+            libraries,
+            client,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -57,26 +142,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn control_characters_are_escaped_and_chinese_is_not() {
+        assert_eq!(escape_controls("你好 ok"), "你好 ok");
+        assert_eq!(
+            escape_controls("a\nINFO stopped\r\u{1b}[2J\0\u{7f}\u{9b}\u{202e}"),
+            "a\\nINFO stopped\\r\\u{1b}[2J\\u{0}\\u{7f}\\u{9b}\\u{202e}"
+        );
+    }
+
+    #[test]
     fn libraries_speak_up_only_at_vvv() {
-        assert_eq!(
-            filter_directives(0, 0),
-            "warn,fly=info,ureq=warn,ureq_proto=warn"
-        );
-        assert_eq!(
-            filter_directives(1, 0),
-            "warn,fly=debug,ureq=warn,ureq_proto=warn"
-        );
-        assert_eq!(
-            filter_directives(3, 0),
-            "trace,fly=trace,ureq=debug,ureq_proto=debug"
-        );
-        assert_eq!(
-            filter_directives(0, 1),
-            "error,fly=error,ureq=error,ureq_proto=error"
-        );
-        assert_eq!(
-            filter_directives(0, 2),
-            "off,fly=off,ureq=off,ureq_proto=off"
-        );
+        use LevelFilter as L;
+        let levels = |verbose, quiet| {
+            let Levels {
+                fly,
+                libraries,
+                client,
+            } = Levels::of(verbose, quiet);
+            (fly, libraries, client)
+        };
+        assert_eq!(levels(0, 0), (L::INFO, L::WARN, L::WARN));
+        assert_eq!(levels(1, 0), (L::DEBUG, L::WARN, L::WARN));
+        assert_eq!(levels(3, 0), (L::TRACE, L::TRACE, L::DEBUG));
+        assert_eq!(levels(0, 1), (L::ERROR, L::ERROR, L::ERROR));
+        assert_eq!(levels(0, 2), (L::OFF, L::OFF, L::OFF));
     }
 }

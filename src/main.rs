@@ -19,7 +19,7 @@ fn main() -> ExitCode {
     // The demo's output is its transcript; its service logs would only be noise.
     let quiet_by_default = u8::from(matches!(cli.command, cli::Command::Demo(_)));
     logging::init(
-        cli.global.log_format,
+        cli.global.log_format.into(),
         cli.global.verbose,
         cli.global.quiet.saturating_add(quiet_by_default),
     );

@@ -11,6 +11,11 @@ pub fn u64() -> u64 {
     })
 }
 
+/// A random number in [0, 1), for jitter.
+pub fn unit() -> f64 {
+    (u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// `bytes` random bytes as lowercase hex, for ids and nonces.
 pub fn hex_id(bytes: usize) -> String {
     let mut out = String::with_capacity(bytes * 2);

@@ -443,12 +443,20 @@ pub fn host_and_port(url: &str) -> String {
 /// Checks that `url` is an http(s) URL a request can be made to, so a typo
 /// is exit 2 at once rather than a request retried forever. `what` names it.
 pub fn check_http_url(url: &str, what: &str) -> anyhow::Result<()> {
-    let invalid = |why: &str| Err(usage(format!("{what} {why} (got {url:?})")));
+    match http_url_problem(url) {
+        Some(why) => Err(usage(format!("{what} {why} (got {url:?})"))),
+        None => Ok(()),
+    }
+}
+
+/// What makes `url` unusable as an http(s) URL, if anything: the one check
+/// behind every URL fly or its emulator is given.
+pub fn http_url_problem(url: &str) -> Option<&'static str> {
     if !(url.starts_with("http://") || url.starts_with("https://")) {
-        return invalid("must be an http:// or https:// URL");
+        return Some("must be an http:// or https:// URL");
     }
     let Ok(uri) = url.parse::<ureq::http::Uri>() else {
-        return invalid("is not a valid URL");
+        return Some("is not a valid URL");
     };
     match uri.authority() {
         Some(authority) if !authority.host().is_empty() => {
@@ -458,11 +466,11 @@ pub fn check_http_url(url: &str, what: &str) -> anyhow::Result<()> {
                 && !port.contains(']')
                 && !port.parse::<u16>().is_ok_and(|port| port > 0)
             {
-                return invalid("has a port outside 1-65535");
+                return Some("has a port outside 1-65535");
             }
-            Ok(())
+            None
         }
-        _ => invalid("has no host"),
+        _ => Some("has no host"),
     }
 }
 

@@ -10,7 +10,7 @@ use std::fmt;
 
 pub use client::{
     ApiClient, Probe, Received, check_base_url, check_http_url, describe_transport_error,
-    host_and_port,
+    host_and_port, http_url_problem,
 };
 pub use types::{Chat, Message, MessageData, SendRequest, Target, Unusable, Update};
 

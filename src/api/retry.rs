@@ -365,8 +365,7 @@ fn parse_retry_after_at(value: &str, now: std::time::SystemTime) -> Option<Durat
 
 /// A random number in `[0, 1)` for jitter.
 fn random_unit() -> f64 {
-    let bits = crate::random::u64() >> 11; // 53 significant bits
-    bits as f64 / (1u64 << 53) as f64
+    crate::random::unit()
 }
 
 #[cfg(test)]

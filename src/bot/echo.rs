@@ -5,10 +5,10 @@
 use std::path::PathBuf;
 
 use super::{HandleError, Handler, Outcome};
-use crate::api::media::is_media_type;
+use crate::api::media::{MediaUrl, is_media_type};
 use crate::api::retry::RetryPolicy;
 use crate::api::{ApiClient, Chat, Message, SendRequest, Update};
-use crate::download::{Durability, download, safe_file_name, save_atomically};
+use crate::download::{DownloadError, Durability, download, safe_file_name, save_atomically};
 use crate::shutdown::Shutdown;
 use indicatif::ProgressBar;
 
@@ -22,6 +22,10 @@ pub struct EchoHandler {
 }
 
 impl Handler for EchoHandler {
+    fn is_instant(&self, update: &Update) -> bool {
+        update.kind != "message"
+    }
+
     fn handle(&self, update: &Update) -> Result<Outcome, HandleError> {
         if update.kind != "message" {
             // Callbacks and other kinds: the examples' bot answers only messages.
@@ -86,7 +90,7 @@ impl EchoHandler {
                 tracing::warn!(update_id, url = %media.url, "the platform returned no access URL");
                 continue;
             };
-            let destination = dir.join(format!("{update_id}-{}", safe_file_name(&media.url)));
+            let destination = dir.join(media_file_name(update_id, media));
             save_atomically(&destination, true, Durability::Synced, |file| {
                 let progress = ProgressBar::hidden();
                 Ok(download(
@@ -100,7 +104,16 @@ impl EchoHandler {
                 )?)
             })
             .map_err(|error| {
-                HandleError::Retry(error.context(format!("downloading {}", media.url)))
+                let gone = matches!(
+                    error.downcast_ref::<DownloadError>(),
+                    Some(DownloadError::Gone(_))
+                );
+                let error = error.context(format!("downloading {}", media.url));
+                if gone {
+                    HandleError::Park(error)
+                } else {
+                    HandleError::Retry(error)
+                }
             })?;
             tracing::debug!(update_id, path = %destination.display(), "saved media");
             saved += 1;
@@ -118,5 +131,17 @@ impl EchoHandler {
             format!("fwd_{update_id}"),
         );
         self.send(&forward, Outcome::Forwarded)
+    }
+}
+
+/// `{update_id}-{name}` for the media, `{update_id}-thumb-{name}` for its
+/// preview: a message has at most one of each, so no file of an update
+/// overwrites another even when both URLs end in the same name.
+fn media_file_name(update_id: i64, media: &MediaUrl) -> String {
+    let name = safe_file_name(&media.url);
+    if media.is_thumbnail {
+        format!("{update_id}-thumb-{name}")
+    } else {
+        format!("{update_id}-{name}")
     }
 }

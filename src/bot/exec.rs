@@ -68,6 +68,11 @@ impl Handler for ExecHandler {
         children::kill_all();
     }
 
+    /// Only message updates run the handler.
+    fn is_instant(&self, update: &Update) -> bool {
+        update.message.is_none()
+    }
+
     fn handle(&self, update: &Update) -> Result<Outcome, HandleError> {
         let Some(message) = update.message.as_ref() else {
             return Ok(Outcome::Ignored);

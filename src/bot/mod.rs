@@ -28,9 +28,6 @@ pub enum Outcome {
     Delivered,
     /// Nothing to answer (a non-message update, a message without a chat, …).
     Ignored,
-    /// The platform refused the reply for good (4xx): retrying cannot help,
-    /// so the update is not allowed to block the ones after it.
-    Rejected,
 }
 
 impl Outcome {
@@ -41,7 +38,6 @@ impl Outcome {
             Outcome::Handled => "handled",
             Outcome::Delivered => "delivered",
             Outcome::Ignored => "ignored",
-            Outcome::Rejected => "rejected",
         }
     }
 }
@@ -55,6 +51,12 @@ pub enum HandleError {
     /// refused token, an `--exec` handler that cannot run). The update is
     /// not handled, so the run after the fix gets it again.
     Fatal(anyhow::Error),
+    /// This update failed in a way that retrying soon cannot fix (the
+    /// platform refused its reply with a 4xx, its media URL is gone): it is
+    /// parked at once (recorded, retried with a long backoff, its chat
+    /// waiting behind it) rather than retried in a tight loop. The webhook
+    /// receiver, which cannot retry by itself, records it as a dead letter.
+    Park(anyhow::Error),
     /// This update can never be handled (a message with no chat to answer):
     /// record it as a dead letter with this reason and confirm it, so it
     /// never blocks the updates after it.
@@ -63,15 +65,14 @@ pub enum HandleError {
 
 impl HandleError {
     /// Sorts an API failure: a refused token stops the service, a stop
-    /// request or an unavailable platform means "later", anything else is
-    /// reported by the caller as a rejection.
+    /// request or an unavailable platform means "later", a rejection parks
+    /// the update.
     pub fn from_api(error: ApiError) -> Result<Outcome, HandleError> {
         match error {
             ApiError::TokenRefused { .. } => Err(HandleError::Fatal(error.into())),
-            ApiError::Rejected { .. } => {
-                tracing::error!("reply rejected: {error}");
-                Ok(Outcome::Rejected)
-            }
+            ApiError::Rejected { .. } => Err(HandleError::Park(
+                anyhow::Error::from(error).context("the platform refused the reply"),
+            )),
             ApiError::Unavailable { .. } | ApiError::BadResponse { .. } | ApiError::Cancelled => {
                 Err(HandleError::Retry(error.into()))
             }
@@ -82,6 +83,14 @@ impl HandleError {
 /// Answers one update. Called from several threads at once (for different chats).
 pub trait Handler: Send + Sync {
     fn handle(&self, update: &Update) -> Result<Outcome, HandleError>;
+
+    /// Handling `update` needs no I/O and starts no process (there is
+    /// nothing to answer), so it cannot block and has no side effect: the
+    /// webhook receiver then handles it on its I/O thread rather than pay
+    /// the worker pool's two thread wake-ups, which cost more than the work.
+    fn is_instant(&self, _update: &Update) -> bool {
+        false
+    }
 
     /// fly is exiting and will not wait for handlers still running: end them
     /// now (failing their updates, so they are delivered again) and start no

@@ -512,6 +512,11 @@ impl Drop for Turn<'_> {
 }
 
 impl Handler for WorkerPool {
+    /// Only message updates go to a worker.
+    fn is_instant(&self, update: &Update) -> bool {
+        update.message.is_none()
+    }
+
     fn handle(&self, update: &Update) -> Result<Outcome, HandleError> {
         let Some(message) = update.message.as_ref() else {
             // Not a message: confirmed without a reply, as with --exec.

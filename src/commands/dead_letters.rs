@@ -1,5 +1,6 @@
 //! `fly dead-letters`: the updates poll-echo, forward and serve-webhook could
-//! never handle, as NDJSON on stdout (`--purge` empties the list).
+//! never handle (dead) or keep failing (parked), as NDJSON on stdout;
+//! `--retry ID` and `--drop ID` act on one, `--purge` forgets the dead ones.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -10,12 +11,18 @@ use serde_json::json;
 use crate::cli::DeadLettersArgs;
 use crate::commands::required_token;
 use crate::exit;
-use crate::state::{BotIdentity, SqliteStore, Store};
+use crate::state::{BotIdentity, RedisStore, SqliteStore, StateLocation, Store};
 
 pub fn run(args: DeadLettersArgs) -> anyhow::Result<ExitCode> {
-    let store = match args.state {
-        Some(path) => SqliteStore::open_existing(&path)?,
-        None => {
+    let store: Box<dyn Store> = match StateLocation::from_arg(args.state) {
+        // A bot's keys are found from its base URL and token.
+        StateLocation::Redis(url) => {
+            let token = required_token(&args.api)?;
+            let identity = BotIdentity::new(&args.api.base_url, &token);
+            Box::new(RedisStore::open(&url, &identity)?)
+        }
+        StateLocation::File(Some(path)) => Box::new(SqliteStore::open_existing(&path)?),
+        StateLocation::File(None) => {
             // The bot's default state file; looking never creates it.
             let token = required_token(&args.api)?;
             let identity = BotIdentity::new(&args.api.base_url, &token);
@@ -24,12 +31,44 @@ pub fn run(args: DeadLettersArgs) -> anyhow::Result<ExitCode> {
                 tracing::info!(state = %path.display(), "no state file yet: no dead letters");
                 return Ok(exit::code(exit::SUCCESS));
             }
-            SqliteStore::open(&path, &identity)?
+            Box::new(SqliteStore::open(&path, &identity)?)
         }
     };
+    if let Some(update_id) = args.retry.or(args.drop) {
+        // A running poller keeps parked updates in memory: changing them
+        // under it would be undone or, worse, half seen. Holding the
+        // polling lease (the file's lock) says none runs.
+        let _no_poller = store.claim_polling(None)?;
+        let letter = store
+            .dead_letters()?
+            .into_iter()
+            .find(|letter| letter.update_id == Some(update_id))
+            .ok_or_else(|| {
+                crate::exit::usage(format!("no dead letter or parked update {update_id}"))
+            })?;
+        if args.retry.is_some() {
+            store.park(
+                update_id,
+                &letter.raw,
+                "to be retried (fly dead-letters --retry)",
+            )?;
+            tracing::info!(
+                update_id,
+                "parked: poll-echo or forward tries it again when it next starts"
+            );
+        } else {
+            if letter.parked {
+                // Never answered: marked handled, so a poll cannot bring it back.
+                store.mark_handled(update_id, "dropped")?;
+            }
+            store.forget_dead_letter(update_id)?;
+            tracing::info!(update_id, "dropped");
+        }
+        return Ok(exit::code(exit::SUCCESS));
+    }
     if args.purge {
         let purged = store.purge_dead_letters()?;
-        tracing::info!(purged, state = %store.path().display(), "dead letters purged");
+        tracing::info!(purged, state = %store.location(), "dead letters purged");
         return Ok(exit::code(exit::SUCCESS));
     }
     let mut stdout = std::io::stdout().lock();
@@ -38,6 +77,7 @@ pub fn run(args: DeadLettersArgs) -> anyhow::Result<ExitCode> {
         // the update holds what only Python reads (NaN, a lone surrogate).
         let line = json!({
             "update_id": letter.update_id,
+            "state": if letter.parked { "parked" } else { "dead" },
             "reason": letter.reason,
             "recorded_at": letter.recorded_at,
             "raw": letter.raw,

@@ -23,7 +23,7 @@ use crate::state::{BotIdentity, SqliteStore};
 
 const DEMO_TOKEN: &str = "demo-token-not-secret";
 const IMAGE_URL: &str = "https://cdn.example/demo/cat.png";
-const THUMBNAIL_URL: &str = "https://cdn.example/demo/cat-thumb.png";
+const THUMBNAIL_URL: &str = "https://cdn.example/demo/thumbs/cat.png";
 
 /// Who says what in the demo: (chat type, chat id, speaker, msgType, data).
 fn conversation() -> Vec<(
@@ -101,6 +101,8 @@ pub fn run(_args: DemoArgs) -> anyhow::Result<ExitCode> {
         media_dir: Some(media_dir.clone()),
     };
     let settings = PollSettings {
+        max_attempts: 5,
+        park_retry_max: Duration::from_secs(300),
         limit: 50,
         poll_timeout: Duration::from_secs(1),
         concurrency: 1,

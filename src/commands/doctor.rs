@@ -19,7 +19,7 @@ use crate::api::{ApiClient, ApiError, Probe, Token, check_base_url};
 use crate::cli::{ApiArgs, DEFAULT_BASE_URL, DoctorArgs, UnixTime};
 use crate::commands::{configured_token, print_line, unix_time_now};
 use crate::exit::{self, usage};
-use crate::state::{BotIdentity, SqliteStore, Store};
+use crate::state::{BotIdentity, RedisStore, SqliteStore, StateLocation, Store};
 
 /// Signed updates further than this from the receiver's clock are refused
 /// (SPEC section 1, REPLAY_WINDOW_EXCEEDED).
@@ -264,6 +264,18 @@ fn check_clock(server_date: SystemTime, now: Option<UnixTime>) -> (Status, Strin
 /// exist yet is fine (the polling and webhook commands create it) and is
 /// not created here.
 fn check_state(identity: &BotIdentity, explicit: Option<PathBuf>) -> (Status, String) {
+    if let StateLocation::Redis(url) = StateLocation::from_arg(explicit.clone()) {
+        return match RedisStore::open(&url, identity).and_then(|store| {
+            let offset = store.next_offset()?;
+            Ok((store.location(), offset))
+        }) {
+            Ok((shown, offset)) => (
+                Status::Ok,
+                format!("{shown} answers (poll offset {offset})"),
+            ),
+            Err(error) => (Status::Fail, format!("{error:#}")),
+        };
+    }
     let given = explicit.is_some();
     let path = match explicit {
         Some(path) => path,

@@ -11,22 +11,31 @@ use crate::api::{ApiClient, check_http_url};
 use crate::bot::forward::ForwardHandler;
 use crate::bot::poll_loop::{self, PollSettings};
 use crate::cli::ForwardArgs;
-use crate::commands::{configured_token, required_token, signing_secret};
+use crate::commands::{configured_token, polling_store, required_token, signing_secret};
+use crate::delivery::Receiver;
 use crate::exit;
 use crate::shutdown::Shutdown;
-use crate::state::{BotIdentity, SqliteStore};
+use crate::state::BotIdentity;
 
 pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
     check_http_url(&args.to, "--to")?;
+    if args.to_ca.is_some() && !args.to.starts_with("https://") {
+        return Err(crate::exit::usage(
+            "--to-ca is for an https:// receiver; --to is plain http",
+        ));
+    }
     let token = required_token(&args.api)?;
     let secret = signing_secret(&args.secret, || configured_token(&args.api), "fly forward")?;
     let shutdown = Shutdown::on_signals(args.stop.grace)?;
     let client = ApiClient::new(&args.api.base_url, token.clone(), RetryPolicy::FOREVER)?
         .with_shutdown(shutdown.clone());
     let identity = BotIdentity::new(client.base_url(), &token);
-    let store = Arc::new(
-        SqliteStore::open_for(&identity, args.state)?.with_retention(args.retention.retention),
-    );
+    let store = polling_store(
+        &identity,
+        args.state,
+        args.retention.retention,
+        args.lease.lease,
+    )?;
     // What it does, before it does it: a developer sees at once which
     // receiver, which platform, and which secret to verify with.
     tracing::info!(
@@ -36,21 +45,36 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
         secret.source,
         args.bot_id
     );
+    let trusted = match &args.to_ca {
+        Some(path) => Some(crate::small_file::read_certificates(path, "--to-ca")?),
+        None => None,
+    };
     let handler = Arc::new(ForwardHandler::new(
-        args.to,
-        secret.value,
-        args.bot_id,
+        Receiver {
+            url: args.to,
+            secret: secret.value,
+            bot_id: args.bot_id,
+        },
+        trusted,
         shutdown.clone(),
     ));
     let settings = PollSettings {
+        max_attempts: args.park.max_attempts,
+        park_retry_max: args.park.park_retry_max,
         limit: 50,
         poll_timeout: Duration::from_secs(args.poll_timeout),
-        // A webhook receiver gets updates in order, as from the platform.
-        concurrency: 1,
+        // 1: the receiver gets updates in the platform's order.
+        concurrency: args.concurrency as usize,
         max_updates: None,
         once: false,
     };
     let summary = poll_loop::run(&client, store, handler, &settings, &shutdown)?;
-    tracing::info!(delivered = summary.handled, "stopped");
+    // Only 2xx answers end as handled; an update that could not be signed
+    // is a dead letter.
+    tracing::info!(
+        delivered = summary.handled,
+        dead_letters = summary.dead_letters,
+        "stopped"
+    );
     Ok(exit::code(exit::SUCCESS))
 }

@@ -28,6 +28,8 @@ use crate::api::{ApiClient, Token};
 use crate::cli::{ApiArgs, Command, SecretArgs, UnixTime};
 use crate::exit::usage;
 
+pub use crate::output::{print_line, write_stdout};
+
 pub fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Send(args) => send::run(args),
@@ -55,19 +57,8 @@ const MAX_CREDENTIAL_FILE_BYTES: u64 = 64 * 1024;
 /// read, is too large or holds only whitespace is a usage error naming `flag`.
 pub fn read_credential_file(path: &Path, flag: &str) -> anyhow::Result<String> {
     let shown = path.display();
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|file| {
-            file.take(MAX_CREDENTIAL_FILE_BYTES + 1)
-                .read_to_end(&mut bytes)
-        })
-        .map_err(|error| usage(format!("cannot read {flag} {shown}: {error}")))?;
-    if bytes.len() as u64 > MAX_CREDENTIAL_FILE_BYTES {
-        return Err(usage(format!(
-            "{flag} {shown} is larger than {} KiB: is it the right file?",
-            MAX_CREDENTIAL_FILE_BYTES / 1024
-        )));
-    }
+    let bytes = crate::small_file::read_small_file(path, MAX_CREDENTIAL_FILE_BYTES)
+        .map_err(|error| usage(error.message(flag, path)))?;
     let text =
         String::from_utf8(bytes).map_err(|_| usage(format!("{flag} {shown} is not UTF-8 text")))?;
     let trimmed = text.trim();
@@ -100,6 +91,18 @@ pub fn token_from(value: Option<&str>, file: Option<&Path>) -> anyhow::Result<Op
     if token.expose().chars().any(char::is_control) {
         return Err(usage(format!(
             "the bot token from {source} contains a line break or another control character"
+        )));
+    }
+    // What an Authorization header can carry; anything else would only be
+    // found out, and retried, at the first request.
+    if !token
+        .expose()
+        .chars()
+        .all(|c| c.is_ascii_graphic() || c == ' ')
+    {
+        return Err(usage(format!(
+            "the bot token from {source} contains characters an HTTP header cannot carry \
+             (only printable ASCII): is it the right token?"
         )));
     }
     Ok(Some(token))
@@ -209,16 +212,6 @@ pub fn read_input(name: &str) -> anyhow::Result<String> {
     Ok(text)
 }
 
-/// Prints one line on stdout and flushes it at once (a script may be waiting
-/// for it, e.g. the URL a server listens on).
-pub fn print_line(line: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{line}").context("writing to stdout")?;
-    stdout.flush().context("writing to stdout")?;
-    Ok(())
-}
-
 /// What answers updates: the `--exec` handler or the `--exec-worker`
 /// workers (`concurrency` of them) when one is given, else the echo (with
 /// the media round trip when `media_dir` is set).
@@ -265,10 +258,23 @@ pub fn signing_secret(
     }
 }
 
-/// Writes `bytes` to stdout and flushes them.
-pub fn write_stdout(bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut stdout = std::io::stdout().lock();
-    stdout.write_all(bytes)?;
-    stdout.flush()
+/// The state store of a polling command (poll-echo, forward): the SQLite
+/// file, or a Redis server shared with standby pollers (`--lease`).
+pub fn polling_store(
+    identity: &crate::state::BotIdentity,
+    state: Option<std::path::PathBuf>,
+    retention: std::time::Duration,
+    lease: std::time::Duration,
+) -> anyhow::Result<std::sync::Arc<dyn crate::state::Store>> {
+    use crate::state::{RedisStore, SqliteStore, StateLocation};
+    Ok(match StateLocation::from_arg(state) {
+        StateLocation::Redis(url) => std::sync::Arc::new(
+            RedisStore::open(&url, identity)?
+                .with_retention(retention)
+                .with_lease(lease),
+        ),
+        StateLocation::File(path) => {
+            std::sync::Arc::new(SqliteStore::open_for(identity, path)?.with_retention(retention))
+        }
+    })
 }

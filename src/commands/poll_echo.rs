@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -11,10 +10,10 @@ use crate::api::ApiClient;
 use crate::api::retry::RetryPolicy;
 use crate::bot::poll_loop::{self, PollSettings};
 use crate::cli::PollEchoArgs;
-use crate::commands::{reply_handler, required_token};
+use crate::commands::{polling_store, reply_handler, required_token};
 use crate::exit;
 use crate::shutdown::Shutdown;
-use crate::state::{BotIdentity, SqliteStore};
+use crate::state::BotIdentity;
 
 pub fn run(args: PollEchoArgs) -> anyhow::Result<ExitCode> {
     let token = required_token(&args.api)?;
@@ -28,11 +27,16 @@ pub fn run(args: PollEchoArgs) -> anyhow::Result<ExitCode> {
     let client =
         ApiClient::new(&args.api.base_url, token.clone(), policy)?.with_shutdown(shutdown.clone());
     let identity = BotIdentity::new(client.base_url(), &token);
-    let store = Arc::new(
-        SqliteStore::open_for(&identity, args.state)?.with_retention(args.retention.retention),
-    );
+    let store = polling_store(
+        &identity,
+        args.state,
+        args.retention.retention,
+        args.lease.lease,
+    )?;
     let media_dir = args.media_dir.map(prepare_media_dir).transpose()?;
     let settings = PollSettings {
+        max_attempts: args.park.max_attempts,
+        park_retry_max: args.park.park_retry_max,
         limit: args.limit,
         poll_timeout: Duration::from_secs(args.poll_timeout),
         concurrency: args.concurrency as usize,
@@ -41,7 +45,11 @@ pub fn run(args: PollEchoArgs) -> anyhow::Result<ExitCode> {
     };
     let handler = reply_handler(&args.exec, client.clone(), media_dir, settings.concurrency);
     let summary = poll_loop::run(&client, store, handler, &settings, &shutdown)?;
-    tracing::info!(handled = summary.handled, "stopped");
+    tracing::info!(
+        handled = summary.handled,
+        dead_letters = summary.dead_letters,
+        "stopped"
+    );
     Ok(exit::code(exit::SUCCESS))
 }
 

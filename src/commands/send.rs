@@ -54,6 +54,13 @@ fn build_request(args: SendArgs) -> anyhow::Result<SendRequest> {
             if content.trim().is_empty() {
                 return Err(usage("the message text is empty"));
             }
+            // Text has none; binary data piped in by mistake has.
+            if content.contains('\0') {
+                return Err(usage(
+                    "the message text contains NUL bytes: is it binary data? \
+                     (send files as media with --type and --data)",
+                ));
+            }
             MessageData::text(content.as_bytes())
         }
         (None, Some(_)) => {

@@ -10,7 +10,7 @@ use crate::cli::ServeWebhookArgs;
 use crate::commands::{configured_token, reply_handler, required_token, webhook_secrets};
 use crate::exit::{self, usage};
 use crate::shutdown::Shutdown;
-use crate::state::{BotIdentity, Front, SqliteStore, Store};
+use crate::state::{BotIdentity, Front, RedisStore, SqliteStore, StateLocation, Store};
 use crate::webhook::{self, TlsFiles, WebhookConfig};
 
 /// Replies are retried briefly: on failure the platform delivers the update
@@ -51,11 +51,19 @@ pub fn run(args: ServeWebhookArgs) -> anyhow::Result<ExitCode> {
     let state_path = args.state;
     let retention = args.retention.retention;
     let window = i64::try_from(args.window).unwrap_or(i64::MAX);
-    // Deliveries are answered from memory in front of the file, written by
-    // group commit (see state::front).
+    // A file: deliveries are answered from memory in front of it, written
+    // by group commit (see state::front). A Redis server: shared by every
+    // replica, asked on each delivery.
     let open_store = move || -> anyhow::Result<Arc<dyn Store>> {
-        let file = SqliteStore::open_for(&identity, state_path)?.with_retention(retention);
-        Ok(Arc::new(Front::open(file, window)?))
+        match StateLocation::from_arg(state_path) {
+            StateLocation::Redis(url) => Ok(Arc::new(
+                RedisStore::open(&url, &identity)?.with_retention(retention),
+            )),
+            StateLocation::File(path) => {
+                let file = SqliteStore::open_for(&identity, path)?.with_retention(retention);
+                Ok(Arc::new(Front::open(file, window)?))
+            }
+        }
     };
     let handler = reply_handler(&args.exec, client, None, args.concurrency as usize);
     let config = WebhookConfig {

@@ -61,11 +61,19 @@ pub async fn handle(shared: &Shared, path: &str, request: Request<Incoming>) -> 
     let method = request.method().clone();
     if method == Method::GET {
         return match call {
-            // The bodies as the bot sent them, byte for byte.
-            Call::Sent => json_text_response(
-                StatusCode::OK,
-                format!("{{\"sent\":[{}]}}", shared.lock().sent().join(",")),
-            ),
+            // The bodies as the bot sent them, byte for byte; and how many
+            // send requests came, repeats of a client_msg_id included.
+            Call::Sent => {
+                let state = shared.lock();
+                json_text_response(
+                    StatusCode::OK,
+                    format!(
+                        "{{\"sent\":[{}],\"attempts\":{}}}",
+                        state.sent().join(","),
+                        state.send_attempts()
+                    ),
+                )
+            }
             Call::Webhook => answer(shared.lock().webhook_report()),
             Call::Faults => answer(json!(shared.lock().faults)),
             _ => method_not_allowed(call.allowed_methods()),

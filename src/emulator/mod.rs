@@ -24,7 +24,6 @@ mod server;
 mod state;
 mod webhook;
 
-use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
@@ -146,11 +145,7 @@ pub fn run_until_signal(config: EmulatorConfig) -> anyhow::Result<()> {
     let shutdown = Shutdown::on_signals(crate::shutdown::DEFAULT_GRACE)?;
     let config_first_id = config.first_update_id;
     let emulator = Emulator::start(config)?;
-    let mut stdout = io::stdout().lock();
-    writeln!(stdout, "{}", emulator.base_url())
-        .and_then(|()| stdout.flush())
-        .context("writing the base URL to stdout")?;
-    drop(stdout);
+    crate::output::print_line(emulator.base_url()).context("writing the base URL")?;
     // How to play a user from another terminal, ready to copy.
     let say = if emulator.base_url() == DEFAULT_URL {
         "fly emulator say --chat u_1 hello".to_string()
@@ -284,7 +279,7 @@ mod tests {
         let mut response = ureq::get(&url).call().unwrap();
         assert_eq!(
             response.body_mut().read_to_string().unwrap(),
-            r#"{"sent":[]}"#
+            r#"{"sent":[],"attempts":0}"#
         );
         emulator.shutdown();
         assert!(ureq::get(&url).call().is_err());

@@ -224,7 +224,7 @@ impl WebhookRequest {
         let url = match object.get("url") {
             None => return Err("url is required (null turns webhook mode off)".into()),
             Some(Value::Null) => return Ok(WebhookRequest::Off),
-            Some(Value::String(url)) if is_http_url(url) => url.clone(),
+            Some(Value::String(url)) if crate::api::http_url_problem(url).is_none() => url.clone(),
             Some(_) => return Err("url must be an http:// or https:// URL, or null".into()),
         };
         let secret = match field(object, "secret") {
@@ -245,14 +245,6 @@ impl WebhookRequest {
             bot_id,
         })
     }
-}
-
-fn is_http_url(text: &str) -> bool {
-    let has_scheme = text.starts_with("http://") || text.starts_with("https://");
-    has_scheme
-        && text
-            .parse::<ureq::http::Uri>()
-            .is_ok_and(|uri| uri.host().is_some_and(|host| !host.is_empty()))
 }
 
 fn as_object(body: &Value) -> Result<&Map<String, Value>, Invalid> {

@@ -159,7 +159,13 @@ async fn bot_api(
     let authorized = token_accepted(shared, &request);
     let body = read_body(request, MAX_BOT_API_BODY).await;
 
-    let faults = shared.lock().faults.clone();
+    let faults = {
+        let mut state = shared.lock();
+        if matches!(endpoint, BotEndpoint::Send) {
+            state.count_send_attempt();
+        }
+        state.faults.clone()
+    };
     if faults.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
     }

@@ -89,6 +89,8 @@ pub struct EmulatorState {
     delivered: Vec<DeliveryRecord>,
     /// Accepted send bodies, as the bot sent them.
     sent: Vec<String>,
+    /// Send requests received, each retry and repeat included, accepted or not.
+    send_attempts: u64,
     send_results: HashMap<String, Value>,
     next_message_id: u64,
     media: HashMap<String, MediaContent>,
@@ -107,6 +109,7 @@ impl EmulatorState {
             webhook_queue: VecDeque::new(),
             delivered: Vec::new(),
             sent: Vec::new(),
+            send_attempts: 0,
             send_results: HashMap::new(),
             next_message_id: 1,
             media: HashMap::new(),
@@ -174,6 +177,16 @@ impl EmulatorState {
 
     pub fn sent(&self) -> &[String] {
         &self.sent
+    }
+
+    /// A send request arrived (before faults, the token check or parsing).
+    pub fn count_send_attempt(&mut self) {
+        self.send_attempts += 1;
+    }
+
+    /// Send requests received so far, retries and repeats included.
+    pub fn send_attempts(&self) -> u64 {
+        self.send_attempts
     }
 
     /// Makes `url` downloadable through batch_access (replacing earlier content).

@@ -11,17 +11,19 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use ureq::Agent;
-
 use super::Shared;
 use super::state::DeliveryJob;
-use crate::signature::sign_update_text;
+use crate::api::retry::{GaveUp, RetryPolicy};
+use crate::delivery::{self, ClientSettings, Deliverer};
 
-const FIRST_RETRY_DELAY: Duration = Duration::from_millis(50);
-const MAX_RETRY_DELAY: Duration = Duration::from_secs(2);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// A receiver that takes longer than this to answer counts as failed.
-const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The platform redelivers quickly at first: 50 ms after the first failure,
+/// doubling (with jitter) up to 2 s, until the receiver answers 2xx.
+const REDELIVERY: RetryPolicy = RetryPolicy {
+    max_attempts: None,
+    initial_delay: Duration::from_millis(50),
+    max_delay: Duration::from_secs(2),
+    budget: None,
+};
 /// The status recorded for an update that could not be signed and was given up.
 const UNSIGNABLE_STATUS: u16 = 0;
 
@@ -33,7 +35,13 @@ pub fn spawn_worker(shared: Arc<Shared>, wakeups: Receiver<()>) -> std::io::Resu
 }
 
 fn deliver_until_stopped(shared: &Shared, wakeups: &Receiver<()>) {
-    let agent = new_agent();
+    let deliverer = Deliverer::new(ClientSettings {
+        connect_timeout: Duration::from_secs(2),
+        // A receiver that takes longer than this to answer counts as failed.
+        answer_timeout: Duration::from_secs(10),
+        trusted: None,
+        user_agent: Some(concat!("fly-emulator/", env!("CARGO_PKG_VERSION"))),
+    });
     while !shared.is_stopping() {
         let Some(job) = shared.lock().next_delivery() else {
             // Nothing to deliver: sleep until a new update or a new configuration.
@@ -42,84 +50,60 @@ fn deliver_until_stopped(shared: &Shared, wakeups: &Receiver<()>) {
                 Err(_) => return,
             }
         };
-        let update_id = job.delivery.update_id;
-        match attempt(&agent, &job) {
-            Attempt::Delivered(status) => {
-                let attempts = job.delivery.failed_attempts + 1;
-                tracing::debug!(update_id, status, attempts, "webhook delivered");
-                shared.lock().finish_delivery(update_id, status, attempts);
-            }
-            Attempt::Unsignable(reason) => {
-                // Retrying cannot help, and the updates behind it must not wait forever.
-                tracing::error!(update_id, "webhook delivery abandoned: {reason}");
-                let attempts = job.delivery.failed_attempts + 1;
-                shared
-                    .lock()
-                    .finish_delivery(update_id, UNSIGNABLE_STATUS, attempts);
-            }
-            Attempt::Failed(reason) => {
-                let failures = shared.lock().note_failed_delivery(update_id);
-                let delay = retry_delay(failures);
-                if failures == 1 {
-                    tracing::warn!(
-                        update_id,
-                        "webhook delivery to {} failed: {reason}; retrying until it answers 2xx",
-                        job.target.url
-                    );
-                } else {
-                    tracing::debug!(update_id, failures, "webhook delivery failed: {reason}");
-                }
-                if !wait_before_retry(shared, wakeups, delay, job.generation) {
-                    return;
-                }
-            }
-        }
+        deliver(shared, wakeups, &deliverer, &job);
     }
 }
 
-enum Attempt {
-    /// The receiver answered with this 2xx status.
-    Delivered(u16),
-    /// A connection error or a non-2xx answer: try again later.
-    Failed(String),
-    /// The update cannot be signed exactly; it is given up.
-    Unsignable(String),
-}
-
-/// One signed POST.
-fn attempt(agent: &Agent, job: &DeliveryJob) -> Attempt {
-    let now = crate::state::unix_now();
-    let signed = match sign_update_text(
-        &job.delivery.update,
-        &job.target.secret,
-        &job.target.bot_id,
-        now,
-        &job.delivery.nonce,
-    ) {
-        Ok(signed) => signed,
-        Err(error) => return Attempt::Unsignable(format!("cannot sign the update: {error}")),
+/// Delivers `job` until a 2xx, the update proves unsignable, the webhook
+/// configuration changes (the caller takes the job again under the new
+/// one) or the emulator stops.
+fn deliver(shared: &Shared, wakeups: &Receiver<()>, deliverer: &Deliverer, job: &DeliveryJob) {
+    let update_id = job.delivery.update_id;
+    let receiver = delivery::Receiver {
+        url: job.target.url.clone(),
+        secret: job.target.secret.clone(),
+        bot_id: job.target.bot_id.clone(),
     };
-    let response = agent
-        .post(&job.target.url)
-        .header("Content-Type", "application/json")
-        .send(signed);
-    match response {
-        Ok(response) if response.status().is_success() => {
-            Attempt::Delivered(response.status().as_u16())
+    let failed = std::cell::Cell::new(job.delivery.failed_attempts);
+    let outcome = REDELIVERY.run(
+        |_| deliverer.attempt(&receiver, &job.delivery.update, &job.delivery.nonce),
+        |_, reason, _| {
+            let failures = shared.lock().note_failed_delivery(update_id);
+            failed.set(failed.get() + 1);
+            if failures == 1 {
+                tracing::warn!(
+                    update_id,
+                    "webhook delivery to {} failed: {reason}; retrying until it answers 2xx",
+                    receiver.url
+                );
+            } else {
+                tracing::debug!(update_id, failures, "webhook delivery failed: {reason}");
+            }
+        },
+        |delay| wait_before_retry(shared, wakeups, delay, job.generation),
+    );
+    let attempts = || failed.get() + 1;
+    match outcome {
+        Ok(status) => {
+            let attempts = attempts();
+            tracing::debug!(update_id, status, attempts, "webhook delivered");
+            shared.lock().finish_delivery(update_id, status, attempts);
         }
-        Ok(response) => Attempt::Failed(format!("HTTP {}", response.status().as_u16())),
-        Err(error) => Attempt::Failed(error.to_string()),
+        Err(GaveUp::Fatal(reason)) => {
+            // Retrying cannot help, and the updates behind it must not wait forever.
+            tracing::error!(update_id, "webhook delivery abandoned: {reason:#}");
+            let attempts = attempts();
+            shared
+                .lock()
+                .finish_delivery(update_id, UNSIGNABLE_STATUS, attempts);
+        }
+        // Stopping, or a new configuration: the caller's loop decides.
+        Err(GaveUp::Cancelled | GaveUp::Exhausted { .. }) => {}
     }
 }
 
-/// 50 ms after the first failure, doubling up to 2 s.
-fn retry_delay(failures: u32) -> Duration {
-    let doublings = failures.saturating_sub(1).min(16);
-    (FIRST_RETRY_DELAY * 2u32.pow(doublings)).min(MAX_RETRY_DELAY)
-}
-
-/// Waits `delay`, cut short by a new webhook configuration (try it at once);
-/// returns `false` when the emulator stops.
+/// Waits `delay`; `false` (stop retrying this job) when the emulator stops
+/// or the webhook configuration changes (the job is taken again under it).
 fn wait_before_retry(
     shared: &Shared,
     wakeups: &Receiver<()>,
@@ -131,37 +115,11 @@ fn wait_before_retry(
         let remaining = deadline.saturating_duration_since(Instant::now());
         match wakeups.recv_timeout(remaining) {
             Ok(()) if shared.is_stopping() => return false,
-            Ok(()) if shared.lock().webhook_generation() != generation => return true,
+            Ok(()) if shared.lock().webhook_generation() != generation => return false,
             // A new update: it queues behind the one being retried.
             Ok(()) => continue,
             Err(RecvTimeoutError::Timeout) => return true,
             Err(RecvTimeoutError::Disconnected) => return false,
         }
-    }
-}
-
-fn new_agent() -> Agent {
-    Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_connect(Some(CONNECT_TIMEOUT))
-        .timeout_global(Some(ATTEMPT_TIMEOUT))
-        // A local receiver is never reached through a proxy from the environment,
-        // and a redirect is not a delivery.
-        .proxy(None)
-        .max_redirects(0)
-        .user_agent(concat!("fly-emulator/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .new_agent()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retry_delays_double_up_to_two_seconds() {
-        let delays: Vec<u128> = (1..=8).map(|n| retry_delay(n).as_millis()).collect();
-        assert_eq!(delays, [50, 100, 200, 400, 800, 1600, 2000, 2000]);
-        assert_eq!(retry_delay(u32::MAX), MAX_RETRY_DELAY);
     }
 }

@@ -227,6 +227,11 @@ impl Store for Front {
         Ok(())
     }
 
+    /// Never waits: the mark is memory and a queued write.
+    fn try_mark_handled(&self, update_id: i64, outcome: &str) -> Option<anyhow::Result<()>> {
+        Some(self.mark_handled(update_id, outcome))
+    }
+
     fn check_nonce(
         &self,
         nonce: &str,
@@ -274,8 +279,23 @@ impl Store for Front {
         self.store.purge_dead_letters()
     }
 
-    fn claim_polling(&self) -> anyhow::Result<()> {
-        self.store.claim_polling()
+    fn park(&self, update_id: i64, raw: &str, reason: &str) -> anyhow::Result<()> {
+        self.store.park(update_id, raw, reason)
+    }
+
+    fn unpark(&self, update_id: i64) -> anyhow::Result<bool> {
+        self.store.unpark(update_id)
+    }
+
+    fn forget_dead_letter(&self, update_id: i64) -> anyhow::Result<bool> {
+        self.store.forget_dead_letter(update_id)
+    }
+
+    fn claim_polling(
+        &self,
+        standby: Option<&crate::shutdown::Shutdown>,
+    ) -> anyhow::Result<Option<super::PollingLease>> {
+        self.store.claim_polling(standby)
     }
 
     /// The slow path, on a blocking thread: memory first, then the file for

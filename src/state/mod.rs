@@ -10,24 +10,107 @@
 //!   answered from memory (`memory.rs`), writes are group-committed by a
 //!   writer thread (`group_commit.rs`), checkpoints and pruning happen off
 //!   the request path.
-//! - A store shared by several fly processes (Redis, issue 14) implements the
-//!   same trait; its atomic claims and expiring leases are then what keep two
-//!   replicas from handling one update twice, and two pollers from polling.
+//! - [`RedisStore`] (`redis.rs`): a Redis (or Valkey) server shared by
+//!   several fly processes on one bot (SPEC 4b). Its atomic claims and
+//!   expiring leases are what keep two webhook replicas from handling one
+//!   update twice, and two pollers from polling at once.
 
 mod front;
 mod group_commit;
 mod memory;
+mod redis;
 mod sqlite;
 
-use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::api::Token;
+use crate::shutdown::Shutdown;
 use crate::signature::sha256_hex;
+use crate::sync::lock;
 
+pub use self::redis::{DEFAULT_LEASE, RedisStore};
 pub use front::Front;
 pub use group_commit::Pending;
 pub use sqlite::SqliteStore;
+
+/// Where `--state` (`FLY_STATE`) says the state lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateLocation {
+    /// A SQLite file: the one given, else the bot's default path.
+    File(Option<PathBuf>),
+    /// A Redis or Valkey server, as a URL (which may hold a password: never
+    /// shown; see [`RedisStore::location`]).
+    Redis(String),
+}
+
+impl StateLocation {
+    /// `redis://`, `rediss://`, `redis+unix://` (and the `valkey` forms)
+    /// name a server; anything else is a file path.
+    pub fn from_arg(arg: Option<PathBuf>) -> StateLocation {
+        match arg {
+            Some(path) if is_server_url(&path) => {
+                StateLocation::Redis(path.to_string_lossy().into_owned())
+            }
+            other => StateLocation::File(other),
+        }
+    }
+}
+
+fn is_server_url(path: &Path) -> bool {
+    let Some(text) = path.to_str() else {
+        return false;
+    };
+    let lower = text.trim_start().to_ascii_lowercase();
+    [
+        "redis://",
+        "rediss://",
+        "redis+unix://",
+        "valkey://",
+        "valkeys://",
+        "valkey+unix://",
+    ]
+    .iter()
+    .any(|scheme| lower.starts_with(scheme))
+}
+
+/// The error of a store that could not be reached, or did not answer in
+/// time: nothing was decided, try again later (a webhook delivery is
+/// answered 503, a poller pauses). Find it with `error.downcast_ref`.
+#[derive(Debug)]
+pub struct Unavailable(pub String);
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unavailable {}
+
+/// The error of a fenced write by a poller that no longer holds the
+/// polling lease: another poller may have taken over, so nothing is written.
+#[derive(Debug)]
+pub struct LeaseLost;
+
+impl std::fmt::Display for LeaseLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("this fly no longer holds the polling lease")
+    }
+}
+
+impl std::error::Error for LeaseLost {}
+
+/// Whether `error` says the store is unreachable for now.
+pub fn is_unavailable(error: &anyhow::Error) -> bool {
+    error.downcast_ref::<Unavailable>().is_some()
+}
+
+/// Whether `error` says the polling lease is lost.
+pub fn is_lease_lost(error: &anyhow::Error) -> bool {
+    error.downcast_ref::<LeaseLost>().is_some()
+}
 
 /// How long handled update ids are kept when nothing else is said
 /// (`--retention`): far longer than any platform redelivers an update.
@@ -65,6 +148,13 @@ pub trait Store: Send + Sync {
     /// writer's next batch, milliseconds later: see there what a crash in
     /// between can lose.
     fn mark_handled(&self, update_id: i64, outcome: &str) -> anyhow::Result<()>;
+
+    /// [`Store::mark_handled`] if it can be done without waiting on disk or
+    /// network (in memory, the write queued), else `None`. Safe on an async
+    /// I/O thread.
+    fn try_mark_handled(&self, _update_id: i64, _outcome: &str) -> Option<anyhow::Result<()>> {
+        None
+    }
 
     // -- Webhook nonces ---------------------------------------------------
 
@@ -109,16 +199,37 @@ pub trait Store: Send + Sync {
     /// Every dead letter, oldest first.
     fn dead_letters(&self) -> anyhow::Result<Vec<DeadLetter>>;
 
-    /// Forgets every dead letter; returns how many there were.
+    /// Forgets every dead letter, parked updates excepted (they are not
+    /// handled: dropping one is `forget_dead_letter`); returns how many.
     fn purge_dead_letters(&self) -> anyhow::Result<usize>;
+
+    // -- Parked updates ---------------------------------------------------
+
+    /// Records `update_id` as parked, with its bytes and why (the last
+    /// error), or updates the reason of one parked already (a dead letter
+    /// of that id becomes parked: retried again). A parked update is not
+    /// handled; it is kept here so the offset may pass it, and retried.
+    /// Listed with the dead letters.
+    fn park(&self, update_id: i64, raw: &str, reason: &str) -> anyhow::Result<()>;
+
+    /// Forgets a parked update (handled at last); whether there was one.
+    fn unpark(&self, update_id: i64) -> anyhow::Result<bool>;
+
+    /// Forgets the dead or parked update `update_id`; whether there was one.
+    fn forget_dead_letter(&self, update_id: i64) -> anyhow::Result<bool>;
 
     // -- The polling lease ------------------------------------------------
 
-    /// Takes the polling lease, held until this process exits: two pollers
-    /// on one state would confirm each other's offsets and answer the same
-    /// updates. An error says who holds it. A backend whose lease expires
-    /// renews it while the process lives and fences `advance_offset` by it.
-    fn claim_polling(&self) -> anyhow::Result<()>;
+    /// Takes the polling lease: two pollers on one state would confirm each
+    /// other's offsets and answer the same updates. The SQLite file is
+    /// locked until this process exits, and a second poller is refused with
+    /// an error that says so. A shared store's lease expires: it is renewed
+    /// while the [`PollingLease`] lives and given back when it is dropped,
+    /// and `advance_offset` and `mark_handled` are fenced by it. With
+    /// `standby`, a poller that finds the lease held waits (logging once that
+    /// it stands by) until it can take it over, or until the stop is
+    /// requested (`None`); without, it is refused.
+    fn claim_polling(&self, standby: Option<&Shutdown>) -> anyhow::Result<Option<PollingLease>>;
 
     // -- Webhook deliveries -----------------------------------------------
 
@@ -162,6 +273,130 @@ pub trait Store: Send + Sync {
     /// Makes everything accepted so far durable (a clean stop).
     fn flush(&self) -> anyhow::Result<()> {
         Ok(())
+    }
+
+    /// Whether the store answered lately (`GET /readyz`), known without
+    /// waiting: a store on a server watches it in the background. Safe on
+    /// an async I/O thread.
+    fn is_reachable(&self) -> bool {
+        true
+    }
+}
+
+/// The right to poll, from [`Store::claim_polling`]. A lease that can expire
+/// (a shared store's) says when it is lost, and is given back when dropped,
+/// so that a standby takes over at once after a clean stop.
+pub struct PollingLease {
+    watch: Arc<LeaseWatch>,
+    give_back: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+/// What a [`PollingLease`] knows of itself; shared with whoever renews it.
+pub struct LeaseWatch {
+    state: Mutex<LeaseState>,
+}
+
+type LostListener = Box<dyn FnOnce() + Send>;
+
+struct LeaseState {
+    lost: bool,
+    /// Confirmed held at this moment, for this long after it (`None`: held
+    /// until the process exits).
+    confirmed: Option<(Instant, Duration)>,
+    listeners: Vec<LostListener>,
+}
+
+impl LeaseWatch {
+    fn new(confirmed: Option<(Instant, Duration)>) -> Arc<LeaseWatch> {
+        Arc::new(LeaseWatch {
+            state: Mutex::new(LeaseState {
+                lost: false,
+                confirmed,
+                listeners: Vec::new(),
+            }),
+        })
+    }
+
+    /// The lease was renewed by a call that started at `at`.
+    pub fn confirmed_at(&self, at: Instant) {
+        let mut state = lock(&self.state);
+        if let Some((last, _)) = state.confirmed.as_mut() {
+            *last = (*last).max(at);
+        }
+    }
+
+    /// Whether the lease has run out since its last confirmation.
+    pub fn expired(&self) -> bool {
+        let state = lock(&self.state);
+        state.lost
+            || state
+                .confirmed
+                .is_some_and(|(at, valid_for)| at.elapsed() >= valid_for)
+    }
+
+    /// The lease is gone: tells every listener, once.
+    pub fn lose(&self) {
+        let listeners = {
+            let mut state = lock(&self.state);
+            if state.lost {
+                return;
+            }
+            state.lost = true;
+            std::mem::take(&mut state.listeners)
+        };
+        for listener in listeners {
+            listener();
+        }
+    }
+}
+
+impl PollingLease {
+    /// A lease held until the process exits (a locked file).
+    pub fn until_exit() -> PollingLease {
+        PollingLease {
+            watch: LeaseWatch::new(None),
+            give_back: None,
+        }
+    }
+
+    /// A lease confirmed now for `valid_for`, renewed through `watch`;
+    /// `give_back` runs when it is dropped.
+    pub fn expiring(
+        valid_for: Duration,
+        confirmed_at: Instant,
+        give_back: impl FnOnce() + Send + Sync + 'static,
+    ) -> (PollingLease, Arc<LeaseWatch>) {
+        let watch = LeaseWatch::new(Some((confirmed_at, valid_for)));
+        let lease = PollingLease {
+            watch: Arc::clone(&watch),
+            give_back: Some(Box::new(give_back)),
+        };
+        (lease, watch)
+    }
+
+    /// Whether work may still be started under it: not lost, and confirmed
+    /// within the lease time.
+    pub fn is_current(&self) -> bool {
+        !self.watch.expired()
+    }
+
+    /// Calls `listener` once when the lease is lost (at once if it is).
+    pub fn when_lost(&self, listener: impl FnOnce() + Send + 'static) {
+        let mut state = lock(&self.watch.state);
+        if state.lost {
+            drop(state);
+            listener();
+        } else {
+            state.listeners.push(Box::new(listener));
+        }
+    }
+}
+
+impl Drop for PollingLease {
+    fn drop(&mut self) {
+        if let Some(give_back) = self.give_back.take() {
+            give_back();
+        }
     }
 }
 
@@ -218,31 +453,53 @@ pub struct DeadLetter {
     /// The update exactly as received.
     pub raw: String,
     pub recorded_at: i64,
+    /// Parked (still retried, not confirmed as handled) rather than dead.
+    pub parked: bool,
 }
 
-/// Which bot a state belongs to: the base URL and a fingerprint of the token
-/// (a prefix of its sha256, never the token itself).
+/// Which bot a state belongs to: the base URL (without credentials) and a
+/// fingerprint of the token, never the token itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BotIdentity {
     pub base_url: String,
     pub token_fingerprint: String,
+    /// The fingerprint fly wrote before 0.2 (a prefix of sha256(token), and
+    /// so of the default webhook secret): recognised in older state files,
+    /// which are then rewritten with `token_fingerprint`. Never stored anew.
+    legacy_fingerprint: String,
 }
+
+/// Keeps the fingerprint apart from every other hash of the token (the
+/// default webhook secret is sha256(token)): knowing it says nothing of them.
+const FINGERPRINT_DOMAIN: &str = "fly state: token fingerprint v2\n";
 
 impl BotIdentity {
     pub fn new(base_url: &str, token: &Token) -> BotIdentity {
+        let token = token.expose();
         BotIdentity {
-            base_url: base_url.trim().trim_end_matches('/').to_string(),
-            token_fingerprint: sha256_hex(token.expose().as_bytes())[..16].to_string(),
+            base_url: without_userinfo(base_url.trim().trim_end_matches('/')),
+            token_fingerprint: sha256_hex(format!("{FINGERPRINT_DOMAIN}{token}").as_bytes())[..16]
+                .to_string(),
+            legacy_fingerprint: sha256_hex(token.as_bytes())[..16].to_string(),
         }
+    }
+
+    /// Whether `stored` is this bot's fingerprint as an older fly wrote it.
+    pub fn is_legacy_fingerprint(&self, stored: &str) -> bool {
+        stored == self.legacy_fingerprint
     }
 
     /// A short stable key for file names.
     pub fn key(&self) -> String {
-        let joined = format!("{}\n{}", self.base_url, self.token_fingerprint);
-        sha256_hex(joined.as_bytes())[..16].to_string()
+        Self::key_of(&self.base_url, &self.token_fingerprint)
     }
 
-    /// `$XDG_STATE_HOME/fly/bot-<key>.db`, else `~/.local/state/fly/bot-<key>.db`.
+    fn key_of(base_url: &str, fingerprint: &str) -> String {
+        sha256_hex(format!("{base_url}\n{fingerprint}").as_bytes())[..16].to_string()
+    }
+
+    /// `$XDG_STATE_HOME/fly/bot-<key>.db`, else `~/.local/state/fly/bot-<key>.db`;
+    /// the file an older fly named there for this bot, if it exists.
     pub fn default_state_path(&self) -> anyhow::Result<PathBuf> {
         let base = match std::env::var_os("XDG_STATE_HOME").filter(|dir| !dir.is_empty()) {
             Some(dir) => PathBuf::from(dir),
@@ -255,7 +512,28 @@ impl BotIdentity {
                 }
             },
         };
-        Ok(base.join("fly").join(format!("bot-{}.db", self.key())))
+        let dir = base.join("fly");
+        let legacy = dir.join(format!(
+            "bot-{}.db",
+            Self::key_of(&self.base_url, &self.legacy_fingerprint)
+        ));
+        if legacy.is_file() {
+            return Ok(legacy);
+        }
+        Ok(dir.join(format!("bot-{}.db", self.key())))
+    }
+}
+
+/// `url` without `user:password@`: what may be stored, logged and shown.
+pub fn without_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rfind('@') {
+        Some(at) => format!("{scheme}://{}{path}", &authority[at + 1..]),
+        None => url.to_string(),
     }
 }
 
@@ -272,6 +550,28 @@ mod tests {
 
     fn identity(token: &str) -> BotIdentity {
         BotIdentity::new("http://127.0.0.1:8787/", &Token::new(token).unwrap())
+    }
+
+    #[test]
+    fn credentials_in_the_base_url_are_not_kept() {
+        let id = BotIdentity::new(
+            "https://user:PASS@api.example.com:8443/",
+            &Token::new("t").unwrap(),
+        );
+        assert_eq!(id.base_url, "https://api.example.com:8443");
+        assert_eq!(without_userinfo("http://a@b/c@d?e@f"), "http://b/c@d?e@f");
+        assert_eq!(without_userinfo("http://host/p"), "http://host/p");
+        assert_eq!(without_userinfo("not a url"), "not a url");
+    }
+
+    #[test]
+    fn the_fingerprint_is_no_prefix_of_the_default_secret() {
+        let token = Token::new("a-token").unwrap();
+        let id = BotIdentity::new("http://h", &token);
+        let default_secret = sha256_hex(b"a-token");
+        assert_eq!(id.token_fingerprint.len(), 16);
+        assert!(!default_secret.starts_with(&id.token_fingerprint));
+        assert!(id.is_legacy_fingerprint(&default_secret[..16]));
     }
 
     #[test]

@@ -33,7 +33,7 @@ use crate::sync::lock;
 
 /// "FLY1" in ASCII: marks a SQLite file as a fly state store.
 const APPLICATION_ID: i64 = 0x464C_5931;
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 /// Handled update ids kept below the current offset; older ones can never be
 /// delivered again (the platform only returns ids at or above the offset).
 const HANDLED_IDS_KEPT: i64 = 10_000;
@@ -72,6 +72,24 @@ const DEAD_LETTERS_SCHEMA: &str = "
         recorded_at INTEGER NOT NULL
     );
 ";
+
+/// Schema 4. A dead letter may be parked: an update that kept failing (or
+/// failed for good), recorded so the offset can pass it, and retried.
+fn upgrade_to_schema_4(transaction: &rusqlite::Transaction) -> rusqlite::Result<()> {
+    let has_column: bool = transaction.query_row(
+        "SELECT count(*) > 0 FROM pragma_table_info('dead_letters') WHERE name = 'parked'",
+        [],
+        |row| row.get(0),
+    )?;
+    if !has_column {
+        transaction.execute_batch(
+            "ALTER TABLE dead_letters ADD COLUMN parked INTEGER NOT NULL DEFAULT 0;",
+        )?;
+    }
+    transaction.execute_batch(
+        "CREATE INDEX IF NOT EXISTS dead_letters_by_update ON dead_letters (update_id);",
+    )
+}
 
 /// Schema 3. Handled ids are pruned by age (`--retention`), which
 /// serve-webhook (no offset) needs to keep its file bounded. Nonces are
@@ -117,9 +135,11 @@ impl SqliteStore {
     /// Opens (or creates) the store at `path` for `identity`.
     pub fn open(path: &Path, identity: &BotIdentity) -> anyhow::Result<SqliteStore> {
         if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
+            create_private_dir(dir)
                 .with_context(|| format!("creating the state directory {}", dir.display()))?;
         }
+        create_private_file(path)
+            .with_context(|| format!("creating the state file {}", path.display()))?;
         SqliteStore::open_file(path, Some(identity))
     }
 
@@ -144,6 +164,21 @@ impl SqliteStore {
         {
             return Err(crate::exit::usage(format!(
                 "state file {shown} is not a regular file"
+            )));
+        }
+        // SQLite would open it read-only and fail later, less clearly.
+        if let Err(error) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            && matches!(
+                error.kind(),
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+            )
+        {
+            return Err(crate::exit::usage(format!(
+                "state file {shown} is read-only ({error}): fly writes to it; \
+                 check its owner and permissions"
             )));
         }
         let connection =
@@ -204,17 +239,19 @@ impl SqliteStore {
     /// descriptor of the file, which is kept open: SQLite's own locks are
     /// fcntl locks, which flock does not touch.
     pub fn claim_exclusive(&self, doing: &str) -> anyhow::Result<()> {
-        use std::os::fd::AsRawFd;
         let file = std::fs::File::open(&self.path)
             .with_context(|| format!("opening the state file {}", self.path.display()))?;
-        // SAFETY: flock only reads its integer arguments; the descriptor is
-        // valid while `file` lives.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            bail!(
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => bail!(
                 "another fly process is already {doing} with the state file {}; \
                  stop it first, or pass another --state PATH",
                 self.path.display()
-            );
+            ),
+            Err(std::fs::TryLockError::Error(error)) => {
+                return Err(error)
+                    .with_context(|| format!("locking the state file {}", self.path.display()));
+            }
         }
         *lock(&self.exclusive_lock) = Some(file);
         Ok(())
@@ -242,6 +279,7 @@ impl SqliteStore {
             transaction.execute_batch(SCHEMA)?;
             transaction.execute_batch(DEAD_LETTERS_SCHEMA)?;
             transaction.execute_batch(SCHEMA_3)?;
+            upgrade_to_schema_4(&transaction)?;
             transaction.pragma_update(None, "application_id", APPLICATION_ID)?;
             transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             for (key, value) in [
@@ -272,8 +310,11 @@ impl SqliteStore {
             bail!("damaged fly state file (schema version {version})");
         } else if version < SCHEMA_VERSION {
             let transaction = connection.transaction()?;
-            transaction.execute_batch(DEAD_LETTERS_SCHEMA)?;
-            transaction.execute_batch(SCHEMA_3)?;
+            if version < 3 {
+                transaction.execute_batch(DEAD_LETTERS_SCHEMA)?;
+                transaction.execute_batch(SCHEMA_3)?;
+            }
+            upgrade_to_schema_4(&transaction)?;
             transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             transaction
                 .commit()
@@ -292,15 +333,28 @@ impl SqliteStore {
                 })
                 .optional()
         };
-        let stored_url = stored("base_url")?.unwrap_or_default();
+        let stored_url = super::without_userinfo(&stored("base_url")?.unwrap_or_default());
         let stored_fingerprint = stored("token_fingerprint")?.unwrap_or_default();
-        // The fingerprint itself is not shown: it is a prefix of the sha256
-        // of the token, and so of the default webhook secret.
+        // The fingerprint itself is not shown (an older fly's is a prefix of
+        // the sha256 of the token, and so of the default webhook secret).
         let other = if stored_url != identity.base_url {
             format!("the bot at {stored_url}")
-        } else if stored_fingerprint != identity.token_fingerprint {
+        } else if stored_fingerprint != identity.token_fingerprint
+            && !identity.is_legacy_fingerprint(&stored_fingerprint)
+        {
             "a bot with another token".to_string()
         } else {
+            // This bot's file: what an older fly stored (credentials in the
+            // URL, the undivided fingerprint) is written over once.
+            for (key, value) in [
+                ("base_url", identity.base_url.as_str()),
+                ("token_fingerprint", identity.token_fingerprint.as_str()),
+            ] {
+                connection.execute(
+                    "UPDATE meta SET value = ?2 WHERE key = ?1 AND value != ?2",
+                    params![key, value],
+                )?;
+            }
             return Ok(());
         };
         bail!("belongs to {other}; pass another --state PATH")
@@ -308,6 +362,30 @@ impl SqliteStore {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
         lock(&self.connection)
+    }
+}
+
+/// What fly keeps (handled updates with their text, dead letters) is for
+/// its user alone: directories it creates are 0700.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+/// Creates the state file 0600 if it is missing (SQLite would create it
+/// with the umask's 0644, and gives its log files the file's mode).
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(error) => Err(error),
     }
 }
 
@@ -467,8 +545,9 @@ impl Store for SqliteStore {
 
     fn dead_letters(&self) -> anyhow::Result<Vec<DeadLetter>> {
         let connection = self.lock();
-        let mut statement = connection
-            .prepare("SELECT update_id, reason, raw, recorded_at FROM dead_letters ORDER BY id")?;
+        let mut statement = connection.prepare(
+            "SELECT update_id, reason, raw, recorded_at, parked FROM dead_letters ORDER BY id",
+        )?;
         let letters = statement
             .query_map([], |row| {
                 Ok(DeadLetter {
@@ -476,6 +555,7 @@ impl Store for SqliteStore {
                     reason: row.get(1)?,
                     raw: row.get(2)?,
                     recorded_at: row.get(3)?,
+                    parked: row.get(4)?,
                 })
             })?
             .collect::<Result<Vec<_>, _>>()
@@ -485,12 +565,65 @@ impl Store for SqliteStore {
 
     fn purge_dead_letters(&self) -> anyhow::Result<usize> {
         self.lock()
-            .execute("DELETE FROM dead_letters", [])
+            .execute("DELETE FROM dead_letters WHERE parked = 0", [])
             .context("purging dead letters")
     }
 
-    fn claim_polling(&self) -> anyhow::Result<()> {
-        self.claim_exclusive("polling")
+    fn park(&self, update_id: i64, raw: &str, reason: &str) -> anyhow::Result<()> {
+        let connection = self.lock();
+        let updated = connection
+            .execute(
+                "UPDATE dead_letters SET reason = ?2, parked = 1 WHERE update_id = ?1",
+                params![update_id, reason],
+            )
+            .context("parking an update")?;
+        if updated == 0 {
+            connection
+                .execute(
+                    "INSERT INTO dead_letters \
+                     (update_id, reason, raw, raw_sha256, recorded_at, parked) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, 1)",
+                    params![
+                        update_id,
+                        reason,
+                        raw,
+                        sha256_hex(raw.as_bytes()),
+                        unix_now()
+                    ],
+                )
+                .context("parking an update")?;
+        }
+        Ok(())
+    }
+
+    fn unpark(&self, update_id: i64) -> anyhow::Result<bool> {
+        let removed = self
+            .lock()
+            .execute(
+                "DELETE FROM dead_letters WHERE update_id = ?1 AND parked = 1",
+                [update_id],
+            )
+            .context("unparking an update")?;
+        Ok(removed > 0)
+    }
+
+    fn forget_dead_letter(&self, update_id: i64) -> anyhow::Result<bool> {
+        let removed = self
+            .lock()
+            .execute("DELETE FROM dead_letters WHERE update_id = ?1", [update_id])
+            .context("removing a dead letter")?;
+        Ok(removed > 0)
+    }
+
+    /// The file is locked for this process alone: a second poller is
+    /// refused, standby or not (pollers on one machine share nothing a
+    /// standby could take over from; a shared store has standbys).
+    fn claim_polling(
+        &self,
+        _standby: Option<&crate::shutdown::Shutdown>,
+    ) -> anyhow::Result<Option<super::PollingLease>> {
+        self.claim_exclusive("polling")?;
+        Ok(Some(super::PollingLease::until_exit()))
     }
 }
 
@@ -914,6 +1047,57 @@ mod tests {
             let prefix = &sha256_hex(token.as_bytes())[..8];
             assert!(!message.contains(prefix), "{message}");
         }
+    }
+
+    /// A file an older fly wrote (the URL's credentials and the undivided
+    /// fingerprint stored) is this bot's still, and is rewritten without them.
+    #[test]
+    fn an_older_flys_file_is_recognised_and_cleaned() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        drop(SqliteStore::open(&path, &identity("t1")).unwrap());
+        let meta = |connection: &Connection, key: &str| -> String {
+            connection
+                .query_row("SELECT value FROM meta WHERE key = ?1", [key], |row| {
+                    row.get(0)
+                })
+                .unwrap()
+        };
+        {
+            let connection = Connection::open(&path).unwrap();
+            connection
+                .execute_batch(&format!(
+                    "UPDATE meta SET value = 'http://user:PASS@127.0.0.1:8787' WHERE key = 'base_url';
+                     UPDATE meta SET value = '{}' WHERE key = 'token_fingerprint';",
+                    &sha256_hex(b"t1")[..16]
+                ))
+                .unwrap();
+        }
+        let store = SqliteStore::open(&path, &identity("t1")).unwrap();
+        store.mark_handled(1, "replied").unwrap();
+        drop(store);
+        let connection = Connection::open(&path).unwrap();
+        assert_eq!(meta(&connection, "base_url"), "http://127.0.0.1:8787");
+        assert_eq!(
+            meta(&connection, "token_fingerprint"),
+            identity("t1").token_fingerprint
+        );
+        assert!(SqliteStore::open(&path, &identity("t2")).is_err());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn new_state_directories_and_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new/dir/s.db");
+        let store = SqliteStore::open(&path, &identity("t1")).unwrap();
+        store.mark_handled(1, "replied").unwrap();
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.path().join("new")), 0o700);
+        assert_eq!(mode(&dir.path().join("new/dir")), 0o700);
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&dir.path().join("new/dir/s.db-wal")), 0o600);
     }
 
     #[test]

@@ -8,11 +8,14 @@
 //! with another update (401), then the reply (200, or 500 so the platform
 //! delivers again). A fatal error (an `--exec` handler that cannot run, a
 //! refused token) is answered 500 too, and stops the server as a signal does,
-//! with the error as the process's one error line.
+//! with the error as the process's one error line. A shared state store
+//! (Redis) that is out of reach makes a delivery 503, and `GET /readyz` 503
+//! while `GET /healthz` stays 200.
 //!
 //! **The rule: no blocking call on the async I/O threads.** They parse,
 //! verify (microseconds of CPU) and ask the store only what it answers
-//! without waiting ([`Store::try_admit`]: memory, in front of SQLite).
+//! without waiting ([`Store::try_admit`]: memory, in front of SQLite; for
+//! Redis, only "it is down"; [`Store::is_reachable`] for `/readyz`).
 //! Everything that may wait on a disk, a network or a process (a store
 //! lookup memory cannot answer, the handler and its reply through the
 //! shared blocking HTTP client, a dead letter) runs on the bounded pool of
@@ -23,14 +26,17 @@
 mod receiver;
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use rustls_pki_types::PrivateKeyDer;
+use rustls_pki_types::pem::{PemObject, SectionKind};
 use tokio_rustls::TlsAcceptor;
 
 use crate::bot::Handler;
+use crate::exit::usage;
 use crate::http_server::{self, Limits};
 use crate::shutdown::{Shutdown, Stage};
 use crate::state::Store;
@@ -124,7 +130,7 @@ pub fn run_until_signal(
                 grace.as_secs_f64()
             );
         };
-        crate::commands::print_line(&url)?;
+        crate::output::print_line(&url)?;
         tracing::info!(%url, "receiving webhook deliveries");
         http_server::serve(
             listener,
@@ -204,37 +210,52 @@ const ANSWER_TIME: Duration = Duration::from_secs(1);
 const ABANDON_GRACE: Duration = Duration::from_secs(2);
 
 fn load_tls(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert_chain)
-        .and_then(|certificates| certificates.collect())
-        .map_err(|error| {
-            crate::exit::usage(format!(
-                "--tls-cert {}: {error}",
-                files.cert_chain.display()
-            ))
-        })?;
-    if chain.is_empty() {
-        return Err(crate::exit::usage(format!(
-            "--tls-cert {}: no certificate found",
-            files.cert_chain.display()
-        )));
-    }
-    let key = PrivateKeyDer::from_pem_file(&files.private_key).map_err(|error| {
-        crate::exit::usage(format!(
-            "--tls-key {}: {error}",
-            files.private_key.display()
-        ))
-    })?;
+    let chain = crate::small_file::read_certificates(&files.cert_chain, "--tls-cert")?;
+    let key = read_private_key(&files.private_key)?;
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
     let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .context("configuring TLS")?
         .with_no_client_auth()
         .with_single_cert(chain, key)
-        .map_err(|error| {
-            crate::exit::usage(format!("--tls-cert/--tls-key do not fit together: {error}"))
-        })?;
+        .map_err(|error| usage(format!("--tls-cert/--tls-key do not fit together: {error}")))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The private key of `--tls-key`, with a message that says what the file
+/// holds instead when it is not a usable key.
+fn read_private_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
+    let pem = crate::small_file::read_small_file(path, crate::small_file::MAX_PEM_FILE_BYTES)
+        .map_err(|error| usage(error.message("--tls-key", path)))?;
+    let shown = path.display();
+    let mut holds_certificate = false;
+    for block in <(SectionKind, Vec<u8>)>::pem_slice_iter(&pem) {
+        let (kind, _) =
+            block.map_err(|error| usage(format!("--tls-key {shown}: not valid PEM: {error}")))?;
+        match kind {
+            SectionKind::PrivateKey | SectionKind::RsaPrivateKey | SectionKind::EcPrivateKey => {
+                return PrivateKeyDer::from_pem_slice(&pem)
+                    .map_err(|error| usage(format!("--tls-key {shown}: {error}")));
+            }
+            SectionKind::Certificate => holds_certificate = true,
+            _ => {}
+        }
+    }
+    let text = String::from_utf8_lossy(&pem);
+    Err(usage(
+        if text.contains("ENCRYPTED PRIVATE KEY") || text.contains("Proc-Type: 4,ENCRYPTED") {
+            format!(
+                "--tls-key {shown} is encrypted: fly needs the key without a passphrase \
+                 (openssl pkey -in {shown} -out key.pem)"
+            )
+        } else if holds_certificate {
+            format!(
+                "--tls-key {shown} holds a certificate, not a private key: \
+                 give the certificate as --tls-cert and its key as --tls-key"
+            )
+        } else {
+            format!("--tls-key {shown}: no private key found (PEM, -----BEGIN PRIVATE KEY-----)")
+        },
+    ))
 }

@@ -9,7 +9,7 @@ use super::{FatalStop, WebhookConfig};
 use crate::api::Update;
 use crate::bot::{HandleError, Handler, record_dead_letter};
 use crate::signature::{Verdict, Verifier, json, python};
-use crate::state::{Admission, Claim, Delivery, Pending, Store, unix_now};
+use crate::state::{Admission, Claim, Delivery, Pending, Store, is_unavailable, unix_now};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -78,6 +78,15 @@ impl Receiver {
         let method = request.method();
         if path == "/healthz" && (method == Method::GET || method == Method::HEAD) {
             return reply(StatusCode::OK, "ok");
+        }
+        // Ready to take deliveries: the state store answers (a shared
+        // store's health is watched in the background; never waited for here).
+        if path == "/readyz" && (method == Method::GET || method == Method::HEAD) {
+            return if self.store.is_reachable() {
+                reply(StatusCode::OK, "ready")
+            } else {
+                reply(StatusCode::SERVICE_UNAVAILABLE, "STATE_STORE_UNAVAILABLE")
+            };
         }
         if path != self.path {
             return reply(StatusCode::NOT_FOUND, "NOT_FOUND");
@@ -234,6 +243,21 @@ impl Receiver {
         if let Err(error) = committed(wait).await {
             return store_failed(error);
         }
+        // Nothing to answer, and a store that marks in memory: done here.
+        // Should either say otherwise, the update takes the worker pool
+        // like any other (an instant handler has no side effect to repeat).
+        if self.handler.is_instant(&update)
+            && let Ok(outcome) = self.handler.handle(&update)
+            && let Some(marked) = self
+                .store
+                .try_mark_handled(update.update_id, outcome.as_str())
+        {
+            drop(claim);
+            return match marked {
+                Ok(()) => (StatusCode::OK, "OK"),
+                Err(error) => store_failed(error),
+            };
+        }
         let handler = Arc::clone(&self.handler);
         let store = Arc::clone(&self.store);
         let joined = tokio::task::spawn_blocking(move || -> Result<&'static str, HandleError> {
@@ -247,9 +271,17 @@ impl Receiver {
                         .map_err(HandleError::Retry)?;
                     Ok("OK")
                 }
-                // Accepted (200): delivering it again could not help.
+                // Accepted (200): delivering it again could not help. A
+                // rejected reply or media gone for good too: the platform's
+                // redeliveries would only meet the same refusal, and this
+                // server cannot retry later by itself (poll-echo parks it).
                 Err(HandleError::DeadLetter(reason)) => {
                     record_dead_letter(store.as_ref(), &update, &reason)
+                        .map_err(HandleError::Retry)?;
+                    Ok("DEAD_LETTER")
+                }
+                Err(HandleError::Park(error)) => {
+                    record_dead_letter(store.as_ref(), &update, &format!("{error:#}"))
                         .map_err(HandleError::Retry)?;
                     Ok("DEAD_LETTER")
                 }
@@ -259,8 +291,16 @@ impl Receiver {
         .await;
         match joined {
             Ok(Ok(answer)) => (StatusCode::OK, answer),
+            // Replied, but not recorded: the platform delivers again, and
+            // the repeated reply is absorbed by its client_msg_id.
+            Ok(Err(HandleError::Retry(error))) if is_unavailable(&error) => store_failed(error),
             Ok(Err(HandleError::Retry(error))) => {
                 tracing::error!("reply not sent, the platform will deliver again: {error:#}");
+                (StatusCode::INTERNAL_SERVER_ERROR, "REPLY_FAILED")
+            }
+            Ok(Err(HandleError::Park(error))) => {
+                // Recorded in the closure above; never returned from it.
+                tracing::error!("dead letter not recorded: {error:#}");
                 (StatusCode::INTERNAL_SERVER_ERROR, "REPLY_FAILED")
             }
             Ok(Err(HandleError::DeadLetter(reason))) => {
@@ -335,7 +375,13 @@ impl Drop for ClaimGuard {
     }
 }
 
+/// 503 while the store is out of reach (the outage is logged once, by the
+/// store), else 500: either way the platform delivers again.
 fn store_failed(error: anyhow::Error) -> (StatusCode, &'static str) {
+    if is_unavailable(&error) {
+        tracing::debug!("{error:#}");
+        return (StatusCode::SERVICE_UNAVAILABLE, "STATE_STORE_UNAVAILABLE");
+    }
     tracing::error!("state store: {error:#}");
     (StatusCode::INTERNAL_SERVER_ERROR, "STATE_STORE_FAILED")
 }

@@ -2,7 +2,9 @@
 //! suggestions, completions, the man page, credentials typed as flags, and
 //! what `-v` shows.
 
+use std::path::Path;
 use std::process::Command as StdCommand;
+use std::time::Duration;
 
 use clap::CommandFactory;
 
@@ -301,6 +303,40 @@ fn a_secret_file_signs_and_verifies_like_the_secret_in_it() {
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(0), "{}", stderr_of(&output));
+}
+
+/// A token file named by mistake is refused at once: a FIFO with no writer
+/// would block forever, a device would be read until memory runs out.
+#[test]
+fn a_token_file_that_is_not_a_small_regular_file_is_exit_2_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("token.fifo");
+    assert!(
+        StdCommand::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let large = dir.path().join("large.token");
+    std::fs::write(&large, vec![b'x'; 1024 * 1024]).unwrap();
+    for (file, says) in [
+        (Path::new("/dev/zero"), "is a device, not a regular file"),
+        (fifo.as_path(), "is a FIFO (named pipe), not a regular file"),
+        (dir.path(), "is a directory, not a regular file"),
+        (large.as_path(), "is larger than 64 KiB"),
+    ] {
+        let output = fly()
+            .args(["send", "--to", "u_1", "hi", "--token-file"])
+            .arg(file)
+            .env("FLY_BASE_URL", "http://127.0.0.1:9")
+            .timeout(Duration::from_secs(10))
+            .output()
+            .unwrap();
+        let stderr = usage_error(&output);
+        assert!(stderr.contains("--token-file"), "{stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+    }
 }
 
 #[test]

@@ -3,7 +3,10 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command as StdCommand, ExitStatus, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command as StdCommand, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use assert_cmd::Command;
@@ -179,6 +182,14 @@ impl Emulator {
             Value::Array(sent) => sent,
             other => panic!("unexpected /_emulator/sent: {other}"),
         }
+    }
+
+    /// How many send requests arrived, repeats of a client_msg_id and
+    /// refused ones included (`GET /_emulator/sent`'s `attempts`).
+    pub fn send_attempts(&self) -> u64 {
+        self.get("/_emulator/sent")["attempts"]
+            .as_u64()
+            .expect("attempts")
     }
 
     pub fn faults(&self, faults: Value) {
@@ -380,4 +391,91 @@ fn raw_http_server(mut answer: impl FnMut(&str) -> String + Send + 'static) -> S
         }
     });
     base_url
+}
+
+/// A long-running `fly` child (poll-echo, serve-webhook, forward) pointed at
+/// the emulator. Its stderr is collected as it comes; killed when dropped.
+pub struct Service {
+    pub child: Child,
+    stdout: BufReader<ChildStdout>,
+    log: Arc<Mutex<String>>,
+    collector: Option<JoinHandle<()>>,
+}
+
+impl Service {
+    pub fn start(emulator: &Emulator, args: &[&str]) -> Service {
+        let mut child = fly_child(&emulator.base_url)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let collector = std::thread::spawn({
+            let log = Arc::clone(&log);
+            move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    let mut log = log.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            }
+        });
+        Service {
+            child,
+            stdout,
+            log,
+            collector: Some(collector),
+        }
+    }
+
+    /// The first stdout line (serve-webhook's URL).
+    pub fn first_line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    }
+
+    /// stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits for the child to exit by itself; then its whole stderr is in `log`.
+    pub fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                if let Some(collector) = self.collector.take() {
+                    collector.join().unwrap();
+                }
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A self-signed certificate for localhost and 127.0.0.1 written to `dir`:
+/// (certificate path, key path, certificate PEM).
+pub fn write_certificate(dir: &Path) -> (PathBuf, PathBuf, String) {
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let cert_pem = certified.cert.pem();
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    std::fs::write(&cert, &cert_pem).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    (cert, key, cert_pem)
 }

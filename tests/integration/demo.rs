@@ -12,7 +12,7 @@ fn demo_plays_the_conversation_and_prints_the_transcript() {
         "alice (private u_alice)  › hello fly 👋",
         "bot → u_alice            ‹ echo: hello fly 👋",
         "bot → g_team             ‹ echo: 大家好，部署完成了吗？",
-        "‹ [image] forwarded back after saving 3-cat-thumb.png (4000 bytes), 3-cat.png (48000 bytes)",
+        "‹ [image] forwarded back after saving 3-cat.png (48000 bytes), 3-thumb-cat.png (4000 bytes)",
         "3 updates handled",
         // The hint ends with how to write to the bot without curl.
         "fly emulator say --chat u_me \"hello bot\"",

@@ -6,18 +6,15 @@
 //! Handlers are plain `sh` with `sed`/`tr`, so the tests need nothing else.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 use crate::common::{
-    Emulator, TOKEN, eventually, fly, fly_at, fly_child, free_port, live_members_of_group,
+    Emulator, Service, TOKEN, eventually, fly, fly_at, free_port, live_members_of_group,
     sign_update, stderr_of, wait_until,
 };
 
@@ -42,80 +39,6 @@ fn poll_once(
         .timeout(Duration::from_secs(15))
         .output()
         .unwrap()
-}
-
-/// A long-running `fly` child (poll-echo, serve-webhook, forward) pointed at
-/// the emulator. Its stderr is collected as it comes; killed when dropped.
-pub(crate) struct Service {
-    child: Child,
-    stdout: BufReader<ChildStdout>,
-    log: Arc<Mutex<String>>,
-    collector: Option<JoinHandle<()>>,
-}
-
-impl Service {
-    pub(crate) fn start(emulator: &Emulator, args: &[&str]) -> Service {
-        let mut child = fly_child(&emulator.base_url)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let collector = std::thread::spawn({
-            let log = Arc::clone(&log);
-            move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    let mut log = log.lock().unwrap();
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-            }
-        });
-        Service {
-            child,
-            stdout,
-            log,
-            collector: Some(collector),
-        }
-    }
-
-    /// The first stdout line (serve-webhook's URL).
-    pub(crate) fn first_line(&mut self) -> String {
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        line.trim().to_string()
-    }
-
-    /// stderr so far.
-    pub(crate) fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// Waits for the child to exit by itself; then its whole stderr is in `log`.
-    pub(crate) fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                if let Some(collector) = self.collector.take() {
-                    collector.join().unwrap();
-                }
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The text reply a handler's stdout becomes.

@@ -139,6 +139,107 @@ fn json_logs_have_one_object_per_handled_update() {
     assert!(handled[0]["latency_ms"].is_u64());
 }
 
+/// A chat id is the sender's to choose: one holding a newline and a fake log
+/// line, or terminal escapes, stays inside its own line of the text log.
+#[test]
+fn text_logs_cannot_be_forged_by_a_chat_id() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let forged = "u_1\n2026-01-01T00:00:00Z  INFO stopped\u{1b}[2J\u{1b}[31m";
+    emulator.user_says("private", forged, "hi");
+    let output = fly_at(&emulator)
+        .args(["poll-echo", "--once", "--state"])
+        .arg(dir.path().join("s.db"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    let log = stderr_of(&output);
+    assert!(!log.contains('\u{1b}'), "raw escape in the log: {log:?}");
+    assert!(
+        log.lines().all(|line| !line.starts_with("2026-01-01")),
+        "a forged line: {log}"
+    );
+    let handled: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("update handled"))
+        .collect();
+    assert_eq!(handled.len(), 1, "{log}");
+    assert!(
+        handled[0].contains(r"chat=private:u_1\n2026-01-01T00:00:00Z  INFO stopped\u{1b}[2J"),
+        "{log}"
+    );
+}
+
+/// Credentials in `FLY_BASE_URL` are used, never shown or kept: not in
+/// `--help`, not in the state file.
+#[test]
+fn a_password_in_the_base_url_is_not_shown_or_stored() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("s.db");
+    let with_password = emulator
+        .base_url
+        .replacen("http://", "http://user:PASSWORD_42@", 1);
+    for command in ["poll-echo", "send", "doctor", "forward"] {
+        let help = fly()
+            .env("FLY_BASE_URL", &with_password)
+            .args([command, "--help"])
+            .output()
+            .unwrap();
+        assert!(help.status.success());
+        let shown = String::from_utf8_lossy(&help.stdout);
+        assert!(!shown.contains("PASSWORD_42"), "{command} --help: {shown}");
+    }
+    emulator.user_says("private", "u_1", "hi");
+    let output = fly()
+        .env("FLY_BASE_URL", &with_password)
+        .env("FLY_BOT_TOKEN", TOKEN)
+        .args(["poll-echo", "--once", "--state"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    assert_eq!(emulator.sent().len(), 1);
+    assert!(!stderr_of(&output).contains("PASSWORD_42"));
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        assert!(!String::from_utf8_lossy(&bytes).contains("PASSWORD_42"));
+    }
+}
+
+/// A state file fly may not write is named as such, not as a foreign file.
+#[test]
+fn a_read_only_state_file_says_so() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("s.db");
+    assert!(poll_once(&emulator, &state).status.success());
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o444)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Root may write anything: the check runs as nobody when the tests do as root.
+    let root = String::from_utf8(Command::new("id").arg("-u").output().unwrap().stdout).unwrap();
+    let mut command = if root.trim() == "0" {
+        let mut setpriv = Command::new("setpriv");
+        setpriv.args(["--reuid=65534", "--regid=65534", "--clear-groups"]);
+        setpriv.arg(crate::common::fly_path());
+        setpriv
+    } else {
+        Command::new(crate::common::fly_path())
+    };
+    let output = command
+        .env("FLY_BASE_URL", &emulator.base_url)
+        .env("FLY_BOT_TOKEN", TOKEN)
+        .args(["poll-echo", "--once", "--state"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{}", stderr_of(&output));
+    let stderr = stderr_of(&output);
+    assert!(stderr.contains("is read-only"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
+
 /// 30% errors and 10% lost answers on every call: every update is answered,
 /// each exactly once.
 #[test]
@@ -293,7 +394,8 @@ fn media_round_trip_is_byte_exact_and_forwards_the_message() {
     let dir = tempfile::tempdir().unwrap();
     let media_dir = dir.path().join("media");
     let original = "https://cdn.example/u/photo.jpg?sig=abc";
-    let thumbnail = "https://cdn.example/u/thumb.jpg";
+    // Both URLs end in the same name: neither file may replace the other.
+    let thumbnail = "https://cdn.example/u/thumbs/photo.jpg";
     let size = 3 * 1024 * 1024 + 17;
     emulator.post("/_emulator/media", json!({"url": original, "size": size}));
     emulator.post("/_emulator/media", json!({"url": thumbnail, "size": 1000}));
@@ -315,7 +417,7 @@ fn media_round_trip_is_byte_exact_and_forwards_the_message() {
 
     let photo = std::fs::read(media_dir.join(format!("{update_id}-photo.jpg"))).unwrap();
     assert!(photo == media_pattern(size), "photo bytes differ");
-    let thumb = std::fs::read(media_dir.join(format!("{update_id}-thumb.jpg"))).unwrap();
+    let thumb = std::fs::read(media_dir.join(format!("{update_id}-thumb-photo.jpg"))).unwrap();
     assert_eq!(thumb, media_pattern(1000));
     assert_eq!(
         std::fs::read_dir(&media_dir).unwrap().count(),

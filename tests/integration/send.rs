@@ -165,6 +165,47 @@ fn a_token_with_a_line_break_is_exit_2() {
     assert!(emulator.sent().is_empty());
 }
 
+/// A token an Authorization header cannot carry (non-ASCII) is exit 2 at
+/// once, before any request, and is not shown.
+#[test]
+fn a_token_that_is_not_a_header_value_is_exit_2_at_once() {
+    let emulator = Emulator::start();
+    let output = fly()
+        .env("FLY_BASE_URL", &emulator.base_url)
+        .env("FLY_BOT_TOKEN", "tök-secret-ünicode")
+        .args(["send", "--to", "u", "hi"])
+        .timeout(std::time::Duration::from_secs(10))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = stderr_of(&output);
+    assert!(stderr.contains("HTTP header cannot carry"), "{stderr}");
+    assert!(!stderr.contains("secret"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        emulator.get("/_emulator/sent")["sent"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// Text piped from a binary by mistake (NUL bytes) is exit 2, not sent.
+#[test]
+fn text_with_nul_bytes_is_exit_2() {
+    let emulator = Emulator::start();
+    for text in ["\0\0\0", "hello\0world"] {
+        let output = fly_at(&emulator)
+            .args(["send", "--to", "u", "-"])
+            .write_stdin(text)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{}", stderr_of(&output));
+        assert!(stderr_of(&output).contains("NUL bytes"));
+    }
+    assert!(emulator.sent().is_empty());
+}
+
 /// A refused token: exit 1 at once (no retries), a message saying so, and the
 /// token in no output even at the most verbose log level.
 #[test]

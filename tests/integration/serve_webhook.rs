@@ -13,29 +13,40 @@ use serde_json::{Value, json};
 
 use crate::common::{
     Emulator, TOKEN, echo, eventually, fly, fly_child, live_members_of_group, sign_update,
-    stderr_of, wait_until,
+    stderr_of, wait_until, write_certificate,
 };
 
-const SECRET: &str = "hook-secret";
+pub(crate) const SECRET: &str = "hook-secret";
 const FIVE_MIB: usize = 5 * 1024 * 1024;
 
 /// A `fly serve-webhook --bind 127.0.0.1 --port 0` child, killed when dropped.
 /// Its stderr (the log) goes to a file, so a chatty server never blocks on a
 /// full pipe and a failing test can show what it said.
-struct Server {
-    child: Child,
+pub(crate) struct Server {
+    pub(crate) child: Child,
     _stdout: BufReader<ChildStdout>,
     /// The URL it printed: where deliveries go.
-    url: String,
+    pub(crate) url: String,
     /// `scheme://127.0.0.1:port`, for other paths.
-    origin: String,
+    pub(crate) origin: String,
     addr: SocketAddr,
     log: PathBuf,
 }
 
 impl Server {
     /// Serves in `dir` (state store `dir/s.db`) for the emulator at `base_url`.
-    fn start(base_url: &str, dir: &Path, extra: &[&str]) -> Server {
+    pub(crate) fn start(base_url: &str, dir: &Path, extra: &[&str]) -> Server {
+        Server::start_with_state(base_url, dir, dir.join("s.db").as_os_str(), extra)
+    }
+
+    /// Serves for the emulator at `base_url` with `--state state` (a file
+    /// or a server URL), its log in `dir`.
+    pub(crate) fn start_with_state(
+        base_url: &str,
+        dir: &Path,
+        state: &std::ffi::OsStr,
+        extra: &[&str],
+    ) -> Server {
         let log = tempfile::Builder::new()
             .prefix("serve-webhook-")
             .suffix(".log")
@@ -53,7 +64,7 @@ impl Server {
                 "0",
                 "--state",
             ])
-            .arg(dir.join("s.db"))
+            .arg(state)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -88,7 +99,7 @@ impl Server {
         }
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
@@ -122,13 +133,13 @@ impl Drop for Server {
 
 /// A status code, its body and the `Allow` header.
 #[derive(Debug, PartialEq)]
-struct Answer {
-    status: u16,
-    body: String,
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) body: String,
     allow: Option<String>,
 }
 
-fn answer(status: u16, body: &str) -> Answer {
+pub(crate) fn answer(status: u16, body: &str) -> Answer {
     Answer {
         status,
         body: body.to_string(),
@@ -136,7 +147,7 @@ fn answer(status: u16, body: &str) -> Answer {
     }
 }
 
-fn agent() -> ureq::Agent {
+pub(crate) fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(20)))
@@ -158,7 +169,7 @@ fn read(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Answer
     }
 }
 
-fn post_with(agent: &ureq::Agent, url: &str, body: &str) -> Answer {
+pub(crate) fn post_with(agent: &ureq::Agent, url: &str, body: &str) -> Answer {
     read(
         agent
             .post(url)
@@ -171,12 +182,12 @@ fn post(url: &str, body: &str) -> Answer {
     post_with(&agent(), url, body)
 }
 
-fn get(url: &str) -> Answer {
+pub(crate) fn get(url: &str) -> Answer {
     read(agent().get(url).call())
 }
 
 /// A text message update as the platform sends it (before signing).
-fn text_update(update_id: i64, chat: (&str, &str), text: &str) -> String {
+pub(crate) fn text_update(update_id: i64, chat: (&str, &str), text: &str) -> String {
     json!({
         "update_id": update_id,
         "type": "message",
@@ -715,11 +726,11 @@ fn five_hundred_stalled_connections_neither_block_healthz_nor_stay_open() {
     let still_open = lifetimes.iter().filter(|closed| closed.is_none()).count();
     assert_eq!(still_open, 0, "stalled connections left open for 6 s");
     let shortest = lifetimes.iter().flatten().min().copied().unwrap();
-    let longest = lifetimes.iter().flatten().max().copied().unwrap();
-    // Not before the 2 s header timeout, and every one of them soon after it.
+    // Not before the 2 s header timeout (and, above, every one of them
+    // within 6 s: no tighter upper bound, which a loaded machine could break).
     assert!(
-        shortest >= Duration::from_millis(1900) && longest <= Duration::from_secs(3),
-        "stalled connections lived {shortest:?} to {longest:?} (opening all took {connected:?})"
+        shortest >= Duration::from_millis(1900),
+        "stalled connections lived {shortest:?} at least (opening all took {connected:?})"
     );
     assert_eq!(
         get(&format!("{}/healthz", server.origin)),
@@ -734,7 +745,7 @@ fn five_hundred_stalled_connections_neither_block_healthz_nor_stay_open() {
 /// tests that need hundreds (a `fly sign` process each would be slow).
 /// `payload` is the message or callback_query as canonical JSON: keys
 /// sorted, no spaces.
-fn signed_here(update_id: i64, kind: &str, payload: &str, nonce: &str) -> String {
+pub(crate) fn signed_here(update_id: i64, kind: &str, payload: &str, nonce: &str) -> String {
     use hmac::{Hmac, KeyInit, Mac};
     let payload_sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(payload.as_bytes()));
     let timestamp = unix_now();
@@ -1099,17 +1110,6 @@ fn bad_usage_exits_2_with_one_error_line() {
 // ---------------------------------------------------------------------------
 // TLS
 
-fn write_certificate(dir: &Path) -> (PathBuf, PathBuf, String) {
-    let certified =
-        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    let cert_pem = certified.cert.pem();
-    let cert = dir.join("cert.pem");
-    let key = dir.join("key.pem");
-    std::fs::write(&cert, &cert_pem).unwrap();
-    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
-    (cert, key, cert_pem)
-}
-
 #[test]
 fn tls_serves_https_with_the_given_certificate() {
     let emulator = Emulator::start();
@@ -1228,6 +1228,92 @@ fn bad_tls_files_exit_2_with_one_error_line() {
         .output()
         .unwrap();
     assert_usage_error(&alone, "--tls-key");
+}
+
+/// Material that cannot serve is named at start, with what is wrong with it:
+/// no server that fails every handshake, no read that never ends.
+#[test]
+fn broken_tls_material_is_refused_at_start_saying_what_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, cert_pem) = write_certificate(dir.path());
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let broken_der = write(
+        "broken-der.pem",
+        &format!("{cert_pem}-----BEGIN CERTIFICATE-----\nAAAAAAAA\n-----END CERTIFICATE-----\n"),
+    );
+    let broken_base64 = write(
+        "broken-base64.pem",
+        &format!("{cert_pem}-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n"),
+    );
+    let unterminated = write(
+        "unterminated.pem",
+        &format!("{cert_pem}-----BEGIN CERTIFICATE-----\nAAAA\n"),
+    );
+    let encrypted = write(
+        "encrypted.pem",
+        "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIB\n-----END ENCRYPTED PRIVATE KEY-----\n",
+    );
+    let fifo = dir.path().join("fifo.pem");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let state = dir.path().join("s.db");
+    let serve = |cert: &Path, key: &Path| {
+        fly()
+            .args([
+                "serve-webhook",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--state",
+            ])
+            .arg(&state)
+            .arg("--tls-cert")
+            .arg(cert)
+            .arg("--tls-key")
+            .arg(key)
+            .env("FLY_BASE_URL", "http://127.0.0.1:9")
+            .env("FLY_BOT_TOKEN", TOKEN)
+            .timeout(Duration::from_secs(10))
+            .output()
+            .unwrap()
+    };
+    assert_usage_error(&serve(&broken_der, &key), "certificate 2 is broken");
+    assert_usage_error(
+        &serve(&broken_base64, &key),
+        "certificate 2 is not valid PEM",
+    );
+    assert_usage_error(
+        &serve(&unterminated, &key),
+        "certificate 2 is not valid PEM",
+    );
+    assert_usage_error(&serve(&cert, &encrypted), "is encrypted");
+    assert_usage_error(
+        &serve(&cert, &cert),
+        "holds a certificate, not a private key",
+    );
+    assert_usage_error(
+        &serve(&fifo, &key),
+        "is a FIFO (named pipe), not a regular file",
+    );
+    assert_usage_error(
+        &serve(&cert, &fifo),
+        "is a FIFO (named pipe), not a regular file",
+    );
+    let zero = Path::new("/dev/zero");
+    let urandom = Path::new("/dev/urandom");
+    assert_usage_error(&serve(zero, &key), "--tls-cert /dev/zero is a device");
+    assert_usage_error(&serve(&cert, urandom), "--tls-key /dev/urandom is a device");
+    assert!(!state.exists(), "a failed start leaves no state file");
 }
 
 // ---------------------------------------------------------------------------

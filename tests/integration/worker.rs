@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::common::{Emulator, fly_at, live_members_of_group, stderr_of, wait_until};
+use crate::common::{Emulator, Service, fly_at, live_members_of_group, stderr_of, wait_until};
 use crate::exec::{
-    Service, deliver, signal, signal_twice, signed_delivery, start_receiver_with, text_reply,
+    deliver, signal, signal_twice, signed_delivery, start_receiver_with, text_reply,
 };
 
 /// The text content of the update line in `$line` (ASCII without quotes is
@@ -318,6 +318,9 @@ fn a_worker_killed_with_kill_9_mid_run_is_restarted_and_every_message_answered_o
     assert_eq!(status.map(|s| s.code()), Some(Some(0)), "{}", service.log());
     let sent = emulator.sent();
     assert_each_answered_once(&sent, 150);
+    // Not even a repeat absorbed by its client_msg_id: a worker killed
+    // before it answered had sent nothing, one killed after had answered.
+    assert_eq!(emulator.send_attempts(), 150);
     let got: BTreeMap<String, Vec<String>> = expected
         .iter()
         .map(|(chat, texts)| {
@@ -374,6 +377,7 @@ fn a_worker_that_answers_garbage_or_hangs_is_replaced_and_its_update_retried() {
     assert_eq!(status.map(|s| s.code()), Some(Some(0)), "{log}");
     let sent = emulator.sent();
     assert_each_answered_once(&sent, texts.len());
+    assert_eq!(emulator.send_attempts(), texts.len() as u64);
     let replies: Vec<String> = texts.iter().map(|text| format!("got {text}")).collect();
     assert_eq!(replies_per_chat(&sent)["u_1"], replies);
     assert!(log.contains("broke the protocol"), "{log}");

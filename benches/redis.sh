@@ -1,0 +1,183 @@
+#!/usr/bin/env bash
+# Benchmark: distinct webhook updates per second through three
+# `fly serve-webhook` replicas sharing one Redis (SPEC 4b), against one
+# replica on its SQLite file, in the same run on the same machine.
+#
+# Every request is a new signed callback_query (its own update_id and random
+# nonce, pre-signed, as in benches/serve_webhook.sh's distinct mode): each
+# replica verifies it, admits it in one Redis script (handled? nonce? claim),
+# handles it (no reply for a callback_query) and marks it handled.
+#
+#   sqlite  wrk -t2 -c32 against the one replica
+#   redis   three wrk (-t1 -c11 each, 33 connections in all), one per replica,
+#           each on its own third of the bodies: the load balancer's share.
+#           requests/s is their sum, p99 the worst of the three.
+#
+# Then counts what was stored: every request must be one handled update.
+# Not a test: run it by hand, on a quiet machine.
+#
+#   bash benches/redis.sh [DURATION_SECS]   (10)
+#   BODIES=N  distinct bodies to sign up front (default 60000 per second)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${1:-10}
+BODIES=${BODIES:-$((DURATION * 60000))}
+if ! command -v wrk >/dev/null; then
+    (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null
+fi
+if ! command -v redis-server >/dev/null; then
+    (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null
+fi
+source benches/common.sh
+export FLY_BOT_TOKEN=bench-token FLY_WEBHOOK_SECRET=bench-secret
+start_emulator
+export FLY_BASE_URL=$EMULATOR_URL
+
+python3 - "$BODIES" "$FLY_WEBHOOK_SECRET" >"$WORK/bodies.ndjson" <<'PY'
+import hashlib, hmac, json, os, sys, time
+count, secret = int(sys.argv[1]), sys.argv[2].encode()
+now = int(time.time())
+out = sys.stdout
+for i in range(count):
+    update_id = 1_000_000 + i
+    payload = {"id": f"cb_{i}", "data": "approve", "from": {"id": f"u_{i % 100}"}}
+    canonical = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    nonce = os.urandom(16).hex()
+    signing = "\n".join([str(update_id), "callback_query", "bot_bench", str(now), nonce,
+                         hashlib.sha256(canonical.encode()).hexdigest()])
+    signature = hmac.new(secret, signing.encode(), hashlib.sha256).hexdigest()
+    out.write(json.dumps({"update_id": update_id, "type": "callback_query", "callback_query": payload,
+                          "bot": {"id": "bot_bench"}, "timestamp": now, "nonce": nonce,
+                          "signature": signature}, separators=(",", ":")) + "\n")
+PY
+head -3 "$WORK/bodies.ndjson" | "$FLY" verify-sig --lines >/dev/null
+
+# Each wrk thread takes its share of the bodies file: the lines n with
+# n % parts == part, where a process's part and parts come as script
+# arguments (one wrk per replica) and its threads split that share again.
+cat >"$WORK/distinct.lua" <<LUA
+local threads = {}
+local counter = 0
+function setup(thread)
+    thread:set("thread_index", counter)
+    counter = counter + 1
+    table.insert(threads, thread)
+end
+function init(args)
+    local part, parts = tonumber(args[1] or "0"), tonumber(args[2] or "1")
+    requests = {}
+    local n, mine = 0, 0
+    for line in io.lines("$WORK/bodies.ndjson") do
+        if n % parts == part then
+            if mine % THREADS == thread_index then
+                table.insert(requests, wrk.format("POST", nil, {["Content-Type"] = "application/json"}, line))
+            end
+            mine = mine + 1
+        end
+        n = n + 1
+    end
+    next_request = 1
+    wrapped = 0
+end
+function request()
+    local request = requests[next_request]
+    next_request = next_request + 1
+    if next_request > #requests then
+        next_request = 1
+        wrapped = wrapped + 1
+    end
+    return request
+end
+function done(summary, latency, requests)
+    local total = 0
+    for _, thread in ipairs(threads) do
+        total = total + thread:get("wrapped")
+    end
+    io.write(string.format("wrapped %d\n", total))
+end
+LUA
+
+run_wrk() { # url label threads connections part parts
+    sed "s/THREADS/$3/" "$WORK/distinct.lua" >"$WORK/$2.lua"
+    wrk -t"$3" -c"$4" -d"${DURATION}s" --latency -s "$WORK/$2.lua" "$1" -- "$5" "$6" >"$WORK/$2.wrk"
+}
+
+# requests/s, p99 in ms, non-2xx answers, repeated bodies of one wrk report.
+read_wrk() { # label
+    python3 - "$WORK/$1.wrk" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+def ms(value):
+    for unit, scale in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
+        if value.endswith(unit):
+            return float(value[: -len(unit)]) * scale
+    return float("nan")
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+p99 = ms(re.search(r"^\s+99%\s+(\S+)", text, re.M).group(1))
+bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+wrapped = re.search(r"^wrapped (\d+)", text, re.M)
+print(rps, p99, bad.group(1) if bad else 0, wrapped.group(1) if wrapped else 0)
+PY
+}
+
+start_replica() { # state label
+    "$FLY" -q serve-webhook --bind 127.0.0.1 --port 0 --state "$1" >"$WORK/$2.url" &
+    PIDS+=($!)
+    REPLICA_PIDS+=($!)
+    REPLICA_URL=$(wait_for_line "$WORK/$2.url")
+}
+
+stop_replicas() {
+    for pid in "${REPLICA_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+    REPLICA_PIDS=()
+}
+
+# --- one replica, SQLite
+REPLICA_PIDS=()
+start_replica "$WORK/sqlite.db" sqlite
+run_wrk "$REPLICA_URL" sqlite 2 32 0 1
+read -r sqlite_rps sqlite_p99 sqlite_bad sqlite_wrapped < <(read_wrk sqlite)
+stop_replicas
+sqlite_stored=$(python3 -c 'import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute("select count(*) from handled_updates").fetchone()[0])' "$WORK/sqlite.db")
+
+# --- three replicas, one Redis (loopback TCP, no persistence)
+REDIS_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$WORK" >"$WORK/redis.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.05; done
+urls=()
+for n in 0 1 2; do
+    start_replica "redis://127.0.0.1:$REDIS_PORT" "redis$n"
+    urls+=("$REPLICA_URL")
+done
+for n in 0 1 2; do
+    run_wrk "${urls[$n]}" "redis$n" 1 11 "$n" 3 &
+    WRK_PIDS+=($!)
+done
+wait "${WRK_PIDS[@]}"
+stop_replicas
+redis_stored=$(redis-cli -p "$REDIS_PORT" eval "return #redis.call('keys', ARGV[1])" 0 '*:handled:*')
+redis_rows=()
+for n in 0 1 2; do redis_rows+=("$(read_wrk "redis$n")"); done
+
+python3 - "$DURATION" "$sqlite_rps $sqlite_p99 $sqlite_bad $sqlite_wrapped $sqlite_stored" \
+    "$redis_stored" "${redis_rows[@]}" <<'PY'
+import sys
+duration = float(sys.argv[1])
+s_rps, s_p99, s_bad, s_wrapped, s_stored = sys.argv[2].split()
+redis_stored = int(sys.argv[3])
+parts = [row.split() for row in sys.argv[4:]]
+r_rps = sum(float(p[0]) for p in parts)
+r_p99 = max(float(p[1]) for p in parts)
+r_bad = sum(int(p[2]) for p in parts)
+r_wrapped = sum(int(p[3]) for p in parts)
+print(f"serve-webhook, distinct updates, {duration:.0f} s each")
+print(f"{'set-up':<32} {'updates/s':>10}   {'p99':>9}   {'non-2xx':>7}   {'stored':>8}")
+print(f"{'1 replica, SQLite file':<32} {float(s_rps):10.0f}   {float(s_p99):6.2f} ms   {s_bad:>7}   {s_stored:>8}")
+print(f"{'3 replicas, one Redis':<32} {r_rps:10.0f}   {r_p99:6.2f} ms   {r_bad:>7}   {redis_stored:>8}")
+per = ", ".join(f"{float(p[0]):.0f}/s p99 {float(p[1]):.2f} ms" for p in parts)
+print(f"  per replica: {per}")
+if int(s_wrapped) or r_wrapped:
+    print("warning: ran out of distinct bodies (repeats were sent); raise BODIES")
+print(f"3 replicas on Redis / 1 on SQLite: {r_rps / float(s_rps):.2f}x updates/s")
+PY

@@ -1,0 +1,136 @@
+//! A signed webhook delivery, as the platform makes it: the update signed
+//! (v1) afresh for each attempt, with a new timestamp and the update's own
+//! nonce, and POSTed to a receiver; anything but a 2xx is a failed attempt,
+//! retried by the caller with [`RetryPolicy::run`](crate::api::retry::RetryPolicy::run).
+//! `fly forward` delivers to your receiver this way, and the emulator's
+//! webhook mode is the platform doing it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::CertificateDer;
+use ureq::Agent;
+
+use crate::api::retry::AttemptError;
+use crate::api::{describe_transport_error, host_and_port};
+use crate::signature::sign_update_text;
+use crate::state::unix_now;
+
+/// Where deliveries go and how they are signed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Receiver {
+    pub url: String,
+    pub secret: String,
+    pub bot_id: String,
+}
+
+/// How the deliverer's HTTP client behaves.
+pub struct ClientSettings {
+    pub connect_timeout: Duration,
+    /// The longest a receiver gets to answer one delivery.
+    pub answer_timeout: Duration,
+    /// Certificates trusted for an https:// receiver instead of the
+    /// system's roots (`fly forward --to-ca`).
+    pub trusted: Option<Vec<CertificateDer<'static>>>,
+    pub user_agent: Option<&'static str>,
+}
+
+/// Makes signed deliveries; cheap to clone (the connection pool is shared).
+#[derive(Clone)]
+pub struct Deliverer {
+    agent: Agent,
+    answer_timeout: Duration,
+}
+
+impl Deliverer {
+    pub fn new(settings: ClientSettings) -> Deliverer {
+        let mut config = Agent::config_builder()
+            .http_status_as_error(false)
+            // A redirect is the receiver's answer, not a place to go:
+            // following it would turn the POST into a bodyless GET whose 2xx
+            // looks like a delivery.
+            .max_redirects(0)
+            // A receiver is reached directly, never through a proxy from
+            // the environment (most are on this machine or this network).
+            .proxy(None)
+            .timeout_connect(Some(settings.connect_timeout))
+            .timeout_global(Some(settings.answer_timeout));
+        if let Some(agent_name) = settings.user_agent {
+            config = config.user_agent(agent_name);
+        }
+        if let Some(certificates) = settings.trusted {
+            let roots = certificates
+                .iter()
+                .map(|certificate| ureq::tls::Certificate::from_der(certificate).to_owned())
+                .collect();
+            config = config.tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(ureq::tls::RootCerts::Specific(Arc::new(roots)))
+                    .build(),
+            );
+        }
+        Deliverer {
+            agent: config.build().new_agent(),
+            answer_timeout: settings.answer_timeout,
+        }
+    }
+
+    /// One attempt: `raw` (the update's JSON text) signed now with `nonce`
+    /// and POSTed. `Ok(status)` for a 2xx; a transient error, with the reason
+    /// in words, for anything else; fatal when the update cannot be signed
+    /// the way the platform's Python would (no retry can change that).
+    pub fn attempt(
+        &self,
+        receiver: &Receiver,
+        raw: &str,
+        nonce: &str,
+    ) -> Result<u16, AttemptError<anyhow::Error>> {
+        let signed = sign_update_text(raw, &receiver.secret, &receiver.bot_id, unix_now(), nonce)
+            .map_err(|error| {
+            AttemptError::Fatal(anyhow::anyhow!("cannot sign the update: {error}"))
+        })?;
+        let failed = |reason: String| AttemptError::Transient {
+            reason,
+            retry_after: None,
+        };
+        match self
+            .agent
+            .post(&receiver.url)
+            .header("Content-Type", "application/json")
+            .send(signed.as_bytes())
+        {
+            Ok(response) if response.status().is_success() => Ok(response.status().as_u16()),
+            Ok(response) => Err(failed(format!(
+                "the receiver answered HTTP {}",
+                response.status().as_u16()
+            ))),
+            Err(ureq::Error::Timeout(_)) => Err(failed(format!(
+                "the receiver did not answer within {}s",
+                self.answer_timeout.as_secs()
+            ))),
+            Err(error) => {
+                let described = describe_transport_error(&host_and_port(&receiver.url), &error);
+                Err(failed(if is_tls_failure(&error) {
+                    format!(
+                        "TLS with the receiver failed: {described} (a self-signed receiver? \
+                         trust its certificate with --to-ca FILE)"
+                    )
+                } else {
+                    format!("the receiver is unreachable: {described}")
+                }))
+            }
+        }
+    }
+}
+
+/// Whether the handshake failed (an untrusted certificate, most often),
+/// rather than the connection.
+fn is_tls_failure(error: &ureq::Error) -> bool {
+    match error {
+        ureq::Error::Rustls(_) | ureq::Error::Tls(_) => true,
+        ureq::Error::Io(io) => io
+            .get_ref()
+            .is_some_and(|inner| inner.is::<tokio_rustls::rustls::Error>()),
+        _ => false,
+    }
+}

@@ -1,0 +1,1369 @@
+//! The state shared by several fly processes on one bot: a Redis (or
+//! Valkey) server, through the `redis` crate's blocking client (SPEC 4b).
+//!
+//! - **Keys.** Every key of a bot starts with `fly:{bot-<key>}:`, where
+//!   `<key>` is the prefix of a sha256 of the base URL (without userinfo)
+//!   and the token's fingerprint, as in the SQLite file's name: never the
+//!   token, nor anything from which the default webhook secret could be
+//!   read. The braces make it a hash tag, so that a bot's keys share a slot.
+//!   `offset`, `poller` (the polling lease), `handled:<id>` (expire after
+//!   `--retention`), `nonce:<sha256 of the nonce>` (expire after twice the
+//!   replay window), `claim:<id>` (in-flight claims, which expire after
+//!   their lease), `dead` and `dead:order` (dead letters), `meta`.
+//! - **Atomic steps.** A webhook delivery is admitted in one Lua script
+//!   (handled? → nonce seen with another update? → claim), so that of two
+//!   replicas given the same update at once exactly one handles it. Claims
+//!   and the lease are `SET NX PX` with a random token; they are given back
+//!   and renewed by compare-and-set scripts, so a holder never touches a
+//!   claim or a lease that lapsed and was taken by another.
+//! - **Fencing.** While a poller holds the lease, its offset writes and
+//!   handled marks are scripts that first check the lease is still its
+//!   own: a poller that lost it (a pause longer than the lease, a network
+//!   partition) writes nothing, so the offset never goes back. The lease is
+//!   renewed every third of its time by a thread of its own; when renewals
+//!   fail for the whole lease time, or find it taken, the lease is lost and
+//!   the poll loop stands by again.
+//! - **Outages.** Every call has a connect, read and write timeout. A call
+//!   that fails for want of the server is an [`Unavailable`] error (503 for
+//!   a webhook delivery; a poller pauses); the first one of an outage is
+//!   logged, and so is the first success after it. A thread pings the server
+//!   every second (four times a second while it is down), so `GET /readyz`
+//!   follows the server even when no delivery comes, and while it is down a
+//!   delivery is answered 503 at once, without waiting for a timeout.
+//!   Nothing is marked handled unless the mark reached the server.
+//! - **No blocking on async threads.** `try_admit` answers only "unavailable"
+//!   (from memory); everything else runs on the caller's blocking thread,
+//!   and a claim given back from a drop (a client that disconnected) goes to
+//!   a thread of its own.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+use redis::{
+    Connection, ErrorKind, IntoConnectionInfo, RedisError, RedisResult, Script, ServerErrorKind,
+};
+use serde_json::json;
+
+use super::{
+    Admission, BotIdentity, Claim, DEFAULT_RETENTION, DeadLetter, Delivery, LeaseLost, LeaseWatch,
+    NonceCheck, Pending, PollingLease, Store, Unavailable, unix_now,
+};
+use crate::api::retry::RetryPolicy;
+use crate::shutdown::Shutdown;
+use crate::signature::sha256_hex;
+use crate::sync::lock;
+
+/// How long the polling lease lasts without renewal (`--lease`).
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+
+/// Connecting (TCP, TLS, AUTH, SELECT) gives up after this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// A call whose request cannot be written, or whose answer does not come,
+/// within this long fails (and its connection is dropped).
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// The health watch's ping fails after this long (its own connection).
+const PING_TIMEOUT: Duration = Duration::from_millis(500);
+/// The health watch pings this often while the server answers…
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+/// …and this often while it does not.
+const WATCH_EVERY_WHILE_DOWN: Duration = Duration::from_millis(250);
+/// Idle connections kept for the next calls.
+const IDLE_CONNECTIONS: usize = 64;
+/// A standby waiting for a server that is down tries again at most this late.
+const STANDBY_MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Admits a webhook delivery in one step. KEYS: handled, nonce, claim.
+/// ARGV: update key, whether there is a nonce ("1"/"0"), the nonce's TTL
+/// in seconds, the claim's token, the claim's lease in milliseconds.
+const ADMIT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 'duplicate' end
+if ARGV[2] == '1' then
+  local seen = redis.call('GET', KEYS[2])
+  if seen and seen ~= ARGV[1] then return 'nonce_reused' end
+  if not seen then redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3]) end
+end
+if redis.call('SET', KEYS[3], ARGV[4], 'NX', 'PX', ARGV[5]) then return 'admitted' end
+return 'in_progress'
+";
+
+/// The nonce check alone. KEYS: nonce. ARGV: update key, TTL in seconds.
+const CHECK_NONCE: &str = r"
+local seen = redis.call('GET', KEYS[1])
+if seen and seen ~= ARGV[1] then return 1 end
+if not seen then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
+return 0
+";
+
+/// Deletes a key if it holds the given token (a claim, the lease).
+const GIVE_BACK: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+/// Gives back every claim that still holds its token. KEYS: claims. ARGV:
+/// their tokens, in the same order.
+const GIVE_BACK_CLAIMS: &str = r"
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[i] then redis.call('DEL', key) end
+end
+return 0
+";
+
+/// Claims given back in one call at most: under load, what queued while
+/// the previous call was on its way.
+const RELEASE_BATCH: usize = 512;
+
+/// Renews the lease if it is still ours. KEYS: lease. ARGV: token, lease ms.
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+";
+
+/// Moves the offset forward, never back; fenced by the lease when a token
+/// is given. KEYS: lease, offset. ARGV: token (or ""), offset. Returns -1
+/// when the lease is not ours.
+const ADVANCE: &str = r"
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+local next = tonumber(ARGV[2])
+if next > current then redis.call('SET', KEYS[2], ARGV[2]) return 1 end
+return 0
+";
+
+/// Marks an update handled, fenced by the lease. KEYS: lease, handled.
+/// ARGV: token, outcome, TTL in seconds.
+const MARK_FENCED: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+return 1
+";
+
+/// Records a dead letter once per raw body. KEYS: dead, dead:order.
+/// ARGV: sha256 of the raw body, the letter as JSON.
+const RECORD_DEAD: &str = r"
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+";
+
+/// Every dead letter in order. KEYS: dead, dead:order.
+const LIST_DEAD: &str = r"
+local order = redis.call('LRANGE', KEYS[2], 0, -1)
+local letters = {}
+for i, sha in ipairs(order) do letters[i] = redis.call('HGET', KEYS[1], sha) or '' end
+return letters
+";
+
+/// Forgets every dead letter but the parked ones (not handled). KEYS:
+/// dead, dead:order.
+const PURGE_DEAD: &str = r"
+local count = 0
+for _, sha in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+  local letter = redis.call('HGET', KEYS[1], sha)
+  if not letter or not cjson.decode(letter).parked then
+    redis.call('HDEL', KEYS[1], sha)
+    redis.call('LREM', KEYS[2], 0, sha)
+    count = count + 1
+  end
+end
+return count
+";
+
+/// Records a parked update, or updates the one recorded with these bytes
+/// (a dead letter becomes parked). KEYS: dead, dead:order. ARGV: sha, letter.
+const PARK: &str = r"
+if redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+end
+return 1
+";
+
+/// Forgets the letters of update ARGV[1] (parked ones only when ARGV[2] is
+/// '1'); returns how many. KEYS: dead, dead:order.
+const FORGET_DEAD: &str = r"
+local count = 0
+for _, sha in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+  local letter = redis.call('HGET', KEYS[1], sha)
+  local decoded = letter and cjson.decode(letter)
+  if decoded and decoded.update_id ~= cjson.null
+    and string.format('%.0f', decoded.update_id) == ARGV[1]
+    and (ARGV[2] ~= '1' or decoded.parked) then
+    redis.call('HDEL', KEYS[1], sha)
+    redis.call('LREM', KEYS[2], 0, sha)
+    count = count + 1
+  end
+end
+return count
+";
+
+struct Scripts {
+    admit: Script,
+    check_nonce: Script,
+    give_back: Script,
+    give_back_claims: Script,
+    renew: Script,
+    advance: Script,
+    mark_fenced: Script,
+    record_dead: Script,
+    list_dead: Script,
+    purge_dead: Script,
+    park: Script,
+    forget_dead: Script,
+}
+
+impl Scripts {
+    fn new() -> Scripts {
+        Scripts {
+            admit: Script::new(ADMIT),
+            check_nonce: Script::new(CHECK_NONCE),
+            give_back: Script::new(GIVE_BACK),
+            give_back_claims: Script::new(GIVE_BACK_CLAIMS),
+            renew: Script::new(RENEW),
+            advance: Script::new(ADVANCE),
+            mark_fenced: Script::new(MARK_FENCED),
+            record_dead: Script::new(RECORD_DEAD),
+            list_dead: Script::new(LIST_DEAD),
+            purge_dead: Script::new(PURGE_DEAD),
+            park: Script::new(PARK),
+            forget_dead: Script::new(FORGET_DEAD),
+        }
+    }
+}
+
+/// The names of one bot's keys.
+#[derive(Clone)]
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn new(identity: &BotIdentity) -> Keys {
+        let joined = format!(
+            "{}\n{}",
+            without_userinfo(&identity.base_url),
+            identity.token_fingerprint
+        );
+        Keys {
+            prefix: format!("fly:{{bot-{}}}:", &sha256_hex(joined.as_bytes())[..16]),
+        }
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    fn handled(&self, update_id: i64) -> String {
+        format!("{}handled:{update_id}", self.prefix)
+    }
+
+    fn claim(&self, update_id: i64) -> String {
+        format!("{}claim:{update_id}", self.prefix)
+    }
+
+    /// Nonces are the platform's (any length once the signature holds):
+    /// keyed by their hash, so a key stays short.
+    fn nonce(&self, nonce: &str) -> String {
+        format!("{}nonce:{}", self.prefix, sha256_hex(nonce.as_bytes()))
+    }
+}
+
+/// `scheme://host:port/path` of a URL: userinfo, query and fragment (which
+/// may hold a password) left out.
+fn without_userinfo(url: &str) -> String {
+    let url = url.trim();
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "(not a URL)".to_string();
+    };
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    format!("{scheme}://{host}{path}")
+}
+
+/// Whether a failed call says the server is out of reach for now (down,
+/// slow, loading, failing over), rather than that the call was wrong.
+fn is_outage(error: &RedisError) -> bool {
+    error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || matches!(
+            error.kind(),
+            ErrorKind::Server(
+                ServerErrorKind::BusyLoading
+                    | ServerErrorKind::TryAgain
+                    | ServerErrorKind::ClusterDown
+                    | ServerErrorKind::MasterDown
+                    | ServerErrorKind::ReadOnly
+            )
+        )
+        || error.code() == Some("BUSY")
+}
+
+/// Whether the server answered lately, and when it stopped answering.
+struct Health {
+    up: AtomicBool,
+    down_since: Mutex<Option<Instant>>,
+}
+
+impl Health {
+    fn new() -> Health {
+        Health {
+            up: AtomicBool::new(true),
+            down_since: Mutex::new(None),
+        }
+    }
+
+    fn is_up(&self) -> bool {
+        self.up.load(Ordering::SeqCst)
+    }
+
+    /// A call succeeded: the end of an outage is logged once.
+    fn answered(&self, shown: &str) {
+        if self.is_up() {
+            return;
+        }
+        let mut since = lock(&self.down_since);
+        if let Some(at) = since.take() {
+            self.up.store(true, Ordering::SeqCst);
+            tracing::info!(
+                "state store {shown} answers again (after {:.1} s)",
+                at.elapsed().as_secs_f64()
+            );
+        }
+    }
+
+    /// A call failed for want of the server: the start of an outage is
+    /// logged once.
+    fn failed(&self, shown: &str, error: &RedisError) {
+        let mut since = lock(&self.down_since);
+        if since.is_none() {
+            *since = Some(Instant::now());
+            self.up.store(false, Ordering::SeqCst);
+            tracing::warn!(
+                "state store {shown} unreachable ({error}): webhook deliveries are answered \
+                 503 and polling pauses meanwhile"
+            );
+        }
+    }
+}
+
+/// A flag threads wait on: set once, to stop them.
+struct StopFlag {
+    set: Mutex<bool>,
+    changed: Condvar,
+}
+
+impl StopFlag {
+    fn new() -> Arc<StopFlag> {
+        Arc::new(StopFlag {
+            set: Mutex::new(false),
+            changed: Condvar::new(),
+        })
+    }
+
+    fn set(&self) {
+        *lock(&self.set) = true;
+        self.changed.notify_all();
+    }
+
+    /// Waits `timeout`, or less if the flag is set; returns whether it is.
+    fn wait(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut set = lock(&self.set);
+        while !*set {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            set = self
+                .changed
+                .wait_timeout(set, deadline - now)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        *set
+    }
+}
+
+/// The connections, shared with the store's threads.
+struct Core {
+    client: redis::Client,
+    /// The server's URL without credentials, for log lines and errors.
+    shown: String,
+    idle: Mutex<Vec<Connection>>,
+    health: Health,
+    scripts: Scripts,
+}
+
+impl Core {
+    fn connect(&self) -> RedisResult<Connection> {
+        let connection = self.client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+        connection.set_read_timeout(Some(CALL_TIMEOUT))?;
+        connection.set_write_timeout(Some(CALL_TIMEOUT))?;
+        Ok(connection)
+    }
+
+    /// Runs `call` on an idle connection (or a new one). A connection that
+    /// the server closed since its last use (a restart, an idle timeout) is
+    /// replaced and the call made once more: its request never reached a
+    /// server that could act on it. Timeouts are not retried.
+    fn call<T>(&self, call: impl Fn(&mut Connection) -> RedisResult<T>) -> anyhow::Result<T> {
+        let idle = lock(&self.idle).pop();
+        let reused = idle.is_some();
+        let mut connection = match idle {
+            Some(connection) => connection,
+            None => self.connect().map_err(|error| self.failed(error))?,
+        };
+        let mut result = call(&mut connection);
+        if reused
+            && let Err(error) = &result
+            && error.is_connection_dropped()
+            && !error.is_timeout()
+        {
+            connection = self.connect().map_err(|error| self.failed(error))?;
+            result = call(&mut connection);
+        }
+        match result {
+            Ok(value) => {
+                self.keep(connection);
+                self.health.answered(&self.shown);
+                Ok(value)
+            }
+            Err(error) => {
+                // After a server's error reply the connection is in step;
+                // after anything else it may not be.
+                if matches!(error.kind(), ErrorKind::Server(_) | ErrorKind::Extension) {
+                    self.keep(connection);
+                }
+                Err(self.failed(error))
+            }
+        }
+    }
+
+    fn keep(&self, connection: Connection) {
+        let mut idle = lock(&self.idle);
+        if idle.len() < IDLE_CONNECTIONS {
+            idle.push(connection);
+        }
+    }
+
+    fn failed(&self, error: RedisError) -> anyhow::Error {
+        if is_outage(&error) {
+            self.health.failed(&self.shown, &error);
+            anyhow::Error::new(Unavailable(format!(
+                "state store {} unreachable: {error}",
+                self.shown
+            )))
+        } else {
+            anyhow!("state store {}: {error}", self.shown)
+        }
+    }
+
+    fn give_back(&self, key: &str, token: &str) -> anyhow::Result<()> {
+        self.call(|connection| {
+            self.scripts
+                .give_back
+                .key(key)
+                .arg(token)
+                .invoke::<i64>(connection)
+        })
+        .map(drop)
+    }
+}
+
+/// The polling lease this process holds: the token its writes are fenced by.
+struct Fence {
+    token: String,
+    watch: Arc<LeaseWatch>,
+}
+
+pub struct RedisStore {
+    core: Arc<Core>,
+    keys: Keys,
+    retention: Duration,
+    lease_time: Duration,
+    fence: Arc<Mutex<Option<Fence>>>,
+    /// Claims given back by a thread of their own (see `release_update`).
+    releases: Option<mpsc::Sender<(i64, u64)>>,
+    /// Stops the health watch when the store is dropped.
+    stop: Arc<StopFlag>,
+}
+
+impl RedisStore {
+    /// Forgets the dead letters of `update_id` (only a parked one when
+    /// `parked_only`); whether there was one.
+    fn forget(&self, update_id: i64, parked_only: bool) -> anyhow::Result<bool> {
+        let (dead, order) = (self.keys.key("dead"), self.keys.key("dead:order"));
+        let forgotten = self.call(|connection| {
+            self.core
+                .scripts
+                .forget_dead
+                .key(&dead)
+                .key(&order)
+                .arg(update_id.to_string())
+                .arg(if parked_only { "1" } else { "0" })
+                .invoke::<i64>(connection)
+        })?;
+        Ok(forgotten > 0)
+    }
+
+    /// Connects to the server at `url` for `identity`'s keys. A URL that
+    /// does not parse is a usage error; a server that cannot be reached now
+    /// is an error (a service manager starts fly again); a server that goes
+    /// away later is waited for.
+    pub fn open(url: &str, identity: &BotIdentity) -> anyhow::Result<RedisStore> {
+        let shown = without_userinfo(url);
+        let not_usable = |error: RedisError| {
+            crate::exit::usage(format!(
+                "--state {shown}: not a usable Redis URL ({error}); expected \
+                 redis://[user:pass@]host:port[/db], rediss://… or redis+unix:///path"
+            ))
+        };
+        let info = url.trim().into_connection_info().map_err(not_usable)?;
+        // No CLIENT SETINFO after connecting: one round trip (and, with a
+        // server that hangs, one timeout) less per connection.
+        let settings = info.redis_settings().clone().set_skip_set_lib_name();
+        let client = redis::Client::open(info.set_redis_settings(settings)).map_err(not_usable)?;
+        let core = Arc::new(Core {
+            client,
+            shown,
+            idle: Mutex::new(Vec::new()),
+            health: Health::new(),
+            scripts: Scripts::new(),
+        });
+        let keys = Keys::new(identity);
+        let meta = keys.key("meta");
+        let base_url = without_userinfo(&identity.base_url);
+        // The first call, outside `call`: a server that cannot be reached
+        // now is this one error, not the start of an outage.
+        let opened = core.connect().and_then(|mut connection| {
+            redis::cmd("HSET")
+                .arg(&meta)
+                .arg("base_url")
+                .arg(&base_url)
+                .query::<i64>(&mut connection)?;
+            Ok(connection)
+        });
+        match opened {
+            Ok(connection) => core.keep(connection),
+            Err(error) if is_outage(&error) => {
+                return Err(anyhow!("state store {} unreachable: {error}", core.shown));
+            }
+            Err(error) => {
+                return Err(anyhow!("state store {}: {error}", core.shown));
+            }
+        }
+
+        let stop = StopFlag::new();
+        let watched = Arc::clone(&core);
+        let stopped = Arc::clone(&stop);
+        std::thread::Builder::new()
+            .name("fly-state-watch".into())
+            .spawn(move || watch_health(&watched, &stopped))
+            .context("starting the state store's health watch")?;
+        let (releases, to_release) = mpsc::channel::<(i64, u64)>();
+        let releasing = Arc::clone(&core);
+        let claim_keys = keys.clone();
+        std::thread::Builder::new()
+            .name("fly-state-release".into())
+            .spawn(move || release_claims(&releasing, &claim_keys, &to_release))
+            .context("starting the state store's release thread")?;
+        Ok(RedisStore {
+            core,
+            keys,
+            retention: DEFAULT_RETENTION,
+            lease_time: DEFAULT_LEASE,
+            fence: Arc::new(Mutex::new(None)),
+            releases: Some(releases),
+            stop,
+        })
+    }
+
+    /// Keeps handled ids for `retention` (`--retention`).
+    pub fn with_retention(mut self, retention: Duration) -> RedisStore {
+        self.retention = retention.max(Duration::from_secs(1));
+        self
+    }
+
+    /// Polls under a lease of `lease` (`--lease`), renewed every third of it.
+    pub fn with_lease(mut self, lease: Duration) -> RedisStore {
+        self.lease_time = lease.max(Duration::from_millis(100));
+        self
+    }
+
+    fn call<T>(&self, call: impl Fn(&mut Connection) -> RedisResult<T>) -> anyhow::Result<T> {
+        self.core.call(call)
+    }
+
+    /// The token to fence writes with, if this process polls; a lease known
+    /// lost fails at once.
+    fn fence_token(&self) -> anyhow::Result<Option<String>> {
+        match lock(&self.fence).as_ref() {
+            None => Ok(None),
+            Some(fence) if fence.watch.expired() => {
+                fence.watch.lose();
+                Err(anyhow::Error::new(LeaseLost))
+            }
+            Some(fence) => Ok(Some(fence.token.clone())),
+        }
+    }
+
+    /// A fenced write found the lease gone.
+    fn lost(&self) -> anyhow::Error {
+        if let Some(fence) = lock(&self.fence).as_ref() {
+            fence.watch.lose();
+        }
+        anyhow::Error::new(LeaseLost)
+    }
+
+    fn retention_secs(&self) -> u64 {
+        self.retention.as_secs().max(1)
+    }
+
+    /// Takes the lease if it is free: `Some(moment the attempt started)`.
+    fn try_take_lease(&self, token: &str) -> anyhow::Result<Option<Instant>> {
+        let started = Instant::now();
+        let key = self.keys.key("poller");
+        let millis = self.lease_time.as_millis() as u64;
+        let taken = self.call(|connection| {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(token)
+                .arg("NX")
+                .arg("PX")
+                .arg(millis)
+                .query::<Option<String>>(connection)
+        })?;
+        Ok(taken.map(|_| started))
+    }
+
+    /// How long until the lease held by another lapses unless renewed.
+    fn lease_left(&self) -> Duration {
+        let key = self.keys.key("poller");
+        let left = self
+            .call(|connection| redis::cmd("PTTL").arg(&key).query::<i64>(connection))
+            .unwrap_or(0);
+        Duration::from_millis(left.max(0) as u64)
+    }
+
+    /// Starts renewing a lease taken at `taken_at`; returns it.
+    fn hold_lease(&self, token: String, taken_at: Instant) -> anyhow::Result<PollingLease> {
+        let stop = StopFlag::new();
+        let core = Arc::clone(&self.core);
+        let key = self.keys.key("poller");
+        let fence = Arc::clone(&self.fence);
+        let given_back = Arc::clone(&stop);
+        let give_back_token = token.clone();
+        let give_back_key = key.clone();
+        let (lease, watch) = PollingLease::expiring(self.lease_time, taken_at, move || {
+            given_back.set();
+            {
+                let mut fence = lock(&fence);
+                if fence
+                    .as_ref()
+                    .is_some_and(|held| held.token == give_back_token)
+                {
+                    *fence = None;
+                }
+            }
+            // The next poller takes over at once instead of after the lease.
+            if let Err(error) = core.give_back(&give_back_key, &give_back_token) {
+                tracing::debug!("polling lease not given back: {error:#}");
+            }
+        });
+        *lock(&self.fence) = Some(Fence {
+            token: token.clone(),
+            watch: Arc::clone(&watch),
+        });
+        let renewer = Renewer {
+            core: Arc::clone(&self.core),
+            key,
+            token,
+            lease_time: self.lease_time,
+            watch,
+            stop,
+        };
+        std::thread::Builder::new()
+            .name("fly-lease".into())
+            .spawn(move || renewer.run())
+            .context("starting the lease renewal thread")?;
+        Ok(lease)
+    }
+}
+
+/// The release thread: gives claims back, those queued together in one call,
+/// until the store is dropped (and what is queued then is given back).
+fn release_claims(core: &Core, keys: &Keys, queued: &mpsc::Receiver<(i64, u64)>) {
+    while let Ok(first) = queued.recv() {
+        let mut batch = vec![first];
+        while batch.len() < RELEASE_BATCH {
+            match queued.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let given_back = core.call(|connection| {
+            let mut invocation = core.scripts.give_back_claims.prepare_invoke();
+            for (update_id, token) in &batch {
+                invocation
+                    .key(keys.claim(*update_id))
+                    .arg(token.to_string());
+            }
+            invocation.invoke::<i64>(connection)
+        });
+        if let Err(error) = given_back {
+            // They lapse by themselves after their lease.
+            tracing::debug!(claims = batch.len(), "claims not given back: {error:#}");
+        }
+    }
+}
+
+/// Renews the polling lease every third of its time, until it is given back
+/// or lost.
+struct Renewer {
+    core: Arc<Core>,
+    key: String,
+    token: String,
+    lease_time: Duration,
+    watch: Arc<LeaseWatch>,
+    stop: Arc<StopFlag>,
+}
+
+impl Renewer {
+    fn run(self) {
+        let every = self.lease_time / 3;
+        let retry_every = (self.lease_time / 10).max(Duration::from_millis(20));
+        let millis = self.lease_time.as_millis() as u64;
+        let mut wait = every;
+        loop {
+            if self.stop.wait(wait) {
+                return;
+            }
+            let started = Instant::now();
+            let renewed = self.core.call(|connection| {
+                self.core
+                    .scripts
+                    .renew
+                    .key(&self.key)
+                    .arg(&self.token)
+                    .arg(millis)
+                    .invoke::<i64>(connection)
+            });
+            match renewed {
+                Ok(1) => {
+                    self.watch.confirmed_at(started);
+                    wait = every;
+                }
+                Ok(_) => {
+                    tracing::warn!(
+                        "the polling lease is no longer this fly's (it paused for longer than \
+                         the lease, or the state store lost it)"
+                    );
+                    self.watch.lose();
+                    return;
+                }
+                Err(error) => {
+                    if self.watch.expired() {
+                        tracing::warn!(
+                            "the polling lease could not be renewed for {:.1} s ({error:#})",
+                            self.lease_time.as_secs_f64()
+                        );
+                        self.watch.lose();
+                        return;
+                    }
+                    wait = retry_every;
+                }
+            }
+        }
+    }
+}
+
+/// Pings the server so that its health is known without traffic, on a
+/// connection of its own with a short timeout.
+fn watch_health(core: &Core, stop: &StopFlag) {
+    let mut connection: Option<Connection> = None;
+    loop {
+        let every = if core.health.is_up() {
+            WATCH_EVERY
+        } else {
+            WATCH_EVERY_WHILE_DOWN
+        };
+        if stop.wait(every) {
+            return;
+        }
+        let pinged = match connection.as_mut() {
+            Some(connection) => redis::cmd("PING").query::<String>(connection),
+            None => core
+                .client
+                .get_connection_with_timeout(PING_TIMEOUT)
+                .and_then(|mut fresh| {
+                    fresh.set_read_timeout(Some(PING_TIMEOUT))?;
+                    fresh.set_write_timeout(Some(PING_TIMEOUT))?;
+                    let answer = redis::cmd("PING").query::<String>(&mut fresh);
+                    connection = Some(fresh);
+                    answer
+                }),
+        };
+        match pinged {
+            Ok(_) => core.health.answered(&core.shown),
+            Err(error) => {
+                connection = None;
+                if is_outage(&error) {
+                    core.health.failed(&core.shown, &error);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        self.stop.set();
+        // The release thread gives back what is queued, then ends.
+        self.releases = None;
+    }
+}
+
+impl Store for RedisStore {
+    fn location(&self) -> String {
+        self.core.shown.clone()
+    }
+
+    fn next_offset(&self) -> anyhow::Result<i64> {
+        let key = self.keys.key("offset");
+        let offset =
+            self.call(|connection| redis::cmd("GET").arg(&key).query::<Option<i64>>(connection))?;
+        Ok(offset.unwrap_or(0))
+    }
+
+    fn advance_offset(&self, next_offset: i64) -> anyhow::Result<()> {
+        let token = self.fence_token()?.unwrap_or_default();
+        let (lease, offset) = (self.keys.key("poller"), self.keys.key("offset"));
+        let moved = self.call(|connection| {
+            self.core
+                .scripts
+                .advance
+                .key(&lease)
+                .key(&offset)
+                .arg(&token)
+                .arg(next_offset)
+                .invoke::<i64>(connection)
+        })?;
+        if moved < 0 {
+            return Err(self.lost());
+        }
+        Ok(())
+    }
+
+    fn is_handled(&self, update_id: i64) -> anyhow::Result<bool> {
+        let key = self.keys.handled(update_id);
+        self.call(|connection| redis::cmd("EXISTS").arg(&key).query::<bool>(connection))
+    }
+
+    fn mark_handled(&self, update_id: i64, outcome: &str) -> anyhow::Result<()> {
+        let key = self.keys.handled(update_id);
+        let ttl = self.retention_secs();
+        match self.fence_token()? {
+            None => self.call(|connection| {
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(outcome)
+                    .arg("EX")
+                    .arg(ttl)
+                    .query::<()>(connection)
+            }),
+            Some(token) => {
+                let lease = self.keys.key("poller");
+                let marked = self.call(|connection| {
+                    self.core
+                        .scripts
+                        .mark_fenced
+                        .key(&lease)
+                        .key(&key)
+                        .arg(&token)
+                        .arg(outcome)
+                        .arg(ttl)
+                        .invoke::<i64>(connection)
+                })?;
+                if marked == 1 {
+                    Ok(())
+                } else {
+                    Err(self.lost())
+                }
+            }
+        }
+    }
+
+    fn check_nonce(
+        &self,
+        nonce: &str,
+        update_key: &str,
+        _now: i64,
+        window_secs: i64,
+    ) -> anyhow::Result<NonceCheck> {
+        let key = self.keys.nonce(nonce);
+        let ttl = window_secs.saturating_mul(2).max(1);
+        let reused = self.call(|connection| {
+            self.core
+                .scripts
+                .check_nonce
+                .key(&key)
+                .arg(update_key)
+                .arg(ttl)
+                .invoke::<i64>(connection)
+        })?;
+        Ok(if reused == 1 {
+            NonceCheck::Reused
+        } else {
+            NonceCheck::Fresh
+        })
+    }
+
+    fn claim_update(&self, update_id: i64, lease: Duration) -> anyhow::Result<Option<Claim>> {
+        let token = crate::random::u64();
+        let key = self.keys.claim(update_id);
+        let millis = lease.as_millis().max(1) as u64;
+        let taken = self.call(|connection| {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(token.to_string())
+                .arg("NX")
+                .arg("PX")
+                .arg(millis)
+                .query::<Option<String>>(connection)
+        })?;
+        Ok(taken.map(|_| Claim { update_id, token }))
+    }
+
+    /// Queued for the release thread: this may run on an async I/O thread.
+    fn release_update(&self, claim: Claim) -> anyhow::Result<()> {
+        if let Some(releases) = &self.releases {
+            // The thread ends only when the store is dropped.
+            let _ = releases.send((claim.update_id, claim.token));
+        }
+        Ok(())
+    }
+
+    fn record_dead_letter(
+        &self,
+        update_id: Option<i64>,
+        raw: &str,
+        reason: &str,
+    ) -> anyhow::Result<bool> {
+        let letter = json!({
+            "update_id": update_id,
+            "reason": reason,
+            "raw": raw,
+            "recorded_at": unix_now(),
+        })
+        .to_string();
+        let sha = sha256_hex(raw.as_bytes());
+        let (dead, order) = (self.keys.key("dead"), self.keys.key("dead:order"));
+        let recorded = self.call(|connection| {
+            self.core
+                .scripts
+                .record_dead
+                .key(&dead)
+                .key(&order)
+                .arg(&sha)
+                .arg(&letter)
+                .invoke::<i64>(connection)
+        })?;
+        Ok(recorded == 1)
+    }
+
+    fn dead_letters(&self) -> anyhow::Result<Vec<DeadLetter>> {
+        let (dead, order) = (self.keys.key("dead"), self.keys.key("dead:order"));
+        let letters = self.call(|connection| {
+            self.core
+                .scripts
+                .list_dead
+                .key(&dead)
+                .key(&order)
+                .invoke::<Vec<String>>(connection)
+        })?;
+        Ok(letters
+            .iter()
+            .filter_map(|text| {
+                let value: serde_json::Value = serde_json::from_str(text).ok()?;
+                Some(DeadLetter {
+                    update_id: value["update_id"].as_i64(),
+                    reason: value["reason"].as_str()?.to_string(),
+                    raw: value["raw"].as_str()?.to_string(),
+                    recorded_at: value["recorded_at"].as_i64().unwrap_or(0),
+                    parked: value["parked"].as_bool().unwrap_or(false),
+                })
+            })
+            .collect())
+    }
+
+    fn purge_dead_letters(&self) -> anyhow::Result<usize> {
+        let (dead, order) = (self.keys.key("dead"), self.keys.key("dead:order"));
+        let purged = self.call(|connection| {
+            self.core
+                .scripts
+                .purge_dead
+                .key(&dead)
+                .key(&order)
+                .invoke::<i64>(connection)
+        })?;
+        Ok(purged.max(0) as usize)
+    }
+
+    fn park(&self, update_id: i64, raw: &str, reason: &str) -> anyhow::Result<()> {
+        let letter = json!({
+            "update_id": update_id,
+            "reason": reason,
+            "raw": raw,
+            "recorded_at": unix_now(),
+            "parked": true,
+        })
+        .to_string();
+        let sha = sha256_hex(raw.as_bytes());
+        let (dead, order) = (self.keys.key("dead"), self.keys.key("dead:order"));
+        self.call(|connection| {
+            self.core
+                .scripts
+                .park
+                .key(&dead)
+                .key(&order)
+                .arg(&sha)
+                .arg(&letter)
+                .invoke::<i64>(connection)
+        })?;
+        Ok(())
+    }
+
+    fn unpark(&self, update_id: i64) -> anyhow::Result<bool> {
+        self.forget(update_id, true)
+    }
+
+    fn forget_dead_letter(&self, update_id: i64) -> anyhow::Result<bool> {
+        self.forget(update_id, false)
+    }
+
+    fn claim_polling(&self, standby: Option<&Shutdown>) -> anyhow::Result<Option<PollingLease>> {
+        let token = crate::random::hex_id(16);
+        let mut said_standby = false;
+        let mut failures = 0u32;
+        loop {
+            let wait = match self.try_take_lease(&token) {
+                Ok(Some(taken_at)) => {
+                    if said_standby {
+                        tracing::info!("took over the polling lease: polling now");
+                    }
+                    return self.hold_lease(token, taken_at).map(Some);
+                }
+                Ok(None) => {
+                    failures = 0;
+                    if standby.is_none() {
+                        anyhow::bail!(
+                            "another fly process is already polling with the state store {} \
+                             (it holds the polling lease); stop it first, or run this one \
+                             without --once to stand by",
+                            self.core.shown
+                        );
+                    }
+                    if !said_standby {
+                        tracing::info!(
+                            "standing by: another fly process is polling with the state store \
+                             {}; taking over within {:.1} s of its end",
+                            self.core.shown,
+                            self.lease_time.as_secs_f64()
+                        );
+                        said_standby = true;
+                    }
+                    // Looked at again when it would lapse unrenewed, and at
+                    // least every third of the lease (a holder that stops
+                    // cleanly gives it back at once).
+                    let left = self.lease_left() + Duration::from_millis(5);
+                    left.min(self.lease_time / 3)
+                }
+                Err(error) if crate::state::is_unavailable(&error) && standby.is_some() => {
+                    failures += 1;
+                    RetryPolicy::FOREVER
+                        .next_delay(failures, None)
+                        .min(STANDBY_MAX_BACKOFF)
+                }
+                Err(error) => return Err(error),
+            };
+            let Some(shutdown) = standby else {
+                unreachable!("a poller that does not stand by never waits");
+            };
+            if !shutdown.sleep(wait) {
+                return Ok(None);
+            }
+        }
+    }
+
+    fn admit(&self, delivery: &Delivery) -> anyhow::Result<Admission> {
+        let update_id = delivery.update_id;
+        let token = crate::random::u64();
+        let (handled, nonce, claim) = (
+            self.keys.handled(update_id),
+            self.keys.nonce(&delivery.nonce),
+            self.keys.claim(update_id),
+        );
+        let has_nonce = if delivery.nonce.is_empty() { "0" } else { "1" };
+        let nonce_ttl = delivery.window_secs.saturating_mul(2).max(1);
+        let lease_ms = delivery.lease.as_millis().max(1) as u64;
+        let update_key = update_id.to_string();
+        let answer = self.call(|connection| {
+            self.core
+                .scripts
+                .admit
+                .key(&handled)
+                .key(&nonce)
+                .key(&claim)
+                .arg(&update_key)
+                .arg(has_nonce)
+                .arg(nonce_ttl)
+                .arg(token.to_string())
+                .arg(lease_ms)
+                .invoke::<String>(connection)
+        })?;
+        Ok(match answer.as_str() {
+            "duplicate" => Admission::Duplicate,
+            "nonce_reused" => Admission::NonceReused,
+            "in_progress" => Admission::InProgress,
+            "admitted" => Admission::Admitted {
+                claim: Claim { update_id, token },
+                wait: Pending::done(),
+            },
+            other => anyhow::bail!("state store: unexpected answer {other:?} to an admission"),
+        })
+    }
+
+    /// Never waits: while the server is known to be down a delivery is
+    /// answered at once (503); else `admit` runs on a blocking thread.
+    fn try_admit(&self, _delivery: &Delivery) -> Option<anyhow::Result<Admission>> {
+        if self.core.health.is_up() {
+            return None;
+        }
+        Some(Err(anyhow::Error::new(Unavailable(format!(
+            "state store {} unreachable",
+            self.core.shown
+        )))))
+    }
+
+    fn is_reachable(&self) -> bool {
+        self.core.health.is_up()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shown_urls_leave_credentials_out() {
+        assert_eq!(
+            without_userinfo("redis://user:p%40ss@cache.internal:6379/2?pass=x#y"),
+            "redis://cache.internal:6379/2"
+        );
+        assert_eq!(
+            without_userinfo("rediss://:secret@h:6380"),
+            "rediss://h:6380"
+        );
+        assert_eq!(
+            without_userinfo("redis+unix:///run/redis.sock?pass=secret"),
+            "redis+unix:///run/redis.sock"
+        );
+        assert_eq!(without_userinfo("nonsense"), "(not a URL)");
+    }
+
+    /// A redis-server of the test's own on a unix socket, killed on drop.
+    struct Server {
+        child: std::process::Child,
+        url: String,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Server {
+        fn start() -> Server {
+            let dir = tempfile::tempdir().unwrap();
+            let socket = dir.path().join("r.sock");
+            let child = std::process::Command::new("redis-server")
+                .args([
+                    "--port",
+                    "0",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--unixsocket",
+                ])
+                .arg(&socket)
+                .arg("--dir")
+                .arg(dir.path())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server (apt-get install redis-server)");
+            let url = format!("redis+unix://{}", socket.display());
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+                assert!(Instant::now() < deadline, "redis-server did not start");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Server {
+                child,
+                url,
+                _dir: dir,
+            }
+        }
+
+        fn store(&self) -> RedisStore {
+            let identity =
+                BotIdentity::new("http://127.0.0.1:1", &crate::api::Token::new("t").unwrap());
+            RedisStore::open(&self.url, &identity).unwrap()
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// A poller whose lease was taken over (here: overwritten, as after a
+    /// pause longer than the lease) writes nothing: the offset stays where
+    /// the lease's holder left it, no mark lands, and the loss is told.
+    #[test]
+    #[ignore = "needs redis-server"]
+    fn writes_are_fenced_by_the_polling_lease() {
+        let server = Server::start();
+        let store = server.store().with_lease(Duration::from_secs(30));
+        let lease = store.claim_polling(None).unwrap().unwrap();
+        let told = Arc::new(AtomicBool::new(false));
+        let telling = Arc::clone(&told);
+        lease.when_lost(move || telling.store(true, Ordering::SeqCst));
+        store.advance_offset(10).unwrap();
+        store.advance_offset(5).unwrap();
+        assert_eq!(store.next_offset().unwrap(), 10, "never back");
+        store.mark_handled(9, "replied").unwrap();
+        assert!(store.is_handled(9).unwrap());
+        // Another poller cannot take it meanwhile…
+        let other = server.store();
+        assert!(other.claim_polling(None).is_err());
+        // …until it is someone else's.
+        let key = store.keys.key("poller");
+        store
+            .call(|connection| {
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg("another-token")
+                    .query::<()>(connection)
+            })
+            .unwrap();
+        let refused = store.advance_offset(20).unwrap_err();
+        assert!(crate::state::is_lease_lost(&refused), "{refused:#}");
+        assert_eq!(store.next_offset().unwrap(), 10);
+        assert!(told.load(Ordering::SeqCst));
+        assert!(!lease.is_current());
+        assert!(crate::state::is_lease_lost(
+            &store.mark_handled(11, "replied").unwrap_err()
+        ));
+        assert!(!store.is_handled(11).unwrap());
+        // Giving a lost lease back leaves the new holder's alone.
+        drop(lease);
+        let holder = store
+            .call(|connection| redis::cmd("GET").arg(&key).query::<String>(connection))
+            .unwrap();
+        assert_eq!(holder, "another-token");
+    }
+
+    /// Deliveries, claims and nonces, as two replicas on one server see them.
+    #[test]
+    #[ignore = "needs redis-server"]
+    fn two_stores_admit_an_update_once() {
+        let server = Server::start();
+        let (one, two) = (server.store(), server.store());
+        let delivery = |update_id: i64, nonce: &str| Delivery {
+            update_id,
+            nonce: nonce.to_string(),
+            now: unix_now(),
+            window_secs: 300,
+            lease: Duration::from_millis(300),
+        };
+        let Admission::Admitted { claim, .. } = one.admit(&delivery(1, "n1")).unwrap() else {
+            panic!("not admitted");
+        };
+        assert!(matches!(
+            two.admit(&delivery(1, "n1")).unwrap(),
+            Admission::InProgress
+        ));
+        assert!(matches!(
+            two.admit(&delivery(2, "n1")).unwrap(),
+            Admission::NonceReused
+        ));
+        one.mark_handled(1, "replied").unwrap();
+        one.release_update(claim).unwrap();
+        assert!(matches!(
+            two.admit(&delivery(1, "n1-again")).unwrap(),
+            Admission::Duplicate
+        ));
+        // A claim whose holder vanished lapses by itself.
+        assert!(
+            one.claim_update(3, Duration::from_millis(200))
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            two.claim_update(3, Duration::from_millis(200))
+                .unwrap()
+                .is_none()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            two.claim_update(3, Duration::from_secs(5))
+                .unwrap()
+                .is_some()
+        );
+        // Dead letters: once per body, in order, purged.
+        assert!(one.record_dead_letter(None, "[1]", "why").unwrap());
+        assert!(!two.record_dead_letter(None, "[1]", "why").unwrap());
+        assert!(two.record_dead_letter(Some(4), "{}", "no chat").unwrap());
+        let letters = one.dead_letters().unwrap();
+        assert_eq!(letters.len(), 2);
+        assert_eq!(
+            (letters[1].update_id, letters[1].raw.as_str()),
+            (Some(4), "{}")
+        );
+        assert_eq!(two.purge_dead_letters().unwrap(), 2);
+        assert!(one.dead_letters().unwrap().is_empty());
+    }
+
+    #[test]
+    fn keys_are_per_bot_and_hold_no_token() {
+        let token = crate::api::Token::new("super-secret-token").unwrap();
+        let plain = BotIdentity::new("https://api.example", &token);
+        let with_userinfo = BotIdentity::new("https://u:p@api.example", &token);
+        let other = BotIdentity::new(
+            "https://api.example",
+            &crate::api::Token::new("t2").unwrap(),
+        );
+        let keys = Keys::new(&plain);
+        assert_eq!(keys.prefix, Keys::new(&with_userinfo).prefix);
+        assert_ne!(keys.prefix, Keys::new(&other).prefix);
+        assert_eq!(keys.prefix, format!("fly:{{bot-{}}}:", plain.key()));
+        let fingerprint = &sha256_hex(b"super-secret-token")[..8];
+        for key in [keys.handled(1), keys.nonce("n"), keys.key("poller")] {
+            assert!(
+                !key.contains("super") && !key.contains(fingerprint),
+                "{key}"
+            );
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! Parking (SPEC section 3, `fly dead-letters`): one update that keeps
+//! failing never stops the other chats, and is answered once it can be.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::common::{Emulator, Service, eventually, fly};
+
+/// A handler that fails for chat `u_bad` until `fixed` exists, and answers
+/// everyone else (and `u_bad` after the fix) with `re: TEXT`.
+fn flaky_handler(fixed: &Path) -> String {
+    format!(
+        r#"cat >/dev/null
+        if [ "$FLY_CHAT_ID" = u_bad ] && [ ! -e '{}' ]; then echo "not today" >&2; exit 1; fi
+        echo "re: $FLY_UPDATE_ID""#,
+        fixed.display()
+    )
+}
+
+fn letters(state: &Path) -> Vec<Value> {
+    let output = fly()
+        .args(["dead-letters", "--state"])
+        .arg(state)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+fn answered(emulator: &Emulator) -> Vec<String> {
+    emulator
+        .sent()
+        .iter()
+        .map(|sent| {
+            sent["data"]["content"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect()
+}
+
+/// Without parking, the failing update holds the offset and the platform's
+/// window of 50 fills with handled updates: 49 answered, then nothing.
+#[test]
+fn one_failing_chat_never_stops_the_others_and_is_answered_once_fixed() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("s.db");
+    let fixed = dir.path().join("fixed");
+    let first_bad = emulator.user_says("private", "u_bad", "first");
+    let mut others = Vec::new();
+    for round in 0..20 {
+        for user in ["u_1", "u_2", "u_3", "u_4", "u_5"] {
+            others.push(emulator.user_says("private", user, &format!("m{round}")));
+        }
+    }
+    let second_bad = emulator.user_says("private", "u_bad", "second");
+    let handler = flaky_handler(&fixed);
+    let service = Service::start(
+        &emulator,
+        &[
+            "poll-echo",
+            "--state",
+            state.to_str().unwrap(),
+            "--exec",
+            &handler,
+            "--max-attempts",
+            "2",
+            "--park-retry-max",
+            "0.3",
+            "--poll-timeout",
+            "1",
+        ],
+    );
+    let expected_others: Vec<String> = others.iter().map(|id| format!("re: {id}")).collect();
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            let sent = answered(&emulator);
+            expected_others.iter().all(|reply| sent.contains(reply))
+        }),
+        "answered {} of 100 others\n{}",
+        answered(&emulator).len(),
+        service.log()
+    );
+    assert!(!answered(&emulator).contains(&format!("re: {first_bad}")));
+    // Both of u_bad's updates are recorded: the first with its error, the
+    // second waiting behind it.
+    let listed = letters(&state);
+    let ids: Vec<i64> = listed
+        .iter()
+        .map(|l| l["update_id"].as_i64().unwrap())
+        .collect();
+    assert!(
+        ids.contains(&first_bad) && ids.contains(&second_bad),
+        "{listed:?}"
+    );
+    assert!(listed.iter().all(|l| l["state"] == "parked"), "{listed:?}");
+    assert!(service.log().contains("update parked"), "{}", service.log());
+
+    std::fs::write(&fixed, "").unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let sent = answered(&emulator);
+            sent.contains(&format!("re: {second_bad}"))
+        }),
+        "{}",
+        service.log()
+    );
+    let sent = answered(&emulator);
+    let position = |reply: String| sent.iter().position(|s| *s == reply).unwrap();
+    assert!(
+        position(format!("re: {first_bad}")) < position(format!("re: {second_bad}")),
+        "u_bad's updates in order: {sent:?}"
+    );
+    assert_eq!(sent.len(), 102, "each answered once: {sent:?}");
+    assert!(
+        eventually(Duration::from_secs(10), || letters(&state).is_empty()),
+        "{:?}",
+        letters(&state)
+    );
+}
+
+/// A parked update outlives the process: a restart tries it again (here,
+/// after the fix), and `--drop` gives one up for good.
+#[test]
+fn parked_updates_survive_a_restart_and_can_be_dropped() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("s.db");
+    let fixed = dir.path().join("fixed");
+    let bad = emulator.user_says("private", "u_bad", "one");
+    let good = emulator.user_says("private", "u_1", "two");
+    let handler = flaky_handler(&fixed);
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "poll-echo",
+            "--state",
+            state.to_str().unwrap(),
+            "--exec",
+            &handler,
+            "--max-attempts",
+            "1",
+            "--poll-timeout",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        Service::start(&emulator, &args)
+    };
+    {
+        let service = run(&[]);
+        assert!(
+            eventually(Duration::from_secs(30), || answered(&emulator)
+                .contains(&format!("re: {good}"))
+                && letters(&state).len() == 1),
+            "{}",
+            service.log()
+        );
+    }
+    // The offset passed it; only the store remembers it.
+    std::fs::write(&fixed, "").unwrap();
+    let service = run(&[]);
+    assert!(
+        eventually(Duration::from_secs(30), || answered(&emulator)
+            .contains(&format!("re: {bad}"))),
+        "{}",
+        service.log()
+    );
+    // Forgotten once marked handled (just after the reply).
+    assert!(
+        eventually(Duration::from_secs(10), || letters(&state).is_empty()),
+        "{}",
+        service.log()
+    );
+    drop(service);
+
+    // --drop: marked handled and forgotten; --retry of an unknown id is exit 2.
+    std::fs::remove_file(&fixed).unwrap();
+    let doomed = emulator.user_says("private", "u_bad", "three");
+    {
+        let service = run(&[]);
+        assert!(
+            eventually(Duration::from_secs(30), || letters(&state).len() == 1),
+            "{}",
+            service.log()
+        );
+    }
+    let dropped = fly()
+        .args(["dead-letters", "--state", state.to_str().unwrap(), "--drop"])
+        .arg(doomed.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        dropped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dropped.stderr)
+    );
+    assert!(letters(&state).is_empty());
+    let unknown = fly()
+        .args([
+            "dead-letters",
+            "--state",
+            state.to_str().unwrap(),
+            "--retry",
+            "12345",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(unknown.status.code(), Some(2));
+    std::fs::write(&fixed, "").unwrap();
+    let output = fly()
+        .env("FLY_BASE_URL", &emulator.base_url)
+        .env("FLY_BOT_TOKEN", crate::common::TOKEN)
+        .args([
+            "poll-echo",
+            "--once",
+            "--state",
+            state.to_str().unwrap(),
+            "--exec",
+            &handler,
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    assert!(
+        !answered(&emulator).contains(&format!("re: {doomed}")),
+        "a dropped update stays dropped"
+    );
+}
