@@ -99,7 +99,9 @@ struct Worker {
     stdout: ChildStdout,
     /// Read from stdout and not yet taken as an answer.
     pending: Vec<u8>,
-    /// The update in hand, for the stderr log (0: none).
+    /// The update it was given last, for the stderr log (0: none yet).
+    /// Not reset when the answer comes: the log thread may read a line the
+    /// worker wrote before its answer only after the answer was read.
     current: Arc<AtomicI64>,
     /// Closed when the log thread has read stderr to its end.
     logged: mpsc::Receiver<()>,
@@ -421,7 +423,6 @@ impl WorkerPool {
                         .write_line(&line, deadline)
                         .and_then(|()| worker.read_line(deadline))
                         .and_then(|line| parse_answer(&line).map_err(Broken::Garbage));
-                    worker.current.store(0, Ordering::Relaxed);
                     exchanged.map_err(|broken| (broken, true))
                 }
             };
