@@ -87,6 +87,10 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 /// that keeps up is a few hundred behind.
 const MAX_BEHIND: usize = 4096;
 
+/// Past this many queued writes, marks are no longer made on the I/O
+/// threads (see `try_mark_handled`).
+const INSTANT_MARKS_BEHIND: usize = 512;
+
 pub struct Front {
     store: SqliteStore,
     hot: Mutex<Hot>,
@@ -227,8 +231,15 @@ impl Store for Front {
         Ok(())
     }
 
-    /// Never waits: the mark is memory and a queued write.
+    /// Never waits: the mark is memory and a queued write. Declined while
+    /// the writer is behind, so that the delivery takes the worker pool:
+    /// the I/O threads then yield the cores to the writer instead of
+    /// queueing writes faster than it commits them (measured: p99 from
+    /// 3 ms to over 10 ms when every mark was made here).
     fn try_mark_handled(&self, update_id: i64, outcome: &str) -> Option<anyhow::Result<()>> {
+        if self.writer().backlog() > INSTANT_MARKS_BEHIND {
+            return None;
+        }
         Some(self.mark_handled(update_id, outcome))
     }
 

@@ -112,6 +112,11 @@ impl<W: Send + 'static> GroupCommit<W> {
         (Pending(Some(done)), queue.writes.len())
     }
 
+    /// Writes queued for the next batch: how far behind the writer is.
+    pub fn backlog(&self) -> usize {
+        lock(&self.shared.queue).writes.len()
+    }
+
     /// Completes when the writer has finished the step it is on (at once
     /// when it is idle): a producer far ahead waits for this, one batch,
     /// rather than for its own write at the end of the queue.
