@@ -32,7 +32,7 @@ pub fn usage(message: impl Into<String>) -> anyhow::Error {
 
 /// What the process should do with an error that reached `main`.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Outcome {
+pub enum ExitOutcome {
     /// Print `fly: error: …` and exit with this code.
     Report(u8),
     /// The reader of our stdout went away (`fly … | head`): a normal end, exit 0 quietly.
@@ -40,18 +40,18 @@ pub enum Outcome {
 }
 
 /// Maps an error to its exit code by looking through the whole chain.
-pub fn classify(error: &anyhow::Error) -> Outcome {
+pub fn classify(error: &anyhow::Error) -> ExitOutcome {
     for cause in error.chain() {
         if cause.downcast_ref::<UsageError>().is_some() {
-            return Outcome::Report(USAGE);
+            return ExitOutcome::Report(USAGE);
         }
         if let Some(io_error) = cause.downcast_ref::<io::Error>()
             && io_error.kind() == io::ErrorKind::BrokenPipe
         {
-            return Outcome::Quiet;
+            return ExitOutcome::Quiet;
         }
     }
-    Outcome::Report(FAILURE)
+    ExitOutcome::Report(FAILURE)
 }
 
 pub fn code(value: u8) -> ExitCode {
@@ -68,20 +68,20 @@ mod tests {
         let error = Err::<(), _>(usage("missing token"))
             .context("sending message")
             .unwrap_err();
-        assert_eq!(classify(&error), Outcome::Report(USAGE));
+        assert_eq!(classify(&error), ExitOutcome::Report(USAGE));
     }
 
     #[test]
     fn other_errors_map_to_1() {
         let error = anyhow::anyhow!("HTTP 500");
-        assert_eq!(classify(&error), Outcome::Report(FAILURE));
+        assert_eq!(classify(&error), ExitOutcome::Report(FAILURE));
     }
 
     #[test]
     fn broken_pipe_is_a_quiet_end() {
         let error = anyhow::Error::new(io::Error::from(io::ErrorKind::BrokenPipe))
             .context("writing to stdout");
-        assert_eq!(classify(&error), Outcome::Quiet);
+        assert_eq!(classify(&error), ExitOutcome::Quiet);
     }
 
     #[test]

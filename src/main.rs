@@ -27,8 +27,8 @@ fn main() -> ExitCode {
     match commands::run(cli.command) {
         Ok(code) => code,
         Err(error) => match exit::classify(&error) {
-            exit::Outcome::Quiet => exit::code(exit::SUCCESS),
-            exit::Outcome::Report(code) => {
+            exit::ExitOutcome::Quiet => exit::code(exit::SUCCESS),
+            exit::ExitOutcome::Report(code) => {
                 print_error_line(&one_line(&format!("{error:#}")));
                 exit::code(code)
             }

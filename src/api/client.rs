@@ -625,7 +625,7 @@ mod tests {
             let error = check_http_url(bad, "--to").unwrap_err();
             assert_eq!(
                 crate::exit::classify(&error),
-                crate::exit::Outcome::Report(2),
+                crate::exit::ExitOutcome::Report(2),
                 "{bad}"
             );
         }
@@ -695,7 +695,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             crate::exit::classify(&error),
-            crate::exit::Outcome::Report(2)
+            crate::exit::ExitOutcome::Report(2)
         );
         let client = ApiClient::new("http://127.0.0.1:1/", token, RetryPolicy::ONE_SHOT).unwrap();
         assert_eq!(client.base_url, "http://127.0.0.1:1");
@@ -728,7 +728,7 @@ mod tests {
             let error = check_base_url(given).unwrap_err();
             assert_eq!(
                 crate::exit::classify(&error),
-                crate::exit::Outcome::Report(2),
+                crate::exit::ExitOutcome::Report(2),
                 "{given}"
             );
             let message = error.to_string();

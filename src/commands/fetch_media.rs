@@ -119,7 +119,7 @@ pub fn run(args: FetchMediaArgs) -> anyhow::Result<ExitCode> {
         };
         if let Err(error) = fetched {
             // The reader of stdout went away: stop quietly, like any filter.
-            if exit::classify(&error) == exit::Outcome::Quiet {
+            if exit::classify(&error) == exit::ExitOutcome::Quiet {
                 return Err(error);
             }
             failures.push(format!("{url}: {error:#}"));
@@ -283,7 +283,7 @@ mod tests {
             let error = urls_in_update(bad, false).unwrap_err();
             assert_eq!(
                 crate::exit::classify(&error),
-                crate::exit::Outcome::Report(2),
+                crate::exit::ExitOutcome::Report(2),
                 "{bad}"
             );
         }

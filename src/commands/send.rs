@@ -149,7 +149,7 @@ mod tests {
             let error = build_request(bad).unwrap_err();
             assert_eq!(
                 crate::exit::classify(&error),
-                crate::exit::Outcome::Report(2)
+                crate::exit::ExitOutcome::Report(2)
             );
         }
     }

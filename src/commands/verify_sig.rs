@@ -61,7 +61,7 @@ pub fn run(args: VerifySigArgs) -> anyhow::Result<ExitCode> {
 const BATCH_LINES: usize = 512;
 
 /// A run of input lines; `first_line` numbers the first one.
-struct Batch {
+struct LineBatch {
     sequence: u64,
     first_line: u64,
     bytes: Vec<u8>,
@@ -88,7 +88,7 @@ fn verify_lines(input: &str, verifier: &Verifier) -> anyhow::Result<ExitCode> {
     };
     let workers = thread::available_parallelism().map_or(1, |n| n.get().min(8));
     let slots = workers * 2;
-    let (batch_sender, batch_receiver) = mpsc::sync_channel::<Batch>(slots);
+    let (batch_sender, batch_receiver) = mpsc::sync_channel::<LineBatch>(slots);
     let batch_receiver = Mutex::new(batch_receiver);
     thread::scope(|scope| {
         // Everything below is dropped if printing fails, which unblocks the
@@ -142,7 +142,7 @@ fn verify_lines(input: &str, verifier: &Verifier) -> anyhow::Result<ExitCode> {
 /// Cuts the input into batches of whole lines, taking a slot for each.
 fn read_batches(
     mut reader: Box<dyn BufRead + Send>,
-    batches: &mpsc::SyncSender<Batch>,
+    batches: &mpsc::SyncSender<LineBatch>,
     slots: &mpsc::Receiver<()>,
 ) -> std::io::Result<()> {
     let mut next_line = 1;
@@ -156,7 +156,7 @@ fn read_batches(
         if lines == 0 || slots.recv().is_err() {
             break;
         }
-        let batch = Batch {
+        let batch = LineBatch {
             sequence,
             first_line: next_line,
             bytes,
@@ -169,7 +169,7 @@ fn read_batches(
     Ok(())
 }
 
-fn verify_batch(batch: &Batch, verifier: &Verifier) -> Verdicts {
+fn verify_batch(batch: &LineBatch, verifier: &Verifier) -> Verdicts {
     let mut text = Vec::with_capacity(BATCH_LINES * 24);
     let mut all_ok = true;
     let lines = batch.bytes.split_inclusive(|&byte| byte == b'\n');

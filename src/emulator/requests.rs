@@ -61,7 +61,7 @@ impl UpdatesRequest {
 
 /// `POST /api/v1/s/bot/send`, validated; the body itself is recorded verbatim.
 #[derive(Debug, PartialEq)]
-pub struct SendRequest {
+pub struct SendCall {
     pub msg_type: String,
     /// `to_user_id` or `group_id`, whichever was given.
     pub target_field: &'static str,
@@ -70,8 +70,8 @@ pub struct SendRequest {
     pub client_msg_id: Option<String>,
 }
 
-impl SendRequest {
-    pub fn parse(body: &Value) -> Result<SendRequest, Invalid> {
+impl SendCall {
+    pub fn parse(body: &Value) -> Result<SendCall, Invalid> {
         let object = as_object(body)?;
         let msg_type = non_empty_string(object, "msg_type")?;
         if !matches!(field(object, "data"), Some(Value::Object(_))) {
@@ -96,7 +96,7 @@ impl SendRequest {
             Some(Value::String(id)) if !id.is_empty() => Some(id.clone()),
             Some(_) => return Err("client_msg_id must be a non-empty string".into()),
         };
-        Ok(SendRequest {
+        Ok(SendCall {
             msg_type,
             target_field,
             target: target.clone(),
@@ -319,14 +319,14 @@ mod tests {
 
     #[test]
     fn send_accepts_the_documented_shapes() {
-        let to_user = SendRequest::parse(&json!({
+        let to_user = SendCall::parse(&json!({
             "msg_type": "text", "data": {"content": "hi"}, "client_msg_id": "c1", "to_user_id": "u_1"
         }))
         .unwrap();
         assert_eq!(to_user.target_field, "to_user_id");
         assert_eq!(to_user.target, json!("u_1"));
         assert_eq!(to_user.client_msg_id.as_deref(), Some("c1"));
-        let to_group = SendRequest::parse(&json!({
+        let to_group = SendCall::parse(&json!({
             "msg_type": "image", "data": {}, "group_id": 42, "to_user_id": null
         }))
         .unwrap();
@@ -356,7 +356,7 @@ mod tests {
             (with("client_msg_id", json!(5)), "client_msg_id"),
             (json!("text"), "object"),
         ] {
-            let message = SendRequest::parse(&body).unwrap_err();
+            let message = SendCall::parse(&body).unwrap_err();
             assert!(message.contains(field), "{body}: {message}");
         }
     }

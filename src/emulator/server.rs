@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 use super::Shared;
 use super::faults::InjectedError;
 use super::media::{self, MediaBody};
-use super::requests::{BatchAccessRequest, SendRequest, UpdatesRequest};
+use super::requests::{BatchAccessRequest, SendCall, UpdatesRequest};
 use crate::api::types::{PATH_BATCH_ACCESS, PATH_SEND, PATH_UPDATES};
 use crate::http_server::{self, Limits};
 use crate::signature::json::Value as PyValue;
@@ -257,7 +257,7 @@ async fn updates(shared: &Shared, body: &Value) -> HttpResponse {
 }
 
 fn send(shared: &Shared, body: &JsonBody) -> HttpResponse {
-    match SendRequest::parse(&body.value) {
+    match SendCall::parse(&body.value) {
         Ok(request) => ok_envelope(shared.lock().record_send(&request, &body.text)),
         Err(invalid) => invalid_request(invalid),
     }

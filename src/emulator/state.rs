@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use super::faults::FaultConfig;
 use super::media::MediaContent;
-use super::requests::SendRequest;
+use super::requests::SendCall;
 
 /// Expired access grants are remembered this long so that a late download
 /// gets 403 ("expired") rather than 404 ("never existed").
@@ -157,7 +157,7 @@ impl EmulatorState {
     /// Records an accepted send and returns its answer. A `client_msg_id` seen
     /// before returns the first answer and records nothing: the request is a
     /// retry of one that took effect.
-    pub fn record_send(&mut self, request: &SendRequest, body: &str) -> Value {
+    pub fn record_send(&mut self, request: &SendCall, body: &str) -> Value {
         if let Some(id) = &request.client_msg_id
             && let Some(first) = self.send_results.get(id)
         {
@@ -366,12 +366,12 @@ mod tests {
         }
     }
 
-    fn send_request(client_msg_id: Option<&str>) -> (SendRequest, String) {
+    fn send_request(client_msg_id: Option<&str>) -> (SendCall, String) {
         let mut body = json!({"msg_type": "text", "data": {"content": "x"}, "to_user_id": "u_1"});
         if let Some(id) = client_msg_id {
             body["client_msg_id"] = id.into();
         }
-        (SendRequest::parse(&body).unwrap(), body.to_string())
+        (SendCall::parse(&body).unwrap(), body.to_string())
     }
 
     fn webhook() -> WebhookTarget {

@@ -1025,7 +1025,7 @@ mod tests {
             let error = SqliteStore::open(path, &identity("t1")).err().unwrap();
             assert_eq!(
                 crate::exit::classify(&error),
-                crate::exit::Outcome::Report(2),
+                crate::exit::ExitOutcome::Report(2),
                 "{error:#}"
             );
             assert!(format!("{error:#}").contains("not a regular file"));
