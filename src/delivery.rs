@@ -13,8 +13,8 @@ use ureq::Agent;
 
 use crate::api::retry::AttemptError;
 use crate::api::{describe_transport_error, host_and_port};
+use crate::clock::unix_now;
 use crate::signature::sign_update_text;
-use crate::state::unix_now;
 
 /// Where deliveries go and how they are signed.
 #[derive(Debug, Clone, PartialEq)]

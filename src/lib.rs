@@ -8,6 +8,7 @@ pub mod api;
 pub mod bot;
 pub mod children;
 pub mod cli;
+pub mod clock;
 pub mod commands;
 pub mod delivery;
 pub mod download;

@@ -194,7 +194,7 @@ pub fn offline_token(token_file: Option<&Path>) -> anyhow::Result<Option<Token>>
 pub fn unix_time_now(given: Option<UnixTime>) -> i64 {
     match given {
         Some(UnixTime::At(now)) => now,
-        Some(UnixTime::Clock) | None => crate::state::unix_now(),
+        Some(UnixTime::Clock) | None => crate::clock::unix_now(),
     }
 }
 

@@ -69,7 +69,8 @@ use std::time::Duration;
 use super::group_commit::{GroupCommit, Pending};
 use super::memory::{Claims, RecentIds, RecentNonces};
 use super::sqlite::{SqliteStore, Write};
-use super::{Admission, Claim, DeadLetter, Delivery, NonceCheck, Store, unix_now};
+use super::{Admission, Claim, DeadLetter, Delivery, NonceCheck, Store};
+use crate::clock::unix_now;
 use crate::sync::lock;
 
 /// Handled ids known in memory: at a busy platform's pace, the last few

@@ -23,7 +23,7 @@ mod sqlite;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crate::api::Token;
 use crate::shutdown::Shutdown;
@@ -535,13 +535,6 @@ pub fn without_userinfo(url: &str) -> String {
         Some(at) => format!("{scheme}://{}{path}", &authority[at + 1..]),
         None => url.to_string(),
     }
-}
-
-pub fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -27,7 +27,8 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::group_commit::Sink;
 use super::memory::Claims;
-use super::{BotIdentity, Claim, DEFAULT_RETENTION, DeadLetter, NonceCheck, Store, unix_now};
+use super::{BotIdentity, Claim, DEFAULT_RETENTION, DeadLetter, NonceCheck, Store};
+use crate::clock::unix_now;
 use crate::signature::sha256_hex;
 use crate::sync::lock;
 
