@@ -1110,6 +1110,30 @@ fn bad_usage_exits_2_with_one_error_line() {
 // ---------------------------------------------------------------------------
 // TLS
 
+/// `serve-webhook` started with `cert` and `key`, run to its end (an error,
+/// in the tests that use it).
+fn serve_with_tls(state: &Path, cert: &Path, key: &Path) -> std::process::Output {
+    fly()
+        .args([
+            "serve-webhook",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--state",
+        ])
+        .arg(state)
+        .arg("--tls-cert")
+        .arg(cert)
+        .arg("--tls-key")
+        .arg(key)
+        .env("FLY_BASE_URL", "http://127.0.0.1:9")
+        .env("FLY_BOT_TOKEN", TOKEN)
+        .timeout(Duration::from_secs(10))
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn tls_serves_https_with_the_given_certificate() {
     let emulator = Emulator::start();
@@ -1193,27 +1217,7 @@ fn bad_tls_files_exit_2_with_one_error_line() {
     std::fs::write(&garbage, "not a certificate\n").unwrap();
     let missing = dir.path().join("missing.pem");
     let state = dir.path().join("s.db");
-    let serve = |cert: &Path, key: &Path| {
-        fly()
-            .args([
-                "serve-webhook",
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--state",
-            ])
-            .arg(&state)
-            .arg("--tls-cert")
-            .arg(cert)
-            .arg("--tls-key")
-            .arg(key)
-            .env("FLY_BASE_URL", "http://127.0.0.1:9")
-            .env("FLY_BOT_TOKEN", TOKEN)
-            .timeout(Duration::from_secs(10))
-            .output()
-            .unwrap()
-    };
+    let serve = |cert: &Path, key: &Path| serve_with_tls(&state, cert, key);
     assert_usage_error(&serve(&missing, &key), "--tls-cert");
     assert_usage_error(&serve(&cert, &missing), "--tls-key");
     assert_usage_error(&serve(&garbage, &key), "--tls-cert");
@@ -1266,27 +1270,7 @@ fn broken_tls_material_is_refused_at_start_saying_what_it_is() {
             .success()
     );
     let state = dir.path().join("s.db");
-    let serve = |cert: &Path, key: &Path| {
-        fly()
-            .args([
-                "serve-webhook",
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--state",
-            ])
-            .arg(&state)
-            .arg("--tls-cert")
-            .arg(cert)
-            .arg("--tls-key")
-            .arg(key)
-            .env("FLY_BASE_URL", "http://127.0.0.1:9")
-            .env("FLY_BOT_TOKEN", TOKEN)
-            .timeout(Duration::from_secs(10))
-            .output()
-            .unwrap()
-    };
+    let serve = |cert: &Path, key: &Path| serve_with_tls(&state, cert, key);
     assert_usage_error(&serve(&broken_der, &key), "certificate 2 is broken");
     assert_usage_error(
         &serve(&broken_base64, &key),
