@@ -1,7 +1,7 @@
 //! A signed webhook delivery, as the platform makes it: the update signed
 //! (v1) afresh for each attempt, with a new timestamp and the update's own
 //! nonce, and POSTed to a receiver; anything but a 2xx is a failed attempt,
-//! retried by the caller with [`RetryPolicy::run`](crate::api::retry::RetryPolicy::run).
+//! retried by the caller with [`RetryPolicy::run`](crate::retry::RetryPolicy::run).
 //! `fly forward` delivers to your receiver this way, and the emulator's
 //! webhook mode is the platform doing it.
 
@@ -11,9 +11,9 @@ use std::time::Duration;
 use rustls_pki_types::CertificateDer;
 use ureq::Agent;
 
-use crate::api::retry::AttemptError;
 use crate::api::{describe_transport_error, host_and_port};
 use crate::clock::unix_now;
+use crate::retry::AttemptError;
 use crate::signature::sign_update_text;
 
 /// Where deliveries go and how they are signed.

@@ -20,11 +20,11 @@ use indicatif::ProgressBar;
 use ureq::Agent;
 use ureq::http::{Response, Uri};
 
-use crate::api::retry::{
+use crate::progress::set_download_length;
+use crate::retry::{
     AttemptError, GaveUp, Limit, RetryPolicy, TransportFailure, attempts_text, classify_transport,
     parse_retry_after, status_is_transient,
 };
-use crate::progress::set_download_length;
 use crate::shutdown::Shutdown;
 
 const BUFFER_SIZE: usize = 128 * 1024;

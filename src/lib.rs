@@ -19,6 +19,7 @@ pub mod logging;
 pub mod output;
 pub mod progress;
 pub mod random;
+pub mod retry;
 pub mod shutdown;
 pub mod signature;
 pub mod small_file;

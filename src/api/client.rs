@@ -11,13 +11,13 @@ use serde_json::json;
 use ureq::Agent;
 use ureq::http::Response;
 
-use super::retry::{
-    AttemptError, GaveUp, RetryPolicy, TransportFailure, attempts_text, classify_transport,
-    parse_retry_after, status_is_transient,
-};
 use super::types::{PATH_BATCH_ACCESS, PATH_SEND, PATH_UPDATES, SendRequest, Unusable, Update};
 use super::{ApiError, Token};
 use crate::exit::usage;
+use crate::retry::{
+    AttemptError, GaveUp, RetryPolicy, TransportFailure, attempts_text, classify_transport,
+    parse_retry_after, status_is_transient,
+};
 use crate::shutdown::Shutdown;
 use crate::signature::json::{self, Value};
 use crate::signature::python;

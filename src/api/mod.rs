@@ -1,9 +1,8 @@
 //! The Fly Bot API as the rest of `fly` sees it: message types, the one
-//! blocking HTTP client every command shares, and its retry policy.
+//! blocking HTTP client every command shares (its retries: `crate::retry`).
 
 mod client;
 pub mod media;
-pub mod retry;
 pub mod types;
 
 use std::fmt;
@@ -14,7 +13,7 @@ pub use client::{
 };
 pub use types::{Chat, Message, MessageData, SendRequest, Target, Unusable, Update};
 
-use retry::{Limit, attempts_text};
+use crate::retry::{Limit, attempts_text};
 
 /// The bot token. It has no `Display` and a redacted `Debug`, so it cannot end
 /// up in a log line or an error message by accident; the only way to the raw
@@ -167,7 +166,7 @@ mod tests {
             path: "/api/v1/s/bot/send".into(),
             attempts: 1,
             last: "HTTP 429 (code 42900: slow down)".into(),
-            limit: Limit::RetryAfter(retry::WaitTooLong {
+            limit: Limit::RetryAfter(crate::retry::WaitTooLong {
                 asked: std::time::Duration::from_secs(300),
                 left: std::time::Duration::from_secs(29),
                 budget,

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 
 use super::{HandleError, Handler, Outcome};
 use crate::api::media::{MediaUrl, is_media_type};
-use crate::api::retry::RetryPolicy;
 use crate::api::{ApiClient, Chat, Message, SendRequest, Update};
 use crate::download::{DownloadError, Durability, download, safe_file_name, save_atomically};
+use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use indicatif::ProgressBar;
 

@@ -10,8 +10,8 @@ use rustls_pki_types::CertificateDer;
 
 use super::{HandleError, Handler, Outcome};
 use crate::api::Update;
-use crate::api::retry::{AttemptError, GaveUp, RetryPolicy};
 use crate::delivery::{ClientSettings, Deliverer, Receiver};
+use crate::retry::{AttemptError, GaveUp, RetryPolicy};
 use crate::shutdown::{Shutdown, Stage};
 
 /// A local receiver that is down is waited for patiently but checked often.

@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 use anyhow::anyhow;
 
 use super::{HandleError, Handler, Outcome, chat_label, record_dead_letter};
-use crate::api::retry::RetryPolicy;
 use crate::api::{ApiClient, ApiError, Received, Update};
+use crate::retry::RetryPolicy;
 use crate::shutdown::{Shutdown, Stage};
 use crate::state::{PollingLease, Store, is_lease_lost, is_unavailable};
 use crate::sync::lock;

@@ -11,13 +11,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow};
 use serde_json::{Value, json};
 
-use crate::api::retry::RetryPolicy;
 use crate::api::{ApiClient, Token};
 use crate::bot::echo::EchoHandler;
 use crate::bot::poll_loop::{self, PollSettings};
 use crate::cli::DemoArgs;
 use crate::emulator::{ControlClient, Emulator, EmulatorConfig};
 use crate::exit;
+use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::state::{BotIdentity, SqliteStore};
 

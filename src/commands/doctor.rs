@@ -14,11 +14,11 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::anyhow;
 
-use crate::api::retry::RetryPolicy;
 use crate::api::{ApiClient, ApiError, Probe, Token, check_base_url};
 use crate::cli::{ApiArgs, DEFAULT_BASE_URL, DoctorArgs, UnixTime};
 use crate::commands::{configured_token, print_line, unix_time_now};
 use crate::exit::{self, usage};
+use crate::retry::RetryPolicy;
 use crate::state::{BotIdentity, RedisStore, SqliteStore, StateLocation, Store};
 
 /// Signed updates further than this from the receiver's clock are refused

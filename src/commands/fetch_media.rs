@@ -10,12 +10,12 @@ use crate::signature::json::Value as PyValue;
 use anyhow::{Context, anyhow};
 
 use crate::api::media::media_urls;
-use crate::api::retry::RetryPolicy;
 use crate::cli::FetchMediaArgs;
 use crate::commands::{one_shot_client, read_input};
 use crate::download::{Durability, Stream, download, safe_file_name, save_atomically};
 use crate::exit::{self, usage};
 use crate::progress;
+use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 
 /// Where the downloaded bytes go.

@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::api::retry::RetryPolicy;
 use crate::api::{ApiClient, check_http_url};
 use crate::bot::forward::ForwardHandler;
 use crate::bot::poll_loop::{self, PollSettings};
@@ -14,6 +13,7 @@ use crate::cli::ForwardArgs;
 use crate::commands::{configured_token, polling_store, required_token, signing_secret};
 use crate::delivery::Receiver;
 use crate::exit;
+use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::state::BotIdentity;
 

@@ -23,10 +23,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
-use crate::api::retry::RetryPolicy;
 use crate::api::{ApiClient, Token};
 use crate::cli::{ApiArgs, Command, SecretArgs, UnixTime};
 use crate::exit::usage;
+use crate::retry::RetryPolicy;
 
 pub use crate::output::{print_line, write_stdout};
 

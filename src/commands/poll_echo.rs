@@ -7,11 +7,11 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::api::ApiClient;
-use crate::api::retry::RetryPolicy;
 use crate::bot::poll_loop::{self, PollSettings};
 use crate::cli::PollEchoArgs;
 use crate::commands::{polling_store, reply_handler, required_token};
 use crate::exit;
+use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::state::BotIdentity;
 

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::api::ApiClient;
-use crate::api::retry::RetryPolicy;
 use crate::cli::ServeWebhookArgs;
 use crate::commands::{configured_token, reply_handler, required_token, webhook_secrets};
 use crate::exit::{self, usage};
+use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::state::{BotIdentity, Front, RedisStore, SqliteStore, StateLocation, Store};
 use crate::webhook::{self, TlsFiles, WebhookConfig};

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use super::Shared;
 use super::state::DeliveryJob;
-use crate::api::retry::{GaveUp, RetryPolicy};
 use crate::delivery::{self, ClientSettings, Deliverer};
+use crate::retry::{GaveUp, RetryPolicy};
 
 /// The platform redelivers quickly at first: 50 ms after the first failure,
 /// doubling (with jitter) up to 2 s, until the receiver answers 2xx.

@@ -51,8 +51,8 @@ use super::{
     Admission, BotIdentity, Claim, DEFAULT_RETENTION, DeadLetter, Delivery, LeaseLost, LeaseWatch,
     NonceCheck, Pending, PollingLease, Store, Unavailable,
 };
-use crate::api::retry::RetryPolicy;
 use crate::clock::unix_now;
+use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::signature::sha256_hex;
 use crate::sync::lock;
