@@ -5,7 +5,6 @@
 //! `fly forward` delivers to your receiver this way, and the emulator's
 //! webhook mode is the platform doing it.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use rustls_pki_types::CertificateDer;
@@ -44,33 +43,16 @@ pub struct Deliverer {
 
 impl Deliverer {
     pub fn new(settings: ClientSettings) -> Deliverer {
-        let mut config = Agent::config_builder()
-            .http_status_as_error(false)
-            // A redirect is the receiver's answer, not a place to go:
-            // following it would turn the POST into a bodyless GET whose 2xx
-            // looks like a delivery.
-            .max_redirects(0)
-            // A receiver is reached directly, never through a proxy from
-            // the environment (most are on this machine or this network).
-            .proxy(None)
-            .timeout_connect(Some(settings.connect_timeout))
-            .timeout_global(Some(settings.answer_timeout));
-        if let Some(agent_name) = settings.user_agent {
-            config = config.user_agent(agent_name);
-        }
-        if let Some(certificates) = settings.trusted {
-            let roots = certificates
-                .iter()
-                .map(|certificate| ureq::tls::Certificate::from_der(certificate).to_owned())
-                .collect();
-            config = config.tls_config(
-                ureq::tls::TlsConfig::builder()
-                    .root_certs(ureq::tls::RootCerts::Specific(Arc::new(roots)))
-                    .build(),
-            );
-        }
+        let agent = crate::http_client::agent(crate::http_client::Profile::Receiver {
+            connect_timeout: settings.connect_timeout,
+            answer_timeout: settings.answer_timeout,
+            trusted: settings.trusted.as_deref(),
+            user_agent: settings
+                .user_agent
+                .unwrap_or(crate::http_client::USER_AGENT),
+        });
         Deliverer {
-            agent: config.build().new_agent(),
+            agent,
             answer_timeout: settings.answer_timeout,
         }
     }

@@ -14,6 +14,7 @@ pub mod delivery;
 pub mod download;
 pub mod emulator;
 pub mod exit;
+pub mod http_client;
 pub mod http_server;
 pub mod logging;
 pub mod output;

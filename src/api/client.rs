@@ -475,13 +475,10 @@ pub fn http_url_problem(url: &str) -> Option<&'static str> {
 }
 
 fn new_agent() -> Agent {
-    Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_connect(Some(CONNECT_TIMEOUT))
-        .timeout_per_read(Some(READ_TIMEOUT))
-        .user_agent(concat!("fly/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .new_agent()
+    crate::http_client::agent(crate::http_client::Profile::Platform {
+        connect_timeout: CONNECT_TIMEOUT,
+        read_timeout: READ_TIMEOUT,
+    })
 }
 
 fn elapsed_ms(started: Instant) -> u64 {

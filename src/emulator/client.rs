@@ -21,13 +21,9 @@ pub struct ControlClient {
 impl ControlClient {
     /// A client for the emulator at `base_url` (`http://HOST:PORT`).
     pub fn new(base_url: &str) -> ControlClient {
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            // The emulator is local: never reached through a proxy from the environment.
-            .proxy(None)
-            .timeout_global(Some(TIMEOUT))
-            .build()
-            .new_agent();
+        // The emulator is local: never reached through a proxy from the environment.
+        let agent =
+            crate::http_client::agent(crate::http_client::Profile::Local { timeout: TIMEOUT });
         ControlClient {
             agent,
             base_url: base_url.trim_end_matches('/').to_string(),
