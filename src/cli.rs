@@ -510,10 +510,7 @@ pub struct LeaseArgs {
 
 /// A lease: seconds, fractions allowed, from 0.3 s to an hour.
 fn parse_lease(text: &str) -> Result<Duration, String> {
-    match text.trim().parse::<f64>() {
-        Ok(seconds) if (0.3..=3600.0).contains(&seconds) => Ok(Duration::from_secs_f64(seconds)),
-        _ => Err("expected seconds from 0.3 to 3600, e.g. 10 or 2.5".into()),
-    }
+    parse_seconds(text, "0.3", 0.3)
 }
 
 #[derive(Debug, Args)]
@@ -804,9 +801,17 @@ pub struct StopArgs {
 
 /// A grace period: seconds, fractions allowed, up to an hour.
 fn parse_grace(text: &str) -> Result<Duration, String> {
+    parse_seconds(text, "0", 0.0)
+}
+
+/// Seconds, fractions allowed, from `least` (written `least_text` in the
+/// message) up to an hour.
+fn parse_seconds(text: &str, least_text: &str, least: f64) -> Result<Duration, String> {
     match text.trim().parse::<f64>() {
-        Ok(seconds) if (0.0..=3600.0).contains(&seconds) => Ok(Duration::from_secs_f64(seconds)),
-        _ => Err("expected seconds from 0 to 3600, e.g. 10 or 2.5".into()),
+        Ok(seconds) if (least..=3600.0).contains(&seconds) => Ok(Duration::from_secs_f64(seconds)),
+        _ => Err(format!(
+            "expected seconds from {least_text} to 3600, e.g. 10 or 2.5"
+        )),
     }
 }
 

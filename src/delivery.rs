@@ -7,11 +7,11 @@
 
 use std::time::Duration;
 
-use rustls_pki_types::CertificateDer;
 use ureq::Agent;
 
 use crate::api::{describe_transport_error, host_and_port};
 use crate::clock::unix_now;
+use crate::http_client::{self, Profile, ReceiverClient};
 use crate::retry::AttemptError;
 use crate::signature::sign_update_text;
 
@@ -23,17 +23,6 @@ pub struct Receiver {
     pub bot_id: String,
 }
 
-/// How the deliverer's HTTP client behaves.
-pub struct ClientSettings {
-    pub connect_timeout: Duration,
-    /// The longest a receiver gets to answer one delivery.
-    pub answer_timeout: Duration,
-    /// Certificates trusted for an https:// receiver instead of the
-    /// system's roots (`fly forward --to-ca`).
-    pub trusted: Option<Vec<CertificateDer<'static>>>,
-    pub user_agent: Option<&'static str>,
-}
-
 /// Makes signed deliveries; cheap to clone (the connection pool is shared).
 #[derive(Clone)]
 pub struct Deliverer {
@@ -42,18 +31,10 @@ pub struct Deliverer {
 }
 
 impl Deliverer {
-    pub fn new(settings: ClientSettings) -> Deliverer {
-        let agent = crate::http_client::agent(crate::http_client::Profile::Receiver {
-            connect_timeout: settings.connect_timeout,
-            answer_timeout: settings.answer_timeout,
-            trusted: settings.trusted.as_deref(),
-            user_agent: settings
-                .user_agent
-                .unwrap_or(crate::http_client::USER_AGENT),
-        });
+    pub fn new(client: ReceiverClient) -> Deliverer {
         Deliverer {
-            agent,
-            answer_timeout: settings.answer_timeout,
+            answer_timeout: client.answer_timeout,
+            agent: http_client::agent(Profile::Receiver(client)),
         }
     }
 

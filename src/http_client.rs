@@ -21,16 +21,19 @@ pub enum Profile<'a> {
     /// are on this machine or network), and a redirect is its answer, not
     /// a place to go (following it would turn the POST into a bodyless GET
     /// whose 2xx looks like a delivery).
-    Receiver {
-        connect_timeout: Duration,
-        /// The longest a receiver gets to answer one delivery.
-        answer_timeout: Duration,
-        /// Trusted instead of the system's roots (`fly forward --to-ca`).
-        trusted: Option<&'a [CertificateDer<'static>]>,
-        user_agent: &'static str,
-    },
+    Receiver(ReceiverClient<'a>),
     /// The local emulator's control API: no proxy.
     Local { timeout: Duration },
+}
+
+/// How a client of webhook receivers behaves.
+pub struct ReceiverClient<'a> {
+    pub connect_timeout: Duration,
+    /// The longest a receiver gets to answer one delivery.
+    pub answer_timeout: Duration,
+    /// Trusted instead of the system's roots (`fly forward --to-ca`).
+    pub trusted: Option<&'a [CertificateDer<'static>]>,
+    pub user_agent: &'static str,
 }
 
 /// fly's own name and version, as every profile but the emulator's sends it.
@@ -48,12 +51,12 @@ pub fn agent(profile: Profile) -> Agent {
             .user_agent(USER_AGENT)
             .build()
             .new_agent(),
-        Profile::Receiver {
+        Profile::Receiver(ReceiverClient {
             connect_timeout,
             answer_timeout,
             trusted,
             user_agent,
-        } => {
+        }) => {
             let mut config = config
                 .max_redirects(0)
                 .proxy(None)

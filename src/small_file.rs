@@ -71,12 +71,17 @@ pub fn read_small_file(path: &Path, cap: u64) -> Result<Vec<u8>, SmallFileError>
     Ok(bytes)
 }
 
+/// [`read_small_file`] for the file given with `flag`: a file that cannot be
+/// used is bad input (exit 2), one line naming the flag and the path.
+pub fn read_given(path: &Path, cap: u64, flag: &str) -> anyhow::Result<Vec<u8>> {
+    read_small_file(path, cap).map_err(|error| usage(error.message(flag, path)))
+}
+
 /// Every certificate of the PEM file given with `flag`, each one parsed: a
 /// broken block is refused at start (exit 2, naming it), not found out by a
 /// failed handshake later.
 pub fn read_certificates(path: &Path, flag: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let pem = read_small_file(path, MAX_PEM_FILE_BYTES)
-        .map_err(|error| usage(error.message(flag, path)))?;
+    let pem = read_given(path, MAX_PEM_FILE_BYTES, flag)?;
     let shown = path.display();
     let mut certificates = Vec::new();
     for (index, block) in CertificateDer::pem_slice_iter(&pem).enumerate() {

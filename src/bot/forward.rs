@@ -10,7 +10,8 @@ use rustls_pki_types::CertificateDer;
 
 use super::{HandleError, Handler, Outcome};
 use crate::api::Update;
-use crate::delivery::{ClientSettings, Deliverer, Receiver};
+use crate::delivery::{Deliverer, Receiver};
+use crate::http_client::ReceiverClient;
 use crate::retry::{AttemptError, GaveUp, RetryPolicy};
 use crate::shutdown::{Shutdown, Stage};
 
@@ -37,11 +38,11 @@ impl ForwardHandler {
         trusted: Option<Vec<CertificateDer<'static>>>,
         shutdown: Shutdown,
     ) -> ForwardHandler {
-        let deliverer = Deliverer::new(ClientSettings {
+        let deliverer = Deliverer::new(ReceiverClient {
             connect_timeout: Duration::from_secs(5),
             answer_timeout: DELIVERY_TIMEOUT,
-            trusted,
-            user_agent: None,
+            trusted: trusted.as_deref(),
+            user_agent: crate::http_client::USER_AGENT,
         });
         ForwardHandler {
             receiver: Arc::new(receiver),

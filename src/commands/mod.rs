@@ -57,8 +57,7 @@ const MAX_CREDENTIAL_FILE_BYTES: u64 = 64 * 1024;
 /// read, is too large or holds only whitespace is a usage error naming `flag`.
 pub fn read_credential_file(path: &Path, flag: &str) -> anyhow::Result<String> {
     let shown = path.display();
-    let bytes = crate::small_file::read_small_file(path, MAX_CREDENTIAL_FILE_BYTES)
-        .map_err(|error| usage(error.message(flag, path)))?;
+    let bytes = crate::small_file::read_given(path, MAX_CREDENTIAL_FILE_BYTES, flag)?;
     let text =
         String::from_utf8(bytes).map_err(|_| usage(format!("{flag} {shown} is not UTF-8 text")))?;
     let trimmed = text.trim();

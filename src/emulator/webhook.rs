@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use super::Shared;
 use super::state::DeliveryJob;
-use crate::delivery::{self, ClientSettings, Deliverer};
+use crate::delivery::{self, Deliverer};
+use crate::http_client::ReceiverClient;
 use crate::retry::{GaveUp, RetryPolicy};
 
 /// The platform redelivers quickly at first: 50 ms after the first failure,
@@ -35,12 +36,12 @@ pub fn spawn_worker(shared: Arc<Shared>, wakeups: Receiver<()>) -> std::io::Resu
 }
 
 fn deliver_until_stopped(shared: &Shared, wakeups: &Receiver<()>) {
-    let deliverer = Deliverer::new(ClientSettings {
+    let deliverer = Deliverer::new(ReceiverClient {
         connect_timeout: Duration::from_secs(2),
         // A receiver that takes longer than this to answer counts as failed.
         answer_timeout: Duration::from_secs(10),
         trusted: None,
-        user_agent: Some(concat!("fly-emulator/", env!("CARGO_PKG_VERSION"))),
+        user_agent: concat!("fly-emulator/", env!("CARGO_PKG_VERSION")),
     });
     while !shared.is_stopping() {
         let Some(job) = shared.lock().next_delivery() else {

@@ -226,8 +226,8 @@ fn load_tls(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
 /// The private key of `--tls-key`, with a message that says what the file
 /// holds instead when it is not a usable key.
 fn read_private_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
-    let pem = crate::small_file::read_small_file(path, crate::small_file::MAX_PEM_FILE_BYTES)
-        .map_err(|error| usage(error.message("--tls-key", path)))?;
+    let pem =
+        crate::small_file::read_given(path, crate::small_file::MAX_PEM_FILE_BYTES, "--tls-key")?;
     let shown = path.display();
     let mut holds_certificate = false;
     for block in <(SectionKind, Vec<u8>)>::pem_slice_iter(&pem) {

@@ -265,24 +265,24 @@ impl Receiver {
             // Released when this closure ends, after the mark: a redelivery
             // then finds the update handled, never unclaimed and unmarked.
             let _claim = claim;
-            match handler.handle(&update) {
+            // This server cannot retry later by itself: what poll-echo would
+            // park (a rejected reply, media gone for good) is a dead letter
+            // here, since the platform's redeliveries would only meet the
+            // same refusal.
+            let handled = handler.handle(&update).map_err(|error| match error {
+                HandleError::Park(error) => HandleError::DeadLetter(format!("{error:#}")),
+                other => other,
+            });
+            match handled {
                 Ok(outcome) => {
                     store
                         .mark_handled(update.update_id, outcome.as_str())
                         .map_err(HandleError::Retry)?;
                     Ok("OK")
                 }
-                // Accepted (200): delivering it again could not help. A
-                // rejected reply or media gone for good too: the platform's
-                // redeliveries would only meet the same refusal, and this
-                // server cannot retry later by itself (poll-echo parks it).
+                // Accepted (200): delivering it again could not help.
                 Err(HandleError::DeadLetter(reason)) => {
                     record_dead_letter(store.as_ref(), &update, &reason)
-                        .map_err(HandleError::Retry)?;
-                    Ok("DEAD_LETTER")
-                }
-                Err(HandleError::Park(error)) => {
-                    record_dead_letter(store.as_ref(), &update, &format!("{error:#}"))
                         .map_err(HandleError::Retry)?;
                     Ok("DEAD_LETTER")
                 }
@@ -300,7 +300,7 @@ impl Receiver {
                 (StatusCode::INTERNAL_SERVER_ERROR, "REPLY_FAILED")
             }
             Ok(Err(HandleError::Park(error))) => {
-                // Recorded in the closure above; never returned from it.
+                // Made a dead letter in the closure above; never returned from it.
                 tracing::error!("dead letter not recorded: {error:#}");
                 (StatusCode::INTERNAL_SERVER_ERROR, "REPLY_FAILED")
             }
