@@ -3,15 +3,16 @@
 //! mistyped to a FIFO, a device or a log then fails at once with one line,
 //! instead of blocking forever (a FIFO with no writer) or filling memory
 //! (`/dev/zero`).
+//!
+//! Errors are typed and name no flag: the command that was given the path
+//! says which option it came from (`commands::read_given`).
 
 use std::fmt;
 use std::io::Read;
 use std::path::Path;
 
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
-
-use crate::exit::usage;
+use rustls_pki_types::pem::{PemObject, SectionKind};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 /// A certificate chain or key file is a few KiB; a larger one was named by mistake.
 pub const MAX_PEM_FILE_BYTES: u64 = 1024 * 1024;
@@ -71,41 +72,112 @@ pub fn read_small_file(path: &Path, cap: u64) -> Result<Vec<u8>, SmallFileError>
     Ok(bytes)
 }
 
-/// [`read_small_file`] for the file given with `flag`: a file that cannot be
-/// used is bad input (exit 2), one line naming the flag and the path.
-pub fn read_given(path: &Path, cap: u64, flag: &str) -> anyhow::Result<Vec<u8>> {
-    read_small_file(path, cap).map_err(|error| usage(error.message(flag, path)))
+/// Why a PEM file (a certificate chain, a private key) cannot be used.
+#[derive(Debug)]
+pub enum PemError {
+    File(SmallFileError),
+    /// Certificate `number` (from 1) is not a PEM block.
+    CertificateNotPem {
+        number: usize,
+        error: String,
+    },
+    /// Certificate `number` is PEM but not a certificate rustls can use.
+    CertificateBroken {
+        number: usize,
+        error: String,
+    },
+    NoCertificate,
+    KeyNotPem(String),
+    KeyUnreadable(String),
+    /// The key is protected by a passphrase.
+    KeyEncrypted,
+    /// The file holds a certificate where a key was expected.
+    CertificateInsteadOfKey,
+    NoKey,
 }
 
-/// Every certificate of the PEM file given with `flag`, each one parsed: a
-/// broken block is refused at start (exit 2, naming it), not found out by a
-/// failed handshake later.
-pub fn read_certificates(path: &Path, flag: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let pem = read_given(path, MAX_PEM_FILE_BYTES, flag)?;
-    let shown = path.display();
+impl PemError {
+    /// The one line for the file `path`, given with `flag`.
+    pub fn message(&self, flag: &str, path: &Path) -> String {
+        let shown = path.display();
+        match self {
+            PemError::File(error) => error.message(flag, path),
+            PemError::CertificateNotPem { number, error } => {
+                format!("{flag} {shown}: certificate {number} is not valid PEM: {error}")
+            }
+            PemError::CertificateBroken { number, error } => {
+                format!("{flag} {shown}: certificate {number} is broken: {error}")
+            }
+            PemError::NoCertificate => {
+                format!("{flag} {shown}: no certificate found (PEM, -----BEGIN CERTIFICATE-----)")
+            }
+            PemError::KeyNotPem(error) => format!("{flag} {shown}: not valid PEM: {error}"),
+            PemError::KeyUnreadable(error) => format!("{flag} {shown}: {error}"),
+            PemError::KeyEncrypted => format!(
+                "{flag} {shown} is encrypted: fly needs the key without a passphrase \
+                 (openssl pkey -in {shown} -out key.pem)"
+            ),
+            PemError::CertificateInsteadOfKey => {
+                format!("{flag} {shown} holds a certificate, not a private key")
+            }
+            PemError::NoKey => {
+                format!("{flag} {shown}: no private key found (PEM, -----BEGIN PRIVATE KEY-----)")
+            }
+        }
+    }
+}
+
+/// Every certificate of the PEM file at `path`, each one parsed: a broken
+/// block is refused at start, not found out by a failed handshake later.
+pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, PemError> {
+    let pem = read_small_file(path, MAX_PEM_FILE_BYTES).map_err(PemError::File)?;
     let mut certificates = Vec::new();
     for (index, block) in CertificateDer::pem_slice_iter(&pem).enumerate() {
         let number = index + 1;
-        let certificate = block.map_err(|error| {
-            usage(format!(
-                "{flag} {shown}: certificate {number} is not valid PEM: {error}"
-            ))
+        let certificate = block.map_err(|error| PemError::CertificateNotPem {
+            number,
+            error: error.to_string(),
         })?;
         tokio_rustls::rustls::server::ParsedCertificate::try_from(&certificate).map_err(
-            |error| {
-                usage(format!(
-                    "{flag} {shown}: certificate {number} is broken: {error}"
-                ))
+            |error| PemError::CertificateBroken {
+                number,
+                error: error.to_string(),
             },
         )?;
         certificates.push(certificate);
     }
     if certificates.is_empty() {
-        return Err(usage(format!(
-            "{flag} {shown}: no certificate found (PEM, -----BEGIN CERTIFICATE-----)"
-        )));
+        return Err(PemError::NoCertificate);
     }
     Ok(certificates)
+}
+
+/// The private key in the PEM file at `path`; when there is none, what the
+/// file holds instead (an encrypted key, a certificate).
+pub fn read_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, PemError> {
+    let pem = read_small_file(path, MAX_PEM_FILE_BYTES).map_err(PemError::File)?;
+    let mut holds_certificate = false;
+    for block in <(SectionKind, Vec<u8>)>::pem_slice_iter(&pem) {
+        let (kind, _) = block.map_err(|error| PemError::KeyNotPem(error.to_string()))?;
+        match kind {
+            SectionKind::PrivateKey | SectionKind::RsaPrivateKey | SectionKind::EcPrivateKey => {
+                return PrivateKeyDer::from_pem_slice(&pem)
+                    .map_err(|error| PemError::KeyUnreadable(error.to_string()));
+            }
+            SectionKind::Certificate => holds_certificate = true,
+            _ => {}
+        }
+    }
+    let text = String::from_utf8_lossy(&pem);
+    Err(
+        if text.contains("ENCRYPTED PRIVATE KEY") || text.contains("Proc-Type: 4,ENCRYPTED") {
+            PemError::KeyEncrypted
+        } else if holds_certificate {
+            PemError::CertificateInsteadOfKey
+        } else {
+            PemError::NoKey
+        },
+    )
 }
 
 /// Opens for reading without waiting for a FIFO's writer: the type is

@@ -46,7 +46,7 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
         args.bot_id
     );
     let trusted = match &args.to_ca {
-        Some(path) => Some(crate::small_file::read_certificates(path, "--to-ca")?),
+        Some(path) => Some(super::read_certificates(path, "--to-ca")?),
         None => None,
     };
     let handler = Arc::new(ForwardHandler::new(

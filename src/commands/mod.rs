@@ -31,6 +31,34 @@ use crate::retry::RetryPolicy;
 pub use crate::output::{print_line, write_stdout};
 
 pub fn run(command: Command) -> anyhow::Result<ExitCode> {
+    dispatch(command).map_err(in_command_line_words)
+}
+
+/// Typed errors from the layers below, said in the words of the command
+/// line: which option chooses something else, and whether it is bad input
+/// (exit 2). Those layers name no option; everything else passes as it is.
+fn in_command_line_words(error: anyhow::Error) -> anyhow::Error {
+    use crate::state::StateRefused;
+    let Some(refused) = error
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<StateRefused>())
+    else {
+        return error;
+    };
+    let said = format!("{error:#}");
+    match refused {
+        StateRefused::Unusable(_) => usage(format!("{said} (or choose another with --state PATH)")),
+        StateRefused::Foreign(_) => anyhow::anyhow!("{said}; choose another with --state PATH"),
+        StateRefused::InUse { shared: false, .. } => {
+            anyhow::anyhow!("{said}; stop it first, or choose another with --state PATH")
+        }
+        StateRefused::InUse { shared: true, .. } => {
+            anyhow::anyhow!("{said}; stop it first, or run this one without --once to stand by")
+        }
+    }
+}
+
+fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Send(args) => send::run(args),
         Command::Emulator(args) => emulator::run(args),
@@ -57,7 +85,7 @@ const MAX_CREDENTIAL_FILE_BYTES: u64 = 64 * 1024;
 /// read, is too large or holds only whitespace is a usage error naming `flag`.
 pub fn read_credential_file(path: &Path, flag: &str) -> anyhow::Result<String> {
     let shown = path.display();
-    let bytes = crate::small_file::read_given(path, MAX_CREDENTIAL_FILE_BYTES, flag)?;
+    let bytes = read_given(path, MAX_CREDENTIAL_FILE_BYTES, flag)?;
     let text =
         String::from_utf8(bytes).map_err(|_| usage(format!("{flag} {shown} is not UTF-8 text")))?;
     let trimmed = text.trim();
@@ -65,6 +93,20 @@ pub fn read_credential_file(path: &Path, flag: &str) -> anyhow::Result<String> {
         return Err(usage(format!("{flag} {shown} is empty")));
     }
     Ok(trimmed.to_string())
+}
+
+/// The bytes of the small file given with `flag` (see `small_file`): one
+/// that cannot be used is bad input (exit 2), one line naming the flag.
+pub fn read_given(path: &Path, cap: u64, flag: &str) -> anyhow::Result<Vec<u8>> {
+    crate::small_file::read_small_file(path, cap).map_err(|error| usage(error.message(flag, path)))
+}
+
+/// Every certificate of the PEM file given with `flag`, each one parsed.
+pub fn read_certificates(
+    path: &Path,
+    flag: &str,
+) -> anyhow::Result<Vec<rustls_pki_types::CertificateDer<'static>>> {
+    crate::small_file::read_certificates(path).map_err(|error| usage(error.message(flag, path)))
 }
 
 /// The bot token of a command that calls the API: `--token-file`, else

@@ -11,7 +11,7 @@ use crate::exit::{self, usage};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::state::{BotIdentity, Front, RedisStore, SqliteStore, StateLocation, Store};
-use crate::webhook::{self, TlsFiles, WebhookConfig};
+use crate::webhook::{self, WebhookConfig};
 
 /// Replies are retried briefly: on failure the platform delivers the update
 /// again, so holding the request open longer helps nobody. The budget keeps
@@ -79,14 +79,32 @@ pub fn run(args: ServeWebhookArgs) -> anyhow::Result<ExitCode> {
         // A claim outlives any handler (which --exec-timeout ends) and its
         // reply's retries; it lapses only if its holder vanished.
         claim_lease: Duration::from_secs(args.exec.exec_timeout + 120),
-        tls: match (args.tls_cert, args.tls_key) {
-            (Some(cert_chain), Some(private_key)) => Some(TlsFiles {
-                cert_chain,
-                private_key,
-            }),
+        tls: match (&args.tls_cert, &args.tls_key) {
+            (Some(cert_chain), Some(private_key)) => Some(tls_acceptor(cert_chain, private_key)?),
             _ => None,
         },
     };
     webhook::run_until_signal(config, open_store, handler, shutdown)?;
     Ok(exit::code(exit::SUCCESS))
+}
+
+/// HTTPS from `--tls-cert` and `--tls-key`: a file that cannot be used, or
+/// a key that does not belong to the certificate, is bad input (exit 2).
+fn tls_acceptor(
+    cert_chain: &std::path::Path,
+    private_key: &std::path::Path,
+) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use crate::small_file::PemError;
+    let chain = super::read_certificates(cert_chain, "--tls-cert")?;
+    let key = crate::small_file::read_private_key(private_key).map_err(|error| {
+        let message = error.message("--tls-key", private_key);
+        match error {
+            PemError::CertificateInsteadOfKey => usage(format!(
+                "{message}: give the certificate as --tls-cert and its key as --tls-key"
+            )),
+            _ => usage(message),
+        }
+    })?;
+    webhook::tls_acceptor(chain, key)
+        .map_err(|error| usage(format!("--tls-cert/--tls-key do not fit together: {error}")))
 }

@@ -75,6 +75,33 @@ fn is_server_url(path: &Path) -> bool {
     .any(|scheme| lower.starts_with(scheme))
 }
 
+/// Why fly cannot use a state location as it is. The message names the
+/// file or the server, never an option: the command layer says how to
+/// choose another (`--state`) and decides the exit code.
+#[derive(Debug)]
+pub enum StateRefused {
+    /// Bad input: a directory that does not exist, something that is not a
+    /// regular file, a read-only file, a URL that does not parse.
+    Unusable(String),
+    /// A file fly will not touch: another program's, or another bot's.
+    Foreign(String),
+    /// Another fly process uses it now (polling, serving webhooks);
+    /// `shared` for a Redis store, where a second poller can stand by.
+    InUse { message: String, shared: bool },
+}
+
+impl std::fmt::Display for StateRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StateRefused::Unusable(message)
+            | StateRefused::Foreign(message)
+            | StateRefused::InUse { message, .. } => f.write_str(message),
+        }
+    }
+}
+
+impl std::error::Error for StateRefused {}
+
 /// The error of a store that could not be reached, or did not answer in
 /// time: nothing was decided, try again later (a webhook delivery is
 /// answered 503, a poller pauses). Find it with `error.downcast_ref`.
@@ -506,9 +533,10 @@ impl BotIdentity {
             None => match std::env::var_os("HOME").filter(|dir| !dir.is_empty()) {
                 Some(home) => PathBuf::from(home).join(".local/state"),
                 None => {
-                    anyhow::bail!(
-                        "no state directory: set HOME or XDG_STATE_HOME, or pass --state PATH"
+                    return Err(StateRefused::Unusable(
+                        "no state directory: set HOME or XDG_STATE_HOME".into(),
                     )
+                    .into());
                 }
             },
         };

@@ -49,7 +49,7 @@ use serde_json::json;
 
 use super::{
     Admission, BotIdentity, Claim, DEFAULT_RETENTION, DeadLetter, Delivery, LeaseLost, LeaseWatch,
-    NonceCheck, Pending, PollingLease, Store, Unavailable,
+    NonceCheck, Pending, PollingLease, StateRefused, Store, Unavailable,
 };
 use crate::clock::unix_now;
 use crate::retry::RetryPolicy;
@@ -526,10 +526,10 @@ impl RedisStore {
     pub fn open(url: &str, identity: &BotIdentity) -> anyhow::Result<RedisStore> {
         let shown = without_userinfo(url);
         let not_usable = |error: RedisError| {
-            crate::exit::usage(format!(
-                "--state {shown}: not a usable Redis URL ({error}); expected \
+            anyhow::Error::from(StateRefused::Unusable(format!(
+                "{shown} is not a usable Redis URL ({error}); expected \
                  redis://[user:pass@]host:port[/db], rediss://… or redis+unix:///path"
-            ))
+            )))
         };
         let info = url.trim().into_connection_info().map_err(not_usable)?;
         // No CLIENT SETINFO after connecting: one round trip (and, with a
@@ -1069,12 +1069,15 @@ impl Store for RedisStore {
                 Ok(None) => {
                     failures = 0;
                     if standby.is_none() {
-                        anyhow::bail!(
-                            "another fly process is already polling with the state store {} \
-                             (it holds the polling lease); stop it first, or run this one \
-                             without --once to stand by",
-                            self.core.shown
-                        );
+                        return Err(StateRefused::InUse {
+                            message: format!(
+                                "another fly process is already polling with the state store {} \
+                                 (it holds the polling lease)",
+                                self.core.shown
+                            ),
+                            shared: true,
+                        }
+                        .into());
                     }
                     if !said_standby {
                         tracing::info!(

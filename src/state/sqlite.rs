@@ -27,7 +27,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::group_commit::Sink;
 use super::memory::Claims;
-use super::{BotIdentity, Claim, DEFAULT_RETENTION, DeadLetter, NonceCheck, Store};
+use super::{BotIdentity, Claim, DEFAULT_RETENTION, DeadLetter, NonceCheck, StateRefused, Store};
 use crate::clock::unix_now;
 use crate::signature::sha256_hex;
 use crate::sync::lock;
@@ -148,10 +148,9 @@ impl SqliteStore {
     /// only inspect it (`fly dead-letters --state PATH`, which needs no token).
     pub fn open_existing(path: &Path) -> anyhow::Result<SqliteStore> {
         if !path.exists() {
-            return Err(crate::exit::usage(format!(
-                "no state file at {}",
-                path.display()
-            )));
+            return Err(
+                StateRefused::Unusable(format!("no state file at {}", path.display())).into(),
+            );
         }
         SqliteStore::open_file(path, None)
     }
@@ -163,9 +162,10 @@ impl SqliteStore {
         if let Ok(found) = std::fs::metadata(path)
             && !found.is_file()
         {
-            return Err(crate::exit::usage(format!(
+            return Err(StateRefused::Unusable(format!(
                 "state file {shown} is not a regular file"
-            )));
+            ))
+            .into());
         }
         // SQLite would open it read-only and fail later, less clearly.
         if let Err(error) = std::fs::OpenOptions::new()
@@ -177,10 +177,11 @@ impl SqliteStore {
                 std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
             )
         {
-            return Err(crate::exit::usage(format!(
+            return Err(StateRefused::Unusable(format!(
                 "state file {shown} is read-only ({error}): fly writes to it; \
                  check its owner and permissions"
-            )));
+            ))
+            .into());
         }
         let connection =
             Connection::open(path).with_context(|| format!("opening the state file {shown}"))?;
@@ -210,11 +211,12 @@ impl SqliteStore {
                 if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty())
                     && !dir.is_dir()
                 {
-                    return Err(crate::exit::usage(format!(
-                        "--state {}: the directory {} does not exist (create it first)",
-                        path.display(),
-                        dir.display()
-                    )));
+                    return Err(StateRefused::Unusable(format!(
+                        "the directory {} of the state file {} does not exist: create it first",
+                        dir.display(),
+                        path.display()
+                    ))
+                    .into());
                 }
                 path
             }
@@ -244,11 +246,16 @@ impl SqliteStore {
             .with_context(|| format!("opening the state file {}", self.path.display()))?;
         match file.try_lock() {
             Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => bail!(
-                "another fly process is already {doing} with the state file {}; \
-                 stop it first, or pass another --state PATH",
-                self.path.display()
-            ),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StateRefused::InUse {
+                    message: format!(
+                        "another fly process is already {doing} with the state file {}",
+                        self.path.display()
+                    ),
+                    shared: false,
+                }
+                .into());
+            }
             Err(std::fs::TryLockError::Error(error)) => {
                 return Err(error)
                     .with_context(|| format!("locking the state file {}", self.path.display()));
@@ -300,9 +307,10 @@ impl SqliteStore {
         } else if is_new {
             bail!("not a fly state file (it is empty)");
         } else if application_id != APPLICATION_ID {
-            bail!(
-                "not a fly state file (another program's SQLite database); pass another --state PATH"
-            );
+            return Err(StateRefused::Foreign(
+                "not a fly state file (another program's SQLite database)".into(),
+            )
+            .into());
         } else if version > SCHEMA_VERSION {
             bail!(
                 "written by a newer fly (schema {version}, this fly knows up to {SCHEMA_VERSION})"
@@ -358,7 +366,7 @@ impl SqliteStore {
             }
             return Ok(());
         };
-        bail!("belongs to {other}; pass another --state PATH")
+        Err(StateRefused::Foreign(format!("belongs to {other}")).into())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -1024,9 +1032,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for path in [dir.path(), Path::new("/dev/null")] {
             let error = SqliteStore::open(path, &identity("t1")).err().unwrap();
-            assert_eq!(
-                crate::exit::classify(&error),
-                crate::exit::ExitOutcome::Report(2),
+            assert!(
+                matches!(
+                    error.downcast_ref::<StateRefused>(),
+                    Some(StateRefused::Unusable(_))
+                ),
                 "{error:#}"
             );
             assert!(format!("{error:#}").contains("not a regular file"));

@@ -26,17 +26,14 @@
 mod receiver;
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use rustls_pki_types::PrivateKeyDer;
-use rustls_pki_types::pem::{PemObject, SectionKind};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
 use crate::bot::Handler;
-use crate::exit::usage;
 use crate::http_server::{self, Limits};
 use crate::shutdown::{Shutdown, Stage};
 use crate::state::Store;
@@ -56,12 +53,8 @@ pub struct WebhookConfig {
     pub concurrency: usize,
     /// How long a claim on an update being handled lasts if never released.
     pub claim_lease: Duration,
-    pub tls: Option<TlsFiles>,
-}
-
-pub struct TlsFiles {
-    pub cert_chain: PathBuf,
-    pub private_key: PathBuf,
+    /// HTTPS with this certificate and key (see [`tls_acceptor`]), else HTTP.
+    pub tls: Option<TlsAcceptor>,
 }
 
 /// Serves until the stop is requested (SIGINT/SIGTERM) or a delivery runs
@@ -71,15 +64,15 @@ pub struct TlsFiles {
 /// off. Returns the fatal error, if any. The first stdout line is the URL
 /// deliveries go to.
 ///
-/// The state store is opened (and created) only once the TLS files are read
-/// and the port is bound, so a mistake there leaves no file behind.
+/// The state store is opened (and created) only once the port is bound, so
+/// a mistake there leaves no file behind.
 pub fn run_until_signal(
     config: WebhookConfig,
     open_store: impl FnOnce() -> anyhow::Result<Arc<dyn Store>>,
     handler: Arc<dyn Handler>,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let tls = config.tls.as_ref().map(load_tls).transpose()?;
+    let tls = config.tls.clone();
     let (listener, local) = http_server::bind(config.bind, config.port)?;
     let store = open_store()?;
     let scheme = if tls.is_some() { "https" } else { "http" };
@@ -209,53 +202,32 @@ const ANSWER_TIME: Duration = Duration::from_secs(1);
 /// a killed handler to be reaped and its last stderr lines logged.
 const ABANDON_GRACE: Duration = Duration::from_secs(2);
 
-fn load_tls(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
-    let chain = crate::small_file::read_certificates(&files.cert_chain, "--tls-cert")?;
-    let key = read_private_key(&files.private_key)?;
+/// The certificate chain and its private key do not make a TLS server
+/// configuration (a key of another certificate, an unsupported key type).
+#[derive(Debug)]
+pub struct TlsMismatch(String);
+
+impl std::fmt::Display for TlsMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TlsMismatch {}
+
+/// The TLS side of the server, from a certificate chain and its key (read
+/// by the caller, which knows where they came from).
+pub fn tls_acceptor(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<TlsAcceptor, TlsMismatch> {
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
     let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .context("configuring TLS")?
+        .map_err(|error| TlsMismatch(error.to_string()))?
         .with_no_client_auth()
         .with_single_cert(chain, key)
-        .map_err(|error| usage(format!("--tls-cert/--tls-key do not fit together: {error}")))?;
+        .map_err(|error| TlsMismatch(error.to_string()))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
-}
-
-/// The private key of `--tls-key`, with a message that says what the file
-/// holds instead when it is not a usable key.
-fn read_private_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
-    let pem =
-        crate::small_file::read_given(path, crate::small_file::MAX_PEM_FILE_BYTES, "--tls-key")?;
-    let shown = path.display();
-    let mut holds_certificate = false;
-    for block in <(SectionKind, Vec<u8>)>::pem_slice_iter(&pem) {
-        let (kind, _) =
-            block.map_err(|error| usage(format!("--tls-key {shown}: not valid PEM: {error}")))?;
-        match kind {
-            SectionKind::PrivateKey | SectionKind::RsaPrivateKey | SectionKind::EcPrivateKey => {
-                return PrivateKeyDer::from_pem_slice(&pem)
-                    .map_err(|error| usage(format!("--tls-key {shown}: {error}")));
-            }
-            SectionKind::Certificate => holds_certificate = true,
-            _ => {}
-        }
-    }
-    let text = String::from_utf8_lossy(&pem);
-    Err(usage(
-        if text.contains("ENCRYPTED PRIVATE KEY") || text.contains("Proc-Type: 4,ENCRYPTED") {
-            format!(
-                "--tls-key {shown} is encrypted: fly needs the key without a passphrase \
-                 (openssl pkey -in {shown} -out key.pem)"
-            )
-        } else if holds_certificate {
-            format!(
-                "--tls-key {shown} holds a certificate, not a private key: \
-                 give the certificate as --tls-cert and its key as --tls-key"
-            )
-        } else {
-            format!("--tls-key {shown}: no private key found (PEM, -----BEGIN PRIVATE KEY-----)")
-        },
-    ))
 }
