@@ -21,6 +21,9 @@ pub struct Receiver {
     pub url: String,
     pub secret: String,
     pub bot_id: String,
+    /// What to do about a receiver whose certificate is not trusted, in the
+    /// words of the command that delivers (its option, if it has one).
+    pub untrusted_hint: &'static str,
 }
 
 /// Makes signed deliveries; cheap to clone (the connection pool is shared).
@@ -75,8 +78,8 @@ impl Deliverer {
                 let described = describe_transport_error(&host_and_port(&receiver.url), &error);
                 Err(failed(if is_tls_failure(&error) {
                     format!(
-                        "TLS with the receiver failed: {described} (a self-signed receiver? \
-                         trust its certificate with --to-ca FILE)"
+                        "TLS with the receiver failed: {described} (a self-signed receiver? {})",
+                        receiver.untrusted_hint
                     )
                 } else {
                     format!("the receiver is unreachable: {described}")

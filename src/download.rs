@@ -12,7 +12,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -542,12 +542,7 @@ pub fn save_atomically(
     };
     let name = destination.file_name().unwrap_or_default();
     remove_stale_part_files(dir, name);
-    let already_exists = || {
-        anyhow::anyhow!(
-            "{} already exists (use --force to overwrite)",
-            destination.display()
-        )
-    };
+    let already_exists = || anyhow::Error::new(AlreadyExists(destination.to_path_buf()));
     // Checked before the transfer too, so a file that is there is not
     // downloaded for nothing; the rename below is what guarantees it.
     if !overwrite && destination.exists() {
@@ -577,6 +572,18 @@ pub fn save_atomically(
     })?;
     Ok(written)
 }
+
+/// The destination exists and was not to be overwritten.
+#[derive(Debug)]
+pub struct AlreadyExists(pub PathBuf);
+
+impl std::fmt::Display for AlreadyExists {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} already exists", self.0.display())
+    }
+}
+
+impl std::error::Error for AlreadyExists {}
 
 /// Random characters in a temporary file's name, `.NAME.XXXXXX.part`.
 const PART_RANDOM_CHARS: usize = 6;

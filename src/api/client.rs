@@ -13,7 +13,6 @@ use ureq::http::Response;
 
 use super::types::{PATH_BATCH_ACCESS, PATH_SEND, PATH_UPDATES, SendRequest, Unusable, Update};
 use super::{ApiError, Token};
-use crate::exit::usage;
 use crate::retry::{
     AttemptError, GaveUp, RetryPolicy, TransportFailure, attempts_text, classify_transport,
     parse_retry_after, status_is_transient,
@@ -21,6 +20,7 @@ use crate::retry::{
 use crate::shutdown::Shutdown;
 use crate::signature::json::{self, Value};
 use crate::signature::python;
+use std::fmt;
 
 /// Where the updates sit in an updates response; their spans are recorded
 /// while parsing so each update keeps its exact bytes.
@@ -400,7 +400,7 @@ const API_PATH_PREFIX: &str = "/api/v1";
 /// to it, so `…/api/v1` would be sent to `…/api/v1/api/v1/…` and read as a 404).
 pub fn check_base_url(url: &str) -> anyhow::Result<String> {
     let url = url.trim().trim_end_matches('/');
-    check_http_url(url, "the base URL")?;
+    check_http_url(url, BASE_URL)?;
     let path_start = url
         .find("://")
         .map(|scheme_end| scheme_end + 3)
@@ -414,11 +414,15 @@ pub fn check_base_url(url: &str) -> anyhow::Result<String> {
         if let Some((at, _)) = api_path {
             let cut = path_start + at;
             let fixed = &url[..cut];
-            return Err(usage(format!(
-                "the base URL {url} includes the API path: drop {} from the base URL \
-                 (--base-url or FLY_BASE_URL) and use {fixed}",
-                &url[cut..]
-            )));
+            return Err(BadUrl {
+                message: format!(
+                    "the base URL {url} includes the API path: drop {} from the base URL \
+                     and use {fixed}",
+                    &url[cut..]
+                ),
+                base_url: true,
+            }
+            .into());
         }
     }
     Ok(url.to_string())
@@ -440,14 +444,37 @@ pub fn host_and_port(url: &str) -> String {
     format!("{}:{port}", authority.host())
 }
 
+/// A URL no request can go to: bad input, to be fixed before anything is
+/// sent. `base_url` when it is the platform's base URL, which the command
+/// layer then names as its option (`--base-url`, `FLY_BASE_URL`).
+#[derive(Debug)]
+pub struct BadUrl {
+    pub message: String,
+    pub base_url: bool,
+}
+
+impl fmt::Display for BadUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for BadUrl {}
+
 /// Checks that `url` is an http(s) URL a request can be made to, so a typo
-/// is exit 2 at once rather than a request retried forever. `what` names it.
-pub fn check_http_url(url: &str, what: &str) -> anyhow::Result<()> {
+/// is refused at once rather than a request retried forever. `what` names it.
+pub fn check_http_url(url: &str, what: &str) -> Result<(), BadUrl> {
     match http_url_problem(url) {
-        Some(why) => Err(usage(format!("{what} {why} (got {url:?})"))),
+        Some(why) => Err(BadUrl {
+            message: format!("{what} {why} (got {url:?})"),
+            base_url: what == BASE_URL,
+        }),
         None => Ok(()),
     }
 }
+
+/// How errors name the platform's base URL.
+const BASE_URL: &str = "the base URL";
 
 /// What makes `url` unusable as an http(s) URL, if anything: the one check
 /// behind every URL fly or its emulator is given.
@@ -620,11 +647,8 @@ mod tests {
             "http://h/x y",
         ] {
             let error = check_http_url(bad, "--to").unwrap_err();
-            assert_eq!(
-                crate::exit::classify(&error),
-                crate::exit::ExitOutcome::Report(2),
-                "{bad}"
-            );
+            assert!(!error.base_url, "{bad}");
+            assert!(error.message.starts_with("--to "), "{error}");
         }
     }
 
@@ -723,9 +747,10 @@ mod tests {
             ),
         ] {
             let error = check_base_url(given).unwrap_err();
-            assert_eq!(
-                crate::exit::classify(&error),
-                crate::exit::ExitOutcome::Report(2),
+            assert!(
+                error
+                    .downcast_ref::<BadUrl>()
+                    .is_some_and(|bad| bad.base_url),
                 "{given}"
             );
             let message = error.to_string();

@@ -8,7 +8,7 @@ pub mod types;
 use std::fmt;
 
 pub use client::{
-    ApiClient, Probe, Received, check_base_url, check_http_url, describe_transport_error,
+    ApiClient, BadUrl, Probe, Received, check_base_url, check_http_url, describe_transport_error,
     host_and_port, http_url_problem,
 };
 pub use types::{Chat, Message, MessageData, SendRequest, Target, Unusable, Update};
@@ -84,8 +84,7 @@ impl fmt::Display for ApiError {
         match self {
             ApiError::TokenRefused { status, detail } => write!(
                 f,
-                "the platform refused the bot token (HTTP {status}{detail}); \
-                 check FLY_BOT_TOKEN or --token-file"
+                "the platform refused the bot token (HTTP {status}{detail})"
             ),
             ApiError::Rejected {
                 path,
@@ -143,8 +142,7 @@ mod tests {
         };
         assert_eq!(
             refused.to_string(),
-            "the platform refused the bot token (HTTP 401 (code 40100: invalid token)); \
-             check FLY_BOT_TOKEN or --token-file"
+            "the platform refused the bot token (HTTP 401 (code 40100: invalid token))"
         );
         let gave_up = |attempts, limit| ApiError::Unavailable {
             path: "/api/v1/s/bot/send".into(),

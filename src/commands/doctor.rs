@@ -189,7 +189,9 @@ fn describe_probe(probe: &Result<Probe, ApiError>, latency_ms: u128) -> (Status,
                  answered in {latency_ms} ms)"
             ),
         ),
-        Err(error @ ApiError::TokenRefused { .. }) => (Status::Fail, error.to_string()),
+        Err(error @ ApiError::TokenRefused { .. }) => {
+            (Status::Fail, format!("{error}; {}", super::TOKEN_HINT))
+        }
         Err(error @ ApiError::Unavailable { .. }) => (
             Status::Fail,
             format!("the platform is unreachable: {error}"),

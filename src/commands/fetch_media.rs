@@ -12,7 +12,9 @@ use anyhow::{Context, anyhow};
 use crate::api::media::media_urls;
 use crate::cli::FetchMediaArgs;
 use crate::commands::{one_shot_client, read_input};
-use crate::download::{Durability, Stream, download, safe_file_name, save_atomically};
+use crate::download::{
+    AlreadyExists, Durability, Stream, download, safe_file_name, save_atomically,
+};
 use crate::exit::{self, usage};
 use crate::progress;
 use crate::retry::RetryPolicy;
@@ -218,7 +220,10 @@ impl Fetcher<'_> {
             )?)
         });
         bar.finish_and_clear();
-        let bytes = bytes?;
+        let bytes = bytes.map_err(|error| match error.downcast_ref::<AlreadyExists>() {
+            Some(_) => anyhow::anyhow!("{error:#} (use --force to overwrite)"),
+            None => error,
+        })?;
         tracing::debug!(url, bytes, path = %path.display(), "saved");
         let mut stdout = std::io::stdout().lock();
         writeln!(stdout, "{}", path.display()).context("writing to stdout")?;

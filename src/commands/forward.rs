@@ -54,6 +54,7 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
             url: args.to,
             secret: secret.value,
             bot_id: args.bot_id,
+            untrusted_hint: "trust its certificate with --to-ca FILE",
         },
         trusted,
         shutdown.clone(),

@@ -35,27 +35,48 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 /// Typed errors from the layers below, said in the words of the command
-/// line: which option chooses something else, and whether it is bad input
-/// (exit 2). Those layers name no option; everything else passes as it is.
+/// line: which option changes it, and whether it is bad input (exit 2).
+/// Those layers name no option; every other error passes as it is.
 fn in_command_line_words(error: anyhow::Error) -> anyhow::Error {
+    use crate::api::{ApiError, BadUrl};
     use crate::state::StateRefused;
-    let Some(refused) = error
-        .chain()
-        .find_map(|cause| cause.downcast_ref::<StateRefused>())
-    else {
-        return error;
-    };
     let said = format!("{error:#}");
-    match refused {
-        StateRefused::Unusable(_) => usage(format!("{said} (or choose another with --state PATH)")),
-        StateRefused::Foreign(_) => anyhow::anyhow!("{said}; choose another with --state PATH"),
-        StateRefused::InUse { shared: false, .. } => {
+    if let Some(bad) = cause::<BadUrl>(&error) {
+        return usage(if bad.base_url {
+            format!("{said} (--base-url or FLY_BASE_URL)")
+        } else {
+            said
+        });
+    }
+    if let Some(ApiError::TokenRefused { .. }) = cause::<ApiError>(&error) {
+        return anyhow::anyhow!("{said}; {TOKEN_HINT}");
+    }
+    if cause::<crate::emulator::NoEmulator>(&error).is_some() {
+        return anyhow::anyhow!("{said}, or point --base-url / FLY_BASE_URL at it");
+    }
+    match cause::<StateRefused>(&error) {
+        None => error,
+        Some(StateRefused::Unusable(_)) => {
+            usage(format!("{said} (or choose another with --state PATH)"))
+        }
+        Some(StateRefused::Foreign(_)) => {
+            anyhow::anyhow!("{said}; choose another with --state PATH")
+        }
+        Some(StateRefused::InUse { shared: false, .. }) => {
             anyhow::anyhow!("{said}; stop it first, or choose another with --state PATH")
         }
-        StateRefused::InUse { shared: true, .. } => {
+        Some(StateRefused::InUse { shared: true, .. }) => {
             anyhow::anyhow!("{said}; stop it first, or run this one without --once to stand by")
         }
     }
+}
+
+/// Where to look when the platform refuses the bot token.
+pub const TOKEN_HINT: &str = "check FLY_BOT_TOKEN or --token-file";
+
+/// The first error of type `T` in `error`'s chain.
+fn cause<T: std::error::Error + Send + Sync + 'static>(error: &anyhow::Error) -> Option<&T> {
+    error.chain().find_map(|cause| cause.downcast_ref::<T>())
 }
 
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {

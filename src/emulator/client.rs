@@ -13,6 +13,23 @@ use serde_json::Value;
 /// A local emulator answers at once; a long wait means something else listens.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Nothing listens at the emulator's address: it is not started, or it
+/// listens elsewhere.
+#[derive(Debug)]
+pub struct NoEmulator(pub String);
+
+impl std::fmt::Display for NoEmulator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "no emulator at {} (connection refused); start one with `fly emulator`",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for NoEmulator {}
+
 pub struct ControlClient {
     agent: ureq::Agent,
     base_url: String,
@@ -54,10 +71,9 @@ impl ControlClient {
     ) -> anyhow::Result<Value> {
         let base = &self.base_url;
         let mut response = answer.map_err(|error| match error {
-            ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => anyhow!(
-                "no emulator at {base} (connection refused); start one with `fly emulator`, \
-                 or point --base-url / FLY_BASE_URL at it"
-            ),
+            ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+                anyhow::Error::new(NoEmulator(base.clone()))
+            }
             other => anyhow!("calling the emulator at {base}{path}: {other}"),
         })?;
         let status = response.status().as_u16();

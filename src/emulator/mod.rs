@@ -34,7 +34,7 @@ use anyhow::Context;
 use crate::shutdown::{Shutdown, Stage};
 use tokio::sync::{oneshot, watch};
 
-pub use client::ControlClient;
+pub use client::{ControlClient, NoEmulator};
 use state::{EmulatorState, Routed, WebhookTarget};
 
 /// Where `fly emulator` listens unless told otherwise.

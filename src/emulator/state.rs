@@ -300,15 +300,20 @@ impl EmulatorState {
         }
     }
 
-    /// Records a successful delivery and moves on to the next update.
-    pub fn finish_delivery(&mut self, update_id: u64, status: u16, attempts: u32) {
-        if self
-            .webhook_queue
-            .front()
-            .is_some_and(|front| front.update_id == update_id)
-        {
-            self.webhook_queue.pop_front();
-        }
+    /// Records a finished delivery (with the attempts it took, counted by
+    /// [`note_failed_delivery`](Self::note_failed_delivery)) and moves on to
+    /// the next update.
+    pub fn finish_delivery(&mut self, update_id: u64, status: u16) {
+        let attempts = match self.webhook_queue.front() {
+            Some(front) if front.update_id == update_id => {
+                let attempts = front.failed_attempts + 1;
+                self.webhook_queue.pop_front();
+                attempts
+            }
+            // The queue was replaced meanwhile (a new webhook) and its
+            // counts with it: this attempt is the one known.
+            _ => 1,
+        };
         self.delivered.push(DeliveryRecord {
             update_id,
             status,
@@ -502,7 +507,7 @@ mod tests {
             (job.delivery.update_id, job.delivery.nonce.as_str()),
             (1, "n1")
         );
-        state.finish_delivery(1, 200, 1);
+        state.finish_delivery(1, 200);
 
         let job = state.next_delivery().unwrap();
         assert_eq!(
@@ -512,7 +517,7 @@ mod tests {
         assert_eq!(job.target, webhook());
         assert_eq!(state.note_failed_delivery(2), 1);
         assert_eq!(state.note_failed_delivery(2), 2);
-        state.finish_delivery(2, 200, 3);
+        state.finish_delivery(2, 200);
         assert_eq!(state.next_delivery().unwrap().delivery.update_id, 3);
         let report = state.webhook_report();
         assert_eq!(report["pending"], 1);

@@ -64,13 +64,12 @@ fn deliver(shared: &Shared, wakeups: &Receiver<()>, deliverer: &Deliverer, job: 
         url: job.target.url.clone(),
         secret: job.target.secret.clone(),
         bot_id: job.target.bot_id.clone(),
+        untrusted_hint: "the emulator trusts the system's certificate authorities only",
     };
-    let failed = std::cell::Cell::new(job.delivery.failed_attempts);
     let outcome = REDELIVERY.run(
         |_| deliverer.attempt(&receiver, &job.delivery.update, &job.delivery.nonce),
         |_, reason, _| {
             let failures = shared.lock().note_failed_delivery(update_id);
-            failed.set(failed.get() + 1);
             if failures == 1 {
                 tracing::warn!(
                     update_id,
@@ -83,20 +82,15 @@ fn deliver(shared: &Shared, wakeups: &Receiver<()>, deliverer: &Deliverer, job: 
         },
         |delay| wait_before_retry(shared, wakeups, delay, job.generation),
     );
-    let attempts = || failed.get() + 1;
     match outcome {
         Ok(status) => {
-            let attempts = attempts();
-            tracing::debug!(update_id, status, attempts, "webhook delivered");
-            shared.lock().finish_delivery(update_id, status, attempts);
+            tracing::debug!(update_id, status, "webhook delivered");
+            shared.lock().finish_delivery(update_id, status);
         }
         Err(GaveUp::Fatal(reason)) => {
             // Retrying cannot help, and the updates behind it must not wait forever.
             tracing::error!(update_id, "webhook delivery abandoned: {reason:#}");
-            let attempts = attempts();
-            shared
-                .lock()
-                .finish_delivery(update_id, UNSIGNABLE_STATUS, attempts);
+            shared.lock().finish_delivery(update_id, UNSIGNABLE_STATUS);
         }
         // Stopping, or a new configuration: the caller's loop decides.
         Err(GaveUp::Cancelled | GaveUp::Exhausted { .. }) => {}

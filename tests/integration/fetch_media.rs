@@ -99,7 +99,7 @@ fn several_urls_into_a_directory_with_safe_unique_names() {
         .unwrap();
     assert_eq!(again.status.code(), Some(1));
     assert!(
-        stderr_of(&again).contains("already exists"),
+        stderr_of(&again).contains("already exists (use --force to overwrite)"),
         "{}",
         stderr_of(&again)
     );
