@@ -714,9 +714,9 @@ mod tests {
         let error = ApiClient::new("ftp://x", token.clone(), RetryPolicy::ONE_SHOT)
             .err()
             .unwrap();
-        assert_eq!(
-            crate::exit::classify(&error),
-            crate::exit::ExitOutcome::Report(2)
+        assert!(
+            error.downcast_ref::<BadUrl>().is_some_and(|bad| bad.base_url),
+            "{error:#}"
         );
         let client = ApiClient::new("http://127.0.0.1:1/", token, RetryPolicy::ONE_SHOT).unwrap();
         assert_eq!(client.base_url, "http://127.0.0.1:1");
