@@ -1,29 +1,31 @@
 //! `fly`: every tool of the Fly Bot API examples page in one binary.
 //!
-//! The binary (`main.rs`) is a thin shell around this library; benchmarks and
-//! tests reach the pure parts (canonical JSON, signatures, retry policy) here.
-//! Data flows one way: `cli` → `commands` → `api` / `signature` / `emulator`.
+//! The binary (`main.rs`) is a thin shell around this library. Only what
+//! `main` needs is public: the command line (`cli`, which the tests also read
+//! for `--help`), the commands, exit codes, logging and the handler reaper.
+//! Everything else is internal (`pub(crate)`), so the compiler reports code
+//! nothing uses. Layers and where each idea lives: ARCHITECTURE.md.
 
-pub mod api;
-pub mod bot;
+pub(crate) mod api;
+pub(crate) mod bot;
 pub mod children;
 pub mod cli;
-pub mod clock;
+pub(crate) mod clock;
 pub mod commands;
-pub mod delivery;
-pub mod download;
-pub mod emulator;
+pub(crate) mod delivery;
+pub(crate) mod download;
+pub(crate) mod emulator;
 pub mod exit;
-pub mod http_client;
-pub mod http_server;
+pub(crate) mod http_client;
+pub(crate) mod http_server;
 pub mod logging;
-pub mod output;
-pub mod progress;
-pub mod random;
-pub mod retry;
-pub mod shutdown;
-pub mod signature;
-pub mod small_file;
-pub mod state;
-pub mod sync;
-pub mod webhook;
+pub(crate) mod output;
+pub(crate) mod progress;
+pub(crate) mod random;
+pub(crate) mod retry;
+pub(crate) mod shutdown;
+pub(crate) mod signature;
+pub(crate) mod small_file;
+pub(crate) mod state;
+pub(crate) mod sync;
+pub(crate) mod webhook;

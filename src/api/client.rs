@@ -715,7 +715,9 @@ mod tests {
             .err()
             .unwrap();
         assert!(
-            error.downcast_ref::<BadUrl>().is_some_and(|bad| bad.base_url),
+            error
+                .downcast_ref::<BadUrl>()
+                .is_some_and(|bad| bad.base_url),
             "{error:#}"
         );
         let client = ApiClient::new("http://127.0.0.1:1/", token, RetryPolicy::ONE_SHOT).unwrap();

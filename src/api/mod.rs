@@ -11,7 +11,7 @@ pub use client::{
     ApiClient, BadUrl, Probe, Received, check_base_url, check_http_url, describe_transport_error,
     host_and_port, http_url_problem,
 };
-pub use types::{Chat, Message, MessageData, SendRequest, Target, Unusable, Update};
+pub use types::{Chat, Message, MessageData, SendRequest, Target, Update};
 
 use crate::retry::{Limit, attempts_text};
 

@@ -30,7 +30,7 @@ use crate::shutdown::Shutdown;
 use crate::signature::sha256_hex;
 use crate::sync::lock;
 
-pub use self::redis::{DEFAULT_LEASE, RedisStore};
+pub use self::redis::RedisStore;
 pub use front::Front;
 pub use group_commit::Pending;
 pub use sqlite::SqliteStore;

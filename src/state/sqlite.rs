@@ -231,10 +231,6 @@ impl SqliteStore {
         self
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Claims the file for this process alone, `doing` something (polling,
     /// serving webhooks) until it exits: two pollers would confirm each
     /// other's offsets and answer the same updates, and a webhook server
