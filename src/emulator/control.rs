@@ -9,12 +9,12 @@ use serde_json::{Value, json};
 
 use super::Shared;
 use super::faults::FaultConfig;
+use super::platform::WebhookTarget;
 use super::requests::{self, MediaRequest, WebhookRequest};
-use super::server::{
+use super::wire::{
     HttpResponse, JsonBody, error_response, invalid_request, json_response, json_text_response,
     method_not_allowed, read_json,
 };
-use super::state::WebhookTarget;
 use crate::signature::sha256_hex;
 
 /// Control API bodies may carry media as base64.

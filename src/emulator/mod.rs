@@ -18,11 +18,12 @@
 mod client;
 mod control;
 mod faults;
-mod media;
+mod media_content;
+mod platform;
 mod requests;
 mod server;
-mod state;
-mod webhook;
+mod webhook_worker;
+mod wire;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,7 +36,7 @@ use crate::shutdown::{Shutdown, Stage};
 use tokio::sync::{oneshot, watch};
 
 pub use client::{ControlClient, NoEmulator};
-use state::{EmulatorState, Routed, WebhookTarget};
+use platform::{Platform, Routed, WebhookTarget};
 
 /// Where `fly emulator` listens unless told otherwise.
 pub const DEFAULT_URL: &str = "http://127.0.0.1:8787";
@@ -81,14 +82,14 @@ impl Emulator {
 
         let (webhook_wake, webhook_wakeups) = mpsc::channel();
         let shared = Arc::new(Shared {
-            state: Mutex::new(EmulatorState::new(config.first_update_id)),
+            state: Mutex::new(Platform::new(config.first_update_id)),
             token: config.token,
             base_url: base_url.clone(),
             update_arrivals: watch::channel(0).0,
             webhook_wake,
             stopping: AtomicBool::new(false),
         });
-        webhook::spawn_worker(Arc::clone(&shared), webhook_wakeups)
+        webhook_worker::spawn_worker(Arc::clone(&shared), webhook_wakeups)
             .context("starting the webhook delivery thread")?;
 
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -168,7 +169,7 @@ pub fn run_until_signal(config: EmulatorConfig) -> anyhow::Result<()> {
 
 /// What the server, the control API and the webhook worker share.
 struct Shared {
-    state: Mutex<EmulatorState>,
+    state: Mutex<Platform>,
     token: Option<String>,
     base_url: String,
     /// Bumped whenever updates become available for polling; long polls wait on it.
@@ -179,7 +180,7 @@ struct Shared {
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, EmulatorState> {
+    fn lock(&self) -> MutexGuard<'_, Platform> {
         crate::sync::lock(&self.state)
     }
 

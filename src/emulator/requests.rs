@@ -12,7 +12,7 @@ use base64::engine::general_purpose::STANDARD_PAD_INDIFFERENT;
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
-use super::media::MediaContent;
+use super::media_content::MediaContent;
 
 /// Long polls are capped so that a forgotten client cannot pin a connection for hours.
 pub const MAX_POLL_TIMEOUT: Duration = Duration::from_secs(60);

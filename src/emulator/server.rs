@@ -11,8 +11,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Either, Full};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::service::service_fn;
@@ -22,11 +21,14 @@ use tokio::sync::oneshot;
 
 use super::Shared;
 use super::faults::InjectedError;
-use super::media::{self, MediaBody};
+use super::media_content::{self, MediaBody};
 use super::requests::{BatchAccessRequest, SendCall, UpdatesRequest};
+use super::wire::{
+    HttpResponse, JsonBody, error_response, invalid_request, method_not_allowed, ok_envelope,
+    ok_envelope_text, parse_json, read_body,
+};
 use crate::api::types::{PATH_BATCH_ACCESS, PATH_SEND, PATH_UPDATES};
 use crate::http_server::{self, Limits};
-use crate::signature::json::Value as PyValue;
 
 const BOT_API_PREFIX: &str = "/api/v1/s/bot/";
 const CONTROL_PREFIX: &str = "/_emulator/";
@@ -39,9 +41,6 @@ const MAX_HEADER_BYTES: usize = 64 * 1024;
 const MAX_BOT_API_BODY: usize = 1024 * 1024;
 /// Far more than tests and demos open; a bound all the same.
 const MAX_CONNECTIONS: usize = 4096;
-
-pub type ResponseBody = Either<Full<Bytes>, MediaBody>;
-pub type HttpResponse = Response<ResponseBody>;
 
 /// Returned by the service to make hyper close the connection without
 /// writing any response: the `drop_rate` fault, a response lost in transit.
@@ -315,10 +314,10 @@ fn media_download(shared: &Shared, token: &str, request: &Request<Incoming>) -> 
     };
     let content = match access {
         Ok(content) => content,
-        Err(super::state::AccessRefused::Unknown) => {
+        Err(super::platform::AccessRefused::Unknown) => {
             return error_response(StatusCode::NOT_FOUND, 0, "unknown access URL");
         }
-        Err(super::state::AccessRefused::Expired) => {
+        Err(super::platform::AccessRefused::Expired) => {
             return error_response(StatusCode::FORBIDDEN, 0, "access URL expired");
         }
     };
@@ -327,13 +326,15 @@ fn media_download(shared: &Shared, token: &str, request: &Request<Incoming>) -> 
         .headers()
         .get(header::RANGE)
         .and_then(|value| value.to_str().ok())
-        .map_or(media::RangeRequest::Whole, |value| {
-            media::parse_range(value, size)
+        .map_or(media_content::RangeRequest::Whole, |value| {
+            media_content::parse_range(value, size)
         });
     let (status, start, end) = match range {
-        media::RangeRequest::Whole => (StatusCode::OK, 0, size),
-        media::RangeRequest::Part { start, end } => (StatusCode::PARTIAL_CONTENT, start, end + 1),
-        media::RangeRequest::Unsatisfiable => {
+        media_content::RangeRequest::Whole => (StatusCode::OK, 0, size),
+        media_content::RangeRequest::Part { start, end } => {
+            (StatusCode::PARTIAL_CONTENT, start, end + 1)
+        }
+        media_content::RangeRequest::Unsatisfiable => {
             let mut response = error_response(
                 StatusCode::RANGE_NOT_SATISFIABLE,
                 0,
@@ -369,163 +370,6 @@ fn media_download(shared: &Shared, token: &str, request: &Request<Incoming>) -> 
 /// A header value made of digits and ASCII punctuation we formatted ourselves.
 fn numeric_header(text: &str) -> HeaderValue {
     HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static(""))
-}
-
-/// A body refused before it reached its handler (400 or 413).
-pub struct BodyRefused {
-    status: StatusCode,
-    msg: String,
-}
-
-impl BodyRefused {
-    pub fn into_response(self) -> HttpResponse {
-        error_response(self.status, 0, self.msg)
-    }
-}
-
-/// A request body read as the platform's Python reads JSON (SPEC section 2:
-/// `NaN`, deep nesting, lone surrogates, big integers all pass): its text as
-/// sent, kept where it is stored or served again, and a plain view of it
-/// for validation (odd values approximated: `NaN` as null, a lone surrogate
-/// as U+FFFD, an integer past 64 bits as a float).
-pub struct JsonBody {
-    pub text: String,
-    pub value: Value,
-}
-
-/// Reads a JSON body of at most `limit` bytes; an empty body reads as `{}`.
-pub async fn read_json(request: Request<Incoming>, limit: usize) -> Result<JsonBody, BodyRefused> {
-    parse_json(&read_body(request, limit).await?)
-}
-
-/// How much of a body over the limit is still read (and dropped) before the
-/// 413 goes out. A client is still sending when the limit is reached; were
-/// the connection closed then, it would see a reset instead of the answer
-/// and retry in vain. Front-end servers do the same ("lingering close").
-const DRAINED_BEYOND_LIMIT: usize = 64 * 1024 * 1024;
-
-async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, BodyRefused> {
-    let unreadable = || BodyRefused {
-        status: StatusCode::BAD_REQUEST,
-        msg: "could not read the body".into(),
-    };
-    let mut body = request.into_body();
-    let mut kept = Vec::new();
-    let mut seen = 0usize;
-    while let Some(frame) = body.frame().await {
-        let Ok(data) = frame.map_err(|_| unreadable())?.into_data() else {
-            continue; // trailers
-        };
-        seen = seen.saturating_add(data.len());
-        if seen <= limit {
-            kept.extend_from_slice(&data);
-        } else if seen > limit.saturating_add(DRAINED_BEYOND_LIMIT) {
-            break;
-        }
-    }
-    if seen > limit {
-        return Err(BodyRefused {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            msg: format!("body larger than {limit} bytes"),
-        });
-    }
-    Ok(Bytes::from(kept))
-}
-
-fn parse_json(bytes: &[u8]) -> Result<JsonBody, BodyRefused> {
-    let malformed = |why: String| BodyRefused {
-        status: StatusCode::BAD_REQUEST,
-        msg: format!("malformed JSON: {why}"),
-    };
-    let text = std::str::from_utf8(bytes).map_err(|error| malformed(error.to_string()))?;
-    if text.trim().is_empty() {
-        return Ok(JsonBody {
-            text: "{}".into(),
-            value: Value::Object(serde_json::Map::new()),
-        });
-    }
-    let parsed = crate::signature::parse(text).map_err(|error| {
-        let why = error.to_string();
-        malformed(
-            why.strip_prefix("malformed JSON: ")
-                .unwrap_or(&why)
-                .to_string(),
-        )
-    })?;
-    Ok(JsonBody {
-        value: plain_view(&parsed),
-        text: text.to_string(),
-    })
-}
-
-/// The serde view of a value from the Python-compatible reader (see [`JsonBody`]).
-fn plain_view(value: &PyValue) -> Value {
-    match value {
-        PyValue::Null => Value::Null,
-        PyValue::Bool(flag) => Value::Bool(*flag),
-        PyValue::Int(digits) => serde_json::from_str(digits)
-            .ok()
-            .filter(Value::is_i64)
-            .or_else(|| digits.parse::<u64>().ok().map(Value::from))
-            .unwrap_or_else(|| digits.parse::<f64>().map_or(Value::Null, Value::from)),
-        PyValue::Float(number) => {
-            serde_json::Number::from_f64(*number).map_or(Value::Null, Value::Number)
-        }
-        PyValue::Str(text) => Value::String(String::from_utf8_lossy(text).into_owned()),
-        PyValue::Array(items) => Value::Array(items.iter().map(plain_view).collect()),
-        PyValue::Object(members) => Value::Object(
-            members
-                .iter()
-                .map(|(key, item)| (String::from_utf8_lossy(key).into_owned(), plain_view(item)))
-                .collect(),
-        ),
-    }
-}
-
-pub fn ok_envelope(data: Value) -> HttpResponse {
-    ok_envelope_text(&data.to_string())
-}
-
-/// The success envelope around `data` given as JSON text.
-pub fn ok_envelope_text(data: &str) -> HttpResponse {
-    json_text_response(
-        StatusCode::OK,
-        format!("{{\"code\":0,\"msg\":\"ok\",\"data\":{data}}}"),
-    )
-}
-
-/// An error envelope; its `code` is the HTTP status times 100 plus `detail`.
-pub fn error_response(status: StatusCode, detail: u16, msg: impl Into<String>) -> HttpResponse {
-    let code = u32::from(status.as_u16()) * 100 + u32::from(detail);
-    json_response(status, &json!({"code": code, "msg": msg.into()}))
-}
-
-/// 400 for a body that parsed but does not fit the call (code `…01`, as
-/// opposed to `…00` for malformed JSON).
-pub fn invalid_request(msg: String) -> HttpResponse {
-    error_response(StatusCode::BAD_REQUEST, 1, msg)
-}
-
-pub fn method_not_allowed(allowed: &'static str) -> HttpResponse {
-    let mut response = error_response(StatusCode::METHOD_NOT_ALLOWED, 0, "method not allowed");
-    response
-        .headers_mut()
-        .insert(header::ALLOW, HeaderValue::from_static(allowed));
-    response
-}
-
-pub fn json_response(status: StatusCode, value: &Value) -> HttpResponse {
-    json_text_response(status, value.to_string())
-}
-
-pub fn json_text_response(status: StatusCode, text: String) -> HttpResponse {
-    let mut response = Response::new(Either::Left(Full::new(Bytes::from(text))));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
 }
 
 fn injected_error(injected: InjectedError, retry_after: u64) -> HttpResponse {

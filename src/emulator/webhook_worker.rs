@@ -12,7 +12,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use super::Shared;
-use super::state::DeliveryJob;
+use super::platform::DeliveryJob;
 use crate::delivery::{self, Deliverer};
 use crate::http_client::ReceiverClient;
 use crate::retry::{GaveUp, RetryPolicy};

@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::faults::FaultConfig;
-use super::media::MediaContent;
+use super::media_content::MediaContent;
 use super::requests::SendCall;
 
 /// Expired access grants are remembered this long so that a late download
@@ -32,7 +32,7 @@ pub struct WebhookTarget {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PendingDelivery {
     pub update_id: u64,
-    /// The update's JSON text (see [`EmulatorState::push_update`]).
+    /// The update's JSON text (see [`Platform::push_update`]).
     pub update: String,
     /// Chosen once per update and kept across redeliveries, as the platform does.
     pub nonce: String,
@@ -53,7 +53,7 @@ pub struct DeliveryRecord {
 pub struct DeliveryJob {
     pub target: WebhookTarget,
     pub delivery: PendingDelivery,
-    /// The webhook configuration this job was taken under (see [`EmulatorState::webhook_generation`]).
+    /// The webhook configuration this job was taken under (see [`Platform::webhook_generation`]).
     pub generation: u64,
 }
 
@@ -78,7 +78,7 @@ struct AccessGrant {
 }
 
 #[derive(Debug)]
-pub struct EmulatorState {
+pub struct Platform {
     next_update_id: u64,
     /// Updates for `getUpdates`, by id, as JSON text served byte for byte;
     /// removed only when confirmed by a later offset.
@@ -98,10 +98,10 @@ pub struct EmulatorState {
     pub faults: FaultConfig,
 }
 
-impl EmulatorState {
+impl Platform {
     /// An empty emulator whose first update gets `first_update_id`.
-    pub fn new(first_update_id: u64) -> EmulatorState {
-        EmulatorState {
+    pub fn new(first_update_id: u64) -> Platform {
+        Platform {
             next_update_id: first_update_id,
             polling_queue: BTreeMap::new(),
             webhook: None,
@@ -365,7 +365,7 @@ mod tests {
             .collect()
     }
 
-    fn push_texts(state: &mut EmulatorState, count: usize) {
+    fn push_texts(state: &mut Platform, count: usize) {
         for index in 0..count {
             state.push_update(&message(&index.to_string()), String::new());
         }
@@ -389,7 +389,7 @@ mod tests {
 
     #[test]
     fn update_ids_start_at_1_and_increase() {
-        let mut state = EmulatorState::new(1);
+        let mut state = Platform::new(1);
         assert_eq!(
             state.push_update(&message("a"), String::new()),
             (1, Routed::Polling)
@@ -405,7 +405,7 @@ mod tests {
 
     #[test]
     fn raw_updates_keep_their_text_after_the_id() {
-        let mut state = EmulatorState::new(1);
+        let mut state = Platform::new(1);
         state.push_update(" {\n \"n\": 1E2, \"b\":\"\\/\"} ", String::new());
         state.push_update("{ }", String::new());
         assert_eq!(
@@ -419,7 +419,7 @@ mod tests {
 
     #[test]
     fn offset_confirms_everything_below_it_and_limit_caps() {
-        let mut state = EmulatorState::new(1);
+        let mut state = Platform::new(1);
         push_texts(&mut state, 5);
         assert_eq!(ids(&state.take_updates(0, 2)), [1, 2]);
         // Unconfirmed updates come again.
@@ -434,7 +434,7 @@ mod tests {
 
     #[test]
     fn a_repeated_client_msg_id_returns_the_first_answer_and_records_once() {
-        let mut state = EmulatorState::new(1);
+        let mut state = Platform::new(1);
         let (request, body) = send_request(Some("c1"));
         let first = state.record_send(&request, &body);
         assert_eq!(
@@ -455,7 +455,7 @@ mod tests {
 
     #[test]
     fn access_grants_cover_registered_urls_and_expire() {
-        let mut state = EmulatorState::new(1);
+        let mut state = Platform::new(1);
         state.register_media("media://a".into(), MediaContent::Pattern { size: 3 });
         let now = Instant::now();
         let mut counter = 0;
@@ -486,7 +486,7 @@ mod tests {
 
     #[test]
     fn webhook_mode_routes_new_updates_in_order() {
-        let mut state = EmulatorState::new(1);
+        let mut state = Platform::new(1);
         push_texts(&mut state, 1);
         assert!(!state.webhook_is_set());
         // Newly set: pollers are woken, to be refused.
@@ -535,7 +535,7 @@ mod tests {
 
     #[test]
     fn turning_webhook_off_hands_pending_updates_to_polling() {
-        let mut state = EmulatorState::new(1);
+        let mut state = Platform::new(1);
         state.set_webhook(Some(webhook()), String::new);
         let generation = state.webhook_generation();
         push_texts(&mut state, 2);
@@ -555,7 +555,7 @@ mod tests {
 
     #[test]
     fn update_ids_start_where_told() {
-        let mut state = EmulatorState::new(1_700_000_000_000);
+        let mut state = Platform::new(1_700_000_000_000);
         push_texts(&mut state, 2);
         assert_eq!(
             ids(&state.take_updates(0, 100)),
