@@ -2,15 +2,14 @@
 //! never handle (dead) or keep failing (parked), as NDJSON on stdout;
 //! `--retry ID` and `--drop ID` act on one, `--purge` forgets the dead ones.
 
-use std::io::Write;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use serde_json::json;
 
 use crate::cli::DeadLettersArgs;
 use crate::commands::required_token;
 use crate::exit;
+use crate::output::print_line;
 use crate::state::{BotIdentity, RedisStore, SqliteStore, StateLocation, Store};
 
 pub fn run(args: DeadLettersArgs) -> anyhow::Result<ExitCode> {
@@ -71,7 +70,6 @@ pub fn run(args: DeadLettersArgs) -> anyhow::Result<ExitCode> {
         tracing::info!(purged, state = %store.location(), "dead letters purged");
         return Ok(exit::code(exit::SUCCESS));
     }
-    let mut stdout = std::io::stdout().lock();
     for letter in store.dead_letters()? {
         // The update's bytes as a JSON string: always valid JSON, even when
         // the update holds what only Python reads (NaN, a lone surrogate).
@@ -82,16 +80,8 @@ pub fn run(args: DeadLettersArgs) -> anyhow::Result<ExitCode> {
             "recorded_at": letter.recorded_at,
             "raw": letter.raw,
         });
-        match writeln!(stdout, "{line}") {
-            Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => break,
-            written => written.context("writing to stdout")?,
-        }
-    }
-    match stdout.flush() {
-        Err(error) if error.kind() != std::io::ErrorKind::BrokenPipe => {
-            Err(error).context("writing to stdout")?
-        }
-        _ => {}
+        // A reader gone (`| head`) ends the listing quietly (see exit.rs).
+        print_line(&line.to_string())?;
     }
     Ok(exit::code(exit::SUCCESS))
 }

@@ -3,7 +3,6 @@
 //! group text, an image), the real poll-echo loop answers it, and the
 //! transcript is printed.
 
-use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -17,6 +16,7 @@ use crate::bot::poll_loop::{self, PollSettings};
 use crate::cli::DemoArgs;
 use crate::emulator::{ControlClient, Emulator, EmulatorConfig};
 use crate::exit;
+use crate::output::print_line;
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::state::{BotIdentity, SqliteStore};
@@ -119,19 +119,16 @@ pub fn run(_args: DemoArgs) -> anyhow::Result<ExitCode> {
     let sent = control.get("/_emulator/sent")?;
     let sent = sent["sent"].as_array().cloned().unwrap_or_default();
 
-    let mut out = std::io::stdout().lock();
-    writeln!(
-        out,
+    print_line(&format!(
         "fly demo: a local Fly Bot API at {}, answered by poll-echo\n",
         emulator.base_url()
-    )?;
+    ))?;
     for (update_id, chat_type, chat_id, speaker, msg_type, data) in &incoming {
-        writeln!(
-            out,
+        print_line(&format!(
             "  {:<24} › {}",
             format!("{speaker} ({chat_type} {chat_id})"),
             describe(msg_type, data)
-        )?;
+        ))?;
         let reply = sent.iter().find(|request| {
             let id = request["client_msg_id"].as_str().unwrap_or_default();
             id == format!("echo_{update_id}") || id == format!("fwd_{update_id}")
@@ -140,23 +137,20 @@ pub fn run(_args: DemoArgs) -> anyhow::Result<ExitCode> {
             Some(request) => describe_reply(request, &media_dir, *update_id),
             None => "(no reply)".to_string(),
         };
-        writeln!(out, "  {:<24} ‹ {line}", format!("bot → {chat_id}"))?;
+        print_line(&format!("  {:<24} ‹ {line}", format!("bot → {chat_id}")))?;
     }
-    writeln!(
-        out,
+    print_line(&format!(
         "\n{} updates handled in {:.2} s; offset and handled ids kept in a SQLite state file.",
         summary.handled,
         started.elapsed().as_secs_f64()
-    )?;
-    writeln!(
-        out,
+    ))?;
+    print_line(
         "Try it yourself, in three terminals:\n  \
          fly emulator\n  \
          FLY_BASE_URL=http://127.0.0.1:8787 FLY_BOT_TOKEN=dev fly poll-echo\n  \
          fly emulator say --chat u_me \"hello bot\"\n\
-         poll-echo logs its reply (outcome=replied); the emulator logs every API call."
+         poll-echo logs its reply (outcome=replied); the emulator logs every API call.",
     )?;
-    out.flush()?;
     emulator.shutdown();
     if summary.handled as usize == incoming.len() {
         Ok(exit::code(exit::SUCCESS))

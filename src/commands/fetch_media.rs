@@ -6,6 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use crate::output::print_line;
 use crate::signature::json::Value as PyValue;
 use anyhow::{Context, anyhow};
 
@@ -225,9 +226,7 @@ impl Fetcher<'_> {
             None => error,
         })?;
         tracing::debug!(url, bytes, path = %path.display(), "saved");
-        let mut stdout = std::io::stdout().lock();
-        writeln!(stdout, "{}", path.display()).context("writing to stdout")?;
-        Ok(())
+        print_line(&path.display().to_string())
     }
 
     /// Downloads straight into `writer` (stdout, a device, a FIFO), which

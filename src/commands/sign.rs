@@ -1,14 +1,12 @@
 //! `fly sign`: turns an update into a signed update (v1), for fixtures and for
 //! testing a webhook receiver.
 
-use std::io::Write;
 use std::process::ExitCode;
-
-use anyhow::Context;
 
 use crate::cli::SignArgs;
 use crate::commands::{offline_token, read_input, signing_secret, unix_time_now};
 use crate::exit::{self, usage};
+use crate::output::print_line;
 use crate::random;
 use crate::signature::sign_update_text;
 
@@ -22,13 +20,8 @@ pub fn run(args: SignArgs) -> anyhow::Result<ExitCode> {
     let update = read_input(&args.input)?;
     let timestamp = unix_time_now(args.now);
     let nonce = args.nonce.unwrap_or_else(|| random::hex_id(16));
-    let mut signed = sign_update_text(&update, &secret, &args.bot_id, timestamp, &nonce)
+    let signed = sign_update_text(&update, &secret, &args.bot_id, timestamp, &nonce)
         .map_err(|error| usage(format!("cannot sign this update: {error}")))?;
-    signed.push('\n');
-    let mut stdout = std::io::stdout().lock();
-    stdout
-        .write_all(signed.as_bytes())
-        .context("writing to stdout")?;
-    stdout.flush().context("writing to stdout")?;
+    print_line(&signed)?;
     Ok(exit::code(exit::SUCCESS))
 }

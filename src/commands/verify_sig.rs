@@ -113,6 +113,8 @@ fn verify_lines(input: &str, verifier: &Verifier) -> anyhow::Result<ExitCode> {
         drop(verdict_sender);
         let reading = scope.spawn(move || read_batches(reader, &batch_sender, &slot_receiver));
 
+        // Not print_line: a flush per verdict would be a write(2) per line of
+        // a stream of millions; the buffer goes out when full and at the end.
         let mut out = BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
         let mut waiting = BTreeMap::new();
         let mut next = 0;
