@@ -38,7 +38,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
@@ -79,7 +79,9 @@ const STANDBY_MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Admits a webhook delivery in one step. KEYS: handled, nonce, claim.
 /// ARGV: update key, whether there is a nonce ("1"/"0"), the nonce's TTL
 /// in seconds, the claim's token, the claim's lease in milliseconds.
-const ADMIT: &str = r"
+static ADMIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'duplicate' end
 if ARGV[2] == '1' then
   local seen = redis.call('GET', KEYS[2])
@@ -88,84 +90,120 @@ if ARGV[2] == '1' then
 end
 if redis.call('SET', KEYS[3], ARGV[4], 'NX', 'PX', ARGV[5]) then return 'admitted' end
 return 'in_progress'
-";
+",
+    )
+});
 
 /// The nonce check alone. KEYS: nonce. ARGV: update key, TTL in seconds.
-const CHECK_NONCE: &str = r"
+static CHECK_NONCE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 local seen = redis.call('GET', KEYS[1])
 if seen and seen ~= ARGV[1] then return 1 end
 if not seen then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
 return 0
-";
+",
+    )
+});
 
 /// Deletes a key if it holds the given token (a claim, the lease).
-const GIVE_BACK: &str = r"
+static GIVE_BACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
-";
+",
+    )
+});
 
 /// Gives back every claim that still holds its token. KEYS: claims. ARGV:
 /// their tokens, in the same order.
-const GIVE_BACK_CLAIMS: &str = r"
+static GIVE_BACK_CLAIMS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 for i, key in ipairs(KEYS) do
   if redis.call('GET', key) == ARGV[i] then redis.call('DEL', key) end
 end
 return 0
-";
+",
+    )
+});
 
 /// Claims given back in one call at most: under load, what queued while
 /// the previous call was on its way.
 const RELEASE_BATCH: usize = 512;
 
 /// Renews the lease if it is still ours. KEYS: lease. ARGV: token, lease ms.
-const RENEW: &str = r"
+static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 end
 return 0
-";
+",
+    )
+});
 
 /// Moves the offset forward, never back; fenced by the lease when a token
 /// is given. KEYS: lease, offset. ARGV: token (or ""), offset. Returns -1
 /// when the lease is not ours.
-const ADVANCE: &str = r"
+static ADVANCE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 local current = tonumber(redis.call('GET', KEYS[2]) or '0')
 local next = tonumber(ARGV[2])
 if next > current then redis.call('SET', KEYS[2], ARGV[2]) return 1 end
 return 0
-";
+",
+    )
+});
 
 /// Marks an update handled, fenced by the lease. KEYS: lease, handled.
 /// ARGV: token, outcome, TTL in seconds.
-const MARK_FENCED: &str = r"
+static MARK_FENCED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
 return 1
-";
+",
+    )
+});
 
 /// Records a dead letter once per raw body. KEYS: dead, dead:order.
 /// ARGV: sha256 of the raw body, the letter as JSON.
-const RECORD_DEAD: &str = r"
+static RECORD_DEAD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   redis.call('RPUSH', KEYS[2], ARGV[1])
   return 1
 end
 return 0
-";
+",
+    )
+});
 
 /// Every dead letter in order. KEYS: dead, dead:order.
-const LIST_DEAD: &str = r"
+static LIST_DEAD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 local order = redis.call('LRANGE', KEYS[2], 0, -1)
 local letters = {}
 for i, sha in ipairs(order) do letters[i] = redis.call('HGET', KEYS[1], sha) or '' end
 return letters
-";
+",
+    )
+});
 
 /// Forgets every dead letter but the parked ones (not handled). KEYS:
 /// dead, dead:order.
-const PURGE_DEAD: &str = r"
+static PURGE_DEAD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 local count = 0
 for _, sha in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
   local letter = redis.call('HGET', KEYS[1], sha)
@@ -176,20 +214,28 @@ for _, sha in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
   end
 end
 return count
-";
+",
+    )
+});
 
 /// Records a parked update, or updates the one recorded with these bytes
 /// (a dead letter becomes parked). KEYS: dead, dead:order. ARGV: sha, letter.
-const PARK: &str = r"
+static PARK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 if redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   redis.call('RPUSH', KEYS[2], ARGV[1])
 end
 return 1
-";
+",
+    )
+});
 
 /// Forgets the letters of update ARGV[1] (parked ones only when ARGV[2] is
 /// '1'); returns how many. KEYS: dead, dead:order.
-const FORGET_DEAD: &str = r"
+static FORGET_DEAD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 local count = 0
 for _, sha in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
   local letter = redis.call('HGET', KEYS[1], sha)
@@ -203,41 +249,9 @@ for _, sha in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
   end
 end
 return count
-";
-
-struct Scripts {
-    admit: Script,
-    check_nonce: Script,
-    give_back: Script,
-    give_back_claims: Script,
-    renew: Script,
-    advance: Script,
-    mark_fenced: Script,
-    record_dead: Script,
-    list_dead: Script,
-    purge_dead: Script,
-    park: Script,
-    forget_dead: Script,
-}
-
-impl Scripts {
-    fn new() -> Scripts {
-        Scripts {
-            admit: Script::new(ADMIT),
-            check_nonce: Script::new(CHECK_NONCE),
-            give_back: Script::new(GIVE_BACK),
-            give_back_claims: Script::new(GIVE_BACK_CLAIMS),
-            renew: Script::new(RENEW),
-            advance: Script::new(ADVANCE),
-            mark_fenced: Script::new(MARK_FENCED),
-            record_dead: Script::new(RECORD_DEAD),
-            list_dead: Script::new(LIST_DEAD),
-            purge_dead: Script::new(PURGE_DEAD),
-            park: Script::new(PARK),
-            forget_dead: Script::new(FORGET_DEAD),
-        }
-    }
-}
+",
+    )
+});
 
 /// The names of one bot's keys.
 #[derive(Clone)]
@@ -404,7 +418,6 @@ struct Core {
     shown: String,
     idle: Mutex<Vec<Connection>>,
     health: Health,
-    scripts: Scripts,
 }
 
 impl Core {
@@ -472,14 +485,8 @@ impl Core {
     }
 
     fn give_back(&self, key: &str, token: &str) -> anyhow::Result<()> {
-        self.call(|connection| {
-            self.scripts
-                .give_back
-                .key(key)
-                .arg(token)
-                .invoke::<i64>(connection)
-        })
-        .map(drop)
+        self.call(|connection| GIVE_BACK.key(key).arg(token).invoke::<i64>(connection))
+            .map(drop)
     }
 }
 
@@ -507,9 +514,7 @@ impl RedisStore {
     fn forget(&self, update_id: i64, parked_only: bool) -> anyhow::Result<bool> {
         let (dead, order) = (self.keys.key("dead"), self.keys.key("dead:order"));
         let forgotten = self.call(|connection| {
-            self.core
-                .scripts
-                .forget_dead
+            FORGET_DEAD
                 .key(&dead)
                 .key(&order)
                 .arg(update_id.to_string())
@@ -541,7 +546,6 @@ impl RedisStore {
             shown,
             idle: Mutex::new(Vec::new()),
             health: Health::new(),
-            scripts: Scripts::new(),
         });
         let keys = Keys::new(identity);
         let meta = keys.key("meta");
@@ -715,7 +719,7 @@ fn release_claims(core: &Core, keys: &Keys, queued: &mpsc::Receiver<(i64, u64)>)
             }
         }
         let given_back = core.call(|connection| {
-            let mut invocation = core.scripts.give_back_claims.prepare_invoke();
+            let mut invocation = GIVE_BACK_CLAIMS.prepare_invoke();
             for (update_id, token) in &batch {
                 invocation
                     .key(keys.claim(*update_id))
@@ -753,9 +757,7 @@ impl Renewer {
             }
             let started = Instant::now();
             let renewed = self.core.call(|connection| {
-                self.core
-                    .scripts
-                    .renew
+                RENEW
                     .key(&self.key)
                     .arg(&self.token)
                     .arg(millis)
@@ -852,9 +854,7 @@ impl Store for RedisStore {
         let token = self.fence_token()?.unwrap_or_default();
         let (lease, offset) = (self.keys.key("poller"), self.keys.key("offset"));
         let moved = self.call(|connection| {
-            self.core
-                .scripts
-                .advance
+            ADVANCE
                 .key(&lease)
                 .key(&offset)
                 .arg(&token)
@@ -887,9 +887,7 @@ impl Store for RedisStore {
             Some(token) => {
                 let lease = self.keys.key("poller");
                 let marked = self.call(|connection| {
-                    self.core
-                        .scripts
-                        .mark_fenced
+                    MARK_FENCED
                         .key(&lease)
                         .key(&key)
                         .arg(&token)
@@ -916,9 +914,7 @@ impl Store for RedisStore {
         let key = self.keys.nonce(nonce);
         let ttl = window_secs.saturating_mul(2).max(1);
         let reused = self.call(|connection| {
-            self.core
-                .scripts
-                .check_nonce
+            CHECK_NONCE
                 .key(&key)
                 .arg(update_key)
                 .arg(ttl)
@@ -972,9 +968,7 @@ impl Store for RedisStore {
         let sha = sha256_hex(raw.as_bytes());
         let (dead, order) = (self.keys.key("dead"), self.keys.key("dead:order"));
         let recorded = self.call(|connection| {
-            self.core
-                .scripts
-                .record_dead
+            RECORD_DEAD
                 .key(&dead)
                 .key(&order)
                 .arg(&sha)
@@ -987,9 +981,7 @@ impl Store for RedisStore {
     fn dead_letters(&self) -> anyhow::Result<Vec<DeadLetter>> {
         let (dead, order) = (self.keys.key("dead"), self.keys.key("dead:order"));
         let letters = self.call(|connection| {
-            self.core
-                .scripts
-                .list_dead
+            LIST_DEAD
                 .key(&dead)
                 .key(&order)
                 .invoke::<Vec<String>>(connection)
@@ -1011,14 +1003,8 @@ impl Store for RedisStore {
 
     fn purge_dead_letters(&self) -> anyhow::Result<usize> {
         let (dead, order) = (self.keys.key("dead"), self.keys.key("dead:order"));
-        let purged = self.call(|connection| {
-            self.core
-                .scripts
-                .purge_dead
-                .key(&dead)
-                .key(&order)
-                .invoke::<i64>(connection)
-        })?;
+        let purged =
+            self.call(|connection| PURGE_DEAD.key(&dead).key(&order).invoke::<i64>(connection))?;
         Ok(purged.max(0) as usize)
     }
 
@@ -1034,10 +1020,7 @@ impl Store for RedisStore {
         let sha = sha256_hex(raw.as_bytes());
         let (dead, order) = (self.keys.key("dead"), self.keys.key("dead:order"));
         self.call(|connection| {
-            self.core
-                .scripts
-                .park
-                .key(&dead)
+            PARK.key(&dead)
                 .key(&order)
                 .arg(&sha)
                 .arg(&letter)
@@ -1124,9 +1107,7 @@ impl Store for RedisStore {
         let lease_ms = delivery.lease.as_millis().max(1) as u64;
         let update_key = update_id.to_string();
         let answer = self.call(|connection| {
-            self.core
-                .scripts
-                .admit
+            ADMIT
                 .key(&handled)
                 .key(&nonce)
                 .key(&claim)
