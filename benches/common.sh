@@ -55,12 +55,14 @@ PY
 }
 
 # Writes to $1 a wrk script that POSTs the bodies of file $2 (one per line,
-# from make_bodies), each once: each wrk thread takes every Nth line (N, the
-# thread count, is the script's argument: `wrk -tN … -s FILE URL -- N`) and
-# pre-formats its requests, so the run measures the server, not Lua. Every
-# request carries `X-Body-Signature: sha256=<HMAC of the body>` (from $2.hmac).
-# A thread that runs out starts again from its first body: a repeat, counted
-# and printed as "wrapped N" at the end of wrk's report.
+# from make_bodies), each once: `wrk -tN … -s FILE URL -- N [PART PARTS]`.
+# Of the file's lines, the run takes those with line % PARTS == PART (0 and 1
+# by default: all; several wrk runs at once, one per replica, split them);
+# each of its N threads takes every Nth of those and pre-formats its
+# requests, so the run measures the server, not Lua. Every request carries
+# `X-Body-Signature: sha256=<HMAC of the body>` (from $2.hmac), for peers
+# that check a header. A thread that runs out starts again from its first
+# body: a repeat, counted and printed as "wrapped N" at the end of the report.
 write_distinct_lua() { # file bodies
     cat >"$1" <<LUA
 local threads = {}
@@ -72,14 +74,18 @@ function setup(thread)
 end
 function init(args)
     local count = tonumber(args[1]) or 1
+    local part, parts = tonumber(args[2] or "0"), tonumber(args[3] or "1")
     requests = {}
     local macs = io.lines("$2.hmac")
-    local n = 0
+    local n, mine = 0, 0
     for line in io.lines("$2") do
         local mac = macs()
-        if n % count == index then
-            local headers = {["Content-Type"] = "application/json", ["X-Body-Signature"] = "sha256=" .. mac}
-            table.insert(requests, wrk.format("POST", nil, headers, line))
+        if n % parts == part then
+            if mine % count == index then
+                local headers = {["Content-Type"] = "application/json", ["X-Body-Signature"] = "sha256=" .. mac}
+                table.insert(requests, wrk.format("POST", nil, headers, line))
+            end
+            mine = mine + 1
         end
         n = n + 1
     end

@@ -33,73 +33,11 @@ export FLY_BOT_TOKEN=bench-token FLY_WEBHOOK_SECRET=bench-secret
 start_emulator
 export FLY_BASE_URL=$EMULATOR_URL
 
-python3 - "$BODIES" "$FLY_WEBHOOK_SECRET" >"$WORK/bodies.ndjson" <<'PY'
-import hashlib, hmac, json, os, sys, time
-count, secret = int(sys.argv[1]), sys.argv[2].encode()
-now = int(time.time())
-out = sys.stdout
-for i in range(count):
-    update_id = 1_000_000 + i
-    payload = {"id": f"cb_{i}", "data": "approve", "from": {"id": f"u_{i % 100}"}}
-    canonical = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
-    nonce = os.urandom(16).hex()
-    signing = "\n".join([str(update_id), "callback_query", "bot_bench", str(now), nonce,
-                         hashlib.sha256(canonical.encode()).hexdigest()])
-    signature = hmac.new(secret, signing.encode(), hashlib.sha256).hexdigest()
-    out.write(json.dumps({"update_id": update_id, "type": "callback_query", "callback_query": payload,
-                          "bot": {"id": "bot_bench"}, "timestamp": now, "nonce": nonce,
-                          "signature": signature}, separators=(",", ":")) + "\n")
-PY
-head -3 "$WORK/bodies.ndjson" | "$FLY" verify-sig --lines >/dev/null
-
-# Each wrk thread takes its share of the bodies file: the lines n with
-# n % parts == part, where a process's part and parts come as script
-# arguments (one wrk per replica) and its threads split that share again.
-cat >"$WORK/distinct.lua" <<LUA
-local threads = {}
-local counter = 0
-function setup(thread)
-    thread:set("thread_index", counter)
-    counter = counter + 1
-    table.insert(threads, thread)
-end
-function init(args)
-    local part, parts = tonumber(args[1] or "0"), tonumber(args[2] or "1")
-    requests = {}
-    local n, mine = 0, 0
-    for line in io.lines("$WORK/bodies.ndjson") do
-        if n % parts == part then
-            if mine % THREADS == thread_index then
-                table.insert(requests, wrk.format("POST", nil, {["Content-Type"] = "application/json"}, line))
-            end
-            mine = mine + 1
-        end
-        n = n + 1
-    end
-    next_request = 1
-    wrapped = 0
-end
-function request()
-    local request = requests[next_request]
-    next_request = next_request + 1
-    if next_request > #requests then
-        next_request = 1
-        wrapped = wrapped + 1
-    end
-    return request
-end
-function done(summary, latency, requests)
-    local total = 0
-    for _, thread in ipairs(threads) do
-        total = total + thread:get("wrapped")
-    end
-    io.write(string.format("wrapped %d\n", total))
-end
-LUA
+make_bodies callback_query "$WORK/bodies.ndjson" "$BODIES"
+write_distinct_lua "$WORK/distinct.lua" "$WORK/bodies.ndjson"
 
 run_wrk() { # url label threads connections part parts
-    sed "s/THREADS/$3/" "$WORK/distinct.lua" >"$WORK/$2.lua"
-    wrk -t"$3" -c"$4" -d"${DURATION}s" --latency -s "$WORK/$2.lua" "$1" -- "$5" "$6" >"$WORK/$2.wrk"
+    wrk -t"$3" -c"$4" -d"${DURATION}s" --latency -s "$WORK/distinct.lua" "$1" -- "$3" "$5" "$6" >"$WORK/$2.wrk"
 }
 
 # requests/s, p99 in ms, non-2xx answers, repeated bodies of one wrk report.
