@@ -12,6 +12,29 @@ use std::time::Instant;
 /// pieces rather than held in memory whole.
 pub const MAX_LOG_LINE: usize = 16 * 1024;
 
+/// A handler command as fly starts it, for `--exec` and `--exec-worker`
+/// alike: run by /bin/sh (as system(3) runs commands: the POSIX shell, found
+/// without trying every directory of PATH), all three pipes, its own process
+/// group (so a kill reaches everything it started), and the secrets kept
+/// from it unless the user passes the token (`--pass-token`).
+pub fn handler_command(command: &str, token: Option<&str>) -> std::process::Command {
+    use std::os::unix::process::CommandExt;
+    let mut built = std::process::Command::new("/bin/sh");
+    built
+        .arg("-c")
+        .arg(command)
+        .env_remove("FLY_BOT_TOKEN")
+        .env_remove("FLY_WEBHOOK_SECRET")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0);
+    if let Some(token) = token {
+        built.env("FLY_BOT_TOKEN", token);
+    }
+    built
+}
+
 /// Makes reads and writes on `fd` return `WouldBlock` instead of waiting.
 pub fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
     let fd = fd.as_raw_fd();

@@ -15,8 +15,7 @@
 use std::fmt;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
-use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -166,12 +165,9 @@ impl ExecHandler {
         let update_id = update.update_id;
         let message = update.message.as_ref();
         let chat = message.and_then(|message| message.chat.as_ref());
-        // /bin/sh, as system(3) runs commands: the POSIX shell, found
-        // without trying every directory of PATH first.
-        let mut command = Command::new("/bin/sh");
+        let token = self.pass_token.then(|| self.client.token().expose());
+        let mut command = child_io::handler_command(&self.command, token);
         command
-            .arg("-c")
-            .arg(&self.command)
             .env("FLY_UPDATE_ID", update_id.to_string())
             .env("FLY_UPDATE_TYPE", &update.kind)
             .env("FLY_CHAT_ID", chat.map_or("", |chat| chat.id.as_str()))
@@ -179,18 +175,7 @@ impl ExecHandler {
             .env(
                 "FLY_MSG_TYPE",
                 message.map_or("", |message| message.msg_type.as_str()),
-            )
-            // Secrets stay with fly unless the user says otherwise.
-            .env_remove("FLY_BOT_TOKEN")
-            .env_remove("FLY_WEBHOOK_SECRET")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            // Its own process group, so a timeout kills everything it started.
-            .process_group(0);
-        if self.pass_token {
-            command.env("FLY_BOT_TOKEN", self.client.token().expose());
-        }
+            );
         if self.abandoned() {
             return Err(anyhow!("not started: fly is stopping"));
         }

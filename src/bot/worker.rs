@@ -28,8 +28,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
 use std::time::{Duration, Instant};
@@ -208,19 +207,8 @@ impl WorkerPool {
     /// registered so that no exit path of fly leaves it behind; its stderr
     /// logged by a thread of its own for the worker's whole life.
     fn spawn(&self, index: usize, failures: u32) -> anyhow::Result<Worker> {
-        let mut command = Command::new("/bin/sh");
-        command
-            .arg("-c")
-            .arg(&self.command)
-            .env_remove("FLY_BOT_TOKEN")
-            .env_remove("FLY_WEBHOOK_SECRET")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        if self.pass_token {
-            command.env("FLY_BOT_TOKEN", self.client.token().expose());
-        }
+        let token = self.pass_token.then(|| self.client.token().expose());
+        let mut command = child_io::handler_command(&self.command, token);
         let mut child = command.spawn().context("starting a worker")?;
         let group = Group::register(child.id()).context("registering a worker")?;
         let stdin = child.stdin.take().expect("stdin is piped");
