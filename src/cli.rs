@@ -96,8 +96,8 @@ fn examples(lines: &[&str]) -> StyledStr {
 #[command(next_help_heading = "Global options")]
 pub struct GlobalArgs {
     /// Format of log lines on stderr.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
-    pub log_format: LogFormat,
+    #[arg(long, value_enum, default_value_t = LogFormatArg::Text, global = true)]
+    pub log_format: LogFormatArg,
 
     /// More log output: -v fly's own steps (each API request, its status and
     /// latency, retry decisions), -vv everything fly traces, -vvv the HTTP and
@@ -140,17 +140,19 @@ pub struct ApiArgs {
     pub token_file: Option<PathBuf>,
 }
 
+/// `--log-format` as clap reads it; `logging::LogFormat` is what the logger
+/// takes (the layers below the command line do not know clap's types).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
+pub enum LogFormatArg {
     Text,
     Json,
 }
 
-impl From<LogFormat> for crate::logging::LogFormat {
-    fn from(format: LogFormat) -> Self {
+impl From<LogFormatArg> for crate::logging::LogFormat {
+    fn from(format: LogFormatArg) -> Self {
         match format {
-            LogFormat::Text => crate::logging::LogFormat::Text,
-            LogFormat::Json => crate::logging::LogFormat::Json,
+            LogFormatArg::Text => crate::logging::LogFormat::Text,
+            LogFormatArg::Json => crate::logging::LogFormat::Json,
         }
     }
 }

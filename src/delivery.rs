@@ -17,7 +17,7 @@ use crate::signature::sign_update_text;
 
 /// Where deliveries go and how they are signed.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Receiver {
+pub struct Destination {
     pub url: String,
     pub secret: String,
     pub bot_id: String,
@@ -47,7 +47,7 @@ impl Deliverer {
     /// the way the platform's Python would (no retry can change that).
     pub fn attempt(
         &self,
-        receiver: &Receiver,
+        receiver: &Destination,
         raw: &str,
         nonce: &str,
     ) -> Result<u16, AttemptError<anyhow::Error>> {

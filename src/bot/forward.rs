@@ -10,7 +10,7 @@ use rustls_pki_types::CertificateDer;
 
 use super::{HandleError, Handler, Outcome};
 use crate::api::Update;
-use crate::delivery::{Deliverer, Receiver};
+use crate::delivery::{Deliverer, Destination};
 use crate::http_client::ReceiverClient;
 use crate::retry::{AttemptError, GaveUp, RetryPolicy};
 use crate::shutdown::{Shutdown, Stage};
@@ -27,14 +27,14 @@ const DELIVERY_RETRIES: RetryPolicy = RetryPolicy {
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct ForwardHandler {
-    receiver: Arc<Receiver>,
+    receiver: Arc<Destination>,
     deliverer: Deliverer,
     shutdown: Shutdown,
 }
 
 impl ForwardHandler {
     pub fn new(
-        receiver: Receiver,
+        receiver: Destination,
         trusted: Option<Vec<CertificateDer<'static>>>,
         shutdown: Shutdown,
     ) -> ForwardHandler {

@@ -11,7 +11,7 @@ use crate::bot::forward::ForwardHandler;
 use crate::bot::poll_loop::{self, PollSettings};
 use crate::cli::ForwardArgs;
 use crate::commands::{configured_token, polling_store, required_token, signing_secret};
-use crate::delivery::Receiver;
+use crate::delivery::Destination;
 use crate::exit;
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
@@ -50,7 +50,7 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let handler = Arc::new(ForwardHandler::new(
-        Receiver {
+        Destination {
             url: args.to,
             secret: secret.value,
             bot_id: args.bot_id,

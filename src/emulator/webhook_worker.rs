@@ -60,7 +60,7 @@ fn deliver_until_stopped(shared: &Shared, wakeups: &Receiver<()>) {
 /// one) or the emulator stops.
 fn deliver(shared: &Shared, wakeups: &Receiver<()>, deliverer: &Deliverer, job: &DeliveryJob) {
     let update_id = job.delivery.update_id;
-    let receiver = delivery::Receiver {
+    let receiver = delivery::Destination {
         url: job.target.url.clone(),
         secret: job.target.secret.clone(),
         bot_id: job.target.bot_id.clone(),

@@ -35,11 +35,12 @@ pub trait Sink<W>: Send + 'static {
 /// The writer thread and its queue. Dropping it commits what is queued,
 /// finishes the sink and joins the thread.
 pub struct GroupCommit<W: Send + 'static> {
-    shared: Arc<Shared<W>>,
+    shared: Arc<Handoff<W>>,
     thread: Option<JoinHandle<()>>,
 }
 
-struct Shared<W> {
+/// Where requests hand their writes to the writer thread.
+struct Handoff<W> {
     queue: Mutex<Queue<W>>,
     wake_writer: Condvar,
 }
@@ -68,7 +69,7 @@ const MAX_BATCH: usize = 1024;
 
 impl<W: Send + 'static> GroupCommit<W> {
     pub fn start(name: &str, sink: impl Sink<W>) -> anyhow::Result<GroupCommit<W>> {
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(Handoff {
             queue: Mutex::new(Queue {
                 writes: Vec::new(),
                 done: Arc::new(Completion::default()),
@@ -158,7 +159,7 @@ impl<W: Send + 'static> Drop for GroupCommit<W> {
 }
 
 /// The writer thread: batch after batch until stopped with nothing queued.
-fn write_batches<W>(shared: &Shared<W>, mut sink: impl Sink<W>) {
+fn write_batches<W>(shared: &Handoff<W>, mut sink: impl Sink<W>) {
     let mut maintenance_due = Instant::now();
     let mut queue = lock(&shared.queue);
     loop {

@@ -36,7 +36,7 @@ pub struct Receiver {
     fatal: Arc<FatalStop>,
 }
 
-type HttpResponse = Response<Full<Bytes>>;
+type DeliveryAnswer = Response<Full<Bytes>>;
 
 impl Receiver {
     pub fn new(
@@ -63,9 +63,9 @@ pub fn service(
     receiver: Arc<Receiver>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
-    Response = HttpResponse,
+    Response = DeliveryAnswer,
     Error = Infallible,
-    Future = impl Future<Output = Result<HttpResponse, Infallible>> + Send,
+    Future = impl Future<Output = Result<DeliveryAnswer, Infallible>> + Send,
 > + Send {
     service_fn(move |request| {
         let receiver = Arc::clone(&receiver);
@@ -74,7 +74,7 @@ pub fn service(
 }
 
 impl Receiver {
-    async fn answer(&self, request: Request<Incoming>) -> HttpResponse {
+    async fn answer(&self, request: Request<Incoming>) -> DeliveryAnswer {
         let path = request.uri().path();
         let method = request.method();
         if path == "/healthz" && (method == Method::GET || method == Method::HEAD) {
@@ -387,7 +387,7 @@ fn store_failed(error: anyhow::Error) -> (StatusCode, &'static str) {
     (StatusCode::INTERNAL_SERVER_ERROR, "STATE_STORE_FAILED")
 }
 
-fn reply(status: StatusCode, body: &'static str) -> HttpResponse {
+fn reply(status: StatusCode, body: &'static str) -> DeliveryAnswer {
     let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *response.status_mut() = status;
     response.headers_mut().insert(
