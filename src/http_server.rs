@@ -63,7 +63,6 @@ pub fn bind(ip: IpAddr, port: u16) -> anyhow::Result<(std::net::TcpListener, Soc
         Some(Protocol::TCP),
     )
     .map_err(cannot_listen)?;
-    #[cfg(unix)]
     socket.set_reuse_address(true).map_err(cannot_listen)?;
     socket.bind(&address.into()).map_err(cannot_listen)?;
     socket.listen(LISTEN_BACKLOG).map_err(cannot_listen)?;

@@ -9,6 +9,7 @@
 
 use std::fmt;
 use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
 use rustls_pki_types::pem::{PemObject, SectionKind};
@@ -186,27 +187,19 @@ pub fn read_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, PemError>
 fn open_without_blocking(path: &Path) -> std::io::Result<std::fs::File> {
     let mut options = std::fs::OpenOptions::new();
     options.read(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.custom_flags(libc::O_NONBLOCK);
-    }
+    options.custom_flags(libc::O_NONBLOCK);
     options.open(path)
 }
 
 fn describe(file_type: std::fs::FileType) -> &'static str {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::FileTypeExt;
-        if file_type.is_fifo() {
-            return "a FIFO (named pipe)";
-        }
-        if file_type.is_char_device() || file_type.is_block_device() {
-            return "a device";
-        }
-        if file_type.is_socket() {
-            return "a socket";
-        }
+    if file_type.is_fifo() {
+        return "a FIFO (named pipe)";
+    }
+    if file_type.is_char_device() || file_type.is_block_device() {
+        return "a device";
+    }
+    if file_type.is_socket() {
+        return "a socket";
     }
     if file_type.is_dir() {
         return "a directory";

@@ -375,7 +375,6 @@ impl SqliteStore {
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     let mut builder = std::fs::DirBuilder::new();
     builder.recursive(true);
-    #[cfg(unix)]
     std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
     builder.create(dir)
 }
@@ -385,7 +384,6 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 fn create_private_file(path: &Path) -> std::io::Result<()> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
-    #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     match options.open(path) {
         Ok(_) => Ok(()),
@@ -1092,7 +1090,6 @@ mod tests {
         assert!(SqliteStore::open(&path, &identity("t2")).is_err());
     }
 
-    #[cfg(unix)]
     #[test]
     fn new_state_directories_and_files_are_private() {
         use std::os::unix::fs::PermissionsExt;
