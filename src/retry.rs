@@ -330,8 +330,7 @@ pub fn classify_transport(error: &ureq::Error) -> TransportFailure {
     match error {
         Error::Protocol(_)
         | Error::LargeResponseHeader(..)
-        | Error::BodyExceedsLimit(_)
-        | Error::Json(_) => TransportFailure::Malformed,
+        | Error::BodyExceedsLimit(_) => TransportFailure::Malformed,
         Error::BadUri(_)
         | Error::Http(_)
         | Error::InvalidProxyUrl
