@@ -328,9 +328,9 @@ pub enum TransportFailure {
 pub fn classify_transport(error: &ureq::Error) -> TransportFailure {
     use ureq::Error;
     match error {
-        Error::Protocol(_)
-        | Error::LargeResponseHeader(..)
-        | Error::BodyExceedsLimit(_) => TransportFailure::Malformed,
+        Error::Protocol(_) | Error::LargeResponseHeader(..) | Error::BodyExceedsLimit(_) => {
+            TransportFailure::Malformed
+        }
         Error::BadUri(_)
         | Error::Http(_)
         | Error::InvalidProxyUrl

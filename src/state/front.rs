@@ -402,12 +402,11 @@ impl Drop for Front {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::Token;
     use crate::state::BotIdentity;
     use std::path::Path;
 
     fn open(path: &Path) -> Front {
-        let identity = BotIdentity::new("http://127.0.0.1:1", &Token::new("t").unwrap());
+        let identity = BotIdentity::for_tests("t");
         Front::open(SqliteStore::open(path, &identity).unwrap(), 300).unwrap()
     }
 
@@ -492,7 +491,7 @@ mod tests {
             let claim = admitted(admit(&front, &delivery(30, "n-30")));
             front.mark_handled(30, "replied").unwrap();
             front.release_update(claim).unwrap();
-            let identity = BotIdentity::new("http://127.0.0.1:1", &Token::new("t").unwrap());
+            let identity = BotIdentity::for_tests("t");
             let error = Front::open(SqliteStore::open(&path, &identity).unwrap(), 300)
                 .err()
                 .unwrap();

@@ -552,6 +552,14 @@ impl BotIdentity {
     }
 }
 
+#[cfg(test)]
+impl BotIdentity {
+    /// The identity of a bot with `token` on a local emulator, for the stores' tests.
+    pub fn for_tests(token: &str) -> BotIdentity {
+        BotIdentity::new("http://127.0.0.1:8787/", &Token::new(token).unwrap())
+    }
+}
+
 /// `url` without `user:password@`: what may be stored, logged and shown.
 pub fn without_userinfo(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -568,10 +576,6 @@ pub fn without_userinfo(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn identity(token: &str) -> BotIdentity {
-        BotIdentity::new("http://127.0.0.1:8787/", &Token::new(token).unwrap())
-    }
 
     #[test]
     fn credentials_in_the_base_url_are_not_kept() {
@@ -597,9 +601,12 @@ mod tests {
 
     #[test]
     fn default_path_never_contains_the_token() {
-        let id = identity("super-secret-token");
+        let id = BotIdentity::for_tests("super-secret-token");
         assert_eq!(id.key().len(), 16);
         assert!(!id.key().contains("super"));
-        assert_ne!(identity("a").key(), identity("b").key());
+        assert_ne!(
+            BotIdentity::for_tests("a").key(),
+            BotIdentity::for_tests("b").key()
+        );
     }
 }

@@ -987,24 +987,19 @@ impl Sink<Write> for BatchWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::Token;
-
-    fn identity(token: &str) -> BotIdentity {
-        BotIdentity::new("http://127.0.0.1:8787/", &Token::new(token).unwrap())
-    }
 
     #[test]
     fn offset_and_handled_ids_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nested/state.db");
         {
-            let store = SqliteStore::open(&path, &identity("t1")).unwrap();
+            let store = SqliteStore::open(&path, &BotIdentity::for_tests("t1")).unwrap();
             assert_eq!(store.next_offset().unwrap(), 0);
             store.mark_handled(7, "replied").unwrap();
             store.advance_offset(8).unwrap();
             store.advance_offset(3).unwrap(); // never backwards
         }
-        let store = SqliteStore::open(&path, &identity("t1")).unwrap();
+        let store = SqliteStore::open(&path, &BotIdentity::for_tests("t1")).unwrap();
         assert_eq!(store.next_offset().unwrap(), 8);
         assert!(store.is_handled(7).unwrap());
         assert!(!store.is_handled(8).unwrap());
@@ -1013,7 +1008,8 @@ mod tests {
     #[test]
     fn handled_ids_far_below_the_offset_are_pruned() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("s.db"), &identity("t1")).unwrap();
+        let store =
+            SqliteStore::open(&dir.path().join("s.db"), &BotIdentity::for_tests("t1")).unwrap();
         store.mark_handled(1, "replied").unwrap();
         store.mark_handled(HANDLED_IDS_KEPT + 5, "replied").unwrap();
         store.advance_offset(HANDLED_IDS_KEPT + 6).unwrap();
@@ -1025,7 +1021,9 @@ mod tests {
     fn only_a_regular_file_can_be_a_store() {
         let dir = tempfile::tempdir().unwrap();
         for path in [dir.path(), Path::new("/dev/null")] {
-            let error = SqliteStore::open(path, &identity("t1")).err().unwrap();
+            let error = SqliteStore::open(path, &BotIdentity::for_tests("t1"))
+                .err()
+                .unwrap();
             assert!(
                 matches!(
                     error.downcast_ref::<StateRefused>(),
@@ -1042,8 +1040,10 @@ mod tests {
     fn another_bots_file_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
-        drop(SqliteStore::open(&path, &identity("t1")).unwrap());
-        let error = SqliteStore::open(&path, &identity("t2")).err().unwrap();
+        drop(SqliteStore::open(&path, &BotIdentity::for_tests("t1")).unwrap());
+        let error = SqliteStore::open(&path, &BotIdentity::for_tests("t2"))
+            .err()
+            .unwrap();
         let message = format!("{error:#}");
         assert!(message.contains("a bot with another token"), "{message}");
         assert!(!message.contains("t2"), "{message}");
@@ -1060,7 +1060,7 @@ mod tests {
     fn an_older_flys_file_is_recognised_and_cleaned() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
-        drop(SqliteStore::open(&path, &identity("t1")).unwrap());
+        drop(SqliteStore::open(&path, &BotIdentity::for_tests("t1")).unwrap());
         let meta = |connection: &Connection, key: &str| -> String {
             connection
                 .query_row("SELECT value FROM meta WHERE key = ?1", [key], |row| {
@@ -1078,16 +1078,16 @@ mod tests {
                 ))
                 .unwrap();
         }
-        let store = SqliteStore::open(&path, &identity("t1")).unwrap();
+        let store = SqliteStore::open(&path, &BotIdentity::for_tests("t1")).unwrap();
         store.mark_handled(1, "replied").unwrap();
         drop(store);
         let connection = Connection::open(&path).unwrap();
         assert_eq!(meta(&connection, "base_url"), "http://127.0.0.1:8787");
         assert_eq!(
             meta(&connection, "token_fingerprint"),
-            identity("t1").token_fingerprint
+            BotIdentity::for_tests("t1").token_fingerprint
         );
-        assert!(SqliteStore::open(&path, &identity("t2")).is_err());
+        assert!(SqliteStore::open(&path, &BotIdentity::for_tests("t2")).is_err());
     }
 
     #[test]
@@ -1095,7 +1095,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("new/dir/s.db");
-        let store = SqliteStore::open(&path, &identity("t1")).unwrap();
+        let store = SqliteStore::open(&path, &BotIdentity::for_tests("t1")).unwrap();
         store.mark_handled(1, "replied").unwrap();
         let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&dir.path().join("new")), 0o700);
@@ -1113,7 +1113,9 @@ mod tests {
             b"this is not a database, it is a shopping list\n".repeat(100),
         )
         .unwrap();
-        let error = SqliteStore::open(&garbage, &identity("t1")).err().unwrap();
+        let error = SqliteStore::open(&garbage, &BotIdentity::for_tests("t1"))
+            .err()
+            .unwrap();
         assert!(
             format!("{error:#}").contains("not a fly state file"),
             "{error:#}"
@@ -1129,7 +1131,9 @@ mod tests {
             .unwrap()
             .execute_batch("CREATE TABLE t (x)")
             .unwrap();
-        let error = SqliteStore::open(&foreign, &identity("t1")).err().unwrap();
+        let error = SqliteStore::open(&foreign, &BotIdentity::for_tests("t1"))
+            .err()
+            .unwrap();
         assert!(
             format!("{error:#}").contains("another program"),
             "{error:#}"
@@ -1140,19 +1144,22 @@ mod tests {
     fn a_newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
-        drop(SqliteStore::open(&path, &identity("t1")).unwrap());
+        drop(SqliteStore::open(&path, &BotIdentity::for_tests("t1")).unwrap());
         Connection::open(&path)
             .unwrap()
             .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
             .unwrap();
-        let error = SqliteStore::open(&path, &identity("t1")).err().unwrap();
+        let error = SqliteStore::open(&path, &BotIdentity::for_tests("t1"))
+            .err()
+            .unwrap();
         assert!(format!("{error:#}").contains("newer fly"), "{error:#}");
     }
 
     #[test]
     fn nonces_are_refused_with_another_update_inside_the_window() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("s.db"), &identity("t1")).unwrap();
+        let store =
+            SqliteStore::open(&dir.path().join("s.db"), &BotIdentity::for_tests("t1")).unwrap();
         assert_eq!(
             store.check_nonce("n1", "7", 1000, 300).unwrap(),
             NonceCheck::Fresh
@@ -1175,7 +1182,8 @@ mod tests {
     #[test]
     fn dead_letters_are_kept_once_with_their_bytes_and_purged() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("s.db"), &identity("t1")).unwrap();
+        let store =
+            SqliteStore::open(&dir.path().join("s.db"), &BotIdentity::for_tests("t1")).unwrap();
         assert!(
             store
                 .record_dead_letter(None, "[1]", "not an object")
@@ -1210,7 +1218,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
         {
-            let store = SqliteStore::open(&path, &identity("t1")).unwrap();
+            let store = SqliteStore::open(&path, &BotIdentity::for_tests("t1")).unwrap();
             store.advance_offset(9).unwrap();
         }
         {
@@ -1227,7 +1235,7 @@ mod tests {
                 .unwrap();
             connection.pragma_update(None, "user_version", 1).unwrap();
         }
-        let store = SqliteStore::open(&path, &identity("t1")).unwrap();
+        let store = SqliteStore::open(&path, &BotIdentity::for_tests("t1")).unwrap();
         assert_eq!(store.next_offset().unwrap(), 9);
         assert!(store.record_dead_letter(Some(1), "{}", "why").unwrap());
         let indexed: i64 = store
@@ -1245,7 +1253,7 @@ mod tests {
     fn pollers_prune_handled_ids_older_than_the_retention() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
-        let store = SqliteStore::open(&path, &identity("t1"))
+        let store = SqliteStore::open(&path, &BotIdentity::for_tests("t1"))
             .unwrap()
             .with_retention(Duration::from_secs(3600));
         store.mark_handled(1, "replied").unwrap();
@@ -1267,7 +1275,7 @@ mod tests {
     #[test]
     fn the_batch_writer_commits_batches_and_prunes_what_expired() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("s.db"), &identity("t1"))
+        let store = SqliteStore::open(&dir.path().join("s.db"), &BotIdentity::for_tests("t1"))
             .unwrap()
             .with_retention(Duration::from_secs(60));
         let mut writer = store.batch_writer(600, Duration::from_secs(1)).unwrap();
@@ -1326,7 +1334,8 @@ mod tests {
     #[test]
     fn a_full_nonce_log_is_merged_into_a_sorted_run_between_batches() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("s.db"), &identity("t1")).unwrap();
+        let store =
+            SqliteStore::open(&dir.path().join("s.db"), &BotIdentity::for_tests("t1")).unwrap();
         let mut writer = store.batch_writer(600, Duration::from_secs(1)).unwrap();
         let now = unix_now();
         let writes: Vec<Write> = (0..MERGE_ROWS as i64)
@@ -1374,7 +1383,7 @@ mod tests {
     fn schema_2_nonces_move_to_the_log_and_are_still_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
-        drop(SqliteStore::open(&path, &identity("t1")).unwrap());
+        drop(SqliteStore::open(&path, &BotIdentity::for_tests("t1")).unwrap());
         let now = unix_now();
         {
             // Back to schema 2, with a nonce as schema 2 kept it.
@@ -1393,7 +1402,7 @@ mod tests {
                 .unwrap();
             connection.pragma_update(None, "user_version", 2).unwrap();
         }
-        let store = SqliteStore::open(&path, &identity("t1")).unwrap();
+        let store = SqliteStore::open(&path, &BotIdentity::for_tests("t1")).unwrap();
         assert_eq!(
             store.check_nonce("n1", "8", now, 300).unwrap(),
             NonceCheck::Reused
@@ -1407,7 +1416,8 @@ mod tests {
     #[test]
     fn the_newest_handled_ids_say_whether_they_are_all() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("s.db"), &identity("t1")).unwrap();
+        let store =
+            SqliteStore::open(&dir.path().join("s.db"), &BotIdentity::for_tests("t1")).unwrap();
         for id in [5, 1, 9, 7] {
             store.mark_handled(id, "replied").unwrap();
         }
