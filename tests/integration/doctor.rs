@@ -4,7 +4,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::common::{Emulator, TOKEN, fly, fly_at, free_port, stderr_of};
+use crate::common::{Emulator, RefusedPort, TOKEN, fly, fly_at, stderr_of};
 
 fn stdout_of(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
@@ -121,10 +121,11 @@ fn doctor_with_a_refused_token_exits_1() {
 #[test]
 fn doctor_against_an_unreachable_port_names_the_host() {
     let home = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let nothing_listens = RefusedPort::new();
+    let port = nothing_listens.port;
     let output = fly()
         .env("HOME", home.path())
-        .env("FLY_BASE_URL", format!("http://127.0.0.1:{port}"))
+        .env("FLY_BASE_URL", nothing_listens.url())
         .env("FLY_BOT_TOKEN", TOKEN)
         .arg("doctor")
         .output()
@@ -309,9 +310,10 @@ fn a_base_url_with_the_api_path_is_exit_2_with_the_fix() {
 
 #[test]
 fn network_errors_name_the_host() {
-    let port = free_port();
+    let nothing_listens = RefusedPort::new();
+    let port = nothing_listens.port;
     let output = fly()
-        .env("FLY_BASE_URL", format!("http://127.0.0.1:{port}"))
+        .env("FLY_BASE_URL", nothing_listens.url())
         .env("FLY_BOT_TOKEN", TOKEN)
         .args(["send", "--to", "u_1", "hello"])
         .output()

@@ -853,14 +853,10 @@ fn webhook_secret_defaults_to_the_token_hash_and_is_required_without_one() {
 fn turning_webhook_off_hands_undelivered_updates_to_polling() {
     let emulator = Emulator::start();
     // Nothing listens there: every attempt fails.
-    let closed_port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let nothing_listens = crate::common::RefusedPort::new();
     emulator.post(
         "/_emulator/webhook",
-        json!({"url": format!("http://127.0.0.1:{closed_port}/webhook"), "secret": "s"}),
+        json!({"url": format!("{}/webhook", nothing_listens.url()), "secret": "s"}),
     );
     let update_id = emulator.user_says("private", "u_1", "anyone?");
     assert_eq!(emulator.get("/_emulator/webhook")["pending"], 1);
@@ -880,7 +876,6 @@ fn turning_webhook_off_hands_undelivered_updates_to_polling() {
 fn a_restarted_emulator_numbers_updates_above_the_last_runs_offset() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("bot.db");
-    let port = crate::common::free_port();
     let poll_echo_once = |emulator: &Emulator| {
         let output = crate::common::fly_at(emulator)
             .args(["poll-echo", "--once", "--state"])
@@ -894,7 +889,9 @@ fn a_restarted_emulator_numbers_updates_above_the_last_runs_offset() {
         );
     };
 
-    let first_run = Emulator::start_on_port(port);
+    let mut first_run = Emulator::start();
+    // The second run listens where the first did, read back from it.
+    let port = first_run.port();
     let before = first_run.user_says("private", "u_1", "before the restart");
     poll_echo_once(&first_run);
     assert_eq!(
@@ -905,7 +902,7 @@ fn a_restarted_emulator_numbers_updates_above_the_last_runs_offset() {
             ("to_user_id", "u_1")
         )]
     );
-    drop(first_run);
+    first_run.stop();
 
     let second_run = Emulator::start_on_port(port);
     let after = second_run.user_says("private", "u_1", "after the restart");
@@ -1031,9 +1028,10 @@ fn emulator_say_queues_a_user_message_that_poll_echo_answers() {
 
 #[test]
 fn emulator_say_without_an_emulator_or_a_chat_is_one_clear_error() {
-    let port = crate::common::free_port();
+    let nothing_listens = crate::common::RefusedPort::new();
+    let port = nothing_listens.port;
     let output = fly()
-        .env("FLY_BASE_URL", format!("http://127.0.0.1:{port}"))
+        .env("FLY_BASE_URL", nothing_listens.url())
         .args(["emulator", "say", "--chat", "u_1", "hello"])
         .output()
         .unwrap();
@@ -1054,10 +1052,8 @@ fn emulator_say_without_an_emulator_or_a_chat_is_one_clear_error() {
 /// One info line per request (method, path, status, latency), never the token.
 #[test]
 fn the_emulator_logs_one_line_per_request_without_the_token() {
-    let dir = tempfile::tempdir().unwrap();
-    let log_path = dir.path().join("emulator.log");
-    let emulator = Emulator::start_strict_logging_to(&log_path);
-    let base_url = emulator.base_url.as_str();
+    let mut emulator = Emulator::start_strict();
+    let base_url = emulator.base_url.clone();
     let call = |path: &str, token: &str| {
         agent()
             .post(&format!("{base_url}{path}"))
@@ -1070,19 +1066,18 @@ fn the_emulator_logs_one_line_per_request_without_the_token() {
     assert_eq!(call(BOT_UPDATES, TOKEN), 200);
     assert_eq!(call(BOT_UPDATES, "wrong-token-but-secret-too"), 401);
     assert_eq!(call(BOT_SEND, TOKEN), 400);
-    let lines = || -> Vec<String> {
-        std::fs::read_to_string(&log_path)
-            .unwrap()
-            .lines()
+    let lines = |log: &str| -> Vec<String> {
+        log.lines()
             .filter(|line| line.contains(" request "))
             .map(str::to_string)
             .collect()
     };
     wait_until(Duration::from_secs(5), "three request lines", || {
-        lines().len() >= 3
+        lines(&emulator.log()).len() >= 3
     });
-    drop(emulator);
-    let lines = lines();
+    emulator.stop();
+    let log = emulator.log();
+    let lines = lines(&log);
     assert_eq!(lines.len(), 3, "{lines:#?}");
     for (line, (path, status)) in
         lines
@@ -1098,6 +1093,5 @@ fn the_emulator_logs_one_line_per_request_without_the_token() {
             "{line}"
         );
     }
-    let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(!log.contains(TOKEN) && !log.contains("wrong-token-but-secret-too"));
 }

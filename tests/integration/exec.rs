@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::common::{
-    Emulator, Service, TOKEN, eventually, fly, fly_at, free_port, live_members_of_group,
+    Emulator, RefusedPort, Service, TOKEN, eventually, fly, fly_at, live_members_of_group,
     sign_update, stderr_of, wait_until,
 };
 
@@ -587,40 +587,47 @@ fn forward_waits_for_a_receiver_that_is_down_and_loses_nothing() {
     let emulator = Emulator::start();
     let dir = tempfile::tempdir().unwrap();
     let runs = dir.path().join("runs");
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}/webhook");
+    // Refused until the receiver comes up there.
+    let down = RefusedPort::new();
+    let url = format!("{}/webhook", down.url());
     let forward = start_forward(&emulator, &url, &dir.path().join("forward.db"));
     let mut expected = BTreeSet::new();
     for n in 0..5 {
         let chat = format!("u_{}", n % 2);
         expected.insert(emulator.user_says("private", &chat, &format!("m{n}")));
     }
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(emulator.sent().is_empty());
+    // Each attempt is logged; an update failing for the third time shows
+    // forward retrying rather than giving up or skipping it.
+    wait_until(Duration::from_secs(20), "a third failed attempt", || {
+        forward.log().contains("failures=3")
+    });
     assert!(
         forward.log().contains("delivery failed"),
-        "each attempt is logged: {}",
+        "{}",
         forward.log()
     );
+    assert!(emulator.sent().is_empty());
 
     let (receiver, receiver_url) = start_receiver(
         &emulator,
-        port,
+        down.hand_over(),
         &dir.path().join("receiver.db"),
         &shouting_handler(&runs),
     );
     assert_eq!(receiver_url, url);
     expected.insert(emulator.user_says("group", "g_late", "after it came up"));
+    // Every update delivered and accepted (200): forward has none left in
+    // hand, so a doubled delivery would have been made by now.
+    let accepted = || accepted_deliveries(&forward.log());
     assert!(
-        eventually(Duration::from_secs(20), || emulator.sent().len()
+        eventually(Duration::from_secs(30), || accepted().len()
             >= expected.len()),
         "sent {:?}\nforward: {}\nreceiver: {}",
         emulator.sent(),
         forward.log(),
         receiver.log()
     );
-    // Give a doubled delivery the chance to show up.
-    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(accepted(), expected.iter().copied().collect::<Vec<_>>());
     let sent = emulator.sent();
     let expected_ids: BTreeSet<String> = expected.iter().map(|id| format!("reply_{id}")).collect();
     let ids = client_msg_ids(&sent);
@@ -634,7 +641,24 @@ fn forward_waits_for_a_receiver_that_is_down_and_loses_nothing() {
         .collect();
     ran.sort();
     assert_eq!(ran, expected.into_iter().collect::<Vec<_>>());
-    assert!(forward.log().contains("status=200"), "{}", forward.log());
+}
+
+/// The update ids of forward's accepted deliveries (`delivery update_id=N
+/// status=200 …` lines), sorted, each as often as it was delivered.
+fn accepted_deliveries(log: &str) -> Vec<i64> {
+    let mut ids: Vec<i64> = log
+        .lines()
+        .filter(|line| line.contains(" delivery ") && line.contains("status=200"))
+        .map(|line| {
+            let field = line
+                .split_whitespace()
+                .find_map(|field| field.strip_prefix("update_id="))
+                .unwrap_or_else(|| panic!("no update_id in {line:?}"));
+            field.parse().unwrap()
+        })
+        .collect();
+    ids.sort();
+    ids
 }
 
 #[test]
@@ -733,7 +757,8 @@ fn forward_stops_within_the_grace_period_while_a_receiver_hangs() {
 fn forward_says_what_it_does_on_start() {
     let emulator = Emulator::start();
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("http://127.0.0.1:{}/webhook", free_port());
+    let nothing_listens = RefusedPort::new();
+    let url = format!("{}/webhook", nothing_listens.url());
     let state = dir.path().join("forward.db");
     let forward = Service::start(
         &emulator,

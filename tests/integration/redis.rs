@@ -13,16 +13,25 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::common::{Emulator, TOKEN, eventually, fly, fly_child, free_port, wait_until};
+use crate::common::{
+    Emulator, RefusedPort, TOKEN, eventually, fly, fly_child, show_log_file_if_failing, wait_until,
+};
 use crate::serve_webhook::{SECRET, Server, agent, answer, get, post_with, signed_here};
 
 /// Where a test's redis-server listens.
 enum Endpoint {
     Unix(PathBuf),
     Tcp(u16),
+    /// TLS only (no plain TCP), with this certificate and key.
+    Tls {
+        port: u16,
+        cert: PathBuf,
+        key: PathBuf,
+    },
 }
 
-/// A `redis-server` of this test's own, killed when dropped.
+/// A `redis-server` of this test's own, killed when dropped; its log is
+/// shown if the test fails.
 struct RedisServer {
     child: Option<Child>,
     endpoint: Endpoint,
@@ -44,14 +53,36 @@ impl RedisServer {
         server
     }
 
-    /// On a loopback port that was free a moment ago (another is tried if
-    /// it was taken in between).
+    /// On a loopback port (the URL has a host and port, for a password).
     fn tcp() -> RedisServer {
+        RedisServer::on_a_loopback_port(Endpoint::Tcp)
+    }
+
+    /// TLS on a loopback port with a certificate and its key.
+    fn tls(cert: &Path, key: &Path) -> RedisServer {
+        RedisServer::on_a_loopback_port(|port| Endpoint::Tls {
+            port,
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+        })
+    }
+
+    /// redis-server cannot take port 0 and say which port it got (`--port
+    /// 0` means no TCP at all), so this is the one place in the tests that
+    /// picks a port first: one the system handed out a moment ago. If
+    /// another process took it in between, redis-server cannot bind it and
+    /// exits (it never says it is ready), and another port is tried.
+    fn on_a_loopback_port(endpoint: impl Fn(u16) -> Endpoint) -> RedisServer {
         let mut why = String::new();
         for _ in 0..10 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
             let mut server = RedisServer {
                 child: None,
-                endpoint: Endpoint::Tcp(free_port()),
+                endpoint: endpoint(port),
                 dir: tempfile::tempdir().unwrap(),
             };
             match server.spawn() {
@@ -66,6 +97,12 @@ impl RedisServer {
         self.dir.path().join("redis.log")
     }
 
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Starts redis-server and waits until it says it is ready (after it
+    /// bound every address it was given; it exits if one is taken).
     fn spawn(&mut self) -> Result<(), String> {
         let mut command = Command::new("redis-server");
         command
@@ -83,6 +120,15 @@ impl RedisServer {
             Endpoint::Tcp(port) => {
                 command.args(["--port", &port.to_string(), "--bind", "127.0.0.1"]);
             }
+            Endpoint::Tls { port, cert, key } => {
+                command
+                    .args(["--port", "0", "--bind", "127.0.0.1"])
+                    .args(["--tls-port", &port.to_string(), "--tls-auth-clients", "no"])
+                    .arg("--tls-cert-file")
+                    .arg(cert)
+                    .arg("--tls-key-file")
+                    .arg(key);
+            }
         }
         let log = std::fs::File::create(self.log_path()).unwrap();
         let mut child = command
@@ -97,28 +143,24 @@ impl RedisServer {
                 )
             })
             .unwrap_or_else(|why: String| panic!("{why}"));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return Err(format!(
-                    "redis-server exited ({status}): {}",
-                    std::fs::read_to_string(self.log_path()).unwrap_or_default()
-                ));
-            }
-            if self
-                .try_command(&["PING"])
-                .is_some_and(|pong| pong == "PONG")
-            {
-                self.child = Some(child);
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err("redis-server did not answer within 10 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        // "Ready to accept connections" (TCP, TLS), "The server is now ready
+        // to accept connections at PATH" (a unix socket).
+        let ready = eventually(Duration::from_secs(10), || {
+            self.log()
+                .to_lowercase()
+                .contains("ready to accept connections")
+                || child.try_wait().unwrap().is_some()
+        });
+        if ready && child.try_wait().unwrap().is_none() {
+            self.child = Some(child);
+            return Ok(());
         }
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        Err(format!(
+            "redis-server did not get ready ({status}): {}",
+            self.log()
+        ))
     }
 
     /// The `--state` URL.
@@ -126,6 +168,7 @@ impl RedisServer {
         match &self.endpoint {
             Endpoint::Unix(socket) => format!("redis+unix://{}", socket.display()),
             Endpoint::Tcp(port) => format!("redis://127.0.0.1:{port}"),
+            Endpoint::Tls { port, .. } => format!("rediss://127.0.0.1:{port}"),
         }
     }
 
@@ -159,13 +202,6 @@ impl RedisServer {
         self.try_value(args).expect("redis-server answers")
     }
 
-    fn try_command(&self, args: &[&str]) -> Option<String> {
-        match self.try_value(args)? {
-            Value::String(text) => Some(text),
-            other => Some(other.to_string()),
-        }
-    }
-
     fn try_value(&self, args: &[&str]) -> Option<Value> {
         let mut request = format!("*{}\r\n", args.len());
         for arg in args {
@@ -176,6 +212,7 @@ impl RedisServer {
             Endpoint::Tcp(port) => {
                 Box::new(std::net::TcpStream::connect(("127.0.0.1", *port)).ok()?)
             }
+            Endpoint::Tls { .. } => panic!("the tests speak plain RESP only"),
         };
         let mut reader = BufReader::new(stream);
         reader.get_mut().write_all(request.as_bytes()).ok()?;
@@ -186,6 +223,7 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+        show_log_file_if_failing("redis-server", &self.log_path());
     }
 }
 
@@ -228,7 +266,8 @@ fn signal(pid: &str, which: &str) {
     assert!(sent.success(), "kill {which} {pid}");
 }
 
-/// A `fly poll-echo` child on the Redis state, its log in a file.
+/// A `fly poll-echo` child on the Redis state, its log in a file (shown if
+/// the test fails).
 struct Poller {
     child: Child,
     log: PathBuf,
@@ -265,6 +304,7 @@ impl Drop for Poller {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        show_log_file_if_failing("fly poll-echo", &self.log);
     }
 }
 
@@ -804,44 +844,8 @@ fn rediss_checks_the_servers_certificate() {
     let key = dir.path().join("key.pem");
     std::fs::write(&cert, certified.cert.pem()).unwrap();
     std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
-    let mut started = None;
-    for _ in 0..10 {
-        let port = free_port();
-        let mut child = Command::new("redis-server")
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--port",
-                "0",
-                "--bind",
-                "127.0.0.1",
-            ])
-            .args(["--tls-port", &port.to_string(), "--tls-auth-clients", "no"])
-            .arg("--tls-cert-file")
-            .arg(&cert)
-            .arg("--tls-key-file")
-            .arg(&key)
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server (apt-get install redis-server)");
-        let up = eventually(Duration::from_secs(5), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-                || child.try_wait().unwrap().is_some()
-        });
-        if up && child.try_wait().unwrap().is_none() {
-            started = Some((child, port));
-            break;
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    let (mut child, port) = started.expect("a TLS redis-server on a free port");
-    let url = format!("rediss://127.0.0.1:{port}");
+    let redis = RedisServer::tls(&cert, &key);
+    let url = redis.url();
     let dead_letters = |trust: Option<&Path>| {
         let mut command = fly();
         command
@@ -856,8 +860,6 @@ fn rediss_checks_the_servers_certificate() {
     };
     let trusted = dead_letters(Some(&cert));
     let untrusted = dead_letters(Some(Path::new("/dev/null")));
-    let _ = child.kill();
-    let _ = child.wait();
     assert!(
         trusted.status.success(),
         "{}",
@@ -903,7 +905,7 @@ fn dead_letters_live_in_redis_too_and_passwords_never_show() {
 
     // A wrong password: refused, with the URL shown without it.
     let Endpoint::Tcp(port) = redis.endpoint else {
-        unreachable!()
+        unreachable!("a TCP redis-server")
     };
     let wrong = fly()
         .env("FLY_BASE_URL", &emulator.base_url)
@@ -923,11 +925,12 @@ fn dead_letters_live_in_redis_too_and_passwords_never_show() {
         "{stderr}"
     );
     // Nothing listens: one clear line, exit 1.
+    let nothing_listens = RefusedPort::new();
     let down = fly()
         .env("FLY_BASE_URL", &emulator.base_url)
         .env("FLY_BOT_TOKEN", TOKEN)
         .args(["poll-echo", "--once", "--state"])
-        .arg(format!("redis://:pw@127.0.0.1:{}", free_port()))
+        .arg(format!("redis://:pw@127.0.0.1:{}", nothing_listens.port))
         .output()
         .unwrap();
     assert_eq!(down.status.code(), Some(1));

@@ -312,11 +312,9 @@ fn gives_up_after_bounded_retries_with_exit_1() {
 #[test]
 fn unreachable_server_is_exit_1_not_a_hang() {
     // A port nothing listens on: connection refused on every attempt.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    drop(listener);
+    let nothing_listens = crate::common::RefusedPort::new();
     let output = fly()
-        .env("FLY_BASE_URL", format!("http://127.0.0.1:{port}"))
+        .env("FLY_BASE_URL", nothing_listens.url())
         .env("FLY_BOT_TOKEN", TOKEN)
         .args(["-q", "send", "--to", "u", "hi"])
         .output()

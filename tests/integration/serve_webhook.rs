@@ -12,8 +12,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{Value, json};
 
 use crate::common::{
-    Emulator, TOKEN, echo, eventually, fly, fly_child, live_members_of_group, sign_update,
-    stderr_of, wait_until, write_certificate,
+    Emulator, TOKEN, echo, eventually, fly, fly_child, live_members_of_group,
+    show_log_file_if_failing, sign_update, stderr_of, wait_until, write_certificate,
 };
 
 pub(crate) const SECRET: &str = "hook-secret";
@@ -21,7 +21,7 @@ const FIVE_MIB: usize = 5 * 1024 * 1024;
 
 /// A `fly serve-webhook --bind 127.0.0.1 --port 0` child, killed when dropped.
 /// Its stderr (the log) goes to a file, so a chatty server never blocks on a
-/// full pipe and a failing test can show what it said.
+/// full pipe; a failing test shows what it said.
 pub(crate) struct Server {
     pub(crate) child: Child,
     _stdout: BufReader<ChildStdout>,
@@ -113,14 +113,7 @@ impl Server {
     }
 
     fn wait_for_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        None
+        crate::common::wait_for_exit(&mut self.child, limit)
     }
 }
 
@@ -128,6 +121,7 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        show_log_file_if_failing("fly serve-webhook", &self.log);
     }
 }
 
