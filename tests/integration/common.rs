@@ -218,6 +218,13 @@ impl Emulator {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Waits for the emulator to exit by itself (after a signal).
+    pub fn wait_for_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let status = wait_for_exit(&mut self.child, limit)?;
+        self.log.finish();
+        Some(status)
+    }
 }
 
 impl Drop for Emulator {
@@ -257,6 +264,7 @@ pub fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool 
         if Instant::now() >= deadline {
             return false;
         }
+        // The polling interval.
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -264,6 +272,19 @@ pub fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool 
 /// Like [`eventually`], failing the test with `what` on a timeout.
 pub fn wait_until(limit: Duration, what: &str, condition: impl FnMut() -> bool) {
     assert!(eventually(limit, condition), "timed out waiting for {what}");
+}
+
+/// Sends `signal` (`libc::SIGTERM`, …) to process `pid`.
+pub fn signal(pid: u32, signal: libc::c_int) {
+    let pid = libc::pid_t::try_from(pid).unwrap();
+    // SAFETY: kill(2) takes no memory from us.
+    let sent = unsafe { libc::kill(pid, signal) };
+    assert_eq!(
+        sent,
+        0,
+        "kill({pid}, {signal}): {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// The exit status of `child` if it ends within `limit`.
@@ -566,30 +587,52 @@ fn raw_http_server(mut answer: impl FnMut(&str) -> String + Send + 'static) -> S
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { return };
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut request_line = String::new();
-            if reader.read_line(&mut request_line).is_err() {
+            // Read whole: unread bytes would make the close a reset, which
+            // the client would see instead of the answer.
+            let Some(request_line) = read_request(&stream) else {
                 continue;
-            }
-            // The rest of the head, then the body: unread bytes would make
-            // the close a reset, which the client would see instead.
-            let mut body_length = 0usize;
-            let mut line = String::new();
-            while reader.read_line(&mut line).is_ok_and(|read| read > 2) {
-                if let Some((name, value)) = line.split_once(':')
-                    && name.eq_ignore_ascii_case("content-length")
-                {
-                    body_length = value.trim().parse().unwrap_or(0);
-                }
-                line.clear();
-            }
-            let mut body = vec![0u8; body_length];
-            let _ = std::io::Read::read_exact(&mut reader, &mut body);
-            let answer = answer(request_line.trim());
+            };
+            let answer = answer(&request_line);
             let _ = stream.write_all(answer.as_bytes());
         }
     });
     base_url
+}
+
+/// Reads one HTTP/1.1 request from `stream` whole (head, then a body of
+/// its Content-Length); returns its request line.
+pub fn read_request(stream: &std::net::TcpStream) -> Option<String> {
+    let mut reader = BufReader::new(stream);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line).ok()?;
+    let mut body_length = 0usize;
+    let mut line = String::new();
+    while reader.read_line(&mut line).is_ok_and(|read| read > 2) {
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            body_length = value.trim().parse().unwrap_or(0);
+        }
+        line.clear();
+    }
+    let mut body = vec![0u8; body_length];
+    std::io::Read::read_exact(&mut reader, &mut body).ok()?;
+    Some(request_line.trim().to_string())
+}
+
+/// A receiver that takes one connection, reads the request on it whole and
+/// never answers. Returns its URL (`/hook`) and a thread that ends, giving
+/// the connection (to be held open), once the request is read: the sender
+/// is then waiting for an answer.
+pub fn silent_receiver() -> (String, JoinHandle<std::net::TcpStream>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let held = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        read_request(&stream).expect("a whole request");
+        stream
+    });
+    (url, held)
 }
 
 /// A long-running `fly` child (poll-echo, serve-webhook, forward) pointed at
@@ -636,6 +679,34 @@ impl Service {
 }
 
 impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.log.show_if_failing();
+    }
+}
+
+/// A program other than fly (a reference example), killed when dropped, so
+/// a failing assertion leaves nothing running; its stderr is shown if the
+/// test fails.
+pub struct Background {
+    pub child: Child,
+    log: ChildLog,
+}
+
+impl Background {
+    /// Spawns `command` (its stderr piped here); `name` says whose log it is.
+    pub fn spawn(name: &str, command: &mut StdCommand) -> Background {
+        let mut child = command
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|error| panic!("start {name}: {error}"));
+        let log = ChildLog::collect(name, &mut child);
+        Background { child, log }
+    }
+}
+
+impl Drop for Background {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

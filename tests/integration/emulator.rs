@@ -4,14 +4,14 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Command as StdCommand, Stdio};
+
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
-use crate::common::{Emulator, TOKEN, fly, wait_until};
+use crate::common::{Emulator, TOKEN, fly, signal, wait_for_a_request_in_flight, wait_until};
 
 const BOT_UPDATES: &str = "/api/v1/s/bot/updates";
 const BOT_SEND: &str = "/api/v1/s/bot/send";
@@ -132,15 +132,16 @@ fn long_poll_returns_as_soon_as_a_message_arrives() {
         let emulator = Arc::clone(&emulator);
         thread::spawn(move || {
             let started = Instant::now();
-            let updates = poll(&emulator, json!({"offset": 0, "limit": 50, "timeout": 10}));
+            let updates = poll(&emulator, json!({"offset": 0, "limit": 50, "timeout": 120}));
             (updates, started.elapsed())
         })
     };
-    thread::sleep(Duration::from_millis(300));
+    wait_for_a_request_in_flight(std::process::id(), emulator.port(), "the long poll");
     let update_id = emulator.user_says("private", "u_1", "hi");
     let (updates, elapsed) = poller.join().unwrap();
+    // Not woken, it would have waited out its 120 s.
     assert!(
-        elapsed < Duration::from_secs(5),
+        elapsed < Duration::from_secs(60),
         "long poll took {elapsed:?}"
     );
     assert_eq!(update_ids(&updates), [update_id]);
@@ -418,8 +419,9 @@ fn access_urls_expire_and_unknown_ones_are_404() {
     );
     let url = access_url(&emulator, "fly://brief", 1);
     assert_eq!(get(&url, None).body, b"hi");
-    thread::sleep(Duration::from_millis(1100));
-    assert_eq!(get(&url, None).status, 403);
+    wait_until(Duration::from_secs(10), "the access URL to expire", || {
+        get(&url, None).status == 403
+    });
     let unknown = format!("{}/_emulator/files/0123456789abcdef", emulator.base_url);
     assert_eq!(get(&unknown, None).status, 404);
 }
@@ -555,6 +557,7 @@ fn a_one_gib_download_streams_in_flat_memory() {
                     let mut peak = peak.lock().unwrap();
                     *peak = (*peak).max(rss);
                 }
+                // The sampling interval.
                 thread::sleep(Duration::from_millis(20));
             }
         })
@@ -600,39 +603,11 @@ fn resident_kib(pid: u32) -> Option<u64> {
 
 #[test]
 fn sigterm_stops_the_emulator_with_exit_0() {
-    let mut child = StdCommand::new(crate::common::fly_path())
-        .args(["emulator", "--port", "0"])
-        .env_remove("FLY_BOT_TOKEN")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut first_line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut first_line,
-    )
-    .unwrap();
-    assert!(
-        first_line.starts_with("http://127.0.0.1:"),
-        "{first_line:?}"
-    );
-    let killed = StdCommand::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("emulator did not stop on SIGTERM");
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
+    let mut emulator = Emulator::start();
+    signal(emulator.pid(), libc::SIGTERM);
+    let status = emulator
+        .wait_for_exit(Duration::from_secs(10))
+        .expect("the emulator stops on SIGTERM");
     assert_eq!(status.code(), Some(0));
 }
 
@@ -928,17 +903,23 @@ fn polling_while_a_webhook_is_set_answers_an_error_saying_so() {
     let waiting = {
         let emulator = Arc::clone(&emulator);
         thread::spawn(move || {
-            bot_call(&emulator, BOT_UPDATES, Some(TOKEN), &json!({"timeout": 20}))
+            bot_call(
+                &emulator,
+                BOT_UPDATES,
+                Some(TOKEN),
+                &json!({"timeout": 120}),
+            )
         })
     };
-    thread::sleep(Duration::from_millis(300));
+    wait_for_a_request_in_flight(std::process::id(), emulator.port(), "the long poll");
     let started = Instant::now();
     emulator.post(
         "/_emulator/webhook",
         json!({"url": "http://127.0.0.1:9/webhook", "secret": "s"}),
     );
     let waited = waiting.join().unwrap();
-    assert!(started.elapsed() < Duration::from_secs(5));
+    // Left waiting, it would have been answered after its 120 s.
+    assert!(started.elapsed() < Duration::from_secs(60));
     for answer in [
         waited,
         bot_call(&emulator, BOT_UPDATES, Some(TOKEN), &json!({})),

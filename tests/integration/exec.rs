@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::common::{
     Emulator, RefusedPort, Service, TOKEN, eventually, fly, fly_at, live_members_of_group,
-    sign_update, stderr_of, wait_until,
+    sign_update, silent_receiver, stderr_of, wait_until,
 };
 
 /// Prints the text content of the update on stdin (plain ASCII without quotes
@@ -726,26 +726,18 @@ fn forward_does_not_follow_a_receivers_redirect() {
 fn forward_stops_within_the_grace_period_while_a_receiver_hangs() {
     let emulator = Emulator::start();
     let dir = tempfile::tempdir().unwrap();
-    // Accepts connections and never answers them.
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/hook", silent.local_addr().unwrap());
-    let held = std::thread::spawn(move || silent.accept().map(|(stream, _)| stream));
+    let (url, held) = silent_receiver();
     let mut forward = start_forward(&emulator, &url, &dir.path().join("forward.db"));
     emulator.user_says("private", "u_1", "hello");
-    let _connection = held.join().unwrap().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // The delivery was read whole: forward is waiting for the answer.
+    let _connection = held.join().unwrap();
     let signalled = Instant::now();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &forward.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = forward.wait(Duration::from_secs(10)).expect("stops");
+    signal(&forward, "TERM");
+    let status = forward.wait(Duration::from_secs(50)).expect("stops");
     assert!(status.success(), "{status}: {}", forward.log());
+    // --grace 1; waiting for the answer would have taken the 60 s timeout.
     assert!(
-        signalled.elapsed() < Duration::from_secs(3),
+        signalled.elapsed() < Duration::from_secs(30),
         "took {:?}",
         signalled.elapsed()
     );
@@ -1283,10 +1275,7 @@ fn a_second_signal_stops_serve_webhook_at_once_with_130_and_no_handler_left() {
 fn a_second_signal_stops_forward_at_once_with_130() {
     let emulator = Emulator::start();
     let dir = tempfile::tempdir().unwrap();
-    // Accepts connections and never answers them.
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/hook", silent.local_addr().unwrap());
-    let held = std::thread::spawn(move || silent.accept().map(|(stream, _)| stream));
+    let (url, held) = silent_receiver();
     let state = dir.path().join("forward.db");
     let mut forward = Service::start(
         &emulator,
@@ -1303,7 +1292,7 @@ fn a_second_signal_stops_forward_at_once_with_130() {
         ],
     );
     emulator.user_says("private", "u_1", "hello");
-    let _connection = held.join().unwrap().unwrap();
+    let _connection = held.join().unwrap();
     let status = signal_twice(&mut forward);
     assert_eq!(
         status.map(|s| s.code()),

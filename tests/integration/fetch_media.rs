@@ -287,6 +287,7 @@ fn memory_stays_flat_for_a_1_gib_file() {
             let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
             peak_kib = peak_kib.max(kib);
         }
+        // The sampling interval.
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(child.wait().unwrap().success());

@@ -547,6 +547,8 @@ fn redis_killed_and_restarted_under_load_gives_503s_then_every_update_is_answere
         let load = scope.spawn(|| {
             (0..MESSAGES)
                 .map(|n| {
+                    // Paced, not a wait: messages keep coming before, during
+                    // and after the outage.
                     std::thread::sleep(Duration::from_millis(25));
                     emulator.user_says("private", &format!("u_{}", n % 4), &format!("m {n}"))
                 })
@@ -560,7 +562,10 @@ fn redis_killed_and_restarted_under_load_gives_503s_then_every_update_is_answere
             get(&readyz).status == 503
         });
         assert_eq!(get(&format!("{}/healthz", server.origin)).status, 200);
-        std::thread::sleep(Duration::from_millis(800));
+        // The outage lasts until a delivery has been refused for it.
+        wait_until(Duration::from_secs(10), "a delivery answered 503", || {
+            server.log().contains("status=503")
+        });
         redis.restart();
         load.join().unwrap()
     });
@@ -812,6 +817,9 @@ fn a_poller_pauses_while_redis_is_down_and_goes_on_by_itself() {
     wait_until(Duration::from_secs(10), "the outage noticed", || {
         poller.log().contains("unreachable")
     });
+    // Deliberately more time, not a wait for an event: the outage outlasts
+    // the poller's first retries, so it has to keep pausing (no log line
+    // marks a retry).
     std::thread::sleep(Duration::from_millis(1500));
     redis.restart();
     ids.extend((0..10).map(|n| emulator.user_says("private", "u_3", &format!("after {n}"))));

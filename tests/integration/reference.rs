@@ -8,12 +8,12 @@
 //! they fail saying what, rather than pass without running.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::common::{ChildLog, Emulator, TOKEN, eventually, listening_port, wait_until};
+use crate::common::{Background, Emulator, TOKEN, eventually, listening_port, wait_until};
 
 fn reference_dir() -> Option<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference");
@@ -54,27 +54,12 @@ fn prerequisites(needs_node: bool) -> PathBuf {
     dir
 }
 
-/// A child process killed when dropped, so a failing assertion leaves no
-/// bot running; its stderr is shown if the test fails.
-struct Running {
-    child: Child,
-    log: ChildLog,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.log.show_if_failing();
-    }
-}
-
 fn start_example(
     program: &str,
     script: PathBuf,
     emulator: &Emulator,
     extra_env: &[(&str, String)],
-) -> Running {
+) -> Background {
     let mut command = Command::new(program);
     command
         .arg(script)
@@ -86,16 +71,11 @@ fn start_example(
         .env("no_proxy", "127.0.0.1,localhost")
         .env_remove("FLY_WEBHOOK_SECRET")
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stdout(Stdio::piped());
     for (name, value) in extra_env {
         command.env(name, value);
     }
-    let mut child = command
-        .spawn()
-        .unwrap_or_else(|error| panic!("start {program}: {error}"));
-    let log = ChildLog::collect(program, &mut child);
-    Running { child, log }
+    Background::spawn(program, &mut command)
 }
 
 /// Waits until the emulator recorded `count` sends, or fails after 20 s.
