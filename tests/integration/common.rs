@@ -424,41 +424,81 @@ pub fn listening_port(pid: u32) -> Option<u16> {
 /// read from a socket), the socket's connection, and the server's side of
 /// it, which holds no unread bytes.
 pub fn awaits_an_answer_from(pid: u32, port: u16) -> bool {
+    let sockets = tcp_sockets();
+    reading_from(pid, port, &sockets).iter().any(|client| {
+        sockets.iter().any(|server| {
+            server.local == client.remote && server.remote == client.local && server.unread == 0
+        })
+    })
+}
+
+/// The connections to the loopback server on `port` that a thread of `pid`
+/// is blocked reading from.
+fn reading_from(pid: u32, port: u16, sockets: &[TcpSocket]) -> Vec<&TcpSocket> {
     let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
+        return Vec::new();
     };
     let reads = [libc::SYS_read, libc::SYS_recvfrom, libc::SYS_recvmsg];
-    let sockets = tcp_sockets();
-    threads.filter_map(Result::ok).any(|thread| {
-        // `NR ARG1 …` while blocked in a system call, `running` otherwise.
-        let Ok(call) = std::fs::read_to_string(thread.path().join("syscall")) else {
-            return false;
-        };
-        let mut fields = call.split_whitespace();
-        let (Some(number), Some(fd)) = (fields.next(), fields.next()) else {
-            return false;
-        };
-        let (Ok(number), Ok(fd)) = (
-            number.parse::<libc::c_long>(),
-            u64::from_str_radix(fd.trim_start_matches("0x"), 16),
-        ) else {
-            return false;
-        };
-        if !reads.contains(&number) {
-            return false;
-        }
-        let Some(inode) = socket_inode(pid, &fd.to_string()) else {
-            return false;
-        };
-        let Some(client) = sockets.iter().find(|socket| socket.inode == inode) else {
-            return false;
-        };
-        client.state == TCP_ESTABLISHED
-            && client.remote.1 == port
-            && sockets.iter().any(|server| {
-                server.local == client.remote && server.remote == client.local && server.unread == 0
+    threads
+        .filter_map(|thread| {
+            // `NR ARG1 …` while blocked in a system call, `running` otherwise.
+            let call = std::fs::read_to_string(thread.ok()?.path().join("syscall")).ok()?;
+            let mut fields = call.split_whitespace();
+            let number: libc::c_long = fields.next()?.parse().ok()?;
+            let fd = u64::from_str_radix(fields.next()?.trim_start_matches("0x"), 16).ok()?;
+            if !reads.contains(&number) {
+                return None;
+            }
+            let inode = socket_inode(pid, &fd.to_string())?;
+            sockets.iter().find(|socket| {
+                socket.inode == inode
+                    && socket.state == TCP_ESTABLISHED
+                    && socket.remote == (LOOPBACK, port)
             })
-    })
+        })
+        .collect()
+}
+
+/// 127.0.0.1 as /proc/net/tcp writes it (in host order on a little-endian
+/// machine: 0100007F).
+const LOOPBACK: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+
+#[test]
+fn awaits_an_answer_from_sees_a_request_read_whole_and_not_answered() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let me = std::process::id();
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (mut server, _) = listener.accept().unwrap();
+    let request = "POST /x HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello";
+    client.write_all(request.as_bytes()).unwrap();
+    let waiting = std::thread::spawn(move || {
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).unwrap();
+        answer
+    });
+    wait_until(
+        Duration::from_secs(10),
+        "the client to block reading",
+        || !reading_from(me, port, &tcp_sockets()).is_empty(),
+    );
+    // Sent, but not read yet by the server.
+    assert!(!awaits_an_answer_from(me, port));
+    let mut head = vec![0u8; request.len() - 5];
+    server.read_exact(&mut head).unwrap();
+    assert!(!awaits_an_answer_from(me, port), "the body is not read yet");
+    let mut body = [0u8; 5];
+    server.read_exact(&mut body).unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the request to be seen in flight",
+        || awaits_an_answer_from(me, port),
+    );
+    server.write_all(b"done").unwrap();
+    drop(server);
+    assert_eq!(waiting.join().unwrap(), "done");
+    assert!(!awaits_an_answer_from(me, port));
 }
 
 /// Waits until a thread of `pid` awaits the answer to a request the server
