@@ -231,7 +231,6 @@ impl Drop for Emulator {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.log.show_if_failing();
     }
 }
 
@@ -722,7 +721,6 @@ impl Drop for Service {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.log.show_if_failing();
     }
 }
 
@@ -750,14 +748,12 @@ impl Drop for Background {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.log.show_if_failing();
     }
 }
 
 /// A child's stderr, read as it comes into a buffer by a thread of its own
 /// (so the child never blocks on a full pipe), and printed on the test's
-/// stderr if the test fails ([`ChildLog::show_if_failing`], from the
-/// owner's `Drop`).
+/// stderr when dropped while the test fails.
 pub struct ChildLog {
     name: String,
     text: Arc<Mutex<String>>,
@@ -802,11 +798,14 @@ impl ChildLog {
             reader.join().unwrap();
         }
     }
+}
 
-    /// While a test is failing (unwinding), prints what the child said.
-    /// The child should be dead by now; its stream is given a moment to
-    /// end (a handler it left behind may hold the pipe open).
-    pub fn show_if_failing(&mut self) {
+impl Drop for ChildLog {
+    /// While a test is failing (unwinding), prints what the child said. An
+    /// owner kills its child first (fields drop after the owner's `drop`);
+    /// the stream is given a moment to end (a handler left behind may hold
+    /// the pipe open).
+    fn drop(&mut self) {
         if !std::thread::panicking() {
             return;
         }
