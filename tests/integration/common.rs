@@ -821,6 +821,19 @@ pub fn show_log(name: &str, text: &str) {
     eprintln!("----- {name}: its log -----\n{text}----- end of {name}'s log -----");
 }
 
+/// A new file `PREFIX<random>.log` in `dir` that outlives its handle, for a
+/// child's stderr.
+pub fn new_log_file(dir: &Path, prefix: &str) -> PathBuf {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .suffix(".log")
+        .tempfile_in(dir)
+        .unwrap()
+        .into_temp_path()
+        .keep()
+        .unwrap()
+}
+
 /// From a `Drop`: prints the log file of `name` when the test is failing.
 pub fn show_log_file_if_failing(name: &str, path: &Path) {
     if std::thread::panicking() {

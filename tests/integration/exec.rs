@@ -1151,6 +1151,13 @@ pub(crate) fn signal(service: &Service, name: &str) {
     assert!(sent.success());
 }
 
+/// SIGTERM; the service must then end by itself, exit 0, within 15 s.
+pub(crate) fn stop_with_sigterm(service: &mut Service) {
+    signal(service, "TERM");
+    let status = service.wait(Duration::from_secs(15));
+    assert_eq!(status.map(|s| s.code()), Some(Some(0)), "{}", service.log());
+}
+
 /// SIGINT, then once the stop has begun a second SIGINT; the exit status
 /// if the service ends within 10 s after it.
 pub(crate) fn signal_twice(service: &mut Service) -> Option<ExitStatus> {
@@ -1214,10 +1221,8 @@ fn sigterm_with_a_hanging_handler_exits_0_after_the_grace_period_and_leaves_noth
     let mut service = start_poll_echo(&emulator, dir.path(), &handler, &["--grace", "1"]);
     let hanging = emulator.user_says("private", "u_slow", "hang");
     let group = read_group(&group_file);
-    signal(&service, "TERM");
-    let status = service.wait(Duration::from_secs(15));
+    stop_with_sigterm(&mut service);
     let left = live_members_of_group(&group);
-    assert_eq!(status.map(|s| s.code()), Some(Some(0)), "{}", service.log());
     assert!(left.is_empty(), "left running: {left}");
     assert!(service.log().contains("grace period"), "{}", service.log());
     // Not confirmed: the next run gets the update again.

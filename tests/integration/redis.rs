@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::common::{
-    Emulator, RefusedPort, TOKEN, eventually, fly, fly_child, show_log_file_if_failing, wait_until,
+    Emulator, RefusedPort, TOKEN, eventually, fly, fly_at, fly_child, new_log_file,
+    show_log_file_if_failing, wait_until,
 };
 use crate::serve_webhook::{SECRET, Server, agent, answer, get, post_with, signed_here};
 
@@ -197,6 +198,13 @@ impl RedisServer {
         signal(&self.pid(), "-CONT");
     }
 
+    /// The poll offset stored in this Redis, if any.
+    fn stored_offset(&self) -> Option<i64> {
+        let keys = self.command(&["KEYS", "*:offset"]);
+        let key = keys[0].as_str()?.to_string();
+        self.command(&["GET", &key]).as_str()?.parse().ok()
+    }
+
     /// One command (RESP), its answer as JSON: strings, integers, arrays.
     fn command(&self, args: &[&str]) -> Value {
         self.try_value(args).expect("redis-server answers")
@@ -275,14 +283,7 @@ struct Poller {
 
 impl Poller {
     fn start(emulator: &Emulator, redis: &RedisServer, dir: &Path, extra: &[&str]) -> Poller {
-        let log = tempfile::Builder::new()
-            .prefix("poll-echo-")
-            .suffix(".log")
-            .tempfile_in(dir)
-            .unwrap()
-            .into_temp_path()
-            .keep()
-            .unwrap();
+        let log = new_log_file(dir, "poll-echo-");
         let child = fly_child(&emulator.base_url)
             .args(["poll-echo", "--poll-timeout", "1", "--state"])
             .arg(redis.url())
@@ -293,6 +294,16 @@ impl Poller {
             .spawn()
             .expect("spawn fly poll-echo");
         Poller { child, log }
+    }
+
+    /// A poller started while another holds the lease: once it says it
+    /// stands by.
+    fn standby(emulator: &Emulator, redis: &RedisServer, dir: &Path, extra: &[&str]) -> Poller {
+        let poller = Poller::start(emulator, redis, dir, extra);
+        wait_until(Duration::from_secs(10), "a poller to stand by", || {
+            poller.log().contains("standing by")
+        });
+        poller
     }
 
     fn log(&self) -> String {
@@ -306,6 +317,14 @@ impl Drop for Poller {
         let _ = self.child.wait();
         show_log_file_if_failing("fly poll-echo", &self.log);
     }
+}
+
+/// `count` text messages `m 0`, `m 1`, … from `users` private chats in
+/// turn; their update ids.
+fn messages(emulator: &Emulator, count: usize, users: usize) -> Vec<i64> {
+    (0..count)
+        .map(|n| emulator.user_says("private", &format!("u_{}", n % users), &format!("m {n}")))
+        .collect()
 }
 
 /// The update ids of the echoes the emulator recorded, each once.
@@ -611,9 +630,7 @@ fn a_standby_poller_takes_over_within_the_lease_after_kill_9() {
     let emulator = Emulator::start();
     let dir = tempfile::tempdir().unwrap();
     const MESSAGES: usize = 60;
-    let ids: Vec<i64> = (0..MESSAGES)
-        .map(|n| emulator.user_says("private", &format!("u_{}", n % 3), &format!("m {n}")))
-        .collect();
+    let ids = messages(&emulator, MESSAGES, 3);
     // One reply at a time, each taking a moment: a backlog of a few seconds.
     emulator.faults(json!({"latency_ms": 40}));
     let lease = ["--lease", "2", "--concurrency", "1"];
@@ -623,10 +640,7 @@ fn a_standby_poller_takes_over_within_the_lease_after_kill_9() {
         "the first poller to answer",
         || !emulator.sent().is_empty(),
     );
-    let standby = Poller::start(&emulator, &redis, dir.path(), &lease);
-    wait_until(Duration::from_secs(10), "the second to stand by", || {
-        standby.log().contains("standing by")
-    });
+    let standby = Poller::standby(&emulator, &redis, dir.path(), &lease);
     wait_until(Duration::from_secs(20), "a part of the backlog", || {
         emulator.sent().len() >= 15
     });
@@ -655,15 +669,7 @@ fn a_standby_poller_takes_over_within_the_lease_after_kill_9() {
     wait_until(
         Duration::from_secs(10),
         "the offset past the last update",
-        || {
-            let keys = redis.command(&["KEYS", "*:offset"]);
-            let key = keys[0].as_str().unwrap_or_default().to_string();
-            redis
-                .command(&["GET", &key])
-                .as_str()
-                .and_then(|o| o.parse::<i64>().ok())
-                == Some(next)
-        },
+        || redis.stored_offset() == Some(next),
     );
     eprintln!("takeover after {takeover:?}, {answered_at_kill} of {MESSAGES} answered at the kill");
 }
@@ -679,19 +685,14 @@ fn a_poller_frozen_past_its_lease_writes_nothing_when_it_wakes() {
     let emulator = Emulator::start();
     let dir = tempfile::tempdir().unwrap();
     const MESSAGES: usize = 40;
-    let mut ids: Vec<i64> = (0..MESSAGES)
-        .map(|n| emulator.user_says("private", &format!("u_{}", n % 2), &format!("m {n}")))
-        .collect();
+    let mut ids = messages(&emulator, MESSAGES, 2);
     emulator.faults(json!({"latency_ms": 40}));
     let lease = ["--lease", "1.5", "--concurrency", "1"];
     let frozen = Poller::start(&emulator, &redis, dir.path(), &lease);
     wait_until(Duration::from_secs(20), "the first answers", || {
         emulator.sent().len() >= 5
     });
-    let standby = Poller::start(&emulator, &redis, dir.path(), &lease);
-    wait_until(Duration::from_secs(10), "the second to stand by", || {
-        standby.log().contains("standing by")
-    });
+    let standby = Poller::standby(&emulator, &redis, dir.path(), &lease);
     let pid = frozen.child.id().to_string();
     signal(&pid, "-STOP");
     wait_until(Duration::from_secs(10), "the standby to take over", || {
@@ -700,19 +701,11 @@ fn a_poller_frozen_past_its_lease_writes_nothing_when_it_wakes() {
     wait_until(Duration::from_secs(30), "the backlog answered", || {
         emulator.sent().len() >= MESSAGES
     });
-    let offset = || {
-        let keys = redis.command(&["KEYS", "*:offset"]);
-        let key = keys[0].as_str().unwrap_or_default().to_string();
-        redis
-            .command(&["GET", &key])
-            .as_str()
-            .and_then(|o| o.parse::<i64>().ok())
-    };
     let next = *ids.last().unwrap() + 1;
     wait_until(
         Duration::from_secs(10),
         "the offset past the backlog",
-        || offset() == Some(next),
+        || redis.stored_offset() == Some(next),
     );
     signal(&pid, "-CONT");
     wait_until(
@@ -725,7 +718,7 @@ fn a_poller_frozen_past_its_lease_writes_nothing_when_it_wakes() {
         "the thawed poller to stand by",
         || frozen.log().contains("standing by"),
     );
-    assert_eq!(offset(), Some(next), "the offset went back");
+    assert_eq!(redis.stored_offset(), Some(next), "the offset went back");
     ids.push(emulator.user_says("private", "u_9", "after"));
     wait_until(Duration::from_secs(10), "the new message answered", || {
         emulator.sent().len() > MESSAGES
@@ -749,10 +742,7 @@ fn a_clean_stop_hands_the_lease_over_at_once() {
     wait_until(Duration::from_secs(10), "the first to poll", || {
         active.log().contains("polling for updates")
     });
-    let standby = Poller::start(&emulator, &redis, dir.path(), &lease);
-    wait_until(Duration::from_secs(10), "the second to stand by", || {
-        standby.log().contains("standing by")
-    });
+    let standby = Poller::standby(&emulator, &redis, dir.path(), &lease);
     signal(&active.child.id().to_string(), "-TERM");
     let stopped = Instant::now();
     assert!(active.child.wait().unwrap().success(), "{}", active.log());
@@ -765,10 +755,7 @@ fn a_clean_stop_hands_the_lease_over_at_once() {
         stopped.elapsed()
     );
     // A standby stops at once on SIGTERM.
-    let mut third = Poller::start(&emulator, &redis, dir.path(), &lease);
-    wait_until(Duration::from_secs(10), "the third to stand by", || {
-        third.log().contains("standing by")
-    });
+    let mut third = Poller::standby(&emulator, &redis, dir.path(), &lease);
     signal(&third.child.id().to_string(), "-TERM");
     let status = crate::common::wait_for_exit(&mut third.child, Duration::from_secs(3));
     assert!(
@@ -786,9 +773,7 @@ fn a_clean_stop_hands_the_lease_over_at_once() {
         echoed_ids(&emulator) == [update_id]
     });
     // A poller with --once is refused rather than made to wait.
-    let once = fly()
-        .env("FLY_BASE_URL", &emulator.base_url)
-        .env("FLY_BOT_TOKEN", TOKEN)
+    let once = fly_at(&emulator)
         .args(["poll-echo", "--once", "--state", &redis.url()])
         .output()
         .unwrap();
@@ -889,9 +874,7 @@ fn dead_letters_live_in_redis_too_and_passwords_never_show() {
     let no_chat = r#"{"type":"message","message":{"msgType":"text","data":{"content":"no chat"}}}"#;
     let dead = emulator.raw_update(no_chat);
     let run = |args: &[&str]| {
-        fly()
-            .env("FLY_BASE_URL", &emulator.base_url)
-            .env("FLY_BOT_TOKEN", TOKEN)
+        fly_at(&emulator)
             .env("FLY_STATE", redis.url())
             .args(args)
             .output()
@@ -915,9 +898,7 @@ fn dead_letters_live_in_redis_too_and_passwords_never_show() {
     let Endpoint::Tcp(port) = redis.endpoint else {
         unreachable!("a TCP redis-server")
     };
-    let wrong = fly()
-        .env("FLY_BASE_URL", &emulator.base_url)
-        .env("FLY_BOT_TOKEN", TOKEN)
+    let wrong = fly_at(&emulator)
         .args(["poll-echo", "--once", "--state"])
         .arg(format!("redis://someone:hunter2@127.0.0.1:{port}"))
         .output()
@@ -934,9 +915,7 @@ fn dead_letters_live_in_redis_too_and_passwords_never_show() {
     );
     // Nothing listens: one clear line, exit 1.
     let nothing_listens = RefusedPort::new();
-    let down = fly()
-        .env("FLY_BASE_URL", &emulator.base_url)
-        .env("FLY_BOT_TOKEN", TOKEN)
+    let down = fly_at(&emulator)
         .args(["poll-echo", "--once", "--state"])
         .arg(format!("redis://:pw@127.0.0.1:{}", nothing_listens.port))
         .output()
@@ -980,9 +959,7 @@ fn parked_updates_live_in_redis_and_are_answered_once_fixed() {
         ],
     );
     let listed = || -> Vec<Value> {
-        let output = fly()
-            .env("FLY_BASE_URL", &emulator.base_url)
-            .env("FLY_BOT_TOKEN", TOKEN)
+        let output = fly_at(&emulator)
             .args(["dead-letters", "--state", &redis.url()])
             .output()
             .unwrap();
@@ -1006,9 +983,7 @@ fn parked_updates_live_in_redis_and_are_answered_once_fixed() {
     let letter = &listed()[0];
     assert_eq!(letter["update_id"], json!(bad));
     assert_eq!(letter["state"], "parked");
-    let purge = fly()
-        .env("FLY_BASE_URL", &emulator.base_url)
-        .env("FLY_BOT_TOKEN", TOKEN)
+    let purge = fly_at(&emulator)
         .args(["dead-letters", "--purge", "--state", &redis.url()])
         .output()
         .unwrap();

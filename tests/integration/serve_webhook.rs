@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{Value, json};
 
 use crate::common::{
-    Emulator, TOKEN, echo, eventually, fly, fly_child, live_members_of_group,
+    Emulator, TOKEN, echo, eventually, fly, fly_child, live_members_of_group, new_log_file,
     show_log_file_if_failing, sign_update, stderr_of, wait_until, write_certificate,
 };
 
@@ -47,14 +47,7 @@ impl Server {
         state: &std::ffi::OsStr,
         extra: &[&str],
     ) -> Server {
-        let log = tempfile::Builder::new()
-            .prefix("serve-webhook-")
-            .suffix(".log")
-            .tempfile_in(dir)
-            .unwrap()
-            .into_temp_path()
-            .keep()
-            .unwrap();
+        let log = new_log_file(dir, "serve-webhook-");
         let mut child = fly_child(base_url)
             .args([
                 "serve-webhook",
