@@ -160,7 +160,7 @@ fn idle_long_poll_honours_its_timeout() {
     let elapsed = started.elapsed();
     assert!(updates.is_empty());
     assert!(
-        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(5),
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(20),
         "timeout 1 took {elapsed:?}"
     );
 }

@@ -296,7 +296,8 @@ fn assert_hanging_handler_is_killed(content: &str, hang: &str) {
     let elapsed = started.elapsed();
     let log = stderr_of(&output);
     assert_eq!(output.status.code(), Some(1), "{log}");
-    assert!(elapsed < Duration::from_secs(8), "took {elapsed:?}: {log}");
+    // Not killed, the handler would hold it 31 s (past poll_once's 15 s).
+    assert!(elapsed < Duration::from_secs(12), "took {elapsed:?}: {log}");
     assert!(log.contains("timed out"), "{log}");
     assert!(emulator.sent().is_empty(), "{:?}", emulator.sent());
     // SIGKILL to the group is immediate; allow a moment for the reaping.
@@ -369,14 +370,12 @@ fn concurrent_handlers_keep_each_chats_order() {
                 .push(text_reply(update_id, &text, "group", chat));
         }
     }
-    let started = Instant::now();
     let output = poll_once(
         &emulator,
         &dir.path().join("s.db"),
         &handler,
         &["--concurrency", "4"],
     );
-    let elapsed = started.elapsed();
     assert!(output.status.success(), "{}", stderr_of(&output));
 
     let sent = emulator.sent();
@@ -419,8 +418,6 @@ fn concurrent_handlers_keep_each_chats_order() {
         (2..=4).contains(&most_at_once),
         "--concurrency 4 runs several handlers at once, never more than 4 (saw {most_at_once}):\n{events}"
     );
-    // 18 handlers of 0.3 s one after the other would take 5.4 s.
-    assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
 }
 
 #[test]
