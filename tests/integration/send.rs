@@ -327,8 +327,6 @@ fn unreachable_server_is_exit_1_not_a_hang() {
     );
 }
 
-/// A redirect is not followed (it would turn the POST into a bodyless GET
-/// whose 2xx looks like success): exit 1 naming it.
 /// `fly send --to u hi` against a server that is not the platform.
 fn send_to(base_url: &str) -> std::process::Output {
     fly()
@@ -339,6 +337,8 @@ fn send_to(base_url: &str) -> std::process::Output {
         .unwrap()
 }
 
+/// A redirect is not followed (it would turn the POST into a bodyless GET
+/// whose 2xx looks like success): exit 1 naming it.
 #[test]
 fn a_redirect_is_an_error_not_a_silent_success() {
     let (base_url, seen) = crate::common::misbehaving_server(crate::common::REDIRECT);
