@@ -2,12 +2,29 @@
 //! explain: a refused token, an unreachable platform, a base URL that holds
 //! the API path, a clock off by more than the replay window.
 
+use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::common::{Emulator, TOKEN, fly, fly_at, free_port, stderr_of};
+use assert_cmd::Command;
 
-fn stdout_of(output: &std::process::Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
+use crate::common::{Emulator, RefusedPort, TOKEN, fly, fly_at, stderr_of};
+
+/// `fly doctor` at the emulator with the test token, `home` as HOME (where
+/// the default state file would be); flags may follow.
+fn doctor_at(emulator: &Emulator, home: &Path) -> Command {
+    let mut command = fly_at(emulator);
+    command.env("HOME", home).arg("doctor");
+    command
+}
+
+/// Runs a doctor `command` and checks its exit code; returns its report
+/// (stdout, a line per check) and its stderr.
+fn report_of(command: &mut Command, code: i32) -> (String, String) {
+    let output = command.output().unwrap();
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(code), "{report}{stderr}");
+    (report, stderr)
 }
 
 /// The line of the check list for `check`.
@@ -29,14 +46,7 @@ fn unix_now() -> u64 {
 fn doctor_with_a_good_token_says_where_it_came_from_and_never_shows_it() {
     let emulator = Emulator::start_strict();
     let home = tempfile::tempdir().unwrap();
-    let output = fly_at(&emulator)
-        .env("HOME", home.path())
-        .arg("doctor")
-        .output()
-        .unwrap();
-    let report = stdout_of(&output);
-    let stderr = stderr_of(&output);
-    assert_eq!(output.status.code(), Some(0), "{report}{stderr}");
+    let (report, stderr) = report_of(&mut doctor_at(&emulator, home.path()), 0);
     assert_eq!(report.lines().count(), 5, "{report}");
     for check in ["base URL", "token", "API", "clock", "state"] {
         assert!(
@@ -63,19 +73,12 @@ fn doctor_with_a_good_token_says_where_it_came_from_and_never_shows_it() {
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let output = fly()
-        .env("HOME", home.path())
-        .env("FLY_BASE_URL", &emulator.base_url)
-        .args(["doctor", "--token-file"])
-        .arg(&token_file)
-        .output()
-        .unwrap();
-    let report = stdout_of(&output);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{report}{}",
-        stderr_of(&output)
+    let (report, stderr) = report_of(
+        doctor_at(&emulator, home.path())
+            .env_remove("FLY_BOT_TOKEN")
+            .arg("--token-file")
+            .arg(&token_file),
+        0,
     );
     let token_line = check_line(&report, "token");
     assert!(token_line.starts_with("ok "), "{report}");
@@ -83,7 +86,7 @@ fn doctor_with_a_good_token_says_where_it_came_from_and_never_shows_it() {
         token_line.contains(&format!("--token-file {}", token_file.display())),
         "{report}"
     );
-    assert!(!report.contains(TOKEN) && !stderr_of(&output).contains(TOKEN));
+    assert!(!report.contains(TOKEN) && !stderr.contains(TOKEN));
 }
 
 #[test]
@@ -91,16 +94,10 @@ fn doctor_with_a_refused_token_exits_1() {
     let emulator = Emulator::start_strict();
     let home = tempfile::tempdir().unwrap();
     let wrong = "wrong-token-5d1e8b";
-    let output = fly()
-        .env("HOME", home.path())
-        .env("FLY_BASE_URL", &emulator.base_url)
-        .env("FLY_BOT_TOKEN", wrong)
-        .arg("doctor")
-        .output()
-        .unwrap();
-    let report = stdout_of(&output);
-    let stderr = stderr_of(&output);
-    assert_eq!(output.status.code(), Some(1), "{report}{stderr}");
+    let (report, stderr) = report_of(
+        doctor_at(&emulator, home.path()).env("FLY_BOT_TOKEN", wrong),
+        1,
+    );
     let api = check_line(&report, "API");
     assert!(
         api.starts_with("FAIL ") && api.contains("refused the bot token"),
@@ -121,17 +118,16 @@ fn doctor_with_a_refused_token_exits_1() {
 #[test]
 fn doctor_against_an_unreachable_port_names_the_host() {
     let home = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let output = fly()
-        .env("HOME", home.path())
-        .env("FLY_BASE_URL", format!("http://127.0.0.1:{port}"))
-        .env("FLY_BOT_TOKEN", TOKEN)
-        .arg("doctor")
-        .output()
-        .unwrap();
-    let report = stdout_of(&output);
-    let stderr = stderr_of(&output);
-    assert_eq!(output.status.code(), Some(1), "{report}{stderr}");
+    let nothing_listens = RefusedPort::new();
+    let port = nothing_listens.port;
+    let (report, stderr) = report_of(
+        fly()
+            .env("HOME", home.path())
+            .env("FLY_BASE_URL", nothing_listens.url())
+            .env("FLY_BOT_TOKEN", TOKEN)
+            .arg("doctor"),
+        1,
+    );
     let refused = format!("connection refused by 127.0.0.1:{port}");
     assert!(check_line(&report, "API").contains(&refused), "{report}");
     let error_line = stderr.lines().last().unwrap();
@@ -147,23 +143,14 @@ fn doctor_against_an_unreachable_port_names_the_host() {
 fn doctor_compares_the_clock_with_the_platforms_date() {
     let emulator = Emulator::start();
     let home = tempfile::tempdir().unwrap();
-    let doctor_at = |now: u64| {
-        fly_at(&emulator)
-            .env("HOME", home.path())
-            .env("FLY_NOW_TS", now.to_string())
-            .arg("doctor")
-            .output()
-            .unwrap()
+    let doctor_now = |now: u64, code: i32| {
+        report_of(
+            doctor_at(&emulator, home.path()).env("FLY_NOW_TS", now.to_string()),
+            code,
+        )
     };
     // Near the replay window: a warning, still exit 0.
-    let output = doctor_at(unix_now() + 120);
-    let report = stdout_of(&output);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{report}{}",
-        stderr_of(&output)
-    );
+    let (report, _) = doctor_now(unix_now() + 120, 0);
     let clock = check_line(&report, "clock");
     assert!(
         clock.starts_with("warn ") && clock.contains("ahead"),
@@ -171,10 +158,7 @@ fn doctor_compares_the_clock_with_the_platforms_date() {
     );
 
     // Past it: every signed webhook would be refused.
-    let output = doctor_at(unix_now() - 1000);
-    let report = stdout_of(&output);
-    let stderr = stderr_of(&output);
-    assert_eq!(output.status.code(), Some(1), "{report}{stderr}");
+    let (report, stderr) = doctor_now(unix_now() - 1000, 1);
     let clock = check_line(&report, "clock");
     assert!(
         clock.starts_with("FAIL ") && clock.contains("behind") && clock.contains("300 s"),
@@ -199,17 +183,9 @@ fn doctor_opens_an_existing_state_store_and_reports_one_that_is_not() {
         .unwrap();
     assert!(polled.status.success(), "{}", stderr_of(&polled));
 
-    let output = fly_at(&emulator)
-        .args(["doctor", "--state"])
-        .arg(&state)
-        .output()
-        .unwrap();
-    let report = stdout_of(&output);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{report}{}",
-        stderr_of(&output)
+    let (report, _) = report_of(
+        doctor_at(&emulator, dir.path()).arg("--state").arg(&state),
+        0,
     );
     let line = check_line(&report, "state");
     assert!(
@@ -223,26 +199,19 @@ fn doctor_opens_an_existing_state_store_and_reports_one_that_is_not() {
 
     let not_ours = dir.path().join("notes.txt");
     std::fs::write(&not_ours, "not a database").unwrap();
-    let output = fly_at(&emulator)
-        .args(["doctor", "--state"])
-        .arg(&not_ours)
-        .output()
-        .unwrap();
-    let report = stdout_of(&output);
-    assert_eq!(
-        output.status.code(),
-        Some(1),
-        "{report}{}",
-        stderr_of(&output)
+    let (report, stderr) = report_of(
+        doctor_at(&emulator, dir.path())
+            .arg("--state")
+            .arg(&not_ours),
+        1,
     );
     assert!(
         check_line(&report, "state").starts_with("FAIL "),
         "{report}"
     );
     assert!(
-        stderr_of(&output).starts_with("fly: error: state check failed: "),
-        "{}",
-        stderr_of(&output)
+        stderr.starts_with("fly: error: state check failed: "),
+        "{stderr}"
     );
 }
 
@@ -254,18 +223,7 @@ fn doctor_says_when_polling_is_refused_because_a_webhook_is_set() {
         "/_emulator/webhook",
         serde_json::json!({"url": "http://127.0.0.1:9/webhook", "secret": "s"}),
     );
-    let output = fly_at(&emulator)
-        .env("HOME", home.path())
-        .arg("doctor")
-        .output()
-        .unwrap();
-    let report = stdout_of(&output);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{report}{}",
-        stderr_of(&output)
-    );
+    let (report, _) = report_of(&mut doctor_at(&emulator, home.path()), 0);
     let api = check_line(&report, "API");
     assert!(
         api.starts_with("warn ") && api.contains("409") && api.contains("webhook"),
@@ -309,9 +267,10 @@ fn a_base_url_with_the_api_path_is_exit_2_with_the_fix() {
 
 #[test]
 fn network_errors_name_the_host() {
-    let port = free_port();
+    let nothing_listens = RefusedPort::new();
+    let port = nothing_listens.port;
     let output = fly()
-        .env("FLY_BASE_URL", format!("http://127.0.0.1:{port}"))
+        .env("FLY_BASE_URL", nothing_listens.url())
         .env("FLY_BOT_TOKEN", TOKEN)
         .args(["send", "--to", "u_1", "hello"])
         .output()

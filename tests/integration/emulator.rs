@@ -4,14 +4,14 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Command as StdCommand, Stdio};
+
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
-use crate::common::{Emulator, TOKEN, fly, wait_until};
+use crate::common::{Emulator, TOKEN, fly, signal, wait_for_a_request_in_flight, wait_until};
 
 const BOT_UPDATES: &str = "/api/v1/s/bot/updates";
 const BOT_SEND: &str = "/api/v1/s/bot/send";
@@ -132,15 +132,16 @@ fn long_poll_returns_as_soon_as_a_message_arrives() {
         let emulator = Arc::clone(&emulator);
         thread::spawn(move || {
             let started = Instant::now();
-            let updates = poll(&emulator, json!({"offset": 0, "limit": 50, "timeout": 10}));
+            let updates = poll(&emulator, json!({"offset": 0, "limit": 50, "timeout": 120}));
             (updates, started.elapsed())
         })
     };
-    thread::sleep(Duration::from_millis(300));
+    wait_for_a_request_in_flight(std::process::id(), emulator.port(), "the long poll");
     let update_id = emulator.user_says("private", "u_1", "hi");
     let (updates, elapsed) = poller.join().unwrap();
+    // Not woken, it would have waited out its 120 s.
     assert!(
-        elapsed < Duration::from_secs(5),
+        elapsed < Duration::from_secs(60),
         "long poll took {elapsed:?}"
     );
     assert_eq!(update_ids(&updates), [update_id]);
@@ -159,7 +160,7 @@ fn idle_long_poll_honours_its_timeout() {
     let elapsed = started.elapsed();
     assert!(updates.is_empty());
     assert!(
-        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(5),
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(20),
         "timeout 1 took {elapsed:?}"
     );
 }
@@ -418,8 +419,9 @@ fn access_urls_expire_and_unknown_ones_are_404() {
     );
     let url = access_url(&emulator, "fly://brief", 1);
     assert_eq!(get(&url, None).body, b"hi");
-    thread::sleep(Duration::from_millis(1100));
-    assert_eq!(get(&url, None).status, 403);
+    wait_until(Duration::from_secs(10), "the access URL to expire", || {
+        get(&url, None).status == 403
+    });
     let unknown = format!("{}/_emulator/files/0123456789abcdef", emulator.base_url);
     assert_eq!(get(&unknown, None).status, 404);
 }
@@ -555,6 +557,7 @@ fn a_one_gib_download_streams_in_flat_memory() {
                     let mut peak = peak.lock().unwrap();
                     *peak = (*peak).max(rss);
                 }
+                // The sampling interval.
                 thread::sleep(Duration::from_millis(20));
             }
         })
@@ -600,39 +603,11 @@ fn resident_kib(pid: u32) -> Option<u64> {
 
 #[test]
 fn sigterm_stops_the_emulator_with_exit_0() {
-    let mut child = StdCommand::new(crate::common::fly_path())
-        .args(["emulator", "--port", "0"])
-        .env_remove("FLY_BOT_TOKEN")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut first_line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut first_line,
-    )
-    .unwrap();
-    assert!(
-        first_line.starts_with("http://127.0.0.1:"),
-        "{first_line:?}"
-    );
-    let killed = StdCommand::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("emulator did not stop on SIGTERM");
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
+    let mut emulator = Emulator::start();
+    signal(emulator.pid(), libc::SIGTERM);
+    let status = emulator
+        .wait_for_exit(Duration::from_secs(10))
+        .expect("the emulator stops on SIGTERM");
     assert_eq!(status.code(), Some(0));
 }
 
@@ -853,14 +828,10 @@ fn webhook_secret_defaults_to_the_token_hash_and_is_required_without_one() {
 fn turning_webhook_off_hands_undelivered_updates_to_polling() {
     let emulator = Emulator::start();
     // Nothing listens there: every attempt fails.
-    let closed_port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let nothing_listens = crate::common::RefusedPort::new();
     emulator.post(
         "/_emulator/webhook",
-        json!({"url": format!("http://127.0.0.1:{closed_port}/webhook"), "secret": "s"}),
+        json!({"url": format!("{}/webhook", nothing_listens.url()), "secret": "s"}),
     );
     let update_id = emulator.user_says("private", "u_1", "anyone?");
     assert_eq!(emulator.get("/_emulator/webhook")["pending"], 1);
@@ -880,7 +851,6 @@ fn turning_webhook_off_hands_undelivered_updates_to_polling() {
 fn a_restarted_emulator_numbers_updates_above_the_last_runs_offset() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("bot.db");
-    let port = crate::common::free_port();
     let poll_echo_once = |emulator: &Emulator| {
         let output = crate::common::fly_at(emulator)
             .args(["poll-echo", "--once", "--state"])
@@ -894,7 +864,9 @@ fn a_restarted_emulator_numbers_updates_above_the_last_runs_offset() {
         );
     };
 
-    let first_run = Emulator::start_on_port(port);
+    let mut first_run = Emulator::start();
+    // The second run listens where the first did, read back from it.
+    let port = first_run.port();
     let before = first_run.user_says("private", "u_1", "before the restart");
     poll_echo_once(&first_run);
     assert_eq!(
@@ -905,7 +877,7 @@ fn a_restarted_emulator_numbers_updates_above_the_last_runs_offset() {
             ("to_user_id", "u_1")
         )]
     );
-    drop(first_run);
+    first_run.stop();
 
     let second_run = Emulator::start_on_port(port);
     let after = second_run.user_says("private", "u_1", "after the restart");
@@ -931,17 +903,23 @@ fn polling_while_a_webhook_is_set_answers_an_error_saying_so() {
     let waiting = {
         let emulator = Arc::clone(&emulator);
         thread::spawn(move || {
-            bot_call(&emulator, BOT_UPDATES, Some(TOKEN), &json!({"timeout": 20}))
+            bot_call(
+                &emulator,
+                BOT_UPDATES,
+                Some(TOKEN),
+                &json!({"timeout": 120}),
+            )
         })
     };
-    thread::sleep(Duration::from_millis(300));
+    wait_for_a_request_in_flight(std::process::id(), emulator.port(), "the long poll");
     let started = Instant::now();
     emulator.post(
         "/_emulator/webhook",
         json!({"url": "http://127.0.0.1:9/webhook", "secret": "s"}),
     );
     let waited = waiting.join().unwrap();
-    assert!(started.elapsed() < Duration::from_secs(5));
+    // Left waiting, it would have been answered after its 120 s.
+    assert!(started.elapsed() < Duration::from_secs(60));
     for answer in [
         waited,
         bot_call(&emulator, BOT_UPDATES, Some(TOKEN), &json!({})),
@@ -1031,9 +1009,10 @@ fn emulator_say_queues_a_user_message_that_poll_echo_answers() {
 
 #[test]
 fn emulator_say_without_an_emulator_or_a_chat_is_one_clear_error() {
-    let port = crate::common::free_port();
+    let nothing_listens = crate::common::RefusedPort::new();
+    let port = nothing_listens.port;
     let output = fly()
-        .env("FLY_BASE_URL", format!("http://127.0.0.1:{port}"))
+        .env("FLY_BASE_URL", nothing_listens.url())
         .args(["emulator", "say", "--chat", "u_1", "hello"])
         .output()
         .unwrap();
@@ -1054,10 +1033,8 @@ fn emulator_say_without_an_emulator_or_a_chat_is_one_clear_error() {
 /// One info line per request (method, path, status, latency), never the token.
 #[test]
 fn the_emulator_logs_one_line_per_request_without_the_token() {
-    let dir = tempfile::tempdir().unwrap();
-    let log_path = dir.path().join("emulator.log");
-    let emulator = Emulator::start_strict_logging_to(&log_path);
-    let base_url = emulator.base_url.as_str();
+    let mut emulator = Emulator::start_strict();
+    let base_url = emulator.base_url.clone();
     let call = |path: &str, token: &str| {
         agent()
             .post(&format!("{base_url}{path}"))
@@ -1070,19 +1047,18 @@ fn the_emulator_logs_one_line_per_request_without_the_token() {
     assert_eq!(call(BOT_UPDATES, TOKEN), 200);
     assert_eq!(call(BOT_UPDATES, "wrong-token-but-secret-too"), 401);
     assert_eq!(call(BOT_SEND, TOKEN), 400);
-    let lines = || -> Vec<String> {
-        std::fs::read_to_string(&log_path)
-            .unwrap()
-            .lines()
+    let lines = |log: &str| -> Vec<String> {
+        log.lines()
             .filter(|line| line.contains(" request "))
             .map(str::to_string)
             .collect()
     };
     wait_until(Duration::from_secs(5), "three request lines", || {
-        lines().len() >= 3
+        lines(&emulator.log()).len() >= 3
     });
-    drop(emulator);
-    let lines = lines();
+    emulator.stop();
+    let log = emulator.log();
+    let lines = lines(&log);
     assert_eq!(lines.len(), 3, "{lines:#?}");
     for (line, (path, status)) in
         lines
@@ -1098,6 +1074,5 @@ fn the_emulator_logs_one_line_per_request_without_the_token() {
             "{line}"
         );
     }
-    let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(!log.contains(TOKEN) && !log.contains("wrong-token-but-secret-too"));
 }

@@ -15,8 +15,8 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::common::{
-    Emulator, TOKEN, fly, fly_at, fly_child, fly_path, media_pattern, stderr_of, wait_for_exit,
-    wait_until,
+    Background, ChildLog, Emulator, TOKEN, fly, fly_at, fly_child, fly_path, media_pattern,
+    stderr_of, wait_for_exit, wait_until,
 };
 
 fn register(emulator: &Emulator, url: &str, size: usize) {
@@ -274,6 +274,7 @@ fn memory_stays_flat_for_a_1_gib_file() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let _log = ChildLog::collect("fly fetch-media", &mut child);
     let mut stdout = child.stdout.take().unwrap();
     let counter =
         std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()).unwrap());
@@ -287,6 +288,7 @@ fn memory_stays_flat_for_a_1_gib_file() {
             let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
             peak_kib = peak_kib.max(kib);
         }
+        // The sampling interval.
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(child.wait().unwrap().success());
@@ -572,15 +574,6 @@ fn part_files_in(dir: &Path) -> Vec<String> {
 
 /// A child process killed (SIGKILL) and reaped when dropped, so a failed
 /// assertion leaves no `fly` running.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A `.gz` served with `Content-Encoding: gzip` is saved as the bytes sent,
 /// as curl saves it: no decompression, and `Accept-Encoding: identity` asks
 /// the server for exactly those bytes.
@@ -632,7 +625,8 @@ fn a_part_file_left_by_kill_9_is_removed_by_the_next_fetch_of_that_name() {
     register(&emulator, "https://cdn.example/small.bin", 5000);
     let dir = tempfile::tempdir().unwrap();
     let target = dir.path().join("media.bin");
-    let killed = KillOnDrop(
+    let killed = Background::spawn(
+        "fly fetch-media",
         fly_child(&emulator.base_url)
             .args([
                 "fetch-media",
@@ -641,10 +635,7 @@ fn a_part_file_left_by_kill_9_is_removed_by_the_next_fetch_of_that_name() {
                 "-o",
             ])
             .arg(&target)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+            .stdout(Stdio::null()),
     );
     wait_until(Duration::from_secs(30), "the download to start", || {
         std::fs::read_dir(dir.path())
@@ -714,7 +705,8 @@ fn a_part_file_another_fly_is_writing_is_left_alone() {
         _ => respond(stream, "200 OK", &[], b"quick"),
     });
     let dir = tempfile::tempdir().unwrap();
-    let mut first = KillOnDrop(
+    let mut first = Background::spawn(
+        "fly fetch-media (the first)",
         fly_child(&host.base_url)
             .args([
                 "fetch-media",
@@ -724,10 +716,7 @@ fn a_part_file_another_fly_is_writing_is_left_alone() {
                 "same.bin",
             ])
             .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+            .stdout(Stdio::null()),
     );
     wait_until(Duration::from_secs(30), "half of the slow file", || {
         part_files_in(dir.path()).iter().any(|name| {
@@ -753,7 +742,7 @@ fn a_part_file_another_fly_is_writing_is_left_alone() {
         *lock.lock().unwrap() = true;
         condvar.notify_all();
     }
-    let status = wait_for_exit(&mut first.0, Duration::from_secs(30)).expect("first fly ends");
+    let status = wait_for_exit(&mut first.child, Duration::from_secs(30)).expect("first fly ends");
     assert!(status.success(), "the first fly still saves its file");
     assert!(std::fs::read(dir.path().join("same.bin")).unwrap() == media_pattern(SIZE));
     assert!(part_files_in(dir.path()).is_empty());

@@ -1,5 +1,6 @@
 //! The one integration test crate: every test runs the real `fly` binary,
-//! usually against a real `fly emulator` on a free loopback port.
+//! usually against a real `fly emulator` on a loopback port it chose
+//! itself (port 0, read back from its first line).
 
 mod cli;
 mod common;

@@ -2,15 +2,15 @@
 //! faults, clean and unclean stops, the media round trip.
 
 use std::collections::{BTreeSet, HashSet};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 use crate::common::{
-    Emulator, TOKEN, echo, fly, fly_at, fly_child, media_pattern, stderr_of, wait_for_exit,
+    Background, Emulator, Service, TOKEN, echo, eventually, fly, fly_at, fly_child, media_pattern,
+    signal, stderr_of, wait_for_a_request_in_flight, wait_for_exit, wait_until,
 };
 
 fn poll_once(emulator: &Emulator, state: &Path) -> std::process::Output {
@@ -22,16 +22,10 @@ fn poll_once(emulator: &Emulator, state: &Path) -> std::process::Output {
 }
 
 /// A `fly poll-echo` child running as a service against `emulator`.
-fn spawn_service(emulator: &Emulator, state: &Path, extra: &[&str]) -> Child {
-    fly_child(&emulator.base_url)
-        .args(["poll-echo", "--state"])
-        .arg(state)
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+fn spawn_service(emulator: &Emulator, state: &Path, extra: &[&str]) -> Service {
+    let mut args = vec!["poll-echo", "--state", state.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    Service::start(emulator, &args)
 }
 
 #[test]
@@ -255,12 +249,14 @@ fn survives_errors_and_dropped_connections() {
         ));
     }
     emulator.faults(json!({"error_rate": 0.3, "drop_rate": 0.1, "retry_after": 0, "seed": 11}));
-    let mut child = spawn_service(
+    let mut service = spawn_service(
         &emulator,
         &dir.path().join("s.db"),
         &["--max-updates", "30", "--poll-timeout", "1"],
     );
-    let status = wait_for_exit(&mut child, Duration::from_secs(90)).expect("poll-echo finished");
+    let status = service
+        .wait(Duration::from_secs(90))
+        .expect("poll-echo finished");
     assert!(status.success());
     let sent = emulator.sent();
     let ids: Vec<String> = sent
@@ -275,75 +271,77 @@ fn survives_errors_and_dropped_connections() {
 fn sigterm_ends_an_idle_long_poll_quickly_with_exit_0() {
     let emulator = Emulator::start();
     let dir = tempfile::tempdir().unwrap();
-    let mut child = spawn_service(
+    let mut service = spawn_service(
         &emulator,
         &dir.path().join("s.db"),
-        &["--poll-timeout", "30"],
+        &["--poll-timeout", "120"],
     );
-    // Wait until it is polling, then give the long poll time to be in flight.
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let started = lines.next().unwrap().unwrap();
-    assert!(started.contains("polling for updates"), "{started}");
-    std::thread::sleep(Duration::from_millis(500));
+    wait_until(Duration::from_secs(10), "the start line", || {
+        service.log().contains("polling for updates")
+    });
+    wait_for_a_request_in_flight(service.child.id(), emulator.port(), "the long poll");
     let signalled = Instant::now();
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = wait_for_exit(&mut child, Duration::from_secs(5)).expect("stopped after SIGTERM");
+    signal(service.child.id(), libc::SIGTERM);
+    let status = service
+        .wait(Duration::from_secs(90))
+        .expect("stopped after SIGTERM");
+    // Not cut short, the long poll would have taken its 120 s.
     assert!(
-        signalled.elapsed() < Duration::from_secs(2),
+        signalled.elapsed() < Duration::from_secs(60),
         "took {:?}",
         signalled.elapsed()
     );
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(status.code(), Some(0), "{}", service.log());
 }
 
-/// `kill -9` at arbitrary moments while a backlog drains, then a restart:
-/// every update is answered.
+/// `kill -9` in the middle of a backlog, four times (each run killed once
+/// it has answered something, with more left), then a restart: every
+/// update is answered, each once.
 #[test]
 fn kill_9_mid_backlog_loses_nothing() {
+    const MESSAGES: usize = 120;
     let emulator = Emulator::start();
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("s.db");
     let mut expected = HashSet::new();
-    for n in 0..120 {
+    for n in 0..MESSAGES {
         let chat = format!("c_{}", n % 7);
         expected.insert(format!(
             "echo_{}",
             emulator.user_says("group", &chat, &format!("m{n}"))
         ));
     }
-    emulator.faults(json!({"latency_ms": 3}));
-    for round in 0..4u64 {
-        let mut child = spawn_service(&emulator, &state, &["--poll-timeout", "1"]);
-        std::thread::sleep(Duration::from_millis(150 + 70 * round));
-        child.kill().unwrap(); // SIGKILL: no chance to clean up
-        child.wait().unwrap();
+    // Replies take a moment: the backlog lasts long enough to be cut.
+    emulator.faults(json!({"latency_ms": 30}));
+    for round in 0..4 {
+        let answered = emulator.sent().len();
+        let mut service = spawn_service(&emulator, &state, &["--poll-timeout", "1"]);
+        wait_until(
+            Duration::from_secs(20),
+            &format!("run {round} to answer something"),
+            || emulator.sent().len() > answered,
+        );
+        service.child.kill().unwrap(); // SIGKILL: no chance to clean up
+        service.child.wait().unwrap();
+        assert!(
+            emulator.sent().len() < MESSAGES,
+            "run {round} answered the whole backlog before it was killed"
+        );
     }
     emulator.faults(json!({}));
-    let mut child = spawn_service(&emulator, &state, &["--poll-timeout", "1"]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let answered: HashSet<String> = emulator
+    let _service = spawn_service(&emulator, &state, &["--poll-timeout", "1"]);
+    let answered = || -> HashSet<String> {
+        emulator
             .sent()
             .iter()
             .map(|s| s["client_msg_id"].as_str().unwrap().to_string())
-            .collect();
-        if answered == expected {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "missing {:?}",
-            expected.difference(&answered)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+            .collect()
+    };
+    assert!(
+        eventually(Duration::from_secs(60), || answered() == expected),
+        "missing {:?}",
+        expected.difference(&answered())
+    );
     assert_eq!(
         emulator.sent().len(),
         expected.len(),
@@ -467,20 +465,18 @@ fn same_sends_as_the_reference_polling_example() {
 
     let theirs = Emulator::start();
     let their_ids = play(&theirs);
-    let mut python = Command::new("python3")
-        .arg(&reference)
-        .env("FLY_BASE_URL", &theirs.base_url)
-        .env("FLY_BOT_TOKEN", TOKEN)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while theirs.sent().len() < conversation.len() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    python.kill().unwrap();
-    python.wait().unwrap();
+    let python = Background::spawn(
+        "python3 hello_bot_polling.py",
+        Command::new("python3")
+            .arg(&reference)
+            .env("FLY_BASE_URL", &theirs.base_url)
+            .env("FLY_BOT_TOKEN", TOKEN)
+            .stdout(Stdio::null()),
+    );
+    wait_until(Duration::from_secs(20), "the reference's echoes", || {
+        theirs.sent().len() >= conversation.len()
+    });
+    drop(python);
 
     // Each emulator run numbers its updates from its own start (the clock),
     // so `echo_{update_id}` is compared as "the echo of the n-th message".
@@ -574,10 +570,10 @@ fn one_poller_per_state_file() {
     let emulator = Emulator::start();
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("s.db");
-    let mut first = spawn_service(&emulator, &state, &["--poll-timeout", "30"]);
-    let stderr = first.stderr.take().unwrap();
-    let started = BufReader::new(stderr).lines().next().unwrap().unwrap();
-    assert!(started.contains("polling for updates"), "{started}");
+    let first = spawn_service(&emulator, &state, &["--poll-timeout", "30"]);
+    wait_until(Duration::from_secs(10), "the first to poll", || {
+        first.log().contains("polling for updates")
+    });
 
     let second = poll_once(&emulator, &state);
     assert_eq!(second.status.code(), Some(1));
@@ -585,8 +581,7 @@ fn one_poller_per_state_file() {
     assert!(message.contains("already polling"), "{message}");
     assert_eq!(message.lines().count(), 1, "{message}");
 
-    first.kill().unwrap();
-    first.wait().unwrap();
+    drop(first);
     let third = poll_once(&emulator, &state);
     assert!(third.status.success(), "{}", stderr_of(&third));
 }

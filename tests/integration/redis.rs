@@ -13,16 +13,26 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::common::{Emulator, TOKEN, eventually, fly, fly_child, free_port, wait_until};
+use crate::common::{
+    Emulator, RefusedPort, TOKEN, eventually, fly, fly_at, fly_child, new_log_file,
+    show_log_file_if_failing, wait_until,
+};
 use crate::serve_webhook::{SECRET, Server, agent, answer, get, post_with, signed_here};
 
 /// Where a test's redis-server listens.
 enum Endpoint {
     Unix(PathBuf),
     Tcp(u16),
+    /// TLS only (no plain TCP), with this certificate and key.
+    Tls {
+        port: u16,
+        cert: PathBuf,
+        key: PathBuf,
+    },
 }
 
-/// A `redis-server` of this test's own, killed when dropped.
+/// A `redis-server` of this test's own, killed when dropped; its log is
+/// shown if the test fails.
 struct RedisServer {
     child: Option<Child>,
     endpoint: Endpoint,
@@ -44,14 +54,36 @@ impl RedisServer {
         server
     }
 
-    /// On a loopback port that was free a moment ago (another is tried if
-    /// it was taken in between).
+    /// On a loopback port (the URL has a host and port, for a password).
     fn tcp() -> RedisServer {
+        RedisServer::on_a_loopback_port(Endpoint::Tcp)
+    }
+
+    /// TLS on a loopback port with a certificate and its key.
+    fn tls(cert: &Path, key: &Path) -> RedisServer {
+        RedisServer::on_a_loopback_port(|port| Endpoint::Tls {
+            port,
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+        })
+    }
+
+    /// redis-server cannot take port 0 and say which port it got (`--port
+    /// 0` means no TCP at all), so this is the one place in the tests that
+    /// picks a port first: one the system handed out a moment ago. If
+    /// another process took it in between, redis-server cannot bind it and
+    /// exits (it never says it is ready), and another port is tried.
+    fn on_a_loopback_port(endpoint: impl Fn(u16) -> Endpoint) -> RedisServer {
         let mut why = String::new();
         for _ in 0..10 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
             let mut server = RedisServer {
                 child: None,
-                endpoint: Endpoint::Tcp(free_port()),
+                endpoint: endpoint(port),
                 dir: tempfile::tempdir().unwrap(),
             };
             match server.spawn() {
@@ -66,6 +98,12 @@ impl RedisServer {
         self.dir.path().join("redis.log")
     }
 
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Starts redis-server and waits until it says it is ready (after it
+    /// bound every address it was given; it exits if one is taken).
     fn spawn(&mut self) -> Result<(), String> {
         let mut command = Command::new("redis-server");
         command
@@ -83,6 +121,15 @@ impl RedisServer {
             Endpoint::Tcp(port) => {
                 command.args(["--port", &port.to_string(), "--bind", "127.0.0.1"]);
             }
+            Endpoint::Tls { port, cert, key } => {
+                command
+                    .args(["--port", "0", "--bind", "127.0.0.1"])
+                    .args(["--tls-port", &port.to_string(), "--tls-auth-clients", "no"])
+                    .arg("--tls-cert-file")
+                    .arg(cert)
+                    .arg("--tls-key-file")
+                    .arg(key);
+            }
         }
         let log = std::fs::File::create(self.log_path()).unwrap();
         let mut child = command
@@ -97,28 +144,24 @@ impl RedisServer {
                 )
             })
             .unwrap_or_else(|why: String| panic!("{why}"));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return Err(format!(
-                    "redis-server exited ({status}): {}",
-                    std::fs::read_to_string(self.log_path()).unwrap_or_default()
-                ));
-            }
-            if self
-                .try_command(&["PING"])
-                .is_some_and(|pong| pong == "PONG")
-            {
-                self.child = Some(child);
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err("redis-server did not answer within 10 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        // "Ready to accept connections" (TCP, TLS), "The server is now ready
+        // to accept connections at PATH" (a unix socket).
+        let ready = eventually(Duration::from_secs(10), || {
+            self.log()
+                .to_lowercase()
+                .contains("ready to accept connections")
+                || child.try_wait().unwrap().is_some()
+        });
+        if ready && child.try_wait().unwrap().is_none() {
+            self.child = Some(child);
+            return Ok(());
         }
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        Err(format!(
+            "redis-server did not get ready ({status}): {}",
+            self.log()
+        ))
     }
 
     /// The `--state` URL.
@@ -126,6 +169,7 @@ impl RedisServer {
         match &self.endpoint {
             Endpoint::Unix(socket) => format!("redis+unix://{}", socket.display()),
             Endpoint::Tcp(port) => format!("redis://127.0.0.1:{port}"),
+            Endpoint::Tls { port, .. } => format!("rediss://127.0.0.1:{port}"),
         }
     }
 
@@ -154,16 +198,16 @@ impl RedisServer {
         signal(&self.pid(), "-CONT");
     }
 
+    /// The poll offset stored in this Redis, if any.
+    fn stored_offset(&self) -> Option<i64> {
+        let keys = self.command(&["KEYS", "*:offset"]);
+        let key = keys[0].as_str()?.to_string();
+        self.command(&["GET", &key]).as_str()?.parse().ok()
+    }
+
     /// One command (RESP), its answer as JSON: strings, integers, arrays.
     fn command(&self, args: &[&str]) -> Value {
         self.try_value(args).expect("redis-server answers")
-    }
-
-    fn try_command(&self, args: &[&str]) -> Option<String> {
-        match self.try_value(args)? {
-            Value::String(text) => Some(text),
-            other => Some(other.to_string()),
-        }
     }
 
     fn try_value(&self, args: &[&str]) -> Option<Value> {
@@ -176,6 +220,7 @@ impl RedisServer {
             Endpoint::Tcp(port) => {
                 Box::new(std::net::TcpStream::connect(("127.0.0.1", *port)).ok()?)
             }
+            Endpoint::Tls { .. } => panic!("the tests speak plain RESP only"),
         };
         let mut reader = BufReader::new(stream);
         reader.get_mut().write_all(request.as_bytes()).ok()?;
@@ -186,6 +231,7 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+        show_log_file_if_failing("redis-server", &self.log_path());
     }
 }
 
@@ -228,7 +274,8 @@ fn signal(pid: &str, which: &str) {
     assert!(sent.success(), "kill {which} {pid}");
 }
 
-/// A `fly poll-echo` child on the Redis state, its log in a file.
+/// A `fly poll-echo` child on the Redis state, its log in a file (shown if
+/// the test fails).
 struct Poller {
     child: Child,
     log: PathBuf,
@@ -236,14 +283,7 @@ struct Poller {
 
 impl Poller {
     fn start(emulator: &Emulator, redis: &RedisServer, dir: &Path, extra: &[&str]) -> Poller {
-        let log = tempfile::Builder::new()
-            .prefix("poll-echo-")
-            .suffix(".log")
-            .tempfile_in(dir)
-            .unwrap()
-            .into_temp_path()
-            .keep()
-            .unwrap();
+        let log = new_log_file(dir, "poll-echo-");
         let child = fly_child(&emulator.base_url)
             .args(["poll-echo", "--poll-timeout", "1", "--state"])
             .arg(redis.url())
@@ -256,6 +296,16 @@ impl Poller {
         Poller { child, log }
     }
 
+    /// A poller started while another holds the lease: once it says it
+    /// stands by.
+    fn standby(emulator: &Emulator, redis: &RedisServer, dir: &Path, extra: &[&str]) -> Poller {
+        let poller = Poller::start(emulator, redis, dir, extra);
+        wait_until(Duration::from_secs(10), "a poller to stand by", || {
+            poller.log().contains("standing by")
+        });
+        poller
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -265,7 +315,16 @@ impl Drop for Poller {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        show_log_file_if_failing("fly poll-echo", &self.log);
     }
+}
+
+/// `count` text messages `m 0`, `m 1`, … from `users` private chats in
+/// turn; their update ids.
+fn messages(emulator: &Emulator, count: usize, users: usize) -> Vec<i64> {
+    (0..count)
+        .map(|n| emulator.user_says("private", &format!("u_{}", n % users), &format!("m {n}")))
+        .collect()
 }
 
 /// The update ids of the echoes the emulator recorded, each once.
@@ -507,6 +566,8 @@ fn redis_killed_and_restarted_under_load_gives_503s_then_every_update_is_answere
         let load = scope.spawn(|| {
             (0..MESSAGES)
                 .map(|n| {
+                    // Paced, not a wait: messages keep coming before, during
+                    // and after the outage.
                     std::thread::sleep(Duration::from_millis(25));
                     emulator.user_says("private", &format!("u_{}", n % 4), &format!("m {n}"))
                 })
@@ -520,7 +581,10 @@ fn redis_killed_and_restarted_under_load_gives_503s_then_every_update_is_answere
             get(&readyz).status == 503
         });
         assert_eq!(get(&format!("{}/healthz", server.origin)).status, 200);
-        std::thread::sleep(Duration::from_millis(800));
+        // The outage lasts until a delivery has been refused for it.
+        wait_until(Duration::from_secs(10), "a delivery answered 503", || {
+            server.log().contains("status=503")
+        });
         redis.restart();
         load.join().unwrap()
     });
@@ -566,9 +630,7 @@ fn a_standby_poller_takes_over_within_the_lease_after_kill_9() {
     let emulator = Emulator::start();
     let dir = tempfile::tempdir().unwrap();
     const MESSAGES: usize = 60;
-    let ids: Vec<i64> = (0..MESSAGES)
-        .map(|n| emulator.user_says("private", &format!("u_{}", n % 3), &format!("m {n}")))
-        .collect();
+    let ids = messages(&emulator, MESSAGES, 3);
     // One reply at a time, each taking a moment: a backlog of a few seconds.
     emulator.faults(json!({"latency_ms": 40}));
     let lease = ["--lease", "2", "--concurrency", "1"];
@@ -578,10 +640,7 @@ fn a_standby_poller_takes_over_within_the_lease_after_kill_9() {
         "the first poller to answer",
         || !emulator.sent().is_empty(),
     );
-    let standby = Poller::start(&emulator, &redis, dir.path(), &lease);
-    wait_until(Duration::from_secs(10), "the second to stand by", || {
-        standby.log().contains("standing by")
-    });
+    let standby = Poller::standby(&emulator, &redis, dir.path(), &lease);
     wait_until(Duration::from_secs(20), "a part of the backlog", || {
         emulator.sent().len() >= 15
     });
@@ -610,15 +669,7 @@ fn a_standby_poller_takes_over_within_the_lease_after_kill_9() {
     wait_until(
         Duration::from_secs(10),
         "the offset past the last update",
-        || {
-            let keys = redis.command(&["KEYS", "*:offset"]);
-            let key = keys[0].as_str().unwrap_or_default().to_string();
-            redis
-                .command(&["GET", &key])
-                .as_str()
-                .and_then(|o| o.parse::<i64>().ok())
-                == Some(next)
-        },
+        || redis.stored_offset() == Some(next),
     );
     eprintln!("takeover after {takeover:?}, {answered_at_kill} of {MESSAGES} answered at the kill");
 }
@@ -634,19 +685,14 @@ fn a_poller_frozen_past_its_lease_writes_nothing_when_it_wakes() {
     let emulator = Emulator::start();
     let dir = tempfile::tempdir().unwrap();
     const MESSAGES: usize = 40;
-    let mut ids: Vec<i64> = (0..MESSAGES)
-        .map(|n| emulator.user_says("private", &format!("u_{}", n % 2), &format!("m {n}")))
-        .collect();
+    let mut ids = messages(&emulator, MESSAGES, 2);
     emulator.faults(json!({"latency_ms": 40}));
     let lease = ["--lease", "1.5", "--concurrency", "1"];
     let frozen = Poller::start(&emulator, &redis, dir.path(), &lease);
     wait_until(Duration::from_secs(20), "the first answers", || {
         emulator.sent().len() >= 5
     });
-    let standby = Poller::start(&emulator, &redis, dir.path(), &lease);
-    wait_until(Duration::from_secs(10), "the second to stand by", || {
-        standby.log().contains("standing by")
-    });
+    let standby = Poller::standby(&emulator, &redis, dir.path(), &lease);
     let pid = frozen.child.id().to_string();
     signal(&pid, "-STOP");
     wait_until(Duration::from_secs(10), "the standby to take over", || {
@@ -655,19 +701,11 @@ fn a_poller_frozen_past_its_lease_writes_nothing_when_it_wakes() {
     wait_until(Duration::from_secs(30), "the backlog answered", || {
         emulator.sent().len() >= MESSAGES
     });
-    let offset = || {
-        let keys = redis.command(&["KEYS", "*:offset"]);
-        let key = keys[0].as_str().unwrap_or_default().to_string();
-        redis
-            .command(&["GET", &key])
-            .as_str()
-            .and_then(|o| o.parse::<i64>().ok())
-    };
     let next = *ids.last().unwrap() + 1;
     wait_until(
         Duration::from_secs(10),
         "the offset past the backlog",
-        || offset() == Some(next),
+        || redis.stored_offset() == Some(next),
     );
     signal(&pid, "-CONT");
     wait_until(
@@ -680,7 +718,7 @@ fn a_poller_frozen_past_its_lease_writes_nothing_when_it_wakes() {
         "the thawed poller to stand by",
         || frozen.log().contains("standing by"),
     );
-    assert_eq!(offset(), Some(next), "the offset went back");
+    assert_eq!(redis.stored_offset(), Some(next), "the offset went back");
     ids.push(emulator.user_says("private", "u_9", "after"));
     wait_until(Duration::from_secs(10), "the new message answered", || {
         emulator.sent().len() > MESSAGES
@@ -704,26 +742,21 @@ fn a_clean_stop_hands_the_lease_over_at_once() {
     wait_until(Duration::from_secs(10), "the first to poll", || {
         active.log().contains("polling for updates")
     });
-    let standby = Poller::start(&emulator, &redis, dir.path(), &lease);
-    wait_until(Duration::from_secs(10), "the second to stand by", || {
-        standby.log().contains("standing by")
-    });
+    let standby = Poller::standby(&emulator, &redis, dir.path(), &lease);
     signal(&active.child.id().to_string(), "-TERM");
     let stopped = Instant::now();
     assert!(active.child.wait().unwrap().success(), "{}", active.log());
     wait_until(Duration::from_secs(10), "the standby to take over", || {
         standby.log().contains("took over the polling lease")
     });
+    // Not handed over, it would have taken the 6 s lease to run out.
     assert!(
-        stopped.elapsed() < Duration::from_secs(3),
+        stopped.elapsed() < Duration::from_secs(5),
         "took over after {:?} (lease 6 s, looked at every 2 s)",
         stopped.elapsed()
     );
     // A standby stops at once on SIGTERM.
-    let mut third = Poller::start(&emulator, &redis, dir.path(), &lease);
-    wait_until(Duration::from_secs(10), "the third to stand by", || {
-        third.log().contains("standing by")
-    });
+    let mut third = Poller::standby(&emulator, &redis, dir.path(), &lease);
     signal(&third.child.id().to_string(), "-TERM");
     let status = crate::common::wait_for_exit(&mut third.child, Duration::from_secs(3));
     assert!(
@@ -741,9 +774,7 @@ fn a_clean_stop_hands_the_lease_over_at_once() {
         echoed_ids(&emulator) == [update_id]
     });
     // A poller with --once is refused rather than made to wait.
-    let once = fly()
-        .env("FLY_BASE_URL", &emulator.base_url)
-        .env("FLY_BOT_TOKEN", TOKEN)
+    let once = fly_at(&emulator)
         .args(["poll-echo", "--once", "--state", &redis.url()])
         .output()
         .unwrap();
@@ -772,6 +803,9 @@ fn a_poller_pauses_while_redis_is_down_and_goes_on_by_itself() {
     wait_until(Duration::from_secs(10), "the outage noticed", || {
         poller.log().contains("unreachable")
     });
+    // Deliberately more time, not a wait for an event: the outage outlasts
+    // the poller's first retries, so it has to keep pausing (no log line
+    // marks a retry).
     std::thread::sleep(Duration::from_millis(1500));
     redis.restart();
     ids.extend((0..10).map(|n| emulator.user_says("private", "u_3", &format!("after {n}"))));
@@ -804,44 +838,8 @@ fn rediss_checks_the_servers_certificate() {
     let key = dir.path().join("key.pem");
     std::fs::write(&cert, certified.cert.pem()).unwrap();
     std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
-    let mut started = None;
-    for _ in 0..10 {
-        let port = free_port();
-        let mut child = Command::new("redis-server")
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--port",
-                "0",
-                "--bind",
-                "127.0.0.1",
-            ])
-            .args(["--tls-port", &port.to_string(), "--tls-auth-clients", "no"])
-            .arg("--tls-cert-file")
-            .arg(&cert)
-            .arg("--tls-key-file")
-            .arg(&key)
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server (apt-get install redis-server)");
-        let up = eventually(Duration::from_secs(5), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-                || child.try_wait().unwrap().is_some()
-        });
-        if up && child.try_wait().unwrap().is_none() {
-            started = Some((child, port));
-            break;
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    let (mut child, port) = started.expect("a TLS redis-server on a free port");
-    let url = format!("rediss://127.0.0.1:{port}");
+    let redis = RedisServer::tls(&cert, &key);
+    let url = redis.url();
     let dead_letters = |trust: Option<&Path>| {
         let mut command = fly();
         command
@@ -856,8 +854,6 @@ fn rediss_checks_the_servers_certificate() {
     };
     let trusted = dead_letters(Some(&cert));
     let untrusted = dead_letters(Some(Path::new("/dev/null")));
-    let _ = child.kill();
-    let _ = child.wait();
     assert!(
         trusted.status.success(),
         "{}",
@@ -879,9 +875,7 @@ fn dead_letters_live_in_redis_too_and_passwords_never_show() {
     let no_chat = r#"{"type":"message","message":{"msgType":"text","data":{"content":"no chat"}}}"#;
     let dead = emulator.raw_update(no_chat);
     let run = |args: &[&str]| {
-        fly()
-            .env("FLY_BASE_URL", &emulator.base_url)
-            .env("FLY_BOT_TOKEN", TOKEN)
+        fly_at(&emulator)
             .env("FLY_STATE", redis.url())
             .args(args)
             .output()
@@ -903,11 +897,9 @@ fn dead_letters_live_in_redis_too_and_passwords_never_show() {
 
     // A wrong password: refused, with the URL shown without it.
     let Endpoint::Tcp(port) = redis.endpoint else {
-        unreachable!()
+        unreachable!("a TCP redis-server")
     };
-    let wrong = fly()
-        .env("FLY_BASE_URL", &emulator.base_url)
-        .env("FLY_BOT_TOKEN", TOKEN)
+    let wrong = fly_at(&emulator)
         .args(["poll-echo", "--once", "--state"])
         .arg(format!("redis://someone:hunter2@127.0.0.1:{port}"))
         .output()
@@ -923,11 +915,10 @@ fn dead_letters_live_in_redis_too_and_passwords_never_show() {
         "{stderr}"
     );
     // Nothing listens: one clear line, exit 1.
-    let down = fly()
-        .env("FLY_BASE_URL", &emulator.base_url)
-        .env("FLY_BOT_TOKEN", TOKEN)
+    let nothing_listens = RefusedPort::new();
+    let down = fly_at(&emulator)
         .args(["poll-echo", "--once", "--state"])
-        .arg(format!("redis://:pw@127.0.0.1:{}", free_port()))
+        .arg(format!("redis://:pw@127.0.0.1:{}", nothing_listens.port))
         .output()
         .unwrap();
     assert_eq!(down.status.code(), Some(1));
@@ -969,9 +960,7 @@ fn parked_updates_live_in_redis_and_are_answered_once_fixed() {
         ],
     );
     let listed = || -> Vec<Value> {
-        let output = fly()
-            .env("FLY_BASE_URL", &emulator.base_url)
-            .env("FLY_BOT_TOKEN", TOKEN)
+        let output = fly_at(&emulator)
             .args(["dead-letters", "--state", &redis.url()])
             .output()
             .unwrap();
@@ -995,9 +984,7 @@ fn parked_updates_live_in_redis_and_are_answered_once_fixed() {
     let letter = &listed()[0];
     assert_eq!(letter["update_id"], json!(bad));
     assert_eq!(letter["state"], "parked");
-    let purge = fly()
-        .env("FLY_BASE_URL", &emulator.base_url)
-        .env("FLY_BOT_TOKEN", TOKEN)
+    let purge = fly_at(&emulator)
         .args(["dead-letters", "--purge", "--state", &redis.url()])
         .output()
         .unwrap();

@@ -8,12 +8,12 @@
 //! they fail saying what, rather than pass without running.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::common::{Emulator, TOKEN, free_port, wait_until};
+use crate::common::{Background, Emulator, TOKEN, eventually, listening_port, wait_until};
 
 fn reference_dir() -> Option<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference");
@@ -54,22 +54,12 @@ fn prerequisites(needs_node: bool) -> PathBuf {
     dir
 }
 
-/// A child process killed when dropped, so a failing assertion leaves no bot running.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn start_example(
     program: &str,
     script: PathBuf,
     emulator: &Emulator,
     extra_env: &[(&str, String)],
-) -> Running {
+) -> Background {
     let mut command = Command::new(program);
     command
         .arg(script)
@@ -81,32 +71,22 @@ fn start_example(
         .env("no_proxy", "127.0.0.1,localhost")
         .env_remove("FLY_WEBHOOK_SECRET")
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stdout(Stdio::piped());
     for (name, value) in extra_env {
         command.env(name, value);
     }
-    Running(
-        command
-            .spawn()
-            .unwrap_or_else(|error| panic!("start {program}: {error}")),
-    )
+    Background::spawn(program, &mut command)
 }
 
 /// Waits until the emulator recorded `count` sends, or fails after 20 s.
 fn wait_for_sent(emulator: &Emulator, count: usize) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let sent = emulator.sent();
-        if sent.len() >= count {
-            return sent;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "expected {count} sends, got {sent:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut sent = Vec::new();
+    let arrived = eventually(Duration::from_secs(20), || {
+        sent = emulator.sent();
+        sent.len() >= count
+    });
+    assert!(arrived, "expected {count} sends, got {sent:?}");
+    sent
 }
 
 fn conversation(emulator: &Emulator) -> (i64, i64) {
@@ -177,7 +157,7 @@ fn python_media_roundtrip_example_downloads_and_forwards() {
                     "client_msg_id": format!("fwd_{update_id}"), "group_id": "g_media"})]
     );
     // The example prints the path it downloaded to; the bytes must be exact.
-    let stdout = bot.0.stdout.take().unwrap();
+    let stdout = bot.child.stdout.take().unwrap();
     let mut first_line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut first_line).unwrap();
     let downloaded = std::fs::read(first_line.trim()).expect("downloaded file");
@@ -189,18 +169,24 @@ fn python_media_roundtrip_example_downloads_and_forwards() {
 fn python_webhook_example_accepts_the_emulators_signed_deliveries() {
     let dir = prerequisites(false);
     let emulator = Emulator::start_strict();
-    let port = free_port();
     let secret = "whsec-reference-test";
-    let _server = start_example(
+    // Port 0: the example binds whatever port the system gives it and does
+    // not say which; it is read back from /proc once it listens.
+    let server = start_example(
         "python3",
         dir.join("hello_bot_webhook_server.py"),
         &emulator,
         &[
-            ("FLY_WEBHOOK_PORT", port.to_string()),
+            ("FLY_WEBHOOK_PORT", "0".to_string()),
             ("FLY_WEBHOOK_SECRET", secret.to_string()),
         ],
     );
-    wait_for_listener(port);
+    let mut port = None;
+    wait_until(Duration::from_secs(10), "the example to listen", || {
+        port = listening_port(server.child.id());
+        port.is_some()
+    });
+    let port = port.unwrap();
     emulator.post(
         "/_emulator/webhook",
         json!({"url": format!("http://127.0.0.1:{port}/webhook"), "secret": secret, "bot_id": 42}),
@@ -221,14 +207,6 @@ fn python_webhook_example_accepts_the_emulators_signed_deliveries() {
         .map(|d| d["status"].as_i64().unwrap())
         .collect();
     assert_eq!(statuses, vec![200, 200], "{deliveries}");
-}
-
-fn wait_for_listener(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on port {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn base64_encode(bytes: &[u8]) -> String {

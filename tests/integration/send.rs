@@ -312,11 +312,9 @@ fn gives_up_after_bounded_retries_with_exit_1() {
 #[test]
 fn unreachable_server_is_exit_1_not_a_hang() {
     // A port nothing listens on: connection refused on every attempt.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    drop(listener);
+    let nothing_listens = crate::common::RefusedPort::new();
     let output = fly()
-        .env("FLY_BASE_URL", format!("http://127.0.0.1:{port}"))
+        .env("FLY_BASE_URL", nothing_listens.url())
         .env("FLY_BOT_TOKEN", TOKEN)
         .args(["-q", "send", "--to", "u", "hi"])
         .output()
@@ -329,8 +327,6 @@ fn unreachable_server_is_exit_1_not_a_hang() {
     );
 }
 
-/// A redirect is not followed (it would turn the POST into a bodyless GET
-/// whose 2xx looks like success): exit 1 naming it.
 /// `fly send --to u hi` against a server that is not the platform.
 fn send_to(base_url: &str) -> std::process::Output {
     fly()
@@ -341,6 +337,8 @@ fn send_to(base_url: &str) -> std::process::Output {
         .unwrap()
 }
 
+/// A redirect is not followed (it would turn the POST into a bodyless GET
+/// whose 2xx looks like success): exit 1 naming it.
 #[test]
 fn a_redirect_is_an_error_not_a_silent_success() {
     let (base_url, seen) = crate::common::misbehaving_server(crate::common::REDIRECT);

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use crate::common::{Emulator, Service, fly_at, live_members_of_group, stderr_of, wait_until};
 use crate::exec::{
-    deliver, signal, signal_twice, signed_delivery, start_receiver_with, text_reply,
+    deliver, signal_twice, signed_delivery, start_receiver_with, stop_with_sigterm, text_reply,
 };
 
 /// The text content of the update line in `$line` (ASCII without quotes is
@@ -117,6 +117,50 @@ fn assert_each_answered_once(sent: &[Value], updates: usize) {
     assert_eq!(sent.len(), updates);
 }
 
+/// No process is left in any of these (worker) process groups.
+fn assert_none_left_in(groups: &[String]) {
+    for group in groups {
+        let left = live_members_of_group(group);
+        assert!(left.is_empty(), "left running: {left}");
+    }
+}
+
+/// `fly poll-echo --once --exec-worker WORKER` on the state in `dir`.
+fn poll_once_with_worker(emulator: &Emulator, dir: &Path, worker: &str) -> std::process::Output {
+    fly_at(emulator)
+        .args(["poll-echo", "--once", "--exec-worker", worker, "--state"])
+        .arg(dir.join("s.db"))
+        .output()
+        .unwrap()
+}
+
+/// `count` messages over `chats`, answered by the fixture worker `worker`
+/// (its command) with `--concurrency concurrency`: each once, each chat's
+/// in order, in capitals.
+fn assert_fixture_worker_keeps_each_chats_order(
+    worker: &str,
+    chats: &[&str],
+    count: usize,
+    concurrency: u32,
+) {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let expected = messages_over_chats(&emulator, chats, count);
+    let output = fly_at(&emulator)
+        .args(["poll-echo", "--poll-timeout", "1"])
+        .args(["--max-updates", &count.to_string()])
+        .args(["--concurrency", &concurrency.to_string()])
+        .args(["--exec-worker", worker, "--state"])
+        .arg(dir.path().join("s.db"))
+        .timeout(Duration::from_secs(90))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    let sent = emulator.sent();
+    assert_each_answered_once(&sent, count);
+    assert_eq!(replies_per_chat(&sent), uppercase(&expected));
+}
+
 /// `count` text messages `m0`, `m1`, … spread over `chats` in turn; returns
 /// each chat's texts in the order they were sent.
 fn messages_over_chats(
@@ -149,22 +193,12 @@ fn uppercase(expected: &BTreeMap<String, Vec<String>>) -> BTreeMap<String, Vec<S
 #[test]
 #[ignore = "needs python3"]
 fn a_python_worker_answers_500_messages_in_order_per_chat() {
-    let emulator = Emulator::start();
-    let dir = tempfile::tempdir().unwrap();
-    let chats = ["u_a", "u_b", "u_c", "u_d", "u_e"];
-    let expected = messages_over_chats(&emulator, &chats, 500);
-    let worker = format!("python3 '{}'", fixture("worker.py").display());
-    let output = fly_at(&emulator)
-        .args(["poll-echo", "--poll-timeout", "1", "--max-updates", "500"])
-        .args(["--concurrency", "4", "--exec-worker", &worker, "--state"])
-        .arg(dir.path().join("s.db"))
-        .timeout(Duration::from_secs(90))
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", stderr_of(&output));
-    let sent = emulator.sent();
-    assert_each_answered_once(&sent, 500);
-    assert_eq!(replies_per_chat(&sent), uppercase(&expected));
+    assert_fixture_worker_keeps_each_chats_order(
+        &format!("python3 '{}'", fixture("worker.py").display()),
+        &["u_a", "u_b", "u_c", "u_d", "u_e"],
+        500,
+        4,
+    );
 }
 
 /// The fixtures' bot, per update and as a worker, gives the same answers:
@@ -223,21 +257,12 @@ fn the_node_bot_answers_the_same_per_update_and_as_a_worker() {
 #[test]
 #[ignore = "needs node"]
 fn a_node_worker_answers_200_messages_in_order_per_chat() {
-    let emulator = Emulator::start();
-    let dir = tempfile::tempdir().unwrap();
-    let expected = messages_over_chats(&emulator, &["u_a", "u_b", "u_c"], 200);
-    let worker = format!("node '{}'", fixture("worker.js").display());
-    let output = fly_at(&emulator)
-        .args(["poll-echo", "--poll-timeout", "1", "--max-updates", "200"])
-        .args(["--concurrency", "2", "--exec-worker", &worker, "--state"])
-        .arg(dir.path().join("s.db"))
-        .timeout(Duration::from_secs(90))
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", stderr_of(&output));
-    let sent = emulator.sent();
-    assert_each_answered_once(&sent, 200);
-    assert_eq!(replies_per_chat(&sent), uppercase(&expected));
+    assert_fixture_worker_keeps_each_chats_order(
+        &format!("node '{}'", fixture("worker.js").display()),
+        &["u_a", "u_b", "u_c"],
+        200,
+        2,
+    );
 }
 
 #[test]
@@ -258,11 +283,7 @@ fn the_worker_sees_the_update_on_one_line_with_every_token_kept() {
                   \"id\": \"u_1\"},\n\t\"msgType\": \"text\", \"data\": {\"content\": \
                   \"a  b \\\" \\u00e9\\/\", \"n\": [18446744073709551617, 1E2, -0.0]}}}";
     let update_id = emulator.raw_update(posted);
-    let output = fly_at(&emulator)
-        .args(["poll-echo", "--once", "--exec-worker", &worker, "--state"])
-        .arg(dir.path().join("s.db"))
-        .output()
-        .unwrap();
+    let output = poll_once_with_worker(&emulator, dir.path(), &worker);
     assert!(output.status.success(), "{}", stderr_of(&output));
     assert_eq!(
         std::fs::read_to_string(&seen).unwrap(),
@@ -425,18 +446,8 @@ fn serve_webhook_stop_leaves_no_worker_process() {
     wait_until(Duration::from_secs(10), "the workers to start", || {
         groups(dir.path()).len() == 2
     });
-    signal(&receiver, "TERM");
-    let status = receiver.wait(Duration::from_secs(15));
-    assert_eq!(
-        status.map(|s| s.code()),
-        Some(Some(0)),
-        "{}",
-        receiver.log()
-    );
-    for group in groups(dir.path()) {
-        let left = live_members_of_group(&group);
-        assert!(left.is_empty(), "left running: {left}");
-    }
+    stop_with_sigterm(&mut receiver);
+    assert_none_left_in(&groups(dir.path()));
     assert_eq!(processes_matching(&format!("sleep {linger}")), "");
 }
 
@@ -454,13 +465,8 @@ fn stop_leaves_no_worker_process_even_one_that_ignores_the_end_of_its_stdin() {
         groups(dir.path()).len() == 3
     });
     let started = groups(dir.path());
-    signal(&service, "TERM");
-    let status = service.wait(Duration::from_secs(15));
-    assert_eq!(status.map(|s| s.code()), Some(Some(0)), "{}", service.log());
-    for group in &started {
-        let left = live_members_of_group(group);
-        assert!(left.is_empty(), "left running: {left}");
-    }
+    stop_with_sigterm(&mut service);
+    assert_none_left_in(&started);
     assert_eq!(processes_matching(&format!("sleep {linger}")), "");
 }
 
@@ -491,21 +497,13 @@ fn a_worker_busy_at_the_grace_deadline_is_killed_and_its_update_comes_again() {
         "the worker to take the update",
         || busy.exists(),
     );
-    signal(&service, "TERM");
-    let status = service.wait(Duration::from_secs(15));
-    assert_eq!(status.map(|s| s.code()), Some(Some(0)), "{}", service.log());
+    stop_with_sigterm(&mut service);
     assert!(service.log().contains("grace period"), "{}", service.log());
-    let group = &groups(dir.path())[0];
-    let left = live_members_of_group(group);
-    assert!(left.is_empty(), "left running: {left}");
+    assert_none_left_in(&groups(dir.path()));
     assert!(emulator.sent().is_empty());
     // Not confirmed: the next run answers it.
     std::fs::write(&release, "").unwrap();
-    let output = fly_at(&emulator)
-        .args(["poll-echo", "--once", "--exec-worker", &worker, "--state"])
-        .arg(dir.path().join("s.db"))
-        .output()
-        .unwrap();
+    let output = poll_once_with_worker(&emulator, dir.path(), &worker);
     assert!(output.status.success(), "{}", stderr_of(&output));
     assert_eq!(
         emulator.sent(),
@@ -536,10 +534,7 @@ fn a_second_signal_stops_at_once_with_130_and_no_worker_left() {
         "{}",
         service.log()
     );
-    for group in groups(dir.path()) {
-        let left = live_members_of_group(&group);
-        assert!(left.is_empty(), "left running: {left}");
-    }
+    assert_none_left_in(&groups(dir.path()));
 }
 
 #[test]
@@ -549,11 +544,7 @@ fn a_worker_command_that_cannot_run_stops_fly_with_one_error_line() {
     let missing = dir.path().join("no-such-worker.sh");
     let command = missing.display().to_string();
     emulator.user_says("private", "u_1", "hello");
-    let output = fly_at(&emulator)
-        .args(["poll-echo", "--once", "--exec-worker", &command, "--state"])
-        .arg(dir.path().join("s.db"))
-        .output()
-        .unwrap();
+    let output = poll_once_with_worker(&emulator, dir.path(), &command);
     let log = stderr_of(&output);
     assert_eq!(output.status.code(), Some(1), "{log}");
     let error: Vec<&str> = log
