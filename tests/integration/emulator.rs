@@ -1025,6 +1025,10 @@ fn emulator_say_without_an_emulator_or_a_chat_is_one_clear_error() {
         )),
         "{stderr}"
     );
+    assert!(
+        stderr.contains("or point --base-url / FLY_BASE_URL at it"),
+        "{stderr}"
+    );
     let output = fly().args(["emulator", "say", "hello"]).output().unwrap();
     assert_eq!(output.status.code(), Some(2));
     assert!(output.stdout.is_empty());

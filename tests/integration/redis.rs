@@ -653,8 +653,10 @@ fn a_standby_poller_takes_over_within_the_lease_after_kill_9() {
         standby.log().contains("took over the polling lease")
     });
     let takeover = killed.elapsed();
+    // About one lease; two and a half leave room for a loaded machine and
+    // still tell it from waiting for the default 10 s lease.
     assert!(
-        takeover < Duration::from_millis(2000 + 700),
+        takeover < Duration::from_millis(5000),
         "took over after {takeover:?} (lease 2 s)"
     );
     wait_until(Duration::from_secs(30), "every message answered", || {
