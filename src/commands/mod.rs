@@ -340,3 +340,73 @@ pub fn polling_store(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exit::{self, ExitOutcome, classify};
+    use crate::state::StateRefused;
+    use anyhow::Context;
+
+    fn said(error: anyhow::Error) -> (ExitOutcome, String) {
+        let error = in_command_line_words(error);
+        (classify(&error), format!("{error:#}"))
+    }
+
+    #[test]
+    fn typed_errors_from_below_get_their_option_and_exit_code() {
+        let unusable =
+            anyhow::Error::from(StateRefused::Unusable("state file x is read-only".into()))
+                .context("opening the state");
+        let (code, text) = said(unusable);
+        assert_eq!(code, ExitOutcome::Report(exit::USAGE));
+        assert_eq!(
+            text,
+            "opening the state: state file x is read-only (or choose another with --state PATH)"
+        );
+
+        let foreign = anyhow::Error::from(StateRefused::Foreign("belongs to a bot".into()));
+        let (code, text) = said(foreign);
+        assert_eq!(code, ExitOutcome::Report(exit::FAILURE));
+        assert!(
+            text.ends_with("; choose another with --state PATH"),
+            "{text}"
+        );
+
+        let in_use = |shared| {
+            said(anyhow::Error::from(StateRefused::InUse {
+                message: "another fly process is already polling".into(),
+                shared,
+            }))
+        };
+        assert!(
+            in_use(false)
+                .1
+                .ends_with("or choose another with --state PATH")
+        );
+        assert!(in_use(true).1.ends_with("without --once to stand by"));
+
+        let base_url = crate::api::check_base_url("https://h/api/v1").unwrap_err();
+        let (code, text) = said(base_url);
+        assert_eq!(code, ExitOutcome::Report(exit::USAGE));
+        assert!(text.ends_with("(--base-url or FLY_BASE_URL)"), "{text}");
+
+        let refused = anyhow::Error::from(crate::api::ApiError::TokenRefused {
+            status: 401,
+            detail: String::new(),
+        });
+        assert!(said(refused).1.ends_with(TOKEN_HINT));
+
+        // Anything else passes through untouched, its exit code too.
+        let plain = Err::<(), _>(usage("bad input"))
+            .context("sending")
+            .unwrap_err();
+        assert_eq!(
+            said(plain),
+            (
+                ExitOutcome::Report(exit::USAGE),
+                "sending: bad input".into()
+            )
+        );
+    }
+}
