@@ -286,10 +286,7 @@ impl SqliteStore {
             upgrade_to_schema_4(&transaction)?;
             transaction.pragma_update(None, "application_id", APPLICATION_ID)?;
             transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-            for (key, value) in [
-                ("base_url", identity.base_url.as_str()),
-                ("token_fingerprint", identity.token_fingerprint.as_str()),
-            ] {
+            for (key, value) in identity_rows(identity) {
                 transaction.execute(
                     "INSERT INTO meta (key, value) VALUES (?1, ?2)",
                     params![key, value],
@@ -351,10 +348,7 @@ impl SqliteStore {
         } else {
             // This bot's file: what an older fly stored (credentials in the
             // URL, the undivided fingerprint) is written over once.
-            for (key, value) in [
-                ("base_url", identity.base_url.as_str()),
-                ("token_fingerprint", identity.token_fingerprint.as_str()),
-            ] {
+            for (key, value) in identity_rows(identity) {
                 connection.execute(
                     "UPDATE meta SET value = ?2 WHERE key = ?1 AND value != ?2",
                     params![key, value],
@@ -368,6 +362,16 @@ impl SqliteStore {
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
         lock(&self.connection)
     }
+}
+
+/// The `meta` rows that say which bot a file belongs to: written when the
+/// file is made, and written over once in a file an older fly made for
+/// this bot.
+fn identity_rows(identity: &BotIdentity) -> [(&'static str, &str); 2] {
+    [
+        ("base_url", identity.base_url.as_str()),
+        ("token_fingerprint", identity.token_fingerprint.as_str()),
+    ]
 }
 
 /// What fly keeps (handled updates with their text, dead letters) is for
