@@ -20,6 +20,36 @@ start_emulator() {
     EMULATOR_URL=$(wait_for_line "$WORK/emu.${1:-main}")
 }
 
+# A free loopback port, for a peer that cannot listen on port 0 and say which
+# port it got (redis-server, adnanh/webhook). Another process may take it
+# first; a benchmark run is repeated by hand, so that is left at a failed run.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# The figures of wrk report $1 (run with --latency) as one line: requests,
+# requests/s, p50 and p99 in ms, non-2xx answers, repeated bodies. Warns on
+# stderr, naming the run $2, when it ran out of distinct bodies.
+wrk_figures() { # report label
+    awk -v label="$2" '
+        function ms(value) {
+            if (value ~ /us$/) return value / 1000
+            if (value ~ /ms$/) return value + 0
+            if (value ~ /m$/) return value * 60000
+            if (value ~ /s$/) return value * 1000
+            return "nan"
+        }
+        /requests in/ { requests = $1 }
+        /Requests\/sec/ { rps = $2 }
+        $1 == "50%" { p50 = ms($2) }
+        $1 == "99%" { p99 = ms($2) }
+        /Non-2xx/ { bad = $NF }
+        $1 == "wrapped" { wrapped = $2 }
+        END {
+            if (wrapped + 0 > 0)
+                printf "warning: %s ran out of distinct bodies (%d repeats); raise BODIES\n", label, wrapped > "/dev/stderr"
+            print requests + 0, rps + 0, p50, p99, bad + 0, wrapped + 0
+        }' "$1"
+}
+
 # Writes $3 signed updates of kind $1 (callback_query, or message: a text
 # message, chats u_0…u_99 in turn) to file $2, one per line, each with its own
 # update_id and random nonce (as the platform's: no order for a B-tree to

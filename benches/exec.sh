@@ -48,7 +48,6 @@ export FLY_BASE_URL=$EMULATOR_URL
 make_bodies message "$WORK/bodies.ndjson" "$BODIES"
 write_distinct_lua "$WORK/distinct.lua" "$WORK/bodies.ndjson"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
 # The CPU time (user + system, ms) process $1 has used itself, and that of
@@ -61,19 +60,11 @@ run_wrk() { # url label connections pid
     local report="$WORK/$2-$3-$RANDOM.wrk"
     wrk -t"$threads" -c"$3" -d"${DURATION}s" --latency -s "$WORK/distinct.lua" "$1" -- "$threads" >"$report"
     cpu_after=$(cpu_ms "$4")
-    local requests rps p50 p99 non2xx wrapped
-    requests=$(awk '/requests in/ {print $1}' "$report")
-    rps=$(awk '/Requests\/sec/ {print $2}' "$report")
-    p50=$(awk '$1 == "50%" {print $2}' "$report")
-    p99=$(awk '$1 == "99%" {print $2}' "$report")
-    non2xx=$(awk '/Non-2xx/ {print $NF}' "$report")
-    wrapped=$(awk '$1 == "wrapped" {print $2}' "$report")
-    if [ "${wrapped:-0}" != 0 ]; then
-        echo "warning: $2 ran out of distinct bodies ($wrapped repeats); raise BODIES" >&2
-    fi
+    local requests rps p50 p99 non2xx
+    read -r requests rps p50 p99 non2xx _ < <(wrk_figures "$report" "$2")
     local cpu
     cpu=$(echo "$cpu_before $cpu_after" | awk -v n="$requests" '{printf "%.3f %.3f", ($3 - $1) / n, ($4 - $2) / n}')
-    echo "$2 $3 $rps $p50 $p99 ${non2xx:-0} $cpu"
+    echo "$2 $3 $rps $p50 $p99 $non2xx $cpu"
 }
 
 start_fly() { # label, then serve-webhook's handler arguments
@@ -165,23 +156,17 @@ fi
 [ -n "${SHOW_WRK:-}" ] && cat "$WORK"/*.wrk >&2
 FLOOR=${FLOOR:-} python3 - "${rows[@]}" <<'PY'
 import os, statistics, sys
-def ms(text):
-    for unit, scale in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
-        if text.endswith(unit):
-            return float(text[: -len(unit)]) * scale
-    return float("nan")
 rows = [line.split() for line in sys.argv[1:]]
 print("handlers behind a webhook, wrk, every request a new signed text message")
 print(f"{'part':<7} {'server':<16} {'conns':>5} {'requests/s':>11} {'p50':>10} {'p99':>10} {'non-2xx':>8}"
       f" {'CPU/request: server':>20} {'commands':>9}")
 for part, label, conns, rps, p50, p99, bad, cpu, children in rows:
-    print(f"{part:<7} {label:<16} {conns:>5} {float(rps):11.0f} {ms(p50):7.2f} ms {ms(p99):7.2f} ms {bad:>8}"
+    print(f"{part:<7} {label:<16} {conns:>5} {float(rps):11.0f} {float(p50):7.2f} ms {float(p99):7.2f} ms {bad:>8}"
           f" {float(cpu):17.3f} ms {float(children):6.3f} ms")
 if os.environ.get("FLOOR"):
     print(f"the command alone, sh -c 'cat >/dev/null' spawned and waited for in a loop: {os.environ['FLOOR']} ms per run (median)")
 def median(label, conns, column):
-    values = [float(row[column]) if column != 4 else ms(row[column])
-              for row in rows if row[1] == label and row[2] == conns]
+    values = [float(row[column]) for row in rows if row[1] == label and row[2] == conns]
     return statistics.median(values) if values else None
 for conns in ("1", "8"):
     fly, peer = median("fly-exec", conns, 3), median("adnanh-webhook", conns, 3)

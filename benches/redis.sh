@@ -42,20 +42,9 @@ run_wrk() { # url label threads connections part parts
 
 # requests/s, p99 in ms, non-2xx answers, repeated bodies of one wrk report.
 read_wrk() { # label
-    python3 - "$WORK/$1.wrk" <<'PY'
-import re, sys
-text = open(sys.argv[1]).read()
-def ms(value):
-    for unit, scale in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
-        if value.endswith(unit):
-            return float(value[: -len(unit)]) * scale
-    return float("nan")
-rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
-p99 = ms(re.search(r"^\s+99%\s+(\S+)", text, re.M).group(1))
-bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
-wrapped = re.search(r"^wrapped (\d+)", text, re.M)
-print(rps, p99, bad.group(1) if bad else 0, wrapped.group(1) if wrapped else 0)
-PY
+    local rps p99 bad wrapped
+    read -r _ rps _ p99 bad wrapped < <(wrk_figures "$WORK/$1.wrk" "$1" 2>/dev/null)
+    echo "$rps $p99 $bad $wrapped"
 }
 
 start_replica() { # state label
@@ -79,7 +68,7 @@ stop_replicas
 sqlite_stored=$(python3 -c 'import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute("select count(*) from handled_updates").fetchone()[0])' "$WORK/sqlite.db")
 
 # --- three replicas, one Redis (loopback TCP, no persistence)
-REDIS_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+REDIS_PORT=$(free_port)
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$WORK" >"$WORK/redis.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.05; done

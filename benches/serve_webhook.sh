@@ -47,15 +47,9 @@ write_distinct_lua "$WORK/distinct.lua" "$WORK/bodies.ndjson"
 
 run_wrk() { # url label script
     wrk -t2 -c32 -d"${DURATION}s" --latency -s "$3" "$1" -- 2 >"$WORK/$2.wrk"
-    local rps p99 non2xx wrapped
-    rps=$(awk '/Requests\/sec/ {print $2}' "$WORK/$2.wrk")
-    p99=$(awk '$1 == "99%" {print $2}' "$WORK/$2.wrk")
-    non2xx=$(awk '/Non-2xx/ {print $NF}' "$WORK/$2.wrk")
-    wrapped=$(awk '$1 == "wrapped" {print $2}' "$WORK/$2.wrk")
-    if [ "${wrapped:-0}" != 0 ]; then
-        echo "warning: $2 ran out of distinct bodies ($wrapped repeats); raise BODIES" >&2
-    fi
-    echo "$2 $rps $p99 ${non2xx:-0}"
+    local rps p99 non2xx
+    read -r _ rps _ p99 non2xx _ < <(wrk_figures "$WORK/$2.wrk" "$2")
+    echo "$2 $rps $p99 $non2xx"
 }
 
 peak_rss() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; } # KiB
@@ -111,20 +105,15 @@ fi
 show_raw
 python3 - "${rows[@]}" <<'PY'
 import sys
-def ms(text):
-    for unit, scale in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
-        if text.endswith(unit):
-            return float(text[: -len(unit)]) * scale
-    return float("nan")
 rows = [line.split() for line in sys.argv[1:]]
 print("serve-webhook, wrk 2 threads, 32 connections")
 print(f"{'mode':<10} {'server':<22} {'requests/s':>10}   {'p99':>9}   {'non-2xx':>7}   {'peak RSS':>9}")
 for mode, label, rps, p99, bad, rss in rows:
-    print(f"{mode:<10} {label:<22} {float(rps):10.0f}   {ms(p99):6.2f} ms   {bad:>7}   {int(rss)/1024:6.1f} MiB")
+    print(f"{mode:<10} {label:<22} {float(rps):10.0f}   {float(p99):6.2f} ms   {bad:>7}   {int(rss)/1024:6.1f} MiB")
 by = {(row[0], row[1].split("-")[0]): row for row in rows}
 for mode, target_ratio in (("duplicate", 10), ("distinct", 15)):
     if (mode, "fly") in by and (mode, "reference") in by:
         fly, ref = by[(mode, "fly")], by[(mode, "reference")]
         print(f"{mode}: fly/reference {float(fly[2]) / float(ref[2]):.1f}x requests/s "
-              f"(target >= {target_ratio}x), fly p99 {ms(fly[3]):.2f} ms (target <= 5 ms)")
+              f"(target >= {target_ratio}x), fly p99 {float(fly[3]):.2f} ms (target <= 5 ms)")
 PY
