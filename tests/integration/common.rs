@@ -853,3 +853,24 @@ pub fn write_certificate(dir: &Path) -> (PathBuf, PathBuf, String) {
     std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
     (cert, key, cert_pem)
 }
+
+/// A number no other test of this run uses, for `sleep` durations that
+/// `pgrep -f` can find (and for names of their own). One counter for the
+/// whole test binary: two would hand out the same numbers.
+pub fn unique_number() -> String {
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    format!(
+        "{}{:03}",
+        std::process::id(),
+        COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    )
+}
+
+/// `pgrep -a -f PATTERN`: the processes whose command line matches, one per line.
+pub fn processes_matching(pattern: &str) -> String {
+    let output = std::process::Command::new("pgrep")
+        .args(["-a", "-f", pattern])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}

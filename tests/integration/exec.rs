@@ -8,14 +8,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::{Command, ExitStatus};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 use crate::common::{
     Emulator, RefusedPort, Service, TOKEN, eventually, fly, fly_at, live_members_of_group,
-    sign_update, silent_receiver, stderr_of, wait_until,
+    processes_matching, sign_update, silent_receiver, stderr_of, unique_number, wait_until,
 };
 
 /// Prints the text content of the update on stdin (plain ASCII without quotes
@@ -69,25 +68,6 @@ fn client_msg_ids(sent: &[Value]) -> Vec<String> {
     sent.iter()
         .map(|s| s["client_msg_id"].as_str().unwrap().to_string())
         .collect()
-}
-
-/// A number no other test run on this machine uses at the same time, for
-/// `sleep` durations that `pgrep -f` can find.
-fn unique_suffix() -> String {
-    static COUNTER: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{}{:03}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    )
-}
-
-fn processes_matching(pattern: &str) -> String {
-    let output = Command::new("pgrep")
-        .args(["-a", "-f", pattern])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// Upper-cases the text and reports what the handler saw in its environment.
@@ -287,7 +267,7 @@ fn assert_hanging_handler_is_killed(content: &str, hang: &str) {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("s.db");
     let update_id = emulator.user_says("private", "u_h", content);
-    let suffix = unique_suffix();
+    let suffix = unique_number();
     let sleep = format!("sleep 31.{suffix}");
     let handler = hang.replace("SLEEP", &sleep);
 
@@ -844,11 +824,11 @@ fn unrunnable_handlers(dir: &Path) -> Vec<Unrunnable> {
         &format!(
             "echo run >> '{}'\nno-such-tool-{} --json",
             runs.display(),
-            unique_suffix()
+            unique_number()
         ),
         0o755,
     );
-    let missing = format!("no-such-fly-handler-{}", unique_suffix());
+    let missing = format!("no-such-fly-handler-{}", unique_number());
     vec![
         Unrunnable {
             what: "not executable",
@@ -903,7 +883,7 @@ fn poll_echo_stops_with_exit_1_on_a_handler_that_cannot_run_and_keeps_the_update
     let dir = tempfile::tempdir().unwrap();
     for handler in unrunnable_handlers(dir.path()) {
         let emulator = Emulator::start();
-        let state = dir.path().join(format!("{}.db", unique_suffix()));
+        let state = dir.path().join(format!("{}.db", unique_number()));
         let update_id = emulator.user_says("private", "u_s", "set me up");
         // A service, not --once: it used to retry this forever.
         let mut service = Service::start(
@@ -977,7 +957,7 @@ fn serve_webhook_answers_500_and_exits_1_on_a_handler_that_cannot_run() {
     let dir = tempfile::tempdir().unwrap();
     for (n, handler) in unrunnable_handlers(dir.path()).into_iter().enumerate() {
         let emulator = Emulator::start();
-        let state = dir.path().join(format!("{}.db", unique_suffix()));
+        let state = dir.path().join(format!("{}.db", unique_number()));
         let update_id = 7000 + n as i64;
         let delivery = signed_delivery(update_id, "u_w", "set me up");
         let (mut receiver, url) = start_receiver(&emulator, 0, &state, &handler.command);

@@ -10,12 +10,14 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::common::{Emulator, Service, fly_at, live_members_of_group, stderr_of, wait_until};
+use crate::common::{
+    Emulator, Service, fly_at, live_members_of_group, processes_matching, stderr_of, unique_number,
+    wait_until,
+};
 use crate::exec::{
     deliver, signal_twice, signed_delivery, start_receiver_with, stop_with_sigterm, text_reply,
 };
@@ -29,25 +31,6 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures")
         .join(name)
-}
-
-/// A number no other test on this machine uses at the same time, for
-/// `sleep` durations that `pgrep -f` can find.
-fn unique_number() -> String {
-    static COUNTER: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{}{:03}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    )
-}
-
-fn processes_matching(pattern: &str) -> String {
-    let output = Command::new("pgrep")
-        .args(["-a", "-f", pattern])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// Writes a `sh` worker into `dir` that records its process group (its
