@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::common::{Emulator, Service, eventually, wait_until, write_certificate};
+use crate::exec::start_receiver_with;
 
 const SECRET: &str = "forward-test-secret";
 
@@ -159,21 +160,7 @@ fn answer_times(log: &str, path: &str) -> Vec<f64> {
 fn the_summary_counts_only_accepted_deliveries() {
     let emulator = Emulator::start();
     let dir = tempfile::tempdir().unwrap();
-    let mut receiver = Service::start(
-        &emulator,
-        &[
-            "serve-webhook",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--secret",
-            SECRET,
-            "--state",
-            dir.path().join("receiver.db").to_str().unwrap(),
-        ],
-    );
-    let url = receiver.first_line();
+    let (_receiver, url) = start_receiver_with(&emulator, 0, &dir.path().join("receiver.db"), &[]);
     // Python cannot encode a lone surrogate as UTF-8: the platform could
     // never have signed this one.
     emulator.raw_update(
