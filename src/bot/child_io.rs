@@ -8,9 +8,11 @@ use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Instant;
 
-/// A stderr "line" longer than this (binary output, no newlines) is logged in
-/// pieces rather than held in memory whole.
-pub const MAX_LOG_LINE: usize = 16 * 1024;
+/// A stderr line longer than this (binary output, no newlines) is cut: the
+/// log gets its start, not megabytes of it.
+pub const MAX_LOG_LINE: usize = 4 * 1024;
+/// The stderr logged for one update; the rest is counted, not logged.
+pub const STDERR_BUDGET: usize = 64 * 1024;
 
 /// A handler command as fly starts it, for `--exec` and `--exec-worker`
 /// alike: run by /bin/sh (as system(3) runs commands: the POSIX shell, found
@@ -191,65 +193,122 @@ impl ExitWatch {
     }
 }
 
-/// Splits a stream of bytes (a handler's stderr) into lines for the log: a
-/// line is handed on without its `\n` (and `\r`), shown lossily (a handler
-/// printing non-UTF-8 must not silence the lines after it); a line longer
-/// than [`MAX_LOG_LINE`] is handed on in pieces.
-#[derive(Default)]
+/// Splits a stream of bytes (a handler's stderr) into lines for the log,
+/// within bounds: a handler that prints in a loop must neither fill the
+/// disk with fly's log nor slow the other chats down.
+///
+/// A line is handed on without its `\n` (and `\r`), shown lossily (a
+/// handler printing non-UTF-8 must not silence the lines after it). A line
+/// longer than [`MAX_LOG_LINE`] is cut there (marked `…`); once
+/// [`STDERR_BUDGET`] bytes were logged for one update, its further lines are
+/// counted, not logged, and [`LogLines::end_update`] says how many bytes
+/// that was. Memory stays at one line whatever comes.
 pub struct LogLines {
     partial: Vec<u8>,
+    /// Bytes of the current line beyond [`MAX_LOG_LINE`], dropped.
+    dropped: usize,
+    /// Bytes logged for the current update.
+    logged: usize,
+    /// Bytes of the current update's stderr that did not reach the log.
+    unlogged: u64,
+}
+
+impl Default for LogLines {
+    fn default() -> Self {
+        LogLines {
+            partial: Vec::with_capacity(256),
+            dropped: 0,
+            logged: 0,
+            unlogged: 0,
+        }
+    }
 }
 
 impl LogLines {
     pub fn push(&mut self, mut bytes: &[u8], emit: &mut impl FnMut(&str)) {
         while !bytes.is_empty() {
-            let room = MAX_LOG_LINE - self.partial.len();
-            let take = bytes.len().min(room);
-            match bytes[..take].iter().position(|&byte| byte == b'\n') {
-                Some(at) => {
-                    self.partial.extend_from_slice(&bytes[..at]);
-                    self.emit(emit);
-                    bytes = &bytes[at + 1..];
-                }
-                None => {
-                    self.partial.extend_from_slice(&bytes[..take]);
-                    bytes = &bytes[take..];
-                    if self.partial.len() >= MAX_LOG_LINE {
-                        self.emit(emit);
-                    }
-                }
+            let (line, rest, ended) = match bytes.iter().position(|&byte| byte == b'\n') {
+                Some(at) => (&bytes[..at], &bytes[at + 1..], true),
+                None => (bytes, &[][..], false),
+            };
+            let kept = line.len().min(MAX_LOG_LINE - self.partial.len());
+            self.partial.extend_from_slice(&line[..kept]);
+            self.dropped += line.len() - kept;
+            if ended {
+                self.emit(emit, true);
             }
+            bytes = rest;
         }
     }
 
     /// The last line, if it had no newline.
     pub fn finish(&mut self, emit: &mut impl FnMut(&str)) {
-        if !self.partial.is_empty() {
-            self.emit(emit);
+        if !self.partial.is_empty() || self.dropped > 0 {
+            self.emit(emit, false);
         }
     }
 
-    fn emit(&mut self, emit: &mut impl FnMut(&str)) {
-        let text = String::from_utf8_lossy(&self.partial);
-        emit(text.trim_end_matches(['\n', '\r']));
+    /// The update whose stderr this was is over (or its process is): says
+    /// how much of it was not logged, if anything, and starts a new budget.
+    pub fn end_update(&mut self, emit: &mut impl FnMut(&str)) {
+        self.finish(emit);
+        if self.unlogged > 0 {
+            emit(&format!(
+                "… {} bytes of stderr not logged (the log takes {} KiB per update)",
+                self.unlogged,
+                STDERR_BUDGET / 1024,
+            ));
+        }
+        self.logged = 0;
+        self.unlogged = 0;
+    }
+
+    fn emit(&mut self, emit: &mut impl FnMut(&str), newline: bool) {
+        if self.logged + self.partial.len() > STDERR_BUDGET {
+            self.unlogged += (self.partial.len() + self.dropped + usize::from(newline)) as u64;
+        } else {
+            self.logged += self.partial.len();
+            let text = String::from_utf8_lossy(&self.partial);
+            let text = text.trim_end_matches('\r');
+            if self.dropped > 0 {
+                emit(&format!("{text}… (line cut, {} more bytes)", self.dropped));
+            } else {
+                emit(text);
+            }
+        }
         self.partial.clear();
+        self.dropped = 0;
     }
 }
 
-/// Reads `pipe` (blocking) to its end, handing each line to `emit`: a
+/// Reads `pipe` (blocking) to its end, handing each line to `emit` with the
+/// update in hand when it was read (`update_in_hand`, 0 for none): a
 /// worker's stderr, on a thread of its own for the worker's whole life.
-pub fn log_lines_until_end(mut pipe: impl Read, mut emit: impl FnMut(&str)) {
+/// Each update gets a budget of its own (see [`LogLines`]).
+pub fn log_lines_until_end(
+    mut pipe: impl Read,
+    update_in_hand: impl Fn() -> i64,
+    mut emit: impl FnMut(i64, &str),
+) {
     let mut lines = LogLines::default();
+    let mut update_id = update_in_hand();
     let mut buffer = [0u8; 8192];
     loop {
         match pipe.read(&mut buffer) {
             Ok(0) => break,
-            Ok(read) => lines.push(&buffer[..read], &mut emit),
+            Ok(read) => {
+                let now = update_in_hand();
+                if now != update_id {
+                    lines.end_update(&mut |text| emit(update_id, text));
+                    update_id = now;
+                }
+                lines.push(&buffer[..read], &mut |text| emit(update_id, text));
+            }
             Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => break,
         }
     }
-    lines.finish(&mut emit);
+    lines.end_update(&mut |text| emit(update_id, text));
 }
 
 #[cfg(test)]
@@ -269,17 +328,51 @@ mod tests {
     }
 
     #[test]
-    fn lines_are_split_across_chunks_and_long_ones_in_pieces() {
+    fn lines_are_split_across_chunks_and_long_ones_cut() {
         assert_eq!(
             lines_of(&[b"one\ntw", b"o\r\n\xff three", b"\nlast"]),
             ["one", "two", "\u{fffd} three", "last"]
         );
         let long = vec![b'x'; MAX_LOG_LINE * 2 + 10];
-        let pieces = lines_of(&[&long, b"\nnext\n"]);
-        assert_eq!(pieces.len(), 4);
-        assert_eq!(pieces[0].len(), MAX_LOG_LINE);
-        assert_eq!(pieces[2], "x".repeat(10));
-        assert_eq!(pieces[3], "next");
+        let lines = lines_of(&[&long[..100], &long[100..], b"\nnext\n"]);
+        assert_eq!(lines.len(), 2);
+        assert_eq!(
+            lines[0],
+            format!(
+                "{}… (line cut, {} more bytes)",
+                "x".repeat(MAX_LOG_LINE),
+                MAX_LOG_LINE + 10
+            )
+        );
+        assert_eq!(lines[1], "next");
+    }
+
+    #[test]
+    fn each_update_logs_its_budget_and_counts_the_rest() {
+        let mut lines = LogLines::default();
+        let mut seen = Vec::new();
+        let line = vec![b'y'; 1023];
+        let mut flood = Vec::new();
+        for _ in 0..1000 {
+            flood.extend_from_slice(&line);
+            flood.push(b'\n');
+        }
+        lines.push(&flood, &mut |text: &str| seen.push(text.to_string()));
+        lines.end_update(&mut |text: &str| seen.push(text.to_string()));
+        let logged = STDERR_BUDGET / 1023;
+        assert_eq!(seen.len(), logged + 1);
+        assert_eq!(
+            seen[logged],
+            format!(
+                "… {} bytes of stderr not logged (the log takes 64 KiB per update)",
+                (1000 - logged) * 1024
+            )
+        );
+        // The next update starts a budget of its own.
+        seen.clear();
+        lines.push(b"again\n", &mut |text: &str| seen.push(text.to_string()));
+        lines.end_update(&mut |text: &str| seen.push(text.to_string()));
+        assert_eq!(seen, ["again"]);
     }
 
     #[test]

@@ -27,7 +27,8 @@ use super::{HandleError, Handler, Outcome};
 use crate::api::{ApiClient, MessageData, SendRequest, Update};
 use crate::children::{self, Group};
 
-/// A handler's reply is one message; more than this is a bug in the handler.
+/// A handler's reply is one message; more than this is a bug in the handler,
+/// and fails its update (never a prefix sent as the reply).
 pub const MAX_REPLY_BYTES: usize = 1024 * 1024;
 /// How long the handler's last stderr lines get to reach the log once it is gone.
 const LOG_GRACE: Duration = Duration::from_millis(500);
@@ -116,11 +117,10 @@ pub fn send_reply(
     reply: Reply,
 ) -> Result<Outcome, HandleError> {
     let Some(chat) = message.chat.as_ref() else {
-        tracing::warn!(
-            update_id = update.update_id,
-            "the handler replied, but the message has no chat to reply to"
-        );
-        return Ok(Outcome::Handled);
+        // Kept, as the echo keeps such a message: the reply had nowhere to go.
+        return Err(HandleError::DeadLetter(
+            "the handler replied, but the message has no chat (type and id) to reply to".into(),
+        ));
     };
     let client_msg_id = format!("reply_{}", update.update_id);
     let request = match reply {
@@ -208,8 +208,11 @@ impl ExecHandler {
             if !exited && fds.last().is_some_and(child_io::readable) {
                 exited = true;
             }
+            if pipes.overflowed {
+                break;
+            }
         }
-        if timed_out {
+        if timed_out || pipes.overflowed {
             group.kill();
         }
         // At once: it has exited, or has just been killed.
@@ -220,6 +223,13 @@ impl ExecHandler {
         pipes.log_the_rest(Instant::now() + LOG_GRACE);
         if timed_out {
             return Err(anyhow!("timed out after {:?}; killed", self.timeout));
+        }
+        if pipes.overflowed {
+            return Err(anyhow!(
+                "the handler wrote more than {} MiB to stdout (one reply's limit); killed, \
+                 nothing sent",
+                MAX_REPLY_BYTES / (1024 * 1024)
+            ));
         }
         if self.abandoned() && !status.success() {
             tracing::warn!(
@@ -243,9 +253,10 @@ struct Pipes<'a> {
     stdin: Option<ChildStdin>,
     input: &'a [u8],
     stdout: Option<ChildStdout>,
-    /// The first `MAX_REPLY_BYTES` of stdout; the rest is read and dropped,
-    /// so the handler never blocks on a full pipe.
+    /// Stdout, up to `MAX_REPLY_BYTES`.
     reply: Vec<u8>,
+    /// Stdout went past `MAX_REPLY_BYTES`: the update fails, nothing is sent.
+    overflowed: bool,
     stderr: Option<ChildStderr>,
     lines: LogLines,
     update_id: i64,
@@ -267,6 +278,7 @@ impl<'a> Pipes<'a> {
             input,
             stdout: Some(stdout),
             reply: Vec::new(),
+            overflowed: false,
             stderr: Some(stderr),
             lines: LogLines::default(),
             update_id,
@@ -339,10 +351,12 @@ impl<'a> Pipes<'a> {
         };
         loop {
             match child_io::read_some(stdout, &mut self.buffer) {
-                Chunk::Data(read) => {
-                    let room = MAX_REPLY_BYTES.saturating_sub(self.reply.len());
-                    self.reply.extend_from_slice(&self.buffer[..read.min(room)]);
+                Chunk::Data(read) if self.reply.len() + read > MAX_REPLY_BYTES => {
+                    self.overflowed = true;
+                    self.stdout = None;
+                    return;
                 }
+                Chunk::Data(read) => self.reply.extend_from_slice(&self.buffer[..read]),
                 Chunk::End => {
                     self.stdout = None;
                     return;
@@ -383,7 +397,7 @@ impl<'a> Pipes<'a> {
         }
         let update_id = self.update_id;
         self.lines
-            .finish(&mut |text: &str| tracing::warn!(update_id, "[exec] {text}"));
+            .end_update(&mut |text: &str| tracing::warn!(update_id, "[exec] {text}"));
     }
 }
 

@@ -4,22 +4,36 @@
 //! fly keeps `--concurrency` workers (`sh -c CMD`, each in a process group
 //! of its own) and, for each message update, writes one line to a worker's
 //! stdin, the update compacted onto one line (see [`one_line`]), and reads
-//! exactly one line back:
+//! exactly one line back, naming the update it answers:
 //!
 //! | answer | means |
 //! |---|---|
-//! | `{"reply":"text"}` | send this text to the chat (blank: nothing) |
-//! | `{"reply":{"msg_type":…,"data":{…}}}` | send this message |
-//! | `{}` | handled, no reply |
-//! | `{"error":"why"}` | failed: the update is retried, as a failed `--exec` |
+//! | `{"update_id":N,"reply":"text"}` | send this text to the chat (blank: nothing) |
+//! | `{"update_id":N,"reply":{"msg_type":…,"data":{…}}}` | send this message |
+//! | `{"update_id":N}` | handled, no reply |
+//! | `{"update_id":N,"error":"why"}` | failed: the update is retried, as a failed `--exec` |
+//!
+//! Why the id: a line is only an answer if it says which update it answers.
+//! A banner printed at start, or a second line written late, would
+//! otherwise be taken as the answer to the next update handed over, and sent
+//! to another user's chat. Any line that is not the answer to the update in
+//! hand breaks the protocol: the worker is restarted and the update retried,
+//! never sent, never marked handled.
+//!
+//! A worker may first announce `{"ready":true}` (a model to load, a
+//! connection to open). Once one worker of the pool has, fly takes it that
+//! the command announces, and hands a freshly started worker nothing before
+//! its announcement; a worker that announces after an update was written
+//! to it is still fine (the update waits in its stdin).
 //!
 //! One update in flight per worker; one chat's updates go to one worker at
 //! a time, in the order they came. A worker that exits, answers anything
 //! else, or passes `--exec-timeout` is killed (its whole group) and started
 //! again, after a backoff when that keeps happening; the update it had
 //! fails and is retried, never lost. Its stderr goes to the log as an
-//! `--exec` handler's does. Non-message updates (`callback_query`, …) are
-//! not sent to workers: they are confirmed without a reply, as with `--exec`.
+//! `--exec` handler's does, within the same bounds per update.
+//! Non-message updates (`callback_query`, …) are not sent to workers: they
+//! are confirmed without a reply, as with `--exec`.
 //!
 //! At the end (a stop, once the updates in hand are done or the grace
 //! period is over) every worker gets the end of its stdin, a moment to
@@ -29,7 +43,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::process::{Child, ChildStdin, ChildStdout};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
 use std::time::{Duration, Instant};
 
@@ -52,13 +66,19 @@ const LOG_GRACE: Duration = Duration::from_millis(500);
 const FIRST_RESTART_DELAY: Duration = Duration::from_millis(100);
 const MAX_RESTART_DELAY: Duration = Duration::from_secs(5);
 /// Said in the log line of a worker that breaks the protocol.
-const PROTOCOL: &str = r#"one JSON object per line: {"reply":"text"}, {"reply":{"msg_type":…,"data":{…}}}, {} or {"error":"why"}"#;
+const PROTOCOL: &str = r#"one JSON object per line naming the update it answers: {"update_id":N,"reply":"text"}, {"update_id":N,"reply":{"msg_type":…,"data":{…}}}, {"update_id":N} or {"update_id":N,"error":"why"}"#;
+/// How long a worker that closed its stdout gets to show it is exiting,
+/// before it is said to have closed stdout and kept running.
+const EXIT_AFTER_STDOUT: Duration = Duration::from_millis(200);
 
 pub struct WorkerPool {
     command: String,
     timeout: Duration,
     client: ApiClient,
     pass_token: bool,
+    /// A worker of this pool announced `{"ready":true}`: fresh workers
+    /// are handed nothing before they have too.
+    announces: AtomicBool,
     state: Mutex<PoolState>,
     changed: Condvar,
 }
@@ -107,21 +127,42 @@ struct Worker {
     /// Failures in a row before this worker started: the backoff goes on
     /// growing until one answers.
     failures: u32,
+    /// It said `{"ready":true}`, or answered an update: no announcement is
+    /// to come any more.
+    ready: bool,
 }
 
 /// Why a worker is no good any more.
 enum Broken {
     /// It exited (its stdout closed, or its stdin did).
     Exited,
+    /// Its stdout closed, but it kept running.
+    ClosedStdout,
     TimedOut,
     /// It wrote something that is not an answer.
     Garbage(String),
+    /// It answered another update than the one in hand.
+    NotItsUpdate {
+        expected: i64,
+        got: i64,
+    },
     /// Output came while it had no update.
     Unasked(String),
+    /// The pool's workers announce readiness; this one wrote something else first.
+    NotReady(String),
     Io(std::io::Error),
 }
 
-/// A conforming answer line.
+/// A line a worker may write.
+#[derive(Debug, PartialEq)]
+enum WorkerLine {
+    /// `{"ready":true}`: it is ready for its first update.
+    Ready,
+    /// The answer to the update with this id.
+    Answer { update_id: i64, answer: Answer },
+}
+
+/// What an answer asks for.
 #[derive(Debug, PartialEq)]
 enum Answer {
     Nothing,
@@ -145,6 +186,7 @@ impl WorkerPool {
             timeout,
             client,
             pass_token,
+            announces: AtomicBool::new(false),
             state: Mutex::new(PoolState {
                 slots: (0..workers.max(1))
                     .map(|_| Slot::Down {
@@ -222,10 +264,14 @@ impl WorkerPool {
         std::thread::Builder::new()
             .name(format!("fly-worker-{index}-log"))
             .spawn(move || {
-                child_io::log_lines_until_end(stderr, |text| match shown.load(Ordering::Relaxed) {
-                    0 => tracing::warn!(worker = index, "[exec] {text}"),
-                    update_id => tracing::warn!(update_id, worker = index, "[exec] {text}"),
-                });
+                child_io::log_lines_until_end(
+                    stderr,
+                    || shown.load(Ordering::Relaxed),
+                    |update_id, text| match update_id {
+                        0 => tracing::warn!(worker = index, "[exec] {text}"),
+                        update_id => tracing::warn!(update_id, worker = index, "[exec] {text}"),
+                    },
+                );
                 drop(done);
             })
             .context("starting a worker's log thread")?;
@@ -240,6 +286,7 @@ impl WorkerPool {
             current,
             logged,
             failures,
+            ready: false,
         })
     }
 
@@ -364,6 +411,12 @@ impl WorkerPool {
     /// status of 126 or 127 (the command cannot be run at all) is a
     /// set-up error, as for `--exec`.
     fn retire(&self, mut worker: Worker, why: &Broken) -> Option<SetupError> {
+        let closed_stdout = matches!(why, Broken::Exited) && worker.still_running();
+        let why = if closed_stdout {
+            &Broken::ClosedStdout
+        } else {
+            why
+        };
         worker.group.kill();
         let status = worker.child.wait().ok();
         worker.group.leader_reaped();
@@ -403,14 +456,13 @@ impl WorkerPool {
         for _ in 0..3 {
             let mut worker = self.check_out()?;
             let deadline = Instant::now() + self.timeout;
-            let result = match worker.check_quiet() {
+            let result = match self.get_ready(&mut worker, deadline) {
                 Err(broken) => Err((broken, false)),
                 Ok(()) => {
                     worker.current.store(update.update_id, Ordering::Relaxed);
                     let exchanged = worker
                         .write_line(&line, deadline)
-                        .and_then(|()| worker.read_line(deadline))
-                        .and_then(|line| parse_answer(&line).map_err(Broken::Garbage));
+                        .and_then(|()| self.read_answer(&mut worker, update.update_id, deadline));
                     exchanged.map_err(|broken| (broken, true))
                 }
             };
@@ -438,6 +490,84 @@ impl WorkerPool {
             "--exec-worker {:?}: the workers keep exiting",
             self.command
         )))
+    }
+
+    /// Before an update is handed over: the worker must still run and have
+    /// said nothing but, at most, its announcement; if the pool's workers
+    /// announce, a fresh one must have done so (waited for until `deadline`).
+    fn get_ready(&self, worker: &mut Worker, deadline: Instant) -> Result<(), Broken> {
+        worker.check_quiet()?;
+        if worker.ready {
+            return Ok(());
+        }
+        if !worker.pending.is_empty() {
+            return self.take_announcement(worker, deadline);
+        }
+        if self.announces.load(Ordering::Relaxed) {
+            return self.take_announcement(worker, deadline);
+        }
+        Ok(())
+    }
+
+    /// Reads the worker's first line, which must be `{"ready":true}`.
+    fn take_announcement(&self, worker: &mut Worker, deadline: Instant) -> Result<(), Broken> {
+        let line = worker.read_line(deadline)?;
+        match parse_line(&line) {
+            Ok(WorkerLine::Ready) => {
+                self.announced(worker);
+                // Anything after the announcement, before an update, is unasked.
+                worker.check_quiet()
+            }
+            _ => Err(Broken::NotReady(shown(&line))),
+        }
+    }
+
+    fn announced(&self, worker: &mut Worker) {
+        worker.ready = true;
+        if !self.announces.swap(true, Ordering::Relaxed) {
+            tracing::debug!(
+                worker = worker.index,
+                "the workers announce {{\"ready\":true}}: fresh ones get no update before"
+            );
+        }
+    }
+
+    /// The worker's answer to update `update_id`: the next line, which must
+    /// name that update (a fresh worker's announcement may come first).
+    fn read_answer(
+        &self,
+        worker: &mut Worker,
+        update_id: i64,
+        deadline: Instant,
+    ) -> Result<Answer, Broken> {
+        loop {
+            let line = worker.read_line(deadline)?;
+            match parse_line(&line).map_err(Broken::Garbage)? {
+                WorkerLine::Ready if !worker.ready => self.announced(worker),
+                WorkerLine::Ready => {
+                    return Err(Broken::Garbage(format!(
+                        "{} again, while it had update {update_id}",
+                        shown(&line)
+                    )));
+                }
+                WorkerLine::Answer {
+                    update_id: answered,
+                    answer,
+                } if answered == update_id => {
+                    worker.ready = true;
+                    return Ok(answer);
+                }
+                WorkerLine::Answer {
+                    update_id: answered,
+                    ..
+                } => {
+                    return Err(Broken::NotItsUpdate {
+                        expected: update_id,
+                        got: answered,
+                    });
+                }
+            }
+        }
     }
 
     /// Starts nothing more; kills the groups of workers with an update in
@@ -574,11 +704,20 @@ fn restart_delay(failures: u32) -> Duration {
 fn describe(broken: &Broken, timeout: Duration) -> String {
     match broken {
         Broken::Exited => "exited".to_string(),
+        Broken::ClosedStdout => "closed its stdout but kept running".to_string(),
         Broken::TimedOut => format!("did not answer within {timeout:?} (--exec-timeout)"),
         Broken::Garbage(why) => format!("broke the protocol ({PROTOCOL}): {why}"),
+        Broken::NotItsUpdate { expected, got } => format!(
+            "answered update {got} while it had update {expected} (a late or extra answer?); \
+             each answer names the update it answers, and only the one in hand is taken"
+        ),
         Broken::Unasked(what) => format!(
-            "wrote to stdout while it had no update ({what}); stdout is for answers only, \
-             log to stderr"
+            "wrote to stdout while it had no update ({what}); stdout is for answers only \
+             (and a first {{\"ready\":true}}), log to stderr"
+        ),
+        Broken::NotReady(what) => format!(
+            "wrote {what} before its first update, where the other workers announce \
+             {{\"ready\":true}}"
         ),
         Broken::Io(error) => format!("could not be talked to: {error}"),
     }
@@ -593,22 +732,31 @@ impl Worker {
             .recv_timeout(deadline.saturating_duration_since(Instant::now()));
     }
 
+    /// Whether the worker still runs a moment after its stdout closed:
+    /// then it closed stdout itself rather than exiting.
+    fn still_running(&self) -> bool {
+        ExitWatch::new(self.child.id())
+            .and_then(|exit| exit.wait_until(Instant::now() + EXIT_AFTER_STDOUT))
+            .is_ok_and(|exited| !exited)
+    }
+
     /// Before an update is sent: the worker must still run and have said
-    /// nothing since its last answer.
+    /// nothing since its last answer but, before its first update, its
+    /// announcement (kept in `pending` for [`WorkerPool::get_ready`]).
     fn check_quiet(&mut self) -> Result<(), Broken> {
-        if !self.pending.is_empty() {
+        let mut fds = [child_io::want(self.stdout.as_raw_fd(), libc::POLLIN)];
+        if child_io::wait(&mut fds, Some(Instant::now())).map_err(Broken::Io)? {
+            let mut buffer = [0u8; 4096];
+            match child_io::read_some(&mut self.stdout, &mut buffer) {
+                Chunk::End => return Err(Broken::Exited),
+                Chunk::Data(read) => self.pending.extend_from_slice(&buffer[..read]),
+                Chunk::Empty => {}
+            }
+        }
+        if !self.pending.is_empty() && (self.ready || !could_be_announcement(&self.pending)) {
             return Err(Broken::Unasked(shown(&self.pending)));
         }
-        let mut fds = [child_io::want(self.stdout.as_raw_fd(), libc::POLLIN)];
-        if !child_io::wait(&mut fds, Some(Instant::now())).map_err(Broken::Io)? {
-            return Ok(());
-        }
-        let mut buffer = [0u8; 4096];
-        match child_io::read_some(&mut self.stdout, &mut buffer) {
-            Chunk::End => Err(Broken::Exited),
-            Chunk::Data(read) => Err(Broken::Unasked(shown(&buffer[..read]))),
-            Chunk::Empty => Ok(()),
-        }
+        Ok(())
     }
 
     fn write_line(&mut self, line: &[u8], deadline: Instant) -> Result<(), Broken> {
@@ -687,12 +835,47 @@ fn shown(bytes: &[u8]) -> String {
     }
 }
 
-/// One answer line, or why it is not one.
-fn parse_answer(line: &[u8]) -> Result<Answer, String> {
+/// Whether what a worker wrote before its first update may be (the start
+/// of) its `{"ready":true}` line: anything else is unasked output.
+fn could_be_announcement(pending: &[u8]) -> bool {
+    match pending.iter().position(|&byte| byte == b'\n') {
+        Some(end) => matches!(parse_line(&pending[..end]), Ok(WorkerLine::Ready)),
+        None => pending.len() < 64 && pending.trim_ascii_start().first() == Some(&b'{'),
+    }
+}
+
+/// One line of a worker, or why it is not one of the protocol's.
+fn parse_line(line: &[u8]) -> Result<WorkerLine, String> {
     let not_an_answer = || format!("got {}", shown(line));
     let Ok(Value::Object(mut object)) = serde_json::from_slice::<Value>(line) else {
         return Err(not_an_answer());
     };
+    if object.len() == 1 && object.get("ready") == Some(&Value::Bool(true)) {
+        return Ok(WorkerLine::Ready);
+    }
+    let update_id = match object.remove("update_id") {
+        Some(Value::Number(number)) => number
+            .as_i64()
+            .ok_or_else(|| format!("update_id {number} is not an update id, in {}", shown(line)))?,
+        Some(other) => {
+            return Err(format!(
+                "update_id must be the update's number as it came, not {other}, in {}",
+                shown(line)
+            ));
+        }
+        None => {
+            return Err(format!(
+                "no update_id in {}: each answer names the update it answers",
+                shown(line)
+            ));
+        }
+    };
+    parse_answer(object, line).map(|answer| WorkerLine::Answer { update_id, answer })
+}
+
+/// What an answer object asks for, `update_id` taken out.
+fn parse_answer(mut object: serde_json::Map<String, Value>, line: &[u8]) -> Result<Answer, String> {
+    let not_an_answer = || format!("got {}", shown(line));
     let reply = object.remove("reply");
     let error = object.remove("error");
     if let Some(key) = object.keys().next() {
@@ -799,46 +982,91 @@ mod tests {
         assert_eq!(compact("{\"a\":\"x\ny\"}"), "{\"a\":\"x\\u000ay\"}\n");
     }
 
+    fn answer(line: &[u8]) -> Result<Answer, String> {
+        match parse_line(line)? {
+            WorkerLine::Answer {
+                update_id: 7,
+                answer,
+            } => Ok(answer),
+            other => Err(format!("not an answer to 7: {other:?}")),
+        }
+    }
+
     #[test]
-    fn answers_are_the_four_shapes_and_nothing_else() {
-        assert_eq!(parse_answer(b"{}"), Ok(Answer::Nothing));
-        assert_eq!(parse_answer(b" { } "), Ok(Answer::Nothing));
+    fn answers_are_the_four_shapes_naming_their_update_and_nothing_else() {
+        assert_eq!(answer(br#"{"update_id":7}"#), Ok(Answer::Nothing));
+        assert_eq!(answer(br#" { "update_id" : 7 } "#), Ok(Answer::Nothing));
         assert_eq!(
-            parse_answer(br#"{"reply":"hi"}"#),
+            answer(br#"{"update_id":7,"reply":"hi"}"#),
             Ok(Answer::Reply(Reply::Text("hi".into())))
         );
-        assert_eq!(parse_answer(br#"{"reply":"  "}"#), Ok(Answer::Nothing));
+        assert_eq!(
+            answer(br#"{"reply":"hi","update_id":7}"#),
+            Ok(Answer::Reply(Reply::Text("hi".into())))
+        );
+        assert_eq!(
+            answer(br#"{"update_id":7,"reply":"  "}"#),
+            Ok(Answer::Nothing)
+        );
         let Ok(Answer::Reply(Reply::Message { msg_type, data })) =
-            parse_answer(br#"{"reply":{"msg_type":"image","data":{"originalUrl":"u"}}}"#)
+            answer(br#"{"update_id":7,"reply":{"msg_type":"image","data":{"originalUrl":"u"}}}"#)
         else {
             panic!("a message reply");
         };
         assert_eq!(msg_type, "image");
         assert_eq!(data["originalUrl"], "u");
         assert_eq!(
-            parse_answer(br#"{"error":"db down"}"#),
+            answer(br#"{"update_id":7,"error":"db down"}"#),
             Ok(Answer::Error("db down".into()))
         );
+        assert_eq!(
+            parse_line(br#"{"update_id":8,"reply":"late"}"#),
+            Ok(WorkerLine::Answer {
+                update_id: 8,
+                answer: Answer::Reply(Reply::Text("late".into()))
+            })
+        );
+        assert_eq!(parse_line(br#"{"ready":true}"#), Ok(WorkerLine::Ready));
         for garbage in [
             &b"hello"[..],
             b"",
             b"[]",
             b"\"reply\"",
-            br#"{"reply":"a","error":"b"}"#,
-            br#"{"replay":"typo"}"#,
-            br#"{"reply":3}"#,
-            br#"{"reply":null}"#,
-            br#"{"error":{}}"#,
-            br#"{"reply":{"msg_type":"text"}}"#,
-            br#"{"reply":{"msg_type":"text","data":{},"x":1}}"#,
-            b"{} {}",
+            b"{}",
+            br#"{"reply":"hi"}"#,
+            br#"{"error":"why"}"#,
+            br#"{"update_id":"7"}"#,
+            br#"{"update_id":7.5}"#,
+            br#"{"update_id":null,"reply":"x"}"#,
+            br#"{"update_id":7,"reply":"a","error":"b"}"#,
+            br#"{"update_id":7,"replay":"typo"}"#,
+            br#"{"update_id":7,"reply":3}"#,
+            br#"{"update_id":7,"reply":null}"#,
+            br#"{"update_id":7,"error":{}}"#,
+            br#"{"update_id":7,"reply":{"msg_type":"text"}}"#,
+            br#"{"update_id":7,"reply":{"msg_type":"text","data":{},"x":1}}"#,
+            br#"{"ready":false}"#,
+            br#"{"ready":true,"update_id":7}"#,
+            br#"{"update_id":7} {}"#,
         ] {
             assert!(
-                parse_answer(garbage).is_err(),
+                answer(garbage).is_err(),
                 "{}",
                 String::from_utf8_lossy(garbage)
             );
         }
+        let no_id = parse_line(br#"{"reply":"hi"}"#).unwrap_err();
+        assert!(no_id.contains("no update_id"), "{no_id}");
+    }
+
+    #[test]
+    fn only_a_ready_line_may_come_before_the_first_update() {
+        assert!(could_be_announcement(b"{\"ready\":true}\n"));
+        assert!(could_be_announcement(b"{\"rea"));
+        assert!(!could_be_announcement(b"{}\n"));
+        assert!(!could_be_announcement(b"{\"reply\":\"banner\"}\n"));
+        assert!(!could_be_announcement(b"starting up"));
+        assert!(!could_be_announcement(&[b'{'; 100]));
     }
 
     #[test]

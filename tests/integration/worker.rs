@@ -23,9 +23,9 @@ use crate::exec::{
 };
 
 /// The text content of the update line in `$line` (ASCII without quotes is
-/// all these tests send).
-const CONTENT_OF_LINE: &str =
-    r#"text=$(printf '%s' "$line" | sed -n 's/.*"content":"\([^"]*\)".*/\1/p')"#;
+/// all these tests send), and its update id, which every answer names.
+const CONTENT_OF_LINE: &str = r#"text=$(printf '%s' "$line" | sed -n 's/.*"content":"\([^"]*\)".*/\1/p')
+id=$(printf '%s' "$line" | sed -n 's/.*"update_id":\([0-9]*\).*/\1/p')"#;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -35,7 +35,8 @@ fn fixture(name: &str) -> PathBuf {
 
 /// Writes a `sh` worker into `dir` that records its process group (its
 /// `$$`: the worker is the leader) in `dir/groups`, then runs `body` once
-/// per update line (in `$line`, its text in `$text`); returns the command.
+/// per update line (in `$line`, its text in `$text`, its id in `$id`);
+/// returns the command.
 fn sh_worker(dir: &Path, body: &str) -> String {
     let script = dir.join("worker.sh");
     std::fs::write(
@@ -256,7 +257,8 @@ fn the_worker_sees_the_update_on_one_line_with_every_token_kept() {
     let worker = sh_worker(
         dir.path(),
         &format!(
-            "printf '%s\\n' \"$line\" >> '{}'; echo 'a note from the worker' >&2; echo '{{}}'",
+            "printf '%s\\n' \"$line\" >> '{}'; echo 'a note from the worker' >&2; \
+             printf '{{\"update_id\":%s}}\n' \"$id\"",
             seen.display()
         ),
     );
@@ -296,7 +298,7 @@ fn a_worker_killed_with_kill_9_mid_run_is_restarted_and_every_message_answered_o
     // workers are killed.
     let worker = sh_worker(
         dir.path(),
-        r#"sleep 0.01; printf '{"reply":"got %s"}\n' "$text""#,
+        r#"sleep 0.01; printf '{"update_id":%s,"reply":"got %s"}\n' "$id" "$text""#,
     );
     let mut service = start_poll_echo(
         &emulator,
@@ -351,9 +353,9 @@ fn a_worker_that_answers_garbage_or_hangs_is_replaced_and_its_update_retried() {
             r#"case "$text" in
             garbage) [ -e '{g}' ] || {{ touch '{g}'; echo 'this is not JSON'; continue; }} ;;
             hang) [ -e '{h}' ] || {{ touch '{h}'; sleep {hang}; }} ;;
-            refuse) [ -e '{r}' ] || {{ touch '{r}'; echo '{{"error":"not yet"}}'; continue; }} ;;
+            refuse) [ -e '{r}' ] || {{ touch '{r}'; printf '{{"update_id":%s,"error":"not yet"}}\n' "$id"; continue; }} ;;
             esac
-            printf '{{"reply":"got %s"}}\n' "$text""#,
+            printf '{{"update_id":%s,"reply":"got %s"}}\n' "$id" "$text""#,
             g = once("garbage.done"),
             h = once("hang.done"),
             r = once("refuse.done"),
@@ -403,7 +405,7 @@ fn stubborn_worker(dir: &Path) -> (String, String) {
     std::fs::write(
         &script,
         format!(
-            "trap '' TERM\necho $$ >> '{groups}'\nwhile IFS= read -r line; do echo '{{\"reply\":\"ok\"}}'; done\nsleep {linger}\n",
+            "trap '' TERM\necho $$ >> '{groups}'\nwhile IFS= read -r line; do {CONTENT_OF_LINE}\nprintf '{{\"update_id\":%s,\"reply\":\"ok\"}}\\n' \"$id\"; done\nsleep {linger}\n",
             groups = dir.join("groups").display()
         ),
     )
@@ -463,7 +465,7 @@ fn a_worker_busy_at_the_grace_deadline_is_killed_and_its_update_comes_again() {
         dir.path(),
         &format!(
             r#"touch '{}'; while [ ! -e '{}' ]; do sleep 0.05; done
-            printf '{{"reply":"got %s"}}\n' "$text""#,
+            printf '{{"update_id":%s,"reply":"got %s"}}\n' "$id" "$text""#,
             busy.display(),
             release.display()
         ),
@@ -501,7 +503,10 @@ fn a_second_signal_stops_at_once_with_130_and_no_worker_left() {
     let busy = dir.path().join("busy");
     let worker = sh_worker(
         dir.path(),
-        &format!("touch '{}'; sleep 1000; echo '{{}}'", busy.display()),
+        &format!(
+            "touch '{}'; sleep 1000; printf '{{\"update_id\":%s}}\n' \"$id\"",
+            busy.display()
+        ),
     );
     let mut service = start_poll_echo(&emulator, dir.path(), &worker, &["--grace", "600"]);
     emulator.user_says("private", "u_1", "hang");
@@ -553,7 +558,7 @@ fn serve_webhook_workers_answer_messages_and_confirm_other_updates_without_them(
     let worker = sh_worker(
         dir.path(),
         &format!(
-            r#"echo "$text" >> '{}'; printf '{{"reply":"got %s"}}\n' "$text""#,
+            r#"echo "$text" >> '{}'; printf '{{"update_id":%s,"reply":"got %s"}}\n' "$id" "$text""#,
             seen.display()
         ),
     );
@@ -597,7 +602,7 @@ fn serve_webhook_gives_a_chats_concurrent_deliveries_to_one_worker_at_a_time() {
         &format!(
             r#"chat=$(printf '%s' "$line" | sed -n 's/.*"id":"\(u_[a-z]*\)".*/\1/p')
             echo "start $chat" >> '{trace}'; sleep 0.05; echo "end $chat" >> '{trace}'
-            echo '{{}}'"#,
+            printf '{{"update_id":%s}}\n' "$id""#,
             trace = trace.display()
         ),
     );
