@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::common::{Emulator, fly, fly_at, stderr_of};
+use crate::exec::{deliver, signed_delivery, start_receiver_with};
 
 /// `fly poll-echo --once` with the handler flags `handler` on the state in `dir`.
 fn poll_once(emulator: &Emulator, dir: &Path, handler: &[&str]) -> std::process::Output {
@@ -97,6 +98,24 @@ fn a_workers_banner_is_never_taken_as_an_answer() {
         assert!(output.status.success(), "{}", stderr_of(&output));
         assert_eq!(texts_per_chat(&emulator), expected, "{banner}");
     }
+}
+
+#[test]
+fn serve_webhook_answers_500_not_200_while_a_workers_banner_breaks_the_protocol() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let worker = sh_worker(dir.path(), r#"echo '{"reply":"banner"}'"#, ANSWER);
+    let (receiver, url) = start_receiver_with(
+        &emulator,
+        0,
+        &dir.path().join("r.db"),
+        &["--exec-worker", &worker, "--concurrency", "2"],
+    );
+    for (update_id, chat) in [(9101, "u_1"), (9102, "u_2"), (9103, "u_3")] {
+        let (status, _) = deliver(&url, &signed_delivery(update_id, chat, "hello"));
+        assert_eq!(status, 500, "{}", receiver.log());
+    }
+    assert_eq!(emulator.sent(), Vec::<Value>::new(), "{}", receiver.log());
 }
 
 #[test]
