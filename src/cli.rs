@@ -67,6 +67,7 @@ impl Cli {
         while let Some((_, sub)) = leaf.subcommand() {
             leaf = sub;
         }
+        refuse_empty_now(leaf)?;
         cli.credentials_on_command_line = [("token", "--token"), ("secrets", "--secret")]
             .into_iter()
             .filter(|(id, _)| {
@@ -79,6 +80,31 @@ impl Cli {
     }
 }
 
+/// `--now ''` is refused: only an empty FLY_NOW_TS means the clock (as in
+/// the platform's script); on the command line it is a mistake, such as an
+/// unset shell variable (`--now "$TS"`).
+fn refuse_empty_now(leaf: &ArgMatches) -> Result<(), clap::Error> {
+    if !leaf.ids().any(|id| id.as_str() == "now")
+        || leaf.value_source("now") != Some(ValueSource::CommandLine)
+    {
+        return Ok(());
+    }
+    let typed = leaf
+        .get_raw("now")
+        .and_then(|mut values| values.next())
+        .map(|value| value.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if !typed.trim().is_empty() {
+        return Ok(());
+    }
+    Err(clap::Error::raw(
+        clap::error::ErrorKind::InvalidValue,
+        format!(
+            "invalid value '{typed}' for '--now <TS>': expected a Unix timestamp in seconds, got an empty value\n"
+        ),
+    ))
+}
+
 /// An `Examples:` section for a command's help, its heading styled as clap
 /// styles its own (the styling is dropped when stdout is not a terminal).
 fn examples(lines: &[&str]) -> StyledStr {
@@ -89,6 +115,44 @@ fn examples(lines: &[&str]) -> StyledStr {
         heading.render_reset(),
         lines.join("\n  ")
     ))
+}
+
+// Bounds of numeric flags whose 0 or huge values would be accepted yet mean
+// nothing; clap refuses a value outside them (exit 2, naming the flag and
+// the range).
+
+/// The replay window of `verify-sig --window` and `serve-webhook --window`:
+/// one range, so a delivery one accepts the other does too. At most a year
+/// (nonces are kept for twice the window).
+fn replay_window_secs() -> clap::builder::RangedU64ValueParser<u64> {
+    clap::value_parser!(u64).range(1..=31_536_000)
+}
+
+/// `serve-webhook --max-body`: below 1 KiB even a bare signed update (about
+/// 200 bytes before any message content) hardly fits, so every delivery would
+/// be 413; a body is held in memory whole, for each of up to
+/// `--max-connections` connections, so 64 MiB (an update is a few KiB) is
+/// the most that makes sense.
+const MIN_BODY_BYTES: u64 = 1024;
+const MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
+
+/// `serve-webhook --max-connections`: each connection is a file descriptor,
+/// and Linux allows a process at most 1048576 of them by default (fs.nr_open).
+const MAX_CONNECTIONS: i64 = 1 << 20;
+
+/// `fetch-media --expire-seconds`: the platform documents only the default
+/// (600, SPEC); the access URLs are meant to be short-lived and fetch-media
+/// downloads at once, so a week (what the emulator accepts) is plenty. 0
+/// would ask for URLs born expired.
+const MAX_EXPIRE_SECONDS: u64 = 7 * 24 * 3600;
+
+/// A count with no upper bound that matters (`poll-echo --max-updates`):
+/// clap's own range would print its upper end as 18446744073709551615.
+fn parse_at_least_one(text: &str) -> Result<u64, String> {
+    match text.trim().parse::<u64>() {
+        Ok(count) if count >= 1 => Ok(count),
+        _ => Err("expected a whole number, 1 or more".into()),
+    }
 }
 
 /// Options every command takes: how much to log, and in which format.
@@ -276,7 +340,8 @@ impl Args for SecretArgs {
 
 /// A unix time in seconds from `--now` or FLY_NOW_TS, read as the platform's
 /// script reads FLY_NOW_TS (`int(value.strip() or time.time())`): spaces
-/// around the number are fine, and an empty value means the clock.
+/// around the number are fine, and an empty FLY_NOW_TS means the clock (an
+/// empty `--now` is refused: see `refuse_empty_now`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UnixTime {
     Clock,
@@ -322,8 +387,8 @@ pub struct VerifySigArgs {
     )]
     pub now: Option<UnixTime>,
 
-    /// Replay window in seconds.
-    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    /// Replay window in seconds (1..=31536000, a year).
+    #[arg(long, default_value_t = 300, value_name = "SECS", value_parser = replay_window_secs())]
     pub window: u64,
 
     /// Check only the signature, not the timestamp (for old captures).
@@ -472,8 +537,8 @@ pub struct PollEchoArgs {
     #[arg(long, default_value_t = 30, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub poll_timeout: u64,
 
-    /// Exit after this many handled updates.
-    #[arg(long, value_name = "N")]
+    /// Exit after this many handled updates (1 or more).
+    #[arg(long, value_name = "N", value_parser = parse_at_least_one)]
     pub max_updates: Option<u64>,
 
     /// Poll once with timeout 0, handle what came, exit.
@@ -608,17 +673,17 @@ pub struct ServeWebhookArgs {
     )]
     pub path: String,
 
-    /// Largest accepted body in bytes.
-    #[arg(long, default_value_t = 1024 * 1024, value_name = "BYTES")]
+    /// Largest accepted body in bytes (1024..=67108864, 64 MiB).
+    #[arg(long, default_value_t = 1024 * 1024, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(MIN_BODY_BYTES..=MAX_BODY_BYTES))]
     pub max_body: u64,
 
     /// Replay window in seconds (timestamps further from now are refused;
-    /// nonces are kept for twice as long). At most a year.
-    #[arg(long, default_value_t = 300, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
+    /// nonces are kept for twice as long): 1..=31536000, a year.
+    #[arg(long, default_value_t = 300, value_name = "SECS", value_parser = replay_window_secs())]
     pub window: u64,
 
-    /// Connections open at once; more wait in the listen backlog.
-    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Connections open at once; more wait in the listen backlog (1..=1048576).
+    #[arg(long, default_value_t = 1024, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=MAX_CONNECTIONS))]
     pub max_connections: u32,
 
     /// Seconds a client gets to send its request headers (slowloris protection).
@@ -708,8 +773,8 @@ pub struct FetchMediaArgs {
     #[arg(long)]
     pub no_fsync: bool,
 
-    /// Lifetime requested for the access URLs.
-    #[arg(long, default_value_t = 600, value_name = "SECS")]
+    /// Lifetime requested for the access URLs (1..=604800, a week).
+    #[arg(long, default_value_t = 600, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=MAX_EXPIRE_SECONDS))]
     pub expire_seconds: u64,
 
     #[command(flatten)]

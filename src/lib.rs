@@ -19,7 +19,7 @@ pub mod exit;
 pub(crate) mod http_client;
 pub(crate) mod http_server;
 pub mod logging;
-pub(crate) mod output;
+pub mod output;
 pub(crate) mod progress;
 pub(crate) mod random;
 pub(crate) mod retry;

@@ -8,6 +8,20 @@ use std::process::ExitCode;
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use fly::{children, cli, commands, exit, logging};
 
+/// Run by the loader before Rust's runtime starts, which would replace a
+/// closed fd 1 with /dev/null and so hide it (see `fly::output`). An ELF
+/// `.init_array` entry, as std itself uses on Linux to capture the
+/// arguments; elsewhere a closed stdout stays unnoticed.
+#[cfg(target_os = "linux")]
+#[used]
+#[unsafe(link_section = ".init_array")]
+static NOTE_STDOUT_AT_EXEC: extern "C" fn() = {
+    extern "C" fn note() {
+        fly::output::note_stdout_at_exec();
+    }
+    note
+};
+
 fn main() -> ExitCode {
     // Whatever way main ends (a result, an error, a panic unwinding), no
     // handler process outlives fly.
@@ -67,9 +81,16 @@ fn print_error_line(message: &str) {
 /// suggestion (`did you mean 'send'?`) and where to read more.
 fn report_usage_error(error: clap::Error) -> ExitCode {
     match error.kind() {
+        // Written like any output: a closed or full stdout is exit 1, a
+        // reader that went away (`fly --help | head -1`) a normal end.
         ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
-            let _ = error.print();
-            exit::code(exit::SUCCESS)
+            match fly::output::check_stdout().and_then(|()| error.print()) {
+                Err(write_error) if write_error.kind() != std::io::ErrorKind::BrokenPipe => {
+                    print_error_line(&format!("writing to stdout: {write_error}"));
+                    exit::code(exit::FAILURE)
+                }
+                _ => exit::code(exit::SUCCESS),
+            }
         }
         ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
             let _ = error.print();

@@ -44,7 +44,11 @@ impl Output {
             }));
         }
         match path {
-            "-" => Ok(Output::Stdout),
+            // Before any request: the file would have nowhere to go.
+            "-" => {
+                crate::output::check_stdout().context("writing to stdout")?;
+                Ok(Output::Stdout)
+            }
             "" => Err(usage("-o needs a path, or - for stdout")),
             path => {
                 let path = PathBuf::from(path);

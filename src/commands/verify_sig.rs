@@ -86,6 +86,7 @@ fn verify_lines(input: &str, verifier: &Verifier) -> anyhow::Result<ExitCode> {
             File::open(input).map_err(|error| usage(format!("cannot read {input}: {error}")))?;
         Box::new(BufReader::with_capacity(1 << 16, file))
     };
+    let stdout = crate::output::stdout().context("writing to stdout")?;
     let workers = thread::available_parallelism().map_or(1, |n| n.get().min(8));
     let slots = workers * 2;
     let (batch_sender, batch_receiver) = mpsc::sync_channel::<LineBatch>(slots);
@@ -115,7 +116,7 @@ fn verify_lines(input: &str, verifier: &Verifier) -> anyhow::Result<ExitCode> {
 
         // Not print_line: a flush per verdict would be a write(2) per line of
         // a stream of millions; the buffer goes out when full and at the end.
-        let mut out = BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+        let mut out = BufWriter::with_capacity(1 << 16, stdout);
         let mut waiting = BTreeMap::new();
         let mut next = 0;
         let mut all_ok = true;

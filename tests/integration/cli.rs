@@ -514,3 +514,174 @@ fn verbose_shows_retry_decisions() {
     assert!(stderr.contains("not retried"), "{stderr}");
     assert_eq!(seen.lock().unwrap().len(), 1);
 }
+
+/// A 0 or huge value that would be accepted yet mean nothing is exit 2,
+/// the flag and its range named; both `--window` flags share one range.
+#[test]
+fn numeric_flags_out_of_range_are_exit_2_naming_the_flag_and_range() {
+    let cases: &[(&[&str], &str, &str)] = &[
+        (
+            &["serve-webhook", "--max-body"],
+            "--max-body <BYTES>",
+            "1024..=67108864",
+        ),
+        (
+            &["serve-webhook", "--max-connections"],
+            "--max-connections <N>",
+            "1..=1048576",
+        ),
+        (
+            &["serve-webhook", "--window"],
+            "--window <SECS>",
+            "1..=31536000",
+        ),
+        (
+            &["verify-sig", "--window"],
+            "--window <SECS>",
+            "1..=31536000",
+        ),
+        (
+            &[
+                "fetch-media",
+                "https://cdn.example/a.png",
+                "--expire-seconds",
+            ],
+            "--expire-seconds <SECS>",
+            "1..=604800",
+        ),
+    ];
+    for (args, flag, range) in cases {
+        for value in ["0", "99999999999"] {
+            let output = fly().args(*args).arg(value).output().unwrap();
+            let line = usage_error(&output);
+            let expected =
+                format!("invalid value '{value}' for '{flag}': {value} is not in {range}");
+            assert!(line.contains(&expected), "{args:?} {value}: {line}");
+        }
+        // The bounds themselves are accepted.
+        let (low, high) = range.split_once("..=").unwrap();
+        for value in [low, high] {
+            let mut words = vec!["fly"];
+            words.extend(*args);
+            words.push(value);
+            assert!(fly::cli::Cli::parse_args_from(&words).is_ok(), "{words:?}");
+        }
+    }
+    let output = fly()
+        .args(["poll-echo", "--max-updates", "0"])
+        .output()
+        .unwrap();
+    let line = usage_error(&output);
+    assert!(
+        line.contains(
+            "invalid value '0' for '--max-updates <N>': expected a whole number, 1 or more"
+        ),
+        "{line}"
+    );
+}
+
+/// An empty `--now` (an unset shell variable) is exit 2, not the clock; an
+/// empty FLY_NOW_TS still means the clock, as in the platform's script.
+#[test]
+fn an_empty_now_is_exit_2_and_an_empty_fly_now_ts_the_clock() {
+    for command in ["verify-sig", "sign", "doctor"] {
+        for now in [&["--now", ""][..], &["--now="], &["--now", " "]] {
+            let output = fly()
+                .arg(command)
+                .args(now)
+                .env("FLY_WEBHOOK_SECRET", "s3cret")
+                .write_stdin(r#"{"update_id":1,"type":"message","message":{}}"#)
+                .output()
+                .unwrap();
+            let line = usage_error(&output);
+            assert!(
+                line.contains(
+                    "for '--now <TS>': expected a Unix timestamp in seconds, got an empty value"
+                ),
+                "{command} {now:?}: {line}"
+            );
+        }
+    }
+    let output = fly()
+        .arg("sign")
+        .env("FLY_WEBHOOK_SECRET", "s3cret")
+        .env("FLY_NOW_TS", "")
+        .write_stdin(r#"{"update_id":1,"type":"message","message":{}}"#)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr_of(&output));
+}
+
+/// `fly ARGS… >&-`: fd 1 closed before fly starts.
+fn with_stdout_closed(args: &[&str], input: &Path) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let mut command = StdCommand::new(fly_path());
+    command
+        .env_clear()
+        .env("FLY_WEBHOOK_SECRET", "s3cret")
+        .env("FLY_BOT_TOKEN", TOKEN)
+        // Nothing listens there: a command that got as far as a request
+        // would fail with another message.
+        .env("FLY_BASE_URL", "http://127.0.0.1:1")
+        .args(args)
+        .stdin(std::fs::File::open(input).unwrap());
+    // SAFETY: close(2) is async-signal-safe, as pre_exec requires.
+    unsafe {
+        command.pre_exec(|| {
+            libc::close(1);
+            Ok(())
+        });
+    }
+    command.output().unwrap()
+}
+
+/// Output to a closed stdout is exit 1 with one line, as to a full one
+/// (/dev/full); a reader that went away (a broken pipe) stays a quiet end.
+#[test]
+fn a_closed_stdout_is_exit_1_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let update = dir.path().join("update.json");
+    std::fs::write(&update, r#"{"update_id":1,"type":"message","message":{}}"#).unwrap();
+    let signed = dir.path().join("signed.json");
+    let output = fly()
+        .args(["sign", "--now", "1700000000"])
+        .env("FLY_WEBHOOK_SECRET", "s3cret")
+        .write_stdin(std::fs::read(&update).unwrap())
+        .output()
+        .unwrap();
+    std::fs::write(&signed, &output.stdout).unwrap();
+    let cases: &[(&[&str], &Path)] = &[
+        (&["sign"], &update),
+        (&["completions", "bash"], &update),
+        (&["man"], &update),
+        (&["verify-sig", "--now", "1700000000"], &signed),
+        (&["verify-sig", "--lines", "--now", "1700000000"], &signed),
+        (&["--version"], &update),
+        (
+            &["fetch-media", "-o", "-", "https://cdn.example/a.png"],
+            &update,
+        ),
+    ];
+    for (args, input) in cases {
+        let output = with_stdout_closed(args, input);
+        let stderr = stderr_of(&output);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr, "fly: error: writing to stdout: Bad file descriptor (os error 9)\n",
+            "{args:?}"
+        );
+    }
+
+    let mut child = StdCommand::new(fly_path())
+        .env_clear()
+        .env("FLY_WEBHOOK_SECRET", "s3cret")
+        .args(["completions", "bash"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr_of(&output));
+    assert_eq!(stderr_of(&output), "");
+}

@@ -215,17 +215,16 @@ fn an_unknown_url_is_exit_1_naming_it_and_the_others_still_land() {
     assert_eq!(files_in(dir.path()), ["known.bin"]);
 }
 
+/// A host answering as the platform does once an access URL has expired
+/// (fetch-media asks for at least 1 s, so a real expiry would take a wait).
 #[test]
 fn an_expired_access_url_is_exit_1_and_leaves_no_file() {
-    let emulator = Emulator::start();
-    register(&emulator, "https://cdn.example/soon-gone.bin", 100);
+    let host = MediaHost::start(|_, stream| {
+        let body = br#"{"code":0,"msg":"access URL expired"}"#;
+        respond(stream, "403 Forbidden", &[], body);
+    });
     let dir = tempfile::tempdir().unwrap();
-    let output = fly_at(&emulator)
-        .args(["fetch-media", "--expire-seconds", "0", "--dir"])
-        .arg(dir.path())
-        .arg("https://cdn.example/soon-gone.bin")
-        .output()
-        .unwrap();
+    let output = host.fetch(&["https://cdn.example/soon-gone.bin"], dir.path());
     assert_eq!(output.status.code(), Some(1));
     let stderr = stderr_of(&output);
     assert!(
