@@ -173,7 +173,7 @@ impl fmt::Display for Fault {
                 f,
                 "is not a TLS server (rediss:// against a plain server?): {how}"
             ),
-            Fault::Tls(why) => write!(f, "refused TLS: {why}"),
+            Fault::Tls(why) => write!(f, "failed the TLS handshake: {why}"),
             Fault::Corrupt(what) => {
                 write!(f, "sent {what}: not a Redis server, or a corrupt reply")
             }
