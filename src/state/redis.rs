@@ -139,6 +139,10 @@ return 0
 /// Claims given back in one call at most: under load, what queued while
 /// the previous call was on its way.
 const RELEASE_BATCH: usize = 512;
+/// Claims that could not be given back for want of the server are tried
+/// again this often, this many times; then they lapse by themselves.
+const RELEASE_RETRY_EVERY: Duration = Duration::from_secs(1);
+const RELEASE_TRIES: u32 = 30;
 
 /// Renews the lease if it is still ours. KEYS: lease. ARGV: token, lease ms.
 static RENEW: LazyLock<Script> = LazyLock::new(|| {
@@ -775,8 +779,15 @@ impl RedisStore {
 /// The release thread: gives claims back, those queued together in one call,
 /// until the store is dropped (and what is queued then is given back).
 fn release_claims(core: &Core, keys: &Keys, queued: &mpsc::Receiver<(i64, u64)>) {
-    while let Ok(first) = queued.recv() {
-        let mut batch = vec![first];
+    let mut batch = Vec::new();
+    let mut tries = 0;
+    loop {
+        if batch.is_empty() {
+            match queued.recv() {
+                Ok(first) => batch.push(first),
+                Err(_) => return,
+            }
+        }
         while batch.len() < RELEASE_BATCH {
             match queued.try_recv() {
                 Ok(next) => batch.push(next),
@@ -792,9 +803,19 @@ fn release_claims(core: &Core, keys: &Keys, queued: &mpsc::Receiver<(i64, u64)>)
             }
             invocation.invoke::<i64>(connection)
         });
-        if let Err(error) = given_back {
-            // They lapse by themselves after their lease.
-            tracing::debug!(claims = batch.len(), "claims not given back: {error:#}");
+        match given_back {
+            Err(error) if crate::state::is_unavailable(&error) && tries + 1 < RELEASE_TRIES => {
+                tries += 1;
+                std::thread::sleep(RELEASE_RETRY_EVERY);
+            }
+            result => {
+                if let Err(error) = result {
+                    // They lapse by themselves after their lease.
+                    tracing::debug!(claims = batch.len(), "claims not given back: {error:#}");
+                }
+                batch.clear();
+                tries = 0;
+            }
         }
     }
 }
@@ -1227,18 +1248,28 @@ impl Store for RedisStore {
         let nonce_ttl = delivery.window_secs.saturating_mul(2).max(1);
         let lease_ms = delivery.lease.as_millis().max(1) as u64;
         let update_key = update_id.to_string();
-        let answer = self.call(|connection| {
-            ADMIT
-                .key(&handled)
-                .key(&nonce)
-                .key(&claim)
-                .arg(&update_key)
-                .arg(has_nonce)
-                .arg(nonce_ttl)
-                .arg(token.to_string())
-                .arg(lease_ms)
-                .invoke::<String>(connection)
-        })?;
+        let answer = self
+            .call(|connection| {
+                ADMIT
+                    .key(&handled)
+                    .key(&nonce)
+                    .key(&claim)
+                    .arg(&update_key)
+                    .arg(has_nonce)
+                    .arg(nonce_ttl)
+                    .arg(token.to_string())
+                    .arg(lease_ms)
+                    .invoke::<String>(connection)
+            })
+            .inspect_err(|error| {
+                // The script may have run and its answer been lost (a
+                // timeout): a claim taken then would hold the update (409)
+                // until it lapses. Given back by its token, it is this
+                // admission's or nobody's.
+                if crate::state::is_unavailable(error) {
+                    let _ = self.release_update(Claim { update_id, token });
+                }
+            })?;
         Ok(match answer.as_str() {
             "duplicate" => Admission::Duplicate,
             "nonce_reused" => Admission::NonceReused,
