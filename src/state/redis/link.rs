@@ -678,3 +678,60 @@ impl ConnectionLike for Link {
         !self.broken
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redis::IntoConnectionInfo;
+
+    #[test]
+    fn durations_are_said_in_seconds() {
+        assert_eq!(seconds(Duration::from_secs(2)), "2 s");
+        assert_eq!(seconds(Duration::from_millis(500)), "0.5 s");
+    }
+
+    #[test]
+    fn a_database_below_zero_is_no_target() {
+        for url in ["redis://h:6379/-1", "redis+unix:///run/r.sock?db=-2"] {
+            let info = url.into_connection_info().unwrap();
+            let why = Target::new(&info).err().expect(url);
+            assert!(why.contains("0 or more"), "{why}");
+        }
+        let info = "redis://h:6379/3".into_connection_info().unwrap();
+        assert_eq!(Target::new(&info).unwrap().db, 3);
+    }
+
+    /// A reply is read only up to the cap, however much the peer sends.
+    #[test]
+    fn a_reply_over_the_cap_fails_the_call() {
+        let (mine, mut peer) = UnixStream::pair().unwrap();
+        let sender = std::thread::spawn(move || {
+            let _ = peer.write_all(b"$999999999999\r\n");
+            let chunk = vec![b'x'; 64 * 1024];
+            while peer.write_all(&chunk).is_ok() {}
+        });
+        let budget = Duration::from_secs(5);
+        let mut link = Link {
+            stream: Stream::Plain(Socket {
+                inner: Inner::Unix(mine),
+                deadline: Instant::now() + budget,
+                budget,
+                interruptible: false,
+                stopped: None,
+            }),
+            parser: Parser::new(),
+            db: 0,
+            fault: None,
+            broken: false,
+        };
+        let error = redis::cmd("GET")
+            .arg("k")
+            .query::<String>(&mut link)
+            .unwrap_err();
+        let fault = link.fault_of(error);
+        assert!(matches!(fault, Fault::Corrupt(_)), "{fault:?}");
+        assert!(!link.is_usable());
+        drop(link);
+        sender.join().unwrap();
+    }
+}
