@@ -31,7 +31,15 @@ use crate::retry::RetryPolicy;
 pub use crate::output::{print_line, write_stdout};
 
 pub fn run(command: Command) -> anyhow::Result<ExitCode> {
-    dispatch(command).map_err(in_command_line_words)
+    match dispatch(command) {
+        // A stop signal before there was anything to stop: a clean stop, as
+        // the first SIGINT/SIGTERM is anywhere else (exit 0).
+        Err(error) if cause::<crate::state::Interrupted>(&error).is_some() => {
+            tracing::info!("{error:#}: stopped");
+            Ok(crate::exit::code(crate::exit::SUCCESS))
+        }
+        result => result.map_err(in_command_line_words),
+    }
 }
 
 /// Typed errors from the layers below, said in the words of the command

@@ -116,6 +116,19 @@ impl std::fmt::Display for Unavailable {
 
 impl std::error::Error for Unavailable {}
 
+/// A stop signal (SIGINT, SIGTERM) came while the store was being opened:
+/// nothing was done, and the command stops as it would have a moment later.
+#[derive(Debug)]
+pub struct Interrupted(pub String);
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
 /// The error of a fenced write by a poller that no longer holds the
 /// polling lease: another poller may have taken over, so nothing is written.
 #[derive(Debug)]

@@ -23,14 +23,18 @@
 //!   renewed every third of its time by a thread of its own; when renewals
 //!   fail for the whole lease time, or find it taken, the lease is lost and
 //!   the poll loop stands by again.
-//! - **Outages.** Every call has a connect, read and write timeout. A call
+//! - **Outages.** Every call as a whole (connecting included) ends within
+//!   its time, whatever the server drips, and no reply is read past a cap
+//!   (`link.rs`: the `redis` crate's own connection bounds neither). A call
 //!   that fails for want of the server is an [`Unavailable`] error (503 for
 //!   a webhook delivery; a poller pauses); the first one of an outage is
 //!   logged, and so is the first success after it. A thread pings the server
 //!   every second (four times a second while it is down), so `GET /readyz`
 //!   follows the server even when no delivery comes, and while it is down a
 //!   delivery is answered 503 at once, without waiting for a timeout.
-//!   Nothing is marked handled unless the mark reached the server.
+//!   Nothing is marked handled unless the mark reached the server. A peer
+//!   that answers with something else than Redis (a reply over the cap,
+//!   bytes that are not RESP, plain text to `rediss://`) is an outage too.
 //! - **No blocking on async threads.** `try_admit` answers only "unavailable"
 //!   (from memory); everything else runs on the caller's blocking thread,
 //!   and a claim given back from a drop (a client that disconnected) goes to
@@ -43,13 +47,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
 use redis::{
-    Connection, ErrorKind, IntoConnectionInfo, RedisError, RedisResult, Script, ServerErrorKind,
+    ErrorKind, IntoConnectionInfo, RedisError, RedisResult, Script, ServerErrorKind, Value,
 };
 use serde_json::json;
 
+mod link;
+
+use link::{Fault, Link, Target};
+
 use super::{
-    Admission, BotIdentity, Claim, DEFAULT_RETENTION, DeadLetter, Delivery, LeaseLost, LeaseWatch,
-    NonceCheck, Pending, PollingLease, StateRefused, Store, Unavailable,
+    Admission, BotIdentity, Claim, DEFAULT_RETENTION, DeadLetter, Delivery, Interrupted, LeaseLost,
+    LeaseWatch, NonceCheck, Pending, PollingLease, StateRefused, Store, Unavailable,
 };
 use crate::clock::unix_now;
 use crate::retry::RetryPolicy;
@@ -60,10 +68,9 @@ use crate::sync::lock;
 /// How long the polling lease lasts without renewal (`--lease`).
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
 
-/// Connecting (TCP, TLS, AUTH, SELECT) gives up after this long.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// A call whose request cannot be written, or whose answer does not come,
-/// within this long fails (and its connection is dropped).
+/// A call — connecting (TCP, TLS, AUTH, SELECT) if it needs a new
+/// connection, writing the request, reading the whole answer — that has not
+/// ended after this long fails (and its connection is dropped).
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// The health watch's ping fails after this long (its own connection).
 const PING_TIMEOUT: Duration = Duration::from_millis(500);
@@ -132,6 +139,10 @@ return 0
 /// Claims given back in one call at most: under load, what queued while
 /// the previous call was on its way.
 const RELEASE_BATCH: usize = 512;
+/// Claims that could not be given back for want of the server are tried
+/// again this often, this many times; then they lapse by themselves.
+const RELEASE_RETRY_EVERY: Duration = Duration::from_secs(1);
+const RELEASE_TRIES: u32 = 30;
 
 /// Renews the lease if it is still ours. KEYS: lease. ARGV: token, lease ms.
 static RENEW: LazyLock<Script> = LazyLock::new(|| {
@@ -187,14 +198,53 @@ return 0
     )
 });
 
-/// Every dead letter in order. KEYS: dead, dead:order.
-static LIST_DEAD: LazyLock<Script> = LazyLock::new(|| {
+/// Dead letters are read this many bytes at a time at most (see
+/// [`link::MAX_REPLY_BYTES`]): a page holds the letters that fit, and a
+/// letter larger than a page comes in pieces.
+const DEAD_PAGE_BYTES: usize = 1024 * 1024;
+
+/// A page of dead letters, in order. KEYS: dead, dead:order. ARGV: the
+/// first letter's place in the order, the first byte of it to send, the
+/// page's size in bytes. Returns the place and byte to go on from (-1 when
+/// done), then each letter's place and bytes (a piece of the last, when it
+/// does not fit).
+static LIST_DEAD_PAGE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local order = redis.call('LRANGE', KEYS[2], 0, -1)
-local letters = {}
-for i, sha in ipairs(order) do letters[i] = redis.call('HGET', KEYS[1], sha) or '' end
-return letters
+local place, from, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local page = {-1, 0}
+for _, sha in ipairs(redis.call('LRANGE', KEYS[2], place, -1)) do
+  if budget <= 0 then
+    page[1] = place
+    return page
+  end
+  local letter = redis.call('HGET', KEYS[1], sha) or ''
+  local piece = string.sub(letter, from + 1, from + budget)
+  page[#page + 1] = place
+  page[#page + 1] = piece
+  if from + #piece < #letter then
+    page[1], page[2] = place, from + #piece
+    return page
+  end
+  budget = budget - #piece
+  place, from = place + 1, 0
+end
+return page
+",
+    )
+});
+
+/// Writes this bot's identity in `meta`, unless it names another bot: then
+/// returns the field that differs and its value. KEYS: meta. ARGV: base
+/// URL, token fingerprint.
+static CLAIM_META: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local stored = redis.call('HMGET', KEYS[1], 'base_url', 'token_fingerprint')
+if stored[1] and stored[1] ~= ARGV[1] then return {'base_url', stored[1]} end
+if stored[2] and stored[2] ~= ARGV[2] then return {'token_fingerprint', ''} end
+redis.call('HSET', KEYS[1], 'base_url', ARGV[1], 'token_fingerprint', ARGV[2])
+return {}
 ",
     )
 });
@@ -360,13 +410,13 @@ impl Health {
 
     /// A call failed for want of the server: the start of an outage is
     /// logged once.
-    fn failed(&self, shown: &str, error: &RedisError) {
+    fn failed(&self, shown: &str, error: &Fault) {
         let mut since = lock(&self.down_since);
         if since.is_none() {
             *since = Some(Instant::now());
             self.up.store(false, Ordering::SeqCst);
             tracing::warn!(
-                "state store {shown} unreachable ({error}): webhook deliveries are answered \
+                "state store {shown} {error}: webhook deliveries are answered \
                  503 and polling pauses meanwhile"
             );
         }
@@ -413,74 +463,68 @@ impl StopFlag {
 
 /// The connections, shared with the store's threads.
 struct Core {
-    client: redis::Client,
+    target: Target,
     /// The server's URL without credentials, for log lines and errors.
     shown: String,
-    idle: Mutex<Vec<Connection>>,
+    idle: Mutex<Vec<Link>>,
     health: Health,
 }
 
 impl Core {
-    fn connect(&self) -> RedisResult<Connection> {
-        let connection = self.client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
-        connection.set_read_timeout(Some(CALL_TIMEOUT))?;
-        connection.set_write_timeout(Some(CALL_TIMEOUT))?;
-        Ok(connection)
+    /// Runs `call` on an idle connection (or a new one), all of it within
+    /// [`CALL_TIMEOUT`]. A connection that the server closed since its last
+    /// use (a restart, an idle timeout) is replaced and the call made once
+    /// more, in the time left: its request never reached a server that could
+    /// act on it. Timeouts are not retried.
+    fn call<T>(&self, call: impl Fn(&mut Link) -> RedisResult<T>) -> anyhow::Result<T> {
+        self.call_within(CALL_TIMEOUT, call)
+            .map_err(|fault| self.failed(fault))
     }
 
-    /// Runs `call` on an idle connection (or a new one). A connection that
-    /// the server closed since its last use (a restart, an idle timeout) is
-    /// replaced and the call made once more: its request never reached a
-    /// server that could act on it. Timeouts are not retried.
-    fn call<T>(&self, call: impl Fn(&mut Connection) -> RedisResult<T>) -> anyhow::Result<T> {
+    fn call_within<T>(
+        &self,
+        budget: Duration,
+        call: impl Fn(&mut Link) -> RedisResult<T>,
+    ) -> Result<T, Fault> {
+        let deadline = Instant::now() + budget;
         let idle = lock(&self.idle).pop();
         let reused = idle.is_some();
-        let mut connection = match idle {
-            Some(connection) => connection,
-            None => self.connect().map_err(|error| self.failed(error))?,
+        let mut link = match idle {
+            Some(link) => link,
+            None => Link::open(&self.target, deadline, budget, false)?,
         };
-        let mut result = call(&mut connection);
-        if reused
-            && let Err(error) = &result
-            && error.is_connection_dropped()
-            && !error.is_timeout()
-        {
-            connection = self.connect().map_err(|error| self.failed(error))?;
-            result = call(&mut connection);
+        link.begin(deadline, budget);
+        let mut result = call(&mut link).map_err(|error| link.fault_of(error));
+        if reused && result.as_ref().is_err_and(Fault::is_stale) {
+            link = Link::open(&self.target, deadline, budget, false)?;
+            link.begin(deadline, budget);
+            result = call(&mut link).map_err(|error| link.fault_of(error));
         }
-        match result {
-            Ok(value) => {
-                self.keep(connection);
-                self.health.answered(&self.shown);
-                Ok(value)
-            }
-            Err(error) => {
-                // After a server's error reply the connection is in step;
-                // after anything else it may not be.
-                if matches!(error.kind(), ErrorKind::Server(_) | ErrorKind::Extension) {
-                    self.keep(connection);
-                }
-                Err(self.failed(error))
-            }
+        // After a server's error reply the connection is in step; after
+        // anything else it may not be.
+        if link.is_usable() {
+            self.keep(link);
         }
+        if result.is_ok() {
+            self.health.answered(&self.shown);
+        }
+        result
     }
 
-    fn keep(&self, connection: Connection) {
+    fn keep(&self, link: Link) {
         let mut idle = lock(&self.idle);
         if idle.len() < IDLE_CONNECTIONS {
-            idle.push(connection);
+            idle.push(link);
         }
     }
 
-    fn failed(&self, error: RedisError) -> anyhow::Error {
-        if is_outage(&error) {
-            self.health.failed(&self.shown, &error);
-            anyhow::Error::new(Unavailable(format!(
-                "state store {} unreachable: {error}",
-                self.shown
-            )))
+    fn failed(&self, fault: Fault) -> anyhow::Error {
+        let said = format!("state store {} {fault}", self.shown);
+        if fault.is_outage() {
+            self.health.failed(&self.shown, &fault);
+            anyhow::Error::new(Unavailable(said))
         } else {
-            anyhow!("state store {}: {error}", self.shown)
+            anyhow!(said)
         }
     }
 
@@ -537,12 +581,14 @@ impl RedisStore {
             )))
         };
         let info = url.trim().into_connection_info().map_err(not_usable)?;
-        // No CLIENT SETINFO after connecting: one round trip (and, with a
-        // server that hangs, one timeout) less per connection.
-        let settings = info.redis_settings().clone().set_skip_set_lib_name();
-        let client = redis::Client::open(info.set_redis_settings(settings)).map_err(not_usable)?;
+        let target = Target::new(&info).map_err(|why| {
+            StateRefused::Unusable(format!(
+                "{shown} is not a usable Redis URL ({why}); expected \
+                 redis://[user:pass@]host:port[/db], rediss://… or redis+unix:///path"
+            ))
+        })?;
         let core = Arc::new(Core {
-            client,
+            target,
             shown,
             idle: Mutex::new(Vec::new()),
             health: Health::new(),
@@ -551,23 +597,46 @@ impl RedisStore {
         let meta = keys.key("meta");
         let base_url = without_userinfo(&identity.base_url);
         // The first call, outside `call`: a server that cannot be reached
-        // now is this one error, not the start of an outage.
-        let opened = core.connect().and_then(|mut connection| {
-            redis::cmd("HSET")
-                .arg(&meta)
-                .arg("base_url")
+        // now is this one error, not the start of an outage; and a signal
+        // (SIGTERM from a service manager) ends it at once.
+        let deadline = Instant::now() + CALL_TIMEOUT;
+        let opened = Link::open(&core.target, deadline, CALL_TIMEOUT, true).and_then(|mut link| {
+            let other = CLAIM_META
+                .key(&meta)
                 .arg(&base_url)
-                .query::<i64>(&mut connection)?;
-            Ok(connection)
+                .arg(&identity.token_fingerprint)
+                .invoke::<Vec<String>>(&mut link)
+                .map_err(|error| link.fault_of(error))?;
+            Ok((link, other))
         });
         match opened {
-            Ok(connection) => core.keep(connection),
-            Err(error) if is_outage(&error) => {
-                return Err(anyhow!("state store {} unreachable: {error}", core.shown));
+            Ok((link, other)) => {
+                core.keep(link);
+                // As for a state file: another bot's state is not touched.
+                let other = match other.first().map(String::as_str) {
+                    None => None,
+                    Some("base_url") => Some(format!(
+                        "the bot at {}",
+                        other.get(1).map_or("", String::as_str)
+                    )),
+                    Some(_) => Some("a bot with another token".to_string()),
+                };
+                if let Some(other) = other {
+                    return Err(StateRefused::Foreign(format!(
+                        "state store {} holds {meta} of {other}",
+                        core.shown
+                    ))
+                    .into());
+                }
             }
-            Err(error) => {
-                return Err(anyhow!("state store {}: {error}", core.shown));
+            Err(Fault::Interrupted) => {
+                return Err(Interrupted(format!(
+                    "interrupted by a signal while connecting to the state store {}",
+                    core.shown
+                ))
+                .into());
             }
+            Err(fault) => return Err(anyhow!("state store {} {fault}", core.shown)),
         }
 
         let stop = StopFlag::new();
@@ -607,7 +676,7 @@ impl RedisStore {
         self
     }
 
-    fn call<T>(&self, call: impl Fn(&mut Connection) -> RedisResult<T>) -> anyhow::Result<T> {
+    fn call<T>(&self, call: impl Fn(&mut Link) -> RedisResult<T>) -> anyhow::Result<T> {
         self.core.call(call)
     }
 
@@ -710,8 +779,15 @@ impl RedisStore {
 /// The release thread: gives claims back, those queued together in one call,
 /// until the store is dropped (and what is queued then is given back).
 fn release_claims(core: &Core, keys: &Keys, queued: &mpsc::Receiver<(i64, u64)>) {
-    while let Ok(first) = queued.recv() {
-        let mut batch = vec![first];
+    let mut batch = Vec::new();
+    let mut tries = 0;
+    loop {
+        if batch.is_empty() {
+            match queued.recv() {
+                Ok(first) => batch.push(first),
+                Err(_) => return,
+            }
+        }
         while batch.len() < RELEASE_BATCH {
             match queued.try_recv() {
                 Ok(next) => batch.push(next),
@@ -727,9 +803,19 @@ fn release_claims(core: &Core, keys: &Keys, queued: &mpsc::Receiver<(i64, u64)>)
             }
             invocation.invoke::<i64>(connection)
         });
-        if let Err(error) = given_back {
-            // They lapse by themselves after their lease.
-            tracing::debug!(claims = batch.len(), "claims not given back: {error:#}");
+        match given_back {
+            Err(error) if crate::state::is_unavailable(&error) && tries + 1 < RELEASE_TRIES => {
+                tries += 1;
+                std::thread::sleep(RELEASE_RETRY_EVERY);
+            }
+            result => {
+                if let Err(error) = result {
+                    // They lapse by themselves after their lease.
+                    tracing::debug!(claims = batch.len(), "claims not given back: {error:#}");
+                }
+                batch.clear();
+                tries = 0;
+            }
         }
     }
 }
@@ -795,7 +881,7 @@ impl Renewer {
 /// Pings the server so that its health is known without traffic, on a
 /// connection of its own with a short timeout.
 fn watch_health(core: &Core, stop: &StopFlag) {
-    let mut connection: Option<Connection> = None;
+    let mut connection: Option<Link> = None;
     loop {
         let every = if core.health.is_up() {
             WATCH_EVERY
@@ -805,25 +891,26 @@ fn watch_health(core: &Core, stop: &StopFlag) {
         if stop.wait(every) {
             return;
         }
-        let pinged = match connection.as_mut() {
-            Some(connection) => redis::cmd("PING").query::<String>(connection),
-            None => core
-                .client
-                .get_connection_with_timeout(PING_TIMEOUT)
-                .and_then(|mut fresh| {
-                    fresh.set_read_timeout(Some(PING_TIMEOUT))?;
-                    fresh.set_write_timeout(Some(PING_TIMEOUT))?;
-                    let answer = redis::cmd("PING").query::<String>(&mut fresh);
-                    connection = Some(fresh);
-                    answer
-                }),
+        let deadline = Instant::now() + PING_TIMEOUT;
+        let link = match connection.take() {
+            Some(link) => Ok(link),
+            None => Link::open(&core.target, deadline, PING_TIMEOUT, false),
         };
+        let pinged = link.and_then(|mut link| {
+            link.begin(deadline, PING_TIMEOUT);
+            match redis::cmd("PING").query::<String>(&mut link) {
+                Ok(_) => {
+                    connection = Some(link);
+                    Ok(())
+                }
+                Err(error) => Err(link.fault_of(error)),
+            }
+        });
         match pinged {
-            Ok(_) => core.health.answered(&core.shown),
-            Err(error) => {
-                connection = None;
-                if is_outage(&error) {
-                    core.health.failed(&core.shown, &error);
+            Ok(()) => core.health.answered(&core.shown),
+            Err(fault) => {
+                if fault.is_outage() {
+                    core.health.failed(&core.shown, &fault);
                 }
             }
         }
@@ -845,9 +932,28 @@ impl Store for RedisStore {
 
     fn next_offset(&self) -> anyhow::Result<i64> {
         let key = self.keys.key("offset");
-        let offset =
-            self.call(|connection| redis::cmd("GET").arg(&key).query::<Option<i64>>(connection))?;
-        Ok(offset.unwrap_or(0))
+        let offset = self.call(|connection| {
+            redis::cmd("GET")
+                .arg(&key)
+                .query::<Option<String>>(connection)
+        })?;
+        let Some(offset) = offset else {
+            return Ok(0);
+        };
+        // fly writes only whole numbers from 0 up: anything else was put
+        // there by something else, and polling from it would be a guess.
+        match offset.parse::<i64>() {
+            Ok(number) if number >= 0 => Ok(number),
+            _ => {
+                let shown: String = offset.chars().take(40).collect();
+                Err(anyhow!(
+                    "state store {} holds a poll offset that is not one ({key} = {shown:?}: \
+                     an offset is a whole number, 0 or more); set it right, or delete the \
+                     key to start from what the platform still holds",
+                    self.core.shown
+                ))
+            }
+        }
     }
 
     fn advance_offset(&self, next_offset: i64) -> anyhow::Result<()> {
@@ -980,15 +1086,51 @@ impl Store for RedisStore {
 
     fn dead_letters(&self) -> anyhow::Result<Vec<DeadLetter>> {
         let (dead, order) = (self.keys.key("dead"), self.keys.key("dead:order"));
-        let letters = self.call(|connection| {
-            LIST_DEAD
-                .key(&dead)
-                .key(&order)
-                .invoke::<Vec<String>>(connection)
-        })?;
+        // Each letter's place in the order and its bytes, read a page at a time.
+        let mut letters: Vec<(i64, Vec<u8>)> = Vec::new();
+        let (mut place, mut from) = (0i64, 0i64);
+        while place >= 0 {
+            let page = self.call(|connection| {
+                LIST_DEAD_PAGE
+                    .key(&dead)
+                    .key(&order)
+                    .arg(place)
+                    .arg(from)
+                    .arg(DEAD_PAGE_BYTES)
+                    .invoke::<Vec<Value>>(connection)
+            })?;
+            let unexpected = || {
+                anyhow!(
+                    "state store {}: unexpected page of dead letters",
+                    self.core.shown
+                )
+            };
+            let mut values = page.into_iter();
+            let number = |value: Option<Value>| -> anyhow::Result<i64> {
+                redis::from_redis_value::<i64>(value.ok_or_else(unexpected)?)
+                    .map_err(|_| unexpected())
+            };
+            let (next_place, next_from) = (number(values.next())?, number(values.next())?);
+            while let Some(at) = values.next() {
+                let at = number(Some(at))?;
+                let piece =
+                    redis::from_redis_value::<Vec<u8>>(values.next().ok_or_else(unexpected)?)
+                        .map_err(|_| unexpected())?;
+                match letters.last_mut() {
+                    Some((last, bytes)) if *last == at => bytes.extend_from_slice(&piece),
+                    _ => letters.push((at, piece)),
+                }
+            }
+            if next_place >= 0 && (next_place, next_from) <= (place, from) {
+                // A page that does not move on (the letters changed meanwhile).
+                return Err(unexpected());
+            }
+            (place, from) = (next_place, next_from);
+        }
         Ok(letters
             .iter()
-            .filter_map(|text| {
+            .filter_map(|(_, bytes)| {
+                let text = std::str::from_utf8(bytes).ok()?;
                 let value: serde_json::Value = serde_json::from_str(text).ok()?;
                 Some(DeadLetter {
                     update_id: value["update_id"].as_i64(),
@@ -1106,18 +1248,28 @@ impl Store for RedisStore {
         let nonce_ttl = delivery.window_secs.saturating_mul(2).max(1);
         let lease_ms = delivery.lease.as_millis().max(1) as u64;
         let update_key = update_id.to_string();
-        let answer = self.call(|connection| {
-            ADMIT
-                .key(&handled)
-                .key(&nonce)
-                .key(&claim)
-                .arg(&update_key)
-                .arg(has_nonce)
-                .arg(nonce_ttl)
-                .arg(token.to_string())
-                .arg(lease_ms)
-                .invoke::<String>(connection)
-        })?;
+        let answer = self
+            .call(|connection| {
+                ADMIT
+                    .key(&handled)
+                    .key(&nonce)
+                    .key(&claim)
+                    .arg(&update_key)
+                    .arg(has_nonce)
+                    .arg(nonce_ttl)
+                    .arg(token.to_string())
+                    .arg(lease_ms)
+                    .invoke::<String>(connection)
+            })
+            .inspect_err(|error| {
+                // The script may have run and its answer been lost (a
+                // timeout): a claim taken then would hold the update (409)
+                // until it lapses. Given back by its token, it is this
+                // admission's or nobody's.
+                if crate::state::is_unavailable(error) {
+                    let _ = self.release_update(Claim { update_id, token });
+                }
+            })?;
         Ok(match answer.as_str() {
             "duplicate" => Admission::Duplicate,
             "nonce_reused" => Admission::NonceReused,
