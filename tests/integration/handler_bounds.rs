@@ -24,6 +24,23 @@ fn poll_once(emulator: &Emulator, dir: &Path, handler: &[&str]) -> std::process:
         .unwrap()
 }
 
+/// `fly poll-echo` until `updates` are handled, one worker (`worker`) at a time.
+fn poll_with_one_worker(
+    emulator: &Emulator,
+    dir: &Path,
+    updates: usize,
+    worker: &str,
+) -> std::process::Output {
+    fly_at(emulator)
+        .args(["poll-echo", "--poll-timeout", "1"])
+        .args(["--max-updates", &updates.to_string()])
+        .args(["--concurrency", "1", "--exec-worker", worker, "--state"])
+        .arg(dir.join("s.db"))
+        .timeout(Duration::from_secs(90))
+        .output()
+        .unwrap()
+}
+
 /// A `sh` worker: `start` once, then `body` per update line, with the
 /// update's id in `$id`, its text in `$text` and its chat in `$chat`.
 fn sh_worker(dir: &Path, start: &str, body: &str) -> String {
@@ -130,13 +147,7 @@ fn a_workers_late_second_line_never_reaches_the_next_user() {
         (sleep 0.1; printf '{{"update_id":%s,"reply":"private answer for %s"}}\n' "$id" "$chat") &"#
     );
     let worker = sh_worker(dir.path(), "", &late);
-    let output = fly_at(&emulator)
-        .args(["poll-echo", "--poll-timeout", "1", "--max-updates", "6"])
-        .args(["--concurrency", "1", "--exec-worker", &worker, "--state"])
-        .arg(dir.path().join("s.db"))
-        .timeout(Duration::from_secs(90))
-        .output()
-        .unwrap();
+    let output = poll_with_one_worker(&emulator, dir.path(), 6, &worker);
     let log = stderr_of(&output);
     assert!(output.status.success(), "{log}");
     assert_eq!(texts_per_chat(&emulator), expected, "{log}");
@@ -184,13 +195,7 @@ print(json.dumps({"update_id": update["update_id"], "reply": said}), flush=True)
         emulator.user_says("private", "u_1", text);
     }
     let worker = format!("python3 '{}'", script.display());
-    let output = fly_at(&emulator)
-        .args(["poll-echo", "--poll-timeout", "1", "--max-updates", "3"])
-        .args(["--concurrency", "1", "--exec-worker", &worker, "--state"])
-        .arg(dir.path().join("s.db"))
-        .timeout(Duration::from_secs(60))
-        .output()
-        .unwrap();
+    let output = poll_with_one_worker(&emulator, dir.path(), 3, &worker);
     let log = stderr_of(&output);
     assert!(output.status.success(), "{log}");
     let said = &texts_per_chat(&emulator)["u_1"];
@@ -296,13 +301,7 @@ fn a_workers_stderr_flood_is_logged_within_a_budget_per_update() {
         "",
         &format!("head -c 2000000 /dev/zero | tr '\\0' x | fold -w 99 >&2; {ANSWER}"),
     );
-    let output = fly_at(&emulator)
-        .args(["poll-echo", "--poll-timeout", "1", "--max-updates", "2"])
-        .args(["--concurrency", "1", "--exec-worker", &worker, "--state"])
-        .arg(dir.path().join("s.db"))
-        .timeout(Duration::from_secs(60))
-        .output()
-        .unwrap();
+    let output = poll_with_one_worker(&emulator, dir.path(), 2, &worker);
     let log = stderr_of(&output);
     assert!(output.status.success(), "{log}");
     let (lines, bytes) = exec_lines(&log);

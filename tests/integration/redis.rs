@@ -1146,7 +1146,7 @@ fn starting_commands(url: &str) -> Vec<(&'static str, Command)> {
 fn a_peer_sending_a_huge_reply_is_refused_with_bounded_memory() {
     let url = format!("redis://127.0.0.1:{}", fake_redis(sends_a_huge_reply));
     for (name, mut command) in starting_commands(&url) {
-        let run = run_watched(&mut command, Duration::from_secs(5));
+        let run = run_watched(&mut command, Duration::from_secs(10));
         assert!(
             run.max_rss_mb <= MAX_RSS_MB,
             "{name} grew to {} MB",
@@ -1159,7 +1159,8 @@ fn a_peer_sending_a_huge_reply_is_refused_with_bounded_memory() {
             run.stderr
         );
         assert!(
-            run.took < Duration::from_secs(3),
+            // About 2 s; the rest is room for a loaded machine.
+            run.took < Duration::from_secs(5),
             "{name} took {:?}",
             run.took
         );
@@ -1182,7 +1183,7 @@ fn a_peer_sending_a_huge_reply_is_refused_with_bounded_memory() {
 fn a_peer_that_drips_makes_start_up_fail_within_two_seconds() {
     let url = format!("redis://127.0.0.1:{}", fake_redis(drips));
     for (name, mut command) in starting_commands(&url) {
-        let run = run_watched(&mut command, Duration::from_secs(6));
+        let run = run_watched(&mut command, Duration::from_secs(10));
         assert_eq!(
             run.status.and_then(|status| status.code()),
             Some(1),
@@ -1190,7 +1191,8 @@ fn a_peer_that_drips_makes_start_up_fail_within_two_seconds() {
             run.stderr
         );
         assert!(
-            run.took < Duration::from_secs(3),
+            // About 2 s; the rest is room for a loaded machine.
+            run.took < Duration::from_secs(5),
             "{name} took {:?}",
             run.took
         );
