@@ -10,6 +10,7 @@ mod emulator;
 mod exec;
 mod fetch_media;
 mod forward;
+mod full_disk;
 mod intake;
 mod parking;
 mod poll_echo;
