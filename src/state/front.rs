@@ -588,6 +588,70 @@ mod tests {
         ));
     }
 
+    /// Waits (at most 10 s) for `condition`.
+    fn until(what: &str, condition: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !condition() {
+            assert!(std::time::Instant::now() < deadline, "waited for {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn writes_that_fail_are_kept_and_new_deliveries_refused_until_they_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let front = open(&path);
+        // Another connection takes the table the writer logs nonces to away:
+        // its batches fail as on a full disk.
+        let other = rusqlite::Connection::open(&path).unwrap();
+        other.busy_timeout(Duration::from_secs(5)).unwrap();
+        other
+            .execute_batch("ALTER TABLE nonce_log RENAME TO nonce_log_away")
+            .unwrap();
+        let claim = admitted(admit(&front, &delivery(40, "n-40")));
+        let _maybe_refused = front.mark_handled(40, "replied");
+        front.release_update(claim).unwrap();
+        until("the writer failing", || front.writer().is_failing());
+
+        assert!(!front.is_reachable());
+        let refused = front.try_admit(&delivery(41, "n-41")).unwrap().unwrap_err();
+        assert!(crate::state::is_unavailable(&refused), "{refused:#}");
+        let refused = front.admit(&delivery(41, "n-41")).unwrap_err();
+        assert!(crate::state::is_unavailable(&refused), "{refused:#}");
+        // A mark made now is kept, but its delivery is not answered 200.
+        let refused = front.mark_handled(42, "replied").unwrap_err();
+        assert!(crate::state::is_unavailable(&refused), "{refused:#}");
+        let error = front.flush().unwrap_err();
+        assert!(
+            format!("{error:#}").starts_with(&format!(
+                "2 handled ids and 1 nonce could not be written to the state file {}: ",
+                path.display()
+            )),
+            "{error:#}"
+        );
+
+        // Writable again: caught up by itself.
+        other
+            .execute_batch("ALTER TABLE nonce_log_away RENAME TO nonce_log")
+            .unwrap();
+        until("the writer writing again", || !front.writer().is_failing());
+        front.flush().unwrap();
+        assert!(front.is_reachable());
+        drop(front);
+        let front = open(&path);
+        for id in [40, 42] {
+            assert!(matches!(
+                front.try_admit(&delivery(id, "n-again")).unwrap().unwrap(),
+                Admission::Duplicate
+            ));
+        }
+        assert!(matches!(
+            admit(&front, &delivery(43, "n-40")),
+            Admission::NonceReused
+        ));
+    }
+
     #[test]
     fn ids_below_the_recent_floor_are_asked_of_the_file() {
         let dir = tempfile::tempdir().unwrap();

@@ -1013,8 +1013,9 @@ impl BatchWriter {
     }
 }
 
-impl Sink<Write> for BatchWriter {
-    fn commit(&mut self, writes: &[Write]) -> anyhow::Result<()> {
+impl BatchWriter {
+    /// One batch, one transaction; then the file is checked (see [`FileWatch`]).
+    fn commit_batch(&mut self, writes: &[Write]) -> anyhow::Result<()> {
         let transaction = self
             .connection
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -1059,6 +1060,18 @@ impl Sink<Write> for BatchWriter {
         self.committed_since_checkpoint = true;
         self.wal_is_empty = false;
         Ok(())
+    }
+}
+
+impl Sink<Write> for BatchWriter {
+    /// SQLite's error as one phrase ("database or disk is full"), not
+    /// followed by its code's text, which says the same again.
+    fn commit(&mut self, writes: &[Write]) -> anyhow::Result<()> {
+        self.commit_batch(writes)
+            .map_err(|error| match error.downcast::<rusqlite::Error>() {
+                Ok(sqlite) => anyhow::anyhow!("{sqlite}"),
+                Err(other) => other,
+            })
     }
 
     fn maintain(&mut self) -> Instant {
@@ -1552,6 +1565,42 @@ mod tests {
             store.check_nonce("n1", "7", now, 300).unwrap(),
             NonceCheck::Fresh
         );
+    }
+
+    #[test]
+    fn a_claimed_file_deleted_or_replaced_fails_every_later_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let store = SqliteStore::open(&path, &BotIdentity::for_tests("t1")).unwrap();
+        store.claim_exclusive("polling").unwrap();
+        store.mark_handled(1, "replied").unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let error = store.mark_handled(2, "replied").unwrap_err();
+        assert!(super::super::is_gone(&error), "{error:#}");
+        assert!(
+            format!("{error:#}").contains(&format!(
+                "the state file {} was deleted (or moved) while fly ran",
+                path.display()
+            )),
+            "{error:#}"
+        );
+        // Once and for all, whatever the next write.
+        assert!(super::super::is_gone(&store.advance_offset(3).unwrap_err()));
+
+        // Another file put in its place.
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(&path, &BotIdentity::for_tests("t1")).unwrap();
+        store.claim_exclusive("polling").unwrap();
+        std::fs::copy(&path, dir.path().join("copy.db")).unwrap();
+        std::fs::rename(dir.path().join("copy.db"), &path).unwrap();
+        let error = store.mark_handled(1, "replied").unwrap_err();
+        assert!(super::super::is_gone(&error), "{error:#}");
+
+        // A store not claimed (fly dead-letters) watches nothing.
+        let path = dir.path().join("u.db");
+        let store = SqliteStore::open(&path, &BotIdentity::for_tests("t1")).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        store.mark_handled(1, "replied").unwrap();
     }
 
     #[test]
