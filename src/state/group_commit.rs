@@ -320,11 +320,13 @@ fn write_batches<W>(shared: &Handoff<W>, mut sink: impl Sink<W>) {
             Ok(()) => {
                 if queue.failing.take().is_some() {
                     shared.failing.store(false, Ordering::SeqCst);
-                    tracing::info!(
-                        "the state store writes again: what it kept is being written \
-                         ({} queued)",
-                        queue.writes.len()
-                    );
+                    match queue.writes.len() {
+                        0 => tracing::info!("the state store writes again: what it kept is saved"),
+                        queued => tracing::info!(
+                            "the state store writes again: what it kept is being saved \
+                             ({queued} writes queued)"
+                        ),
+                    }
                 }
                 failures = 0;
                 retry_at = None;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::common::{Emulator, Service, echo, fly_at, stderr_of, wait_until};
 use crate::serve_webhook::{
-    SECRET, Server, agent, answer, get, post_with, signed_callback, signed_here,
+    Answer, SECRET, Server, agent, answer, get, post_with, signed_callback, signed_here,
 };
 
 /// A tmpfs of `size` mounted on a new directory; unmounted when dropped.
@@ -128,9 +128,28 @@ fn serve_webhook_on_a_full_disk_answers_503_and_loses_nothing_it_answered_200() 
     });
     let filler = disk.fill();
 
+    // Four at a time, as a platform delivers: some are in hand when the
+    // first write fails.
+    let answers: Vec<(i64, Answer)> = std::thread::scope(|scope| {
+        let senders: Vec<_> = (0..4)
+            .map(|sender| {
+                let url = &server.url;
+                scope.spawn(move || {
+                    let own = crate::serve_webhook::agent();
+                    (100 + sender..400)
+                        .step_by(4)
+                        .map(|update_id| (update_id, post_with(&own, url, &delivery(update_id))))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        senders
+            .into_iter()
+            .flat_map(|sender| sender.join().unwrap())
+            .collect()
+    });
     let mut refused = Vec::new();
-    for update_id in 100..400 {
-        let got = post_with(&agent, &server.url, &delivery(update_id));
+    for (update_id, got) in answers {
         match (got.status, got.body.as_str()) {
             (200, "OK") => {
                 answered_200.insert(update_id);
