@@ -77,13 +77,11 @@
 //! once more and, failing, exits 1 saying what could not be written.
 //!
 //! A state file deleted (or moved away) while the server runs is noticed
-//! after the next batch, or within a tenth of a second when idle
+//! after the next batch, or within a fraction of a second when idle
 //! (`sqlite::FileWatch`): the server stops, exit 1.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-use std::sync::Arc;
 
 use super::group_commit::{GroupCommit, Pending};
 use super::memory::{Claims, RecentIds, RecentNonces};

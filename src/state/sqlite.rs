@@ -191,8 +191,8 @@ impl FileWatch {
 
     fn error(&self) -> StateGone {
         StateGone(format!(
-            "the state file {} was deleted (or moved) while fly ran: what it held is lost, \
-             and nothing more can be recorded",
+            "the state file {} was deleted (or moved) while fly ran: nothing more can be \
+             recorded in it",
             self.path.display()
         ))
     }
