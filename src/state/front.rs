@@ -59,17 +59,34 @@
 //! - **Pruning** deletes only what is past its keep time; an interrupted
 //!   chunk is rolled back whole.
 //!
-//! A clean stop (SIGTERM) commits everything first. A batch that fails to
-//! commit (disk full) is logged; its marks and nonces stay known in memory
-//! for as long as the process runs.
+//! A clean stop (SIGTERM) commits everything first.
+//!
+//! # A write that fails (a full disk)
+//!
+//! A batch that fails to commit is kept, in order, and tried again with a
+//! backoff (`group_commit`): its marks and nonces stay known in memory and
+//! reach the file once it has room, by themselves. Meanwhile new work is
+//! refused: deliveries are answered 503 `STATE_STORE_UNAVAILABLE` (the
+//! platform delivers them again), `/readyz` fails, and a mark made then
+//! makes its delivery 503 too (its reply was sent; the redelivery is a
+//! duplicate once the mark is written, or answered again with the same
+//! `client_msg_id`). So what waits in memory is bounded by what was queued
+//! when the writes began to fail, plus the deliveries then in hand. A
+//! delivery answered 200 whose mark is not yet written is the window a crash
+//! can lose (above), now as long as the outage; a clean stop in it tries
+//! once more and, failing, exits 1 saying what could not be written.
+//!
+//! A state file deleted (or moved away) while the server runs is noticed
+//! after the next batch, or within a fraction of a second when idle
+//! (`sqlite::FileWatch`): the server stops, exit 1.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::group_commit::{GroupCommit, Pending};
 use super::memory::{Claims, RecentIds, RecentNonces};
-use super::sqlite::{SqliteStore, Write};
-use super::{Admission, Claim, DeadLetter, Delivery, NonceCheck, Store};
+use super::sqlite::{FileWatch, SqliteStore, Write};
+use super::{Admission, Claim, DeadLetter, Delivery, NonceCheck, Store, Unavailable};
 use crate::clock::unix_now;
 use crate::sync::lock;
 
@@ -94,6 +111,8 @@ const INSTANT_MARKS_BEHIND: usize = 512;
 
 pub struct Front {
     store: SqliteStore,
+    /// The claimed file: whether it is still there (see `sqlite::FileWatch`).
+    watch: Option<Arc<FileWatch>>,
     hot: Mutex<Hot>,
     /// Serialises the nonce checks that need the file.
     nonces_in_file: Mutex<()>,
@@ -114,6 +133,7 @@ impl Front {
     /// starts the writer thread.
     pub fn open(store: SqliteStore, window_secs: i64) -> anyhow::Result<Front> {
         store.claim_exclusive("serving webhooks")?;
+        let watch = store.watch();
         store.leave_checkpoints_to_the_writer()?;
         let now = unix_now();
         let nonce_keep_secs = window_secs.max(1).saturating_mul(2);
@@ -136,6 +156,7 @@ impl Front {
                 claims: Claims::default(),
             }),
             store,
+            watch,
             nonces_in_file: Mutex::new(()),
             writer: Some(writer),
         })
@@ -145,6 +166,25 @@ impl Front {
         self.writer
             .as_ref()
             .expect("the writer lives as long as the front")
+    }
+
+    /// Whether new work may be taken: the file is there, and the writer is
+    /// not failing (while it is, new work is refused, so that what waits in
+    /// memory does not grow). Memory only: safe on an I/O thread.
+    fn writable(&self) -> anyhow::Result<()> {
+        if let Some(gone) = self.watch.as_ref().and_then(|watch| watch.is_gone()) {
+            return Err(gone.into());
+        }
+        if self.writer().is_failing() {
+            let why = self.writer().failing().unwrap_or_default();
+            return Err(Unavailable(format!(
+                "the state file {} cannot be written ({why}); new deliveries are refused \
+                 until it can",
+                self.store.location()
+            ))
+            .into());
+        }
+        Ok(())
     }
 
     /// Completes once the file holds everything memory was told so far.
@@ -218,7 +258,10 @@ impl Store for Front {
         self.handled_anywhere(update_id)
     }
 
-    /// Known in memory at once; committed with the next batch, not waited for.
+    /// Known in memory at once; committed with the next batch, not waited
+    /// for. While the writer fails, the mark is kept all the same (written
+    /// once it can) but the call fails as unavailable: the delivery is
+    /// answered 503, not 200, since its record is not on its way to disk.
     fn mark_handled(&self, update_id: i64, outcome: &str) -> anyhow::Result<()> {
         let mut hot = lock(&self.hot);
         // Queued before memory knows it: should the id leave memory (the
@@ -229,7 +272,8 @@ impl Store for Front {
             at: unix_now(),
         }));
         hot.handled.insert(update_id);
-        Ok(())
+        drop(hot);
+        self.writable()
     }
 
     /// Never waits: the mark is memory and a queued write. Declined while
@@ -251,6 +295,7 @@ impl Store for Front {
         now: i64,
         window_secs: i64,
     ) -> anyhow::Result<NonceCheck> {
+        self.writable()?;
         let new = {
             let mut hot = lock(&self.hot);
             (!hot.nonces.maybe_seen(nonce))
@@ -280,6 +325,7 @@ impl Store for Front {
         raw: &str,
         reason: &str,
     ) -> anyhow::Result<bool> {
+        self.writable()?;
         self.store.record_dead_letter(update_id, raw, reason)
     }
 
@@ -315,6 +361,7 @@ impl Store for Front {
     /// claim is held: a delivery of the same update may have finished
     /// (marked, then released) in between.
     fn admit(&self, delivery: &Delivery) -> anyhow::Result<Admission> {
+        self.writable()?;
         if let Some(answer) = self.try_admit(delivery) {
             return answer;
         }
@@ -358,6 +405,9 @@ impl Store for Front {
     /// been seen (rare: a redelivery, a replay, or the filter's one in a
     /// ten thousand).
     fn try_admit(&self, delivery: &Delivery) -> Option<anyhow::Result<Admission>> {
+        if let Err(refused) = self.writable() {
+            return Some(Err(refused));
+        }
         let update_id = delivery.update_id;
         let mut hot = lock(&self.hot);
         if hot.handled.lookup(update_id)? {
@@ -386,8 +436,25 @@ impl Store for Front {
         Some(Ok(answer))
     }
 
+    /// Tries a failed batch once more at once; says what is not written.
     fn flush(&self) -> anyhow::Result<()> {
-        self.barrier()
+        self.writer().flush().map_err(|failed| {
+            anyhow::anyhow!(
+                "{} could not be written to the state file {}: {}",
+                failed.unwritten,
+                self.store.location(),
+                failed.error
+            )
+        })
+    }
+
+    fn is_reachable(&self) -> bool {
+        self.writable().is_ok()
+    }
+
+    fn gone(&self) -> Option<anyhow::Error> {
+        let watch = self.watch.as_ref()?;
+        watch.is_gone().map(anyhow::Error::new)
     }
 }
 
@@ -515,6 +582,70 @@ mod tests {
         ));
         assert!(matches!(
             admit(&front, &delivery(31, "n-30")),
+            Admission::NonceReused
+        ));
+    }
+
+    /// Waits (at most 10 s) for `condition`.
+    fn until(what: &str, condition: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !condition() {
+            assert!(std::time::Instant::now() < deadline, "waited for {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn writes_that_fail_are_kept_and_new_deliveries_refused_until_they_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let front = open(&path);
+        // Another connection takes the table the writer logs nonces to away:
+        // its batches fail as on a full disk.
+        let other = rusqlite::Connection::open(&path).unwrap();
+        other.busy_timeout(Duration::from_secs(5)).unwrap();
+        other
+            .execute_batch("ALTER TABLE nonce_log RENAME TO nonce_log_away")
+            .unwrap();
+        let claim = admitted(admit(&front, &delivery(40, "n-40")));
+        let _maybe_refused = front.mark_handled(40, "replied");
+        front.release_update(claim).unwrap();
+        until("the writer failing", || front.writer().is_failing());
+
+        assert!(!front.is_reachable());
+        let refused = front.try_admit(&delivery(41, "n-41")).unwrap().unwrap_err();
+        assert!(crate::state::is_unavailable(&refused), "{refused:#}");
+        let refused = front.admit(&delivery(41, "n-41")).unwrap_err();
+        assert!(crate::state::is_unavailable(&refused), "{refused:#}");
+        // A mark made now is kept, but its delivery is not answered 200.
+        let refused = front.mark_handled(42, "replied").unwrap_err();
+        assert!(crate::state::is_unavailable(&refused), "{refused:#}");
+        let error = front.flush().unwrap_err();
+        assert!(
+            format!("{error:#}").starts_with(&format!(
+                "2 handled ids and 1 nonce could not be written to the state file {}: ",
+                path.display()
+            )),
+            "{error:#}"
+        );
+
+        // Writable again: caught up by itself.
+        other
+            .execute_batch("ALTER TABLE nonce_log_away RENAME TO nonce_log")
+            .unwrap();
+        until("the writer writing again", || !front.writer().is_failing());
+        front.flush().unwrap();
+        assert!(front.is_reachable());
+        drop(front);
+        let front = open(&path);
+        for id in [40, 42] {
+            assert!(matches!(
+                front.try_admit(&delivery(id, "n-again")).unwrap().unwrap(),
+                Admission::Duplicate
+            ));
+        }
+        assert!(matches!(
+            admit(&front, &delivery(43, "n-40")),
             Admission::NonceReused
         ));
     }

@@ -6,15 +6,27 @@
 //! (pruning). Each write comes with a [`Pending`] that completes when its
 //! batch is committed, for callers that must not go on before that.
 //!
+//! **A batch that fails is kept and written again**, in order, before
+//! anything queued after it, with a backoff (a full disk, a file that cannot
+//! be written): nothing is dropped. While it fails, [`GroupCommit::failing`]
+//! says why, and every [`Pending`] waiting then completes with an
+//! [`Unavailable`] error at once rather than for the length of the outage;
+//! the writes stay queued, and are committed when the sink can write again.
+//! The caller bounds the queue by refusing new work meanwhile.
+//! [`GroupCommit::flush`] (a clean stop) tries once more at once and says
+//! what could not be written.
+//!
 //! Nothing here knows SQLite: the [`Sink`] does the writing.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 
+use super::Unavailable;
 use crate::sync::lock;
 
 /// Where the batches go: called on the writer thread only.
@@ -23,13 +35,30 @@ pub trait Sink<W>: Send + 'static {
     fn commit(&mut self, writes: &[W]) -> anyhow::Result<()>;
 
     /// Upkeep between batches (pruning), done when it is due; returns when
-    /// it is due next. Keep each call short: batches wait for it.
+    /// it is due next. Keep each call short: batches wait for it. Not
+    /// called while batches fail.
     fn maintain(&mut self) -> Instant {
         Instant::now() + Duration::from_secs(3600)
     }
 
     /// The last call, after the last batch (a clean stop).
     fn finish(&mut self) {}
+
+    /// `writes` in words, for the line that says they are not written yet.
+    fn describe(&self, writes: &[W]) -> String {
+        match writes.len() {
+            1 => "1 write".to_string(),
+            count => format!("{count} writes"),
+        }
+    }
+}
+
+/// Writes that could not be committed: why, and what they are (see
+/// [`Sink::describe`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotWritten {
+    pub error: String,
+    pub unwritten: String,
 }
 
 /// The writer thread and its queue. Dropping it commits what is queued,
@@ -43,10 +72,13 @@ pub struct GroupCommit<W: Send + 'static> {
 struct Handoff<W> {
     queue: Mutex<Queue<W>>,
     wake_writer: Condvar,
+    /// `queue.failing.is_some()`, read without the lock.
+    failing: AtomicBool,
 }
 
 struct Queue<W> {
-    /// The next batch, and what completes when it is committed.
+    /// The next batch, and what completes when it is committed. A batch
+    /// that failed is put back at the front.
     writes: Vec<W>,
     done: Arc<Completion>,
     /// Someone waits for `done` though `writes` may be empty (a barrier).
@@ -56,16 +88,24 @@ struct Queue<W> {
     /// Completes when the writer ends the step (a batch, or part of one) it
     /// is on: what a producer that is too far ahead waits for.
     step: Arc<Completion>,
-    /// The writer waits for work: a new write must wake it.
+    /// The writer waits for work (or for its next try): a new write must wake it.
     writer_idle: bool,
     stopping: bool,
-    /// Why a part of a split batch failed: the completion shared by all its
-    /// parts fails with it.
-    split_failure: Option<String>,
+    /// Why the last try failed, while its writes wait here to be tried again.
+    failing: Option<String>,
+    /// Try again now rather than after the backoff (a flush wants an answer).
+    retry_now: bool,
+    /// A flush said what could not be written: the stop need not say it again.
+    reported: bool,
 }
 
 /// Batches larger than this are split, so one transaction stays short.
 const MAX_BATCH: usize = 1024;
+
+/// The first wait before a failed batch is tried again; it doubles up to
+/// [`RETRY_AT_MOST`], so a disk that has room again is used within a second.
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_AT_MOST: Duration = Duration::from_secs(1);
 
 impl<W: Send + 'static> GroupCommit<W> {
     pub fn start(name: &str, sink: impl Sink<W>) -> anyhow::Result<GroupCommit<W>> {
@@ -78,9 +118,12 @@ impl<W: Send + 'static> GroupCommit<W> {
                 step: Arc::new(Completion::default()),
                 writer_idle: false,
                 stopping: false,
-                split_failure: None,
+                failing: None,
+                retry_now: false,
+                reported: false,
             }),
             wake_writer: Condvar::new(),
+            failing: AtomicBool::new(false),
         });
         let thread = std::thread::Builder::new()
             .name(name.to_string())
@@ -106,7 +149,8 @@ impl<W: Send + 'static> GroupCommit<W> {
         let mut queue = lock(&self.shared.queue);
         queue.writes.push(write);
         let done = Arc::clone(&queue.done);
-        if queue.writer_idle {
+        // A failing writer waits for its next try, not for new writes.
+        if queue.writer_idle && queue.failing.is_none() {
             queue.writer_idle = false;
             self.shared.wake_writer.notify_one();
         }
@@ -116,6 +160,19 @@ impl<W: Send + 'static> GroupCommit<W> {
     /// Writes queued for the next batch: how far behind the writer is.
     pub fn backlog(&self) -> usize {
         lock(&self.shared.queue).writes.len()
+    }
+
+    /// Whether the last batch failed and its writes wait to be tried again.
+    pub fn is_failing(&self) -> bool {
+        self.shared.failing.load(Ordering::SeqCst)
+    }
+
+    /// Why the last batch failed, while its writes wait to be tried again.
+    pub fn failing(&self) -> Option<String> {
+        if !self.is_failing() {
+            return None;
+        }
+        lock(&self.shared.queue).failing.clone()
     }
 
     /// Completes when the writer has finished the step it is on (at once
@@ -130,7 +187,8 @@ impl<W: Send + 'static> GroupCommit<W> {
         }
     }
 
-    /// Completes once every write submitted before it is committed.
+    /// Completes once every write submitted before it is committed, or (an
+    /// error) once a try to commit them failed.
     pub fn barrier(&self) -> Pending {
         let mut queue = lock(&self.shared.queue);
         if queue.writes.is_empty() && !queue.committing {
@@ -138,11 +196,34 @@ impl<W: Send + 'static> GroupCommit<W> {
         }
         queue.barrier_wanted = true;
         let done = Arc::clone(&queue.done);
-        if queue.writer_idle {
+        if queue.writer_idle && queue.failing.is_none() {
             queue.writer_idle = false;
             self.shared.wake_writer.notify_one();
         }
         Pending(Some(done))
+    }
+
+    /// Commits everything submitted so far, trying a failed batch again at
+    /// once (a clean stop); on failure, says what is not written.
+    pub fn flush(&self) -> Result<(), NotWritten> {
+        let done = {
+            let mut queue = lock(&self.shared.queue);
+            if queue.writes.is_empty() && !queue.committing {
+                return Ok(());
+            }
+            queue.barrier_wanted = true;
+            queue.retry_now = true;
+            if queue.writer_idle {
+                queue.writer_idle = false;
+                self.shared.wake_writer.notify_one();
+            }
+            Arc::clone(&queue.done)
+        };
+        let result = done.wait();
+        if result.is_err() {
+            lock(&self.shared.queue).reported = true;
+        }
+        result
     }
 }
 
@@ -158,12 +239,15 @@ impl<W: Send + 'static> Drop for GroupCommit<W> {
     }
 }
 
-/// The writer thread: batch after batch until stopped with nothing queued.
+/// The writer thread: batch after batch until stopped with nothing queued
+/// (or, stopping, with a batch that failed once more).
 fn write_batches<W>(shared: &Handoff<W>, mut sink: impl Sink<W>) {
     let mut maintenance_due = Instant::now();
+    let mut failures: u32 = 0;
+    let mut retry_at: Option<Instant> = None;
     let mut queue = lock(&shared.queue);
     loop {
-        if Instant::now() >= maintenance_due {
+        if queue.failing.is_none() && Instant::now() >= maintenance_due {
             drop(queue);
             maintenance_due =
                 catch_unwind(AssertUnwindSafe(|| sink.maintain())).unwrap_or_else(|_| {
@@ -187,6 +271,24 @@ fn write_batches<W>(shared: &Handoff<W>, mut sink: impl Sink<W>) {
             queue.writer_idle = false;
             continue;
         }
+        // A failed batch waits for its next try, unless a flush or the
+        // stop wants an answer now.
+        if let Some(at) = retry_at
+            && !queue.retry_now
+            && !queue.stopping
+            && Instant::now() < at
+        {
+            queue.writer_idle = true;
+            let wait = at.saturating_duration_since(Instant::now());
+            queue = shared
+                .wake_writer
+                .wait_timeout(queue, wait)
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
+            queue.writer_idle = false;
+            continue;
+        }
+        queue.retry_now = false;
         let (writes, done) = if queue.writes.len() > MAX_BATCH {
             // The rest stays queued with the same completion, which the
             // batch that empties the queue completes.
@@ -211,33 +313,88 @@ fn write_batches<W>(shared: &Handoff<W>, mut sink: impl Sink<W>) {
                 Err(_) => Err("the state store's writer panicked".to_string()),
             }
         };
-        if let Err(error) = &result {
-            tracing::error!(
-                writes = writes.len(),
-                "the state store could not save a batch: {error}"
-            );
-        }
-        drop(writes);
         queue = lock(&shared.queue);
         queue.committing = false;
         let step = std::mem::replace(&mut queue.step, Arc::new(Completion::default()));
-        drop(queue);
-        step.complete(Ok(()));
-        queue = lock(&shared.queue);
-        match done {
-            Some(done) => {
-                // The completion of a split batch's first part fails with it.
-                let failed = queue.split_failure.take().or(result.err());
-                drop(queue);
-                done.complete(failed.map_or(Ok(()), Err));
-                queue = lock(&shared.queue);
+        let outcome = match result {
+            Ok(()) => {
+                if queue.failing.take().is_some() {
+                    shared.failing.store(false, Ordering::SeqCst);
+                    match queue.writes.len() {
+                        0 => tracing::info!("the state store writes again: what it kept is saved"),
+                        queued => tracing::info!(
+                            "the state store writes again: what it kept is being saved \
+                             ({queued} writes queued)"
+                        ),
+                    }
+                }
+                failures = 0;
+                retry_at = None;
+                Ok(())
             }
-            None => {
-                if let Err(error) = result {
-                    queue.split_failure.get_or_insert(error);
+            Err(error) => {
+                // Kept, in order, ahead of what came since.
+                let later = std::mem::replace(&mut queue.writes, writes);
+                queue.writes.extend(later);
+                let failed = NotWritten {
+                    error: error.clone(),
+                    unwritten: sink.describe(&queue.writes),
+                };
+                if queue.failing.is_none() {
+                    tracing::error!(
+                        "the state store could not save a batch: {error}; {} kept in \
+                         memory and written again once it can",
+                        failed.unwritten
+                    );
+                } else {
+                    tracing::debug!("the state store could not save a batch again: {error}");
+                }
+                queue.failing = Some(error);
+                shared.failing.store(true, Ordering::SeqCst);
+                failures = failures.saturating_add(1);
+                let backoff = RETRY_FIRST
+                    .saturating_mul(1 << failures.min(8).saturating_sub(1))
+                    .min(RETRY_AT_MOST);
+                retry_at = Some(Instant::now() + backoff);
+                // Whoever waits for these writes hears it now, not after
+                // the outage.
+                queue.barrier_wanted = false;
+                let waiting = std::mem::replace(&mut queue.done, Arc::new(Completion::default()));
+                Err((failed, waiting))
+            }
+        };
+        let stop_here = outcome.is_err() && queue.stopping;
+        let reported = queue.reported;
+        drop(queue);
+        step.complete(match &outcome {
+            Ok(()) => Ok(()),
+            Err((failed, _)) => Err(failed.clone()),
+        });
+        match outcome {
+            Ok(()) => {
+                if let Some(done) = done {
+                    done.complete(Ok(()));
+                }
+            }
+            Err((failed, waiting)) => {
+                if let Some(done) = done {
+                    done.complete(Err(failed.clone()));
+                }
+                waiting.complete(Err(failed.clone()));
+                if stop_here {
+                    if !reported {
+                        tracing::error!(
+                            "{} could not be written to the state store: {}",
+                            failed.unwritten,
+                            failed.error
+                        );
+                    }
+                    queue = lock(&shared.queue);
+                    break;
                 }
             }
         }
+        queue = lock(&shared.queue);
     }
     drop(queue);
     sink.finish();
@@ -273,20 +430,11 @@ impl Pending {
         }
     }
 
-    /// Blocks until committed: on a blocking thread only.
+    /// Blocks until committed (or a try failed): on a blocking thread only.
     pub fn wait(self) -> anyhow::Result<()> {
-        let Some(completion) = self.0 else {
-            return Ok(());
-        };
-        let mut state = lock(&completion.state);
-        loop {
-            if let Some(result) = &state.result {
-                return into_anyhow(result.clone());
-            }
-            state = completion
-                .committed
-                .wait(state)
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match self.0 {
+            None => Ok(()),
+            Some(completion) => into_anyhow(completion.wait()),
         }
     }
 
@@ -317,12 +465,12 @@ struct Completion {
 
 #[derive(Default)]
 struct CompletionState {
-    result: Option<Result<(), String>>,
+    result: Option<Result<(), NotWritten>>,
     callbacks: Vec<Callback>,
 }
 
 impl Completion {
-    fn complete(&self, result: Result<(), String>) {
+    fn complete(&self, result: Result<(), NotWritten>) {
         let callbacks = {
             let mut state = lock(&self.state);
             state.result = Some(result.clone());
@@ -333,10 +481,30 @@ impl Completion {
             callback(into_anyhow(result.clone()));
         }
     }
+
+    fn wait(&self) -> Result<(), NotWritten> {
+        let mut state = lock(&self.state);
+        loop {
+            if let Some(result) = &state.result {
+                return result.clone();
+            }
+            state = self
+                .committed
+                .wait(state)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+    }
 }
 
-fn into_anyhow(result: Result<(), String>) -> anyhow::Result<()> {
-    result.map_err(|error| anyhow!("saving to the state store: {error}"))
+/// A failed try is an outage: the writes are kept and tried again, so the
+/// waiter is told "not now" (a delivery is answered 503), not "lost".
+fn into_anyhow(result: Result<(), NotWritten>) -> anyhow::Result<()> {
+    result.map_err(|failed| {
+        anyhow::Error::new(Unavailable(format!(
+            "the state store cannot save its writes: {} ({} kept, written again once it can)",
+            failed.error, failed.unwritten
+        )))
+    })
 }
 
 #[cfg(test)]
@@ -350,14 +518,19 @@ mod tests {
         batches: Arc<Mutex<Vec<Vec<u32>>>>,
         /// While locked by a test, commits wait.
         gate: Arc<Mutex<()>>,
-        fail_next: Arc<Mutex<bool>>,
+        /// This many commits fail (`usize::MAX`: all of them) before one works.
+        failures_left: Arc<Mutex<usize>>,
         finished: Arc<Mutex<bool>>,
     }
 
     impl Sink<u32> for Recorder {
         fn commit(&mut self, writes: &[u32]) -> anyhow::Result<()> {
             drop(lock(&self.gate));
-            if std::mem::take(&mut *lock(&self.fail_next)) {
+            let mut failures_left = lock(&self.failures_left);
+            if *failures_left > 0 {
+                if *failures_left != usize::MAX {
+                    *failures_left -= 1;
+                }
                 anyhow::bail!("disk full");
             }
             lock(&self.batches).push(writes.to_vec());
@@ -402,14 +575,67 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_batch_fails_its_writes_and_the_next_batch_goes_on() {
+    fn a_failed_batch_is_kept_and_written_again_in_order() {
         let sink = Recorder::default();
         let writer = GroupCommit::start("test-writer", sink.clone()).unwrap();
-        *lock(&sink.fail_next) = true;
+        *lock(&sink.failures_left) = 3;
         let error = writer.submit(1).wait().unwrap_err();
+        assert!(crate::state::is_unavailable(&error), "{error:#}");
         assert!(format!("{error:#}").contains("disk full"), "{error:#}");
-        writer.submit(2).wait().unwrap();
-        assert_eq!(*lock(&sink.batches), [vec![2]]);
+        assert!(format!("{error:#}").contains("1 write kept"), "{error:#}");
+        assert!(writer.is_failing());
+        assert_eq!(writer.failing().as_deref(), Some("disk full"));
+        // Queued behind the failed one, written after it once the sink can.
+        let later: Vec<Pending> = (2..=5).map(|n| writer.submit(n)).collect();
+        while *lock(&sink.failures_left) > 0 || writer.is_failing() {
+            std::thread::yield_now();
+        }
+        writer.barrier().wait().unwrap();
+        drop(later);
+        assert_eq!(lock(&sink.batches).concat(), [1, 2, 3, 4, 5]);
+        assert!(writer.failing().is_none());
+    }
+
+    #[test]
+    fn a_flush_tries_again_at_once_and_says_what_is_not_written() {
+        let sink = Recorder::default();
+        let writer = GroupCommit::start("test-writer", sink.clone()).unwrap();
+        *lock(&sink.failures_left) = usize::MAX;
+        assert!(writer.submit(1).wait().is_err());
+        let _second = writer.submit(2);
+        let started = Instant::now();
+        assert_eq!(
+            writer.flush(),
+            Err(NotWritten {
+                error: "disk full".into(),
+                unwritten: "2 writes".into()
+            })
+        );
+        assert!(started.elapsed() < RETRY_AT_MOST, "no backoff for a flush");
+        // Room again: a flush writes everything.
+        *lock(&sink.failures_left) = 0;
+        writer.flush().unwrap();
+        assert_eq!(lock(&sink.batches).concat(), [1, 2]);
+        assert!(!writer.is_failing());
+    }
+
+    #[test]
+    fn a_stop_while_failing_tries_once_more_and_ends() {
+        let sink = Recorder::default();
+        let writer = GroupCommit::start("test-writer", sink.clone()).unwrap();
+        *lock(&sink.failures_left) = usize::MAX;
+        assert!(writer.submit(1).wait().is_err());
+        drop(writer);
+        assert!(lock(&sink.batches).is_empty());
+        assert!(*lock(&sink.finished));
+
+        // The stop's try works: written.
+        let sink = Recorder::default();
+        let writer = GroupCommit::start("test-writer", sink.clone()).unwrap();
+        *lock(&sink.failures_left) = 1;
+        assert!(writer.submit(1).wait().is_err());
+        drop(writer);
+        assert_eq!(*lock(&sink.batches), [vec![1]]);
     }
 
     /// A sink that panics on its first batch.
@@ -425,11 +651,12 @@ mod tests {
     }
 
     #[test]
-    fn a_panicking_commit_fails_its_batch_and_the_writer_goes_on() {
+    fn a_panicking_commit_fails_its_try_and_the_writer_goes_on() {
         let writer = GroupCommit::start("test-writer", Panicky(false)).unwrap();
         let error = writer.submit(1).wait().unwrap_err();
         assert!(format!("{error:#}").contains("panicked"), "{error:#}");
-        writer.submit(2).wait().unwrap();
+        drop(writer.submit(2));
+        writer.barrier().wait().unwrap();
     }
 
     #[test]

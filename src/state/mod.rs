@@ -142,6 +142,26 @@ impl std::fmt::Display for LeaseLost {
 
 impl std::error::Error for LeaseLost {}
 
+/// The error of a store whose file was deleted (or moved, or replaced)
+/// while fly ran: SQLite goes on writing into the unlinked file, so every
+/// write since would be lost without a word. Nothing later can be recorded:
+/// the process stops (exit 1). Find it with [`is_gone`].
+#[derive(Debug)]
+pub struct StateGone(pub String);
+
+impl std::fmt::Display for StateGone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StateGone {}
+
+/// Whether `error` says the state file is gone (see [`StateGone`]).
+pub fn is_gone(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| cause.is::<StateGone>())
+}
+
 /// Whether `error` says the store is unreachable for now.
 pub fn is_unavailable(error: &anyhow::Error) -> bool {
     error.downcast_ref::<Unavailable>().is_some()
@@ -320,6 +340,13 @@ pub trait Store: Send + Sync {
     /// an async I/O thread.
     fn is_reachable(&self) -> bool {
         true
+    }
+
+    /// Why nothing can be recorded any more (the state file was deleted
+    /// while fly ran: see [`StateGone`]), known without waiting: a server
+    /// stops on it. Safe on an async I/O thread.
+    fn gone(&self) -> Option<anyhow::Error> {
+        None
     }
 }
 

@@ -18,8 +18,10 @@
 //! the [`Front`](super::Front) what it builds on: the newest handled ids and
 //! the recent nonces to load, and a [`BatchWriter`] for its group commits.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -27,7 +29,9 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::group_commit::Sink;
 use super::memory::Claims;
-use super::{BotIdentity, Claim, DEFAULT_RETENTION, DeadLetter, NonceCheck, StateRefused, Store};
+use super::{
+    BotIdentity, Claim, DEFAULT_RETENTION, DeadLetter, NonceCheck, StateGone, StateRefused, Store,
+};
 use crate::clock::unix_now;
 use crate::signature::sha256_hex;
 use crate::sync::lock;
@@ -127,9 +131,71 @@ pub struct SqliteStore {
     /// Handled ids older than this many seconds are pruned.
     retention_secs: i64,
     claims: Mutex<Claims>,
-    /// Held while this process uses the store alone (see `claim_exclusive`);
-    /// declared after the connection so it is closed after it.
-    exclusive_lock: Mutex<Option<std::fs::File>>,
+    /// The file, locked and watched while this process uses the store
+    /// alone (see `claim_exclusive`); declared after the connection so it
+    /// is closed after it.
+    exclusive: Mutex<Option<Arc<FileWatch>>>,
+}
+
+/// The state file as this process claimed it: its descriptor (which holds
+/// the lock) and what it was. A file deleted while fly runs is still written
+/// to by SQLite, through the descriptors it holds, and every write since is
+/// lost with the file when the process ends; so after each write the file is
+/// checked (one `fstat` and one `stat`: microseconds), and a file that is
+/// gone fails the write, once and for all.
+pub(super) struct FileWatch {
+    file: std::fs::File,
+    path: PathBuf,
+    /// (device, inode) of the file claimed.
+    claimed: (u64, u64),
+    gone: AtomicBool,
+}
+
+impl FileWatch {
+    fn new(file: std::fs::File, path: &Path) -> std::io::Result<FileWatch> {
+        let found = file.metadata()?;
+        Ok(FileWatch {
+            file,
+            path: path.to_path_buf(),
+            claimed: (found.dev(), found.ino()),
+            gone: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether the file is still there, under its name; remembered once it is not.
+    pub(super) fn check(&self) -> Result<(), StateGone> {
+        if self.gone.load(Ordering::SeqCst) {
+            return Err(self.error());
+        }
+        // Deleted: no name left (also when its directory was removed).
+        let linked = self.file.metadata().map_or(true, |found| found.nlink() > 0);
+        // Moved away, or another file put in its place.
+        let named = match std::fs::metadata(&self.path) {
+            Ok(found) => (found.dev(), found.ino()) == self.claimed,
+            Err(error) => !matches!(
+                error.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ),
+        };
+        if linked && named {
+            return Ok(());
+        }
+        self.gone.store(true, Ordering::SeqCst);
+        Err(self.error())
+    }
+
+    /// Whether a check found the file gone (no system call).
+    pub(super) fn is_gone(&self) -> Option<StateGone> {
+        self.gone.load(Ordering::SeqCst).then(|| self.error())
+    }
+
+    fn error(&self) -> StateGone {
+        StateGone(format!(
+            "the state file {} was deleted (or moved) while fly ran: nothing more can be \
+             recorded in it",
+            self.path.display()
+        ))
+    }
 }
 
 impl SqliteStore {
@@ -190,7 +256,7 @@ impl SqliteStore {
             path: path.to_path_buf(),
             retention_secs: DEFAULT_RETENTION.as_secs() as i64,
             claims: Mutex::new(Claims::default()),
-            exclusive_lock: Mutex::new(None),
+            exclusive: Mutex::new(None),
         };
         store
             .prepare(identity)
@@ -257,8 +323,23 @@ impl SqliteStore {
                     .with_context(|| format!("locking the state file {}", self.path.display()));
             }
         }
-        *lock(&self.exclusive_lock) = Some(file);
+        let watch = FileWatch::new(file, &self.path)
+            .with_context(|| format!("reading the state file {}", self.path.display()))?;
+        *lock(&self.exclusive) = Some(Arc::new(watch));
         Ok(())
+    }
+
+    /// The claimed file's watch (see `claim_exclusive`).
+    pub(super) fn watch(&self) -> Option<Arc<FileWatch>> {
+        lock(&self.exclusive).clone()
+    }
+
+    /// After a write: fails it if the claimed file is gone (see [`FileWatch`]).
+    fn written(&self) -> anyhow::Result<()> {
+        match self.watch() {
+            Some(watch) => Ok(watch.check()?),
+            None => Ok(()),
+        }
     }
 
     /// Checks (or, for a new file and a known identity, creates) the schema,
@@ -269,7 +350,13 @@ impl SqliteStore {
         // Reading the header is the first thing that fails on a file that is not SQLite.
         let application_id: i64 = connection
             .query_row("PRAGMA application_id", [], |row| row.get(0))
-            .map_err(|error| anyhow::anyhow!("not a fly state file ({error})"))?;
+            .map_err(|error| match error.sqlite_error_code() {
+                // Anything else (a full disk, an I/O error) says nothing of the file.
+                Some(rusqlite::ErrorCode::NotADatabase) => {
+                    anyhow::anyhow!("not a fly state file ({error})")
+                }
+                _ => anyhow::Error::new(error).context("reading the file"),
+            })?;
         let version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
         let table_count: i64 =
             connection.query_row("SELECT count(*) FROM sqlite_master", [], |row| row.get(0))?;
@@ -461,7 +548,7 @@ impl Store for SqliteStore {
             [unix_now().saturating_sub(self.retention_secs)],
         )?;
         transaction.commit().context("saving the poll offset")?;
-        Ok(())
+        self.written()
     }
 
     fn is_handled(&self, update_id: i64) -> anyhow::Result<bool> {
@@ -485,7 +572,7 @@ impl Store for SqliteStore {
                 params![update_id, outcome, unix_now()],
             )
             .context("recording a handled update")?;
-        Ok(())
+        self.written()
     }
 
     fn check_nonce(
@@ -513,6 +600,7 @@ impl Store for SqliteStore {
             NonceCheck::Fresh
         };
         transaction.commit().context("saving a webhook nonce")?;
+        self.written()?;
         Ok(check)
     }
 
@@ -547,6 +635,7 @@ impl Store for SqliteStore {
                 ],
             )
             .context("recording a dead letter")?;
+        self.written()?;
         Ok(inserted == 1)
     }
 
@@ -571,9 +660,12 @@ impl Store for SqliteStore {
     }
 
     fn purge_dead_letters(&self) -> anyhow::Result<usize> {
-        self.lock()
+        let purged = self
+            .lock()
             .execute("DELETE FROM dead_letters WHERE parked = 0", [])
-            .context("purging dead letters")
+            .context("purging dead letters")?;
+        self.written()?;
+        Ok(purged)
     }
 
     fn park(&self, update_id: i64, raw: &str, reason: &str) -> anyhow::Result<()> {
@@ -600,7 +692,8 @@ impl Store for SqliteStore {
                 )
                 .context("parking an update")?;
         }
-        Ok(())
+        drop(connection);
+        self.written()
     }
 
     fn unpark(&self, update_id: i64) -> anyhow::Result<bool> {
@@ -611,6 +704,7 @@ impl Store for SqliteStore {
                 [update_id],
             )
             .context("unparking an update")?;
+        self.written()?;
         Ok(removed > 0)
     }
 
@@ -619,6 +713,7 @@ impl Store for SqliteStore {
             .lock()
             .execute("DELETE FROM dead_letters WHERE update_id = ?1", [update_id])
             .context("removing a dead letter")?;
+        self.written()?;
         Ok(removed > 0)
     }
 
@@ -740,6 +835,7 @@ impl SqliteStore {
         let now = Instant::now();
         Ok(BatchWriter {
             connection,
+            watch: self.watch(),
             retention_secs: self.retention_secs,
             nonce_keep_secs,
             prune_every,
@@ -750,6 +846,7 @@ impl SqliteStore {
             wal_is_empty: false,
             logged: logged as usize,
             oldest_logged,
+            merge_after: None,
         })
     }
 }
@@ -780,6 +877,8 @@ impl SqliteStore {
 /// stalled commits).
 pub(super) struct BatchWriter {
     connection: Connection,
+    /// The claimed file, checked after each batch (see [`FileWatch`]).
+    watch: Option<Arc<FileWatch>>,
     retention_secs: i64,
     nonce_keep_secs: i64,
     prune_every: Duration,
@@ -791,12 +890,16 @@ pub(super) struct BatchWriter {
     /// Rows in `nonce_log`, and the oldest one's time.
     logged: usize,
     oldest_logged: Option<i64>,
+    /// A merge that failed (a full disk) is tried again after this.
+    merge_after: Option<Instant>,
 }
 
 /// Nonces logged before they are merged into a run: the log a lookup scans
 /// stays under a millisecond, and a merge (sorting them into a run) takes a
 /// few.
 const MERGE_ROWS: usize = 16_384;
+/// How long after a failed merge (a full disk) the next one is tried.
+const MERGE_RETRY: Duration = Duration::from_secs(1);
 
 impl BatchWriter {
     /// Sorts the nonce log into a new run and empties it.
@@ -831,6 +934,9 @@ impl BatchWriter {
     /// Whether the nonce log is due to be merged: full, or holding a nonce
     /// for half its keep time (so runs expire about when their nonces do).
     fn merge_due(&self) -> bool {
+        if self.merge_after.is_some_and(|after| Instant::now() < after) {
+            return false;
+        }
         self.logged >= MERGE_ROWS
             || self
                 .oldest_logged
@@ -907,8 +1013,9 @@ impl BatchWriter {
     }
 }
 
-impl Sink<Write> for BatchWriter {
-    fn commit(&mut self, writes: &[Write]) -> anyhow::Result<()> {
+impl BatchWriter {
+    /// One batch, one transaction; then the file is checked (see [`FileWatch`]).
+    fn commit_batch(&mut self, writes: &[Write]) -> anyhow::Result<()> {
         let transaction = self
             .connection
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -942,6 +1049,10 @@ impl Sink<Write> for BatchWriter {
             }
         }
         transaction.commit()?;
+        // Committed into a file that is gone is not written.
+        if let Some(watch) = &self.watch {
+            watch.check()?;
+        }
         self.logged += logged;
         if let Some(oldest) = oldest {
             self.oldest_logged = Some(self.oldest_logged.map_or(oldest, |known| known.min(oldest)));
@@ -950,13 +1061,35 @@ impl Sink<Write> for BatchWriter {
         self.wal_is_empty = false;
         Ok(())
     }
+}
+
+impl Sink<Write> for BatchWriter {
+    /// SQLite's error as one phrase ("database or disk is full"), not
+    /// followed by its code's text, which says the same again.
+    fn commit(&mut self, writes: &[Write]) -> anyhow::Result<()> {
+        self.commit_batch(writes)
+            .map_err(|error| match error.downcast::<rusqlite::Error>() {
+                Ok(sqlite) => anyhow::anyhow!("{sqlite}"),
+                Err(other) => other,
+            })
+    }
 
     fn maintain(&mut self) -> Instant {
         let now = Instant::now();
-        if self.merge_due()
-            && let Err(error) = self.merge_nonce_log()
+        // Noticed while idle too, not only at the next batch.
+        if let Some(watch) = &self.watch
+            && watch.check().is_err()
         {
-            tracing::warn!("merging webhook nonces failed (tried again later): {error:#}");
+            return now + self.checkpoint_every;
+        }
+        if self.merge_due() {
+            match self.merge_nonce_log() {
+                Ok(()) => self.merge_after = None,
+                Err(error) => {
+                    tracing::warn!("merging webhook nonces failed (tried again later): {error:#}");
+                    self.merge_after = Some(now + MERGE_RETRY);
+                }
+            }
         }
         if now >= self.next_checkpoint {
             self.checkpoint();
@@ -975,7 +1108,7 @@ impl Sink<Write> for BatchWriter {
         }
         // A full log is merged after the next batch, not a checkpoint later.
         let next = self.next_prune.min(self.next_checkpoint);
-        if self.logged >= MERGE_ROWS {
+        if self.merge_due() {
             next.min(now + Duration::from_millis(1))
         } else {
             next
@@ -985,6 +1118,23 @@ impl Sink<Write> for BatchWriter {
     fn finish(&mut self) {
         self.committed_since_checkpoint = false;
         self.checkpoint();
+    }
+
+    /// "3 handled ids and 5 nonces".
+    fn describe(&self, writes: &[Write]) -> String {
+        let handled = writes
+            .iter()
+            .filter(|write| matches!(write, Write::Handled { .. }))
+            .count();
+        let nonces = writes.len() - handled;
+        let plural = |count: usize, one: &str, many: &str| {
+            format!("{count} {}", if count == 1 { one } else { many })
+        };
+        format!(
+            "{} and {}",
+            plural(handled, "handled id", "handled ids"),
+            plural(nonces, "nonce", "nonces")
+        )
     }
 }
 
@@ -1415,6 +1565,42 @@ mod tests {
             store.check_nonce("n1", "7", now, 300).unwrap(),
             NonceCheck::Fresh
         );
+    }
+
+    #[test]
+    fn a_claimed_file_deleted_or_replaced_fails_every_later_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let store = SqliteStore::open(&path, &BotIdentity::for_tests("t1")).unwrap();
+        store.claim_exclusive("polling").unwrap();
+        store.mark_handled(1, "replied").unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let error = store.mark_handled(2, "replied").unwrap_err();
+        assert!(super::super::is_gone(&error), "{error:#}");
+        assert!(
+            format!("{error:#}").contains(&format!(
+                "the state file {} was deleted (or moved) while fly ran",
+                path.display()
+            )),
+            "{error:#}"
+        );
+        // Once and for all, whatever the next write.
+        assert!(super::super::is_gone(&store.advance_offset(3).unwrap_err()));
+
+        // Another file put in its place.
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(&path, &BotIdentity::for_tests("t1")).unwrap();
+        store.claim_exclusive("polling").unwrap();
+        std::fs::copy(&path, dir.path().join("copy.db")).unwrap();
+        std::fs::rename(dir.path().join("copy.db"), &path).unwrap();
+        let error = store.mark_handled(1, "replied").unwrap_err();
+        assert!(super::super::is_gone(&error), "{error:#}");
+
+        // A store not claimed (fly dead-letters) watches nothing.
+        let path = dir.path().join("u.db");
+        let store = SqliteStore::open(&path, &BotIdentity::for_tests("t1")).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        store.mark_handled(1, "replied").unwrap();
     }
 
     #[test]

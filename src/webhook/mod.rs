@@ -9,8 +9,10 @@
 //! delivers again). A fatal error (an `--exec` handler that cannot run, a
 //! refused token) is answered 500 too, and stops the server as a signal does,
 //! with the error as the process's one error line. A shared state store
-//! (Redis) that is out of reach makes a delivery 503, and `GET /readyz` 503
-//! while `GET /healthz` stays 200.
+//! (Redis) that is out of reach, or a state file that cannot be written (a
+//! full disk), makes a delivery 503, and `GET /readyz` 503 while `GET
+//! /healthz` stays 200. A state file deleted under the server stops it, as a
+//! fatal error does.
 //!
 //! **The rule: no blocking call on the async I/O threads.** They parse,
 //! verify (microseconds of CPU) and ask the store only what it answers
@@ -114,6 +116,8 @@ pub fn run_until_signal(
         }
     });
     let grace = shutdown.grace();
+    let watched = Arc::clone(&store);
+    let raising = Arc::clone(&fatal);
     let served = runtime.block_on(async move {
         let stop = async move {
             let _ = stop_received.await;
@@ -125,6 +129,18 @@ pub fn run_until_signal(
         };
         crate::output::print_line(&url)?;
         tracing::info!(%url, "receiving webhook deliveries");
+        // A state file deleted under the server stops it even while no
+        // delivery comes (the store notices; this asks it, from memory).
+        let watching = tokio::spawn(async move {
+            let mut every = tokio::time::interval(GONE_CHECK_EVERY);
+            loop {
+                every.tick().await;
+                if let Some(error) = watched.gone() {
+                    raising.raise(error);
+                    return;
+                }
+            }
+        });
         http_server::serve(
             listener,
             tls,
@@ -133,6 +149,7 @@ pub fn run_until_signal(
             stop,
         )
         .await;
+        watching.abort();
         anyhow::Ok(())
     });
     // Requests still in flight after the drain are given up on (handlers
@@ -146,15 +163,18 @@ pub fn run_until_signal(
     runtime.shutdown_timeout(ABANDON_GRACE);
     // No delivery is in hand any more: long-lived workers can go.
     handler.close();
-    // What was answered is on disk before the process ends.
-    if let Err(error) = store.flush() {
-        tracing::error!("the state store could not save its last writes: {error:#}");
-    }
+    // What was answered is on disk before the process ends, or the exit
+    // says what is not (a full disk: exit 1).
+    let flushed = store.flush();
     drop(store);
     served?;
     if let Some(error) = fatal.take() {
+        if let Err(unwritten) = flushed {
+            tracing::error!("{unwritten:#}");
+        }
         return Err(error);
     }
+    flushed?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -194,6 +214,9 @@ impl FatalStop {
         lock(&self.error).take()
     }
 }
+
+/// How often the server asks whether its state file is gone.
+const GONE_CHECK_EVERY: Duration = Duration::from_millis(200);
 
 /// Time left, after handlers are abandoned, for their requests to be answered.
 const ANSWER_TIME: Duration = Duration::from_secs(1);

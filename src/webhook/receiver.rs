@@ -10,7 +10,7 @@ use crate::api::Update;
 use crate::bot::{HandleError, Handler, record_dead_letter};
 use crate::clock::unix_now;
 use crate::signature::{Verdict, Verifier, json, python};
-use crate::state::{Admission, Claim, Delivery, Pending, Store, is_unavailable};
+use crate::state::{Admission, Claim, Delivery, Pending, Store, is_gone, is_unavailable};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -180,8 +180,19 @@ impl Receiver {
             Ok(Guarded::Duplicate) => (StatusCode::OK, "DUPLICATE"),
             Ok(Guarded::NonceReused) => (StatusCode::UNAUTHORIZED, "NONCE_REUSED"),
             Ok(Guarded::InProgress) => (StatusCode::CONFLICT, "IN_PROGRESS"),
-            Err(error) => store_failed(error),
+            Err(error) => self.store_failed(error),
         }
+    }
+
+    /// [`store_failed`], and a state file deleted while fly ran stops the
+    /// server (nothing more can be recorded): answered 503, so the platform
+    /// delivers it again, to the next server.
+    fn store_failed(&self, error: anyhow::Error) -> (StatusCode, &'static str) {
+        if is_gone(&error) {
+            self.fatal.raise(error);
+            return (StatusCode::SERVICE_UNAVAILABLE, "STATE_STORE_UNAVAILABLE");
+        }
+        store_failed(error)
     }
 
     fn guard(&self, admission: Admission) -> Guarded {
@@ -207,7 +218,7 @@ impl Receiver {
                 );
                 (StatusCode::OK, "DEAD_LETTER")
             }
-            Err(error) => store_failed(error),
+            Err(error) => self.store_failed(error),
         }
     }
 
@@ -242,7 +253,7 @@ impl Receiver {
         wait: Pending,
     ) -> (StatusCode, &'static str) {
         if let Err(error) = committed(wait).await {
-            return store_failed(error);
+            return self.store_failed(error);
         }
         // Nothing to answer, and a store that marks in memory: done here.
         // Should either say otherwise, the update takes the worker pool
@@ -256,7 +267,7 @@ impl Receiver {
             drop(claim);
             return match marked {
                 Ok(()) => (StatusCode::OK, "OK"),
-                Err(error) => store_failed(error),
+                Err(error) => self.store_failed(error),
             };
         }
         let handler = Arc::clone(&self.handler);
@@ -294,7 +305,9 @@ impl Receiver {
             Ok(Ok(answer)) => (StatusCode::OK, answer),
             // Replied, but not recorded: the platform delivers again, and
             // the repeated reply is absorbed by its client_msg_id.
-            Ok(Err(HandleError::Retry(error))) if is_unavailable(&error) => store_failed(error),
+            Ok(Err(HandleError::Retry(error))) if is_unavailable(&error) || is_gone(&error) => {
+                self.store_failed(error)
+            }
             Ok(Err(HandleError::Retry(error))) => {
                 tracing::error!("reply not sent, the platform will deliver again: {error:#}");
                 (StatusCode::INTERNAL_SERVER_ERROR, "REPLY_FAILED")
@@ -376,8 +389,9 @@ impl Drop for ClaimGuard {
     }
 }
 
-/// 503 while the store is out of reach (the outage is logged once, by the
-/// store), else 500: either way the platform delivers again.
+/// 503 while the store is out of reach or cannot write (the outage is
+/// logged once, by the store), else 500: either way the platform delivers
+/// again.
 fn store_failed(error: anyhow::Error) -> (StatusCode, &'static str) {
     if is_unavailable(&error) {
         tracing::debug!("{error:#}");

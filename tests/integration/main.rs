@@ -10,6 +10,7 @@ mod emulator;
 mod exec;
 mod fetch_media;
 mod forward;
+mod full_disk;
 mod handler_bounds;
 mod intake;
 mod parking;

@@ -97,7 +97,7 @@ impl Server {
     }
 
     /// SIGTERM, as a service manager stops it.
-    fn terminate(&self) {
+    pub(crate) fn terminate(&self) {
         let sent = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
@@ -105,7 +105,7 @@ impl Server {
         assert!(sent.success());
     }
 
-    fn wait_for_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+    pub(crate) fn wait_for_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
         crate::common::wait_for_exit(&mut self.child, limit)
     }
 }
@@ -753,7 +753,7 @@ pub(crate) fn signed_here(update_id: i64, kind: &str, payload: &str, nonce: &str
 }
 
 /// A callback query (confirmed, not answered).
-fn signed_callback(update_id: i64, nonce: &str) -> String {
+pub(crate) fn signed_callback(update_id: i64, nonce: &str) -> String {
     let payload = format!(r#"{{"data":"tap","id":"cb_{update_id}"}}"#);
     signed_here(update_id, "callback_query", &payload, nonce)
 }
