@@ -242,6 +242,21 @@ pub trait Store: Send + Sync {
     /// Forgets a parked update (handled at last); whether there was one.
     fn unpark(&self, update_id: i64) -> anyhow::Result<bool>;
 
+    /// At most `limit` parked updates with an id above `after`, by id: a
+    /// parked chat's later updates wait here, not in the poller's memory,
+    /// and are read back a page at a time. Provided from `dead_letters`; a
+    /// backend may read only the page.
+    fn parked_after(&self, after: i64, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
+        let mut parked: Vec<DeadLetter> = self
+            .dead_letters()?
+            .into_iter()
+            .filter(|letter| letter.parked && letter.update_id.is_some_and(|id| id > after))
+            .collect();
+        parked.sort_by_key(|letter| letter.update_id);
+        parked.truncate(limit);
+        Ok(parked)
+    }
+
     /// Forgets the dead or parked update `update_id`; whether there was one.
     fn forget_dead_letter(&self, update_id: i64) -> anyhow::Result<bool>;
 

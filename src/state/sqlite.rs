@@ -570,6 +570,27 @@ impl Store for SqliteStore {
         Ok(letters)
     }
 
+    fn parked_after(&self, after: i64, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
+        let connection = self.lock();
+        let mut statement = connection.prepare(
+            "SELECT update_id, reason, raw, recorded_at FROM dead_letters \
+             WHERE parked = 1 AND update_id > ?1 ORDER BY update_id LIMIT ?2",
+        )?;
+        let letters = statement
+            .query_map(params![after, limit as i64], |row| {
+                Ok(DeadLetter {
+                    update_id: row.get(0)?,
+                    reason: row.get(1)?,
+                    raw: row.get(2)?,
+                    recorded_at: row.get(3)?,
+                    parked: true,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()
+            .context("reading parked updates")?;
+        Ok(letters)
+    }
+
     fn purge_dead_letters(&self) -> anyhow::Result<usize> {
         self.lock()
             .execute("DELETE FROM dead_letters WHERE parked = 0", [])
