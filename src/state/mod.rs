@@ -346,6 +346,9 @@ struct LeaseState {
     /// until the process exits).
     confirmed: Option<(Instant, Duration)>,
     listeners: Vec<LostListener>,
+    /// The last renewal failed (the store did not answer): a lapse then
+    /// says the store was away, not that this process was paused.
+    renewal_failed: bool,
 }
 
 impl LeaseWatch {
@@ -355,6 +358,7 @@ impl LeaseWatch {
                 lost: false,
                 confirmed,
                 listeners: Vec::new(),
+                renewal_failed: false,
             }),
         })
     }
@@ -362,9 +366,26 @@ impl LeaseWatch {
     /// The lease was renewed by a call that started at `at`.
     pub fn confirmed_at(&self, at: Instant) {
         let mut state = lock(&self.state);
+        state.renewal_failed = false;
         if let Some((last, _)) = state.confirmed.as_mut() {
             *last = (*last).max(at);
         }
+    }
+
+    /// A renewal failed for want of the store.
+    pub fn renewal_failed(&self) {
+        lock(&self.state).renewal_failed = true;
+    }
+
+    /// How long the lease went without a renewal, when it ran out with
+    /// every renewal answered: the process (or its renewal thread) did not
+    /// run for that long, paused (SIGSTOP, a suspended machine). `None`
+    /// while it is current, or when the store did not answer.
+    pub fn lapsed_in_a_pause(&self) -> Option<Duration> {
+        let state = lock(&self.state);
+        let (at, valid_for) = state.confirmed?;
+        let unrenewed = at.elapsed();
+        (unrenewed >= valid_for && !state.renewal_failed).then_some(unrenewed)
     }
 
     /// Whether the lease has run out since its last confirmation.
