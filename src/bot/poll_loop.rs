@@ -58,9 +58,11 @@ const PARKED_FIRST_RETRY: Duration = Duration::from_secs(10);
 /// Between two polls that do not wait (`--poll-timeout 0`) and found nothing.
 const SHORT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The parked updates of one chat held in memory at most: the rest wait in
-/// the store and are read back when these are done.
+/// The parked updates of one chat held in memory at most, and their bytes
+/// (one larger update is held alone): the rest wait in the store and are
+/// read back when these are done.
 const PARKED_IN_MEMORY: usize = 64;
+const PARKED_IN_MEMORY_BYTES: usize = 4 * 1024 * 1024;
 
 /// Parked updates read from the store in one call, looking for a chat's.
 const PARKED_PAGE: usize = 256;
@@ -598,9 +600,12 @@ impl Scheduler {
     fn load_parked(&self, store: &dyn Store) -> anyhow::Result<usize> {
         let mut count = 0;
         let mut after = i64::MIN;
+        let mut held_bytes: HashMap<String, usize> = HashMap::new();
         loop {
             let page = store.parked_after(after, PARKED_PAGE)?;
-            let full = page.len() == PARKED_PAGE;
+            if page.is_empty() {
+                return Ok(count);
+            }
             let mut state = self.lock();
             for letter in page {
                 let Some(update_id) = letter.update_id else {
@@ -616,11 +621,15 @@ impl Scheduler {
                 };
                 count += 1;
                 let chat = chat_label(&update);
+                let held = held_bytes.entry(chat.clone()).or_default();
                 let queue = state.chats.entry(chat.clone()).or_default();
-                if queue.spilled.is_some() || queue.updates.len() >= PARKED_IN_MEMORY {
+                let full = queue.updates.len() >= PARKED_IN_MEMORY
+                    || (*held > 0 && *held + update.raw.len() > PARKED_IN_MEMORY_BYTES);
+                if queue.spilled.is_some() || full {
                     queue.spilled = Some(update_id);
                     continue;
                 }
+                *held += update.raw.len();
                 if queue.updates.is_empty() {
                     state.ready.insert((update_id, chat.clone()));
                 }
@@ -631,9 +640,6 @@ impl Scheduler {
                 state.parked.insert(update_id);
             }
             self.notify(&mut state);
-            if !full {
-                return Ok(count);
-            }
         }
     }
 
@@ -1008,18 +1014,22 @@ fn read_parked(letter: &crate::state::DeadLetter, update_id: i64) -> Option<Upda
     (update.update_id == update_id).then_some(update)
 }
 
-/// The first parked updates of `chat` with an id above `after`, at most
-/// [`PARKED_IN_MEMORY`], in id order, and whether they are all it has.
+/// The first parked updates of `chat` with an id above `after` (at most
+/// [`PARKED_IN_MEMORY`] and [`PARKED_IN_MEMORY_BYTES`]), in id order, and
+/// whether they are all it has.
 fn parked_of_chat(
     store: &dyn Store,
     chat: &str,
     after: i64,
 ) -> anyhow::Result<(Vec<Update>, bool)> {
-    let mut loaded = Vec::new();
+    let mut loaded: Vec<Update> = Vec::new();
+    let mut bytes = 0;
     let mut after = after;
     loop {
         let page = store.parked_after(after, PARKED_PAGE)?;
-        let full = page.len() == PARKED_PAGE;
+        if page.is_empty() {
+            return Ok((loaded, true));
+        }
         for letter in page {
             let Some(update_id) = letter.update_id else {
                 continue;
@@ -1030,14 +1040,15 @@ fn parked_of_chat(
                 continue;
             };
             if chat_label(&update) == chat {
+                if !loaded.is_empty() && bytes + update.raw.len() > PARKED_IN_MEMORY_BYTES {
+                    return Ok((loaded, false));
+                }
+                bytes += update.raw.len();
                 loaded.push(update);
                 if loaded.len() == PARKED_IN_MEMORY {
                     return Ok((loaded, false));
                 }
             }
-        }
-        if !full {
-            return Ok((loaded, true));
         }
     }
 }

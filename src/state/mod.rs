@@ -139,6 +139,10 @@ pub fn is_lease_lost(error: &anyhow::Error) -> bool {
     error.downcast_ref::<LeaseLost>().is_some()
 }
 
+/// The bytes of parked updates one [`Store::parked_after`] call returns at
+/// most (one update larger than this comes alone).
+pub const PARKED_PAGE_BYTES: usize = 1024 * 1024;
+
 /// How long handled update ids are kept when nothing else is said
 /// (`--retention`): far longer than any platform redelivers an update.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -242,10 +246,11 @@ pub trait Store: Send + Sync {
     /// Forgets a parked update (handled at last); whether there was one.
     fn unpark(&self, update_id: i64) -> anyhow::Result<bool>;
 
-    /// At most `limit` parked updates with an id above `after`, by id: a
-    /// parked chat's later updates wait here, not in the poller's memory,
-    /// and are read back a page at a time. Provided from `dead_letters`; a
-    /// backend may read only the page.
+    /// The first parked updates with an id above `after`, by id: at most
+    /// `limit`, and no more than [`PARKED_PAGE_BYTES`] of them (but at least
+    /// one); empty when there are none. A parked chat's later updates wait
+    /// here, not in the poller's memory, and are read back a page at a time.
+    /// Provided from `dead_letters`; a backend may read only the page.
     fn parked_after(&self, after: i64, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
         let mut parked: Vec<DeadLetter> = self
             .dead_letters()?
@@ -253,7 +258,17 @@ pub trait Store: Send + Sync {
             .filter(|letter| letter.parked && letter.update_id.is_some_and(|id| id > after))
             .collect();
         parked.sort_by_key(|letter| letter.update_id);
-        parked.truncate(limit);
+        let mut bytes = 0;
+        let fits = parked
+            .iter()
+            .take(limit)
+            .take_while(|letter| {
+                let first = bytes == 0;
+                bytes += letter.raw.len().max(1);
+                first || bytes <= PARKED_PAGE_BYTES
+            })
+            .count();
+        parked.truncate(fits);
         Ok(parked)
     }
 
@@ -607,6 +622,35 @@ pub fn without_userinfo(url: &str) -> String {
         Some(at) => format!("{scheme}://{}{path}", &authority[at + 1..]),
         None => url.to_string(),
     }
+}
+
+/// What every store's `parked_after` must do, for the stores' tests: pages
+/// by id (not by when they were parked), parked ones only, bounded by count
+/// and by bytes, one large update alone.
+#[cfg(test)]
+pub fn check_parked_pages(store: &dyn Store) {
+    let big = format!(
+        "{{\"update_id\":0,\"pad\":\"{}\"}}",
+        "x".repeat(PARKED_PAGE_BYTES)
+    );
+    store.park(30, "{\"update_id\":30}", "why").unwrap();
+    store.park(10, "{\"update_id\":10}", "why").unwrap();
+    store
+        .record_dead_letter(Some(15), "{\"update_id\":15}", "dead")
+        .unwrap();
+    store.park(20, &big, "why").unwrap();
+    store.park(40, "{\"update_id\":40}", "why").unwrap();
+    let ids = |after: i64, limit: usize| -> Vec<Option<i64>> {
+        let page = store.parked_after(after, limit).unwrap();
+        assert!(page.iter().all(|letter| letter.parked));
+        page.iter().map(|letter| letter.update_id).collect()
+    };
+    assert_eq!(ids(i64::MIN, 1), [Some(10)]);
+    // 10, then the large one would pass the byte bound: it comes alone next.
+    assert_eq!(ids(i64::MIN, 10), [Some(10)]);
+    assert_eq!(ids(10, 10), [Some(20)]);
+    assert_eq!(ids(20, 10), [Some(30), Some(40)]);
+    assert!(ids(40, 10).is_empty());
 }
 
 #[cfg(test)]

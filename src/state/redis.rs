@@ -268,6 +268,34 @@ return count
     )
 });
 
+/// The first parked letters with an update id above ARGV[1], by id: at
+/// most ARGV[2] of them and ARGV[3] bytes (at least one). KEYS: dead,
+/// dead:order.
+static PARKED_AFTER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local after = tonumber(ARGV[1])
+local found = {}
+for _, sha in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+  local letter = redis.call('HGET', KEYS[1], sha)
+  local decoded = letter and cjson.decode(letter)
+  if decoded and decoded.parked and type(decoded.update_id) == 'number'
+    and decoded.update_id > after then
+    found[#found + 1] = {decoded.update_id, letter}
+  end
+end
+table.sort(found, function(a, b) return a[1] < b[1] end)
+local page, bytes = {}, 0
+for i, entry in ipairs(found) do
+  bytes = bytes + math.max(#entry[2], 1)
+  if i > tonumber(ARGV[2]) or (i > 1 and bytes > tonumber(ARGV[3])) then break end
+  page[i] = entry[2]
+end
+return page
+",
+    )
+});
+
 /// Records a parked update, or updates the one recorded with these bytes
 /// (a dead letter becomes parked). KEYS: dead, dead:order. ARGV: sha, letter.
 static PARK: LazyLock<Script> = LazyLock::new(|| {
@@ -1103,6 +1131,32 @@ impl Store for RedisStore {
         Ok(recorded == 1)
     }
 
+    fn parked_after(&self, after: i64, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
+        let (dead, order) = (self.keys.key("dead"), self.keys.key("dead:order"));
+        let letters = self.call(|connection| {
+            PARKED_AFTER
+                .key(&dead)
+                .key(&order)
+                .arg(after)
+                .arg(limit)
+                .arg(super::PARKED_PAGE_BYTES)
+                .invoke::<Vec<String>>(connection)
+        })?;
+        Ok(letters
+            .iter()
+            .filter_map(|text| {
+                let value: serde_json::Value = serde_json::from_str(text).ok()?;
+                Some(DeadLetter {
+                    update_id: value["update_id"].as_i64(),
+                    reason: value["reason"].as_str()?.to_string(),
+                    raw: value["raw"].as_str()?.to_string(),
+                    recorded_at: value["recorded_at"].as_i64().unwrap_or(0),
+                    parked: true,
+                })
+            })
+            .collect())
+    }
+
     fn dead_letters(&self) -> anyhow::Result<Vec<DeadLetter>> {
         let (dead, order) = (self.keys.key("dead"), self.keys.key("dead:order"));
         let letters = self.call(|connection| {
@@ -1431,6 +1485,13 @@ mod tests {
             .call(|connection| redis::cmd("GET").arg(&key).query::<String>(connection))
             .unwrap();
         assert_eq!(holder, "another-token");
+    }
+
+    #[test]
+    #[ignore = "needs redis-server"]
+    fn parked_updates_are_read_back_by_id_a_bounded_page_at_a_time() {
+        let server = Server::start();
+        crate::state::check_parked_pages(&server.store());
     }
 
     /// Deliveries, claims and nonces, as two replicas on one server see them.
