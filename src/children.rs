@@ -26,6 +26,15 @@ static RUNNING: Mutex<BTreeSet<libc::pid_t>> = Mutex::new(BTreeSet::new());
 /// fly is the subreaper of its descendants (see [`become_subreaper`]).
 static SUBREAPER: AtomicBool = AtomicBool::new(false);
 
+/// A handler was started: only then can fly have descendants to stop (it
+/// starts no other process).
+static HAD_HANDLERS: AtomicBool = AtomicBool::new(false);
+
+/// Whether fly, as the subreaper, has descendants of handlers to look for.
+fn reaping() -> bool {
+    SUBREAPER.load(Ordering::SeqCst) && HAD_HANDLERS.load(Ordering::SeqCst)
+}
+
 /// How often orphans that ended are reaped while fly runs.
 const REAP_EVERY: Duration = Duration::from_secs(5);
 
@@ -50,6 +59,7 @@ impl Group {
     pub fn register(pid: u32) -> Option<Group> {
         let id = libc::pid_t::try_from(pid).ok()?;
         lock(&RUNNING).insert(id);
+        HAD_HANDLERS.store(true, Ordering::SeqCst);
         start_reaping();
         Some(Group { id, reaped: false })
     }
@@ -87,7 +97,7 @@ pub fn kill_all() {
     for id in running {
         kill_group(id);
     }
-    if SUBREAPER.load(Ordering::SeqCst) {
+    if reaping() {
         kill_descendants();
     }
 }
@@ -100,7 +110,7 @@ pub struct KillAllOnDrop;
 impl Drop for KillAllOnDrop {
     fn drop(&mut self) {
         kill_all();
-        if SUBREAPER.load(Ordering::SeqCst) {
+        if reaping() {
             reap_killed(Instant::now() + FINAL_REAP_WAIT);
         }
     }
@@ -125,7 +135,7 @@ pub fn become_subreaper() {
 /// handler is registered (commands without handlers need none).
 fn start_reaping() {
     static STARTED: std::sync::Once = std::sync::Once::new();
-    if !SUBREAPER.load(Ordering::SeqCst) {
+    if !reaping() {
         return;
     }
     STARTED.call_once(|| {
