@@ -26,6 +26,9 @@ fn main() -> ExitCode {
     // Whatever way main ends (a result, an error, a panic unwinding), no
     // handler process outlives fly.
     let _handlers = children::KillAllOnDrop;
+    // And a process a handler started outside its group (`setsid cmd &`)
+    // is still fly's to stop: it comes to fly when its parent exits.
+    children::become_subreaper();
     let cli = match cli::Cli::parse_args() {
         Ok(cli) => cli,
         Err(error) => return report_usage_error(error),

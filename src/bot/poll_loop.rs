@@ -22,6 +22,11 @@
 //! backoff, also after a restart (they are loaded from the store), and
 //! unparked when handled. So the rule is: the offset never passes an update
 //! that is neither finished nor recorded in the store.
+//!
+//! Memory stays bounded while a chat is parked: only its front update is
+//! held; the ones behind it, and every later one that comes while it is
+//! parked, are in the store alone, and are read back a batch at a time, in
+//! id order, once the chat moves again.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,6 +57,15 @@ const PARKED_FIRST_RETRY: Duration = Duration::from_secs(10);
 
 /// Between two polls that do not wait (`--poll-timeout 0`) and found nothing.
 const SHORT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The parked updates of one chat held in memory at most, and their bytes
+/// (one larger update is held alone): the rest wait in the store and are
+/// read back when these are done.
+const PARKED_IN_MEMORY: usize = 64;
+const PARKED_IN_MEMORY_BYTES: usize = 4 * 1024 * 1024;
+
+/// Parked updates read from the store in one call, looking for a chat's.
+const PARKED_PAGE: usize = 256;
 
 #[derive(Debug, Clone)]
 pub struct PollSettings {
@@ -243,6 +257,10 @@ struct Queues {
     unfinished: BTreeSet<i64>,
     /// The unfinished ids recorded as parked in the store (a subset).
     parked: BTreeSet<i64>,
+    /// Ids of updates that wait behind a parked one of their chat, polled
+    /// but not yet (or not successfully) written to the store: the offset
+    /// stays at or below them until they are recorded.
+    spilling: BTreeSet<i64>,
     /// One past the highest id seen: the offset once nothing is unfinished.
     past_last: i64,
     busy_workers: usize,
@@ -271,16 +289,52 @@ struct ChatQueue {
     /// The front update is parked and failed again: updates that join the
     /// queue are recorded as parked too, so they cannot hold the offset.
     blocked: bool,
+    /// The highest id of this chat recorded in the store (parked) and not
+    /// held here: later updates go to the store too, behind it, and the
+    /// queue is refilled from the store when it runs empty.
+    spilled: Option<i64>,
+    /// Writes of this chat's updates to the store under way.
+    spill_writes: usize,
+    /// Updates of this chat sent to the store so far: a refill that began
+    /// before one was sent may not have seen it.
+    spill_count: u64,
+    /// The id of the last update of this chat that was done: a refill reads
+    /// the store from there.
+    last_done: i64,
+}
+
+impl ChatQueue {
+    /// Later updates of this chat go to the store, not to memory.
+    fn spills(&self) -> bool {
+        self.blocked || self.spilled.is_some()
+    }
+
+    /// `update_id` of this chat is in the store already (it came again).
+    fn has_spilled(&self, update_id: i64, spilling: &BTreeSet<i64>) -> bool {
+        self.spilled.is_some_and(|through| update_id <= through) && !spilling.contains(&update_id)
+    }
+}
+
+/// What a worker does next.
+enum Work {
+    /// Handle the front update of the chat.
+    Handle(String, Update),
+    /// Read the chat's next parked updates back from the store.
+    Refill(String),
 }
 
 impl Queues {
     /// What the next poll confirms with: every update below it is handled.
     fn offset(&self) -> i64 {
-        self.unfinished
+        let queued = self
+            .unfinished
             .iter()
             .find(|id| !self.parked.contains(id))
             .copied()
-            .unwrap_or(self.past_last)
+            .unwrap_or(self.past_last);
+        self.spilling
+            .first()
+            .map_or(queued, |&spilling| spilling.min(queued))
     }
 
     /// Updates queued or being handled that hold the offset back.
@@ -418,7 +472,14 @@ impl Scheduler {
             if update.update_id < offset {
                 continue;
             }
-            let known = self.lock().unfinished.contains(&update.update_id);
+            let known = {
+                let state = self.lock();
+                state.unfinished.contains(&update.update_id)
+                    || state
+                        .chats
+                        .get(&chat_label(&update))
+                        .is_some_and(|queue| queue.has_spilled(update.update_id, &state.spilling))
+            };
             if !known && !store.is_handled(update.update_id)? {
                 fresh.push(update);
             } else {
@@ -430,18 +491,30 @@ impl Scheduler {
         fresh.dedup_by_key(|update| update.update_id);
         let mut state = self.lock();
         let count = fresh.len();
-        let mut behind_parked = Vec::new();
+        let mut to_store = Vec::new();
         for update in fresh {
             let update_id = update.update_id;
             state.past_last = state.past_last.max(update_id.saturating_add(1));
+            // Written before and failed: decided again here.
+            state.spilling.remove(&update_id);
+            let chat = chat_label(&update);
+            if let Some(queue) = state.chats.get_mut(&chat)
+                && queue.spills()
+            {
+                // Behind a parked update of its chat: into the store, not
+                // memory; the offset waits for the write.
+                let front = queue.updates.front().map(|front| front.update_id);
+                queue.spilled = Some(queue.spilled.map_or(update_id, |s| s.max(update_id)));
+                queue.spill_writes += 1;
+                queue.spill_count += 1;
+                state.spilling.insert(update_id);
+                to_store.push((chat, update, front));
+                continue;
+            }
             if !state.unfinished.insert(update_id) {
                 continue;
             }
-            let chat = chat_label(&update);
             let queue = state.chats.entry(chat.clone()).or_default();
-            if queue.blocked {
-                behind_parked.push((update.clone(), queue.updates.front().map(|f| f.update_id)));
-            }
             queue.updates.push_back(update);
             let startable = queue.updates.len() == 1 && !queue.busy && queue.retry_at.is_none();
             if startable {
@@ -450,8 +523,48 @@ impl Scheduler {
         }
         self.notify(&mut state);
         drop(state);
-        self.park_waiting(store, behind_parked)?;
+        self.store_behind_parked(store, to_store)?;
         Ok(count)
+    }
+
+    /// Records the updates that came for a parked chat as parked, in id
+    /// order, and lets the offset pass each once it is. The first write
+    /// that fails stops the rest: they stay below the offset and come again.
+    fn store_behind_parked(
+        &self,
+        store: &dyn Store,
+        updates: Vec<(String, Update, Option<i64>)>,
+    ) -> anyhow::Result<()> {
+        let mut updates = updates.into_iter();
+        let mut result = Ok(());
+        for (chat, update, front) in updates.by_ref() {
+            let reason = match front {
+                Some(front) => format!("waiting behind parked update {front} of its chat"),
+                None => "waiting behind a parked update of its chat".to_string(),
+            };
+            let written = store.park(update.update_id, &update.raw, &reason);
+            let mut state = self.lock();
+            if let Some(queue) = state.chats.get_mut(&chat) {
+                queue.spill_writes = queue.spill_writes.saturating_sub(1);
+            }
+            if written.is_ok() {
+                state.spilling.remove(&update.update_id);
+            }
+            self.notify(&mut state);
+            if let Err(error) = written {
+                result = Err(error);
+                break;
+            }
+        }
+        // Not written: they come again with the next poll.
+        let mut state = self.lock();
+        for (chat, _, _) in updates {
+            if let Some(queue) = state.chats.get_mut(&chat) {
+                queue.spill_writes = queue.spill_writes.saturating_sub(1);
+            }
+        }
+        self.notify(&mut state);
+        result
     }
 
     /// Records updates that wait behind a parked one of their chat as parked
@@ -482,52 +595,137 @@ impl Scheduler {
     }
 
     /// The updates parked by an earlier run, back in their chats' queues
-    /// (in id order, ahead of anything polled) and tried at once.
+    /// (in id order, ahead of anything polled) and tried at once: the first
+    /// [`PARKED_IN_MEMORY`] of each chat; the rest are read back later.
     fn load_parked(&self, store: &dyn Store) -> anyhow::Result<usize> {
-        let mut loaded = Vec::new();
-        for letter in store.dead_letters()? {
-            let Some(update_id) = letter.update_id.filter(|_| letter.parked) else {
-                continue;
-            };
-            let read = crate::signature::parse(&letter.raw)
-                .map_err(|error| anyhow!("{error}"))
-                .and_then(|parsed| {
-                    Update::read(&parsed, &letter.raw).map_err(|e| anyhow!(e.reason))
-                });
-            match read {
-                Ok(update) if update.update_id == update_id => loaded.push(update),
-                Ok(_) | Err(_) => {
+        let mut count = 0;
+        let mut after = i64::MIN;
+        let mut held_bytes: HashMap<String, usize> = HashMap::new();
+        loop {
+            let page = store.parked_after(after, PARKED_PAGE)?;
+            if page.is_empty() {
+                return Ok(count);
+            }
+            let mut state = self.lock();
+            for letter in page {
+                let Some(update_id) = letter.update_id else {
+                    continue;
+                };
+                after = update_id;
+                let Some(update) = read_parked(&letter, update_id) else {
                     tracing::warn!(
                         update_id,
                         "a parked update could not be read back; left in the store"
                     );
+                    continue;
+                };
+                count += 1;
+                let chat = chat_label(&update);
+                let held = held_bytes.entry(chat.clone()).or_default();
+                let queue = state.chats.entry(chat.clone()).or_default();
+                let full = queue.updates.len() >= PARKED_IN_MEMORY
+                    || (*held > 0 && *held + update.raw.len() > PARKED_IN_MEMORY_BYTES);
+                if queue.spilled.is_some() || full {
+                    queue.spilled = Some(update_id);
+                    continue;
                 }
+                *held += update.raw.len();
+                if queue.updates.is_empty() {
+                    state.ready.insert((update_id, chat.clone()));
+                }
+                if let Some(queue) = state.chats.get_mut(&chat) {
+                    queue.updates.push_back(update);
+                }
+                state.unfinished.insert(update_id);
+                state.parked.insert(update_id);
             }
+            self.notify(&mut state);
         }
-        loaded.sort_by_key(|update| update.update_id);
+    }
+
+    /// Reads the next parked updates of `chat` (after its last done one)
+    /// back from the store into its empty queue.
+    fn refill(&self, store: &dyn Store, chat: &str) {
+        // Whether every update of the chat sent to the store was written
+        // before the read began, and none was sent while it ran.
+        let (after, written_before) =
+            self.lock()
+                .chats
+                .get(chat)
+                .map_or((i64::MIN, None), |queue| {
+                    let settled = (queue.spill_writes == 0).then_some(queue.spill_count);
+                    (queue.last_done, settled)
+                });
+        let read = parked_of_chat(store, chat, after);
         let mut state = self.lock();
-        let count = loaded.len();
-        for update in loaded {
-            let update_id = update.update_id;
-            if !state.unfinished.insert(update_id) {
-                continue;
+        state.busy_workers -= 1;
+        let Queues {
+            chats,
+            ready,
+            unfinished,
+            parked,
+            ..
+        } = &mut *state;
+        let Some(queue) = chats.get_mut(chat) else {
+            self.notify(&mut state);
+            return;
+        };
+        queue.busy = false;
+        match read {
+            Ok((loaded, complete)) => {
+                if !loaded.is_empty() {
+                    tracing::debug!(
+                        chat,
+                        count = loaded.len(),
+                        "parked updates read back from the store"
+                    );
+                }
+                for update in loaded {
+                    if unfinished.insert(update.update_id) {
+                        parked.insert(update.update_id);
+                        queue.updates.push_back(update);
+                    }
+                }
+                if complete && written_before == Some(queue.spill_count) {
+                    queue.spilled = None;
+                }
+                match queue.updates.front() {
+                    Some(front) => {
+                        ready.insert((front.update_id, chat.to_string()));
+                    }
+                    None if !queue.spills() => {
+                        chats.remove(chat);
+                    }
+                    // A write of this chat's was under way: read again soon.
+                    None => queue.retry_at = Some(Instant::now() + REPOLL_INTERVAL),
+                }
+                self.notify(&mut state);
             }
-            state.parked.insert(update_id);
-            let chat = chat_label(&update);
-            let queue = state.chats.entry(chat.clone()).or_default();
-            queue.updates.push_back(update);
-            if queue.updates.len() == 1 {
-                state.ready.insert((update_id, chat));
+            Err(error) if is_unavailable(&error) => {
+                tracing::debug!(chat, "parked updates not read back: {error:#}");
+                let jitter = STORE_RETRY.mul_f64(crate::random::unit());
+                queue.retry_at = Some(Instant::now() + STORE_RETRY + jitter);
+                self.notify(&mut state);
+            }
+            Err(error) => {
+                self.notify(&mut state);
+                drop(state);
+                self.fail(error);
             }
         }
-        self.notify(&mut state);
-        Ok(count)
     }
 
     /// A worker: takes the next ready chat's front update, handles it,
     /// records the outcome; until the loop stops.
     fn work(&self, handler: &dyn Handler, store: &dyn Store, lease: &PollingLease) {
-        while let Some((chat, update)) = self.next_update() {
+        while let Some(work) = self.next_update() {
+            let (chat, update) = match work {
+                Work::Handle(chat, update) => (chat, update),
+                Work::Refill(chat) => {
+                    self.refill(store, &chat);
+                    continue;
+                }
+            };
             if !lease.is_current() {
                 // Not renewed for the lease time: another poller may have
                 // this update by now.
@@ -621,7 +819,7 @@ impl Scheduler {
                 chat,
                 attempts,
                 "update parked (see fly dead-letters): {error:#}; \
-                 later updates of its chat wait behind it, other chats go on"
+                 later updates of its chat wait behind it in the store, other chats go on"
             );
         }
         let waiting: Vec<(Update, Option<i64>)> = {
@@ -640,8 +838,9 @@ impl Scheduler {
         Ok(Done::Parked)
     }
 
-    /// Waits for an update that can start now: `None` once the loop stops.
-    fn next_update(&self) -> Option<(String, Update)> {
+    /// Waits for an update that can start now (or a parked chat to read
+    /// back): `None` once the loop stops.
+    fn next_update(&self) -> Option<Work> {
         let mut state = self.lock();
         loop {
             let at_limit = self
@@ -654,10 +853,13 @@ impl Scheduler {
             if !at_limit && let Some((_, chat)) = state.ready.pop_first() {
                 let queue = state.chats.get_mut(&chat)?;
                 queue.busy = true;
-                let update = queue.updates.front()?.clone();
+                let front = queue.updates.front().cloned();
                 state.busy_workers += 1;
+                let Some(update) = front else {
+                    return Some(Work::Refill(chat));
+                };
                 state.claimed += 1;
-                return Some((chat, update));
+                return Some(Work::Handle(chat, update));
             }
             // Chats waiting out a retry backoff become ready when it ends.
             let now = Instant::now();
@@ -667,8 +869,12 @@ impl Scheduler {
                 match queue.retry_at {
                     Some(at) if at <= now => {
                         queue.retry_at = None;
-                        if let Some(front) = queue.updates.front() {
-                            due.push((front.update_id, name.clone()));
+                        match queue.updates.front() {
+                            Some(front) => due.push((front.update_id, name.clone())),
+                            None if queue.spilled.is_some() => {
+                                due.push((queue.last_done, name.clone()));
+                            }
+                            None => {}
                         }
                     }
                     Some(at) => next_retry = Some(next_retry.map_or(at, |next| next.min(at))),
@@ -710,6 +916,7 @@ impl Scheduler {
                     unfinished.remove(&update_id);
                     parked.remove(&update_id);
                     queue.blocked = false;
+                    queue.last_done = update_id;
                     if done == Done::Finished {
                         *handled += 1;
                     } else {
@@ -719,6 +926,10 @@ impl Scheduler {
                     match queue.updates.front() {
                         Some(next) => {
                             ready.insert((next.update_id, chat.to_string()));
+                        }
+                        // The next ones wait in the store: read back first.
+                        None if queue.spilled.is_some() => {
+                            ready.insert((update_id, chat.to_string()));
                         }
                         None => {
                             chats.remove(chat);
@@ -736,6 +947,24 @@ impl Scheduler {
                     if done == Done::Parked {
                         parked.insert(update_id);
                         queue.blocked = true;
+                        // The updates behind it are recorded: only the
+                        // front stays in memory.
+                        let behind = queue.updates.iter().skip(1);
+                        if queue.updates.len() > 1
+                            && behind
+                                .clone()
+                                .all(|update| parked.contains(&update.update_id))
+                        {
+                            for update in queue.updates.drain(1..) {
+                                unfinished.remove(&update.update_id);
+                                parked.remove(&update.update_id);
+                                queue.spilled = Some(
+                                    queue
+                                        .spilled
+                                        .map_or(update.update_id, |s| s.max(update.update_id)),
+                                );
+                            }
+                        }
                     }
                     if once {
                         // Left for the next run: this chat stops here.
@@ -776,6 +1005,52 @@ enum Done {
     /// Handled, but the store could not record it (an outage): tried again
     /// shortly, not counted as a failure of the update.
     Deferred,
+}
+
+/// The update a parked record holds, if it reads as one with its id.
+fn read_parked(letter: &crate::state::DeadLetter, update_id: i64) -> Option<Update> {
+    let parsed = crate::signature::parse(&letter.raw).ok()?;
+    let update = Update::read(&parsed, &letter.raw).ok()?;
+    (update.update_id == update_id).then_some(update)
+}
+
+/// The first parked updates of `chat` with an id above `after` (at most
+/// [`PARKED_IN_MEMORY`] and [`PARKED_IN_MEMORY_BYTES`]), in id order, and
+/// whether they are all it has.
+fn parked_of_chat(
+    store: &dyn Store,
+    chat: &str,
+    after: i64,
+) -> anyhow::Result<(Vec<Update>, bool)> {
+    let mut loaded: Vec<Update> = Vec::new();
+    let mut bytes = 0;
+    let mut after = after;
+    loop {
+        let page = store.parked_after(after, PARKED_PAGE)?;
+        if page.is_empty() {
+            return Ok((loaded, true));
+        }
+        for letter in page {
+            let Some(update_id) = letter.update_id else {
+                continue;
+            };
+            after = update_id;
+            // One that cannot be read was warned of when loaded at start.
+            let Some(update) = read_parked(&letter, update_id) else {
+                continue;
+            };
+            if chat_label(&update) == chat {
+                if !loaded.is_empty() && bytes + update.raw.len() > PARKED_IN_MEMORY_BYTES {
+                    return Ok((loaded, false));
+                }
+                bytes += update.raw.len();
+                loaded.push(update);
+                if loaded.len() == PARKED_IN_MEMORY {
+                    return Ok((loaded, false));
+                }
+            }
+        }
+    }
 }
 
 /// Forgets the parked record of `update` (handled at last, or dead now).

@@ -341,7 +341,8 @@ pub fn polling_store(
         StateLocation::Redis(url) => std::sync::Arc::new(
             RedisStore::open(&url, identity)?
                 .with_retention(retention)
-                .with_lease(lease),
+                .with_lease(lease)
+                .with_outage_note("polling pauses until the state store is back"),
         ),
         StateLocation::File(path) => {
             std::sync::Arc::new(SqliteStore::open_for(identity, path)?.with_retention(retention))

@@ -57,7 +57,11 @@ pub fn run(args: ServeWebhookArgs) -> anyhow::Result<ExitCode> {
     let open_store = move || -> anyhow::Result<Arc<dyn Store>> {
         match StateLocation::from_arg(state_path) {
             StateLocation::Redis(url) => Ok(Arc::new(
-                RedisStore::open(&url, &identity)?.with_retention(retention),
+                RedisStore::open(&url, &identity)?
+                    .with_retention(retention)
+                    .with_outage_note(
+                        "webhook deliveries are answered 503 until the state store is back",
+                    ),
             )),
             StateLocation::File(path) => {
                 let file = SqliteStore::open_for(&identity, path)?.with_retention(retention);

@@ -172,6 +172,10 @@ pub fn is_lease_lost(error: &anyhow::Error) -> bool {
     error.downcast_ref::<LeaseLost>().is_some()
 }
 
+/// The bytes of parked updates one [`Store::parked_after`] call returns at
+/// most (one update larger than this comes alone).
+pub const PARKED_PAGE_BYTES: usize = 1024 * 1024;
+
 /// How long handled update ids are kept when nothing else is said
 /// (`--retention`): far longer than any platform redelivers an update.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -275,6 +279,32 @@ pub trait Store: Send + Sync {
     /// Forgets a parked update (handled at last); whether there was one.
     fn unpark(&self, update_id: i64) -> anyhow::Result<bool>;
 
+    /// The first parked updates with an id above `after`, by id: at most
+    /// `limit`, and no more than [`PARKED_PAGE_BYTES`] of them (but at least
+    /// one); empty when there are none. A parked chat's later updates wait
+    /// here, not in the poller's memory, and are read back a page at a time.
+    /// Provided from `dead_letters`; a backend may read only the page.
+    fn parked_after(&self, after: i64, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
+        let mut parked: Vec<DeadLetter> = self
+            .dead_letters()?
+            .into_iter()
+            .filter(|letter| letter.parked && letter.update_id.is_some_and(|id| id > after))
+            .collect();
+        parked.sort_by_key(|letter| letter.update_id);
+        let mut bytes = 0;
+        let fits = parked
+            .iter()
+            .take(limit)
+            .take_while(|letter| {
+                let first = bytes == 0;
+                bytes += letter.raw.len().max(1);
+                first || bytes <= PARKED_PAGE_BYTES
+            })
+            .count();
+        parked.truncate(fits);
+        Ok(parked)
+    }
+
     /// Forgets the dead or parked update `update_id`; whether there was one.
     fn forget_dead_letter(&self, update_id: i64) -> anyhow::Result<bool>;
 
@@ -371,6 +401,9 @@ struct LeaseState {
     /// until the process exits).
     confirmed: Option<(Instant, Duration)>,
     listeners: Vec<LostListener>,
+    /// The last renewal failed (the store did not answer): a lapse then
+    /// says the store was away, not that this process was paused.
+    renewal_failed: bool,
 }
 
 impl LeaseWatch {
@@ -380,6 +413,7 @@ impl LeaseWatch {
                 lost: false,
                 confirmed,
                 listeners: Vec::new(),
+                renewal_failed: false,
             }),
         })
     }
@@ -387,9 +421,26 @@ impl LeaseWatch {
     /// The lease was renewed by a call that started at `at`.
     pub fn confirmed_at(&self, at: Instant) {
         let mut state = lock(&self.state);
+        state.renewal_failed = false;
         if let Some((last, _)) = state.confirmed.as_mut() {
             *last = (*last).max(at);
         }
+    }
+
+    /// A renewal failed for want of the store.
+    pub fn renewal_failed(&self) {
+        lock(&self.state).renewal_failed = true;
+    }
+
+    /// How long the lease went without a renewal, when it ran out with
+    /// every renewal answered: the process (or its renewal thread) did not
+    /// run for that long, paused (SIGSTOP, a suspended machine). `None`
+    /// while it is current, or when the store did not answer.
+    pub fn lapsed_in_a_pause(&self) -> Option<Duration> {
+        let state = lock(&self.state);
+        let (at, valid_for) = state.confirmed?;
+        let unrenewed = at.elapsed();
+        (unrenewed >= valid_for && !state.renewal_failed).then_some(unrenewed)
     }
 
     /// Whether the lease has run out since its last confirmation.
@@ -611,6 +662,35 @@ pub fn without_userinfo(url: &str) -> String {
         Some(at) => format!("{scheme}://{}{path}", &authority[at + 1..]),
         None => url.to_string(),
     }
+}
+
+/// What every store's `parked_after` must do, for the stores' tests: pages
+/// by id (not by when they were parked), parked ones only, bounded by count
+/// and by bytes, one large update alone.
+#[cfg(test)]
+pub fn check_parked_pages(store: &dyn Store) {
+    let big = format!(
+        "{{\"update_id\":0,\"pad\":\"{}\"}}",
+        "x".repeat(PARKED_PAGE_BYTES)
+    );
+    store.park(30, "{\"update_id\":30}", "why").unwrap();
+    store.park(10, "{\"update_id\":10}", "why").unwrap();
+    store
+        .record_dead_letter(Some(15), "{\"update_id\":15}", "dead")
+        .unwrap();
+    store.park(20, &big, "why").unwrap();
+    store.park(40, "{\"update_id\":40}", "why").unwrap();
+    let ids = |after: i64, limit: usize| -> Vec<Option<i64>> {
+        let page = store.parked_after(after, limit).unwrap();
+        assert!(page.iter().all(|letter| letter.parked));
+        page.iter().map(|letter| letter.update_id).collect()
+    };
+    assert_eq!(ids(i64::MIN, 1), [Some(10)]);
+    // 10, then the large one would pass the byte bound: it comes alone next.
+    assert_eq!(ids(i64::MIN, 10), [Some(10)]);
+    assert_eq!(ids(10, 10), [Some(20)]);
+    assert_eq!(ids(20, 10), [Some(30), Some(40)]);
+    assert!(ids(40, 10).is_empty());
 }
 
 #[cfg(test)]

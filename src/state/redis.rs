@@ -157,6 +157,56 @@ return 0
     )
 });
 
+/// Hands a lease still held under this process's previous token to its new
+/// one. KEYS: lease. ARGV: old token, new token, lease ms.
+static TAKE_BACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+",
+    )
+});
+
+/// A polling lease token: random, then who holds it (`:pid@host`), so that
+/// a poller standing by can say which process polls.
+fn lease_token() -> String {
+    let mut host = [0u8; 256];
+    // SAFETY: gethostname(2) writes at most the given length into the buffer.
+    let named = unsafe { libc::gethostname(host.as_mut_ptr().cast(), host.len()) } == 0;
+    let end = host
+        .iter()
+        .position(|&byte| byte == 0)
+        .unwrap_or(host.len());
+    let host = if named {
+        String::from_utf8_lossy(&host[..end]).into_owned()
+    } else {
+        "?".to_string()
+    };
+    format!(
+        "{}:{}@{host}",
+        crate::random::hex_id(16),
+        std::process::id()
+    )
+}
+
+/// Who holds a lease, from its token, for a log line.
+fn lease_holder(token: &str) -> String {
+    match token
+        .split_once(':')
+        .and_then(|(_, who)| who.split_once('@'))
+    {
+        Some((pid, host)) if !pid.is_empty() => {
+            let host: String = host.chars().filter(|c| !c.is_control()).take(64).collect();
+            format!("another fly process (pid {pid} on {host})")
+        }
+        _ => "another fly process".to_string(),
+    }
+}
+
 /// Moves the offset forward, never back; fenced by the lease when a token
 /// is given. KEYS: lease, offset. ARGV: token (or ""), offset. Returns -1
 /// when the lease is not ours.
@@ -264,6 +314,34 @@ for _, sha in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
   end
 end
 return count
+",
+    )
+});
+
+/// The first parked letters with an update id above ARGV[1], by id: at
+/// most ARGV[2] of them and ARGV[3] bytes (at least one). KEYS: dead,
+/// dead:order.
+static PARKED_AFTER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local after = tonumber(ARGV[1])
+local found = {}
+for _, sha in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+  local letter = redis.call('HGET', KEYS[1], sha)
+  local decoded = letter and cjson.decode(letter)
+  if decoded and decoded.parked and type(decoded.update_id) == 'number'
+    and decoded.update_id > after then
+    found[#found + 1] = {decoded.update_id, letter}
+  end
+end
+table.sort(found, function(a, b) return a[1] < b[1] end)
+local page, bytes = {}, 0
+for i, entry in ipairs(found) do
+  bytes = bytes + math.max(#entry[2], 1)
+  if i > tonumber(ARGV[2]) or (i > 1 and bytes > tonumber(ARGV[3])) then break end
+  page[i] = entry[2]
+end
+return page
 ",
     )
 });
@@ -379,6 +457,9 @@ fn is_outage(error: &RedisError) -> bool {
 struct Health {
     up: AtomicBool,
     down_since: Mutex<Option<Instant>>,
+    /// What the command does while the server is out of reach, for the
+    /// outage warning (said by the caller: this layer knows no commands).
+    while_down: std::sync::OnceLock<String>,
 }
 
 impl Health {
@@ -386,6 +467,7 @@ impl Health {
         Health {
             up: AtomicBool::new(true),
             down_since: Mutex::new(None),
+            while_down: std::sync::OnceLock::new(),
         }
     }
 
@@ -415,10 +497,10 @@ impl Health {
         if since.is_none() {
             *since = Some(Instant::now());
             self.up.store(false, Ordering::SeqCst);
-            tracing::warn!(
-                "state store {shown} {error}: webhook deliveries are answered \
-                 503 and polling pauses meanwhile"
-            );
+            match self.while_down.get() {
+                Some(meanwhile) => tracing::warn!("state store {shown} {error}: {meanwhile}"),
+                None => tracing::warn!("state store {shown} {error}"),
+            }
         }
     }
 }
@@ -546,6 +628,9 @@ pub struct RedisStore {
     retention: Duration,
     lease_time: Duration,
     fence: Arc<Mutex<Option<Fence>>>,
+    /// The last lease this process held: how it ended is said when the
+    /// next one is claimed.
+    previous: Mutex<Option<Fence>>,
     /// Claims given back by a thread of their own (see `release_update`).
     releases: Option<mpsc::Sender<(i64, u64)>>,
     /// Stops the health watch when the store is dropped.
@@ -659,6 +744,7 @@ impl RedisStore {
             retention: DEFAULT_RETENTION,
             lease_time: DEFAULT_LEASE,
             fence: Arc::new(Mutex::new(None)),
+            previous: Mutex::new(None),
             releases: Some(releases),
             stop,
         })
@@ -667,6 +753,13 @@ impl RedisStore {
     /// Keeps handled ids for `retention` (`--retention`).
     pub fn with_retention(mut self, retention: Duration) -> RedisStore {
         self.retention = retention.max(Duration::from_secs(1));
+        self
+    }
+
+    /// `meanwhile` ends the warning logged when the server stops answering:
+    /// what the caller does until it is back.
+    pub fn with_outage_note(self, meanwhile: &str) -> RedisStore {
+        let _ = self.core.health.while_down.set(meanwhile.to_string());
         self
     }
 
@@ -722,6 +815,55 @@ impl RedisStore {
         Ok(taken.map(|_| started))
     }
 
+    /// The token the lease is held under, if anyone holds it.
+    fn lease_holder_token(&self) -> anyhow::Result<Option<String>> {
+        let key = self.keys.key("poller");
+        self.call(|connection| {
+            redis::cmd("GET")
+                .arg(&key)
+                .query::<Option<String>>(connection)
+        })
+    }
+
+    /// Moves a lease still held under `old` (this process's, before a
+    /// pause) to `token`: `Some(moment the attempt started)` if it was.
+    fn take_back_lease(&self, old: &str, token: &str) -> anyhow::Result<Option<Instant>> {
+        let started = Instant::now();
+        let key = self.keys.key("poller");
+        let millis = self.lease_time.as_millis() as u64;
+        let taken = self.call(|connection| {
+            TAKE_BACK
+                .key(&key)
+                .arg(old)
+                .arg(token)
+                .arg(millis)
+                .invoke::<i64>(connection)
+        })?;
+        Ok((taken == 1).then_some(started))
+    }
+
+    /// Takes the lease under `token` if it is free, or held under `old`
+    /// (this process's previous token): `Ok(moment the attempt started)`;
+    /// else `Err` with the token of its holder (`None`: it was free by the
+    /// time the holder was asked for).
+    fn take_lease_or_name_holder(
+        &self,
+        token: &str,
+        old: Option<&str>,
+    ) -> anyhow::Result<Result<Instant, Option<String>>> {
+        if let Some(taken_at) = self.try_take_lease(token)? {
+            return Ok(Ok(taken_at));
+        }
+        let holder = self.lease_holder_token()?;
+        if let (Some(holder), Some(old)) = (holder.as_deref(), old)
+            && holder == old
+        {
+            // Ours; if it lapsed in between, it is free: tried again.
+            return Ok(self.take_back_lease(old, token)?.ok_or(None));
+        }
+        Ok(Err(holder))
+    }
+
     /// How long until the lease held by another lapses unless renewed.
     fn lease_left(&self) -> Duration {
         let key = self.keys.key("poller");
@@ -757,6 +899,10 @@ impl RedisStore {
             }
         });
         *lock(&self.fence) = Some(Fence {
+            token: token.clone(),
+            watch: Arc::clone(&watch),
+        });
+        *lock(&self.previous) = Some(Fence {
             token: token.clone(),
             watch: Arc::clone(&watch),
         });
@@ -855,14 +1001,19 @@ impl Renewer {
                     wait = every;
                 }
                 Ok(_) => {
-                    tracing::warn!(
-                        "the polling lease is no longer this fly's (it paused for longer than \
-                         the lease, or the state store lost it)"
-                    );
+                    // A lapse in a pause is said when the lease is claimed
+                    // again (by then it is known whether another took it).
+                    if self.watch.lapsed_in_a_pause().is_none() {
+                        tracing::warn!(
+                            "the polling lease is no longer this fly's: the state store lost \
+                             it (flushed, failed over, or the key deleted)"
+                        );
+                    }
                     self.watch.lose();
                     return;
                 }
                 Err(error) => {
+                    self.watch.renewal_failed();
                     if self.watch.expired() {
                         tracing::warn!(
                             "the polling lease could not be renewed for {:.1} s ({error:#})",
@@ -1084,6 +1235,32 @@ impl Store for RedisStore {
         Ok(recorded == 1)
     }
 
+    fn parked_after(&self, after: i64, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
+        let (dead, order) = (self.keys.key("dead"), self.keys.key("dead:order"));
+        let letters = self.call(|connection| {
+            PARKED_AFTER
+                .key(&dead)
+                .key(&order)
+                .arg(after)
+                .arg(limit)
+                .arg(super::PARKED_PAGE_BYTES)
+                .invoke::<Vec<String>>(connection)
+        })?;
+        Ok(letters
+            .iter()
+            .filter_map(|text| {
+                let value: serde_json::Value = serde_json::from_str(text).ok()?;
+                Some(DeadLetter {
+                    update_id: value["update_id"].as_i64(),
+                    reason: value["reason"].as_str()?.to_string(),
+                    raw: value["raw"].as_str()?.to_string(),
+                    recorded_at: value["recorded_at"].as_i64().unwrap_or(0),
+                    parked: true,
+                })
+            })
+            .collect())
+    }
+
     fn dead_letters(&self) -> anyhow::Result<Vec<DeadLetter>> {
         let (dead, order) = (self.keys.key("dead"), self.keys.key("dead:order"));
         // Each letter's place in the order and its bytes, read a page at a time.
@@ -1180,23 +1357,54 @@ impl Store for RedisStore {
     }
 
     fn claim_polling(&self, standby: Option<&Shutdown>) -> anyhow::Result<Option<PollingLease>> {
-        let token = crate::random::hex_id(16);
+        let token = lease_token();
+        // The lease this process held before: if it ran out while the
+        // process was paused, that is said, and its old token may still
+        // hold the lease (then it is taken back at once).
+        let (old_token, mut paused) = match lock(&self.previous).take() {
+            Some(old) => {
+                let paused = old.watch.lapsed_in_a_pause();
+                (Some(old.token), paused)
+            }
+            None => (None, None),
+        };
+        let lapse = |paused: Duration| {
+            format!(
+                "the polling lease lapsed while this process was paused ({:.1} s without a \
+                 renewal; the lease is {:.1} s)",
+                paused.as_secs_f64(),
+                self.lease_time.as_secs_f64()
+            )
+        };
         let mut said_standby = false;
         let mut failures = 0u32;
+        // Tries made at once because the lease was free by the time its
+        // holder was asked for.
+        let mut quick_tries = 0u32;
         loop {
-            let wait = match self.try_take_lease(&token) {
-                Ok(Some(taken_at)) => {
-                    if said_standby {
+            let wait = match self.take_lease_or_name_holder(&token, old_token.as_deref()) {
+                Ok(Ok(taken_at)) => {
+                    if let Some(paused) = paused {
+                        tracing::info!("{}; no other poller took it: polling again", lapse(paused));
+                    } else if said_standby {
                         tracing::info!("took over the polling lease: polling now");
                     }
                     return self.hold_lease(token, taken_at).map(Some);
                 }
-                Ok(None) => {
+                Ok(Err(None)) if quick_tries < 3 => {
+                    quick_tries += 1;
+                    continue;
+                }
+                Ok(Err(holder)) => {
                     failures = 0;
+                    let holder = holder.map_or_else(
+                        || "another fly process".to_string(),
+                        |holder| lease_holder(&holder),
+                    );
                     if standby.is_none() {
                         return Err(StateRefused::InUse {
                             message: format!(
-                                "another fly process is already polling with the state store {} \
+                                "{holder} is already polling with the state store {} \
                                  (it holds the polling lease)",
                                 self.core.shown
                             ),
@@ -1204,10 +1412,18 @@ impl Store for RedisStore {
                         }
                         .into());
                     }
-                    if !said_standby {
+                    if let Some(paused) = paused.take() {
+                        tracing::warn!(
+                            "{}, and {holder} took it over: standing by, taking over within \
+                             {:.1} s of its end",
+                            lapse(paused),
+                            self.lease_time.as_secs_f64()
+                        );
+                        said_standby = true;
+                    } else if !said_standby {
                         tracing::info!(
-                            "standing by: another fly process is polling with the state store \
-                             {}; taking over within {:.1} s of its end",
+                            "standing by: {holder} is polling with the state store {}; taking \
+                             over within {:.1} s of its end",
                             self.core.shown,
                             self.lease_time.as_secs_f64()
                         );
@@ -1419,6 +1635,13 @@ mod tests {
             .call(|connection| redis::cmd("GET").arg(&key).query::<String>(connection))
             .unwrap();
         assert_eq!(holder, "another-token");
+    }
+
+    #[test]
+    #[ignore = "needs redis-server"]
+    fn parked_updates_are_read_back_by_id_a_bounded_page_at_a_time() {
+        let server = Server::start();
+        crate::state::check_parked_pages(&server.store());
     }
 
     /// Deliveries, claims and nonces, as two replicas on one server see them.

@@ -659,6 +659,34 @@ impl Store for SqliteStore {
         Ok(letters)
     }
 
+    fn parked_after(&self, after: i64, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
+        let connection = self.lock();
+        let mut statement = connection.prepare(
+            "SELECT update_id, reason, raw, recorded_at FROM dead_letters \
+             WHERE parked = 1 AND update_id > ?1 ORDER BY update_id LIMIT ?2",
+        )?;
+        let rows = statement.query_map(params![after, limit as i64], |row| {
+            Ok(DeadLetter {
+                update_id: row.get(0)?,
+                reason: row.get(1)?,
+                raw: row.get(2)?,
+                recorded_at: row.get(3)?,
+                parked: true,
+            })
+        })?;
+        let mut letters = Vec::new();
+        let mut bytes = 0;
+        for letter in rows {
+            let letter = letter.context("reading parked updates")?;
+            bytes += letter.raw.len().max(1);
+            if !letters.is_empty() && bytes > super::PARKED_PAGE_BYTES {
+                break;
+            }
+            letters.push(letter);
+        }
+        Ok(letters)
+    }
+
     fn purge_dead_letters(&self) -> anyhow::Result<usize> {
         let purged = self
             .lock()
@@ -1365,6 +1393,14 @@ mod tests {
         );
         assert_eq!(store.purge_dead_letters().unwrap(), 2);
         assert!(store.dead_letters().unwrap().is_empty());
+    }
+
+    #[test]
+    fn parked_updates_are_read_back_by_id_a_bounded_page_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            SqliteStore::open(&dir.path().join("s.db"), &BotIdentity::for_tests("t1")).unwrap();
+        crate::state::check_parked_pages(&store);
     }
 
     #[test]

@@ -1321,3 +1321,59 @@ fn forward_delivers_in_the_platforms_order_across_chats() {
     );
     assert_eq!(delivered(), expected);
 }
+
+/// Whether process `pid` still runs (a zombie waiting to be reaped does not).
+fn runs(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// A handler that starts a daemon outside its process group (`setsid`), so
+/// no group kill reaches it, and exits at once: fly still stops the daemon
+/// when it stops (it became fly's child as the subreaper), and reaps it.
+#[test]
+fn a_daemon_a_handler_starts_with_setsid_does_not_outlive_fly() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("daemon.pid");
+    let handler = format!(
+        r#"cat > /dev/null
+        setsid sh -c 'echo $$ > "{pid}.tmp" && mv "{pid}.tmp" "{pid}" && exec sleep 300' \
+            </dev/null >/dev/null 2>&1 &
+        echo started"#,
+        pid = pid_file.display()
+    );
+    let mut service = start_poll_echo(&emulator, dir.path(), &handler, &[]);
+    let id = emulator.user_says("private", "u_1", "start a daemon");
+    wait_until(Duration::from_secs(15), "the reply", || {
+        emulator.sent() == [text_reply(id, "started", "private", "u_1")]
+    });
+    wait_until(Duration::from_secs(10), "the daemon's pid", || {
+        pid_file.exists()
+    });
+    let daemon = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(
+        runs(&daemon),
+        "the daemon {daemon} should run while fly does"
+    );
+    stop_with_sigterm(&mut service);
+    let stopped = eventually(Duration::from_secs(5), || !runs(&daemon));
+    if !stopped {
+        // Not left behind by a failing test.
+        let _ = Command::new("kill").args(["-KILL", &daemon]).status();
+    }
+    assert!(
+        stopped,
+        "the daemon {daemon} outlived fly\n{}",
+        service.log()
+    );
+    let gone = !Path::new(&format!("/proc/{daemon}")).exists();
+    assert!(gone, "the daemon {daemon} was killed but not reaped");
+}

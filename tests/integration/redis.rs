@@ -1506,3 +1506,99 @@ fn dead_letters_larger_than_the_reply_cap_are_listed_whole() {
         );
     }
 }
+
+/// A poller's outage warning says what a poller does (it pauses), not what
+/// serve-webhook does (503).
+#[test]
+#[ignore = "needs redis-server"]
+fn a_pollers_outage_warning_speaks_of_polling_not_of_503() {
+    let mut redis = RedisServer::unix();
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let poller = Poller::start(&emulator, &redis, dir.path(), &["--lease", "2"]);
+    let id = emulator.user_says("private", "u_1", "before");
+    wait_until(Duration::from_secs(20), "the first answer", || {
+        echoed_ids(&emulator) == [id]
+    });
+    redis.kill();
+    wait_until(Duration::from_secs(10), "the outage noticed", || {
+        poller.log().contains("unreachable")
+    });
+    let log = poller.log();
+    assert!(
+        log.contains("polling pauses until the state store is back"),
+        "{log}"
+    );
+    assert!(!log.contains("503"), "{log}");
+}
+
+/// Whether this Redis holds the polling lease of a poller.
+fn lease_is_held(redis: &RedisServer) -> bool {
+    redis
+        .command(&["KEYS", "*:poller"])
+        .as_array()
+        .is_some_and(|keys| !keys.is_empty())
+}
+
+/// A poller paused (SIGSTOP) for longer than its lease, with nobody else
+/// on the state: thawed, it says its lease lapsed while it was paused and
+/// polls again at once (not a whole lease later, not calling itself
+/// "another fly process"). Paused again while a second poller stands by,
+/// the second takes over, and the first says so, naming it.
+#[test]
+#[ignore = "needs redis-server"]
+fn a_poller_whose_lease_lapsed_in_a_pause_says_so_and_takes_it_again_at_once() {
+    let redis = RedisServer::unix();
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    // Long enough that answering "within a lease" is told from "at once".
+    let lease = ["--lease", "4", "--concurrency", "1"];
+    let first = Poller::start(&emulator, &redis, dir.path(), &lease);
+    let before = emulator.user_says("private", "u_1", "before");
+    wait_until(Duration::from_secs(20), "the first answer", || {
+        echoed_ids(&emulator) == [before]
+    });
+    let pid = first.child.id().to_string();
+    signal(&pid, "-STOP");
+    wait_until(Duration::from_secs(10), "the lease to lapse", || {
+        !lease_is_held(&redis)
+    });
+    signal(&pid, "-CONT");
+    let thawed = Instant::now();
+    let after = emulator.user_says("private", "u_1", "after");
+    wait_until(
+        Duration::from_secs(10),
+        "the message after the pause answered",
+        || echoed_ids(&emulator).contains(&after),
+    );
+    assert!(
+        thawed.elapsed() < Duration::from_secs(3),
+        "answered {:?} after the thaw (lease 4 s)\n{}",
+        thawed.elapsed(),
+        first.log()
+    );
+    let log = first.log();
+    assert!(
+        log.contains("lapsed while this process was paused")
+            && log.contains("no other poller took it: polling again"),
+        "{log}"
+    );
+    assert!(!log.contains("another fly process"), "{log}");
+
+    let second = Poller::standby(&emulator, &redis, dir.path(), &lease);
+    signal(&pid, "-STOP");
+    wait_until(Duration::from_secs(15), "the standby to take over", || {
+        second.log().contains("took over the polling lease")
+    });
+    signal(&pid, "-CONT");
+    let named = format!("another fly process (pid {} on ", second.child.id());
+    wait_until(Duration::from_secs(10), "the first to stand by", || {
+        first
+            .log()
+            .matches("lapsed while this process was paused")
+            .count()
+            == 2
+            && first.log().contains(&named)
+            && first.log().contains("standing by")
+    });
+}
