@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Regenerates tests/fixtures/canonical_vectors.json from CPython itself.
+"""Regenerates crates/fly-signature/tests/fixtures/canonical_vectors.json from CPython itself.
 
 Each vector is a JSON document (the input text) and what the platform's
 canonical_json makes of it:
@@ -24,7 +24,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURE = os.path.join(ROOT, "tests", "fixtures", "canonical_vectors.json")
+FIXTURE = os.path.join(ROOT, "crates", "fly-signature", "tests", "fixtures", "canonical_vectors.json")
 REFERENCE = os.path.join(ROOT, "..", "shared", "reference", "verify_webhook_signature_v1.py")
 # fly's limit (src/signature/json.rs MAX_DEPTH): the depth at which the
 # reference script's json.loads still succeeds.

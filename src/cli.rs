@@ -352,7 +352,7 @@ fn parse_unix_time(text: &str) -> Result<UnixTime, String> {
     if text.trim().is_empty() {
         return Ok(UnixTime::Clock);
     }
-    crate::signature::python::int_from_str(text)
+    fly_signature::python::int_from_str(text)
         .ok()
         .and_then(|digits| digits.parse().ok())
         .map(UnixTime::At)

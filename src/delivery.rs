@@ -13,7 +13,7 @@ use crate::api::{describe_transport_error, host_and_port};
 use crate::clock::unix_now;
 use crate::http_client::{self, Profile, ReceiverClient};
 use crate::retry::AttemptError;
-use crate::signature::sign_update_text;
+use fly_signature::sign_update_text;
 
 /// Where deliveries go and how they are signed.
 #[derive(Debug, Clone, PartialEq)]

@@ -24,7 +24,6 @@ pub(crate) mod progress;
 pub(crate) mod random;
 pub(crate) mod retry;
 pub(crate) mod shutdown;
-pub(crate) mod signature;
 pub(crate) mod small_file;
 pub(crate) mod state;
 pub(crate) mod sync;

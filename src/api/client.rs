@@ -18,8 +18,8 @@ use crate::retry::{
     parse_retry_after, status_is_transient,
 };
 use crate::shutdown::Shutdown;
-use crate::signature::json::{self, Value};
-use crate::signature::python;
+use fly_signature::json::{self, Value};
+use fly_signature::python;
 use std::fmt;
 
 /// Where the updates sit in an updates response; their spans are recorded
@@ -610,7 +610,7 @@ fn error_detail(json: Option<&Value>, text: &str) -> String {
 fn plain(value: &Value) -> String {
     match value {
         Value::Str(text) => String::from_utf8_lossy(text).into_owned(),
-        other => crate::signature::canonical::wire_json(other),
+        other => fly_signature::canonical::wire_json(other),
     }
 }
 

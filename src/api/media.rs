@@ -1,7 +1,7 @@
 //! Which fields of a media message hold media URLs (SPEC section 1). The one
 //! place this rule lives: poll-echo, serve-webhook and fetch-media share it.
 
-use crate::signature::json::Value;
+use fly_signature::json::Value;
 
 /// Message types that carry media.
 pub const MEDIA_TYPES: [&str; 4] = ["image", "voice", "video", "file"];
@@ -50,7 +50,7 @@ pub fn media_urls(msg_type: &str, data: &Value) -> Vec<MediaUrl> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::signature::json::parse;
+    use fly_signature::json::parse;
 
     fn urls(msg_type: &str, data: &str) -> Vec<(&'static str, String)> {
         media_urls(msg_type, &parse(data).unwrap())

@@ -3,7 +3,7 @@
 use serde_json::{Map, Value};
 
 use super::media::{MediaUrl, media_urls};
-use crate::signature::{canonical, json, python};
+use fly_signature::{canonical, json, python};
 
 pub const PATH_UPDATES: &str = "/api/v1/s/bot/updates";
 pub const PATH_SEND: &str = "/api/v1/s/bot/send";

@@ -1009,7 +1009,7 @@ enum Done {
 
 /// The update a parked record holds, if it reads as one with its id.
 fn read_parked(letter: &crate::state::DeadLetter, update_id: i64) -> Option<Update> {
-    let parsed = crate::signature::parse(&letter.raw).ok()?;
+    let parsed = fly_signature::parse(&letter.raw).ok()?;
     let update = Update::read(&parsed, &letter.raw).ok()?;
     (update.update_id == update_id).then_some(update)
 }

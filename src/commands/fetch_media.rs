@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use crate::output::print_line;
-use crate::signature::json::Value as PyValue;
 use anyhow::{Context, anyhow};
+use fly_signature::json::Value as PyValue;
 
 use crate::api::media::media_urls;
 use crate::cli::FetchMediaArgs;
@@ -163,9 +163,9 @@ fn wanted_urls(args: &FetchMediaArgs) -> anyhow::Result<Vec<String>> {
 }
 
 /// Media URLs of an update (`{"message":{…}}`) or of a bare message, read
-/// as the platform's Python reads updates (see `signature::json`).
+/// as the platform's Python reads updates (see `fly_signature::json`).
 fn urls_in_update(json: &str, original_only: bool) -> anyhow::Result<Vec<String>> {
-    let value = crate::signature::parse(json.trim_end())
+    let value = fly_signature::parse(json.trim_end())
         .map_err(|error| usage(format!("--update is not valid JSON: {error}")))?;
     let message = match value.get("message") {
         Some(message @ PyValue::Object(_)) => message,

@@ -242,7 +242,7 @@ pub fn webhook_secrets(
     }
     match token()? {
         Some(token) => Ok(vec![WebhookSecret {
-            value: crate::signature::sha256_hex(token.expose().as_bytes()),
+            value: fly_signature::sha256_hex(token.expose().as_bytes()),
             source: "sha256 of the bot token".into(),
         }]),
         None => Err(usage(

@@ -8,7 +8,7 @@ use crate::commands::{offline_token, read_input, signing_secret, unix_time_now};
 use crate::exit::{self, usage};
 use crate::output::print_line;
 use crate::random;
-use crate::signature::sign_update_text;
+use fly_signature::sign_update_text;
 
 pub fn run(args: SignArgs) -> anyhow::Result<ExitCode> {
     let secret = signing_secret(

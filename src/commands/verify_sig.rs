@@ -15,9 +15,9 @@ use crate::commands::{
     WebhookSecret, offline_token, print_line, read_input, unix_time_now, webhook_secrets,
 };
 use crate::exit::{self, usage};
-use crate::signature::canonical::{canonical_json, json_string};
-use crate::signature::json::Value;
-use crate::signature::{self, Check, SignatureInputError, Verdict, Verifier};
+use fly_signature::canonical::{canonical_json, json_string};
+use fly_signature::json::Value;
+use fly_signature::{Check, SignatureInputError, Verdict, Verifier};
 
 pub fn run(args: VerifySigArgs) -> anyhow::Result<ExitCode> {
     let secrets = webhook_secrets(&args.secret, || offline_token(args.token_file.as_deref()))?;
@@ -33,7 +33,7 @@ pub fn run(args: VerifySigArgs) -> anyhow::Result<ExitCode> {
     }
     let text = read_input(&args.input)?;
     let invalid = |error: SignatureInputError| usage(format!("invalid signed update: {error}"));
-    let update = signature::parse(&text).map_err(invalid)?;
+    let update = fly_signature::parse(&text).map_err(invalid)?;
     let check = verifier.check(&update).map_err(invalid)?;
     // A stderr that cannot be written to (2>/dev/full) changes nothing: the
     // exit code still carries the verdict.

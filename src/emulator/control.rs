@@ -15,7 +15,7 @@ use super::wire::{
     HttpResponse, JsonBody, error_response, invalid_request, json_response, json_text_response,
     method_not_allowed, read_json,
 };
-use crate::signature::sha256_hex;
+use fly_signature::sha256_hex;
 
 /// Control API bodies may carry media as base64.
 const MAX_CONTROL_BODY: usize = 64 * 1024 * 1024;

@@ -11,7 +11,7 @@ use hyper::{Request, Response, StatusCode};
 use serde_json::{Value, json};
 
 use super::media_content::MediaBody;
-use crate::signature::json::Value as PyValue;
+use fly_signature::json::Value as PyValue;
 
 pub type ResponseBody = Either<Full<Bytes>, MediaBody>;
 pub type HttpResponse = Response<ResponseBody>;
@@ -89,7 +89,7 @@ pub fn parse_json(bytes: &[u8]) -> Result<JsonBody, BodyRefused> {
             value: Value::Object(serde_json::Map::new()),
         });
     }
-    let parsed = crate::signature::parse(text).map_err(|error| {
+    let parsed = fly_signature::parse(text).map_err(|error| {
         let why = error.to_string();
         malformed(
             why.strip_prefix("malformed JSON: ")

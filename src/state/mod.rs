@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use crate::api::Token;
 use crate::shutdown::Shutdown;
-use crate::signature::sha256_hex;
 use crate::sync::lock;
+use fly_signature::sha256_hex;
 
 pub use self::redis::RedisStore;
 pub use front::Front;

@@ -62,8 +62,8 @@ use super::{
 use crate::clock::unix_now;
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
-use crate::signature::sha256_hex;
 use crate::sync::lock;
+use fly_signature::sha256_hex;
 
 /// How long the polling lease lasts without renewal (`--lease`).
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);

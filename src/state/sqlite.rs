@@ -33,8 +33,8 @@ use super::{
     BotIdentity, Claim, DEFAULT_RETENTION, DeadLetter, NonceCheck, StateGone, StateRefused, Store,
 };
 use crate::clock::unix_now;
-use crate::signature::sha256_hex;
 use crate::sync::lock;
+use fly_signature::sha256_hex;
 
 /// "FLY1" in ASCII: marks a SQLite file as a fly state store.
 const APPLICATION_ID: i64 = 0x464C_5931;

@@ -9,9 +9,9 @@ use super::{FatalStop, WebhookConfig};
 use crate::api::Update;
 use crate::bot::{HandleError, Handler, record_dead_letter};
 use crate::clock::unix_now;
-use crate::signature::{Verdict, Verifier, json, python};
 use crate::state::{Admission, Claim, Delivery, Pending, Store, is_gone, is_unavailable};
 use bytes::Bytes;
+use fly_signature::{Verdict, Verifier, json, python};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
@@ -132,7 +132,7 @@ impl Receiver {
             return (StatusCode::BAD_REQUEST, "MALFORMED_JSON");
         };
 
-        let Ok(parsed) = crate::signature::parse(text) else {
+        let Ok(parsed) = fly_signature::parse(text) else {
             return (StatusCode::BAD_REQUEST, "MALFORMED_JSON");
         };
         let now = unix_now();

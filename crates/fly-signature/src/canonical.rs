@@ -271,7 +271,7 @@ fn shortest_scientific(number: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::signature::json::parse;
+    use crate::json::parse;
 
     fn canonical(text: &str) -> String {
         String::from_utf8(canonical_json(&parse(text).unwrap()).unwrap()).unwrap()

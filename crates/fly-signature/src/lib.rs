@@ -1,13 +1,53 @@
-//! Webhook signature v1 (SPEC section 1): canonical JSON exactly as the
-//! platform's Python computes it, and the sign/verify functions built on it.
-//! Pure functions, no I/O, no HTTP.
+//! Webhook signature v1 of the Fly Bot API, byte for byte as the platform's
+//! Python computes it: the canonical JSON, the signing string, signing and
+//! verification. Pure functions: no I/O, no async runtime, no HTTP.
+//!
+//! A Rust webhook receiver verifies a delivery exactly as the platform does:
+//!
+//! ```
+//! use fly_signature::{Verdict, Verifier, sign_update_text};
+//!
+//! // What the platform would POST (signed here for the example).
+//! let body = sign_update_text(
+//!     r#"{"update_id": 7, "type": "message", "message": {"text": "héllo", "n": 1E2}}"#,
+//!     "webhook-secret",
+//!     "bot_1",
+//!     1_700_000_000,
+//!     "a-nonce",
+//! )?;
+//!
+//! // The receiver's side: its secrets, its clock, the replay window (300 s).
+//! let verifier = Verifier::new(["webhook-secret"], 1_700_000_010, Some(300));
+//! assert_eq!(verifier.verify_text(&body)?, Verdict::Ok);
+//!
+//! // Another secret, or a clock too far off, is a rejection with the
+//! // platform's code for it.
+//! let wrong = Verifier::new(["another-secret"], 1_700_000_010, Some(300));
+//! assert_eq!(wrong.verify_text(&body)?.code(), "SIGNATURE_MISMATCH");
+//! let late = Verifier::new(["webhook-secret"], 1_700_001_000, Some(300));
+//! assert_eq!(late.verify_text(&body)?, Verdict::ReplayWindowExceeded);
+//! # Ok::<(), fly_signature::SignatureInputError>(())
+//! ```
+//!
+//! The canonical JSON is Python's `json.dumps(value, sort_keys=True,
+//! ensure_ascii=False, separators=(",", ":"))`, floats in `repr` form and
+//! integers of any size:
+//!
+//! ```
+//! use fly_signature::{canonical::canonical_json, parse};
+//!
+//! let value = parse(r#"{"b": 1E2, "a": [18446744073709551617, "é"]}"#)?;
+//! assert_eq!(
+//!     canonical_json(&value)?,
+//!     r#"{"a":[18446744073709551617,"é"],"b":100.0}"#.as_bytes()
+//! );
+//! # Ok::<(), fly_signature::SignatureInputError>(())
+//! ```
 //!
 //! - [`json`]: a parser accepting what CPython's `json.loads` accepts
-//!   (why not serde_json: see its header); also how every piece of platform
-//!   JSON is read (updates responses, webhook bodies, the emulator's bodies),
-//!   keeping the spans that give each update its exact bytes;
-//! - [`canonical`]: Python's `json.dumps(..., sort_keys=True,
-//!   ensure_ascii=False, separators=(",", ":"))`, byte for byte;
+//!   (`NaN`, integers of any size, lone surrogates, duplicate keys: why not
+//!   serde_json), keeping the spans that give each update its exact bytes;
+//! - [`canonical`]: the canonical JSON above, byte for byte;
 //! - [`python`]: truthiness, `int()` and `str()` of parsed values;
 //! - [`v1`]: the signing string, signing and verification.
 //!

@@ -261,7 +261,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::signature::json::parse;
+    use crate::json::parse;
 
     const UPDATE: &str = r#"{"update_id":7,"type":"message","message":{"text":"hi","n":1.0},"bot":{"id":"b"},"timestamp":1000,"nonce":"n1"}"#;
 

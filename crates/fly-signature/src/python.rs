@@ -260,7 +260,7 @@ pub fn type_name(value: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::signature::json::parse;
+    use crate::json::parse;
 
     fn int_of(json: &str) -> Result<String, SignatureInputError> {
         let value = parse(json).unwrap();
