@@ -8,7 +8,7 @@ canonical_json makes of it:
 
 either {"canonical": <the UTF-8 output as a string>} or {"error": <Python's
 exception class>, "message": <its message>}. The Rust test
-(src/signature/vectors.rs) requires `fly`'s parser and encoder to agree on
+(crates/fly-signature/src/vectors.rs) requires `fly`'s parser and encoder to agree on
 every one. Deterministic: the same Python version writes the same file.
 
     python3 scripts/gen_canonical_vectors.py            # writes the fixture
@@ -26,7 +26,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "crates", "fly-signature", "tests", "fixtures", "canonical_vectors.json")
 REFERENCE = os.path.join(ROOT, "..", "shared", "reference", "verify_webhook_signature_v1.py")
-# fly's limit (src/signature/json.rs MAX_DEPTH): the depth at which the
+# fly's limit (crates/fly-signature/src/json.rs MAX_DEPTH): the depth at which the
 # reference script's json.loads still succeeds.
 MAX_DEPTH = 994
 
@@ -241,7 +241,7 @@ def check_depth_limit_against_the_reference() -> None:
             env={"FLY_WEBHOOK_SECRET": "s", "FLY_NOW_TS": "0", "PATH": os.environ.get("PATH", "")},
         )
         if ("RecursionError" in run.stderr) != expect_recursion_error:
-            sys.exit("the reference script's nesting limit is no longer %d: update MAX_DEPTH here and in src/signature/json.rs" % MAX_DEPTH)
+            sys.exit("the reference script's nesting limit is no longer %d: update MAX_DEPTH here and in crates/fly-signature/src/json.rs" % MAX_DEPTH)
 
 
 if __name__ == "__main__":
