@@ -1,43 +1,9 @@
 //! `--exec-worker CMD`: long-lived handlers, for programs whose start costs
-//! more than their work (an interpreter, a model, a database connection).
-//!
-//! fly keeps `--concurrency` workers (`sh -c CMD`, each in a process group
-//! of its own) and, for each message update, writes one line to a worker's
-//! stdin, the update compacted onto one line (see [`one_line`]), and reads
-//! exactly one line back, naming the update it answers:
-//!
-//! | answer | means |
-//! |---|---|
-//! | `{"update_id":N,"reply":"text"}` | send this text to the chat (blank: nothing) |
-//! | `{"update_id":N,"reply":{"msg_type":…,"data":{…}}}` | send this message |
-//! | `{"update_id":N}` | handled, no reply |
-//! | `{"update_id":N,"error":"why"}` | failed: the update is retried, as a failed `--exec` |
-//!
-//! Why the id: a line is only an answer if it says which update it answers.
-//! A banner printed at start, or a second line written late, would
-//! otherwise be taken as the answer to the next update handed over, and sent
-//! to another user's chat. Any line that is not the answer to the update in
-//! hand breaks the protocol: the worker is restarted and the update retried,
-//! never sent, never marked handled.
-//!
-//! A worker may first announce `{"ready":true}` (a model to load, a
-//! connection to open). Once one worker of the pool has, fly takes it that
-//! the command announces, and hands a freshly started worker nothing before
-//! its announcement; a worker that announces after an update was written
-//! to it is still fine (the update waits in its stdin).
-//!
-//! One update in flight per worker; one chat's updates go to one worker at
-//! a time, in the order they came. A worker that exits, answers anything
-//! else, or passes `--exec-timeout` is killed (its whole group) and started
-//! again, after a backoff when that keeps happening; the update it had
-//! fails and is retried, never lost. Its stderr goes to the log as an
-//! `--exec` handler's does, within the same bounds per update.
-//! Non-message updates (`callback_query`, …) are not sent to workers: they
-//! are confirmed without a reply, as with `--exec`.
-//!
-//! At the end (a stop, once the updates in hand are done or the grace
-//! period is over) every worker gets the end of its stdin, a moment to
-//! exit, and then its group is killed: no worker outlives fly.
+//! more than their work (an interpreter, a model, a database connection):
+//! one update per line on a worker's stdin, one answer per line on its
+//! stdout, naming the update it answers. The protocol, and why an answer
+//! names its update: ARCHITECTURE.md, "`--exec-worker`"; the user's side:
+//! the README.
 
 use std::collections::HashMap;
 use std::io::Write;

@@ -1,84 +1,8 @@
 //! The store serve-webhook uses: the SQLite store with its hot sets in memory
 //! and its writes group-committed, so that a delivery costs no disk wait on
-//! the request path and thousands of them share one transaction.
-//!
-//! - **Answers from memory.** Handled ids ([`RecentIds`]), nonces
-//!   ([`RecentNonces`]) and in-flight claims live in one mutex-guarded set,
-//!   never held across I/O, so [`Store::try_admit`] is safe on an async I/O
-//!   thread. When memory cannot say (an id below the recent set's floor, a
-//!   nonce the filter may have seen), `try_admit` declines and
-//!   [`Store::admit`] asks the SQLite file on a blocking thread, after a
-//!   barrier so that the file holds everything memory was told.
-//! - **Group commit.** Nonces and handled marks go to one writer thread with
-//!   a connection of its own, which commits what gathered since its last
-//!   commit as one transaction (under load, the writes of the last few
-//!   milliseconds), in the order they came. Between batches it prunes
-//!   handled ids past `--retention` and nonces past twice the window, a
-//!   bounded chunk at a time. Requests do not wait for the disk: only while
-//!   the writer is more than [`MAX_BEHIND`] writes behind does a new
-//!   delivery wait for it to finish the batch in hand (backpressure), which
-//!   bounds both memory and what a crash can lose.
-//! - **Checkpoints off the request path.** No commit checkpoints; the
-//!   writer copies the log into the database file between two batches, ten
-//!   times a second, so the log starts over and stays small, and empties the
-//!   log file once writes pause (see `sqlite::BatchWriter`).
-//! - **One process per file.** Memory is the truth for what this process
-//!   wrote, so the file is claimed (flock) for as long as the server runs; a
-//!   second fly on the same file is refused with one line. Replicas share a
-//!   server-backed store instead (SPEC 4b).
-//!
-//! # What a crash (`kill -9`, power loss) can lose, and why that is safe
-//!
-//! The file after a crash holds a prefix of the writes, in order: the
-//! batches committed before it. Lost are the writes of the last batch or
-//! few (milliseconds; at most about [`MAX_BEHIND`] writes, plus one per
-//! request in flight):
-//!
-//! - **Handled marks** of updates answered just before the crash. If the
-//!   platform delivers one of them again, it is handled again, with the same
-//!   `client_msg_id` (`echo_{update_id}`), which the platform takes as a
-//!   retry of the first reply: at least once, as poll-echo is.
-//! - **Nonces** of the same deliveries. The nonce check refuses *another*
-//!   update signed with a nonce already seen; a delivery of the *same*
-//!   update again is a redelivery and passes whatever is recorded, and is
-//!   deduplicated by its handled mark (or, if that was lost too, answered
-//!   again as above). Another update with a lost nonce would pass, but the
-//!   signature covers the update id and the nonce together, so only the
-//!   holder of the secret can make one: it is an authentic update, and
-//!   handling it admits nothing forged. So a nonce need not be on disk
-//!   before its delivery is handled or answered. It must be on disk no later
-//!   than its update's handled mark, so that a restart never finds an update
-//!   handled whose nonce it forgot; the in-order group commit gives that for
-//!   free (a nonce is queued at admission, the mark after the reply).
-//!   Waiting for each nonce's commit before the handler was measured
-//!   (`benches/serve_webhook.sh`, distinct updates, 2 cores): 27k–31k
-//!   updates/s at p99 30 ms instead of 40k–43k at p99 3 ms, the writer
-//!   thread's scheduling being on every request's path.
-//! - **Claims** are memory only: a crash ends every handler with the
-//!   process; their updates were not marked, so their redeliveries are handled.
-//! - **Pruning** deletes only what is past its keep time; an interrupted
-//!   chunk is rolled back whole.
-//!
-//! A clean stop (SIGTERM) commits everything first.
-//!
-//! # A write that fails (a full disk)
-//!
-//! A batch that fails to commit is kept, in order, and tried again with a
-//! backoff (`group_commit`): its marks and nonces stay known in memory and
-//! reach the file once it has room, by themselves. Meanwhile new work is
-//! refused: deliveries are answered 503 `STATE_STORE_UNAVAILABLE` (the
-//! platform delivers them again), `/readyz` fails, and a mark made then
-//! makes its delivery 503 too (its reply was sent; the redelivery is a
-//! duplicate once the mark is written, or answered again with the same
-//! `client_msg_id`). So what waits in memory is bounded by what was queued
-//! when the writes began to fail, plus the deliveries then in hand. A
-//! delivery answered 200 whose mark is not yet written is the window a crash
-//! can lose (above), now as long as the outage; a clean stop in it tries
-//! once more and, failing, exits 1 saying what could not be written.
-//!
-//! A state file deleted (or moved away) while the server runs is noticed
-//! after the next batch, or within a fraction of a second when idle
-//! (`sqlite::FileWatch`): the server stops, exit 1.
+//! the request path and thousands of them share one transaction. How it
+//! answers, what a crash or a full disk can lose and why that is safe:
+//! ARCHITECTURE.md, "serve-webhook's SQLite store".
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -1,44 +1,7 @@
 //! The state shared by several fly processes on one bot: a Redis (or
-//! Valkey) server, through the `redis` crate's blocking client (SPEC 4b).
-//!
-//! - **Keys.** Every key of a bot starts with `fly:{bot-<key>}:`, where
-//!   `<key>` is the prefix of a sha256 of the base URL (without userinfo)
-//!   and the token's fingerprint, as in the SQLite file's name: never the
-//!   token, nor anything from which the default webhook secret could be
-//!   read. The braces make it a hash tag, so that a bot's keys share a slot.
-//!   `offset`, `poller` (the polling lease), `handled:<id>` (expire after
-//!   `--retention`), `nonce:<sha256 of the nonce>` (expire after twice the
-//!   replay window), `claim:<id>` (in-flight claims, which expire after
-//!   their lease), `dead` and `dead:order` (dead letters), `meta`.
-//! - **Atomic steps.** A webhook delivery is admitted in one Lua script
-//!   (handled? → nonce seen with another update? → claim), so that of two
-//!   replicas given the same update at once exactly one handles it. Claims
-//!   and the lease are `SET NX PX` with a random token; they are given back
-//!   and renewed by compare-and-set scripts, so a holder never touches a
-//!   claim or a lease that lapsed and was taken by another.
-//! - **Fencing.** While a poller holds the lease, its offset writes and
-//!   handled marks are scripts that first check the lease is still its
-//!   own: a poller that lost it (a pause longer than the lease, a network
-//!   partition) writes nothing, so the offset never goes back. The lease is
-//!   renewed every third of its time by a thread of its own; when renewals
-//!   fail for the whole lease time, or find it taken, the lease is lost and
-//!   the poll loop stands by again.
-//! - **Outages.** Every call as a whole (connecting included) ends within
-//!   its time, whatever the server drips, and no reply is read past a cap
-//!   (`link.rs`: the `redis` crate's own connection bounds neither). A call
-//!   that fails for want of the server is an [`Unavailable`] error (503 for
-//!   a webhook delivery; a poller pauses); the first one of an outage is
-//!   logged, and so is the first success after it. A thread pings the server
-//!   every second (four times a second while it is down), so `GET /readyz`
-//!   follows the server even when no delivery comes, and while it is down a
-//!   delivery is answered 503 at once, without waiting for a timeout.
-//!   Nothing is marked handled unless the mark reached the server. A peer
-//!   that answers with something else than Redis (a reply over the cap,
-//!   bytes that are not RESP, plain text to `rediss://`) is an outage too.
-//! - **No blocking on async threads.** `try_admit` answers only "unavailable"
-//!   (from memory); everything else runs on the caller's blocking thread,
-//!   and a claim given back from a drop (a client that disconnected) goes to
-//!   a thread of its own.
+//! Valkey) server, through the `redis` crate's commands and scripts over a
+//! connection of fly's own (`link.rs`) (SPEC 4b). Keys, the atomic steps,
+//! fencing and outages: ARCHITECTURE.md, "The Redis state".
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;

@@ -172,7 +172,7 @@ impl Receiver {
                         .map(|admission| guard(&store, admission))
                 })
                 .await
-                .unwrap_or_else(|error| Err(anyhow::anyhow!("the state store crashed: {error}")))
+                .unwrap_or_else(store_task_failed)
             }
         };
         match admission {
@@ -210,7 +210,7 @@ impl Receiver {
                 .map(|_| reason)
         })
         .await
-        .unwrap_or_else(|error| Err(anyhow::anyhow!("the state store crashed: {error}")));
+        .unwrap_or_else(store_task_failed);
         match recorded {
             Ok(reason) => {
                 tracing::warn!(
@@ -387,6 +387,12 @@ impl Drop for ClaimGuard {
             tracing::error!("releasing an update's claim: {error:#}");
         }
     }
+}
+
+/// A store call on the blocking pool that panicked (or was cancelled): the
+/// delivery fails as on a store error, the task's error kept as the cause.
+fn store_task_failed<T>(error: tokio::task::JoinError) -> anyhow::Result<T> {
+    Err(anyhow::Error::new(error).context("the state store's call did not finish"))
 }
 
 /// 503 while the store is out of reach or cannot write (the outage is
