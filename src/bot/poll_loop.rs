@@ -1652,7 +1652,6 @@ mod tests {
             let at_once = answer.recv_timeout(Duration::from_millis(100));
             unblock();
             let answer = at_once
-                .clone()
                 .or_else(|_| answer.recv_timeout(Duration::from_secs(5)))
                 .expect("the poller still waits for room");
             ending.1.set(true);
