@@ -1319,7 +1319,7 @@ mod tests {
         lease: PollingLease,
         /// Every update polled at or above the offset of its poll.
         polled: BTreeSet<i64>,
-        _dir: tempfile::TempDir,
+        dir: tempfile::TempDir,
     }
 
     impl Harness {
@@ -1338,7 +1338,7 @@ mod tests {
                 handler: Scripted::default(),
                 lease,
                 polled: BTreeSet::new(),
-                _dir: dir,
+                dir,
             }
         }
 
@@ -1614,6 +1614,41 @@ mod tests {
         for id in 1..=5 {
             assert!(h.store.is_handled(id).unwrap(), "{id}");
         }
+    }
+
+    /// An update that comes for a parked chat goes to the store, and the
+    /// offset waits at it until the write is done (here another connection
+    /// holds the file's write lock meanwhile).
+    #[test]
+    fn the_offset_waits_for_a_parked_chats_update_to_be_written() {
+        let mut h = Harness::new(1);
+        h.handler.answer(1, &[Park]);
+        h.poll(&[(1, "a")]);
+        h.perform(h.take(Duration::ZERO));
+        assert_eq!((h.parked(), h.offset()), (vec![1], 2));
+        let blocker = rusqlite::Connection::open(h.dir.path().join("state.db")).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        h.polled.extend([2, 3]);
+        let h = &h;
+        std::thread::scope(|scope| {
+            let polling = scope.spawn(|| {
+                let received = vec![Ok(update(2, "a")), Ok(update(3, "b"))];
+                h.scheduler.enqueue(received, 2, &h.store).unwrap();
+            });
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut state = h.scheduler.lock();
+            while !state.spilling.contains(&2) {
+                assert!(Instant::now() < deadline, "2 never went to the store");
+                state = h.scheduler.wait_timeout(state, Duration::from_millis(100));
+            }
+            let offset = state.offset();
+            drop(state);
+            blocker.execute_batch("ROLLBACK").unwrap();
+            polling.join().unwrap();
+            assert_eq!(offset, 2, "passed 2 before it was written");
+        });
+        h.check();
+        assert_eq!((h.parked(), h.offset()), (vec![1, 2], 3));
     }
 
     /// Parked and dead ones never block a chat for good; a dead letter is
