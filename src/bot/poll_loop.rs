@@ -345,6 +345,59 @@ impl Queues {
     fn is_idle(&self) -> bool {
         self.busy_workers == 0
     }
+
+    /// Takes the work that can start at `now`: the front update of the
+    /// oldest ready chat (unless `max_updates` are claimed), after moving
+    /// the chats whose retry backoff is over to the ready ones.
+    fn start_next(&mut self, max_updates: Option<u64>, now: Instant) -> Result<Work, Idle> {
+        loop {
+            let at_limit = max_updates.is_some_and(|max| self.claimed >= max);
+            if !at_limit && let Some((_, chat)) = self.ready.pop_first() {
+                let Some(queue) = self.chats.get_mut(&chat) else {
+                    return Err(Idle::Gone);
+                };
+                queue.busy = true;
+                let front = queue.updates.front().cloned();
+                self.busy_workers += 1;
+                let Some(update) = front else {
+                    return Ok(Work::Refill(chat));
+                };
+                self.claimed += 1;
+                return Ok(Work::Handle(chat, update));
+            }
+            // Chats waiting out a retry backoff become ready when it ends.
+            let mut next_retry: Option<Instant> = None;
+            let mut due = Vec::new();
+            for (name, queue) in &mut self.chats {
+                match queue.retry_at {
+                    Some(at) if at <= now => {
+                        queue.retry_at = None;
+                        match queue.updates.front() {
+                            Some(front) => due.push((front.update_id, name.clone())),
+                            None if queue.spilled.is_some() => {
+                                due.push((queue.last_done, name.clone()));
+                            }
+                            None => {}
+                        }
+                    }
+                    Some(at) => next_retry = Some(next_retry.map_or(at, |next| next.min(at))),
+                    None => {}
+                }
+            }
+            if due.is_empty() {
+                return Err(Idle::Until(next_retry));
+            }
+            self.ready.extend(due);
+        }
+    }
+}
+
+/// Why [`Queues::start_next`] started nothing.
+enum Idle {
+    /// Nothing can start before this moment (`None`: before a change).
+    Until(Option<Instant>),
+    /// A ready chat has no queue: the worker stops.
+    Gone,
 }
 
 impl Scheduler {
@@ -419,6 +472,16 @@ impl Scheduler {
         self.settings
             .max_updates
             .is_some_and(|max| state.handled + state.dead_letters >= max)
+    }
+
+    /// Waits until fewer updates than the bound are in flight: the offset
+    /// to poll with then, or `None` once polling is over.
+    fn room_to_poll(&self) -> Option<i64> {
+        let mut state = self.lock();
+        while !state.polling_over && state.in_flight() >= self.settings.max_in_flight() {
+            state = self.wait(state);
+        }
+        (!state.polling_over).then(|| state.offset())
     }
 
     /// Blocks the caller until the loop is over and no worker is busy.
@@ -719,58 +782,63 @@ impl Scheduler {
     /// records the outcome; until the loop stops.
     fn work(&self, handler: &dyn Handler, store: &dyn Store, lease: &PollingLease) {
         while let Some(work) = self.next_update() {
-            let (chat, update) = match work {
-                Work::Handle(chat, update) => (chat, update),
-                Work::Refill(chat) => {
-                    self.refill(store, &chat);
-                    continue;
-                }
-            };
-            if !lease.is_current() {
-                // Not renewed for the lease time: another poller may have
-                // this update by now.
-                self.finish(&chat, update.update_id, Done::Failed);
-                self.lease_lost();
-                continue;
+            self.perform(work, handler, store, lease);
+        }
+    }
+
+    /// Does one piece of work and records how it ended.
+    fn perform(&self, work: Work, handler: &dyn Handler, store: &dyn Store, lease: &PollingLease) {
+        let (chat, update) = match work {
+            Work::Handle(chat, update) => (chat, update),
+            Work::Refill(chat) => {
+                self.refill(store, &chat);
+                return;
             }
-            let started = Instant::now();
-            let outcome = handler.handle(&update);
-            let latency_ms = started.elapsed().as_millis() as u64;
-            let was_parked = self.lock().parked.contains(&update.update_id);
-            let recorded = match outcome {
-                Ok(outcome) => store
-                    .mark_handled(update.update_id, outcome.as_str())
-                    .and_then(|()| unpark(store, &update, was_parked))
-                    .map(|()| {
-                        log_handled(&update, &chat, outcome, latency_ms);
-                        Done::Finished
-                    }),
-                Err(HandleError::DeadLetter(reason)) => {
-                    // A parked record of it makes way for the dead letter.
-                    unpark(store, &update, was_parked)
-                        .and_then(|()| record_dead_letter(store, &update, &reason))
-                        .map(|()| Done::DeadLetter)
-                }
-                Err(HandleError::Retry(error)) => {
-                    self.failed(store, &chat, &update, &error, false, latency_ms)
-                }
-                Err(HandleError::Park(error)) => {
-                    self.failed(store, &chat, &update, &error, true, latency_ms)
-                }
-                Err(HandleError::Fatal(error)) => Err(error),
-            };
-            match recorded {
-                Ok(done) => self.finish(&chat, update.update_id, done),
-                // Not marked: tried again once the store answers (a repeat
-                // of the reply is absorbed by its client_msg_id).
-                Err(error) if is_unavailable(&error) => {
-                    tracing::debug!(update_id = update.update_id, "not recorded: {error:#}");
-                    self.finish(&chat, update.update_id, Done::Deferred);
-                }
-                Err(error) => {
-                    self.finish(&chat, update.update_id, Done::Failed);
-                    self.fail(error);
-                }
+        };
+        if !lease.is_current() {
+            // Not renewed for the lease time: another poller may have
+            // this update by now.
+            self.finish(&chat, update.update_id, Done::Failed);
+            self.lease_lost();
+            return;
+        }
+        let started = Instant::now();
+        let outcome = handler.handle(&update);
+        let latency_ms = started.elapsed().as_millis() as u64;
+        let was_parked = self.lock().parked.contains(&update.update_id);
+        let recorded = match outcome {
+            Ok(outcome) => store
+                .mark_handled(update.update_id, outcome.as_str())
+                .and_then(|()| unpark(store, &update, was_parked))
+                .map(|()| {
+                    log_handled(&update, &chat, outcome, latency_ms);
+                    Done::Finished
+                }),
+            Err(HandleError::DeadLetter(reason)) => {
+                // A parked record of it makes way for the dead letter.
+                unpark(store, &update, was_parked)
+                    .and_then(|()| record_dead_letter(store, &update, &reason))
+                    .map(|()| Done::DeadLetter)
+            }
+            Err(HandleError::Retry(error)) => {
+                self.failed(store, &chat, &update, &error, false, latency_ms)
+            }
+            Err(HandleError::Park(error)) => {
+                self.failed(store, &chat, &update, &error, true, latency_ms)
+            }
+            Err(HandleError::Fatal(error)) => Err(error),
+        };
+        match recorded {
+            Ok(done) => self.finish(&chat, update.update_id, done),
+            // Not marked: tried again once the store answers (a repeat
+            // of the reply is absorbed by its client_msg_id).
+            Err(error) if is_unavailable(&error) => {
+                tracing::debug!(update_id = update.update_id, "not recorded: {error:#}");
+                self.finish(&chat, update.update_id, Done::Deferred);
+            }
+            Err(error) => {
+                self.finish(&chat, update.update_id, Done::Failed);
+                self.fail(error);
             }
         }
     }
@@ -843,51 +911,16 @@ impl Scheduler {
     fn next_update(&self) -> Option<Work> {
         let mut state = self.lock();
         loop {
-            let at_limit = self
-                .settings
-                .max_updates
-                .is_some_and(|max| state.claimed >= max);
             if state.stopping {
                 return None;
             }
-            if !at_limit && let Some((_, chat)) = state.ready.pop_first() {
-                let queue = state.chats.get_mut(&chat)?;
-                queue.busy = true;
-                let front = queue.updates.front().cloned();
-                state.busy_workers += 1;
-                let Some(update) = front else {
-                    return Some(Work::Refill(chat));
-                };
-                state.claimed += 1;
-                return Some(Work::Handle(chat, update));
-            }
-            // Chats waiting out a retry backoff become ready when it ends.
-            let now = Instant::now();
-            let mut next_retry: Option<Instant> = None;
-            let mut due = Vec::new();
-            for (name, queue) in &mut state.chats {
-                match queue.retry_at {
-                    Some(at) if at <= now => {
-                        queue.retry_at = None;
-                        match queue.updates.front() {
-                            Some(front) => due.push((front.update_id, name.clone())),
-                            None if queue.spilled.is_some() => {
-                                due.push((queue.last_done, name.clone()));
-                            }
-                            None => {}
-                        }
-                    }
-                    Some(at) => next_retry = Some(next_retry.map_or(at, |next| next.min(at))),
-                    None => {}
+            state = match state.start_next(self.settings.max_updates, Instant::now()) {
+                Ok(work) => return Some(work),
+                Err(Idle::Gone) => return None,
+                Err(Idle::Until(Some(at))) => {
+                    self.wait_timeout(state, at.saturating_duration_since(Instant::now()))
                 }
-            }
-            if !due.is_empty() {
-                state.ready.extend(due);
-                continue;
-            }
-            state = match next_retry {
-                Some(at) => self.wait_timeout(state, at.saturating_duration_since(now)),
-                None => self.wait(state),
+                Err(Idle::Until(None)) => self.wait(state),
             };
         }
     }
@@ -1086,15 +1119,8 @@ impl Poller {
         // Consecutive rounds the state store could not be reached in.
         let mut store_failures = 0u32;
         loop {
-            let offset = {
-                let mut state = self.scheduler.lock();
-                while !state.polling_over && state.in_flight() >= self.settings.max_in_flight() {
-                    state = self.scheduler.wait(state);
-                }
-                if state.polling_over {
-                    return Ok(());
-                }
-                state.offset()
+            let Some(offset) = self.scheduler.room_to_poll() else {
+                return Ok(());
             };
             if offset > stored_offset {
                 match self.store.advance_offset(offset) {
@@ -1201,4 +1227,582 @@ fn log_handled(update: &Update, chat: &str, outcome: Outcome, latency_ms: u64) {
         latency_ms,
         "update handled"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    //! The scheduler driven by hand, a step at a time, as its workers and
+    //! poll thread would drive it, against a real SQLite store: no network,
+    //! no clock but `start_next`'s. After every step the invariants of
+    //! ARCHITECTURE.md are checked against what the store holds.
+
+    use std::sync::mpsc;
+
+    use super::*;
+    use crate::state::{BotIdentity, SqliteStore};
+
+    /// Long enough for any backoff to be over.
+    const LATER: Duration = Duration::from_secs(3600);
+
+    fn update(update_id: i64, chat: &str) -> Update {
+        let raw = format!(
+            r#"{{"update_id":{update_id},"type":"message","message":{{"chat":{{"type":"private","id":"{chat}"}},"msgType":"text","data":{{"content":"hi"}}}}}}"#
+        );
+        Update::read(&fly_signature::parse(&raw).unwrap(), &raw).unwrap()
+    }
+
+    /// How the handler answers one attempt.
+    #[derive(Debug, Clone, Copy)]
+    enum Answer {
+        Reply,
+        Retry,
+        Park,
+        Dead,
+    }
+
+    /// Answers each update as scripted (a reply once its script runs out)
+    /// and remembers every call and every reply.
+    #[derive(Default)]
+    struct Scripted {
+        script: Mutex<HashMap<i64, VecDeque<Answer>>>,
+        calls: Mutex<Vec<i64>>,
+        replied: Mutex<BTreeSet<i64>>,
+    }
+
+    impl Scripted {
+        fn answer(&self, update_id: i64, answers: &[Answer]) {
+            lock(&self.script).insert(update_id, answers.iter().copied().collect());
+        }
+    }
+
+    impl Handler for Scripted {
+        fn handle(&self, update: &Update) -> Result<Outcome, HandleError> {
+            let id = update.update_id;
+            assert!(
+                !lock(&self.replied).contains(&id),
+                "update {id} handled again after its reply"
+            );
+            lock(&self.calls).push(id);
+            let answer = lock(&self.script)
+                .get_mut(&id)
+                .and_then(VecDeque::pop_front)
+                .unwrap_or(Answer::Reply);
+            match answer {
+                Answer::Reply => {
+                    lock(&self.replied).insert(id);
+                    Ok(Outcome::Replied)
+                }
+                Answer::Retry => Err(HandleError::Retry(anyhow!("the platform is away"))),
+                Answer::Park => Err(HandleError::Park(anyhow!("the reply was refused"))),
+                Answer::Dead => Err(HandleError::DeadLetter("nothing to answer".into())),
+            }
+        }
+    }
+
+    /// `limit` 2 and one worker: at most 4 updates in flight.
+    fn settings() -> PollSettings {
+        PollSettings {
+            limit: 2,
+            max_attempts: 2,
+            park_retry_max: Duration::from_secs(60),
+            poll_timeout: Duration::ZERO,
+            concurrency: 1,
+            max_updates: None,
+            once: false,
+        }
+    }
+
+    struct Harness {
+        store: SqliteStore,
+        scheduler: Scheduler,
+        handler: Scripted,
+        lease: PollingLease,
+        /// Every update polled at or above the offset of its poll.
+        polled: BTreeSet<i64>,
+        dir: tempfile::TempDir,
+    }
+
+    impl Harness {
+        fn new(offset: i64) -> Harness {
+            Harness::with_lease(offset, PollingLease::until_exit())
+        }
+
+        fn with_lease(offset: i64, lease: PollingLease) -> Harness {
+            let dir = tempfile::tempdir().unwrap();
+            let store =
+                SqliteStore::open(&dir.path().join("state.db"), &BotIdentity::for_tests("t"))
+                    .unwrap();
+            Harness {
+                store,
+                scheduler: Scheduler::new(offset, settings()),
+                handler: Scripted::default(),
+                lease,
+                polled: BTreeSet::new(),
+                dir,
+            }
+        }
+
+        fn offset(&self) -> i64 {
+            self.scheduler.lock().offset()
+        }
+
+        /// A poll, made with the current offset, brought these (id, chat).
+        fn poll(&mut self, updates: &[(i64, &str)]) {
+            let offset = self.offset();
+            let received = updates
+                .iter()
+                .map(|&(id, chat)| Ok(update(id, chat)))
+                .collect();
+            self.polled
+                .extend(updates.iter().map(|&(id, _)| id).filter(|&id| id >= offset));
+            self.scheduler
+                .enqueue(received, offset, &self.store)
+                .unwrap();
+            self.check();
+        }
+
+        /// Takes all the work idle workers would start `after` from now
+        /// (in the order they take it); no chat twice.
+        fn take(&self, after: Duration) -> Vec<Work> {
+            let mut state = self.scheduler.lock();
+            let mut taken = Vec::new();
+            while let Ok(work) = state.start_next(None, Instant::now() + after) {
+                taken.push(work);
+            }
+            let mut chats: Vec<&str> = taken.iter().map(chat_of).collect();
+            chats.sort_unstable();
+            let count = chats.len();
+            chats.dedup();
+            assert_eq!(chats.len(), count, "one chat started twice at once");
+            taken
+        }
+
+        /// Does each piece of work, as a worker would, checking after each.
+        fn perform(&self, work: Vec<Work>) {
+            for work in work {
+                self.scheduler
+                    .perform(work, &self.handler, &self.store, &self.lease);
+                self.check();
+            }
+        }
+
+        /// Takes and does work, waiting out every backoff, until nothing is
+        /// left to do.
+        fn settle(&self) {
+            for _ in 0..100 {
+                let work = self.take(LATER);
+                if work.is_empty() {
+                    return;
+                }
+                self.perform(work);
+            }
+            panic!("the scheduler never settled");
+        }
+
+        fn parked(&self) -> Vec<i64> {
+            let letters = self.store.dead_letters().unwrap();
+            let mut parked: Vec<i64> = letters
+                .iter()
+                .filter(|letter| letter.parked)
+                .filter_map(|letter| letter.update_id)
+                .collect();
+            parked.sort_unstable();
+            parked
+        }
+
+        fn calls(&self) -> Vec<i64> {
+            lock(&self.handler.calls).clone()
+        }
+
+        /// The invariants of ARCHITECTURE.md: the offset never passes an
+        /// update that is neither finished nor recorded in the store
+        /// (handled, dead or parked); an update is marked handled only
+        /// after its reply was accepted (or it was recorded dead).
+        fn check(&self) {
+            let offset = self.offset();
+            let letters = self.store.dead_letters().unwrap();
+            let recorded = |id: i64| letters.iter().any(|letter| letter.update_id == Some(id));
+            let dead = |id: i64| {
+                letters
+                    .iter()
+                    .any(|letter| letter.update_id == Some(id) && !letter.parked)
+            };
+            let replied = lock(&self.handler.replied);
+            for &id in &self.polled {
+                let handled = self.store.is_handled(id).unwrap();
+                if id < offset {
+                    assert!(
+                        handled || recorded(id),
+                        "the offset {offset} passed update {id}, neither handled nor recorded"
+                    );
+                }
+                if handled {
+                    assert!(
+                        replied.contains(&id) || dead(id),
+                        "update {id} marked handled, but its reply was not accepted"
+                    );
+                }
+            }
+        }
+    }
+
+    fn chat_of(work: &Work) -> &str {
+        match work {
+            Work::Handle(chat, _) | Work::Refill(chat) => chat,
+        }
+    }
+
+    /// The id of the update to handle (a read-back from the store is 0).
+    fn id_of(work: &Work) -> i64 {
+        match work {
+            Work::Handle(_, update) => update.update_id,
+            Work::Refill(_) => 0,
+        }
+    }
+
+    fn ids(work: &[Work]) -> Vec<i64> {
+        work.iter().map(id_of).collect()
+    }
+
+    use Answer::{Dead, Park, Reply, Retry};
+
+    /// A case: its name, how the handler answers, the ids still in hand,
+    /// the offset once the others are done.
+    type Row = (&'static str, &'static [(i64, Answer)], &'static [i64], i64);
+
+    /// Three chats, one update each, all started at once: the offset after
+    /// the attempts (ids `in_hand` are still being handled).
+    #[test]
+    fn the_offset_is_the_lowest_update_neither_finished_nor_recorded() {
+        let table: &[Row] = &[
+            ("all replied", &[], &[], 13),
+            ("all in hand", &[], &[10, 11, 12], 10),
+            ("the last in hand", &[], &[12], 12),
+            ("the first in hand", &[], &[10], 10),
+            ("the first failed", &[(10, Retry)], &[], 10),
+            ("the middle failed", &[(11, Retry)], &[], 11),
+            ("the last failed", &[(12, Retry)], &[], 12),
+            ("the first dead", &[(10, Dead)], &[], 13),
+            ("the first parked", &[(10, Park)], &[], 13),
+            (
+                "parked, then one failed",
+                &[(10, Park), (11, Retry)],
+                &[],
+                11,
+            ),
+            (
+                "failed below a parked one",
+                &[(10, Retry), (11, Park)],
+                &[],
+                10,
+            ),
+        ];
+        for &(name, answers, in_hand, expected) in table {
+            let mut h = Harness::new(10);
+            for &(id, answer) in answers {
+                h.handler.answer(id, &[answer]);
+            }
+            h.poll(&[(10, "a"), (11, "b"), (12, "c")]);
+            assert_eq!(h.offset(), 10, "{name}: nothing finished yet");
+            let work = h.take(Duration::ZERO);
+            assert_eq!(ids(&work), [10, 11, 12], "{name}: other chats go on");
+            let (held, done): (Vec<Work>, Vec<Work>) = work
+                .into_iter()
+                .partition(|work| in_hand.contains(&id_of(work)));
+            h.perform(done);
+            assert_eq!(h.offset(), expected, "{name}");
+            h.perform(held);
+        }
+    }
+
+    /// An update handled before (delivered again after a crash between the
+    /// reply and the offset) is not handled again, and the offset passes
+    /// it; ids below the offset of the poll and repeats are left alone.
+    #[test]
+    fn an_update_handled_before_is_passed_not_handled_again() {
+        let mut h = Harness::new(10);
+        h.store.mark_handled(11, "replied").unwrap();
+        lock(&h.handler.replied).insert(11);
+        h.poll(&[(9, "a"), (10, "a"), (11, "b"), (12, "c"), (12, "c")]);
+        let work = h.take(Duration::ZERO);
+        assert_eq!(ids(&work), [10, 12]);
+        h.perform(work);
+        assert_eq!(h.offset(), 13);
+        h.poll(&[(10, "a"), (11, "b"), (12, "c")]);
+        assert!(
+            h.take(LATER).is_empty(),
+            "handled ones come again: not queued"
+        );
+        assert_eq!(h.calls(), [10, 12]);
+        assert_eq!(h.offset(), 13);
+    }
+
+    /// One chat's updates run one at a time, in id order, a failed one
+    /// holding the ones behind it; other chats go on meanwhile.
+    #[test]
+    fn a_chat_runs_one_update_at_a_time_in_order_other_chats_meanwhile() {
+        let mut h = Harness::new(1);
+        h.handler.answer(3, &[Retry]);
+        h.poll(&[(1, "a"), (2, "b"), (3, "a"), (4, "a"), (5, "b")]);
+        let first = h.take(Duration::ZERO);
+        assert_eq!(ids(&first), [1, 2], "each chat's first, oldest first");
+        let mut first = first.into_iter();
+        h.perform(first.next().into_iter().collect());
+        assert_eq!(h.offset(), 2, "2 is in hand");
+        // a goes on while b's 2 is in hand.
+        let next = h.take(Duration::ZERO);
+        assert_eq!(ids(&next), [3]);
+        h.perform(next);
+        assert!(
+            h.take(Duration::ZERO).is_empty(),
+            "3 failed: 4 waits behind it, 2 is in hand"
+        );
+        assert_eq!(h.offset(), 2);
+        h.perform(first.collect());
+        assert_eq!(h.offset(), 3, "3 failed: the offset waits for it");
+        assert_eq!(ids(&h.take(Duration::ZERO)), [5], "b goes on");
+        assert_eq!(h.offset(), 3);
+        let retried = h.take(LATER);
+        assert_eq!(ids(&retried), [3], "after its backoff, 3 again, not 4");
+        h.perform(retried);
+        assert_eq!(ids(&h.take(Duration::ZERO)), [4]);
+    }
+
+    /// A parked chat's later updates wait (in the store), other chats go
+    /// on, and the offset passes the parked and recorded ones; once the
+    /// parked update is handled its chat goes on, in order.
+    #[test]
+    fn a_parked_chat_waits_in_the_store_while_the_others_go_on() {
+        let mut h = Harness::new(1);
+        h.handler.answer(1, &[Retry, Retry, Retry, Reply]);
+        h.poll(&[(1, "a"), (2, "a"), (3, "b")]);
+        let work = h.take(Duration::ZERO);
+        assert_eq!(ids(&work), [1, 3]);
+        h.perform(work);
+        assert_eq!(h.offset(), 1, "1 failed once: not parked yet");
+        assert!(h.parked().is_empty());
+        // The second failure (max_attempts 2) parks it, and 2 behind it.
+        let work = h.take(LATER);
+        assert_eq!(ids(&work), [1]);
+        h.perform(work);
+        assert_eq!(h.parked(), [1, 2]);
+        assert_eq!(h.offset(), 4, "parked and recorded: passed");
+        assert!(h.take(Duration::ZERO).is_empty(), "2 waits behind 1");
+        // Later updates of the parked chat go to the store; others run.
+        h.poll(&[(4, "a"), (5, "c")]);
+        assert_eq!(h.parked(), [1, 2, 4]);
+        let work = h.take(Duration::ZERO);
+        assert_eq!(ids(&work), [5]);
+        h.perform(work);
+        assert_eq!(h.offset(), 6);
+        assert_eq!(
+            h.scheduler.lock().in_flight(),
+            0,
+            "parked ones hold no room"
+        );
+        // Parked, it fails again: still parked, its chat still waits.
+        let work = h.take(LATER);
+        assert_eq!(ids(&work), [1]);
+        h.perform(work);
+        assert_eq!(h.parked(), [1, 2, 4]);
+        assert!(h.take(Duration::ZERO).is_empty());
+        // Handled at last: its chat goes on, read back from the store.
+        h.settle();
+        assert_eq!(h.calls(), [1, 3, 1, 5, 1, 1, 2, 4]);
+        assert!(h.parked().is_empty());
+        assert_eq!(h.offset(), 6);
+        for id in 1..=5 {
+            assert!(h.store.is_handled(id).unwrap(), "{id}");
+        }
+    }
+
+    /// An update that comes for a parked chat goes to the store, and the
+    /// offset waits at it until the write is done (here another connection
+    /// holds the file's write lock meanwhile).
+    #[test]
+    fn the_offset_waits_for_a_parked_chats_update_to_be_written() {
+        let mut h = Harness::new(1);
+        h.handler.answer(1, &[Park]);
+        h.poll(&[(1, "a")]);
+        h.perform(h.take(Duration::ZERO));
+        assert_eq!((h.parked(), h.offset()), (vec![1], 2));
+        let blocker = rusqlite::Connection::open(h.dir.path().join("state.db")).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        h.polled.extend([2, 3]);
+        let h = &h;
+        std::thread::scope(|scope| {
+            let polling = scope.spawn(|| {
+                let received = vec![Ok(update(2, "a")), Ok(update(3, "b"))];
+                h.scheduler.enqueue(received, 2, &h.store).unwrap();
+            });
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut state = h.scheduler.lock();
+            while !state.spilling.contains(&2) {
+                assert!(Instant::now() < deadline, "2 never went to the store");
+                state = h.scheduler.wait_timeout(state, Duration::from_millis(100));
+            }
+            let offset = state.offset();
+            drop(state);
+            blocker.execute_batch("ROLLBACK").unwrap();
+            polling.join().unwrap();
+            assert_eq!(offset, 2, "passed 2 before it was written");
+        });
+        h.check();
+        assert_eq!((h.parked(), h.offset()), (vec![1, 2], 3));
+    }
+
+    /// Parked and dead ones never block a chat for good; a dead letter is
+    /// confirmed, and the chat's next update goes on at once.
+    #[test]
+    fn a_dead_letter_is_confirmed_and_its_chat_goes_on() {
+        let mut h = Harness::new(1);
+        h.handler.answer(1, &[Dead]);
+        h.poll(&[(1, "a"), (2, "a")]);
+        h.perform(h.take(Duration::ZERO));
+        assert_eq!(h.offset(), 2);
+        assert_eq!(ids(&h.take(Duration::ZERO)), [2]);
+    }
+
+    /// `room_to_poll` on a thread of its own: whether it answered within
+    /// 100 ms, and its answer once `unblock` has run. A wait that does not
+    /// end within 5 s more is ended by stopping the loop: a test fails,
+    /// never hangs.
+    fn room_to_poll(h: &Harness, unblock: impl FnOnce()) -> (bool, Option<i64>) {
+        /// Ends the wait unless it answered (also when a step panics).
+        struct EndWait<'a>(&'a Scheduler, std::cell::Cell<bool>);
+        impl Drop for EndWait<'_> {
+            fn drop(&mut self) {
+                if !self.1.get() {
+                    self.0.stop_taking_work();
+                }
+            }
+        }
+        std::thread::scope(|scope| {
+            let (sender, answer) = mpsc::channel();
+            scope.spawn(move || {
+                let _ = sender.send(h.scheduler.room_to_poll());
+            });
+            let ending = EndWait(&h.scheduler, std::cell::Cell::new(false));
+            // Waiting for something not to happen needs a time.
+            let at_once = answer.recv_timeout(Duration::from_millis(100));
+            unblock();
+            let answer = at_once
+                .or_else(|_| answer.recv_timeout(Duration::from_secs(5)))
+                .expect("the poller still waits for room");
+            ending.1.set(true);
+            (at_once.is_ok(), answer)
+        })
+    }
+
+    /// The poller polls only while fewer than the bound of updates are in
+    /// flight (parked ones do not count), and not once polling is over.
+    #[test]
+    fn the_poller_waits_for_room_below_the_in_flight_bound() {
+        let mut h = Harness::new(1);
+        assert_eq!(h.scheduler.settings.max_in_flight(), 4);
+        h.handler.answer(1, &[Park]);
+        h.poll(&[(1, "a"), (2, "a"), (3, "a")]);
+        assert_eq!(room_to_poll(&h, || {}), (true, Some(1)), "3 in flight");
+        h.poll(&[(4, "b")]);
+        let work = h.take(Duration::ZERO);
+        assert_eq!(ids(&work), [1, 4]);
+        let mut work = work.into_iter();
+        let (first, fourth) = (work.next(), work.next());
+        let (at_once, room) = room_to_poll(&h, || h.perform(fourth.into_iter().collect()));
+        assert!(!at_once, "polled with 4 in flight");
+        assert_eq!(room, Some(1), "one finished: room; 1 is in hand");
+        // 1 is parked, and 2 and 3 behind it: they hold no room.
+        h.perform(first.into_iter().collect());
+        h.poll(&[(5, "c"), (6, "d"), (7, "e")]);
+        assert_eq!(room_to_poll(&h, || {}), (true, Some(5)), "3 in flight");
+        h.poll(&[(8, "f")]);
+        let (at_once, room) = room_to_poll(&h, || h.scheduler.stop_taking_work());
+        assert!(!at_once, "polled with 4 in flight");
+        assert_eq!(room, None, "polling is over");
+    }
+
+    /// A worker whose lease is no longer current handles nothing: the
+    /// update stays unfinished (another poller may have it) and the loop
+    /// stops taking work.
+    #[test]
+    fn without_the_lease_nothing_is_handled() {
+        let (lease, _watch) = PollingLease::expiring(Duration::ZERO, Instant::now(), || {});
+        let mut h = Harness::with_lease(1, lease);
+        h.poll(&[(1, "a")]);
+        h.perform(h.take(Duration::ZERO));
+        assert!(h.calls().is_empty());
+        assert_eq!(h.offset(), 1);
+        assert!(h.scheduler.lost.load(Ordering::SeqCst));
+        assert!(h.scheduler.next_update().is_none());
+    }
+
+    /// Real workers on threads: two chats are handled at the same time
+    /// (chat a's update waits until chat b's has been handled), and no
+    /// chat ever has two updates in a handler at once.
+    #[test]
+    fn workers_run_chats_in_parallel_and_each_chat_alone() {
+        struct Gate {
+            in_handler: Mutex<HashMap<String, usize>>,
+            done: Mutex<Vec<i64>>,
+            changed: Condvar,
+        }
+        impl Handler for Gate {
+            fn handle(&self, update: &Update) -> Result<Outcome, HandleError> {
+                let chat = chat_label(update);
+                {
+                    let mut busy = lock(&self.in_handler);
+                    let count = busy.entry(chat.clone()).or_default();
+                    *count += 1;
+                    assert_eq!(*count, 1, "two updates of {chat} at once");
+                }
+                if update.update_id == 1 {
+                    let deadline = Instant::now() + Duration::from_secs(5);
+                    let mut done = lock(&self.done);
+                    while !done.contains(&2) {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        assert!(!left.is_zero(), "chat b waited for chat a");
+                        done = self.changed.wait_timeout(done, left).unwrap().0;
+                    }
+                }
+                *lock(&self.in_handler).get_mut(&chat).unwrap() -= 1;
+                lock(&self.done).push(update.update_id);
+                self.changed.notify_all();
+                Ok(Outcome::Replied)
+            }
+        }
+        let mut h = Harness::new(1);
+        h.poll(&[(1, "a"), (2, "b"), (3, "a"), (4, "b"), (5, "a"), (6, "b")]);
+        let gate = Gate {
+            in_handler: Mutex::new(HashMap::new()),
+            done: Mutex::new(Vec::new()),
+            changed: Condvar::new(),
+        };
+        let h = &h;
+        std::thread::scope(|scope| {
+            for _ in 0..3 {
+                scope.spawn(|| h.scheduler.work(&gate, &h.store, &h.lease));
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut state = h.scheduler.lock();
+            while state.offset() < 7 {
+                assert!(Instant::now() < deadline, "not all handled");
+                state = h.scheduler.wait_timeout(state, Duration::from_millis(100));
+            }
+            drop(state);
+            h.scheduler.stop_taking_work();
+        });
+        let done = lock(&gate.done).clone();
+        let of = |chat: &[i64]| -> Vec<i64> {
+            done.iter()
+                .copied()
+                .filter(|id| chat.contains(id))
+                .collect()
+        };
+        assert_eq!(of(&[1, 3, 5]), [1, 3, 5], "chat a in order");
+        assert_eq!(of(&[2, 4, 6]), [2, 4, 6], "chat b in order");
+        assert!(
+            done.iter().position(|&id| id == 2) < done.iter().position(|&id| id == 1),
+            "{done:?}"
+        );
+    }
 }

@@ -1600,6 +1600,73 @@ mod tests {
         assert_eq!(holder, "another-token");
     }
 
+    /// The fencing is the scripts' own, whatever the process's check says:
+    /// with the token of a lease that lapsed and was taken by another
+    /// poller, ADVANCE and MARK_FENCED write nothing; with the holder's,
+    /// they write.
+    #[test]
+    #[ignore = "needs redis-server"]
+    fn the_scripts_refuse_a_token_whose_lease_was_taken() {
+        let server = Server::start();
+        let old = server.store().with_lease(Duration::from_secs(30));
+        let old_lease = old.claim_polling(None).unwrap().unwrap();
+        let token_of = |store: &RedisStore| lock(&store.fence).as_ref().unwrap().token.clone();
+        let stale = token_of(&old);
+        old.advance_offset(10).unwrap();
+        // The lease lapses (as in a pause longer than it) and another
+        // poller takes it; the old one's renewals have not noticed yet.
+        let (lease_key, offset_key) = (old.keys.key("poller"), old.keys.key("offset"));
+        old.call(|connection| redis::cmd("DEL").arg(&lease_key).query::<()>(connection))
+            .unwrap();
+        let new = server.store();
+        let _new_lease = new.claim_polling(None).unwrap().unwrap();
+        let holder = token_of(&new);
+        assert_ne!(stale, holder);
+
+        let advance = |token: &str, offset: i64| {
+            old.call(|connection| {
+                ADVANCE
+                    .key(&lease_key)
+                    .key(&offset_key)
+                    .arg(token)
+                    .arg(offset)
+                    .invoke::<i64>(connection)
+            })
+            .unwrap()
+        };
+        let mark = |token: &str, update_id: i64| {
+            old.call(|connection| {
+                MARK_FENCED
+                    .key(&lease_key)
+                    .key(old.keys.handled(update_id))
+                    .arg(token)
+                    .arg("replied")
+                    .arg(60)
+                    .invoke::<i64>(connection)
+            })
+            .unwrap()
+        };
+        assert_eq!(
+            advance(&stale, 20),
+            -1,
+            "an offset written without the lease"
+        );
+        assert_eq!(old.next_offset().unwrap(), 10);
+        assert_eq!(mark(&stale, 11), 0, "a mark written without the lease");
+        assert!(!old.is_handled(11).unwrap());
+        // Through the store's own methods too, while this process still
+        // believes it holds the lease: refused by the script.
+        assert!(old_lease.is_current());
+        let refused = old.mark_handled(12, "replied").unwrap_err();
+        assert!(crate::state::is_lease_lost(&refused), "{refused:#}");
+        assert!(!old.is_handled(12).unwrap());
+        // The holder's token writes.
+        assert_eq!(advance(&holder, 20), 1);
+        assert_eq!(mark(&holder, 11), 1);
+        assert_eq!(new.next_offset().unwrap(), 20);
+        assert!(new.is_handled(11).unwrap());
+    }
+
     #[test]
     #[ignore = "needs redis-server"]
     fn parked_updates_are_read_back_by_id_a_bounded_page_at_a_time() {
