@@ -38,7 +38,8 @@ pub enum AttemptError<E> {
 /// What the loop tells an attempt, and what the attempt can tell the loop.
 #[derive(Debug)]
 pub struct Attempt {
-    /// 1 for the first attempt.
+    /// 1 for the first attempt: what the tests script outcomes by.
+    #[cfg(test)]
     pub number: u32,
     /// What is left of the policy's budget: an attempt that can bound its own
     /// duration (a request timeout) should, so the budget holds in all.
@@ -264,6 +265,7 @@ impl RetryPolicy {
         let mut failures = 0u32;
         loop {
             let mut this = Attempt {
+                #[cfg(test)]
                 number: failures + 1,
                 time_left: self
                     .budget
