@@ -280,10 +280,44 @@ pub fn running() -> usize {
 }
 
 /// SIGKILL to the process group `id` (its leader and everything it started).
-pub fn kill_group(id: libc::pid_t) {
+/// Returns false, and signals nothing, for an id that names no group of a
+/// handler: `kill(-0)` would signal fly's own group, and `kill(1)` (from a
+/// negative id) a process rather than a group.
+pub fn kill_group(id: libc::pid_t) -> bool {
+    if id <= 0 {
+        return false;
+    }
     // SAFETY: kill(2) with a negative pid signals that process group; it has
     // no memory-safety preconditions.
     unsafe {
         libc::kill(-id, libc::SIGKILL);
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+
+    /// 0 would be fly's own process group, a negative id a single process.
+    #[test]
+    fn kill_group_refuses_ids_that_name_no_group() {
+        for id in [0, -1, -2, libc::pid_t::MIN] {
+            assert!(!kill_group(id), "kill_group({id}) signalled");
+        }
+    }
+
+    #[test]
+    fn kill_group_kills_a_real_group() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let id = libc::pid_t::try_from(child.id()).unwrap();
+        assert!(kill_group(id));
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
     }
 }

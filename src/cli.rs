@@ -7,13 +7,14 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::builder::StyledStr;
 use clap::builder::styling::Style;
+use clap::builder::{PathBufValueParser, StyledStr, TypedValueParser};
 use clap::parser::ValueSource;
 use clap::{ArgAction, ArgMatches, Args, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 pub const DEFAULT_BASE_URL: &str = "https://api.flycrytp.com";
 pub use crate::emulator::DEFAULT_URL as DEFAULT_EMULATOR_URL;
+pub use crate::state::StateLocation;
 
 /// Every tool of the Fly Bot API examples page in one binary.
 ///
@@ -510,17 +511,14 @@ pub struct SendArgs {
     "# In CI: one poll, answer what came, exit",
     "fly poll-echo --once",
 ]))]
+#[command(mut_arg("state", |arg| arg.help(
+    "State store: a file (default: per bot, under the user's state \
+     directory), or redis://[user:pass@]host:port[/db] (also rediss://), \
+     shared with standby pollers"
+)))]
 pub struct PollEchoArgs {
-    /// State store: a file (default: per bot, under the user's state
-    /// directory), or redis://[user:pass@]host:port[/db] (also rediss://),
-    /// shared with standby pollers.
-    #[arg(
-        long,
-        value_name = "PATH|URL",
-        env = "FLY_STATE",
-        hide_env_values = true
-    )]
-    pub state: Option<PathBuf>,
+    #[command(flatten)]
+    pub state: StateArgs,
 
     #[command(flatten)]
     pub lease: LeaseArgs,
@@ -578,6 +576,30 @@ pub struct LeaseArgs {
 /// A lease: seconds, fractions allowed, from 0.3 s to an hour.
 fn parse_lease(text: &str) -> Result<Duration, String> {
     parse_seconds(text, "0.3", 0.3)
+}
+
+/// `--state` (`FLY_STATE`), declared once and parsed once: a file path or
+/// a Redis URL. Each command gives it its own help (`mut_arg("state", …)`).
+#[derive(Debug, Clone, Args)]
+pub struct StateArgs {
+    /// State store: a file, or a redis:// URL.
+    #[arg(
+        id = "state",
+        long = "state",
+        value_name = "PATH|URL",
+        env = "FLY_STATE",
+        hide_env_values = true,
+        value_hint = clap::ValueHint::AnyPath,
+        value_parser = PathBufValueParser::new().map(StateLocation::given)
+    )]
+    pub given: Option<StateLocation>,
+}
+
+impl StateArgs {
+    /// The location given, else the bot's default state file.
+    pub fn location(self) -> StateLocation {
+        self.given.unwrap_or(StateLocation::File(None))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -650,6 +672,11 @@ pub struct ExecArgs {
     "# A signed delivery to it, from another terminal",
     "fly sign --secret-file webhook.secret update.json | curl -d @- http://127.0.0.1:8080/webhook",
 ]))]
+#[command(mut_arg("state", |arg| arg.help(
+    "State store for dedupe and nonces: a file (used by this process alone \
+     while it serves), or redis://[user:pass@]host:port[/db] (also \
+     rediss://), shared by replicas behind a load balancer"
+)))]
 pub struct ServeWebhookArgs {
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0", value_name = "ADDR")]
@@ -695,16 +722,8 @@ pub struct ServeWebhookArgs {
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=512))]
     pub concurrency: u32,
 
-    /// State store for dedupe and nonces: a file (used by this process alone
-    /// while it serves), or redis://[user:pass@]host:port[/db] (also
-    /// rediss://), shared by replicas behind a load balancer.
-    #[arg(
-        long,
-        value_name = "PATH|URL",
-        env = "FLY_STATE",
-        hide_env_values = true
-    )]
-    pub state: Option<PathBuf>,
+    #[command(flatten)]
+    pub state: StateArgs,
 
     #[command(flatten)]
     pub retention: RetentionArgs,
@@ -788,6 +807,10 @@ pub struct FetchMediaArgs {
     "# fly serve-webhook as that receiver, in another terminal",
     "FLY_WEBHOOK_SECRET=s3cret fly serve-webhook --bind 127.0.0.1 --exec ./bot.sh",
 ]))]
+#[command(mut_arg("state", |arg| arg.help(
+    "State store: a file, or redis://[user:pass@]host:port[/db] (also \
+     rediss://), shared with standby forwarders"
+)))]
 pub struct ForwardArgs {
     /// The local webhook receiver to deliver signed updates to.
     #[arg(long, value_name = "URL")]
@@ -812,15 +835,8 @@ pub struct ForwardArgs {
     #[arg(long, default_value_t = 30, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub poll_timeout: u64,
 
-    /// State store: a file, or redis://[user:pass@]host:port[/db] (also
-    /// rediss://), shared with standby forwarders.
-    #[arg(
-        long,
-        value_name = "PATH|URL",
-        env = "FLY_STATE",
-        hide_env_values = true
-    )]
-    pub state: Option<PathBuf>,
+    #[command(flatten)]
+    pub state: StateArgs,
 
     #[command(flatten)]
     pub lease: LeaseArgs,
@@ -976,17 +992,14 @@ pub struct DemoArgs {}
     "# A local emulator, and a given state file",
     "FLY_BASE_URL=http://127.0.0.1:8787 FLY_BOT_TOKEN=dev fly doctor --state bot.db",
 ]))]
+#[command(mut_arg("state", |arg| arg.help(
+    "State store to check (default: the bot's file, found from the base URL \
+     and token): a file, opened if it exists, never created; or a redis:// \
+     URL, which must answer"
+)))]
 pub struct DoctorArgs {
-    /// State store to check (default: the bot's file, found from the base URL
-    /// and token): a file, opened if it exists, never created; or a redis://
-    /// URL, which must answer.
-    #[arg(
-        long,
-        value_name = "PATH|URL",
-        env = "FLY_STATE",
-        hide_env_values = true
-    )]
-    pub state: Option<PathBuf>,
+    #[command(flatten)]
+    pub state: StateArgs,
 
     /// The local time to compare with the platform's clock (default: the clock).
     #[arg(
@@ -1011,17 +1024,14 @@ pub struct DoctorArgs {
     "fly dead-letters --state bot.db",
     "fly dead-letters --state bot.db --purge",
 ]))]
+#[command(mut_arg("state", |arg| arg.help(
+    "State store file (default: the bot's, found from the base URL and \
+     token), or a redis:// URL (which needs the token: a bot's keys are \
+     found from it)"
+)))]
 pub struct DeadLettersArgs {
-    /// State store file (default: the bot's, found from the base URL and
-    /// token), or a redis:// URL (which needs the token: a bot's keys are
-    /// found from it).
-    #[arg(
-        long,
-        value_name = "PATH|URL",
-        env = "FLY_STATE",
-        hide_env_values = true
-    )]
-    pub state: Option<PathBuf>,
+    #[command(flatten)]
+    pub state: StateArgs,
 
     /// Remove every dead letter instead of listing them (parked updates,
     /// which are not handled, stay: drop them one by one with --drop).
@@ -1081,6 +1091,47 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// `--state` is parsed once, into a file or a server, for every command
+    /// that has it; absent, it is the bot's default file.
+    #[test]
+    fn state_is_parsed_into_a_file_or_a_server() {
+        let location = |args: &[&str]| {
+            let cli = Cli::try_parse_from(args).unwrap();
+            match cli.command {
+                Command::PollEcho(args) => args.state.location(),
+                Command::ServeWebhook(args) => args.state.location(),
+                Command::Forward(args) => args.state.location(),
+                Command::Doctor(args) => args.state.location(),
+                Command::DeadLetters(args) => args.state.location(),
+                _ => unreachable!("a command with --state"),
+            }
+        };
+        let file = StateLocation::File(Some(PathBuf::from("bot.db")));
+        for command in ["poll-echo", "serve-webhook", "doctor", "dead-letters"] {
+            assert_eq!(location(&["fly", command, "--state", "bot.db"]), file);
+            assert_eq!(location(&["fly", command]), StateLocation::File(None));
+        }
+        assert_eq!(
+            location(&[
+                "fly",
+                "forward",
+                "--to",
+                "http://h/",
+                "--state",
+                "Redis://h:6379/2"
+            ]),
+            StateLocation::Redis("Redis://h:6379/2".into())
+        );
+        assert_eq!(
+            location(&["fly", "doctor", "--state", "valkeys://h"]),
+            StateLocation::Redis("valkeys://h".into())
+        );
+        assert_eq!(
+            location(&["fly", "doctor", "--state", "redis.db"]),
+            StateLocation::File(Some(PathBuf::from("redis.db")))
+        );
     }
 
     /// The words of a simple shell command, quotes removed.

@@ -23,7 +23,7 @@ use ureq::http::{Response, Uri};
 use crate::progress::set_download_length;
 use crate::retry::{
     AttemptError, GaveUp, Limit, RetryPolicy, TransportFailure, attempts_text, classify_transport,
-    parse_retry_after, status_is_transient,
+    transient_response,
 };
 use crate::shutdown::Shutdown;
 
@@ -250,6 +250,9 @@ impl Transfer<'_> {
         } = *self;
         let sink_failed = |error: std::io::Error| AttemptError::Fatal(DownloadError::Sink(error));
         let mut response = self.get(*done, time_left)?;
+        if let Some(transient) = transient_response(&response, |status| format!("HTTP {status}")) {
+            return Err(transient);
+        }
         let status = response.status().as_u16();
         match status {
             206 if *done > 0 => {
@@ -278,17 +281,6 @@ impl Transfer<'_> {
                 return Err(AttemptError::Fatal(DownloadError::Gone(format!(
                     "access URL expired or unknown (HTTP {status})"
                 ))));
-            }
-            status if status_is_transient(status) => {
-                let retry_after = response
-                    .headers()
-                    .get("retry-after")
-                    .and_then(|value| value.to_str().ok())
-                    .and_then(parse_retry_after);
-                return Err(AttemptError::Transient {
-                    reason: format!("HTTP {status}"),
-                    retry_after,
-                });
             }
             _ => {
                 let reason = response.status().canonical_reason().unwrap_or_default();

@@ -6,10 +6,11 @@
 //! hyper and tokio live only in server modules; callers hand in a ready
 //! listener and a service.
 
+use std::fmt;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
 
@@ -24,8 +25,12 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
-/// Pause after a failed accept (e.g. out of file descriptors) before the next.
+/// Pause after the first failed accept (e.g. out of file descriptors)
+/// before the next; it doubles with each failure in a row, up to the max.
 const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(50);
+const ACCEPT_RETRY_MAX_DELAY: Duration = Duration::from_secs(1);
+/// A burst of failed accepts is over when none failed for this long.
+const ACCEPT_BURST_QUIET: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -85,75 +90,149 @@ fn describe_io(error: &std::io::Error) -> String {
     }
 }
 
-/// Serves connections from `listener` until `stop` completes, then stops
-/// accepting and waits (at most `limits.drain_timeout`) for open connections
-/// to finish their requests.
-pub async fn serve<S, B, F>(
-    listener: std::net::TcpListener,
+/// The listening socket could not be handed to the async runtime: the
+/// server never started (the command fails, exit 1).
+#[derive(Debug)]
+pub struct StartError {
+    address: Option<SocketAddr>,
+    error: std::io::Error,
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.address {
+            Some(address) => write!(f, "cannot serve on {address}: ")?,
+            None => f.write_str("cannot serve on the listening socket: ")?,
+        }
+        f.write_str(&describe_io(&self.error))
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// A listener handed to the runtime, ready to serve.
+pub struct Server {
+    listener: TcpListener,
     tls: Option<TlsAcceptor>,
     limits: Limits,
-    make_service: F,
-    stop: impl Future<Output = ()>,
-) where
-    F: Fn() -> S,
-    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    let listener = match TcpListener::from_std(listener) {
-        Ok(listener) => listener,
-        Err(error) => {
-            tracing::error!("cannot use the listening socket: {error}");
-            return;
-        }
-    };
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_header_size(limits.max_header_bytes)
-        .keep_alive(true);
-    let builder = Arc::new(builder);
-    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    let graceful = GracefulShutdown::new();
-    tokio::pin!(stop);
+    builder: Arc<http1::Builder>,
+}
 
-    loop {
-        let permit = tokio::select! {
-            _ = &mut stop => break,
-            permit = Arc::clone(&permits).acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-        };
-        let stream = tokio::select! {
-            _ = &mut stop => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => stream,
-                Err(error) => {
-                    tracing::warn!("accepting a connection failed: {error}");
-                    tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
-                    continue;
-                }
-            },
-        };
-        // Small answers should not wait for Nagle's algorithm.
-        let _ = stream.set_nodelay(true);
-        let service = make_service();
-        let builder = Arc::clone(&builder);
-        let watcher = graceful.watcher();
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
+impl Server {
+    /// Hands `listener` to the tokio runtime this is called within (inside
+    /// `block_on` or `Runtime::enter`), so that a failure is the caller's
+    /// before it announces the server.
+    pub fn start(
+        listener: std::net::TcpListener,
+        tls: Option<TlsAcceptor>,
+        limits: Limits,
+    ) -> Result<Server, StartError> {
+        let address = listener.local_addr().ok();
+        let listener =
+            TcpListener::from_std(listener).map_err(|error| StartError { address, error })?;
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_header_size(limits.max_header_bytes)
+            .keep_alive(true);
+        Ok(Server {
+            listener,
+            tls,
+            limits,
+            builder: Arc::new(builder),
+        })
+    }
+
+    /// Serves connections until `stop` completes, then stops accepting and
+    /// waits (at most `limits.drain_timeout`) for open connections to finish
+    /// their requests.
+    pub async fn serve<S, B, F>(self, make_service: F, stop: impl Future<Output = ()>)
+    where
+        F: Fn() -> S,
+        S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let permits = Arc::new(Semaphore::new(self.limits.max_connections.max(1)));
+        let graceful = GracefulShutdown::new();
+        let mut errors = AcceptErrors::default();
+        tokio::pin!(stop);
+        loop {
+            let permit = tokio::select! {
+                _ = &mut stop => break,
+                permit = Arc::clone(&permits).acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+            };
+            let stream = tokio::select! {
+                _ = &mut stop => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _peer)) => stream,
+                    Err(error) => {
+                        let pause = errors.failed(&error, Instant::now());
+                        tokio::select! {
+                            _ = &mut stop => break,
+                            () = tokio::time::sleep(pause) => continue,
+                        }
+                    }
+                },
+            };
+            errors.succeeded(Instant::now());
+            // Small answers should not wait for Nagle's algorithm.
+            let _ = stream.set_nodelay(true);
+            let connection = self.connection(stream, make_service(), graceful.watcher());
+            tokio::spawn(async move {
+                let _permit = permit;
+                connection.await;
+            });
+        }
+        errors.stopped();
+        let Server {
+            listener, limits, ..
+        } = self;
+        drop(listener);
+        if tokio::time::timeout(limits.drain_timeout, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "stopped with requests still in flight after {:?}",
+                limits.drain_timeout
+            );
+        }
+    }
+
+    /// One accepted connection, served (after the TLS handshake, if any)
+    /// until it closes or the graceful stop ends it.
+    fn connection<S, B>(
+        &self,
+        stream: tokio::net::TcpStream,
+        service: S,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) -> impl Future<Output = ()> + Send + 'static
+    where
+        S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let builder = Arc::clone(&self.builder);
+        let tls = self.tls.clone();
+        let header_read_timeout = self.limits.header_read_timeout;
+        async move {
             match tls {
                 None => run_connection(&builder, stream, service, watcher).await,
                 Some(acceptor) => {
                     // The handshake counts against the header deadline.
                     let handshake = acceptor.accept(stream);
-                    match tokio::time::timeout(limits.header_read_timeout, handshake).await {
+                    match tokio::time::timeout(header_read_timeout, handshake).await {
                         Ok(Ok(tls_stream)) => {
                             run_connection(&builder, tls_stream, service, watcher).await
                         }
@@ -162,17 +241,77 @@ pub async fn serve<S, B, F>(
                     }
                 }
             }
-        });
+        }
     }
-    drop(listener);
-    if tokio::time::timeout(limits.drain_timeout, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "stopped with requests still in flight after {:?}",
-            limits.drain_timeout
+}
+
+/// Failed accepts come in bursts (out of file descriptors, EMFILE, fails
+/// every accept until a connection closes, and again as soon as the next
+/// one is accepted): the first failure of a burst is logged and the rest
+/// counted, and the pause before the next try doubles, from
+/// [`ACCEPT_RETRY_DELAY`] to [`ACCEPT_RETRY_MAX_DELAY`]. The burst is over
+/// once [`ACCEPT_BURST_QUIET`] passed without a failure.
+#[derive(Debug, Default)]
+struct AcceptErrors {
+    /// Failed accepts in this burst.
+    in_burst: u64,
+    /// The pause after the last failure.
+    pause: Duration,
+    last_failure: Option<Instant>,
+}
+
+impl AcceptErrors {
+    /// Notes a failed accept; returns how long to wait before the next.
+    fn failed(&mut self, error: &std::io::Error, now: Instant) -> Duration {
+        self.end_if_quiet(now);
+        if self.in_burst == 0 {
+            tracing::warn!(
+                "accepting a connection failed: {}; retrying, at most once a second \
+                 (further failures are counted until accepting works again)",
+                describe_io(error)
+            );
+        }
+        self.in_burst += 1;
+        self.last_failure = Some(now);
+        self.pause = if self.pause.is_zero() {
+            ACCEPT_RETRY_DELAY
+        } else {
+            (self.pause * 2).min(ACCEPT_RETRY_MAX_DELAY)
+        };
+        tracing::debug!(
+            "{} failed accepts in this burst; next try in {} ms",
+            self.in_burst,
+            self.pause.as_millis()
         );
+        self.pause
+    }
+
+    /// An accept succeeded: the burst, if any, may be over.
+    fn succeeded(&mut self, now: Instant) {
+        self.end_if_quiet(now);
+    }
+
+    fn end_if_quiet(&mut self, now: Instant) {
+        if let Some(last) = self.last_failure
+            && now.saturating_duration_since(last) >= ACCEPT_BURST_QUIET
+        {
+            tracing::info!(
+                "accepting connections again after {} failed attempts",
+                self.in_burst
+            );
+            *self = AcceptErrors::default();
+        }
+    }
+
+    /// The server stops: a burst still going is said once more.
+    fn stopped(&mut self) {
+        if self.in_burst > 0 {
+            tracing::info!(
+                "stopped accepting connections after {} failed attempts",
+                self.in_burst
+            );
+            *self = AcceptErrors::default();
+        }
     }
 }
 
@@ -219,5 +358,68 @@ mod tests {
             .collect();
         assert_eq!(clients.len(), burst);
         drop(listener);
+    }
+
+    #[test]
+    fn failed_accepts_back_off_doubling_to_a_second_within_a_burst() {
+        let mut errors = AcceptErrors::default();
+        let emfile = std::io::Error::from_raw_os_error(libc::EMFILE);
+        let start = Instant::now();
+        let mut now = start;
+        let mut pauses = Vec::new();
+        for _ in 0..8 {
+            let pause = errors.failed(&emfile, now);
+            pauses.push(pause.as_millis() as u64);
+            now += pause;
+            // One connection closed, one accepted: still the same burst.
+            errors.succeeded(now);
+        }
+        assert_eq!(pauses, [50, 100, 200, 400, 800, 1000, 1000, 1000]);
+        assert_eq!(errors.in_burst, 8);
+        // Quiet long enough: the burst is over, the next failure starts anew.
+        now += ACCEPT_BURST_QUIET;
+        errors.succeeded(now);
+        assert_eq!(errors.in_burst, 0);
+        assert_eq!(errors.failed(&emfile, now), ACCEPT_RETRY_DELAY);
+        // Also when the next failure comes first.
+        now += ACCEPT_BURST_QUIET;
+        assert_eq!(errors.failed(&emfile, now), ACCEPT_RETRY_DELAY);
+        assert_eq!(errors.in_burst, 1);
+    }
+
+    /// A start-up failure is an error for the caller (exit 1, one line), not
+    /// a log line and a server that never serves. Made real: the socket is
+    /// already registered with the runtime, so registering it again fails
+    /// (EEXIST), as any refusal of the runtime to take the listener would.
+    #[test]
+    fn a_listener_the_runtime_refuses_is_a_start_error() {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _entered = runtime.enter();
+        let (listener, address) = bind(IpAddr::from([127, 0, 0, 1]), 0).unwrap();
+        let fd = listener.as_raw_fd();
+        // Never dropped: the failed start below closes the descriptor.
+        let _registered = std::mem::ManuallyDrop::new(TcpListener::from_std(listener).unwrap());
+        // SAFETY: the descriptor is open; the first owner above never closes it.
+        let same_socket = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+        let limits = Limits {
+            header_read_timeout: Duration::from_secs(1),
+            max_header_bytes: 1024,
+            max_connections: 1,
+            drain_timeout: Duration::ZERO,
+        };
+        let Err(error) = Server::start(same_socket, None, limits) else {
+            panic!("the server started")
+        };
+        let message = error.to_string();
+        assert_eq!(message, format!("cannot serve on {address}: File exists"));
+        let error = anyhow::Error::new(error);
+        assert_eq!(
+            crate::exit::classify(&error),
+            crate::exit::ExitOutcome::Report(crate::exit::FAILURE)
+        );
     }
 }

@@ -38,7 +38,8 @@ pub enum AttemptError<E> {
 /// What the loop tells an attempt, and what the attempt can tell the loop.
 #[derive(Debug)]
 pub struct Attempt {
-    /// 1 for the first attempt.
+    /// 1 for the first attempt: what the tests script outcomes by.
+    #[cfg(test)]
     pub number: u32,
     /// What is left of the policy's budget: an attempt that can bound its own
     /// duration (a request timeout) should, so the budget holds in all.
@@ -264,6 +265,7 @@ impl RetryPolicy {
         let mut failures = 0u32;
         loop {
             let mut this = Attempt {
+                #[cfg(test)]
                 number: failures + 1,
                 time_left: self
                     .budget
@@ -302,10 +304,32 @@ impl RetryPolicy {
     }
 }
 
+/// A response whose status is worth another try ([`status_is_transient`]),
+/// as the failure the retry loop waits on: for as long as its `Retry-After`
+/// asks, if it says. `None` for any other status. `reason(status)` says it.
+pub fn transient_response<B, E>(
+    response: &ureq::http::Response<B>,
+    reason: impl FnOnce(u16) -> String,
+) -> Option<AttemptError<E>> {
+    let status = response.status().as_u16();
+    if !status_is_transient(status) {
+        return None;
+    }
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|value| value.to_str().ok())
+        .and_then(parse_retry_after);
+    Some(AttemptError::Transient {
+        reason: reason(status),
+        retry_after,
+    })
+}
+
 /// Whether an HTTP status is worth another try: 429 (slow down) and 5xx,
 /// except 501 (the server does not implement what was asked, and will not
 /// later). Everything else is the server's final word.
-pub fn status_is_transient(status: u16) -> bool {
+fn status_is_transient(status: u16) -> bool {
     status == 429 || ((500..=599).contains(&status) && status != 501)
 }
 
@@ -349,7 +373,7 @@ pub fn classify_transport(error: &ureq::Error) -> TransportFailure {
 /// Parses `Retry-After`: seconds (what the platform sends) or an HTTP date
 /// (what a proxy or CDN in front of it may send). A date already past means
 /// "now". Anything else is ignored and our own backoff applies.
-pub fn parse_retry_after(value: &str) -> Option<Duration> {
+fn parse_retry_after(value: &str) -> Option<Duration> {
     parse_retry_after_at(value, std::time::SystemTime::now())
 }
 
@@ -405,6 +429,40 @@ mod tests {
         assert_eq!(POLICY.delay(1, asked, 0.5), Duration::from_secs(3));
         let absurd = Some(Duration::from_secs(86_400));
         assert_eq!(POLICY.delay(1, absurd, 0.5), MAX_RETRY_AFTER);
+    }
+
+    /// The one reading of a response the API client and downloads share:
+    /// which statuses are retried, and the wait `Retry-After` asks.
+    #[test]
+    fn a_retried_response_carries_its_retry_after() {
+        let response = |status: u16, retry_after: Option<&str>| {
+            let mut builder = ureq::http::Response::builder().status(status);
+            if let Some(value) = retry_after {
+                builder = builder.header("Retry-After", value);
+            }
+            builder.body(()).unwrap()
+        };
+        let said = |status: u16, retry_after: Option<&str>| {
+            transient_response::<_, ()>(&response(status, retry_after), |status| {
+                format!("HTTP {status}")
+            })
+            .map(|failure| match failure {
+                AttemptError::Transient {
+                    reason,
+                    retry_after,
+                } => (reason, retry_after),
+                AttemptError::Fatal(()) => unreachable!("only transient failures"),
+            })
+        };
+        assert_eq!(
+            said(503, Some("7")),
+            Some(("HTTP 503".into(), Some(Duration::from_secs(7))))
+        );
+        assert_eq!(said(429, None), Some(("HTTP 429".into(), None)));
+        assert_eq!(said(502, Some("soon")), Some(("HTTP 502".into(), None)));
+        for status in [200, 206, 404, 501] {
+            assert_eq!(said(status, Some("7")), None, "{status}");
+        }
     }
 
     #[test]

@@ -152,11 +152,6 @@ impl Shutdown {
             });
     }
 
-    /// Skips the grace period: handlers still running are ended now.
-    pub fn abandon(&self) {
-        self.advance(Stage::Abandon);
-    }
-
     /// The last stage. The caller exits right after (see `on_signals`).
     pub fn force(&self) {
         self.advance(Stage::Forced);
@@ -323,7 +318,7 @@ mod tests {
         let record = Arc::clone(&seen);
         let subscription = shutdown.subscribe(move |stage| lock(&record).push(stage));
         drop(subscription);
-        shutdown.abandon();
+        shutdown.advance(Stage::Abandon);
         assert_eq!(*lock(&seen), [Stage::Requested]);
     }
 

@@ -5,7 +5,7 @@
 //! (`/dev/zero`).
 //!
 //! Errors are typed and name no flag: the command that was given the path
-//! says which option it came from (`commands::read_given`).
+//! says which option it came from (`commands::credentials::read_given`).
 
 use std::fmt;
 use std::io::Read;

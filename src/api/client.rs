@@ -15,7 +15,7 @@ use super::types::{PATH_BATCH_ACCESS, PATH_SEND, PATH_UPDATES, SendRequest, Unus
 use super::{ApiError, Token};
 use crate::retry::{
     AttemptError, GaveUp, RetryPolicy, TransportFailure, attempts_text, classify_transport,
-    parse_retry_after, status_is_transient,
+    transient_response,
 };
 use crate::shutdown::Shutdown;
 use fly_signature::json::{self, Value};
@@ -290,11 +290,6 @@ impl ApiClient {
         read: &impl Fn(&Envelope) -> Result<T, String>,
     ) -> Result<T, AttemptError<ApiError>> {
         let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get("retry-after")
-            .and_then(|value| value.to_str().ok())
-            .and_then(parse_retry_after);
         let date = response
             .headers()
             .get("date")
@@ -310,6 +305,11 @@ impl ApiClient {
         let detail = self
             .token
             .redact(&error_detail(parsed.as_ref().map(|p| &p.value), &text));
+        if let Some(transient) =
+            transient_response(&response, |status| format!("HTTP {status}{detail}"))
+        {
+            return Err(transient);
+        }
 
         match status {
             200..=299 => {}
@@ -318,12 +318,6 @@ impl ApiClient {
                     status,
                     detail,
                 }));
-            }
-            status if status_is_transient(status) => {
-                return Err(AttemptError::Transient {
-                    reason: format!("HTTP {status}{detail}"),
-                    retry_after,
-                });
             }
             300..=399 => {
                 let location = response

@@ -62,7 +62,9 @@ struct PoolState {
 enum Slot {
     /// Running and waiting for an update.
     Idle(Worker),
-    /// Lent to a thread handling an update; the group is 0 while it starts.
+    /// Taken by a thread that is starting its worker: no process group yet.
+    Starting,
+    /// Lent to a thread handling an update, with the worker's process group.
     Busy { group: libc::pid_t },
     /// Not running: (re)started when needed, not before `at`.
     Down { failures: u32, at: Instant },
@@ -293,13 +295,14 @@ impl WorkerPool {
                 .iter()
                 .position(|slot| matches!(slot, Slot::Idle(_)))
             {
-                let worker =
-                    match std::mem::replace(&mut state.slots[index], Slot::Busy { group: 0 }) {
-                        Slot::Idle(worker) => worker,
-                        _ => unreachable!("the slot was idle"),
-                    };
-                state.slots[index] = Slot::Busy {
-                    group: worker.group.id(),
+                let Slot::Idle(idle) = &state.slots[index] else {
+                    unreachable!("the slot was idle")
+                };
+                let busy = Slot::Busy {
+                    group: idle.group.id(),
+                };
+                let Slot::Idle(worker) = std::mem::replace(&mut state.slots[index], busy) else {
+                    unreachable!("the slot was idle")
                 };
                 return Ok(worker);
             }
@@ -310,7 +313,7 @@ impl WorkerPool {
             });
             if let Some(index) = due {
                 let Slot::Down { failures, .. } =
-                    std::mem::replace(&mut state.slots[index], Slot::Busy { group: 0 })
+                    std::mem::replace(&mut state.slots[index], Slot::Starting)
                 else {
                     unreachable!("the slot was down")
                 };
@@ -545,7 +548,9 @@ impl WorkerPool {
         let mut idle = Vec::new();
         for slot in &mut state.slots {
             match slot {
-                Slot::Busy { group } if *group != 0 => crate::children::kill_group(*group),
+                Slot::Busy { group } => {
+                    crate::children::kill_group(*group);
+                }
                 Slot::Idle(_) => {
                     let Slot::Idle(mut worker) = std::mem::replace(
                         slot,
@@ -559,7 +564,8 @@ impl WorkerPool {
                     worker.stdin = None;
                     idle.push(worker);
                 }
-                _ => {}
+                // The starting thread sees `closed` and kills what it started.
+                Slot::Starting | Slot::Down { .. } => {}
             }
         }
         state.ending.extend(idle);

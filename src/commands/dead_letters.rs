@@ -7,13 +7,13 @@ use std::process::ExitCode;
 use serde_json::json;
 
 use crate::cli::DeadLettersArgs;
-use crate::commands::required_token;
+use crate::commands::credentials::required_token;
 use crate::exit;
 use crate::output::print_line;
 use crate::state::{BotIdentity, RedisStore, SqliteStore, StateLocation, Store};
 
 pub fn run(args: DeadLettersArgs) -> anyhow::Result<ExitCode> {
-    let store: Box<dyn Store> = match StateLocation::from_arg(args.state) {
+    let store: Box<dyn Store> = match args.state.location() {
         // A bot's keys are found from its base URL and token.
         StateLocation::Redis(url) => {
             let token = required_token(&args.api)?;

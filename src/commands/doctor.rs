@@ -8,7 +8,7 @@
 //! `fly: error:` line stay on stderr. Doctor changes nothing: its API call
 //! confirms no update, and the state file is opened only if it exists.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -16,7 +16,9 @@ use anyhow::anyhow;
 
 use crate::api::{ApiClient, ApiError, Probe, Token, check_base_url};
 use crate::cli::{ApiArgs, DEFAULT_BASE_URL, DoctorArgs, UnixTime};
-use crate::commands::{configured_token, print_line, unix_time_now};
+use crate::commands::credentials::configured_token;
+use crate::commands::input::unix_time_now;
+use crate::commands::print_line;
 use crate::exit::{self, usage};
 use crate::retry::RetryPolicy;
 use crate::state::{BotIdentity, RedisStore, SqliteStore, StateLocation, Store};
@@ -120,7 +122,7 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
     report.line(status, "clock", &detail)?;
 
     let identity = BotIdentity::new(&base_url, &token);
-    let (status, detail) = check_state(&identity, args.state);
+    let (status, detail) = check_state(&identity, args.state.location());
     report.line(status, "state", &detail)?;
 
     match report.failures.as_slice() {
@@ -262,22 +264,28 @@ fn check_clock(server_date: SystemTime, now: Option<UnixTime>) -> (Status, Strin
     }
 }
 
+/// A Redis state store answers, and where its poll offset is.
+fn check_redis_state(identity: &BotIdentity, url: &str) -> (Status, String) {
+    match RedisStore::open(url, identity).and_then(|store| {
+        let offset = store.next_offset()?;
+        Ok((store.location(), offset))
+    }) {
+        Ok((shown, offset)) => (
+            Status::Ok,
+            format!("{shown} answers (poll offset {offset})"),
+        ),
+        Err(error) => (Status::Fail, format!("{error:#}")),
+    }
+}
+
 /// Where the state store is and whether it opens; a store that does not
 /// exist yet is fine (the polling and webhook commands create it) and is
 /// not created here.
-fn check_state(identity: &BotIdentity, explicit: Option<PathBuf>) -> (Status, String) {
-    if let StateLocation::Redis(url) = StateLocation::from_arg(explicit.clone()) {
-        return match RedisStore::open(&url, identity).and_then(|store| {
-            let offset = store.next_offset()?;
-            Ok((store.location(), offset))
-        }) {
-            Ok((shown, offset)) => (
-                Status::Ok,
-                format!("{shown} answers (poll offset {offset})"),
-            ),
-            Err(error) => (Status::Fail, format!("{error:#}")),
-        };
-    }
+fn check_state(identity: &BotIdentity, location: StateLocation) -> (Status, String) {
+    let explicit = match location {
+        StateLocation::File(explicit) => explicit,
+        StateLocation::Redis(url) => return check_redis_state(identity, &url),
+    };
     let given = explicit.is_some();
     let path = match explicit {
         Some(path) => path,

@@ -7,7 +7,9 @@ use anyhow::anyhow;
 use serde_json::{Value, json};
 
 use crate::cli::{EmulatorAction, EmulatorArgs, EmulatorSayArgs};
-use crate::commands::{print_line, read_input, token_from};
+use crate::commands::credentials::token_from;
+use crate::commands::input::read_input;
+use crate::commands::print_line;
 use crate::emulator::{self, ControlClient, EmulatorConfig};
 use crate::exit::{self, usage};
 

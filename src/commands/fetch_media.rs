@@ -12,7 +12,8 @@ use fly_signature::json::Value as PyValue;
 
 use crate::api::media::media_urls;
 use crate::cli::FetchMediaArgs;
-use crate::commands::{one_shot_client, read_input};
+use crate::commands::input::read_input;
+use crate::commands::wiring::one_shot_client;
 use crate::download::{
     AlreadyExists, Durability, Stream, download, safe_file_name, save_atomically,
 };

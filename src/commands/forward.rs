@@ -10,7 +10,8 @@ use crate::api::{ApiClient, check_http_url};
 use crate::bot::forward::ForwardHandler;
 use crate::bot::poll_loop::{self, PollSettings};
 use crate::cli::ForwardArgs;
-use crate::commands::{configured_token, polling_store, required_token, signing_secret};
+use crate::commands::credentials::{configured_token, required_token, signing_secret};
+use crate::commands::wiring::polling_store;
 use crate::delivery::Destination;
 use crate::exit;
 use crate::retry::RetryPolicy;
@@ -32,7 +33,7 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
     let identity = BotIdentity::new(client.base_url(), &token);
     let store = polling_store(
         &identity,
-        args.state,
+        args.state.location(),
         args.retention.retention,
         args.lease.lease,
     )?;
@@ -46,7 +47,7 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
         args.bot_id
     );
     let trusted = match &args.to_ca {
-        Some(path) => Some(super::read_certificates(path, "--to-ca")?),
+        Some(path) => Some(super::credentials::read_certificates(path, "--to-ca")?),
         None => None,
     };
     let handler = Arc::new(ForwardHandler::new(

@@ -9,7 +9,8 @@ use anyhow::Context;
 use crate::api::ApiClient;
 use crate::bot::poll_loop::{self, PollSettings};
 use crate::cli::PollEchoArgs;
-use crate::commands::{polling_store, reply_handler, required_token};
+use crate::commands::credentials::required_token;
+use crate::commands::wiring::{polling_store, reply_handler};
 use crate::exit;
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
@@ -29,7 +30,7 @@ pub fn run(args: PollEchoArgs) -> anyhow::Result<ExitCode> {
     let identity = BotIdentity::new(client.base_url(), &token);
     let store = polling_store(
         &identity,
-        args.state,
+        args.state.location(),
         args.retention.retention,
         args.lease.lease,
     )?;

@@ -8,7 +8,9 @@ use serde_json::{Map, Value};
 use crate::api::MessageData;
 use crate::api::{SendRequest, Target};
 use crate::cli::SendArgs;
-use crate::commands::{one_shot_client, print_line, read_input};
+use crate::commands::input::read_input;
+use crate::commands::print_line;
+use crate::commands::wiring::one_shot_client;
 use crate::exit::{self, usage};
 use crate::random;
 

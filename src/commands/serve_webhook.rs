@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use crate::api::ApiClient;
 use crate::cli::ServeWebhookArgs;
-use crate::commands::{configured_token, reply_handler, required_token, webhook_secrets};
+use crate::commands::credentials::{configured_token, required_token, webhook_secrets};
+use crate::commands::wiring::reply_handler;
 use crate::exit::{self, usage};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
@@ -48,14 +49,14 @@ pub fn run(args: ServeWebhookArgs) -> anyhow::Result<ExitCode> {
         .collect();
     let client = ApiClient::new(&args.api.base_url, token.clone(), REPLY_RETRIES)?;
     let identity = BotIdentity::new(client.base_url(), &token);
-    let state_path = args.state;
+    let state = args.state.location();
     let retention = args.retention.retention;
     let window = i64::try_from(args.window).unwrap_or(i64::MAX);
     // A file: deliveries are answered from memory in front of it, written
     // by group commit (see state::front). A Redis server: shared by every
     // replica, asked on each delivery.
     let open_store = move || -> anyhow::Result<Arc<dyn Store>> {
-        match StateLocation::from_arg(state_path) {
+        match state {
             StateLocation::Redis(url) => Ok(Arc::new(
                 RedisStore::open(&url, &identity)?
                     .with_retention(retention)
@@ -99,7 +100,7 @@ fn tls_acceptor(
     private_key: &std::path::Path,
 ) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
     use crate::small_file::PemError;
-    let chain = super::read_certificates(cert_chain, "--tls-cert")?;
+    let chain = super::credentials::read_certificates(cert_chain, "--tls-cert")?;
     let key = crate::small_file::read_private_key(private_key).map_err(|error| {
         let message = error.message("--tls-key", private_key);
         match error {

@@ -4,7 +4,8 @@
 use std::process::ExitCode;
 
 use crate::cli::SignArgs;
-use crate::commands::{offline_token, read_input, signing_secret, unix_time_now};
+use crate::commands::credentials::{offline_token, signing_secret};
+use crate::commands::input::{read_input, unix_time_now};
 use crate::exit::{self, usage};
 use crate::output::print_line;
 use crate::random;

@@ -11,9 +11,9 @@ use std::thread;
 use anyhow::Context;
 
 use crate::cli::VerifySigArgs;
-use crate::commands::{
-    WebhookSecret, offline_token, print_line, read_input, unix_time_now, webhook_secrets,
-};
+use crate::commands::credentials::{WebhookSecret, offline_token, webhook_secrets};
+use crate::commands::input::{read_input, unix_time_now};
+use crate::commands::print_line;
 use crate::exit::{self, usage};
 use fly_signature::canonical::{canonical_json, json_string};
 use fly_signature::json::Value;

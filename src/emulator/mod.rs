@@ -96,12 +96,18 @@ impl Emulator {
             .enable_all()
             .build()
             .context("starting the emulator's runtime")?;
+        // Started here, so that a listener the runtime cannot take is the
+        // caller's error, before any URL is printed.
+        let server = {
+            let _runtime = runtime.enter();
+            server::start(listener)?
+        };
         let (stop_server, stop_requested) = oneshot::channel();
         let server_shared = Arc::clone(&shared);
         let server_thread = std::thread::Builder::new()
             .name("fly-emulator".into())
             .spawn(move || {
-                runtime.block_on(server::serve(listener, server_shared, stop_requested));
+                runtime.block_on(server::serve(server, server_shared, stop_requested));
             })
             .context("starting the emulator thread")?;
         Ok(Emulator {

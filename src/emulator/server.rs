@@ -28,7 +28,7 @@ use super::wire::{
     ok_envelope_text, parse_json, read_body,
 };
 use crate::api::types::{PATH_BATCH_ACCESS, PATH_SEND, PATH_UPDATES};
-use crate::http_server::{self, Limits};
+use crate::http_server::{self, Limits, StartError};
 
 const BOT_API_PREFIX: &str = "/api/v1/s/bot/";
 const CONTROL_PREFIX: &str = "/_emulator/";
@@ -55,12 +55,9 @@ impl fmt::Display for ResponseDropped {
 
 impl StdError for ResponseDropped {}
 
-/// Accepts connections until `stop` fires; each connection is served by its own task.
-pub async fn serve(
-    listener: std::net::TcpListener,
-    shared: Arc<Shared>,
-    stop: oneshot::Receiver<()>,
-) {
+/// Hands the listener to the runtime this is called within; see
+/// [`http_server::Server::start`].
+pub fn start(listener: std::net::TcpListener) -> Result<http_server::Server, StartError> {
     let limits = Limits {
         header_read_timeout: HEADER_READ_TIMEOUT,
         max_header_bytes: MAX_HEADER_BYTES,
@@ -68,14 +65,20 @@ pub async fn serve(
         // Long polls may be in flight; a stopping emulator does not wait for them.
         drain_timeout: Duration::ZERO,
     };
+    http_server::Server::start(listener, None, limits)
+}
+
+/// Accepts connections until `stop` fires; each connection is served by its own task.
+pub async fn serve(server: http_server::Server, shared: Arc<Shared>, stop: oneshot::Receiver<()>) {
     let make_service = || {
         let shared = Arc::clone(&shared);
         service_fn(move |request| handle(Arc::clone(&shared), request))
     };
-    http_server::serve(listener, None, limits, make_service, async {
-        let _ = stop.await;
-    })
-    .await;
+    server
+        .serve(make_service, async {
+            let _ = stop.await;
+        })
+        .await;
 }
 
 /// One info line per request: method, path, status, latency. Only the path

@@ -46,14 +46,14 @@ pub enum StateLocation {
 }
 
 impl StateLocation {
-    /// `redis://`, `rediss://`, `redis+unix://` (and the `valkey` forms)
-    /// name a server; anything else is a file path.
-    pub fn from_arg(arg: Option<PathBuf>) -> StateLocation {
-        match arg {
-            Some(path) if is_server_url(&path) => {
-                StateLocation::Redis(path.to_string_lossy().into_owned())
-            }
-            other => StateLocation::File(other),
+    /// A location given by hand (`--state`): `redis://`, `rediss://`,
+    /// `redis+unix://` (and the `valkey` forms) name a server; anything else
+    /// is a file path.
+    pub fn given(path: PathBuf) -> StateLocation {
+        if is_server_url(&path) {
+            StateLocation::Redis(path.to_string_lossy().into_owned())
+        } else {
+            StateLocation::File(Some(path))
         }
     }
 }

@@ -127,6 +127,7 @@ pub fn run_until_signal(
                 grace.as_secs_f64()
             );
         };
+        let server = http_server::Server::start(listener, tls, limits)?;
         crate::output::print_line(&url)?;
         tracing::info!(%url, "receiving webhook deliveries");
         // A state file deleted under the server stops it even while no
@@ -141,14 +142,9 @@ pub fn run_until_signal(
                 }
             }
         });
-        http_server::serve(
-            listener,
-            tls,
-            limits,
-            || receiver::service(Arc::clone(&receiver)),
-            stop,
-        )
-        .await;
+        server
+            .serve(|| receiver::service(Arc::clone(&receiver)), stop)
+            .await;
         watching.abort();
         anyhow::Ok(())
     });

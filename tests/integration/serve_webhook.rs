@@ -47,8 +47,42 @@ impl Server {
         state: &std::ffi::OsStr,
         extra: &[&str],
     ) -> Server {
+        Server::start_from(fly_child(base_url), dir, state, extra)
+    }
+
+    /// As [`Server::start`], allowed at most `open_files` file descriptors.
+    fn start_with_open_files(
+        base_url: &str,
+        dir: &Path,
+        extra: &[&str],
+        open_files: u64,
+    ) -> Server {
+        use std::os::unix::process::CommandExt;
+        let mut command = fly_child(base_url);
+        // SAFETY: setrlimit(2) is async-signal-safe, as pre_exec requires.
+        unsafe {
+            command.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: open_files,
+                    rlim_max: open_files,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Server::start_from(command, dir, dir.join("s.db").as_os_str(), extra)
+    }
+
+    fn start_from(
+        mut command: Command,
+        dir: &Path,
+        state: &std::ffi::OsStr,
+        extra: &[&str],
+    ) -> Server {
         let log = new_log_file(dir, "serve-webhook-");
-        let mut child = fly_child(base_url)
+        let mut child = command
             .args([
                 "serve-webhook",
                 "--bind",
@@ -819,6 +853,49 @@ fn the_state_file_stops_growing_past_the_retention() {
         "the state file grew round after round: {sizes:?}\n{}",
         server.log()
     );
+}
+
+/// Out of file descriptors (EMFILE), every accept fails until a connection
+/// closes: one warning for the burst while the retries back off, one line
+/// when it clears, and the server serves again; not a warning every 50 ms.
+#[test]
+fn running_out_of_file_descriptors_is_logged_once_per_burst() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_open_files(
+        &emulator.base_url,
+        dir.path(),
+        &["--secret", SECRET, "--header-timeout", "120", "-v"],
+        64,
+    );
+    // More than the server has descriptors left: the rest wait in the backlog.
+    let clients: Vec<TcpStream> = (0..100)
+        .map(|_| TcpStream::connect(server.addr).unwrap())
+        .collect();
+    let failed = "accepting a connection failed";
+    wait_until(Duration::from_secs(20), "a failed accept", || {
+        server.log().contains(failed)
+    });
+    // Retried, backing off, until the pause reached its cap of a second.
+    wait_until(Duration::from_secs(20), "the back-off at its cap", || {
+        server.log().contains("next try in 1000 ms")
+    });
+    drop(clients);
+    // Served again, and the burst said to be over.
+    let cleared = "accepting connections again after ";
+    wait_until(Duration::from_secs(30), "the burst to clear", || {
+        get(&format!("{}/healthz", server.origin)).status == 200 && server.log().contains(cleared)
+    });
+    let log = server.log();
+    let warnings = log.lines().filter(|line| line.contains(failed)).count();
+    assert_eq!(warnings, 1, "{log}");
+    let attempts: u64 = log
+        .split(cleared)
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("no count of failed attempts: {log}"));
+    assert!(attempts >= 6, "{log}");
 }
 
 #[test]

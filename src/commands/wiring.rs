@@ -1,0 +1,72 @@
+//! What a command is built from: the API client, the handler that answers
+//! updates, and the state store.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::api::ApiClient;
+use crate::bot::Handler;
+use crate::cli::{ApiArgs, ExecArgs};
+use crate::retry::RetryPolicy;
+use crate::state::{BotIdentity, RedisStore, SqliteStore, StateLocation, Store};
+
+/// The API client for one-shot commands (a bounded number of retries).
+pub fn one_shot_client(api: &ApiArgs) -> anyhow::Result<ApiClient> {
+    let token = super::credentials::required_token(api)?;
+    ApiClient::new(&api.base_url, token, RetryPolicy::ONE_SHOT)
+        .context("configuring the API client")
+}
+
+/// What answers updates: the `--exec` handler or the `--exec-worker`
+/// workers (`concurrency` of them) when one is given, else the echo (with
+/// the media round trip when `media_dir` is set).
+pub fn reply_handler(
+    exec: &ExecArgs,
+    client: ApiClient,
+    media_dir: Option<PathBuf>,
+    concurrency: usize,
+) -> Arc<dyn Handler> {
+    let timeout = Duration::from_secs(exec.exec_timeout);
+    if let Some(command) = &exec.exec {
+        return Arc::new(crate::bot::exec::ExecHandler::new(
+            command.clone(),
+            timeout,
+            client,
+            exec.exec_pass_token,
+        ));
+    }
+    if let Some(command) = &exec.exec_worker {
+        return Arc::new(crate::bot::worker::WorkerPool::start(
+            command.clone(),
+            concurrency,
+            timeout,
+            client,
+            exec.exec_pass_token,
+        ));
+    }
+    Arc::new(crate::bot::echo::EchoHandler { client, media_dir })
+}
+
+/// The state store of a polling command (poll-echo, forward): the SQLite
+/// file, or a Redis server shared with standby pollers (`--lease`).
+pub fn polling_store(
+    identity: &BotIdentity,
+    state: StateLocation,
+    retention: Duration,
+    lease: Duration,
+) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match state {
+        StateLocation::Redis(url) => Arc::new(
+            RedisStore::open(&url, identity)?
+                .with_retention(retention)
+                .with_lease(lease)
+                .with_outage_note("polling pauses until the state store is back"),
+        ),
+        StateLocation::File(path) => {
+            Arc::new(SqliteStore::open_for(identity, path)?.with_retention(retention))
+        }
+    })
+}
