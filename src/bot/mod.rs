@@ -12,7 +12,7 @@ pub mod poll_loop;
 pub mod worker;
 
 use crate::api::{ApiError, Update};
-use crate::state::Store;
+use crate::state::Letters;
 
 /// How an update ended when it needs no more work. Logged, and stored with
 /// the update id.
@@ -105,7 +105,11 @@ pub trait Handler: Send + Sync {
 
 /// Records an update that can never be handled and marks it handled, so it
 /// is confirmed and never blocks its chat. The poll loop and the webhook receiver share it.
-pub fn record_dead_letter(store: &dyn Store, update: &Update, reason: &str) -> anyhow::Result<()> {
+pub fn record_dead_letter(
+    store: &dyn Letters,
+    update: &Update,
+    reason: &str,
+) -> anyhow::Result<()> {
     let update_id = update.update_id;
     if store.record_dead_letter(Some(update_id), &update.raw, reason)? {
         tracing::warn!(

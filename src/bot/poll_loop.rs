@@ -39,7 +39,7 @@ use super::{HandleError, Handler, Outcome, chat_label, record_dead_letter};
 use crate::api::{ApiClient, ApiError, Received, Update};
 use crate::retry::RetryPolicy;
 use crate::shutdown::{Shutdown, Stage};
-use crate::state::{PollingLease, Store, is_lease_lost, is_unavailable};
+use crate::state::{PollStore, PollingLease, is_lease_lost, is_unavailable};
 use crate::sync::lock;
 
 /// An update whose handled mark could not reach the store (an outage) is
@@ -108,7 +108,7 @@ pub struct Summary {
 /// hand, whose marks are then refused, and stands by again.
 pub fn run(
     client: &ApiClient,
-    store: Arc<dyn Store>,
+    store: Arc<dyn PollStore>,
     handler: Arc<dyn Handler>,
     settings: &PollSettings,
     shutdown: &Shutdown,
@@ -147,7 +147,7 @@ pub fn run(
 /// whether it ended because the lease was lost.
 fn run_holding(
     client: &ApiClient,
-    store: &Arc<dyn Store>,
+    store: &Arc<dyn PollStore>,
     handler: &Arc<dyn Handler>,
     settings: &PollSettings,
     shutdown: &Shutdown,
@@ -512,7 +512,7 @@ impl Scheduler {
         &self,
         received: Vec<Received>,
         offset: i64,
-        store: &dyn Store,
+        store: &dyn PollStore,
     ) -> anyhow::Result<usize> {
         let mut fresh = Vec::new();
         for update in received {
@@ -595,7 +595,7 @@ impl Scheduler {
     /// that fails stops the rest: they stay below the offset and come again.
     fn store_behind_parked(
         &self,
-        store: &dyn Store,
+        store: &dyn PollStore,
         updates: Vec<(String, Update, Option<i64>)>,
     ) -> anyhow::Result<()> {
         let mut updates = updates.into_iter();
@@ -634,7 +634,7 @@ impl Scheduler {
     /// too (outside the lock: a store write), then lets the offset pass them.
     fn park_waiting(
         &self,
-        store: &dyn Store,
+        store: &dyn PollStore,
         waiting: Vec<(Update, Option<i64>)>,
     ) -> anyhow::Result<()> {
         if waiting.is_empty() {
@@ -660,7 +660,7 @@ impl Scheduler {
     /// The updates parked by an earlier run, back in their chats' queues
     /// (in id order, ahead of anything polled) and tried at once: the first
     /// [`PARKED_IN_MEMORY`] of each chat; the rest are read back later.
-    fn load_parked(&self, store: &dyn Store) -> anyhow::Result<usize> {
+    fn load_parked(&self, store: &dyn PollStore) -> anyhow::Result<usize> {
         let mut count = 0;
         let mut after = i64::MIN;
         let mut held_bytes: HashMap<String, usize> = HashMap::new();
@@ -708,7 +708,7 @@ impl Scheduler {
 
     /// Reads the next parked updates of `chat` (after its last done one)
     /// back from the store into its empty queue.
-    fn refill(&self, store: &dyn Store, chat: &str) {
+    fn refill(&self, store: &dyn PollStore, chat: &str) {
         // Whether every update of the chat sent to the store was written
         // before the read began, and none was sent while it ran.
         let (after, written_before) =
@@ -780,14 +780,20 @@ impl Scheduler {
 
     /// A worker: takes the next ready chat's front update, handles it,
     /// records the outcome; until the loop stops.
-    fn work(&self, handler: &dyn Handler, store: &dyn Store, lease: &PollingLease) {
+    fn work(&self, handler: &dyn Handler, store: &dyn PollStore, lease: &PollingLease) {
         while let Some(work) = self.next_update() {
             self.perform(work, handler, store, lease);
         }
     }
 
     /// Does one piece of work and records how it ended.
-    fn perform(&self, work: Work, handler: &dyn Handler, store: &dyn Store, lease: &PollingLease) {
+    fn perform(
+        &self,
+        work: Work,
+        handler: &dyn Handler,
+        store: &dyn PollStore,
+        lease: &PollingLease,
+    ) {
         let (chat, update) = match work {
             Work::Handle(chat, update) => (chat, update),
             Work::Refill(chat) => {
@@ -849,7 +855,7 @@ impl Scheduler {
     /// behind it are then parked too.
     fn failed(
         &self,
-        store: &dyn Store,
+        store: &dyn PollStore,
         chat: &str,
         update: &Update,
         error: &anyhow::Error,
@@ -1051,7 +1057,7 @@ fn read_parked(letter: &crate::state::DeadLetter, update_id: i64) -> Option<Upda
 /// [`PARKED_IN_MEMORY`] and [`PARKED_IN_MEMORY_BYTES`]), in id order, and
 /// whether they are all it has.
 fn parked_of_chat(
-    store: &dyn Store,
+    store: &dyn PollStore,
     chat: &str,
     after: i64,
 ) -> anyhow::Result<(Vec<Update>, bool)> {
@@ -1087,7 +1093,7 @@ fn parked_of_chat(
 }
 
 /// Forgets the parked record of `update` (handled at last, or dead now).
-fn unpark(store: &dyn Store, update: &Update, was_parked: bool) -> anyhow::Result<()> {
+fn unpark(store: &dyn PollStore, update: &Update, was_parked: bool) -> anyhow::Result<()> {
     if was_parked && store.unpark(update.update_id)? {
         tracing::info!(
             update_id = update.update_id,
@@ -1101,7 +1107,7 @@ fn unpark(store: &dyn Store, update: &Update, was_parked: bool) -> anyhow::Resul
 /// scheduler, and keeps the stored offset at the lowest unfinished update.
 struct Poller {
     client: ApiClient,
-    store: Arc<dyn Store>,
+    store: Arc<dyn PollStore>,
     scheduler: Arc<Scheduler>,
     settings: PollSettings,
 }
@@ -1239,7 +1245,7 @@ mod tests {
     use std::sync::mpsc;
 
     use super::*;
-    use crate::state::{BotIdentity, SqliteStore};
+    use crate::state::{BotIdentity, Letters, SqliteStore, Store};
 
     /// Long enough for any backoff to be over.
     const LATER: Duration = Duration::from_secs(3600);

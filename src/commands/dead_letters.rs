@@ -10,10 +10,10 @@ use crate::cli::DeadLettersArgs;
 use crate::commands::credentials::required_token;
 use crate::exit;
 use crate::output::print_line;
-use crate::state::{BotIdentity, RedisStore, SqliteStore, StateLocation, Store};
+use crate::state::{BotIdentity, PollStore, RedisStore, SqliteStore, StateLocation};
 
 pub fn run(args: DeadLettersArgs) -> anyhow::Result<ExitCode> {
-    let store: Box<dyn Store> = match args.state.location() {
+    let store: Box<dyn PollStore> = match args.state.location() {
         // A bot's keys are found from its base URL and token.
         StateLocation::Redis(url) => {
             let token = required_token(&args.api)?;

@@ -21,7 +21,7 @@ use crate::commands::input::unix_time_now;
 use crate::commands::print_line;
 use crate::exit::{self, usage};
 use crate::retry::RetryPolicy;
-use crate::state::{BotIdentity, RedisStore, SqliteStore, StateLocation, Store};
+use crate::state::{BotIdentity, PollState, RedisStore, SqliteStore, StateLocation, Store};
 
 /// Signed updates further than this from the receiver's clock are refused
 /// (SPEC section 1, REPLAY_WINDOW_EXCEEDED).

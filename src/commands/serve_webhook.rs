@@ -11,7 +11,7 @@ use crate::commands::wiring::reply_handler;
 use crate::exit::{self, usage};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
-use crate::state::{BotIdentity, Front, RedisStore, SqliteStore, StateLocation, Store};
+use crate::state::{BotIdentity, Front, RedisStore, SqliteStore, StateLocation, WebhookStore};
 use crate::webhook::{self, WebhookConfig};
 
 /// Replies are retried briefly: on failure the platform delivers the update
@@ -55,7 +55,7 @@ pub fn run(args: ServeWebhookArgs) -> anyhow::Result<ExitCode> {
     // A file: deliveries are answered from memory in front of it, written
     // by group commit (see state::front). A Redis server: shared by every
     // replica, asked on each delivery.
-    let open_store = move || -> anyhow::Result<Arc<dyn Store>> {
+    let open_store = move || -> anyhow::Result<Arc<dyn WebhookStore>> {
         match state {
             StateLocation::Redis(url) => Ok(Arc::new(
                 RedisStore::open(&url, &identity)?

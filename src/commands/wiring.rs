@@ -11,7 +11,7 @@ use crate::api::ApiClient;
 use crate::bot::Handler;
 use crate::cli::{ApiArgs, ExecArgs};
 use crate::retry::RetryPolicy;
-use crate::state::{BotIdentity, RedisStore, SqliteStore, StateLocation, Store};
+use crate::state::{BotIdentity, PollStore, RedisStore, SqliteStore, StateLocation};
 
 /// The API client for one-shot commands (a bounded number of retries).
 pub fn one_shot_client(api: &ApiArgs) -> anyhow::Result<ApiClient> {
@@ -57,7 +57,7 @@ pub fn polling_store(
     state: StateLocation,
     retention: Duration,
     lease: Duration,
-) -> anyhow::Result<Arc<dyn Store>> {
+) -> anyhow::Result<Arc<dyn PollStore>> {
     Ok(match state {
         StateLocation::Redis(url) => Arc::new(
             RedisStore::open(&url, identity)?

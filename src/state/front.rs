@@ -10,7 +10,9 @@ use std::time::Duration;
 use super::group_commit::{GroupCommit, Pending};
 use super::memory::{Claims, RecentIds, RecentNonces};
 use super::sqlite::{FileWatch, SqliteStore, Write};
-use super::{Admission, Claim, DeadLetter, Delivery, NonceCheck, Store, Unavailable};
+use super::{
+    Admission, Claim, DeadLetter, Delivery, Letters, NonceCheck, Store, Unavailable, WebhookLedger,
+};
 use crate::clock::unix_now;
 use crate::sync::lock;
 
@@ -170,14 +172,6 @@ impl Store for Front {
         self.store.location()
     }
 
-    fn next_offset(&self) -> anyhow::Result<i64> {
-        self.store.next_offset()
-    }
-
-    fn advance_offset(&self, next_offset: i64) -> anyhow::Result<()> {
-        self.store.advance_offset(next_offset)
-    }
-
     fn is_handled(&self, update_id: i64) -> anyhow::Result<bool> {
         self.handled_anywhere(update_id)
     }
@@ -212,6 +206,29 @@ impl Store for Front {
         Some(self.mark_handled(update_id, outcome))
     }
 
+    /// Tries a failed batch once more at once; says what is not written.
+    fn flush(&self) -> anyhow::Result<()> {
+        self.writer().flush().map_err(|failed| {
+            anyhow::anyhow!(
+                "{} could not be written to the state file {}: {}",
+                failed.unwritten,
+                self.store.location(),
+                failed.error
+            )
+        })
+    }
+
+    fn is_reachable(&self) -> bool {
+        self.writable().is_ok()
+    }
+
+    fn gone(&self) -> Option<anyhow::Error> {
+        let watch = self.watch.as_ref()?;
+        watch.is_gone().map(anyhow::Error::new)
+    }
+}
+
+impl WebhookLedger for Front {
     fn check_nonce(
         &self,
         nonce: &str,
@@ -241,43 +258,6 @@ impl Store for Front {
     fn release_update(&self, claim: Claim) -> anyhow::Result<()> {
         lock(&self.hot).claims.release(claim.update_id, claim.token);
         Ok(())
-    }
-
-    fn record_dead_letter(
-        &self,
-        update_id: Option<i64>,
-        raw: &str,
-        reason: &str,
-    ) -> anyhow::Result<bool> {
-        self.writable()?;
-        self.store.record_dead_letter(update_id, raw, reason)
-    }
-
-    fn dead_letters(&self) -> anyhow::Result<Vec<DeadLetter>> {
-        self.store.dead_letters()
-    }
-
-    fn purge_dead_letters(&self) -> anyhow::Result<usize> {
-        self.store.purge_dead_letters()
-    }
-
-    fn park(&self, update_id: i64, raw: &str, reason: &str) -> anyhow::Result<()> {
-        self.store.park(update_id, raw, reason)
-    }
-
-    fn unpark(&self, update_id: i64) -> anyhow::Result<bool> {
-        self.store.unpark(update_id)
-    }
-
-    fn forget_dead_letter(&self, update_id: i64) -> anyhow::Result<bool> {
-        self.store.forget_dead_letter(update_id)
-    }
-
-    fn claim_polling(
-        &self,
-        standby: Option<&crate::shutdown::Shutdown>,
-    ) -> anyhow::Result<Option<super::PollingLease>> {
-        self.store.claim_polling(standby)
     }
 
     /// The slow path, on a blocking thread: memory first, then the file for
@@ -359,26 +339,37 @@ impl Store for Front {
         };
         Some(Ok(answer))
     }
+}
 
-    /// Tries a failed batch once more at once; says what is not written.
-    fn flush(&self) -> anyhow::Result<()> {
-        self.writer().flush().map_err(|failed| {
-            anyhow::anyhow!(
-                "{} could not be written to the state file {}: {}",
-                failed.unwritten,
-                self.store.location(),
-                failed.error
-            )
-        })
+impl Letters for Front {
+    fn record_dead_letter(
+        &self,
+        update_id: Option<i64>,
+        raw: &str,
+        reason: &str,
+    ) -> anyhow::Result<bool> {
+        self.writable()?;
+        self.store.record_dead_letter(update_id, raw, reason)
     }
 
-    fn is_reachable(&self) -> bool {
-        self.writable().is_ok()
+    fn dead_letters(&self) -> anyhow::Result<Vec<DeadLetter>> {
+        self.store.dead_letters()
     }
 
-    fn gone(&self) -> Option<anyhow::Error> {
-        let watch = self.watch.as_ref()?;
-        watch.is_gone().map(anyhow::Error::new)
+    fn purge_dead_letters(&self) -> anyhow::Result<usize> {
+        self.store.purge_dead_letters()
+    }
+
+    fn park(&self, update_id: i64, raw: &str, reason: &str) -> anyhow::Result<()> {
+        self.store.park(update_id, raw, reason)
+    }
+
+    fn unpark(&self, update_id: i64) -> anyhow::Result<bool> {
+        self.store.unpark(update_id)
+    }
+
+    fn forget_dead_letter(&self, update_id: i64) -> anyhow::Result<bool> {
+        self.store.forget_dead_letter(update_id)
     }
 }
 

@@ -1,7 +1,8 @@
-//! What the bots keep between updates and between runs, behind one trait,
-//! [`Store`]: the poll offset, the ids of handled updates, the webhook nonces
-//! seen, the updates being handled right now (in-flight claims), dead
-//! letters, and the polling lease.
+//! What the bots keep between updates and between runs, behind role traits:
+//! [`Store`] (where it lives, its health, the ids of handled updates),
+//! [`PollState`] (the poll offset and the polling lease), [`WebhookLedger`]
+//! (the webhook nonces seen, the updates in hand, admission) and [`Letters`]
+//! (dead and parked updates). Each store provides the roles it serves.
 //!
 //! - [`SqliteStore`] (`sqlite.rs`): the embedded default, one SQLite file per
 //!   bot; every call is its own transaction. poll-echo and forward use it as is.
@@ -180,29 +181,23 @@ pub const PARKED_PAGE_BYTES: usize = 1024 * 1024;
 /// (`--retention`): far longer than any platform redelivers an update.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// What the bots keep. Every method may block (disk, network): callers on an
-/// async I/O thread use only the `try_` methods, which never do, and run the
-/// others on a blocking thread.
+/// What every store is, whatever role it serves: where it lives, whether it
+/// can be used, and the handled update ids, which both roles read and
+/// write (so "mark handled" is decided in one place per store). Every
+/// method may block (disk, network): callers on an async I/O thread use
+/// only the `try_` methods and the health checks, which never do, and run
+/// the others on a blocking thread.
 ///
-/// Update ids and offsets are the platform's integers; a nonce is remembered
-/// with the update it came with (`update_key`, the id as text).
+/// The roles build on it: [`PollState`] (the poller: the offset and the
+/// polling lease), [`WebhookLedger`] (the webhook receiver: nonces, claims,
+/// admission) and [`Letters`] (dead and parked updates). A store provides
+/// the roles it serves; [`PollStore`] and [`WebhookStore`] are what the
+/// poll loop and the receiver need. Update ids and offsets are the
+/// platform's integers.
 pub trait Store: Send + Sync {
     /// Where the state lives, for log lines: a file path, or a server address
     /// without credentials.
     fn location(&self) -> String;
-
-    // -- The poll offset --------------------------------------------------
-
-    /// The offset to poll with: every update below it has been handled.
-    fn next_offset(&self) -> anyhow::Result<i64>;
-
-    /// Moves the offset forward, never back, and prunes handled ids that
-    /// cannot come again (far below the offset, or older than the retention).
-    /// Where the polling lease can be lost (it expires), the write is fenced
-    /// by it: a poller that lost its lease gets an error, not a write.
-    fn advance_offset(&self, next_offset: i64) -> anyhow::Result<()>;
-
-    // -- Handled update ids -----------------------------------------------
 
     fn is_handled(&self, update_id: i64) -> anyhow::Result<bool>;
 
@@ -220,8 +215,54 @@ pub trait Store: Send + Sync {
         None
     }
 
-    // -- Webhook nonces ---------------------------------------------------
+    /// Makes everything accepted so far durable (a clean stop).
+    fn flush(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
 
+    /// Whether the store answered lately (`GET /readyz`), known without
+    /// waiting: a store on a server watches it in the background. Safe on
+    /// an async I/O thread.
+    fn is_reachable(&self) -> bool {
+        true
+    }
+
+    /// Why nothing can be recorded any more (the state file was deleted
+    /// while fly ran: see [`StateGone`]), known without waiting: a server
+    /// stops on it. Safe on an async I/O thread.
+    fn gone(&self) -> Option<anyhow::Error> {
+        None
+    }
+}
+
+/// The poller's role: the offset, and the lease that keeps two pollers of
+/// one bot from polling at once.
+pub trait PollState: Store {
+    /// The offset to poll with: every update below it has been handled.
+    fn next_offset(&self) -> anyhow::Result<i64>;
+
+    /// Moves the offset forward, never back, and prunes handled ids that
+    /// cannot come again (far below the offset, or older than the retention).
+    /// Where the polling lease can be lost (it expires), the write is fenced
+    /// by it: a poller that lost its lease gets an error, not a write.
+    fn advance_offset(&self, next_offset: i64) -> anyhow::Result<()>;
+
+    /// Takes the polling lease: two pollers on one state would confirm each
+    /// other's offsets and answer the same updates. The SQLite file is
+    /// locked until this process exits, and a second poller is refused with
+    /// an error that says so. A shared store's lease expires: it is renewed
+    /// while the [`PollingLease`] lives and given back when it is dropped,
+    /// and `advance_offset` and `mark_handled` are fenced by it. With
+    /// `standby`, a poller that finds the lease held waits (logging once that
+    /// it stands by) until it can take it over, or until the stop is
+    /// requested (`None`); without, it is refused.
+    fn claim_polling(&self, standby: Option<&Shutdown>) -> anyhow::Result<Option<PollingLease>>;
+}
+
+/// The webhook receiver's role: the nonces seen, the updates in hand
+/// (claims), and the decision for each verified delivery. A nonce is
+/// remembered with the update it came with (`update_key`, the id as text).
+pub trait WebhookLedger: Store {
     /// Checks `nonce` against the ones seen in the last `window_secs` and
     /// remembers it for `update_key`, atomically: of two deliveries with one
     /// nonce and different updates, only the first is [`NonceCheck::Fresh`].
@@ -235,8 +276,6 @@ pub trait Store: Send + Sync {
         window_secs: i64,
     ) -> anyhow::Result<NonceCheck>;
 
-    // -- In-flight claims -------------------------------------------------
-
     /// Claims `update_id` for handling: `None` while someone else holds an
     /// unexpired claim on it. A claim is a lease: after `lease` it lapses by
     /// itself, so a holder that died does not keep the update forever.
@@ -249,8 +288,47 @@ pub trait Store: Send + Sync {
     /// a backend that needs I/O to release hands it to a thread of its own.
     fn release_update(&self, claim: Claim) -> anyhow::Result<()>;
 
-    // -- Dead letters -----------------------------------------------------
+    /// Decides what a verified delivery may do, in the order the receiver
+    /// answers (handled → nonce → claim), and claims its update when it may
+    /// be handled. Provided from the calls above, with the handled check
+    /// made again once the claim is held (a delivery of the same update may
+    /// have finished in between); a backend may do it in one atomic step.
+    fn admit(&self, delivery: &Delivery) -> anyhow::Result<Admission> {
+        if self.is_handled(delivery.update_id)? {
+            return Ok(Admission::Duplicate);
+        }
+        if !delivery.nonce.is_empty() {
+            let key = delivery.update_id.to_string();
+            let check =
+                self.check_nonce(&delivery.nonce, &key, delivery.now, delivery.window_secs)?;
+            if check == NonceCheck::Reused {
+                return Ok(Admission::NonceReused);
+            }
+        }
+        let Some(claim) = self.claim_update(delivery.update_id, delivery.lease)? else {
+            return Ok(Admission::InProgress);
+        };
+        if self.is_handled(delivery.update_id)? {
+            self.release_update(claim)?;
+            return Ok(Admission::Duplicate);
+        }
+        Ok(Admission::Admitted {
+            claim,
+            wait: Pending::done(),
+        })
+    }
 
+    /// [`WebhookLedger::admit`] if it can be answered without waiting on disk or
+    /// network (from memory), else `None`: the caller then runs `admit` on a
+    /// blocking thread. Safe on an async I/O thread.
+    fn try_admit(&self, _delivery: &Delivery) -> Option<anyhow::Result<Admission>> {
+        None
+    }
+}
+
+/// Updates that could not be handled: dead letters (never will be) and
+/// parked updates (keep failing; retried, their chat waiting behind them).
+pub trait Letters: Store {
     /// Records an update that can never be handled, with its bytes and why.
     /// Returns whether it is new (an update recorded before is not again).
     fn record_dead_letter(
@@ -266,8 +344,6 @@ pub trait Store: Send + Sync {
     /// Forgets every dead letter, parked updates excepted (they are not
     /// handled: dropping one is `forget_dead_letter`); returns how many.
     fn purge_dead_letters(&self) -> anyhow::Result<usize>;
-
-    // -- Parked updates ---------------------------------------------------
 
     /// Records `update_id` as parked, with its bytes and why (the last
     /// error), or updates the reason of one parked already (a dead letter
@@ -307,78 +383,15 @@ pub trait Store: Send + Sync {
 
     /// Forgets the dead or parked update `update_id`; whether there was one.
     fn forget_dead_letter(&self, update_id: i64) -> anyhow::Result<bool>;
-
-    // -- The polling lease ------------------------------------------------
-
-    /// Takes the polling lease: two pollers on one state would confirm each
-    /// other's offsets and answer the same updates. The SQLite file is
-    /// locked until this process exits, and a second poller is refused with
-    /// an error that says so. A shared store's lease expires: it is renewed
-    /// while the [`PollingLease`] lives and given back when it is dropped,
-    /// and `advance_offset` and `mark_handled` are fenced by it. With
-    /// `standby`, a poller that finds the lease held waits (logging once that
-    /// it stands by) until it can take it over, or until the stop is
-    /// requested (`None`); without, it is refused.
-    fn claim_polling(&self, standby: Option<&Shutdown>) -> anyhow::Result<Option<PollingLease>>;
-
-    // -- Webhook deliveries -----------------------------------------------
-
-    /// Decides what a verified delivery may do, in the order the receiver
-    /// answers (handled → nonce → claim), and claims its update when it may
-    /// be handled. Provided from the calls above, with the handled check
-    /// made again once the claim is held (a delivery of the same update may
-    /// have finished in between); a backend may do it in one atomic step.
-    fn admit(&self, delivery: &Delivery) -> anyhow::Result<Admission> {
-        if self.is_handled(delivery.update_id)? {
-            return Ok(Admission::Duplicate);
-        }
-        if !delivery.nonce.is_empty() {
-            let key = delivery.update_id.to_string();
-            let check =
-                self.check_nonce(&delivery.nonce, &key, delivery.now, delivery.window_secs)?;
-            if check == NonceCheck::Reused {
-                return Ok(Admission::NonceReused);
-            }
-        }
-        let Some(claim) = self.claim_update(delivery.update_id, delivery.lease)? else {
-            return Ok(Admission::InProgress);
-        };
-        if self.is_handled(delivery.update_id)? {
-            self.release_update(claim)?;
-            return Ok(Admission::Duplicate);
-        }
-        Ok(Admission::Admitted {
-            claim,
-            wait: Pending::done(),
-        })
-    }
-
-    /// [`Store::admit`] if it can be answered without waiting on disk or
-    /// network (from memory), else `None`: the caller then runs `admit` on a
-    /// blocking thread. Safe on an async I/O thread.
-    fn try_admit(&self, _delivery: &Delivery) -> Option<anyhow::Result<Admission>> {
-        None
-    }
-
-    /// Makes everything accepted so far durable (a clean stop).
-    fn flush(&self) -> anyhow::Result<()> {
-        Ok(())
-    }
-
-    /// Whether the store answered lately (`GET /readyz`), known without
-    /// waiting: a store on a server watches it in the background. Safe on
-    /// an async I/O thread.
-    fn is_reachable(&self) -> bool {
-        true
-    }
-
-    /// Why nothing can be recorded any more (the state file was deleted
-    /// while fly ran: see [`StateGone`]), known without waiting: a server
-    /// stops on it. Safe on an async I/O thread.
-    fn gone(&self) -> Option<anyhow::Error> {
-        None
-    }
 }
+
+/// What the poll loop (poll-echo, forward) needs of a store.
+pub trait PollStore: PollState + Letters {}
+impl<T: PollState + Letters + ?Sized> PollStore for T {}
+
+/// What the webhook receiver (serve-webhook) needs of a store.
+pub trait WebhookStore: WebhookLedger + Letters {}
+impl<T: WebhookLedger + Letters + ?Sized> WebhookStore for T {}
 
 /// The right to poll, from [`Store::claim_polling`]. A lease that can expire
 /// (a shared store's) says when it is lost, and is given back when dropped,
@@ -668,7 +681,7 @@ pub fn without_userinfo(url: &str) -> String {
 /// by id (not by when they were parked), parked ones only, bounded by count
 /// and by bytes, one large update alone.
 #[cfg(test)]
-pub fn check_parked_pages(store: &dyn Store) {
+pub fn check_parked_pages(store: &dyn Letters) {
     let big = format!(
         "{{\"update_id\":0,\"pad\":\"{}\"}}",
         "x".repeat(PARKED_PAGE_BYTES)

@@ -20,7 +20,8 @@ use link::{Fault, Link, Target};
 
 use super::{
     Admission, BotIdentity, Claim, DEFAULT_RETENTION, DeadLetter, Delivery, Interrupted, LeaseLost,
-    LeaseWatch, NonceCheck, Pending, PollingLease, StateRefused, Store, Unavailable,
+    LeaseWatch, Letters, NonceCheck, Pending, PollState, PollingLease, StateRefused, Store,
+    Unavailable, WebhookLedger,
 };
 use crate::clock::unix_now;
 use crate::retry::RetryPolicy;
@@ -1044,6 +1045,49 @@ impl Store for RedisStore {
         self.core.shown.clone()
     }
 
+    fn is_handled(&self, update_id: i64) -> anyhow::Result<bool> {
+        let key = self.keys.handled(update_id);
+        self.call(|connection| redis::cmd("EXISTS").arg(&key).query::<bool>(connection))
+    }
+
+    fn mark_handled(&self, update_id: i64, outcome: &str) -> anyhow::Result<()> {
+        let key = self.keys.handled(update_id);
+        let ttl = self.retention_secs();
+        match self.fence_token()? {
+            None => self.call(|connection| {
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(outcome)
+                    .arg("EX")
+                    .arg(ttl)
+                    .query::<()>(connection)
+            }),
+            Some(token) => {
+                let lease = self.keys.key("poller");
+                let marked = self.call(|connection| {
+                    MARK_FENCED
+                        .key(&lease)
+                        .key(&key)
+                        .arg(&token)
+                        .arg(outcome)
+                        .arg(ttl)
+                        .invoke::<i64>(connection)
+                })?;
+                if marked == 1 {
+                    Ok(())
+                } else {
+                    Err(self.lost())
+                }
+            }
+        }
+    }
+
+    fn is_reachable(&self) -> bool {
+        self.core.health.is_up()
+    }
+}
+
+impl PollState for RedisStore {
     fn next_offset(&self) -> anyhow::Result<i64> {
         let key = self.keys.key("offset");
         let offset = self.call(|connection| {
@@ -1087,43 +1131,104 @@ impl Store for RedisStore {
         Ok(())
     }
 
-    fn is_handled(&self, update_id: i64) -> anyhow::Result<bool> {
-        let key = self.keys.handled(update_id);
-        self.call(|connection| redis::cmd("EXISTS").arg(&key).query::<bool>(connection))
-    }
-
-    fn mark_handled(&self, update_id: i64, outcome: &str) -> anyhow::Result<()> {
-        let key = self.keys.handled(update_id);
-        let ttl = self.retention_secs();
-        match self.fence_token()? {
-            None => self.call(|connection| {
-                redis::cmd("SET")
-                    .arg(&key)
-                    .arg(outcome)
-                    .arg("EX")
-                    .arg(ttl)
-                    .query::<()>(connection)
-            }),
-            Some(token) => {
-                let lease = self.keys.key("poller");
-                let marked = self.call(|connection| {
-                    MARK_FENCED
-                        .key(&lease)
-                        .key(&key)
-                        .arg(&token)
-                        .arg(outcome)
-                        .arg(ttl)
-                        .invoke::<i64>(connection)
-                })?;
-                if marked == 1 {
-                    Ok(())
-                } else {
-                    Err(self.lost())
+    fn claim_polling(&self, standby: Option<&Shutdown>) -> anyhow::Result<Option<PollingLease>> {
+        let token = lease_token();
+        // The lease this process held before: if it ran out while the
+        // process was paused, that is said, and its old token may still
+        // hold the lease (then it is taken back at once).
+        let (old_token, mut paused) = match lock(&self.previous).take() {
+            Some(old) => {
+                let paused = old.watch.lapsed_in_a_pause();
+                (Some(old.token), paused)
+            }
+            None => (None, None),
+        };
+        let lapse = |paused: Duration| {
+            format!(
+                "the polling lease lapsed while this process was paused ({:.1} s without a \
+                 renewal; the lease is {:.1} s)",
+                paused.as_secs_f64(),
+                self.lease_time.as_secs_f64()
+            )
+        };
+        let mut said_standby = false;
+        let mut failures = 0u32;
+        // Tries made at once because the lease was free by the time its
+        // holder was asked for.
+        let mut quick_tries = 0u32;
+        loop {
+            let wait = match self.take_lease_or_name_holder(&token, old_token.as_deref()) {
+                Ok(Ok(taken_at)) => {
+                    if let Some(paused) = paused {
+                        tracing::info!("{}; no other poller took it: polling again", lapse(paused));
+                    } else if said_standby {
+                        tracing::info!("took over the polling lease: polling now");
+                    }
+                    return self.hold_lease(token, taken_at).map(Some);
                 }
+                Ok(Err(None)) if quick_tries < 3 => {
+                    quick_tries += 1;
+                    continue;
+                }
+                Ok(Err(holder)) => {
+                    failures = 0;
+                    let holder = holder.map_or_else(
+                        || "another fly process".to_string(),
+                        |holder| lease_holder(&holder),
+                    );
+                    if standby.is_none() {
+                        return Err(StateRefused::InUse {
+                            message: format!(
+                                "{holder} is already polling with the state store {} \
+                                 (it holds the polling lease)",
+                                self.core.shown
+                            ),
+                            shared: true,
+                        }
+                        .into());
+                    }
+                    if let Some(paused) = paused.take() {
+                        tracing::warn!(
+                            "{}, and {holder} took it over: standing by, taking over within \
+                             {:.1} s of its end",
+                            lapse(paused),
+                            self.lease_time.as_secs_f64()
+                        );
+                        said_standby = true;
+                    } else if !said_standby {
+                        tracing::info!(
+                            "standing by: {holder} is polling with the state store {}; taking \
+                             over within {:.1} s of its end",
+                            self.core.shown,
+                            self.lease_time.as_secs_f64()
+                        );
+                        said_standby = true;
+                    }
+                    // Looked at again when it would lapse unrenewed, and at
+                    // least every third of the lease (a holder that stops
+                    // cleanly gives it back at once).
+                    let left = self.lease_left() + Duration::from_millis(5);
+                    left.min(self.lease_time / 3)
+                }
+                Err(error) if crate::state::is_unavailable(&error) && standby.is_some() => {
+                    failures += 1;
+                    RetryPolicy::FOREVER
+                        .next_delay(failures, None)
+                        .min(STANDBY_MAX_BACKOFF)
+                }
+                Err(error) => return Err(error),
+            };
+            let Some(shutdown) = standby else {
+                unreachable!("a poller that does not stand by never waits");
+            };
+            if !shutdown.sleep(wait) {
+                return Ok(None);
             }
         }
     }
+}
 
+impl WebhookLedger for RedisStore {
     fn check_nonce(
         &self,
         nonce: &str,
@@ -1172,6 +1277,66 @@ impl Store for RedisStore {
         Ok(())
     }
 
+    fn admit(&self, delivery: &Delivery) -> anyhow::Result<Admission> {
+        let update_id = delivery.update_id;
+        let token = crate::random::u64();
+        let (handled, nonce, claim) = (
+            self.keys.handled(update_id),
+            self.keys.nonce(&delivery.nonce),
+            self.keys.claim(update_id),
+        );
+        let has_nonce = if delivery.nonce.is_empty() { "0" } else { "1" };
+        let nonce_ttl = delivery.window_secs.saturating_mul(2).max(1);
+        let lease_ms = delivery.lease.as_millis().max(1) as u64;
+        let update_key = update_id.to_string();
+        let answer = self
+            .call(|connection| {
+                ADMIT
+                    .key(&handled)
+                    .key(&nonce)
+                    .key(&claim)
+                    .arg(&update_key)
+                    .arg(has_nonce)
+                    .arg(nonce_ttl)
+                    .arg(token.to_string())
+                    .arg(lease_ms)
+                    .invoke::<String>(connection)
+            })
+            .inspect_err(|error| {
+                // The script may have run and its answer been lost (a
+                // timeout): a claim taken then would hold the update (409)
+                // until it lapses. Given back by its token, it is this
+                // admission's or nobody's.
+                if crate::state::is_unavailable(error) {
+                    let _ = self.release_update(Claim { update_id, token });
+                }
+            })?;
+        Ok(match answer.as_str() {
+            "duplicate" => Admission::Duplicate,
+            "nonce_reused" => Admission::NonceReused,
+            "in_progress" => Admission::InProgress,
+            "admitted" => Admission::Admitted {
+                claim: Claim { update_id, token },
+                wait: Pending::done(),
+            },
+            other => anyhow::bail!("state store: unexpected answer {other:?} to an admission"),
+        })
+    }
+
+    /// Never waits: while the server is known to be down a delivery is
+    /// answered at once (503); else `admit` runs on a blocking thread.
+    fn try_admit(&self, _delivery: &Delivery) -> Option<anyhow::Result<Admission>> {
+        if self.core.health.is_up() {
+            return None;
+        }
+        Some(Err(anyhow::Error::new(Unavailable(format!(
+            "state store {} unreachable",
+            self.core.shown
+        )))))
+    }
+}
+
+impl Letters for RedisStore {
     fn record_dead_letter(
         &self,
         update_id: Option<i64>,
@@ -1317,164 +1482,6 @@ impl Store for RedisStore {
 
     fn forget_dead_letter(&self, update_id: i64) -> anyhow::Result<bool> {
         self.forget(update_id, false)
-    }
-
-    fn claim_polling(&self, standby: Option<&Shutdown>) -> anyhow::Result<Option<PollingLease>> {
-        let token = lease_token();
-        // The lease this process held before: if it ran out while the
-        // process was paused, that is said, and its old token may still
-        // hold the lease (then it is taken back at once).
-        let (old_token, mut paused) = match lock(&self.previous).take() {
-            Some(old) => {
-                let paused = old.watch.lapsed_in_a_pause();
-                (Some(old.token), paused)
-            }
-            None => (None, None),
-        };
-        let lapse = |paused: Duration| {
-            format!(
-                "the polling lease lapsed while this process was paused ({:.1} s without a \
-                 renewal; the lease is {:.1} s)",
-                paused.as_secs_f64(),
-                self.lease_time.as_secs_f64()
-            )
-        };
-        let mut said_standby = false;
-        let mut failures = 0u32;
-        // Tries made at once because the lease was free by the time its
-        // holder was asked for.
-        let mut quick_tries = 0u32;
-        loop {
-            let wait = match self.take_lease_or_name_holder(&token, old_token.as_deref()) {
-                Ok(Ok(taken_at)) => {
-                    if let Some(paused) = paused {
-                        tracing::info!("{}; no other poller took it: polling again", lapse(paused));
-                    } else if said_standby {
-                        tracing::info!("took over the polling lease: polling now");
-                    }
-                    return self.hold_lease(token, taken_at).map(Some);
-                }
-                Ok(Err(None)) if quick_tries < 3 => {
-                    quick_tries += 1;
-                    continue;
-                }
-                Ok(Err(holder)) => {
-                    failures = 0;
-                    let holder = holder.map_or_else(
-                        || "another fly process".to_string(),
-                        |holder| lease_holder(&holder),
-                    );
-                    if standby.is_none() {
-                        return Err(StateRefused::InUse {
-                            message: format!(
-                                "{holder} is already polling with the state store {} \
-                                 (it holds the polling lease)",
-                                self.core.shown
-                            ),
-                            shared: true,
-                        }
-                        .into());
-                    }
-                    if let Some(paused) = paused.take() {
-                        tracing::warn!(
-                            "{}, and {holder} took it over: standing by, taking over within \
-                             {:.1} s of its end",
-                            lapse(paused),
-                            self.lease_time.as_secs_f64()
-                        );
-                        said_standby = true;
-                    } else if !said_standby {
-                        tracing::info!(
-                            "standing by: {holder} is polling with the state store {}; taking \
-                             over within {:.1} s of its end",
-                            self.core.shown,
-                            self.lease_time.as_secs_f64()
-                        );
-                        said_standby = true;
-                    }
-                    // Looked at again when it would lapse unrenewed, and at
-                    // least every third of the lease (a holder that stops
-                    // cleanly gives it back at once).
-                    let left = self.lease_left() + Duration::from_millis(5);
-                    left.min(self.lease_time / 3)
-                }
-                Err(error) if crate::state::is_unavailable(&error) && standby.is_some() => {
-                    failures += 1;
-                    RetryPolicy::FOREVER
-                        .next_delay(failures, None)
-                        .min(STANDBY_MAX_BACKOFF)
-                }
-                Err(error) => return Err(error),
-            };
-            let Some(shutdown) = standby else {
-                unreachable!("a poller that does not stand by never waits");
-            };
-            if !shutdown.sleep(wait) {
-                return Ok(None);
-            }
-        }
-    }
-
-    fn admit(&self, delivery: &Delivery) -> anyhow::Result<Admission> {
-        let update_id = delivery.update_id;
-        let token = crate::random::u64();
-        let (handled, nonce, claim) = (
-            self.keys.handled(update_id),
-            self.keys.nonce(&delivery.nonce),
-            self.keys.claim(update_id),
-        );
-        let has_nonce = if delivery.nonce.is_empty() { "0" } else { "1" };
-        let nonce_ttl = delivery.window_secs.saturating_mul(2).max(1);
-        let lease_ms = delivery.lease.as_millis().max(1) as u64;
-        let update_key = update_id.to_string();
-        let answer = self
-            .call(|connection| {
-                ADMIT
-                    .key(&handled)
-                    .key(&nonce)
-                    .key(&claim)
-                    .arg(&update_key)
-                    .arg(has_nonce)
-                    .arg(nonce_ttl)
-                    .arg(token.to_string())
-                    .arg(lease_ms)
-                    .invoke::<String>(connection)
-            })
-            .inspect_err(|error| {
-                // The script may have run and its answer been lost (a
-                // timeout): a claim taken then would hold the update (409)
-                // until it lapses. Given back by its token, it is this
-                // admission's or nobody's.
-                if crate::state::is_unavailable(error) {
-                    let _ = self.release_update(Claim { update_id, token });
-                }
-            })?;
-        Ok(match answer.as_str() {
-            "duplicate" => Admission::Duplicate,
-            "nonce_reused" => Admission::NonceReused,
-            "in_progress" => Admission::InProgress,
-            "admitted" => Admission::Admitted {
-                claim: Claim { update_id, token },
-                wait: Pending::done(),
-            },
-            other => anyhow::bail!("state store: unexpected answer {other:?} to an admission"),
-        })
-    }
-
-    /// Never waits: while the server is known to be down a delivery is
-    /// answered at once (503); else `admit` runs on a blocking thread.
-    fn try_admit(&self, _delivery: &Delivery) -> Option<anyhow::Result<Admission>> {
-        if self.core.health.is_up() {
-            return None;
-        }
-        Some(Err(anyhow::Error::new(Unavailable(format!(
-            "state store {} unreachable",
-            self.core.shown
-        )))))
-    }
-
-    fn is_reachable(&self) -> bool {
-        self.core.health.is_up()
     }
 }
 

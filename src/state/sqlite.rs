@@ -30,7 +30,8 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use super::group_commit::Sink;
 use super::memory::Claims;
 use super::{
-    BotIdentity, Claim, DEFAULT_RETENTION, DeadLetter, NonceCheck, StateGone, StateRefused, Store,
+    BotIdentity, Claim, DEFAULT_RETENTION, DeadLetter, Letters, NonceCheck, PollState, StateGone,
+    StateRefused, Store, WebhookLedger,
 };
 use crate::clock::unix_now;
 use crate::sync::lock;
@@ -520,6 +521,32 @@ impl Store for SqliteStore {
         self.path.display().to_string()
     }
 
+    fn is_handled(&self, update_id: i64) -> anyhow::Result<bool> {
+        let found: Option<i64> = self
+            .lock()
+            .query_row(
+                "SELECT 1 FROM handled_updates WHERE update_id = ?1",
+                [update_id],
+                |row| row.get(0),
+            )
+            .optional()
+            .context("reading handled updates")?;
+        Ok(found.is_some())
+    }
+
+    fn mark_handled(&self, update_id: i64, outcome: &str) -> anyhow::Result<()> {
+        self.lock()
+            .execute(
+                "INSERT OR REPLACE INTO handled_updates (update_id, outcome, handled_at) \
+                 VALUES (?1, ?2, ?3)",
+                params![update_id, outcome, unix_now()],
+            )
+            .context("recording a handled update")?;
+        self.written()
+    }
+}
+
+impl PollState for SqliteStore {
     fn next_offset(&self) -> anyhow::Result<i64> {
         let offset = self
             .lock()
@@ -551,30 +578,19 @@ impl Store for SqliteStore {
         self.written()
     }
 
-    fn is_handled(&self, update_id: i64) -> anyhow::Result<bool> {
-        let found: Option<i64> = self
-            .lock()
-            .query_row(
-                "SELECT 1 FROM handled_updates WHERE update_id = ?1",
-                [update_id],
-                |row| row.get(0),
-            )
-            .optional()
-            .context("reading handled updates")?;
-        Ok(found.is_some())
+    /// The file is locked for this process alone: a second poller is
+    /// refused, standby or not (pollers on one machine share nothing a
+    /// standby could take over from; a shared store has standbys).
+    fn claim_polling(
+        &self,
+        _standby: Option<&crate::shutdown::Shutdown>,
+    ) -> anyhow::Result<Option<super::PollingLease>> {
+        self.claim_exclusive("polling")?;
+        Ok(Some(super::PollingLease::until_exit()))
     }
+}
 
-    fn mark_handled(&self, update_id: i64, outcome: &str) -> anyhow::Result<()> {
-        self.lock()
-            .execute(
-                "INSERT OR REPLACE INTO handled_updates (update_id, outcome, handled_at) \
-                 VALUES (?1, ?2, ?3)",
-                params![update_id, outcome, unix_now()],
-            )
-            .context("recording a handled update")?;
-        self.written()
-    }
-
+impl WebhookLedger for SqliteStore {
     fn check_nonce(
         &self,
         nonce: &str,
@@ -614,7 +630,9 @@ impl Store for SqliteStore {
         lock(&self.claims).release(claim.update_id, claim.token);
         Ok(())
     }
+}
 
+impl Letters for SqliteStore {
     fn record_dead_letter(
         &self,
         update_id: Option<i64>,
@@ -743,17 +761,6 @@ impl Store for SqliteStore {
             .context("removing a dead letter")?;
         self.written()?;
         Ok(removed > 0)
-    }
-
-    /// The file is locked for this process alone: a second poller is
-    /// refused, standby or not (pollers on one machine share nothing a
-    /// standby could take over from; a shared store has standbys).
-    fn claim_polling(
-        &self,
-        _standby: Option<&crate::shutdown::Shutdown>,
-    ) -> anyhow::Result<Option<super::PollingLease>> {
-        self.claim_exclusive("polling")?;
-        Ok(Some(super::PollingLease::until_exit()))
     }
 }
 

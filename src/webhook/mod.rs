@@ -38,7 +38,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::bot::Handler;
 use crate::http_server::{self, Limits};
 use crate::shutdown::{Shutdown, Stage};
-use crate::state::Store;
+use crate::state::WebhookStore;
 use crate::sync::lock;
 
 pub struct WebhookConfig {
@@ -70,7 +70,7 @@ pub struct WebhookConfig {
 /// a mistake there leaves no file behind.
 pub fn run_until_signal(
     config: WebhookConfig,
-    open_store: impl FnOnce() -> anyhow::Result<Arc<dyn Store>>,
+    open_store: impl FnOnce() -> anyhow::Result<Arc<dyn WebhookStore>>,
     handler: Arc<dyn Handler>,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {

@@ -9,7 +9,7 @@ use super::{FatalStop, WebhookConfig};
 use crate::api::Update;
 use crate::bot::{HandleError, Handler, record_dead_letter};
 use crate::clock::unix_now;
-use crate::state::{Admission, Claim, Delivery, Pending, Store, is_gone, is_unavailable};
+use crate::state::{Admission, Claim, Delivery, Pending, WebhookStore, is_gone, is_unavailable};
 use bytes::Bytes;
 use fly_signature::{Verdict, Verifier, json, python};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -29,7 +29,7 @@ pub struct Receiver {
     /// Handled ids, nonces and the claims on updates being handled: a
     /// second delivery of an update in hand waits for the platform's next
     /// retry (409) instead of replying twice.
-    store: Arc<dyn Store>,
+    store: Arc<dyn WebhookStore>,
     claim_lease: Duration,
     handler: Arc<dyn Handler>,
     /// Raised by a delivery whose handling failed fatally: stops the server.
@@ -41,7 +41,7 @@ type DeliveryAnswer = Response<Full<Bytes>>;
 impl Receiver {
     pub fn new(
         config: &WebhookConfig,
-        store: Arc<dyn Store>,
+        store: Arc<dyn WebhookStore>,
         handler: Arc<dyn Handler>,
         fatal: Arc<FatalStop>,
     ) -> Receiver {
@@ -357,7 +357,7 @@ enum Guarded {
     Admitted { claim: ClaimGuard, wait: Pending },
 }
 
-fn guard(store: &Arc<dyn Store>, admission: Admission) -> Guarded {
+fn guard(store: &Arc<dyn WebhookStore>, admission: Admission) -> Guarded {
     match admission {
         Admission::Duplicate => Guarded::Duplicate,
         Admission::NonceReused => Guarded::NonceReused,
@@ -375,7 +375,7 @@ fn guard(store: &Arc<dyn Store>, admission: Admission) -> Guarded {
 /// A claim on an update being handled; released when dropped, even if the
 /// client disconnects and hyper drops the request half-way.
 struct ClaimGuard {
-    store: Arc<dyn Store>,
+    store: Arc<dyn WebhookStore>,
     claim: Option<Claim>,
 }
 
