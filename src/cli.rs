@@ -14,7 +14,7 @@ use clap::{ArgAction, ArgMatches, Args, FromArgMatches, Parser, Subcommand, Valu
 
 pub const DEFAULT_BASE_URL: &str = "https://api.flycrytp.com";
 pub use crate::emulator::DEFAULT_URL as DEFAULT_EMULATOR_URL;
-pub use crate::state::StateLocation;
+pub use fly_state::StateLocation;
 
 /// Every tool of the Fly Bot API examples page in one binary.
 ///

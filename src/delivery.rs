@@ -10,9 +10,9 @@ use std::time::Duration;
 use ureq::Agent;
 
 use crate::api::{describe_transport_error, host_and_port};
-use crate::clock::unix_now;
 use crate::http_client::{self, Profile, ReceiverClient};
 use crate::retry::AttemptError;
+use fly_base::clock::unix_now;
 use fly_signature::sign_update_text;
 
 /// Where deliveries go and how they are signed.

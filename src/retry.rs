@@ -199,13 +199,7 @@ impl RetryPolicy {
 
     /// Capped exponential backoff with equal jitter.
     fn backoff(&self, failures: u32, jitter: f64) -> Duration {
-        let doublings = failures.saturating_sub(1).min(31);
-        let exponential = self
-            .initial_delay
-            .saturating_mul(1u32 << doublings)
-            .min(self.max_delay);
-        let half = exponential / 2;
-        half + half.mul_f64(jitter.clamp(0.0, 1.0))
+        fly_base::backoff::delay(self.initial_delay, self.max_delay, failures, jitter)
     }
 
     /// The wait before the next attempt, or why there is none: `elapsed` is
@@ -388,7 +382,7 @@ fn parse_retry_after_at(value: &str, now: std::time::SystemTime) -> Option<Durat
 
 /// A random number in `[0, 1)` for jitter.
 fn random_unit() -> f64 {
-    crate::random::unit()
+    fly_base::random::unit()
 }
 
 #[cfg(test)]

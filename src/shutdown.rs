@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
-use crate::sync::lock;
+use fly_base::sync::lock;
 
 /// The grace period when none is configured (`--grace`).
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
@@ -58,6 +58,13 @@ pub struct Shutdown {
 impl Default for Shutdown {
     fn default() -> Shutdown {
         Shutdown::with_grace(DEFAULT_GRACE)
+    }
+}
+
+/// A poller standing by for the polling lease waits on the stop.
+impl fly_state::Standby for Shutdown {
+    fn sleep(&self, duration: Duration) -> bool {
+        Shutdown::sleep(self, duration)
     }
 }
 

@@ -95,7 +95,7 @@ impl ForwardHandler {
 impl Handler for ForwardHandler {
     fn handle(&self, update: &Update) -> Result<Outcome, HandleError> {
         // One nonce per update: a redelivery is recognisably the same delivery.
-        let nonce = crate::random::hex_id(16);
+        let nonce = fly_base::random::hex_id(16);
         let outcome = DELIVERY_RETRIES.run(
             |_| self.deliver_once(update, &nonce),
             |failures, reason, delay| {

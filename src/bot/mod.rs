@@ -12,7 +12,7 @@ pub mod poll_loop;
 pub mod worker;
 
 use crate::api::{ApiError, Update};
-use crate::state::Letters;
+use fly_state::Letters;
 
 /// How an update ended when it needs no more work. Logged, and stored with
 /// the update id.

@@ -39,8 +39,8 @@ use super::{HandleError, Handler, Outcome, chat_label, record_dead_letter};
 use crate::api::{ApiClient, ApiError, Received, Update};
 use crate::retry::RetryPolicy;
 use crate::shutdown::{Shutdown, Stage};
-use crate::state::{PollStore, PollingLease, is_lease_lost, is_unavailable};
-use crate::sync::lock;
+use fly_base::sync::lock;
+use fly_state::{PollStore, PollingLease, is_lease_lost, is_unavailable};
 
 /// An update whose handled mark could not reach the store (an outage) is
 /// tried again after about this long; the store logs the outage once.
@@ -113,7 +113,7 @@ pub fn run(
     settings: &PollSettings,
     shutdown: &Shutdown,
 ) -> anyhow::Result<Summary> {
-    let standby = (!settings.once).then_some(shutdown);
+    let standby = (!settings.once).then_some(shutdown as &dyn fly_state::Standby);
     let mut total = Summary::default();
     loop {
         let Some(lease) = store.claim_polling(standby)? else {
@@ -766,7 +766,7 @@ impl Scheduler {
             }
             Err(error) if is_unavailable(&error) => {
                 tracing::debug!(chat, "parked updates not read back: {error:#}");
-                let jitter = STORE_RETRY.mul_f64(crate::random::unit());
+                let jitter = STORE_RETRY.mul_f64(fly_base::random::unit());
                 queue.retry_at = Some(Instant::now() + STORE_RETRY + jitter);
                 self.notify(&mut state);
             }
@@ -977,7 +977,7 @@ impl Scheduler {
                 }
                 Done::Deferred => {
                     *claimed -= 1;
-                    let jitter = STORE_RETRY.mul_f64(crate::random::unit());
+                    let jitter = STORE_RETRY.mul_f64(fly_base::random::unit());
                     queue.retry_at = Some(Instant::now() + STORE_RETRY + jitter);
                 }
                 Done::Failed | Done::Parked => {
@@ -1047,7 +1047,7 @@ enum Done {
 }
 
 /// The update a parked record holds, if it reads as one with its id.
-fn read_parked(letter: &crate::state::DeadLetter, update_id: i64) -> Option<Update> {
+fn read_parked(letter: &fly_state::DeadLetter, update_id: i64) -> Option<Update> {
     let parsed = fly_signature::parse(&letter.raw).ok()?;
     let update = Update::read(&parsed, &letter.raw).ok()?;
     (update.update_id == update_id).then_some(update)
@@ -1245,7 +1245,7 @@ mod tests {
     use std::sync::mpsc;
 
     use super::*;
-    use crate::state::{BotIdentity, Letters, SqliteStore, Store};
+    use fly_state::{BotIdentity, Letters, SqliteStore, Store};
 
     /// Long enough for any backoff to be over.
     const LATER: Duration = Duration::from_secs(3600);
@@ -1335,9 +1335,11 @@ mod tests {
 
         fn with_lease(offset: i64, lease: PollingLease) -> Harness {
             let dir = tempfile::tempdir().unwrap();
-            let store =
-                SqliteStore::open(&dir.path().join("state.db"), &BotIdentity::for_tests("t"))
-                    .unwrap();
+            let store = SqliteStore::open(
+                &dir.path().join("state.db"),
+                &BotIdentity::new("http://127.0.0.1:8787/", "t"),
+            )
+            .unwrap();
             Harness {
                 store,
                 scheduler: Scheduler::new(offset, settings()),

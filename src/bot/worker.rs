@@ -21,7 +21,7 @@ use super::exec::{MAX_REPLY_BYTES, Reply, SetupError, SetupProblem, send_reply};
 use super::{HandleError, Handler, Outcome, chat_label};
 use crate::api::{ApiClient, Update};
 use crate::children::Group;
-use crate::sync::lock;
+use fly_base::sync::lock;
 
 /// How long workers get to exit by themselves once their stdin is closed.
 const EXIT_WAIT: Duration = Duration::from_secs(1);

@@ -10,21 +10,21 @@ use crate::cli::DeadLettersArgs;
 use crate::commands::credentials::required_token;
 use crate::exit;
 use crate::output::print_line;
-use crate::state::{BotIdentity, PollStore, RedisStore, SqliteStore, StateLocation};
+use fly_state::{BotIdentity, PollStore, RedisStore, SqliteStore, StateLocation};
 
 pub fn run(args: DeadLettersArgs) -> anyhow::Result<ExitCode> {
     let store: Box<dyn PollStore> = match args.state.location() {
         // A bot's keys are found from its base URL and token.
         StateLocation::Redis(url) => {
             let token = required_token(&args.api)?;
-            let identity = BotIdentity::new(&args.api.base_url, &token);
+            let identity = BotIdentity::new(&args.api.base_url, token.expose());
             Box::new(RedisStore::open(&url, &identity)?)
         }
         StateLocation::File(Some(path)) => Box::new(SqliteStore::open_existing(&path)?),
         StateLocation::File(None) => {
             // The bot's default state file; looking never creates it.
             let token = required_token(&args.api)?;
-            let identity = BotIdentity::new(&args.api.base_url, &token);
+            let identity = BotIdentity::new(&args.api.base_url, token.expose());
             let path = identity.default_state_path()?;
             if !path.exists() {
                 tracing::info!(state = %path.display(), "no state file yet: no dead letters");

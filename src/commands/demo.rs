@@ -19,7 +19,7 @@ use crate::exit;
 use crate::output::print_line;
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
-use crate::state::{BotIdentity, SqliteStore};
+use fly_state::{BotIdentity, SqliteStore};
 
 const DEMO_TOKEN: &str = "demo-token-not-secret";
 const IMAGE_URL: &str = "https://cdn.example/demo/cat.png";
@@ -92,7 +92,7 @@ pub fn run(_args: DemoArgs) -> anyhow::Result<ExitCode> {
     let work = tempfile::tempdir().context("creating a temporary directory")?;
     let token = Token::new(DEMO_TOKEN).expect("the demo token is not empty");
     let client = ApiClient::new(emulator.base_url(), token.clone(), RetryPolicy::ONE_SHOT)?;
-    let identity = BotIdentity::new(emulator.base_url(), &token);
+    let identity = BotIdentity::new(emulator.base_url(), token.expose());
     let store = std::sync::Arc::new(SqliteStore::open(&work.path().join("state.db"), &identity)?);
     let media_dir = work.path().join("media");
     std::fs::create_dir_all(&media_dir)?;

@@ -21,7 +21,7 @@ use crate::commands::input::unix_time_now;
 use crate::commands::print_line;
 use crate::exit::{self, usage};
 use crate::retry::RetryPolicy;
-use crate::state::{BotIdentity, PollState, RedisStore, SqliteStore, StateLocation, Store};
+use fly_state::{BotIdentity, PollState, RedisStore, SqliteStore, StateLocation, Store};
 
 /// Signed updates further than this from the receiver's clock are refused
 /// (SPEC section 1, REPLAY_WINDOW_EXCEEDED).
@@ -121,7 +121,7 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
     };
     report.line(status, "clock", &detail)?;
 
-    let identity = BotIdentity::new(&base_url, &token);
+    let identity = BotIdentity::new(&base_url, token.expose());
     let (status, detail) = check_state(&identity, args.state.location());
     report.line(status, "state", &detail)?;
 

@@ -16,7 +16,7 @@ use crate::delivery::Destination;
 use crate::exit;
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
-use crate::state::BotIdentity;
+use fly_state::BotIdentity;
 
 pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
     check_http_url(&args.to, "--to")?;
@@ -30,7 +30,7 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
     let shutdown = Shutdown::on_signals(args.stop.grace)?;
     let client = ApiClient::new(&args.api.base_url, token.clone(), RetryPolicy::FOREVER)?
         .with_shutdown(shutdown.clone());
-    let identity = BotIdentity::new(client.base_url(), &token);
+    let identity = BotIdentity::new(client.base_url(), token.expose());
     let store = polling_store(
         &identity,
         args.state.location(),

@@ -10,7 +10,7 @@ use crate::exit::usage;
 pub fn unix_time_now(given: Option<UnixTime>) -> i64 {
     match given {
         Some(UnixTime::At(now)) => now,
-        Some(UnixTime::Clock) | None => crate::clock::unix_now(),
+        Some(UnixTime::Clock) | None => fly_base::clock::unix_now(),
     }
 }
 

@@ -33,7 +33,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
     match dispatch(command) {
         // A stop signal before there was anything to stop: a clean stop, as
         // the first SIGINT/SIGTERM is anywhere else (exit 0).
-        Err(error) if cause::<crate::state::Interrupted>(&error).is_some() => {
+        Err(error) if cause::<fly_state::Interrupted>(&error).is_some() => {
             tracing::info!("{error:#}: stopped");
             Ok(crate::exit::code(crate::exit::SUCCESS))
         }
@@ -46,7 +46,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
 /// Those layers name no option; every other error passes as it is.
 fn in_command_line_words(error: anyhow::Error) -> anyhow::Error {
     use crate::api::{ApiError, BadUrl};
-    use crate::state::StateRefused;
+    use fly_state::StateRefused;
     let said = format!("{error:#}");
     if let Some(bad) = cause::<BadUrl>(&error) {
         return usage(if bad.base_url {
@@ -108,8 +108,8 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 mod tests {
     use super::*;
     use crate::exit::{self, ExitOutcome, classify};
-    use crate::state::StateRefused;
     use anyhow::Context;
+    use fly_state::StateRefused;
 
     fn said(error: anyhow::Error) -> (ExitOutcome, String) {
         let error = in_command_line_words(error);

@@ -14,7 +14,7 @@ use crate::commands::wiring::{polling_store, reply_handler};
 use crate::exit;
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
-use crate::state::BotIdentity;
+use fly_state::BotIdentity;
 
 pub fn run(args: PollEchoArgs) -> anyhow::Result<ExitCode> {
     let token = required_token(&args.api)?;
@@ -27,7 +27,7 @@ pub fn run(args: PollEchoArgs) -> anyhow::Result<ExitCode> {
     };
     let client =
         ApiClient::new(&args.api.base_url, token.clone(), policy)?.with_shutdown(shutdown.clone());
-    let identity = BotIdentity::new(client.base_url(), &token);
+    let identity = BotIdentity::new(client.base_url(), token.expose());
     let store = polling_store(
         &identity,
         args.state.location(),

@@ -12,7 +12,7 @@ use crate::commands::input::read_input;
 use crate::commands::print_line;
 use crate::commands::wiring::one_shot_client;
 use crate::exit::{self, usage};
-use crate::random;
+use fly_base::random;
 
 pub fn run(args: SendArgs) -> anyhow::Result<ExitCode> {
     let api = args.api.clone();

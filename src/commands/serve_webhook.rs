@@ -11,8 +11,8 @@ use crate::commands::wiring::reply_handler;
 use crate::exit::{self, usage};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
-use crate::state::{BotIdentity, Front, RedisStore, SqliteStore, StateLocation, WebhookStore};
 use crate::webhook::{self, WebhookConfig};
+use fly_state::{BotIdentity, Front, RedisStore, SqliteStore, StateLocation, WebhookStore};
 
 /// Replies are retried briefly: on failure the platform delivers the update
 /// again, so holding the request open longer helps nobody. The budget keeps
@@ -48,7 +48,7 @@ pub fn run(args: ServeWebhookArgs) -> anyhow::Result<ExitCode> {
         .map(|secret| secret.value)
         .collect();
     let client = ApiClient::new(&args.api.base_url, token.clone(), REPLY_RETRIES)?;
-    let identity = BotIdentity::new(client.base_url(), &token);
+    let identity = BotIdentity::new(client.base_url(), token.expose());
     let state = args.state.location();
     let retention = args.retention.retention;
     let window = i64::try_from(args.window).unwrap_or(i64::MAX);

@@ -8,7 +8,7 @@ use crate::commands::credentials::{offline_token, signing_secret};
 use crate::commands::input::{read_input, unix_time_now};
 use crate::exit::{self, usage};
 use crate::output::print_line;
-use crate::random;
+use fly_base::random;
 use fly_signature::sign_update_text;
 
 pub fn run(args: SignArgs) -> anyhow::Result<ExitCode> {

@@ -11,7 +11,7 @@ use crate::api::ApiClient;
 use crate::bot::Handler;
 use crate::cli::{ApiArgs, ExecArgs};
 use crate::retry::RetryPolicy;
-use crate::state::{BotIdentity, PollStore, RedisStore, SqliteStore, StateLocation};
+use fly_state::{BotIdentity, PollStore, RedisStore, SqliteStore, StateLocation};
 
 /// The API client for one-shot commands (a bounded number of retries).
 pub fn one_shot_client(api: &ApiArgs) -> anyhow::Result<ApiClient> {

@@ -136,7 +136,7 @@ impl FaultConfig {
     /// The next number of the seeded sequence (splitmix64), else OS randomness.
     fn next_random(&self) -> u64 {
         let Some(sequence) = &self.sequence else {
-            return crate::random::u64();
+            return fly_base::random::u64();
         };
         let mut state = sequence
             .lock()

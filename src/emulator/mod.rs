@@ -187,12 +187,12 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Platform> {
-        crate::sync::lock(&self.state)
+        fly_base::sync::lock(&self.state)
     }
 
     /// Queues a new update for polling or for the webhook; returns its id.
     fn push_update(&self, update: &str) -> u64 {
-        let nonce = crate::random::hex_id(16);
+        let nonce = fly_base::random::hex_id(16);
         let (update_id, routed) = self.lock().push_update(update, nonce);
         match routed {
             Routed::Polling => self.wake_pollers(),
@@ -204,7 +204,7 @@ impl Shared {
     fn set_webhook(&self, target: Option<WebhookTarget>) {
         let pollers_concerned = self
             .lock()
-            .set_webhook(target, || crate::random::hex_id(16));
+            .set_webhook(target, || fly_base::random::hex_id(16));
         self.wake_webhook_worker();
         if pollers_concerned {
             self.wake_pollers();

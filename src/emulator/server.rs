@@ -274,7 +274,7 @@ fn batch_access(shared: &Shared, body: &Value, public_base: &str) -> HttpRespons
         &request.urls,
         std::time::Instant::now(),
         request.lifetime,
-        || crate::random::hex_id(16),
+        || fly_base::random::hex_id(16),
     );
     let files: serde_json::Map<String, Value> = granted
         .into_iter()

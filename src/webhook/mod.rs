@@ -38,8 +38,8 @@ use tokio_rustls::TlsAcceptor;
 use crate::bot::Handler;
 use crate::http_server::{self, Limits};
 use crate::shutdown::{Shutdown, Stage};
-use crate::state::WebhookStore;
-use crate::sync::lock;
+use fly_base::sync::lock;
+use fly_state::WebhookStore;
 
 pub struct WebhookConfig {
     pub bind: IpAddr,

@@ -33,8 +33,8 @@ use super::{
     BotIdentity, Claim, DEFAULT_RETENTION, DeadLetter, Letters, NonceCheck, PollState, StateGone,
     StateRefused, Store, WebhookLedger,
 };
-use crate::clock::unix_now;
-use crate::sync::lock;
+use fly_base::clock::unix_now;
+use fly_base::sync::lock;
 use fly_signature::sha256_hex;
 
 /// "FLY1" in ASCII: marks a SQLite file as a fly state store.
@@ -583,7 +583,7 @@ impl PollState for SqliteStore {
     /// standby could take over from; a shared store has standbys).
     fn claim_polling(
         &self,
-        _standby: Option<&crate::shutdown::Shutdown>,
+        _standby: Option<&dyn crate::Standby>,
     ) -> anyhow::Result<Option<super::PollingLease>> {
         self.claim_exclusive("polling")?;
         Ok(Some(super::PollingLease::until_exit()))
@@ -1407,7 +1407,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store =
             SqliteStore::open(&dir.path().join("s.db"), &BotIdentity::for_tests("t1")).unwrap();
-        crate::state::check_parked_pages(&store);
+        crate::check_parked_pages(&store);
     }
 
     #[test]

@@ -20,13 +20,11 @@ use link::{Fault, Link, Target};
 
 use super::{
     Admission, BotIdentity, Claim, DEFAULT_RETENTION, DeadLetter, Delivery, Interrupted, LeaseLost,
-    LeaseWatch, Letters, NonceCheck, Pending, PollState, PollingLease, StateRefused, Store,
-    Unavailable, WebhookLedger,
+    LeaseWatch, Letters, NonceCheck, Pending, PollState, PollingLease, Standby, StateRefused,
+    Store, Unavailable, WebhookLedger,
 };
-use crate::clock::unix_now;
-use crate::retry::RetryPolicy;
-use crate::shutdown::Shutdown;
-use crate::sync::lock;
+use fly_base::clock::unix_now;
+use fly_base::sync::lock;
 use fly_signature::sha256_hex;
 
 /// How long the polling lease lasts without renewal (`--lease`).
@@ -46,6 +44,8 @@ const WATCH_EVERY_WHILE_DOWN: Duration = Duration::from_millis(250);
 const IDLE_CONNECTIONS: usize = 64;
 /// A standby waiting for a server that is down tries again at most this late.
 const STANDBY_MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The first wait of a standby poller that cannot reach the server.
+const STANDBY_FIRST_BACKOFF: Duration = Duration::from_millis(200);
 
 /// Admits a webhook delivery in one step. KEYS: handled, nonce, claim.
 /// ARGV: update key, whether there is a nonce ("1"/"0"), the nonce's TTL
@@ -152,7 +152,7 @@ fn lease_token() -> String {
     };
     format!(
         "{}:{}@{host}",
-        crate::random::hex_id(16),
+        fly_base::random::hex_id(16),
         std::process::id()
     )
 }
@@ -914,7 +914,7 @@ fn release_claims(core: &Core, keys: &Keys, queued: &mpsc::Receiver<(i64, u64)>)
             invocation.invoke::<i64>(connection)
         });
         match given_back {
-            Err(error) if crate::state::is_unavailable(&error) && tries + 1 < RELEASE_TRIES => {
+            Err(error) if crate::is_unavailable(&error) && tries + 1 < RELEASE_TRIES => {
                 tries += 1;
                 std::thread::sleep(RELEASE_RETRY_EVERY);
             }
@@ -1131,7 +1131,7 @@ impl PollState for RedisStore {
         Ok(())
     }
 
-    fn claim_polling(&self, standby: Option<&Shutdown>) -> anyhow::Result<Option<PollingLease>> {
+    fn claim_polling(&self, standby: Option<&dyn Standby>) -> anyhow::Result<Option<PollingLease>> {
         let token = lease_token();
         // The lease this process held before: if it ran out while the
         // process was paused, that is said, and its old token may still
@@ -1210,11 +1210,15 @@ impl PollState for RedisStore {
                     let left = self.lease_left() + Duration::from_millis(5);
                     left.min(self.lease_time / 3)
                 }
-                Err(error) if crate::state::is_unavailable(&error) && standby.is_some() => {
+                Err(error) if crate::is_unavailable(&error) && standby.is_some() => {
                     failures += 1;
-                    RetryPolicy::FOREVER
-                        .next_delay(failures, None)
-                        .min(STANDBY_MAX_BACKOFF)
+                    let jitter = fly_base::random::unit();
+                    fly_base::backoff::delay(
+                        STANDBY_FIRST_BACKOFF,
+                        STANDBY_MAX_BACKOFF,
+                        failures,
+                        jitter,
+                    )
                 }
                 Err(error) => return Err(error),
             };
@@ -1253,7 +1257,7 @@ impl WebhookLedger for RedisStore {
     }
 
     fn claim_update(&self, update_id: i64, lease: Duration) -> anyhow::Result<Option<Claim>> {
-        let token = crate::random::u64();
+        let token = fly_base::random::u64();
         let key = self.keys.claim(update_id);
         let millis = lease.as_millis().max(1) as u64;
         let taken = self.call(|connection| {
@@ -1279,7 +1283,7 @@ impl WebhookLedger for RedisStore {
 
     fn admit(&self, delivery: &Delivery) -> anyhow::Result<Admission> {
         let update_id = delivery.update_id;
-        let token = crate::random::u64();
+        let token = fly_base::random::u64();
         let (handled, nonce, claim) = (
             self.keys.handled(update_id),
             self.keys.nonce(&delivery.nonce),
@@ -1307,7 +1311,7 @@ impl WebhookLedger for RedisStore {
                 // timeout): a claim taken then would hold the update (409)
                 // until it lapses. Given back by its token, it is this
                 // admission's or nobody's.
-                if crate::state::is_unavailable(error) {
+                if crate::is_unavailable(error) {
                     let _ = self.release_update(Claim { update_id, token });
                 }
             })?;
@@ -1547,8 +1551,7 @@ mod tests {
         }
 
         fn store(&self) -> RedisStore {
-            let identity =
-                BotIdentity::new("http://127.0.0.1:1", &crate::api::Token::new("t").unwrap());
+            let identity = BotIdentity::new("http://127.0.0.1:1", "t");
             RedisStore::open(&self.url, &identity).unwrap()
         }
     }
@@ -1591,11 +1594,11 @@ mod tests {
             })
             .unwrap();
         let refused = store.advance_offset(20).unwrap_err();
-        assert!(crate::state::is_lease_lost(&refused), "{refused:#}");
+        assert!(crate::is_lease_lost(&refused), "{refused:#}");
         assert_eq!(store.next_offset().unwrap(), 10);
         assert!(told.load(Ordering::SeqCst));
         assert!(!lease.is_current());
-        assert!(crate::state::is_lease_lost(
+        assert!(crate::is_lease_lost(
             &store.mark_handled(11, "replied").unwrap_err()
         ));
         assert!(!store.is_handled(11).unwrap());
@@ -1665,7 +1668,7 @@ mod tests {
         // believes it holds the lease: refused by the script.
         assert!(old_lease.is_current());
         let refused = old.mark_handled(12, "replied").unwrap_err();
-        assert!(crate::state::is_lease_lost(&refused), "{refused:#}");
+        assert!(crate::is_lease_lost(&refused), "{refused:#}");
         assert!(!old.is_handled(12).unwrap());
         // The holder's token writes.
         assert_eq!(advance(&holder, 20), 1);
@@ -1678,7 +1681,7 @@ mod tests {
     #[ignore = "needs redis-server"]
     fn parked_updates_are_read_back_by_id_a_bounded_page_at_a_time() {
         let server = Server::start();
-        crate::state::check_parked_pages(&server.store());
+        crate::check_parked_pages(&server.store());
     }
 
     /// Deliveries, claims and nonces, as two replicas on one server see them.
@@ -1744,13 +1747,10 @@ mod tests {
 
     #[test]
     fn keys_are_per_bot_and_hold_no_token() {
-        let token = crate::api::Token::new("super-secret-token").unwrap();
-        let plain = BotIdentity::new("https://api.example", &token);
-        let with_userinfo = BotIdentity::new("https://u:p@api.example", &token);
-        let other = BotIdentity::new(
-            "https://api.example",
-            &crate::api::Token::new("t2").unwrap(),
-        );
+        let token = "super-secret-token";
+        let plain = BotIdentity::new("https://api.example", token);
+        let with_userinfo = BotIdentity::new("https://u:p@api.example", token);
+        let other = BotIdentity::new("https://api.example", "t2");
         let keys = Keys::new(&plain);
         assert_eq!(keys.prefix, Keys::new(&with_userinfo).prefix);
         assert_ne!(keys.prefix, Keys::new(&other).prefix);

@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 use redis::{
     ConnectionAddr, ConnectionInfo, ConnectionLike, Parser, RedisError, RedisResult, Value,
 };
-use tokio_rustls::rustls;
 
 /// The largest reply fly reads. Its own are far smaller: a short string or
 /// a number per call, and dead letters (each an update's raw bytes, up to

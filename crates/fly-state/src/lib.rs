@@ -26,9 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::api::Token;
-use crate::shutdown::Shutdown;
-use crate::sync::lock;
+use fly_base::sync::lock;
 use fly_signature::sha256_hex;
 
 pub use self::redis::RedisStore;
@@ -173,13 +171,20 @@ pub fn is_lease_lost(error: &anyhow::Error) -> bool {
     error.downcast_ref::<LeaseLost>().is_some()
 }
 
-/// The bytes of parked updates one [`Store::parked_after`] call returns at
+/// The bytes of parked updates one [`Letters::parked_after`] call returns at
 /// most (one update larger than this comes alone).
 pub const PARKED_PAGE_BYTES: usize = 1024 * 1024;
 
 /// How long handled update ids are kept when nothing else is said
 /// (`--retention`): far longer than any platform redelivers an update.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How a poller that stands by for the polling lease waits: the caller's
+/// stop (fly's staged stop), so that a stop request ends the wait at once.
+pub trait Standby: Sync {
+    /// Sleeps for `duration`; false when the stop was requested meanwhile.
+    fn sleep(&self, duration: Duration) -> bool;
+}
 
 /// What every store is, whatever role it serves: where it lives, whether it
 /// can be used, and the handled update ids, which both roles read and
@@ -256,7 +261,7 @@ pub trait PollState: Store {
     /// `standby`, a poller that finds the lease held waits (logging once that
     /// it stands by) until it can take it over, or until the stop is
     /// requested (`None`); without, it is refused.
-    fn claim_polling(&self, standby: Option<&Shutdown>) -> anyhow::Result<Option<PollingLease>>;
+    fn claim_polling(&self, standby: Option<&dyn Standby>) -> anyhow::Result<Option<PollingLease>>;
 }
 
 /// The webhook receiver's role: the nonces seen, the updates in hand
@@ -393,7 +398,7 @@ impl<T: PollState + Letters + ?Sized> PollStore for T {}
 pub trait WebhookStore: WebhookLedger + Letters {}
 impl<T: WebhookLedger + Letters + ?Sized> WebhookStore for T {}
 
-/// The right to poll, from [`Store::claim_polling`]. A lease that can expire
+/// The right to poll, from [`PollState::claim_polling`]. A lease that can expire
 /// (a shared store's) says when it is lost, and is given back when dropped,
 /// so that a standby takes over at once after a clean stop.
 pub struct PollingLease {
@@ -540,7 +545,7 @@ pub enum NonceCheck {
     Reused,
 }
 
-/// A verified webhook delivery, as [`Store::admit`] needs it.
+/// A verified webhook delivery, as [`WebhookLedger::admit`] needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
     pub update_id: i64,
@@ -567,8 +572,8 @@ pub enum Admission {
     Admitted { claim: Claim, wait: Pending },
 }
 
-/// A claim on an update being handled, from [`Store::claim_update`]; give it
-/// back with [`Store::release_update`].
+/// A claim on an update being handled, from [`WebhookLedger::claim_update`]; give it
+/// back with [`WebhookLedger::release_update`].
 #[derive(Debug, PartialEq, Eq)]
 pub struct Claim {
     pub update_id: i64,
@@ -605,8 +610,9 @@ pub struct BotIdentity {
 const FINGERPRINT_DOMAIN: &str = "fly state: token fingerprint v2\n";
 
 impl BotIdentity {
-    pub fn new(base_url: &str, token: &Token) -> BotIdentity {
-        let token = token.expose();
+    /// The identity of the bot with `token` on `base_url`. The token is
+    /// only hashed (with a domain of its own): never kept, stored or shown.
+    pub fn new(base_url: &str, token: &str) -> BotIdentity {
         BotIdentity {
             base_url: without_userinfo(base_url.trim().trim_end_matches('/')),
             token_fingerprint: sha256_hex(format!("{FINGERPRINT_DOMAIN}{token}").as_bytes())[..16]
@@ -660,7 +666,7 @@ impl BotIdentity {
 impl BotIdentity {
     /// The identity of a bot with `token` on a local emulator, for the stores' tests.
     pub fn for_tests(token: &str) -> BotIdentity {
-        BotIdentity::new("http://127.0.0.1:8787/", &Token::new(token).unwrap())
+        BotIdentity::new("http://127.0.0.1:8787/", token)
     }
 }
 
@@ -712,10 +718,7 @@ mod tests {
 
     #[test]
     fn credentials_in_the_base_url_are_not_kept() {
-        let id = BotIdentity::new(
-            "https://user:PASS@api.example.com:8443/",
-            &Token::new("t").unwrap(),
-        );
+        let id = BotIdentity::new("https://user:PASS@api.example.com:8443/", "t");
         assert_eq!(id.base_url, "https://api.example.com:8443");
         assert_eq!(without_userinfo("http://a@b/c@d?e@f"), "http://b/c@d?e@f");
         assert_eq!(without_userinfo("http://host/p"), "http://host/p");
@@ -724,8 +727,7 @@ mod tests {
 
     #[test]
     fn the_fingerprint_is_no_prefix_of_the_default_secret() {
-        let token = Token::new("a-token").unwrap();
-        let id = BotIdentity::new("http://h", &token);
+        let id = BotIdentity::new("http://h", "a-token");
         let default_secret = sha256_hex(b"a-token");
         assert_eq!(id.token_fingerprint.len(), 16);
         assert!(!default_secret.starts_with(&id.token_fingerprint));

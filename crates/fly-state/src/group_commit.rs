@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::anyhow;
 
 use super::Unavailable;
-use crate::sync::lock;
+use fly_base::sync::lock;
 
 /// Where the batches go: called on the writer thread only.
 pub trait Sink<W>: Send + 'static {
@@ -580,7 +580,7 @@ mod tests {
         let writer = GroupCommit::start("test-writer", sink.clone()).unwrap();
         *lock(&sink.failures_left) = 3;
         let error = writer.submit(1).wait().unwrap_err();
-        assert!(crate::state::is_unavailable(&error), "{error:#}");
+        assert!(crate::is_unavailable(&error), "{error:#}");
         assert!(format!("{error:#}").contains("disk full"), "{error:#}");
         assert!(format!("{error:#}").contains("1 write kept"), "{error:#}");
         assert!(writer.is_failing());

@@ -13,8 +13,8 @@ use super::sqlite::{FileWatch, SqliteStore, Write};
 use super::{
     Admission, Claim, DeadLetter, Delivery, Letters, NonceCheck, Store, Unavailable, WebhookLedger,
 };
-use crate::clock::unix_now;
-use crate::sync::lock;
+use fly_base::clock::unix_now;
+use fly_base::sync::lock;
 
 /// Handled ids known in memory: at a busy platform's pace, the last few
 /// seconds; at an ordinary bot's, days. Older ones are asked of the file.
@@ -384,7 +384,7 @@ impl Drop for Front {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::BotIdentity;
+    use crate::BotIdentity;
     use std::path::Path;
 
     fn open(path: &Path) -> Front {
@@ -529,12 +529,12 @@ mod tests {
 
         assert!(!front.is_reachable());
         let refused = front.try_admit(&delivery(41, "n-41")).unwrap().unwrap_err();
-        assert!(crate::state::is_unavailable(&refused), "{refused:#}");
+        assert!(crate::is_unavailable(&refused), "{refused:#}");
         let refused = front.admit(&delivery(41, "n-41")).unwrap_err();
-        assert!(crate::state::is_unavailable(&refused), "{refused:#}");
+        assert!(crate::is_unavailable(&refused), "{refused:#}");
         // A mark made now is kept, but its delivery is not answered 200.
         let refused = front.mark_handled(42, "replied").unwrap_err();
-        assert!(crate::state::is_unavailable(&refused), "{refused:#}");
+        assert!(crate::is_unavailable(&refused), "{refused:#}");
         let error = front.flush().unwrap_err();
         assert!(
             format!("{error:#}").starts_with(&format!(
