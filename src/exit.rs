@@ -88,6 +88,15 @@ pub fn message(error: &anyhow::Error) -> String {
     said.join(": ")
 }
 
+/// Bad input (exit 2) said as `what: error`, the typed `error` kept as its
+/// source: `usage` for a cause from below.
+pub fn usage_because(
+    what: impl fmt::Display + Send + Sync + 'static,
+    error: impl Into<anyhow::Error>,
+) -> anyhow::Error {
+    anyhow::Error::new(Hinted::bad_input(error.into().context(what), ""))
+}
+
 /// What the process should do with an error that reached `main`.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ExitOutcome {
@@ -169,6 +178,11 @@ mod tests {
         let inner = anyhow::Error::new(Hinted::new(anyhow::anyhow!("a"), " (b)")).context("c");
         let (_, text, _) = said(Hinted::new(inner, "; d"));
         assert_eq!(text, "running: c: a (b); d");
+
+        let unreadable = usage_because("cannot read x", io::Error::other("denied"));
+        assert_eq!(classify(&unreadable), ExitOutcome::Report(USAGE));
+        assert_eq!(message(&unreadable), "cannot read x: denied");
+        assert!(unreadable.chain().any(|cause| cause.is::<io::Error>()));
 
         let plain = anyhow::anyhow!("inner").context("outer");
         assert_eq!(message(&plain), format!("{plain:#}"));

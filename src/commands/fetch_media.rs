@@ -17,7 +17,7 @@ use crate::commands::wiring::one_shot_client;
 use crate::download::{
     AlreadyExists, Durability, Stream, download, safe_file_name, save_atomically,
 };
-use crate::exit::{self, Hinted, usage};
+use crate::exit::{self, Hinted, usage, usage_because};
 use crate::progress;
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
@@ -171,7 +171,7 @@ fn wanted_urls(args: &FetchMediaArgs) -> anyhow::Result<Vec<String>> {
 /// as the platform's Python reads updates (see `fly_signature::json`).
 fn urls_in_update(json: &str, original_only: bool) -> anyhow::Result<Vec<String>> {
     let value = fly_signature::parse(json.trim_end())
-        .map_err(|error| usage(format!("--update is not valid JSON: {error}")))?;
+        .map_err(|error| usage_because("--update is not valid JSON", error))?;
     let message = match value.get("message") {
         Some(message @ PyValue::Object(_)) => message,
         _ => &value,
