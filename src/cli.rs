@@ -3,6 +3,7 @@
 //! Nothing outside `main.rs` and `commands/` touches these types; each command
 //! turns its `Args` into a plain config before doing any work.
 
+use std::fmt;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -149,7 +150,7 @@ const MAX_EXPIRE_SECONDS: u64 = 7 * 24 * 3600;
 
 /// A count with no upper bound that matters (`poll-echo --max-updates`):
 /// clap's own range would print its upper end as 18446744073709551615.
-fn parse_at_least_one(text: &str) -> Result<u64, String> {
+fn parse_at_least_one(text: &str) -> Result<u64, BadValue> {
     match text.trim().parse::<u64>() {
         Ok(count) if count >= 1 => Ok(count),
         _ => Err("expected a whole number, 1 or more".into()),
@@ -349,7 +350,7 @@ pub enum UnixTime {
     At(i64),
 }
 
-fn parse_unix_time(text: &str) -> Result<UnixTime, String> {
+fn parse_unix_time(text: &str) -> Result<UnixTime, BadValue> {
     if text.trim().is_empty() {
         return Ok(UnixTime::Clock);
     }
@@ -357,7 +358,7 @@ fn parse_unix_time(text: &str) -> Result<UnixTime, String> {
         .ok()
         .and_then(|digits| digits.parse().ok())
         .map(UnixTime::At)
-        .ok_or_else(|| "expected a unix time in seconds (from --now or FLY_NOW_TS)".to_string())
+        .ok_or_else(|| "expected a unix time in seconds (from --now or FLY_NOW_TS)".into())
 }
 
 #[derive(Debug, Args)]
@@ -574,7 +575,7 @@ pub struct LeaseArgs {
 }
 
 /// A lease: seconds, fractions allowed, from 0.3 s to an hour.
-fn parse_lease(text: &str) -> Result<Duration, String> {
+fn parse_lease(text: &str) -> Result<Duration, BadValue> {
     parse_seconds(text, "0.3", 0.3)
 }
 
@@ -611,8 +612,32 @@ pub struct RetentionArgs {
     pub retention: Duration,
 }
 
+/// Why a value of an option is refused; clap says it after the option.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BadValue(String);
+
+impl From<String> for BadValue {
+    fn from(why: String) -> Self {
+        BadValue(why)
+    }
+}
+
+impl From<&str> for BadValue {
+    fn from(why: &str) -> Self {
+        BadValue(why.to_string())
+    }
+}
+
+impl fmt::Display for BadValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadValue {}
+
 /// `604800`, `30s`, `90m`, `12h` or `7d`: at least a second, at most 100 years.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, BadValue> {
     let trimmed = text.trim();
     let (digits, unit) = match trimmed.find(|c: char| !c.is_ascii_digit()) {
         Some(at) => trimmed.split_at(at),
@@ -624,13 +649,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "h" => 3600,
         "d" => 86_400,
         _ => {
-            return Err(format!(
-                "unknown unit {unit:?}: use s, m, h or d (e.g. 7d, 12h, 30s)"
-            ));
+            return Err(
+                format!("unknown unit {unit:?}: use s, m, h or d (e.g. 7d, 12h, 30s)").into(),
+            );
         }
     };
     let count: u64 = digits.parse().map_err(|_| {
-        "expected a number of seconds, or a number with s, m, h or d (e.g. 7d)".to_string()
+        BadValue::from("expected a number of seconds, or a number with s, m, h or d (e.g. 7d)")
     })?;
     const MAX_SECS: u64 = 100 * 365 * 86_400;
     match count.checked_mul(scale) {
@@ -883,18 +908,16 @@ pub struct StopArgs {
 }
 
 /// A grace period: seconds, fractions allowed, up to an hour.
-fn parse_grace(text: &str) -> Result<Duration, String> {
+fn parse_grace(text: &str) -> Result<Duration, BadValue> {
     parse_seconds(text, "0", 0.0)
 }
 
 /// Seconds, fractions allowed, from `least` (written `least_text` in the
 /// message) up to an hour.
-fn parse_seconds(text: &str, least_text: &str, least: f64) -> Result<Duration, String> {
+fn parse_seconds(text: &str, least_text: &str, least: f64) -> Result<Duration, BadValue> {
     match text.trim().parse::<f64>() {
         Ok(seconds) if (least..=3600.0).contains(&seconds) => Ok(Duration::from_secs_f64(seconds)),
-        _ => Err(format!(
-            "expected seconds from {least_text} to 3600, e.g. 10 or 2.5"
-        )),
+        _ => Err(format!("expected seconds from {least_text} to 3600, e.g. 10 or 2.5").into()),
     }
 }
 

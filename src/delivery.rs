@@ -53,7 +53,7 @@ impl Deliverer {
     ) -> Result<u16, AttemptError<anyhow::Error>> {
         let signed = sign_update_text(raw, &receiver.secret, &receiver.bot_id, unix_now(), nonce)
             .map_err(|error| {
-            AttemptError::Fatal(anyhow::anyhow!("cannot sign the update: {error}"))
+            AttemptError::Fatal(anyhow::Error::new(error).context("cannot sign the update"))
         })?;
         let failed = |reason: String| AttemptError::Transient {
             reason,

@@ -143,6 +143,8 @@ pub enum DownloadError {
     Gone(String),
     /// Writing to the sink failed (disk full, the reader of a pipe went away).
     Sink(std::io::Error),
+    /// A redirect to something other than an http(s) URL.
+    Redirect(RefusedRedirect),
 }
 
 impl std::fmt::Display for DownloadError {
@@ -150,6 +152,7 @@ impl std::fmt::Display for DownloadError {
         match self {
             DownloadError::Transfer(message) | DownloadError::Gone(message) => f.write_str(message),
             DownloadError::Sink(_) => f.write_str("writing the download failed"),
+            DownloadError::Redirect(refused) => refused.fmt(f),
         }
     }
 }
@@ -158,7 +161,10 @@ impl std::error::Error for DownloadError {
     // The I/O error is the source, so a broken pipe is recognised as such.
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            DownloadError::Transfer(_) | DownloadError::Gone(_) => None,
+            // A refused redirect says itself: its text is this one's.
+            DownloadError::Transfer(_) | DownloadError::Gone(_) | DownloadError::Redirect(_) => {
+                None
+            }
             DownloadError::Sink(error) => Some(error),
         }
     }
@@ -404,7 +410,8 @@ impl Transfer<'_> {
                     response.status().as_u16()
                 ))
             })?;
-            url = redirect_target(&url, location).map_err(fatal)?;
+            url = redirect_target(&url, location)
+                .map_err(|refused| AttemptError::Fatal(DownloadError::Redirect(refused)))?;
         }
         Err(fatal(format!(
             "more than {MAX_REDIRECTS} redirects from the access URL"
@@ -456,12 +463,52 @@ fn failed_transfer(error: ureq::Error, what: &str) -> AttemptError<DownloadError
     }
 }
 
+/// A redirect that is not followed, and why.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RefusedRedirect {
+    location: String,
+    why: RedirectProblem,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum RedirectProblem {
+    /// Another scheme (`file:`, `ftp:`, `data:`).
+    NotHttp(String),
+    /// The URL the redirect comes from does not parse, or is not absolute.
+    BaseInvalid,
+    BaseNotAbsolute,
+    /// What it leads to is not a URL.
+    NotAUrl,
+}
+
+impl std::fmt::Display for RefusedRedirect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "refused a redirect to {:?}: ", self.location)?;
+        match &self.why {
+            RedirectProblem::NotHttp(scheme) => write!(
+                f,
+                "the scheme {scheme}: is not HTTP (only http and https URLs are fetched)"
+            ),
+            RedirectProblem::BaseInvalid => f.write_str("the URL it comes from is not valid"),
+            RedirectProblem::BaseNotAbsolute => {
+                f.write_str("the URL it comes from is not absolute")
+            }
+            RedirectProblem::NotAUrl => f.write_str("not a valid URL"),
+        }
+    }
+}
+
+impl std::error::Error for RefusedRedirect {}
+
 /// The absolute URL a redirect from `base` leads to. Only http(s) is
 /// followed: any other scheme (`file:`, `ftp:`, `data:`) is refused, naming
 /// the URL, and so is anything that is not a URL.
-fn redirect_target(base: &str, location: &str) -> Result<String, String> {
+fn redirect_target(base: &str, location: &str) -> Result<String, RefusedRedirect> {
     let location = location.trim();
-    let refuse = |why: String| format!("refused a redirect to {location:?}: {why}");
+    let refuse = |why| RefusedRedirect {
+        location: location.to_string(),
+        why,
+    };
     // RFC 3986 section 3.1: a letter, then letters, digits, `+`, `-` or `.`,
     // then a colon. Without one, the location is relative to `base`.
     let scheme = location
@@ -483,16 +530,14 @@ fn redirect_target(base: &str, location: &str) -> Result<String, String> {
             format!("{}{rest}", scheme.to_ascii_lowercase())
         }
         Some(scheme) => {
-            return Err(refuse(format!(
-                "the scheme {scheme}: is not HTTP (only http and https URLs are fetched)"
-            )));
+            return Err(refuse(RedirectProblem::NotHttp(scheme.to_string())));
         }
         None => {
             let base: Uri = base
                 .parse()
-                .map_err(|_| refuse("the URL it comes from is not valid".to_string()))?;
+                .map_err(|_| refuse(RedirectProblem::BaseInvalid))?;
             let (Some(base_scheme), Some(authority)) = (base.scheme_str(), base.authority()) else {
-                return Err(refuse("the URL it comes from is not absolute".to_string()));
+                return Err(refuse(RedirectProblem::BaseNotAbsolute));
             };
             let origin = format!("{base_scheme}://{authority}");
             let path = base.path();
@@ -512,7 +557,7 @@ fn redirect_target(base: &str, location: &str) -> Result<String, String> {
     let target = target.split('#').next().unwrap_or_default().to_string();
     match target.parse::<Uri>() {
         Ok(uri) if uri.host().is_some_and(|host| !host.is_empty()) => Ok(target),
-        _ => Err(refuse("not a valid URL".to_string())),
+        _ => Err(refuse(RedirectProblem::NotAUrl)),
     }
 }
 
@@ -803,7 +848,7 @@ mod tests {
             ("http://", "not a valid URL"),
         ];
         for (location, why) in refused {
-            let error = redirect_target(base, location).unwrap_err();
+            let error = redirect_target(base, location).unwrap_err().to_string();
             assert!(error.contains(location), "{error}");
             assert!(error.contains(why), "{error}");
         }

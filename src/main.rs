@@ -46,7 +46,7 @@ fn main() -> ExitCode {
         Err(error) => match exit::classify(&error) {
             exit::ExitOutcome::Quiet => exit::code(exit::SUCCESS),
             exit::ExitOutcome::Report(code) => {
-                print_error_line(&one_line(&format!("{error:#}")));
+                print_error_line(&one_line(&exit::message(&error)));
                 exit::code(code)
             }
         },

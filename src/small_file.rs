@@ -12,7 +12,7 @@ use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
-use rustls_pki_types::pem::{PemObject, SectionKind};
+use rustls_pki_types::pem::{self, PemObject, SectionKind};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 /// A certificate chain or key file is a few KiB; a larger one was named by mistake.
@@ -80,16 +80,16 @@ pub enum PemError {
     /// Certificate `number` (from 1) is not a PEM block.
     CertificateNotPem {
         number: usize,
-        error: String,
+        error: pem::Error,
     },
     /// Certificate `number` is PEM but not a certificate rustls can use.
     CertificateBroken {
         number: usize,
-        error: String,
+        error: tokio_rustls::rustls::Error,
     },
     NoCertificate,
-    KeyNotPem(String),
-    KeyUnreadable(String),
+    KeyNotPem(pem::Error),
+    KeyUnreadable(pem::Error),
     /// The key is protected by a passphrase.
     KeyEncrypted,
     /// The file holds a certificate where a key was expected.
@@ -135,16 +135,9 @@ pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, Pe
     let mut certificates = Vec::new();
     for (index, block) in CertificateDer::pem_slice_iter(&pem).enumerate() {
         let number = index + 1;
-        let certificate = block.map_err(|error| PemError::CertificateNotPem {
-            number,
-            error: error.to_string(),
-        })?;
-        tokio_rustls::rustls::server::ParsedCertificate::try_from(&certificate).map_err(
-            |error| PemError::CertificateBroken {
-                number,
-                error: error.to_string(),
-            },
-        )?;
+        let certificate = block.map_err(|error| PemError::CertificateNotPem { number, error })?;
+        tokio_rustls::rustls::server::ParsedCertificate::try_from(&certificate)
+            .map_err(|error| PemError::CertificateBroken { number, error })?;
         certificates.push(certificate);
     }
     if certificates.is_empty() {
@@ -159,11 +152,10 @@ pub fn read_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, PemError>
     let pem = read_small_file(path, MAX_PEM_FILE_BYTES).map_err(PemError::File)?;
     let mut holds_certificate = false;
     for block in <(SectionKind, Vec<u8>)>::pem_slice_iter(&pem) {
-        let (kind, _) = block.map_err(|error| PemError::KeyNotPem(error.to_string()))?;
+        let (kind, _) = block.map_err(PemError::KeyNotPem)?;
         match kind {
             SectionKind::PrivateKey | SectionKind::RsaPrivateKey | SectionKind::EcPrivateKey => {
-                return PrivateKeyDer::from_pem_slice(&pem)
-                    .map_err(|error| PemError::KeyUnreadable(error.to_string()));
+                return PrivateKeyDer::from_pem_slice(&pem).map_err(PemError::KeyUnreadable);
             }
             SectionKind::Certificate => holds_certificate = true,
             _ => {}

@@ -115,7 +115,7 @@ impl ApiClient {
         path: &str,
         body: &str,
         read_timeout: Duration,
-        read: impl Fn(&Envelope) -> Result<T, String>,
+        read: impl Fn(&Envelope) -> Result<T, BadData>,
     ) -> Result<T, ApiError> {
         let url = format!("{}{}", self.base_url, path);
         let outcome = self.policy.run(
@@ -173,10 +173,10 @@ impl ApiClient {
                     .map(|(update, span)| Update::read(update, &envelope.text[span.clone()]))
                     .collect()),
                 None | Some(Value::Null) => Ok(Vec::new()),
-                Some(other) => Err(format!(
+                Some(other) => Err(BadData(format!(
                     "data.updates is a {}, not a list",
                     python::type_name(other)
-                )),
+                ))),
             },
         )
     }
@@ -245,7 +245,7 @@ impl ApiClient {
         body: &str,
         read_timeout: Duration,
         time_left: Option<Duration>,
-        read: &impl Fn(&Envelope) -> Result<T, String>,
+        read: &impl Fn(&Envelope) -> Result<T, BadData>,
     ) -> Result<T, AttemptError<ApiError>> {
         let started = Instant::now();
         let result = self
@@ -287,7 +287,7 @@ impl ApiClient {
         &self,
         path: &str,
         mut response: Response<ureq::Body>,
-        read: &impl Fn(&Envelope) -> Result<T, String>,
+        read: &impl Fn(&Envelope) -> Result<T, BadData>,
     ) -> Result<T, AttemptError<ApiError>> {
         let status = response.status().as_u16();
         let date = response
@@ -370,7 +370,7 @@ impl ApiClient {
             located,
             date,
         };
-        read(&envelope).map_err(|detail| {
+        read(&envelope).map_err(|BadData(detail)| {
             AttemptError::Fatal(ApiError::BadResponse {
                 path: path.to_string(),
                 detail,
@@ -378,6 +378,10 @@ impl ApiClient {
         })
     }
 }
+
+/// What is wrong with a 2xx answer's data: the detail of
+/// [`ApiError::BadResponse`], which names the call.
+struct BadData(String);
 
 /// What [`ApiClient::probe`] learnt besides "the token is accepted".
 #[derive(Debug, Clone, Copy)]

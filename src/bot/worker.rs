@@ -108,7 +108,7 @@ enum Broken {
     ClosedStdout,
     TimedOut,
     /// It wrote something that is not an answer.
-    Garbage(String),
+    Garbage(NotProtocol),
     /// It answered another update than the one in hand.
     NotItsUpdate {
         expected: i64,
@@ -514,10 +514,9 @@ impl WorkerPool {
             match parse_line(&line).map_err(Broken::Garbage)? {
                 WorkerLine::Ready if !worker.ready => self.announced(worker),
                 WorkerLine::Ready => {
-                    return Err(Broken::Garbage(format!(
-                        "{} again, while it had update {update_id}",
-                        shown(&line)
-                    )));
+                    return Err(Broken::Garbage(
+                        format!("{} again, while it had update {update_id}", shown(&line)).into(),
+                    ));
                 }
                 WorkerLine::Answer {
                     update_id: answered,
@@ -771,10 +770,9 @@ impl Worker {
             }
             searched = self.pending.len();
             if self.pending.len() > MAX_REPLY_BYTES {
-                return Err(Broken::Garbage(format!(
-                    "a line longer than {} KiB",
-                    MAX_REPLY_BYTES / 1024
-                )));
+                return Err(Broken::Garbage(
+                    format!("a line longer than {} KiB", MAX_REPLY_BYTES / 1024).into(),
+                ));
             }
             let mut fds = [child_io::want(self.stdout.as_raw_fd(), libc::POLLIN)];
             if !child_io::wait(&mut fds, Some(deadline)).map_err(Broken::Io)? {
@@ -784,10 +782,9 @@ impl Worker {
                 Chunk::Data(read) => self.pending.extend_from_slice(&buffer[..read]),
                 Chunk::End if self.pending.is_empty() => return Err(Broken::Exited),
                 Chunk::End => {
-                    return Err(Broken::Garbage(format!(
-                        "{} and no newline before it exited",
-                        shown(&self.pending)
-                    )));
+                    return Err(Broken::Garbage(
+                        format!("{} and no newline before it exited", shown(&self.pending)).into(),
+                    ));
                 }
                 Chunk::Empty => {}
             }
@@ -816,9 +813,25 @@ fn could_be_announcement(pending: &[u8]) -> bool {
     }
 }
 
+/// Why a line of a worker is not one of the protocol's (see [`PROTOCOL`]).
+#[derive(Debug, PartialEq, Eq)]
+struct NotProtocol(String);
+
+impl From<String> for NotProtocol {
+    fn from(why: String) -> Self {
+        NotProtocol(why)
+    }
+}
+
+impl std::fmt::Display for NotProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// One line of a worker, or why it is not one of the protocol's.
-fn parse_line(line: &[u8]) -> Result<WorkerLine, String> {
-    let not_an_answer = || format!("got {}", shown(line));
+fn parse_line(line: &[u8]) -> Result<WorkerLine, NotProtocol> {
+    let not_an_answer = || NotProtocol(format!("got {}", shown(line)));
     let Ok(Value::Object(mut object)) = serde_json::from_slice::<Value>(line) else {
         return Err(not_an_answer());
     };
@@ -826,32 +839,40 @@ fn parse_line(line: &[u8]) -> Result<WorkerLine, String> {
         return Ok(WorkerLine::Ready);
     }
     let update_id = match object.remove("update_id") {
-        Some(Value::Number(number)) => number
-            .as_i64()
-            .ok_or_else(|| format!("update_id {number} is not an update id, in {}", shown(line)))?,
+        Some(Value::Number(number)) => number.as_i64().ok_or_else(|| {
+            NotProtocol(format!(
+                "update_id {number} is not an update id, in {}",
+                shown(line)
+            ))
+        })?,
         Some(other) => {
             return Err(format!(
                 "update_id must be the update's number as it came, not {other}, in {}",
                 shown(line)
-            ));
+            )
+            .into());
         }
         None => {
             return Err(format!(
                 "no update_id in {}: each answer names the update it answers",
                 shown(line)
-            ));
+            )
+            .into());
         }
     };
     parse_answer(object, line).map(|answer| WorkerLine::Answer { update_id, answer })
 }
 
 /// What an answer object asks for, `update_id` taken out.
-fn parse_answer(mut object: serde_json::Map<String, Value>, line: &[u8]) -> Result<Answer, String> {
-    let not_an_answer = || format!("got {}", shown(line));
+fn parse_answer(
+    mut object: serde_json::Map<String, Value>,
+    line: &[u8],
+) -> Result<Answer, NotProtocol> {
+    let not_an_answer = || NotProtocol(format!("got {}", shown(line)));
     let reply = object.remove("reply");
     let error = object.remove("error");
     if let Some(key) = object.keys().next() {
-        return Err(format!("unknown key {key:?} in {}", shown(line)));
+        return Err(format!("unknown key {key:?} in {}", shown(line)).into());
     }
     match (reply, error) {
         (None, None) => Ok(Answer::Nothing),
@@ -871,7 +892,8 @@ fn parse_answer(mut object: serde_json::Map<String, Value>, line: &[u8]) -> Resu
                     "a reply object needs a string msg_type and an object data, and nothing \
                      else: {}",
                     shown(line)
-                )),
+                )
+                .into()),
             }
         }
         _ => Err(not_an_answer()),
@@ -954,13 +976,13 @@ mod tests {
         assert_eq!(compact("{\"a\":\"x\ny\"}"), "{\"a\":\"x\\u000ay\"}\n");
     }
 
-    fn answer(line: &[u8]) -> Result<Answer, String> {
+    fn answer(line: &[u8]) -> Result<Answer, NotProtocol> {
         match parse_line(line)? {
             WorkerLine::Answer {
                 update_id: 7,
                 answer,
             } => Ok(answer),
-            other => Err(format!("not an answer to 7: {other:?}")),
+            other => Err(NotProtocol(format!("not an answer to 7: {other:?}"))),
         }
     }
 
@@ -1027,7 +1049,7 @@ mod tests {
                 String::from_utf8_lossy(garbage)
             );
         }
-        let no_id = parse_line(br#"{"reply":"hi"}"#).unwrap_err();
+        let no_id = parse_line(br#"{"reply":"hi"}"#).unwrap_err().0;
         assert!(no_id.contains("no update_id"), "{no_id}");
     }
 

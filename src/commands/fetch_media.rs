@@ -17,7 +17,7 @@ use crate::commands::wiring::one_shot_client;
 use crate::download::{
     AlreadyExists, Durability, Stream, download, safe_file_name, save_atomically,
 };
-use crate::exit::{self, usage};
+use crate::exit::{self, Hinted, usage, usage_because};
 use crate::progress;
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
@@ -101,11 +101,11 @@ pub fn run(args: FetchMediaArgs) -> anyhow::Result<ExitCode> {
     let mut failures = Vec::new();
     for url in &urls {
         if fetcher.shutdown.is_requested() {
-            failures.push(format!("{url}: not fetched (interrupted)"));
+            failures.push(anyhow!("{url}: not fetched (interrupted)"));
             continue;
         }
         let Some(access_url) = access.get(url) else {
-            failures.push(format!("{url}: the platform returned no access URL"));
+            failures.push(anyhow!("{url}: the platform returned no access URL"));
             continue;
         };
         let fetched = match &output {
@@ -130,17 +130,21 @@ pub fn run(args: FetchMediaArgs) -> anyhow::Result<ExitCode> {
             if exit::classify(&error) == exit::ExitOutcome::Quiet {
                 return Err(error);
             }
-            failures.push(format!("{url}: {error:#}"));
+            failures.push(error.context(url.clone()));
         }
     }
     match failures.len() {
         0 => Ok(exit::code(exit::SUCCESS)),
-        1 => Err(anyhow!("{}", failures[0])),
-        n => Err(anyhow!(
-            "{n} of {} downloads failed: {}",
-            urls.len(),
-            failures.join("; ")
-        )),
+        // One failure is returned as it is, its typed chain with it.
+        1 => Err(failures.remove(0)),
+        n => {
+            let said: Vec<String> = failures.iter().map(exit::message).collect();
+            Err(anyhow!(
+                "{n} of {} downloads failed: {}",
+                urls.len(),
+                said.join("; ")
+            ))
+        }
     }
 }
 
@@ -167,7 +171,7 @@ fn wanted_urls(args: &FetchMediaArgs) -> anyhow::Result<Vec<String>> {
 /// as the platform's Python reads updates (see `fly_signature::json`).
 fn urls_in_update(json: &str, original_only: bool) -> anyhow::Result<Vec<String>> {
     let value = fly_signature::parse(json.trim_end())
-        .map_err(|error| usage(format!("--update is not valid JSON: {error}")))?;
+        .map_err(|error| usage_because("--update is not valid JSON", error))?;
     let message = match value.get("message") {
         Some(message @ PyValue::Object(_)) => message,
         _ => &value,
@@ -227,7 +231,7 @@ impl Fetcher<'_> {
         });
         bar.finish_and_clear();
         let bytes = bytes.map_err(|error| match error.downcast_ref::<AlreadyExists>() {
-            Some(_) => anyhow::anyhow!("{error:#} (use --force to overwrite)"),
+            Some(_) => Hinted::new(error, " (use --force to overwrite)").into(),
             None => error,
         })?;
         tracing::debug!(url, bytes, path = %path.display(), "saved");

@@ -3,7 +3,7 @@
 use std::io::Read;
 
 use crate::cli::UnixTime;
-use crate::exit::usage;
+use crate::exit::usage_because;
 
 /// The current unix time in seconds: `--now`/`FLY_NOW_TS` (see
 /// [`UnixTime`]), else the clock.
@@ -20,10 +20,10 @@ pub fn read_input(name: &str) -> anyhow::Result<String> {
     if name == "-" {
         std::io::stdin()
             .read_to_string(&mut text)
-            .map_err(|error| usage(format!("cannot read stdin: {error}")))?;
+            .map_err(|error| usage_because("cannot read stdin", error))?;
     } else {
         text = std::fs::read_to_string(name)
-            .map_err(|error| usage(format!("cannot read {name}: {error}")))?;
+            .map_err(|error| usage_because(format!("cannot read {name}"), error))?;
     }
     Ok(text)
 }

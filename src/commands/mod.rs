@@ -25,7 +25,7 @@ mod wiring;
 use std::process::ExitCode;
 
 use crate::cli::Command;
-use crate::exit::usage;
+use crate::exit::Hinted;
 
 pub use crate::output::{print_line, write_stdout};
 
@@ -43,39 +43,42 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
 
 /// Typed errors from the layers below, said in the words of the command
 /// line: which option changes it, and whether it is bad input (exit 2).
-/// Those layers name no option; every other error passes as it is.
+/// Those layers name no option; every other error passes as it is. The
+/// words are a [`Hinted`] around the error, so its typed chain stays.
 fn in_command_line_words(error: anyhow::Error) -> anyhow::Error {
     use crate::api::{ApiError, BadUrl};
     use fly_state::StateRefused;
-    let said = format!("{error:#}");
-    if let Some(bad) = cause::<BadUrl>(&error) {
-        return usage(if bad.base_url {
-            format!("{said} (--base-url or FLY_BASE_URL)")
+    let hinted = if let Some(bad) = cause::<BadUrl>(&error) {
+        let hint = if bad.base_url {
+            " (--base-url or FLY_BASE_URL)"
         } else {
-            said
-        });
-    }
-    if let Some(ApiError::TokenRefused { .. }) = cause::<ApiError>(&error) {
-        return anyhow::anyhow!("{said}; {TOKEN_HINT}");
-    }
-    if cause::<crate::emulator::NoEmulator>(&error).is_some() {
-        return anyhow::anyhow!("{said}, or point --base-url / FLY_BASE_URL at it");
-    }
-    match cause::<StateRefused>(&error) {
-        None => error,
-        Some(StateRefused::Unusable(_)) => {
-            usage(format!("{said} (or choose another with --state PATH)"))
+            ""
+        };
+        Hinted::bad_input(error, hint)
+    } else if let Some(ApiError::TokenRefused { .. }) = cause::<ApiError>(&error) {
+        Hinted::new(error, format!("; {TOKEN_HINT}"))
+    } else if cause::<crate::emulator::NoEmulator>(&error).is_some() {
+        Hinted::new(error, ", or point --base-url / FLY_BASE_URL at it")
+    } else {
+        match cause::<StateRefused>(&error) {
+            None => return error,
+            Some(StateRefused::Unusable(_)) => {
+                Hinted::bad_input(error, " (or choose another with --state PATH)")
+            }
+            Some(StateRefused::Foreign(_)) => {
+                Hinted::new(error, "; choose another with --state PATH")
+            }
+            Some(StateRefused::InUse { shared: false, .. }) => Hinted::new(
+                error,
+                "; stop it first, or choose another with --state PATH",
+            ),
+            Some(StateRefused::InUse { shared: true, .. }) => Hinted::new(
+                error,
+                "; stop it first, or run this one without --once to stand by",
+            ),
         }
-        Some(StateRefused::Foreign(_)) => {
-            anyhow::anyhow!("{said}; choose another with --state PATH")
-        }
-        Some(StateRefused::InUse { shared: false, .. }) => {
-            anyhow::anyhow!("{said}; stop it first, or choose another with --state PATH")
-        }
-        Some(StateRefused::InUse { shared: true, .. }) => {
-            anyhow::anyhow!("{said}; stop it first, or run this one without --once to stand by")
-        }
-    }
+    };
+    anyhow::Error::new(hinted)
 }
 
 /// Where to look when the platform refuses the bot token.
@@ -107,13 +110,44 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exit::{self, ExitOutcome, classify};
+    use crate::exit::{self, ExitOutcome, classify, usage};
     use anyhow::Context;
+    use fly_state::StateRefused;
     use fly_state::StateRefused;
 
     fn said(error: anyhow::Error) -> (ExitOutcome, String) {
         let error = in_command_line_words(error);
-        (classify(&error), format!("{error:#}"))
+        (classify(&error), exit::message(&error))
+    }
+
+    #[test]
+    fn the_words_keep_the_typed_cause_reachable() {
+        let refused = anyhow::Error::from(StateRefused::InUse {
+            message: "another fly process is already polling".into(),
+            shared: false,
+        })
+        .context("opening the state");
+        let said = in_command_line_words(refused);
+        assert_eq!(
+            exit::message(&said),
+            "opening the state: another fly process is already polling; \
+             stop it first, or choose another with --state PATH"
+        );
+        assert!(matches!(
+            cause::<StateRefused>(&said),
+            Some(StateRefused::InUse { shared: false, .. })
+        ));
+        assert!(cause::<Hinted>(&said).is_some());
+
+        let refused = anyhow::Error::from(crate::api::ApiError::TokenRefused {
+            status: 401,
+            detail: String::new(),
+        });
+        let said = in_command_line_words(refused);
+        assert!(matches!(
+            cause::<crate::api::ApiError>(&said),
+            Some(crate::api::ApiError::TokenRefused { status: 401, .. })
+        ));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::cli::SendArgs;
 use crate::commands::input::read_input;
 use crate::commands::print_line;
 use crate::commands::wiring::one_shot_client;
-use crate::exit::{self, usage};
+use crate::exit::{self, usage, usage_because};
 use fly_base::random;
 
 pub fn run(args: SendArgs) -> anyhow::Result<ExitCode> {
@@ -91,7 +91,7 @@ fn parse_data(json: &str) -> anyhow::Result<Map<String, Value>> {
         Ok(_) => Err(usage(
             "--data must be a JSON object, e.g. '{\"url\":\"...\"}'",
         )),
-        Err(error) => Err(usage(format!("--data is not valid JSON: {error}"))),
+        Err(error) => Err(usage_because("--data is not valid JSON", error)),
     }
 }
 

@@ -8,7 +8,7 @@ use crate::api::ApiClient;
 use crate::cli::ServeWebhookArgs;
 use crate::commands::credentials::{configured_token, required_token, webhook_secrets};
 use crate::commands::wiring::reply_handler;
-use crate::exit::{self, usage};
+use crate::exit::{self, usage, usage_because};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::webhook::{self, WebhookConfig};
@@ -111,5 +111,5 @@ fn tls_acceptor(
         }
     })?;
     webhook::tls_acceptor(chain, key)
-        .map_err(|error| usage(format!("--tls-cert/--tls-key do not fit together: {error}")))
+        .map_err(|error| usage_because("--tls-cert/--tls-key do not fit together", error))
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use crate::cli::SignArgs;
 use crate::commands::credentials::{offline_token, signing_secret};
 use crate::commands::input::{read_input, unix_time_now};
-use crate::exit::{self, usage};
+use crate::exit::{self, usage_because};
 use crate::output::print_line;
 use fly_base::random;
 use fly_signature::sign_update_text;
@@ -22,7 +22,7 @@ pub fn run(args: SignArgs) -> anyhow::Result<ExitCode> {
     let timestamp = unix_time_now(args.now);
     let nonce = args.nonce.unwrap_or_else(|| random::hex_id(16));
     let signed = sign_update_text(&update, &secret, &args.bot_id, timestamp, &nonce)
-        .map_err(|error| usage(format!("cannot sign this update: {error}")))?;
+        .map_err(|error| usage_because("cannot sign this update", error))?;
     print_line(&signed)?;
     Ok(exit::code(exit::SUCCESS))
 }

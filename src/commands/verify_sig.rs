@@ -14,7 +14,7 @@ use crate::cli::VerifySigArgs;
 use crate::commands::credentials::{WebhookSecret, offline_token, webhook_secrets};
 use crate::commands::input::{read_input, unix_time_now};
 use crate::commands::print_line;
-use crate::exit::{self, usage};
+use crate::exit::{self, usage_because};
 use fly_signature::canonical::{canonical_json, json_string};
 use fly_signature::json::Value;
 use fly_signature::{Check, SignatureInputError, Verdict, Verifier};
@@ -32,7 +32,7 @@ pub fn run(args: VerifySigArgs) -> anyhow::Result<ExitCode> {
         return verify_lines(&args.input, &verifier);
     }
     let text = read_input(&args.input)?;
-    let invalid = |error: SignatureInputError| usage(format!("invalid signed update: {error}"));
+    let invalid = |error: SignatureInputError| usage_because("invalid signed update", error);
     let update = fly_signature::parse(&text).map_err(invalid)?;
     let check = verifier.check(&update).map_err(invalid)?;
     // A stderr that cannot be written to (2>/dev/full) changes nothing: the
@@ -82,8 +82,8 @@ fn verify_lines(input: &str, verifier: &Verifier) -> anyhow::Result<ExitCode> {
     let reader: Box<dyn BufRead + Send> = if input == "-" {
         Box::new(BufReader::with_capacity(1 << 16, std::io::stdin()))
     } else {
-        let file =
-            File::open(input).map_err(|error| usage(format!("cannot read {input}: {error}")))?;
+        let file = File::open(input)
+            .map_err(|error| usage_because(format!("cannot read {input}"), error))?;
         Box::new(BufReader::with_capacity(1 << 16, file))
     };
     let stdout = crate::output::stdout().context("writing to stdout")?;
@@ -131,7 +131,9 @@ fn verify_lines(input: &str, verifier: &Verifier) -> anyhow::Result<ExitCode> {
         }
         out.flush().context("writing to stdout")?;
         match reading.join() {
-            Ok(result) => result.map_err(|error| usage(format!("cannot read {input}: {error}")))?,
+            Ok(result) => {
+                result.map_err(|error| usage_because(format!("cannot read {input}"), error))?
+            }
             Err(_) => anyhow::bail!("the input reader stopped unexpectedly"),
         }
         Ok(exit::code(if all_ok {

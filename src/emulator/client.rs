@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use anyhow::anyhow;
+use anyhow::{Context, anyhow};
 use serde_json::Value;
 
 /// A local emulator answers at once; a long wait means something else listens.
@@ -74,13 +74,15 @@ impl ControlClient {
             ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
                 anyhow::Error::new(NoEmulator(base.clone()))
             }
-            other => anyhow!("calling the emulator at {base}{path}: {other}"),
+            other => {
+                anyhow::Error::new(other).context(format!("calling the emulator at {base}{path}"))
+            }
         })?;
         let status = response.status().as_u16();
         let text = response
             .body_mut()
             .read_to_string()
-            .map_err(|error| anyhow!("reading the answer of {base}{path}: {error}"))?;
+            .with_context(|| format!("reading the answer of {base}{path}"))?;
         let json: Option<Value> = serde_json::from_str(&text).ok();
         if !(200..300).contains(&status) {
             let why = json

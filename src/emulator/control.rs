@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use super::Shared;
 use super::faults::FaultConfig;
 use super::platform::WebhookTarget;
-use super::requests::{self, MediaRequest, WebhookRequest};
+use super::requests::{self, Invalid, MediaRequest, WebhookRequest};
 use super::wire::{
     HttpResponse, JsonBody, error_response, invalid_request, json_response, json_text_response,
     method_not_allowed, read_json,
@@ -79,7 +79,7 @@ pub async fn handle(shared: &Shared, path: &str, request: Request<Incoming>) -> 
             _ => method_not_allowed(call.allowed_methods()),
         };
     }
-    let post: fn(&Shared, JsonBody) -> Result<HttpResponse, String> = match (call, &method) {
+    let post: fn(&Shared, JsonBody) -> Result<HttpResponse, Invalid> = match (call, &method) {
         (Call::Messages, &Method::POST) => post_message,
         (Call::Updates, &Method::POST) => post_update,
         (Call::Media, &Method::POST) => post_media,
@@ -95,19 +95,19 @@ pub async fn handle(shared: &Shared, path: &str, request: Request<Incoming>) -> 
 
 /// A user sends a message: it becomes `{"update_id","type":"message","message":<body>}`,
 /// the body as written.
-fn post_message(shared: &Shared, body: JsonBody) -> Result<HttpResponse, String> {
+fn post_message(shared: &Shared, body: JsonBody) -> Result<HttpResponse, Invalid> {
     requests::validate_message(&body.value)?;
     let update = format!("{{\"type\":\"message\",\"message\":{}}}", body.text.trim());
     Ok(answer(json!({"update_id": shared.push_update(&update)})))
 }
 
 /// A raw update, queued as written (with `update_id` put first).
-fn post_update(shared: &Shared, body: JsonBody) -> Result<HttpResponse, String> {
+fn post_update(shared: &Shared, body: JsonBody) -> Result<HttpResponse, Invalid> {
     requests::validate_raw_update(&body.value)?;
     Ok(answer(json!({"update_id": shared.push_update(&body.text)})))
 }
 
-fn post_media(shared: &Shared, body: JsonBody) -> Result<HttpResponse, String> {
+fn post_media(shared: &Shared, body: JsonBody) -> Result<HttpResponse, Invalid> {
     let media = MediaRequest::parse(&body.value)?;
     let size = media.content.size();
     let answer_body = json!({"url": media.url, "size": size});
@@ -115,7 +115,7 @@ fn post_media(shared: &Shared, body: JsonBody) -> Result<HttpResponse, String> {
     Ok(answer(answer_body))
 }
 
-fn post_webhook(shared: &Shared, body: JsonBody) -> Result<HttpResponse, String> {
+fn post_webhook(shared: &Shared, body: JsonBody) -> Result<HttpResponse, Invalid> {
     let target = match WebhookRequest::parse(&body.value)? {
         WebhookRequest::Off => None,
         WebhookRequest::On {
@@ -146,7 +146,7 @@ fn post_webhook(shared: &Shared, body: JsonBody) -> Result<HttpResponse, String>
     Ok(answer(shared.lock().webhook_report()))
 }
 
-fn post_faults(shared: &Shared, body: JsonBody) -> Result<HttpResponse, String> {
+fn post_faults(shared: &Shared, body: JsonBody) -> Result<HttpResponse, Invalid> {
     let faults = FaultConfig::parse(&body.value)?;
     let answer_body = json!(faults);
     shared.lock().faults = faults;

@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 use serde_json::Value;
 
+use super::requests::Invalid;
+
 const MAX_LATENCY_MS: u64 = 60_000;
 const MAX_RETRY_AFTER: u64 = 3600;
 
@@ -72,10 +74,8 @@ pub enum InjectedError {
 impl FaultConfig {
     /// A whole new configuration: missing fields take their defaults, unknown
     /// ones are refused (a misspelt rate would otherwise silently be 0).
-    pub fn parse(body: &Value) -> Result<FaultConfig, String> {
-        let object = body
-            .as_object()
-            .ok_or_else(|| "the body must be a JSON object".to_string())?;
+    pub fn parse(body: &Value) -> Result<FaultConfig, Invalid> {
+        let object = body.as_object().ok_or("the body must be a JSON object")?;
         let mut config = FaultConfig::default();
         for (name, value) in object {
             match name.as_str() {
@@ -95,7 +95,8 @@ impl FaultConfig {
                     return Err(format!(
                         "unknown fault {other:?}; known: error_rate, drop_rate, latency_ms, \
                          retry_after, download_cut_rate, seed"
-                    ));
+                    )
+                    .into());
                 }
             }
         }
@@ -149,17 +150,17 @@ impl FaultConfig {
     }
 }
 
-fn rate(name: &str, value: &Value) -> Result<f64, String> {
+fn rate(name: &str, value: &Value) -> Result<f64, Invalid> {
     match value.as_f64() {
         Some(rate) if (0.0..=1.0).contains(&rate) => Ok(rate),
-        _ => Err(format!("{name} must be a number from 0 to 1")),
+        _ => Err(format!("{name} must be a number from 0 to 1").into()),
     }
 }
 
-fn bounded_integer(name: &str, value: &Value, max: u64) -> Result<u64, String> {
+fn bounded_integer(name: &str, value: &Value, max: u64) -> Result<u64, Invalid> {
     match value.as_u64() {
         Some(number) if number <= max => Ok(number),
-        _ => Err(format!("{name} must be an integer from 0 to {max}")),
+        _ => Err(format!("{name} must be an integer from 0 to {max}").into()),
     }
 }
 
@@ -193,7 +194,7 @@ mod tests {
             (json!([]), "object"),
         ];
         for (body, field) in cases {
-            let message = FaultConfig::parse(&body).unwrap_err();
+            let message = FaultConfig::parse(&body).unwrap_err().0;
             assert!(message.contains(field), "{message}");
         }
     }

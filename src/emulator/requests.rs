@@ -21,7 +21,28 @@ const DEFAULT_ACCESS_LIFETIME: Duration = Duration::from_secs(600);
 const MAX_EXPIRE_SECONDS: u64 = 7 * 24 * 3600;
 
 /// Why a body was refused: one line for the `msg` of a 400 answer.
-pub type Invalid = String;
+#[derive(Debug, PartialEq, Eq)]
+pub struct Invalid(pub String);
+
+impl From<String> for Invalid {
+    fn from(message: String) -> Self {
+        Invalid(message)
+    }
+}
+
+impl From<&str> for Invalid {
+    fn from(message: &str) -> Self {
+        Invalid(message.to_string())
+    }
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Invalid {}
 
 /// `POST /api/v1/s/bot/updates`.
 #[derive(Debug, PartialEq)]
@@ -87,9 +108,7 @@ impl SendCall {
             (None, None) => return Err("one of to_user_id and group_id is required".into()),
         };
         if !is_chat_id(target) {
-            return Err(format!(
-                "{target_field} must be a non-empty string or a number"
-            ));
+            return Err(format!("{target_field} must be a non-empty string or a number").into());
         }
         let client_msg_id = match field(object, "client_msg_id") {
             None => None,
@@ -123,9 +142,9 @@ impl BatchAccessRequest {
             .enumerate()
             .map(|(index, file)| match file.get("url") {
                 Some(Value::String(url)) => Ok(url.clone()),
-                _ => Err(format!("files[{index}].url must be a string")),
+                _ => Err(format!("files[{index}].url must be a string").into()),
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, Invalid>>()?;
         let lifetime = match field(object, "expire_seconds").map(Value::as_u64) {
             None => DEFAULT_ACCESS_LIFETIME,
             // 0 is allowed on purpose: URLs born expired let a client's
@@ -134,7 +153,8 @@ impl BatchAccessRequest {
             Some(_) => {
                 return Err(format!(
                     "expire_seconds must be an integer from 0 to {MAX_EXPIRE_SECONDS}"
-                ));
+                )
+                .into());
             }
         };
         Ok(BatchAccessRequest { urls, lifetime })
@@ -249,7 +269,7 @@ impl WebhookRequest {
 
 fn as_object(body: &Value) -> Result<&Map<String, Value>, Invalid> {
     body.as_object()
-        .ok_or_else(|| "the body must be a JSON object".to_string())
+        .ok_or_else(|| "the body must be a JSON object".into())
 }
 
 fn field<'a>(object: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
@@ -259,7 +279,7 @@ fn field<'a>(object: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
 fn non_empty_string(object: &Map<String, Value>, name: &str) -> Result<String, Invalid> {
     match field(object, name) {
         Some(Value::String(text)) if !text.trim().is_empty() => Ok(text.clone()),
-        _ => Err(format!("{name} must be a non-empty string")),
+        _ => Err(format!("{name} must be a non-empty string").into()),
     }
 }
 
@@ -312,7 +332,7 @@ mod tests {
             (json!({"timeout": true}), "timeout"),
             (json!([1]), "object"),
         ] {
-            let message = UpdatesRequest::parse(&body).unwrap_err();
+            let message = UpdatesRequest::parse(&body).unwrap_err().0;
             assert!(message.contains(field), "{body}: {message}");
         }
     }
@@ -356,7 +376,7 @@ mod tests {
             (with("client_msg_id", json!(5)), "client_msg_id"),
             (json!("text"), "object"),
         ] {
-            let message = SendCall::parse(&body).unwrap_err();
+            let message = SendCall::parse(&body).unwrap_err().0;
             assert!(message.contains(field), "{body}: {message}");
         }
     }
@@ -380,7 +400,7 @@ mod tests {
                 "expire_seconds",
             ),
         ] {
-            let message = BatchAccessRequest::parse(&body).unwrap_err();
+            let message = BatchAccessRequest::parse(&body).unwrap_err().0;
             assert!(message.contains(field), "{body}: {message}");
         }
     }
@@ -402,7 +422,7 @@ mod tests {
                 "data",
             ),
         ] {
-            let message = validate_message(&body).unwrap_err();
+            let message = validate_message(&body).unwrap_err().0;
             assert!(message.contains(field), "{body}: {message}");
         }
         assert!(validate_raw_update(&json!({"type": "callback_query"})).is_ok());
@@ -432,7 +452,7 @@ mod tests {
             (json!({"url": "u", "size": -1}), "size"),
             (json!({"url": "u", "content_base64": "!!"}), "base64"),
         ] {
-            let message = MediaRequest::parse(&body).unwrap_err();
+            let message = MediaRequest::parse(&body).unwrap_err().0;
             assert!(message.contains(field), "{body}: {message}");
         }
     }
@@ -459,7 +479,7 @@ mod tests {
             (json!({"url": "http://h", "secret": ""}), "secret"),
             (json!({"url": "http://h", "bot_id": 1.5}), "bot_id"),
         ] {
-            let message = WebhookRequest::parse(&body).unwrap_err();
+            let message = WebhookRequest::parse(&body).unwrap_err().0;
             assert!(message.contains(field), "{body}: {message}");
         }
     }

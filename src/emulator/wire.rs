@@ -11,6 +11,7 @@ use hyper::{Request, Response, StatusCode};
 use serde_json::{Value, json};
 
 use super::media_content::MediaBody;
+use super::requests::Invalid;
 use fly_signature::json::Value as PyValue;
 
 pub type ResponseBody = Either<Full<Bytes>, MediaBody>;
@@ -147,8 +148,8 @@ pub fn error_response(status: StatusCode, detail: u16, msg: impl Into<String>) -
 
 /// 400 for a body that parsed but does not fit the call (code `…01`, as
 /// opposed to `…00` for malformed JSON).
-pub fn invalid_request(msg: String) -> HttpResponse {
-    error_response(StatusCode::BAD_REQUEST, 1, msg)
+pub fn invalid_request(invalid: Invalid) -> HttpResponse {
+    error_response(StatusCode::BAD_REQUEST, 1, invalid.0)
 }
 
 pub fn method_not_allowed(allowed: &'static str) -> HttpResponse {

@@ -224,14 +224,15 @@ const ABANDON_GRACE: Duration = Duration::from_secs(2);
 /// The certificate chain and its private key do not make a TLS server
 /// configuration (a key of another certificate, an unsupported key type).
 #[derive(Debug)]
-pub struct TlsMismatch(String);
+pub struct TlsMismatch(tokio_rustls::rustls::Error);
 
 impl std::fmt::Display for TlsMismatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        self.0.fmt(f)
     }
 }
 
+/// Says the rustls error itself (its text is this one's), so it is no source.
 impl std::error::Error for TlsMismatch {}
 
 /// The TLS side of the server, from a certificate chain and its key (read
@@ -243,10 +244,10 @@ pub fn tls_acceptor(
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
     let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|error| TlsMismatch(error.to_string()))?
+        .map_err(TlsMismatch)?
         .with_no_client_auth()
         .with_single_cert(chain, key)
-        .map_err(|error| TlsMismatch(error.to_string()))?;
+        .map_err(TlsMismatch)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
