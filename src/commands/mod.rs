@@ -113,7 +113,6 @@ mod tests {
     use crate::exit::{self, ExitOutcome, classify, usage};
     use anyhow::Context;
     use fly_state::StateRefused;
-    use fly_state::StateRefused;
 
     fn said(error: anyhow::Error) -> (ExitOutcome, String) {
         let error = in_command_line_words(error);
