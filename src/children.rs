@@ -274,11 +274,6 @@ fn reap_killed(deadline: Instant) {
     }
 }
 
-/// How many groups are registered (for tests and the stop log).
-pub fn running() -> usize {
-    lock(&RUNNING).len()
-}
-
 /// SIGKILL to the process group `id` (its leader and everything it started).
 /// Returns false, and signals nothing, for an id that names no group of a
 /// handler: `kill(-0)` would signal fly's own group, and `kill(1)` (from a

@@ -251,50 +251,11 @@ impl Transfer<'_> {
         buffer: &mut [u8],
         time_left: Option<Duration>,
     ) -> Result<u64, AttemptError<DownloadError>> {
-        let Transfer {
-            progress, shutdown, ..
-        } = *self;
-        let sink_failed = |error: std::io::Error| AttemptError::Fatal(DownloadError::Sink(error));
         let mut response = self.get(*done, time_left)?;
         if let Some(transient) = transient_response(&response, |status| format!("HTTP {status}")) {
             return Err(transient);
         }
-        let status = response.status().as_u16();
-        match status {
-            206 if *done > 0 => {
-                let resumes_here = response
-                    .headers()
-                    .get("content-range")
-                    .and_then(|value| value.to_str().ok())
-                    .is_some_and(|range| range.starts_with(&format!("bytes {done}-")));
-                if !resumes_here {
-                    return Err(fatal("the server resumed at the wrong offset".to_string()));
-                }
-            }
-            200 => {
-                if *done > 0 {
-                    // No resume: start over, if the sink can be emptied.
-                    let restarted = sink.restart().map_err(sink_failed)?;
-                    if !restarted {
-                        return Err(fatal(format!(
-                            "the transfer broke after {done} bytes and the server cannot resume it"
-                        )));
-                    }
-                    *done = 0;
-                }
-            }
-            403 | 404 => {
-                return Err(AttemptError::Fatal(DownloadError::Gone(format!(
-                    "access URL expired or unknown (HTTP {status})"
-                ))));
-            }
-            _ => {
-                let reason = response.status().canonical_reason().unwrap_or_default();
-                return Err(fatal(
-                    format!("HTTP {status} {reason}").trim_end().to_string(),
-                ));
-            }
-        }
+        check_status(&response, sink, done)?;
         // As ureq read it: a Content-Length that is not a number, or two
         // that disagree, never get this far (they are malformed HTTP).
         let total = response
@@ -302,17 +263,38 @@ impl Transfer<'_> {
             .content_length()
             .map(|remaining| *done + remaining);
         if let Some(total) = total {
-            set_download_length(progress, total);
+            set_download_length(self.progress, total);
         }
-        progress.set_position(*done);
+        self.progress.set_position(*done);
         // No body size limit: the stream is copied, never collected.
         let mut body = response.body_mut().with_config().limit(u64::MAX).reader();
+        self.copy_body(&mut body, sink, done, buffer)?;
+        if let Some(total) = total
+            && *done != total
+        {
+            return Err(transient(format!(
+                "short transfer: got {done} of {total} bytes"
+            )));
+        }
+        sink.flush().map_err(sink_failed)?;
+        Ok(*done)
+    }
+
+    /// Copies the body into the sink until it ends, counting the bytes in
+    /// `done` and asking the sink to write back after each `WRITEBACK_STEP`.
+    fn copy_body(
+        &self,
+        body: &mut impl Read,
+        sink: &mut dyn DownloadSink,
+        done: &mut u64,
+        buffer: &mut [u8],
+    ) -> Result<(), AttemptError<DownloadError>> {
         loop {
-            if shutdown.is_requested() {
+            if self.shutdown.is_requested() {
                 return Err(fatal("interrupted".to_string()));
             }
             let read = match body.read(buffer) {
-                Ok(0) => break,
+                Ok(0) => return Ok(()),
                 Ok(read) => read,
                 Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
                 // ureq's own errors (a broken chunk) travel inside the I/O error.
@@ -330,17 +312,8 @@ impl Transfer<'_> {
                 let step_start = (*done / WRITEBACK_STEP - 1) * WRITEBACK_STEP;
                 sink.written(step_start, WRITEBACK_STEP);
             }
-            progress.set_position(*done);
+            self.progress.set_position(*done);
         }
-        if let Some(total) = total
-            && *done != total
-        {
-            return Err(transient(format!(
-                "short transfer: got {done} of {total} bytes"
-            )));
-        }
-        sink.flush().map_err(sink_failed)?;
-        Ok(*done)
     }
 
     /// GETs the access URL from byte `offset` on, following redirects here
@@ -417,6 +390,57 @@ impl Transfer<'_> {
             "more than {MAX_REDIRECTS} redirects from the access URL"
         )))
     }
+}
+
+/// Whether this answer carries the file from where the last attempt stopped
+/// (`done` bytes): a resume at that offset, or the whole file again, which
+/// empties the sink first (and sets `done` back to 0).
+fn check_status(
+    response: &Response<ureq::Body>,
+    sink: &mut dyn DownloadSink,
+    done: &mut u64,
+) -> Result<(), AttemptError<DownloadError>> {
+    let status = response.status().as_u16();
+    match status {
+        206 if *done > 0 => {
+            let resumes_here = response
+                .headers()
+                .get("content-range")
+                .and_then(|value| value.to_str().ok())
+                .is_some_and(|range| range.starts_with(&format!("bytes {done}-")));
+            if !resumes_here {
+                return Err(fatal("the server resumed at the wrong offset".to_string()));
+            }
+        }
+        200 => {
+            if *done > 0 {
+                // No resume: start over, if the sink can be emptied.
+                let restarted = sink.restart().map_err(sink_failed)?;
+                if !restarted {
+                    return Err(fatal(format!(
+                        "the transfer broke after {done} bytes and the server cannot resume it"
+                    )));
+                }
+                *done = 0;
+            }
+        }
+        403 | 404 => {
+            return Err(AttemptError::Fatal(DownloadError::Gone(format!(
+                "access URL expired or unknown (HTTP {status})"
+            ))));
+        }
+        _ => {
+            let reason = response.status().canonical_reason().unwrap_or_default();
+            return Err(fatal(
+                format!("HTTP {status} {reason}").trim_end().to_string(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn sink_failed(error: std::io::Error) -> AttemptError<DownloadError> {
+    AttemptError::Fatal(DownloadError::Sink(error))
 }
 
 /// An access URL for a log line: scheme, host and path. The query is left

@@ -311,38 +311,7 @@ impl ApiClient {
             return Err(transient);
         }
 
-        match status {
-            200..=299 => {}
-            401 | 403 => {
-                return Err(AttemptError::Fatal(ApiError::TokenRefused {
-                    status,
-                    detail,
-                }));
-            }
-            300..=399 => {
-                let location = response
-                    .headers()
-                    .get("location")
-                    .and_then(|value| value.to_str().ok())
-                    .unwrap_or("nowhere");
-                return Err(AttemptError::Fatal(ApiError::Rejected {
-                    path: path.to_string(),
-                    status,
-                    detail: format!(
-                        " (a redirect to {}; API calls are not redirected: check --base-url)",
-                        self.token.redact(location)
-                    ),
-                }));
-            }
-            _ => {
-                return Err(AttemptError::Fatal(ApiError::Rejected {
-                    path: path.to_string(),
-                    status,
-                    detail,
-                }));
-            }
-        }
-
+        self.check_status(path, &response, &detail)?;
         let Some(located) = parsed.filter(|p| matches!(p.value, Value::Object(_))) else {
             return Err(AttemptError::Fatal(ApiError::BadResponse {
                 path: path.to_string(),
@@ -376,6 +345,45 @@ impl ApiClient {
                 detail,
             })
         })
+    }
+
+    /// Refuses an answer whose status is not a success: the token refused,
+    /// a redirect (API calls are not followed), anything else rejected.
+    fn check_status(
+        &self,
+        path: &str,
+        response: &Response<ureq::Body>,
+        detail: &str,
+    ) -> Result<(), AttemptError<ApiError>> {
+        let status = response.status().as_u16();
+        let error = match status {
+            200..=299 => return Ok(()),
+            401 | 403 => ApiError::TokenRefused {
+                status,
+                detail: detail.to_string(),
+            },
+            300..=399 => {
+                let location = response
+                    .headers()
+                    .get("location")
+                    .and_then(|value| value.to_str().ok())
+                    .unwrap_or("nowhere");
+                ApiError::Rejected {
+                    path: path.to_string(),
+                    status,
+                    detail: format!(
+                        " (a redirect to {}; API calls are not redirected: check --base-url)",
+                        self.token.redact(location)
+                    ),
+                }
+            }
+            _ => ApiError::Rejected {
+                path: path.to_string(),
+                status,
+                detail: detail.to_string(),
+            },
+        };
+        Err(AttemptError::Fatal(error))
     }
 }
 

@@ -163,19 +163,7 @@ impl ExecHandler {
     /// an exec, and the answer is taken the moment the handler is done.
     fn run(&self, update: &Update) -> anyhow::Result<String> {
         let update_id = update.update_id;
-        let message = update.message.as_ref();
-        let chat = message.and_then(|message| message.chat.as_ref());
-        let token = self.pass_token.then(|| self.client.token().expose());
-        let mut command = child_io::handler_command(&self.command, token);
-        command
-            .env("FLY_UPDATE_ID", update_id.to_string())
-            .env("FLY_UPDATE_TYPE", &update.kind)
-            .env("FLY_CHAT_ID", chat.map_or("", |chat| chat.id.as_str()))
-            .env("FLY_CHAT_TYPE", chat.map_or("", |chat| chat.kind.as_str()))
-            .env(
-                "FLY_MSG_TYPE",
-                message.map_or("", |message| message.msg_type.as_str()),
-            );
+        let mut command = self.command_for(update);
         if self.abandoned() {
             return Err(anyhow!("not started: fly is stopping"));
         }
@@ -190,28 +178,7 @@ impl ExecHandler {
         let mut pipes = Pipes::new(&mut child, update.raw.as_bytes(), update_id)
             .context("setting up the handler's pipes")?;
 
-        // The reply is complete once the handler exited and its stdout
-        // closed; a background job it started may hold stdout open after
-        // the shell exits, so both count against the timeout.
-        let mut exited = false;
-        let mut timed_out = false;
-        while !(exited && pipes.stdout.is_none()) {
-            let mut fds = pipes.wanted();
-            if !exited {
-                fds.push(child_io::want(exit.fd(), libc::POLLIN));
-            }
-            if !child_io::wait(&mut fds, Some(deadline)).context("waiting for the handler")? {
-                timed_out = true;
-                break;
-            }
-            pipes.serve(&fds);
-            if !exited && fds.last().is_some_and(child_io::readable) {
-                exited = true;
-            }
-            if pipes.overflowed {
-                break;
-            }
-        }
+        let timed_out = !serve_until_done(&mut pipes, &exit, deadline)?;
         if timed_out || pipes.overflowed {
             group.kill();
         }
@@ -246,6 +213,54 @@ impl ExecHandler {
         }
         String::from_utf8(pipes.reply).map_err(|_| anyhow!("its output is not UTF-8"))
     }
+
+    /// The handler's command, with the update described in its environment.
+    fn command_for(&self, update: &Update) -> std::process::Command {
+        let message = update.message.as_ref();
+        let chat = message.and_then(|message| message.chat.as_ref());
+        let token = self.pass_token.then(|| self.client.token().expose());
+        let mut command = child_io::handler_command(&self.command, token);
+        command
+            .env("FLY_UPDATE_ID", update.update_id.to_string())
+            .env("FLY_UPDATE_TYPE", &update.kind)
+            .env("FLY_CHAT_ID", chat.map_or("", |chat| chat.id.as_str()))
+            .env("FLY_CHAT_TYPE", chat.map_or("", |chat| chat.kind.as_str()))
+            .env(
+                "FLY_MSG_TYPE",
+                message.map_or("", |message| message.msg_type.as_str()),
+            );
+        command
+    }
+}
+
+/// Serves the handler's pipes until its reply is complete or overflows;
+/// `false` if the deadline came first. The reply is complete once the
+/// handler exited and its stdout closed; a background job it started may
+/// hold stdout open after the shell exits, so both count against the
+/// timeout.
+fn serve_until_done(
+    pipes: &mut Pipes<'_>,
+    exit: &ExitWatch,
+    deadline: Instant,
+) -> anyhow::Result<bool> {
+    let mut exited = false;
+    while !(exited && pipes.stdout.is_none()) {
+        let mut fds = pipes.wanted();
+        if !exited {
+            fds.push(child_io::want(exit.fd(), libc::POLLIN));
+        }
+        if !child_io::wait(&mut fds, Some(deadline)).context("waiting for the handler")? {
+            return Ok(false);
+        }
+        pipes.serve(&fds);
+        if !exited && fds.last().is_some_and(child_io::readable) {
+            exited = true;
+        }
+        if pipes.overflowed {
+            break;
+        }
+    }
+    Ok(true)
 }
 
 /// The three pipes of a handler run, served from one thread.

@@ -4,6 +4,7 @@
 //! transcript is printed.
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -58,6 +59,16 @@ fn conversation() -> Vec<(
     ]
 }
 
+/// One message of the conversation, as the emulator numbered it.
+struct Incoming {
+    update_id: i64,
+    chat_type: &'static str,
+    chat_id: &'static str,
+    speaker: &'static str,
+    msg_type: &'static str,
+    data: Value,
+}
+
 pub fn run(_args: DemoArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let emulator = Emulator::start(EmulatorConfig {
@@ -69,6 +80,43 @@ pub fn run(_args: DemoArgs) -> anyhow::Result<ExitCode> {
         first_update_id: 1,
     })?;
     let control = ControlClient::new(emulator.base_url());
+    let incoming = say_the_conversation(&control)?;
+
+    let work = tempfile::tempdir().context("creating a temporary directory")?;
+    let media_dir = work.path().join("media");
+    let handled = answer_with_poll_echo(&emulator, work.path(), &media_dir, incoming.len())?;
+    let sent = control.get("/_emulator/sent")?;
+    let sent = sent["sent"].as_array().cloned().unwrap_or_default();
+
+    print_line(&format!(
+        "fly demo: a local Fly Bot API at {}, answered by poll-echo\n",
+        emulator.base_url()
+    ))?;
+    print_transcript(&incoming, &sent, &media_dir)?;
+    print_line(&format!(
+        "\n{handled} updates handled in {:.2} s; offset and handled ids kept in a SQLite state file.",
+        started.elapsed().as_secs_f64()
+    ))?;
+    print_line(
+        "Try it yourself, in three terminals:\n  \
+         fly emulator\n  \
+         FLY_BASE_URL=http://127.0.0.1:8787 FLY_BOT_TOKEN=dev fly poll-echo\n  \
+         fly emulator say --chat u_me \"hello bot\"\n\
+         poll-echo logs its reply (outcome=replied); the emulator logs every API call.",
+    )?;
+    emulator.shutdown();
+    if handled as usize == incoming.len() {
+        Ok(exit::code(exit::SUCCESS))
+    } else {
+        Err(anyhow!(
+            "only {handled} of {} updates were answered",
+            incoming.len()
+        ))
+    }
+}
+
+/// Gives the emulator the demo's media, then posts the conversation.
+fn say_the_conversation(control: &ControlClient) -> anyhow::Result<Vec<Incoming>> {
     control.post(
         "/_emulator/media",
         &json!({"url": IMAGE_URL, "size": 48_000}),
@@ -86,19 +134,34 @@ pub fn run(_args: DemoArgs) -> anyhow::Result<ExitCode> {
         let update_id = answer["update_id"]
             .as_i64()
             .ok_or_else(|| anyhow!("emulator gave no update_id"))?;
-        incoming.push((update_id, chat_type, chat_id, speaker, msg_type, data));
+        incoming.push(Incoming {
+            update_id,
+            chat_type,
+            chat_id,
+            speaker,
+            msg_type,
+            data,
+        });
     }
+    Ok(incoming)
+}
 
-    let work = tempfile::tempdir().context("creating a temporary directory")?;
+/// Runs the real poll-echo loop against the emulator until it has handled
+/// `updates` updates; returns how many it handled.
+fn answer_with_poll_echo(
+    emulator: &Emulator,
+    work: &Path,
+    media_dir: &Path,
+    updates: usize,
+) -> anyhow::Result<u64> {
     let token = Token::new(DEMO_TOKEN).expect("the demo token is not empty");
     let client = ApiClient::new(emulator.base_url(), token.clone(), RetryPolicy::ONE_SHOT)?;
     let identity = BotIdentity::new(emulator.base_url(), token.expose());
-    let store = std::sync::Arc::new(SqliteStore::open(&work.path().join("state.db"), &identity)?);
-    let media_dir = work.path().join("media");
-    std::fs::create_dir_all(&media_dir)?;
+    let store = std::sync::Arc::new(SqliteStore::open(&work.join("state.db"), &identity)?);
+    std::fs::create_dir_all(media_dir)?;
     let handler = EchoHandler {
         client: client.clone(),
-        media_dir: Some(media_dir.clone()),
+        media_dir: Some(media_dir.to_path_buf()),
     };
     let settings = PollSettings {
         max_attempts: 5,
@@ -106,7 +169,7 @@ pub fn run(_args: DemoArgs) -> anyhow::Result<ExitCode> {
         limit: 50,
         poll_timeout: Duration::from_secs(1),
         concurrency: 1,
-        max_updates: Some(incoming.len() as u64),
+        max_updates: Some(updates as u64),
         once: false,
     };
     let summary = poll_loop::run(
@@ -116,14 +179,20 @@ pub fn run(_args: DemoArgs) -> anyhow::Result<ExitCode> {
         &settings,
         &Shutdown::new(),
     )?;
-    let sent = control.get("/_emulator/sent")?;
-    let sent = sent["sent"].as_array().cloned().unwrap_or_default();
+    Ok(summary.handled)
+}
 
-    print_line(&format!(
-        "fly demo: a local Fly Bot API at {}, answered by poll-echo\n",
-        emulator.base_url()
-    ))?;
-    for (update_id, chat_type, chat_id, speaker, msg_type, data) in &incoming {
+/// Each message of the conversation, then the bot's reply to it.
+fn print_transcript(incoming: &[Incoming], sent: &[Value], media_dir: &Path) -> anyhow::Result<()> {
+    for message in incoming {
+        let Incoming {
+            update_id,
+            chat_type,
+            chat_id,
+            speaker,
+            msg_type,
+            data,
+        } = message;
         print_line(&format!(
             "  {:<24} › {}",
             format!("{speaker} ({chat_type} {chat_id})"),
@@ -134,33 +203,12 @@ pub fn run(_args: DemoArgs) -> anyhow::Result<ExitCode> {
             id == format!("echo_{update_id}") || id == format!("fwd_{update_id}")
         });
         let line = match reply {
-            Some(request) => describe_reply(request, &media_dir, *update_id),
+            Some(request) => describe_reply(request, media_dir, *update_id),
             None => "(no reply)".to_string(),
         };
         print_line(&format!("  {:<24} ‹ {line}", format!("bot → {chat_id}")))?;
     }
-    print_line(&format!(
-        "\n{} updates handled in {:.2} s; offset and handled ids kept in a SQLite state file.",
-        summary.handled,
-        started.elapsed().as_secs_f64()
-    ))?;
-    print_line(
-        "Try it yourself, in three terminals:\n  \
-         fly emulator\n  \
-         FLY_BASE_URL=http://127.0.0.1:8787 FLY_BOT_TOKEN=dev fly poll-echo\n  \
-         fly emulator say --chat u_me \"hello bot\"\n\
-         poll-echo logs its reply (outcome=replied); the emulator logs every API call.",
-    )?;
-    emulator.shutdown();
-    if summary.handled as usize == incoming.len() {
-        Ok(exit::code(exit::SUCCESS))
-    } else {
-        Err(anyhow!(
-            "only {} of {} updates were answered",
-            summary.handled,
-            incoming.len()
-        ))
-    }
+    Ok(())
 }
 
 fn describe(msg_type: &str, data: &Value) -> String {
@@ -173,7 +221,7 @@ fn describe(msg_type: &str, data: &Value) -> String {
     }
 }
 
-fn describe_reply(request: &Value, media_dir: &std::path::Path, update_id: i64) -> String {
+fn describe_reply(request: &Value, media_dir: &Path, update_id: i64) -> String {
     let msg_type = request["msg_type"].as_str().unwrap_or_default();
     if msg_type == "text" {
         return request["data"]["content"]

@@ -236,6 +236,25 @@ fn explain(
         "2. sha256(canonical payload) = {}\n",
         fields.payload_sha256
     ));
+    explain_signing_string(update, check, &mut text);
+    explain_signature(check, secrets, &mut text);
+    let skew = match check.skew {
+        Some(skew) => format!("now {now} - timestamp {} = {skew:+} s", fields.timestamp.0),
+        None => format!("timestamp {} is far outside any clock", fields.timestamp.0),
+    };
+    let judgement = match window {
+        None => "not checked (--ignore-timestamp)".to_string(),
+        Some(window) if check.replay_exceeded => format!("outside the {window} s replay window"),
+        Some(window) => format!("within the {window} s replay window"),
+    };
+    text.push_str(&format!("5. clock: {skew}: {judgement}\n"));
+    text
+}
+
+/// Step 3 of [`explain`]: the six fields of the signing string, each with
+/// where its text came from.
+fn explain_signing_string(update: &Value, check: &Check, text: &mut String) {
+    let fields = &check.fields;
     text.push_str("3. signing string: six fields joined by \"\\n\" (shown as ⏎):\n");
     let sources = [
         update.get("update_id"),
@@ -264,6 +283,10 @@ fn explain(
         "   as a string literal: {}\n",
         json_string(&check.signing_string)
     ));
+}
+
+/// Step 4 of [`explain`]: the signature given, and the one each secret gives.
+fn explain_signature(check: &Check, secrets: &[WebhookSecret], text: &mut String) {
     text.push_str("4. signature = hex(hmac_sha256(secret, signing string)):\n");
     let given = match &check.given {
         Ok(given) if given.is_empty() => "(none)".to_string(),
@@ -287,17 +310,6 @@ fn explain(
             secret.value.len()
         ));
     }
-    let skew = match check.skew {
-        Some(skew) => format!("now {now} - timestamp {} = {skew:+} s", fields.timestamp.0),
-        None => format!("timestamp {} is far outside any clock", fields.timestamp.0),
-    };
-    let judgement = match window {
-        None => "not checked (--ignore-timestamp)".to_string(),
-        Some(window) if check.replay_exceeded => format!("outside the {window} s replay window"),
-        Some(window) => format!("within the {window} s replay window"),
-    };
-    text.push_str(&format!("5. clock: {skew}: {judgement}\n"));
-    text
 }
 
 /// Says where a field's text came from when it is not simply the JSON string

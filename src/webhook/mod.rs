@@ -37,7 +37,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::bot::Handler;
 use crate::http_server::{self, Limits};
-use crate::shutdown::{Shutdown, Stage};
+use crate::shutdown::{Shutdown, Stage, Subscription};
 use fly_base::sync::lock;
 use fly_state::WebhookStore;
 
@@ -80,13 +80,7 @@ pub fn run_until_signal(
     let scheme = if tls.is_some() { "https" } else { "http" };
     let url = format!("{scheme}://{local}{}", config.path);
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .max_blocking_threads(config.concurrency.max(1))
-        .thread_name("fly-webhook")
-        .enable_all()
-        .build()
-        .context("starting the server runtime")?;
+    let runtime = server_runtime(config.concurrency)?;
     let limits = Limits {
         header_read_timeout: config.header_read_timeout,
         max_header_bytes: 64 * 1024,
@@ -100,21 +94,7 @@ pub fn run_until_signal(
         Arc::clone(&handler),
         Arc::clone(&fatal),
     ));
-    // The stop stages reach the server (a drain) and the handlers (ended
-    // when the grace period is over) from here.
-    let (stop_sender, stop_received) = tokio::sync::oneshot::channel::<()>();
-    let stop_sender = Mutex::new(Some(stop_sender));
-    let abandoning = Arc::clone(&handler);
-    let _subscription = shutdown.subscribe(move |stage| {
-        if stage >= Stage::Requested
-            && let Some(sender) = lock(&stop_sender).take()
-        {
-            let _ = sender.send(());
-        }
-        if stage >= Stage::Abandon {
-            abandoning.abandon();
-        }
-    });
+    let (_subscription, stop_received) = follow_the_stop(&shutdown, Arc::clone(&handler));
     let grace = shutdown.grace();
     let watched = Arc::clone(&store);
     let raising = Arc::clone(&fatal);
@@ -130,24 +110,79 @@ pub fn run_until_signal(
         let server = http_server::Server::start(listener, tls, limits)?;
         crate::output::print_line(&url)?;
         tracing::info!(%url, "receiving webhook deliveries");
-        // A state file deleted under the server stops it even while no
-        // delivery comes (the store notices; this asks it, from memory).
-        let watching = tokio::spawn(async move {
-            let mut every = tokio::time::interval(GONE_CHECK_EVERY);
-            loop {
-                every.tick().await;
-                if let Some(error) = watched.gone() {
-                    raising.raise(error);
-                    return;
-                }
-            }
-        });
+        let watching = tokio::spawn(watch_for_a_gone_store(watched, raising));
         server
             .serve(|| receiver::service(Arc::clone(&receiver)), stop)
             .await;
         watching.abort();
         anyhow::Ok(())
     });
+    let flushed = wind_down(runtime, handler.as_ref(), store);
+    served?;
+    if let Some(error) = fatal.take() {
+        if let Err(unwritten) = flushed {
+            tracing::error!("{unwritten:#}");
+        }
+        return Err(error);
+    }
+    flushed?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Two I/O threads; the blocking pool runs the replies, `concurrency` at once.
+fn server_runtime(concurrency: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(concurrency.max(1))
+        .thread_name("fly-webhook")
+        .enable_all()
+        .build()
+        .context("starting the server runtime")
+}
+
+/// The stop stages reach the server (a drain, when the returned receiver
+/// fires) and the handlers (ended when the grace period is over) from here,
+/// for as long as the returned subscription is kept.
+fn follow_the_stop(
+    shutdown: &Shutdown,
+    handler: Arc<dyn Handler>,
+) -> (Subscription, tokio::sync::oneshot::Receiver<()>) {
+    let (stop_sender, stop_received) = tokio::sync::oneshot::channel::<()>();
+    let stop_sender = Mutex::new(Some(stop_sender));
+    let subscription = shutdown.subscribe(move |stage| {
+        if stage >= Stage::Requested
+            && let Some(sender) = lock(&stop_sender).take()
+        {
+            let _ = sender.send(());
+        }
+        if stage >= Stage::Abandon {
+            handler.abandon();
+        }
+    });
+    (subscription, stop_received)
+}
+
+/// A state file deleted under the server stops it even while no delivery
+/// comes (the store notices; this asks it, from memory).
+async fn watch_for_a_gone_store(store: Arc<dyn WebhookStore>, fatal: Arc<FatalStop>) {
+    let mut every = tokio::time::interval(GONE_CHECK_EVERY);
+    loop {
+        every.tick().await;
+        if let Some(error) = store.gone() {
+            fatal.raise(error);
+            return;
+        }
+    }
+}
+
+/// After the drain: ends the handlers and the runtime, then writes what was
+/// answered to the store, returning whether that worked.
+fn wind_down(
+    runtime: tokio::runtime::Runtime,
+    handler: &dyn Handler,
+    store: Arc<dyn WebhookStore>,
+) -> anyhow::Result<()> {
     // Requests still in flight after the drain are given up on (handlers
     // that ignored the abandon above, or were started after it). Their
     // handlers run on the blocking pool, which dropping the runtime would
@@ -161,18 +196,7 @@ pub fn run_until_signal(
     handler.close();
     // What was answered is on disk before the process ends, or the exit
     // says what is not (a full disk: exit 1).
-    let flushed = store.flush();
-    drop(store);
-    served?;
-    if let Some(error) = fatal.take() {
-        if let Err(unwritten) = flushed {
-            tracing::error!("{unwritten:#}");
-        }
-        return Err(error);
-    }
-    flushed?;
-    tracing::info!("stopped");
-    Ok(())
+    store.flush()
 }
 
 /// The first fatal error a delivery ran into: every later delivery would

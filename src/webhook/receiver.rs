@@ -272,35 +272,21 @@ impl Receiver {
         }
         let handler = Arc::clone(&self.handler);
         let store = Arc::clone(&self.store);
-        let joined = tokio::task::spawn_blocking(move || -> Result<&'static str, HandleError> {
+        let joined = tokio::task::spawn_blocking(move || {
             // Released when this closure ends, after the mark: a redelivery
             // then finds the update handled, never unclaimed and unmarked.
             let _claim = claim;
-            // This server cannot retry later by itself: what poll-echo would
-            // park (a rejected reply, media gone for good) is a dead letter
-            // here, since the platform's redeliveries would only meet the
-            // same refusal.
-            let handled = handler.handle(&update).map_err(|error| match error {
-                HandleError::Park(error) => HandleError::DeadLetter(format!("{error:#}")),
-                other => other,
-            });
-            match handled {
-                Ok(outcome) => {
-                    store
-                        .mark_handled(update.update_id, outcome.as_str())
-                        .map_err(HandleError::Retry)?;
-                    Ok("OK")
-                }
-                // Accepted (200): delivering it again could not help.
-                Err(HandleError::DeadLetter(reason)) => {
-                    record_dead_letter(store.as_ref(), &update, &reason)
-                        .map_err(HandleError::Retry)?;
-                    Ok("DEAD_LETTER")
-                }
-                Err(other) => Err(other),
-            }
+            reply_and_mark(handler.as_ref(), store.as_ref(), &update)
         })
         .await;
+        self.answer_handled(joined)
+    }
+
+    /// The answer to a delivery whose handler ran on the blocking pool.
+    fn answer_handled(
+        &self,
+        joined: Result<Result<&'static str, HandleError>, tokio::task::JoinError>,
+    ) -> (StatusCode, &'static str) {
         match joined {
             Ok(Ok(answer)) => (StatusCode::OK, answer),
             // Replied, but not recorded: the platform delivers again, and
@@ -313,12 +299,12 @@ impl Receiver {
                 (StatusCode::INTERNAL_SERVER_ERROR, "REPLY_FAILED")
             }
             Ok(Err(HandleError::Park(error))) => {
-                // Made a dead letter in the closure above; never returned from it.
+                // Made a dead letter in `reply_and_mark`; never returned from it.
                 tracing::error!("dead letter not recorded: {error:#}");
                 (StatusCode::INTERNAL_SERVER_ERROR, "REPLY_FAILED")
             }
             Ok(Err(HandleError::DeadLetter(reason))) => {
-                // Recorded in the closure above; never returned from it.
+                // Recorded in `reply_and_mark`; never returned from it.
                 tracing::error!("dead letter not recorded: {reason}");
                 (StatusCode::INTERNAL_SERVER_ERROR, "REPLY_FAILED")
             }
@@ -331,6 +317,37 @@ impl Receiver {
                 (StatusCode::INTERNAL_SERVER_ERROR, "REPLY_FAILED")
             }
         }
+    }
+}
+
+/// Runs the handler and records what came of it: the update handled, or a
+/// dead letter.
+fn reply_and_mark(
+    handler: &dyn Handler,
+    store: &dyn WebhookStore,
+    update: &Update,
+) -> Result<&'static str, HandleError> {
+    // This server cannot retry later by itself: what poll-echo would
+    // park (a rejected reply, media gone for good) is a dead letter
+    // here, since the platform's redeliveries would only meet the
+    // same refusal.
+    let handled = handler.handle(update).map_err(|error| match error {
+        HandleError::Park(error) => HandleError::DeadLetter(format!("{error:#}")),
+        other => other,
+    });
+    match handled {
+        Ok(outcome) => {
+            store
+                .mark_handled(update.update_id, outcome.as_str())
+                .map_err(HandleError::Retry)?;
+            Ok("OK")
+        }
+        // Accepted (200): delivering it again could not help.
+        Err(HandleError::DeadLetter(reason)) => {
+            record_dead_letter(store, update, &reason).map_err(HandleError::Retry)?;
+            Ok("DEAD_LETTER")
+        }
+        Err(other) => Err(other),
     }
 }
 

@@ -1,7 +1,5 @@
 //! Shared test helpers: the scrubbed `fly` command and a running emulator.
 
-#![allow(dead_code)]
-
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -729,7 +727,8 @@ impl Drop for Service {
 /// test fails.
 pub struct Background {
     pub child: Child,
-    log: ChildLog,
+    /// Held for its drop, which shows the log if the test fails.
+    _log: ChildLog,
 }
 
 impl Background {
@@ -740,7 +739,7 @@ impl Background {
             .spawn()
             .unwrap_or_else(|error| panic!("start {name}: {error}"));
         let log = ChildLog::collect(name, &mut child);
-        Background { child, log }
+        Background { child, _log: log }
     }
 }
 

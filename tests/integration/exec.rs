@@ -371,18 +371,7 @@ fn concurrent_handlers_keep_each_chats_order() {
 
     // Per chat, each handler ends before the next one starts, in update order.
     let events = std::fs::read_to_string(&events).unwrap();
-    let mut per_chat: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut most_at_once = 0;
-    for line in events.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        per_chat
-            .entry(fields[2].to_string())
-            .or_default()
-            .push(format!("{} {}", fields[0], fields[1]));
-        if fields[0] == "start" {
-            most_at_once = most_at_once.max(fields[3].parse::<u32>().unwrap());
-        }
-    }
+    let (per_chat, most_at_once) = handler_runs(&events);
     for (chat, replies) in &expected {
         let ids: Vec<String> = client_msg_ids(replies)
             .iter()
@@ -398,6 +387,24 @@ fn concurrent_handlers_keep_each_chats_order() {
         (2..=4).contains(&most_at_once),
         "--concurrency 4 runs several handlers at once, never more than 4 (saw {most_at_once}):\n{events}"
     );
+}
+
+/// From the handler's events: "start ID" and "end ID" per chat, in the
+/// order they happened, and the most handlers running at once.
+fn handler_runs(events: &str) -> (BTreeMap<String, Vec<String>>, u32) {
+    let mut per_chat: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut most_at_once = 0;
+    for line in events.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        per_chat
+            .entry(fields[2].to_string())
+            .or_default()
+            .push(format!("{} {}", fields[0], fields[1]));
+        if fields[0] == "start" {
+            most_at_once = most_at_once.max(fields[3].parse::<u32>().unwrap());
+        }
+    }
+    (per_chat, most_at_once)
 }
 
 #[test]

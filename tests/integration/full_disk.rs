@@ -115,21 +115,79 @@ fn serve_webhook_on_a_full_disk_answers_503_and_loses_nothing_it_answered_200() 
     );
     let agent = agent();
     let mut answered_200 = BTreeSet::new();
-    for update_id in 1..=20 {
-        assert_eq!(
-            post_with(&agent, &server.url, &delivery(update_id)),
-            answer(200, "OK")
-        );
-        answered_200.insert(update_id);
-    }
+    deliver_answered_200(&agent, &server, 1..=20, &mut answered_200);
     // Writes paused: the log file is emptied, so the next batch needs room.
     wait_until(Duration::from_secs(10), "the log emptied", || {
         file_size(&disk.path().join("s.db-wal")) == 0
     });
     let filler = disk.fill();
 
-    // Four at a time, as a platform delivers: some are in hand when the
-    // first write fails.
+    let refused = deliver_while_full(&server, &mut answered_200);
+    let readyz = format!("{}/readyz", server.origin);
+    assert_eq!(get(&readyz), answer(503, "STATE_STORE_UNAVAILABLE"));
+    assert_eq!(
+        get(&format!("{}/healthz", server.origin)),
+        answer(200, "ok")
+    );
+
+    // Room again: it catches up by itself, and deliveries are answered.
+    std::fs::remove_file(filler).unwrap();
+    wait_until(Duration::from_secs(10), "/readyz answering 200", || {
+        get(&readyz).status == 200
+    });
+    for &update_id in &refused {
+        let got = post_with(&agent, &server.url, &delivery(update_id));
+        assert!(
+            got == answer(200, "OK") || got == answer(200, "DUPLICATE"),
+            "update {update_id} delivered again: {got:?}"
+        );
+        answered_200.insert(update_id);
+    }
+    deliver_answered_200(&agent, &server, 1000..1020, &mut answered_200);
+    server.terminate();
+    let status = server.wait_for_exit(Duration::from_secs(20)).unwrap();
+    assert_eq!(status.code(), Some(0), "{}", server.log());
+
+    let handled = handled_ids(&state);
+    let lost: Vec<&i64> = answered_200.difference(&handled).collect();
+    assert!(
+        lost.is_empty(),
+        "answered 200 but not on record: {lost:?}\n{}",
+        server.log()
+    );
+    // Each text update was answered once, whatever was delivered again.
+    let sent = emulator.sent();
+    for update_id in answered_200.iter().filter(|id| *id % 2 == 0) {
+        let expected = echo(
+            *update_id,
+            &format!("m {update_id}"),
+            ("to_user_id", "u_disk"),
+        );
+        assert!(sent.contains(&expected), "no reply to {update_id}");
+    }
+}
+
+/// Delivers each of `update_ids`, one after the other, each answered 200.
+fn deliver_answered_200(
+    agent: &ureq::Agent,
+    server: &Server,
+    update_ids: impl IntoIterator<Item = i64>,
+    answered_200: &mut BTreeSet<i64>,
+) {
+    for update_id in update_ids {
+        assert_eq!(
+            post_with(agent, &server.url, &delivery(update_id)),
+            answer(200, "OK")
+        );
+        answered_200.insert(update_id);
+    }
+}
+
+/// Delivers 300 updates four at a time, as a platform does (some are in hand
+/// when the first write fails), to a server whose disk is full: each is
+/// answered 200 (kept in `answered_200`) or 503, and most are refused.
+/// Returns the refused ones.
+fn deliver_while_full(server: &Server, answered_200: &mut BTreeSet<i64>) -> Vec<i64> {
     let answers: Vec<(i64, Answer)> = std::thread::scope(|scope| {
         let senders: Vec<_> = (0..4)
             .map(|sender| {
@@ -164,54 +222,7 @@ fn serve_webhook_on_a_full_disk_answers_503_and_loses_nothing_it_answered_200() 
         refused.len(),
         server.log()
     );
-    let readyz = format!("{}/readyz", server.origin);
-    assert_eq!(get(&readyz), answer(503, "STATE_STORE_UNAVAILABLE"));
-    assert_eq!(
-        get(&format!("{}/healthz", server.origin)),
-        answer(200, "ok")
-    );
-
-    // Room again: it catches up by itself, and deliveries are answered.
-    std::fs::remove_file(filler).unwrap();
-    wait_until(Duration::from_secs(10), "/readyz answering 200", || {
-        get(&readyz).status == 200
-    });
-    for &update_id in &refused {
-        let got = post_with(&agent, &server.url, &delivery(update_id));
-        assert!(
-            got == answer(200, "OK") || got == answer(200, "DUPLICATE"),
-            "update {update_id} delivered again: {got:?}"
-        );
-        answered_200.insert(update_id);
-    }
-    for update_id in 1000..1020 {
-        assert_eq!(
-            post_with(&agent, &server.url, &delivery(update_id)),
-            answer(200, "OK")
-        );
-        answered_200.insert(update_id);
-    }
-    server.terminate();
-    let status = server.wait_for_exit(Duration::from_secs(20)).unwrap();
-    assert_eq!(status.code(), Some(0), "{}", server.log());
-
-    let handled = handled_ids(&state);
-    let lost: Vec<&i64> = answered_200.difference(&handled).collect();
-    assert!(
-        lost.is_empty(),
-        "answered 200 but not on record: {lost:?}\n{}",
-        server.log()
-    );
-    // Each text update was answered once, whatever was delivered again.
-    let sent = emulator.sent();
-    for update_id in answered_200.iter().filter(|id| *id % 2 == 0) {
-        let expected = echo(
-            *update_id,
-            &format!("m {update_id}"),
-            ("to_user_id", "u_disk"),
-        );
-        assert!(sent.contains(&expected), "no reply to {update_id}");
-    }
+    refused
 }
 
 /// A clean stop while the disk is still full: what could not be written is

@@ -142,23 +142,8 @@ fn parked_updates_survive_a_restart_and_can_be_dropped() {
     let bad = emulator.user_says("private", "u_bad", "one");
     let good = emulator.user_says("private", "u_1", "two");
     let handler = flaky_handler(&fixed);
-    let run = |extra: &[&str]| {
-        let mut args = vec![
-            "poll-echo",
-            "--state",
-            state.to_str().unwrap(),
-            "--exec",
-            &handler,
-            "--max-attempts",
-            "1",
-            "--poll-timeout",
-            "1",
-        ];
-        args.extend_from_slice(extra);
-        Service::start(&emulator, &args)
-    };
     {
-        let service = run(&[]);
+        let service = poll_echo_failing_once(&emulator, &state, &handler);
         assert!(
             eventually(Duration::from_secs(30), || answered(&emulator)
                 .contains(&format!("re: {good}"))
@@ -169,7 +154,7 @@ fn parked_updates_survive_a_restart_and_can_be_dropped() {
     }
     // The offset passed it; only the store remembers it.
     std::fs::write(&fixed, "").unwrap();
-    let service = run(&[]);
+    let service = poll_echo_failing_once(&emulator, &state, &handler);
     assert!(
         eventually(Duration::from_secs(30), || answered(&emulator)
             .contains(&format!("re: {bad}"))),
@@ -184,40 +169,60 @@ fn parked_updates_survive_a_restart_and_can_be_dropped() {
     );
     drop(service);
 
-    // --drop: marked handled and forgotten; --retry of an unknown id is exit 2.
     std::fs::remove_file(&fixed).unwrap();
+    a_dropped_update_stays_dropped(&emulator, &state, &fixed, &handler);
+}
+
+/// poll-echo with `handler`, which parks an update the first time it fails.
+fn poll_echo_failing_once(emulator: &Emulator, state: &Path, handler: &str) -> Service {
+    Service::start(
+        emulator,
+        &[
+            "poll-echo",
+            "--state",
+            state.to_str().unwrap(),
+            "--exec",
+            handler,
+            "--max-attempts",
+            "1",
+            "--poll-timeout",
+            "1",
+        ],
+    )
+}
+
+/// `fly dead-letters --state STATE ACTION...`.
+fn dead_letters(state: &Path, action: &[&str]) -> std::process::Output {
+    fly()
+        .args(["dead-letters", "--state"])
+        .arg(state)
+        .args(action)
+        .output()
+        .unwrap()
+}
+
+/// --drop: a parked update is marked handled and forgotten, and not answered
+/// after the fix; --retry of an unknown id is exit 2.
+fn a_dropped_update_stays_dropped(emulator: &Emulator, state: &Path, fixed: &Path, handler: &str) {
     let doomed = emulator.user_says("private", "u_bad", "three");
     {
-        let service = run(&[]);
+        let service = poll_echo_failing_once(emulator, state, handler);
         assert!(
-            eventually(Duration::from_secs(30), || letters(&state).len() == 1),
+            eventually(Duration::from_secs(30), || letters(state).len() == 1),
             "{}",
             service.log()
         );
     }
-    let dropped = fly()
-        .args(["dead-letters", "--state", state.to_str().unwrap(), "--drop"])
-        .arg(doomed.to_string())
-        .output()
-        .unwrap();
+    let dropped = dead_letters(state, &["--drop", &doomed.to_string()]);
     assert!(
         dropped.status.success(),
         "{}",
         String::from_utf8_lossy(&dropped.stderr)
     );
-    assert!(letters(&state).is_empty());
-    let unknown = fly()
-        .args([
-            "dead-letters",
-            "--state",
-            state.to_str().unwrap(),
-            "--retry",
-            "12345",
-        ])
-        .output()
-        .unwrap();
+    assert!(letters(state).is_empty());
+    let unknown = dead_letters(state, &["--retry", "12345"]);
     assert_eq!(unknown.status.code(), Some(2));
-    std::fs::write(&fixed, "").unwrap();
+    std::fs::write(fixed, "").unwrap();
     let output = fly()
         .env("FLY_BASE_URL", &emulator.base_url)
         .env("FLY_BOT_TOKEN", crate::common::TOKEN)
@@ -227,13 +232,13 @@ fn parked_updates_survive_a_restart_and_can_be_dropped() {
             "--state",
             state.to_str().unwrap(),
             "--exec",
-            &handler,
+            handler,
         ])
         .output()
         .unwrap();
     assert!(output.status.success());
     assert!(
-        !answered(&emulator).contains(&format!("re: {doomed}")),
+        !answered(emulator).contains(&format!("re: {doomed}")),
         "a dropped update stays dropped"
     );
 }
@@ -246,6 +251,39 @@ fn resident_kib(pid: u32) -> u64 {
         .find(|line| line.starts_with("VmRSS:"))
         .unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Sends `count` updates of 200 KB to the parked chat `u_bad`: each is
+/// recorded in the store, and the process barely grows. Returns their ids.
+fn park_later_updates(
+    emulator: &Emulator,
+    service: &Service,
+    state: &Path,
+    count: usize,
+) -> Vec<i64> {
+    let before = resident_kib(service.child.id());
+    let filler = "x".repeat(200 * 1024);
+    let later: Vec<i64> = (0..count)
+        .map(|n| emulator.user_says("private", "u_bad", &format!("{n} {filler}")))
+        .collect();
+    // All recorded in the store, and the offset past them: confirmed, so
+    // the platform no longer holds them.
+    assert!(
+        eventually(Duration::from_secs(60), || letters(state).len()
+            == count + 1),
+        "{} letters\n{}",
+        letters(state).len(),
+        service.log()
+    );
+    let listed = letters(state);
+    assert!(listed.iter().all(|l| l["state"] == "parked"));
+    let after = resident_kib(service.child.id());
+    eprintln!("resident: {before} KiB before, {after} KiB with {count} updates parked");
+    assert!(
+        after < before + 20 * 1024,
+        "fly grew from {before} KiB to {after} KiB while {count} updates of 200 KB waited"
+    );
+    later
 }
 
 /// A parked chat that keeps receiving messages: what comes for it is
@@ -285,28 +323,7 @@ fn a_parked_chats_later_updates_wait_in_the_store_not_in_memory() {
         "{}",
         service.log()
     );
-    let before = resident_kib(service.child.id());
-    let filler = "x".repeat(200 * 1024);
-    let later: Vec<i64> = (0..LATER)
-        .map(|n| emulator.user_says("private", "u_bad", &format!("{n} {filler}")))
-        .collect();
-    // All recorded in the store, and the offset past them: confirmed, so
-    // the platform no longer holds them.
-    assert!(
-        eventually(Duration::from_secs(60), || letters(&state).len()
-            == LATER + 1),
-        "{} letters\n{}",
-        letters(&state).len(),
-        service.log()
-    );
-    let listed = letters(&state);
-    assert!(listed.iter().all(|l| l["state"] == "parked"));
-    let after = resident_kib(service.child.id());
-    eprintln!("resident: {before} KiB before, {after} KiB with {LATER} updates parked");
-    assert!(
-        after < before + 20 * 1024,
-        "fly grew from {before} KiB to {after} KiB while {LATER} updates of 200 KB waited"
-    );
+    let later = park_later_updates(&emulator, &service, &state, LATER);
     let probe = emulator.user_says("private", "u_1", "still here");
     assert!(
         eventually(Duration::from_secs(30), || answered(&emulator)

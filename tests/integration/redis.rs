@@ -376,62 +376,8 @@ fn three_replicas_answer_each_update_once_when_two_get_it_at_once() {
         .map(|_| replica(&emulator, &redis, dir.path()))
         .collect();
     const UPDATES: i64 = 150;
-    const LANES: i64 = 10;
-    let outcomes = std::sync::Mutex::new(Vec::new());
-    std::thread::scope(|scope| {
-        for lane in 0..LANES {
-            let (replicas, outcomes) = (&replicas, &outcomes);
-            scope.spawn(move || {
-                let agent = agent();
-                for update_id in (1..=UPDATES).filter(|id| id % LANES == lane) {
-                    let body = signed_text(
-                        update_id,
-                        &format!("u_{lane}"),
-                        "hi",
-                        &format!("n-{update_id}"),
-                    );
-                    let targets = [
-                        &replicas[update_id as usize % 3],
-                        &replicas[(update_id as usize + 1) % 3],
-                    ];
-                    let together = std::sync::Barrier::new(2);
-                    let answers: Vec<(u16, String)> = std::thread::scope(|pair| {
-                        let deliveries: Vec<_> = targets
-                            .iter()
-                            .map(|target| {
-                                let (agent, body, together) = (&agent, &body, &together);
-                                pair.spawn(move || {
-                                    together.wait();
-                                    let got = post_with(agent, &target.url, body);
-                                    (got.status, got.body)
-                                })
-                            })
-                            .collect();
-                        deliveries.into_iter().map(|d| d.join().unwrap()).collect()
-                    });
-                    outcomes.lock().unwrap().push((update_id, answers));
-                }
-            });
-        }
-    });
-    let outcomes = outcomes.into_inner().unwrap();
-    let mut second_answers = BTreeSet::new();
-    for (update_id, answers) in &outcomes {
-        let handled = answers
-            .iter()
-            .filter(|(status, body)| *status == 200 && body == "OK")
-            .count();
-        assert_eq!(handled, 1, "update {update_id}: {answers:?}");
-        let other = answers
-            .iter()
-            .find(|(status, body)| !(*status == 200 && body == "OK"))
-            .unwrap();
-        assert!(
-            *other == (409, "IN_PROGRESS".into()) || *other == (200, "DUPLICATE".into()),
-            "update {update_id}: {answers:?}"
-        );
-        second_answers.insert(other.1.clone());
-    }
+    let outcomes = deliver_each_to_two_at_once(&replicas, UPDATES);
+    let second_answers = second_answers_of_each_answered_once(&outcomes);
     assert_eq!(outcomes.len(), UPDATES as usize);
     let in_progress = outcomes
         .iter()
@@ -462,6 +408,82 @@ fn three_replicas_answer_each_update_once_when_two_get_it_at_once() {
         "{keys:?}"
     );
     assert!(!keys.iter().any(|key| key.as_str().unwrap().contains(TOKEN)));
+}
+
+/// The answers two replicas gave to one update delivered to both at once.
+type TwoAnswers = Vec<(u16, String)>;
+
+/// Delivers updates 1 to `updates`, each to two of the three replicas at
+/// the same moment, ten chats (lanes) at a time.
+fn deliver_each_to_two_at_once(replicas: &[Server], updates: i64) -> Vec<(i64, TwoAnswers)> {
+    const LANES: i64 = 10;
+    let outcomes = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for lane in 0..LANES {
+            let outcomes = &outcomes;
+            scope.spawn(move || {
+                let agent = agent();
+                for update_id in (1..=updates).filter(|id| id % LANES == lane) {
+                    let body = signed_text(
+                        update_id,
+                        &format!("u_{lane}"),
+                        "hi",
+                        &format!("n-{update_id}"),
+                    );
+                    let targets = [
+                        &replicas[update_id as usize % 3],
+                        &replicas[(update_id as usize + 1) % 3],
+                    ];
+                    let answers = deliver_together(&agent, targets, &body);
+                    outcomes.lock().unwrap().push((update_id, answers));
+                }
+            });
+        }
+    });
+    outcomes.into_inner().unwrap()
+}
+
+/// Posts `body` to both `targets` at the same moment.
+fn deliver_together(agent: &ureq::Agent, targets: [&Server; 2], body: &str) -> TwoAnswers {
+    let together = std::sync::Barrier::new(2);
+    std::thread::scope(|pair| {
+        let deliveries: Vec<_> = targets
+            .iter()
+            .map(|target| {
+                let together = &together;
+                pair.spawn(move || {
+                    together.wait();
+                    let got = post_with(agent, &target.url, body);
+                    (got.status, got.body)
+                })
+            })
+            .collect();
+        deliveries.into_iter().map(|d| d.join().unwrap()).collect()
+    })
+}
+
+/// Checks that one of each update's two deliveries was handled (200 OK) and
+/// the other answered 409 (in hand) or 200 DUPLICATE; returns the kinds of
+/// second answers seen.
+fn second_answers_of_each_answered_once(outcomes: &[(i64, TwoAnswers)]) -> BTreeSet<String> {
+    let mut second_answers = BTreeSet::new();
+    for (update_id, answers) in outcomes {
+        let handled = answers
+            .iter()
+            .filter(|(status, body)| *status == 200 && body == "OK")
+            .count();
+        assert_eq!(handled, 1, "update {update_id}: {answers:?}");
+        let other = answers
+            .iter()
+            .find(|(status, body)| !(*status == 200 && body == "OK"))
+            .unwrap();
+        assert!(
+            *other == (409, "IN_PROGRESS".into()) || *other == (200, "DUPLICATE".into()),
+            "update {update_id}: {answers:?}"
+        );
+        second_answers.insert(other.1.clone());
+    }
+    second_answers
 }
 
 /// A nonce remembered by one replica is remembered by all: the same nonce

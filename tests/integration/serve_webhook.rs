@@ -1110,17 +1110,12 @@ fn sigterm_with_a_hanging_exec_handler_kills_it_after_the_drain_and_exits_0() {
         .trim()
         .to_string();
     assert!(!live_members_of_group(&group).is_empty());
-    let kill_group = || {
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{group}")])
-            .status();
-    };
 
     let signalled = Instant::now();
     server.terminate();
     // Waiting for the handler would take 100 s, for its timeout 60 s.
     let Some(status) = server.wait_for_exit(Duration::from_secs(30)) else {
-        kill_group();
+        kill_group(&group);
         panic!(
             "still running 30 s after SIGTERM (grace 1 s): {}",
             server.log()
@@ -1135,15 +1130,7 @@ fn sigterm_with_a_hanging_exec_handler_kills_it_after_the_drain_and_exits_0() {
     );
     // The delivery was answered 500: the platform will deliver it again.
     assert_eq!(in_flight.join().unwrap().ok(), Some(500));
-    let survivors = if eventually(Duration::from_secs(2), || {
-        live_members_of_group(&group).is_empty()
-    }) {
-        String::new()
-    } else {
-        let survivors = live_members_of_group(&group);
-        kill_group();
-        survivors
-    };
+    let survivors = survivors_of_group(&group);
     assert!(
         survivors.is_empty(),
         "the handler outlived fly: {survivors}{}",
@@ -1154,6 +1141,25 @@ fn sigterm_with_a_hanging_exec_handler_kills_it_after_the_drain_and_exits_0() {
     let again = Server::start(&emulator.base_url, dir.path(), &["--secret", SECRET]);
     assert_eq!(post(&again.url, &signed), answer(200, "OK"));
     assert_eq!(emulator.sent(), [echo(951, "hang", ("to_user_id", "u_1"))]);
+}
+
+fn kill_group(group: &str) {
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{group}")])
+        .status();
+}
+
+/// The members of process group `group` still alive after a moment
+/// (killed, so the test leaves none behind), or nothing.
+fn survivors_of_group(group: &str) -> String {
+    if eventually(Duration::from_secs(2), || {
+        live_members_of_group(group).is_empty()
+    }) {
+        return String::new();
+    }
+    let survivors = live_members_of_group(group);
+    kill_group(group);
+    survivors
 }
 
 fn assert_usage_error(output: &std::process::Output, mentions: &str) {

@@ -483,35 +483,7 @@ fn fly_agrees_with_the_reference_script_on_random_signed_updates() {
     let reference =
         python_and_reference().unwrap_or_else(|why| panic!("{why} (run this test in CI)"));
     let cases = generate_cases(&reference, 20_240_603, 500);
-    let mut fly_verdicts: Vec<Option<String>> = vec![None; cases.len()];
-
-    // Single-line documents go through one `--lines` run, the pretty-printed
-    // ones (and an empty one: `--lines` skips blank lines) one process each.
-    let one_line = |text: &str| !text.contains('\n') && !text.trim().is_empty();
-    let single: Vec<usize> = (0..cases.len())
-        .filter(|&i| one_line(&cases[i].text))
-        .collect();
-    let ndjson: String = single
-        .iter()
-        .map(|&i| format!("{}\n", cases[i].text))
-        .collect();
-    let output = verify(&ndjson, &["--lines", "--secret", SECRET, &now_arg(NOW)]);
-    let verdict_lines = String::from_utf8(output.stdout).unwrap();
-    for line in verdict_lines.lines() {
-        let verdict: Value = serde_json::from_str(line).unwrap();
-        let index = single[verdict["line"].as_u64().unwrap() as usize - 1];
-        let detail = verdict["detail"].as_str().unwrap_or_default();
-        fly_verdicts[index] = Some(match verdict["error"].as_str() {
-            None => "OK".into(),
-            Some(_) if detail.contains(CANNOT_REPRODUCE) => REFUSED.into(),
-            Some(error) => error.to_string(),
-        });
-    }
-    for (index, case) in cases.iter().enumerate() {
-        if !one_line(&case.text) {
-            fly_verdicts[index] = Some(fly_verdict(&case.text));
-        }
-    }
+    let fly_verdicts = fly_verdicts_of(&cases);
 
     let mut disagreements = Vec::new();
     let mut refused = 0;
@@ -565,6 +537,40 @@ fn fly_agrees_with_the_reference_script_on_random_signed_updates() {
             case.text
         );
     }
+}
+
+/// fly's verdict on each case (`REFUSED` where it cannot reproduce the
+/// platform's reading).
+fn fly_verdicts_of(cases: &[Case]) -> Vec<Option<String>> {
+    let mut fly_verdicts: Vec<Option<String>> = vec![None; cases.len()];
+    // Single-line documents go through one `--lines` run, the pretty-printed
+    // ones (and an empty one: `--lines` skips blank lines) one process each.
+    let one_line = |text: &str| !text.contains('\n') && !text.trim().is_empty();
+    let single: Vec<usize> = (0..cases.len())
+        .filter(|&i| one_line(&cases[i].text))
+        .collect();
+    let ndjson: String = single
+        .iter()
+        .map(|&i| format!("{}\n", cases[i].text))
+        .collect();
+    let output = verify(&ndjson, &["--lines", "--secret", SECRET, &now_arg(NOW)]);
+    let verdict_lines = String::from_utf8(output.stdout).unwrap();
+    for line in verdict_lines.lines() {
+        let verdict: Value = serde_json::from_str(line).unwrap();
+        let index = single[verdict["line"].as_u64().unwrap() as usize - 1];
+        let detail = verdict["detail"].as_str().unwrap_or_default();
+        fly_verdicts[index] = Some(match verdict["error"].as_str() {
+            None => "OK".into(),
+            Some(_) if detail.contains(CANNOT_REPRODUCE) => REFUSED.into(),
+            Some(error) => error.to_string(),
+        });
+    }
+    for (index, case) in cases.iter().enumerate() {
+        if !one_line(&case.text) {
+            fly_verdicts[index] = Some(fly_verdict(&case.text));
+        }
+    }
+    fly_verdicts
 }
 
 fn reference_process_verdict(reference: &Path, text: &str) -> String {
