@@ -372,7 +372,7 @@ impl ApiClient {
                     path: path.to_string(),
                     status,
                     detail: format!(
-                        " (a redirect to {}; API calls are not redirected: check --base-url)",
+                        " (a redirect to {}; API calls are not redirected: check the base URL)",
                         self.token.redact(location)
                     ),
                 }

@@ -34,6 +34,9 @@ pub const MAX_REPLY_BYTES: usize = 1024 * 1024;
 const LOG_GRACE: Duration = Duration::from_millis(500);
 
 pub struct ExecHandler {
+    /// How the command layer names the handler in messages (the option it
+    /// came from): this layer names no option itself.
+    named: &'static str,
     command: String,
     timeout: Duration,
     client: ApiClient,
@@ -44,8 +47,15 @@ pub struct ExecHandler {
 }
 
 impl ExecHandler {
-    pub fn new(command: String, timeout: Duration, client: ApiClient, pass_token: bool) -> Self {
+    pub fn new(
+        named: &'static str,
+        command: String,
+        timeout: Duration,
+        client: ApiClient,
+        pass_token: bool,
+    ) -> Self {
         ExecHandler {
+            named,
             command,
             timeout,
             client,
@@ -82,7 +92,7 @@ impl Handler for ExecHandler {
             .map_err(|error| match error.downcast::<SetupError>() {
                 Ok(setup) => HandleError::Fatal(setup.into()),
                 Err(error) => {
-                    HandleError::Retry(error.context(format!("--exec {:?}", self.command)))
+                    HandleError::Retry(error.context(format!("{} {:?}", self.named, self.command)))
                 }
             })?;
         let reply = stdout.trim_end_matches(['\n', '\r']);
@@ -206,7 +216,7 @@ impl ExecHandler {
             return Err(anyhow!("killed: fly is stopping"));
         }
         if let Some(problem) = SetupProblem::from_status(status) {
-            return Err(SetupError::new("--exec", &self.command, problem).into());
+            return Err(SetupError::new(self.named, &self.command, problem).into());
         }
         if !status.success() {
             return Err(anyhow!("failed ({status})"));

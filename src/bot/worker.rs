@@ -38,6 +38,9 @@ const PROTOCOL: &str = r#"one JSON object per line naming the update it answers:
 const EXIT_AFTER_STDOUT: Duration = Duration::from_millis(200);
 
 pub struct WorkerPool {
+    /// How the command layer names the workers in messages (the option
+    /// they came from): this layer names no option itself.
+    named: &'static str,
     command: String,
     timeout: Duration,
     client: ApiClient,
@@ -142,6 +145,7 @@ impl WorkerPool {
     /// Starts `workers` workers at once, so the first updates do not wait
     /// for an interpreter to start.
     pub fn start(
+        named: &'static str,
         command: String,
         workers: usize,
         timeout: Duration,
@@ -150,6 +154,7 @@ impl WorkerPool {
     ) -> WorkerPool {
         let now = Instant::now();
         let pool = WorkerPool {
+            named,
             command,
             timeout,
             client,
@@ -173,7 +178,7 @@ impl WorkerPool {
             state.slots[index] = match pool.spawn(index, 0) {
                 Ok(worker) => Slot::Idle(worker),
                 Err(error) => {
-                    tracing::warn!(worker = index, "--exec-worker: {error:#}");
+                    tracing::warn!(worker = index, "{}: {error:#}", pool.named);
                     Slot::Down {
                         failures: 1,
                         at: now + restart_delay(1),
@@ -185,7 +190,8 @@ impl WorkerPool {
         tracing::info!(
             workers = workers.max(1),
             command = %pool.command,
-            "--exec-worker: workers started"
+            "{}: workers started",
+            pool.named
         );
         pool
     }
@@ -395,7 +401,7 @@ impl WorkerPool {
         let index = worker.index;
         let setup = status
             .and_then(SetupProblem::from_status)
-            .map(|problem| SetupError::new("--exec-worker", &self.command, problem));
+            .map(|problem| SetupError::new(self.named, &self.command, problem));
         let exit = status.map_or_else(|| "unknown".to_string(), |status| status.to_string());
         let mut state = self.lock();
         if !state.closed && setup.is_none() {
@@ -447,7 +453,8 @@ impl WorkerPool {
                     }
                     if sent {
                         return Err(HandleError::Retry(anyhow!(
-                            "--exec-worker {:?}: worker {index} {}",
+                            "{} {:?}: worker {index} {}",
+                            self.named,
                             self.command,
                             describe(&broken, self.timeout)
                         )));
@@ -456,7 +463,8 @@ impl WorkerPool {
             }
         }
         Err(HandleError::Retry(anyhow!(
-            "--exec-worker {:?}: the workers keep exiting",
+            "{} {:?}: the workers keep exiting",
+            self.named,
             self.command
         )))
     }
@@ -620,7 +628,8 @@ impl Handler for WorkerPool {
             Answer::Nothing => Ok(Outcome::Handled),
             Answer::Reply(reply) => send_reply(&self.client, update, message, reply),
             Answer::Error(why) => Err(HandleError::Retry(anyhow!(
-                "--exec-worker {:?} answered an error: {why}",
+                "{} {:?} answered an error: {why}",
+                self.named,
                 self.command
             ))),
         }
@@ -676,7 +685,7 @@ fn describe(broken: &Broken, timeout: Duration) -> String {
     match broken {
         Broken::Exited => "exited".to_string(),
         Broken::ClosedStdout => "closed its stdout but kept running".to_string(),
-        Broken::TimedOut => format!("did not answer within {timeout:?} (--exec-timeout)"),
+        Broken::TimedOut => format!("did not answer within {timeout:?} (the handler timeout)"),
         Broken::Garbage(why) => format!("broke the protocol ({PROTOCOL}): {why}"),
         Broken::NotItsUpdate { expected, got } => format!(
             "answered update {got} while it had update {expected} (a late or extra answer?); \

@@ -32,6 +32,7 @@ pub fn reply_handler(
     let timeout = Duration::from_secs(exec.exec_timeout);
     if let Some(command) = &exec.exec {
         return Arc::new(crate::bot::exec::ExecHandler::new(
+            "--exec",
             command.clone(),
             timeout,
             client,
@@ -40,6 +41,7 @@ pub fn reply_handler(
     }
     if let Some(command) = &exec.exec_worker {
         return Arc::new(crate::bot::worker::WorkerPool::start(
+            "--exec-worker",
             command.clone(),
             concurrency,
             timeout,
