@@ -58,7 +58,7 @@ enum Address {
 
 impl Target {
     /// The target a URL names; why it cannot be used otherwise (bad input).
-    pub(super) fn new(info: &ConnectionInfo) -> Result<Target, String> {
+    pub(super) fn new(info: &ConnectionInfo) -> Result<Target, BadTarget> {
         let (address, tls) = match info.addr() {
             ConnectionAddr::Tcp(host, port) => (
                 Address::Tcp {
@@ -74,9 +74,7 @@ impl Target {
                 ..
             } => {
                 if *insecure {
-                    return Err("#insecure is not supported: the server's certificate is \
-                                always checked (SSL_CERT_FILE names the roots to trust)"
-                        .into());
+                    return Err(BadTarget::Insecure);
                 }
                 (
                     Address::Tcp {
@@ -87,12 +85,12 @@ impl Target {
                 )
             }
             ConnectionAddr::Unix(path) => (Address::Unix(path.clone()), None),
-            _ => return Err("not an address fly can connect to".into()),
+            _ => return Err(BadTarget::Address),
         };
         let settings = info.redis_settings();
         let db = settings.db();
         if db < 0 {
-            return Err(format!("database {db}: a database number is 0 or more"));
+            return Err(BadTarget::Database(db));
         }
         Ok(Target {
             address,
@@ -105,16 +103,52 @@ impl Target {
     }
 }
 
+/// Why a Redis URL names nothing fly can connect to (bad input).
+#[derive(Debug)]
+pub(super) enum BadTarget {
+    /// `#insecure`: fly always checks the server's certificate.
+    Insecure,
+    /// A kind of address the crate knows and fly does not connect to.
+    Address,
+    /// A database number below 0.
+    Database(i64),
+    /// No TLS configuration could be built.
+    Tls(rustls::Error),
+}
+
+impl fmt::Display for BadTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BadTarget::Insecure => f.write_str(
+                "#insecure is not supported: the server's certificate is always checked \
+                 (SSL_CERT_FILE names the roots to trust)",
+            ),
+            BadTarget::Address => f.write_str("not an address fly can connect to"),
+            BadTarget::Database(db) => write!(f, "database {db}: a database number is 0 or more"),
+            BadTarget::Tls(error) => write!(f, "TLS: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for BadTarget {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            BadTarget::Tls(error) => Some(error),
+            _ => None,
+        }
+    }
+}
+
 /// TLS with the system's roots, as the `redis` crate would have it; with
 /// no usable root the handshake fails, saying the certificate is unknown.
-fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
+fn tls_config() -> Result<Arc<rustls::ClientConfig>, BadTarget> {
     let mut roots = rustls::RootCertStore::empty();
     let found = rustls_native_certs::load_native_certs();
     roots.add_parsable_certificates(found.certs);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|error| format!("TLS: {error}"))?
+        .map_err(BadTarget::Tls)?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
@@ -694,7 +728,8 @@ mod tests {
         for url in ["redis://h:6379/-1", "redis+unix:///run/r.sock?db=-2"] {
             let info = url.into_connection_info().unwrap();
             let why = Target::new(&info).err().expect(url);
-            assert!(why.contains("0 or more"), "{why}");
+            assert!(matches!(why, BadTarget::Database(db) if db < 0), "{why}");
+            assert!(why.to_string().contains("0 or more"), "{why}");
         }
         let info = "redis://h:6379/3".into_connection_info().unwrap();
         assert_eq!(Target::new(&info).unwrap().db, 3);
