@@ -1543,13 +1543,25 @@ fn a_pollers_outage_warning_speaks_of_polling_not_of_503() {
         echoed_ids(&emulator) == [id]
     });
     redis.kill();
-    wait_until(Duration::from_secs(10), "the outage noticed", || {
-        poller.log().contains("unreachable")
+    // The outage warning, not an earlier line that also says unreachable
+    // (a lease renewal that failed).
+    let warning = |log: &str| {
+        log.lines()
+            .find(|line| {
+                line.contains("WARN")
+                    && line.contains("state store")
+                    && line.contains("unreachable: ")
+            })
+            .map(str::to_string)
+    };
+    wait_until(Duration::from_secs(10), "the outage warning", || {
+        warning(&poller.log()).is_some()
     });
     let log = poller.log();
+    let line = warning(&log).unwrap();
     assert!(
-        log.contains("polling pauses until the state store is back"),
-        "{log}"
+        line.contains("polling pauses until the state store is back"),
+        "{line}\n{log}"
     );
     assert!(!log.contains("503"), "{log}");
 }
