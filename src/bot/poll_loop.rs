@@ -313,6 +313,26 @@ impl ChatQueue {
     fn has_spilled(&self, update_id: i64, spilling: &BTreeSet<i64>) -> bool {
         self.spilled.is_some_and(|through| update_id <= through) && !spilling.contains(&update_id)
     }
+
+    /// The front update is parked: when the updates behind it are all
+    /// recorded as parked too, only the front stays in memory.
+    fn forget_parked_behind(&mut self, unfinished: &mut BTreeSet<i64>, parked: &mut BTreeSet<i64>) {
+        let behind = self.updates.iter().skip(1);
+        if self.updates.len() > 1
+            && behind
+                .clone()
+                .all(|update| parked.contains(&update.update_id))
+        {
+            for update in self.updates.drain(1..) {
+                unfinished.remove(&update.update_id);
+                parked.remove(&update.update_id);
+                self.spilled = Some(
+                    self.spilled
+                        .map_or(update.update_id, |s| s.max(update.update_id)),
+                );
+            }
+        }
+    }
 }
 
 /// What a worker does next.
@@ -388,6 +408,98 @@ impl Queues {
                 return Err(Idle::Until(next_retry));
             }
             self.ready.extend(due);
+        }
+    }
+
+    /// The front update of `chat` (there is one) was confirmed, handled or
+    /// a dead letter: the next one of the chat becomes ready.
+    fn confirm_front(&mut self, chat: &str, update_id: i64, done: Done) {
+        let Queues {
+            chats,
+            ready,
+            unfinished,
+            parked,
+            handled,
+            dead_letters,
+            ..
+        } = self;
+        let Some(queue) = chats.get_mut(chat) else {
+            return;
+        };
+        queue.updates.pop_front();
+        unfinished.remove(&update_id);
+        parked.remove(&update_id);
+        queue.blocked = false;
+        queue.last_done = update_id;
+        if done == Done::Finished {
+            *handled += 1;
+        } else {
+            *dead_letters += 1;
+        }
+        queue.failures = 0;
+        match queue.updates.front() {
+            Some(next) => {
+                ready.insert((next.update_id, chat.to_string()));
+            }
+            // The next ones wait in the store: read back first.
+            None if queue.spilled.is_some() => {
+                ready.insert((update_id, chat.to_string()));
+            }
+            None => {
+                chats.remove(chat);
+            }
+        }
+    }
+
+    /// The front update of `chat` was handled but could not be recorded:
+    /// tried again shortly.
+    fn defer_front(&mut self, chat: &str) {
+        let Some(queue) = self.chats.get_mut(chat) else {
+            return;
+        };
+        self.claimed -= 1;
+        let jitter = STORE_RETRY.mul_f64(fly_base::random::unit());
+        queue.retry_at = Some(Instant::now() + STORE_RETRY + jitter);
+    }
+
+    /// The front update of `chat` failed, or was parked: tried again after
+    /// a backoff, or (`--once`) left for the next run.
+    fn retry_front(&mut self, chat: &str, update_id: i64, done: Done, settings: &PollSettings) {
+        let Queues {
+            chats,
+            unfinished,
+            parked,
+            claimed,
+            failed,
+            ..
+        } = self;
+        let Some(queue) = chats.get_mut(chat) else {
+            return;
+        };
+        *claimed -= 1;
+        queue.failures += 1;
+        if done == Done::Parked {
+            parked.insert(update_id);
+            queue.blocked = true;
+            queue.forget_parked_behind(unfinished, parked);
+        }
+        if settings.once {
+            // Left for the next run: this chat stops here.
+            *failed = done == Done::Failed;
+            queue.left_for_next_run = true;
+        } else {
+            let policy = if done == Done::Parked {
+                RetryPolicy {
+                    max_attempts: None,
+                    initial_delay: PARKED_FIRST_RETRY.min(settings.park_retry_max),
+                    max_delay: settings.park_retry_max,
+                    budget: None,
+                }
+            } else {
+                RetryPolicy::FOREVER
+            };
+            let delay = policy.next_delay(queue.failures, None);
+            queue.retry_at = Some(Instant::now() + delay);
         }
     }
 }
@@ -935,94 +1047,13 @@ impl Scheduler {
     fn finish(&self, chat: &str, update_id: i64, done: Done) {
         let mut state = self.lock();
         state.busy_workers -= 1;
-        let once = self.settings.once;
-        let Queues {
-            chats,
-            ready,
-            unfinished,
-            parked,
-            handled,
-            dead_letters,
-            claimed,
-            failed,
-            ..
-        } = &mut *state;
-        if let Some(queue) = chats.get_mut(chat) {
+        if let Some(queue) = state.chats.get_mut(chat) {
             queue.busy = false;
             match done {
-                Done::Finished | Done::DeadLetter => {
-                    queue.updates.pop_front();
-                    unfinished.remove(&update_id);
-                    parked.remove(&update_id);
-                    queue.blocked = false;
-                    queue.last_done = update_id;
-                    if done == Done::Finished {
-                        *handled += 1;
-                    } else {
-                        *dead_letters += 1;
-                    }
-                    queue.failures = 0;
-                    match queue.updates.front() {
-                        Some(next) => {
-                            ready.insert((next.update_id, chat.to_string()));
-                        }
-                        // The next ones wait in the store: read back first.
-                        None if queue.spilled.is_some() => {
-                            ready.insert((update_id, chat.to_string()));
-                        }
-                        None => {
-                            chats.remove(chat);
-                        }
-                    }
-                }
-                Done::Deferred => {
-                    *claimed -= 1;
-                    let jitter = STORE_RETRY.mul_f64(fly_base::random::unit());
-                    queue.retry_at = Some(Instant::now() + STORE_RETRY + jitter);
-                }
+                Done::Finished | Done::DeadLetter => state.confirm_front(chat, update_id, done),
+                Done::Deferred => state.defer_front(chat),
                 Done::Failed | Done::Parked => {
-                    *claimed -= 1;
-                    queue.failures += 1;
-                    if done == Done::Parked {
-                        parked.insert(update_id);
-                        queue.blocked = true;
-                        // The updates behind it are recorded: only the
-                        // front stays in memory.
-                        let behind = queue.updates.iter().skip(1);
-                        if queue.updates.len() > 1
-                            && behind
-                                .clone()
-                                .all(|update| parked.contains(&update.update_id))
-                        {
-                            for update in queue.updates.drain(1..) {
-                                unfinished.remove(&update.update_id);
-                                parked.remove(&update.update_id);
-                                queue.spilled = Some(
-                                    queue
-                                        .spilled
-                                        .map_or(update.update_id, |s| s.max(update.update_id)),
-                                );
-                            }
-                        }
-                    }
-                    if once {
-                        // Left for the next run: this chat stops here.
-                        *failed = done == Done::Failed;
-                        queue.left_for_next_run = true;
-                    } else {
-                        let policy = if done == Done::Parked {
-                            RetryPolicy {
-                                max_attempts: None,
-                                initial_delay: PARKED_FIRST_RETRY.min(self.settings.park_retry_max),
-                                max_delay: self.settings.park_retry_max,
-                                budget: None,
-                            }
-                        } else {
-                            RetryPolicy::FOREVER
-                        };
-                        let delay = policy.next_delay(queue.failures, None);
-                        queue.retry_at = Some(Instant::now() + delay);
-                    }
+                    state.retry_front(chat, update_id, done, &self.settings);
                 }
             }
         }

@@ -20,7 +20,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -249,11 +249,7 @@ fn write_batches<W>(shared: &Handoff<W>, mut sink: impl Sink<W>) {
     loop {
         if queue.failing.is_none() && Instant::now() >= maintenance_due {
             drop(queue);
-            maintenance_due =
-                catch_unwind(AssertUnwindSafe(|| sink.maintain())).unwrap_or_else(|_| {
-                    tracing::error!("the state store's upkeep panicked; tried again in a minute");
-                    Instant::now() + Duration::from_secs(60)
-                });
+            maintenance_due = maintain(&mut sink);
             queue = lock(&shared.queue);
             continue;
         }
@@ -261,14 +257,7 @@ fn write_batches<W>(shared: &Handoff<W>, mut sink: impl Sink<W>) {
             if queue.stopping {
                 break;
             }
-            queue.writer_idle = true;
-            let wait = maintenance_due.saturating_duration_since(Instant::now());
-            queue = shared
-                .wake_writer
-                .wait_timeout(queue, wait)
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .0;
-            queue.writer_idle = false;
+            queue = wait_idle(shared, queue, maintenance_due);
             continue;
         }
         // A failed batch waits for its next try, unless a flush or the
@@ -278,126 +267,181 @@ fn write_batches<W>(shared: &Handoff<W>, mut sink: impl Sink<W>) {
             && !queue.stopping
             && Instant::now() < at
         {
-            queue.writer_idle = true;
-            let wait = at.saturating_duration_since(Instant::now());
-            queue = shared
-                .wake_writer
-                .wait_timeout(queue, wait)
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .0;
-            queue.writer_idle = false;
+            queue = wait_idle(shared, queue, at);
             continue;
         }
         queue.retry_now = false;
-        let (writes, done) = if queue.writes.len() > MAX_BATCH {
-            // The rest stays queued with the same completion, which the
-            // batch that empties the queue completes.
-            let rest = queue.writes.split_off(MAX_BATCH);
-            (std::mem::replace(&mut queue.writes, rest), None)
-        } else {
-            queue.barrier_wanted = false;
-            let done = std::mem::replace(&mut queue.done, Arc::new(Completion::default()));
-            (std::mem::take(&mut queue.writes), Some(done))
-        };
+        let (writes, done) = take_batch(&mut queue);
         queue.committing = true;
         drop(queue);
 
-        // A panic fails the batch like an error (the transaction is rolled
-        // back as it unwinds) rather than the thread, whose waiters would
-        // then wait forever.
-        let result = if writes.is_empty() {
-            Ok(())
-        } else {
-            match catch_unwind(AssertUnwindSafe(|| sink.commit(&writes))) {
-                Ok(committed) => committed.map_err(|error| format!("{error:#}")),
-                Err(_) => Err("the state store's writer panicked".to_string()),
-            }
-        };
+        let result = commit(&mut sink, &writes);
         queue = lock(&shared.queue);
         queue.committing = false;
         let step = std::mem::replace(&mut queue.step, Arc::new(Completion::default()));
         let outcome = match result {
             Ok(()) => {
-                if queue.failing.take().is_some() {
-                    shared.failing.store(false, Ordering::SeqCst);
-                    match queue.writes.len() {
-                        0 => tracing::info!("the state store writes again: what it kept is saved"),
-                        queued => tracing::info!(
-                            "the state store writes again: what it kept is being saved \
-                             ({queued} writes queued)"
-                        ),
-                    }
-                }
+                say_writing_again(shared, &mut queue);
                 failures = 0;
                 retry_at = None;
                 Ok(())
             }
             Err(error) => {
-                // Kept, in order, ahead of what came since.
-                let later = std::mem::replace(&mut queue.writes, writes);
-                queue.writes.extend(later);
-                let failed = NotWritten {
-                    error: error.clone(),
-                    unwritten: sink.describe(&queue.writes),
-                };
-                if queue.failing.is_none() {
-                    tracing::error!(
-                        "the state store could not save a batch: {error}; {} kept in \
-                         memory and written again once it can",
-                        failed.unwritten
-                    );
-                } else {
-                    tracing::debug!("the state store could not save a batch again: {error}");
-                }
-                queue.failing = Some(error);
-                shared.failing.store(true, Ordering::SeqCst);
+                let kept = keep_failed(shared, &mut queue, &sink, writes, error);
                 failures = failures.saturating_add(1);
                 let backoff = RETRY_FIRST
                     .saturating_mul(1 << failures.min(8).saturating_sub(1))
                     .min(RETRY_AT_MOST);
                 retry_at = Some(Instant::now() + backoff);
-                // Whoever waits for these writes hears it now, not after
-                // the outage.
-                queue.barrier_wanted = false;
-                let waiting = std::mem::replace(&mut queue.done, Arc::new(Completion::default()));
-                Err((failed, waiting))
+                Err(kept)
             }
         };
         let stop_here = outcome.is_err() && queue.stopping;
         let reported = queue.reported;
         drop(queue);
-        step.complete(match &outcome {
-            Ok(()) => Ok(()),
-            Err((failed, _)) => Err(failed.clone()),
-        });
-        match outcome {
-            Ok(()) => {
-                if let Some(done) = done {
-                    done.complete(Ok(()));
-                }
-            }
-            Err((failed, waiting)) => {
-                if let Some(done) = done {
-                    done.complete(Err(failed.clone()));
-                }
-                waiting.complete(Err(failed.clone()));
-                if stop_here {
-                    if !reported {
-                        tracing::error!(
-                            "{} could not be written to the state store: {}",
-                            failed.unwritten,
-                            failed.error
-                        );
-                    }
-                    queue = lock(&shared.queue);
-                    break;
-                }
-            }
-        }
+        complete_batch(step, done, outcome, stop_here && !reported);
         queue = lock(&shared.queue);
+        if stop_here {
+            break;
+        }
     }
     drop(queue);
     sink.finish();
+}
+
+/// The sink's upkeep; when it is due next. A panic is logged and the
+/// upkeep tried again in a minute.
+fn maintain<W>(sink: &mut impl Sink<W>) -> Instant {
+    catch_unwind(AssertUnwindSafe(|| sink.maintain())).unwrap_or_else(|_| {
+        tracing::error!("the state store's upkeep panicked; tried again in a minute");
+        Instant::now() + Duration::from_secs(60)
+    })
+}
+
+/// Waits, idle, until `until` or until woken (a new write, a flush, the stop).
+fn wait_idle<'a, W>(
+    shared: &'a Handoff<W>,
+    mut queue: MutexGuard<'a, Queue<W>>,
+    until: Instant,
+) -> MutexGuard<'a, Queue<W>> {
+    queue.writer_idle = true;
+    let wait = until.saturating_duration_since(Instant::now());
+    queue = shared
+        .wake_writer
+        .wait_timeout(queue, wait)
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .0;
+    queue.writer_idle = false;
+    queue
+}
+
+/// The next batch, and what completes when it is committed: `None` when
+/// the batch is split and the rest stays queued with the same completion,
+/// which the batch that empties the queue completes.
+fn take_batch<W>(queue: &mut Queue<W>) -> (Vec<W>, Option<Arc<Completion>>) {
+    if queue.writes.len() > MAX_BATCH {
+        let rest = queue.writes.split_off(MAX_BATCH);
+        (std::mem::replace(&mut queue.writes, rest), None)
+    } else {
+        queue.barrier_wanted = false;
+        let done = std::mem::replace(&mut queue.done, Arc::new(Completion::default()));
+        (std::mem::take(&mut queue.writes), Some(done))
+    }
+}
+
+/// Commits `writes` (nothing to do when there are none). A panic fails the
+/// batch like an error (the transaction is rolled back as it unwinds)
+/// rather than the thread, whose waiters would then wait forever.
+fn commit<W>(sink: &mut impl Sink<W>, writes: &[W]) -> Result<(), String> {
+    if writes.is_empty() {
+        return Ok(());
+    }
+    match catch_unwind(AssertUnwindSafe(|| sink.commit(writes))) {
+        Ok(committed) => committed.map_err(|error| format!("{error:#}")),
+        Err(_) => Err("the state store's writer panicked".to_string()),
+    }
+}
+
+/// A batch was committed: if batches failed before, that is over, and said.
+fn say_writing_again<W>(shared: &Handoff<W>, queue: &mut Queue<W>) {
+    if queue.failing.take().is_some() {
+        shared.failing.store(false, Ordering::SeqCst);
+        match queue.writes.len() {
+            0 => tracing::info!("the state store writes again: what it kept is saved"),
+            queued => tracing::info!(
+                "the state store writes again: what it kept is being saved \
+                 ({queued} writes queued)"
+            ),
+        }
+    }
+}
+
+/// The batch `writes` failed with `error`: it is put back, in order, ahead
+/// of what came since, and the writer is failing. Returns what is not
+/// written, and the completion of everyone else waiting, who hears it now
+/// rather than after the outage.
+fn keep_failed<W>(
+    shared: &Handoff<W>,
+    queue: &mut Queue<W>,
+    sink: &impl Sink<W>,
+    writes: Vec<W>,
+    error: String,
+) -> (NotWritten, Arc<Completion>) {
+    let later = std::mem::replace(&mut queue.writes, writes);
+    queue.writes.extend(later);
+    let failed = NotWritten {
+        error: error.clone(),
+        unwritten: sink.describe(&queue.writes),
+    };
+    if queue.failing.is_none() {
+        tracing::error!(
+            "the state store could not save a batch: {error}; {} kept in \
+             memory and written again once it can",
+            failed.unwritten
+        );
+    } else {
+        tracing::debug!("the state store could not save a batch again: {error}");
+    }
+    queue.failing = Some(error);
+    shared.failing.store(true, Ordering::SeqCst);
+    queue.barrier_wanted = false;
+    let waiting = std::mem::replace(&mut queue.done, Arc::new(Completion::default()));
+    (failed, waiting)
+}
+
+/// Completes the writer's step, the batch's own completion and, when it
+/// failed, everyone else waiting; `say_unwritten`: the writer stops with
+/// writes that no flush has reported, which is said.
+fn complete_batch(
+    step: Arc<Completion>,
+    done: Option<Arc<Completion>>,
+    outcome: Result<(), (NotWritten, Arc<Completion>)>,
+    say_unwritten: bool,
+) {
+    step.complete(match &outcome {
+        Ok(()) => Ok(()),
+        Err((failed, _)) => Err(failed.clone()),
+    });
+    match outcome {
+        Ok(()) => {
+            if let Some(done) = done {
+                done.complete(Ok(()));
+            }
+        }
+        Err((failed, waiting)) => {
+            if let Some(done) = done {
+                done.complete(Err(failed.clone()));
+            }
+            waiting.complete(Err(failed.clone()));
+            if say_unwritten {
+                tracing::error!(
+                    "{} could not be written to the state store: {}",
+                    failed.unwritten,
+                    failed.error
+                );
+            }
+        }
+    }
 }
 
 /// Completes when a batch is committed, with its result. Waited on by a

@@ -623,19 +623,7 @@ impl RedisStore {
     /// away later is waited for.
     pub fn open(url: &str, identity: &BotIdentity) -> anyhow::Result<RedisStore> {
         let shown = without_userinfo(url);
-        let not_usable = |error: RedisError| {
-            anyhow::Error::from(StateRefused::Unusable(format!(
-                "{shown} is not a usable Redis URL ({error}); expected \
-                 redis://[user:pass@]host:port[/db], rediss://… or redis+unix:///path"
-            )))
-        };
-        let info = url.trim().into_connection_info().map_err(not_usable)?;
-        let target = Target::new(&info).map_err(|why| {
-            StateRefused::Unusable(format!(
-                "{shown} is not a usable Redis URL ({why}); expected \
-                 redis://[user:pass@]host:port[/db], rediss://… or redis+unix:///path"
-            ))
-        })?;
+        let target = parse_target(url, &shown)?;
         let core = Arc::new(Core {
             target,
             shown,
@@ -643,65 +631,9 @@ impl RedisStore {
             health: Health::new(),
         });
         let keys = Keys::new(identity);
-        let meta = keys.key("meta");
-        let base_url = without_userinfo(&identity.base_url);
-        // The first call, outside `call`: a server that cannot be reached
-        // now is this one error, not the start of an outage; and a signal
-        // (SIGTERM from a service manager) ends it at once.
-        let deadline = Instant::now() + CALL_TIMEOUT;
-        let opened = Link::open(&core.target, deadline, CALL_TIMEOUT, true).and_then(|mut link| {
-            let other = CLAIM_META
-                .key(&meta)
-                .arg(&base_url)
-                .arg(&identity.token_fingerprint)
-                .invoke::<Vec<String>>(&mut link)
-                .map_err(|error| link.fault_of(error))?;
-            Ok((link, other))
-        });
-        match opened {
-            Ok((link, other)) => {
-                core.keep(link);
-                // As for a state file: another bot's state is not touched.
-                let other = match other.first().map(String::as_str) {
-                    None => None,
-                    Some("base_url") => Some(format!(
-                        "the bot at {}",
-                        other.get(1).map_or("", String::as_str)
-                    )),
-                    Some(_) => Some("a bot with another token".to_string()),
-                };
-                if let Some(other) = other {
-                    return Err(StateRefused::Foreign(format!(
-                        "state store {} holds {meta} of {other}",
-                        core.shown
-                    ))
-                    .into());
-                }
-            }
-            Err(Fault::Interrupted) => {
-                return Err(Interrupted(format!(
-                    "interrupted by a signal while connecting to the state store {}",
-                    core.shown
-                ))
-                .into());
-            }
-            Err(fault) => return Err(anyhow!("state store {} {fault}", core.shown)),
-        }
-
-        let stop = StopFlag::new();
-        let watched = Arc::clone(&core);
-        let stopped = Arc::clone(&stop);
-        std::thread::Builder::new()
-            .name("fly-state-watch".into())
-            .spawn(move || watch_health(&watched, &stopped))
-            .context("starting the state store's health watch")?;
-        let (releases, to_release) = mpsc::channel::<(i64, u64)>();
-        let releasing = Arc::clone(&core);
-        let claim_keys = keys.clone();
-        std::thread::Builder::new()
-            .name("fly-state-release".into())
-            .spawn(move || release_claims(&releasing, &claim_keys, &to_release))
-            .context("starting the state store's release thread")?;
+        claim_meta(&core, &keys.key("meta"), identity)?;
+        let stop = start_health_watch(&core)?;
+        let releases = start_release_thread(&core, &keys)?;
         Ok(RedisStore {
             core,
             keys,
@@ -884,6 +816,156 @@ impl RedisStore {
             .context("starting the lease renewal thread")?;
         Ok(lease)
     }
+
+    /// The lease this process held before: its token, which may still hold
+    /// the lease (then it is taken back at once), and how long the process
+    /// was paused if the lease ran out meanwhile (that is said).
+    fn previous_lease(&self) -> (Option<String>, Option<Duration>) {
+        match lock(&self.previous).take() {
+            Some(old) => {
+                let paused = old.watch.lapsed_in_a_pause();
+                (Some(old.token), paused)
+            }
+            None => (None, None),
+        }
+    }
+
+    /// Says that the lease lapsed while this process was `paused`.
+    fn lapse(&self, paused: Duration) -> String {
+        format!(
+            "the polling lease lapsed while this process was paused ({:.1} s without a \
+             renewal; the lease is {:.1} s)",
+            paused.as_secs_f64(),
+            self.lease_time.as_secs_f64()
+        )
+    }
+
+    /// The refusal of a poller that does not stand by: `holder` polls.
+    fn polled_by(&self, holder: &str) -> anyhow::Error {
+        StateRefused::InUse {
+            message: format!(
+                "{holder} is already polling with the state store {} \
+                 (it holds the polling lease)",
+                self.core.shown
+            ),
+            shared: true,
+        }
+        .into()
+    }
+
+    /// Says, once, that this process stands by while `holder` polls (and
+    /// that its own lease lapsed in a pause of `paused`, if it did).
+    fn say_standing_by(&self, holder: &str, paused: Option<Duration>, said_standby: &mut bool) {
+        if let Some(paused) = paused {
+            tracing::warn!(
+                "{}, and {holder} took it over: standing by, taking over within \
+                 {:.1} s of its end",
+                self.lapse(paused),
+                self.lease_time.as_secs_f64()
+            );
+            *said_standby = true;
+        } else if !*said_standby {
+            tracing::info!(
+                "standing by: {holder} is polling with the state store {}; taking \
+                 over within {:.1} s of its end",
+                self.core.shown,
+                self.lease_time.as_secs_f64()
+            );
+            *said_standby = true;
+        }
+    }
+}
+
+/// Where `url` points; `shown` is the URL without its credentials, as the
+/// error says it.
+fn parse_target(url: &str, shown: &str) -> anyhow::Result<Target> {
+    let not_usable = |why: &dyn std::fmt::Display| {
+        anyhow::Error::from(StateRefused::Unusable(format!(
+            "{shown} is not a usable Redis URL ({why}); expected \
+             redis://[user:pass@]host:port[/db], rediss://… or redis+unix:///path"
+        )))
+    };
+    let info = url
+        .trim()
+        .into_connection_info()
+        .map_err(|error| not_usable(&error))?;
+    Target::new(&info).map_err(|why| not_usable(&why))
+}
+
+/// The first call, outside `call`: a server that cannot be reached now is
+/// this one error, not the start of an outage; and a signal (SIGTERM from a
+/// service manager) ends it at once. Claims `meta` for `identity`, or
+/// refuses the keys of another bot.
+fn claim_meta(core: &Core, meta: &str, identity: &BotIdentity) -> anyhow::Result<()> {
+    let base_url = without_userinfo(&identity.base_url);
+    let deadline = Instant::now() + CALL_TIMEOUT;
+    let opened = Link::open(&core.target, deadline, CALL_TIMEOUT, true).and_then(|mut link| {
+        let other = CLAIM_META
+            .key(meta)
+            .arg(&base_url)
+            .arg(&identity.token_fingerprint)
+            .invoke::<Vec<String>>(&mut link)
+            .map_err(|error| link.fault_of(error))?;
+        Ok((link, other))
+    });
+    match opened {
+        Ok((link, other)) => {
+            core.keep(link);
+            // As for a state file: another bot's state is not touched.
+            match other_bot(&other) {
+                Some(other) => Err(StateRefused::Foreign(format!(
+                    "state store {} holds {meta} of {other}",
+                    core.shown
+                ))
+                .into()),
+                None => Ok(()),
+            }
+        }
+        Err(Fault::Interrupted) => Err(Interrupted(format!(
+            "interrupted by a signal while connecting to the state store {}",
+            core.shown
+        ))
+        .into()),
+        Err(fault) => Err(anyhow!("state store {} {fault}", core.shown)),
+    }
+}
+
+/// The bot `CLAIM_META` found the keys held by, if not this one.
+fn other_bot(other: &[String]) -> Option<String> {
+    match other.first().map(String::as_str) {
+        None => None,
+        Some("base_url") => Some(format!(
+            "the bot at {}",
+            other.get(1).map_or("", String::as_str)
+        )),
+        Some(_) => Some("a bot with another token".to_string()),
+    }
+}
+
+/// Starts the thread that watches the server's health; setting the flag
+/// returned stops it.
+fn start_health_watch(core: &Arc<Core>) -> anyhow::Result<Arc<StopFlag>> {
+    let stop = StopFlag::new();
+    let watched = Arc::clone(core);
+    let stopped = Arc::clone(&stop);
+    std::thread::Builder::new()
+        .name("fly-state-watch".into())
+        .spawn(move || watch_health(&watched, &stopped))
+        .context("starting the state store's health watch")?;
+    Ok(stop)
+}
+
+/// Starts the release thread (see `release_claims`); it ends when the
+/// sender returned is dropped.
+fn start_release_thread(core: &Arc<Core>, keys: &Keys) -> anyhow::Result<mpsc::Sender<(i64, u64)>> {
+    let (releases, to_release) = mpsc::channel::<(i64, u64)>();
+    let releasing = Arc::clone(core);
+    let claim_keys = keys.clone();
+    std::thread::Builder::new()
+        .name("fly-state-release".into())
+        .spawn(move || release_claims(&releasing, &claim_keys, &to_release))
+        .context("starting the state store's release thread")?;
+    Ok(releases)
 }
 
 /// The release thread: gives claims back, those queued together in one call,
@@ -1133,24 +1215,7 @@ impl PollState for RedisStore {
 
     fn claim_polling(&self, standby: Option<&dyn Standby>) -> anyhow::Result<Option<PollingLease>> {
         let token = lease_token();
-        // The lease this process held before: if it ran out while the
-        // process was paused, that is said, and its old token may still
-        // hold the lease (then it is taken back at once).
-        let (old_token, mut paused) = match lock(&self.previous).take() {
-            Some(old) => {
-                let paused = old.watch.lapsed_in_a_pause();
-                (Some(old.token), paused)
-            }
-            None => (None, None),
-        };
-        let lapse = |paused: Duration| {
-            format!(
-                "the polling lease lapsed while this process was paused ({:.1} s without a \
-                 renewal; the lease is {:.1} s)",
-                paused.as_secs_f64(),
-                self.lease_time.as_secs_f64()
-            )
-        };
+        let (old_token, mut paused) = self.previous_lease();
         let mut said_standby = false;
         let mut failures = 0u32;
         // Tries made at once because the lease was free by the time its
@@ -1160,7 +1225,10 @@ impl PollState for RedisStore {
             let wait = match self.take_lease_or_name_holder(&token, old_token.as_deref()) {
                 Ok(Ok(taken_at)) => {
                     if let Some(paused) = paused {
-                        tracing::info!("{}; no other poller took it: polling again", lapse(paused));
+                        tracing::info!(
+                            "{}; no other poller took it: polling again",
+                            self.lapse(paused)
+                        );
                     } else if said_standby {
                         tracing::info!("took over the polling lease: polling now");
                     }
@@ -1177,33 +1245,9 @@ impl PollState for RedisStore {
                         |holder| lease_holder(&holder),
                     );
                     if standby.is_none() {
-                        return Err(StateRefused::InUse {
-                            message: format!(
-                                "{holder} is already polling with the state store {} \
-                                 (it holds the polling lease)",
-                                self.core.shown
-                            ),
-                            shared: true,
-                        }
-                        .into());
+                        return Err(self.polled_by(&holder));
                     }
-                    if let Some(paused) = paused.take() {
-                        tracing::warn!(
-                            "{}, and {holder} took it over: standing by, taking over within \
-                             {:.1} s of its end",
-                            lapse(paused),
-                            self.lease_time.as_secs_f64()
-                        );
-                        said_standby = true;
-                    } else if !said_standby {
-                        tracing::info!(
-                            "standing by: {holder} is polling with the state store {}; taking \
-                             over within {:.1} s of its end",
-                            self.core.shown,
-                            self.lease_time.as_secs_f64()
-                        );
-                        said_standby = true;
-                    }
+                    self.say_standing_by(&holder, paused.take(), &mut said_standby);
                     // Looked at again when it would lapse unrenewed, and at
                     // least every third of the lease (a holder that stops
                     // cleanly gives it back at once).

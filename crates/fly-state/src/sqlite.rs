@@ -348,43 +348,10 @@ impl SqliteStore {
     fn prepare(&self, identity: Option<&BotIdentity>) -> anyhow::Result<()> {
         let mut connection = self.lock();
         connection.busy_timeout(BUSY_TIMEOUT)?;
-        // Reading the header is the first thing that fails on a file that is not SQLite.
-        let application_id: i64 = connection
-            .query_row("PRAGMA application_id", [], |row| row.get(0))
-            .map_err(|error| match error.sqlite_error_code() {
-                // Anything else (a full disk, an I/O error) says nothing of the file.
-                Some(rusqlite::ErrorCode::NotADatabase) => {
-                    anyhow::anyhow!("not a fly state file ({error})")
-                }
-                _ => anyhow::Error::new(error).context("reading the file"),
-            })?;
-        let version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
-        let table_count: i64 =
-            connection.query_row("SELECT count(*) FROM sqlite_master", [], |row| row.get(0))?;
-
+        let (application_id, version, table_count) = read_header(&connection)?;
         let is_new = application_id == 0 && version == 0 && table_count == 0;
         if let (true, Some(identity)) = (is_new, identity) {
-            connection
-                .pragma_update(None, "journal_mode", "WAL")
-                .context("switching to WAL mode")?;
-            let transaction = connection.transaction()?;
-            transaction.execute_batch(SCHEMA)?;
-            transaction.execute_batch(DEAD_LETTERS_SCHEMA)?;
-            transaction.execute_batch(SCHEMA_3)?;
-            upgrade_to_schema_4(&transaction)?;
-            transaction.pragma_update(None, "application_id", APPLICATION_ID)?;
-            transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-            for (key, value) in identity_rows(identity) {
-                transaction.execute(
-                    "INSERT INTO meta (key, value) VALUES (?1, ?2)",
-                    params![key, value],
-                )?;
-            }
-            transaction.execute(
-                "INSERT INTO poll_offset (id, next_offset) VALUES (1, 0)",
-                [],
-            )?;
-            transaction.commit()?;
+            create_schema(&mut connection, identity)?;
         } else if is_new {
             bail!("not a fly state file (it is empty)");
         } else if application_id != APPLICATION_ID {
@@ -399,57 +366,112 @@ impl SqliteStore {
         } else if version < 1 {
             bail!("damaged fly state file (schema version {version})");
         } else if version < SCHEMA_VERSION {
-            let transaction = connection.transaction()?;
-            if version < 3 {
-                transaction.execute_batch(DEAD_LETTERS_SCHEMA)?;
-                transaction.execute_batch(SCHEMA_3)?;
-            }
-            upgrade_to_schema_4(&transaction)?;
-            transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-            transaction
-                .commit()
-                .with_context(|| format!("upgrading from schema {version}"))?;
+            upgrade_schema(&mut connection, version)?;
         }
         connection.pragma_update(None, "journal_mode", "WAL")?;
         tune(&connection)?;
-        let Some(identity) = identity else {
-            return Ok(());
-        };
-
-        let stored = |key: &str| -> rusqlite::Result<Option<String>> {
-            connection
-                .query_row("SELECT value FROM meta WHERE key = ?1", [key], |row| {
-                    row.get(0)
-                })
-                .optional()
-        };
-        let stored_url = super::without_userinfo(&stored("base_url")?.unwrap_or_default());
-        let stored_fingerprint = stored("token_fingerprint")?.unwrap_or_default();
-        // The fingerprint itself is not shown (an older fly's is a prefix of
-        // the sha256 of the token, and so of the default webhook secret).
-        let other = if stored_url != identity.base_url {
-            format!("the bot at {stored_url}")
-        } else if stored_fingerprint != identity.token_fingerprint
-            && !identity.is_legacy_fingerprint(&stored_fingerprint)
-        {
-            "a bot with another token".to_string()
-        } else {
-            // This bot's file: what an older fly stored (credentials in the
-            // URL, the undivided fingerprint) is written over once.
-            for (key, value) in identity_rows(identity) {
-                connection.execute(
-                    "UPDATE meta SET value = ?2 WHERE key = ?1 AND value != ?2",
-                    params![key, value],
-                )?;
-            }
-            return Ok(());
-        };
-        Err(StateRefused::Foreign(format!("belongs to {other}")).into())
+        match identity {
+            Some(identity) => check_owner(&connection, identity),
+            None => Ok(()),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
         lock(&self.connection)
     }
+}
+
+/// The file's application id, schema version and number of tables.
+fn read_header(connection: &Connection) -> anyhow::Result<(i64, i64, i64)> {
+    // Reading the header is the first thing that fails on a file that is not SQLite.
+    let application_id: i64 = connection
+        .query_row("PRAGMA application_id", [], |row| row.get(0))
+        .map_err(|error| match error.sqlite_error_code() {
+            // Anything else (a full disk, an I/O error) says nothing of the file.
+            Some(rusqlite::ErrorCode::NotADatabase) => {
+                anyhow::anyhow!("not a fly state file ({error})")
+            }
+            _ => anyhow::Error::new(error).context("reading the file"),
+        })?;
+    let version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    let table_count: i64 =
+        connection.query_row("SELECT count(*) FROM sqlite_master", [], |row| row.get(0))?;
+    Ok((application_id, version, table_count))
+}
+
+/// Makes a new, empty file `identity`'s state file, in WAL mode.
+fn create_schema(connection: &mut Connection, identity: &BotIdentity) -> anyhow::Result<()> {
+    connection
+        .pragma_update(None, "journal_mode", "WAL")
+        .context("switching to WAL mode")?;
+    let transaction = connection.transaction()?;
+    transaction.execute_batch(SCHEMA)?;
+    transaction.execute_batch(DEAD_LETTERS_SCHEMA)?;
+    transaction.execute_batch(SCHEMA_3)?;
+    upgrade_to_schema_4(&transaction)?;
+    transaction.pragma_update(None, "application_id", APPLICATION_ID)?;
+    transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    for (key, value) in identity_rows(identity) {
+        transaction.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2)",
+            params![key, value],
+        )?;
+    }
+    transaction.execute(
+        "INSERT INTO poll_offset (id, next_offset) VALUES (1, 0)",
+        [],
+    )?;
+    transaction.commit()?;
+    Ok(())
+}
+
+/// Brings a file of schema `version` (1 or more, below this fly's) up to
+/// [`SCHEMA_VERSION`], in one transaction.
+fn upgrade_schema(connection: &mut Connection, version: i64) -> anyhow::Result<()> {
+    let transaction = connection.transaction()?;
+    if version < 3 {
+        transaction.execute_batch(DEAD_LETTERS_SCHEMA)?;
+        transaction.execute_batch(SCHEMA_3)?;
+    }
+    upgrade_to_schema_4(&transaction)?;
+    transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    transaction
+        .commit()
+        .with_context(|| format!("upgrading from schema {version}"))?;
+    Ok(())
+}
+
+/// Refuses a file that belongs to another bot than `identity`.
+fn check_owner(connection: &Connection, identity: &BotIdentity) -> anyhow::Result<()> {
+    let stored = |key: &str| -> rusqlite::Result<Option<String>> {
+        connection
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |row| {
+                row.get(0)
+            })
+            .optional()
+    };
+    let stored_url = super::without_userinfo(&stored("base_url")?.unwrap_or_default());
+    let stored_fingerprint = stored("token_fingerprint")?.unwrap_or_default();
+    // The fingerprint itself is not shown (an older fly's is a prefix of
+    // the sha256 of the token, and so of the default webhook secret).
+    let other = if stored_url != identity.base_url {
+        format!("the bot at {stored_url}")
+    } else if stored_fingerprint != identity.token_fingerprint
+        && !identity.is_legacy_fingerprint(&stored_fingerprint)
+    {
+        "a bot with another token".to_string()
+    } else {
+        // This bot's file: what an older fly stored (credentials in the
+        // URL, the undivided fingerprint) is written over once.
+        for (key, value) in identity_rows(identity) {
+            connection.execute(
+                "UPDATE meta SET value = ?2 WHERE key = ?1 AND value != ?2",
+                params![key, value],
+            )?;
+        }
+        return Ok(());
+    };
+    Err(StateRefused::Foreign(format!("belongs to {other}")).into())
 }
 
 /// The `meta` rows that say which bot a file belongs to: written when the
