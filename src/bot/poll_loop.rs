@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use anyhow::anyhow;
+use anyhow::Context;
 
 use super::{HandleError, Handler, Outcome, chat_label, record_dead_letter};
 use crate::api::{ApiClient, ApiError, Received, Update};
@@ -194,7 +194,7 @@ fn run_holding(
     std::thread::Builder::new()
         .name("fly-poll".into())
         .spawn(move || poller.run())
-        .map_err(|error| anyhow!("starting the poll thread: {error}"))?;
+        .context("starting the poll thread")?;
 
     std::thread::scope(|scope| {
         for _ in 0..settings.concurrency.max(1) {
@@ -1330,7 +1330,7 @@ mod tests {
                     Ok(Outcome::Replied)
                 }
                 Answer::Retry => Err(HandleError::Retry(anyhow!("the platform is away"))),
-                Answer::Park => Err(HandleError::Park(anyhow!("the reply was refused"))),
+                Answer::Park => Err(HandleError::Park(anyhow::anyhow!("the reply was refused"))),
                 Answer::Dead => Err(HandleError::DeadLetter("nothing to answer".into())),
             }
         }

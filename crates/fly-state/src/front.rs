@@ -210,7 +210,7 @@ impl Store for Front {
     fn flush(&self) -> anyhow::Result<()> {
         self.writer().flush().map_err(|failed| {
             anyhow::anyhow!(
-                "{} could not be written to the state file {}: {}",
+                "{} could not be written to the state file {}: {:#}",
                 failed.unwritten,
                 self.store.location(),
                 failed.error

@@ -24,7 +24,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::anyhow;
+use anyhow::{Context, anyhow};
 
 use super::Unavailable;
 use fly_base::sync::lock;
@@ -55,9 +55,10 @@ pub trait Sink<W>: Send + 'static {
 
 /// Writes that could not be committed: why, and what they are (see
 /// [`Sink::describe`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct NotWritten {
-    pub error: String,
+    /// Shared by everyone who waited for the batch.
+    pub error: Arc<anyhow::Error>,
     pub unwritten: String,
 }
 
@@ -131,7 +132,7 @@ impl<W: Send + 'static> GroupCommit<W> {
                 let shared = Arc::clone(&shared);
                 move || write_batches(&shared, sink)
             })
-            .map_err(|error| anyhow!("starting the {name} thread: {error}"))?;
+            .with_context(|| format!("starting the {name} thread"))?;
         Ok(GroupCommit {
             shared,
             thread: Some(thread),
@@ -352,13 +353,13 @@ fn take_batch<W>(queue: &mut Queue<W>) -> (Vec<W>, Option<Arc<Completion>>) {
 /// Commits `writes` (nothing to do when there are none). A panic fails the
 /// batch like an error (the transaction is rolled back as it unwinds)
 /// rather than the thread, whose waiters would then wait forever.
-fn commit<W>(sink: &mut impl Sink<W>, writes: &[W]) -> Result<(), String> {
+fn commit<W>(sink: &mut impl Sink<W>, writes: &[W]) -> Result<(), Arc<anyhow::Error>> {
     if writes.is_empty() {
         return Ok(());
     }
     match catch_unwind(AssertUnwindSafe(|| sink.commit(writes))) {
-        Ok(committed) => committed.map_err(|error| format!("{error:#}")),
-        Err(_) => Err("the state store's writer panicked".to_string()),
+        Ok(committed) => committed.map_err(Arc::new),
+        Err(_) => Err(Arc::new(anyhow!("the state store's writer panicked"))),
     }
 }
 
@@ -385,7 +386,7 @@ fn keep_failed<W>(
     queue: &mut Queue<W>,
     sink: &impl Sink<W>,
     writes: Vec<W>,
-    error: String,
+    error: Arc<anyhow::Error>,
 ) -> (NotWritten, Arc<Completion>) {
     let later = std::mem::replace(&mut queue.writes, writes);
     queue.writes.extend(later);
@@ -395,14 +396,15 @@ fn keep_failed<W>(
     };
     if queue.failing.is_none() {
         tracing::error!(
-            "the state store could not save a batch: {error}; {} kept in \
+            "the state store could not save a batch: {error:#}; {} kept in \
              memory and written again once it can",
             failed.unwritten
         );
     } else {
-        tracing::debug!("the state store could not save a batch again: {error}");
+        tracing::debug!("the state store could not save a batch again: {error:#}");
     }
-    queue.failing = Some(error);
+    // What the store says while it cannot write (`/readyz`, new deliveries).
+    queue.failing = Some(format!("{error:#}"));
     shared.failing.store(true, Ordering::SeqCst);
     queue.barrier_wanted = false;
     let waiting = std::mem::replace(&mut queue.done, Arc::new(Completion::default()));
@@ -435,7 +437,7 @@ fn complete_batch(
             waiting.complete(Err(failed.clone()));
             if say_unwritten {
                 tracing::error!(
-                    "{} could not be written to the state store: {}",
+                    "{} could not be written to the state store: {:#}",
                     failed.unwritten,
                     failed.error
                 );
@@ -545,7 +547,7 @@ impl Completion {
 fn into_anyhow(result: Result<(), NotWritten>) -> anyhow::Result<()> {
     result.map_err(|failed| {
         anyhow::Error::new(Unavailable(format!(
-            "the state store cannot save its writes: {} ({} kept, written again once it can)",
+            "the state store cannot save its writes: {:#} ({} kept, written again once it can)",
             failed.error, failed.unwritten
         )))
     })
@@ -648,12 +650,10 @@ mod tests {
         assert!(writer.submit(1).wait().is_err());
         let _second = writer.submit(2);
         let started = Instant::now();
+        let failed = writer.flush().unwrap_err();
         assert_eq!(
-            writer.flush(),
-            Err(NotWritten {
-                error: "disk full".into(),
-                unwritten: "2 writes".into()
-            })
+            (format!("{:#}", failed.error), failed.unwritten.as_str()),
+            ("disk full".to_string(), "2 writes")
         );
         assert!(started.elapsed() < RETRY_AT_MOST, "no backoff for a flush");
         // Room again: a flush writes everything.

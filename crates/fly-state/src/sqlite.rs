@@ -389,7 +389,7 @@ fn read_header(connection: &Connection) -> anyhow::Result<(i64, i64, i64)> {
         .map_err(|error| match error.sqlite_error_code() {
             // Anything else (a full disk, an I/O error) says nothing of the file.
             Some(rusqlite::ErrorCode::NotADatabase) => {
-                anyhow::anyhow!("not a fly state file ({error})")
+                anyhow::Error::new(error).context("not a fly state file")
             }
             _ => anyhow::Error::new(error).context("reading the file"),
         })?;
