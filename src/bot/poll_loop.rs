@@ -1329,7 +1329,7 @@ mod tests {
                     lock(&self.replied).insert(id);
                     Ok(Outcome::Replied)
                 }
-                Answer::Retry => Err(HandleError::Retry(anyhow!("the platform is away"))),
+                Answer::Retry => Err(HandleError::Retry(anyhow::anyhow!("the platform is away"))),
                 Answer::Park => Err(HandleError::Park(anyhow::anyhow!("the reply was refused"))),
                 Answer::Dead => Err(HandleError::DeadLetter("nothing to answer".into())),
             }
