@@ -909,29 +909,9 @@ impl SqliteStore {
 }
 
 /// Commits batches of writes on a connection of its own (group commit's
-/// sink), and keeps the file in shape between batches.
-///
-/// **Nonces are logged, then merged.** A table keyed by nonce takes each new
-/// (random) nonce on a page of its own: a page written per nonce, four times
-/// the cost of everything else a delivery writes. So a nonce is appended to
-/// `nonce_log` (pages fill in order), and every `MERGE_ROWS` nonces the log
-/// is sorted into a new run of `nonce_runs` (keyed by run, then nonce: the
-/// run is appended in order too) and emptied, in one transaction. A lookup
-/// scans the log (a few thousand rows) and probes each run's index; the
-/// memory in front of the file (the Front's Bloom filter) makes lookups
-/// rare. Runs expire whole, a chunk at a time.
-///
-/// **Checkpoints are the writer's too.** SQLite starts the write-ahead log
-/// over only when a write begins with every frame of it copied into the
-/// database file; a checkpoint on another thread never sees that moment
-/// under a steady stream of commits (the writer appends while it copies),
-/// and the log grew by gigabytes a minute. Between two of its own batches
-/// the writer is that moment: its checkpoint copies the whole log and the
-/// next batch starts it over. Requests do not wait for commits, so the few
-/// milliseconds a checkpoint takes only let the next batch gather more
-/// writes. Once writes pause, the log file is emptied (no
-/// `journal_size_limit`: cutting the file back at every restart of the log
-/// stalled commits).
+/// sink), and keeps the file in shape between batches: nonces logged then
+/// merged into runs, checkpoints between batches (why: ARCHITECTURE.md,
+/// "The SQLite writer").
 pub(super) struct BatchWriter {
     connection: Connection,
     /// The claimed file, checked after each batch (see [`FileWatch`]).
