@@ -96,6 +96,20 @@ fn file_size(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |found| found.len())
 }
 
+/// serve-webhook with its state on a new 2 MB tmpfs: the disk (unmounted
+/// when dropped), the state file's path, the server.
+fn serve_on_a_small_disk(emulator: &Emulator, logs: &Path) -> (Tmpfs, PathBuf, Server) {
+    let disk = Tmpfs::mount("2m");
+    let state = disk.path().join("s.db");
+    let server = Server::start_with_state(
+        &emulator.base_url,
+        logs,
+        state.as_os_str(),
+        &["--secret", SECRET],
+    );
+    (disk, state, server)
+}
+
 /// On a full disk serve-webhook answers 503 (the platform delivers again)
 /// and /readyz fails; a batch it could not write is kept and written once
 /// there is room again, by itself: every delivery answered 200 is on record
@@ -105,14 +119,7 @@ fn file_size(path: &Path) -> u64 {
 fn serve_webhook_on_a_full_disk_answers_503_and_loses_nothing_it_answered_200() {
     let emulator = Emulator::start();
     let logs = tempfile::tempdir().unwrap();
-    let disk = Tmpfs::mount("2m");
-    let state = disk.path().join("s.db");
-    let mut server = Server::start_with_state(
-        &emulator.base_url,
-        logs.path(),
-        state.as_os_str(),
-        &["--secret", SECRET],
-    );
+    let (disk, state, mut server) = serve_on_a_small_disk(&emulator, logs.path());
     let agent = agent();
     let mut answered_200 = BTreeSet::new();
     deliver_answered_200(&agent, &server, 1..=20, &mut answered_200);
@@ -232,14 +239,7 @@ fn deliver_while_full(server: &Server, answered_200: &mut BTreeSet<i64>) -> Vec<
 fn a_clean_stop_on_a_full_disk_says_what_could_not_be_written() {
     let emulator = Emulator::start();
     let logs = tempfile::tempdir().unwrap();
-    let disk = Tmpfs::mount("2m");
-    let state = disk.path().join("s.db");
-    let mut server = Server::start_with_state(
-        &emulator.base_url,
-        logs.path(),
-        state.as_os_str(),
-        &["--secret", SECRET],
-    );
+    let (disk, state, mut server) = serve_on_a_small_disk(&emulator, logs.path());
     let agent = agent();
     assert_eq!(
         post_with(&agent, &server.url, &delivery(1)),

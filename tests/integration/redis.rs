@@ -1174,27 +1174,8 @@ fn a_peer_sending_a_huge_reply_is_refused_with_bounded_memory() {
             "{name} grew to {} MB",
             run.max_rss_mb
         );
-        assert_eq!(
-            run.status.and_then(|status| status.code()),
-            Some(1),
-            "{name}: {}",
-            run.stderr
-        );
-        assert!(
-            // About 2 s; the rest is room for a loaded machine.
-            run.took < Duration::from_secs(5),
-            "{name} took {:?}",
-            run.took
-        );
-        assert_eq!(run.stderr.lines().count(), 1, "{name}: {}", run.stderr);
-        assert!(
-            run.stderr.contains(&url)
-                && run
-                    .stderr
-                    .contains("not a Redis server, or a corrupt reply"),
-            "{name}: {}",
-            run.stderr
-        );
+        assert_failed_at_start_up(name, &run, "not a Redis server, or a corrupt reply");
+        assert!(run.stderr.contains(&url), "{name}: {}", run.stderr);
     }
 }
 
@@ -1206,25 +1187,22 @@ fn a_peer_that_drips_makes_start_up_fail_within_two_seconds() {
     let url = format!("redis://127.0.0.1:{}", fake_redis(drips));
     for (name, mut command) in starting_commands(&url) {
         let run = run_watched(&mut command, Duration::from_secs(10));
-        assert_eq!(
-            run.status.and_then(|status| status.code()),
-            Some(1),
-            "{name}: {}",
-            run.stderr
-        );
-        assert!(
-            // About 2 s; the rest is room for a loaded machine.
-            run.took < Duration::from_secs(5),
-            "{name} took {:?}",
-            run.took
-        );
-        assert_eq!(run.stderr.lines().count(), 1, "{name}: {}", run.stderr);
-        assert!(
-            run.stderr.contains("did not answer: timed out after 2 s"),
-            "{name}: {}",
-            run.stderr
-        );
+        assert_failed_at_start_up(name, &run, "did not answer: timed out after 2 s");
     }
+}
+
+/// `run` exited 1 within about 2 s (the rest is room for a loaded machine)
+/// with one error line that says `why`.
+fn assert_failed_at_start_up(name: &str, run: &Run, why: &str) {
+    let code = run.status.and_then(|status| status.code());
+    assert_eq!(code, Some(1), "{name}: {}", run.stderr);
+    assert!(
+        run.took < Duration::from_secs(5),
+        "{name} took {:?}",
+        run.took
+    );
+    assert_eq!(run.stderr.lines().count(), 1, "{name}: {}", run.stderr);
+    assert!(run.stderr.contains(why), "{name}: {}", run.stderr);
 }
 
 /// What went wrong is said as it is: refused, timed out, or plain text
