@@ -229,3 +229,35 @@ fn the_matcher_understands_wildcards() {
     assert!(!line_matches("x[..]z", "xy"));
     assert!(line_matches("[..]", "anything"));
 }
+
+/// The README's Rust example is the crate's doc test, line for line, so it
+/// is compiled and run: from its `use` line to the end of `fn verified`.
+#[test]
+fn the_readmes_rust_receiver_is_the_crates_doc_test() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let snippet = |text: &str, prefix: &str| -> Vec<String> {
+        let lines: Vec<String> = text
+            .lines()
+            .filter_map(|line| line.strip_prefix(prefix))
+            .map(|line| line.trim_end().to_string())
+            .collect();
+        let start = lines
+            .iter()
+            .position(|line| line == "use fly_signature::{Verdict, Verifier};")
+            .expect("the use line");
+        let end = start
+            + lines[start..]
+                .iter()
+                .position(|line| line == "}")
+                .expect("the end of fn verified");
+        lines[start..=end].to_vec()
+    };
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let crate_doc = std::fs::read_to_string(root.join("crates/fly-signature/src/lib.rs")).unwrap();
+    let shown = snippet(&readme, "    ");
+    assert!(
+        shown.iter().any(|line| line.starts_with("fn verified(")),
+        "{shown:?}"
+    );
+    assert_eq!(shown, snippet(&crate_doc, "//! "));
+}

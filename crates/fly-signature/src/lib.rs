@@ -29,6 +29,26 @@
 //! # Ok::<(), fly_signature::SignatureInputError>(())
 //! ```
 //!
+//! As a receiver's function (the README shows this one):
+//!
+//! ```
+//! use fly_signature::{Verdict, Verifier};
+//!
+//! /// Whether `body` (a delivery, as text) is signed with `secret`, now.
+//! fn verified(body: &str, secret: &str, now_unix_secs: i64) -> Result<(), String> {
+//!     let verifier = Verifier::new([secret], now_unix_secs, Some(300));
+//!     match verifier.verify_text(body).map_err(|error| error.to_string())? {
+//!         Verdict::Ok => Ok(()),
+//!         rejected => Err(rejected.code().to_string()), // SIGNATURE_MISMATCH, …
+//!     }
+//! }
+//!
+//! let body = fly_signature::sign_update_text(r#"{"update_id":1}"#, "s", "b", 100, "n").unwrap();
+//! assert_eq!(verified(&body, "s", 100), Ok(()));
+//! assert_eq!(verified(&body, "t", 100), Err("SIGNATURE_MISMATCH".to_string()));
+//! assert!(verified("not json", "s", 100).is_err());
+//! ```
+//!
 //! The canonical JSON is Python's `json.dumps(value, sort_keys=True,
 //! ensure_ascii=False, separators=(",", ":"))`, floats in `repr` form and
 //! integers of any size:
