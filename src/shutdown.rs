@@ -28,6 +28,16 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 /// The status of a forced exit (a second Ctrl-C), as shells report SIGINT.
 pub const FORCED_EXIT_STATUS: i32 = 130;
 
+/// A second signal came: the process exits 130 whichever thread gets there
+/// first (the signal thread, once it has killed every handler, or the main
+/// thread, whose command may end as soon as its handlers are killed).
+static FORCED_BY_SIGNAL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether a second SIGINT/SIGTERM forced the stop: the exit is then 130.
+pub fn forced_by_signal() -> bool {
+    FORCED_BY_SIGNAL.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Stage {
     Running,
@@ -115,6 +125,7 @@ impl Shutdown {
                         owner.request();
                     } else {
                         tracing::warn!("{name} received again: stopping now");
+                        FORCED_BY_SIGNAL.store(true, std::sync::atomic::Ordering::SeqCst);
                         owner.force();
                         crate::children::kill_all();
                         std::process::exit(FORCED_EXIT_STATUS);

@@ -767,22 +767,10 @@ impl Worker {
         let mut buffer = [0u8; 8192];
         let mut searched = 0;
         loop {
-            if let Some(at) = self.pending[searched..].iter().position(|&b| b == b'\n') {
-                let end = searched + at;
-                let rest = self.pending.split_off(end + 1);
-                let mut line = std::mem::replace(&mut self.pending, rest);
-                line.truncate(end);
-                if line.last() == Some(&b'\r') {
-                    line.pop();
-                }
+            if let Some(line) = take_line(&mut self.pending, searched).map_err(Broken::Garbage)? {
                 return Ok(line);
             }
             searched = self.pending.len();
-            if self.pending.len() > MAX_REPLY_BYTES {
-                return Err(Broken::Garbage(
-                    format!("a line longer than {} KiB", MAX_REPLY_BYTES / 1024).into(),
-                ));
-            }
             let mut fds = [child_io::want(self.stdout.as_raw_fd(), libc::POLLIN)];
             if !child_io::wait(&mut fds, Some(deadline)).map_err(Broken::Io)? {
                 return Err(Broken::TimedOut);
@@ -799,6 +787,28 @@ impl Worker {
             }
         }
     }
+}
+
+/// The first whole line of `pending` (taken out of it, without its line
+/// ending), `None` while it has no newline; an error for a line over the
+/// cap, however it arrived (whole in one read, or a piece at a time).
+/// `searched`: how much of `pending` is known to hold no newline.
+fn take_line(pending: &mut Vec<u8>, searched: usize) -> Result<Option<Vec<u8>>, NotProtocol> {
+    let newline = pending[searched..].iter().position(|&b| b == b'\n');
+    if newline.map_or(pending.len(), |at| searched + at) > MAX_REPLY_BYTES {
+        return Err(format!("a line longer than {} KiB", MAX_REPLY_BYTES / 1024).into());
+    }
+    let Some(at) = newline else {
+        return Ok(None);
+    };
+    let end = searched + at;
+    let rest = pending.split_off(end + 1);
+    let mut line = std::mem::replace(pending, rest);
+    line.truncate(end);
+    if line.last() == Some(&b'\r') {
+        line.pop();
+    }
+    Ok(Some(line))
 }
 
 /// Output for a log line: lossy, and cut short.
@@ -1070,6 +1080,29 @@ mod tests {
         assert!(!could_be_announcement(b"{\"reply\":\"banner\"}\n"));
         assert!(!could_be_announcement(b"starting up"));
         assert!(!could_be_announcement(&[b'{'; 100]));
+    }
+
+    #[test]
+    fn a_line_over_the_cap_is_refused_even_when_it_came_whole() {
+        let mut pending = b"{\"a\":1}\r\nnext".to_vec();
+        assert_eq!(
+            take_line(&mut pending, 0).unwrap(),
+            Some(b"{\"a\":1}".to_vec())
+        );
+        assert_eq!(pending, b"next");
+        assert_eq!(take_line(&mut pending, 0).unwrap(), None);
+        // Over the cap: in one piece with its newline, or still unfinished.
+        let mut whole = vec![b'a'; MAX_REPLY_BYTES + 1];
+        whole.push(b'\n');
+        assert!(take_line(&mut whole, 0).is_err());
+        let mut unfinished = vec![b'a'; MAX_REPLY_BYTES + 1];
+        assert!(take_line(&mut unfinished, 0).is_err());
+        let mut at_the_cap = vec![b'a'; MAX_REPLY_BYTES];
+        at_the_cap.push(b'\n');
+        assert_eq!(
+            take_line(&mut at_the_cap, 0).unwrap().unwrap().len(),
+            MAX_REPLY_BYTES
+        );
     }
 
     #[test]

@@ -30,7 +30,12 @@ use crate::exit::Hinted;
 pub use crate::output::{print_line, write_stdout};
 
 pub fn run(command: Command) -> anyhow::Result<ExitCode> {
-    match dispatch(command) {
+    let result = dispatch(command);
+    // A second signal: exit 130, however the command ended meanwhile.
+    if crate::shutdown::forced_by_signal() {
+        return Ok(ExitCode::from(crate::shutdown::FORCED_EXIT_STATUS as u8));
+    }
+    match result {
         // A stop signal before there was anything to stop: a clean stop, as
         // the first SIGINT/SIGTERM is anywhere else (exit 0).
         Err(error) if cause::<fly_state::Interrupted>(&error).is_some() => {
