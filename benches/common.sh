@@ -16,7 +16,8 @@ wait_for_line() { for _ in $(seq 200); do [ -s "$1" ] && break; sleep 0.05; done
 # in $(…): the process id must reach PIDS in this shell to be killed on exit.
 start_emulator() {
     "$FLY" emulator --port 0 >"$WORK/emu.${1:-main}" 2>/dev/null &
-    PIDS+=($!)
+    EMULATOR_PID=$!
+    PIDS+=($EMULATOR_PID)
     EMULATOR_URL=$(wait_for_line "$WORK/emu.${1:-main}")
 }
 

@@ -40,6 +40,8 @@ fly_run() {
     FLY_BASE_URL=$url FLY_BOT_TOKEN=bench "$FLY" -q poll-echo --state "$WORK/state$1.db" --max-updates "$N" --poll-timeout 1
     t1=$(now)
     [ "$(sent_count "$url")" = "$N" ] || { echo "fly sent the wrong number of replies" >&2; exit 1; }
+    # Run in $(…): this shell's PIDS never reach the cleanup, so stop it here.
+    kill "$EMULATOR_PID"
     python3 -c "print($t1 - $t0)"
 }
 
@@ -53,7 +55,7 @@ reference_run() {
     local ref=$!; PIDS+=($ref)
     while [ "$(sent_count "$url")" -lt "$N" ]; do sleep 0.05; done
     t1=$(now)
-    kill $ref
+    kill $ref "$EMULATOR_PID"
     python3 -c "print($t1 - $t0)"
 }
 
