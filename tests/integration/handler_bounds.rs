@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use crate::common::{Emulator, fly, fly_at, stderr_of};
 use crate::exec::{deliver, signed_delivery, start_receiver_with};
+use crate::worker::{replies_per_chat, sh_worker, sh_worker_starting_with};
 
 /// `fly poll-echo --once` with the handler flags `handler` on the state in `dir`.
 fn poll_once(emulator: &Emulator, dir: &Path, handler: &[&str]) -> std::process::Output {
@@ -41,38 +42,6 @@ fn poll_with_one_worker(
         .unwrap()
 }
 
-/// A `sh` worker: `start` once, then `body` per update line, with the
-/// update's id in `$id`, its text in `$text` and its chat in `$chat`.
-fn sh_worker(dir: &Path, start: &str, body: &str) -> String {
-    let script = dir.join("worker.sh");
-    std::fs::write(
-        &script,
-        format!(
-            r#"{start}
-while IFS= read -r line; do
-id=$(printf '%s' "$line" | sed -n 's/.*"update_id":\([0-9]*\).*/\1/p')
-text=$(printf '%s' "$line" | sed -n 's/.*"content":"\([^"]*\)".*/\1/p')
-chat=$(printf '%s' "$line" | sed -n 's/.*"id":"\(u_[0-9a-z_]*\)".*/\1/p')
-{body}
-done
-"#
-        ),
-    )
-    .unwrap();
-    format!("sh '{}'", script.display())
-}
-
-/// The texts sent, per chat they were sent to.
-fn texts_per_chat(emulator: &Emulator) -> BTreeMap<String, Vec<String>> {
-    let mut per_chat: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for sent in emulator.sent() {
-        let chat = sent["to_user_id"].as_str().unwrap().to_string();
-        let text = sent["data"]["content"].as_str().unwrap().to_string();
-        per_chat.entry(chat).or_default().push(text);
-    }
-    per_chat
-}
-
 /// Six users, one message each: `m1` from `u_1`, … The replies each user
 /// should get from a worker answering `got TEXT for CHAT`.
 fn six_users(emulator: &Emulator) -> BTreeMap<String, Vec<String>> {
@@ -94,7 +63,7 @@ fn a_workers_banner_is_never_taken_as_an_answer() {
         let emulator = Emulator::start();
         let dir = tempfile::tempdir().unwrap();
         let expected = six_users(&emulator);
-        let with_banner = sh_worker(dir.path(), &format!("echo '{banner}'"), ANSWER);
+        let with_banner = sh_worker_starting_with(dir.path(), &format!("echo '{banner}'"), ANSWER);
         let args = ["--concurrency", "1", "--exec-worker", &with_banner];
         let output = poll_once(&emulator, dir.path(), &args);
         let log = stderr_of(&output);
@@ -109,11 +78,11 @@ fn a_workers_banner_is_never_taken_as_an_answer() {
             "{banner}: {log}"
         );
         // The banner gone, the next run answers each user once, in their own chat.
-        let fixed = sh_worker(dir.path(), "", ANSWER);
+        let fixed = sh_worker(dir.path(), ANSWER);
         let args = ["--concurrency", "1", "--exec-worker", &fixed];
         let output = poll_once(&emulator, dir.path(), &args);
         assert!(output.status.success(), "{}", stderr_of(&output));
-        assert_eq!(texts_per_chat(&emulator), expected, "{banner}");
+        assert_eq!(replies_per_chat(&emulator.sent()), expected, "{banner}");
     }
 }
 
@@ -121,7 +90,7 @@ fn a_workers_banner_is_never_taken_as_an_answer() {
 fn serve_webhook_answers_500_not_200_while_a_workers_banner_breaks_the_protocol() {
     let emulator = Emulator::start();
     let dir = tempfile::tempdir().unwrap();
-    let worker = sh_worker(dir.path(), r#"echo '{"reply":"banner"}'"#, ANSWER);
+    let worker = sh_worker_starting_with(dir.path(), r#"echo '{"reply":"banner"}'"#, ANSWER);
     let (receiver, url) = start_receiver_with(
         &emulator,
         0,
@@ -146,11 +115,11 @@ fn a_workers_late_second_line_never_reaches_the_next_user() {
         r#"sleep 0.3; {ANSWER}
         (sleep 0.1; printf '{{"update_id":%s,"reply":"private answer for %s"}}\n' "$id" "$chat") &"#
     );
-    let worker = sh_worker(dir.path(), "", &late);
+    let worker = sh_worker(dir.path(), &late);
     let output = poll_with_one_worker(&emulator, dir.path(), 6, &worker);
     let log = stderr_of(&output);
     assert!(output.status.success(), "{log}");
-    assert_eq!(texts_per_chat(&emulator), expected, "{log}");
+    assert_eq!(replies_per_chat(&emulator.sent()), expected, "{log}");
     assert!(log.contains("while it had update"), "{log}");
 }
 
@@ -161,7 +130,7 @@ fn a_worker_that_closes_its_stdout_is_said_to_and_its_update_retried() {
     emulator.user_says("private", "u_1", "hello");
     // `exec`: the worker is the only holder of its stdout, not a shell
     // around it.
-    let worker = format!("exec {}", sh_worker(dir.path(), "", "exec >&-; sleep 30"));
+    let worker = format!("exec {}", sh_worker(dir.path(), "exec >&-; sleep 30"));
     let args = ["--exec-worker", &worker, "--exec-timeout", "20"];
     let output = poll_once(&emulator, dir.path(), &args);
     let log = stderr_of(&output);
@@ -198,7 +167,7 @@ print(json.dumps({"update_id": update["update_id"], "reply": said}), flush=True)
     let output = poll_with_one_worker(&emulator, dir.path(), 3, &worker);
     let log = stderr_of(&output);
     assert!(output.status.success(), "{log}");
-    let said = &texts_per_chat(&emulator)["u_1"];
+    let said = &replies_per_chat(&emulator.sent())["u_1"];
     assert_eq!(said.len(), 3, "{log}");
     // The first worker may be handed its update before fly knows that
     // these workers announce; once one has, fresh ones are waited for.
@@ -243,7 +212,7 @@ fn a_worker_line_over_one_mib_fails_the_update_and_sends_nothing() {
     let emulator = Emulator::start();
     let dir = tempfile::tempdir().unwrap();
     emulator.user_says("private", "u_1", "hello");
-    let worker = sh_worker(
+    let worker = sh_worker_starting_with(
         dir.path(),
         "",
         r#"printf '{"update_id":%s,"reply":"' "$id"; head -c 1048577 /dev/zero | tr '\0' a; echo '"}'"#,
@@ -273,7 +242,7 @@ fn a_handlers_stderr_flood_is_logged_within_a_budget_per_update() {
     let output = poll_once(&emulator, dir.path(), &["--exec", handler]);
     let log = stderr_of(&output);
     assert!(output.status.success(), "{log}");
-    assert_eq!(texts_per_chat(&emulator)["u_1"], ["ok"]);
+    assert_eq!(replies_per_chat(&emulator.sent())["u_1"], ["ok"]);
     let (lines, bytes) = exec_lines(&log);
     assert!(bytes < 200 * 1024, "{bytes} bytes of [exec] lines");
     let note = lines.last().unwrap();
@@ -296,7 +265,7 @@ fn a_workers_stderr_flood_is_logged_within_a_budget_per_update() {
     let dir = tempfile::tempdir().unwrap();
     let first = emulator.user_says("private", "u_1", "one");
     let second = emulator.user_says("private", "u_1", "two");
-    let worker = sh_worker(
+    let worker = sh_worker_starting_with(
         dir.path(),
         "",
         &format!("head -c 2000000 /dev/zero | tr '\\0' x | fold -w 99 >&2; {ANSWER}"),
@@ -331,7 +300,7 @@ fn a_reply_to_a_message_without_a_chat_is_a_dead_letter_with_exec_and_workers() 
         let dead = emulator.raw_update(no_chat);
         let handler = match kind {
             "--exec" => "cat > /dev/null; echo hello".to_string(),
-            _ => sh_worker(dir.path(), "", worker_answer),
+            _ => sh_worker(dir.path(), worker_answer),
         };
         let output = poll_once(&emulator, dir.path(), &[kind, &handler]);
         let log = stderr_of(&output);

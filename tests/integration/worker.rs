@@ -23,9 +23,11 @@ use crate::exec::{
 };
 
 /// The text content of the update line in `$line` (ASCII without quotes is
-/// all these tests send), and its update id, which every answer names.
+/// all these tests send), its update id, which every answer names, and its
+/// user chat (`u_…`).
 const CONTENT_OF_LINE: &str = r#"text=$(printf '%s' "$line" | sed -n 's/.*"content":"\([^"]*\)".*/\1/p')
-id=$(printf '%s' "$line" | sed -n 's/.*"update_id":\([0-9]*\).*/\1/p')"#;
+id=$(printf '%s' "$line" | sed -n 's/.*"update_id":\([0-9]*\).*/\1/p')
+chat=$(printf '%s' "$line" | sed -n 's/.*"id":"\(u_[0-9a-z_]*\)".*/\1/p')"#;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -35,14 +37,20 @@ fn fixture(name: &str) -> PathBuf {
 
 /// Writes a `sh` worker into `dir` that records its process group (its
 /// `$$`: the worker is the leader) in `dir/groups`, then runs `body` once
-/// per update line (in `$line`, its text in `$text`, its id in `$id`);
-/// returns the command.
-fn sh_worker(dir: &Path, body: &str) -> String {
+/// per update line (in `$line`, its text in `$text`, its id in `$id`, its
+/// chat in `$chat`); returns the command.
+pub(crate) fn sh_worker(dir: &Path, body: &str) -> String {
+    sh_worker_starting_with(dir, "", body)
+}
+
+/// [`sh_worker`], running `start` once before its first update (a banner,
+/// an announcement).
+pub(crate) fn sh_worker_starting_with(dir: &Path, start: &str, body: &str) -> String {
     let script = dir.join("worker.sh");
     std::fs::write(
         &script,
         format!(
-            "echo $$ >> '{groups}'\nwhile IFS= read -r line; do\n{CONTENT_OF_LINE}\n{body}\ndone\n",
+            "echo $$ >> '{groups}'\n{start}\nwhile IFS= read -r line; do\n{CONTENT_OF_LINE}\n{body}\ndone\n",
             groups = dir.join("groups").display()
         ),
     )
@@ -75,7 +83,7 @@ fn start_poll_echo(emulator: &Emulator, dir: &Path, worker: &str, extra: &[&str]
 }
 
 /// The reply texts the emulator got, per chat, in the order they came.
-fn replies_per_chat(sent: &[Value]) -> BTreeMap<String, Vec<String>> {
+pub(crate) fn replies_per_chat(sent: &[Value]) -> BTreeMap<String, Vec<String>> {
     let mut chats: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for reply in sent {
         let chat = reply["to_user_id"]
