@@ -474,13 +474,8 @@ impl WorkerPool {
     /// announce, a fresh one must have done so (waited for until `deadline`).
     fn get_ready(&self, worker: &mut Worker, deadline: Instant) -> Result<(), Broken> {
         worker.check_quiet()?;
-        if worker.ready {
-            return Ok(());
-        }
-        if !worker.pending.is_empty() {
-            return self.take_announcement(worker, deadline);
-        }
-        if self.announces.load(Ordering::Relaxed) {
+        // Its announcement began, or one is to come (the pool's workers announce).
+        if !worker.ready && (!worker.pending.is_empty() || self.announces.load(Ordering::Relaxed)) {
             return self.take_announcement(worker, deadline);
         }
         Ok(())
