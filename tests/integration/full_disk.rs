@@ -96,6 +96,18 @@ fn file_size(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |found| found.len())
 }
 
+/// poll-echo on `state`, once it has answered `text` from u_1.
+fn poll_echo_answering(emulator: &Emulator, state: &Path, text: &str) -> Service {
+    let service = Service::start(emulator, &["poll-echo", "--state", state.to_str().unwrap()]);
+    let first = emulator.user_says("private", "u_1", text);
+    wait_until(Duration::from_secs(15), "the first reply", || {
+        emulator
+            .sent()
+            .contains(&echo(first, text, ("to_user_id", "u_1")))
+    });
+    service
+}
+
 /// serve-webhook with its state on a new 2 MB tmpfs: the disk (unmounted
 /// when dropped), the state file's path, the server.
 fn serve_on_a_small_disk(emulator: &Emulator, logs: &Path) -> (Tmpfs, PathBuf, Server) {
@@ -279,16 +291,7 @@ fn poll_echo_on_a_full_disk_exits_1_and_loses_nothing() {
     let emulator = Emulator::start();
     let disk = Tmpfs::mount("2m");
     let state = disk.path().join("s.db");
-    let mut service = Service::start(
-        &emulator,
-        &["poll-echo", "--state", state.to_str().unwrap()],
-    );
-    let first = emulator.user_says("private", "u_1", "before");
-    wait_until(Duration::from_secs(15), "the first reply", || {
-        emulator
-            .sent()
-            .contains(&echo(first, "before", ("to_user_id", "u_1")))
-    });
+    let mut service = poll_echo_answering(&emulator, &state, "before");
     let filler = disk.fill();
     let second = emulator.user_says("private", "u_1", "while full");
     let status = service.wait(Duration::from_secs(15));
@@ -355,16 +358,7 @@ fn poll_echo_stops_when_its_state_file_is_deleted() {
     let emulator = Emulator::start();
     let states = tempfile::tempdir().unwrap();
     let state = states.path().join("s.db");
-    let mut service = Service::start(
-        &emulator,
-        &["poll-echo", "--state", state.to_str().unwrap()],
-    );
-    let first = emulator.user_says("private", "u_1", "one");
-    wait_until(Duration::from_secs(15), "the first reply", || {
-        emulator
-            .sent()
-            .contains(&echo(first, "one", ("to_user_id", "u_1")))
-    });
+    let mut service = poll_echo_answering(&emulator, &state, "one");
     std::fs::remove_file(&state).unwrap();
     emulator.user_says("private", "u_1", "two");
     let status = service.wait(Duration::from_secs(15));
