@@ -19,7 +19,6 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -228,7 +227,8 @@ fn seconds(duration: Duration) -> String {
 
 /// A TCP or unix socket whose reads and writes end by a deadline.
 struct Socket {
-    inner: Inner,
+    /// socket2's socket: one type for both kinds, reads, writes and timeouts.
+    inner: socket2::Socket,
     deadline: Instant,
     /// The time the deadline was set for, to say how long was waited.
     budget: Duration,
@@ -238,11 +238,6 @@ struct Socket {
     interruptible: bool,
     /// Why the last read or write failed, when it was the deadline or a signal.
     stopped: Option<Fault>,
-}
-
-enum Inner {
-    Tcp(TcpStream),
-    Unix(UnixStream),
 }
 
 impl Socket {
@@ -286,7 +281,7 @@ impl Socket {
                 let stream = connected.ok_or(last)?;
                 // A request is written whole; no need to wait for more.
                 let _ = stream.set_nodelay(true);
-                Inner::Tcp(stream)
+                socket2::Socket::from(stream)
             }
             Address::Unix(path) => {
                 use socket2::{Domain, SockAddr, Socket, Type};
@@ -305,7 +300,7 @@ impl Socket {
                     }
                     _ => connect_fault(error),
                 })?;
-                Inner::Unix(UnixStream::from(socket))
+                socket
             }
         };
         Ok(Socket {
@@ -322,7 +317,7 @@ impl Socket {
     fn bounded<T>(
         &mut self,
         writing: bool,
-        mut operation: impl FnMut(&mut Inner) -> io::Result<T>,
+        mut operation: impl FnMut(&mut socket2::Socket) -> io::Result<T>,
     ) -> io::Result<T> {
         loop {
             let left = self.deadline.saturating_duration_since(Instant::now());
@@ -333,7 +328,11 @@ impl Socket {
                     "the call's time is up",
                 ));
             }
-            self.inner.set_timeout(writing, left)?;
+            if writing {
+                self.inner.set_write_timeout(Some(left))?;
+            } else {
+                self.inner.set_read_timeout(Some(left))?;
+            }
             match operation(&mut self.inner) {
                 // The socket's timeout: the deadline is looked at again.
                 Err(error)
@@ -351,39 +350,6 @@ impl Socket {
                 result => return result,
             }
         }
-    }
-}
-
-impl Inner {
-    fn set_timeout(&self, writing: bool, timeout: Duration) -> io::Result<()> {
-        match (self, writing) {
-            (Inner::Tcp(stream), false) => stream.set_read_timeout(Some(timeout)),
-            (Inner::Tcp(stream), true) => stream.set_write_timeout(Some(timeout)),
-            (Inner::Unix(stream), false) => stream.set_read_timeout(Some(timeout)),
-            (Inner::Unix(stream), true) => stream.set_write_timeout(Some(timeout)),
-        }
-    }
-}
-
-impl Read for Inner {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Inner::Tcp(stream) => stream.read(buf),
-            Inner::Unix(stream) => stream.read(buf),
-        }
-    }
-}
-
-impl Write for Inner {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Inner::Tcp(stream) => stream.write(buf),
-            Inner::Unix(stream) => stream.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
 
@@ -738,7 +704,7 @@ mod tests {
     /// A reply is read only up to the cap, however much the peer sends.
     #[test]
     fn a_reply_over_the_cap_fails_the_call() {
-        let (mine, mut peer) = UnixStream::pair().unwrap();
+        let (mine, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
         let sender = std::thread::spawn(move || {
             let _ = peer.write_all(b"$999999999999\r\n");
             let chunk = vec![b'x'; 64 * 1024];
@@ -747,7 +713,7 @@ mod tests {
         let budget = Duration::from_secs(5);
         let mut link = Link {
             stream: Stream::Plain(Socket {
-                inner: Inner::Unix(mine),
+                inner: socket2::Socket::from(mine),
                 deadline: Instant::now() + budget,
                 budget,
                 interruptible: false,
