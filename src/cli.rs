@@ -559,10 +559,23 @@ pub struct PollEchoArgs {
     pub exec: ExecArgs,
 
     #[command(flatten)]
+    pub metrics: MetricsArgs,
+
+    #[command(flatten)]
     pub stop: StopArgs,
 
     #[command(flatten)]
     pub api: ApiArgs,
+}
+
+/// `--metrics ADDR`, shared by the commands that run as a service.
+#[derive(Debug, Clone, Args)]
+pub struct MetricsArgs {
+    /// Serve Prometheus metrics at http://ADDR/metrics, with /healthz and
+    /// /readyz (for example 127.0.0.1:9464; port 0 picks a free one, named
+    /// in the start line). Off unless given.
+    #[arg(long = "metrics", value_name = "ADDR", env = "FLY_METRICS")]
+    pub address: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -765,6 +778,9 @@ pub struct ServeWebhookArgs {
     pub exec: ExecArgs,
 
     #[command(flatten)]
+    pub metrics: MetricsArgs,
+
+    #[command(flatten)]
     pub stop: StopArgs,
 
     #[command(flatten)]
@@ -865,6 +881,9 @@ pub struct ForwardArgs {
 
     #[command(flatten)]
     pub lease: LeaseArgs,
+
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
 
     #[command(flatten)]
     pub stop: StopArgs,

@@ -17,6 +17,7 @@ pub(crate) mod emulator;
 pub mod exit;
 pub(crate) mod http_client;
 pub(crate) mod http_server;
+pub(crate) mod observe;
 pub mod logging;
 pub mod output;
 pub(crate) mod progress;

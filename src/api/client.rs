@@ -13,6 +13,7 @@ use ureq::http::Response;
 
 use super::types::{PATH_BATCH_ACCESS, PATH_SEND, PATH_UPDATES, SendRequest, Unusable, Update};
 use super::{ApiError, Token};
+use crate::observe::metrics;
 use crate::retry::{
     AttemptError, GaveUp, RetryPolicy, TransportFailure, attempts_text, classify_transport,
     transient_response,
@@ -121,6 +122,10 @@ impl ApiClient {
         let outcome = self.policy.run(
             |attempt| self.attempt(&url, path, body, read_timeout, attempt.time_left, &read),
             |failures, reason, delay| {
+                metrics()
+                    .api_retries
+                    .get_or_create(&[("endpoint", endpoint_label(path))])
+                    .inc();
                 tracing::warn!(
                     path,
                     failures,
@@ -266,6 +271,7 @@ impl ApiClient {
         let response = match result {
             Ok(response) => response,
             Err(error) => {
+                metrics().api_request(endpoint_label(path), 0, started.elapsed().as_secs_f64());
                 let failure = classify_transport_error(&self.host, path, error);
                 tracing::debug!(
                     ms = elapsed_ms(started),
@@ -277,6 +283,7 @@ impl ApiClient {
         };
         let status = response.status().as_u16();
         let outcome = self.read_envelope(path, response, read);
+        metrics().api_request(endpoint_label(path), status, started.elapsed().as_secs_f64());
         tracing::debug!(status, ms = elapsed_ms(started), "POST {path}");
         outcome
     }
@@ -512,6 +519,16 @@ fn new_agent() -> Agent {
         connect_timeout: CONNECT_TIMEOUT,
         read_timeout: READ_TIMEOUT,
     })
+}
+
+/// The `endpoint` label of an API path, from a fixed set.
+fn endpoint_label(path: &str) -> &'static str {
+    match path {
+        PATH_UPDATES => "updates",
+        PATH_SEND => "send",
+        PATH_BATCH_ACCESS => "batch_access",
+        _ => "other",
+    }
 }
 
 fn elapsed_ms(started: Instant) -> u64 {

@@ -1,5 +1,7 @@
 //! The platform's wire types (SPEC section 1) and its paths.
 
+use std::time::Instant;
+
 use serde_json::{Map, Value};
 
 use super::media::{MediaUrl, media_urls};
@@ -113,6 +115,9 @@ pub struct Update {
     /// response, or the webhook request body. `--exec` handlers get these
     /// bytes and `fly forward` signs them.
     pub raw: String,
+    /// When it was read from the poll's answer or the delivery: the start
+    /// of its record's time (`fly_update_duration_seconds`).
+    pub received: Instant,
 }
 
 #[derive(Debug, Clone)]
@@ -185,6 +190,7 @@ impl Update {
             kind,
             message,
             raw: raw.to_string(),
+            received: Instant::now(),
         })
     }
 

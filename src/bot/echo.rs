@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use super::{HandleError, Handler, Outcome};
+use crate::observe::{Step, Steps};
 use crate::api::media::{MediaUrl, is_media_type};
 use crate::api::{ApiClient, Chat, Message, SendRequest, Update};
 use crate::download::{DownloadError, Durability, download, safe_file_name, save_atomically};
@@ -26,7 +27,7 @@ impl Handler for EchoHandler {
         update.kind != "message"
     }
 
-    fn handle(&self, update: &Update) -> Result<Outcome, HandleError> {
+    fn handle(&self, update: &Update, steps: &mut Steps) -> Result<Outcome, HandleError> {
         if update.kind != "message" {
             // Callbacks and other kinds: the examples' bot answers only messages.
             return Ok(Outcome::Ignored);
@@ -43,7 +44,7 @@ impl Handler for EchoHandler {
         if let Some(dir) = &self.media_dir
             && is_media_type(&message.msg_type)
         {
-            return self.media_round_trip(update.update_id, message, chat, dir);
+            return self.media_round_trip(update.update_id, message, chat, dir, steps);
         }
         // As the example: any message gets an echo, non-text ones an empty one.
         let mut echo = b"echo: ".to_vec();
@@ -53,7 +54,7 @@ impl Handler for EchoHandler {
             echo,
             format!("echo_{}", update.update_id),
         );
-        self.send(&reply, Outcome::Replied)
+        steps.time(Step::Reply, || self.send(&reply, Outcome::Replied))
     }
 }
 
@@ -73,16 +74,37 @@ impl EchoHandler {
         message: &Message,
         chat: &Chat,
         dir: &std::path::Path,
+        steps: &mut Steps,
     ) -> Result<Outcome, HandleError> {
+        let saved = steps.time(Step::Media, || self.fetch_media(update_id, message, dir))?;
+        if saved == 0 {
+            return Ok(Outcome::Ignored);
+        }
+        let forward = SendRequest::new(
+            chat.reply_target(),
+            message.msg_type.clone(),
+            message.data.clone(),
+            format!("fwd_{update_id}"),
+        );
+        steps.time(Step::Reply, || self.send(&forward, Outcome::Forwarded))
+    }
+
+    /// Saves the media of `message` into `dir`: how many files were saved.
+    fn fetch_media(
+        &self,
+        update_id: i64,
+        message: &Message,
+        dir: &std::path::Path,
+    ) -> Result<usize, HandleError> {
         let urls = &message.media;
         if urls.is_empty() {
             tracing::warn!(update_id, "media message without media URLs; not forwarded");
-            return Ok(Outcome::Ignored);
+            return Ok(0);
         }
         let wanted: Vec<String> = urls.iter().map(|media| media.url.clone()).collect();
         let access = match self.client.batch_access(&wanted, ACCESS_URL_SECONDS) {
             Ok(access) => access,
-            Err(error) => return HandleError::from_api(error),
+            Err(error) => return HandleError::from_api(error).map(|_| 0),
         };
         let mut saved = 0;
         for media in urls {
@@ -122,15 +144,8 @@ impl EchoHandler {
             // As the example: nothing to forward. Retrying would not change
             // the platform's answer, so the update must not block the chat.
             tracing::warn!(update_id, "no media could be fetched; not forwarded");
-            return Ok(Outcome::Ignored);
         }
-        let forward = SendRequest::new(
-            chat.reply_target(),
-            message.msg_type.clone(),
-            message.data.clone(),
-            format!("fwd_{update_id}"),
-        );
-        self.send(&forward, Outcome::Forwarded)
+        Ok(saved)
     }
 }
 

@@ -24,6 +24,7 @@ use serde_json::{Map, Value};
 
 use super::child_io::{self, Chunk, ExitWatch, LogLines};
 use super::{HandleError, Handler, Outcome};
+use crate::observe::{Step, Steps};
 use crate::api::{ApiClient, MessageData, SendRequest, Update};
 use crate::children::{self, Group};
 
@@ -83,12 +84,12 @@ impl Handler for ExecHandler {
         update.message.is_none()
     }
 
-    fn handle(&self, update: &Update) -> Result<Outcome, HandleError> {
+    fn handle(&self, update: &Update, steps: &mut Steps) -> Result<Outcome, HandleError> {
         let Some(message) = update.message.as_ref() else {
             return Ok(Outcome::Ignored);
         };
-        let stdout = self
-            .run(update)
+        let stdout = steps
+            .time(Step::Handler, || self.run(update))
             .map_err(|error| match error.downcast::<SetupError>() {
                 Ok(setup) => HandleError::Fatal(setup.into()),
                 Err(error) => {
@@ -103,7 +104,9 @@ impl Handler for ExecHandler {
             Some((msg_type, data)) => Reply::Message { msg_type, data },
             None => Reply::Text(reply.to_string()),
         };
-        send_reply(&self.client, update, message, reply)
+        steps.time(Step::Reply, || {
+            send_reply(&self.client, update, message, reply)
+        })
     }
 }
 

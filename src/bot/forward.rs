@@ -9,6 +9,7 @@ use anyhow::anyhow;
 use rustls_pki_types::CertificateDer;
 
 use super::{HandleError, Handler, Outcome};
+use crate::observe::{Step, Steps};
 use crate::api::Update;
 use crate::delivery::{Deliverer, Destination};
 use crate::http_client::ReceiverClient;
@@ -93,21 +94,23 @@ impl ForwardHandler {
 }
 
 impl Handler for ForwardHandler {
-    fn handle(&self, update: &Update) -> Result<Outcome, HandleError> {
+    fn handle(&self, update: &Update, steps: &mut Steps) -> Result<Outcome, HandleError> {
         // One nonce per update: a redelivery is recognisably the same delivery.
         let nonce = fly_base::random::hex_id(16);
-        let outcome = DELIVERY_RETRIES.run(
-            |_| self.deliver_once(update, &nonce),
-            |failures, reason, delay| {
-                tracing::warn!(
-                    update_id = update.update_id,
-                    failures,
-                    "delivery failed: {reason}; retrying in {:.1}s",
-                    delay.as_secs_f64()
-                );
-            },
-            |delay| self.shutdown.sleep(delay),
-        );
+        let outcome = steps.time(Step::Delivery, || {
+            DELIVERY_RETRIES.run(
+                |_| self.deliver_once(update, &nonce),
+                |failures, reason, delay| {
+                    tracing::warn!(
+                        update_id = update.update_id,
+                        failures,
+                        "delivery failed: {reason}; retrying in {:.1}s",
+                        delay.as_secs_f64()
+                    );
+                },
+                |delay| self.shutdown.sleep(delay),
+            )
+        });
         match outcome {
             Ok(_) => Ok(Outcome::Delivered),
             // The update cannot be signed as the platform's Python would

@@ -12,6 +12,7 @@ pub mod poll_loop;
 pub mod worker;
 
 use crate::api::{ApiError, Update};
+use crate::observe::Steps;
 use fly_state::Letters;
 
 /// How an update ended when it needs no more work. Logged, and stored with
@@ -82,7 +83,10 @@ impl HandleError {
 
 /// Answers one update. Called from several threads at once (for different chats).
 pub trait Handler: Send + Sync {
-    fn handle(&self, update: &Update) -> Result<Outcome, HandleError>;
+    /// Answers `update`, timing its steps (the handler, the reply, …) in
+    /// `steps`, the update's record: the step running when it fails names
+    /// the failure.
+    fn handle(&self, update: &Update, steps: &mut Steps) -> Result<Outcome, HandleError>;
 
     /// Handling `update` needs no I/O and starts no process (there is
     /// nothing to answer), so it cannot block and has no side effect: the

@@ -35,8 +35,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use super::{HandleError, Handler, Outcome, chat_label, record_dead_letter};
+use super::{HandleError, Handler, chat_label, record_dead_letter};
 use crate::api::{ApiClient, ApiError, Received, Update};
+use crate::observe::{End, Phase, Source, Step, UpdateRecord, metrics};
 use crate::retry::RetryPolicy;
 use crate::shutdown::{Shutdown, Stage};
 use fly_base::sync::lock;
@@ -81,6 +82,8 @@ pub struct PollSettings {
     pub max_updates: Option<u64>,
     /// One poll with timeout 0, handle what came, then stop.
     pub once: bool,
+    /// What the updates' records say they came from (poll or forward).
+    pub source: Source,
 }
 
 impl PollSettings {
@@ -116,6 +119,7 @@ pub fn run(
     let standby = (!settings.once).then_some(shutdown as &dyn fly_state::Standby);
     let mut total = Summary::default();
     loop {
+        metrics().set_phase(Phase::StandingBy);
         let Some(lease) = store.claim_polling(standby)? else {
             tracing::info!("stopped while standing by");
             return Ok(total);
@@ -155,6 +159,7 @@ fn run_holding(
 ) -> anyhow::Result<(Summary, bool)> {
     let offset = store.next_offset()?;
     tracing::info!(offset, state = %store.location(), "polling for updates");
+    metrics().set_phase(Phase::Polling);
     let scheduler = Arc::new(Scheduler::new(offset, settings.clone()));
     let parked = scheduler.load_parked(store.as_ref())?;
     if parked > 0 {
@@ -175,6 +180,7 @@ fn run_holding(
             );
         }
         if stage >= Stage::Requested {
+            metrics().set_phase(Phase::Stopping);
             listening.stop_taking_work();
         }
         if stage >= Stage::Abandon {
@@ -548,7 +554,12 @@ impl Scheduler {
     }
 
     /// Wakes everyone waiting; takes the guard to show the change was made under it.
-    fn notify(&self, _state: &mut Queues) {
+    /// The gauges follow every change from here.
+    fn notify(&self, state: &mut Queues) {
+        let metrics = metrics();
+        metrics.updates_in_flight.set(state.in_flight() as i64);
+        metrics.parked_updates.set(state.parked.len() as i64);
+        metrics.poll_offset.set(state.offset());
         self.changed.notify_all();
     }
 
@@ -572,6 +583,7 @@ impl Scheduler {
     /// hand finishes (its marks are refused, so it comes again to the other).
     fn lease_lost(&self) {
         if !self.lost.swap(true, Ordering::SeqCst) {
+            metrics().set_phase(Phase::StandingBy);
             tracing::warn!(
                 "lost the polling lease: finishing the updates in hand, then taking it \
                  again or standing by"
@@ -638,6 +650,8 @@ impl Scheduler {
                             "update recorded as a dead letter (see fly dead-letters): {}",
                             unusable.reason
                         );
+                        UpdateRecord::new(self.settings.source, Instant::now())
+                            .finish(End::DeadLetter);
                     }
                     continue;
                 }
@@ -655,6 +669,8 @@ impl Scheduler {
                         .get(&chat_label(&update))
                         .is_some_and(|queue| queue.has_spilled(update.update_id, &state.spilling))
             };
+            // Handled, and not yet confirmed: it comes back until the
+            // offset passes it (not a redelivery worth counting).
             if !known && !store.is_handled(update.update_id)? {
                 fresh.push(update);
             } else {
@@ -920,41 +936,54 @@ impl Scheduler {
             self.lease_lost();
             return;
         }
-        let started = Instant::now();
-        let outcome = handler.handle(&update);
-        let latency_ms = started.elapsed().as_millis() as u64;
-        let was_parked = self.lock().parked.contains(&update.update_id);
+        let (attempt, was_parked) = {
+            let state = self.lock();
+            let failures = state.chats.get(&chat).map_or(0, |queue| queue.failures);
+            (failures + 1, state.parked.contains(&update.update_id))
+        };
+        let mut record = UpdateRecord::of(self.settings.source, &update, attempt);
+        let outcome = handler.handle(&update, &mut record.steps);
         let recorded = match outcome {
-            Ok(outcome) => store
-                .mark_handled(update.update_id, outcome.as_str())
-                .and_then(|()| unpark(store, &update, was_parked))
-                .map(|()| {
-                    log_handled(&update, &chat, outcome, latency_ms);
-                    Done::Finished
-                }),
-            Err(HandleError::DeadLetter(reason)) => {
-                // A parked record of it makes way for the dead letter.
-                unpark(store, &update, was_parked)
-                    .and_then(|()| record_dead_letter(store, &update, &reason))
-                    .map(|()| Done::DeadLetter)
-            }
+            Ok(outcome) => record
+                .steps
+                .time(Step::Store, || {
+                    store
+                        .mark_handled(update.update_id, outcome.as_str())
+                        .and_then(|()| unpark(store, &update, was_parked))
+                })
+                .map(|()| (Done::Finished, End::Done(outcome))),
+            Err(HandleError::DeadLetter(reason)) => record
+                .steps
+                .time(Step::Store, || {
+                    // A parked record of it makes way for the dead letter.
+                    unpark(store, &update, was_parked)
+                        .and_then(|()| record_dead_letter(store, &update, &reason))
+                })
+                .map(|()| (Done::DeadLetter, End::DeadLetter)),
             Err(HandleError::Retry(error)) => {
-                self.failed(store, &chat, &update, &error, false, latency_ms)
+                self.failed(store, &chat, &update, &error, false, &record)
             }
             Err(HandleError::Park(error)) => {
-                self.failed(store, &chat, &update, &error, true, latency_ms)
+                self.failed(store, &chat, &update, &error, true, &record)
             }
             Err(HandleError::Fatal(error)) => Err(error),
         };
         match recorded {
-            Ok(done) => self.finish(&chat, update.update_id, done),
+            Ok((done, end)) => {
+                record.finish(end);
+                self.finish(&chat, update.update_id, done);
+            }
             // Not marked: tried again once the store answers (a repeat
             // of the reply is absorbed by its client_msg_id).
             Err(error) if is_unavailable(&error) => {
-                tracing::debug!(update_id = update.update_id, "not recorded: {error:#}");
+                metrics().state_store_errors.inc();
+                record.finish(End::Failed(format!("not recorded: {error:#}")));
                 self.finish(&chat, update.update_id, Done::Deferred);
             }
             Err(error) => {
+                if !is_lease_lost(&error) {
+                    metrics().state_store_errors.inc();
+                }
                 self.finish(&chat, update.update_id, Done::Failed);
                 self.fail(error);
             }
@@ -972,42 +1001,20 @@ impl Scheduler {
         update: &Update,
         error: &anyhow::Error,
         for_good: bool,
-        latency_ms: u64,
-    ) -> anyhow::Result<Done> {
+        record: &UpdateRecord,
+    ) -> anyhow::Result<(Done, End)> {
         let update_id = update.update_id;
-        let (attempts, was_parked) = {
-            let state = self.lock();
-            let failures = state.chats.get(chat).map_or(0, |queue| queue.failures);
-            (failures + 1, state.parked.contains(&update_id))
-        };
+        let attempts = record.attempt;
+        let was_parked = self.lock().parked.contains(&update_id);
         let park = for_good || was_parked || attempts >= self.settings.max_attempts.max(1);
         if !park || (self.settings.once && !for_good && !was_parked) {
-            tracing::warn!(
-                update_id,
-                chat,
-                latency_ms,
-                attempts,
-                "update not handled, will retry: {error:#}"
-            );
-            return Ok(Done::Failed);
+            return Ok((Done::Failed, End::Failed(format!("{error:#}"))));
         }
         store.park(update_id, &update.raw, &format!("{error:#}"))?;
-        if was_parked {
-            tracing::warn!(
-                update_id,
-                chat,
-                attempts,
-                "parked update failed again: {error:#}"
-            );
-        } else {
-            tracing::warn!(
-                update_id,
-                chat,
-                attempts,
-                "update parked (see fly dead-letters): {error:#}; \
-                 later updates of its chat wait behind it in the store, other chats go on"
-            );
-        }
+        let parked = End::Parked {
+            again: was_parked,
+            error: format!("{error:#}"),
+        };
         let waiting: Vec<(Update, Option<i64>)> = {
             let state = self.lock();
             state.chats.get(chat).map_or_else(Vec::new, |queue| {
@@ -1021,7 +1028,7 @@ impl Scheduler {
             })
         };
         self.park_waiting(store, waiting)?;
-        Ok(Done::Parked)
+        Ok((Done::Parked, parked))
     }
 
     /// Waits for an update that can start now (or a parked chat to read
@@ -1250,22 +1257,6 @@ impl Poller {
     }
 }
 
-fn log_handled(update: &Update, chat: &str, outcome: Outcome, latency_ms: u64) {
-    let msg_type = update
-        .message
-        .as_ref()
-        .map_or("", |message| message.msg_type.as_str());
-    tracing::info!(
-        update_id = update.update_id,
-        chat = %chat,
-        kind = %update.kind,
-        msg_type = %msg_type,
-        outcome = %outcome.as_str(),
-        latency_ms,
-        "update handled"
-    );
-}
-
 #[cfg(test)]
 mod tests {
     //! The scheduler driven by hand, a step at a time, as its workers and
@@ -1276,6 +1267,8 @@ mod tests {
     use std::sync::mpsc;
 
     use super::*;
+    use crate::bot::Outcome;
+    use crate::observe::Steps;
     use fly_state::{BotIdentity, Letters, SqliteStore, Store};
 
     /// Long enough for any backoff to be over.
@@ -1313,7 +1306,7 @@ mod tests {
     }
 
     impl Handler for Scripted {
-        fn handle(&self, update: &Update) -> Result<Outcome, HandleError> {
+        fn handle(&self, update: &Update, _steps: &mut Steps) -> Result<Outcome, HandleError> {
             let id = update.update_id;
             assert!(
                 !lock(&self.replied).contains(&id),
@@ -1346,6 +1339,7 @@ mod tests {
             concurrency: 1,
             max_updates: None,
             once: false,
+            source: Source::Poll,
         }
     }
 
@@ -1786,7 +1780,7 @@ mod tests {
             changed: Condvar,
         }
         impl Handler for Gate {
-            fn handle(&self, update: &Update) -> Result<Outcome, HandleError> {
+            fn handle(&self, update: &Update, _steps: &mut Steps) -> Result<Outcome, HandleError> {
                 let chat = chat_label(update);
                 {
                     let mut busy = lock(&self.in_handler);

@@ -19,6 +19,7 @@ use serde_json::Value;
 use super::child_io::{self, Chunk, ExitWatch};
 use super::exec::{MAX_REPLY_BYTES, Reply, SetupError, SetupProblem, send_reply};
 use super::{HandleError, Handler, Outcome, chat_label};
+use crate::observe::{Step, Steps};
 use crate::api::{ApiClient, Update};
 use crate::children::Group;
 use fly_base::sync::lock;
@@ -405,6 +406,7 @@ impl WorkerPool {
         let exit = status.map_or_else(|| "unknown".to_string(), |status| status.to_string());
         let mut state = self.lock();
         if !state.closed && setup.is_none() {
+            crate::observe::metrics().handler_restarts.inc();
             tracing::warn!(
                 worker = index,
                 failures,
@@ -610,18 +612,20 @@ impl Handler for WorkerPool {
         update.message.is_none()
     }
 
-    fn handle(&self, update: &Update) -> Result<Outcome, HandleError> {
+    fn handle(&self, update: &Update, steps: &mut Steps) -> Result<Outcome, HandleError> {
         let Some(message) = update.message.as_ref() else {
             // Not a message: confirmed without a reply, as with --exec.
             return Ok(Outcome::Ignored);
         };
-        let answer = {
+        let answer = steps.time(Step::Handler, || {
             let _turn = self.take_turn(&chat_label(update));
-            self.ask(update)?
-        };
+            self.ask(update)
+        })?;
         match answer {
             Answer::Nothing => Ok(Outcome::Handled),
-            Answer::Reply(reply) => send_reply(&self.client, update, message, reply),
+            Answer::Reply(reply) => steps.time(Step::Reply, || {
+                send_reply(&self.client, update, message, reply)
+            }),
             Answer::Error(why) => Err(HandleError::Retry(anyhow!(
                 "{} {:?} answered an error: {why}",
                 self.named,

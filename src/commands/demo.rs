@@ -164,6 +164,7 @@ fn answer_with_poll_echo(
         media_dir: Some(media_dir.to_path_buf()),
     };
     let settings = PollSettings {
+        source: crate::observe::Source::Poll,
         max_attempts: 5,
         park_retry_max: Duration::from_secs(300),
         limit: 50,

@@ -11,7 +11,7 @@ use crate::bot::forward::ForwardHandler;
 use crate::bot::poll_loop::{self, PollSettings};
 use crate::cli::ForwardArgs;
 use crate::commands::credentials::{configured_token, required_token, signing_secret};
-use crate::commands::wiring::polling_store;
+use crate::commands::wiring::{polling_store, serve_polling_metrics};
 use crate::delivery::Destination;
 use crate::exit;
 use crate::retry::RetryPolicy;
@@ -46,6 +46,7 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
         secret.source,
         args.bot_id
     );
+    serve_polling_metrics(&args.metrics, &store)?;
     let trusted = match &args.to_ca {
         Some(path) => Some(super::credentials::read_certificates(path, "--to-ca")?),
         None => None,
@@ -61,6 +62,7 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
         shutdown.clone(),
     ));
     let settings = PollSettings {
+        source: crate::observe::Source::Forward,
         max_attempts: args.park.max_attempts,
         park_retry_max: args.park.park_retry_max,
         limit: 50,

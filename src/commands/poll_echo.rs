@@ -10,7 +10,7 @@ use crate::api::ApiClient;
 use crate::bot::poll_loop::{self, PollSettings};
 use crate::cli::PollEchoArgs;
 use crate::commands::credentials::required_token;
-use crate::commands::wiring::{polling_store, reply_handler};
+use crate::commands::wiring::{polling_store, reply_handler, serve_polling_metrics};
 use crate::exit;
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
@@ -34,8 +34,10 @@ pub fn run(args: PollEchoArgs) -> anyhow::Result<ExitCode> {
         args.retention.retention,
         args.lease.lease,
     )?;
+    serve_polling_metrics(&args.metrics, &store)?;
     let media_dir = args.media_dir.map(prepare_media_dir).transpose()?;
     let settings = PollSettings {
+        source: crate::observe::Source::Poll,
         max_attempts: args.park.max_attempts,
         park_retry_max: args.park.park_retry_max,
         limit: args.limit,

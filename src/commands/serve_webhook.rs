@@ -43,10 +43,13 @@ pub fn run(args: ServeWebhookArgs) -> anyhow::Result<ExitCode> {
     // Before the URL is printed: a script that stops the server right after
     // reading it gets a clean stop.
     let shutdown = Shutdown::on_signals(args.stop.grace)?;
-    let secrets = webhook_secrets(&args.secret, || configured_token(&args.api))?
-        .into_iter()
-        .map(|secret| secret.value)
-        .collect();
+    let secrets = webhook_secrets(&args.secret, || configured_token(&args.api))?;
+    let secret_sources = secrets
+        .iter()
+        .map(|secret| secret.source.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let secrets = secrets.into_iter().map(|secret| secret.value).collect();
     let client = ApiClient::new(&args.api.base_url, token.clone(), REPLY_RETRIES)?;
     let identity = BotIdentity::new(client.base_url(), token.expose());
     let state = args.state.location();
@@ -76,6 +79,8 @@ pub fn run(args: ServeWebhookArgs) -> anyhow::Result<ExitCode> {
         port: args.port,
         path: args.path,
         secrets,
+        secret_sources,
+        metrics: args.metrics.address,
         replay_window_secs: args.window,
         max_body_bytes: args.max_body,
         max_connections: args.max_connections as usize,

@@ -9,7 +9,9 @@ use anyhow::Context;
 
 use crate::api::ApiClient;
 use crate::bot::Handler;
-use crate::cli::{ApiArgs, ExecArgs};
+use crate::cli::{ApiArgs, ExecArgs, MetricsArgs};
+use crate::observe::endpoint::{self, Readiness};
+use crate::observe::{Phase, metrics};
 use crate::retry::RetryPolicy;
 use fly_state::{BotIdentity, PollStore, RedisStore, SqliteStore, StateLocation};
 
@@ -50,6 +52,23 @@ pub fn reply_handler(
         ));
     }
     Arc::new(crate::bot::echo::EchoHandler { client, media_dir })
+}
+
+/// `--metrics` of a polling command (poll-echo, forward), if given:
+/// `/readyz` says whether the loop polls or stands by and `store` answers.
+pub fn serve_polling_metrics(
+    args: &MetricsArgs,
+    store: &Arc<dyn PollStore>,
+) -> anyhow::Result<()> {
+    let Some(address) = args.address else {
+        return Ok(());
+    };
+    let store = Arc::clone(store);
+    let ready: Readiness = Arc::new(move || {
+        matches!(metrics().phase(), Phase::Polling | Phase::StandingBy) && store.is_reachable()
+    });
+    endpoint::serve(address, ready)?;
+    Ok(())
 }
 
 /// The state store of a polling command (poll-echo, forward): the SQLite

@@ -47,6 +47,10 @@ pub struct WebhookConfig {
     pub path: String,
     /// Any of these verifies a delivery (key rotation).
     pub secrets: Vec<String>,
+    /// Where the secrets came from, for the start line (never a secret).
+    pub secret_sources: String,
+    /// `--metrics`: where to serve metrics, `/healthz` and `/readyz`.
+    pub metrics: Option<std::net::SocketAddr>,
     pub replay_window_secs: u64,
     pub max_body_bytes: u64,
     pub max_connections: usize,
@@ -77,6 +81,11 @@ pub fn run_until_signal(
     let tls = config.tls.clone();
     let (listener, local) = http_server::bind(config.bind, config.port)?;
     let store = open_store()?;
+    if let Some(address) = config.metrics {
+        // Ready as its own /readyz is: while the store answers.
+        let asked = Arc::clone(&store);
+        crate::observe::endpoint::serve(address, Arc::new(move || asked.is_reachable()))?;
+    }
     let scheme = if tls.is_some() { "https" } else { "http" };
     let url = format!("{scheme}://{local}{}", config.path);
 
@@ -96,6 +105,7 @@ pub fn run_until_signal(
     ));
     let (_subscription, stop_received) = follow_the_stop(&shutdown, Arc::clone(&handler));
     let grace = shutdown.grace();
+    let secret_sources = config.secret_sources.clone();
     let watched = Arc::clone(&store);
     let raising = Arc::clone(&fatal);
     let served = runtime.block_on(async move {
@@ -109,7 +119,12 @@ pub fn run_until_signal(
         };
         let server = http_server::Server::start(listener, tls, limits)?;
         crate::output::print_line(&url)?;
-        tracing::info!(%url, "receiving webhook deliveries");
+        tracing::info!(
+            %url,
+            state = %watched.location(),
+            "receiving webhook deliveries, verified with {}",
+            secret_sources
+        );
         let watching = tokio::spawn(watch_for_a_gone_store(watched, raising));
         server
             .serve(|| receiver::service(Arc::clone(&receiver)), stop)

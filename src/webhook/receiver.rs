@@ -2,12 +2,14 @@
 //! order of the checks.
 
 use std::convert::Infallible;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::{FatalStop, WebhookConfig};
 use crate::api::Update;
 use crate::bot::{HandleError, Handler, record_dead_letter};
+use crate::observe::{End, Source, Step, Steps, UpdateRecord, metrics};
+use fly_base::sync::lock;
 use bytes::Bytes;
 use fly_base::clock::unix_now;
 use fly_signature::{Verdict, Verifier, json, python};
@@ -20,6 +22,9 @@ use hyper::{Method, Request, Response, StatusCode};
 
 /// A client that has sent its headers gets this long for the body.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// At most one warning of refused deliveries this often.
+const REFUSAL_WARNING_EVERY: Duration = Duration::from_secs(1);
 
 pub struct Receiver {
     path: String,
@@ -34,6 +39,7 @@ pub struct Receiver {
     handler: Arc<dyn Handler>,
     /// Raised by a delivery whose handling failed fatally: stops the server.
     fatal: Arc<FatalStop>,
+    refusals: Refusals,
 }
 
 type DeliveryAnswer = Response<Full<Bytes>>;
@@ -54,6 +60,7 @@ impl Receiver {
             claim_lease: config.claim_lease,
             handler,
             fatal,
+            refusals: Refusals::default(),
         }
     }
 }
@@ -99,54 +106,100 @@ impl Receiver {
                 .insert(header::ALLOW, HeaderValue::from_static("POST"));
             return response;
         }
-        let (status, body) = self.receive(request).await;
-        tracing::info!(
-            status = status.as_u16(),
-            outcome = body,
-            "delivery answered"
-        );
+        let mut record = UpdateRecord::new(Source::Webhook, Instant::now());
+        let in_flight = &metrics().updates_in_flight;
+        in_flight.inc();
+        let (status, body, end) = match self.receive(request, &mut record).await {
+            (status, body, Some(end)) => (status, body, end),
+            (status, body, None) => (status, body, End::Refused),
+        };
+        in_flight.dec();
+        if status == StatusCode::UNAUTHORIZED {
+            self.refusals.warn(body, record.update_id);
+        }
+        record.finish_delivery(end, status.as_u16(), body);
         reply(status, body)
     }
 
-    async fn receive(&self, request: Request<Incoming>) -> (StatusCode, &'static str) {
+    /// The answer to a delivery, and how its update ended if it got as far
+    /// as one (`None`: refused before, a 4xx or a 409).
+    async fn receive(
+        &self,
+        request: Request<Incoming>,
+        record: &mut UpdateRecord,
+    ) -> (StatusCode, &'static str, Option<End>) {
+        let (status, body) = match self.admit(request, record).await {
+            Ok(admitted) => return self.handle(admitted, record).await,
+            Err(answer) => answer,
+        };
+        let end = match body {
+            "DUPLICATE" => Some(End::Duplicate),
+            "DEAD_LETTER" => Some(End::DeadLetter),
+            "STATE_STORE_UNAVAILABLE" | "STATE_STORE_FAILED" => {
+                metrics().state_store_errors.inc();
+                record.steps.add(Step::Store, Duration::ZERO);
+                Some(End::Failed(body.to_string()))
+            }
+            _ => None,
+        };
+        (status, body, end)
+    }
+
+    /// Reads, verifies and admits a delivery: the update to handle, with
+    /// its claim, or the answer that ends the delivery here.
+    async fn admit(
+        &self,
+        request: Request<Incoming>,
+        record: &mut UpdateRecord,
+    ) -> Result<Admitted, (StatusCode, &'static str)> {
         let declared = request
             .headers()
             .get(header::CONTENT_LENGTH)
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.parse::<u64>().ok());
         if declared.is_some_and(|length| length > self.max_body_bytes) {
-            return (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE");
+            return Err((StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"));
         }
         // The limit is enforced while reading: a body without (or lying
         // about) Content-Length is cut off at max_body_bytes too.
         let limited = Limited::new(request.into_body(), self.max_body_bytes as usize);
         let body = match tokio::time::timeout(BODY_READ_TIMEOUT, limited.collect()).await {
-            Err(_) => return (StatusCode::REQUEST_TIMEOUT, "BODY_READ_TIMEOUT"),
+            Err(_) => return Err((StatusCode::REQUEST_TIMEOUT, "BODY_READ_TIMEOUT")),
             Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => {
-                return (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE");
+                return Err((StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"));
             }
-            Ok(Err(_)) => return (StatusCode::BAD_REQUEST, "BODY_READ_FAILED"),
+            Ok(Err(_)) => return Err((StatusCode::BAD_REQUEST, "BODY_READ_FAILED")),
             Ok(Ok(collected)) => collected.to_bytes(),
         };
         let Ok(text) = std::str::from_utf8(&body) else {
-            return (StatusCode::BAD_REQUEST, "MALFORMED_JSON");
+            return Err((StatusCode::BAD_REQUEST, "MALFORMED_JSON"));
         };
 
         let Ok(parsed) = fly_signature::parse(text) else {
-            return (StatusCode::BAD_REQUEST, "MALFORMED_JSON");
+            return Err((StatusCode::BAD_REQUEST, "MALFORMED_JSON"));
         };
+        // Which update it says it is, trusted or not: the log line says
+        // the signature verdict beside it.
+        let update = Update::read(&parsed, text);
+        if let Ok(update) = &update {
+            record.describe(update);
+        }
         let now = unix_now();
-        match self.verify(&parsed, now) {
-            Ok(Verdict::Ok) => {}
-            Ok(rejected) => return (StatusCode::UNAUTHORIZED, rejected.code()),
-            Err(status_and_reason) => return status_and_reason,
+        let verdict = record.steps.time(Step::Verify, || self.verify(&parsed, now));
+        match verdict {
+            Ok(Verdict::Ok) => record.signature = Some(Verdict::Ok.code()),
+            Ok(rejected) => {
+                record.signature = Some(rejected.code());
+                return Err((StatusCode::UNAUTHORIZED, rejected.code()));
+            }
+            Err(status_and_reason) => return Err(status_and_reason),
         }
         // Verified: the update's fields can be trusted from here on. One
         // without a usable id is recorded and accepted: a 4xx would only make
         // the platform drop it, a 5xx deliver it again for nothing.
-        let update = match Update::read(&parsed, text) {
+        let update = match update {
             Ok(update) => update,
-            Err(unusable) => return self.record_unusable(text, unusable.reason).await,
+            Err(unusable) => return Err(self.record_unusable(text, unusable.reason).await),
         };
         // As the platform's Python reads it: `str(nonce or "")`.
         let nonce = python::py_str(parsed.get("nonce"), "nonce")
@@ -159,6 +212,7 @@ impl Receiver {
             window_secs: self.replay_window_secs as i64,
             lease: self.claim_lease,
         };
+        let asked = Instant::now();
         let admission = match self.store.try_admit(&delivery) {
             Some(answer) => answer.map(|admission| self.guard(admission)),
             // Only the store's disk or server can say: on a blocking thread,
@@ -175,13 +229,18 @@ impl Receiver {
                 .unwrap_or_else(store_task_failed)
             }
         };
-        match admission {
-            Ok(Guarded::Admitted { claim, wait }) => self.handle(update, claim, wait).await,
-            Ok(Guarded::Duplicate) => (StatusCode::OK, "DUPLICATE"),
-            Ok(Guarded::NonceReused) => (StatusCode::UNAUTHORIZED, "NONCE_REUSED"),
-            Ok(Guarded::InProgress) => (StatusCode::CONFLICT, "IN_PROGRESS"),
-            Err(error) => self.store_failed(error),
-        }
+        let admission = match admission {
+            Ok(Guarded::Admitted { claim, wait }) => match committed(wait).await {
+                Ok(()) => Ok(Admitted { update, claim }),
+                Err(error) => Err(self.store_failed(error)),
+            },
+            Ok(Guarded::Duplicate) => Err((StatusCode::OK, "DUPLICATE")),
+            Ok(Guarded::NonceReused) => Err((StatusCode::UNAUTHORIZED, "NONCE_REUSED")),
+            Ok(Guarded::InProgress) => Err((StatusCode::CONFLICT, "IN_PROGRESS")),
+            Err(error) => Err(self.store_failed(error)),
+        };
+        record.steps.add(Step::Store, asked.elapsed());
+        admission
     }
 
     /// [`store_failed`], and a state file deleted while fly ran stops the
@@ -242,82 +301,114 @@ impl Receiver {
             })
     }
 
-    /// Runs the handler on the blocking pool (once the store lets it: see
+    /// Runs the handler on the blocking pool (once the store let it: see
     /// `Admission::Admitted`); marks the update handled only once its reply
     /// was accepted, then releases its claim. A fatal error stops the
     /// server; its update is not handled, so the platform delivers it again.
     async fn handle(
         &self,
-        update: Update,
-        claim: ClaimGuard,
-        wait: Pending,
-    ) -> (StatusCode, &'static str) {
-        if let Err(error) = committed(wait).await {
-            return self.store_failed(error);
-        }
+        admitted: Admitted,
+        record: &mut UpdateRecord,
+    ) -> (StatusCode, &'static str, Option<End>) {
+        let Admitted { update, claim } = admitted;
         // Nothing to answer, and a store that marks in memory: done here.
         // Should either say otherwise, the update takes the worker pool
         // like any other (an instant handler has no side effect to repeat).
         if self.handler.is_instant(&update)
-            && let Ok(outcome) = self.handler.handle(&update)
+            && let Ok(outcome) = self.handler.handle(&update, &mut record.steps)
             && let Some(marked) = self
                 .store
                 .try_mark_handled(update.update_id, outcome.as_str())
         {
             drop(claim);
             return match marked {
-                Ok(()) => (StatusCode::OK, "OK"),
-                Err(error) => self.store_failed(error),
+                Ok(()) => (StatusCode::OK, "OK", Some(End::Done(outcome))),
+                Err(error) => self.failed_in_store(error),
             };
         }
         let handler = Arc::clone(&self.handler);
         let store = Arc::clone(&self.store);
+        let mut steps = std::mem::take(&mut record.steps);
         let joined = tokio::task::spawn_blocking(move || {
             // Released when this closure ends, after the mark: a redelivery
             // then finds the update handled, never unclaimed and unmarked.
             let _claim = claim;
-            reply_and_mark(handler.as_ref(), store.as_ref(), &update)
+            let handled = reply_and_mark(handler.as_ref(), store.as_ref(), &update, &mut steps);
+            (handled, steps)
         })
         .await;
-        self.answer_handled(joined)
+        match joined {
+            Ok((handled, steps)) => {
+                record.steps = steps;
+                self.answer_handled(handled)
+            }
+            Err(error) => {
+                tracing::error!("handler crashed: {error}");
+                let failed = End::Failed(format!("handler crashed: {error}"));
+                (StatusCode::INTERNAL_SERVER_ERROR, "REPLY_FAILED", Some(failed))
+            }
+        }
     }
 
     /// The answer to a delivery whose handler ran on the blocking pool.
     fn answer_handled(
         &self,
-        joined: Result<Result<&'static str, HandleError>, tokio::task::JoinError>,
-    ) -> (StatusCode, &'static str) {
-        match joined {
-            Ok(Ok(answer)) => (StatusCode::OK, answer),
+        handled: Result<End, HandleError>,
+    ) -> (StatusCode, &'static str, Option<End>) {
+        let failed = |error: String| {
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "REPLY_FAILED",
+                Some(End::Failed(error)),
+            )
+        };
+        match handled {
+            Ok(End::DeadLetter) => (StatusCode::OK, "DEAD_LETTER", Some(End::DeadLetter)),
+            Ok(end) => (StatusCode::OK, "OK", Some(end)),
             // Replied, but not recorded: the platform delivers again, and
             // the repeated reply is absorbed by its client_msg_id.
-            Ok(Err(HandleError::Retry(error))) if is_unavailable(&error) || is_gone(&error) => {
-                self.store_failed(error)
+            Err(HandleError::Retry(error)) if is_unavailable(&error) || is_gone(&error) => {
+                self.failed_in_store(error)
             }
-            Ok(Err(HandleError::Retry(error))) => {
+            Err(HandleError::Retry(error)) => {
                 tracing::error!("reply not sent, the platform will deliver again: {error:#}");
-                (StatusCode::INTERNAL_SERVER_ERROR, "REPLY_FAILED")
+                failed(format!("{error:#}"))
             }
-            Ok(Err(HandleError::Park(error))) => {
-                // Made a dead letter in `reply_and_mark`; never returned from it.
+            // Made dead letters in `reply_and_mark`; never returned from it.
+            Err(HandleError::Park(error)) => {
                 tracing::error!("dead letter not recorded: {error:#}");
-                (StatusCode::INTERNAL_SERVER_ERROR, "REPLY_FAILED")
+                failed(format!("{error:#}"))
             }
-            Ok(Err(HandleError::DeadLetter(reason))) => {
-                // Recorded in `reply_and_mark`; never returned from it.
+            Err(HandleError::DeadLetter(reason)) => {
                 tracing::error!("dead letter not recorded: {reason}");
-                (StatusCode::INTERNAL_SERVER_ERROR, "REPLY_FAILED")
+                failed(reason)
             }
-            Ok(Err(HandleError::Fatal(error))) => {
+            Err(HandleError::Fatal(error)) => {
+                let text = format!("{error:#}");
                 self.fatal.raise(error);
-                (StatusCode::INTERNAL_SERVER_ERROR, "FATAL_ERROR")
-            }
-            Err(error) => {
-                tracing::error!("handler crashed: {error}");
-                (StatusCode::INTERNAL_SERVER_ERROR, "REPLY_FAILED")
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "FATAL_ERROR",
+                    Some(End::Failed(text)),
+                )
             }
         }
     }
+
+    /// [`store_failed`] for an update in hand: a failure of its store step.
+    fn failed_in_store(&self, error: anyhow::Error) -> (StatusCode, &'static str, Option<End>) {
+        let text = format!("{error:#}");
+        let (status, body) = self.store_failed(error);
+        metrics().state_store_errors.inc();
+        (status, body, Some(End::Failed(text)))
+    }
+}
+
+/// A verified, admitted update, and the claim that keeps other deliveries
+/// of it waiting while it is handled.
+struct Admitted {
+    update: Update,
+    claim: ClaimGuard,
 }
 
 /// Runs the handler and records what came of it: the update handled, or a
@@ -326,28 +417,80 @@ fn reply_and_mark(
     handler: &dyn Handler,
     store: &dyn WebhookStore,
     update: &Update,
-) -> Result<&'static str, HandleError> {
+    steps: &mut Steps,
+) -> Result<End, HandleError> {
     // This server cannot retry later by itself: what poll-echo would
     // park (a rejected reply, media gone for good) is a dead letter
     // here, since the platform's redeliveries would only meet the
     // same refusal.
-    let handled = handler.handle(update).map_err(|error| match error {
+    let handled = handler.handle(update, steps).map_err(|error| match error {
         HandleError::Park(error) => HandleError::DeadLetter(format!("{error:#}")),
         other => other,
     });
     match handled {
         Ok(outcome) => {
-            store
-                .mark_handled(update.update_id, outcome.as_str())
+            steps
+                .time(Step::Store, || {
+                    store.mark_handled(update.update_id, outcome.as_str())
+                })
                 .map_err(HandleError::Retry)?;
-            Ok("OK")
+            Ok(End::Done(outcome))
         }
         // Accepted (200): delivering it again could not help.
         Err(HandleError::DeadLetter(reason)) => {
-            record_dead_letter(store, update, &reason).map_err(HandleError::Retry)?;
-            Ok("DEAD_LETTER")
+            steps
+                .time(Step::Store, || record_dead_letter(store, update, &reason))
+                .map_err(HandleError::Retry)?;
+            Ok(End::DeadLetter)
         }
         Err(other) => Err(other),
+    }
+}
+
+/// Deliveries refused 401 (a signature, the replay window, a nonce) are
+/// warned of at most once a second, with the count of the others since: a
+/// wrong secret shows at once, without a line per delivery at the
+/// platform's rate (each delivery's own line is INFO).
+#[derive(Default)]
+struct Refusals {
+    state: Mutex<RefusalsSaid>,
+}
+
+#[derive(Default)]
+struct RefusalsSaid {
+    last: Option<Instant>,
+    unsaid: u64,
+}
+
+impl Refusals {
+    fn warn(&self, code: &'static str, update_id: Option<i64>) {
+        let unsaid = {
+            let mut said = lock(&self.state);
+            let now = Instant::now();
+            if said
+                .last
+                .is_some_and(|last| now.duration_since(last) < REFUSAL_WARNING_EVERY)
+            {
+                said.unsaid += 1;
+                return;
+            }
+            said.last = Some(now);
+            std::mem::take(&mut said.unsaid)
+        };
+        let why = match code {
+            "SIGNATURE_MISMATCH" => {
+                "is it signed with the secret this server verifies with (see its start line)?"
+            }
+            "REPLAY_WINDOW_EXCEEDED" => "is this machine's clock right, and --window wide enough?",
+            _ => "a nonce already seen with another update",
+        };
+        let update_id = update_id.map_or_else(|| "-".to_string(), |id| id.to_string());
+        tracing::warn!(
+            update_id = %update_id,
+            refused_since_last_warning = unsaid,
+            "delivery refused (401 {code}): {why} `fly verify-sig --explain` on the \
+             delivery's body shows each step of the check"
+        );
     }
 }
 

@@ -1,0 +1,373 @@
+//! The one record of what happened to an update: where it came from, which
+//! update and chat it is, the signature verdict (webhooks), how it ended,
+//! its attempt, and the time each step took. The poll loop and the webhook
+//! receiver fill it in as they go; [`UpdateRecord::finish`] is the only
+//! place that turns it into a log line and metrics, so the two always agree.
+
+use std::time::{Duration, Instant};
+
+use super::metrics::metrics;
+use crate::api::Update;
+use crate::bot::{Outcome, chat_label};
+
+/// Where an update came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// `poll-echo`'s long poll.
+    Poll,
+    /// A delivery to `serve-webhook`.
+    Webhook,
+    /// `fly forward`'s long poll, delivered to a receiver.
+    Forward,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Poll => "poll",
+            Source::Webhook => "webhook",
+            Source::Forward => "forward",
+        }
+    }
+}
+
+/// A step of handling an update whose time is recorded; the step that was
+/// running when an attempt failed names the failure (`reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Signature v1 and the replay window (webhooks).
+    Verify,
+    /// Asking and telling the state store (admission, the handled mark).
+    Store,
+    /// Exchanging media URLs and downloading (`--media-dir`).
+    Media,
+    /// The `--exec` or `--exec-worker` handler.
+    Handler,
+    /// Sending the reply to the platform.
+    Reply,
+    /// Delivering to a webhook receiver (`fly forward`).
+    Delivery,
+}
+
+const STEPS: [Step; 6] = [
+    Step::Verify,
+    Step::Store,
+    Step::Media,
+    Step::Handler,
+    Step::Reply,
+    Step::Delivery,
+];
+
+impl Step {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Verify => "verify",
+            Step::Store => "store",
+            Step::Media => "media",
+            Step::Handler => "handler",
+            Step::Reply => "reply",
+            Step::Delivery => "delivery",
+        }
+    }
+}
+
+/// The time each step took, and the last one started. Handed to
+/// [`Handler::handle`](crate::bot::Handler::handle), which times its own steps.
+#[derive(Debug, Default, Clone)]
+pub struct Steps {
+    spent: [Option<Duration>; 6],
+    last: Option<Step>,
+}
+
+impl Steps {
+    /// Runs `work` as `step`, adding its time to the step's.
+    pub fn time<T>(&mut self, step: Step, work: impl FnOnce() -> T) -> T {
+        let started = Instant::now();
+        self.last = Some(step);
+        let result = work();
+        self.add(step, started.elapsed());
+        result
+    }
+
+    /// Adds `spent` to `step`'s time, as the last step started (for work
+    /// that is not one closure: an `await`, another thread).
+    pub fn add(&mut self, step: Step, spent: Duration) {
+        self.last = Some(step);
+        let slot = &mut self.spent[step as usize];
+        *slot = Some(slot.unwrap_or_default() + spent);
+    }
+
+    /// The time `step` took, if it ran.
+    pub fn spent(&self, step: Step) -> Option<Duration> {
+        self.spent[step as usize]
+    }
+
+    /// The step an attempt failed in: the last one started.
+    pub fn failed_step(&self) -> Step {
+        self.last.unwrap_or(Step::Handler)
+    }
+
+    /// `verify=12us handler=3ms reply=1ms` for the log line: the steps that ran.
+    fn describe(&self) -> String {
+        let mut text = String::new();
+        for step in STEPS {
+            if let Some(spent) = self.spent(step) {
+                if !text.is_empty() {
+                    text.push(' ');
+                }
+                if step == Step::Verify {
+                    text += &format!("verify={}us", spent.as_micros());
+                } else {
+                    text += &format!("{}={}ms", step.as_str(), spent.as_millis());
+                }
+            }
+        }
+        text
+    }
+}
+
+/// How an attempt at an update ended.
+#[derive(Debug)]
+pub enum End {
+    /// Handled: replied, forwarded, delivered, or nothing to answer.
+    Done(Outcome),
+    /// Handled before (a redelivery): not handled again.
+    Duplicate,
+    /// Can never be handled; recorded (see `fly dead-letters`).
+    DeadLetter,
+    /// Failed for good or too often: parked, tried again later. `again`
+    /// when it was parked already (a later try failed too).
+    Parked { again: bool, error: String },
+    /// Failed; tried again soon (the poll loop) or delivered again by the
+    /// platform (a webhook answered 5xx).
+    Failed(String),
+    /// A webhook delivery answered without handling an update (a bad
+    /// signature, an update in hand elsewhere, a bad request).
+    Refused,
+}
+
+impl End {
+    /// The `outcome` label of `fly_updates_total`, for ends of an update.
+    fn outcome_label(&self) -> Option<&'static str> {
+        match self {
+            End::Done(Outcome::Replied | Outcome::Forwarded) => Some("replied"),
+            End::Done(Outcome::Delivered) => Some("delivered"),
+            End::Done(Outcome::Handled | Outcome::Ignored) => Some("no_reply"),
+            End::Duplicate => Some("duplicate"),
+            End::DeadLetter => Some("dead_letter"),
+            End::Parked { again: false, .. } => Some("parked"),
+            End::Parked { again: true, .. } | End::Failed(_) | End::Refused => None,
+        }
+    }
+
+    /// The word in the log line.
+    fn word(&self) -> &'static str {
+        match self {
+            End::Done(outcome) => outcome.as_str(),
+            End::Duplicate => "duplicate",
+            End::DeadLetter => "dead_letter",
+            End::Parked { .. } => "parked",
+            End::Failed(_) => "failed",
+            End::Refused => "refused",
+        }
+    }
+}
+
+/// What happened to one update (one attempt at it, for the poll loop; one
+/// delivery, for the webhook receiver).
+#[derive(Debug)]
+pub struct UpdateRecord {
+    pub source: Source,
+    pub update_id: Option<i64>,
+    /// `chat_type:chat_id`, or `-`.
+    pub chat: String,
+    pub kind: String,
+    pub msg_type: String,
+    /// The signature verdict of a webhook delivery (`OK`, `SIGNATURE_MISMATCH`, …).
+    pub signature: Option<&'static str>,
+    /// This attempt's number, 1 for the first.
+    pub attempt: u32,
+    pub steps: Steps,
+    /// When the update was received (for webhooks, the request).
+    pub received: Instant,
+}
+
+impl UpdateRecord {
+    /// A record of an update received at `received`, nothing known yet.
+    pub fn new(source: Source, received: Instant) -> UpdateRecord {
+        UpdateRecord {
+            source,
+            update_id: None,
+            chat: "-".to_string(),
+            kind: String::new(),
+            msg_type: String::new(),
+            signature: None,
+            attempt: 1,
+            steps: Steps::default(),
+            received,
+        }
+    }
+
+    /// A record of `update`'s attempt number `attempt`.
+    pub fn of(source: Source, update: &Update, attempt: u32) -> UpdateRecord {
+        let mut record = UpdateRecord::new(source, update.received);
+        record.describe(update);
+        record.attempt = attempt;
+        record
+    }
+
+    /// Fills in which update this is.
+    pub fn describe(&mut self, update: &Update) {
+        self.update_id = Some(update.update_id);
+        self.chat = chat_label(update);
+        self.kind.clone_from(&update.kind);
+        self.msg_type = update
+            .message
+            .as_ref()
+            .map_or_else(String::new, |message| message.msg_type.clone());
+    }
+
+    /// The attempt ended: counted, and logged as the poll loop logs an update.
+    pub fn finish(self, end: End) {
+        self.count(&end);
+        self.log_update(&end);
+    }
+
+    /// A webhook delivery was answered `status` with `result`: counted,
+    /// and logged in one line with what the record knows.
+    pub fn finish_delivery(self, end: End, status: u16, result: &'static str) {
+        metrics().webhook_answered(status, result);
+        self.count(&end);
+        let update_id = self.update_id.map_or_else(|| "-".to_string(), |id| id.to_string());
+        tracing::info!(
+            status,
+            result,
+            update_id = %update_id,
+            chat = %self.chat,
+            outcome = end.word(),
+            signature = self.signature.unwrap_or("-"),
+            ms = self.received.elapsed().as_millis() as u64,
+            steps = self.steps.describe(),
+            "delivery answered"
+        );
+    }
+
+    fn count(&self, end: &End) {
+        let metrics = metrics();
+        if let Some(outcome) = end.outcome_label() {
+            metrics.updates.get_or_create(&[("outcome", outcome)]).inc();
+            metrics
+                .update_duration
+                .observe(self.received.elapsed().as_secs_f64());
+        }
+        if let End::Failed(_) | End::Parked { .. } = end {
+            metrics
+                .update_failures
+                .get_or_create(&[("reason", self.steps.failed_step().as_str())])
+                .inc();
+        }
+        if let Some(spent) = self.steps.spent(Step::Handler) {
+            metrics.handler_duration.observe(spent.as_secs_f64());
+        }
+    }
+
+    fn log_update(&self, end: &End) {
+        let update_id = self.update_id.unwrap_or_default();
+        let chat = &self.chat;
+        let attempts = self.attempt;
+        let steps = self.steps.describe();
+        match end {
+            End::Done(outcome) => tracing::info!(
+                source = self.source.as_str(),
+                update_id,
+                chat = %chat,
+                kind = %self.kind,
+                msg_type = %self.msg_type,
+                outcome = %outcome.as_str(),
+                latency_ms = self.received.elapsed().as_millis() as u64,
+                steps,
+                "update handled"
+            ),
+            End::Duplicate => tracing::debug!(
+                update_id,
+                chat = %chat,
+                "update handled before (a redelivery): not handled again"
+            ),
+            // Logged where it is recorded, with its reason.
+            End::DeadLetter | End::Refused => {}
+            End::Failed(error) => tracing::warn!(
+                update_id,
+                chat = %chat,
+                attempts,
+                step = self.steps.failed_step().as_str(),
+                "update not handled, will retry: {error}"
+            ),
+            End::Parked { again: true, error } => tracing::warn!(
+                update_id,
+                chat = %chat,
+                attempts,
+                "parked update failed again: {error}"
+            ),
+            End::Parked { again: false, error } => tracing::warn!(
+                update_id,
+                chat = %chat,
+                attempts,
+                "update parked (see fly dead-letters): {error}; \
+                 later updates of its chat wait behind it in the store, other chats go on"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_is_named_by_the_step_that_was_running() {
+        let mut steps = Steps::default();
+        assert_eq!(steps.failed_step(), Step::Handler);
+        steps.time(Step::Handler, || ());
+        let failed: Result<(), ()> = steps.time(Step::Reply, || Err(()));
+        assert!(failed.is_err());
+        assert_eq!(steps.failed_step(), Step::Reply);
+        assert!(steps.spent(Step::Handler).is_some());
+        assert!(steps.spent(Step::Media).is_none());
+        let described = steps.describe();
+        assert!(described.starts_with("handler=") && described.contains(" reply="));
+        assert!(!described.contains("media"), "{described}");
+    }
+
+    #[test]
+    fn outcomes_map_to_the_fixed_label_set() {
+        let error = || "x".to_string();
+        let cases = [
+            (End::Done(Outcome::Replied), Some("replied")),
+            (End::Done(Outcome::Forwarded), Some("replied")),
+            (End::Done(Outcome::Delivered), Some("delivered")),
+            (End::Done(Outcome::Handled), Some("no_reply")),
+            (End::Done(Outcome::Ignored), Some("no_reply")),
+            (End::Duplicate, Some("duplicate")),
+            (End::DeadLetter, Some("dead_letter")),
+            (
+                End::Parked {
+                    again: false,
+                    error: error(),
+                },
+                Some("parked"),
+            ),
+            (
+                End::Parked {
+                    again: true,
+                    error: error(),
+                },
+                None,
+            ),
+            (End::Failed(error()), None),
+            (End::Refused, None),
+        ];
+        for (end, label) in cases {
+            assert_eq!(end.outcome_label(), label, "{end:?}");
+        }
+    }
+}
