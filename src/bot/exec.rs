@@ -399,7 +399,7 @@ impl<'a> Pipes<'a> {
             return;
         };
         let update_id = self.update_id;
-        let mut log = |text: &str| tracing::warn!(update_id, "[exec] {text}");
+        let mut log = |text: &str| tracing::info!(update_id, "[exec] {text}");
         loop {
             match child_io::read_some(stderr, &mut self.buffer) {
                 Chunk::Data(read) => self.lines.push(&self.buffer[..read], &mut log),
@@ -425,7 +425,7 @@ impl<'a> Pipes<'a> {
         }
         let update_id = self.update_id;
         self.lines
-            .end_update(&mut |text: &str| tracing::warn!(update_id, "[exec] {text}"));
+            .end_update(&mut |text: &str| tracing::info!(update_id, "[exec] {text}"));
     }
 }
 

@@ -243,8 +243,8 @@ impl WorkerPool {
                     stderr,
                     || shown.load(Ordering::Relaxed),
                     |update_id, text| match update_id {
-                        0 => tracing::warn!(worker = index, "[exec] {text}"),
-                        update_id => tracing::warn!(update_id, worker = index, "[exec] {text}"),
+                        0 => tracing::info!(worker = index, "[exec] {text}"),
+                        update_id => tracing::info!(update_id, worker = index, "[exec] {text}"),
                     },
                 );
                 drop(done);

@@ -547,7 +547,7 @@ fn forward_delivers_into_serve_webhook_exec_end_to_end() {
     // delivery may still be on its way back when they do.
     let delivered = |log: &str| log.lines().filter(|l| l.contains(" delivery ")).count();
     eventually(Duration::from_secs(10), || {
-        delivered(&forward.log()) >= 3 && receiver.log().matches("outcome=\"OK\"").count() >= 3
+        delivered(&forward.log()) >= 3 && receiver.log().matches("result=\"OK\"").count() >= 3
     });
     let log = forward.log();
     let deliveries: Vec<&str> = log.lines().filter(|l| l.contains(" delivery ")).collect();
@@ -559,7 +559,7 @@ fn forward_delivers_into_serve_webhook_exec_end_to_end() {
         );
     }
     assert_eq!(
-        receiver.log().matches("outcome=\"OK\"").count(),
+        receiver.log().matches("result=\"OK\"").count(),
         3,
         "{}",
         receiver.log()

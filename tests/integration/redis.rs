@@ -395,7 +395,7 @@ fn three_replicas_answer_each_update_once_when_two_get_it_at_once() {
     // Each replica handled some, and the keys are the bot's own.
     for (n, replica) in replicas.iter().enumerate() {
         assert!(
-            replica.log().contains("outcome=\"OK\""),
+            replica.log().contains("result=\"OK\""),
             "replica {n} handled nothing:\n{}",
             replica.log()
         );

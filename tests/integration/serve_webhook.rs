@@ -681,7 +681,15 @@ fn a_secret_file_verifies_deliveries() {
         post(&server.url, &sign_update(&update(712), "other", &[])),
         answer(401, "SIGNATURE_MISMATCH")
     );
-    assert!(!server.log().contains("WARN"), "{}", server.log());
+    // The refusal is the one warning: the secret file itself is fine.
+    let log = server.log();
+    let warnings: Vec<&str> = log.lines().filter(|line| line.contains("WARN")).collect();
+    assert_eq!(warnings.len(), 1, "{log}");
+    assert!(
+        warnings[0].contains("delivery refused (401 SIGNATURE_MISMATCH)")
+            && warnings[0].contains("fly verify-sig --explain"),
+        "{log}"
+    );
 }
 
 // ---------------------------------------------------------------------------
