@@ -283,7 +283,11 @@ impl ApiClient {
         };
         let status = response.status().as_u16();
         let outcome = self.read_envelope(path, response, read);
-        metrics().api_request(endpoint_label(path), status, started.elapsed().as_secs_f64());
+        metrics().api_request(
+            endpoint_label(path),
+            status,
+            started.elapsed().as_secs_f64(),
+        );
         tracing::debug!(status, ms = elapsed_ms(started), "POST {path}");
         outcome
     }

@@ -5,10 +5,10 @@
 use std::path::PathBuf;
 
 use super::{HandleError, Handler, Outcome};
-use crate::observe::{Step, Steps};
 use crate::api::media::{MediaUrl, is_media_type};
 use crate::api::{ApiClient, Chat, Message, SendRequest, Update};
 use crate::download::{DownloadError, Durability, download, safe_file_name, save_atomically};
+use crate::observe::{Step, Steps};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use indicatif::ProgressBar;

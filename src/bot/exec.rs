@@ -24,9 +24,9 @@ use serde_json::{Map, Value};
 
 use super::child_io::{self, Chunk, ExitWatch, LogLines};
 use super::{HandleError, Handler, Outcome};
-use crate::observe::{Step, Steps};
 use crate::api::{ApiClient, MessageData, SendRequest, Update};
 use crate::children::{self, Group};
+use crate::observe::{Step, Steps};
 
 /// A handler's reply is one message; more than this is a bug in the handler,
 /// and fails its update (never a prefix sent as the reply).

@@ -9,10 +9,10 @@ use anyhow::anyhow;
 use rustls_pki_types::CertificateDer;
 
 use super::{HandleError, Handler, Outcome};
-use crate::observe::{Step, Steps};
 use crate::api::Update;
 use crate::delivery::{Deliverer, Destination};
 use crate::http_client::ReceiverClient;
+use crate::observe::{Step, Steps};
 use crate::retry::{AttemptError, GaveUp, RetryPolicy};
 use crate::shutdown::{Shutdown, Stage};
 

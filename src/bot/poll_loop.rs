@@ -344,7 +344,7 @@ impl ChatQueue {
 /// What a worker does next.
 enum Work {
     /// Handle the front update of the chat.
-    Handle(String, Update),
+    Handle(String, Box<Update>),
     /// Read the chat's next parked updates back from the store.
     Refill(String),
 }
@@ -389,7 +389,7 @@ impl Queues {
                     return Ok(Work::Refill(chat));
                 };
                 self.claimed += 1;
-                return Ok(Work::Handle(chat, update));
+                return Ok(Work::Handle(chat, Box::new(update)));
             }
             // Chats waiting out a retry backoff become ready when it ends.
             let mut next_retry: Option<Instant> = None;

@@ -19,9 +19,9 @@ use serde_json::Value;
 use super::child_io::{self, Chunk, ExitWatch};
 use super::exec::{MAX_REPLY_BYTES, Reply, SetupError, SetupProblem, send_reply};
 use super::{HandleError, Handler, Outcome, chat_label};
-use crate::observe::{Step, Steps};
 use crate::api::{ApiClient, Update};
 use crate::children::Group;
+use crate::observe::{Step, Steps};
 use fly_base::sync::lock;
 
 /// How long workers get to exit by themselves once their stdin is closed.

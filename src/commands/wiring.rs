@@ -56,10 +56,7 @@ pub fn reply_handler(
 
 /// `--metrics` of a polling command (poll-echo, forward), if given:
 /// `/readyz` says whether the loop polls or stands by and `store` answers.
-pub fn serve_polling_metrics(
-    args: &MetricsArgs,
-    store: &Arc<dyn PollStore>,
-) -> anyhow::Result<()> {
+pub fn serve_polling_metrics(args: &MetricsArgs, store: &Arc<dyn PollStore>) -> anyhow::Result<()> {
     let Some(address) = args.address else {
         return Ok(());
     };

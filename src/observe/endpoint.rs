@@ -34,8 +34,8 @@ const OPENMETRICS_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 /// Starts serving on `address` (port 0 picks one) and returns the address
 /// it got, once it listens; a port that cannot be bound is the error.
 pub fn serve(address: SocketAddr, ready: Readiness) -> anyhow::Result<SocketAddr> {
-    let (listener, local) = http_server::bind(address.ip(), address.port())
-        .context("cannot serve --metrics")?;
+    let (listener, local) =
+        http_server::bind(address.ip(), address.port()).context("cannot serve --metrics")?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -67,7 +67,10 @@ pub fn serve(address: SocketAddr, ready: Readiness) -> anyhow::Result<SocketAddr
     Ok(local)
 }
 
-fn answer<B>(request: &Request<B>, ready: &(dyn Fn() -> bool + Send + Sync)) -> Response<Full<Bytes>> {
+fn answer<B>(
+    request: &Request<B>,
+    ready: &(dyn Fn() -> bool + Send + Sync),
+) -> Response<Full<Bytes>> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED");
         response

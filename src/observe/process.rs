@@ -95,8 +95,6 @@ mod tests {
         assert!(sample.resident_bytes > 1024 * 1024);
         assert!(sample.open_fds >= 3);
         let now = fly_base::clock::unix_now() as f64;
-        assert!(
-            sample.start_time_seconds <= now + 1.0 && sample.start_time_seconds > now - 3600.0
-        );
+        assert!(sample.start_time_seconds <= now + 1.0 && sample.start_time_seconds > now - 3600.0);
     }
 }

@@ -238,7 +238,9 @@ impl UpdateRecord {
     pub fn finish_delivery(self, end: End, status: u16, result: &'static str) {
         metrics().webhook_answered(status, result);
         self.count(&end);
-        let update_id = self.update_id.map_or_else(|| "-".to_string(), |id| id.to_string());
+        let update_id = self
+            .update_id
+            .map_or_else(|| "-".to_string(), |id| id.to_string());
         tracing::info!(
             status,
             result,
@@ -308,7 +310,10 @@ impl UpdateRecord {
                 attempts,
                 "parked update failed again: {error}"
             ),
-            End::Parked { again: false, error } => tracing::warn!(
+            End::Parked {
+                again: false,
+                error,
+            } => tracing::warn!(
                 update_id,
                 chat = %chat,
                 attempts,

@@ -9,9 +9,9 @@ use super::{FatalStop, WebhookConfig};
 use crate::api::Update;
 use crate::bot::{HandleError, Handler, record_dead_letter};
 use crate::observe::{End, Source, Step, Steps, UpdateRecord, metrics};
-use fly_base::sync::lock;
 use bytes::Bytes;
 use fly_base::clock::unix_now;
+use fly_base::sync::lock;
 use fly_signature::{Verdict, Verifier, json, python};
 use fly_state::{Admission, Claim, Delivery, Pending, WebhookStore, is_gone, is_unavailable};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -152,25 +152,7 @@ impl Receiver {
         request: Request<Incoming>,
         record: &mut UpdateRecord,
     ) -> Result<Admitted, (StatusCode, &'static str)> {
-        let declared = request
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.parse::<u64>().ok());
-        if declared.is_some_and(|length| length > self.max_body_bytes) {
-            return Err((StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"));
-        }
-        // The limit is enforced while reading: a body without (or lying
-        // about) Content-Length is cut off at max_body_bytes too.
-        let limited = Limited::new(request.into_body(), self.max_body_bytes as usize);
-        let body = match tokio::time::timeout(BODY_READ_TIMEOUT, limited.collect()).await {
-            Err(_) => return Err((StatusCode::REQUEST_TIMEOUT, "BODY_READ_TIMEOUT")),
-            Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => {
-                return Err((StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"));
-            }
-            Ok(Err(_)) => return Err((StatusCode::BAD_REQUEST, "BODY_READ_FAILED")),
-            Ok(Ok(collected)) => collected.to_bytes(),
-        };
+        let body = self.read_body(request).await?;
         let Ok(text) = std::str::from_utf8(&body) else {
             return Err((StatusCode::BAD_REQUEST, "MALFORMED_JSON"));
         };
@@ -185,7 +167,9 @@ impl Receiver {
             record.describe(update);
         }
         let now = unix_now();
-        let verdict = record.steps.time(Step::Verify, || self.verify(&parsed, now));
+        let verdict = record
+            .steps
+            .time(Step::Verify, || self.verify(&parsed, now));
         match verdict {
             Ok(Verdict::Ok) => record.signature = Some(Verdict::Ok.code()),
             Ok(rejected) => {
@@ -241,6 +225,32 @@ impl Receiver {
         };
         record.steps.add(Step::Store, asked.elapsed());
         admission
+    }
+
+    /// The body, read within the size limit and the time a client gets.
+    async fn read_body(
+        &self,
+        request: Request<Incoming>,
+    ) -> Result<Bytes, (StatusCode, &'static str)> {
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > self.max_body_bytes) {
+            return Err((StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"));
+        }
+        // The limit is enforced while reading: a body without (or lying
+        // about) Content-Length is cut off at max_body_bytes too.
+        let limited = Limited::new(request.into_body(), self.max_body_bytes as usize);
+        match tokio::time::timeout(BODY_READ_TIMEOUT, limited.collect()).await {
+            Err(_) => Err((StatusCode::REQUEST_TIMEOUT, "BODY_READ_TIMEOUT")),
+            Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => {
+                Err((StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"))
+            }
+            Ok(Err(_)) => Err((StatusCode::BAD_REQUEST, "BODY_READ_FAILED")),
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        }
     }
 
     /// [`store_failed`], and a state file deleted while fly ran stops the
@@ -345,7 +355,11 @@ impl Receiver {
             Err(error) => {
                 tracing::error!("handler crashed: {error}");
                 let failed = End::Failed(format!("handler crashed: {error}"));
-                (StatusCode::INTERNAL_SERVER_ERROR, "REPLY_FAILED", Some(failed))
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "REPLY_FAILED",
+                    Some(failed),
+                )
             }
         }
     }
