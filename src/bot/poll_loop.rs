@@ -215,7 +215,9 @@ fn run_holding(
     let lost = scheduler.lost.load(Ordering::SeqCst);
     if !lost {
         match store.advance_offset(state.offset()) {
-            Ok(()) => {}
+            Ok(()) => {
+                metrics().poll_offset.set(state.offset());
+            }
             // Every update below the stored offset is handled; the ones
             // above come again.
             Err(error) if is_unavailable(&error) || is_lease_lost(&error) => {
@@ -559,7 +561,6 @@ impl Scheduler {
         let metrics = metrics();
         metrics.updates_in_flight.set(state.in_flight() as i64);
         metrics.parked_updates.set(state.parked.len() as i64);
-        metrics.poll_offset.set(state.offset());
         self.changed.notify_all();
     }
 
@@ -1168,7 +1169,10 @@ impl Poller {
             };
             if offset > stored_offset {
                 match self.store.advance_offset(offset) {
-                    Ok(()) => stored_offset = offset,
+                    Ok(()) => {
+                        stored_offset = offset;
+                        metrics().poll_offset.set(offset);
+                    }
                     // No poll while the offset cannot be saved: the store
                     // logs the outage; this waits for it with backoff.
                     Err(error) if is_unavailable(&error) => {

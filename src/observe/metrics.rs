@@ -152,7 +152,7 @@ impl Metrics {
         );
         r.register(
             "fly_poll_offset",
-            "The offset the poll loop confirms up to (the lowest unfinished update)",
+            "The offset the poll loop last stored: every update below it is handled",
             self.poll_offset.clone(),
         );
         r.register(

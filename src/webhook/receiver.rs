@@ -97,9 +97,11 @@ impl Receiver {
             };
         }
         if path != self.path {
+            metrics().webhook_answered(404, "NOT_FOUND");
             return reply(StatusCode::NOT_FOUND, "NOT_FOUND");
         }
         if method != Method::POST {
+            metrics().webhook_answered(405, "METHOD_NOT_ALLOWED");
             let mut response = reply(StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED");
             response
                 .headers_mut()
