@@ -238,13 +238,15 @@ impl UpdateRecord {
     pub fn finish_delivery(self, end: End, status: u16, result: &'static str) {
         metrics().webhook_answered(status, result);
         self.count(&end);
-        let update_id = self.update_id.map_or_else(|| "-".to_string(), |id| id.to_string());
+        let update_id = self
+            .update_id
+            .map_or_else(|| "-".to_string(), |id| id.to_string());
         tracing::info!(
             status,
             result,
             update_id = %update_id,
             chat = %self.chat,
-            outcome = end.word(),
+            outcome = %end.word(),
             signature = self.signature.unwrap_or("-"),
             ms = self.received.elapsed().as_millis() as u64,
             steps = self.steps.describe(),
@@ -308,7 +310,10 @@ impl UpdateRecord {
                 attempts,
                 "parked update failed again: {error}"
             ),
-            End::Parked { again: false, error } => tracing::warn!(
+            End::Parked {
+                again: false,
+                error,
+            } => tracing::warn!(
                 update_id,
                 chat = %chat,
                 attempts,
