@@ -13,6 +13,7 @@ mod forward;
 mod full_disk;
 mod handler_bounds;
 mod intake;
+mod metrics;
 mod parking;
 mod poll_echo;
 mod readme;
