@@ -15,6 +15,7 @@ mod handler_bounds;
 mod intake;
 mod parking;
 mod poll_echo;
+mod prometheus;
 mod readme;
 mod redis;
 mod reference;
