@@ -16,6 +16,7 @@ mod intake;
 mod metrics;
 mod parking;
 mod poll_echo;
+mod prometheus;
 mod readme;
 mod redis;
 mod reference;
