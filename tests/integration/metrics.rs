@@ -718,6 +718,9 @@ fn a_metrics_port_in_use_is_exit_1_with_one_line() {
         );
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
+    // Refused before the state store was opened: no state file was made.
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 // ---------------------------------------------------------------------------
