@@ -9,4 +9,4 @@ mod process;
 pub mod record;
 
 pub use metrics::{Phase, metrics};
-pub use record::{End, Source, Step, Steps, UpdateRecord};
+pub use record::{End, Outcome, Source, Step, Steps, UpdateRecord};
