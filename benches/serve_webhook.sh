@@ -9,22 +9,58 @@
 #              own update_id and nonce, cycled through by a wrk Lua script, so
 #              fly verifies, records the nonce, handles and marks every one
 #
+# A third mode puts fly beside itself rather than the reference:
+#
+#   metrics    the distinct run without --metrics and with `--metrics
+#              127.0.0.1:0` while curl scrapes /metrics every second, in
+#              alternating rounds (without, with, without, with, …) so that
+#              drift on a shared machine shows; prints each round and the
+#              ratio with/without (the cost target: 0.97 or more)
+#
 # Reports requests/s, p99 latency, non-2xx answers and peak RSS (VmHWM).
 # Not a test: run it by hand.
 #
-#   bash benches/serve_webhook.sh [DURATION_SECS] [MODE]   (10; both, duplicate or distinct)
-#   BODIES=N  distinct bodies to sign up front (default 60000 per second)
+#   bash benches/serve_webhook.sh [DURATION_SECS] [MODE]   (10; both, duplicate, distinct or metrics)
+#   BODIES=N  distinct bodies to sign up front (default 80000 per second)
+#   ROUNDS=N  metrics mode: rounds of each (default 2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${1:-10}
 MODE=${2:-both}
+ROUNDS=${ROUNDS:-2}
 REFERENCE=../shared/reference/hello_bot_webhook_server.py
 # Distinct bodies signed up front: more than fly can take in DURATION seconds,
 # so no body is sent twice (the Lua script counts wraps and the run says so).
-BODIES=${BODIES:-$((DURATION * 60000))}
+BODIES=${BODIES:-$((DURATION * 80000))}
+case $MODE in
+both | duplicate | distinct) ;;
+metrics)
+    # Every round sends the bodies signed at the start: all of them must end
+    # inside the platform's 300 s replay window (a round takes about 6 s more
+    # than DURATION: wrk's Lua reading the bodies, fly's start and stop).
+    if [ $((2 * ROUNDS * (DURATION + 6))) -gt 240 ]; then
+        echo "serve_webhook.sh: $ROUNDS rounds of each at ${DURATION}s outlast the 300 s replay window of the bodies signed up front; fewer or shorter" >&2
+        exit 2
+    fi
+    ;;
+*)
+    echo "serve_webhook.sh: unknown mode '$MODE' (both, duplicate, distinct or metrics)" >&2
+    exit 2
+    ;;
+esac
 if ! command -v wrk >/dev/null; then
-    (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null
+    (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null 2>&1 || true
 fi
+needed=(wrk curl python3)
+[ "$MODE" = metrics ] && needed+=(ss)
+for tool in "${needed[@]}"; do
+    if ! command -v "$tool" >/dev/null; then
+        package=$tool
+        [ "$tool" = ss ] && package=iproute2
+        echo "serve_webhook.sh: $tool is needed and not installed (Debian package: $package)" >&2
+        exit 1
+    fi
+done
 source benches/common.sh
 export FLY_BOT_TOKEN=bench-token FLY_WEBHOOK_SECRET=bench-secret
 
@@ -45,20 +81,31 @@ LUA
 
 write_distinct_lua "$WORK/distinct.lua" "$WORK/bodies.ndjson"
 
+# Sets LINE to "label requests/s p99 non-2xx". wrk runs in the background,
+# waited for, so that a stop of the script kills it too (PIDS).
 run_wrk() { # url label script
-    wrk -t2 -c32 -d"${DURATION}s" --latency -s "$3" "$1" -- 2 >"$WORK/$2.wrk"
-    local rps p99 non2xx
-    read -r _ rps _ p99 non2xx _ < <(wrk_figures "$WORK/$2.wrk" "$2")
-    echo "$2 $rps $p99 $non2xx"
+    wrk -t2 -c32 -d"${DURATION}s" --latency -s "$3" "$1" -- 2 >"$WORK/$2.wrk" &
+    PIDS+=($!)
+    wait $!
+    local requests rps p99 non2xx
+    read -r requests rps _ p99 non2xx _ < <(wrk_figures "$WORK/$2.wrk" "$2")
+    if [ "$requests" = 0 ]; then
+        echo "serve_webhook.sh: $2: no answer from $1" >&2
+        cat "$WORK/$2.wrk" >&2
+        exit 1
+    fi
+    LINE="$2 $rps $p99 $non2xx"
 }
 
 peak_rss() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; } # KiB
 
-start_fly() { # state
-    "$FLY" -q serve-webhook --bind 127.0.0.1 --port 0 --state "$1" >"$WORK/fly.url" &
+# A file of its own for each server's URL: a second server's would otherwise
+# be read before it is written, as the first's.
+start_fly() { # state [more flags]
+    "$FLY" -q serve-webhook --bind 127.0.0.1 --port 0 --state "$1" "${@:2}" >"$1.url" &
     FLY_PID=$!
     PIDS+=("$FLY_PID")
-    FLY_URL=$(wait_for_line "$WORK/fly.url")
+    FLY_URL=$(wait_for_line "$1.url")
 }
 
 start_reference() {
@@ -71,6 +118,37 @@ start_reference() {
     REF_URL="http://127.0.0.1:$port/webhook"
 }
 
+# The URL of /metrics of fly $1 started with --metrics 127.0.0.1:0, whose
+# webhook URL is $2: under -q fly logs no start line naming the port, so it
+# is the listening socket of the process that is not the webhook's.
+metrics_url() { # pid webhook_url
+    local webhook=${2#http://} port
+    webhook=${webhook%%/*}
+    port=$(ss -Hltnp | awk -v pid="pid=$1," -v webhook="$webhook" \
+        'index($0, pid) && $4 != webhook { sub(/.*:/, "", $4); print $4; exit }')
+    if [ -z "$port" ]; then
+        echo "serve_webhook.sh: fly (pid $1) listens on no metrics port" >&2
+        exit 1
+    fi
+    echo "http://127.0.0.1:$port/metrics"
+}
+
+# Scrapes URL $1 once a second, as Prometheus would, until killed; appends
+# each answer's status (000: none) to file $2. Run in the background: its
+# pid is the one to kill, and it takes its curl or sleep along.
+scrape_every_second() { # url file
+    local child=
+    trap 'kill $child 2>/dev/null; exit 0' TERM
+    while :; do
+        curl -s -o /dev/null -m 2 -w '%{http_code}\n' "$1" >>"$2" &
+        child=$!
+        wait "$child" || true
+        sleep 1 &
+        child=$!
+        wait "$child" || true
+    done
+}
+
 # SHOW_WRK=1: wrk's own reports too (the reference server's "Socket errors:
 # read" are its HTTP/1.0 connections closing after each answer).
 show_raw() { [ -n "${SHOW_WRK:-}" ] && cat "$WORK"/*.wrk >&2 || true; }
@@ -79,27 +157,76 @@ stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 rows=()
 if [ "$MODE" = both ] || [ "$MODE" = duplicate ]; then
     start_fly "$WORK/dup.db"
-    line=$(run_wrk "$FLY_URL" fly-duplicate "$WORK/duplicate.lua")
-    rows+=("duplicate $line $(peak_rss "$FLY_PID")")
+    run_wrk "$FLY_URL" fly-duplicate "$WORK/duplicate.lua"
+    rows+=("duplicate $LINE $(peak_rss "$FLY_PID")")
     stop "$FLY_PID"
     start_reference
-    line=$(run_wrk "$REF_URL" reference-duplicate "$WORK/duplicate.lua")
-    rows+=("duplicate $line $(peak_rss "$REF_PID")")
+    run_wrk "$REF_URL" reference-duplicate "$WORK/duplicate.lua"
+    rows+=("duplicate $LINE $(peak_rss "$REF_PID")")
     stop "$REF_PID"
 fi
 if [ "$MODE" = both ] || [ "$MODE" = distinct ]; then
     make_bodies callback_query "$WORK/bodies.ndjson" "$BODIES"
     start_fly "$WORK/distinct.db"
-    line=$(run_wrk "$FLY_URL" fly-distinct "$WORK/distinct.lua")
-    rows+=("distinct $line $(peak_rss "$FLY_PID")")
+    run_wrk "$FLY_URL" fly-distinct "$WORK/distinct.lua"
+    rows+=("distinct $LINE $(peak_rss "$FLY_PID")")
     stop "$FLY_PID"
     # Every request was a new update: each one is a row (none was a duplicate).
     handled=$(python3 -c 'import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute("select count(*) from handled_updates").fetchone()[0])' "$WORK/distinct.db")
     echo "fly-distinct: $handled updates handled and stored" >&2
     start_reference
-    line=$(run_wrk "$REF_URL" reference-distinct "$WORK/distinct.lua")
-    rows+=("distinct $line $(peak_rss "$REF_PID")")
+    run_wrk "$REF_URL" reference-distinct "$WORK/distinct.lua"
+    rows+=("distinct $LINE $(peak_rss "$REF_PID")")
     stop "$REF_PID"
+fi
+
+if [ "$MODE" = metrics ]; then
+    make_bodies callback_query "$WORK/bodies.ndjson" "$BODIES"
+    for round in $(seq "$ROUNDS"); do
+        for metrics in without with; do
+            if [ "$metrics" = without ]; then
+                start_fly "$WORK/metrics-$round-$metrics.db"
+            else
+                start_fly "$WORK/metrics-$round-$metrics.db" --metrics 127.0.0.1:0
+                metrics_url=$(metrics_url "$FLY_PID" "$FLY_URL")
+                scrape_every_second "$metrics_url" "$WORK/scrapes.$round" &
+                SCRAPER_PID=$!
+                PIDS+=("$SCRAPER_PID")
+            fi
+            run_wrk "$FLY_URL" "metrics-$round-$metrics" "$WORK/distinct.lua"
+            scrapes=-
+            if [ "$metrics" = with ]; then
+                stop "$SCRAPER_PID"
+                scrapes=$(grep -c '^200$' "$WORK/scrapes.$round" || true)
+                if [ "$scrapes" = 0 ]; then
+                    echo "serve_webhook.sh: no scrape of $metrics_url answered 200" >&2
+                    exit 1
+                fi
+            fi
+            rows+=("$round $metrics $LINE $(peak_rss "$FLY_PID") $scrapes")
+            stop "$FLY_PID"
+        done
+    done
+    show_raw
+    python3 - "$DURATION" "${rows[@]}" <<'PY'
+import sys
+duration, rows = sys.argv[1], [line.split() for line in sys.argv[2:]]
+print(f"serve-webhook, distinct updates, wrk 2 threads, 32 connections, {duration} s a round")
+print(f"{'round':<6} {'--metrics':<26} {'updates/s':>10}   {'p99':>9}   {'non-2xx':>7}   {'peak RSS':>9}   {'scrapes':>7}")
+for round_, metrics, _, rps, p99, bad, rss, scrapes in rows:
+    flag = "127.0.0.1:0, scraped 1/s" if metrics == "with" else "off"
+    print(f"{round_:<6} {flag:<26} {float(rps):10.0f}   {float(p99):6.2f} ms   {bad:>7}   {int(rss)/1024:6.1f} MiB   {scrapes:>7}")
+mean = lambda values: sum(values) / len(values)
+figures = {m: [(float(r[3]), float(r[4])) for r in rows if r[1] == m] for m in ("without", "with")}
+rps = {m: mean([f[0] for f in figures[m]]) for m in figures}
+p99 = {m: mean([f[1] for f in figures[m]]) for m in figures}
+pairs = " ".join(f"{w[0] / o[0]:.3f}" for o, w in zip(figures["without"], figures["with"]))
+print(f"mean: without {rps['without']:.0f} updates/s, p99 {p99['without']:.2f} ms; "
+      f"with {rps['with']:.0f} updates/s, p99 {p99['with']:.2f} ms")
+print(f"with/without: {rps['with'] / rps['without']:.3f} updates/s (target >= 0.97; "
+      f"round by round {pairs}), p99 {p99['with'] / p99['without']:.2f}x")
+PY
+    exit 0
 fi
 
 show_raw
