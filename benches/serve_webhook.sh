@@ -16,13 +16,16 @@
 #              alternating rounds (without, with, without, with, …) so that
 #              drift on a shared machine shows; prints each round and the
 #              ratio with/without (the cost target: 0.97 or more)
+#   inspect    the same for `--inspect 127.0.0.1:0` with a page open (curl
+#              reading its event stream, one event per update); the target:
+#              0.90 or more
 #
 # Reports requests/s, p99 latency, non-2xx answers and peak RSS (VmHWM).
 # Not a test: run it by hand.
 #
-#   bash benches/serve_webhook.sh [DURATION_SECS] [MODE]   (10; both, duplicate, distinct or metrics)
+#   bash benches/serve_webhook.sh [DURATION_SECS] [MODE]   (10; both, duplicate, distinct, metrics or inspect)
 #   BODIES=N  distinct bodies to sign up front (default 80000 per second)
-#   ROUNDS=N  metrics mode: rounds of each (default 2)
+#   ROUNDS=N  metrics and inspect modes: rounds of each (default 2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${1:-10}
@@ -34,7 +37,7 @@ REFERENCE=../shared/reference/hello_bot_webhook_server.py
 BODIES=${BODIES:-$((DURATION * 80000))}
 case $MODE in
 both | duplicate | distinct) ;;
-metrics)
+metrics | inspect)
     # Every round sends the bodies signed at the start: all of them must end
     # inside the platform's 300 s replay window (a round takes about 6 s more
     # than DURATION: wrk's Lua reading the bodies, fly's start and stop).
@@ -44,7 +47,7 @@ metrics)
     fi
     ;;
 *)
-    echo "serve_webhook.sh: unknown mode '$MODE' (both, duplicate, distinct or metrics)" >&2
+    echo "serve_webhook.sh: unknown mode '$MODE' (both, duplicate, distinct, metrics or inspect)" >&2
     exit 2
     ;;
 esac
@@ -52,7 +55,7 @@ if ! command -v wrk >/dev/null; then
     (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null 2>&1 || true
 fi
 needed=(wrk curl python3)
-[ "$MODE" = metrics ] && needed+=(ss)
+case $MODE in metrics | inspect) needed+=(ss) ;; esac
 for tool in "${needed[@]}"; do
     if ! command -v "$tool" >/dev/null; then
         package=$tool
@@ -118,19 +121,26 @@ start_reference() {
     REF_URL="http://127.0.0.1:$port/webhook"
 }
 
-# The URL of /metrics of fly $1 started with --metrics 127.0.0.1:0, whose
-# webhook URL is $2: under -q fly logs no start line naming the port, so it
-# is the listening socket of the process that is not the webhook's.
-metrics_url() { # pid webhook_url
+# The origin (http://127.0.0.1:PORT) of the second listener of fly $1
+# (--metrics or --inspect on port 0), whose webhook URL is $2: under -q fly
+# logs no start line naming the port, so it is the listening socket of the
+# process that is not the webhook's.
+second_origin() { # pid webhook_url
     local webhook=${2#http://} port
     webhook=${webhook%%/*}
     port=$(ss -Hltnp | awk -v pid="pid=$1," -v webhook="$webhook" \
         'index($0, pid) && $4 != webhook { sub(/.*:/, "", $4); print $4; exit }')
     if [ -z "$port" ]; then
-        echo "serve_webhook.sh: fly (pid $1) listens on no metrics port" >&2
+        echo "serve_webhook.sh: fly (pid $1) listens on no second port" >&2
         exit 1
     fi
-    echo "http://127.0.0.1:$port/metrics"
+    echo "http://127.0.0.1:$port"
+}
+
+# A page open on the inspector at origin $1: its event stream read until
+# killed; each event's line appended to file $2.
+watch_events() { # origin file
+    exec curl -sN "$1/api/events" -o "$2"
 }
 
 # Scrapes URL $1 once a second, as Prometheus would, until killed; appends
@@ -180,42 +190,51 @@ if [ "$MODE" = both ] || [ "$MODE" = distinct ]; then
     stop "$REF_PID"
 fi
 
-if [ "$MODE" = metrics ]; then
+if [ "$MODE" = metrics ] || [ "$MODE" = inspect ]; then
     make_bodies callback_query "$WORK/bodies.ndjson" "$BODIES"
     for round in $(seq "$ROUNDS"); do
-        for metrics in without with; do
-            if [ "$metrics" = without ]; then
-                start_fly "$WORK/metrics-$round-$metrics.db"
+        for feature in without with; do
+            state="$WORK/$MODE-$round-$feature.db"
+            seen=-
+            if [ "$feature" = without ]; then
+                start_fly "$state"
             else
-                start_fly "$WORK/metrics-$round-$metrics.db" --metrics 127.0.0.1:0
-                metrics_url=$(metrics_url "$FLY_PID" "$FLY_URL")
-                scrape_every_second "$metrics_url" "$WORK/scrapes.$round" &
-                SCRAPER_PID=$!
-                PIDS+=("$SCRAPER_PID")
+                start_fly "$state" "--$MODE" 127.0.0.1:0
+                origin=$(second_origin "$FLY_PID" "$FLY_URL")
+                if [ "$MODE" = metrics ]; then
+                    scrape_every_second "$origin/metrics" "$WORK/seen.$round" &
+                else
+                    watch_events "$origin" "$WORK/seen.$round" &
+                fi
+                OBSERVER_PID=$!
+                PIDS+=("$OBSERVER_PID")
             fi
-            run_wrk "$FLY_URL" "metrics-$round-$metrics" "$WORK/distinct.lua"
-            scrapes=-
-            if [ "$metrics" = with ]; then
-                stop "$SCRAPER_PID"
-                scrapes=$(grep -c '^200$' "$WORK/scrapes.$round" || true)
-                if [ "$scrapes" = 0 ]; then
-                    echo "serve_webhook.sh: no scrape of $metrics_url answered 200" >&2
+            run_wrk "$FLY_URL" "$MODE-$round-$feature" "$WORK/distinct.lua"
+            if [ "$feature" = with ]; then
+                stop "$OBSERVER_PID"
+                # Scrapes answered 200, or events the page received.
+                seen=$(grep -c '^200$\|^event: update' "$WORK/seen.$round" || true)
+                if [ "$seen" = 0 ]; then
+                    echo "serve_webhook.sh: --$MODE at $origin was seen working not once" >&2
                     exit 1
                 fi
             fi
-            rows+=("$round $metrics $LINE $(peak_rss "$FLY_PID") $scrapes")
+            rows+=("$round $feature $LINE $(peak_rss "$FLY_PID") $seen")
             stop "$FLY_PID"
         done
     done
     show_raw
-    python3 - "$DURATION" "${rows[@]}" <<'PY'
+    python3 - "$DURATION" "$MODE" "${rows[@]}" <<'PY'
 import sys
-duration, rows = sys.argv[1], [line.split() for line in sys.argv[2:]]
+duration, mode, rows = sys.argv[1], sys.argv[2], [line.split() for line in sys.argv[3:]]
+target = {"metrics": 0.97, "inspect": 0.90}[mode]
+on = {"metrics": "127.0.0.1:0, scraped 1/s", "inspect": "127.0.0.1:0, page open"}[mode]
+seen = {"metrics": "scrapes", "inspect": "events"}[mode]
 print(f"serve-webhook, distinct updates, wrk 2 threads, 32 connections, {duration} s a round")
-print(f"{'round':<6} {'--metrics':<26} {'updates/s':>10}   {'p99':>9}   {'non-2xx':>7}   {'peak RSS':>9}   {'scrapes':>7}")
-for round_, metrics, _, rps, p99, bad, rss, scrapes in rows:
-    flag = "127.0.0.1:0, scraped 1/s" if metrics == "with" else "off"
-    print(f"{round_:<6} {flag:<26} {float(rps):10.0f}   {float(p99):6.2f} ms   {bad:>7}   {int(rss)/1024:6.1f} MiB   {scrapes:>7}")
+print(f"{'round':<6} {'--' + mode:<26} {'updates/s':>10}   {'p99':>9}   {'non-2xx':>7}   {'peak RSS':>9}   {seen:>7}")
+for round_, feature, _, rps, p99, bad, rss, count in rows:
+    flag = on if feature == "with" else "off"
+    print(f"{round_:<6} {flag:<26} {float(rps):10.0f}   {float(p99):6.2f} ms   {bad:>7}   {int(rss)/1024:6.1f} MiB   {count:>7}")
 mean = lambda values: sum(values) / len(values)
 figures = {m: [(float(r[3]), float(r[4])) for r in rows if r[1] == m] for m in ("without", "with")}
 rps = {m: mean([f[0] for f in figures[m]]) for m in figures}
@@ -223,7 +242,7 @@ p99 = {m: mean([f[1] for f in figures[m]]) for m in figures}
 pairs = " ".join(f"{w[0] / o[0]:.3f}" for o, w in zip(figures["without"], figures["with"]))
 print(f"mean: without {rps['without']:.0f} updates/s, p99 {p99['without']:.2f} ms; "
       f"with {rps['with']:.0f} updates/s, p99 {p99['with']:.2f} ms")
-print(f"with/without: {rps['with'] / rps['without']:.3f} updates/s (target >= 0.97; "
+print(f"with/without: {rps['with'] / rps['without']:.3f} updates/s (target >= {target}; "
       f"round by round {pairs}), p99 {p99['with'] / p99['without']:.2f}x")
 PY
     exit 0
