@@ -15,6 +15,7 @@ pub(crate) mod delivery;
 pub(crate) mod download;
 pub(crate) mod emulator;
 pub mod exit;
+pub(crate) mod explain;
 pub(crate) mod http_client;
 pub(crate) mod http_server;
 pub mod logging;
