@@ -18,6 +18,7 @@ pub mod exit;
 pub(crate) mod explain;
 pub(crate) mod http_client;
 pub(crate) mod http_server;
+pub(crate) mod inspect;
 pub mod logging;
 pub(crate) mod observe;
 pub mod output;

@@ -11,8 +11,8 @@ pub mod forward;
 pub mod poll_loop;
 pub mod worker;
 
-use crate::api::{ApiError, Update};
-use crate::observe::Steps;
+use crate::api::{ApiClient, ApiError, SendRequest, Update};
+use crate::observe::{Step, Steps, capped};
 use fly_state::Letters;
 
 /// How an update ended when it needs no more work. Logged, and stored with
@@ -105,6 +105,29 @@ pub trait Handler: Send + Sync {
     /// been abandoned): end whatever it keeps running (`--exec-worker`'s
     /// workers). Called once, at the end of every run.
     fn close(&self) {}
+}
+
+/// Sends `request` as the reply step of an update: timed, noted for the
+/// inspector (the request and the platform's answer), its failure sorted
+/// by [`HandleError::from_api`]. The echo and the handlers' replies share it.
+pub fn send_reply_step(
+    client: &ApiClient,
+    request: &SendRequest,
+    steps: &mut Steps,
+    done: Outcome,
+) -> Result<Outcome, HandleError> {
+    let sent = steps.time(Step::Reply, || client.send(request));
+    steps.note(|capture| {
+        capture.request = Some(capped(&request.to_json()));
+        capture.answer = Some(match &sent {
+            Ok(answer) => capped(answer),
+            Err(error) => format!("{error:#}"),
+        });
+    });
+    match sent {
+        Ok(_) => Ok(done),
+        Err(error) => HandleError::from_api(error),
+    }
 }
 
 /// Records an update that can never be handled and marks it handled, so it

@@ -9,4 +9,6 @@ mod process;
 pub mod record;
 
 pub use metrics::{Phase, metrics};
-pub use record::{End, Source, Step, Steps, UpdateRecord};
+pub use record::{
+    Capture, End, Sink, Source, Step, Steps, UpdateRecord, capped, capturing, handler_said, set_sink,
+};
