@@ -23,6 +23,7 @@ const state = {
   loading: false, // a list request is under way: events wait in `pending`
   pending: [],
   awaitingReplay: null, // id of a replay started here: selected when it arrives
+  announced: new Set(), // ids the stream announced lately: a replay may end before its 202
   streamWasDown: false,
   reloadTimer: null,
 };
@@ -158,6 +159,8 @@ function onSummary(summary) {
     state.pending.push(summary);
     return;
   }
+  state.announced.add(summary.id);
+  if (state.announced.size > 100) state.announced.delete(state.announced.values().next().value);
   if (filtering()) {
     // Only the server knows whether it matches the text filter.
     scheduleReload();
@@ -227,6 +230,7 @@ async function showDetail(id) {
     if (seq !== state.detailSeq) return;
     state.detail = null;
     $('detail').hidden = false;
+    $('detail-sections').hidden = true; // not the previous entry's under this title
     $('detail-title').textContent =
       error.message === 'NOT_FOUND' ? `#${id} is no longer kept (the oldest go first)` : `#${id}: ${error.message}`;
     return;
@@ -237,6 +241,7 @@ async function showDetail(id) {
 function renderDetail(detail) {
   state.detail = detail;
   $('detail').hidden = false;
+  $('detail-sections').hidden = false;
   const replay = detail.replay_of === null || detail.replay_of === undefined ? '' : ` · replay of #${detail.replay_of}`;
   $('detail-title').textContent = `#${detail.id} · ${detail.source} · update_id ${orDash(detail.update_id)}${replay}`;
   $('detail-body-raw').textContent = detail.body ?? '';
@@ -388,7 +393,7 @@ async function replay() {
     }
     say(`Replay started as #${body.id}; it opens here when it ends.`);
     // The entry is announced on the event stream when the replay ends.
-    if (rowFor(body.id)) select(body.id);
+    if (rowFor(body.id) || state.announced.has(body.id)) select(body.id);
     else state.awaitingReplay = body.id;
   } catch (error) {
     say(`Replay failed: ${error.message}`);
