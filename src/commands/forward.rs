@@ -31,6 +31,7 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
     let client = ApiClient::new(&args.api.base_url, token.clone(), RetryPolicy::FOREVER)?
         .with_shutdown(shutdown.clone());
     let identity = BotIdentity::new(client.base_url(), token.expose());
+    let watched = serve_polling_metrics(&args.metrics)?;
     let store = polling_store(
         &identity,
         args.state.location(),
@@ -46,7 +47,7 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
         secret.source,
         args.bot_id
     );
-    serve_polling_metrics(&args.metrics, &store)?;
+    let _ = watched.set(Arc::clone(&store));
     let trusted = match &args.to_ca {
         Some(path) => Some(super::credentials::read_certificates(path, "--to-ca")?),
         None => None,

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -28,13 +29,14 @@ pub fn run(args: PollEchoArgs) -> anyhow::Result<ExitCode> {
     let client =
         ApiClient::new(&args.api.base_url, token.clone(), policy)?.with_shutdown(shutdown.clone());
     let identity = BotIdentity::new(client.base_url(), token.expose());
+    let watched = serve_polling_metrics(&args.metrics)?;
     let store = polling_store(
         &identity,
         args.state.location(),
         args.retention.retention,
         args.lease.lease,
     )?;
-    serve_polling_metrics(&args.metrics, &store)?;
+    let _ = watched.set(Arc::clone(&store));
     let media_dir = args.media_dir.map(prepare_media_dir).transpose()?;
     let settings = PollSettings {
         source: crate::observe::Source::Poll,

@@ -2,7 +2,7 @@
 //! updates, and the state store.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -54,18 +54,24 @@ pub fn reply_handler(
     Arc::new(crate::bot::echo::EchoHandler { client, media_dir })
 }
 
-/// `--metrics` of a polling command (poll-echo, forward), if given:
-/// `/readyz` says whether the loop polls or stands by and `store` answers.
-pub fn serve_polling_metrics(args: &MetricsArgs, store: &Arc<dyn PollStore>) -> anyhow::Result<()> {
+/// `--metrics` of a polling command (poll-echo, forward), if given,
+/// served before the state store is opened (a taken port leaves no state
+/// file behind): `/readyz` says whether the loop polls or stands by and the
+/// store, once given to the returned slot, answers.
+pub fn serve_polling_metrics(
+    args: &MetricsArgs,
+) -> anyhow::Result<Arc<OnceLock<Arc<dyn PollStore>>>> {
+    let slot: Arc<OnceLock<Arc<dyn PollStore>>> = Arc::default();
     let Some(address) = args.address else {
-        return Ok(());
+        return Ok(slot);
     };
-    let store = Arc::clone(store);
+    let store = Arc::clone(&slot);
     let ready: Readiness = Arc::new(move || {
-        matches!(metrics().phase(), Phase::Polling | Phase::StandingBy) && store.is_reachable()
+        matches!(metrics().phase(), Phase::Polling | Phase::StandingBy)
+            && store.get().is_some_and(|store| store.is_reachable())
     });
     endpoint::serve(address, ready)?;
-    Ok(())
+    Ok(slot)
 }
 
 /// The state store of a polling command (poll-echo, forward): the SQLite

@@ -365,7 +365,7 @@ impl UpdateRecord {
             result,
             update_id = %update_id,
             chat = %self.chat,
-            outcome = end.word(),
+            outcome = %end.word(),
             signature = self.signature.unwrap_or("-"),
             ms = self.received.elapsed().as_millis() as u64,
             steps = self.steps.describe(),

@@ -28,7 +28,7 @@
 mod receiver;
 
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -80,12 +80,18 @@ pub fn run_until_signal(
 ) -> anyhow::Result<()> {
     let tls = config.tls.clone();
     let (listener, local) = http_server::bind(config.bind, config.port)?;
-    let store = open_store()?;
+    // Ready as its own /readyz is: while the store answers. Served before
+    // the store is opened, so a taken port leaves no state file behind.
+    let opened: Arc<OnceLock<Arc<dyn WebhookStore>>> = Arc::default();
     if let Some(address) = config.metrics {
-        // Ready as its own /readyz is: while the store answers.
-        let asked = Arc::clone(&store);
-        crate::observe::endpoint::serve(address, Arc::new(move || asked.is_reachable()))?;
+        let asked = Arc::clone(&opened);
+        crate::observe::endpoint::serve(
+            address,
+            Arc::new(move || asked.get().is_some_and(|store| store.is_reachable())),
+        )?;
     }
+    let store = open_store()?;
+    let _ = opened.set(Arc::clone(&store));
     let scheme = if tls.is_some() { "https" } else { "http" };
     let url = format!("{scheme}://{local}{}", config.path);
 

@@ -485,22 +485,31 @@ pub(crate) fn start_receiver_with(
 }
 
 fn start_forward(emulator: &Emulator, url: &str, state: &Path) -> Service {
-    Service::start(
-        emulator,
-        &[
-            "forward",
-            "--to",
-            url,
-            "--secret",
-            "forward-test-secret",
-            "--state",
-            state.to_str().unwrap(),
-            "--poll-timeout",
-            "1",
-            "--grace",
-            "1",
-        ],
-    )
+    start_forward_with(emulator, url, state, &[])
+}
+
+/// `fly forward --to URL` with `start_receiver`'s secret and `extra` arguments.
+pub(crate) fn start_forward_with(
+    emulator: &Emulator,
+    url: &str,
+    state: &Path,
+    extra: &[&str],
+) -> Service {
+    let mut args = vec![
+        "forward",
+        "--to",
+        url,
+        "--secret",
+        "forward-test-secret",
+        "--state",
+        state.to_str().unwrap(),
+        "--poll-timeout",
+        "1",
+        "--grace",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    Service::start(emulator, &args)
 }
 
 /// Replies `shout: TEXT` and records each run's update id.

@@ -33,7 +33,7 @@ enum Endpoint {
 
 /// A `redis-server` of this test's own, killed when dropped; its log is
 /// shown if the test fails.
-struct RedisServer {
+pub(crate) struct RedisServer {
     child: Option<Child>,
     endpoint: Endpoint,
     dir: tempfile::TempDir,
@@ -42,7 +42,7 @@ struct RedisServer {
 impl RedisServer {
     /// On a unix socket in a temp directory: no port to race for, and a
     /// restart listens at the same address.
-    fn unix() -> RedisServer {
+    pub(crate) fn unix() -> RedisServer {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("redis.sock");
         let mut server = RedisServer {
@@ -178,14 +178,14 @@ impl RedisServer {
     }
 
     /// Stops it at once (`kill -9`): with no persistence, it forgets everything.
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
 
-    fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         self.spawn().unwrap_or_else(|why| panic!("{why}"));
     }
 
@@ -276,13 +276,18 @@ fn signal(pid: &str, which: &str) {
 
 /// A `fly poll-echo` child on the Redis state, its log in a file (shown if
 /// the test fails).
-struct Poller {
+pub(crate) struct Poller {
     child: Child,
     log: PathBuf,
 }
 
 impl Poller {
-    fn start(emulator: &Emulator, redis: &RedisServer, dir: &Path, extra: &[&str]) -> Poller {
+    pub(crate) fn start(
+        emulator: &Emulator,
+        redis: &RedisServer,
+        dir: &Path,
+        extra: &[&str],
+    ) -> Poller {
         let log = new_log_file(dir, "poll-echo-");
         let child = fly_child(&emulator.base_url)
             .args(["poll-echo", "--poll-timeout", "1", "--state"])
@@ -298,7 +303,12 @@ impl Poller {
 
     /// A poller started while another holds the lease: once it says it
     /// stands by.
-    fn standby(emulator: &Emulator, redis: &RedisServer, dir: &Path, extra: &[&str]) -> Poller {
+    pub(crate) fn standby(
+        emulator: &Emulator,
+        redis: &RedisServer,
+        dir: &Path,
+        extra: &[&str],
+    ) -> Poller {
         let poller = Poller::start(emulator, redis, dir, extra);
         wait_until(Duration::from_secs(10), "a poller to stand by", || {
             poller.log().contains("standing by")
@@ -306,7 +316,7 @@ impl Poller {
         poller
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }

@@ -75,7 +75,7 @@ impl Server {
         Server::start_from(command, dir, dir.join("s.db").as_os_str(), extra)
     }
 
-    fn start_from(
+    pub(crate) fn start_from(
         mut command: Command,
         dir: &Path,
         state: &std::ffi::OsStr,
