@@ -437,11 +437,10 @@ impl<'a> Pipes<'a> {
             }
         }
         let update_id = self.update_id;
-        self.lines
-            .end_update(&mut |text: &str| {
-                tracing::info!(update_id, "[exec] {text}");
-                crate::observe::handler_said(update_id, text);
-            });
+        self.lines.end_update(&mut |text: &str| {
+            tracing::info!(update_id, "[exec] {text}");
+            crate::observe::handler_said(update_id, text);
+        });
     }
 }
 

@@ -11,7 +11,7 @@ use crate::bot::forward::ForwardHandler;
 use crate::bot::poll_loop::{self, PollSettings};
 use crate::cli::ForwardArgs;
 use crate::commands::credentials::{configured_token, required_token, signing_secret};
-use crate::commands::wiring::{polling_store, serve_polling_metrics};
+use crate::commands::wiring::{polling_store, serve_polling_metrics, start_polling_inspector};
 use crate::delivery::Destination;
 use crate::exit;
 use crate::retry::RetryPolicy;
@@ -52,7 +52,7 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
         Some(path) => Some(super::credentials::read_certificates(path, "--to-ca")?),
         None => None,
     };
-    let handler = Arc::new(ForwardHandler::new(
+    let handler: Arc<dyn crate::bot::Handler> = Arc::new(ForwardHandler::new(
         Destination {
             url: args.to,
             secret: secret.value,
@@ -73,6 +73,7 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
         max_updates: None,
         once: false,
     };
+    start_polling_inspector(&args.inspect, settings.source, &handler)?;
     let summary = poll_loop::run(&client, store, handler, &settings, &shutdown)?;
     // Only 2xx answers end as handled; an update that could not be signed
     // is a dead letter.

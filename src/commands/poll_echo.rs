@@ -11,7 +11,9 @@ use crate::api::ApiClient;
 use crate::bot::poll_loop::{self, PollSettings};
 use crate::cli::PollEchoArgs;
 use crate::commands::credentials::required_token;
-use crate::commands::wiring::{polling_store, reply_handler, serve_polling_metrics};
+use crate::commands::wiring::{
+    polling_store, reply_handler, serve_polling_metrics, start_polling_inspector,
+};
 use crate::exit;
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
@@ -49,6 +51,7 @@ pub fn run(args: PollEchoArgs) -> anyhow::Result<ExitCode> {
         once: args.once,
     };
     let handler = reply_handler(&args.exec, client.clone(), media_dir, settings.concurrency);
+    start_polling_inspector(&args.inspect, settings.source, &handler)?;
     let summary = poll_loop::run(&client, store, handler, &settings, &shutdown)?;
     tracing::info!(
         handled = summary.handled,

@@ -38,10 +38,11 @@ pub fn run(args: VerifySigArgs) -> anyhow::Result<ExitCode> {
     // A stderr that cannot be written to (2>/dev/full) changes nothing: the
     // exit code still carries the verdict.
     if args.explain {
+        let notes: Vec<SecretNote> = secrets.iter().map(WebhookSecret::note).collect();
         let _ = write!(
             std::io::stderr(),
             "{}",
-            explain(&update, &check, &notes(&secrets), now, window)
+            explain(&update, &check, &notes, now, window)
         );
     }
     match check.verdict().map_err(invalid)? {
@@ -210,15 +211,4 @@ fn verify_batch(batch: &LineBatch, verifier: &Verifier) -> Verdicts {
         text,
         all_ok,
     }
-}
-
-/// What `--explain` says of each secret.
-fn notes(secrets: &[WebhookSecret]) -> Vec<SecretNote> {
-    secrets
-        .iter()
-        .map(|secret| SecretNote {
-            source: secret.source.clone(),
-            bytes: secret.value.len(),
-        })
-        .collect()
 }

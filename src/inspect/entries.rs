@@ -182,7 +182,12 @@ impl Entry {
 
     /// Bytes it holds, roughly: what the memory cap counts.
     fn size(&self) -> usize {
-        let strings = [&self.handler, &self.stdout, &self.request, &self.reply_answer];
+        let strings = [
+            &self.handler,
+            &self.stdout,
+            &self.request,
+            &self.reply_answer,
+        ];
         512 + self.body.as_ref().map_or(0, |body| body.len())
             + self
                 .headers
@@ -250,10 +255,12 @@ impl Entries {
         self.entries.iter().rev()
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
+    #[cfg(test)]
     pub fn bytes(&self) -> usize {
         self.bytes
     }
@@ -277,7 +284,11 @@ impl Entries {
     /// An attempt ended: into its update's entry (a new one if none, or
     /// the reserved one of a replay). Returns the entry's summary.
     pub fn record(&mut self, record: &UpdateRecord, end: &End) -> Option<Value> {
-        let existing = match (record.inspect_entry, record.update_id) {
+        // A delivery whose signature failed may claim any update's id: it
+        // gets an entry of its own, never mixed into that update's.
+        let trusted = record.signature.is_none_or(|verdict| verdict == "OK");
+        let update_id = record.update_id.filter(|_| trusted);
+        let existing = match (record.inspect_entry, update_id) {
             (Some(reserved), _) => Some(reserved),
             (None, Some(update_id)) => self.by_update.get(&update_id).copied(),
             (None, None) => None,
@@ -286,12 +297,10 @@ impl Entries {
             Some(id) => id,
             None => self.push(Entry::new(0, record.source)),
         };
-        if let (Some(update_id), None) = (record.update_id, record.inspect_entry) {
+        if let (Some(update_id), None) = (update_id, record.inspect_entry) {
             self.by_update.insert(update_id, id);
         }
-        let stderr = record
-            .update_id
-            .and_then(|update_id| self.pending_stderr.remove(&update_id));
+        let stderr = update_id.and_then(|update_id| self.pending_stderr.remove(&update_id));
         let entry = self.get_mut(id)?;
         let before = entry.bytes;
         entry.take(record, end);

@@ -108,13 +108,21 @@ impl Inspector {
         let (mut detail, body, time_ms, source) = {
             let entries = lock(&self.entries);
             let entry = entries.get(id)?;
-            (entry.detail(), entry.body.clone(), entry.time_ms, entry.source)
+            (
+                entry.detail(),
+                entry.body.clone(),
+                entry.time_ms,
+                entry.source,
+            )
         };
         let webhook = source == Source::Webhook;
         let body = body.filter(|_| webhook);
         detail["explain"] = json!(body.as_deref().and_then(|body| self.explain(body, time_ms)));
         detail["curl"] = json!(body.as_deref().and_then(|body| self.curl(body)));
-        detail["verify_sig"] = json!(body.as_deref().map(|body| verify_sig_command(body, time_ms)));
+        detail["verify_sig"] = json!(
+            body.as_deref()
+                .map(|body| verify_sig_command(body, time_ms))
+        );
         Some(detail)
     }
 
@@ -139,7 +147,8 @@ impl Inspector {
         let url = self.config.delivery_url.as_deref()?;
         Some(format!(
             "curl -sS -X POST '{url}' -H 'Content-Type: application/json' \
-             --data-binary @- <<'FLY_BODY'\n{body}\nFLY_BODY"
+             --data-binary @- <<'FLY_BODY'\n{}\nFLY_BODY",
+            body.trim_end_matches('\n')
         ))
     }
 
@@ -199,7 +208,8 @@ fn read_update(body: &str) -> Option<Update> {
 /// `fly verify-sig --explain` on a delivery's body, at the time it came.
 fn verify_sig_command(body: &str, time_ms: i64) -> String {
     format!(
-        "fly verify-sig --explain --now {} <<'FLY_BODY'\n{body}\nFLY_BODY",
-        time_ms / 1000
+        "fly verify-sig --explain --now {} <<'FLY_BODY'\n{}\nFLY_BODY",
+        time_ms / 1000,
+        body.trim_end_matches('\n')
     )
 }

@@ -44,8 +44,8 @@ const APP_CSS: &str = include_str!("page/app.css");
 const KEEPALIVE: Duration = Duration::from_secs(15);
 
 pub fn serve(address: SocketAddr, inspector: Arc<Inspector>) -> anyhow::Result<SocketAddr> {
-    let (listener, local) = http_server::bind(address.ip(), address.port())
-        .context("cannot serve --inspect")?;
+    let (listener, local) =
+        http_server::bind(address.ip(), address.port()).context("cannot serve --inspect")?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -101,7 +101,10 @@ fn answer<B>(inspector: &Arc<Inspector>, hosts: &[String], request: &Request<B>)
     };
     let headers = response.headers_mut();
     headers.insert("content-security-policy", HeaderValue::from_static(CSP));
-    headers.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    headers.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     headers.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
@@ -153,7 +156,11 @@ fn events(inspector: &Arc<Inspector>) -> Response<Body> {
     let (mut sender, body) = Channel::<Bytes>::new(16);
     let mut changes = inspector.events.subscribe();
     tokio::spawn(async move {
-        if sender.send_data(Bytes::from_static(b": live\n\n")).await.is_err() {
+        if sender
+            .send_data(Bytes::from_static(b": live\n\n"))
+            .await
+            .is_err()
+        {
             return;
         }
         let mut keepalive = tokio::time::interval(KEEPALIVE);
@@ -259,7 +266,9 @@ mod tests {
 
     #[test]
     fn query_values_are_decoded() {
-        let query = Query::of(Some("q=hello+w%C3%B6rld&chat=private%3Au_1&outcome=&bad=%zz"));
+        let query = Query::of(Some(
+            "q=hello+w%C3%B6rld&chat=private%3Au_1&outcome=&bad=%zz",
+        ));
         assert_eq!(query.get("q"), Some("hello wörld"));
         assert_eq!(query.get("chat"), Some("private:u_1"));
         assert_eq!(query.get("outcome"), None);

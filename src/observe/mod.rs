@@ -10,5 +10,5 @@ pub mod record;
 
 pub use metrics::{Phase, metrics};
 pub use record::{
-    Capture, End, Sink, Source, Step, Steps, UpdateRecord, capped, capturing, handler_said, set_sink,
+    End, Sink, Source, Step, Steps, UpdateRecord, capped, capturing, handler_said, set_sink,
 };
