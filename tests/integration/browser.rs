@@ -3,23 +3,19 @@
 //! its own, spoken to with `ureq` (a dozen endpoints do not need a WebDriver
 //! crate and its async runtime).
 //!
-//! The test at the bottom serves the page's files with a static fake of the
-//! inspector's API: scaffolding that proves the client and the page, to be
-//! replaced by a test against the real `--inspect` server.
+//! The test at the bottom opens the inspector of a real serve-webhook.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread;
 use std::time::Duration;
 
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use crate::common::{eventually, wait_until};
+use crate::common::{Emulator, eventually, wait_until};
+use crate::serve_webhook::{SECRET, Server, post, signed_here};
 
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -205,6 +201,12 @@ impl Browser {
         element_of(&found)
     }
 
+    /// The first element matching `css` inside `parent`.
+    pub fn find_in(&self, parent: &Element, css: &str) -> Element {
+        let path = format!("/element/{}/element", parent.0);
+        element_of(&self.must("POST", &path, Some(&locator(css))))
+    }
+
     /// Every element matching `css` (none is not an error).
     pub fn find_all(&self, css: &str) -> Vec<Element> {
         self.try_find_all(css)
@@ -339,7 +341,6 @@ impl Drop for Browser {
 
 /// The README's picture of the inspector, `docs/img/inspector.png`, taken
 /// from the page as `browser` shows it now.
-#[allow(dead_code, reason = "called by the inspector's browser test")]
 pub fn save_readme_screenshot(browser: &Browser) -> PathBuf {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/img/inspector.png");
     browser.screenshot(&path);
@@ -405,204 +406,97 @@ fn free_port() -> u16 {
         .port()
 }
 
-// ---- scaffolding: the page against a static fake of the inspector's API ----
-
-/// The CSP of /work/inspect_api.md, so the page is proven to run under it.
-const FAKE_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
-    connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
-    frame-ancestors 'none'";
-
-/// A refused webhook delivery; its body has an integer past 2^53, which the
-/// pretty view must keep digit for digit.
-const FAKE_BODY: &str = r#"{"update_id":1796672753506,"message":{"message_id":9007199254740993,"chat":{"type":"private","id":"u_1"},"text":"hi"}}"#;
-
-fn fake_summary(id: u64, signature: &str, outcome: &str) -> Value {
-    json!({"id": id, "time_ms": 1_796_672_753_506_u64, "source": "webhook",
-           "update_id": 1_796_672_753_505_u64 + id, "chat": "private:u_1", "kind": "message",
-           "msg_type": "text", "signature": signature, "outcome": outcome, "result": null,
-           "status": 401, "latency_ms": 3, "attempts": 1, "replay_of": null})
-}
-
-fn fake_detail() -> Value {
-    let mut detail = fake_summary(1, "SIGNATURE_MISMATCH", "refused");
-    let more = json!({
-        "body": FAKE_BODY,
-        "headers": [["content-type", "application/json"], ["authorization", "(redacted)"]],
-        "explain": "1. payload = update.message, canonical JSON: {…}\n2. expected 9f2c… given 0000…",
-        "handler": null, "reply": null,
-        "attempts": [{"attempt": 1, "time_ms": 1_796_672_753_506_u64, "outcome": "refused",
-                      "error": "SIGNATURE_MISMATCH", "steps": {"verify_us": 12}}],
-        "curl": "curl -X POST …", "verify_sig": "printf '%s' '…' | fly verify-sig --explain"});
-    detail
-        .as_object_mut()
-        .unwrap()
-        .extend(more.as_object().unwrap().clone());
-    detail
-}
-
-/// Static answers in place of the inspector: the list holds #1, the event
-/// stream announces #2 once, a replay is refused. Records each request as
-/// "METHOD TARGET" (plus " +header" when it carries `X-Fly-Inspector: 1`).
-struct StaticFakeInspector {
-    url: String,
-    requests: Arc<Mutex<Vec<String>>>,
-}
-
-impl StaticFakeInspector {
-    fn start() -> StaticFakeInspector {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}/", listener.local_addr().unwrap());
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let log = Arc::clone(&requests);
-        thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let log = Arc::clone(&log);
-                thread::spawn(move || fake_answer(stream, &log));
-            }
-        });
-        StaticFakeInspector { url, requests }
-    }
-
-    fn saw(&self, request: &str) -> bool {
-        self.requests
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|seen| seen == request)
-    }
-}
-
-fn fake_answer(stream: TcpStream, log: &Mutex<Vec<String>>) {
-    let mut reader = BufReader::new(stream);
-    let mut request_line = String::new();
-    let _ = reader.read_line(&mut request_line);
-    let mut headers = String::new();
-    let mut line = String::new();
-    while reader.read_line(&mut line).is_ok_and(|read| read > 2) {
-        headers.push_str(&line.to_ascii_lowercase());
-        line.clear();
-    }
-    let mut words = request_line.split_whitespace();
-    let (method, target) = (
-        words.next().unwrap_or_default(),
-        words.next().unwrap_or_default(),
-    );
-    let marked = if headers.contains("x-fly-inspector: 1\r\n") {
-        " +header"
-    } else {
-        ""
-    };
-    log.lock()
-        .unwrap()
-        .push(format!("{method} {target}{marked}"));
-    let path = target.split('?').next().unwrap_or_default();
-    let mut stream = reader.into_inner();
-    let (status, kind, body) = match (method, path) {
-        ("GET", "/") => (
-            200,
-            "text/html",
-            include_str!("../../src/inspect/page/index.html").to_string(),
-        ),
-        ("GET", "/app.js") => (
-            200,
-            "text/javascript",
-            include_str!("../../src/inspect/page/app.js").to_string(),
-        ),
-        ("GET", "/app.css") => (
-            200,
-            "text/css",
-            include_str!("../../src/inspect/page/app.css").to_string(),
-        ),
-        ("GET", "/api/updates") => (
-            200,
-            "application/json",
-            json!({"updates": [fake_summary(1, "SIGNATURE_MISMATCH", "refused")]}).to_string(),
-        ),
-        ("GET", "/api/updates/1") => (200, "application/json", fake_detail().to_string()),
-        ("GET", "/api/events") => return fake_events(stream),
-        ("POST", "/api/updates/1/replay") => (
-            409,
-            "application/json",
-            r#"{"error":"NOT_REPLAYABLE"}"#.to_string(),
-        ),
-        _ => (
-            404,
-            "application/json",
-            r#"{"error":"NOT_FOUND"}"#.to_string(),
-        ),
-    };
-    let _ = write!(
-        stream,
-        "HTTP/1.1 {status} X\r\ncontent-type: {kind}\r\ncontent-length: {}\r\n\
-         content-security-policy: {FAKE_CSP}\r\nx-content-type-options: nosniff\r\n\
-         connection: close\r\n\r\n{body}",
-        body.len()
-    );
-}
-
-/// One event, then the stream stays open until the browser leaves.
-fn fake_events(mut stream: TcpStream) {
-    let summary = fake_summary(2, "OK", "replied");
-    let _ = write!(
-        stream,
-        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-store\r\n\r\n\
-         event: update\ndata: {summary}\n\n"
-    );
-    let _ = stream.read_to_end(&mut Vec::new());
-}
-
 const WAIT: Duration = Duration::from_secs(20);
 
+/// The message of the deliveries below, as canonical JSON.
+const MESSAGE: &str =
+    r#"{"chat":{"id":"u_1","type":"private"},"data":{"content":"hi"},"msgType":"text"}"#;
+
+/// The inspector of a real serve-webhook, in a real browser: a delivery
+/// appears without a reload; a delivery with a bad signature shows the
+/// steps of the check; `Replay` on a good one makes the platform send the
+/// reply again. With `FLY_README_SCREENSHOT=1`, it also takes the README's
+/// picture.
 #[test]
 #[ignore = "needs chromium"]
-fn page_renders_rows_and_detail_against_a_static_fake() {
-    let fake = StaticFakeInspector::start();
-    let browser = Browser::start();
-    browser.navigate(&fake.url);
-
-    // The list from /api/updates, and #2 from the event stream, newest first.
-    browser.wait_for("#status", Until::TextContains("live"), WAIT);
-    browser.wait_for("tr.update[data-id=\"1\"]", Until::Present, WAIT);
-    browser.wait_for("#updates tr.update", Until::Count(2), WAIT);
-    let rows = browser.find_all("#updates tr.update");
-    let ids: Vec<_> = rows
-        .iter()
-        .map(|row| browser.attribute(row, "data-id"))
-        .collect();
-    assert_eq!(ids, [Some("2".to_string()), Some("1".to_string())]);
-    let cell =
-        |class: &str| browser.text(&browser.find(&format!("tr.update[data-id=\"1\"] .{class}")));
-    assert_eq!(cell("update-id"), "1796672753506");
-    assert_eq!(cell("chat"), "private:u_1");
-    assert_eq!(cell("type"), "message/text");
-    assert_eq!(cell("signature"), "SIGNATURE_MISMATCH");
-    assert_eq!(cell("outcome"), "refused");
-    assert_eq!(cell("latency"), "3 ms");
-
-    browser.click(&browser.find("tr.update[data-id=\"1\"]"));
-    browser.wait_for("#detail[hidden]", Until::Absent, WAIT);
-    browser.wait_for(
-        "#detail-explain",
-        Until::TextContains("canonical JSON"),
-        WAIT,
+fn the_inspector_shows_explains_and_replays_deliveries() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &emulator.base_url,
+        dir.path(),
+        &["--secret", SECRET, "--inspect", "127.0.0.1:0"],
     );
-    check_detail(&browser);
+    let inspector = inspector_url(&server.log());
+    let browser = Browser::start();
+    browser.navigate(&inspector);
+    browser.wait_for("#status", Until::TextContains("live"), WAIT);
 
-    browser.send_keys(&browser.find("#filter-chat"), "private:u_1");
-    wait_until(WAIT, "the chat filter's request", || {
-        fake.saw("GET /api/updates?chat=private%3Au_1")
-    });
-    browser.click(&browser.find("#replay"));
-    browser.wait_for(
-        "#action-message",
-        Until::TextContains("NOT_REPLAYABLE"),
-        WAIT,
+    // Delivered while the page is open: the row comes over the event stream.
+    let good = signed_here(501, "message", MESSAGE, "nonce-501");
+    assert_eq!(post(&server.url, &good).status, 200);
+    browser.wait_for("#updates tr.update", Until::Count(1), WAIT);
+    let forged = signed_here(502, "message", MESSAGE, "nonce-502").replace("\"hi\"", "\"hi!\"");
+    assert_eq!(post(&server.url, &forged).status, 401);
+    browser.wait_for("#updates tr.update", Until::Count(2), WAIT);
+    let row_of = |update_id: &str| {
+        browser
+            .find_all("#updates tr.update")
+            .into_iter()
+            .find(|row| {
+                let cell = browser.find_in(row, ".update-id");
+                browser.text(&cell) == update_id
+            })
+            .unwrap_or_else(|| panic!("no row for update {update_id}"))
+    };
+    let forged_row = row_of("502");
+    assert_eq!(
+        browser.text(&browser.find_in(&forged_row, ".signature")),
+        "SIGNATURE_MISMATCH"
+    );
+
+    check_explained(&browser, &forged_row);
+
+    // Replay the good one: the platform gets the reply again, with an id of its own.
+    let good_row = row_of("501");
+    let good_id = browser.attribute(&good_row, "data-id").unwrap();
+    browser.click(&good_row);
+    browser.wait_for("#detail-body-raw", Until::TextContains("nonce-501"), WAIT);
+    let pretty = browser.execute_script(
+        "return document.getElementById('detail-body-pretty').textContent",
+        &[],
     );
     assert!(
-        fake.saw("POST /api/updates/1/replay +header"),
-        "{:?}",
-        fake.requests
+        pretty.as_str().unwrap().contains("\"update_id\": 501"),
+        "{pretty}"
     );
+    if std::env::var_os("FLY_README_SCREENSHOT").is_some() {
+        save_readme_screenshot(&browser);
+    }
+    browser.click(&browser.find("#replay"));
+    wait_until(WAIT, "the replayed reply", || {
+        emulator
+            .sent()
+            .iter()
+            .any(|sent| sent["client_msg_id"] == "replay_501_1")
+    });
+    browser.wait_for("#updates tr.update", Until::Count(3), WAIT);
+    let replay_of = browser.find("#updates tr.update .replay-of");
+    assert!(browser.text(&replay_of).contains(&good_id), "{good_id}");
+    let sent: Vec<Value> = emulator.sent();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert_eq!(sent[0]["client_msg_id"], "echo_501");
+
+    // The text filter asks the server: only the forged delivery has "hi!".
+    browser.send_keys(&browser.find("#filter-text"), "hi!");
+    browser.wait_for("#updates tr.update", Until::Count(1), WAIT);
+    browser.wait_for(
+        "#updates tr.update .update-id",
+        Until::TextContains("502"),
+        WAIT,
+    );
+    browser.wait_for("#empty:not([hidden])", Until::Absent, WAIT);
+    browser.wait_for("#updates tr.update", Until::Present, WAIT);
 
     let refusals: Vec<_> = browser
         .console_messages()
@@ -610,36 +504,33 @@ fn page_renders_rows_and_detail_against_a_static_fake() {
         .filter(|message| message.contains("Content Security Policy"))
         .collect();
     assert!(refusals.is_empty(), "the CSP refused: {refusals:?}");
-    let png = tempfile::tempdir().unwrap();
-    browser.screenshot(&png.path().join("page.png"));
-    let bytes = std::fs::read(png.path().join("page.png")).unwrap();
+}
+
+/// The refused delivery explained: what was signed, and what was expected.
+fn check_explained(browser: &Browser, row: &Element) {
+    browser.click(row);
+    browser.wait_for("#detail[hidden]", Until::Absent, WAIT);
+    browser.wait_for(
+        "#detail-explain",
+        Until::TextContains("canonical JSON"),
+        WAIT,
+    );
+    let explain = browser.text(&browser.find("#detail-explain"));
+    let signed =
+        r#"{"chat":{"id":"u_1","type":"private"},"data":{"content":"hi!"},"msgType":"text"}"#;
     assert!(
-        bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 10_000,
-        "{} bytes",
-        bytes.len()
+        explain.contains(signed)
+            && explain.contains("expected")
+            && explain.contains("✗ differs")
+            && explain.contains("secret from --secret"),
+        "{explain}"
     );
 }
 
-/// The detail of #1 as the static fake describes it.
-fn check_detail(browser: &Browser) {
-    let text_content = |id: &str| {
-        let script = "return document.getElementById(arguments[0]).textContent";
-        browser.execute_script(script, &[json!(id)])
-    };
-    assert_eq!(text_content("detail-body-raw"), FAKE_BODY);
-    let pretty = text_content("detail-body-pretty");
-    let pretty = pretty.as_str().unwrap();
-    assert!(
-        pretty.contains("\n    \"message_id\": 9007199254740993,\n"),
-        "{pretty}"
-    );
-    let headers = browser.text(&browser.find("#detail-headers"));
-    assert!(headers.contains("authorization (redacted)"), "{headers}");
-    let attempts = browser.text(&browser.find("#detail-attempts"));
-    assert!(
-        attempts.contains("SIGNATURE_MISMATCH") && attempts.contains("verify 12 µs"),
-        "{attempts}"
-    );
-    let handler = browser.text(&browser.find("#detail-handler"));
-    assert_eq!(handler, "No handler ran for this entry.");
+/// The inspector's address, from serve-webhook's start line.
+fn inspector_url(log: &str) -> String {
+    log.lines()
+        .find_map(|line| line.split("inspector url=").nth(1))
+        .map(|url| url.trim().to_string())
+        .unwrap_or_else(|| panic!("no inspector line in: {log}"))
 }
