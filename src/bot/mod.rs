@@ -12,36 +12,9 @@ pub mod poll_loop;
 pub mod worker;
 
 use crate::api::{ApiClient, ApiError, SendRequest, Update};
-use crate::observe::{Step, Steps, capped};
+pub use crate::observe::Outcome;
+use crate::observe::{Source, Step, Steps, UpdateRecord, capped, capturing};
 use fly_state::Letters;
-
-/// How an update ended when it needs no more work. Logged, and stored with
-/// the update id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// A reply was accepted by the platform.
-    Replied,
-    /// Media downloaded and the message forwarded back.
-    Forwarded,
-    /// An `--exec` handler succeeded without a reply.
-    Handled,
-    /// Signed and delivered to a webhook receiver (`fly forward`).
-    Delivered,
-    /// Nothing to answer (a non-message update, a message without a chat, …).
-    Ignored,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Replied => "replied",
-            Outcome::Forwarded => "forwarded",
-            Outcome::Handled => "handled",
-            Outcome::Delivered => "delivered",
-            Outcome::Ignored => "ignored",
-        }
-    }
-}
 
 /// Why an update could not be handled now.
 #[derive(Debug)]
@@ -146,6 +119,28 @@ pub fn record_dead_letter(
         );
     }
     store.mark_handled(update_id, "dead_letter")
+}
+
+/// A record of `update`'s attempt number `attempt` (see [`UpdateRecord`]).
+pub fn record_of(source: Source, update: &Update, attempt: u32) -> UpdateRecord {
+    let mut record = UpdateRecord::new(source, update.received);
+    describe(&mut record, update);
+    record.attempt = attempt;
+    record
+}
+
+/// Fills in which update `record` is about.
+pub fn describe(record: &mut UpdateRecord, update: &Update) {
+    if capturing() && record.raw.is_none() {
+        record.raw = Some(std::sync::Arc::from(update.raw.as_str()));
+    }
+    record.update_id = Some(update.update_id);
+    record.chat = chat_label(update);
+    record.kind.clone_from(&update.kind);
+    record.msg_type = update
+        .message
+        .as_ref()
+        .map_or_else(String::new, |message| message.msg_type.clone());
 }
 
 /// `chat_type:chat_id` for log lines, or `-` for updates without a chat.

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use super::{HandleError, Handler, chat_label, record_dead_letter};
+use super::{HandleError, Handler, chat_label, record_dead_letter, record_of};
 use crate::api::{ApiClient, ApiError, Received, Update};
 use crate::observe::{End, Phase, Source, Step, UpdateRecord, metrics};
 use crate::retry::RetryPolicy;
@@ -942,7 +942,7 @@ impl Scheduler {
             let failures = state.chats.get(&chat).map_or(0, |queue| queue.failures);
             (failures + 1, state.parked.contains(&update.update_id))
         };
-        let mut record = UpdateRecord::of(self.settings.source, &update, attempt);
+        let mut record = record_of(self.settings.source, &update, attempt);
         let outcome = handler.handle(&update, &mut record.steps);
         let recorded = match outcome {
             Ok(outcome) => record

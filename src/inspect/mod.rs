@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
 use crate::api::Update;
-use crate::bot::{HandleError, Handler};
+use crate::bot::{HandleError, Handler, record_of};
 use crate::explain::{SecretNote, explain};
 use crate::observe::{End, Sink, Source, UpdateRecord, set_sink};
 use entries::Entries;
@@ -185,7 +185,7 @@ impl Inspector {
     /// reserved entry. The state store is not told: a replay is not a
     /// delivery, and the update stays as handled (or not) as it was.
     fn run_replay(&self, update: &Update, reserved: u64, n: u32) {
-        let mut record = UpdateRecord::of(self.config.source, update, 1);
+        let mut record = record_of(self.config.source, update, 1);
         record.inspect_entry = Some(reserved);
         record.steps.replay = Some(n);
         let end = match self.config.handler.handle(update, &mut record.steps) {

@@ -10,5 +10,6 @@ pub mod record;
 
 pub use metrics::{Phase, metrics};
 pub use record::{
-    End, Sink, Source, Step, Steps, UpdateRecord, capped, capturing, handler_said, set_sink,
+    End, Outcome, Sink, Source, Step, Steps, UpdateRecord, capped, capturing, handler_said,
+    set_sink,
 };

@@ -8,8 +8,34 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::metrics::metrics;
-use crate::api::Update;
-use crate::bot::{Outcome, chat_label};
+
+/// How an update ended when it needs no more work. Logged, and stored with
+/// the update id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A reply was accepted by the platform.
+    Replied,
+    /// Media downloaded and the message forwarded back.
+    Forwarded,
+    /// An `--exec` handler succeeded without a reply.
+    Handled,
+    /// Signed and delivered to a webhook receiver (`fly forward`).
+    Delivered,
+    /// Nothing to answer (a non-message update, a message without a chat, …).
+    Ignored,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Replied => "replied",
+            Outcome::Forwarded => "forwarded",
+            Outcome::Handled => "handled",
+            Outcome::Delivered => "delivered",
+            Outcome::Ignored => "ignored",
+        }
+    }
+}
 
 /// Where an update came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,9 +99,9 @@ impl Step {
 }
 
 /// The time each step took, and the last one started. Handed to
-/// [`Handler::handle`](crate::bot::Handler::handle), which times its own
-/// steps and, while a [`Sink`] looks on (the inspector), notes what its
-/// handler read and wrote and the reply it sent.
+/// the handler of the update, which times its own steps and, while a
+/// [`Sink`] looks on (the inspector), notes what its handler read and
+/// wrote and the reply it sent.
 #[derive(Debug, Default, Clone)]
 pub struct Steps {
     spent: [Option<Duration>; 6],
@@ -318,28 +344,6 @@ impl UpdateRecord {
             inspect_entry: None,
             answer: None,
         }
-    }
-
-    /// A record of `update`'s attempt number `attempt`.
-    pub fn of(source: Source, update: &Update, attempt: u32) -> UpdateRecord {
-        let mut record = UpdateRecord::new(source, update.received);
-        record.describe(update);
-        record.attempt = attempt;
-        record
-    }
-
-    /// Fills in which update this is.
-    pub fn describe(&mut self, update: &Update) {
-        if capturing() && self.raw.is_none() {
-            self.raw = Some(Arc::from(update.raw.as_str()));
-        }
-        self.update_id = Some(update.update_id);
-        self.chat = chat_label(update);
-        self.kind.clone_from(&update.kind);
-        self.msg_type = update
-            .message
-            .as_ref()
-            .map_or_else(String::new, |message| message.msg_type.clone());
     }
 
     /// The attempt ended: counted, and logged as the poll loop logs an update.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::{FatalStop, WebhookConfig};
 use crate::api::Update;
-use crate::bot::{HandleError, Handler, record_dead_letter};
+use crate::bot::{HandleError, Handler, describe, record_dead_letter};
 use crate::observe::{End, Source, Step, Steps, UpdateRecord, capturing, metrics};
 use bytes::Bytes;
 use fly_base::clock::unix_now;
@@ -172,7 +172,7 @@ impl Receiver {
         // the signature verdict beside it.
         let update = Update::read(&parsed, text);
         if let Ok(update) = &update {
-            record.describe(update);
+            describe(record, update);
         }
         let now = unix_now();
         let verdict = record
