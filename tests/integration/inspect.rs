@@ -431,29 +431,7 @@ fn foreign_hosts_and_headerless_posts_are_refused_and_no_answer_holds_a_secret()
         "{headers:?}"
     );
 
-    // A foreign Host: refused on the page, the API and a POST.
-    for host in [
-        "evil.example:4040",
-        &format!("evil.example:{}", inspector.port()),
-    ] {
-        for (method, path) in [
-            ("GET", "/".to_string()),
-            ("GET", "/api/updates".to_string()),
-            ("GET", "/api/events".to_string()),
-            ("POST", format!("/api/updates/{good_id}/replay")),
-        ] {
-            let reply =
-                inspector.request(method, &path, &[("Host", host), ("X-Fly-Inspector", "1")]);
-            reply.assert_refused("FOREIGN_HOST");
-            answers.push(reply);
-        }
-    }
-    // The loopback name of the same port is the address too.
-    let localhost = format!("localhost:{}", inspector.port());
-    let reply = inspector.request("GET", "/api/updates", &[("Host", &localhost)]);
-    assert_eq!(reply.status, 200, "{reply:?}");
-    assert_eq!(reply.json()["updates"].as_array().unwrap().len(), 3);
-    answers.push(reply);
+    answers.extend(assert_only_its_own_host_is_answered(&inspector, good_id));
 
     // A POST without the page's header: refused, and nothing happens.
     let sent_before = emulator.sent_text();
@@ -479,8 +457,44 @@ fn foreign_hosts_and_headerless_posts_are_refused_and_no_answer_holds_a_secret()
     answers.push(inspector.get(&format!("/api/updates/{replayed}")));
     answers.push(inspector.get("/api/updates/999999"));
 
-    // Every answer: the strict CSP.
-    answers.push(events.head);
+    assert_safe_answers(&answers, &events);
+}
+
+/// A foreign `Host` is refused on the page, the API, the event stream and a
+/// POST; `localhost:PORT` is the address too. Returns the answers.
+fn assert_only_its_own_host_is_answered(inspector: &Inspector, good_id: u64) -> Vec<Reply> {
+    let mut answers = Vec::new();
+    // A foreign Host: refused on the page, the API and a POST.
+    for host in [
+        "evil.example:4040",
+        &format!("evil.example:{}", inspector.port()),
+    ] {
+        for (method, path) in [
+            ("GET", "/".to_string()),
+            ("GET", "/api/updates".to_string()),
+            ("GET", "/api/events".to_string()),
+            ("POST", format!("/api/updates/{good_id}/replay")),
+        ] {
+            let reply =
+                inspector.request(method, &path, &[("Host", host), ("X-Fly-Inspector", "1")]);
+            reply.assert_refused("FOREIGN_HOST");
+            answers.push(reply);
+        }
+    }
+    // The loopback name of the same port is the address too.
+    let localhost = format!("localhost:{}", inspector.port());
+    let reply = inspector.request("GET", "/api/updates", &[("Host", &localhost)]);
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.json()["updates"].as_array().unwrap().len(), 3);
+    answers.push(reply);
+
+    answers
+}
+
+/// Every answer (and the event stream's head) has the strict CSP; none,
+/// nor the event stream, holds the webhook secret or the token.
+fn assert_safe_answers(answers: &[Reply], events: &Events) {
+    let answers: Vec<&Reply> = answers.iter().chain([&events.head]).collect();
     for reply in &answers {
         let csp = reply.header("content-security-policy").unwrap_or_default();
         assert!(
@@ -722,4 +736,462 @@ fn the_inspector_stays_under_its_memory_cap_when_100k_deliveries_pass() {
     // The oldest went first: what is kept is the end of the run.
     assert_eq!(ids[0], COUNT as u64 + 1, "ids count every delivery");
     assert_eq!(*ids.last().unwrap(), ids[0] + 1 - ids.len() as u64);
+}
+
+// ---------------------------------------------------------------------------
+// What an entry holds, and replays
+
+/// A handler that saves its stdin as `DIR/stdin_UPDATE_ID`, says a line on
+/// stderr, fails once for chat `u_flaky` (until `DIR/failed` exists) and
+/// otherwise replies `got UPDATE_ID`.
+fn noting_handler(dir: &Path) -> String {
+    format!(
+        r#"cat > '{dir}/stdin_'"$FLY_UPDATE_ID"
+        echo "to stderr $FLY_UPDATE_ID" >&2
+        if [ "$FLY_CHAT_ID" = u_flaky ] && [ ! -e '{dir}/failed' ]; then
+            touch '{dir}/failed'; echo 'fails once' >&2; exit 3
+        fi
+        echo "got $FLY_UPDATE_ID""#,
+        dir = dir.display()
+    )
+}
+
+/// The entry of update `hello` (chat u_1, replied): the handler's command,
+/// stdin (as `noting_handler` saved it in `dir`), stdout and stderr, the
+/// reply and the platform's answer, one attempt. Returns its id.
+fn assert_handler_io_and_reply(inspector: &Inspector, dir: &Path, hello: i64) -> u64 {
+    let row = inspector.wait_for_update(hello, "replied");
+    assert_eq!(row["chat"], "private:u_1", "{row}");
+    assert_eq!(row["source"], "poll", "{row}");
+    assert_eq!(row["signature"], Value::Null, "{row}");
+    let original = id_of(&row);
+    let detail = inspector.detail(original);
+    let ran = &detail["handler"];
+    let command = ran["command"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{detail:#}"));
+    assert!(
+        command.starts_with("--exec ") && command.contains("to stderr"),
+        "{command}"
+    );
+    let stdin = std::fs::read_to_string(dir.join(format!("stdin_{hello}"))).unwrap();
+    assert_eq!(ran["stdin"], stdin.as_str(), "{detail:#}");
+    assert_eq!(detail["body"], stdin.as_str(), "{detail:#}");
+    assert_eq!(ran["stdout"], format!("got {hello}\n"), "{detail:#}");
+    assert_eq!(ran["stderr"], format!("to stderr {hello}\n"), "{detail:#}");
+    let request: Value = serde_json::from_str(detail["reply"]["request"].as_str().unwrap())
+        .unwrap_or_else(|error| panic!("{error}: {detail:#}"));
+    assert_eq!(request["client_msg_id"], format!("reply_{hello}"));
+    assert_eq!(request["data"]["content"], format!("got {hello}"));
+    let platform = detail["reply"]["answer"].as_str().unwrap_or_default();
+    assert!(!platform.is_empty(), "{detail:#}");
+    let attempts = detail["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 1, "{detail:#}");
+    assert_eq!(attempts[0]["error"], Value::Null, "{detail:#}");
+
+    original
+}
+
+/// Update `flaky` failed once, then replied: one entry, two attempts.
+fn assert_one_entry_of_two_attempts(inspector: &Inspector, flaky: i64) {
+    let row = inspector.wait_for_update(flaky, "replied");
+    assert_eq!(row["attempts"], 2, "{row}");
+    assert_eq!(
+        inspector
+            .updates("")
+            .iter()
+            .filter(|row| row["update_id"] == flaky)
+            .count(),
+        1
+    );
+    let detail = inspector.detail(id_of(&row));
+    let attempts = detail["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{detail:#}");
+    assert_eq!(attempts[0]["outcome"], "failed", "{detail:#}");
+    assert!(
+        attempts[0]["error"]
+            .as_str()
+            .is_some_and(|error| !error.is_empty()),
+        "{detail:#}"
+    );
+    assert_eq!(attempts[1]["error"], Value::Null, "{detail:#}");
+    assert_eq!(attempts[1]["outcome"], "replied", "{detail:#}");
+    assert!(
+        detail["handler"]["stderr"]
+            .as_str()
+            .is_some_and(|stderr| stderr.contains("fails once")),
+        "{detail:#}"
+    );
+}
+
+/// poll-echo's entry of an update holds the handler's command, stdin,
+/// stdout and stderr, the reply sent and the platform's answer; a handler
+/// that fails once makes one entry of two attempts; two replays send
+/// `replay_{id}_1` and `replay_{id}_2` and are entries of their own,
+/// linked to the original.
+#[test]
+fn poll_echo_entries_hold_the_handlers_io_and_reply_and_replays_send_new_messages() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let handler = noting_handler(dir.path());
+    let state = dir.path().join("s.db");
+    let poller = Service::start(
+        &emulator,
+        &[
+            "poll-echo",
+            "--state",
+            state.to_str().unwrap(),
+            "--poll-timeout",
+            "1",
+            "--exec",
+            &handler,
+            "--inspect",
+            "127.0.0.1:0",
+        ],
+    );
+    let inspector = Inspector::of(|| poller.log());
+    let hello = emulator.user_says("private", "u_1", "hello");
+    let flaky = emulator.user_says("private", "u_flaky", "wobbly");
+    wait_for_sent(&emulator, &format!("reply_{hello}"));
+    wait_for_sent(&emulator, &format!("reply_{flaky}"));
+
+    let original = assert_handler_io_and_reply(&inspector, dir.path(), hello);
+    assert_one_entry_of_two_attempts(&inspector, flaky);
+
+    // Two replays: two new entries, two new messages.
+    let first = inspector.replay(original);
+    let second = inspector.replay(original);
+    assert!(
+        second > first && first > original,
+        "{original} {first} {second}"
+    );
+    wait_for_sent(&emulator, &format!("replay_{hello}_1"));
+    wait_for_sent(&emulator, &format!("replay_{hello}_2"));
+    for replay in [first, second] {
+        let row = inspector.wait_for_end(replay);
+        assert_eq!(row["replay_of"], original, "{row}");
+        assert_eq!(row["outcome"], "replied", "{row}");
+        assert_eq!(row["update_id"], hello, "{row}");
+    }
+    let replies: Vec<Value> = emulator
+        .sent()
+        .into_iter()
+        .filter(|sent| {
+            sent["client_msg_id"]
+                .as_str()
+                .unwrap()
+                .starts_with("replay_")
+        })
+        .collect();
+    assert_eq!(replies.len(), 2, "{replies:?}");
+    for reply in &replies {
+        assert_eq!(reply["data"]["content"], format!("got {hello}"), "{reply}");
+        assert_eq!(reply["to_user_id"], "u_1", "{reply}");
+    }
+    // The original is as it was.
+    assert_eq!(
+        inspector.detail(original)["attempts"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+/// serve-webhook: a delivery whose signature fails is an entry of its own
+/// (even when it claims a good delivery's update_id), explained step by
+/// step, with the commands to send it again and to check it, and is not
+/// replayed; a good delivery's replay sends `replay_{id}_1` and leaves the
+/// state store alone (the same delivery again is still a duplicate). The
+/// entries' "Copy as curl" and "Copy as fly verify-sig" commands run.
+#[test]
+fn a_signature_mismatch_is_explained_and_not_replayed_and_a_good_replay_keeps_the_store() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = inspected_webhook(&emulator, dir.path(), &[]);
+    let inspector = Inspector::of(|| server.log());
+    let good = signed(201, ("private", "u_1"), "good", WEBHOOK_SECRET);
+    assert_eq!(post(&server.url, &good), answer(200, "OK"));
+    let forged = signed(201, ("private", "u_1"), "forged", "not-the-secret");
+    assert_eq!(
+        post(&server.url, &forged),
+        answer(401, "SIGNATURE_MISMATCH")
+    );
+
+    let rows = inspector.updates("");
+    assert_eq!(rows.len(), 2, "{rows:#?}");
+    let good_row = inspector.wait_for_update(201, "replied");
+    assert_eq!(good_row["signature"], "OK", "{good_row}");
+    assert_eq!(good_row["attempts"], 1, "{good_row}");
+    let mismatch = rows
+        .iter()
+        .find(|row| row["signature"] == "SIGNATURE_MISMATCH")
+        .unwrap_or_else(|| panic!("{rows:#?}"));
+    assert_eq!(mismatch["outcome"], "refused", "{mismatch}");
+    assert_eq!(mismatch["status"], 401, "{mismatch}");
+    assert_eq!(mismatch["result"], "SIGNATURE_MISMATCH", "{mismatch}");
+    let mismatch_id = id_of(mismatch);
+
+    let detail = inspector.detail(mismatch_id);
+    assert_eq!(detail["body"], forged.as_str(), "{detail:#}");
+    let explain = detail["explain"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{detail:#}"));
+    for part in ["canonical JSON", "expected", "✗ differs"] {
+        assert!(explain.contains(part), "{part:?} not in:\n{explain}");
+    }
+    let curl = detail["curl"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{detail:#}"));
+    assert!(curl.starts_with("curl ") && curl.contains(&forged) && curl.contains(&server.url));
+    let verify = detail["verify_sig"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{detail:#}"));
+    assert!(
+        verify.starts_with("fly verify-sig") && verify.contains(&forged),
+        "{verify}"
+    );
+    // They run: the forged one does not verify, and POSTed again it is
+    // refused again.
+    let (status, said) = run_shell(verify);
+    assert_eq!(status, Some(1), "{verify}: {said}");
+    assert!(said.contains("✗ differs"), "{said}");
+    let (status, said) = run_shell(curl);
+    assert_eq!(
+        (status, said.as_str()),
+        (Some(0), "SIGNATURE_MISMATCH"),
+        "{curl}"
+    );
+
+    let refused = inspector.post_replay(mismatch_id);
+    assert_eq!(refused.status, 409, "{refused:?}");
+    assert!(refused.json()["error"].as_str().is_some(), "{refused:?}");
+
+    let good_id = id_of(&good_row);
+    let good_detail = inspector.detail(good_id);
+    let verify = good_detail["verify_sig"].as_str().unwrap();
+    let (status, said) = run_shell(verify);
+    assert_eq!(status, Some(0), "{verify}: {said}");
+    let replayed = inspector.replay(good_id);
+    wait_for_sent(&emulator, "replay_201_1");
+    let row = inspector.wait_for_end(replayed);
+    assert_eq!(row["replay_of"], good_id, "{row}");
+    assert_eq!(row["outcome"], "replied", "{row}");
+    let echoes: Vec<String> = sent_ids(&emulator);
+    assert_eq!(echoes, ["echo_201", "replay_201_1"]);
+    // The store was not told: the same delivery again is a duplicate, and
+    // "Copy as curl" sends just that.
+    assert_eq!(post(&server.url, &good), answer(200, "DUPLICATE"));
+    let curl = good_detail["curl"].as_str().unwrap();
+    let (status, said) = run_shell(curl);
+    assert_eq!((status, said.as_str()), (Some(0), "DUPLICATE"), "{curl}");
+    let row = inspector.wait_for(&format!("{good_id} with 3 attempts"), |row| {
+        row["id"] == good_id && row["attempts"] == 3
+    });
+    assert_eq!(row["outcome"], "duplicate", "{row}");
+    assert_eq!(sent_ids(&emulator).len(), 2);
+}
+
+/// Runs `command` with `sh`, fly first on the PATH and the webhook secret
+/// in FLY_WEBHOOK_SECRET: its exit code and its stdout and stderr.
+fn run_shell(command: &str) -> (Option<i32>, String) {
+    let fly_dir = fly_path().parent().unwrap().to_path_buf();
+    let path = format!(
+        "{}:{}",
+        fly_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let output = std::process::Command::new("sh")
+        .args(["-c", command])
+        .env_clear()
+        .env("PATH", path)
+        .env("FLY_WEBHOOK_SECRET", WEBHOOK_SECRET)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        stderr_of(&output)
+    );
+    (output.status.code(), said.trim().to_string())
+}
+
+/// forward: a replay delivers the update, signed, to the receiver again.
+#[test]
+fn a_forward_replay_delivers_to_the_receiver_again() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (receiver, url) = start_receiver_with(&emulator, 0, &dir.path().join("r.db"), &[]);
+    let forward = start_forward_with(
+        &emulator,
+        &url,
+        &dir.path().join("f.db"),
+        &["--inspect", "127.0.0.1:0"],
+    );
+    let inspector = Inspector::of(|| forward.log());
+    let update_id = emulator.user_says("private", "u_1", "forward me");
+    wait_for_sent(&emulator, &format!("echo_{update_id}"));
+    let row = inspector.wait_for_update(update_id, "delivered");
+    assert_eq!(row["source"], "forward", "{row}");
+    let original = id_of(&row);
+    let detail = inspector.detail(original);
+    let request = detail["reply"]["request"].as_str().unwrap_or_default();
+    assert!(request.starts_with(&format!("POST {url}")), "{detail:#}");
+    assert_eq!(detail["reply"]["answer"], "HTTP 200", "{detail:#}");
+
+    let receptions = || {
+        receiver
+            .log()
+            .lines()
+            .filter(|line| {
+                line.contains("delivery answered")
+                    && line.contains(&format!("update_id={update_id} "))
+            })
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(receptions().len(), 1, "{:?}", receptions());
+    let replayed = inspector.replay(original);
+    let row = inspector.wait_for_end(replayed);
+    assert_eq!(row["outcome"], "delivered", "{row}");
+    assert_eq!(row["replay_of"], original, "{row}");
+    wait_until(
+        Duration::from_secs(20),
+        "the receiver's second delivery",
+        || receptions().len() == 2,
+    );
+    // Signed anew, it verified; the receiver's store knew the update.
+    let second = &receptions()[1];
+    assert!(
+        second.contains("signature=\"OK\"") && second.contains("outcome=duplicate"),
+        "{second}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The list
+
+/// `?chat=`, `?outcome=` and `?q=` select the right rows; an unknown id is
+/// 404; the event stream brings a new delivery's row as it happens.
+#[test]
+fn filters_select_the_right_rows_and_events_bring_new_ones() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = inspected_webhook(&emulator, dir.path(), &[]);
+    let inspector = Inspector::of(|| server.log());
+    let deliveries = [
+        signed(301, ("private", "u_a"), "apple pie", WEBHOOK_SECRET),
+        signed(302, ("group", "g_b"), "banana split", WEBHOOK_SECRET),
+        signed(303, ("private", "u_a"), "cherry", "not-the-secret"),
+    ];
+    let answers: Vec<u16> = deliveries
+        .iter()
+        .map(|body| post(&server.url, body).status)
+        .collect();
+    assert_eq!(answers, [200, 200, 401]);
+    let update_ids = |query: &str| -> Vec<i64> {
+        inspector
+            .updates(query)
+            .iter()
+            .map(|row| row["update_id"].as_i64().unwrap())
+            .collect()
+    };
+    assert_eq!(update_ids(""), [303, 302, 301]);
+    assert_eq!(update_ids("?chat=private%3Au_a"), [303, 301]);
+    assert_eq!(update_ids("?chat=group:g_b"), [302]);
+    assert_eq!(update_ids("?chat=private%3Au_zzz"), Vec::<i64>::new());
+    assert_eq!(update_ids("?outcome=refused"), [303]);
+    assert_eq!(update_ids("?outcome=replied"), [302, 301]);
+    assert_eq!(update_ids("?q=banana"), [302]);
+    assert_eq!(update_ids("?q=BANANA+split"), [302]);
+    assert_eq!(update_ids("?q=apple&chat=private:u_a"), [301]);
+    assert_eq!(update_ids("?q=apple&outcome=refused"), Vec::<i64>::new());
+    assert_eq!(update_ids("?q=cherry&outcome="), [303]);
+    assert_eq!(update_ids("?q=303"), [303]);
+
+    for path in ["/api/updates/999999", "/api/updates/abc", "/api/nothing"] {
+        let reply = inspector.get(path);
+        assert_eq!(reply.status, 404, "{reply:?}");
+        assert_eq!(reply.json(), json!({"error": "NOT_FOUND"}), "{reply:?}");
+    }
+    assert_eq!(inspector.post_replay(999_999).status, 404);
+
+    let mut events = Events::open(&inspector);
+    let fresh = signed(304, ("private", "u_c"), "durian", WEBHOOK_SECRET);
+    assert_eq!(post(&server.url, &fresh), answer(200, "OK"));
+    let event = events.next_update(Duration::from_secs(20));
+    assert_eq!(event["update_id"], 304, "{event}");
+    assert_eq!(event["chat"], "private:u_c", "{event}");
+    assert_eq!(event["outcome"], "replied", "{event}");
+    let newest = inspector.updates("").remove(0);
+    assert_eq!(event, newest);
+}
+
+// ---------------------------------------------------------------------------
+// Start-up
+
+/// An `--inspect` port that is taken: exit 1 with one line naming
+/// `--inspect` and the address, for each command that has it, before any
+/// state file is made.
+#[test]
+fn an_inspect_port_in_use_is_exit_1_with_one_line() {
+    let emulator = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let state = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let commands: Vec<Vec<String>> = vec![
+        vec!["poll-echo".into(), "--state".into(), state("p.db")],
+        vec![
+            "serve-webhook".into(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--port".into(),
+            "0".into(),
+            "--secret".into(),
+            "s".into(),
+            "--state".into(),
+            state("w.db"),
+        ],
+        vec![
+            "forward".into(),
+            "--to".into(),
+            "http://127.0.0.1:9/hook".into(),
+            "--secret".into(),
+            "s".into(),
+            "--state".into(),
+            state("f.db"),
+        ],
+    ];
+    for args in commands {
+        let output = fly_at(&emulator)
+            .args(&args)
+            .args(["--inspect", &address])
+            .timeout(Duration::from_secs(20))
+            .output()
+            .unwrap();
+        let stderr = stderr_of(&output);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        let errors: Vec<&str> = stderr
+            .lines()
+            .filter(|line| line.contains("error"))
+            .collect();
+        assert_eq!(errors.len(), 1, "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().last(), Some(errors[0]), "{stderr}");
+        assert!(
+            errors[0].starts_with("fly: error: ")
+                && errors[0].contains("--inspect")
+                && errors[0].contains(&address)
+                && errors[0].contains("in use"),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(!stderr.contains("inspector url="), "{stderr}");
+    }
+    // Refused before the state store was opened: no state file was made.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }
