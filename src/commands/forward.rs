@@ -32,12 +32,6 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
         .with_shutdown(shutdown.clone());
     let identity = BotIdentity::new(client.base_url(), token.expose());
     let watched = serve_polling_metrics(&args.metrics)?;
-    let store = polling_store(
-        &identity,
-        args.state.location(),
-        args.retention.retention,
-        args.lease.lease,
-    )?;
     // What it does, before it does it: a developer sees at once which
     // receiver, which platform, and which secret to verify with.
     tracing::info!(
@@ -47,7 +41,6 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
         secret.source,
         args.bot_id
     );
-    let _ = watched.set(Arc::clone(&store));
     let trusted = match &args.to_ca {
         Some(path) => Some(super::credentials::read_certificates(path, "--to-ca")?),
         None => None,
@@ -74,6 +67,14 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
         once: false,
     };
     start_polling_inspector(&args.inspect, settings.source, &handler)?;
+    // After the listeners: a taken port leaves no state file behind.
+    let store = polling_store(
+        &identity,
+        args.state.location(),
+        args.retention.retention,
+        args.lease.lease,
+    )?;
+    let _ = watched.set(Arc::clone(&store));
     let summary = poll_loop::run(&client, store, handler, &settings, &shutdown)?;
     // Only 2xx answers end as handled; an update that could not be signed
     // is a dead letter.

@@ -13,6 +13,7 @@ mod fetch_media;
 mod forward;
 mod full_disk;
 mod handler_bounds;
+mod inspect;
 mod intake;
 mod metrics;
 mod parking;
