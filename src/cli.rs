@@ -559,6 +559,9 @@ pub struct PollEchoArgs {
     pub exec: ExecArgs,
 
     #[command(flatten)]
+    pub inspect: InspectArgs,
+
+    #[command(flatten)]
     pub metrics: MetricsArgs,
 
     #[command(flatten)]
@@ -574,8 +577,36 @@ pub struct MetricsArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics, with /healthz and
     /// /readyz (for example 127.0.0.1:9464; port 0 picks a free one, named
     /// in the start line). Off unless given.
-    #[arg(long = "metrics", value_name = "ADDR", env = "FLY_METRICS")]
+    #[arg(
+        id = "metrics",
+        long = "metrics",
+        value_name = "ADDR",
+        env = "FLY_METRICS"
+    )]
     pub address: Option<std::net::SocketAddr>,
+}
+
+/// `--inspect [ADDR]`, shared by the commands that handle updates.
+#[derive(Debug, Clone, Args)]
+pub struct InspectArgs {
+    /// See every update in a browser at http://ADDR/ (default
+    /// 127.0.0.1:4040; port 0 picks a free one, named in the start line):
+    /// its body, signature check, handler output and reply, and Replay.
+    /// Off unless given; give an address other than loopback only on a
+    /// network you trust, as the one people will type.
+    #[arg(
+        id = "inspect",
+        long = "inspect",
+        value_name = "ADDR",
+        num_args = 0..=1,
+        default_missing_value = "127.0.0.1:4040",
+        env = "FLY_INSPECT"
+    )]
+    pub address: Option<std::net::SocketAddr>,
+
+    /// Updates the inspector keeps, the oldest dropped first (at most 64 MiB in all).
+    #[arg(long, value_name = "N", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub inspect_keep: u32,
 }
 
 #[derive(Debug, Args)]
@@ -778,6 +809,9 @@ pub struct ServeWebhookArgs {
     pub exec: ExecArgs,
 
     #[command(flatten)]
+    pub inspect: InspectArgs,
+
+    #[command(flatten)]
     pub metrics: MetricsArgs,
 
     #[command(flatten)]
@@ -881,6 +915,9 @@ pub struct ForwardArgs {
 
     #[command(flatten)]
     pub lease: LeaseArgs,
+
+    #[command(flatten)]
+    pub inspect: InspectArgs,
 
     #[command(flatten)]
     pub metrics: MetricsArgs,

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use super::{HandleError, Handler, Outcome};
+use super::{HandleError, Handler, Outcome, send_reply_step};
 use crate::api::media::{MediaUrl, is_media_type};
 use crate::api::{ApiClient, Chat, Message, SendRequest, Update};
 use crate::download::{DownloadError, Durability, download, safe_file_name, save_atomically};
@@ -52,20 +52,13 @@ impl Handler for EchoHandler {
         let reply = SendRequest::text(
             chat.reply_target(),
             echo,
-            format!("echo_{}", update.update_id),
+            steps.client_msg_id("echo", update.update_id),
         );
-        steps.time(Step::Reply, || self.send(&reply, Outcome::Replied))
+        send_reply_step(&self.client, &reply, steps, Outcome::Replied)
     }
 }
 
 impl EchoHandler {
-    fn send(&self, request: &SendRequest, done: Outcome) -> Result<Outcome, HandleError> {
-        match self.client.send(request) {
-            Ok(_) => Ok(done),
-            Err(error) => HandleError::from_api(error),
-        }
-    }
-
     /// Exchange every media URL in one batch_access call, download each file
     /// that got an access URL, then forward the message back unchanged.
     fn media_round_trip(
@@ -84,9 +77,9 @@ impl EchoHandler {
             chat.reply_target(),
             message.msg_type.clone(),
             message.data.clone(),
-            format!("fwd_{update_id}"),
+            steps.client_msg_id("fwd", update_id),
         );
-        steps.time(Step::Reply, || self.send(&forward, Outcome::Forwarded))
+        send_reply_step(&self.client, &forward, steps, Outcome::Forwarded)
     }
 
     /// Saves the media of `message` into `dir`: how many files were saved.

@@ -23,10 +23,10 @@ use anyhow::{Context, anyhow};
 use serde_json::{Map, Value};
 
 use super::child_io::{self, Chunk, ExitWatch, LogLines};
-use super::{HandleError, Handler, Outcome};
+use super::{HandleError, Handler, Outcome, send_reply_step};
 use crate::api::{ApiClient, MessageData, SendRequest, Update};
 use crate::children::{self, Group};
-use crate::observe::{Step, Steps};
+use crate::observe::{Step, Steps, capped};
 
 /// A handler's reply is one message; more than this is a bug in the handler,
 /// and fails its update (never a prefix sent as the reply).
@@ -88,6 +88,7 @@ impl Handler for ExecHandler {
         let Some(message) = update.message.as_ref() else {
             return Ok(Outcome::Ignored);
         };
+        steps.note(|capture| capture.handler = Some(format!("{} {}", self.named, self.command)));
         let stdout = steps
             .time(Step::Handler, || self.run(update))
             .map_err(|error| match error.downcast::<SetupError>() {
@@ -96,6 +97,7 @@ impl Handler for ExecHandler {
                     HandleError::Retry(error.context(format!("{} {:?}", self.named, self.command)))
                 }
             })?;
+        steps.note(|capture| capture.stdout = Some(capped(&stdout)));
         let reply = stdout.trim_end_matches(['\n', '\r']);
         if reply.trim().is_empty() {
             return Ok(Outcome::Handled);
@@ -104,9 +106,7 @@ impl Handler for ExecHandler {
             Some((msg_type, data)) => Reply::Message { msg_type, data },
             None => Reply::Text(reply.to_string()),
         };
-        steps.time(Step::Reply, || {
-            send_reply(&self.client, update, message, reply)
-        })
+        send_reply(&self.client, update, message, reply, steps)
     }
 }
 
@@ -120,6 +120,18 @@ pub enum Reply {
     },
 }
 
+impl Reply {
+    /// The reply as the handler gave it: its text, or the message as JSON.
+    pub fn as_text(&self) -> String {
+        match self {
+            Reply::Text(text) => text.clone(),
+            Reply::Message { msg_type, data } => {
+                serde_json::json!({"msg_type": msg_type, "data": data}).to_string()
+            }
+        }
+    }
+}
+
 /// Sends a handler's reply to the chat `message` came from, with
 /// `client_msg_id` `reply_{update_id}`: a handler that runs again for the
 /// same update (a retry after the reply went out) never posts twice.
@@ -128,6 +140,7 @@ pub fn send_reply(
     update: &Update,
     message: &crate::api::Message,
     reply: Reply,
+    steps: &mut Steps,
 ) -> Result<Outcome, HandleError> {
     let Some(chat) = message.chat.as_ref() else {
         // Kept, as the echo keeps such a message: the reply had nowhere to go.
@@ -135,7 +148,7 @@ pub fn send_reply(
             "the handler replied, but the message has no chat (type and id) to reply to".into(),
         ));
     };
-    let client_msg_id = format!("reply_{}", update.update_id);
+    let client_msg_id = steps.client_msg_id("reply", update.update_id);
     let request = match reply {
         Reply::Message { msg_type, data } => SendRequest::new(
             chat.reply_target(),
@@ -145,10 +158,7 @@ pub fn send_reply(
         ),
         Reply::Text(text) => SendRequest::text(chat.reply_target(), text, client_msg_id),
     };
-    match client.send(&request) {
-        Ok(_) => Ok(Outcome::Replied),
-        Err(error) => HandleError::from_api(error),
-    }
+    send_reply_step(client, &request, steps, Outcome::Replied)
 }
 
 /// A reply that is a JSON object with a string `msg_type` and an object
@@ -399,7 +409,10 @@ impl<'a> Pipes<'a> {
             return;
         };
         let update_id = self.update_id;
-        let mut log = |text: &str| tracing::info!(update_id, "[exec] {text}");
+        let mut log = |text: &str| {
+            tracing::info!(update_id, "[exec] {text}");
+            crate::observe::handler_said(update_id, text);
+        };
         loop {
             match child_io::read_some(stderr, &mut self.buffer) {
                 Chunk::Data(read) => self.lines.push(&self.buffer[..read], &mut log),
@@ -424,8 +437,10 @@ impl<'a> Pipes<'a> {
             }
         }
         let update_id = self.update_id;
-        self.lines
-            .end_update(&mut |text: &str| tracing::info!(update_id, "[exec] {text}"));
+        self.lines.end_update(&mut |text: &str| {
+            tracing::info!(update_id, "[exec] {text}");
+            crate::observe::handler_said(update_id, text);
+        });
     }
 }
 

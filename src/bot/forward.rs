@@ -111,6 +111,17 @@ impl Handler for ForwardHandler {
                 |delay| self.shutdown.sleep(delay),
             )
         });
+        steps.note(|capture| {
+            capture.request = Some(format!(
+                "POST {} (signed, nonce {nonce})",
+                self.receiver.url
+            ));
+            capture.answer = Some(match &outcome {
+                Ok(status) => format!("HTTP {status}"),
+                Err(GaveUp::Exhausted { last, .. }) => last.clone(),
+                Err(other) => format!("{other:?}"),
+            });
+        });
         match outcome {
             Ok(_) => Ok(Outcome::Delivered),
             // The update cannot be signed as the platform's Python would

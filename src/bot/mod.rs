@@ -11,9 +11,9 @@ pub mod forward;
 pub mod poll_loop;
 pub mod worker;
 
-use crate::api::{ApiError, Update};
+use crate::api::{ApiClient, ApiError, SendRequest, Update};
 pub use crate::observe::Outcome;
-use crate::observe::{Source, Steps, UpdateRecord};
+use crate::observe::{Source, Step, Steps, UpdateRecord, capped, capturing};
 use fly_state::Letters;
 
 /// Why an update could not be handled now.
@@ -80,6 +80,29 @@ pub trait Handler: Send + Sync {
     fn close(&self) {}
 }
 
+/// Sends `request` as the reply step of an update: timed, noted for the
+/// inspector (the request and the platform's answer), its failure sorted
+/// by [`HandleError::from_api`]. The echo and the handlers' replies share it.
+pub fn send_reply_step(
+    client: &ApiClient,
+    request: &SendRequest,
+    steps: &mut Steps,
+    done: Outcome,
+) -> Result<Outcome, HandleError> {
+    let sent = steps.time(Step::Reply, || client.send(request));
+    steps.note(|capture| {
+        capture.request = Some(capped(&request.to_json()));
+        capture.answer = Some(match &sent {
+            Ok(answer) => capped(answer),
+            Err(error) => format!("{error:#}"),
+        });
+    });
+    match sent {
+        Ok(_) => Ok(done),
+        Err(error) => HandleError::from_api(error),
+    }
+}
+
 /// Records an update that can never be handled and marks it handled, so it
 /// is confirmed and never blocks its chat. The poll loop and the webhook receiver share it.
 pub fn record_dead_letter(
@@ -108,6 +131,9 @@ pub fn record_of(source: Source, update: &Update, attempt: u32) -> UpdateRecord 
 
 /// Fills in which update `record` is about.
 pub fn describe(record: &mut UpdateRecord, update: &Update) {
+    if capturing() && record.raw.is_none() {
+        record.raw = Some(std::sync::Arc::from(update.raw.as_str()));
+    }
     record.update_id = Some(update.update_id);
     record.chat = chat_label(update);
     record.kind.clone_from(&update.kind);

@@ -21,7 +21,7 @@ use super::exec::{MAX_REPLY_BYTES, Reply, SetupError, SetupProblem, send_reply};
 use super::{HandleError, Handler, Outcome, chat_label};
 use crate::api::{ApiClient, Update};
 use crate::children::Group;
-use crate::observe::{Step, Steps};
+use crate::observe::{Step, Steps, capped};
 use fly_base::sync::lock;
 
 /// How long workers get to exit by themselves once their stdin is closed.
@@ -244,7 +244,10 @@ impl WorkerPool {
                     || shown.load(Ordering::Relaxed),
                     |update_id, text| match update_id {
                         0 => tracing::info!(worker = index, "[exec] {text}"),
-                        update_id => tracing::info!(update_id, worker = index, "[exec] {text}"),
+                        update_id => {
+                            tracing::info!(update_id, worker = index, "[exec] {text}");
+                            crate::observe::handler_said(update_id, text);
+                        }
                     },
                 );
                 drop(done);
@@ -617,15 +620,17 @@ impl Handler for WorkerPool {
             // Not a message: confirmed without a reply, as with --exec.
             return Ok(Outcome::Ignored);
         };
+        steps.note(|capture| capture.handler = Some(format!("{} {}", self.named, self.command)));
         let answer = steps.time(Step::Handler, || {
             let _turn = self.take_turn(&chat_label(update));
             self.ask(update)
         })?;
         match answer {
             Answer::Nothing => Ok(Outcome::Handled),
-            Answer::Reply(reply) => steps.time(Step::Reply, || {
-                send_reply(&self.client, update, message, reply)
-            }),
+            Answer::Reply(reply) => {
+                steps.note(|capture| capture.stdout = Some(capped(&reply.as_text())));
+                send_reply(&self.client, update, message, reply, steps)
+            }
             Answer::Error(why) => Err(HandleError::Retry(anyhow!(
                 "{} {:?} answered an error: {why}",
                 self.named,

@@ -96,6 +96,16 @@ pub struct WebhookSecret {
     pub source: String,
 }
 
+impl WebhookSecret {
+    /// What `--explain` and the inspector say of it: its source and length.
+    pub fn note(&self) -> crate::explain::SecretNote {
+        crate::explain::SecretNote {
+            source: self.source.clone(),
+            bytes: self.value.len(),
+        }
+    }
+}
+
 /// The webhook secrets (SPEC section 1): every `--secret` and `--secret-file`,
 /// else `FLY_WEBHOOK_SECRET` (stripped, as the reference does), else the
 /// sha256 hex of the bot token (`token`, asked only then); none of them is a

@@ -11,7 +11,7 @@ use crate::bot::forward::ForwardHandler;
 use crate::bot::poll_loop::{self, PollSettings};
 use crate::cli::ForwardArgs;
 use crate::commands::credentials::{configured_token, required_token, signing_secret};
-use crate::commands::wiring::{polling_store, serve_polling_metrics};
+use crate::commands::wiring::{polling_store, serve_polling_metrics, start_polling_inspector};
 use crate::delivery::Destination;
 use crate::exit;
 use crate::retry::RetryPolicy;
@@ -32,12 +32,6 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
         .with_shutdown(shutdown.clone());
     let identity = BotIdentity::new(client.base_url(), token.expose());
     let watched = serve_polling_metrics(&args.metrics)?;
-    let store = polling_store(
-        &identity,
-        args.state.location(),
-        args.retention.retention,
-        args.lease.lease,
-    )?;
     // What it does, before it does it: a developer sees at once which
     // receiver, which platform, and which secret to verify with.
     tracing::info!(
@@ -47,12 +41,11 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
         secret.source,
         args.bot_id
     );
-    let _ = watched.set(Arc::clone(&store));
     let trusted = match &args.to_ca {
         Some(path) => Some(super::credentials::read_certificates(path, "--to-ca")?),
         None => None,
     };
-    let handler = Arc::new(ForwardHandler::new(
+    let handler: Arc<dyn crate::bot::Handler> = Arc::new(ForwardHandler::new(
         Destination {
             url: args.to,
             secret: secret.value,
@@ -73,6 +66,15 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
         max_updates: None,
         once: false,
     };
+    start_polling_inspector(&args.inspect, settings.source, &handler)?;
+    // After the listeners: a taken port leaves no state file behind.
+    let store = polling_store(
+        &identity,
+        args.state.location(),
+        args.retention.retention,
+        args.lease.lease,
+    )?;
+    let _ = watched.set(Arc::clone(&store));
     let summary = poll_loop::run(&client, store, handler, &settings, &shutdown)?;
     // Only 2xx answers end as handled; an update that could not be signed
     // is a dead letter.

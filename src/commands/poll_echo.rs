@@ -11,7 +11,9 @@ use crate::api::ApiClient;
 use crate::bot::poll_loop::{self, PollSettings};
 use crate::cli::PollEchoArgs;
 use crate::commands::credentials::required_token;
-use crate::commands::wiring::{polling_store, reply_handler, serve_polling_metrics};
+use crate::commands::wiring::{
+    polling_store, reply_handler, serve_polling_metrics, start_polling_inspector,
+};
 use crate::exit;
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
@@ -30,13 +32,6 @@ pub fn run(args: PollEchoArgs) -> anyhow::Result<ExitCode> {
         ApiClient::new(&args.api.base_url, token.clone(), policy)?.with_shutdown(shutdown.clone());
     let identity = BotIdentity::new(client.base_url(), token.expose());
     let watched = serve_polling_metrics(&args.metrics)?;
-    let store = polling_store(
-        &identity,
-        args.state.location(),
-        args.retention.retention,
-        args.lease.lease,
-    )?;
-    let _ = watched.set(Arc::clone(&store));
     let media_dir = args.media_dir.map(prepare_media_dir).transpose()?;
     let settings = PollSettings {
         source: crate::observe::Source::Poll,
@@ -49,6 +44,15 @@ pub fn run(args: PollEchoArgs) -> anyhow::Result<ExitCode> {
         once: args.once,
     };
     let handler = reply_handler(&args.exec, client.clone(), media_dir, settings.concurrency);
+    start_polling_inspector(&args.inspect, settings.source, &handler)?;
+    // After the listeners: a taken port leaves no state file behind.
+    let store = polling_store(
+        &identity,
+        args.state.location(),
+        args.retention.retention,
+        args.lease.lease,
+    )?;
+    let _ = watched.set(Arc::clone(&store));
     let summary = poll_loop::run(&client, store, handler, &settings, &shutdown)?;
     tracing::info!(
         handled = summary.handled,

@@ -9,6 +9,9 @@ use crate::cli::ServeWebhookArgs;
 use crate::commands::credentials::{configured_token, required_token, webhook_secrets};
 use crate::commands::wiring::reply_handler;
 use crate::exit::{self, usage, usage_because};
+use crate::explain::SecretNote;
+use crate::inspect::InspectConfig;
+use crate::observe::Source;
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::webhook::{self, WebhookConfig};
@@ -49,6 +52,12 @@ pub fn run(args: ServeWebhookArgs) -> anyhow::Result<ExitCode> {
         .map(|secret| secret.source.as_str())
         .collect::<Vec<_>>()
         .join(", ");
+    // The inspector explains each delivery's signature with them; their
+    // values never leave the process.
+    let noted: Vec<(String, SecretNote)> = secrets
+        .iter()
+        .map(|secret| (secret.value.clone(), secret.note()))
+        .collect();
     let secrets = secrets.into_iter().map(|secret| secret.value).collect();
     let client = ApiClient::new(&args.api.base_url, token.clone(), REPLY_RETRIES)?;
     let identity = BotIdentity::new(client.base_url(), token.expose());
@@ -81,6 +90,17 @@ pub fn run(args: ServeWebhookArgs) -> anyhow::Result<ExitCode> {
         secrets,
         secret_sources,
         metrics: args.metrics.address,
+        inspect: args.inspect.address.map(|address| {
+            let config = InspectConfig {
+                keep: args.inspect.inspect_keep as usize,
+                source: Source::Webhook,
+                handler: Arc::clone(&handler),
+                secrets: noted,
+                window: Some(args.window),
+                delivery_url: None,
+            };
+            (address, config)
+        }),
         replay_window_secs: args.window,
         max_body_bytes: args.max_body,
         max_connections: args.max_connections as usize,

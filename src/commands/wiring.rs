@@ -9,9 +9,10 @@ use anyhow::Context;
 
 use crate::api::ApiClient;
 use crate::bot::Handler;
-use crate::cli::{ApiArgs, ExecArgs, MetricsArgs};
+use crate::cli::{ApiArgs, ExecArgs, InspectArgs, MetricsArgs};
+use crate::inspect::InspectConfig;
 use crate::observe::endpoint::{self, Readiness};
-use crate::observe::{Phase, metrics};
+use crate::observe::{Phase, Source, metrics};
 use crate::retry::RetryPolicy;
 use fly_state::{BotIdentity, PollStore, RedisStore, SqliteStore, StateLocation};
 
@@ -72,6 +73,28 @@ pub fn serve_polling_metrics(
     });
     endpoint::serve(address, ready)?;
     Ok(slot)
+}
+
+/// `--inspect` of a polling command (poll-echo, forward), if given: its
+/// updates in a browser; a replay runs `handler` again.
+pub fn start_polling_inspector(
+    args: &InspectArgs,
+    source: Source,
+    handler: &Arc<dyn Handler>,
+) -> anyhow::Result<()> {
+    let Some(address) = args.address else {
+        return Ok(());
+    };
+    let config = InspectConfig {
+        keep: args.inspect_keep as usize,
+        source,
+        handler: Arc::clone(handler),
+        secrets: Vec::new(),
+        window: None,
+        delivery_url: None,
+    };
+    crate::inspect::start(address, config)?;
+    Ok(())
 }
 
 /// The state store of a polling command (poll-echo, forward): the SQLite

@@ -9,4 +9,7 @@ mod process;
 pub mod record;
 
 pub use metrics::{Phase, metrics};
-pub use record::{End, Outcome, Source, Step, Steps, UpdateRecord};
+pub use record::{
+    End, Outcome, Sink, Source, Step, Steps, UpdateRecord, capped, capturing, handler_said,
+    set_sink,
+};

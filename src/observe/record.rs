@@ -4,6 +4,7 @@
 //! receiver fill it in as they go; [`UpdateRecord::finish`] is the only
 //! place that turns it into a log line and metrics, so the two always agree.
 
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::metrics::metrics;
@@ -98,11 +99,45 @@ impl Step {
 }
 
 /// The time each step took, and the last one started. Handed to
-/// the handler of the update, which times its own steps.
+/// the handler of the update, which times its own steps and, while a
+/// [`Sink`] looks on (the inspector), notes what its handler read and
+/// wrote and the reply it sent.
 #[derive(Debug, Default, Clone)]
 pub struct Steps {
     spent: [Option<Duration>; 6],
     last: Option<Step>,
+    /// `Some` while a sink looks on: what the handler and the reply did.
+    pub capture: Option<Box<Capture>>,
+    /// This run is the `n`th replay of the update (the inspector's
+    /// `Replay`): its reply gets a `client_msg_id` of its own.
+    pub replay: Option<u32>,
+}
+
+/// What a handler did with an update, for the inspector.
+#[derive(Debug, Default, Clone)]
+pub struct Capture {
+    /// `--exec CMD` or `--exec-worker CMD`.
+    pub handler: Option<String>,
+    pub stdout: Option<String>,
+    /// The request sent to the platform (or the receiver, for forward),
+    /// and what came back.
+    pub request: Option<String>,
+    pub answer: Option<String>,
+}
+
+/// What is kept of a handler's stdout or a reply, per update.
+pub const CAPTURE_BYTES: usize = 64 * 1024;
+
+/// `text` cut to [`CAPTURE_BYTES`] at a character boundary.
+pub fn capped(text: &str) -> String {
+    if text.len() <= CAPTURE_BYTES {
+        return text.to_string();
+    }
+    let mut end = CAPTURE_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} more bytes)", &text[..end], text.len() - end)
 }
 
 impl Steps {
@@ -128,9 +163,43 @@ impl Steps {
         self.spent[step as usize]
     }
 
+    /// The `client_msg_id` of a reply to `update_id`: `{kind}_{update_id}`,
+    /// the same however often the update is handled, so the platform
+    /// records one reply; `replay_{update_id}_{n}` for a replay, which the
+    /// platform really sends again.
+    pub fn client_msg_id(&self, kind: &str, update_id: i64) -> String {
+        match self.replay {
+            Some(n) => format!("replay_{update_id}_{n}"),
+            None => format!("{kind}_{update_id}"),
+        }
+    }
+
+    /// Notes, while a sink looks on, what the handler did (see [`Capture`]).
+    pub fn note(&mut self, note: impl FnOnce(&mut Capture)) {
+        if let Some(capture) = self.capture.as_mut() {
+            note(capture);
+        }
+    }
+
     /// The step an attempt failed in: the last one started.
     pub fn failed_step(&self) -> Step {
         self.last.unwrap_or(Step::Handler)
+    }
+
+    /// `{"verify_us": 12, "handler_ms": 3}`: the steps that ran, for the inspector.
+    pub fn as_json(&self) -> serde_json::Value {
+        let mut steps = serde_json::Map::new();
+        for step in STEPS {
+            if let Some(spent) = self.spent(step) {
+                let (key, value) = if step == Step::Verify {
+                    ("verify_us".to_string(), spent.as_micros() as u64)
+                } else {
+                    (format!("{}_ms", step.as_str()), spent.as_millis() as u64)
+                };
+                steps.insert(key, value.into());
+            }
+        }
+        steps.into()
     }
 
     /// `verify=12us handler=3ms reply=1ms` for the log line: the steps that ran.
@@ -187,7 +256,7 @@ impl End {
     }
 
     /// The word in the log line.
-    fn word(&self) -> &'static str {
+    pub fn word(&self) -> &'static str {
         match self {
             End::Done(outcome) => outcome.as_str(),
             End::Duplicate => "duplicate",
@@ -216,6 +285,42 @@ pub struct UpdateRecord {
     pub steps: Steps,
     /// When the update was received (for webhooks, the request).
     pub received: Instant,
+    /// The update's bytes as received, while a sink looks on.
+    pub raw: Option<Arc<str>>,
+    /// A webhook delivery's request headers, while a sink looks on.
+    pub headers: Vec<(String, String)>,
+    /// The sink's entry this run fills (a replay's, made when it was asked for).
+    pub inspect_entry: Option<u64>,
+    /// A webhook delivery's answer: its status and body (`OK`, …).
+    pub answer: Option<(u16, &'static str)>,
+}
+
+/// Who looks on as records finish, besides the log and the metrics: the
+/// inspector. Set once, before any update is taken up.
+pub trait Sink: Send + Sync {
+    /// An attempt at an update ended.
+    fn finished(&self, record: &UpdateRecord, end: &End);
+    /// A handler wrote `line` to its stderr while handling `update_id`.
+    fn handler_said(&self, update_id: i64, line: &str);
+}
+
+static SINK: OnceLock<Box<dyn Sink>> = OnceLock::new();
+
+/// Sets the sink; a second one is refused (one inspector per process).
+pub fn set_sink(sink: Box<dyn Sink>) -> bool {
+    SINK.set(sink).is_ok()
+}
+
+/// Whether a sink looks on: only then are bodies and handler output kept.
+pub fn capturing() -> bool {
+    SINK.get().is_some()
+}
+
+/// A handler's stderr line, for the sink (the log has it already).
+pub fn handler_said(update_id: i64, line: &str) {
+    if let Some(sink) = SINK.get() {
+        sink.handler_said(update_id, line);
+    }
 }
 
 impl UpdateRecord {
@@ -229,8 +334,15 @@ impl UpdateRecord {
             msg_type: String::new(),
             signature: None,
             attempt: 1,
-            steps: Steps::default(),
+            steps: Steps {
+                capture: capturing().then(Box::default),
+                ..Steps::default()
+            },
             received,
+            raw: None,
+            headers: Vec::new(),
+            inspect_entry: None,
+            answer: None,
         }
     }
 
@@ -238,12 +350,16 @@ impl UpdateRecord {
     pub fn finish(self, end: End) {
         self.count(&end);
         self.log_update(&end);
+        if let Some(sink) = SINK.get() {
+            sink.finished(&self, &end);
+        }
     }
 
     /// A webhook delivery was answered `status` with `result`: counted,
     /// and logged in one line with what the record knows.
-    pub fn finish_delivery(self, end: End, status: u16, result: &'static str) {
+    pub fn finish_delivery(mut self, end: End, status: u16, result: &'static str) {
         metrics().webhook_answered(status, result);
+        self.answer = Some((status, result));
         self.count(&end);
         let update_id = self
             .update_id
@@ -259,6 +375,9 @@ impl UpdateRecord {
             steps = self.steps.describe(),
             "delivery answered"
         );
+        if let Some(sink) = SINK.get() {
+            sink.finished(&self, &end);
+        }
     }
 
     fn count(&self, end: &End) {

@@ -51,6 +51,8 @@ pub struct WebhookConfig {
     pub secret_sources: String,
     /// `--metrics`: where to serve metrics, `/healthz` and `/readyz`.
     pub metrics: Option<std::net::SocketAddr>,
+    /// `--inspect`: where to serve the inspector, and what it needs.
+    pub inspect: Option<(std::net::SocketAddr, crate::inspect::InspectConfig)>,
     pub replay_window_secs: u64,
     pub max_body_bytes: u64,
     pub max_connections: usize,
@@ -73,7 +75,7 @@ pub struct WebhookConfig {
 /// The state store is opened (and created) only once the port is bound, so
 /// a mistake there leaves no file behind.
 pub fn run_until_signal(
-    config: WebhookConfig,
+    mut config: WebhookConfig,
     open_store: impl FnOnce() -> anyhow::Result<Arc<dyn WebhookStore>>,
     handler: Arc<dyn Handler>,
     shutdown: Shutdown,
@@ -90,10 +92,14 @@ pub fn run_until_signal(
             Arc::new(move || asked.get().is_some_and(|store| store.is_reachable())),
         )?;
     }
-    let store = open_store()?;
-    let _ = opened.set(Arc::clone(&store));
     let scheme = if tls.is_some() { "https" } else { "http" };
     let url = format!("{scheme}://{local}{}", config.path);
+    if let Some((address, mut inspect)) = config.inspect.take() {
+        inspect.delivery_url = Some(url.clone());
+        crate::inspect::start(address, inspect)?;
+    }
+    let store = open_store()?;
+    let _ = opened.set(Arc::clone(&store));
 
     let runtime = server_runtime(config.concurrency)?;
     let limits = Limits {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::{FatalStop, WebhookConfig};
 use crate::api::Update;
 use crate::bot::{HandleError, Handler, describe, record_dead_letter};
-use crate::observe::{End, Source, Step, Steps, UpdateRecord, metrics};
+use crate::observe::{End, Source, Step, Steps, UpdateRecord, capturing, metrics};
 use bytes::Bytes;
 use fly_base::clock::unix_now;
 use fly_base::sync::lock;
@@ -109,6 +109,9 @@ impl Receiver {
             return response;
         }
         let mut record = UpdateRecord::new(Source::Webhook, Instant::now());
+        if capturing() {
+            record.headers = shown_headers(request.headers());
+        }
         let in_flight = &metrics().updates_in_flight;
         in_flight.inc();
         let (status, body, end) = match self.receive(request, &mut record).await {
@@ -159,6 +162,9 @@ impl Receiver {
             return Err((StatusCode::BAD_REQUEST, "MALFORMED_JSON"));
         };
 
+        if capturing() {
+            record.raw = Some(Arc::from(text));
+        }
         let Ok(parsed) = fly_signature::parse(text) else {
             return Err((StatusCode::BAD_REQUEST, "MALFORMED_JSON"));
         };
@@ -581,6 +587,25 @@ fn store_failed(error: anyhow::Error) -> (StatusCode, &'static str) {
     }
     tracing::error!("state store: {error:#}");
     (StatusCode::INTERNAL_SERVER_ERROR, "STATE_STORE_FAILED")
+}
+
+/// A request's headers as the inspector shows them: credentials redacted.
+fn shown_headers(headers: &hyper::HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(name, value)| {
+            let shown = if name == header::AUTHORIZATION
+                || name == header::COOKIE
+                || name.as_str().contains("token")
+                || name.as_str().contains("secret")
+            {
+                "(redacted)".to_string()
+            } else {
+                String::from_utf8_lossy(value.as_bytes()).into_owned()
+            };
+            (name.as_str().to_string(), shown)
+        })
+        .collect()
 }
 
 fn reply(status: StatusCode, body: &'static str) -> DeliveryAnswer {

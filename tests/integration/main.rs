@@ -2,6 +2,7 @@
 //! usually against a real `fly emulator` on a loopback port it chose
 //! itself (port 0, read back from its first line).
 
+mod browser;
 mod cli;
 mod common;
 mod demo;
@@ -12,6 +13,7 @@ mod fetch_media;
 mod forward;
 mod full_disk;
 mod handler_bounds;
+mod inspect;
 mod intake;
 mod metrics;
 mod parking;

@@ -171,7 +171,15 @@ fn got(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Got {
 
 /// The URL of the `serving metrics` start line in `log`.
 fn metrics_url_in(log: &str) -> Option<String> {
-    let line = log.lines().find(|line| line.contains("serving metrics"))?;
+    url_in_start_line(log, "serving metrics")
+}
+
+/// The `url=` of the first line of `log` holding `words` (a listener's
+/// start line, e.g. `serving metrics` or `inspector`).
+pub(crate) fn url_in_start_line(log: &str, words: &str) -> Option<String> {
+    let line = log
+        .lines()
+        .find(|line| line.contains(words) && line.contains("url="))?;
     let rest = &line[line.find("url=")? + "url=".len()..];
     Some(
         rest.split_whitespace()

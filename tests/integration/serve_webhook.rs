@@ -199,7 +199,7 @@ pub(crate) fn post_with(agent: &ureq::Agent, url: &str, body: &str) -> Answer {
     )
 }
 
-fn post(url: &str, body: &str) -> Answer {
+pub(crate) fn post(url: &str, body: &str) -> Answer {
     post_with(&agent(), url, body)
 }
 
