@@ -6,19 +6,19 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::observe::{End, Source, UpdateRecord};
+use crate::observe::{End, Source, Steps, UpdateRecord};
 use fly_base::clock::unix_now_ms;
 
 /// A handler's stderr kept per update.
 const STDERR_BYTES: usize = 16 * 1024;
-/// What [`Entry::size`] counts for an entry, each of its attempts and each
-/// header besides their text (measured: 100k deliveries through a server
-/// with `--inspect` stay within the cap of the same server without it).
+/// What [`Entry::size`] counts for an entry and each of its attempts
+/// besides their text (measured: 100k deliveries through a server with
+/// `--inspect` stay within the cap of the same server without it).
 const ENTRY_COST: usize = 1024;
-const ATTEMPT_COST: usize = 1536;
-const HEADER_COST: usize = 96;
+const ATTEMPT_COST: usize = 256;
 /// Updates whose handler's stderr waits for their record.
 const PENDING_UPDATES: usize = 256;
 
@@ -37,14 +37,59 @@ pub struct Entry {
     pub replay_of: Option<u64>,
     /// The update's bytes as last received.
     pub body: Option<Arc<str>>,
-    headers: Vec<(String, String)>,
+    /// `name: value` lines, as [`UpdateRecord::headers`] keeps them.
+    headers: String,
     handler: Option<String>,
     stdout: Option<String>,
     stderr: String,
     request: Option<String>,
     reply_answer: Option<String>,
-    attempts: Vec<Value>,
+    attempts: Vec<Attempt>,
     bytes: usize,
+}
+
+/// One attempt at an entry's update, kept as data: JSON is made only when
+/// a page asks for the detail, not for each update that passes.
+struct Attempt {
+    attempt: u32,
+    time_ms: i64,
+    outcome: &'static str,
+    error: Option<String>,
+    answer: Option<(u16, &'static str)>,
+    steps: Steps,
+}
+
+impl Attempt {
+    fn to_json(&self) -> Value {
+        json!({
+            "attempt": self.attempt,
+            "time_ms": self.time_ms,
+            "outcome": self.outcome,
+            "error": self.error,
+            "status": self.answer.map(|(status, _)| status),
+            "result": self.answer.map(|(_, result)| result),
+            "steps": self.steps.as_json(),
+        })
+    }
+}
+
+/// A row of the list, as the page and each event get it.
+#[derive(Serialize)]
+pub struct Row<'a> {
+    id: u64,
+    time_ms: i64,
+    source: &'static str,
+    update_id: Option<i64>,
+    chat: &'a str,
+    kind: &'a str,
+    msg_type: &'a str,
+    signature: Option<&'static str>,
+    outcome: &'static str,
+    status: Option<u16>,
+    result: Option<&'static str>,
+    latency_ms: u64,
+    attempts: usize,
+    replay_of: Option<u64>,
 }
 
 impl Entry {
@@ -63,7 +108,7 @@ impl Entry {
             latency_ms: 0,
             replay_of: None,
             body: None,
-            headers: Vec::new(),
+            headers: String::new(),
             handler: None,
             stdout: None,
             stderr: String::new(),
@@ -75,23 +120,28 @@ impl Entry {
     }
 
     /// The row of the list (and of each event).
+    pub fn row(&self) -> Row<'_> {
+        Row {
+            id: self.id,
+            time_ms: self.time_ms,
+            source: self.source.as_str(),
+            update_id: self.update_id,
+            chat: &self.chat,
+            kind: &self.kind,
+            msg_type: &self.msg_type,
+            signature: self.signature,
+            outcome: self.outcome,
+            status: self.answer.map(|(status, _)| status),
+            result: self.answer.map(|(_, result)| result),
+            latency_ms: self.latency_ms,
+            attempts: self.attempts.len(),
+            replay_of: self.replay_of,
+        }
+    }
+
+    /// The row as JSON.
     pub fn summary(&self) -> Value {
-        json!({
-            "id": self.id,
-            "time_ms": self.time_ms,
-            "source": self.source.as_str(),
-            "update_id": self.update_id,
-            "chat": self.chat,
-            "kind": self.kind,
-            "msg_type": self.msg_type,
-            "signature": self.signature,
-            "outcome": self.outcome,
-            "status": self.answer.map(|(status, _)| status),
-            "result": self.answer.map(|(_, result)| result),
-            "latency_ms": self.latency_ms,
-            "attempts": self.attempts.len(),
-            "replay_of": self.replay_of,
-        })
+        json!(self.row())
     }
 
     /// Everything the inspector knows of it, but what the caller adds
@@ -112,10 +162,13 @@ impl Entry {
             .map(|request| json!({"request": request, "answer": self.reply_answer}));
         let fields = [
             ("body", json!(self.body.as_deref())),
-            ("headers", json!(self.headers)),
+            ("headers", json!(header_pairs(&self.headers))),
             ("handler", json!(handler)),
             ("reply", json!(reply)),
-            ("attempts", json!(self.attempts)),
+            (
+                "attempts",
+                Value::Array(self.attempts.iter().map(Attempt::to_json).collect()),
+            ),
         ];
         for (key, value) in fields {
             detail[key] = value;
@@ -148,49 +201,47 @@ impl Entry {
         self.outcome
     }
 
-    /// Takes what `record` says of its attempt.
-    fn take(&mut self, record: &UpdateRecord, end: &End) {
+    /// Takes what `record` says of its attempt (moved, not copied: this
+    /// runs for every update that passes).
+    fn take(&mut self, mut record: UpdateRecord, end: &End) {
         self.update_id = record.update_id.or(self.update_id);
-        self.chat.clone_from(&record.chat);
-        self.kind.clone_from(&record.kind);
-        self.msg_type.clone_from(&record.msg_type);
+        self.chat = std::mem::take(&mut record.chat);
+        self.kind = std::mem::take(&mut record.kind);
+        self.msg_type = std::mem::take(&mut record.msg_type);
         self.signature = record.signature.or(self.signature);
         self.outcome = end.word();
         self.answer = record.answer;
         self.latency_ms = record.received.elapsed().as_millis() as u64;
         if record.raw.is_some() {
-            self.body.clone_from(&record.raw);
+            self.body = record.raw.take();
         }
         if !record.headers.is_empty() {
-            self.headers.clone_from(&record.headers);
+            self.headers = std::mem::take(&mut record.headers);
         }
-        if let Some(capture) = record.steps.capture.as_deref() {
-            self.handler = capture.handler.clone().or(self.handler.take());
-            self.stdout = capture.stdout.clone().or(self.stdout.take());
-            self.request = capture.request.clone().or(self.request.take());
-            self.reply_answer = capture.answer.clone().or(self.reply_answer.take());
+        if let Some(capture) = record.steps.capture.take() {
+            let capture = *capture;
+            self.handler = capture.handler.or(self.handler.take());
+            self.stdout = capture.stdout.or(self.stdout.take());
+            self.request = capture.request.or(self.request.take());
+            self.reply_answer = capture.answer.or(self.reply_answer.take());
         }
         let error = match end {
-            End::Failed(error) | End::Parked { error, .. } => Some(error.as_str()),
+            End::Failed(error) | End::Parked { error, .. } => Some(error.clone()),
             _ => None,
         };
-        self.attempts.push(json!({
-            "attempt": record.attempt,
-            "time_ms": unix_now_ms(),
-            "outcome": end.word(),
-            "error": error,
-            "status": record.answer.map(|(status, _)| status),
-            "result": record.answer.map(|(_, result)| result),
-            "steps": record.steps.as_json(),
-        }));
+        self.attempts.push(Attempt {
+            attempt: record.attempt,
+            time_ms: unix_now_ms(),
+            outcome: end.word(),
+            error,
+            answer: record.answer,
+            steps: record.steps,
+        });
         self.bytes = self.size();
     }
 
-    /// Bytes it holds, as the allocator sees them: what the memory cap
-    /// counts. An attempt is a JSON object (two B-tree nodes and a string
-    /// per key: about 1.5 KB, not its text's 200 bytes); each header two
-    /// strings in a tuple; the entry itself some 400 bytes in the deque,
-    /// which grows by doubling.
+    /// Bytes it holds, as the allocator sees them, roughly: what the
+    /// memory cap counts.
     fn size(&self) -> usize {
         let strings = [
             &self.handler,
@@ -200,23 +251,27 @@ impl Entry {
         ];
         ENTRY_COST
             + self.body.as_ref().map_or(0, |body| body.len())
-            + self
-                .headers
-                .iter()
-                .map(|(name, value)| name.len() + value.len() + HEADER_COST)
-                .sum::<usize>()
+            + self.headers.len()
+            + self.chat.len()
             + strings
                 .iter()
                 .map(|text| text.as_ref().map_or(0, String::len))
                 .sum::<usize>()
             + self.stderr.len()
-            + self.attempts.len() * ATTEMPT_COST
             + self
                 .attempts
                 .iter()
-                .map(|attempt| attempt["error"].as_str().map_or(0, str::len))
+                .map(|attempt| ATTEMPT_COST + attempt.error.as_ref().map_or(0, String::len))
                 .sum::<usize>()
     }
+}
+
+/// `name: value` lines as `[name, value]` pairs, for the detail.
+fn header_pairs(lines: &str) -> Vec<(&str, &str)> {
+    lines
+        .lines()
+        .filter_map(|line| line.split_once(": "))
+        .collect()
 }
 
 /// The entries, oldest first, and what finds them.
@@ -294,7 +349,7 @@ impl Entries {
 
     /// An attempt ended: into its update's entry (a new one if none, or
     /// the reserved one of a replay). Returns the entry's summary.
-    pub fn record(&mut self, record: &UpdateRecord, end: &End) -> Option<Value> {
+    pub fn record(&mut self, record: UpdateRecord, end: &End, wanted: bool) -> Option<String> {
         // A delivery whose signature failed may claim any update's id: it
         // gets an entry of its own, never mixed into that update's.
         let trusted = record.signature.is_none_or(|verdict| verdict == "OK");
@@ -320,10 +375,10 @@ impl Entries {
             entry.bytes = entry.size();
         }
         let after = entry.bytes;
-        let summary = entry.summary();
+        let summary = wanted.then(|| serde_json::to_string(&entry.row()).unwrap_or_default());
         self.bytes = self.bytes + after - before;
         self.trim();
-        Some(summary)
+        summary
     }
 
     /// A handler's stderr line: kept until its attempt's record comes.
@@ -399,8 +454,11 @@ mod tests {
     fn attempts_of_one_update_gather_in_one_entry() {
         let mut entries = Entries::new(10, 1 << 20);
         entries.handler_said(7, "a note");
-        entries.record(&record(7, 10), &End::Failed("boom".into()));
-        let summary = entries.record(&record(7, 10), &End::Duplicate).unwrap();
+        entries.record(record(7, 10), &End::Failed("boom".into()), true);
+        let summary = entries
+            .record(record(7, 10), &End::Duplicate, true)
+            .unwrap();
+        let summary: Value = serde_json::from_str(&summary).unwrap();
         assert_eq!(entries.len(), 1);
         assert_eq!(summary["attempts"], 2);
         assert_eq!(summary["outcome"], "duplicate");
@@ -413,19 +471,19 @@ mod tests {
     fn the_oldest_go_first_past_the_count_or_the_bytes() {
         let mut entries = Entries::new(3, 1 << 20);
         for id in 1..=5 {
-            entries.record(&record(id, 10), &End::Duplicate);
+            entries.record(record(id, 10), &End::Duplicate, true);
         }
         let ids: Vec<i64> = entries.newest_first().filter_map(|e| e.update_id).collect();
         assert_eq!(ids, [5, 4, 3]);
 
         let mut entries = Entries::new(1000, 100_000);
         for id in 1..=1000 {
-            entries.record(&record(id, 10_000), &End::Duplicate);
+            entries.record(record(id, 10_000), &End::Duplicate, true);
         }
         assert!(entries.bytes() <= 100_000, "{}", entries.bytes());
         assert!(entries.len() < 10 && entries.len() > 0);
         // Dropped entries are no longer found by their update.
-        entries.record(&record(1, 10), &End::Duplicate);
+        entries.record(record(1, 10), &End::Duplicate, true);
         assert_eq!(entries.newest_first().next().unwrap().update_id, Some(1));
         assert_eq!(entries.newest_first().next().unwrap().attempts.len(), 1);
     }
@@ -433,13 +491,13 @@ mod tests {
     #[test]
     fn a_replay_fills_its_reserved_entry() {
         let mut entries = Entries::new(10, 1 << 20);
-        entries.record(&record(7, 10), &End::Duplicate);
+        entries.record(record(7, 10), &End::Duplicate, true);
         let reserved = entries.reserve(Source::Webhook, 1);
         assert_eq!(entries.next_replay(7), 1);
         assert_eq!(entries.next_replay(7), 2);
         let mut replay = record(7, 10);
         replay.inspect_entry = Some(reserved);
-        entries.record(&replay, &End::Duplicate);
+        entries.record(replay, &End::Duplicate, false);
         assert_eq!(entries.len(), 2);
         assert_eq!(entries.get(reserved).unwrap().replay_of, Some(1));
         assert_eq!(entries.get(1).unwrap().attempts.len(), 1);

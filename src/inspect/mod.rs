@@ -69,8 +69,10 @@ pub fn start(address: SocketAddr, config: InspectConfig) -> anyhow::Result<Socke
 struct Looking(Arc<Inspector>);
 
 impl Sink for Looking {
-    fn finished(&self, record: &UpdateRecord, end: &End) {
-        let summary = lock(&self.0.entries).record(record, end);
+    fn finished(&self, record: UpdateRecord, end: &End) {
+        // The row as JSON only when a page is open to be told.
+        let wanted = self.0.events.receiver_count() > 0;
+        let summary = lock(&self.0.entries).record(record, end, wanted);
         if let Some(summary) = summary {
             // No page open: nobody to tell.
             let _ = self.0.events.send(Arc::from(summary.to_string()));

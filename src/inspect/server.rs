@@ -21,7 +21,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{Value, json};
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use super::{Inspector, NoReplay};
 use crate::http_server::{self, Limits};
@@ -165,16 +165,28 @@ fn events(inspector: &Arc<Inspector>) -> Response<Body> {
         }
         let mut keepalive = tokio::time::interval(KEEPALIVE);
         loop {
-            let event = tokio::select! {
-                change = changes.recv() => match change {
-                    Ok(summary) => Bytes::from(format!("event: update\ndata: {summary}\n\n")),
-                    // Too slow a reader: it missed some; the page reloads the list.
-                    Err(RecvError::Lagged(_)) => Bytes::from_static(b"event: lagged\ndata: {}\n\n"),
-                    Err(RecvError::Closed) => return,
-                },
-                _ = keepalive.tick() => Bytes::from_static(b": keepalive\n\n"),
-            };
-            if sender.send_data(event).await.is_err() {
+            let mut events = String::new();
+            tokio::select! {
+                change = changes.recv() => {
+                    if !add_event(&mut events, change) {
+                        return;
+                    }
+                    // Under load, what came meanwhile goes in the same
+                    // write: one write for many events, not one each.
+                    while events.len() < MAX_EVENTS_BYTES {
+                        match changes.try_recv() {
+                            Err(TryRecvError::Empty) => break,
+                            Ok(summary) => add_event(&mut events, Ok(summary)),
+                            Err(TryRecvError::Lagged(missed)) => {
+                                add_event(&mut events, Err(RecvError::Lagged(missed)))
+                            }
+                            Err(TryRecvError::Closed) => false,
+                        };
+                    }
+                }
+                _ = keepalive.tick() => events.push_str(": keepalive\n\n"),
+            }
+            if sender.send_data(Bytes::from(events)).await.is_err() {
                 return; // the page went away
             }
         }
@@ -185,6 +197,24 @@ fn events(inspector: &Arc<Inspector>) -> Response<Body> {
         HeaderValue::from_static("text/event-stream"),
     );
     response
+}
+
+/// The most event text gathered into one write.
+const MAX_EVENTS_BYTES: usize = 64 * 1024;
+
+/// Appends the event for `change`; false once the stream is over.
+fn add_event(events: &mut String, change: Result<Arc<str>, RecvError>) -> bool {
+    match change {
+        Ok(summary) => {
+            events.push_str("event: update\ndata: ");
+            events.push_str(&summary);
+            events.push_str("\n\n");
+        }
+        // Too slow a reader: it missed some; the page reloads the list.
+        Err(RecvError::Lagged(_)) => events.push_str("event: lagged\ndata: {}\n\n"),
+        Err(RecvError::Closed) => return false,
+    }
+    true
 }
 
 fn file(text: &'static str, content_type: &'static str) -> Response<Body> {

@@ -287,8 +287,9 @@ pub struct UpdateRecord {
     pub received: Instant,
     /// The update's bytes as received, while a sink looks on.
     pub raw: Option<Arc<str>>,
-    /// A webhook delivery's request headers, while a sink looks on.
-    pub headers: Vec<(String, String)>,
+    /// A webhook delivery's request headers as `name: value` lines (one
+    /// string: one allocation per delivery), while a sink looks on.
+    pub headers: String,
     /// The sink's entry this run fills (a replay's, made when it was asked for).
     pub inspect_entry: Option<u64>,
     /// A webhook delivery's answer: its status and body (`OK`, …).
@@ -298,8 +299,8 @@ pub struct UpdateRecord {
 /// Who looks on as records finish, besides the log and the metrics: the
 /// inspector. Set once, before any update is taken up.
 pub trait Sink: Send + Sync {
-    /// An attempt at an update ended.
-    fn finished(&self, record: &UpdateRecord, end: &End);
+    /// An attempt at an update ended: the record is the sink's now.
+    fn finished(&self, record: UpdateRecord, end: &End);
     /// A handler wrote `line` to its stderr while handling `update_id`.
     fn handler_said(&self, update_id: i64, line: &str);
 }
@@ -340,7 +341,7 @@ impl UpdateRecord {
             },
             received,
             raw: None,
-            headers: Vec::new(),
+            headers: String::new(),
             inspect_entry: None,
             answer: None,
         }
@@ -351,7 +352,7 @@ impl UpdateRecord {
         self.count(&end);
         self.log_update(&end);
         if let Some(sink) = SINK.get() {
-            sink.finished(&self, &end);
+            sink.finished(self, &end);
         }
     }
 
@@ -376,7 +377,7 @@ impl UpdateRecord {
             "delivery answered"
         );
         if let Some(sink) = SINK.get() {
-            sink.finished(&self, &end);
+            sink.finished(self, &end);
         }
     }
 

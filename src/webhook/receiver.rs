@@ -589,23 +589,25 @@ fn store_failed(error: anyhow::Error) -> (StatusCode, &'static str) {
     (StatusCode::INTERNAL_SERVER_ERROR, "STATE_STORE_FAILED")
 }
 
-/// A request's headers as the inspector shows them: credentials redacted.
-fn shown_headers(headers: &hyper::HeaderMap) -> Vec<(String, String)> {
-    headers
-        .iter()
-        .map(|(name, value)| {
-            let shown = if name == header::AUTHORIZATION
-                || name == header::COOKIE
-                || name.as_str().contains("token")
-                || name.as_str().contains("secret")
-            {
-                "(redacted)".to_string()
-            } else {
-                String::from_utf8_lossy(value.as_bytes()).into_owned()
-            };
-            (name.as_str().to_string(), shown)
-        })
-        .collect()
+/// A request's headers as the inspector shows them, `name: value` lines:
+/// credentials redacted.
+fn shown_headers(headers: &hyper::HeaderMap) -> String {
+    let mut lines = String::with_capacity(256);
+    for (name, value) in headers {
+        let secret = name == header::AUTHORIZATION
+            || name == header::COOKIE
+            || name.as_str().contains("token")
+            || name.as_str().contains("secret");
+        lines.push_str(name.as_str());
+        lines.push_str(": ");
+        if secret {
+            lines.push_str("(redacted)");
+        } else {
+            lines.push_str(&String::from_utf8_lossy(value.as_bytes()).replace('\n', " "));
+        }
+        lines.push('\n');
+    }
+    lines
 }
 
 fn reply(status: StatusCode, body: &'static str) -> DeliveryAnswer {
