@@ -51,7 +51,9 @@ pub struct Inspector {
 /// now on records keep bodies and handler output. Returns the address it
 /// listens on.
 pub fn start(address: SocketAddr, config: InspectConfig) -> anyhow::Result<SocketAddr> {
-    let (events, _) = broadcast::channel(256);
+    // A tick's worth of changes at tens of thousands a second; a page that
+    // falls further behind is told to reload the list.
+    let (events, _) = broadcast::channel(8192);
     let inspector = Arc::new(Inspector {
         entries: Mutex::new(Entries::new(config.keep, MAX_BYTES)),
         events,
