@@ -9,7 +9,11 @@ mod entries;
 mod server;
 
 use std::net::SocketAddr;
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
 
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
@@ -60,29 +64,81 @@ pub fn start(address: SocketAddr, config: InspectConfig) -> anyhow::Result<Socke
         config,
     });
     let local = server::serve(address, Arc::clone(&inspector))?;
-    if !set_sink(Box::new(Looking(inspector))) {
+    let (notes, received) = mpsc::sync_channel(NOTES_WAITING);
+    std::thread::Builder::new()
+        .name("fly-inspect".into())
+        .spawn(move || keep_notes(&inspector, &received))
+        .context("starting the inspector's thread")?;
+    if !set_sink(Box::new(Looking { notes })) {
         anyhow::bail!("an inspector is already running in this process");
     }
     tracing::info!(url = %format!("http://{local}/"), "inspector");
     Ok(local)
 }
 
-/// The inspector as the records' sink.
-struct Looking(Arc<Inspector>);
+/// The inspector as the records' sink: what it is told goes through a
+/// channel to a thread of its own, which takes it in a few times a second.
+/// So the threads that answer deliveries never wait for the inspector's
+/// lock (held while a page lists the entries) nor wake another thread
+/// per update: a send to a receiver that is not waiting is a few atomic
+/// operations. Should the thread fall behind by [`NOTES_WAITING`] notes,
+/// the newest are not kept (the bot goes on; the inspector shows less).
+struct Looking {
+    notes: SyncSender<Note>,
+}
+
+enum Note {
+    /// Boxed: the channel's slots stay small.
+    Finished(Box<(UpdateRecord, End)>),
+    Said(i64, String),
+}
+
+/// Notes waiting for the inspector's thread, at most.
+const NOTES_WAITING: usize = 16 * 1024;
+
+/// How often the inspector's thread takes in what it was told.
+const NOTES_EVERY: Duration = Duration::from_millis(20);
 
 impl Sink for Looking {
-    fn finished(&self, record: UpdateRecord, end: &End) {
-        // The row as JSON only when a page is open to be told.
-        let wanted = self.0.events.receiver_count() > 0;
-        let summary = lock(&self.0.entries).record(record, end, wanted);
-        if let Some(summary) = summary {
-            // No page open: nobody to tell.
-            let _ = self.0.events.send(Arc::from(summary.to_string()));
-        }
+    fn finished(&self, record: UpdateRecord, end: End) {
+        let _ = self.notes.try_send(Note::Finished(Box::new((record, end))));
     }
 
     fn handler_said(&self, update_id: i64, line: &str) {
-        lock(&self.0.entries).handler_said(update_id, line);
+        let _ = self.notes.try_send(Note::Said(update_id, line.to_string()));
+    }
+}
+
+/// The inspector's thread: takes in what came, in order, under one lock,
+/// then tells the open pages (a row as JSON only when a page is open).
+fn keep_notes(inspector: &Inspector, notes: &Receiver<Note>) {
+    loop {
+        let first = match notes.try_recv() {
+            Ok(note) => note,
+            Err(TryRecvError::Empty) => {
+                std::thread::sleep(NOTES_EVERY);
+                continue;
+            }
+            Err(TryRecvError::Disconnected) => return,
+        };
+        let wanted = inspector.events.receiver_count() > 0;
+        let mut rows = Vec::new();
+        {
+            let mut entries = lock(&inspector.entries);
+            for note in std::iter::once(first).chain(notes.try_iter().take(NOTES_WAITING)) {
+                match note {
+                    Note::Finished(finished) => {
+                        let (record, end) = *finished;
+                        rows.extend(entries.record(record, &end, wanted));
+                    }
+                    Note::Said(update_id, line) => entries.handler_said(update_id, &line),
+                }
+            }
+        }
+        for row in rows {
+            // No page open any more: nobody to tell.
+            let _ = inspector.events.send(Arc::from(row));
+        }
     }
 }
 

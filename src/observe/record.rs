@@ -300,7 +300,7 @@ pub struct UpdateRecord {
 /// inspector. Set once, before any update is taken up.
 pub trait Sink: Send + Sync {
     /// An attempt at an update ended: the record is the sink's now.
-    fn finished(&self, record: UpdateRecord, end: &End);
+    fn finished(&self, record: UpdateRecord, end: End);
     /// A handler wrote `line` to its stderr while handling `update_id`.
     fn handler_said(&self, update_id: i64, line: &str);
 }
@@ -352,7 +352,7 @@ impl UpdateRecord {
         self.count(&end);
         self.log_update(&end);
         if let Some(sink) = SINK.get() {
-            sink.finished(self, &end);
+            sink.finished(self, end);
         }
     }
 
@@ -377,7 +377,7 @@ impl UpdateRecord {
             "delivery answered"
         );
         if let Some(sink) = SINK.get() {
-            sink.finished(self, &end);
+            sink.finished(self, end);
         }
     }
 

@@ -138,6 +138,17 @@ impl Inspector {
         }
     }
 
+    /// The list once it holds `count` entries (the inspector takes in what
+    /// happened a few tens of milliseconds after it happened).
+    fn updates_once(&self, count: usize) -> Vec<Value> {
+        let mut rows = Vec::new();
+        wait_until(Duration::from_secs(10), &format!("{count} entries"), || {
+            rows = self.updates("");
+            rows.len() >= count
+        });
+        rows
+    }
+
     fn detail(&self, id: u64) -> Value {
         self.get_json(&format!("/api/updates/{id}"))
     }
@@ -918,7 +929,7 @@ fn a_signature_mismatch_is_explained_and_not_replayed_and_a_good_replay_keeps_th
         answer(401, "SIGNATURE_MISMATCH")
     );
 
-    let rows = inspector.updates("");
+    let rows = inspector.updates_once(2);
     assert_eq!(rows.len(), 2, "{rows:#?}");
     let good_row = inspector.wait_for_update(201, "replied");
     assert_eq!(good_row["signature"], "OK", "{good_row}");
@@ -1092,6 +1103,7 @@ fn filters_select_the_right_rows_and_events_bring_new_ones() {
         .map(|body| post(&server.url, body).status)
         .collect();
     assert_eq!(answers, [200, 200, 401]);
+    inspector.updates_once(3);
     let update_ids = |query: &str| -> Vec<i64> {
         inspector
             .updates(query)
