@@ -213,7 +213,7 @@ if [ "$MODE" = metrics ] || [ "$MODE" = inspect ]; then
             if [ "$feature" = with ]; then
                 stop "$OBSERVER_PID"
                 # Scrapes answered 200, or events the page received.
-                seen=$(grep -c '^200$\|^event: update' "$WORK/seen.$round" || true)
+                seen=$(grep -c '^200$\|^event: ' "$WORK/seen.$round" || true)
                 if [ "$seen" = 0 ]; then
                     echo "serve_webhook.sh: --$MODE at $origin was seen working not once" >&2
                     exit 1

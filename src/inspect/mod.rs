@@ -47,7 +47,7 @@ pub struct InspectConfig {
 pub struct Inspector {
     entries: Mutex<Entries>,
     /// Each changed entry's summary, for the page's live list.
-    events: broadcast::Sender<Arc<str>>,
+    events: broadcast::Sender<Event>,
     config: InspectConfig,
 }
 
@@ -96,6 +96,18 @@ enum Note {
 /// Notes waiting for the inspector's thread, at most.
 const NOTES_WAITING: usize = 16 * 1024;
 
+/// Rows sent one by one to open pages from one batch, at most.
+const ROWS_PER_BATCH: usize = 100;
+
+/// What the open pages are told.
+#[derive(Clone)]
+pub enum Event {
+    /// An entry is new or changed: its row as JSON.
+    Row(Arc<str>),
+    /// Many changed at once: read the list again.
+    Reload,
+}
+
 /// How often the inspector's thread takes in what it was told.
 const NOTES_EVERY: Duration = Duration::from_millis(20);
 
@@ -121,11 +133,17 @@ fn keep_notes(inspector: &Inspector, notes: &Receiver<Note>) {
             }
             Err(TryRecvError::Disconnected) => return,
         };
-        let wanted = inspector.events.receiver_count() > 0;
+        let batch: Vec<Note> = std::iter::once(first)
+            .chain(notes.try_iter().take(NOTES_WAITING))
+            .collect();
+        // More rows than a person can read: the pages read the list again
+        // instead (one event, no JSON per update).
+        let open = inspector.events.receiver_count() > 0;
+        let wanted = open && batch.len() <= ROWS_PER_BATCH;
         let mut rows = Vec::new();
         {
             let mut entries = lock(&inspector.entries);
-            for note in std::iter::once(first).chain(notes.try_iter().take(NOTES_WAITING)) {
+            for note in batch {
                 match note {
                     Note::Finished(finished) => {
                         let (record, end) = *finished;
@@ -135,9 +153,12 @@ fn keep_notes(inspector: &Inspector, notes: &Receiver<Note>) {
                 }
             }
         }
+        // No page open any more: nobody to tell.
+        if open && !wanted {
+            let _ = inspector.events.send(Event::Reload);
+        }
         for row in rows {
-            // No page open any more: nobody to tell.
-            let _ = inspector.events.send(Arc::from(row));
+            let _ = inspector.events.send(Event::Row(Arc::from(row)));
         }
     }
 }

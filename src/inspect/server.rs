@@ -23,7 +23,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
-use super::{Inspector, NoReplay};
+use super::{Event, Inspector, NoReplay};
 use crate::http_server::{self, Limits};
 
 type Body = Either<Full<Bytes>, Channel<Bytes>>;
@@ -210,13 +210,14 @@ fn events(inspector: &Arc<Inspector>) -> Response<Body> {
 const MAX_EVENTS_BYTES: usize = 64 * 1024;
 
 /// Appends the event for `change`; false once the stream is over.
-fn add_event(events: &mut String, change: Result<Arc<str>, RecvError>) -> bool {
+fn add_event(events: &mut String, change: Result<Event, RecvError>) -> bool {
     match change {
-        Ok(summary) => {
+        Ok(Event::Row(summary)) => {
             events.push_str("event: update\ndata: ");
             events.push_str(&summary);
             events.push_str("\n\n");
         }
+        Ok(Event::Reload) => events.push_str("event: reload\ndata: {}\n\n"),
         // Too slow a reader: it missed some; the page reloads the list.
         Err(RecvError::Lagged(_)) => events.push_str("event: lagged\ndata: {}\n\n"),
         Err(RecvError::Closed) => return false,

@@ -210,6 +210,9 @@ function connect() {
     showStatus(closed ? 'disconnected (reload the page)' : 'reconnecting…', 'down');
   });
   events.addEventListener('update', (event) => onSummary(JSON.parse(event.data)));
+  // Too many changes to send one by one, or some missed: read the list again.
+  events.addEventListener('reload', scheduleReload);
+  events.addEventListener('lagged', scheduleReload);
 }
 
 // ---- the detail -------------------------------------------------------------
