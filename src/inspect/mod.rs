@@ -125,12 +125,12 @@ impl Sink for Looking {
 /// then tells the open pages (a row as JSON only when a page is open).
 fn keep_notes(inspector: &Inspector, notes: &Receiver<Note>) {
     loop {
+        // A pause between two takes, busy or not: what came meanwhile is
+        // taken in one go, under one lock.
+        std::thread::sleep(NOTES_EVERY);
         let first = match notes.try_recv() {
             Ok(note) => note,
-            Err(TryRecvError::Empty) => {
-                std::thread::sleep(NOTES_EVERY);
-                continue;
-            }
+            Err(TryRecvError::Empty) => continue,
             Err(TryRecvError::Disconnected) => return,
         };
         let batch: Vec<Note> = std::iter::once(first)

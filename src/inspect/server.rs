@@ -206,6 +206,8 @@ fn events(inspector: &Arc<Inspector>) -> Response<Body> {
     response
 }
 
+const RELOAD: &str = "event: reload\ndata: {}\n\n";
+
 /// The most event text gathered into one write.
 const MAX_EVENTS_BYTES: usize = 64 * 1024;
 
@@ -217,7 +219,9 @@ fn add_event(events: &mut String, change: Result<Event, RecvError>) -> bool {
             events.push_str(&summary);
             events.push_str("\n\n");
         }
-        Ok(Event::Reload) => events.push_str("event: reload\ndata: {}\n\n"),
+        // One is enough per write.
+        Ok(Event::Reload) if events.ends_with(RELOAD) => {}
+        Ok(Event::Reload) => events.push_str(RELOAD),
         // Too slow a reader: it missed some; the page reloads the list.
         Err(RecvError::Lagged(_)) => events.push_str("event: lagged\ndata: {}\n\n"),
         Err(RecvError::Closed) => return false,
