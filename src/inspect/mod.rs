@@ -87,9 +87,12 @@ struct Looking {
     notes: SyncSender<Note>,
 }
 
+#[allow(
+    clippy::large_enum_variant,
+    reason = "a record per update: a box would be an allocation per update, the slots are a few MiB"
+)]
 enum Note {
-    /// Boxed: the channel's slots stay small.
-    Finished(Box<(UpdateRecord, End)>),
+    Finished(UpdateRecord, End),
     Said(i64, String),
 }
 
@@ -113,7 +116,7 @@ const NOTES_EVERY: Duration = Duration::from_millis(20);
 
 impl Sink for Looking {
     fn finished(&self, record: UpdateRecord, end: End) {
-        let _ = self.notes.try_send(Note::Finished(Box::new((record, end))));
+        let _ = self.notes.try_send(Note::Finished(record, end));
     }
 
     fn handler_said(&self, update_id: i64, line: &str) {
@@ -145,8 +148,7 @@ fn keep_notes(inspector: &Inspector, notes: &Receiver<Note>) {
             let mut entries = lock(&inspector.entries);
             for note in batch {
                 match note {
-                    Note::Finished(finished) => {
-                        let (record, end) = *finished;
+                    Note::Finished(record, end) => {
                         rows.extend(entries.record(record, &end, wanted));
                     }
                     Note::Said(update_id, line) => entries.handler_said(update_id, &line),

@@ -106,7 +106,9 @@ impl Step {
 pub struct Steps {
     spent: [Option<Duration>; 6],
     last: Option<Step>,
-    /// `Some` while a sink looks on: what the handler and the reply did.
+    /// Whether a sink looks on, so that [`Steps::note`] keeps anything.
+    pub capturing: bool,
+    /// What the handler and the reply did, once one of them noted it.
     pub capture: Option<Box<Capture>>,
     /// This run is the `n`th replay of the update (the inspector's
     /// `Replay`): its reply gets a `client_msg_id` of its own.
@@ -176,8 +178,8 @@ impl Steps {
 
     /// Notes, while a sink looks on, what the handler did (see [`Capture`]).
     pub fn note(&mut self, note: impl FnOnce(&mut Capture)) {
-        if let Some(capture) = self.capture.as_mut() {
-            note(capture);
+        if self.capturing {
+            note(self.capture.get_or_insert_default());
         }
     }
 
@@ -336,7 +338,7 @@ impl UpdateRecord {
             signature: None,
             attempt: 1,
             steps: Steps {
-                capture: capturing().then(Box::default),
+                capturing: capturing(),
                 ..Steps::default()
             },
             received,

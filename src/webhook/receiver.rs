@@ -603,7 +603,8 @@ fn shown_headers(headers: &hyper::HeaderMap) -> String {
         if secret {
             lines.push_str("(redacted)");
         } else {
-            lines.push_str(&String::from_utf8_lossy(value.as_bytes()).replace('\n', " "));
+            // hyper refuses a value with a line break: one per line holds.
+            lines.push_str(&String::from_utf8_lossy(value.as_bytes()));
         }
         lines.push('\n');
     }
