@@ -18,7 +18,7 @@ const STDERR_BYTES: usize = 16 * 1024;
 /// besides their text (measured: 100k deliveries through a server with
 /// `--inspect` stay within the cap of the same server without it).
 const ENTRY_COST: usize = 1024;
-const ATTEMPT_COST: usize = 256;
+const ATTEMPT_COST: usize = 512;
 /// Updates whose handler's stderr waits for their record.
 const PENDING_UPDATES: usize = 256;
 

@@ -9,6 +9,7 @@ mod entries;
 mod server;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,6 +29,10 @@ use fly_signature::Verifier;
 
 /// What the inspector keeps, at most, in bytes (the oldest entries go first).
 pub const MAX_BYTES: usize = 64 * 1024 * 1024;
+
+/// Of [`MAX_BYTES`], what the records on their way to the inspector's
+/// thread may hold; the entries keep the rest.
+const IN_FLIGHT_BYTES: usize = 8 * 1024 * 1024;
 
 /// What the command tells the inspector.
 pub struct InspectConfig {
@@ -59,17 +64,19 @@ pub fn start(address: SocketAddr, config: InspectConfig) -> anyhow::Result<Socke
     // falls further behind is told to reload the list.
     let (events, _) = broadcast::channel(8192);
     let inspector = Arc::new(Inspector {
-        entries: Mutex::new(Entries::new(config.keep, MAX_BYTES)),
+        entries: Mutex::new(Entries::new(config.keep, MAX_BYTES - IN_FLIGHT_BYTES)),
         events,
         config,
     });
     let local = server::serve(address, Arc::clone(&inspector))?;
     let (notes, received) = mpsc::sync_channel(NOTES_WAITING);
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let taken = Arc::clone(&in_flight);
     std::thread::Builder::new()
         .name("fly-inspect".into())
-        .spawn(move || keep_notes(&inspector, &received))
+        .spawn(move || keep_notes(&inspector, &received, &taken))
         .context("starting the inspector's thread")?;
-    if !set_sink(Box::new(Looking { notes })) {
+    if !set_sink(Box::new(Looking { notes, in_flight })) {
         anyhow::bail!("an inspector is already running in this process");
     }
     tracing::info!(url = %format!("http://{local}/"), "inspector");
@@ -85,6 +92,9 @@ pub fn start(address: SocketAddr, config: InspectConfig) -> anyhow::Result<Socke
 /// the newest are not kept (the bot goes on; the inspector shows less).
 struct Looking {
     notes: SyncSender<Note>,
+    /// Bytes of the notes on their way: past [`IN_FLIGHT_BYTES`], new
+    /// notes are not kept.
+    in_flight: Arc<AtomicUsize>,
 }
 
 #[allow(
@@ -97,7 +107,7 @@ enum Note {
 }
 
 /// Notes waiting for the inspector's thread, at most.
-const NOTES_WAITING: usize = 16 * 1024;
+const NOTES_WAITING: usize = 4096;
 
 /// Rows sent one by one to open pages from one batch, at most.
 const ROWS_PER_BATCH: usize = 100;
@@ -116,17 +126,40 @@ const NOTES_EVERY: Duration = Duration::from_millis(20);
 
 impl Sink for Looking {
     fn finished(&self, record: UpdateRecord, end: End) {
-        let _ = self.notes.try_send(Note::Finished(record, end));
+        self.send(Note::Finished(record, end));
     }
 
     fn handler_said(&self, update_id: i64, line: &str) {
-        let _ = self.notes.try_send(Note::Said(update_id, line.to_string()));
+        self.send(Note::Said(update_id, line.to_string()));
+    }
+}
+
+impl Looking {
+    fn send(&self, note: Note) {
+        let bytes = note.bytes();
+        if self.in_flight.fetch_add(bytes, Ordering::Relaxed) + bytes > IN_FLIGHT_BYTES
+            || self.notes.try_send(note).is_err()
+        {
+            self.in_flight.fetch_sub(bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Note {
+    /// What it holds, roughly, for [`IN_FLIGHT_BYTES`].
+    fn bytes(&self) -> usize {
+        match self {
+            Note::Finished(record, _) => {
+                512 + record.raw.as_ref().map_or(0, |raw| raw.len()) + record.headers.len()
+            }
+            Note::Said(_, line) => 64 + line.len(),
+        }
     }
 }
 
 /// The inspector's thread: takes in what came, in order, under one lock,
 /// then tells the open pages (a row as JSON only when a page is open).
-fn keep_notes(inspector: &Inspector, notes: &Receiver<Note>) {
+fn keep_notes(inspector: &Inspector, notes: &Receiver<Note>, in_flight: &AtomicUsize) {
     loop {
         // A pause between two takes, busy or not: what came meanwhile is
         // taken in one go, under one lock.
@@ -139,6 +172,8 @@ fn keep_notes(inspector: &Inspector, notes: &Receiver<Note>) {
         let batch: Vec<Note> = std::iter::once(first)
             .chain(notes.try_iter().take(NOTES_WAITING))
             .collect();
+        let bytes: usize = batch.iter().map(Note::bytes).sum();
+        in_flight.fetch_sub(bytes, Ordering::Relaxed);
         // More rows than a person can read: the pages read the list again
         // instead (one event, no JSON per update).
         let open = inspector.events.receiver_count() > 0;
