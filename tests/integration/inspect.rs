@@ -17,8 +17,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::common::{
-    Emulator, Service, TOKEN, eventually, fly_at, fly_child, fly_path, sign_update, stderr_of,
-    wait_until,
+    Emulator, Service, TOKEN, eventually, fly_child, fly_path, sign_update, stderr_of, wait_until,
 };
 use crate::exec::{start_forward_with, start_receiver_with};
 use crate::metrics::url_in_start_line;
@@ -1151,63 +1150,5 @@ fn filters_select_the_right_rows_and_events_bring_new_ones() {
 /// state file is made.
 #[test]
 fn an_inspect_port_in_use_is_exit_1_with_one_line() {
-    let emulator = Emulator::start();
-    let dir = tempfile::tempdir().unwrap();
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let address = taken.local_addr().unwrap().to_string();
-    let state = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
-    let commands: Vec<Vec<String>> = vec![
-        vec!["poll-echo".into(), "--state".into(), state("p.db")],
-        vec![
-            "serve-webhook".into(),
-            "--bind".into(),
-            "127.0.0.1".into(),
-            "--port".into(),
-            "0".into(),
-            "--secret".into(),
-            "s".into(),
-            "--state".into(),
-            state("w.db"),
-        ],
-        vec![
-            "forward".into(),
-            "--to".into(),
-            "http://127.0.0.1:9/hook".into(),
-            "--secret".into(),
-            "s".into(),
-            "--state".into(),
-            state("f.db"),
-        ],
-    ];
-    for args in commands {
-        let output = fly_at(&emulator)
-            .args(&args)
-            .args(["--inspect", &address])
-            .timeout(Duration::from_secs(20))
-            .output()
-            .unwrap();
-        let stderr = stderr_of(&output);
-        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
-        let errors: Vec<&str> = stderr
-            .lines()
-            .filter(|line| line.contains("error"))
-            .collect();
-        assert_eq!(errors.len(), 1, "{args:?}: {stderr}");
-        assert_eq!(stderr.lines().last(), Some(errors[0]), "{stderr}");
-        assert!(
-            errors[0].starts_with("fly: error: ")
-                && errors[0].contains("--inspect")
-                && errors[0].contains(&address)
-                && errors[0].contains("in use"),
-            "{args:?}: {stderr}"
-        );
-        assert!(!stderr.contains("panicked"), "{stderr}");
-        assert!(!stderr.contains("inspector url="), "{stderr}");
-    }
-    // Refused before the state store was opened: no state file was made.
-    let left: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|entry| entry.unwrap().file_name())
-        .collect();
-    assert!(left.is_empty(), "{left:?}");
+    crate::metrics::a_taken_port_is_exit_1_with_one_line("--inspect");
 }

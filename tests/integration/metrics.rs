@@ -677,6 +677,14 @@ fn a_pollers_readyz_is_503_while_its_redis_is_down_and_a_standby_is_ready() {
 /// `--metrics` and the address, for each command that has it.
 #[test]
 fn a_metrics_port_in_use_is_exit_1_with_one_line() {
+    a_taken_port_is_exit_1_with_one_line("--metrics");
+}
+
+/// `flag ADDR` with ADDR taken, for poll-echo, serve-webhook and forward:
+/// each exits 1 with one error line, the last, naming `flag`, the address
+/// and "in use", before any state file is made. `--metrics` and `--inspect`
+/// share it.
+pub(crate) fn a_taken_port_is_exit_1_with_one_line(flag: &str) {
     let emulator = Emulator::start();
     let dir = tempfile::tempdir().unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -706,7 +714,7 @@ fn a_metrics_port_in_use_is_exit_1_with_one_line() {
     for args in commands {
         let output = fly_at(&emulator)
             .args(&args)
-            .args(["--metrics", &address])
+            .args([flag, &address])
             .timeout(Duration::from_secs(20))
             .output()
             .unwrap();
@@ -719,12 +727,16 @@ fn a_metrics_port_in_use_is_exit_1_with_one_line() {
         assert_eq!(stderr.lines().last(), Some(errors[0]), "{stderr}");
         assert!(
             errors[0].starts_with("fly: error: ")
-                && errors[0].contains("--metrics")
+                && errors[0].contains(flag)
                 && errors[0].contains(&address)
                 && errors[0].contains("in use"),
             "{args:?}: {stderr}"
         );
         assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(
+            !stderr.contains(" url=http"),
+            "a listener started: {stderr}"
+        );
     }
     // Refused before the state store was opened: no state file was made.
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
