@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use crate::api::{ApiClient, check_http_url};
 use crate::bot::forward::ForwardHandler;
-use crate::bot::poll_loop::{self, PollSettings};
+use crate::bot::poll_loop::PollSettings;
 use crate::cli::ForwardArgs;
 use crate::commands::credentials::{configured_token, required_token, signing_secret};
-use crate::commands::wiring::{polling_store, serve_polling_metrics, start_polling_inspector};
+use crate::commands::wiring::{PollingService, run_polling};
 use crate::delivery::Destination;
 use crate::exit;
 use crate::retry::RetryPolicy;
@@ -31,7 +31,6 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
     let client = ApiClient::new(&args.api.base_url, token.clone(), RetryPolicy::FOREVER)?
         .with_shutdown(shutdown.clone());
     let identity = BotIdentity::new(client.base_url(), token.expose());
-    let watched = serve_polling_metrics(&args.metrics)?;
     // What it does, before it does it: a developer sees at once which
     // receiver, which platform, and which secret to verify with.
     tracing::info!(
@@ -66,16 +65,14 @@ pub fn run(args: ForwardArgs) -> anyhow::Result<ExitCode> {
         max_updates: None,
         once: false,
     };
-    start_polling_inspector(&args.inspect, settings.source, &handler)?;
-    // After the listeners: a taken port leaves no state file behind.
-    let store = polling_store(
-        &identity,
-        args.state.location(),
-        args.retention.retention,
-        args.lease.lease,
-    )?;
-    let _ = watched.set(Arc::clone(&store));
-    let summary = poll_loop::run(&client, store, handler, &settings, &shutdown)?;
+    let service = PollingService {
+        state: args.state.location(),
+        retention: args.retention.retention,
+        lease: args.lease.lease,
+        metrics: &args.metrics,
+        inspect: &args.inspect,
+    };
+    let summary = run_polling(&client, &identity, service, handler, &settings, &shutdown)?;
     // Only 2xx answers end as handled; an update that could not be signed
     // is a dead letter.
     tracing::info!(

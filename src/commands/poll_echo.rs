@@ -2,18 +2,15 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 
 use crate::api::ApiClient;
-use crate::bot::poll_loop::{self, PollSettings};
+use crate::bot::poll_loop::PollSettings;
 use crate::cli::PollEchoArgs;
 use crate::commands::credentials::required_token;
-use crate::commands::wiring::{
-    polling_store, reply_handler, serve_polling_metrics, start_polling_inspector,
-};
+use crate::commands::wiring::{PollingService, reply_handler, run_polling};
 use crate::exit;
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
@@ -31,7 +28,6 @@ pub fn run(args: PollEchoArgs) -> anyhow::Result<ExitCode> {
     let client =
         ApiClient::new(&args.api.base_url, token.clone(), policy)?.with_shutdown(shutdown.clone());
     let identity = BotIdentity::new(client.base_url(), token.expose());
-    let watched = serve_polling_metrics(&args.metrics)?;
     let media_dir = args.media_dir.map(prepare_media_dir).transpose()?;
     let settings = PollSettings {
         source: crate::observe::Source::Poll,
@@ -44,16 +40,14 @@ pub fn run(args: PollEchoArgs) -> anyhow::Result<ExitCode> {
         once: args.once,
     };
     let handler = reply_handler(&args.exec, client.clone(), media_dir, settings.concurrency);
-    start_polling_inspector(&args.inspect, settings.source, &handler)?;
-    // After the listeners: a taken port leaves no state file behind.
-    let store = polling_store(
-        &identity,
-        args.state.location(),
-        args.retention.retention,
-        args.lease.lease,
-    )?;
-    let _ = watched.set(Arc::clone(&store));
-    let summary = poll_loop::run(&client, store, handler, &settings, &shutdown)?;
+    let service = PollingService {
+        state: args.state.location(),
+        retention: args.retention.retention,
+        lease: args.lease.lease,
+        metrics: &args.metrics,
+        inspect: &args.inspect,
+    };
+    let summary = run_polling(&client, &identity, service, handler, &settings, &shutdown)?;
     tracing::info!(
         handled = summary.handled,
         dead_letters = summary.dead_letters,

@@ -9,11 +9,13 @@ use anyhow::Context;
 
 use crate::api::ApiClient;
 use crate::bot::Handler;
+use crate::bot::poll_loop::{self, PollSettings, Summary};
 use crate::cli::{ApiArgs, ExecArgs, InspectArgs, MetricsArgs};
 use crate::inspect::InspectConfig;
 use crate::observe::endpoint::{self, Readiness};
 use crate::observe::{Phase, Source, metrics};
 use crate::retry::RetryPolicy;
+use crate::shutdown::Shutdown;
 use fly_state::{BotIdentity, PollStore, RedisStore, SqliteStore, StateLocation};
 
 /// The API client for one-shot commands (a bounded number of retries).
@@ -55,13 +57,39 @@ pub fn reply_handler(
     Arc::new(crate::bot::echo::EchoHandler { client, media_dir })
 }
 
+/// Where a polling command (poll-echo, forward) keeps its state, and the
+/// listeners it serves beside its loop.
+pub struct PollingService<'a> {
+    pub state: StateLocation,
+    pub retention: Duration,
+    pub lease: Duration,
+    pub metrics: &'a MetricsArgs,
+    pub inspect: &'a InspectArgs,
+}
+
+/// Runs a polling command's loop with `handler`: its listeners first
+/// (`--metrics`, `--inspect`), so that a taken port leaves no state file
+/// behind, then its state store, then the poll loop until it ends.
+pub fn run_polling(
+    client: &ApiClient,
+    identity: &BotIdentity,
+    service: PollingService<'_>,
+    handler: Arc<dyn Handler>,
+    settings: &PollSettings,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Summary> {
+    let watched = serve_polling_metrics(service.metrics)?;
+    start_polling_inspector(service.inspect, settings.source, &handler)?;
+    let store = polling_store(identity, service.state, service.retention, service.lease)?;
+    let _ = watched.set(Arc::clone(&store));
+    poll_loop::run(client, store, handler, settings, shutdown)
+}
+
 /// `--metrics` of a polling command (poll-echo, forward), if given,
 /// served before the state store is opened (a taken port leaves no state
 /// file behind): `/readyz` says whether the loop polls or stands by and the
 /// store, once given to the returned slot, answers.
-pub fn serve_polling_metrics(
-    args: &MetricsArgs,
-) -> anyhow::Result<Arc<OnceLock<Arc<dyn PollStore>>>> {
+fn serve_polling_metrics(args: &MetricsArgs) -> anyhow::Result<Arc<OnceLock<Arc<dyn PollStore>>>> {
     let slot: Arc<OnceLock<Arc<dyn PollStore>>> = Arc::default();
     let Some(address) = args.address else {
         return Ok(slot);
@@ -77,7 +105,7 @@ pub fn serve_polling_metrics(
 
 /// `--inspect` of a polling command (poll-echo, forward), if given: its
 /// updates in a browser; a replay runs `handler` again.
-pub fn start_polling_inspector(
+fn start_polling_inspector(
     args: &InspectArgs,
     source: Source,
     handler: &Arc<dyn Handler>,
@@ -99,7 +127,7 @@ pub fn start_polling_inspector(
 
 /// The state store of a polling command (poll-echo, forward): the SQLite
 /// file, or a Redis server shared with standby pollers (`--lease`).
-pub fn polling_store(
+fn polling_store(
     identity: &BotIdentity,
     state: StateLocation,
     retention: Duration,
