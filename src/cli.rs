@@ -5,13 +5,15 @@
 
 use std::fmt;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::builder::styling::Style;
 use clap::builder::{PathBufValueParser, StyledStr, TypedValueParser};
 use clap::parser::ValueSource;
 use clap::{ArgAction, ArgMatches, Args, FromArgMatches, Parser, Subcommand, ValueEnum};
+
+use crate::profiles::{self, ConfigError, Key, Origin, Origins, Profile};
 
 pub const DEFAULT_BASE_URL: &str = "https://api.flycrytp.com";
 pub use crate::emulator::DEFAULT_URL as DEFAULT_EMULATOR_URL;
@@ -50,13 +52,52 @@ pub struct Cli {
     pub credentials_on_command_line: Vec<&'static str>,
 }
 
+/// Why the command line cannot be run: clap refuses it, or the config
+/// file (or the profile it names) cannot be used. Both are exit 2.
+#[derive(Debug)]
+pub enum CliError {
+    Usage(clap::Error),
+    Config(ConfigError),
+}
+
+impl From<clap::Error> for CliError {
+    fn from(error: clap::Error) -> Self {
+        CliError::Usage(error)
+    }
+}
+
 impl Cli {
     /// Parses the command line (and the environment variables of its
-    /// options), or says why it cannot be parsed.
-    pub fn parse_args() -> Result<Cli, clap::Error> {
-        Cli::parse_args_from(std::env::args_os())
+    /// options) with the settings of the profile in use, or says why it
+    /// cannot be parsed.
+    pub fn parse_args() -> Result<Cli, CliError> {
+        use clap::CommandFactory;
+        let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+        let matches = Cli::command().try_get_matches_from(&args)?;
+        let (global, _) = leaf_of(&matches);
+        // `fly config show NAME` names the profile it shows.
+        let named = global
+            .try_get_one::<String>("profile_name")
+            .ok()
+            .flatten()
+            .or_else(|| global.get_one::<String>("profile"));
+        let config = global.get_one::<PathBuf>("config");
+        let Some(profile) =
+            profiles::select(config.map(PathBuf::as_path), named.map(String::as_str))
+                .map_err(CliError::Config)?
+        else {
+            return Ok(Cli::from_matches(&matches, None)?);
+        };
+        // The profile's settings become the defaults of the options the
+        // command line and the environment left unset: clap then applies
+        // flag > environment > default as for any option.
+        let command =
+            with_profile_defaults(Cli::command(), &matches, &profile).map_err(CliError::Config)?;
+        let matches = command.try_get_matches_from(&args)?;
+        Ok(Cli::from_matches(&matches, Some(&profile))?)
     }
 
+    /// Parses `args` without any profile (the tests' entry).
     pub fn parse_args_from<I, T>(args: I) -> Result<Cli, clap::Error>
     where
         I: IntoIterator<Item = T>,
@@ -64,11 +105,12 @@ impl Cli {
     {
         use clap::CommandFactory;
         let matches = Cli::command().try_get_matches_from(args)?;
-        let mut cli = Cli::from_arg_matches(&matches)?;
-        let mut leaf = &matches;
-        while let Some((_, sub)) = leaf.subcommand() {
-            leaf = sub;
-        }
+        Cli::from_matches(&matches, None)
+    }
+
+    fn from_matches(matches: &ArgMatches, profile: Option<&Profile>) -> Result<Cli, clap::Error> {
+        let mut cli = Cli::from_arg_matches(matches)?;
+        let (leaf, _) = leaf_of(matches);
         refuse_empty_now(leaf)?;
         cli.credentials_on_command_line = [("token", "--token"), ("secrets", "--secret")]
             .into_iter()
@@ -78,7 +120,153 @@ impl Cli {
             })
             .map(|(_, flag)| flag)
             .collect();
+        let origins = origins_of(leaf, profile);
+        match &mut cli.command {
+            Command::Doctor(args) => args.origins = origins,
+            Command::Config(ConfigArgs {
+                action: ConfigAction::Show(args),
+            }) => args.origins = origins,
+            Command::Config(ConfigArgs {
+                action: ConfigAction::List(args),
+            }) => {
+                args.origins = origins;
+                args.config = cli.global.config.clone();
+            }
+            _ => {}
+        }
         Ok(cli)
+    }
+}
+
+/// The matches of the deepest subcommand, and the names leading to it.
+fn leaf_of(matches: &ArgMatches) -> (&ArgMatches, Vec<String>) {
+    let mut leaf = matches;
+    let mut path = Vec::new();
+    while let Some((name, sub)) = leaf.subcommand() {
+        path.push(name.to_string());
+        leaf = sub;
+    }
+    (leaf, path)
+}
+
+/// The option a profile key stands in for (its clap id), and the ids that,
+/// given on the command line or in the environment, mean the setting is
+/// already chosen (a --token or FLY_BOT_TOKEN sets `token_file` aside).
+fn option_of(key: Key) -> (&'static str, &'static [&'static str]) {
+    match key {
+        Key::BaseUrl => ("base_url", &["base_url"]),
+        Key::TokenFile => ("token_file", &["token", "token_file"]),
+        Key::SecretFile => ("secret_files", &["secrets", "secret_files"]),
+        Key::State => ("state", &["state"]),
+        Key::BotId => ("bot_id", &["bot_id"]),
+    }
+}
+
+/// Whether the leaf command has option `id` (not every command has every one).
+fn has_option(leaf: &ArgMatches, id: &str) -> bool {
+    leaf.try_get_raw(id).is_ok()
+}
+
+fn given(leaf: &ArgMatches, id: &str) -> bool {
+    has_option(leaf, id)
+        && matches!(
+            leaf.value_source(id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        )
+}
+
+/// `command` with the profile's settings as the defaults of the options the
+/// first parse (`matches`) found unset. A token or secret file the profile
+/// names must be there (its line is the one to fix).
+fn with_profile_defaults(
+    command: clap::Command,
+    matches: &ArgMatches,
+    profile: &Profile,
+) -> Result<clap::Command, ConfigError> {
+    let (leaf, path) = leaf_of(matches);
+    let mut defaults = Vec::new();
+    for setting in &profile.settings {
+        let (id, deciding) = option_of(setting.key);
+        if !has_option(leaf, id) || deciding.iter().any(|other| given(leaf, other)) {
+            continue;
+        }
+        if matches!(setting.key, Key::TokenFile | Key::SecretFile)
+            && !Path::new(&setting.value).is_file()
+        {
+            return Err(ConfigError(format!(
+                "config file {} line {}: {} {} of profile {} is not a file",
+                profile.path.display(),
+                setting.line,
+                setting.key.name(),
+                setting.value,
+                profile.name
+            )));
+        }
+        defaults.push((id, setting.value.clone()));
+    }
+    Ok(on_leaf(command, &path, move |mut leaf| {
+        for (id, value) in defaults {
+            // clap takes a default as a `&'static str` (owned ones need its
+            // `string` feature); the command line is parsed once per process.
+            let value: &'static str = Box::leak(value.into_boxed_str());
+            leaf = leaf.mut_arg(id, |arg| arg.default_value(value));
+        }
+        leaf
+    }))
+}
+
+/// `change` applied to the subcommand at `path` below `command`.
+fn on_leaf(
+    command: clap::Command,
+    path: &[String],
+    change: impl FnOnce(clap::Command) -> clap::Command,
+) -> clap::Command {
+    match path.split_first() {
+        None => change(command),
+        Some((name, rest)) => command.mut_subcommand(name, |sub| on_leaf(sub, rest, change)),
+    }
+}
+
+/// Where each setting the command has came from. A default value of an
+/// option the profile sets is the profile's (it was applied only where
+/// nothing else set the option).
+fn origins_of(leaf: &ArgMatches, profile: Option<&Profile>) -> Origins {
+    let from_profile = |key: Key| {
+        profile.and_then(|profile| profile.get(key).map(|setting| profile.origin_of(setting)))
+    };
+    let source = |id: &str| {
+        has_option(leaf, id)
+            .then(|| leaf.value_source(id))
+            .flatten()
+    };
+    let plain = |id: &str, flag: &str, variable: &'static str, key: Key| {
+        has_option(leaf, id).then(|| match leaf.value_source(id) {
+            Some(ValueSource::CommandLine) => Origin::Flag(flag.to_string()),
+            Some(ValueSource::EnvVariable) => Origin::Env(variable),
+            _ => from_profile(key).unwrap_or(Origin::Default),
+        })
+    };
+    let token = match (source("token_file"), source("token")) {
+        (Some(ValueSource::CommandLine), _) => Some(Origin::Flag("--token-file".into())),
+        (Some(ValueSource::DefaultValue), _) => from_profile(Key::TokenFile),
+        (_, Some(ValueSource::CommandLine)) => Some(Origin::Flag("--token".into())),
+        (_, Some(ValueSource::EnvVariable)) => Some(Origin::Env("FLY_BOT_TOKEN")),
+        _ => None,
+    };
+    let secret = match (source("secret_files"), source("secrets")) {
+        (Some(ValueSource::CommandLine), _) => Some(Origin::Flag("--secret-file".into())),
+        (_, Some(ValueSource::CommandLine)) => Some(Origin::Flag("--secret".into())),
+        (_, Some(ValueSource::EnvVariable)) => Some(Origin::Env("FLY_WEBHOOK_SECRET")),
+        (Some(ValueSource::DefaultValue), _) => from_profile(Key::SecretFile),
+        _ => has_option(leaf, "secrets").then_some(Origin::Default),
+    };
+    Origins {
+        profile: profile.cloned(),
+        base_url: plain("base_url", "--base-url", "FLY_BASE_URL", Key::BaseUrl),
+        token,
+        secret,
+        state: plain("state", "--state", "FLY_STATE", Key::State),
+        bot_id: plain("bot_id", "--bot-id", "FLY_BOT_ID", Key::BotId),
     }
 }
 
@@ -174,6 +362,17 @@ pub struct GlobalArgs {
     /// Less log output (-q errors only, -qq nothing but the final error line).
     #[arg(short, long, action = ArgAction::Count, global = true)]
     pub quiet: u8,
+
+    /// Take settings from this profile of the config file (see `fly config
+    /// --help`); flags and environment variables still win. Without it, the
+    /// profile named `default` is used if the file has one.
+    #[arg(long, env = "FLY_PROFILE", global = true, value_name = "NAME")]
+    pub profile: Option<String>,
+
+    /// The config file of profiles (default: $XDG_CONFIG_HOME/fly/config.toml,
+    /// else ~/.config/fly/config.toml).
+    #[arg(long, env = "FLY_CONFIG", global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
 }
 
 /// How a command that calls the Bot API reaches it: the base URL and the bot token.
@@ -264,6 +463,31 @@ pub enum Command {
     /// at all (no usable update_id, a message with no chat to answer, …) with
     /// its exact bytes and the reason, and go on with the others.
     DeadLetters(DeadLettersArgs),
+    /// List the profiles of the config file, or show the settings a command would use.
+    ///
+    /// A profile holds settings for one bot, so several bots (or the
+    /// emulator beside the platform) need no juggling of environment
+    /// variables. The config file is $XDG_CONFIG_HOME/fly/config.toml, else
+    /// ~/.config/fly/config.toml, or --config PATH (FLY_CONFIG):
+    ///
+    ///     [profiles.dev]
+    ///     base_url = "http://127.0.0.1:8787"
+    ///     token_file = "dev.token"
+    ///
+    ///     [profiles.prod]
+    ///     token_file = "~/.secrets/fly.token"
+    ///     secret_file = "~/.secrets/fly.secret"
+    ///     state = "redis://10.0.0.5:6379/0"
+    ///     bot_id = "bot_123"
+    ///
+    /// Keys: base_url, token_file, secret_file, state, bot_id (the options
+    /// of those names); relative paths are taken from the file's directory.
+    /// Choose a profile with --profile NAME or FLY_PROFILE; without one, the
+    /// profile named `default` is used if the file has it. A flag or an
+    /// environment variable wins over the profile, which wins over the
+    /// built-in default. The file must not be writable by other users: it
+    /// says where the token is sent.
+    Config(ConfigArgs),
     /// Print the shell completion script for SHELL on stdout.
     Completions(CompletionsArgs),
     /// Print the man page (roff) on stdout: fly(1), or fly-COMMAND(1).
@@ -1080,6 +1304,10 @@ pub struct DoctorArgs {
     #[command(flatten)]
     pub state: StateArgs,
 
+    /// Where the base URL, the token and the state came from (filled in while parsing).
+    #[arg(skip)]
+    pub origins: Origins,
+
     /// The local time to compare with the platform's clock (default: the clock).
     #[arg(
         long,
@@ -1130,6 +1358,73 @@ pub struct DeadLettersArgs {
 
     #[command(flatten)]
     pub api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = examples(&[
+    "# Which profiles there are, and which one is in use",
+    "fly config list",
+    "# What `fly --profile prod …` would use, and where each value comes from",
+    "fly config show prod",
+    "# Any command, with a profile's settings",
+    "fly --profile dev doctor",
+]))]
+pub struct ConfigArgs {
+    #[command(subcommand)]
+    pub action: ConfigAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigAction {
+    /// List the profiles of the config file, the one in use marked `*`.
+    List(ConfigListArgs),
+    /// Show each setting a command would use and where it came from (never a token or secret).
+    Show(ConfigShowArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = examples(&[
+    "fly config list",
+    "fly --config ./fly.toml config list",
+]))]
+pub struct ConfigListArgs {
+    /// The config file, and the profile in use (filled in from the global options).
+    #[arg(skip)]
+    pub origins: Origins,
+    #[arg(skip)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = examples(&[
+    "# The profile in use (--profile, FLY_PROFILE, else `default`)",
+    "fly config show",
+    "# Another profile",
+    "fly config show prod",
+    "# With an environment variable that overrides it",
+    "FLY_BASE_URL=http://127.0.0.1:8787 fly config show prod",
+]))]
+pub struct ConfigShowArgs {
+    /// The profile to show (default: the one in use).
+    #[arg(id = "profile_name", value_name = "NAME")]
+    pub name: Option<String>,
+
+    #[command(flatten)]
+    pub state: StateArgs,
+
+    /// bot.id to sign with (forward, sign, serve-webhook).
+    #[arg(long, default_value = "bot_local", value_name = "ID")]
+    pub bot_id: String,
+
+    #[command(flatten)]
+    pub secret: SecretArgs,
+
+    #[command(flatten)]
+    pub api: ApiArgs,
+
+    /// Where each value came from (filled in while parsing).
+    #[arg(skip)]
+    pub origins: Origins,
 }
 
 #[derive(Debug, Args)]

@@ -22,6 +22,7 @@ pub(crate) mod inspect;
 pub mod logging;
 pub(crate) mod observe;
 pub mod output;
+pub mod profiles;
 pub(crate) mod progress;
 pub(crate) mod retry;
 pub(crate) mod shutdown;

@@ -31,7 +31,11 @@ fn main() -> ExitCode {
     children::become_subreaper();
     let cli = match cli::Cli::parse_args() {
         Ok(cli) => cli,
-        Err(error) => return report_usage_error(error),
+        Err(cli::CliError::Usage(error)) => return report_usage_error(error),
+        Err(cli::CliError::Config(error)) => {
+            print_error_line(&one_line(&error.to_string()));
+            return exit::code(exit::USAGE);
+        }
     };
     // The demo's output is its transcript; its service logs would only be noise.
     let quiet_by_default = u8::from(matches!(cli.command, cli::Command::Demo(_)));

@@ -8,18 +8,18 @@
 //! `fly: error:` line stay on stderr. Doctor changes nothing: its API call
 //! confirms no update, and the state file is opened only if it exists.
 
-use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::anyhow;
 
-use crate::api::{ApiClient, ApiError, Probe, Token, check_base_url};
-use crate::cli::{ApiArgs, DEFAULT_BASE_URL, DoctorArgs, UnixTime};
+use crate::api::{ApiClient, ApiError, Probe, check_base_url};
+use crate::cli::{DoctorArgs, UnixTime};
 use crate::commands::credentials::configured_token;
 use crate::commands::input::unix_time_now;
 use crate::commands::print_line;
 use crate::exit::{self, usage};
+use crate::profiles::{Origin, readable_by_others};
 use crate::retry::RetryPolicy;
 use fly_state::{BotIdentity, PollState, RedisStore, SqliteStore, StateLocation, Store};
 
@@ -69,10 +69,14 @@ impl Report {
 pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
     let api = &args.api;
     let mut report = Report::default();
+    if let Some(profile) = &args.origins.profile {
+        let detail = format!("{} (from {})", profile.name, profile.path.display());
+        report.line(Status::Ok, "profile", &detail)?;
+    }
 
     let base_url = match check_base_url(&api.base_url) {
         Ok(url) => {
-            let detail = format!("{url} ({})", base_url_source(api));
+            let detail = format!("{url} ({})", base_url_source(&args));
             report.line(Status::Ok, "base URL", &detail)?;
             url
         }
@@ -84,7 +88,7 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
 
     let token = match configured_token(api) {
         Ok(Some(token)) => {
-            let (status, detail) = token_source(api, &token);
+            let (status, detail) = token_source(&args);
             report.line(status, "token", &detail)?;
             token
         }
@@ -136,50 +140,44 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Where the base URL came from. Flag and environment are one clap value;
-/// the environment is named when it holds this very value.
-fn base_url_source(api: &ApiArgs) -> &'static str {
-    let from_env = std::env::var("FLY_BASE_URL").ok();
-    if from_env.as_deref() == Some(api.base_url.as_str()) {
-        "from FLY_BASE_URL"
-    } else if api.base_url == DEFAULT_BASE_URL {
-        "the default"
-    } else {
-        "from --base-url"
-    }
+/// Where the base URL came from: the flag, the environment, a profile
+/// or the default, as the command line decided it.
+fn base_url_source(args: &DoctorArgs) -> String {
+    args.origins
+        .base_url
+        .as_ref()
+        .map_or_else(|| "the default".to_string(), ToString::to_string)
 }
 
 /// Where the token came from, never the token: a file (which others should
-/// not be able to read), the environment, or the command line (which other
-/// users see in the process list).
-fn token_source(api: &ApiArgs, token: &Token) -> (Status, String) {
-    if let Some(path) = &api.token_file {
+/// not be able to read), the environment, a profile, or the command line
+/// (which other users see in the process list).
+fn token_source(args: &DoctorArgs) -> (Status, String) {
+    let origin = args.origins.token.as_ref();
+    if let Some(path) = &args.api.token_file {
         let shown = path.display();
+        let from = match origin {
+            Some(origin @ Origin::Profile { .. }) => format!("{shown}, {origin}"),
+            _ => format!("from --token-file {shown}"),
+        };
         return if readable_by_others(path) {
             (
                 Status::Warn,
-                format!("from --token-file {shown}, which other users can read: chmod 600 it"),
+                format!("{from}, which other users can read: chmod 600 it"),
             )
         } else {
-            (Status::Ok, format!("from --token-file {shown}"))
+            (Status::Ok, from)
         };
     }
-    let from_env = std::env::var("FLY_BOT_TOKEN").unwrap_or_default();
-    if Token::new(&from_env).is_some_and(|env_token| env_token.expose() == token.expose()) {
-        (Status::Ok, "from FLY_BOT_TOKEN (the environment)".into())
-    } else {
-        (
+    match origin {
+        Some(Origin::Env(variable)) => (Status::Ok, format!("from {variable} (the environment)")),
+        _ => (
             Status::Warn,
             "from --token, which other users can see in the process list: \
              prefer FLY_BOT_TOKEN or --token-file"
                 .into(),
-        )
+        ),
     }
-}
-
-fn readable_by_others(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|found| found.permissions().mode() & 0o077 != 0)
 }
 
 fn describe_probe(probe: &Result<Probe, ApiError>, latency_ms: u128) -> (Status, String) {

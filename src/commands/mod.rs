@@ -6,6 +6,7 @@
 //! the handler, the state store), `input` (a file or stdin, the time).
 
 mod completions;
+mod config;
 mod credentials;
 mod dead_letters;
 mod demo;
@@ -108,6 +109,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Doctor(args) => doctor::run(args),
         Command::DeadLetters(args) => dead_letters::run(args),
         Command::Completions(args) => completions::run(args),
+        Command::Config(args) => config::run(args),
         Command::Man(args) => man::run(args),
     }
 }

@@ -27,13 +27,19 @@ pub fn fly() -> Command {
     command
 }
 
-/// The variables of the developer's shell a test run keeps.
+/// The variables of the developer's shell a test run keeps, and a config
+/// directory that does not exist: the developer's own profiles
+/// (~/.config/fly/config.toml) must not reach the tests.
 fn kept_environment() -> Vec<(&'static str, String)> {
     ["PATH", "HOME", "TMPDIR", "LANG"]
         .into_iter()
         .filter_map(|name| Some((name, std::env::var(name).ok()?)))
+        .chain([("XDG_CONFIG_HOME", NO_CONFIG_HOME.to_string())])
         .collect()
 }
+
+/// `XDG_CONFIG_HOME` of every test: no config file there.
+pub const NO_CONFIG_HOME: &str = "/nonexistent/fly-tests-have-no-config";
 
 /// `fly` as a std Command, for tests that need the running child (signals,
 /// pipes, /proc): the environment scrubbed as for `fly()`, pointed at

@@ -18,6 +18,7 @@ mod intake;
 mod metrics;
 mod parking;
 mod poll_echo;
+mod profiles;
 mod prometheus;
 mod readme;
 mod redis;
