@@ -281,9 +281,9 @@ fn read_config(path: &Path) -> Result<String, ConfigError> {
         )));
     }
     let mode = metadata.permissions().mode() & 0o777;
-    if mode & 0o022 != 0 {
+    if mode & 0o002 != 0 {
         return Err(ConfigError(format!(
-            "the config file {shown} can be changed by other users (mode {mode:04o}): \
+            "the config file {shown} can be changed by any user (mode {mode:04o}): \
              it says where the token is sent; chmod go-w {shown}"
         )));
     }
@@ -298,8 +298,24 @@ fn read_config(path: &Path) -> Result<String, ConfigError> {
         .map_err(|_| ConfigError(format!("the config file {shown} is not UTF-8 text")))
 }
 
-/// Whether users other than the owner can read `path` (a token file,
-/// the config file): `fly doctor` and `fly config show` warn of it.
+/// What `fly doctor` and `fly config show` say of a config file its group
+/// can change (a world-writable one is refused when read). Group-writable
+/// is common where each user has a group of their own (umask 002), so it is
+/// a warning rather than a refusal.
+pub fn group_can_change(path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o020 != 0).then(|| {
+        format!(
+            "its group can change it (mode {mode:04o}), and it says where the token is sent: \
+             chmod g-w {}",
+            path.display()
+        )
+    })
+}
+
+/// Whether users other than the owner can read `path` (a token file):
+/// `fly doctor` and `fly config show` warn of it.
 pub fn readable_by_others(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).is_ok_and(|found| found.permissions().mode() & 0o077 != 0)
@@ -447,11 +463,14 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
         let error = load(&path).unwrap_err().to_string();
         assert!(
-            error.contains("can be changed by other users (mode 0666)"),
+            error.contains("can be changed by any user (mode 0666)"),
             "{error}"
         );
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o664)).unwrap();
         assert!(load(&path).is_ok());
+        assert!(group_can_change(&path).unwrap().contains("chmod g-w"));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(group_can_change(&path), None);
     }
 
     #[test]

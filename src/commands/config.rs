@@ -67,11 +67,11 @@ fn show(args: ConfigShowArgs) -> anyhow::Result<ExitCode> {
     let origins = &args.origins;
     let mut lines: Vec<(&str, String, String)> = Vec::new();
     if let Some(profile) = &origins.profile {
-        lines.push((
-            "profile",
-            profile.name.clone(),
-            format!("from {}", profile.path.display()),
-        ));
+        let mut from = format!("from {}", profile.path.display());
+        if let Some(warning) = profiles::group_can_change(&profile.path) {
+            from = format!("{from}; {warning}");
+        }
+        lines.push(("profile", profile.name.clone(), from));
     }
     lines.push((
         "base_url",

@@ -19,7 +19,7 @@ use crate::commands::credentials::configured_token;
 use crate::commands::input::unix_time_now;
 use crate::commands::print_line;
 use crate::exit::{self, usage};
-use crate::profiles::{Origin, readable_by_others};
+use crate::profiles::{Origin, group_can_change, readable_by_others};
 use crate::retry::RetryPolicy;
 use fly_state::{BotIdentity, PollState, RedisStore, SqliteStore, StateLocation, Store};
 
@@ -71,7 +71,12 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
     let mut report = Report::default();
     if let Some(profile) = &args.origins.profile {
         let detail = format!("{} (from {})", profile.name, profile.path.display());
-        report.line(Status::Ok, "profile", &detail)?;
+        match group_can_change(&profile.path) {
+            Some(warning) => {
+                report.line(Status::Warn, "profile", &format!("{detail}: {warning}"))?
+            }
+            None => report.line(Status::Ok, "profile", &detail)?,
+        }
     }
 
     let base_url = match check_base_url(&api.base_url) {

@@ -412,18 +412,25 @@ fn mistakes_in_the_config_file_are_exit_2_naming_the_file_and_line() {
 }
 
 #[test]
-fn a_config_file_others_can_change_is_refused() {
+fn a_config_file_others_can_change_is_refused_and_a_group_writable_one_warned_of() {
     let config = ConfigHome::with("[profiles.dev]\nbase_url = \"http://127.0.0.1:1\"\n");
-    std::fs::set_permissions(config.path(), std::fs::Permissions::from_mode(0o664)).unwrap();
+    std::fs::set_permissions(config.path(), std::fs::Permissions::from_mode(0o666)).unwrap();
     let (code, _, stderr) = run(config.fly().args(["config", "list"]));
     assert_eq!(code, Some(2), "{stderr}");
     assert!(
-        stderr.contains("can be changed by other users (mode 0664)"),
+        stderr.contains("can be changed by any user (mode 0666)"),
         "{stderr}"
     );
     assert!(stderr.contains("chmod go-w"), "{stderr}");
+    // Group-writable (umask 002, a group per user): used, with a warning
+    // where the set-up is looked at.
+    std::fs::set_permissions(config.path(), std::fs::Permissions::from_mode(0o664)).unwrap();
+    let (code, report, stderr) = run(config.fly().args(["config", "show", "dev"]));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(shown(&report, "profile").contains("chmod g-w"), "{report}");
     // Readable by others is fine: it holds paths, not secrets.
     std::fs::set_permissions(config.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
-    let (code, _, stderr) = run(config.fly().args(["config", "list"]));
+    let (code, report, stderr) = run(config.fly().args(["config", "show", "dev"]));
     assert_eq!(code, Some(0), "{stderr}");
+    assert!(!report.contains("chmod"), "{report}");
 }
