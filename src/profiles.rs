@@ -220,6 +220,9 @@ fn no_such_profile(file: &ConfigFile, name: &str) -> ConfigError {
 /// Reads and checks the whole file: every profile, so a mistake is found
 /// the first time the file is used, not the day that profile is.
 pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
+    // Absolute, so the file's directory (where its relative paths start) is
+    // the same from any working directory; symlinks are kept, as written.
+    let path = &std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let shown = path.display();
     let text = read_config(path)?;
     let shape: FileShape = toml::from_str(&text).map_err(|error| {
