@@ -21,7 +21,8 @@ pub use fly_state::StateLocation;
 
 /// Every tool of the Fly Bot API examples page in one binary.
 ///
-/// Configuration comes from flags, else environment variables, else defaults.
+/// Configuration comes from flags, else environment variables, else the
+/// profile in use (`fly config --help`), else defaults.
 /// Data goes to stdout; logs, progress and errors go to stderr.
 /// Exit codes: 0 success, 1 the operation failed, 2 bad usage or bad input.
 #[derive(Debug, Parser)]
