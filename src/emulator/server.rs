@@ -259,9 +259,69 @@ async fn updates(shared: &Shared, body: &Value) -> HttpResponse {
 }
 
 fn send(shared: &Shared, body: &JsonBody) -> HttpResponse {
-    match SendCall::parse(&body.value) {
-        Ok(request) => ok_envelope(shared.lock().record_send(&request, &body.text)),
-        Err(invalid) => invalid_request(invalid),
+    let request = match SendCall::parse(&body.value) {
+        Ok(request) => request,
+        Err(invalid) => return invalid_request(invalid),
+    };
+    let (result, recorded) = {
+        let mut state = shared.lock();
+        let before = state.sent().len();
+        let result = state.record_send(&request, &body.text);
+        (result, state.sent().len() > before)
+    };
+    if recorded {
+        log_sent(&request, &body.value);
+        shared.wake_sent_followers();
+    } else {
+        tracing::debug!(
+            client_msg_id = request.client_msg_id.as_deref().unwrap_or("-"),
+            "a repeated client_msg_id: answered with the first result, not recorded again"
+        );
+    }
+    ok_envelope(result)
+}
+
+/// One INFO line per message the bot sent: where it went, its type, its
+/// text (or media URL) and its `client_msg_id`, the values escaped as every
+/// logged value is (the text is quoted).
+fn log_sent(request: &SendCall, body: &Value) {
+    let chat = match &request.target {
+        Value::String(id) => id.clone(),
+        other => other.to_string(),
+    };
+    let data = &body["data"];
+    let content = match request.msg_type.as_str() {
+        "text" => data.get("content"),
+        _ => ["originalUrl", "url", "videoUrl"]
+            .iter()
+            .find_map(|key| data.get(*key)),
+    };
+    let content = match content {
+        Some(Value::String(text)) => text.clone(),
+        Some(other) => other.to_string(),
+        None => data.to_string(),
+    };
+    let chat_field = request.target_field;
+    let msg_type = request.msg_type.as_str();
+    let client_msg_id = request.client_msg_id.as_deref().unwrap_or("-");
+    if msg_type == "text" {
+        tracing::info!(
+            chat = chat.as_str(),
+            chat_field,
+            msg_type,
+            client_msg_id,
+            text = content.as_str(),
+            "bot sent"
+        );
+    } else {
+        tracing::info!(
+            chat = chat.as_str(),
+            chat_field,
+            msg_type,
+            client_msg_id,
+            url = content.as_str(),
+            "bot sent"
+        );
     }
 }
 
