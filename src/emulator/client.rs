@@ -1,6 +1,7 @@
 //! The control API (`/_emulator/*`) from the client side, over real HTTP as
 //! any script would use it: `fly emulator say` and `fly demo` play the users
-//! through it.
+//! through it, `fly emulator sent` reads what the bot sent, `webhook` and
+//! `media` set the emulator up.
 //!
 //! No retries: the emulator is a local process that either runs or does not,
 //! and "is it started?" is the answer a user needs at once.

@@ -13,7 +13,7 @@
 //! bodies, `server` routes and answers the bot API, `control` the control API,
 //! `media` streams downloads, `faults` decides injected failures, `webhook`
 //! delivers signed updates, and `client` is the control API's client side
-//! (`fly emulator say`, `fly demo`).
+//! (`fly emulator say`, `sent`, `webhook`, `media`, and `fly demo`).
 
 mod client;
 mod control;

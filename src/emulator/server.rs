@@ -223,7 +223,7 @@ fn polling_refused() -> HttpResponse {
         StatusCode::CONFLICT,
         1,
         "polling is refused while a webhook is set: updates go to the webhook; \
-         turn it off with POST /_emulator/webhook {\"url\":null}",
+         turn it off with `fly emulator webhook unset`",
     )
 }
 
