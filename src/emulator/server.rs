@@ -301,6 +301,7 @@ fn log_sent(request: &SendCall, body: &Value) {
         Some(other) => other.to_string(),
         None => data.to_string(),
     };
+    let content = cut_for_the_log(content);
     let chat_field = request.target_field;
     let msg_type = request.msg_type.as_str();
     let client_msg_id = request.client_msg_id.as_deref().unwrap_or("-");
@@ -323,6 +324,23 @@ fn log_sent(request: &SendCall, body: &Value) {
             "bot sent"
         );
     }
+}
+
+/// A sent text may be up to a megabyte: the log keeps its start.
+const MAX_LOGGED_TEXT_BYTES: usize = 2048;
+
+fn cut_for_the_log(mut text: String) -> String {
+    if text.len() <= MAX_LOGGED_TEXT_BYTES {
+        return text;
+    }
+    let mut end = MAX_LOGGED_TEXT_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let more = text.len() - end;
+    text.truncate(end);
+    text.push_str(&format!("… ({more} more bytes)"));
+    text
 }
 
 fn batch_access(shared: &Shared, body: &Value, public_base: &str) -> HttpResponse {
@@ -452,4 +470,21 @@ fn injected_error(injected: InjectedError, retry_after: u64) -> HttpResponse {
         .headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_texts_are_cut_for_the_log() {
+        assert_eq!(cut_for_the_log("short".into()), "short");
+        let long = "é".repeat(MAX_LOGGED_TEXT_BYTES);
+        let cut = cut_for_the_log(long);
+        assert!(cut.starts_with(&"é".repeat(MAX_LOGGED_TEXT_BYTES / 2)));
+        assert!(
+            cut.ends_with(&format!("… ({} more bytes)", MAX_LOGGED_TEXT_BYTES)),
+            "{cut}"
+        );
+    }
 }
