@@ -446,7 +446,9 @@ pub enum Command {
     /// time in milliseconds, so a restarted emulator's ids are above the last
     /// run's and a poller's saved offset never hides new messages. While a
     /// webhook is set, the updates call answers 409 (polling is refused).
-    /// `fly emulator say` sends it a user message from another terminal.
+    /// From another terminal, `fly emulator say` sends it a user message,
+    /// `fly emulator sent` shows what the bot sent, `fly emulator webhook`
+    /// and `fly emulator media` set it up.
     Emulator(EmulatorArgs),
     /// Play a short conversation through poll-echo against an in-process emulator.
     Demo(DemoArgs),
@@ -1212,6 +1214,8 @@ fn parse_seconds(text: &str, least_text: &str, least: f64) -> Result<Duration, B
         "fly emulator --port 0 --token dev",
         "# A user says hi, for the bot to answer (from another terminal)",
         "fly emulator say --chat u_1 hi",
+        "# What the bot sent, as it sends it",
+        "fly emulator sent --follow",
     ])
 )]
 pub struct EmulatorArgs {
@@ -1243,21 +1247,19 @@ pub struct EmulatorArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum EmulatorAction {
-    /// Send a user message to a running emulator; prints its update id.
+    /// Send a user message (or a callback query) to a running emulator; prints its update id.
     Say(EmulatorSayArgs),
+    /// What the bot sent to a running emulator, one message a line.
+    Sent(EmulatorSentArgs),
+    /// Deliver updates to a webhook receiver instead of queueing them for polling.
+    Webhook(EmulatorWebhookArgs),
+    /// Media files the bot can download through batch_access.
+    Media(EmulatorMediaArgs),
 }
 
-#[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("chat_target").required(true).args(["chat", "group"])))]
-#[command(group(clap::ArgGroup::new("content").required(true).args(["text", "image"])))]
-#[command(after_help = examples(&[
-    "# A user writes to the bot in a private chat, then in a group",
-    "fly emulator say --chat u_1 hello",
-    "fly emulator say --group g_1 hi",
-    "# An image message, to an emulator on another port",
-    "fly emulator say --chat u_1 --image https://cdn.example/cat.png --base-url http://127.0.0.1:9000",
-]))]
-pub struct EmulatorSayArgs {
+/// How the `fly emulator` subcommands reach a running emulator, and how they answer.
+#[derive(Debug, Clone, Args)]
+pub struct EmulatorClientArgs {
     /// Base URL of the running emulator.
     #[arg(
         long,
@@ -1267,6 +1269,27 @@ pub struct EmulatorSayArgs {
         value_name = "URL"
     )]
     pub base_url: String,
+
+    /// Answer in JSON (one object per line) for scripts, instead of text for people.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("chat_target").required(true).args(["chat", "group"])))]
+#[command(group(clap::ArgGroup::new("content").required(true).args(["text", "image", "callback"])))]
+#[command(after_help = examples(&[
+    "# A user writes to the bot in a private chat, then in a group",
+    "fly emulator say --chat u_1 hello",
+    "fly emulator say --group g_1 hi",
+    "# An image message, to an emulator on another port",
+    "fly emulator say --chat u_1 --image https://cdn.example/cat.png --base-url http://127.0.0.1:9000",
+    "# The user presses a button: a callback_query update with this data",
+    "fly emulator say --chat u_1 --callback vote:yes",
+]))]
+pub struct EmulatorSayArgs {
+    #[command(flatten)]
+    pub client: EmulatorClientArgs,
 
     /// The user who writes, in a private chat with the bot (the chat id).
     #[arg(long, value_name = "ID")]
@@ -1283,6 +1306,137 @@ pub struct EmulatorSayArgs {
     /// Send an image message with this URL (originalUrl) instead of text.
     #[arg(long, value_name = "URL")]
     pub image: Option<String>,
+
+    /// Send a callback_query update (a button pressed) carrying DATA instead of a message.
+    #[arg(long, value_name = "DATA")]
+    pub callback: Option<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = examples(&[
+    "# Everything the bot sent so far: chat, type, text or media URL, client_msg_id",
+    "fly emulator sent",
+    "# The same, then each new message as the bot sends it, until Ctrl-C",
+    "fly emulator sent --follow",
+    "# The send request bodies, one JSON object a line, for jq",
+    "fly emulator sent --json | jq -r .data.content",
+]))]
+pub struct EmulatorSentArgs {
+    #[command(flatten)]
+    pub client: EmulatorClientArgs,
+
+    /// Keep printing new messages as the bot sends them, until SIGINT/SIGTERM.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = examples(&[
+    "# Deliver updates to a receiver (fly serve-webhook), signed with the secret in a file",
+    "fly emulator webhook set http://127.0.0.1:8080/webhook --secret-file secret.txt",
+    "# Where deliveries go and how each one went",
+    "fly emulator webhook status",
+    "# Back to polling",
+    "fly emulator webhook unset",
+]))]
+pub struct EmulatorWebhookArgs {
+    #[command(subcommand)]
+    pub action: EmulatorWebhookAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EmulatorWebhookAction {
+    /// Deliver each update to URL as a signed update, retrying until it answers 2xx.
+    ///
+    /// The secret comes from --secret-file, else FLY_WEBHOOK_SECRET, else the
+    /// emulator derives it from its --token (sha256 hex), as the platform does.
+    /// Updates waiting for a poller go to the webhook too; polling is refused
+    /// (409) while it is set.
+    Set(EmulatorWebhookSetArgs),
+    /// Stop delivering: undelivered updates go back to polling.
+    Unset(EmulatorWebhookStatusArgs),
+    /// Where deliveries go, and each delivery's update id, HTTP status (or error) and attempts.
+    ///
+    /// The secret is never shown. The last 1000 deliveries are kept.
+    Status(EmulatorWebhookStatusArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = examples(&[
+    "# Signed with the sha256 of the emulator's --token (the platform's default)",
+    "fly emulator webhook set http://127.0.0.1:8080/webhook",
+    "# A secret of your own, and the bot id the receiver expects",
+    "fly emulator webhook set http://127.0.0.1:8080/webhook --secret-file secret.txt --bot-id 42",
+]))]
+pub struct EmulatorWebhookSetArgs {
+    #[command(flatten)]
+    pub client: EmulatorClientArgs,
+
+    /// The receiver's URL (http:// or https://).
+    #[arg(value_name = "URL")]
+    pub url: String,
+
+    /// Sign deliveries with the secret in this file (surrounding whitespace
+    /// is ignored); else FLY_WEBHOOK_SECRET, else the emulator's default.
+    #[arg(long, value_name = "PATH")]
+    pub secret_file: Option<PathBuf>,
+
+    /// The bot id the deliveries carry and are signed with (default: bot_emulator).
+    #[arg(long, value_name = "ID")]
+    pub bot_id: Option<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = examples(&[
+    "fly emulator webhook status",
+    "fly emulator webhook unset",
+    "# For a script",
+    "fly emulator webhook status --json",
+]))]
+pub struct EmulatorWebhookStatusArgs {
+    #[command(flatten)]
+    pub client: EmulatorClientArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = examples(&[
+    "# 48000 bytes the bot can download from this URL (byte i is i % 251)",
+    "fly emulator media add https://cdn.example/a/photo.jpg --size 48000",
+    "# A real file's bytes",
+    "fly emulator media add https://cdn.example/a/cat.png --file cat.png",
+]))]
+pub struct EmulatorMediaArgs {
+    #[command(subcommand)]
+    pub action: EmulatorMediaAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EmulatorMediaAction {
+    /// Make URL downloadable through batch_access (files up to 48 MiB).
+    Add(EmulatorMediaAddArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("media_content").required(true).args(["size", "file"])))]
+#[command(after_help = examples(&[
+    "fly emulator media add https://cdn.example/a/photo.jpg --size 48000",
+    "fly emulator media add https://cdn.example/a/cat.png --file cat.png",
+]))]
+pub struct EmulatorMediaAddArgs {
+    #[command(flatten)]
+    pub client: EmulatorClientArgs,
+
+    /// The media URL, as it appears in a message's data (originalUrl, url, videoUrl).
+    #[arg(value_name = "URL")]
+    pub url: String,
+
+    /// Serve this many bytes of a fixed pattern (byte i is i % 251), never held in memory.
+    #[arg(long, value_name = "BYTES")]
+    pub size: Option<u64>,
+
+    /// Serve the bytes of this file.
+    #[arg(long, value_name = "PATH")]
+    pub file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

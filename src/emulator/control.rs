@@ -3,13 +3,15 @@
 //! what the bot sent. Answers are plain JSON (no envelope); refusals use the
 //! same `{"code","msg"}` shape as the bot API.
 
+use std::time::Duration;
+
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 use serde_json::{Value, json};
 
 use super::Shared;
 use super::faults::FaultConfig;
-use super::platform::WebhookTarget;
+use super::platform::{Platform, WebhookTarget};
 use super::requests::{self, Invalid, MediaRequest, WebhookRequest};
 use super::wire::{
     HttpResponse, JsonBody, error_response, invalid_request, json_response, json_text_response,
@@ -63,17 +65,10 @@ pub async fn handle(shared: &Shared, path: &str, request: Request<Incoming>) -> 
         return match call {
             // The bodies as the bot sent them, byte for byte; and how many
             // send requests came, repeats of a client_msg_id included.
-            Call::Sent => {
-                let state = shared.lock();
-                json_text_response(
-                    StatusCode::OK,
-                    format!(
-                        "{{\"sent\":[{}],\"attempts\":{}}}",
-                        state.sent().join(","),
-                        state.send_attempts()
-                    ),
-                )
-            }
+            Call::Sent => match SentQuery::parse(request.uri().query()) {
+                Ok(query) => sent(shared, query).await,
+                Err(invalid) => invalid_request(invalid),
+            },
             Call::Webhook => answer(shared.lock().webhook_report()),
             Call::Faults => answer(json!(shared.lock().faults)),
             _ => method_not_allowed(call.allowed_methods()),
@@ -90,6 +85,103 @@ pub async fn handle(shared: &Shared, path: &str, request: Request<Incoming>) -> 
     match read_json(request, MAX_CONTROL_BODY).await {
         Ok(body) => post(shared, body).unwrap_or_else(invalid_request),
         Err(refused) => refused.into_response(),
+    }
+}
+
+/// `GET /_emulator/sent`: every send body as the bot sent it, byte for
+/// byte, and how many send requests came, repeats of a client_msg_id
+/// included. With `after=N`, only the bodies after the first N, and `next`
+/// (the count to ask `after` next time); with `wait=SECS` too, the answer
+/// waits until there is one, or until SECS pass (a long poll, as the
+/// updates call does).
+async fn sent(shared: &Shared, query: SentQuery) -> HttpResponse {
+    let Some(after) = query.after else {
+        let state = shared.lock();
+        return json_text_response(
+            StatusCode::OK,
+            format!(
+                "{{\"sent\":[{}],\"attempts\":{}}}",
+                state.sent().join(","),
+                state.send_attempts()
+            ),
+        );
+    };
+    let after = usize::try_from(after).unwrap_or(usize::MAX);
+    let deadline = tokio::time::Instant::now() + query.wait;
+    // Subscribed before looking, so a send recorded in between still wakes us.
+    let mut arrivals = shared.sent_arrivals.subscribe();
+    loop {
+        {
+            let state = shared.lock();
+            let sent = state.sent();
+            if after < sent.len() || query.wait.is_zero() {
+                return sent_after(&state, after);
+            }
+        }
+        match tokio::time::timeout_at(deadline, arrivals.changed()).await {
+            Ok(Ok(())) => continue,
+            // Timed out (or the emulator is going away): nothing new.
+            Ok(Err(_)) | Err(_) => return sent_after(&shared.lock(), after),
+        }
+    }
+}
+
+/// The bodies after the first `after`, and the count to ask after next time.
+fn sent_after(state: &Platform, after: usize) -> HttpResponse {
+    let sent = state.sent();
+    let from = after.min(sent.len());
+    json_text_response(
+        StatusCode::OK,
+        format!(
+            "{{\"sent\":[{}],\"attempts\":{},\"next\":{}}}",
+            sent[from..].join(","),
+            state.send_attempts(),
+            sent.len()
+        ),
+    )
+}
+
+/// The query of `GET /_emulator/sent`.
+#[derive(Debug, PartialEq)]
+struct SentQuery {
+    after: Option<u64>,
+    wait: Duration,
+}
+
+impl SentQuery {
+    fn parse(query: Option<&str>) -> Result<SentQuery, Invalid> {
+        let mut parsed = SentQuery {
+            after: None,
+            wait: Duration::ZERO,
+        };
+        for pair in query
+            .unwrap_or("")
+            .split('&')
+            .filter(|pair| !pair.is_empty())
+        {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match name {
+                "after" => {
+                    let after = value
+                        .parse::<u64>()
+                        .map_err(|_| "after must be a non-negative integer")?;
+                    parsed.after = Some(after);
+                }
+                "wait" => match value.parse::<f64>() {
+                    Ok(seconds) if seconds >= 0.0 && seconds.is_finite() => {
+                        parsed.wait = Duration::from_secs_f64(
+                            seconds.min(requests::MAX_POLL_TIMEOUT.as_secs_f64()),
+                        );
+                    }
+                    _ => return Err("wait must be a non-negative number of seconds".into()),
+                },
+                _ => return Err(format!("unknown parameter {name:?}: use after and wait").into()),
+            }
+        }
+        if parsed.after.is_none() && !parsed.wait.is_zero() {
+            return Err("wait needs after=N (the bodies already seen)".into());
+        }
+        Ok(parsed)
     }
 }
 
@@ -155,4 +247,42 @@ fn post_faults(shared: &Shared, body: JsonBody) -> Result<HttpResponse, Invalid>
 
 fn answer(value: Value) -> HttpResponse {
     json_response(StatusCode::OK, &value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sent_queries() {
+        assert_eq!(
+            SentQuery::parse(None).unwrap(),
+            SentQuery {
+                after: None,
+                wait: Duration::ZERO
+            }
+        );
+        assert_eq!(
+            SentQuery::parse(Some("after=3&wait=2.5")).unwrap(),
+            SentQuery {
+                after: Some(3),
+                wait: Duration::from_millis(2500)
+            }
+        );
+        assert_eq!(
+            SentQuery::parse(Some("after=0&wait=1e9")).unwrap().wait,
+            requests::MAX_POLL_TIMEOUT
+        );
+        for (query, named) in [
+            ("after=-1", "after"),
+            ("after=x", "after"),
+            ("after=1&wait=-1", "wait"),
+            ("after=1&wait=NaN", "wait"),
+            ("wait=1", "after=N"),
+            ("since=1", "unknown"),
+        ] {
+            let message = SentQuery::parse(Some(query)).unwrap_err().0;
+            assert!(message.contains(named), "{query}: {message}");
+        }
+    }
 }

@@ -13,7 +13,7 @@
 //! bodies, `server` routes and answers the bot API, `control` the control API,
 //! `media` streams downloads, `faults` decides injected failures, `webhook`
 //! delivers signed updates, and `client` is the control API's client side
-//! (`fly emulator say`, `fly demo`).
+//! (`fly emulator say`, `sent`, `webhook`, `media`, and `fly demo`).
 
 mod client;
 mod control;
@@ -35,7 +35,7 @@ use anyhow::Context;
 use crate::shutdown::{Shutdown, Stage};
 use tokio::sync::{oneshot, watch};
 
-pub use client::{ControlClient, NoEmulator};
+pub use client::{ControlClient, NoEmulator, SentMessage};
 use platform::{Platform, Routed, WebhookTarget};
 
 /// Where `fly emulator` listens unless told otherwise.
@@ -86,6 +86,7 @@ impl Emulator {
             token: config.token,
             base_url: base_url.clone(),
             update_arrivals: watch::channel(0).0,
+            sent_arrivals: watch::channel(0).0,
             webhook_wake,
             stopping: AtomicBool::new(false),
         });
@@ -169,7 +170,9 @@ pub fn run_until_signal(config: EmulatorConfig) -> anyhow::Result<()> {
     );
 
     shutdown.wait_for(Stage::Requested, None);
+    let sent = emulator.shared.lock().sent().len();
     emulator.shutdown();
+    tracing::info!(sent, "stopped");
     Ok(())
 }
 
@@ -180,6 +183,9 @@ struct Shared {
     base_url: String,
     /// Bumped whenever updates become available for polling; long polls wait on it.
     update_arrivals: watch::Sender<u64>,
+    /// Bumped whenever the bot's send is recorded; `GET /_emulator/sent?wait=`
+    /// waits on it.
+    sent_arrivals: watch::Sender<u64>,
     /// Tells the webhook worker to look at the state again.
     webhook_wake: mpsc::Sender<()>,
     stopping: AtomicBool,
@@ -209,6 +215,12 @@ impl Shared {
         if pollers_concerned {
             self.wake_pollers();
         }
+    }
+
+    /// The bot's send was recorded: `GET /_emulator/sent?wait=` answers.
+    fn wake_sent_followers(&self) {
+        self.sent_arrivals
+            .send_modify(|arrivals| *arrivals = arrivals.wrapping_add(1));
     }
 
     fn wake_pollers(&self) {

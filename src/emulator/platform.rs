@@ -16,6 +16,10 @@ use super::faults::FaultConfig;
 use super::media_content::MediaContent;
 use super::requests::SendCall;
 
+/// `GET /_emulator/webhook` shows the outcomes of this many deliveries, the
+/// latest ones: a long run must not grow without bound.
+pub const DELIVERY_RECORDS_KEPT: usize = 1000;
+
 /// Expired access grants are remembered this long so that a late download
 /// gets 403 ("expired") rather than 404 ("never existed").
 const EXPIRED_GRANT_MEMORY: Duration = Duration::from_secs(3600);
@@ -38,14 +42,20 @@ pub struct PendingDelivery {
     pub nonce: String,
     /// Failed attempts so far.
     pub failed_attempts: u32,
+    /// Why the last attempt failed, while it is retried.
+    pub last_error: Option<String>,
 }
 
 /// The outcome of one update's delivery, for `GET /_emulator/webhook`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DeliveryRecord {
     pub update_id: u64,
+    /// The receiver's answer; 0 when the delivery was given up (see `error`).
     pub status: u16,
     pub attempts: u32,
+    /// Why the delivery was given up, when it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The webhook worker's next job.
@@ -86,7 +96,8 @@ pub struct Platform {
     webhook: Option<WebhookTarget>,
     webhook_generation: u64,
     webhook_queue: VecDeque<PendingDelivery>,
-    delivered: Vec<DeliveryRecord>,
+    /// The last [`DELIVERY_RECORDS_KEPT`] finished deliveries, oldest first.
+    delivered: VecDeque<DeliveryRecord>,
     /// Accepted send bodies, as the bot sent them.
     sent: Vec<String>,
     /// Send requests received, each retry and repeat included, accepted or not.
@@ -107,7 +118,7 @@ impl Platform {
             webhook: None,
             webhook_generation: 0,
             webhook_queue: VecDeque::new(),
-            delivered: Vec::new(),
+            delivered: VecDeque::new(),
             sent: Vec::new(),
             send_attempts: 0,
             send_results: HashMap::new(),
@@ -132,6 +143,7 @@ impl Platform {
                 update,
                 nonce,
                 failed_attempts: 0,
+                last_error: None,
             });
             (update_id, Routed::Webhook)
         } else {
@@ -261,6 +273,7 @@ impl Platform {
                     update,
                     nonce: new_nonce(),
                     failed_attempts: 0,
+                    last_error: None,
                 });
             }
             return !was_set;
@@ -288,12 +301,14 @@ impl Platform {
         })
     }
 
-    /// Counts a failed attempt; returns the failures so far (0 if the update
-    /// is no longer waiting, e.g. webhook mode was turned off meanwhile).
-    pub fn note_failed_delivery(&mut self, update_id: u64) -> u32 {
+    /// Counts a failed attempt and why it failed; returns the failures so
+    /// far (0 if the update is no longer waiting, e.g. webhook mode was
+    /// turned off meanwhile).
+    pub fn note_failed_delivery(&mut self, update_id: u64, reason: &str) -> u32 {
         match self.webhook_queue.front_mut() {
             Some(front) if front.update_id == update_id => {
                 front.failed_attempts += 1;
+                front.last_error = Some(reason.to_string());
                 front.failed_attempts
             }
             _ => 0,
@@ -302,8 +317,8 @@ impl Platform {
 
     /// Records a finished delivery (with the attempts it took, counted by
     /// [`note_failed_delivery`](Self::note_failed_delivery)) and moves on to
-    /// the next update.
-    pub fn finish_delivery(&mut self, update_id: u64, status: u16) {
+    /// the next update. `error` says why a delivery was given up.
+    pub fn finish_delivery(&mut self, update_id: u64, status: u16, error: Option<String>) {
         let attempts = match self.webhook_queue.front() {
             Some(front) if front.update_id == update_id => {
                 let attempts = front.failed_attempts + 1;
@@ -314,21 +329,40 @@ impl Platform {
             // counts with it: this attempt is the one known.
             _ => 1,
         };
-        self.delivered.push(DeliveryRecord {
+        if self.delivered.len() == DELIVERY_RECORDS_KEPT {
+            self.delivered.pop_front();
+        }
+        self.delivered.push_back(DeliveryRecord {
             update_id,
             status,
             attempts,
+            error,
         });
     }
 
-    /// `GET /_emulator/webhook`. The secret is not shown: by default it is
-    /// derived from the bot token.
+    /// `GET /_emulator/webhook`: where deliveries go, the outcome of the
+    /// last [`DELIVERY_RECORDS_KEPT`] ones, and the one being retried (its
+    /// failed attempts so far and the last error). The secret is not shown:
+    /// by default it is derived from the bot token.
     pub fn webhook_report(&self) -> Value {
+        let retrying = self
+            .webhook
+            .as_ref()
+            .and_then(|_| self.webhook_queue.front())
+            .filter(|front| front.failed_attempts > 0)
+            .map(|front| {
+                json!({
+                    "update_id": front.update_id,
+                    "attempts": front.failed_attempts,
+                    "error": front.last_error,
+                })
+            });
         json!({
             "url": self.webhook.as_ref().map(|target| target.url.as_str()),
             "bot_id": self.webhook.as_ref().map(|target| target.bot_id.as_str()),
             "delivered": self.delivered,
             "pending": self.webhook_queue.len(),
+            "retrying": retrying,
         })
     }
 }
@@ -507,7 +541,7 @@ mod tests {
             (job.delivery.update_id, job.delivery.nonce.as_str()),
             (1, "n1")
         );
-        state.finish_delivery(1, 200);
+        state.finish_delivery(1, 200, None);
 
         let job = state.next_delivery().unwrap();
         assert_eq!(
@@ -515,9 +549,13 @@ mod tests {
             (2, "n2")
         );
         assert_eq!(job.target, webhook());
-        assert_eq!(state.note_failed_delivery(2), 1);
-        assert_eq!(state.note_failed_delivery(2), 2);
-        state.finish_delivery(2, 200);
+        assert_eq!(state.note_failed_delivery(2, "HTTP 500"), 1);
+        assert_eq!(
+            state.webhook_report()["retrying"],
+            json!({"update_id": 2, "attempts": 1, "error": "HTTP 500"})
+        );
+        assert_eq!(state.note_failed_delivery(2, "HTTP 502"), 2);
+        state.finish_delivery(2, 200, None);
         assert_eq!(state.next_delivery().unwrap().delivery.update_id, 3);
         let report = state.webhook_report();
         assert_eq!(report["pending"], 1);
@@ -543,7 +581,7 @@ mod tests {
         assert!(!state.webhook_is_set());
         assert_ne!(state.webhook_generation(), generation);
         assert!(state.next_delivery().is_none());
-        assert_eq!(state.note_failed_delivery(1), 0);
+        assert_eq!(state.note_failed_delivery(1, "x"), 0);
         assert_eq!(ids(&state.take_updates(0, 100)), [1, 2]);
         assert_eq!(
             state.push_update(&message("c"), String::new()),
@@ -551,6 +589,23 @@ mod tests {
         );
         assert!(!state.set_webhook(None, String::new));
         assert_eq!(state.webhook_report()["url"], Value::Null);
+    }
+
+    #[test]
+    fn only_the_latest_delivery_records_are_kept() {
+        let mut state = Platform::new(1);
+        state.set_webhook(Some(webhook()), String::new);
+        let total = DELIVERY_RECORDS_KEPT as u64 + 5;
+        for update_id in 1..=total {
+            state.push_update(&message("a"), String::new());
+            state.finish_delivery(update_id, 200, None);
+        }
+        let report = state.webhook_report();
+        let delivered = report["delivered"].as_array().unwrap();
+        assert_eq!(delivered.len(), DELIVERY_RECORDS_KEPT);
+        assert_eq!(delivered[0]["update_id"], 6);
+        assert_eq!(delivered.last().unwrap()["update_id"], total);
+        assert_eq!(report["retrying"], Value::Null);
     }
 
     #[test]

@@ -223,7 +223,7 @@ fn polling_refused() -> HttpResponse {
         StatusCode::CONFLICT,
         1,
         "polling is refused while a webhook is set: updates go to the webhook; \
-         turn it off with POST /_emulator/webhook {\"url\":null}",
+         turn it off with `fly emulator webhook unset`",
     )
 }
 
@@ -259,10 +259,88 @@ async fn updates(shared: &Shared, body: &Value) -> HttpResponse {
 }
 
 fn send(shared: &Shared, body: &JsonBody) -> HttpResponse {
-    match SendCall::parse(&body.value) {
-        Ok(request) => ok_envelope(shared.lock().record_send(&request, &body.text)),
-        Err(invalid) => invalid_request(invalid),
+    let request = match SendCall::parse(&body.value) {
+        Ok(request) => request,
+        Err(invalid) => return invalid_request(invalid),
+    };
+    let (result, recorded) = {
+        let mut state = shared.lock();
+        let before = state.sent().len();
+        let result = state.record_send(&request, &body.text);
+        (result, state.sent().len() > before)
+    };
+    if recorded {
+        log_sent(&request, &body.value);
+        shared.wake_sent_followers();
+    } else {
+        tracing::debug!(
+            client_msg_id = request.client_msg_id.as_deref().unwrap_or("-"),
+            "a repeated client_msg_id: answered with the first result, not recorded again"
+        );
     }
+    ok_envelope(result)
+}
+
+/// One INFO line per message the bot sent: where it went, its type, its
+/// text (or media URL) and its `client_msg_id`, the values escaped as every
+/// logged value is (the text is quoted).
+fn log_sent(request: &SendCall, body: &Value) {
+    let chat = match &request.target {
+        Value::String(id) => id.clone(),
+        other => other.to_string(),
+    };
+    let data = &body["data"];
+    let content = match request.msg_type.as_str() {
+        "text" => data.get("content"),
+        _ => ["originalUrl", "url", "videoUrl"]
+            .iter()
+            .find_map(|key| data.get(*key)),
+    };
+    let content = match content {
+        Some(Value::String(text)) => text.clone(),
+        Some(other) => other.to_string(),
+        None => data.to_string(),
+    };
+    let content = cut_for_the_log(content);
+    let chat_field = request.target_field;
+    let msg_type = request.msg_type.as_str();
+    let client_msg_id = request.client_msg_id.as_deref().unwrap_or("-");
+    if msg_type == "text" {
+        tracing::info!(
+            chat = chat.as_str(),
+            chat_field,
+            msg_type,
+            client_msg_id,
+            text = content.as_str(),
+            "bot sent"
+        );
+    } else {
+        tracing::info!(
+            chat = chat.as_str(),
+            chat_field,
+            msg_type,
+            client_msg_id,
+            url = content.as_str(),
+            "bot sent"
+        );
+    }
+}
+
+/// A sent text may be up to a megabyte: the log keeps its start.
+const MAX_LOGGED_TEXT_BYTES: usize = 2048;
+
+fn cut_for_the_log(mut text: String) -> String {
+    if text.len() <= MAX_LOGGED_TEXT_BYTES {
+        return text;
+    }
+    let mut end = MAX_LOGGED_TEXT_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let more = text.len() - end;
+    text.truncate(end);
+    text.push_str(&format!("… ({more} more bytes)"));
+    text
 }
 
 fn batch_access(shared: &Shared, body: &Value, public_base: &str) -> HttpResponse {
@@ -392,4 +470,21 @@ fn injected_error(injected: InjectedError, retry_after: u64) -> HttpResponse {
         .headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_texts_are_cut_for_the_log() {
+        assert_eq!(cut_for_the_log("short".into()), "short");
+        let long = "é".repeat(MAX_LOGGED_TEXT_BYTES);
+        let cut = cut_for_the_log(long);
+        assert!(cut.starts_with(&"é".repeat(MAX_LOGGED_TEXT_BYTES / 2)));
+        assert!(
+            cut.ends_with(&format!("… ({} more bytes)", MAX_LOGGED_TEXT_BYTES)),
+            "{cut}"
+        );
+    }
 }

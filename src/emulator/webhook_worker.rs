@@ -69,7 +69,7 @@ fn deliver(shared: &Shared, wakeups: &Receiver<()>, deliverer: &Deliverer, job: 
     let outcome = REDELIVERY.run(
         |_| deliverer.attempt(&receiver, &job.delivery.update, &job.delivery.nonce),
         |_, reason, _| {
-            let failures = shared.lock().note_failed_delivery(update_id);
+            let failures = shared.lock().note_failed_delivery(update_id, reason);
             if failures == 1 {
                 tracing::warn!(
                     update_id,
@@ -85,12 +85,16 @@ fn deliver(shared: &Shared, wakeups: &Receiver<()>, deliverer: &Deliverer, job: 
     match outcome {
         Ok(status) => {
             tracing::debug!(update_id, status, "webhook delivered");
-            shared.lock().finish_delivery(update_id, status);
+            shared.lock().finish_delivery(update_id, status, None);
         }
         Err(GaveUp::Fatal(reason)) => {
             // Retrying cannot help, and the updates behind it must not wait forever.
             tracing::error!(update_id, "webhook delivery abandoned: {reason:#}");
-            shared.lock().finish_delivery(update_id, UNSIGNABLE_STATUS);
+            shared.lock().finish_delivery(
+                update_id,
+                UNSIGNABLE_STATUS,
+                Some(format!("{reason:#}")),
+            );
         }
         // Stopping, or a new configuration: the caller's loop decides.
         Err(GaveUp::Cancelled | GaveUp::Exhausted { .. }) => {}

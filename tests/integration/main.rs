@@ -8,6 +8,7 @@ mod common;
 mod demo;
 mod doctor;
 mod emulator;
+mod emulator_cli;
 mod exec;
 mod fetch_media;
 mod forward;
