@@ -13,6 +13,7 @@ use ureq::http::Response;
 
 use super::types::{PATH_BATCH_ACCESS, PATH_SEND, PATH_UPDATES, SendRequest, Unusable, Update};
 use super::{ApiError, Token};
+use crate::http_client::PlainHttp;
 use crate::observe::metrics;
 use crate::retry::{
     AttemptError, GaveUp, RetryPolicy, TransportFailure, attempts_text, classify_transport,
@@ -68,8 +69,6 @@ const MAX_DETAIL_CHARS: usize = 200;
 pub struct ApiClient {
     agent: Agent,
     base_url: String,
-    /// `host:port` of the base URL, for network errors.
-    host: String,
     token: Token,
     policy: RetryPolicy,
     /// Waits between retries end early when this is set (a service stopping).
@@ -82,7 +81,6 @@ impl ApiClient {
         let base_url = check_base_url(base_url)?;
         Ok(ApiClient {
             agent: new_agent(),
-            host: host_and_port(&base_url),
             base_url,
             token,
             policy,
@@ -272,7 +270,7 @@ impl ApiClient {
             Ok(response) => response,
             Err(error) => {
                 metrics().api_request(endpoint_label(path), 0, started.elapsed().as_secs_f64());
-                let failure = classify_transport_error(&self.host, path, error);
+                let failure = classify_transport_error(&self.base_url, path, error);
                 tracing::debug!(
                     ms = elapsed_ms(started),
                     "POST {path}: {}",
@@ -311,7 +309,7 @@ impl ApiClient {
         let text = response
             .body_mut()
             .read_to_string()
-            .map_err(|error| classify_transport_error(&self.host, path, error))?;
+            .map_err(|error| classify_transport_error(&self.base_url, path, error))?;
         let parsed = json::parse_located(&text, UPDATES_PATH).ok();
         let detail = self
             .token
@@ -548,10 +546,18 @@ fn failure_text(failure: &AttemptError<ApiError>) -> String {
 }
 
 /// Transport failures are transient unless the request itself can never
-/// work or the answer can never be read (see [`classify_transport`]).
-/// `host` is the server's `host:port`, which the description names.
-fn classify_transport_error(host: &str, path: &str, error: ureq::Error) -> AttemptError<ApiError> {
+/// work, the answer can never be read or the server does not speak TLS
+/// (see [`classify_transport`]). `base_url` is the server's, which the
+/// description names.
+fn classify_transport_error(
+    base_url: &str,
+    path: &str,
+    error: ureq::Error,
+) -> AttemptError<ApiError> {
     match classify_transport(&error) {
+        TransportFailure::PlainHttp => AttemptError::Fatal(ApiError::PlainHttp(PlainHttp {
+            url: base_url.to_string(),
+        })),
         TransportFailure::Unusable => AttemptError::Fatal(ApiError::Rejected {
             path: path.to_string(),
             status: 0,
@@ -562,7 +568,7 @@ fn classify_transport_error(host: &str, path: &str, error: ureq::Error) -> Attem
             detail: format!("malformed HTTP: {error}"),
         }),
         TransportFailure::Transient => AttemptError::Transient {
-            reason: describe_transport_error(host, &error),
+            reason: describe_transport_error(&host_and_port(base_url), &error),
             retry_after: None,
         },
     }
@@ -715,20 +721,20 @@ mod tests {
 
     #[test]
     fn transport_errors_are_transient_but_bad_requests_are_not() {
-        let transient = classify_transport_error("h:1", "/p", ureq::Error::ConnectionFailed);
+        let transient = classify_transport_error("http://h:1", "/p", ureq::Error::ConnectionFailed);
         assert!(matches!(transient, AttemptError::Transient { .. }));
         let io = ureq::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
         assert!(matches!(
-            classify_transport_error("h:1", "/p", io),
+            classify_transport_error("http://h:1", "/p", io),
             AttemptError::Transient { .. }
         ));
-        let fatal = classify_transport_error("h:1", "/p", ureq::Error::BadUri("x".into()));
+        let fatal = classify_transport_error("http://h:1", "/p", ureq::Error::BadUri("x".into()));
         assert!(matches!(
             fatal,
             AttemptError::Fatal(ApiError::Rejected { .. })
         ));
         let malformed =
-            classify_transport_error("h:1", "/p", ureq::Error::LargeResponseHeader(1, 1));
+            classify_transport_error("http://h:1", "/p", ureq::Error::LargeResponseHeader(1, 1));
         assert!(matches!(
             malformed,
             AttemptError::Fatal(ApiError::BadResponse { .. })

@@ -62,6 +62,10 @@ fn in_command_line_words(error: anyhow::Error) -> anyhow::Error {
         Hinted::bad_input(error, hint)
     } else if let Some(ApiError::TokenRefused { .. }) = cause::<ApiError>(&error) {
         Hinted::new(error, format!("; {TOKEN_HINT}"))
+    } else if let Some(ApiError::PlainHttp(_)) = cause::<ApiError>(&error) {
+        // Known only from the server's answer, as a refused connection is:
+        // a failure (exit 1), the option to change named.
+        Hinted::new(error, " (--base-url or FLY_BASE_URL)")
     } else if cause::<crate::emulator::NoEmulator>(&error).is_some() {
         Hinted::new(error, ", or point --base-url / FLY_BASE_URL at it")
     } else {
