@@ -38,6 +38,9 @@ struct Envelope<'t> {
     located: json::Located<'t>,
     /// The platform's clock: the answer's `Date` header, when it sent one.
     date: Option<SystemTime>,
+    status: u16,
+    /// ` (code X: msg)` or the like, for error lines.
+    detail: &'t str,
 }
 
 impl Envelope<'_> {
@@ -109,7 +112,38 @@ impl ApiClient {
 
     /// `POST {base}{path}` with a JSON body, with retries; `read` turns the
     /// answer's envelope into the result (an `Err` is a malformed answer).
+    /// Every call fly makes answers with data (the sent message, the
+    /// updates, the access URLs): a 2xx without it did not do what was asked.
     fn call<T>(
+        &self,
+        path: &str,
+        body: &str,
+        read_timeout: Duration,
+        read: impl Fn(&Envelope) -> Result<T, BadData>,
+    ) -> Result<T, ApiError> {
+        self.call_any(path, body, read_timeout, |envelope| {
+            if matches!(envelope.located.value.get("data"), None | Some(Value::Null)) {
+                return Err(BadData(format!(
+                    "HTTP {} without data{}",
+                    envelope.status, envelope.detail
+                )));
+            }
+            read(envelope)
+        })
+    }
+
+    /// Any path of the bot API (`fly api`): `POST {base}{path}` with `body`,
+    /// with the retries of every call. Returns the whole answer (its
+    /// envelope: `code`, `msg`, `data`) as one line of JSON; an envelope
+    /// that reports a failure is an error, as for every call.
+    pub fn call_path(&self, path: &str, body: &str) -> Result<String, ApiError> {
+        self.call_any(path, body, READ_TIMEOUT, |envelope| {
+            Ok(json::compact(envelope.text))
+        })
+    }
+
+    /// [`ApiClient::call`] without its demand for `data`.
+    fn call_any<T>(
         &self,
         path: &str,
         body: &str,
@@ -335,18 +369,12 @@ impl ApiClient {
                 detail,
             }));
         }
-        // Every call answers with data (the sent message, the updates, the
-        // access URLs); a 2xx without it did not do what was asked.
-        if matches!(located.value.get("data"), None | Some(Value::Null)) {
-            return Err(AttemptError::Fatal(ApiError::BadResponse {
-                path: path.to_string(),
-                detail: format!("HTTP {status} without data{detail}"),
-            }));
-        }
         let envelope = Envelope {
             text: &text,
             located,
             date,
+            status,
+            detail: &detail,
         };
         read(&envelope).map_err(|BadData(detail)| {
             AttemptError::Fatal(ApiError::BadResponse {

@@ -5,6 +5,7 @@
 //! the webhook secrets, files named by options), `wiring` (the API client,
 //! the handler, the state store), `input` (a file or stdin, the time).
 
+mod api;
 mod completions;
 mod credentials;
 mod dead_letters;
@@ -101,6 +102,7 @@ fn cause<T: std::error::Error + Send + Sync + 'static>(error: &anyhow::Error) ->
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Send(args) => send::run(args),
+        Command::Api(args) => api::run(args),
         Command::Emulator(args) => emulator::run(args),
         Command::VerifySig(args) => verify_sig::run(args),
         Command::Sign(args) => sign::run(args),
