@@ -431,6 +431,14 @@ pub enum Command {
     Sign(SignArgs),
     /// Send a message to a user or a group.
     Send(SendArgs),
+    /// Call any Bot API path (an authenticated POST) and print the answer's JSON.
+    ///
+    /// PATH is under /api/v1/s/bot/ (`send`, `updates`, `files/batch_access`;
+    /// the whole `/api/v1/s/bot/send` works too). The call has the retries of
+    /// every other one; the answer, its envelope (code, msg, data) included,
+    /// is printed as one line of JSON. Exit 1 when the platform refuses the
+    /// call (its code and message said), 2 for a bad PATH or body.
+    Api(ApiCallArgs),
     /// Run the long-polling echo bot as a service.
     PollEcho(PollEchoArgs),
     /// Receive signed webhook deliveries and answer them.
@@ -721,6 +729,28 @@ pub struct SendArgs {
     /// Idempotency key (default: one random id per invocation, reused by its retries).
     #[arg(long, value_name = "ID")]
     pub client_msg_id: Option<String>,
+
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = examples(&[
+    "# With FLY_BOT_TOKEN set (or --token-file PATH): the answer as one line of JSON",
+    r#"fly api send --data '{"msg_type":"text","data":{"content":"hi"},"client_msg_id":"c1","to_user_id":"u_123"}'"#,
+    "# The body from stdin",
+    r#"echo '{"limit":10,"timeout":0}' | fly api updates --data -"#,
+    "# One field of the answer, with jq",
+    r#"fly api files/batch_access --data '{"files":[{"url":"https://cdn.example/a.png"}]}' | jq .data.files"#,
+]))]
+pub struct ApiCallArgs {
+    /// The Bot API path: `send`, `/send` or `/api/v1/s/bot/send`.
+    #[arg(value_name = "PATH")]
+    pub path: String,
+
+    /// The request body: a JSON object, or - to read it from stdin (default {}).
+    #[arg(long, value_name = "JSON")]
+    pub data: Option<String>,
 
     #[command(flatten)]
     pub api: ApiArgs,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use ureq::Agent;
 
 use crate::api::{describe_transport_error, host_and_port};
-use crate::http_client::{self, Profile, ReceiverClient};
+use crate::http_client::{self, PlainHttp, Profile, ReceiverClient};
 use crate::retry::AttemptError;
 use fly_base::clock::unix_now;
 use fly_signature::sign_update_text;
@@ -44,7 +44,8 @@ impl Deliverer {
     /// One attempt: `raw` (the update's JSON text) signed now with `nonce`
     /// and POSTed. `Ok(status)` for a 2xx; a transient error, with the reason
     /// in words, for anything else; fatal when the update cannot be signed
-    /// the way the platform's Python would (no retry can change that).
+    /// the way the platform's Python would, or when an `https://` receiver
+    /// answers in plain HTTP ([`PlainHttp`]): no retry can change those.
     pub fn attempt(
         &self,
         receiver: &Destination,
@@ -74,6 +75,12 @@ impl Deliverer {
                 "the receiver did not answer within {}s",
                 self.answer_timeout.as_secs()
             ))),
+            // The receiver answers the same way every time: no retry helps.
+            Err(error) if http_client::answered_plain_http(&error) => {
+                Err(AttemptError::Fatal(anyhow::Error::new(PlainHttp {
+                    url: receiver.url.clone(),
+                })))
+            }
             Err(error) => {
                 let described = describe_transport_error(&host_and_port(&receiver.url), &error);
                 Err(failed(if is_tls_failure(&error) {

@@ -20,6 +20,7 @@ use indicatif::ProgressBar;
 use ureq::Agent;
 use ureq::http::{Response, Uri};
 
+use crate::http_client::PlainHttp;
 use crate::progress::set_download_length;
 use crate::retry::{
     AttemptError, GaveUp, Limit, RetryPolicy, TransportFailure, attempts_text, classify_transport,
@@ -300,6 +301,7 @@ impl Transfer<'_> {
                 // ureq's own errors (a broken chunk) travel inside the I/O error.
                 Err(error) => {
                     return Err(failed_transfer(
+                        self.access_url,
                         ureq::Error::from(error),
                         &format!("transfer broke after {done} bytes"),
                     ));
@@ -367,7 +369,7 @@ impl Transfer<'_> {
                 }
                 Err(error) => {
                     tracing::debug!(ms, offset, "GET {shown}: {error}");
-                    return Err(failed_transfer(error, "connection error"));
+                    return Err(failed_transfer(&url, error, "connection error"));
                 }
             };
             if !response.status().is_redirection() {
@@ -447,14 +449,21 @@ fn sink_failed(error: std::io::Error) -> AttemptError<DownloadError> {
 /// out: it is where a signed URL keeps its signature.
 fn url_for_log(url: &str) -> String {
     match url.parse::<ureq::http::Uri>() {
+        Ok(uri) => format!("{}{}", origin(url), uri.path()),
+        Err(_) => "(unreadable URL)".to_string(),
+    }
+}
+
+/// `scheme://host[:port]` of a URL, without its credentials, path or query.
+fn origin(url: &str) -> String {
+    match url.parse::<ureq::http::Uri>() {
         Ok(uri) => format!(
-            "{}://{}{}{}",
+            "{}://{}{}",
             uri.scheme_str().unwrap_or("?"),
             uri.host().unwrap_or("?"),
             uri.port_u16()
                 .map(|port| format!(":{port}"))
                 .unwrap_or_default(),
-            uri.path()
         ),
         Err(_) => "(unreadable URL)".to_string(),
     }
@@ -471,10 +480,11 @@ fn transient(reason: String) -> AttemptError<DownloadError> {
     }
 }
 
-/// A request or read that got no usable answer: retried only if the
-/// network may do better next time ([`classify_transport`]).
-fn failed_transfer(error: ureq::Error, what: &str) -> AttemptError<DownloadError> {
+/// A request or read of `url` that got no usable answer: retried only if
+/// the network may do better next time ([`classify_transport`]).
+fn failed_transfer(url: &str, error: ureq::Error, what: &str) -> AttemptError<DownloadError> {
     match classify_transport(&error) {
+        TransportFailure::PlainHttp => fatal(PlainHttp { url: origin(url) }.to_string()),
         TransportFailure::Transient => transient(format!("{what}: {error}")),
         TransportFailure::Malformed => {
             let detail = match &error {

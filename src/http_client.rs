@@ -2,6 +2,7 @@
 //! role each plays. Every one reads a non-2xx answer as an answer
 //! (`http_status_as_error(false)`): the caller decides what it means.
 
+use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,5 +83,78 @@ pub fn agent(profile: Profile) -> Agent {
             .user_agent(USER_AGENT)
             .build()
             .new_agent(),
+    }
+}
+
+/// Whether a request to an `https://` URL failed because the server does not
+/// speak TLS: rustls reads a plain-HTTP answer to its handshake
+/// (`HTTP/1.1 400 …`) as a record of an unknown content type. Not transient:
+/// the server answers the same way every time. The one place this is
+/// recognised; every client's retry classification asks here.
+pub fn answered_plain_http(error: &ureq::Error) -> bool {
+    use tokio_rustls::rustls;
+    let tls = match error {
+        ureq::Error::Rustls(tls) => Some(tls),
+        ureq::Error::Io(io) => io
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+        _ => None,
+    };
+    matches!(
+        tls,
+        Some(rustls::Error::InvalidMessage(
+            rustls::InvalidMessage::InvalidContentType
+        ))
+    )
+}
+
+/// An `https://` URL whose server answered in plain HTTP; says which URL to
+/// use instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlainHttp {
+    /// The `https://` URL as it was given.
+    pub url: String,
+}
+
+impl fmt::Display for PlainHttp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let rest = self.url.strip_prefix("https://").unwrap_or(&self.url);
+        write!(
+            f,
+            "the server at {} answered plain HTTP: use http://{rest}",
+            self.url
+        )
+    }
+}
+
+impl std::error::Error for PlainHttp {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_says_which_url_to_use() {
+        let said = PlainHttp {
+            url: "https://127.0.0.1:8787".into(),
+        };
+        assert_eq!(
+            said.to_string(),
+            "the server at https://127.0.0.1:8787 answered plain HTTP: use http://127.0.0.1:8787"
+        );
+    }
+
+    #[test]
+    fn only_a_record_of_unknown_type_is_plain_http() {
+        use tokio_rustls::rustls;
+        let wrapped = |error: rustls::Error| ureq::Error::Io(std::io::Error::other(error));
+        let unknown_type =
+            || rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType);
+        assert!(answered_plain_http(&wrapped(unknown_type())));
+        assert!(answered_plain_http(&ureq::Error::Rustls(unknown_type())));
+        assert!(!answered_plain_http(&wrapped(rustls::Error::DecryptError)));
+        assert!(!answered_plain_http(&ureq::Error::ConnectionFailed));
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(!answered_plain_http(&ureq::Error::Io(refused)));
     }
 }

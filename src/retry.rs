@@ -340,11 +340,18 @@ pub enum TransportFailure {
     /// The request cannot be made at all (a bad URL, an unsupported scheme,
     /// a header that is not valid).
     Unusable,
+    /// An `https://` URL whose server speaks plain HTTP
+    /// ([`answered_plain_http`](crate::http_client::answered_plain_http)):
+    /// it answers the same way every time.
+    PlainHttp,
 }
 
 /// Sorts a ureq failure by [`TransportFailure`].
 pub fn classify_transport(error: &ureq::Error) -> TransportFailure {
     use ureq::Error;
+    if crate::http_client::answered_plain_http(error) {
+        return TransportFailure::PlainHttp;
+    }
     match error {
         Error::Protocol(_) | Error::LargeResponseHeader(..) | Error::BodyExceedsLimit(_) => {
             TransportFailure::Malformed
@@ -483,6 +490,12 @@ mod tests {
                 TransportFailure::Unusable,
             ),
             (ureq::Error::TooManyRedirects, TransportFailure::Unusable),
+            (
+                ureq::Error::Rustls(tokio_rustls::rustls::Error::InvalidMessage(
+                    tokio_rustls::rustls::InvalidMessage::InvalidContentType,
+                )),
+                TransportFailure::PlainHttp,
+            ),
         ];
         for (error, expected) in table {
             assert_eq!(classify_transport(&error), expected, "{error}");

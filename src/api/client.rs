@@ -13,6 +13,7 @@ use ureq::http::Response;
 
 use super::types::{PATH_BATCH_ACCESS, PATH_SEND, PATH_UPDATES, SendRequest, Unusable, Update};
 use super::{ApiError, Token};
+use crate::http_client::PlainHttp;
 use crate::observe::metrics;
 use crate::retry::{
     AttemptError, GaveUp, RetryPolicy, TransportFailure, attempts_text, classify_transport,
@@ -37,6 +38,9 @@ struct Envelope<'t> {
     located: json::Located<'t>,
     /// The platform's clock: the answer's `Date` header, when it sent one.
     date: Option<SystemTime>,
+    status: u16,
+    /// ` (code X: msg)` or the like, for error lines.
+    detail: &'t str,
 }
 
 impl Envelope<'_> {
@@ -68,8 +72,6 @@ const MAX_DETAIL_CHARS: usize = 200;
 pub struct ApiClient {
     agent: Agent,
     base_url: String,
-    /// `host:port` of the base URL, for network errors.
-    host: String,
     token: Token,
     policy: RetryPolicy,
     /// Waits between retries end early when this is set (a service stopping).
@@ -82,7 +84,6 @@ impl ApiClient {
         let base_url = check_base_url(base_url)?;
         Ok(ApiClient {
             agent: new_agent(),
-            host: host_and_port(&base_url),
             base_url,
             token,
             policy,
@@ -111,7 +112,38 @@ impl ApiClient {
 
     /// `POST {base}{path}` with a JSON body, with retries; `read` turns the
     /// answer's envelope into the result (an `Err` is a malformed answer).
+    /// Every call fly makes answers with data (the sent message, the
+    /// updates, the access URLs): a 2xx without it did not do what was asked.
     fn call<T>(
+        &self,
+        path: &str,
+        body: &str,
+        read_timeout: Duration,
+        read: impl Fn(&Envelope) -> Result<T, BadData>,
+    ) -> Result<T, ApiError> {
+        self.call_any(path, body, read_timeout, |envelope| {
+            if matches!(envelope.located.value.get("data"), None | Some(Value::Null)) {
+                return Err(BadData(format!(
+                    "HTTP {} without data{}",
+                    envelope.status, envelope.detail
+                )));
+            }
+            read(envelope)
+        })
+    }
+
+    /// Any path of the bot API (`fly api`): `POST {base}{path}` with `body`,
+    /// with the retries of every call. Returns the whole answer (its
+    /// envelope: `code`, `msg`, `data`) as one line of JSON; an envelope
+    /// that reports a failure is an error, as for every call.
+    pub fn call_path(&self, path: &str, body: &str) -> Result<String, ApiError> {
+        self.call_any(path, body, READ_TIMEOUT, |envelope| {
+            Ok(json::compact(envelope.text))
+        })
+    }
+
+    /// [`ApiClient::call`] without its demand for `data`.
+    fn call_any<T>(
         &self,
         path: &str,
         body: &str,
@@ -272,7 +304,7 @@ impl ApiClient {
             Ok(response) => response,
             Err(error) => {
                 metrics().api_request(endpoint_label(path), 0, started.elapsed().as_secs_f64());
-                let failure = classify_transport_error(&self.host, path, error);
+                let failure = classify_transport_error(&self.base_url, path, error);
                 tracing::debug!(
                     ms = elapsed_ms(started),
                     "POST {path}: {}",
@@ -311,7 +343,7 @@ impl ApiClient {
         let text = response
             .body_mut()
             .read_to_string()
-            .map_err(|error| classify_transport_error(&self.host, path, error))?;
+            .map_err(|error| classify_transport_error(&self.base_url, path, error))?;
         let parsed = json::parse_located(&text, UPDATES_PATH).ok();
         let detail = self
             .token
@@ -337,18 +369,12 @@ impl ApiClient {
                 detail,
             }));
         }
-        // Every call answers with data (the sent message, the updates, the
-        // access URLs); a 2xx without it did not do what was asked.
-        if matches!(located.value.get("data"), None | Some(Value::Null)) {
-            return Err(AttemptError::Fatal(ApiError::BadResponse {
-                path: path.to_string(),
-                detail: format!("HTTP {status} without data{detail}"),
-            }));
-        }
         let envelope = Envelope {
             text: &text,
             located,
             date,
+            status,
+            detail: &detail,
         };
         read(&envelope).map_err(|BadData(detail)| {
             AttemptError::Fatal(ApiError::BadResponse {
@@ -548,10 +574,18 @@ fn failure_text(failure: &AttemptError<ApiError>) -> String {
 }
 
 /// Transport failures are transient unless the request itself can never
-/// work or the answer can never be read (see [`classify_transport`]).
-/// `host` is the server's `host:port`, which the description names.
-fn classify_transport_error(host: &str, path: &str, error: ureq::Error) -> AttemptError<ApiError> {
+/// work, the answer can never be read or the server does not speak TLS
+/// (see [`classify_transport`]). `base_url` is the server's, which the
+/// description names.
+fn classify_transport_error(
+    base_url: &str,
+    path: &str,
+    error: ureq::Error,
+) -> AttemptError<ApiError> {
     match classify_transport(&error) {
+        TransportFailure::PlainHttp => AttemptError::Fatal(ApiError::PlainHttp(PlainHttp {
+            url: base_url.to_string(),
+        })),
         TransportFailure::Unusable => AttemptError::Fatal(ApiError::Rejected {
             path: path.to_string(),
             status: 0,
@@ -562,7 +596,7 @@ fn classify_transport_error(host: &str, path: &str, error: ureq::Error) -> Attem
             detail: format!("malformed HTTP: {error}"),
         }),
         TransportFailure::Transient => AttemptError::Transient {
-            reason: describe_transport_error(host, &error),
+            reason: describe_transport_error(&host_and_port(base_url), &error),
             retry_after: None,
         },
     }
@@ -715,20 +749,20 @@ mod tests {
 
     #[test]
     fn transport_errors_are_transient_but_bad_requests_are_not() {
-        let transient = classify_transport_error("h:1", "/p", ureq::Error::ConnectionFailed);
+        let transient = classify_transport_error("http://h:1", "/p", ureq::Error::ConnectionFailed);
         assert!(matches!(transient, AttemptError::Transient { .. }));
         let io = ureq::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
         assert!(matches!(
-            classify_transport_error("h:1", "/p", io),
+            classify_transport_error("http://h:1", "/p", io),
             AttemptError::Transient { .. }
         ));
-        let fatal = classify_transport_error("h:1", "/p", ureq::Error::BadUri("x".into()));
+        let fatal = classify_transport_error("http://h:1", "/p", ureq::Error::BadUri("x".into()));
         assert!(matches!(
             fatal,
             AttemptError::Fatal(ApiError::Rejected { .. })
         ));
         let malformed =
-            classify_transport_error("h:1", "/p", ureq::Error::LargeResponseHeader(1, 1));
+            classify_transport_error("http://h:1", "/p", ureq::Error::LargeResponseHeader(1, 1));
         assert!(matches!(
             malformed,
             AttemptError::Fatal(ApiError::BadResponse { .. })

@@ -75,6 +75,9 @@ pub enum ApiError {
     /// The server answered 2xx with something that is not the documented JSON,
     /// or with HTTP that cannot be read (never retried: it would answer the same).
     BadResponse { path: String, detail: String },
+    /// The base URL is `https://` but its server speaks plain HTTP. Never
+    /// retried: it answers the same way every time.
+    PlainHttp(crate::http_client::PlainHttp),
     /// The caller asked to stop while a retry was pending.
     Cancelled,
 }
@@ -111,6 +114,7 @@ impl fmt::Display for ApiError {
             ApiError::BadResponse { path, detail } => {
                 write!(f, "{path} answered with an unexpected body: {detail}")
             }
+            ApiError::PlainHttp(plain) => plain.fmt(f),
             ApiError::Cancelled => f.write_str("interrupted"),
         }
     }

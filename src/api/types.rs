@@ -7,6 +7,8 @@ use serde_json::{Map, Value};
 use super::media::{MediaUrl, media_urls};
 use fly_signature::{canonical, json, python};
 
+/// Where every bot API path starts (`fly api` adds the rest).
+pub const BOT_API_PREFIX: &str = "/api/v1/s/bot/";
 pub const PATH_UPDATES: &str = "/api/v1/s/bot/updates";
 pub const PATH_SEND: &str = "/api/v1/s/bot/send";
 pub const PATH_BATCH_ACCESS: &str = "/api/v1/s/bot/files/batch_access";

@@ -11,7 +11,7 @@ use rustls_pki_types::CertificateDer;
 use super::{HandleError, Handler, Outcome};
 use crate::api::Update;
 use crate::delivery::{Deliverer, Destination};
-use crate::http_client::ReceiverClient;
+use crate::http_client::{PlainHttp, ReceiverClient};
 use crate::observe::{Step, Steps};
 use crate::retry::{AttemptError, GaveUp, RetryPolicy};
 use crate::shutdown::{Shutdown, Stage};
@@ -124,6 +124,9 @@ impl Handler for ForwardHandler {
         });
         match outcome {
             Ok(_) => Ok(Outcome::Delivered),
+            // The receiver's URL is wrong for every update: stop, so the
+            // fix can be made; the update comes again after it.
+            Err(GaveUp::Fatal(error)) if error.is::<PlainHttp>() => Err(HandleError::Fatal(error)),
             // The update cannot be signed as the platform's Python would
             // (a lone surrogate in the message): no retry can change that.
             Err(GaveUp::Fatal(error)) => Err(HandleError::DeadLetter(format!(

@@ -38,12 +38,14 @@ pub enum HandleError {
 }
 
 impl HandleError {
-    /// Sorts an API failure: a refused token stops the service, a stop
-    /// request or an unavailable platform means "later", a rejection parks
-    /// the update.
+    /// Sorts an API failure: a refused token or a base URL whose server
+    /// speaks plain HTTP stops the service, a stop request or an
+    /// unavailable platform means "later", a rejection parks the update.
     pub fn from_api(error: ApiError) -> Result<Outcome, HandleError> {
         match error {
-            ApiError::TokenRefused { .. } => Err(HandleError::Fatal(error.into())),
+            ApiError::TokenRefused { .. } | ApiError::PlainHttp(_) => {
+                Err(HandleError::Fatal(error.into()))
+            }
             ApiError::Rejected { .. } => Err(HandleError::Park(
                 anyhow::Error::from(error).context("the platform refused the reply"),
             )),

@@ -197,6 +197,7 @@ fn describe_probe(probe: &Result<Probe, ApiError>, latency_ms: u128) -> (Status,
         Err(error @ ApiError::TokenRefused { .. }) => {
             (Status::Fail, format!("{error}; {}", super::TOKEN_HINT))
         }
+        Err(error @ ApiError::PlainHttp(_)) => (Status::Fail, error.to_string()),
         Err(error @ ApiError::Unavailable { .. }) => (
             Status::Fail,
             format!("the platform is unreachable: {error}"),

@@ -5,6 +5,7 @@
 //! the webhook secrets, files named by options), `wiring` (the API client,
 //! the handler, the state store), `input` (a file or stdin, the time).
 
+mod api;
 mod completions;
 mod config;
 mod credentials;
@@ -63,6 +64,10 @@ fn in_command_line_words(error: anyhow::Error) -> anyhow::Error {
         Hinted::bad_input(error, hint)
     } else if let Some(ApiError::TokenRefused { .. }) = cause::<ApiError>(&error) {
         Hinted::new(error, format!("; {TOKEN_HINT}"))
+    } else if let Some(ApiError::PlainHttp(_)) = cause::<ApiError>(&error) {
+        // Known only from the server's answer, as a refused connection is:
+        // a failure (exit 1), the option to change named.
+        Hinted::new(error, " (--base-url or FLY_BASE_URL)")
     } else if cause::<crate::emulator::NoEmulator>(&error).is_some() {
         Hinted::new(error, ", or point --base-url / FLY_BASE_URL at it")
     } else {
@@ -98,6 +103,7 @@ fn cause<T: std::error::Error + Send + Sync + 'static>(error: &anyhow::Error) ->
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Send(args) => send::run(args),
+        Command::Api(args) => api::run(args),
         Command::Emulator(args) => emulator::run(args),
         Command::VerifySig(args) => verify_sig::run(args),
         Command::Sign(args) => sign::run(args),

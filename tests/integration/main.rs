@@ -2,6 +2,7 @@
 //! usually against a real `fly emulator` on a loopback port it chose
 //! itself (port 0, read back from its first line).
 
+mod api_command;
 mod browser;
 mod cli;
 mod common;
