@@ -150,16 +150,48 @@ fn leaf_of(matches: &ArgMatches) -> (&ArgMatches, Vec<String>) {
     (leaf, path)
 }
 
-/// The option a profile key stands in for (its clap id), and the ids that,
-/// given on the command line or in the environment, mean the setting is
-/// already chosen (a --token or FLY_BOT_TOKEN sets `token_file` aside).
-fn option_of(key: Key) -> (&'static str, &'static [&'static str]) {
-    match key {
-        Key::BaseUrl => ("base_url", &["base_url"]),
-        Key::TokenFile => ("token_file", &["token", "token_file"]),
-        Key::SecretFile => ("secret_files", &["secrets", "secret_files"]),
-        Key::State => ("state", &["state"]),
-        Key::BotId => ("bot_id", &["bot_id"]),
+/// What a profile key stands in for: the option (its clap id), the ids
+/// that, given on the command line or in the environment, mean the setting
+/// is already chosen (a --token sets `token_file` aside), and the variable
+/// that does the same where a command reads it itself (`fly sign` and
+/// `fly emulator webhook set` read FLY_BOT_TOKEN / FLY_WEBHOOK_SECRET
+/// without an option of their own).
+struct Stands {
+    id: &'static str,
+    deciding: &'static [&'static str],
+    variable: Option<&'static str>,
+}
+
+fn option_of(key: Key) -> Stands {
+    let (id, deciding, variable): (_, &'static [&'static str], _) = match key {
+        Key::BaseUrl => ("base_url", &["base_url"], None),
+        Key::TokenFile => (
+            "token_file",
+            &["token", "token_file"],
+            Some("FLY_BOT_TOKEN"),
+        ),
+        Key::SecretFile => (
+            "secret_files",
+            &["secrets", "secret_files"],
+            Some("FLY_WEBHOOK_SECRET"),
+        ),
+        Key::State => ("state", &["state"], None),
+        Key::BotId => ("bot_id", &["bot_id"], None),
+    };
+    Stands {
+        id,
+        deciding,
+        variable,
+    }
+}
+
+impl Stands {
+    fn already_chosen(&self, leaf: &ArgMatches) -> bool {
+        self.deciding.iter().any(|id| given(leaf, id))
+            || self
+                .variable
+                .and_then(std::env::var_os)
+                .is_some_and(|value| !value.is_empty())
     }
 }
 
@@ -187,8 +219,8 @@ fn with_profile_defaults(
     let (leaf, path) = leaf_of(matches);
     let mut defaults = Vec::new();
     for setting in &profile.settings {
-        let (id, deciding) = option_of(setting.key);
-        if !has_option(leaf, id) || deciding.iter().any(|other| given(leaf, other)) {
+        let stands = option_of(setting.key);
+        if !has_option(leaf, stands.id) || stands.already_chosen(leaf) {
             continue;
         }
         if matches!(setting.key, Key::TokenFile | Key::SecretFile)
@@ -203,7 +235,7 @@ fn with_profile_defaults(
                 profile.name
             )));
         }
-        defaults.push((id, setting.value.clone()));
+        defaults.push((stands.id, setting.value.clone()));
     }
     Ok(on_leaf(command, &path, move |mut leaf| {
         for (id, value) in defaults {
@@ -1407,8 +1439,9 @@ pub struct EmulatorWebhookSetArgs {
     pub url: String,
 
     /// Sign deliveries with the secret in this file (surrounding whitespace
-    /// is ignored); else FLY_WEBHOOK_SECRET, else the emulator's default.
-    #[arg(long, value_name = "PATH")]
+    /// is ignored); else FLY_WEBHOOK_SECRET, else the profile's secret_file,
+    /// else the emulator's default.
+    #[arg(id = "secret_files", long = "secret-file", value_name = "PATH")]
     pub secret_file: Option<PathBuf>,
 
     /// The bot id the deliveries carry and are signed with (default: bot_emulator).
