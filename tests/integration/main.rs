@@ -9,6 +9,7 @@ mod demo;
 mod doctor;
 mod emulator;
 mod exec;
+mod exec_answers;
 mod fetch_media;
 mod forward;
 mod full_disk;
