@@ -122,9 +122,10 @@ pub fn from_object(mut object: Map<String, Value>, line: &[u8]) -> Result<Answer
 /// What an `--exec` handler's stdout answers: blank is nothing; a JSON
 /// object is an answer object or a bare message, or fails; anything else
 /// (text, or a JSON string, number or array) is the text of the reply,
-/// trailing line endings dropped. Text that looks like one JSON object
-/// (`{` … `}`) but does not parse fails too: it is a broken answer (two
-/// objects, Python's `print(dict)`) far more often than a reply.
+/// trailing line endings dropped. Text that looks like a JSON object (`{"`
+/// or `{'` … `}`) but does not parse fails too: it is a broken answer (two
+/// objects, Python's `print(dict)`) far more often than a reply; `{a}` is
+/// text.
 pub fn from_output(stdout: &str) -> Result<Answered, NotAnAnswer> {
     let trimmed = stdout.trim();
     let text = || Answered {
@@ -150,7 +151,7 @@ pub fn from_output(stdout: &str) -> Result<Answered, NotAnAnswer> {
         }
         Ok(Value::Object(object)) => from_object(object, trimmed.as_bytes()),
         Ok(_) => Ok(text()),
-        Err(error) if trimmed.starts_with('{') && trimmed.ends_with('}') => Err(format!(
+        Err(error) if looks_like_an_object(trimmed) => Err(format!(
             "{} looks like a JSON object but is not JSON ({error}); to send such text, \
              answer {{\"reply\":\"…\"}}",
             shown(trimmed.as_bytes())
@@ -158,6 +159,15 @@ pub fn from_output(stdout: &str) -> Result<Answered, NotAnAnswer> {
         .into()),
         Err(_) => Ok(text()),
     }
+}
+
+/// Whether text that is not JSON was meant as an object: braces around a
+/// quoted key.
+fn looks_like_an_object(text: &str) -> bool {
+    let Some(inside) = text.strip_prefix('{') else {
+        return false;
+    };
+    text.ends_with('}') && matches!(inside.trim_start().chars().next(), Some('"' | '\''))
 }
 
 /// `"update_id"`, taken out of an answer object: the update's number as it
@@ -240,6 +250,8 @@ mod tests {
         assert_eq!(output("[1, 2]"), Ok(text("[1, 2]")));
         // Braces that are not one JSON object's: text.
         assert_eq!(output("{a} and {b"), Ok(text("{a} and {b")));
+        assert_eq!(output("{HI THERE}\n"), Ok(text("{HI THERE}")));
+        assert_eq!(output("{sic} \"yes\" {}"), Ok(text("{sic} \"yes\" {}")));
         for blank in ["", "\n", "  \n\t"] {
             assert_eq!(
                 output(blank).map(|answered| answered.answer),
@@ -314,6 +326,10 @@ mod tests {
             (
                 "{'reply': 'hi'}",
                 r#""{'reply': 'hi'}" looks like a JSON object but is not JSON"#,
+            ),
+            (
+                "{ \"reply\": hi }",
+                "looks like a JSON object but is not JSON",
             ),
             (
                 "{\"reply\":\"a\"}\n{\"reply\":\"b\"}\n",
