@@ -1001,7 +1001,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, BadValue> {
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("handler").args(["exec", "exec_worker"])))]
 pub struct ExecArgs {
-    /// Run CMD (through sh -c) per update instead of the echo; its stdout is the reply.
+    /// Run CMD (through sh -c) per update instead of the echo; its stdout is the
+    /// answer: plain text, or a JSON answer as --exec-worker writes ({"reply":…}, {}, {"error":…}).
     #[arg(long, value_name = "CMD", value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub exec: Option<String>,
 

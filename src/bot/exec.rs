@@ -1,11 +1,14 @@
 //! `--exec CMD`: your own logic, in any language, instead of the echo.
 //!
 //! CMD runs through `sh -c` once per message update, with the update on stdin
-//! byte for byte as the platform sent it, and its key fields in the environment. A non-empty stdout is the
-//! reply (text, or a JSON object with `msg_type` and `data`); exit 0 means
-//! handled, anything else (or running past the timeout) means failed, and the
-//! update is retried. Replies carry `client_msg_id` `reply_{update_id}`, so a
-//! handler that is retried after its reply was sent never double-posts.
+//! byte for byte as the platform sent it, and its key fields in the
+//! environment. Its stdout is its answer, in the language `--exec-worker`
+//! speaks too ([`answer`]: `{"reply":…}`, `{}`, `{"error":…}`), or plain
+//! text, or a bare `{"msg_type":…,"data":{…}}` message; blank output sends
+//! nothing. Exit 0 means done as answered, anything else (or running past the
+//! timeout) means failed, and the update is retried. Replies carry
+//! `client_msg_id` `reply_{update_id}`, so a handler that is retried after
+//! its reply was sent never double-posts.
 //!
 //! Except 126 and 127: the shell's "found but cannot be run" and "not found".
 //! They say the set-up is wrong (a script without `chmod +x`, a typo in the
@@ -20,8 +23,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
-use serde_json::{Map, Value};
 
+use super::answer::{self, Answer, Reply};
 use super::child_io::{self, Chunk, ExitWatch, LogLines};
 use super::{HandleError, Handler, Outcome, send_reply_step};
 use crate::api::{ApiClient, MessageData, SendRequest, Update};
@@ -98,37 +101,53 @@ impl Handler for ExecHandler {
                 }
             })?;
         steps.note(|capture| capture.stdout = Some(capped(&stdout)));
-        let reply = stdout.trim_end_matches(['\n', '\r']);
-        if reply.trim().is_empty() {
-            return Ok(Outcome::Handled);
+        let who = || format!("{} {:?}", self.named, self.command);
+        let answered = answer::from_output(&stdout).map_err(|why| {
+            HandleError::Retry(anyhow!(
+                "{}: its output is not an answer: {why}; nothing sent (an answer is {}, \
+                 or plain text)",
+                who(),
+                answer::FORMS
+            ))
+        })?;
+        if let Some(named) = answered
+            .update_id
+            .filter(|&named| named != update.update_id)
+        {
+            return Err(HandleError::Retry(anyhow!(
+                "{} answered update {named}, but it was run for update {}; nothing sent",
+                who(),
+                update.update_id
+            )));
         }
-        let reply = match reply_message(reply) {
-            Some((msg_type, data)) => Reply::Message { msg_type, data },
-            None => Reply::Text(reply.to_string()),
-        };
-        send_reply(&self.client, update, message, reply, steps)
+        settle(
+            answered.answer,
+            &self.client,
+            update,
+            message,
+            steps,
+            &who(),
+        )
     }
 }
 
-/// What a handler asked to be sent back to the chat of its update.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Reply {
-    Text(String),
-    Message {
-        msg_type: String,
-        data: Map<String, Value>,
-    },
-}
-
-impl Reply {
-    /// The reply as the handler gave it: its text, or the message as JSON.
-    pub fn as_text(&self) -> String {
-        match self {
-            Reply::Text(text) => text.clone(),
-            Reply::Message { msg_type, data } => {
-                serde_json::json!({"msg_type": msg_type, "data": data}).to_string()
-            }
-        }
+/// Does what a handler's answer (either kind of handler) asks: nothing, a
+/// reply sent, or the update failed with the handler's reason (retried).
+/// `who`: the handler, as messages name it.
+pub fn settle(
+    answer: Answer,
+    client: &ApiClient,
+    update: &Update,
+    message: &crate::api::Message,
+    steps: &mut Steps,
+    who: &str,
+) -> Result<Outcome, HandleError> {
+    match answer {
+        Answer::Nothing => Ok(Outcome::Handled),
+        Answer::Reply(reply) => send_reply(client, update, message, reply, steps),
+        Answer::Error(why) => Err(HandleError::Retry(anyhow!(
+            "{who} answered an error: {why}"
+        ))),
     }
 }
 
@@ -159,21 +178,6 @@ pub fn send_reply(
         Reply::Text(text) => SendRequest::text(chat.reply_target(), text, client_msg_id),
     };
     send_reply_step(client, &request, steps, Outcome::Replied)
-}
-
-/// A reply that is a JSON object with a string `msg_type` and an object
-/// `data` is sent as that message; anything else is text.
-fn reply_message(reply: &str) -> Option<(String, Map<String, Value>)> {
-    let Value::Object(mut object) = serde_json::from_str::<Value>(reply.trim()).ok()? else {
-        return None;
-    };
-    let Some(Value::String(msg_type)) = object.remove("msg_type") else {
-        return None;
-    };
-    let Some(Value::Object(data)) = object.remove("data") else {
-        return None;
-    };
-    Some((msg_type, data))
 }
 
 impl ExecHandler {
@@ -683,23 +687,6 @@ mod tests {
                 "{text}\nshould contain {expected}"
             );
             assert!(!text.contains('\n'), "{text}");
-        }
-    }
-
-    #[test]
-    fn json_replies_need_msg_type_and_data() {
-        let (msg_type, data) =
-            reply_message(r#" {"msg_type":"image","data":{"originalUrl":"u"}} "#).unwrap();
-        assert_eq!(msg_type, "image");
-        assert_eq!(data["originalUrl"], "u");
-        for text in [
-            "hello",
-            "{\"msg_type\":\"text\"}",
-            "[1]",
-            "{\"data\":{}}",
-            "{\"msg_type\":1,\"data\":{}}",
-        ] {
-            assert!(reply_message(text).is_none(), "{text}");
         }
     }
 }

@@ -4,6 +4,7 @@
 //! A [`Handler`] answers one update; the [`poll_loop`] feeds it from the
 //! platform with the offset and handled ids kept in the state store.
 
+pub mod answer;
 pub mod child_io;
 pub mod echo;
 pub mod exec;

@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow};
 use serde_json::Value;
 
+use super::answer::{self, Answer, NotAnAnswer, shown};
 use super::child_io::{self, Chunk, ExitWatch};
-use super::exec::{MAX_REPLY_BYTES, Reply, SetupError, SetupProblem, send_reply};
+use super::exec::{MAX_REPLY_BYTES, SetupError, SetupProblem, settle};
 use super::{HandleError, Handler, Outcome, chat_label};
 use crate::api::{ApiClient, Update};
 use crate::children::Group;
@@ -110,7 +111,11 @@ enum Broken {
     Exited,
     /// Its stdout closed, but it kept running.
     ClosedStdout,
-    TimedOut,
+    /// It did not answer in time. `silent`: waiting for its answer, it
+    /// had written nothing of it (its output may be sitting in a buffer).
+    TimedOut {
+        silent: bool,
+    },
     /// It wrote something that is not an answer.
     Garbage(NotProtocol),
     /// It answered another update than the one in hand.
@@ -132,14 +137,6 @@ enum WorkerLine {
     Ready,
     /// The answer to the update with this id.
     Answer { update_id: i64, answer: Answer },
-}
-
-/// What an answer asks for.
-#[derive(Debug, PartialEq)]
-enum Answer {
-    Nothing,
-    Reply(Reply),
-    Error(String),
 }
 
 impl WorkerPool {
@@ -625,18 +622,11 @@ impl Handler for WorkerPool {
             let _turn = self.take_turn(&chat_label(update));
             self.ask(update)
         })?;
-        match answer {
-            Answer::Nothing => Ok(Outcome::Handled),
-            Answer::Reply(reply) => {
-                steps.note(|capture| capture.stdout = Some(capped(&reply.as_text())));
-                send_reply(&self.client, update, message, reply, steps)
-            }
-            Answer::Error(why) => Err(HandleError::Retry(anyhow!(
-                "{} {:?} answered an error: {why}",
-                self.named,
-                self.command
-            ))),
+        if let Answer::Reply(reply) = &answer {
+            steps.note(|capture| capture.stdout = Some(capped(&reply.as_text())));
         }
+        let who = format!("{} {:?}", self.named, self.command);
+        settle(answer, &self.client, update, message, steps, &who)
     }
 
     /// The grace period is over: workers with an update in hand are killed
@@ -689,7 +679,15 @@ fn describe(broken: &Broken, timeout: Duration) -> String {
     match broken {
         Broken::Exited => "exited".to_string(),
         Broken::ClosedStdout => "closed its stdout but kept running".to_string(),
-        Broken::TimedOut => format!("did not answer within {timeout:?} (the handler timeout)"),
+        Broken::TimedOut { silent: false } => {
+            format!("did not answer within {timeout:?} (the handler timeout)")
+        }
+        Broken::TimedOut { silent: true } => format!(
+            "did not answer within {timeout:?} (the handler timeout) and wrote nothing: if \
+             its output is buffered, the answer never left it; flush each answer (Python: \
+             print(…, flush=True), or run python3 -u; Node's process.stdout.write is already \
+             unbuffered on a pipe)"
+        ),
         Broken::Garbage(why) => format!("broke the protocol ({PROTOCOL}): {why}"),
         Broken::NotItsUpdate { expected, got } => format!(
             "answered update {got} while it had update {expected} (a late or extra answer?); \
@@ -754,7 +752,7 @@ impl Worker {
                     // A worker busy with something else, or not reading.
                     let mut fds = [child_io::want(stdin.as_raw_fd(), libc::POLLOUT)];
                     if !child_io::wait(&mut fds, Some(deadline)).map_err(Broken::Io)? {
-                        return Err(Broken::TimedOut);
+                        return Err(Broken::TimedOut { silent: false });
                     }
                 }
                 Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => {
@@ -777,7 +775,9 @@ impl Worker {
             searched = self.pending.len();
             let mut fds = [child_io::want(self.stdout.as_raw_fd(), libc::POLLIN)];
             if !child_io::wait(&mut fds, Some(deadline)).map_err(Broken::Io)? {
-                return Err(Broken::TimedOut);
+                return Err(Broken::TimedOut {
+                    silent: self.pending.is_empty(),
+                });
             }
             match child_io::read_some(&mut self.stdout, &mut buffer) {
                 Chunk::Data(read) => self.pending.extend_from_slice(&buffer[..read]),
@@ -815,18 +815,6 @@ fn take_line(pending: &mut Vec<u8>, searched: usize) -> Result<Option<Vec<u8>>, 
     Ok(Some(line))
 }
 
-/// Output for a log line: lossy, and cut short.
-fn shown(bytes: &[u8]) -> String {
-    const SHOWN: usize = 200;
-    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(SHOWN)]);
-    let text = text.trim_end_matches(['\n', '\r']);
-    if bytes.len() > SHOWN {
-        format!("{text:?}…")
-    } else {
-        format!("{text:?}")
-    }
-}
-
 /// Whether what a worker wrote before its first update may be (the start
 /// of) its `{"ready":true}` line: anything else is unasked output.
 fn could_be_announcement(pending: &[u8]) -> bool {
@@ -837,90 +825,30 @@ fn could_be_announcement(pending: &[u8]) -> bool {
 }
 
 /// Why a line of a worker is not one of the protocol's (see [`PROTOCOL`]).
-#[derive(Debug, PartialEq, Eq)]
-struct NotProtocol(String);
+type NotProtocol = NotAnAnswer;
 
-impl From<String> for NotProtocol {
-    fn from(why: String) -> Self {
-        NotProtocol(why)
-    }
-}
-
-impl std::fmt::Display for NotProtocol {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// One line of a worker, or why it is not one of the protocol's.
+/// One line of a worker, or why it is not one of the protocol's: the
+/// announcement, or an answer (the one answer language, [`answer`]) that
+/// names its update.
 fn parse_line(line: &[u8]) -> Result<WorkerLine, NotProtocol> {
-    let not_an_answer = || NotProtocol(format!("got {}", shown(line)));
-    let Ok(Value::Object(mut object)) = serde_json::from_slice::<Value>(line) else {
-        return Err(not_an_answer());
+    let Ok(Value::Object(object)) = serde_json::from_slice::<Value>(line) else {
+        return Err(NotAnAnswer(format!("got {}", shown(line))));
     };
     if object.len() == 1 && object.get("ready") == Some(&Value::Bool(true)) {
         return Ok(WorkerLine::Ready);
     }
-    let update_id = match object.remove("update_id") {
-        Some(Value::Number(number)) => number.as_i64().ok_or_else(|| {
-            NotProtocol(format!(
-                "update_id {number} is not an update id, in {}",
-                shown(line)
-            ))
-        })?,
-        Some(other) => {
-            return Err(format!(
-                "update_id must be the update's number as it came, not {other}, in {}",
-                shown(line)
-            )
-            .into());
-        }
-        None => {
-            return Err(format!(
-                "no update_id in {}: each answer names the update it answers",
-                shown(line)
-            )
-            .into());
-        }
+    let answered = answer::from_object(object, line)?;
+    let Some(update_id) = answered.update_id else {
+        return Err(format!(
+            "no update_id in {}: each answer names the update it answers",
+            shown(line)
+        )
+        .into());
     };
-    parse_answer(object, line).map(|answer| WorkerLine::Answer { update_id, answer })
-}
-
-/// What an answer object asks for, `update_id` taken out.
-fn parse_answer(
-    mut object: serde_json::Map<String, Value>,
-    line: &[u8],
-) -> Result<Answer, NotProtocol> {
-    let not_an_answer = || NotProtocol(format!("got {}", shown(line)));
-    let reply = object.remove("reply");
-    let error = object.remove("error");
-    if let Some(key) = object.keys().next() {
-        return Err(format!("unknown key {key:?} in {}", shown(line)).into());
-    }
-    match (reply, error) {
-        (None, None) => Ok(Answer::Nothing),
-        (None, Some(Value::String(why))) => Ok(Answer::Error(why)),
-        (Some(Value::String(text)), None) if text.trim().is_empty() => Ok(Answer::Nothing),
-        (Some(Value::String(text)), None) => Ok(Answer::Reply(Reply::Text(text))),
-        (Some(Value::Object(mut message)), None) => {
-            let msg_type = message.remove("msg_type");
-            let data = message.remove("data");
-            match (msg_type, data) {
-                (Some(Value::String(msg_type)), Some(Value::Object(data)))
-                    if message.is_empty() =>
-                {
-                    Ok(Answer::Reply(Reply::Message { msg_type, data }))
-                }
-                _ => Err(format!(
-                    "a reply object needs a string msg_type and an object data, and nothing \
-                     else: {}",
-                    shown(line)
-                )
-                .into()),
-            }
-        }
-        _ => Err(not_an_answer()),
-    }
+    Ok(WorkerLine::Answer {
+        update_id,
+        answer: answered.answer,
+    })
 }
 
 /// The update on one line, for a worker's stdin: the whitespace between
@@ -968,6 +896,7 @@ pub fn one_line(raw: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bot::answer::Reply;
 
     fn compact(raw: &str) -> String {
         String::from_utf8(one_line(raw)).unwrap()
@@ -1005,7 +934,7 @@ mod tests {
                 update_id: 7,
                 answer,
             } => Ok(answer),
-            other => Err(NotProtocol(format!("not an answer to 7: {other:?}"))),
+            other => Err(NotAnAnswer(format!("not an answer to 7: {other:?}"))),
         }
     }
 

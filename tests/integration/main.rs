@@ -11,6 +11,7 @@ mod doctor;
 mod emulator;
 mod emulator_cli;
 mod exec;
+mod exec_answers;
 mod fetch_media;
 mod forward;
 mod full_disk;
