@@ -1691,6 +1691,51 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_claim_says_what_the_holder_does_not_what_it_wanted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let identity = BotIdentity::for_tests("t1");
+        let holder = SqliteStore::open(&path, &identity).unwrap();
+        holder.claim_exclusive("serving webhooks").unwrap();
+        let second = SqliteStore::open(&path, &identity).unwrap();
+        let refused = |store: &SqliteStore| match store.claim_exclusive("polling") {
+            Err(error) => match error.downcast_ref::<StateRefused>() {
+                Some(StateRefused::InUse {
+                    message,
+                    shared: false,
+                }) => message.clone(),
+                _ => panic!("{error:#}"),
+            },
+            Ok(()) => panic!("claimed twice"),
+        };
+        assert_eq!(
+            refused(&second),
+            format!(
+                "another fly process (pid {}) is already serving webhooks with the state \
+                 file {}",
+                std::process::id(),
+                path.display()
+            )
+        );
+        // A row left by a process that is gone says nothing of the holder.
+        second
+            .lock()
+            .execute(
+                "UPDATE meta SET value = '{\"pid\":2147483647,\"doing\":\"polling\"}' \
+                 WHERE key = 'holder'",
+                [],
+            )
+            .unwrap();
+        assert_eq!(
+            refused(&second),
+            format!(
+                "another fly process is already using the state file {}",
+                path.display()
+            )
+        );
+    }
+
+    #[test]
     fn a_claimed_file_deleted_or_replaced_fails_every_later_write() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
