@@ -1032,8 +1032,9 @@ pub struct ExecArgs {
     "fly sign --secret-file webhook.secret update.json | curl -d @- http://127.0.0.1:8080/webhook",
 ]))]
 #[command(mut_arg("state", |arg| arg.help(
-    "State store for dedupe and nonces: a file (used by this process alone \
-     while it serves), or redis://[user:pass@]host:port[/db] (also \
+    "State store for dedupe and nonces: a file (default: per bot, under the \
+     user's state directory, apart from the pollers' file; used by this \
+     process alone while it serves), or redis://[user:pass@]host:port[/db] (also \
      rediss://), shared by replicas behind a load balancer"
 )))]
 pub struct ServeWebhookArgs {
@@ -1515,8 +1516,8 @@ pub struct DemoArgs {}
     "FLY_BASE_URL=http://127.0.0.1:8787 FLY_BOT_TOKEN=dev fly doctor --state bot.db",
 ]))]
 #[command(mut_arg("state", |arg| arg.help(
-    "State store to check (default: the bot's file, found from the base URL \
-     and token): a file, opened if it exists, never created; or a redis:// \
+    "State store to check (default: the bot's files, found from the base URL \
+     and token: the pollers' and serve-webhook's): a file, opened if it exists, never created; or a redis:// \
      URL, which must answer"
 )))]
 pub struct DoctorArgs {
@@ -1551,8 +1552,8 @@ pub struct DoctorArgs {
     "fly dead-letters --state bot.db --purge",
 ]))]
 #[command(mut_arg("state", |arg| arg.help(
-    "State store file (default: the bot's, found from the base URL and \
-     token), or a redis:// URL (which needs the token: a bot's keys are \
+    "State store file (default: the bot's files, found from the base URL and \
+     token: the pollers' and serve-webhook's), or a redis:// URL (which needs the token: a bot's keys are \
      found from it)"
 )))]
 pub struct DeadLettersArgs {

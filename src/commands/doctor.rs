@@ -21,7 +21,7 @@ use crate::commands::print_line;
 use crate::exit::{self, usage};
 use crate::profiles::{Origin, group_can_change, readable_by_others};
 use crate::retry::RetryPolicy;
-use fly_state::{BotIdentity, PollState, RedisStore, SqliteStore, StateLocation, Store};
+use fly_state::{BotIdentity, PollState, RedisStore, Role, SqliteStore, StateLocation, Store};
 
 /// Signed updates further than this from the receiver's clock are refused
 /// (SPEC section 1, REPLAY_WINDOW_EXCEEDED).
@@ -131,8 +131,9 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
     report.line(status, "clock", &detail)?;
 
     let identity = BotIdentity::new(&base_url, token.expose());
-    let (status, detail) = check_state(&identity, args.state.location());
-    report.line(status, "state", &detail)?;
+    for (status, detail) in check_state(&identity, args.state.location()) {
+        report.line(status, "state", &detail)?;
+    }
 
     match report.failures.as_slice() {
         [] => Ok(exit::code(exit::SUCCESS)),
@@ -282,26 +283,57 @@ fn check_redis_state(identity: &BotIdentity, url: &str) -> (Status, String) {
     }
 }
 
-/// Where the state store is and whether it opens; a store that does not
-/// exist yet is fine (the polling and webhook commands create it) and is
-/// not created here.
-fn check_state(identity: &BotIdentity, location: StateLocation) -> (Status, String) {
+/// Where the state store is and whether it opens: the one given, else the
+/// bot's default files, a line for each that exists (the pollers' and
+/// serve-webhook's: see `fly_state::Role`), one line when none does. A
+/// store that does not exist yet is fine (the polling and webhook commands
+/// create it) and is not created here.
+fn check_state(identity: &BotIdentity, location: StateLocation) -> Vec<(Status, String)> {
     let explicit = match location {
         StateLocation::File(explicit) => explicit,
-        StateLocation::Redis(url) => return check_redis_state(identity, &url),
+        StateLocation::Redis(url) => return vec![check_redis_state(identity, &url)],
     };
-    let given = explicit.is_some();
-    let path = match explicit {
-        Some(path) => path,
-        None => match identity.default_state_path() {
-            Ok(path) => path,
-            Err(error) => return (Status::Fail, format!("{error:#}")),
-        },
+    if let Some(path) = explicit {
+        return vec![check_state_file(identity, &path, None)];
+    }
+    let mut defaults = Vec::new();
+    for role in Role::ALL {
+        match identity.default_state_path(role) {
+            Ok(path) => defaults.push((role, path)),
+            Err(error) => return vec![(Status::Fail, format!("{error:#}"))],
+        }
+    }
+    let existing: Vec<(Status, String)> = defaults
+        .iter()
+        .filter(|(_, path)| path.exists())
+        .map(|(role, path)| check_state_file(identity, path, Some(*role)))
+        .collect();
+    if !existing.is_empty() {
+        return existing;
+    }
+    let shown: Vec<String> = defaults
+        .iter()
+        .map(|(role, path)| format!("{} ({})", path.display(), role.commands()))
+        .collect();
+    vec![(
+        Status::Ok,
+        format!(
+            "{}: not created yet (each is created by its commands)",
+            shown.join(", ")
+        ),
+    )]
+}
+
+/// One state file: whether it opens (with its poll offset, for a file
+/// pollers use). `role` names a default file's commands.
+fn check_state_file(identity: &BotIdentity, path: &Path, role: Option<Role>) -> (Status, String) {
+    let shown = match role {
+        Some(role) => format!("{} ({})", path.display(), role.commands()),
+        None => path.display().to_string(),
     };
-    let shown = path.display();
     if !path.exists() {
         let directory = path.parent().filter(|dir| !dir.as_os_str().is_empty());
-        if given && directory.is_some_and(|dir| !dir.is_dir()) {
+        if directory.is_some_and(|dir| !dir.is_dir()) {
             return (
                 Status::Warn,
                 format!("{shown}: not created yet, and its directory does not exist"),
@@ -312,7 +344,8 @@ fn check_state(identity: &BotIdentity, location: StateLocation) -> (Status, Stri
             format!("{shown}: not created yet (poll-echo, forward and serve-webhook create it)"),
         );
     }
-    match SqliteStore::open(&path, identity).and_then(|store| store.next_offset()) {
+    match SqliteStore::open(path, identity).and_then(|store| store.next_offset()) {
+        Ok(_) if role == Some(Role::Webhook) => (Status::Ok, format!("{shown} opens")),
         Ok(offset) => (Status::Ok, format!("{shown} opens (poll offset {offset})")),
         Err(error) => (Status::Fail, format!("{error:#}")),
     }

@@ -15,7 +15,7 @@ use crate::observe::Source;
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::webhook::{self, WebhookConfig};
-use fly_state::{BotIdentity, Front, RedisStore, SqliteStore, StateLocation, WebhookStore};
+use fly_state::{BotIdentity, Front, RedisStore, Role, SqliteStore, StateLocation, WebhookStore};
 
 /// Replies are retried briefly: on failure the platform delivers the update
 /// again, so holding the request open longer helps nobody. The budget keeps
@@ -77,7 +77,8 @@ pub fn run(args: ServeWebhookArgs) -> anyhow::Result<ExitCode> {
                     ),
             )),
             StateLocation::File(path) => {
-                let file = SqliteStore::open_for(&identity, path)?.with_retention(retention);
+                let file = SqliteStore::open_for(&identity, path, Role::Webhook)?
+                    .with_retention(retention);
                 Ok(Arc::new(Front::open(file, window)?))
             }
         }

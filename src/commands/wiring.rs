@@ -16,7 +16,7 @@ use crate::observe::endpoint::{self, Readiness};
 use crate::observe::{Phase, Source, metrics};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
-use fly_state::{BotIdentity, PollStore, RedisStore, SqliteStore, StateLocation};
+use fly_state::{BotIdentity, PollStore, RedisStore, Role, SqliteStore, StateLocation};
 
 /// The API client for one-shot commands (a bounded number of retries).
 pub fn one_shot_client(api: &ApiArgs) -> anyhow::Result<ApiClient> {
@@ -140,8 +140,8 @@ fn polling_store(
                 .with_lease(lease)
                 .with_outage_note("polling pauses until the state store is back"),
         ),
-        StateLocation::File(path) => {
-            Arc::new(SqliteStore::open_for(identity, path)?.with_retention(retention))
-        }
+        StateLocation::File(path) => Arc::new(
+            SqliteStore::open_for(identity, path, Role::Polling)?.with_retention(retention),
+        ),
     })
 }

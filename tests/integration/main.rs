@@ -29,4 +29,5 @@ mod reference;
 mod send;
 mod serve_webhook;
 mod signature;
+mod state_roles;
 mod worker;

@@ -58,7 +58,7 @@ impl Front {
     /// (the newest handled ids, the nonces of the last two windows) and
     /// starts the writer thread.
     pub fn open(store: SqliteStore, window_secs: i64) -> anyhow::Result<Front> {
-        store.claim_exclusive("serving webhooks")?;
+        store.claim_exclusive(super::Role::Webhook.doing())?;
         let watch = store.watch();
         store.leave_checkpoints_to_the_writer()?;
         let now = unix_now();

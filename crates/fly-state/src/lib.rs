@@ -84,8 +84,9 @@ pub enum StateRefused {
     Unusable(String),
     /// A file fly will not touch: another program's, or another bot's.
     Foreign(String),
-    /// Another fly process uses it now (polling, serving webhooks);
-    /// `shared` for a Redis store, where a second poller can stand by.
+    /// Another fly process uses it now; the message says what it does
+    /// there (polling, serving webhooks) when that is known. `shared` for a
+    /// Redis store, where a second poller can stand by.
     InUse { message: String, shared: bool },
 }
 
@@ -635,22 +636,15 @@ impl BotIdentity {
         sha256_hex(format!("{base_url}\n{fingerprint}").as_bytes())[..16].to_string()
     }
 
-    /// `$XDG_STATE_HOME/fly/bot-<key>.db`, else `~/.local/state/fly/bot-<key>.db`;
-    /// the file an older fly named there for this bot, if it exists.
-    pub fn default_state_path(&self) -> anyhow::Result<PathBuf> {
-        let base = match std::env::var_os("XDG_STATE_HOME").filter(|dir| !dir.is_empty()) {
-            Some(dir) => PathBuf::from(dir),
-            None => match std::env::var_os("HOME").filter(|dir| !dir.is_empty()) {
-                Some(home) => PathBuf::from(home).join(".local/state"),
-                None => {
-                    return Err(StateRefused::Unusable(
-                        "no state directory: set HOME or XDG_STATE_HOME".into(),
-                    )
-                    .into());
-                }
-            },
-        };
-        let dir = base.join("fly");
+    /// The default state file of `role` for this bot, in
+    /// `$XDG_STATE_HOME/fly/`, else `~/.local/state/fly/`: the pollers'
+    /// `bot-<key>.db` (or the file an older fly named there for this bot, if
+    /// it exists), serve-webhook's `bot-<key>-webhook.db`.
+    pub fn default_state_path(&self, role: Role) -> anyhow::Result<PathBuf> {
+        let dir = state_dir()?;
+        if role == Role::Webhook {
+            return Ok(dir.join(format!("bot-{}-webhook.db", self.key())));
+        }
         let legacy = dir.join(format!(
             "bot-{}.db",
             Self::key_of(&self.base_url, &self.legacy_fingerprint)
@@ -660,6 +654,58 @@ impl BotIdentity {
         }
         Ok(dir.join(format!("bot-{}.db", self.key())))
     }
+}
+
+/// Which default state file a process uses, and what it is said to be
+/// doing when another finds the file taken. Pollers share one (and exclude
+/// each other: two would fight over the offset); serve-webhook keeps its
+/// handled ids and nonces in a file of its own, so a poller (`fly forward`)
+/// and a receiver of the same bot run side by side, neither waiting on the
+/// other's writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// poll-echo and forward.
+    Polling,
+    /// serve-webhook.
+    Webhook,
+}
+
+impl Role {
+    /// Every role, the pollers' first.
+    pub const ALL: [Role; 2] = [Role::Polling, Role::Webhook];
+
+    /// What a process of this role does with its file, as a refusal says it.
+    pub fn doing(self) -> &'static str {
+        match self {
+            Role::Polling => "polling",
+            Role::Webhook => "serving webhooks",
+        }
+    }
+
+    /// The commands whose default file this is.
+    pub fn commands(self) -> &'static str {
+        match self {
+            Role::Polling => "poll-echo and forward",
+            Role::Webhook => "serve-webhook",
+        }
+    }
+}
+
+/// `$XDG_STATE_HOME/fly`, else `~/.local/state/fly`.
+fn state_dir() -> anyhow::Result<PathBuf> {
+    let base = match std::env::var_os("XDG_STATE_HOME").filter(|dir| !dir.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => match std::env::var_os("HOME").filter(|dir| !dir.is_empty()) {
+            Some(home) => PathBuf::from(home).join(".local/state"),
+            None => {
+                return Err(StateRefused::Unusable(
+                    "no state directory: set HOME or XDG_STATE_HOME".into(),
+                )
+                .into());
+            }
+        },
+    };
+    Ok(base.join("fly"))
 }
 
 #[cfg(test)]

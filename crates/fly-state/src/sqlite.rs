@@ -30,8 +30,8 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use super::group_commit::Sink;
 use super::memory::Claims;
 use super::{
-    BotIdentity, Claim, DEFAULT_RETENTION, DeadLetter, Letters, NonceCheck, PollState, StateGone,
-    StateRefused, Store, WebhookLedger,
+    BotIdentity, Claim, DEFAULT_RETENTION, DeadLetter, Letters, NonceCheck, PollState, Role,
+    StateGone, StateRefused, Store, WebhookLedger,
 };
 use fly_base::clock::unix_now;
 use fly_base::sync::lock;
@@ -45,6 +45,12 @@ const SCHEMA_VERSION: i64 = 4;
 const HANDLED_IDS_KEPT: i64 = 10_000;
 /// How long a connection waits for another one's write to finish.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The `meta` row in which the process that claimed the file (see
+/// `SqliteStore::claim_exclusive`) says who it is and what it does:
+/// `{"pid":1234,"doing":"serving webhooks"}`. Written over by each claimant.
+const HOLDER_KEY: &str = "holder";
+/// How long a refused claimant waits for the holder's row (see `in_use`).
+const HOLDER_WAIT: Duration = Duration::from_millis(500);
 
 const SCHEMA: &str = "
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -266,10 +272,11 @@ impl SqliteStore {
     }
 
     /// Opens the store at `explicit` (`--state`), else at the identity's
-    /// default path: what every long-running command does.
+    /// default path for `role`: what every long-running command does.
     pub fn open_for(
         identity: &BotIdentity,
         explicit: Option<PathBuf>,
+        role: Role,
     ) -> anyhow::Result<SqliteStore> {
         let path = match explicit {
             Some(path) => {
@@ -287,7 +294,7 @@ impl SqliteStore {
                 }
                 path
             }
-            None => identity.default_state_path()?,
+            None => identity.default_state_path(role)?,
         };
         SqliteStore::open(&path, identity)
     }
@@ -303,22 +310,15 @@ impl SqliteStore {
     /// other's offsets and answer the same updates, and a webhook server
     /// answers from memory what it has written. An advisory flock on its own
     /// descriptor of the file, which is kept open: SQLite's own locks are
-    /// fcntl locks, which flock does not touch.
+    /// fcntl locks, which flock does not touch. The holder then records who
+    /// it is and what it does (see `HOLDER_KEY`), so that a second process
+    /// is told what the first one does, not what the second wanted to.
     pub fn claim_exclusive(&self, doing: &str) -> anyhow::Result<()> {
         let file = std::fs::File::open(&self.path)
             .with_context(|| format!("opening the state file {}", self.path.display()))?;
         match file.try_lock() {
             Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(StateRefused::InUse {
-                    message: format!(
-                        "another fly process is already {doing} with the state file {}",
-                        self.path.display()
-                    ),
-                    shared: false,
-                }
-                .into());
-            }
+            Err(std::fs::TryLockError::WouldBlock) => return Err(self.in_use().into()),
             Err(std::fs::TryLockError::Error(error)) => {
                 return Err(error)
                     .with_context(|| format!("locking the state file {}", self.path.display()));
@@ -327,7 +327,71 @@ impl SqliteStore {
         let watch = FileWatch::new(file, &self.path)
             .with_context(|| format!("reading the state file {}", self.path.display()))?;
         *lock(&self.exclusive) = Some(Arc::new(watch));
+        self.record_holder(doing);
         Ok(())
+    }
+
+    /// Writes this process into the holder row. Only words for a second
+    /// process's refusal: a file that cannot take the row now (a full disk)
+    /// is still this process's, and says so when written to.
+    fn record_holder(&self, doing: &str) {
+        let holder = serde_json::json!({"pid": std::process::id(), "doing": doing}).to_string();
+        let written = self.lock().execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+            params![HOLDER_KEY, holder],
+        );
+        if let Err(error) = written {
+            tracing::debug!(state = %self.path.display(), %error, "the holder row was not written");
+        }
+    }
+
+    /// The process that holds the file and what it does there, from the
+    /// holder row, if that process still runs (a row left by one that
+    /// has exited says nothing of the holder now).
+    fn holder(&self) -> Option<(u32, String)> {
+        let row: String = self
+            .lock()
+            .query_row(
+                "SELECT value FROM meta WHERE key = ?1",
+                [HOLDER_KEY],
+                |row| row.get(0),
+            )
+            .optional()
+            .ok()??;
+        let row: serde_json::Value = serde_json::from_str(&row).ok()?;
+        let pid = u32::try_from(row["pid"].as_u64()?).ok()?;
+        let doing = row["doing"].as_str()?.to_string();
+        is_running(pid).then_some((pid, doing))
+    }
+
+    /// The refusal of a claim on a file another process holds, saying what
+    /// that process does. It writes its row just after taking the lock: one
+    /// that took it a moment ago is given `HOLDER_WAIT` to do so.
+    fn in_use(&self) -> StateRefused {
+        let deadline = Instant::now() + HOLDER_WAIT;
+        let holder = loop {
+            if let Some(holder) = self.holder() {
+                break Some(holder);
+            }
+            if Instant::now() >= deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let shown = self.path.display();
+        let message = match holder {
+            Some((pid, doing)) => {
+                format!(
+                    "another fly process (pid {pid}) is already {doing} with the state file {shown}"
+                )
+            }
+            // An older fly, or one that could not write its row.
+            None => format!("another fly process is already using the state file {shown}"),
+        };
+        StateRefused::InUse {
+            message,
+            shared: false,
+        }
     }
 
     /// The claimed file's watch (see `claim_exclusive`).
@@ -506,6 +570,20 @@ fn create_private_file(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Whether process `pid` exists (signal 0 sends nothing: it only checks).
+fn is_running(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    let found = unsafe { libc::kill(pid, 0) } == 0;
+    // EPERM: it exists, as another user's.
+    found || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
 /// Whether `nonce` was seen at or after `since` with another update: in the
 /// log (a scan of what is not merged yet: at most `MERGE_ROWS` rows, unless
 /// writes pause) or in a run that is not older than `since` (one index
@@ -607,7 +685,7 @@ impl PollState for SqliteStore {
         &self,
         _standby: Option<&dyn crate::Standby>,
     ) -> anyhow::Result<Option<super::PollingLease>> {
-        self.claim_exclusive("polling")?;
+        self.claim_exclusive(Role::Polling.doing())?;
         Ok(Some(super::PollingLease::until_exit()))
     }
 }
@@ -1609,6 +1687,51 @@ mod tests {
         assert_eq!(
             store.check_nonce("n1", "7", now, 300).unwrap(),
             NonceCheck::Fresh
+        );
+    }
+
+    #[test]
+    fn a_refused_claim_says_what_the_holder_does_not_what_it_wanted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let identity = BotIdentity::for_tests("t1");
+        let holder = SqliteStore::open(&path, &identity).unwrap();
+        holder.claim_exclusive("serving webhooks").unwrap();
+        let second = SqliteStore::open(&path, &identity).unwrap();
+        let refused = |store: &SqliteStore| match store.claim_exclusive("polling") {
+            Err(error) => match error.downcast_ref::<StateRefused>() {
+                Some(StateRefused::InUse {
+                    message,
+                    shared: false,
+                }) => message.clone(),
+                _ => panic!("{error:#}"),
+            },
+            Ok(()) => panic!("claimed twice"),
+        };
+        assert_eq!(
+            refused(&second),
+            format!(
+                "another fly process (pid {}) is already serving webhooks with the state \
+                 file {}",
+                std::process::id(),
+                path.display()
+            )
+        );
+        // A row left by a process that is gone says nothing of the holder.
+        second
+            .lock()
+            .execute(
+                "UPDATE meta SET value = '{\"pid\":2147483647,\"doing\":\"polling\"}' \
+                 WHERE key = 'holder'",
+                [],
+            )
+            .unwrap();
+        assert_eq!(
+            refused(&second),
+            format!(
+                "another fly process is already using the state file {}",
+                path.display()
+            )
         );
     }
 
