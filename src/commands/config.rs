@@ -11,7 +11,7 @@ use crate::commands::credentials::configured_token;
 use crate::commands::print_line;
 use crate::exit;
 use crate::profiles::{self, Origin, Origins, readable_by_others};
-use fly_state::{BotIdentity, StateLocation};
+use fly_state::{BotIdentity, Role, StateLocation};
 
 pub fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     match args.action {
@@ -80,11 +80,7 @@ fn show(args: ConfigShowArgs) -> anyhow::Result<ExitCode> {
     ));
     lines.push(token_line(&args, origins));
     lines.push(secret_line(&args, origins));
-    lines.push((
-        "state",
-        state_shown(&args),
-        origin_words(origins.state.as_ref()),
-    ));
+    lines.extend(state_lines(&args, origins));
     lines.push((
         "bot_id",
         args.bot_id.clone(),
@@ -139,30 +135,43 @@ fn file_shown(path: &Path) -> String {
     }
 }
 
-/// The state store as a command would open it: the default file is named
-/// from the base URL and the token, so it is shown only when both are known.
-fn state_shown(args: &ConfigShowArgs) -> String {
-    match args
+/// The state store as a command would open it. The default is a file per
+/// role (the pollers', serve-webhook's), named from the base URL and the
+/// token, so it is shown only when both are known.
+fn state_lines(args: &ConfigShowArgs, origins: &Origins) -> Vec<(&'static str, String, String)> {
+    let origin = origin_words(origins.state.as_ref());
+    let given = args
         .state
         .given
         .clone()
-        .unwrap_or(StateLocation::File(None))
-    {
+        .unwrap_or(StateLocation::File(None));
+    let shown = match given {
         StateLocation::File(Some(path)) => path.display().to_string(),
         StateLocation::Redis(url) => fly_state::without_userinfo(&url),
         StateLocation::File(None) => {
-            let path = crate::api::check_base_url(&args.api.base_url)
+            let identity = crate::api::check_base_url(&args.api.base_url)
                 .ok()
                 .zip(configured_token(&args.api).ok().flatten())
-                .and_then(|(base_url, token)| {
-                    BotIdentity::new(&base_url, token.expose())
-                        .default_state_path()
-                        .ok()
-                });
-            match path {
-                Some(path) => path.display().to_string(),
-                None => "(the bot's own file, named once the token is known)".to_string(),
-            }
+                .map(|(base_url, token)| BotIdentity::new(&base_url, token.expose()));
+            let Some(identity) = identity else {
+                let unknown = "(the bot's own files, named once the token is known)";
+                return vec![("state", unknown.to_string(), origin)];
+            };
+            return [
+                (Role::Polling, "poll-echo and forward"),
+                (Role::Webhook, "serve-webhook"),
+            ]
+            .into_iter()
+            .filter_map(|(role, users)| {
+                let path = identity.default_state_path(role).ok()?;
+                Some((
+                    "state",
+                    path.display().to_string(),
+                    format!("{origin} for {users}"),
+                ))
+            })
+            .collect();
         }
-    }
+    };
+    vec![("state", shown, origin)]
 }

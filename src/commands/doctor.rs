@@ -8,6 +8,7 @@
 //! `fly: error:` line stay on stderr. Doctor changes nothing: its API call
 //! confirms no update, and the state file is opened only if it exists.
 
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
