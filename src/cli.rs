@@ -506,30 +506,31 @@ pub enum Command {
     /// at all (no usable update_id, a message with no chat to answer, …) with
     /// its exact bytes and the reason, and go on with the others.
     DeadLetters(DeadLettersArgs),
-    /// List the profiles of the config file, or show the settings a command would use.
+    /// List the profiles of the config file, or show the settings a command would use
     ///
     /// A profile holds settings for one bot, so several bots (or the
     /// emulator beside the platform) need no juggling of environment
     /// variables. The config file is $XDG_CONFIG_HOME/fly/config.toml, else
     /// ~/.config/fly/config.toml, or --config PATH (FLY_CONFIG):
     ///
-    ///     [profiles.dev]
-    ///     base_url = "http://127.0.0.1:8787"
-    ///     token_file = "dev.token"
+    ///   [profiles.dev]
+    ///   base_url = "http://127.0.0.1:8787"
+    ///   token_file = "dev.token"
     ///
-    ///     [profiles.prod]
-    ///     token_file = "~/.secrets/fly.token"
-    ///     secret_file = "~/.secrets/fly.secret"
-    ///     state = "redis://10.0.0.5:6379/0"
-    ///     bot_id = "bot_123"
+    ///   [profiles.prod]
+    ///   token_file = "~/.secrets/fly.token"
+    ///   secret_file = "~/.secrets/fly.secret"
+    ///   state = "redis://10.0.0.5:6379/0"
+    ///   bot_id = "bot_123"
     ///
     /// Keys: base_url, token_file, secret_file, state, bot_id (the options
     /// of those names); relative paths are taken from the file's directory.
     /// Choose a profile with --profile NAME or FLY_PROFILE; without one, the
     /// profile named `default` is used if the file has it. A flag or an
     /// environment variable wins over the profile, which wins over the
-    /// built-in default. The file must not be writable by other users: it
+    /// built-in default. The file must not be writable by every user: it
     /// says where the token is sent.
+    #[command(verbatim_doc_comment)]
     Config(ConfigArgs),
     /// Print the shell completion script for SHELL on stdout.
     Completions(CompletionsArgs),
