@@ -689,7 +689,12 @@ pub struct Service {
 
 impl Service {
     pub fn start(emulator: &Emulator, args: &[&str]) -> Service {
-        let mut child = fly_child(&emulator.base_url)
+        Service::spawn(fly_child(&emulator.base_url), args)
+    }
+
+    /// `command` (a [`fly_child`] with more set) run with `args`.
+    pub fn spawn(mut command: StdCommand, args: &[&str]) -> Service {
+        let mut child = command
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -711,6 +716,10 @@ impl Service {
     /// stderr so far.
     pub fn log(&self) -> String {
         self.log.text()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Waits for the child to exit by itself; then its whole stderr is in `log`.

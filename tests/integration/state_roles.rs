@@ -3,43 +3,31 @@
 //! given, the refusal names what the holder does; `fly dead-letters` and
 //! `fly doctor` without `--state` look into both default files.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Output, Stdio};
+use std::process::Output;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::common::{ChildLog, Emulator, TOKEN, fly, fly_child, stderr_of, wait_until};
+use crate::common::{Emulator, Service, TOKEN, fly, fly_child, stderr_of, wait_until};
 use crate::serve_webhook::{SECRET, post, signed_here};
 
-/// A long-running `fly` child with HOME and XDG_STATE_HOME in `home` (so
-/// its default state files are there), killed when dropped.
-struct Running {
-    child: Child,
-    stdout: BufReader<ChildStdout>,
-    log: ChildLog,
-}
+/// Long-running `fly` children with HOME and XDG_STATE_HOME in `home` (so
+/// their default state files are there), killed when dropped.
+struct Running;
 
 impl Running {
-    fn start(emulator: &Emulator, home: &Path, args: &[&str]) -> Running {
-        let mut child = fly_child(&emulator.base_url)
+    fn start(emulator: &Emulator, home: &Path, args: &[&str]) -> Service {
+        let mut command = fly_child(&emulator.base_url);
+        command
             .env("HOME", home)
-            .env("XDG_STATE_HOME", home.join("state"))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = ChildLog::collect(&format!("fly {}", args.join(" ")), &mut child);
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        Running { child, stdout, log }
+            .env("XDG_STATE_HOME", home.join("state"));
+        Service::spawn(command, args)
     }
 
     /// serve-webhook (a message without `--exec`: the echo) and its URL,
     /// printed once its state store is open.
-    fn serve(emulator: &Emulator, home: &Path, extra: &[&str]) -> (Running, String) {
+    fn serve(emulator: &Emulator, home: &Path, extra: &[&str]) -> (Service, String) {
         let mut args = vec![
             "serve-webhook",
             "--bind",
@@ -51,31 +39,18 @@ impl Running {
         ];
         args.extend_from_slice(extra);
         let mut server = Running::start(emulator, home, &args);
-        let mut url = String::new();
-        server.stdout.read_line(&mut url).unwrap();
-        let url = url.trim().to_string();
-        assert!(url.starts_with("http://"), "{url:?}: {}", server.log.text());
+        let url = server.first_line();
+        assert!(url.starts_with("http://"), "{url:?}: {}", server.log());
         (server, url)
     }
 
     /// A poller (poll-echo, forward) once it polls: its state is claimed.
-    fn polling(emulator: &Emulator, home: &Path, args: &[&str]) -> Running {
+    fn polling(emulator: &Emulator, home: &Path, args: &[&str]) -> Service {
         let poller = Running::start(emulator, home, args);
         wait_until(Duration::from_secs(20), "the poller to poll", || {
-            poller.log.text().contains("polling for updates")
+            poller.log().contains("polling for updates")
         });
         poller
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -122,8 +97,8 @@ fn forward_and_serve_webhook_run_side_by_side_with_default_state() {
         emulator.sent()[0]["client_msg_id"],
         format!("echo_{update_id}"),
         "{}{}",
-        forward.log.text(),
-        server.log.text()
+        forward.log(),
+        server.log()
     );
     // A file each: the pollers' and serve-webhook's.
     let files = default_files(home.path());
