@@ -121,7 +121,7 @@ impl Cli {
             })
             .map(|(_, flag)| flag)
             .collect();
-        let origins = origins_of(leaf, profile);
+        let origins = origins_of(&Leaf::of(matches), profile);
         match &mut cli.command {
             Command::Doctor(args) => args.origins = origins,
             Command::Config(ConfigArgs {
@@ -148,6 +148,60 @@ fn leaf_of(matches: &ArgMatches) -> (&ArgMatches, Vec<String>) {
         leaf = sub;
     }
     (leaf, path)
+}
+
+/// The deepest subcommand's matches and the options it defines. Whether a
+/// command has an option is asked of its definition: a release build of
+/// clap answers an undefined id as merely absent (a debug build panics).
+struct Leaf<'a> {
+    matches: &'a ArgMatches,
+    path: Vec<String>,
+    options: Vec<String>,
+}
+
+impl<'a> Leaf<'a> {
+    fn of(matches: &'a ArgMatches) -> Leaf<'a> {
+        use clap::CommandFactory;
+        let (leaf, path) = leaf_of(matches);
+        let root = Cli::command();
+        let mut command = &root;
+        for name in &path {
+            match command.find_subcommand(name) {
+                Some(sub) => command = sub,
+                None => break,
+            }
+        }
+        let options = command
+            .get_arguments()
+            .map(|arg| arg.get_id().to_string())
+            .collect();
+        Leaf {
+            matches: leaf,
+            path,
+            options,
+        }
+    }
+
+    /// Whether the command has option `id` (not every command has every one).
+    fn has(&self, id: &str) -> bool {
+        self.options.iter().any(|option| option == id)
+    }
+
+    fn source(&self, id: &str) -> Option<ValueSource> {
+        if self.has(id) {
+            self.matches.value_source(id)
+        } else {
+            None
+        }
+    }
+
+    /// Set on the command line or by its environment variable.
+    fn given(&self, id: &str) -> bool {
+        matches!(
+            self.source(id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        )
+    }
 }
 
 /// What a profile key stands in for: the option (its clap id), the ids
@@ -186,26 +240,13 @@ fn option_of(key: Key) -> Stands {
 }
 
 impl Stands {
-    fn already_chosen(&self, leaf: &ArgMatches) -> bool {
-        self.deciding.iter().any(|id| given(leaf, id))
+    fn already_chosen(&self, leaf: &Leaf) -> bool {
+        self.deciding.iter().any(|id| leaf.given(id))
             || self
                 .variable
                 .and_then(std::env::var_os)
                 .is_some_and(|value| !value.is_empty())
     }
-}
-
-/// Whether the leaf command has option `id` (not every command has every one).
-fn has_option(leaf: &ArgMatches, id: &str) -> bool {
-    leaf.try_get_raw(id).is_ok()
-}
-
-fn given(leaf: &ArgMatches, id: &str) -> bool {
-    has_option(leaf, id)
-        && matches!(
-            leaf.value_source(id),
-            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-        )
 }
 
 /// `command` with the profile's settings as the defaults of the options the
@@ -216,11 +257,11 @@ fn with_profile_defaults(
     matches: &ArgMatches,
     profile: &Profile,
 ) -> Result<clap::Command, ConfigError> {
-    let (leaf, path) = leaf_of(matches);
+    let leaf = Leaf::of(matches);
     let mut defaults = Vec::new();
     for setting in &profile.settings {
         let stands = option_of(setting.key);
-        if !has_option(leaf, stands.id) || stands.already_chosen(leaf) {
+        if !leaf.has(stands.id) || stands.already_chosen(&leaf) {
             continue;
         }
         if matches!(setting.key, Key::TokenFile | Key::SecretFile)
@@ -237,7 +278,7 @@ fn with_profile_defaults(
         }
         defaults.push((stands.id, setting.value.clone()));
     }
-    Ok(on_leaf(command, &path, move |mut leaf| {
+    Ok(on_leaf(command, &leaf.path, move |mut leaf| {
         for (id, value) in defaults {
             // clap takes a default as a `&'static str` (owned ones need its
             // `string` feature); the command line is parsed once per process.
@@ -263,17 +304,13 @@ fn on_leaf(
 /// Where each setting the command has came from. A default value of an
 /// option the profile sets is the profile's (it was applied only where
 /// nothing else set the option).
-fn origins_of(leaf: &ArgMatches, profile: Option<&Profile>) -> Origins {
+fn origins_of(leaf: &Leaf, profile: Option<&Profile>) -> Origins {
     let from_profile = |key: Key| {
         profile.and_then(|profile| profile.get(key).map(|setting| profile.origin_of(setting)))
     };
-    let source = |id: &str| {
-        has_option(leaf, id)
-            .then(|| leaf.value_source(id))
-            .flatten()
-    };
+    let source = |id: &str| leaf.source(id);
     let plain = |id: &str, flag: &str, variable: &'static str, key: Key| {
-        has_option(leaf, id).then(|| match leaf.value_source(id) {
+        leaf.has(id).then(|| match leaf.source(id) {
             Some(ValueSource::CommandLine) => Origin::Flag(flag.to_string()),
             Some(ValueSource::EnvVariable) => Origin::Env(variable),
             _ => from_profile(key).unwrap_or(Origin::Default),
@@ -291,7 +328,7 @@ fn origins_of(leaf: &ArgMatches, profile: Option<&Profile>) -> Origins {
         (_, Some(ValueSource::CommandLine)) => Some(Origin::Flag("--secret".into())),
         (_, Some(ValueSource::EnvVariable)) => Some(Origin::Env("FLY_WEBHOOK_SECRET")),
         (Some(ValueSource::DefaultValue), _) => from_profile(Key::SecretFile),
-        _ => has_option(leaf, "secrets").then_some(Origin::Default),
+        _ => leaf.has("secrets").then_some(Origin::Default),
     };
     Origins {
         profile: profile.cloned(),
@@ -1821,6 +1858,22 @@ mod tests {
             }
             assert!(runs_itself, "fly {name}: no example runs it");
         }
+    }
+
+    /// Which options a command has is read from its definition: a release
+    /// build of clap answers an undefined id as absent, so asking the
+    /// matches would apply a profile's base_url to `fly sign` (and panic).
+    #[test]
+    fn a_commands_options_come_from_its_definition() {
+        let matches = |args: &[&str]| Cli::command().try_get_matches_from(args).unwrap();
+        let sign = matches(&["fly", "sign", "--secret", "s"]);
+        let leaf = Leaf::of(&sign);
+        assert!(!leaf.has("base_url") && leaf.has("bot_id") && leaf.has("token_file"));
+        assert!(leaf.given("secrets") && !leaf.given("bot_id"));
+        let set = matches(&["fly", "emulator", "webhook", "set", "http://h/"]);
+        let leaf = Leaf::of(&set);
+        assert_eq!(leaf.path, ["emulator", "webhook", "set"]);
+        assert!(leaf.has("base_url") && leaf.has("secret_files") && !leaf.has("state"));
     }
 
     #[test]

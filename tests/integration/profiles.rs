@@ -434,3 +434,37 @@ fn a_config_file_others_can_change_is_refused_and_a_group_writable_one_warned_of
     assert_eq!(code, Some(0), "{stderr}");
     assert!(!report.contains("chmod"), "{report}");
 }
+
+/// A profile holding every key is used by commands that have only some of
+/// the options (sign has no --base-url, verify-sig no --state): each takes
+/// what it has and ignores the rest.
+#[test]
+fn commands_take_the_keys_they_have_and_ignore_the_rest() {
+    let config = ConfigHome::with(
+        "[profiles.default]\nbase_url = \"http://127.0.0.1:9\"\ntoken_file = \"bot.token\"\n\
+         secret_file = \"webhook.secret\"\nstate = \"p.db\"\nbot_id = \"bot_all\"\n",
+    );
+    let update = r#"{"update_id":1,"type":"message","message":{"chat":{"type":"private","id":"u_1"},"msgType":"text","data":{"content":"hi"}}}"#;
+    let output = config
+        .fly()
+        .args(["sign", "--now", "1700000000"])
+        .write_stdin(update)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    let output = config
+        .fly()
+        .args(["verify-sig", "--now", "1700000000"])
+        .write_stdin(output.stdout)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    for args in [&["man"][..], &["completions", "bash"], &["config", "list"]] {
+        let (code, _, stderr) = run(config.fly().args(args));
+        assert_eq!(code, Some(0), "{args:?}: {stderr}");
+    }
+    // The emulator's own commands take the profile's base URL.
+    let (code, _, stderr) = run(config.fly().args(["emulator", "sent"]));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("127.0.0.1:9"), "{stderr}");
+}
