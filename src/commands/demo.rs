@@ -101,8 +101,9 @@ pub fn run(_args: DemoArgs) -> anyhow::Result<ExitCode> {
         "Try it yourself, in three terminals:\n  \
          fly emulator\n  \
          FLY_BASE_URL=http://127.0.0.1:8787 FLY_BOT_TOKEN=dev fly poll-echo\n  \
-         fly emulator say --chat u_me \"hello bot\"\n\
-         poll-echo logs its reply (outcome=replied); the emulator logs every API call.",
+         fly emulator say --chat u_me \"hello bot\"\n  \
+         fly emulator sent --follow\n\
+         The last prints each answer as the bot sends it; the emulator logs every API call.",
     )?;
     emulator.shutdown();
     if handled as usize == incoming.len() {
