@@ -28,7 +28,7 @@ pub use fly_state::StateLocation;
 #[derive(Debug, Parser)]
 #[command(
     name = "fly",
-    version,
+    version = env!("FLY_VERSION_LINE"),
     propagate_version = true,
     after_help = examples(&[
         "# See the whole loop work: no token, no network",

@@ -685,3 +685,43 @@ fn a_closed_stdout_is_exit_1_with_one_line() {
     assert_eq!(output.status.code(), Some(0), "{}", stderr_of(&output));
     assert_eq!(stderr_of(&output), "");
 }
+
+/// `fly --version` says which build it is: the version, the commit (or that
+/// it was built outside git) and the build date, for every command too.
+#[test]
+fn version_names_the_commit_and_the_build_date() {
+    let head = StdCommand::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_string());
+    for args in [&["--version"][..], &["send", "--version"]] {
+        let output = fly().args(args).output().unwrap();
+        assert!(output.status.success(), "{}", stderr_of(&output));
+        let line = String::from_utf8(output.stdout).unwrap();
+        let name = if args.len() == 1 { "fly" } else { "fly-send" };
+        let rest = line
+            .strip_prefix(&format!("{name} {} (", env!("CARGO_PKG_VERSION")))
+            .unwrap_or_else(|| panic!("{line:?}"));
+        let (build, date) = rest
+            .trim_end()
+            .trim_end_matches(')')
+            .rsplit_once(' ')
+            .unwrap();
+        match &head {
+            Some(commit) => assert_eq!(build, commit, "{line:?}"),
+            None => assert_eq!(build, "built outside git,", "{line:?}"),
+        }
+        let parts: Vec<&str> = date.split('-').collect();
+        assert!(
+            parts.len() == 3
+                && [4, 2, 2] == [parts[0].len(), parts[1].len(), parts[2].len()]
+                && parts
+                    .iter()
+                    .all(|part| part.bytes().all(|b| b.is_ascii_digit())),
+            "{line:?}"
+        );
+    }
+}
