@@ -30,4 +30,5 @@ mod send;
 mod serve_webhook;
 mod signature;
 mod state_roles;
+mod systemd_units;
 mod worker;
