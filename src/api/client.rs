@@ -189,6 +189,12 @@ impl ApiClient {
         })
     }
 
+    /// The longest one attempt of a long poll of `poll_timeout` can take:
+    /// its connect and its read timeout (what a watchdog may wait for).
+    pub fn long_poll_bound(poll_timeout: Duration) -> Duration {
+        CONNECT_TIMEOUT + poll_timeout + LONG_POLL_GRACE
+    }
+
     /// One long poll: updates with `update_id >= offset` (confirming every
     /// update below it), each with its exact bytes, or why it is unusable.
     pub fn get_updates(
