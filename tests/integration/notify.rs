@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use crate::common::{
     Emulator, Service, fly_child, read_request, sign_update, signal, unique_number, wait_until,
 };
+use crate::redis::{Poller, RedisServer};
 use crate::serve_webhook::{SECRET, Server, post, text_update};
 
 /// The service manager's end: a datagram socket fly is pointed at.
@@ -197,6 +198,40 @@ fn poll_echo_is_ready_once_it_polls_says_its_status_and_stopping_on_sigterm() {
     assert_eq!(pings(&manager.said), 0, "no watchdog was asked for");
 }
 
+/// A poller that stands by for the polling lease (a Redis state another
+/// poller holds) is up: ready, and says so; and says when the store is out
+/// of reach.
+#[test]
+#[ignore = "needs redis-server"]
+fn a_poller_standing_by_is_ready_and_says_what_it_waits_for() {
+    let emulator = Emulator::start();
+    let mut redis = RedisServer::unix();
+    let dir = tempfile::tempdir().unwrap();
+    let holder = Poller::start(&emulator, &redis, dir.path(), &[]);
+    wait_until(Duration::from_secs(30), "the first poller to poll", || {
+        holder.log().contains("polling for updates")
+    });
+    let mut manager = Manager::at_a_path();
+    let mut command = fly_child(&emulator.base_url);
+    command.env("NOTIFY_SOCKET", &manager.address);
+    let url = redis.url();
+    let _standby = Service::spawn(
+        command,
+        &["poll-echo", "--poll-timeout", "1", "--state", &url],
+    );
+    manager.wait_for(READY_WITHIN, "READY=1", |message| message == "READY=1");
+    let standing_by = "STATUS=standing by: another poller holds the polling lease";
+    manager.wait_for(Duration::from_secs(10), standing_by, |message| {
+        message == standing_by
+    });
+    redis.kill();
+    manager.wait_for(
+        Duration::from_secs(30),
+        "the store out of reach",
+        |message| message.starts_with("STATUS=state store unreachable"),
+    );
+}
+
 #[test]
 fn an_abstract_socket_is_told_too() {
     let emulator = Emulator::start();
@@ -265,8 +300,9 @@ fn serve_webhook_is_ready_once_it_listens_and_says_what_it_answered() {
     assert!(status.success(), "{status}: {}", server.log());
 }
 
-/// A handler that never returns is no hung loop: the loop goes on (other
-/// chats, polls), and so do the pings. The handler does not see the socket.
+/// A handler that never returns is no hung loop: the loop goes on (it
+/// polls again and again while the update stays unconfirmed), and so do
+/// the pings. The handler does not see the socket.
 #[test]
 fn watchdog_pings_go_on_while_a_handler_hangs() {
     let emulator = Emulator::start();
