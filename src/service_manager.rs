@@ -113,16 +113,18 @@ impl Notifier {
         }
     }
 
-    /// Says each new status (throttled) and pings while the loop is alive.
+    /// Says each new status (throttled) and pings while the loop is alive;
+    /// sends outside the lock, so a slow manager never holds up a caller.
     fn run(&self) {
         let mut next_ping = Instant::now();
         let mut next_status = Instant::now();
         let mut state = lock(&self.state);
         loop {
             let now = Instant::now();
+            let mut messages = Vec::new();
             if now >= next_status && state.wanted != state.said {
                 let line = state.wanted.clone().unwrap_or_default();
-                self.send(&format!("STATUS={line}"));
+                messages.push(format!("STATUS={line}"));
                 state.said = Some(line);
                 next_status = now + STATUS_SPACING;
             }
@@ -130,9 +132,17 @@ impl Notifier {
                 && now >= next_ping
             {
                 if state.alive_until.is_some_and(|until| now < until) {
-                    self.send("WATCHDOG=1");
+                    messages.push("WATCHDOG=1".to_string());
                 }
                 next_ping = now + every;
+            }
+            if !messages.is_empty() {
+                drop(state);
+                for message in &messages {
+                    self.send(message);
+                }
+                state = lock(&self.state);
+                continue;
             }
             let mut wake = self.ping_every.map(|_| next_ping);
             if state.wanted != state.said {
@@ -237,9 +247,9 @@ pub fn alive_for(bound: Duration) {
     if notifier.ping_every.is_none() {
         return;
     }
-    let until = Instant::now() + bound;
     let mut state = lock(&notifier.state);
-    state.alive_until = Some(state.alive_until.map_or(until, |at| at.max(until)));
+    // The loop's latest word: one turn at a time says how long the next is.
+    state.alive_until = Some(Instant::now() + bound);
     notifier.start(&mut state);
     notifier.changed.notify_all();
 }

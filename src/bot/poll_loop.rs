@@ -1260,26 +1260,28 @@ impl Poller {
             } else {
                 self.settings.poll_timeout
             };
-            // A poll that outlives its own bound (a platform that took the
-            // request and never answers) is a loop that stopped turning.
-            service_manager::alive_for(ApiClient::long_poll_bound(timeout) + BOUND_SLACK);
-            let received = match self
-                .client
-                .get_updates(offset, self.settings.limit, timeout)
-            {
-                Ok(received) => {
-                    service_manager::ready();
-                    received
-                }
-                Err(ApiError::Cancelled) => return Ok(()),
-                Err(error @ ApiError::BadResponse { .. }) => {
-                    tracing::error!("{error}");
-                    failed_rounds += 1;
-                    self.pause(RetryPolicy::FOREVER.next_delay(failed_rounds, None), None);
-                    continue;
-                }
-                Err(error) => return Err(error.into()),
-            };
+            // READY as /readyz is: the lease is held, the store answers,
+            // and the loop polls.
+            service_manager::ready();
+            // Each attempt of the poll, and each wait between two, says how
+            // long it may take: one that outlives it (a platform that drips
+            // its answer) is a loop that stopped turning.
+            let alive = |bound: Duration| service_manager::alive_for(bound + BOUND_SLACK);
+            let received =
+                match self
+                    .client
+                    .get_updates(offset, self.settings.limit, timeout, &alive)
+                {
+                    Ok(received) => received,
+                    Err(ApiError::Cancelled) => return Ok(()),
+                    Err(error @ ApiError::BadResponse { .. }) => {
+                        tracing::error!("{error}");
+                        failed_rounds += 1;
+                        self.pause(RetryPolicy::FOREVER.next_delay(failed_rounds, None), None);
+                        continue;
+                    }
+                    Err(error) => return Err(error.into()),
+                };
             failed_rounds = 0;
             let had_updates = !received.is_empty();
             let fresh = match self

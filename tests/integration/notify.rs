@@ -349,13 +349,13 @@ fn watchdog_pings_go_on_while_a_handler_hangs() {
 }
 
 /// A stand-in platform that answers the first updates request with no
-/// updates, then takes every later request and never answers: the poll in
-/// flight outlives its own bound. Returns its base URL.
-fn platform_that_stops_answering() -> String {
+/// updates, then begins every later answer and drips it, a byte a second,
+/// never finishing it: each read is within the read timeout, the poll as a
+/// whole never ends. Returns its base URL.
+fn platform_that_drips_its_answers() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let base_url = format!("http://{}", listener.local_addr().unwrap());
     std::thread::spawn(move || {
-        let mut held = Vec::new();
         for (served, stream) in listener.incoming().enumerate() {
             let Ok(mut stream) = stream else { return };
             if read_request(&stream).is_none() {
@@ -369,19 +369,26 @@ fn platform_that_stops_answering() -> String {
                      content-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()
                 );
-            } else {
-                held.push(stream);
+                continue;
             }
+            std::thread::spawn(move || {
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nx-drip: ");
+                // Ends when fly is gone (the write fails).
+                while stream.write_all(b"a").is_ok() {
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            });
         }
     });
     base_url
 }
 
-/// A poll loop that stopped turning (its poll outlived its bound) stops the
-/// pings, so the service manager ends it; the process itself still runs.
+/// A poll loop that stopped turning (its poll outlived its bound: connect
+/// and read timeouts) stops the pings, so the service manager ends it; the
+/// process itself still runs.
 #[test]
 fn watchdog_pings_stop_when_the_poll_loop_stops_turning() {
-    let base_url = platform_that_stops_answering();
+    let base_url = platform_that_drips_its_answers();
     let dir = tempfile::tempdir().unwrap();
     let mut manager = Manager::at_a_path();
     let mut service = poll_echo(
@@ -394,8 +401,8 @@ fn watchdog_pings_stop_when_the_poll_loop_stops_turning() {
     manager.wait_for(READY_WITHIN, "READY=1", |message| message == "READY=1");
     let seen = manager.during(Duration::from_secs(2));
     assert!(pings(&seen) >= 4, "few pings while polling: {seen:?}");
-    // The second poll is never answered: past its read timeout and connect
-    // time (1 + 15 + 10 s, and a little), the pings stop.
+    // The second poll never ends: past its connect and read timeouts
+    // (10 + 1 + 15 s, and a little), the pings stop.
     assert!(
         manager.pings_stop(Duration::from_secs(3), Duration::from_secs(60)),
         "the pings went on: {:?}",
@@ -406,6 +413,57 @@ fn watchdog_pings_stop_when_the_poll_loop_stops_turning() {
         "fly exited: {}",
         service.log()
     );
+}
+
+/// A stand-in platform that answers the first updates request with no
+/// updates, then drops every later connection once it has read the
+/// request: the platform is down. Returns its base URL.
+fn platform_that_goes_down() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base_url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for (served, stream) in listener.incoming().enumerate() {
+            let Ok(mut stream) = stream else { return };
+            if read_request(&stream).is_none() || served > 0 {
+                continue;
+            }
+            let body = r#"{"code":0,"msg":"ok","data":{"updates":[]}}"#;
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                 content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    base_url
+}
+
+/// A platform that is down is no hung loop: the poll is retried, each
+/// attempt and each wait within its bound, and the pings go on past the
+/// bound of one poll (10 + 1 + 15 s).
+#[test]
+fn watchdog_pings_go_on_while_the_platform_is_down() {
+    let base_url = platform_that_goes_down();
+    let dir = tempfile::tempdir().unwrap();
+    let mut manager = Manager::at_a_path();
+    let _service = poll_echo(
+        &base_url,
+        &manager,
+        dir.path(),
+        &[("WATCHDOG_USEC", "400000")],
+        &["--poll-timeout", "1"],
+    );
+    manager.wait_for(READY_WITHIN, "READY=1", |message| message == "READY=1");
+    let past_one_poll = Instant::now() + Duration::from_secs(30);
+    let seen = manager.during(past_one_poll.saturating_duration_since(Instant::now()));
+    let last = manager.during(Duration::from_secs(3));
+    assert!(
+        pings(&seen) >= 60,
+        "pings stopped: {} in 30 s",
+        pings(&seen)
+    );
+    assert!(pings(&last) >= 6, "pings stopped: {last:?}");
 }
 
 /// Only a process told of a socket speaks: without `NOTIFY_SOCKET` the
