@@ -1267,21 +1267,20 @@ impl Poller {
             // long it may take: one that outlives it (a platform that drips
             // its answer) is a loop that stopped turning.
             let alive = |bound: Duration| service_manager::alive_for(bound + BOUND_SLACK);
-            let received =
-                match self
-                    .client
-                    .get_updates(offset, self.settings.limit, timeout, &alive)
-                {
-                    Ok(received) => received,
-                    Err(ApiError::Cancelled) => return Ok(()),
-                    Err(error @ ApiError::BadResponse { .. }) => {
-                        tracing::error!("{error}");
-                        failed_rounds += 1;
-                        self.pause(RetryPolicy::FOREVER.next_delay(failed_rounds, None), None);
-                        continue;
-                    }
-                    Err(error) => return Err(error.into()),
-                };
+            let polled = self
+                .client
+                .get_updates(offset, self.settings.limit, timeout, &alive);
+            let received = match polled {
+                Ok(received) => received,
+                Err(ApiError::Cancelled) => return Ok(()),
+                Err(error @ ApiError::BadResponse { .. }) => {
+                    tracing::error!("{error}");
+                    failed_rounds += 1;
+                    self.pause(RetryPolicy::FOREVER.next_delay(failed_rounds, None), None);
+                    continue;
+                }
+                Err(error) => return Err(error.into()),
+            };
             failed_rounds = 0;
             let had_updates = !received.is_empty();
             let fresh = match self

@@ -53,8 +53,8 @@ pub struct Metrics {
     pub polling_lease_held: Gauge,
     pub handler_restarts: Counter,
     pub state_store_errors: Counter,
-    /// Every answer of serve-webhook, whatever its code (not served: the
-    /// service manager's status line says it).
+    /// Every request serve-webhook answered, whatever its code (not
+    /// served: the service manager's status line says it).
     pub webhook_answers: Counter,
     /// What the poll loop is doing, for `/readyz` (see [`Phase`]).
     phase: AtomicU8,

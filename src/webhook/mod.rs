@@ -222,7 +222,7 @@ async fn tell_the_service_manager(local: std::net::SocketAddr, store: Arc<dyn We
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        service_manager::alive_for(every * 2);
+        service_manager::alive_for(every * 3);
         service_manager::status_with(|| {
             let metrics = crate::observe::metrics();
             let unreachable = if store.is_reachable() {
@@ -231,7 +231,7 @@ async fn tell_the_service_manager(local: std::net::SocketAddr, store: Arc<dyn We
                 "; state store unreachable"
             };
             format!(
-                "serving on {local}: {} deliveries answered, {} in flight{unreachable}",
+                "serving on {local}: {} requests answered, {} in flight{unreachable}",
                 metrics.webhook_answers.get(),
                 metrics.updates_in_flight.get()
             )

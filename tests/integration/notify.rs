@@ -276,14 +276,13 @@ fn serve_webhook_is_ready_once_it_listens_and_says_what_it_answered() {
         .split('/')
         .next()
         .unwrap();
-    let serving = format!("STATUS=serving on 127.0.0.1:{port}: 0 deliveries answered, 0 in flight");
+    let serving = format!("STATUS=serving on 127.0.0.1:{port}: 0 requests answered, 0 in flight");
     manager.wait_for(Duration::from_secs(10), &serving, |message| {
         message == serving
     });
     let signed = sign_update(&text_update(7, ("private", "u_1"), "hi"), SECRET, &[]);
     assert_eq!(post(&server.url, &signed).status, 200);
-    let answered =
-        format!("STATUS=serving on 127.0.0.1:{port}: 1 deliveries answered, 0 in flight");
+    let answered = format!("STATUS=serving on 127.0.0.1:{port}: 1 requests answered, 0 in flight");
     manager.wait_for(Duration::from_secs(10), &answered, |message| {
         message == answered
     });
