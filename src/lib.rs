@@ -25,6 +25,7 @@ pub mod output;
 pub mod profiles;
 pub(crate) mod progress;
 pub(crate) mod retry;
+pub(crate) mod service_manager;
 pub(crate) mod shutdown;
 pub(crate) mod small_file;
 pub(crate) mod webhook;

@@ -122,6 +122,7 @@ impl Shutdown {
                     if received == 0 {
                         // Each command says what stopping means for it.
                         tracing::debug!("{name} received: stopping");
+                        crate::service_manager::stopping();
                         owner.request();
                     } else {
                         tracing::warn!("{name} received again: stopping now");

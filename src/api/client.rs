@@ -121,7 +121,20 @@ impl ApiClient {
         read_timeout: Duration,
         read: impl Fn(&Envelope) -> Result<T, BadData>,
     ) -> Result<T, ApiError> {
-        self.call_any(path, body, read_timeout, |envelope| {
+        self.call_paced(path, body, read_timeout, &|_| {}, read)
+    }
+
+    /// [`ApiClient::call`], telling `pace` before each attempt and each wait
+    /// the longest it may take (see [`ApiClient::get_updates`]).
+    fn call_paced<T>(
+        &self,
+        path: &str,
+        body: &str,
+        read_timeout: Duration,
+        pace: &dyn Fn(Duration),
+        read: impl Fn(&Envelope) -> Result<T, BadData>,
+    ) -> Result<T, ApiError> {
+        self.call_any(path, body, read_timeout, pace, |envelope| {
             if matches!(envelope.located.value.get("data"), None | Some(Value::Null)) {
                 return Err(BadData(format!(
                     "HTTP {} without data{}",
@@ -137,7 +150,7 @@ impl ApiClient {
     /// envelope: `code`, `msg`, `data`) as one line of JSON; an envelope
     /// that reports a failure is an error, as for every call.
     pub fn call_path(&self, path: &str, body: &str) -> Result<String, ApiError> {
-        self.call_any(path, body, READ_TIMEOUT, |envelope| {
+        self.call_any(path, body, READ_TIMEOUT, &|_| {}, |envelope| {
             Ok(json::compact(envelope.text))
         })
     }
@@ -148,11 +161,18 @@ impl ApiClient {
         path: &str,
         body: &str,
         read_timeout: Duration,
+        pace: &dyn Fn(Duration),
         read: impl Fn(&Envelope) -> Result<T, BadData>,
     ) -> Result<T, ApiError> {
         let url = format!("{}{}", self.base_url, path);
+        // An attempt ends within its connect and read timeouts, unless the
+        // server drips its answer (each read is bounded, not the whole).
+        let attempt_bound = CONNECT_TIMEOUT + read_timeout;
         let outcome = self.policy.run(
-            |attempt| self.attempt(&url, path, body, read_timeout, attempt.time_left, &read),
+            |attempt| {
+                pace(attempt_bound);
+                self.attempt(&url, path, body, read_timeout, attempt.time_left, &read)
+            },
             |failures, reason, delay| {
                 metrics()
                     .api_retries
@@ -165,7 +185,10 @@ impl ApiClient {
                     delay.as_secs_f64()
                 );
             },
-            |delay| self.shutdown.sleep(delay),
+            |delay| {
+                pace(delay + attempt_bound);
+                self.shutdown.sleep(delay)
+            },
         );
         outcome.map_err(|gave_up| match gave_up {
             GaveUp::Fatal(error) => {
@@ -191,18 +214,23 @@ impl ApiClient {
 
     /// One long poll: updates with `update_id >= offset` (confirming every
     /// update below it), each with its exact bytes, or why it is unusable.
+    /// `pace` is told, before each attempt and each wait between attempts,
+    /// the longest that step should take (a watchdog's bound): its connect
+    /// and read timeouts, the wait.
     pub fn get_updates(
         &self,
         offset: i64,
         limit: u32,
         poll_timeout: Duration,
+        pace: &dyn Fn(Duration),
     ) -> Result<Vec<Received>, ApiError> {
         let body = json!({"offset": offset, "limit": limit, "timeout": poll_timeout.as_secs()});
         let read_timeout = poll_timeout + LONG_POLL_GRACE;
-        self.call(
+        self.call_paced(
             PATH_UPDATES,
             &body.to_string(),
             read_timeout,
+            pace,
             |envelope| match envelope.data().get("updates") {
                 Some(Value::Array(updates)) => Ok(updates
                     .iter()

@@ -18,7 +18,8 @@ pub const STDERR_BUDGET: usize = 64 * 1024;
 /// alike: run by /bin/sh (as system(3) runs commands: the POSIX shell, found
 /// without trying every directory of PATH), all three pipes, its own process
 /// group (so a kill reaches everything it started), and the secrets kept
-/// from it unless the user passes the token (`--pass-token`).
+/// from it unless the user passes the token (`--pass-token`). A service
+/// manager's socket is kept from it too: a handler cannot speak for fly.
 pub fn handler_command(command: &str, token: Option<&str>) -> std::process::Command {
     use std::os::unix::process::CommandExt;
     let mut built = std::process::Command::new("/bin/sh");
@@ -31,6 +32,9 @@ pub fn handler_command(command: &str, token: Option<&str>) -> std::process::Comm
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .process_group(0);
+    for variable in crate::service_manager::VARIABLES {
+        built.env_remove(variable);
+    }
     if let Some(token) = token {
         built.env("FLY_BOT_TOKEN", token);
     }

@@ -39,6 +39,7 @@ use super::{HandleError, Handler, chat_label, record_dead_letter, record_of};
 use crate::api::{ApiClient, ApiError, Received, Update};
 use crate::observe::{End, Phase, Source, Step, UpdateRecord, metrics};
 use crate::retry::RetryPolicy;
+use crate::service_manager;
 use crate::shutdown::{Shutdown, Stage};
 use fly_base::sync::lock;
 use fly_state::{PollStore, PollingLease, is_lease_lost, is_unavailable};
@@ -67,6 +68,15 @@ const PARKED_IN_MEMORY_BYTES: usize = 4 * 1024 * 1024;
 
 /// Parked updates read from the store in one call, looking for a chat's.
 const PARKED_PAGE: usize = 256;
+
+/// The longest a step of the loop other than the long poll takes (a state
+/// store call, with its own bounds): a service manager's watchdog waits
+/// this long for the next turn before it takes the loop for hung.
+const STEP_BOUND: Duration = Duration::from_secs(30);
+
+/// Added to every bound the loop gives the watchdog: a turn just late is
+/// not a hung loop.
+const BOUND_SLACK: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 pub struct PollSettings {
@@ -116,10 +126,15 @@ pub fn run(
     settings: &PollSettings,
     shutdown: &Shutdown,
 ) -> anyhow::Result<Summary> {
-    let standby = (!settings.once).then_some(shutdown as &dyn fly_state::Standby);
+    let standing_by = StandingBy {
+        shutdown,
+        store: store.as_ref(),
+    };
+    let standby = (!settings.once).then_some(&standing_by as &dyn fly_state::Standby);
     let mut total = Summary::default();
     loop {
         metrics().set_phase(Phase::StandingBy);
+        service_manager::alive_for(STEP_BOUND);
         let Some(lease) = store.claim_polling(standby)? else {
             tracing::info!("stopped while standing by");
             return Ok(total);
@@ -144,6 +159,31 @@ pub fn run(
         if !lost || shutdown.is_requested() || settings.once {
             return Ok(total);
         }
+    }
+}
+
+/// A poller waiting for the polling lease (another holds it) or for the
+/// state store to answer: it waits on the stop, and tells the service
+/// manager it is up (standing by) or what it waits for.
+struct StandingBy<'a> {
+    shutdown: &'a Shutdown,
+    store: &'a dyn PollStore,
+}
+
+impl fly_state::Standby for StandingBy<'_> {
+    fn sleep(&self, duration: Duration) -> bool {
+        if self.store.is_reachable() {
+            service_manager::ready();
+            service_manager::status_with(|| {
+                "standing by: another poller holds the polling lease".to_string()
+            });
+        } else {
+            service_manager::status_with(|| {
+                "state store unreachable: waiting for it before polling".to_string()
+            });
+        }
+        service_manager::alive_for(duration + STEP_BOUND);
+        self.shutdown.sleep(duration)
     }
 }
 
@@ -561,7 +601,29 @@ impl Scheduler {
         let metrics = metrics();
         metrics.updates_in_flight.set(state.in_flight() as i64);
         metrics.parked_updates.set(state.parked.len() as i64);
+        service_manager::status_with(|| {
+            if state.stopping {
+                format!("stopping: {} updates in hand", state.busy_workers)
+            } else {
+                format!(
+                    "polling: offset {}, {} updates in flight",
+                    state.offset(),
+                    state.in_flight()
+                )
+            }
+        });
         self.changed.notify_all();
+    }
+
+    /// Waits for a change, waking to tell the watchdog the loop is alive
+    /// (waiting on the workers is no hang: handlers have bounds of their own).
+    fn wait_alive<'a>(&self, guard: MutexGuard<'a, Queues>) -> MutexGuard<'a, Queues> {
+        let Some(every) = service_manager::beat_every() else {
+            return self.wait(guard);
+        };
+        let guard = self.wait_timeout(guard, every);
+        service_manager::alive_for(every + BOUND_SLACK);
+        guard
     }
 
     /// A stop was requested: nothing new starts, no more polls.
@@ -604,7 +666,7 @@ impl Scheduler {
     fn room_to_poll(&self) -> Option<i64> {
         let mut state = self.lock();
         while !state.polling_over && state.in_flight() >= self.settings.max_in_flight() {
-            state = self.wait(state);
+            state = self.wait_alive(state);
         }
         (!state.polling_over).then(|| state.offset())
     }
@@ -623,8 +685,11 @@ impl Scheduler {
             if over {
                 // Let the updates in hand finish; start nothing new.
                 state.stopping = true;
+                // The poll thread has stopped turning: the loop is this wait.
+                state = self.wait_alive(state);
+            } else {
+                state = self.wait(state);
             }
-            state = self.wait(state);
         }
         state.stopping = true;
         state.polling_over = true;
@@ -1142,6 +1207,11 @@ fn unpark(store: &dyn PollStore, update: &Update, was_parked: bool) -> anyhow::R
     Ok(())
 }
 
+/// Tells the service manager why polling pauses.
+fn store_unreachable() {
+    service_manager::status_with(|| "state store unreachable: polling paused".to_string());
+}
+
 /// The poll thread: polls whenever there is room, hands what came to the
 /// scheduler, and keeps the stored offset at the lowest unfinished update.
 struct Poller {
@@ -1164,6 +1234,7 @@ impl Poller {
         // Consecutive rounds the state store could not be reached in.
         let mut store_failures = 0u32;
         loop {
+            service_manager::alive_for(STEP_BOUND);
             let Some(offset) = self.scheduler.room_to_poll() else {
                 return Ok(());
             };
@@ -1177,6 +1248,7 @@ impl Poller {
                     // logs the outage; this waits for it with backoff.
                     Err(error) if is_unavailable(&error) => {
                         store_failures += 1;
+                        store_unreachable();
                         self.pause(RetryPolicy::FOREVER.next_delay(store_failures, None), None);
                         continue;
                     }
@@ -1188,10 +1260,17 @@ impl Poller {
             } else {
                 self.settings.poll_timeout
             };
-            let received = match self
+            // READY as /readyz is: the lease is held, the store answers,
+            // and the loop polls.
+            service_manager::ready();
+            // Each attempt of the poll, and each wait between two, says how
+            // long it may take: one that outlives it (a platform that drips
+            // its answer) is a loop that stopped turning.
+            let alive = |bound: Duration| service_manager::alive_for(bound + BOUND_SLACK);
+            let polled = self
                 .client
-                .get_updates(offset, self.settings.limit, timeout)
-            {
+                .get_updates(offset, self.settings.limit, timeout, &alive);
+            let received = match polled {
                 Ok(received) => received,
                 Err(ApiError::Cancelled) => return Ok(()),
                 Err(error @ ApiError::BadResponse { .. }) => {
@@ -1213,6 +1292,7 @@ impl Poller {
                 // again with the next poll once the store answers.
                 Err(error) if is_unavailable(&error) => {
                     store_failures += 1;
+                    store_unreachable();
                     self.pause(RetryPolicy::FOREVER.next_delay(store_failures, None), None);
                     continue;
                 }
@@ -1246,6 +1326,7 @@ impl Poller {
     /// the last poll, once the queue runs low behind a moved offset (new
     /// updates can then come into the platform's window).
     fn pause(&self, duration: Duration, polled_at: Option<i64>) {
+        service_manager::alive_for(duration + BOUND_SLACK);
         let deadline = Instant::now() + duration;
         let low_water = self.settings.max_in_flight() / 4;
         let mut state = self.scheduler.lock();

@@ -53,6 +53,9 @@ pub struct Metrics {
     pub polling_lease_held: Gauge,
     pub handler_restarts: Counter,
     pub state_store_errors: Counter,
+    /// Every request serve-webhook answered, whatever its code (not
+    /// served: the service manager's status line says it).
+    pub webhook_answers: Counter,
     /// What the poll loop is doing, for `/readyz` (see [`Phase`]).
     phase: AtomicU8,
     registry: Registry,
@@ -92,6 +95,7 @@ impl Metrics {
             polling_lease_held: Gauge::default(),
             handler_restarts: Counter::default(),
             state_store_errors: Counter::default(),
+            webhook_answers: Counter::default(),
             phase: AtomicU8::new(Phase::Starting as u8),
             registry: Registry::default(),
         };
@@ -207,6 +211,7 @@ impl Metrics {
         self.webhook_requests
             .get_or_create(&[("code", status_label(code)), ("result", result)])
             .inc();
+        self.webhook_answers.inc();
     }
 
     /// One request to the platform: `code` 0 when none came back.

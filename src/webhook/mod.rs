@@ -131,17 +131,20 @@ pub fn run_until_signal(
         };
         let server = http_server::Server::start(listener, tls, limits)?;
         crate::output::print_line(&url)?;
+        crate::service_manager::ready();
         tracing::info!(
             %url,
             state = %watched.location(),
             "receiving webhook deliveries, verified with {}",
             secret_sources
         );
+        let reporting = tokio::spawn(tell_the_service_manager(local, Arc::clone(&watched)));
         let watching = tokio::spawn(watch_for_a_gone_store(watched, raising));
         server
             .serve(|| receiver::service(Arc::clone(&receiver)), stop)
             .await;
         watching.abort();
+        reporting.abort();
         anyhow::Ok(())
     });
     let flushed = wind_down(runtime, handler.as_ref(), store);
@@ -202,6 +205,42 @@ async fn watch_for_a_gone_store(store: Arc<dyn WebhookStore>, fatal: Arc<FatalSt
         }
     }
 }
+
+/// While the server runs, and a service manager listens: the status (what
+/// was answered, what is in flight, a store out of reach) and, from a task
+/// on the server's runtime, that it is alive (a stuck runtime stops the
+/// watchdog's pings).
+async fn tell_the_service_manager(local: std::net::SocketAddr, store: Arc<dyn WebhookStore>) {
+    use crate::service_manager;
+    if !service_manager::enabled() {
+        return;
+    }
+    let every = service_manager::beat_every()
+        .map_or(STATUS_EVERY, |beat| beat.min(STATUS_EVERY))
+        .max(Duration::from_millis(10));
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        service_manager::alive_for(every * 3);
+        service_manager::status_with(|| {
+            let metrics = crate::observe::metrics();
+            let unreachable = if store.is_reachable() {
+                ""
+            } else {
+                "; state store unreachable"
+            };
+            format!(
+                "serving on {local}: {} requests answered, {} in flight{unreachable}",
+                metrics.webhook_answers.get(),
+                metrics.updates_in_flight.get()
+            )
+        });
+    }
+}
+
+/// How often serve-webhook looks at what to tell a service manager.
+const STATUS_EVERY: Duration = Duration::from_millis(500);
 
 /// After the drain: ends the handlers and the runtime, then writes what was
 /// answered to the store, returning whether that worked.

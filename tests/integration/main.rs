@@ -19,6 +19,7 @@ mod handler_bounds;
 mod inspect;
 mod intake;
 mod metrics;
+mod notify;
 mod parking;
 mod poll_echo;
 mod profiles;

@@ -165,7 +165,7 @@ impl RedisServer {
     }
 
     /// The `--state` URL.
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         match &self.endpoint {
             Endpoint::Unix(socket) => format!("redis+unix://{}", socket.display()),
             Endpoint::Tcp(port) => format!("redis://127.0.0.1:{port}"),
