@@ -34,9 +34,12 @@ pub fn init(format: LogFormat, verbose: u8, quiet: u8) {
         .with_target("ureq_proto", levels.client);
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        // The builder's own filter (INFO by default) lets everything through
-        // to `filter`, which decides.
-        .with_max_level(LevelFilter::TRACE)
+        // The builder's own filter lets through all that `filter` may keep,
+        // which decides, and no more: this is also the `log` crate's max
+        // level (the bridge takes the subscriber's hint), so the HTTP and
+        // TLS libraries' per-read `log` records below it cost one load of
+        // an atomic instead of a trip through the bridge and the filter.
+        .with_max_level(levels.most())
         // Colours only for a person at a terminal, never in files or pipes.
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         // A log line that cannot be written (stderr piped into `head`, a
@@ -112,6 +115,11 @@ struct Levels {
 }
 
 impl Levels {
+    /// The most any target may print.
+    fn most(&self) -> LevelFilter {
+        self.fly.max(self.libraries).max(self.client)
+    }
+
     fn of(verbose: u8, quiet: u8) -> Levels {
         let fly = match i16::from(verbose) - i16::from(quiet) {
             i16::MIN..=-2 => LevelFilter::OFF,
@@ -166,5 +174,18 @@ mod tests {
         assert_eq!(levels(3, 0), (L::TRACE, L::TRACE, L::DEBUG));
         assert_eq!(levels(0, 1), (L::ERROR, L::ERROR, L::ERROR));
         assert_eq!(levels(0, 2), (L::OFF, L::OFF, L::OFF));
+    }
+
+    /// The most any target prints is what the `log` bridge lets through:
+    /// at the default level the libraries' debug and trace records are
+    /// dropped at their call site.
+    #[test]
+    fn the_bridge_passes_only_what_may_be_printed() {
+        use LevelFilter as L;
+        let most = |verbose, quiet| Levels::of(verbose, quiet).most();
+        assert_eq!(most(0, 0), L::INFO);
+        assert_eq!(most(1, 0), L::DEBUG);
+        assert_eq!(most(3, 0), L::TRACE);
+        assert_eq!(most(0, 2), L::OFF);
     }
 }
