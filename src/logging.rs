@@ -77,17 +77,21 @@ pub fn init(format: LogFormat, verbose: u8, quiet: u8) {
     };
 }
 
+/// A character that must not reach a log line or a terminal as it is: a
+/// control character (newline, ESC, NUL, DEL, C1), a line or paragraph
+/// separator, or a bidirectional override that reorders what is shown.
+pub(crate) fn unsafe_to_show(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
 /// `text` with every character that could break a log line or drive a
 /// terminal written as an escape: control characters (newline, ESC, NUL,
 /// DEL, C1), line and paragraph separators, and the bidirectional overrides
 /// that reorder what is shown. Everything else, Chinese included, stays
 /// as it is.
 fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
-    let needs_escape = |c: char| {
-        c.is_control()
-            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-    };
-    if !text.chars().any(needs_escape) {
+    if !text.chars().any(unsafe_to_show) {
         return text.into();
     }
     let mut escaped = String::with_capacity(text.len() + 8);
@@ -96,7 +100,7 @@ fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
             '\n' => escaped.push_str("\\n"),
             '\r' => escaped.push_str("\\r"),
             '\t' => escaped.push_str("\\t"),
-            c if needs_escape(c) => {
+            c if unsafe_to_show(c) => {
                 let _ = write!(escaped, "\\u{{{:x}}}", u32::from(c));
             }
             c => escaped.push(c),

@@ -19,6 +19,7 @@ use crate::commands::input::read_input;
 use crate::commands::print_line;
 use crate::emulator::{self, ControlClient, EmulatorConfig, SentMessage};
 use crate::exit::{self, usage};
+use crate::logging::unsafe_to_show;
 use crate::shutdown::{Shutdown, Stage};
 
 /// How long one long poll of `sent --follow` waits for a new message.
@@ -171,13 +172,6 @@ fn sent_line(message: &SentMessage, json: bool) -> String {
         word(&message.msg_type),
         word(message.client_msg_id.as_deref().unwrap_or("-"))
     )
-}
-
-/// A character that must not reach a terminal as it is: a control
-/// character, a line or paragraph separator, a bidirectional override.
-fn unsafe_to_show(c: char) -> bool {
-    c.is_control()
-        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// `text` as a JSON string on one line, with nothing that drives a terminal.
