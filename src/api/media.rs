@@ -19,19 +19,25 @@ pub fn is_media_type(msg_type: &str) -> bool {
     MEDIA_TYPES.contains(&msg_type)
 }
 
+/// The fields of a message's `data` that hold its media URLs, the media
+/// itself first, then its preview: image `originalUrl`, `thumbnailUrl`;
+/// voice/file `url`; video `videoUrl`, `thumbnailUrl`; none for other types.
+pub fn media_fields(msg_type: &str) -> &'static [&'static str] {
+    match msg_type {
+        "image" => &["originalUrl", "thumbnailUrl"],
+        "voice" | "file" => &["url"],
+        "video" => &["videoUrl", "thumbnailUrl"],
+        _ => &[],
+    }
+}
+
 /// The media URLs of a message's `data`, in the examples' order: image
 /// `originalUrl`, `thumbnailUrl`; voice/file `url`; video `videoUrl`,
 /// `thumbnailUrl`. Blank or non-string fields are skipped, and so are strings
 /// no URL can be (a lone surrogate); URLs are trimmed. `data` is the message's
 /// `data` as the Python-compatible reader parsed it.
 pub fn media_urls(msg_type: &str, data: &Value) -> Vec<MediaUrl> {
-    let fields: &[&'static str] = match msg_type {
-        "image" => &["originalUrl", "thumbnailUrl"],
-        "voice" | "file" => &["url"],
-        "video" => &["videoUrl", "thumbnailUrl"],
-        _ => &[],
-    };
-    fields
+    media_fields(msg_type)
         .iter()
         .filter_map(|&field| {
             let Value::Str(url) = data.get(field)? else {

@@ -149,8 +149,8 @@ pub struct SentMessage {
     pub chat_field: &'static str,
     pub chat: String,
     pub msg_type: String,
-    /// The text of a text message, else the media URL of `data`
-    /// (`originalUrl`, `url`, `videoUrl`), else `data` itself as JSON.
+    /// The text of a text message, else the media URL of `data` (its
+    /// field as `api::media_fields` names it), else `data` itself as JSON.
     pub content: String,
     pub client_msg_id: Option<String>,
 }
@@ -201,9 +201,10 @@ impl SentMessage {
         let content = if msg_type == "text" {
             shown(data.and_then(|data| data.get("content")))
         } else {
-            ["originalUrl", "url", "videoUrl"]
-                .iter()
-                .find_map(|key| shown(data.and_then(|data| data.get(key))))
+            // The media's own field (not its preview), as fly reads it.
+            crate::api::media::media_fields(&msg_type)
+                .first()
+                .and_then(|field| shown(data.and_then(|data| data.get(field))))
         };
         let content = content
             .or_else(|| data.map(fly_signature::canonical::wire_json))

@@ -292,9 +292,10 @@ fn log_sent(request: &SendCall, body: &Value) {
     let data = &body["data"];
     let content = match request.msg_type.as_str() {
         "text" => data.get("content"),
-        _ => ["originalUrl", "url", "videoUrl"]
-            .iter()
-            .find_map(|key| data.get(*key)),
+        // The media's own field (not its preview), as fly reads it.
+        media_type => crate::api::media::media_fields(media_type)
+            .first()
+            .and_then(|field| data.get(*field)),
     };
     let content = match content {
         Some(Value::String(text)) => text.clone(),
