@@ -233,9 +233,15 @@ pub fn status_with(line: impl FnOnce() -> String) {
     if state.wanted.as_deref() == Some(line.as_str()) {
         return;
     }
+    // With a line already waiting its turn, the thread wakes for it anyway:
+    // the scheduler says its state at every change, and waking the thread
+    // each time would cost a switch per update.
+    let waiting = state.wanted != state.said;
     state.wanted = Some(line);
     notifier.start(&mut state);
-    notifier.changed.notify_all();
+    if !waiting {
+        notifier.changed.notify_all();
+    }
 }
 
 /// The loop is alive, and turns again within `bound` (the longest its next
@@ -249,9 +255,9 @@ pub fn alive_for(bound: Duration) {
     }
     let mut state = lock(&notifier.state);
     // The loop's latest word: one turn at a time says how long the next is.
+    // The thread reads it at its next ping, which it always wakes for.
     state.alive_until = Some(Instant::now() + bound);
     notifier.start(&mut state);
-    notifier.changed.notify_all();
 }
 
 /// How often a loop that waits on something else (a condition, a timer)
