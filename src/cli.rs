@@ -121,16 +121,18 @@ impl Cli {
             })
             .map(|(_, flag)| flag)
             .collect();
-        let origins = origins_of(&Leaf::of(matches), profile);
+        // Only the commands that report where values came from pay for
+        // reading the command's definition again.
+        let origins = || origins_of(&Leaf::of(matches), profile);
         match &mut cli.command {
-            Command::Doctor(args) => args.origins = origins,
+            Command::Doctor(args) => args.origins = origins(),
             Command::Config(ConfigArgs {
                 action: ConfigAction::Show(args),
-            }) => args.origins = origins,
+            }) => args.origins = origins(),
             Command::Config(ConfigArgs {
                 action: ConfigAction::List(args),
             }) => {
-                args.origins = origins;
+                args.origins = origins();
                 args.config = cli.global.config.clone();
             }
             _ => {}
