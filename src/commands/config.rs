@@ -157,20 +157,17 @@ fn state_lines(args: &ConfigShowArgs, origins: &Origins) -> Vec<(&'static str, S
                 let unknown = "(the bot's own files, named once the token is known)";
                 return vec![("state", unknown.to_string(), origin)];
             };
-            return [
-                (Role::Polling, "poll-echo and forward"),
-                (Role::Webhook, "serve-webhook"),
-            ]
-            .into_iter()
-            .filter_map(|(role, users)| {
-                let path = identity.default_state_path(role).ok()?;
-                Some((
-                    "state",
-                    path.display().to_string(),
-                    format!("{origin} for {users}"),
-                ))
-            })
-            .collect();
+            return Role::ALL
+                .into_iter()
+                .filter_map(|role| {
+                    let path = identity.default_state_path(role).ok()?;
+                    Some((
+                        "state",
+                        path.display().to_string(),
+                        format!("{origin} for {}", role.commands()),
+                    ))
+                })
+                .collect();
         }
     };
     vec![("state", shown, origin)]
