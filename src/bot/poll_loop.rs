@@ -49,8 +49,11 @@ use fly_state::{PollStore, PollingLease, is_lease_lost, is_unavailable};
 const STORE_RETRY: Duration = Duration::from_secs(1);
 
 /// While updates are in flight the platform answers a poll at once (they are
-/// unconfirmed), so a poll that brought nothing new waits this long (or until
-/// an update finishes) before the next one, as the examples' bot does.
+/// unconfirmed). After a poll that brought nothing new, the next one waits
+/// for something that can change the answer (see [`Queues::after_nothing_new`]);
+/// only when that may happen unseen (a worker is free and the platform's
+/// window was not full: an update may have arrived; or nothing is in hand)
+/// does it poll again after this long at the latest, as the examples' bot does.
 const REPOLL_INTERVAL: Duration = Duration::from_millis(200);
 
 /// The first wait before a parked update is tried again; it doubles up to
@@ -312,6 +315,9 @@ struct Queues {
     /// One past the highest id seen: the offset once nothing is unfinished.
     past_last: i64,
     busy_workers: usize,
+    /// Pieces of work that ended (handled, failed, read back): a worker is
+    /// free, so a poll may bring it something.
+    ended: u64,
     /// Updates started or done, counted against `--max-updates`.
     claimed: u64,
     handled: u64,
@@ -408,6 +414,45 @@ impl Queues {
     /// Updates queued or being handled that hold the offset back.
     fn in_flight(&self) -> usize {
         self.unfinished.len() - self.parked.len()
+    }
+
+    /// What the poller does after a poll made with `polled_at` brought
+    /// nothing new, `ended_before` pieces of work having ended then. The
+    /// platform answers from the offset on, `limit` updates at most, so its
+    /// answer changes when the offset moves. With a `full_window` that is
+    /// the only change: the poll waits for it, and then polls at once when
+    /// the workers would go idle (no update of theirs is ready), or once the
+    /// updates in flight are down to a quarter of the bound (one poll per
+    /// batch, not one per update). Without a full window an update may have
+    /// arrived since the poll: a worker that is free gets a poll when work
+    /// ends or the offset moves, or at most [`REPOLL_INTERVAL`] after the
+    /// poll. So no fixed wait while work moves, and no poll in a row that
+    /// nothing could change.
+    fn after_nothing_new(
+        &self,
+        polled_at: i64,
+        full_window: bool,
+        ended_before: u64,
+        settings: &PollSettings,
+    ) -> Next {
+        let workers = settings.concurrency.max(1);
+        let starving = self.busy_workers < workers && self.ready.is_empty();
+        let moved = self.offset() != polled_at;
+        let news = if full_window {
+            moved && (starving || self.in_flight() <= settings.max_in_flight() / 4)
+        } else {
+            (moved || self.ended != ended_before) && starving
+        };
+        if news {
+            Next::Poll
+        } else if self.in_flight() == 0 || (!full_window && self.busy_workers < workers) {
+            // Nothing in hand can move the offset (only unusable updates
+            // came back), or a free worker waits for an update that may be
+            // new.
+            Next::WaitAtMostRepoll
+        } else {
+            Next::WaitForChange
+        }
     }
 
     fn is_idle(&self) -> bool {
@@ -552,6 +597,18 @@ impl Queues {
     }
 }
 
+/// What [`Queues::after_nothing_new`] tells the poller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// Poll again now: the answer can have changed.
+    Poll,
+    /// Wait until the queues change (work ends, the offset moves).
+    WaitForChange,
+    /// The same, but poll again [`REPOLL_INTERVAL`] after the last poll at
+    /// the latest.
+    WaitAtMostRepoll,
+}
+
 /// Why [`Queues::start_next`] started nothing.
 enum Idle {
     /// Nothing can start before this moment (`None`: before a change).
@@ -669,6 +726,46 @@ impl Scheduler {
             state = self.wait_alive(state);
         }
         (!state.polling_over).then(|| state.offset())
+    }
+
+    /// After a poll made with `polled_at` that brought nothing new (only
+    /// updates in hand, handled ones not yet confirmed, unusable ones):
+    /// waits until the next poll can bring something (see
+    /// [`Queues::after_nothing_new`]), or polling is over.
+    fn wait_for_news(&self, polled_at: i64, full_window: bool) {
+        let started = Instant::now();
+        let mut state = self.lock();
+        let ended_before = state.ended;
+        loop {
+            if state.polling_over {
+                return;
+            }
+            let left =
+                match state.after_nothing_new(polled_at, full_window, ended_before, &self.settings)
+                {
+                    Next::Poll => return,
+                    Next::WaitForChange => None,
+                    Next::WaitAtMostRepoll => {
+                        match REPOLL_INTERVAL.checked_sub(started.elapsed()) {
+                            Some(left) if !left.is_zero() => Some(left),
+                            _ => return,
+                        }
+                    }
+                };
+            // Waiting on the workers is no hang (handlers have bounds of
+            // their own), but the watchdog hears from this loop in time.
+            let bound = match (left, service_manager::beat_every()) {
+                (Some(left), Some(every)) => Some(left.min(every)),
+                (left, every) => left.or(every),
+            };
+            state = match bound {
+                Some(bound) => {
+                    service_manager::alive_for(bound + BOUND_SLACK);
+                    self.wait_timeout(state, bound)
+                }
+                None => self.wait(state),
+            };
+        }
     }
 
     /// Blocks the caller until the loop is over and no worker is busy.
@@ -916,6 +1013,7 @@ impl Scheduler {
         let read = parked_of_chat(store, chat, after);
         let mut state = self.lock();
         state.busy_workers -= 1;
+        state.ended += 1;
         let Queues {
             chats,
             ready,
@@ -1120,6 +1218,7 @@ impl Scheduler {
     fn finish(&self, chat: &str, update_id: i64, done: Done) {
         let mut state = self.lock();
         state.busy_workers -= 1;
+        state.ended += 1;
         if let Some(queue) = state.chats.get_mut(chat) {
             queue.busy = false;
             match done {
@@ -1249,7 +1348,7 @@ impl Poller {
                     Err(error) if is_unavailable(&error) => {
                         store_failures += 1;
                         store_unreachable();
-                        self.pause(RetryPolicy::FOREVER.next_delay(store_failures, None), None);
+                        self.pause(RetryPolicy::FOREVER.next_delay(store_failures, None));
                         continue;
                     }
                     Err(error) => return Err(error),
@@ -1276,13 +1375,14 @@ impl Poller {
                 Err(error @ ApiError::BadResponse { .. }) => {
                     tracing::error!("{error}");
                     failed_rounds += 1;
-                    self.pause(RetryPolicy::FOREVER.next_delay(failed_rounds, None), None);
+                    self.pause(RetryPolicy::FOREVER.next_delay(failed_rounds, None));
                     continue;
                 }
                 Err(error) => return Err(error.into()),
             };
             failed_rounds = 0;
             let had_updates = !received.is_empty();
+            let full_window = received.len() >= self.settings.limit as usize;
             let fresh = match self
                 .scheduler
                 .enqueue(received, offset, self.store.as_ref())
@@ -1293,7 +1393,7 @@ impl Poller {
                 Err(error) if is_unavailable(&error) => {
                     store_failures += 1;
                     store_unreachable();
-                    self.pause(RetryPolicy::FOREVER.next_delay(store_failures, None), None);
+                    self.pause(RetryPolicy::FOREVER.next_delay(store_failures, None));
                     continue;
                 }
                 Err(error) => return Err(error),
@@ -1308,33 +1408,25 @@ impl Poller {
             if !had_updates && timeout.is_zero() {
                 // A poll that does not wait (`--poll-timeout 0`) and found
                 // nothing: the next one waits a moment rather than spin.
-                self.pause(SHORT_POLL_INTERVAL, None);
+                self.pause(SHORT_POLL_INTERVAL);
             } else if fresh == 0 && had_updates {
                 // Only unfinished (or unusable) updates came back: the
-                // platform answers at once while they are unconfirmed.
-                let in_flight = !self.scheduler.lock().unfinished.is_empty();
-                if in_flight {
-                    self.pause(REPOLL_INTERVAL, Some(offset));
-                } else {
-                    self.pause(RetryPolicy::FOREVER.next_delay(1, None), None);
-                }
+                // platform answers at once while they are unconfirmed, so
+                // the next poll waits for a change that can bring more.
+                self.scheduler.wait_for_news(offset, full_window);
             }
         }
     }
 
-    /// Waits `duration`, or less if the loop ends or, given the offset of
-    /// the last poll, once the queue runs low behind a moved offset (new
-    /// updates can then come into the platform's window).
-    fn pause(&self, duration: Duration, polled_at: Option<i64>) {
+    /// Waits `duration` (a backoff after an error, or between two polls
+    /// that do not wait), or less if the loop ends.
+    fn pause(&self, duration: Duration) {
         service_manager::alive_for(duration + BOUND_SLACK);
         let deadline = Instant::now() + duration;
-        let low_water = self.settings.max_in_flight() / 4;
         let mut state = self.scheduler.lock();
         loop {
             let now = Instant::now();
-            let refill = polled_at
-                .is_some_and(|offset| state.offset() != offset && state.in_flight() <= low_water);
-            if state.polling_over || refill || now >= deadline {
+            if state.polling_over || now >= deadline {
                 return;
             }
             state = self.scheduler.wait_timeout(state, deadline - now);
@@ -1810,6 +1902,61 @@ mod tests {
             ending.1.set(true);
             (at_once.is_ok(), answer)
         })
+    }
+
+    /// After a poll that brought nothing new, the poller polls again when
+    /// the answer can have changed, and only then (issue 28): with a full
+    /// window, once the offset moves; without one, once work ends and a
+    /// worker is free (or after REPOLL_INTERVAL while one is free); on a
+    /// timer only while nothing in hand can move.
+    #[test]
+    fn after_a_poll_with_nothing_new_the_poller_waits_for_a_change() {
+        let mut h = Harness::new(1);
+        let next = |h: &Harness, polled_at: i64, full_window: bool, ended_before: u64| {
+            h.scheduler.lock().after_nothing_new(
+                polled_at,
+                full_window,
+                ended_before,
+                &h.scheduler.settings,
+            )
+        };
+        // A full window (limit 2), both updates in hand.
+        h.poll(&[(1, "a"), (2, "b")]);
+        let ended = h.scheduler.lock().ended;
+        let work = h.take(Duration::ZERO);
+        assert_eq!(ids(&work), [1, 2]);
+        assert_eq!(next(&h, 1, true, ended), Next::WaitForChange);
+        let mut work = work.into_iter();
+        let (first, second) = (work.next(), work.next());
+        // 2 ends: the platform would answer the same.
+        h.perform(second.into_iter().collect());
+        assert_eq!(next(&h, 1, true, ended), Next::WaitForChange);
+        // 1 ends: the offset moved, the workers are free.
+        h.perform(first.into_iter().collect());
+        assert_eq!(h.offset(), 3);
+        assert_eq!(next(&h, 1, true, ended), Next::Poll);
+        // Every update it brought ended while the poll was on its way.
+        assert_eq!(next(&h, 1, false, ended), Next::Poll);
+        // Only unusable updates came back: nothing in hand can change it.
+        let ended = h.scheduler.lock().ended;
+        assert_eq!(next(&h, 3, true, ended), Next::WaitAtMostRepoll);
+        // Not a full window, and the one worker busy: only its end counts.
+        h.poll(&[(3, "c")]);
+        let ended = h.scheduler.lock().ended;
+        assert_eq!(
+            next(&h, 3, false, ended),
+            Next::WaitAtMostRepoll,
+            "a worker is free"
+        );
+        let work = h.take(Duration::ZERO);
+        assert_eq!(next(&h, 3, false, ended), Next::WaitForChange);
+        h.handler.answer(3, &[Retry]);
+        h.perform(work);
+        assert_eq!(h.offset(), 3, "3 failed and waits for its retry");
+        assert_eq!(next(&h, 3, false, ended), Next::Poll, "work ended");
+        // A full window of one failed update: nothing to poll for.
+        let ended = h.scheduler.lock().ended;
+        assert_eq!(next(&h, 3, true, ended), Next::WaitForChange);
     }
 
     /// The poller polls only while fewer than the bound of updates are in

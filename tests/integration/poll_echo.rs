@@ -12,6 +12,7 @@ use crate::common::{
     Background, Emulator, Service, TOKEN, echo, eventually, fly, fly_at, fly_child, media_pattern,
     signal, stderr_of, wait_for_a_request_in_flight, wait_for_exit, wait_until,
 };
+use crate::metrics::{Listener, metric};
 
 fn poll_once(emulator: &Emulator, state: &Path) -> std::process::Output {
     fly_at(emulator)
@@ -634,4 +635,54 @@ fn a_state_path_in_a_missing_directory_is_exit_2_and_creates_nothing() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("does not exist"), "{stderr}");
     assert!(!missing.exists());
+}
+
+/// After a poll that brought only updates still in hand, the next poll
+/// waits for one of them to end (the offset to move), never a fixed
+/// interval (issue 28: a backlog drain stalled 0.2 s at a time). With one
+/// update per poll and one worker, each update costs two polls: the one
+/// that brings it and one that finds it still in hand; however long its
+/// handler runs. A poller on a timer polls again while the handler runs
+/// (and sleeps on through its end); one that is never woken stops: both
+/// fail here. Counted, not timed: the handler's sleep only keeps each
+/// update in hand long enough for a timer to show.
+#[test]
+fn a_poll_of_updates_in_hand_waits_for_one_to_end_not_for_a_timer() {
+    const UPDATES: u32 = 4;
+    let emulator = Emulator::start();
+    for n in 0..UPDATES {
+        emulator.user_says("private", &format!("u_{n}"), "hi");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let service = spawn_service(
+        &emulator,
+        &dir.path().join("s.db"),
+        &[
+            "--limit",
+            "1",
+            "--concurrency",
+            "1",
+            // The poll after the last update waits for a new one: not counted.
+            "--poll-timeout",
+            "60",
+            "--metrics",
+            "127.0.0.1:0",
+            "--exec",
+            "sleep 0.5; cat >/dev/null; echo re",
+        ],
+    );
+    let listener = Listener::of(|| service.log());
+    listener.wait_for("fly_updates_total{outcome=\"replied\"}", f64::from(UPDATES));
+    let text = listener.scrape();
+    let polls = metric(
+        &text,
+        "fly_api_requests_total{endpoint=\"updates\",code=\"200\"}",
+    )
+    .unwrap_or_else(|| panic!("no polls counted in\n{text}"));
+    assert!(
+        polls <= f64::from(2 * UPDATES),
+        "{polls} polls for {UPDATES} updates, one at a time:\n{}",
+        service.log()
+    );
+    assert_eq!(emulator.sent().len(), UPDATES as usize);
 }
