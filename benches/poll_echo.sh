@@ -14,6 +14,7 @@
 #   bash benches/poll_echo.sh [N]             (default N=1000, RUNS=10)
 #   RUNS=10 BEFORE=/tmp/fly-main bash benches/poll_echo.sh
 set -euo pipefail
+shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 N=${1:-1000}
 RUNS=${RUNS:-10}
@@ -44,7 +45,7 @@ now() { date +%s.%N; }
 # Seconds for fly poll-echo to drain the backlog: chats, latency_ms, [binary].
 fly_run() {
     local bin=${3:-$FLY}
-    start_emulator "fly$1"; local url=$EMULATOR_URL
+    start_emulator "fly$1.$BASHPID"; local url=$EMULATOR_URL
     fill_backlog "$url" "$1"; set_latency "$url" "$2"
     rm -f "$WORK/state$1.db"*
     local t0 t1
@@ -59,7 +60,7 @@ fly_run() {
 
 # Seconds for the reference example to drain the same backlog.
 reference_run() {
-    start_emulator "ref$1"; local url=$EMULATOR_URL
+    start_emulator "ref$1.$BASHPID"; local url=$EMULATOR_URL
     fill_backlog "$url" "$1"; set_latency "$url" "$2"
     local t0 t1
     t0=$(now)
