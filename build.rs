@@ -27,14 +27,32 @@ fn main() {
     );
     println!("cargo:rustc-env=FLY_VERSION_LINE={line}");
     // A new commit moves the branch HEAD points at: rebuild to name it.
-    for path in [".git/HEAD", ".git/packed-refs"] {
-        println!("cargo:rerun-if-changed={path}");
-    }
+    // Only files that exist are named: cargo reruns a build script at every
+    // build while a named file is missing (a worktree, whose `.git` is a
+    // file; a source archive, with no git at all).
+    println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=SOURCE_DATE_EPOCH");
-    if let Ok(head) = std::fs::read_to_string(".git/HEAD")
+    let git_dir = |which: &str| {
+        Command::new("git")
+            .args(["rev-parse", "--path-format=absolute", which])
+            .output()
+            .ok()
+            .filter(|output| output.status.success())
+            .and_then(|output| String::from_utf8(output.stdout).ok())
+            .map(|text| std::path::PathBuf::from(text.trim()))
+    };
+    let (Some(head_dir), Some(common_dir)) = (git_dir("--git-dir"), git_dir("--git-common-dir"))
+    else {
+        return;
+    };
+    let mut watched = vec![head_dir.join("HEAD"), common_dir.join("packed-refs")];
+    if let Ok(head) = std::fs::read_to_string(head_dir.join("HEAD"))
         && let Some(branch) = head.trim().strip_prefix("ref: ")
     {
-        println!("cargo:rerun-if-changed=.git/{branch}");
+        watched.push(common_dir.join(branch));
+    }
+    for path in watched.iter().filter(|path| path.exists()) {
+        println!("cargo:rerun-if-changed={}", path.display());
     }
 }
 
