@@ -2,7 +2,7 @@
 # scratch directory, background processes killed on exit, and emulators.
 # Sets FLY (the release binary) and WORK (removed on exit).
 cargo build --release --quiet
-FLY=$PWD/target/release/fly
+FLY=${CARGO_TARGET_DIR:-$PWD/target}/release/fly
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$WORK"; }

@@ -329,16 +329,25 @@ impl Receiver {
         record: &mut UpdateRecord,
     ) -> (StatusCode, &'static str, Option<End>) {
         let Admitted { update, claim } = admitted;
-        // Nothing to answer, and a store that marks in memory: done here.
-        // Should either say otherwise, the update takes the worker pool
-        // like any other (an instant handler has no side effect to repeat).
+        // Nothing to answer, and a store that marks in memory: done here,
+        // on this thread (a hand-off to the pool costs more than the rest
+        // of the delivery). Should either say otherwise, the update takes
+        // the worker pool like any other (an instant handler has no side
+        // effect to repeat).
         if self.handler.is_instant(&update)
             && let Ok(outcome) = self.handler.handle(&update, &mut record.steps)
             && let Some(marked) = self
                 .store
                 .try_mark_handled(update.update_id, outcome.as_str())
         {
+            // Marked: a redelivery finds it handled from here on.
             drop(claim);
+            // A writer far behind: the answer waits for its batch in hand
+            // (without a thread), which holds the I/O threads back for it.
+            let marked = match marked {
+                Ok(behind) => committed(behind).await,
+                Err(error) => Err(error),
+            };
             return match marked {
                 Ok(()) => (StatusCode::OK, "OK", Some(End::Done(outcome))),
                 Err(error) => self.failed_in_store(error),

@@ -31,8 +31,9 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 /// that keeps up is a few hundred behind.
 const MAX_BEHIND: usize = 4096;
 
-/// Past this many queued writes, marks are no longer made on the I/O
-/// threads (see `try_mark_handled`).
+/// Past this many queued writes, a delivery marked on an I/O thread waits
+/// for the writer's batch in hand before it is answered (see
+/// `try_mark_handled`).
 const INSTANT_MARKS_BEHIND: usize = 512;
 
 pub struct Front {
@@ -194,16 +195,21 @@ impl Store for Front {
         self.writable()
     }
 
-    /// Never waits: the mark is memory and a queued write. Declined while
-    /// the writer is behind, so that the delivery takes the worker pool:
-    /// the I/O threads then yield the cores to the writer instead of
-    /// queueing writes faster than it commits them (measured: p99 from
-    /// 3 ms to over 10 ms when every mark was made here).
-    fn try_mark_handled(&self, update_id: i64, outcome: &str) -> Option<anyhow::Result<()>> {
-        if self.writer().backlog() > INSTANT_MARKS_BEHIND {
-            return None;
+    /// Never waits: the mark is memory and a queued write, made on the I/O
+    /// thread (handing it to a blocking thread cost more CPU than the whole
+    /// rest of a delivery). While the writer is behind, the returned
+    /// [`Pending`] is its batch in hand: the delivery waits for it (as a
+    /// future), so that the I/O threads yield the cores to the writer
+    /// instead of queueing writes faster than it commits them.
+    fn try_mark_handled(&self, update_id: i64, outcome: &str) -> Option<anyhow::Result<Pending>> {
+        if let Err(error) = self.mark_handled(update_id, outcome) {
+            return Some(Err(error));
         }
-        Some(self.mark_handled(update_id, outcome))
+        Some(Ok(if self.writer().backlog() > INSTANT_MARKS_BEHIND {
+            self.writer().next_step()
+        } else {
+            Pending::done()
+        }))
     }
 
     /// Tries a failed batch once more at once; says what is not written.

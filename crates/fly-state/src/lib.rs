@@ -216,8 +216,11 @@ pub trait Store: Send + Sync {
 
     /// [`Store::mark_handled`] if it can be done without waiting on disk or
     /// network (in memory, the write queued), else `None`. Safe on an async
-    /// I/O thread.
-    fn try_mark_handled(&self, _update_id: i64, _outcome: &str) -> Option<anyhow::Result<()>> {
+    /// I/O thread. The [`Pending`] completes once the caller may go on: at
+    /// once, or (a writer far behind) when the writer has finished the batch
+    /// in hand, so that a caller that waits for it yields the cores to the
+    /// writer rather than queueing writes faster than they are committed.
+    fn try_mark_handled(&self, _update_id: i64, _outcome: &str) -> Option<anyhow::Result<Pending>> {
         None
     }
 
