@@ -3,14 +3,16 @@
 # new signed text message (pre-signed bodies, each with its own update_id and
 # nonce, cycled through by a wrk Lua script: see benches/common.sh). Two parts:
 #
-#   fork    the fork path: fly serve-webhook --exec 'cat >/dev/null' against
-#           adnanh/webhook (Go; Debian package `webhook`, installed when
-#           missing) running `sh -c 'cat >/dev/null'` with the payload (as
-#           an argument: it has no stdin to give), both checking an HMAC (fly:
-#           signature v1 and the replay window; webhook: payload-hmac-sha256 of
-#           the body in a header) and waiting for the command; 1 and 8
-#           connections. Targets: fly >= the peer's rate at both, fly p50 <=
-#           2 ms at 1 connection.
+#   fork    the fork path, the same processes on each side: one /bin/sh
+#           running a builtin on the update. fly serve-webhook --exec
+#           'read -r x || :' (the update on stdin) against adnanh/webhook (Go;
+#           Debian package `webhook`, installed when missing) running
+#           /bin/sh -c 'printf %s "$1" >/dev/null' with the payload as an
+#           argument (it has no stdin to give), both checking an HMAC (fly:
+#           signature v1, the replay window and the nonce; webhook:
+#           payload-hmac-sha256 of the body in a header) and waiting for the
+#           command; 1 and 8 connections. Target: fly >= the peer's rate at
+#           both.
 #   python  the same Python bot (fixtures/bot.py, fixtures/worker.py: text in
 #           capitals, sent back to the chat through a local emulator), a
 #           process per update (--exec) against long-lived workers
@@ -24,6 +26,8 @@
 #
 #   bash benches/exec.sh [DURATION_SECS] [PART]   (10; both, fork or python)
 #   ROUNDS=N     runs of each server in the fork part (default 3)
+#   FLY_BEFORE=PATH  another fly binary (an older build) run in the fork
+#                part's rounds too, beside the release build: before/after
 #   BODIES=N     distinct bodies to sign up front (default 8000 per second)
 #   SHOW_WRK=1   wrk's own reports too
 set -euo pipefail
@@ -39,6 +43,9 @@ if [ ${#missing[@]} -gt 0 ]; then
     (apt-get update -qq && apt-get install -y -qq "${missing[@]}") >/dev/null
 fi
 source benches/common.sh
+# The release build of this tree, wherever cargo put it.
+FLY=${CARGO_TARGET_DIR:+$(realpath "$CARGO_TARGET_DIR")/release/fly}
+FLY=${FLY:-$PWD/target/release/fly}
 export FLY_BOT_TOKEN=bench-token FLY_WEBHOOK_SECRET=bench-secret
 
 # Replies (the Python bot's) go to a local emulator.
@@ -67,10 +74,10 @@ run_wrk() { # url label connections pid
     echo "$2 $3 $rps $p50 $p99 $non2xx $cpu"
 }
 
-start_fly() { # label, then serve-webhook's handler arguments
+start_fly() { # label, then serve-webhook's handler arguments (BINARY: another fly)
     local label=$1
     shift
-    "$FLY" -q serve-webhook --bind 127.0.0.1 --port 0 --state "$WORK/$label.db" "$@" \
+    "${BINARY:-$FLY}" -q serve-webhook --bind 127.0.0.1 --port 0 --state "$WORK/$label.db" "$@" \
         >"$WORK/$label.url" 2>"$WORK/$label.log" &
     FLY_PID=$!
     PIDS+=("$FLY_PID")
@@ -86,7 +93,8 @@ start_webhook() {
   "execute-command": "/bin/sh",
   "pass-arguments-to-command": [
     {"source": "string", "name": "-c"},
-    {"source": "string", "name": "cat >/dev/null"},
+    {"source": "string", "name": "printf %s \\"\$1\\" >/dev/null"},
+    {"source": "string", "name": "sh"},
     {"source": "entire-payload"}
   ],
   "include-command-output-in-response": true,
@@ -109,15 +117,22 @@ JSON
 }
 tail -1 "$WORK/bodies.ndjson" | tr -d "\n" >"$WORK/check.json"
 
-# The floor: the command alone, spawned and waited for in a loop (no HTTP,
-# no HMAC), so a p50 can be read against what a fork and an exec cost here.
+# The floor: fly's command alone, spawned and waited for in a loop with the
+# update on stdin (no HTTP, no HMAC), so a p50 can be read against what a
+# fork and an exec cost here.
 fork_floor() {
-    python3 - <<'PY'
-import os, statistics, time
+    python3 - "$WORK/check.json" <<'PY'
+import os, statistics, sys, time
+body = open(sys.argv[1], "rb").read()
 runs = []
 for _ in range(300):
     started = time.perf_counter()
-    pid = os.posix_spawn("/bin/sh", ["sh", "-c", "cat >/dev/null"], os.environ)
+    read_end, write_end = os.pipe()
+    actions = [(os.POSIX_SPAWN_DUP2, read_end, 0), (os.POSIX_SPAWN_CLOSE, write_end)]
+    pid = os.posix_spawn("/bin/sh", ["sh", "-c", "read -r x || :"], os.environ, file_actions=actions)
+    os.close(read_end)
+    os.write(write_end, body)
+    os.close(write_end)
     os.waitpid(pid, 0)
     runs.append(time.perf_counter() - started)
 print(f"{statistics.median(runs) * 1000:.2f}")
@@ -130,9 +145,14 @@ if [ "$PART" = both ] || [ "$PART" = fork ]; then
     for connections in 1 8; do
         for round in $(seq "$ROUNDS"); do
             # A new state file each run: every body is a new update again.
-            start_fly "fork-$connections-$round" --exec 'cat >/dev/null'
+            start_fly "fork-$connections-$round" --exec 'read -r x || :'
             rows+=("fork $(run_wrk "$FLY_URL" fly-exec "$connections" "$FLY_PID")")
             stop "$FLY_PID"
+            if [ -n "${FLY_BEFORE:-}" ]; then
+                BINARY=$FLY_BEFORE start_fly "before-$connections-$round" --exec 'read -r x || :'
+                rows+=("fork $(run_wrk "$FLY_URL" fly-before "$connections" "$FLY_PID")")
+                stop "$FLY_PID"
+            fi
             start_webhook
             rows+=("fork $(run_wrk "$PEER_URL" adnanh-webhook "$connections" "$PEER_PID")")
             stop "$PEER_PID"
@@ -164,7 +184,8 @@ for part, label, conns, rps, p50, p99, bad, cpu, children in rows:
     print(f"{part:<7} {label:<16} {conns:>5} {float(rps):11.0f} {float(p50):7.2f} ms {float(p99):7.2f} ms {bad:>8}"
           f" {float(cpu):17.3f} ms {float(children):6.3f} ms")
 if os.environ.get("FLOOR"):
-    print(f"the command alone, sh -c 'cat >/dev/null' spawned and waited for in a loop: {os.environ['FLOOR']} ms per run (median)")
+    print(f"fly's command alone, sh -c 'read -r x || :' spawned with the update on stdin and waited for"
+          f" in a loop: {os.environ['FLOOR']} ms per run (median)")
 def median(label, conns, column):
     values = [float(row[column]) for row in rows if row[1] == label and row[2] == conns]
     return statistics.median(values) if values else None
@@ -174,7 +195,11 @@ for conns in ("1", "8"):
         fly_p50, peer_p50 = median("fly-exec", conns, 4), median("adnanh-webhook", conns, 4)
         print(f"fork, {conns} connection(s), medians: fly {fly:.0f}/s p50 {fly_p50:.2f} ms, "
               f"webhook {peer:.0f}/s p50 {peer_p50:.2f} ms: fly/webhook {fly / peer:.2f}x requests/s "
-              f"(target >= 1x)" + (" and fly p50 target <= 2 ms" if conns == "1" else ""))
+              f"(target >= 1x)")
+    before = median("fly-before", conns, 3)
+    if fly and before:
+        print(f"fork, {conns} connection(s): fly/fly-before {fly / before:.2f}x requests/s, CPU per request"
+              f" {median('fly-exec', conns, 7):.3f} against {median('fly-before', conns, 7):.3f} ms")
 worker, per_update = median("worker", "8", 3), median("per-update", "8", 3)
 if worker and per_update:
     print(f"python: worker/per-update {worker / per_update:.0f}x updates/s (target >= 50x)")

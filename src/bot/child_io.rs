@@ -68,11 +68,6 @@ pub fn readable(fd: &libc::pollfd) -> bool {
     fd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
 }
 
-/// Whether a descriptor polled for writing is ready (or broken: the write says how).
-pub fn writable(fd: &libc::pollfd) -> bool {
-    fd.revents & (libc::POLLOUT | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
-}
-
 /// poll(2) until one of `fds` is ready or `deadline` passes (`None`: no
 /// limit). Returns false on the deadline. A signal interrupting the wait is
 /// not an event: the wait goes on with the time left.

@@ -265,13 +265,22 @@ impl ExecHandler {
 /// handler exited and its stdout closed; a background job it started may
 /// hold stdout open after the shell exits, so both count against the
 /// timeout.
+///
+/// Each wait of this thread is a sleep and a wake-up that the answer
+/// waits for, so it waits as few times as it can: the update is written at
+/// once (an empty pipe takes it; poll(2) is asked only for what did not
+/// fit), and every pipe is served after any wake-up (an exit closes stdout
+/// and stderr together: the first close wakes the poll, the second needs no
+/// wait of its own), then the exit: two poll(2) calls for a handler that
+/// reads its update and exits, where there were four.
 fn serve_until_done(
     pipes: &mut Pipes<'_>,
     exit: &ExitWatch,
     deadline: Instant,
 ) -> anyhow::Result<bool> {
+    pipes.write_input();
     let mut exited = false;
-    while !(exited && pipes.stdout.is_none()) {
+    while !(pipes.overflowed || (exited && pipes.stdout.is_none())) {
         let mut fds = pipes.wanted();
         if !exited {
             fds.push(child_io::want(exit.fd(), libc::POLLIN));
@@ -279,13 +288,10 @@ fn serve_until_done(
         if !child_io::wait(&mut fds, Some(deadline)).context("waiting for the handler")? {
             return Ok(false);
         }
-        pipes.serve(&fds);
         if !exited && fds.last().is_some_and(child_io::readable) {
             exited = true;
         }
-        if pipes.overflowed {
-            break;
-        }
+        pipes.serve();
     }
     Ok(true)
 }
@@ -329,7 +335,7 @@ impl<'a> Pipes<'a> {
     }
 
     /// What to wait for: room in stdin while there is input left, output on
-    /// stdout and stderr until they close. In this order (see `serve`).
+    /// stdout and stderr until they close.
     fn wanted(&self) -> Vec<libc::pollfd> {
         let mut fds = Vec::with_capacity(4);
         let none = -1; // poll(2) skips negative descriptors
@@ -348,17 +354,13 @@ impl<'a> Pipes<'a> {
         fds
     }
 
-    /// Writes, reads and logs what the poll said is ready.
-    fn serve(&mut self, fds: &[libc::pollfd]) {
-        if fds[0].fd >= 0 && child_io::writable(&fds[0]) {
-            self.write_input();
-        }
-        if fds[1].fd >= 0 && child_io::readable(&fds[1]) {
-            self.read_stdout();
-        }
-        if fds[2].fd >= 0 && child_io::readable(&fds[2]) {
-            self.read_stderr();
-        }
+    /// Writes what fits, reads what there is and logs it, on every open
+    /// pipe: a nonblocking call on a pipe that is not ready costs less than
+    /// another wait for it.
+    fn serve(&mut self) {
+        self.write_input();
+        self.read_stdout();
+        self.read_stderr();
     }
 
     /// The update, byte for byte as the platform sent it. A handler that
