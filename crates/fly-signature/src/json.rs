@@ -173,11 +173,11 @@ const STRING_SPECIAL: [bool; 256] = {
 /// instead of a linear scan, so a hostile object cannot make parsing quadratic.
 const LINEAR_DEDUP_LIMIT: usize = 16;
 
-struct Parser<'a> {
+pub(crate) struct Parser<'a> {
     text: &'a str,
     bytes: &'a [u8],
-    pos: usize,
-    depth: usize,
+    pub(crate) pos: usize,
+    pub(crate) depth: usize,
     members: Option<Vec<MemberSpan<'a>>>,
     /// The key path whose array items are recorded, how many of its keys
     /// the value being parsed sits under, and the items recorded so far.
@@ -187,7 +187,11 @@ struct Parser<'a> {
 }
 
 impl<'a> Parser<'a> {
-    fn new(text: &'a str, record_members: bool, items_at: &'static [&'static str]) -> Self {
+    pub(crate) fn new(
+        text: &'a str,
+        record_members: bool,
+        items_at: &'static [&'static str],
+    ) -> Self {
         Parser {
             text,
             bytes: text.as_bytes(),
@@ -249,11 +253,11 @@ impl<'a> Parser<'a> {
         ))
     }
 
-    fn peek(&self) -> Option<u8> {
+    pub(crate) fn peek(&self) -> Option<u8> {
         self.bytes.get(self.pos).copied()
     }
 
-    fn skip_whitespace(&mut self) {
+    pub(crate) fn skip_whitespace(&mut self) {
         while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
             self.pos += 1;
         }
@@ -267,7 +271,7 @@ impl<'a> Parser<'a> {
         found
     }
 
-    fn value(&mut self) -> Result<Value<'a>, SignatureInputError> {
+    pub(crate) fn value(&mut self) -> Result<Value<'a>, SignatureInputError> {
         match self.peek() {
             Some(b'"') => {
                 self.pos += 1;
@@ -354,7 +358,7 @@ impl<'a> Parser<'a> {
     }
 
     /// A string body; `self.pos` is just past the opening quote.
-    fn string(&mut self) -> Result<Text<'a>, SignatureInputError> {
+    pub(crate) fn string(&mut self) -> Result<Text<'a>, SignatureInputError> {
         let start = self.pos;
         let bytes = self.bytes;
         // Fast path: most strings have no escapes and borrow from the input.
@@ -550,7 +554,7 @@ pub fn plain_run_end(bytes: &[u8], mut at: usize) -> usize {
 }
 
 /// Python dict assignment: an existing key keeps its place and gets the new value.
-fn insert_member<'a>(
+pub(crate) fn insert_member<'a>(
     members: &mut Vec<(Text<'a>, Value<'a>)>,
     index: &mut Option<HashMap<Text<'a>, usize>>,
     key: Text<'a>,
