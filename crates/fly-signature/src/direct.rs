@@ -19,7 +19,7 @@ use std::cell::RefCell;
 use std::ops::Range;
 
 use super::canonical::{write_string, write_value};
-use super::json::{MAX_DEPTH, Parser, Text, Value, insert_member};
+use super::json::{MAX_DEPTH, Parser, Text, Value};
 
 /// Buffers reused from one update to the next (one set per thread).
 #[derive(Default)]
@@ -28,16 +28,18 @@ pub(crate) struct Scratch {
     canonical: Vec<u8>,
     /// The members of the objects being written, innermost last.
     members: Vec<Member>,
-    /// Their decoded keys, back to back.
-    keys: Vec<u8>,
+    /// The decoded keys among them whose canonical JSON has escapes.
+    escaped_keys: Vec<u8>,
     /// An object's members in key order, while they are put in place.
     sorted: Vec<u8>,
 }
 
-/// One member of an object being written: its key in `Scratch::keys`, and
-/// `"key":value` in `Scratch::canonical`.
+/// One member of an object being written: where its key and `"key":value`
+/// are in `Scratch::canonical`, and its decoded key in
+/// `Scratch::escaped_keys` if writing it took escapes.
 struct Member {
     key: Range<usize>,
+    escaped_key: Option<Range<usize>>,
     written: Range<usize>,
 }
 
@@ -58,8 +60,8 @@ pub(crate) fn with_scratch<R>(read: impl FnOnce(&mut Scratch) -> R) -> R {
         let result = read(&mut scratch);
         if scratch.canonical.capacity() > KEPT_CAPACITY
             || scratch.sorted.capacity() > KEPT_CAPACITY
-            || scratch.keys.capacity() > KEPT_CAPACITY
-            || scratch.members.capacity() > KEPT_CAPACITY / 32
+            || scratch.escaped_keys.capacity() > KEPT_CAPACITY
+            || scratch.members.capacity() > KEPT_CAPACITY / 64
         {
             *scratch = Scratch::default();
         }
@@ -69,16 +71,21 @@ pub(crate) fn with_scratch<R>(read: impl FnOnce(&mut Scratch) -> R) -> R {
 
 /// What signature v1 reads from a signed update.
 pub(crate) struct SignedParts<'a> {
-    /// An object of the top-level members `update_id`, `type`, `bot`,
-    /// `timestamp`, `nonce` and `signature` that the update has, each with
-    /// the value Python's dict keeps (a repeated key's last).
-    pub(crate) members: Value<'a>,
+    /// The top-level members named in `SIGNED_MEMBERS` that the update
+    /// has, each with the value Python's dict keeps (a repeated key's last).
+    members: [Option<Value<'a>>; SIGNED_MEMBERS.len()],
     /// The canonical JSON of the payload (`message or callback_query or
     /// {}`), in the scratch the parts were read with.
     payload: Range<usize>,
 }
 
-impl SignedParts<'_> {
+impl<'a> SignedParts<'a> {
+    /// The update's `.get(key)`, for the members in `SIGNED_MEMBERS`.
+    pub(crate) fn member(&self, key: &str) -> Option<&Value<'a>> {
+        let slot = SIGNED_MEMBERS.iter().position(|name| *name == key)?;
+        self.members[slot].as_ref()
+    }
+
     pub(crate) fn canonical_payload<'s>(&self, scratch: &'s Scratch) -> &'s [u8] {
         if self.payload.is_empty() {
             b"{}"
@@ -88,13 +95,14 @@ impl SignedParts<'_> {
     }
 }
 
-const SIGNED_MEMBERS: [&[u8]; 6] = [
-    b"update_id",
-    b"type",
-    b"bot",
-    b"timestamp",
-    b"nonce",
-    b"signature",
+/// The top-level members besides the payload that signature v1 reads.
+const SIGNED_MEMBERS: [&str; 6] = [
+    "update_id",
+    "type",
+    "bot",
+    "timestamp",
+    "nonce",
+    "signature",
 ];
 
 /// Reads a signed update, or `None` when the tree route must (see the module
@@ -106,7 +114,7 @@ pub(crate) fn read_signed_parts<'a>(
 ) -> Option<SignedParts<'a>> {
     scratch.canonical.clear();
     scratch.members.clear();
-    scratch.keys.clear();
+    scratch.escaped_keys.clear();
     if text.starts_with('\u{feff}') {
         return None;
     }
@@ -117,8 +125,7 @@ pub(crate) fn read_signed_parts<'a>(
     }
     parser.pos += 1;
     parser.depth = 1;
-    let mut members: Vec<(Text<'a>, Value<'a>)> = Vec::with_capacity(SIGNED_MEMBERS.len());
-    let mut index = None;
+    let mut members = [None, None, None, None, None, None];
     let (mut message, mut callback_query) = (None, None);
     parser.skip_whitespace();
     if parser.peek() == Some(b'}') {
@@ -137,12 +144,14 @@ pub(crate) fn read_signed_parts<'a>(
                         callback_query = written;
                     }
                 }
-                name if SIGNED_MEMBERS.contains(&name) => {
-                    let value = parser.value().ok()?;
-                    insert_member(&mut members, &mut index, key, value);
-                }
-                // Read (so that malformed JSON is caught), then dropped.
-                _ => drop(parser.value().ok()?),
+                name => match SIGNED_MEMBERS
+                    .iter()
+                    .position(|signed| signed.as_bytes() == name)
+                {
+                    Some(slot) => members[slot] = Some(parser.value().ok()?),
+                    // Read (so that malformed JSON is caught), then dropped.
+                    None => drop(parser.value().ok()?),
+                },
             }
             if !after_member(&mut parser, b'}')? {
                 break;
@@ -166,7 +175,7 @@ pub(crate) fn read_signed_parts<'a>(
         None
     };
     Some(SignedParts {
-        members: Value::Object(members),
+        members,
         payload: payload.unwrap_or(0..0),
     })
 }
@@ -186,7 +195,10 @@ fn member_key<'a>(parser: &mut Parser<'a>) -> Option<Text<'a>> {
         return None;
     }
     parser.pos += 1;
-    let key = parser.string().ok()?;
+    let key = match parser.plain_string() {
+        Some(plain) => Cow::Borrowed(plain),
+        None => parser.string().ok()?,
+    };
     parser.skip_whitespace();
     if parser.peek() != Some(b':') {
         return None;
@@ -220,8 +232,11 @@ impl Scratch {
         match parser.peek()? {
             b'"' => {
                 parser.pos += 1;
-                let text = parser.string().ok()?;
-                self.write_string(&text)
+                match parser.plain_string() {
+                    Some(plain) => self.write_plain_string(plain),
+                    None => write_string(&parser.string().ok()?, &mut self.canonical).ok()?,
+                }
+                Some(())
             }
             open @ (b'{' | b'[') => {
                 if parser.depth == MAX_DEPTH {
@@ -243,20 +258,14 @@ impl Scratch {
         }
     }
 
-    /// A string as [`write_string`] writes it. One that borrows from the
-    /// input had no escape: its bytes are valid UTF-8 (no lone surrogate)
-    /// and the parser's plain run covered them all (nothing to escape), so
-    /// they are copied as they are.
-    fn write_string(&mut self, text: &Text) -> Option<()> {
-        match text {
-            Cow::Borrowed(plain) => {
-                self.canonical.push(b'"');
-                self.canonical.extend_from_slice(plain);
-                self.canonical.push(b'"');
-                Some(())
-            }
-            Cow::Owned(decoded) => write_string(decoded, &mut self.canonical).ok(),
-        }
+    /// A string as [`write_string`] writes it, for one read without escapes
+    /// ([`Parser::plain_string`]): its bytes are valid UTF-8 (so no lone
+    /// surrogate) with nothing to escape, and are copied as they are.
+    fn write_plain_string(&mut self, plain: &[u8]) {
+        self.canonical.reserve(plain.len() + 2);
+        self.canonical.push(b'"');
+        self.canonical.extend_from_slice(plain);
+        self.canonical.push(b'"');
     }
 
     fn write_array(&mut self, parser: &mut Parser) -> Option<()> {
@@ -286,18 +295,41 @@ impl Scratch {
             return Some(());
         }
         let first = self.members.len();
-        let keys_from = self.keys.len();
         let body = self.canonical.len();
+        let escaped_from = self.escaped_keys.len();
         loop {
-            let key = member_key(parser)?;
-            let key_start = self.keys.len();
-            self.keys.extend_from_slice(&key);
             let start = self.canonical.len();
-            self.write_string(&key)?;
+            let mut escaped_key = None;
+            if parser.peek() != Some(b'"') {
+                return None;
+            }
+            parser.pos += 1;
+            match parser.plain_string() {
+                Some(plain) => self.write_plain_string(plain),
+                None => {
+                    let key = parser.string().ok()?;
+                    write_string(&key, &mut self.canonical).ok()?;
+                    // Keys sort by their decoded bytes: the written ones
+                    // stand in for them unless the key needed escapes.
+                    if self.canonical.len() - start != key.len() + 2 {
+                        let from = self.escaped_keys.len();
+                        self.escaped_keys.extend_from_slice(&key);
+                        escaped_key = Some(from..self.escaped_keys.len());
+                    }
+                }
+            }
+            let key = start + 1..self.canonical.len() - 1;
+            parser.skip_whitespace();
+            if parser.peek() != Some(b':') {
+                return None;
+            }
+            parser.pos += 1;
+            parser.skip_whitespace();
             self.canonical.push(b':');
             self.write_canonical(parser)?;
             self.members.push(Member {
-                key: key_start..self.keys.len(),
+                key,
+                escaped_key,
                 written: start..self.canonical.len(),
             });
             if !after_member(parser, b'}')? {
@@ -305,9 +337,12 @@ impl Scratch {
             }
             self.canonical.push(b',');
         }
-        let keys = &self.keys;
+        let (canonical, escaped_keys) = (&self.canonical, &self.escaped_keys);
         let members = &mut self.members[first..];
-        let key = |member: &Member| &keys[member.key.clone()];
+        let key = |member: &Member| match &member.escaped_key {
+            None => &canonical[member.key.clone()],
+            Some(decoded) => &escaped_keys[decoded.clone()],
+        };
         if !members.is_sorted_by(|a, b| key(a) < key(b)) {
             // Stable: a repeated key's occurrences stay in input order, and
             // Python's dict keeps the last one's value.
@@ -322,14 +357,14 @@ impl Scratch {
                         self.sorted.push(b',');
                     }
                     self.sorted
-                        .extend_from_slice(&self.canonical[member.written.clone()]);
+                        .extend_from_slice(&canonical[member.written.clone()]);
                 }
             }
             self.canonical.truncate(body);
             self.canonical.extend_from_slice(&self.sorted);
         }
         self.members.truncate(first);
-        self.keys.truncate(keys_from);
+        self.escaped_keys.truncate(escaped_from);
         self.canonical.push(b'}');
         Some(())
     }

@@ -357,16 +357,28 @@ impl<'a> Parser<'a> {
         Ok(Value::Int(if lexeme == "-0" { "0" } else { lexeme }))
     }
 
+    /// A string body without escapes or control characters, borrowed from
+    /// the input (most strings are), or `None` with nothing read.
+    /// `self.pos` is just past the opening quote.
+    pub(crate) fn plain_string(&mut self) -> Option<&'a [u8]> {
+        let start = self.pos;
+        let end = plain_run_end(self.bytes, start);
+        if self.bytes.get(end) != Some(&b'"') {
+            return None;
+        }
+        self.pos = end + 1;
+        Some(&self.bytes[start..end])
+    }
+
     /// A string body; `self.pos` is just past the opening quote.
     pub(crate) fn string(&mut self) -> Result<Text<'a>, SignatureInputError> {
+        if let Some(plain) = self.plain_string() {
+            return Ok(Cow::Borrowed(plain));
+        }
+        // An escape, a control character or the end of the input.
         let start = self.pos;
         let bytes = self.bytes;
-        // Fast path: most strings have no escapes and borrow from the input.
         let mut at = plain_run_end(bytes, start);
-        if bytes.get(at) == Some(&b'"') {
-            self.pos = at + 1;
-            return Ok(Cow::Borrowed(&bytes[start..at]));
-        }
         // An escape, a control character or the end of the input.
         let mut out = Vec::with_capacity(at - start + 16);
         out.extend_from_slice(&bytes[start..at]);
@@ -554,7 +566,7 @@ pub fn plain_run_end(bytes: &[u8], mut at: usize) -> usize {
 }
 
 /// Python dict assignment: an existing key keeps its place and gets the new value.
-pub(crate) fn insert_member<'a>(
+fn insert_member<'a>(
     members: &mut Vec<(Text<'a>, Value<'a>)>,
     index: &mut Option<HashMap<Text<'a>, usize>>,
     key: Text<'a>,

@@ -46,7 +46,7 @@ impl<'a> SigningFields<'a> {
     /// All six fields as the reference reads them from a signed update.
     pub fn of_update(update: &'a Value<'a>) -> Result<Self, SignatureInputError> {
         let (payload_key, canonical_payload) = payload_of(update)?;
-        let members = SignedMembers::of(update)?;
+        let members = SignedMembers::of(|key| update.get(key))?;
         Ok(SigningFields {
             payload_key,
             payload_sha256: sha256_hex(&canonical_payload),
@@ -99,7 +99,9 @@ static EMPTY_OBJECT: Value<'static> = Value::Object(Vec::new());
 /// The payload's key and canonical JSON (`message or callback_query or {}`);
 /// an update that is not an object is refused first, as Python's first
 /// `.get` would.
-fn payload_of(update: &Value) -> Result<(Option<&'static str>, Vec<u8>), SignatureInputError> {
+pub(crate) fn payload_of(
+    update: &Value,
+) -> Result<(Option<&'static str>, Vec<u8>), SignatureInputError> {
     if !matches!(update, Value::Object(_)) {
         return Err(SignatureInputError(format!(
             "the signed update must be a JSON object, not a {} (Python: AttributeError)",
@@ -132,12 +134,13 @@ pub(crate) struct SignedMembers<'a> {
 
 impl<'a> SignedMembers<'a> {
     /// Read in the reference's order, so the first error is the one Python
-    /// would raise. Only the members' values count: `update` may hold just
-    /// these five (and others are ignored).
-    pub(crate) fn of(update: &'a Value<'a>) -> Result<Self, SignatureInputError> {
-        let update_id = py_int(update.get("update_id"), "update_id")?;
-        let update_type = py_str(update.get("type"), "type")?;
-        let bot_id = match update.get("bot").filter(|bot| truthy(bot)) {
+    /// would raise. `member` is the update's `.get`.
+    pub(crate) fn of(
+        member: impl Fn(&str) -> Option<&'a Value<'a>>,
+    ) -> Result<Self, SignatureInputError> {
+        let update_id = py_int(member("update_id"), "update_id")?;
+        let update_type = py_str(member("type"), "type")?;
+        let bot_id = match member("bot").filter(|bot| truthy(bot)) {
             None => None,
             Some(bot @ Value::Object(_)) => bot.get("id"),
             Some(other) => {
@@ -151,8 +154,8 @@ impl<'a> SignedMembers<'a> {
             update_id,
             update_type,
             bot_id: py_str(bot_id, "bot.id")?,
-            timestamp: py_int(update.get("timestamp"), "timestamp")?,
-            nonce: py_str(update.get("nonce"), "nonce")?,
+            timestamp: py_int(member("timestamp"), "timestamp")?,
+            nonce: py_str(member("nonce"), "nonce")?,
         })
     }
 }
@@ -246,8 +249,10 @@ fn decide<E: AsRef<[u8]>>(
 }
 
 /// `str(signature or "")` as `hmac.compare_digest` can take it.
-fn given_signature<'a>(update: &'a Value<'a>) -> Result<Cow<'a, str>, SignatureInputError> {
-    py_str(update.get("signature"), "signature").and_then(|given| {
+fn given_signature<'a>(
+    signature: Option<&'a Value<'a>>,
+) -> Result<Cow<'a, str>, SignatureInputError> {
+    py_str(signature, "signature").and_then(|given| {
         // hmac.compare_digest raises TypeError for non-ASCII strings.
         if given.is_ascii() {
             Ok(given)
@@ -284,9 +289,13 @@ impl Verifier {
 
     /// The verdict by the direct route ([`direct`]), or `None` when the
     /// update must take the tree route: every input error does.
-    fn verify_direct(&self, text: &str, scratch: &mut direct::Scratch) -> Option<Verdict> {
+    pub(crate) fn verify_direct(
+        &self,
+        text: &str,
+        scratch: &mut direct::Scratch,
+    ) -> Option<Verdict> {
         let parts = direct::read_signed_parts(text, scratch)?;
-        let members = SignedMembers::of(&parts.members).ok()?;
+        let members = SignedMembers::of(|key| parts.member(key)).ok()?;
         let payload_sha256 = hex_digest(&Sha256::digest(parts.canonical_payload(scratch)));
         let (_, replay_exceeded) = self.skew(&members.timestamp);
         let signing_string = [
@@ -307,7 +316,12 @@ impl Verifier {
             }
             hex_digest(&mac.finalize().into_bytes())
         });
-        decide(replay_exceeded, &given_signature(&parts.members), expected).ok()
+        decide(
+            replay_exceeded,
+            &given_signature(parts.member("signature")),
+            expected,
+        )
+        .ok()
     }
 
     /// Computes every step of the verification of a parsed signed update.
@@ -324,7 +338,7 @@ impl Verifier {
             fields,
             signing_string,
             expected,
-            given: given_signature(update),
+            given: given_signature(update.get("signature")),
             skew,
             replay_exceeded,
         })
