@@ -189,7 +189,7 @@ fn read_chunks(
         if chunk.lines.is_empty() {
             break;
         }
-        let newlines = chunk.lines.iter().filter(|&&b| b == b'\n').count() as u64;
+        let newlines = count_newlines(&chunk.lines);
         let unterminated = u64::from(chunk.lines.last() != Some(&b'\n'));
         chunk.sequence = sequence;
         chunk.first_line = next_line;
@@ -200,6 +200,21 @@ fn read_chunks(
         }
     }
     Ok(())
+}
+
+/// How many `\n` are in `bytes`: counted in blocks of 255 into a byte,
+/// which the compiler turns into vector instructions (a plain filter and
+/// count was most of the reader's own time).
+fn count_newlines(bytes: &[u8]) -> u64 {
+    bytes
+        .chunks(255)
+        .map(|block| {
+            let count = block
+                .iter()
+                .fold(0u8, |count, &byte| count + u8::from(byte == b'\n'));
+            u64::from(count)
+        })
+        .sum()
 }
 
 fn verify_chunk(chunk: &mut Chunk, verifier: &Verifier) {
