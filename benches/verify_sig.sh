@@ -73,7 +73,7 @@ echo "== $LINES updates in one process ($(( $(wc -c < "$WORK/updates.ndjson") / 
 python3 - "$REFERENCE" "$WORK/updates.ndjson" "$FLY" <<'PY'
 import hashlib, hmac, importlib.util, os, resource, shutil, subprocess, sys, time, json
 spec = importlib.util.spec_from_file_location("ref", sys.argv[1]); ref = importlib.util.module_from_spec(spec); spec.loader.exec_module(ref)
-path, fly = sys.argv[2], sys.argv[3]
+path, fly_binary = sys.argv[2], sys.argv[3]
 secret, now = os.environ["FLY_WEBHOOK_SECRET"].strip(), int(os.environ["FLY_NOW_TS"])
 lines = open(path, encoding="utf-8").read().splitlines()
 cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -111,7 +111,7 @@ def fly_run(prefix=()):
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     with open(path, "rb") as stdin:
-        done = subprocess.run([*prefix, fly, "verify-sig", "--lines"], stdin=stdin, stdout=subprocess.PIPE, check=True)
+        done = subprocess.run([*prefix, fly_binary, "verify-sig", "--lines"], stdin=stdin, stdout=subprocess.PIPE, check=True)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     assert done.stdout.count(b'"ok":true') == len(lines), "fly rejected updates the reference accepted"
