@@ -362,6 +362,52 @@ fn lines_keeps_input_order_and_numbers_across_batches() {
     assert_eq!(stdout.lines().collect::<Vec<_>>(), expected);
 }
 
+/// The reader cuts the input into chunks of lines: a line longer than a
+/// chunk, lines that are not UTF-8, blank lines and a last line without a
+/// newline keep their verdicts and numbers.
+#[test]
+fn lines_verdicts_survive_long_lines_and_bytes_that_are_not_utf8() {
+    let sign = |update: &str| {
+        let output = fly()
+            .args(["sign", "--secret", SECRET, "--now", &NOW.to_string()])
+            .args(["--nonce", "n1", "--bot-id", "bot_1"])
+            .write_stdin(update.to_string())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", stderr_of(&output));
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let good = signed(SECRET);
+    // Over a megabyte on one line, escapes and all, signed as one update.
+    let long = sign(&UPDATE.replace("héllo 😀", &"a\\u00e9 b\\\"".repeat(100_000)));
+    assert!(long.len() > 1_000_000);
+    let mut input: Vec<u8> = Vec::new();
+    for (index, line) in [&good, &long, "\n", &good].into_iter().enumerate() {
+        input.extend_from_slice(line.as_bytes());
+        if index == 1 {
+            input.extend_from_slice(b"{\"update_id\": \"\xff\"}\n");
+        }
+    }
+    input.extend_from_slice(long.trim_end().as_bytes());
+    let output = fly()
+        .args(["verify-sig", "--lines", "--secret", SECRET, &now_arg(NOW)])
+        .write_stdin(input)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", stderr_of(&output));
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [
+            r#"{"line":1,"ok":true}"#,
+            r#"{"line":2,"ok":true}"#,
+            r#"{"line":3,"ok":false,"error":"INVALID_INPUT","detail":"the line is not valid UTF-8"}"#,
+            r#"{"line":5,"ok":true}"#,
+            r#"{"line":6,"ok":true}"#,
+        ]
+    );
+}
+
 #[test]
 fn sign_replaces_signed_fields_in_place_and_keeps_lexemes() {
     let input = r#"{"update_id": 1, "nonce": "old", "message": {"n": 1E2, "big": 18446744073709551617}, "nonce": "older"}"#;

@@ -18,7 +18,7 @@ pub fn canonical_json(value: &Value) -> Result<Vec<u8>, SignatureInputError> {
     Ok(out)
 }
 
-fn write_value(value: &Value, out: &mut Vec<u8>) -> Result<(), SignatureInputError> {
+pub(crate) fn write_value(value: &Value, out: &mut Vec<u8>) -> Result<(), SignatureInputError> {
     match value {
         Value::Null => out.extend_from_slice(b"null"),
         Value::Bool(true) => out.extend_from_slice(b"true"),

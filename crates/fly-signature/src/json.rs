@@ -173,11 +173,11 @@ const STRING_SPECIAL: [bool; 256] = {
 /// instead of a linear scan, so a hostile object cannot make parsing quadratic.
 const LINEAR_DEDUP_LIMIT: usize = 16;
 
-struct Parser<'a> {
+pub(crate) struct Parser<'a> {
     text: &'a str,
     bytes: &'a [u8],
-    pos: usize,
-    depth: usize,
+    pub(crate) pos: usize,
+    pub(crate) depth: usize,
     members: Option<Vec<MemberSpan<'a>>>,
     /// The key path whose array items are recorded, how many of its keys
     /// the value being parsed sits under, and the items recorded so far.
@@ -187,7 +187,11 @@ struct Parser<'a> {
 }
 
 impl<'a> Parser<'a> {
-    fn new(text: &'a str, record_members: bool, items_at: &'static [&'static str]) -> Self {
+    pub(crate) fn new(
+        text: &'a str,
+        record_members: bool,
+        items_at: &'static [&'static str],
+    ) -> Self {
         Parser {
             text,
             bytes: text.as_bytes(),
@@ -249,11 +253,11 @@ impl<'a> Parser<'a> {
         ))
     }
 
-    fn peek(&self) -> Option<u8> {
+    pub(crate) fn peek(&self) -> Option<u8> {
         self.bytes.get(self.pos).copied()
     }
 
-    fn skip_whitespace(&mut self) {
+    pub(crate) fn skip_whitespace(&mut self) {
         while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
             self.pos += 1;
         }
@@ -267,7 +271,7 @@ impl<'a> Parser<'a> {
         found
     }
 
-    fn value(&mut self) -> Result<Value<'a>, SignatureInputError> {
+    pub(crate) fn value(&mut self) -> Result<Value<'a>, SignatureInputError> {
         match self.peek() {
             Some(b'"') => {
                 self.pos += 1;
@@ -353,16 +357,28 @@ impl<'a> Parser<'a> {
         Ok(Value::Int(if lexeme == "-0" { "0" } else { lexeme }))
     }
 
+    /// A string body without escapes or control characters, borrowed from
+    /// the input (most strings are), or `None` with nothing read.
+    /// `self.pos` is just past the opening quote.
+    pub(crate) fn plain_string(&mut self) -> Option<&'a [u8]> {
+        let start = self.pos;
+        let end = plain_run_end(self.bytes, start);
+        if self.bytes.get(end) != Some(&b'"') {
+            return None;
+        }
+        self.pos = end + 1;
+        Some(&self.bytes[start..end])
+    }
+
     /// A string body; `self.pos` is just past the opening quote.
-    fn string(&mut self) -> Result<Text<'a>, SignatureInputError> {
+    pub(crate) fn string(&mut self) -> Result<Text<'a>, SignatureInputError> {
+        if let Some(plain) = self.plain_string() {
+            return Ok(Cow::Borrowed(plain));
+        }
+        // An escape, a control character or the end of the input.
         let start = self.pos;
         let bytes = self.bytes;
-        // Fast path: most strings have no escapes and borrow from the input.
         let mut at = plain_run_end(bytes, start);
-        if bytes.get(at) == Some(&b'"') {
-            self.pos = at + 1;
-            return Ok(Cow::Borrowed(&bytes[start..at]));
-        }
         // An escape, a control character or the end of the input.
         let mut out = Vec::with_capacity(at - start + 16);
         out.extend_from_slice(&bytes[start..at]);

@@ -75,6 +75,7 @@
 //! [`SignatureInputError`], never a verdict.
 
 pub mod canonical;
+mod direct;
 pub mod json;
 #[cfg(test)]
 mod properties;

@@ -15,10 +15,11 @@
 use std::borrow::Cow;
 
 use hmac::{Hmac, KeyInit, Mac};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 
 use super::SignatureInputError;
 use super::canonical::canonical_json;
+use super::direct;
 use super::json::Value;
 use super::python::{PyInt, py_int, py_str, truthy, type_name};
 use super::sha256_hex;
@@ -44,44 +45,25 @@ pub struct SigningFields<'a> {
 impl<'a> SigningFields<'a> {
     /// All six fields as the reference reads them from a signed update.
     pub fn of_update(update: &'a Value<'a>) -> Result<Self, SignatureInputError> {
-        let mut fields = Self::of_update_header(update)?;
-        let bot_id = match update.get("bot").filter(|bot| truthy(bot)) {
-            None => None,
-            Some(bot @ Value::Object(_)) => bot.get("id"),
-            Some(other) => {
-                return Err(SignatureInputError(format!(
-                    "bot is a {}, not an object (Python: AttributeError on .get)",
-                    type_name(other)
-                )));
-            }
-        };
-        fields.bot_id = py_str(bot_id, "bot.id")?;
-        fields.timestamp = py_int(update.get("timestamp"), "timestamp")?;
-        fields.nonce = py_str(update.get("nonce"), "nonce")?;
-        Ok(fields)
+        let (payload_key, canonical_payload) = payload_of(update)?;
+        let members = SignedMembers::of(|key| update.get(key))?;
+        Ok(SigningFields {
+            payload_key,
+            payload_sha256: sha256_hex(&canonical_payload),
+            canonical_payload,
+            update_id: members.update_id,
+            update_type: members.update_type,
+            bot_id: members.bot_id,
+            timestamp: members.timestamp,
+            nonce: members.nonce,
+        })
     }
 
     /// The fields that come from the update itself (payload, `update_id`,
     /// `type`), with an empty bot id and nonce and a zero timestamp for the
     /// signer to fill in.
     pub fn of_update_header(update: &'a Value<'a>) -> Result<Self, SignatureInputError> {
-        if !matches!(update, Value::Object(_)) {
-            return Err(SignatureInputError(format!(
-                "the signed update must be a JSON object, not a {} (Python: AttributeError)",
-                type_name(update)
-            )));
-        }
-        let (payload_key, payload) = ["message", "callback_query"]
-            .into_iter()
-            .find_map(|key| {
-                let value = update.get(key).filter(|value| truthy(value))?;
-                Some((Some(key), value))
-            })
-            .unwrap_or((None, &EMPTY_OBJECT));
-        let canonical_payload = canonical_json(payload).map_err(|error| {
-            let key = payload_key.unwrap_or("payload");
-            SignatureInputError(format!("in update.{key}: {error}"))
-        })?;
+        let (payload_key, canonical_payload) = payload_of(update)?;
         Ok(SigningFields {
             payload_key,
             payload_sha256: sha256_hex(&canonical_payload),
@@ -113,6 +95,70 @@ impl<'a> SigningFields<'a> {
 }
 
 static EMPTY_OBJECT: Value<'static> = Value::Object(Vec::new());
+
+/// The payload's key and canonical JSON (`message or callback_query or {}`);
+/// an update that is not an object is refused first, as Python's first
+/// `.get` would.
+pub(crate) fn payload_of(
+    update: &Value,
+) -> Result<(Option<&'static str>, Vec<u8>), SignatureInputError> {
+    if !matches!(update, Value::Object(_)) {
+        return Err(SignatureInputError(format!(
+            "the signed update must be a JSON object, not a {} (Python: AttributeError)",
+            type_name(update)
+        )));
+    }
+    let (payload_key, payload) = ["message", "callback_query"]
+        .into_iter()
+        .find_map(|key| {
+            let value = update.get(key).filter(|value| truthy(value))?;
+            Some((Some(key), value))
+        })
+        .unwrap_or((None, &EMPTY_OBJECT));
+    let canonical_payload = canonical_json(payload).map_err(|error| {
+        let key = payload_key.unwrap_or("payload");
+        SignatureInputError(format!("in update.{key}: {error}"))
+    })?;
+    Ok((payload_key, canonical_payload))
+}
+
+/// The five members of the signing string that are not the payload's hash,
+/// as Python's `str()` prints them.
+pub(crate) struct SignedMembers<'a> {
+    pub(crate) update_id: PyInt<'a>,
+    pub(crate) update_type: Cow<'a, str>,
+    pub(crate) bot_id: Cow<'a, str>,
+    pub(crate) timestamp: PyInt<'a>,
+    pub(crate) nonce: Cow<'a, str>,
+}
+
+impl<'a> SignedMembers<'a> {
+    /// Read in the reference's order, so the first error is the one Python
+    /// would raise. `member` is the update's `.get`.
+    pub(crate) fn of(
+        member: impl Fn(&str) -> Option<&'a Value<'a>>,
+    ) -> Result<Self, SignatureInputError> {
+        let update_id = py_int(member("update_id"), "update_id")?;
+        let update_type = py_str(member("type"), "type")?;
+        let bot_id = match member("bot").filter(|bot| truthy(bot)) {
+            None => None,
+            Some(bot @ Value::Object(_)) => bot.get("id"),
+            Some(other) => {
+                return Err(SignatureInputError(format!(
+                    "bot is a {}, not an object (Python: AttributeError on .get)",
+                    type_name(other)
+                )));
+            }
+        };
+        Ok(SignedMembers {
+            update_id,
+            update_type,
+            bot_id: py_str(bot_id, "bot.id")?,
+            timestamp: py_int(member("timestamp"), "timestamp")?,
+            nonce: py_str(member("nonce"), "nonce")?,
+        })
+    }
+}
 
 /// The hex HMAC-SHA256 of the signing string under one secret.
 pub fn signature_with(key: &HmacSha256, signing_string: &str) -> String {
@@ -170,22 +216,53 @@ pub struct Check<'a> {
 impl Check<'_> {
     /// The decision, in the reference script's order.
     pub fn verdict(&self) -> Result<Verdict, SignatureInputError> {
-        if self.replay_exceeded {
-            return Ok(Verdict::ReplayWindowExceeded);
-        }
-        let given = self
-            .given
-            .as_ref()
-            .map_err(|error| SignatureInputError(error.0.clone()))?;
-        let any_match = self.expected.iter().fold(false, |found, expected| {
-            found | constant_time_eq(expected.as_bytes(), given.as_bytes())
-        });
-        Ok(if any_match {
-            Verdict::Ok
-        } else {
-            Verdict::SignatureMismatch
-        })
+        decide(
+            self.replay_exceeded,
+            &self.given,
+            self.expected.iter().map(String::as_bytes),
+        )
     }
+}
+
+/// The reference's decision once every input error is behind: the replay
+/// window first, then whether `given` is a signature any secret makes
+/// (`expected` is asked only then).
+fn decide<E: AsRef<[u8]>>(
+    replay_exceeded: bool,
+    given: &Result<Cow<str>, SignatureInputError>,
+    expected: impl Iterator<Item = E>,
+) -> Result<Verdict, SignatureInputError> {
+    if replay_exceeded {
+        return Ok(Verdict::ReplayWindowExceeded);
+    }
+    let given = given
+        .as_ref()
+        .map_err(|error| SignatureInputError(error.0.clone()))?;
+    let any_match = expected.fold(false, |found, expected| {
+        found | constant_time_eq(expected.as_ref(), given.as_bytes())
+    });
+    Ok(if any_match {
+        Verdict::Ok
+    } else {
+        Verdict::SignatureMismatch
+    })
+}
+
+/// `str(signature or "")` as `hmac.compare_digest` can take it.
+fn given_signature<'a>(
+    signature: Option<&'a Value<'a>>,
+) -> Result<Cow<'a, str>, SignatureInputError> {
+    py_str(signature, "signature").and_then(|given| {
+        // hmac.compare_digest raises TypeError for non-ASCII strings.
+        if given.is_ascii() {
+            Ok(given)
+        } else {
+            Err(SignatureInputError(
+                "signature has non-ASCII characters (Python's hmac.compare_digest raises TypeError)"
+                    .into(),
+            ))
+        }
+    })
 }
 
 impl Verifier {
@@ -203,8 +280,48 @@ impl Verifier {
 
     /// Parses and checks one signed update given as JSON text.
     pub fn verify_text(&self, text: &str) -> Result<Verdict, SignatureInputError> {
+        if let Some(verdict) = direct::with_scratch(|scratch| self.verify_direct(text, scratch)) {
+            return Ok(verdict);
+        }
         let update = super::json::parse(text)?;
         self.check(&update)?.verdict()
+    }
+
+    /// The verdict by the direct route ([`direct`]), or `None` when the
+    /// update must take the tree route: every input error does.
+    pub(crate) fn verify_direct(
+        &self,
+        text: &str,
+        scratch: &mut direct::Scratch,
+    ) -> Option<Verdict> {
+        let parts = direct::read_signed_parts(text, scratch)?;
+        let members = SignedMembers::of(|key| parts.member(key)).ok()?;
+        let payload_sha256 = hex_digest(&Sha256::digest(parts.canonical_payload(scratch)));
+        let (_, replay_exceeded) = self.skew(&members.timestamp);
+        let signing_string = [
+            members.update_id.0.as_bytes(),
+            members.update_type.as_bytes(),
+            members.bot_id.as_bytes(),
+            members.timestamp.0.as_bytes(),
+            members.nonce.as_bytes(),
+            &payload_sha256,
+        ];
+        let expected = self.keys.iter().map(|key| {
+            let mut mac = key.clone();
+            for (position, field) in signing_string.iter().enumerate() {
+                if position > 0 {
+                    mac.update(b"\n");
+                }
+                mac.update(field);
+            }
+            hex_digest(&mac.finalize().into_bytes())
+        });
+        decide(
+            replay_exceeded,
+            &given_signature(parts.member("signature")),
+            expected,
+        )
+        .ok()
     }
 
     /// Computes every step of the verification of a parsed signed update.
@@ -216,8 +333,20 @@ impl Verifier {
             .iter()
             .map(|key| signature_with(key, &signing_string))
             .collect();
-        let skew = fields
-            .timestamp
+        let (skew, replay_exceeded) = self.skew(&fields.timestamp);
+        Ok(Check {
+            fields,
+            signing_string,
+            expected,
+            given: given_signature(update.get("signature")),
+            skew,
+            replay_exceeded,
+        })
+    }
+
+    /// `now - timestamp` when it fits, and whether it is outside the window.
+    fn skew(&self, timestamp: &PyInt) -> (Option<i128>, bool) {
+        let skew = timestamp
             .as_i128()
             .and_then(|timestamp| i128::from(self.now).checked_sub(timestamp));
         let replay_exceeded = match (self.window, skew) {
@@ -225,26 +354,19 @@ impl Verifier {
             (Some(window), Some(skew)) => skew.unsigned_abs() > u128::from(window),
             (Some(_), None) => true,
         };
-        let given = py_str(update.get("signature"), "signature").and_then(|given| {
-            // hmac.compare_digest raises TypeError for non-ASCII strings.
-            if given.is_ascii() {
-                Ok(given)
-            } else {
-                Err(SignatureInputError(
-                    "signature has non-ASCII characters (Python's hmac.compare_digest raises TypeError)"
-                        .into(),
-                ))
-            }
-        });
-        Ok(Check {
-            fields,
-            signing_string,
-            expected,
-            given,
-            skew,
-            replay_exceeded,
-        })
+        (skew, replay_exceeded)
     }
+}
+
+/// A SHA-256 digest in lowercase hex, as Python's `hexdigest()`, on the stack.
+fn hex_digest(digest: &[u8]) -> [u8; 64] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = [0; 64];
+    for (pair, byte) in hex.chunks_exact_mut(2).zip(digest) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0xF)];
+    }
+    hex
 }
 
 /// Compares without an early exit, so the time taken does not tell an
