@@ -1,0 +1,338 @@
+//! Group commit for serve-webhook's hot path: the admissions and handled
+//! marks asked for while a call is on its way go together in the next
+//! call, one script ([`BATCH`]) that answers each in turn.
+//!
+//! No thread of its own: the first caller to find no call on its way
+//! makes the call (it leads), with everything queued by then, its own
+//! request included; the others wait for their answers. A leader done
+//! with its call hands the lead to the first request queued meanwhile, so
+//! that one's caller makes the next call. Alone, a request is sent at
+//! once, as by a call of its own; under load, one round trip carries the
+//! requests of many deliveries (ARCHITECTURE.md, "The Redis state").
+//!
+//! Each request is answered only once the server has answered the call
+//! that carried it: a mark is in Redis before its delivery is answered,
+//! as when it was a call of its own. A request waits at most its
+//! [`CALL_TIMEOUT`] in all: the call is given the time left to the
+//! earliest of its requests, and one whose time is up before it can be
+//! sent fails without being sent.
+
+use std::sync::{Arc, Condvar, LazyLock, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::anyhow;
+use redis::{Script, Value};
+
+use super::{CALL_TIMEOUT, Core};
+use crate::Unavailable;
+use fly_base::sync::lock;
+
+/// Requests carried by one call at most.
+const MAX_BATCH: usize = 256;
+
+/// Admits deliveries and marks updates handled, each in turn, each atomic
+/// (the script is). Per request, in ARGV:
+///
+/// - `a`, update key, nonce TTL in seconds (`''`: no nonce), claim token,
+///   claim lease in ms; KEYS: handled, claim, and the nonce's if any.
+///   Answers `duplicate`, `nonce_reused`, `in_progress` or `admitted`
+///   (the claim taken), in the order the receiver answers.
+/// - `m`, outcome, TTL in seconds; KEYS: handled, claim. Marks the update
+///   handled and deletes its claim, whoever holds it: a delivery that
+///   finds the mark answers it as a duplicate, so the claim keeps nothing
+///   out any more. Answers `marked`.
+///
+/// A request that fails (a key of another type, put there by something
+/// else) is answered `!` and the error, and the others go on.
+static BATCH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local function admit(k, i)
+  if redis.call('EXISTS', KEYS[k]) == 1 then return 'duplicate' end
+  if ARGV[i + 2] ~= '' then
+    local nonce = KEYS[k + 2]
+    if not redis.call('SET', nonce, ARGV[i + 1], 'NX', 'EX', ARGV[i + 2]) then
+      local seen = redis.call('GET', nonce)
+      if seen and seen ~= ARGV[i + 1] then return 'nonce_reused' end
+      if not seen then redis.call('SET', nonce, ARGV[i + 1], 'EX', ARGV[i + 2]) end
+    end
+  end
+  if redis.call('SET', KEYS[k + 1], ARGV[i + 3], 'NX', 'PX', ARGV[i + 4]) then
+    return 'admitted'
+  end
+  return 'in_progress'
+end
+local function mark(k, i)
+  redis.call('SET', KEYS[k], ARGV[i + 1], 'EX', ARGV[i + 2])
+  redis.call('DEL', KEYS[k + 1])
+  return 'marked'
+end
+local answers, k, i = {}, 1, 1
+while i <= #ARGV do
+  local ok, answer
+  if ARGV[i] == 'a' then
+    ok, answer = pcall(admit, k, i)
+    if ARGV[i + 2] ~= '' then k = k + 3 else k = k + 2 end
+    i = i + 5
+  else
+    ok, answer = pcall(mark, k, i)
+    k, i = k + 2, i + 3
+  end
+  if not ok then
+    if type(answer) == 'table' then answer = answer.err end
+    answer = '!' .. tostring(answer)
+  end
+  answers[#answers + 1] = answer
+end
+return answers
+",
+    )
+});
+
+/// One request of a batch.
+pub(super) enum Op {
+    /// A delivery's admission (see [`BATCH`]).
+    Admit {
+        handled: String,
+        claim: String,
+        /// The nonce's key and its TTL in seconds, when the delivery has one.
+        nonce: Option<(String, i64)>,
+        update_key: String,
+        token: u64,
+        lease_ms: u64,
+    },
+    /// An update marked handled, its claim deleted.
+    Mark {
+        handled: String,
+        claim: String,
+        outcome: String,
+        ttl: u64,
+    },
+}
+
+/// Where a request's answer is left, and how its caller is told to lead.
+#[derive(Default)]
+struct Slot {
+    state: Mutex<SlotState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct SlotState {
+    answer: Option<anyhow::Result<String>>,
+    /// The caller makes the next call.
+    lead: bool,
+}
+
+impl Slot {
+    fn answer(&self, answer: anyhow::Result<String>) {
+        lock(&self.state).answer = Some(answer);
+        self.changed.notify_one();
+    }
+
+    fn lead(&self) {
+        lock(&self.state).lead = true;
+        self.changed.notify_one();
+    }
+}
+
+struct Queued {
+    op: Op,
+    /// When its caller's time is up.
+    deadline: Instant,
+    slot: Arc<Slot>,
+}
+
+#[derive(Default)]
+struct Line {
+    queued: Vec<Queued>,
+    /// A caller leads: a call is on its way, or about to be.
+    busy: bool,
+}
+
+/// The requests waiting for the next call.
+#[derive(Default)]
+pub(super) struct Batcher {
+    line: Mutex<Line>,
+}
+
+impl Batcher {
+    /// Sends `op` with whatever else is queued, and returns its answer.
+    pub(super) fn run(&self, core: &Core, op: Op) -> anyhow::Result<String> {
+        let slot = Arc::new(Slot::default());
+        let deadline = Instant::now() + CALL_TIMEOUT;
+        let leads = {
+            let mut line = lock(&self.line);
+            line.queued.push(Queued {
+                op,
+                deadline,
+                slot: Arc::clone(&slot),
+            });
+            !std::mem::replace(&mut line.busy, true)
+        };
+        if leads {
+            self.lead(core);
+        }
+        loop {
+            {
+                let mut state = lock(&slot.state);
+                loop {
+                    if let Some(answer) = state.answer.take() {
+                        return answer;
+                    }
+                    if std::mem::take(&mut state.lead) {
+                        break;
+                    }
+                    // Every call ends by its deadline; this only guards
+                    // against a leader that never came back (a panic).
+                    let left = (deadline + CALL_TIMEOUT).saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(anyhow::Error::new(Unavailable(format!(
+                            "state store {} did not answer",
+                            core.shown
+                        ))));
+                    }
+                    state = slot
+                        .changed
+                        .wait_timeout(state, left)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .0;
+                }
+            }
+            self.lead(core);
+        }
+    }
+
+    /// Requests queued, not yet sent.
+    #[cfg(test)]
+    pub(super) fn queued(&self) -> usize {
+        lock(&self.line).queued.len()
+    }
+
+    /// Makes one call with what is queued, answers each request, and hands
+    /// the lead on (or gives it up when nothing is queued).
+    fn lead(&self, core: &Core) {
+        /// Hands the lead on even if the call panicked.
+        struct HandOn<'a>(&'a Batcher);
+        impl Drop for HandOn<'_> {
+            fn drop(&mut self) {
+                let mut line = lock(&self.0.line);
+                match line.queued.first() {
+                    Some(next) => next.slot.lead(),
+                    None => line.busy = false,
+                }
+            }
+        }
+        let _hand_on = HandOn(self);
+        let batch: Vec<Queued> = {
+            let mut line = lock(&self.line);
+            let count = line.queued.len().min(MAX_BATCH);
+            line.queued.drain(..count).collect()
+        };
+        let now = Instant::now();
+        let (due, late): (Vec<Queued>, Vec<Queued>) =
+            batch.into_iter().partition(|queued| queued.deadline > now);
+        for queued in late {
+            queued
+                .slot
+                .answer(Err(anyhow::Error::new(Unavailable(format!(
+                    "state store {} did not answer: timed out after {} s",
+                    core.shown,
+                    CALL_TIMEOUT.as_secs()
+                )))));
+        }
+        if due.is_empty() {
+            return;
+        }
+        let budget = due
+            .iter()
+            .map(|queued| queued.deadline.saturating_duration_since(now))
+            .min()
+            .unwrap_or(Duration::ZERO);
+        let answers = call(core, budget, &due);
+        for (queued, answer) in due.into_iter().zip(answers) {
+            queued.slot.answer(answer);
+        }
+    }
+}
+
+/// One call of [`BATCH`] for `batch`: an answer for each request.
+fn call(core: &Core, budget: Duration, batch: &[Queued]) -> Vec<anyhow::Result<String>> {
+    let mut invocation = BATCH.prepare_invoke();
+    for queued in batch {
+        match &queued.op {
+            Op::Admit {
+                handled,
+                claim,
+                nonce,
+                update_key,
+                token,
+                lease_ms,
+            } => {
+                invocation.key(handled).key(claim);
+                invocation.arg("a").arg(update_key);
+                match nonce {
+                    Some((key, ttl)) => {
+                        invocation.key(key).arg(*ttl);
+                    }
+                    None => {
+                        invocation.arg("");
+                    }
+                }
+                invocation.arg(token.to_string()).arg(*lease_ms);
+            }
+            Op::Mark {
+                handled,
+                claim,
+                outcome,
+                ttl,
+            } => {
+                invocation.key(handled).key(claim);
+                invocation.arg("m").arg(outcome).arg(*ttl);
+            }
+        }
+    }
+    let answered = core
+        .call_within(budget, |link| invocation.invoke::<Vec<Value>>(link))
+        .map_err(|fault| core.failed(fault));
+    let values = match answered {
+        Ok(values) if values.len() == batch.len() => values,
+        Ok(_) => {
+            let said = format!(
+                "state store {}: unexpected answer to a batch of admissions",
+                core.shown
+            );
+            return batch.iter().map(|_| Err(anyhow!(said.clone()))).collect();
+        }
+        Err(error) => {
+            // One failure for all: each delivery is told it.
+            let outage = crate::is_unavailable(&error);
+            let said = error.to_string();
+            return batch
+                .iter()
+                .map(|_| {
+                    Err(if outage {
+                        anyhow::Error::new(Unavailable(said.clone()))
+                    } else {
+                        anyhow!(said.clone())
+                    })
+                })
+                .collect();
+        }
+    };
+    values
+        .into_iter()
+        .map(|value| {
+            let text = redis::from_redis_value::<String>(value).map_err(|_| {
+                anyhow!(
+                    "state store {}: unexpected answer to an admission",
+                    core.shown
+                )
+            })?;
+            match text.strip_prefix('!') {
+                Some(error) => Err(anyhow!("state store {} answered: {error}", core.shown)),
+                None => Ok(text),
+            }
+        })
+        .collect()
+}
