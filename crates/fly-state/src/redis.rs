@@ -22,9 +22,9 @@ use batch::{Batcher, Op};
 use link::{Fault, Link, Target};
 
 use super::{
-    Admission, BotIdentity, Claim, DEFAULT_RETENTION, DeadLetter, Delivery, Interrupted, LeaseLost,
-    LeaseWatch, Letters, NonceCheck, Pending, PollState, PollingLease, Standby, StateRefused,
-    Store, Unavailable, WebhookLedger,
+    Admission, BotIdentity, Claim, DEFAULT_RETENTION, DeadLetter, Delivery, Interrupted, Later,
+    LeaseLost, LeaseWatch, Letters, NonceCheck, Pending, PollState, PollingLease, Standby,
+    StateRefused, Store, Unavailable, WebhookLedger,
 };
 use fly_base::clock::unix_now;
 use fly_base::sync::lock;
@@ -583,10 +583,10 @@ pub struct RedisStore {
     /// Claims given back by a thread of their own (see `release_update`).
     releases: Option<mpsc::Sender<(i64, u64)>>,
     /// Admissions and unfenced marks, sent together (`batch.rs`).
-    batch: Batcher,
+    batch: Arc<Batcher>,
     /// The claims this store holds, by update: the mark of an update
     /// deletes its claim, and its release is then not sent.
-    held: Mutex<HashMap<i64, u64>>,
+    held: Held,
     /// Stops the health watch when the store is dropped.
     stop: Arc<StopFlag>,
 }
@@ -624,6 +624,7 @@ impl RedisStore {
         claim_meta(&core, &keys.key("meta"), identity)?;
         let stop = start_health_watch(&core)?;
         let releases = start_release_thread(&core, &keys)?;
+        let batch = Batcher::start(&core)?;
         Ok(RedisStore {
             core,
             keys,
@@ -632,8 +633,8 @@ impl RedisStore {
             fence: Arc::new(Mutex::new(None)),
             previous: Mutex::new(None),
             releases: Some(releases),
-            batch: Batcher::default(),
-            held: Mutex::new(HashMap::new()),
+            batch,
+            held: Held::default(),
             stop,
         })
     }
@@ -666,6 +667,40 @@ impl RedisStore {
         if let Some(releases) = &self.releases {
             // The thread ends only when the store is dropped.
             let _ = releases.send((update_id, token));
+        }
+    }
+
+    /// The request that admits `delivery` with a claim under `token`.
+    fn admit_op(&self, delivery: &Delivery, token: u64) -> Op {
+        let update_id = delivery.update_id;
+        let nonce = (!delivery.nonce.is_empty()).then(|| {
+            (
+                self.keys.nonce(&delivery.nonce),
+                delivery.window_secs.saturating_mul(2).max(1),
+            )
+        });
+        Op::Admit {
+            handled: self.keys.handled(update_id),
+            claim: self.keys.claim(update_id),
+            nonce,
+            update_key: update_id.to_string(),
+            token,
+            lease_ms: delivery.lease.as_millis().max(1) as u64,
+        }
+    }
+
+    /// Whether an unfenced mark can be sent now: a poller's marks are
+    /// fenced by its lease (`MARK_FENCED`), one call each.
+    fn unfenced(&self) -> anyhow::Result<bool> {
+        Ok(self.fence_token()?.is_none())
+    }
+
+    fn mark_op(&self, update_id: i64, outcome: &str) -> Op {
+        Op::Mark {
+            handled: self.keys.handled(update_id),
+            claim: self.keys.claim(update_id),
+            outcome: outcome.to_string(),
+            ttl: self.retention_secs(),
         }
     }
 
@@ -1117,6 +1152,7 @@ fn watch_health(core: &Core, stop: &StopFlag) {
 impl Drop for RedisStore {
     fn drop(&mut self) {
         self.stop.set();
+        self.batch.close();
         // The release thread gives back what is queued, then ends.
         self.releases = None;
     }
@@ -1139,20 +1175,8 @@ impl Store for RedisStore {
             // With the admissions and marks of other deliveries; the
             // update's claim goes with the mark, so its release is not sent.
             None => {
-                let marked = self.batch.run(
-                    &self.core,
-                    Op::Mark {
-                        handled: key,
-                        claim: self.keys.claim(update_id),
-                        outcome: outcome.to_string(),
-                        ttl,
-                    },
-                )?;
-                if marked != "marked" {
-                    anyhow::bail!("state store: unexpected answer {marked:?} to a handled mark");
-                }
-                lock(&self.held).remove(&update_id);
-                Ok(())
+                let marked = self.batch.run(self.mark_op(update_id, outcome));
+                self.held.marked(update_id, marked)
             }
             Some(token) => {
                 let lease = self.keys.key("poller");
@@ -1172,6 +1196,24 @@ impl Store for RedisStore {
                 }
             }
         }
+    }
+
+    /// Sent with the admissions and marks of other deliveries; the update's
+    /// claim goes with the mark, so its release is not sent.
+    fn mark_later(&self, update_id: i64, outcome: &str) -> Option<Later<anyhow::Result<()>>> {
+        match self.unfenced() {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(error) => return Some(Later::new(move |then| then(Err(error)))),
+        }
+        let (op, batch, held) = (
+            self.mark_op(update_id, outcome),
+            Arc::clone(&self.batch),
+            self.held.clone(),
+        );
+        Some(Later::new(move |then| {
+            batch.submit(op, move |marked| then(held.marked(update_id, marked)));
+        }))
     }
 
     fn is_reachable(&self) -> bool {
@@ -1286,6 +1328,69 @@ impl PollState for RedisStore {
     }
 }
 
+/// The claims a store holds, by update (see `RedisStore::held`).
+#[derive(Clone, Default)]
+struct Held(Arc<Mutex<HashMap<i64, u64>>>);
+
+impl Held {
+    fn insert(&self, update_id: i64, token: u64) {
+        lock(&self.0).insert(update_id, token);
+    }
+
+    /// Whether `claim` is still to be given back (its mark did not).
+    fn give_up(&self, claim: &Claim) -> bool {
+        let mut held = lock(&self.0);
+        let ours = held.get(&claim.update_id) == Some(&claim.token);
+        if ours {
+            held.remove(&claim.update_id);
+        }
+        ours
+    }
+
+    /// The answer to a mark: once in the store, its claim is gone too.
+    fn marked(&self, update_id: i64, answer: anyhow::Result<String>) -> anyhow::Result<()> {
+        let answer = answer?;
+        if answer != "marked" {
+            anyhow::bail!("state store: unexpected answer {answer:?} to a handled mark");
+        }
+        lock(&self.0).remove(&update_id);
+        Ok(())
+    }
+}
+
+/// What the batch's answer to an admission says. A claim the script may
+/// have taken when its answer was lost (a timeout) would hold the update
+/// (409) until it lapses: it is given back by its token, so it is this
+/// admission's or nobody's.
+fn admission(
+    answer: anyhow::Result<String>,
+    update_id: i64,
+    token: u64,
+    held: &Held,
+    releases: Option<&mpsc::Sender<(i64, u64)>>,
+) -> anyhow::Result<Admission> {
+    let answer = answer.inspect_err(|error| {
+        if crate::is_unavailable(error)
+            && let Some(releases) = releases
+        {
+            let _ = releases.send((update_id, token));
+        }
+    })?;
+    Ok(match answer.as_str() {
+        "duplicate" => Admission::Duplicate,
+        "nonce_reused" => Admission::NonceReused,
+        "in_progress" => Admission::InProgress,
+        "admitted" => {
+            held.insert(update_id, token);
+            Admission::Admitted {
+                claim: Claim { update_id, token },
+                wait: Pending::done(),
+            }
+        }
+        other => anyhow::bail!("state store: unexpected answer {other:?} to an admission"),
+    })
+}
+
 impl WebhookLedger for RedisStore {
     fn check_nonce(
         &self,
@@ -1324,7 +1429,7 @@ impl WebhookLedger for RedisStore {
                 .query::<Option<String>>(connection)
         })?;
         if taken.is_some() {
-            lock(&self.held).insert(update_id, token);
+            self.held.insert(update_id, token);
         }
         Ok(taken.map(|_| Claim { update_id, token }))
     }
@@ -1332,15 +1437,7 @@ impl WebhookLedger for RedisStore {
     /// Queued for the release thread: this may run on an async I/O thread.
     /// A claim the update's mark deleted is not sent again.
     fn release_update(&self, claim: Claim) -> anyhow::Result<()> {
-        let held = {
-            let mut held = lock(&self.held);
-            let ours = held.get(&claim.update_id) == Some(&claim.token);
-            if ours {
-                held.remove(&claim.update_id);
-            }
-            ours
-        };
-        if held {
+        if self.held.give_up(&claim) {
             self.queue_release(claim.update_id, claim.token);
         }
         Ok(())
@@ -1349,49 +1446,37 @@ impl WebhookLedger for RedisStore {
     /// In one step, atomic, sent with the other admissions and marks in
     /// hand (`batch.rs`).
     fn admit(&self, delivery: &Delivery) -> anyhow::Result<Admission> {
-        let update_id = delivery.update_id;
         let token = fly_base::random::u64();
-        let nonce = (!delivery.nonce.is_empty()).then(|| {
-            (
-                self.keys.nonce(&delivery.nonce),
-                delivery.window_secs.saturating_mul(2).max(1),
-            )
-        });
-        let answer = self
-            .batch
-            .run(
-                &self.core,
-                Op::Admit {
-                    handled: self.keys.handled(update_id),
-                    claim: self.keys.claim(update_id),
-                    nonce,
-                    update_key: update_id.to_string(),
+        let answer = self.batch.run(self.admit_op(delivery, token));
+        admission(
+            answer,
+            delivery.update_id,
+            token,
+            &self.held,
+            self.releases.as_ref(),
+        )
+    }
+
+    fn admit_later(&self, delivery: &Delivery) -> Option<Later<anyhow::Result<Admission>>> {
+        let token = fly_base::random::u64();
+        let (op, batch, held, releases, update_id) = (
+            self.admit_op(delivery, token),
+            Arc::clone(&self.batch),
+            self.held.clone(),
+            self.releases.clone(),
+            delivery.update_id,
+        );
+        Some(Later::new(move |then| {
+            batch.submit(op, move |answer| {
+                then(admission(
+                    answer,
+                    update_id,
                     token,
-                    lease_ms: delivery.lease.as_millis().max(1) as u64,
-                },
-            )
-            .inspect_err(|error| {
-                // The script may have run and its answer been lost (a
-                // timeout): a claim taken then would hold the update (409)
-                // until it lapses. Given back by its token, it is this
-                // admission's or nobody's.
-                if crate::is_unavailable(error) {
-                    self.queue_release(update_id, token);
-                }
-            })?;
-        Ok(match answer.as_str() {
-            "duplicate" => Admission::Duplicate,
-            "nonce_reused" => Admission::NonceReused,
-            "in_progress" => Admission::InProgress,
-            "admitted" => {
-                lock(&self.held).insert(update_id, token);
-                Admission::Admitted {
-                    claim: Claim { update_id, token },
-                    wait: Pending::done(),
-                }
-            }
-            other => anyhow::bail!("state store: unexpected answer {other:?} to an admission"),
-        })
+                    &held,
+                    releases.as_ref(),
+                ));
+            });
+        }))
     }
 
     /// Never waits: while the server is known to be down a delivery is
@@ -1909,8 +1994,8 @@ mod tests {
     /// under load, one per connection) are admitted, then marked handled.
     /// Those that ask while a call is on its way go together in the next
     /// call, and a mark takes its claim with it (no release is sent): the
-    /// eight deliveries cost four calls, where a call per admission, per
-    /// mark and per batch of releases cost seventeen or more. The server
+    /// eight deliveries cost four calls at most, where a call per
+    /// admission, per mark and per batch of releases cost seventeen or more. The server
     /// holds writes (CLIENT PAUSE WRITE) until all have asked, so what
     /// goes together does not depend on timing. Counted by MONITOR: the
     /// commands sent to the server, not those its scripts run.
@@ -1940,7 +2025,7 @@ mod tests {
         // All ask while the server holds the first call; then all go on.
         let together = |control: &mut Raw, step: &str| {
             wait_for(step, || {
-                control.blocked_clients() == 1 && store.batch.queued() == DELIVERIES as usize - 1
+                control.blocked_clients() == 1 && store.batch.unanswered() == DELIVERIES as usize
             });
             assert_eq!(control.ask(&["CLIENT", "UNPAUSE"]), "+OK");
         };
@@ -1983,9 +2068,10 @@ mod tests {
         drop(store);
 
         let sent = commands_sent(&mut monitor, &mut control);
-        assert_eq!(
-            sent.len(),
-            4,
+        // The first call may have left before all asked: two calls at
+        // most for the admissions, two for the marks.
+        assert!(
+            sent.len() <= 4 && sent.iter().all(|name| name == "evalsha"),
             "{DELIVERIES} deliveries, commands sent: {sent:?}"
         );
     }

@@ -2,13 +2,14 @@
 //! marks asked for while a call is on its way go together in the next
 //! call, one script ([`BATCH`]) that answers each in turn.
 //!
-//! No thread of its own: the first caller to find no call on its way
-//! makes the call (it leads), with everything queued by then, its own
-//! request included; the others wait for their answers. A leader done
-//! with its call hands the lead to the first request queued meanwhile, so
-//! that one's caller makes the next call. Alone, a request is sent at
-//! once, as by a call of its own; under load, one round trip carries the
-//! requests of many deliveries (ARCHITECTURE.md, "The Redis state").
+//! A thread of the batcher's own makes the calls: it takes everything
+//! queued, sends it in one call, answers each request, and takes what
+//! queued meanwhile. Alone, a request is sent at once; under load, one
+//! round trip carries the requests of many deliveries (ARCHITECTURE.md,
+//! "The Redis state"). A request is answered to a caller that waits for
+//! it ([`Batcher::run`], on a blocking thread) or to a callback
+//! ([`Batcher::submit`]: serve-webhook's I/O threads, which no thread
+//! waits for).
 //!
 //! Each request is answered only once the server has answered the call
 //! that carried it: a mark is in Redis before its delivery is answered,
@@ -110,29 +111,31 @@ pub(super) enum Op {
     },
 }
 
-/// Where a request's answer is left, and how its caller is told to lead.
+/// The answer to one request: the script's word, or why it failed.
+pub(super) type Answer = anyhow::Result<String>;
+
+/// Where a waiting caller's answer is left.
 #[derive(Default)]
 struct Slot {
-    state: Mutex<SlotState>,
+    answer: Mutex<Option<Answer>>,
     changed: Condvar,
 }
 
-#[derive(Default)]
-struct SlotState {
-    answer: Option<anyhow::Result<String>>,
-    /// The caller makes the next call.
-    lead: bool,
+/// Who is told a request's answer.
+enum Reply {
+    Wait(Arc<Slot>),
+    Then(Box<dyn FnOnce(Answer) + Send>),
 }
 
-impl Slot {
-    fn answer(&self, answer: anyhow::Result<String>) {
-        lock(&self.state).answer = Some(answer);
-        self.changed.notify_one();
-    }
-
-    fn lead(&self) {
-        lock(&self.state).lead = true;
-        self.changed.notify_one();
+impl Reply {
+    fn send(self, answer: Answer) {
+        match self {
+            Reply::Wait(slot) => {
+                *lock(&slot.answer) = Some(answer);
+                slot.changed.notify_one();
+            }
+            Reply::Then(then) => then(answer),
+        }
     }
 }
 
@@ -140,104 +143,137 @@ struct Queued {
     op: Op,
     /// When its caller's time is up.
     deadline: Instant,
-    slot: Arc<Slot>,
+    reply: Reply,
 }
 
 #[derive(Default)]
 struct Line {
     queued: Vec<Queued>,
-    /// A caller leads: a call is on its way, or about to be.
-    busy: bool,
+    /// The thread waits for a request (and must be woken).
+    idle: bool,
+    /// The store is dropped: the thread ends once the line is empty.
+    closed: bool,
+    /// Requests in the call on its way.
+    sending: usize,
 }
 
-/// The requests waiting for the next call.
-#[derive(Default)]
+/// The requests waiting for the next call, and the thread that makes it.
 pub(super) struct Batcher {
+    core: Arc<Core>,
     line: Mutex<Line>,
+    wake: Condvar,
 }
 
 impl Batcher {
+    /// Starts the batcher's thread; it ends after [`Batcher::close`].
+    pub(super) fn start(core: &Arc<Core>) -> anyhow::Result<Arc<Batcher>> {
+        let batcher = Arc::new(Batcher {
+            core: Arc::clone(core),
+            line: Mutex::new(Line::default()),
+            wake: Condvar::new(),
+        });
+        let writer = Arc::clone(&batcher);
+        std::thread::Builder::new()
+            .name("fly-state-batch".into())
+            .spawn(move || writer.write())
+            .map_err(|error| anyhow!("starting the state store's batch thread: {error}"))?;
+        Ok(batcher)
+    }
+
+    /// Ends the thread once what is queued is answered.
+    pub(super) fn close(&self) {
+        lock(&self.line).closed = true;
+        self.wake.notify_one();
+    }
+
+    /// Queues `op`; `then` gets its answer, on the batcher's thread.
+    pub(super) fn submit(&self, op: Op, then: impl FnOnce(Answer) + Send + 'static) {
+        self.queue(op, Reply::Then(Box::new(then)));
+    }
+
     /// Sends `op` with whatever else is queued, and returns its answer.
-    pub(super) fn run(&self, core: &Core, op: Op) -> anyhow::Result<String> {
+    pub(super) fn run(&self, op: Op) -> Answer {
         let slot = Arc::new(Slot::default());
-        let deadline = Instant::now() + CALL_TIMEOUT;
-        let leads = {
-            let mut line = lock(&self.line);
-            line.queued.push(Queued {
-                op,
-                deadline,
-                slot: Arc::clone(&slot),
-            });
-            !std::mem::replace(&mut line.busy, true)
-        };
-        if leads {
-            self.lead(core);
-        }
+        let deadline = self.queue(op, Reply::Wait(Arc::clone(&slot)));
+        let mut answer = lock(&slot.answer);
         loop {
-            {
-                let mut state = lock(&slot.state);
-                loop {
-                    if let Some(answer) = state.answer.take() {
-                        return answer;
-                    }
-                    if std::mem::take(&mut state.lead) {
-                        break;
-                    }
-                    // Every call ends by its deadline; this only guards
-                    // against a leader that never came back (a panic).
-                    let left = (deadline + CALL_TIMEOUT).saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Err(anyhow::Error::new(Unavailable(format!(
-                            "state store {} did not answer",
-                            core.shown
-                        ))));
-                    }
-                    state = slot
-                        .changed
-                        .wait_timeout(state, left)
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .0;
-                }
+            if let Some(answer) = answer.take() {
+                return answer;
             }
-            self.lead(core);
+            // Every call ends by its deadline; this only guards against a
+            // thread that never answers (a panic).
+            let left = (deadline + CALL_TIMEOUT).saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(anyhow::Error::new(Unavailable(format!(
+                    "state store {} did not answer",
+                    self.core.shown
+                ))));
+            }
+            answer = slot
+                .changed
+                .wait_timeout(answer, left)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
         }
     }
 
-    /// Requests queued, not yet sent.
+    fn queue(&self, op: Op, reply: Reply) -> Instant {
+        let deadline = Instant::now() + CALL_TIMEOUT;
+        let mut line = lock(&self.line);
+        line.queued.push(Queued {
+            op,
+            deadline,
+            reply,
+        });
+        if std::mem::take(&mut line.idle) {
+            self.wake.notify_one();
+        }
+        deadline
+    }
+
+    /// Requests not answered yet, queued or in the call on its way.
     #[cfg(test)]
-    pub(super) fn queued(&self) -> usize {
-        lock(&self.line).queued.len()
+    pub(super) fn unanswered(&self) -> usize {
+        let line = lock(&self.line);
+        line.queued.len() + line.sending
     }
 
-    /// Makes one call with what is queued, answers each request, and hands
-    /// the lead on (or gives it up when nothing is queued).
-    fn lead(&self, core: &Core) {
-        /// Hands the lead on even if the call panicked.
-        struct HandOn<'a>(&'a Batcher);
-        impl Drop for HandOn<'_> {
-            fn drop(&mut self) {
-                let mut line = lock(&self.0.line);
-                match line.queued.first() {
-                    Some(next) => next.slot.lead(),
-                    None => line.busy = false,
+    /// The thread: a call for what is queued, until closed.
+    fn write(&self) {
+        loop {
+            let batch: Vec<Queued> = {
+                let mut line = lock(&self.line);
+                while line.queued.is_empty() {
+                    if line.closed {
+                        return;
+                    }
+                    line.idle = true;
+                    line = self
+                        .wake
+                        .wait(line)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                 }
-            }
+                line.idle = false;
+                let count = line.queued.len().min(MAX_BATCH);
+                line.sending = count;
+                line.queued.drain(..count).collect()
+            };
+            self.send(batch);
+            lock(&self.line).sending = 0;
         }
-        let _hand_on = HandOn(self);
-        let batch: Vec<Queued> = {
-            let mut line = lock(&self.line);
-            let count = line.queued.len().min(MAX_BATCH);
-            line.queued.drain(..count).collect()
-        };
+    }
+
+    /// One call for `batch`, and each request answered.
+    fn send(&self, batch: Vec<Queued>) {
         let now = Instant::now();
         let (due, late): (Vec<Queued>, Vec<Queued>) =
             batch.into_iter().partition(|queued| queued.deadline > now);
         for queued in late {
             queued
-                .slot
-                .answer(Err(anyhow::Error::new(Unavailable(format!(
+                .reply
+                .send(Err(anyhow::Error::new(Unavailable(format!(
                     "state store {} did not answer: timed out after {} s",
-                    core.shown,
+                    self.core.shown,
                     CALL_TIMEOUT.as_secs()
                 )))));
         }
@@ -249,15 +285,15 @@ impl Batcher {
             .map(|queued| queued.deadline.saturating_duration_since(now))
             .min()
             .unwrap_or(Duration::ZERO);
-        let answers = call(core, budget, &due);
+        let answers = call(&self.core, budget, &due);
         for (queued, answer) in due.into_iter().zip(answers) {
-            queued.slot.answer(answer);
+            queued.reply.send(answer);
         }
     }
 }
 
 /// One call of [`BATCH`] for `batch`: an answer for each request.
-fn call(core: &Core, budget: Duration, batch: &[Queued]) -> Vec<anyhow::Result<String>> {
+fn call(core: &Core, budget: Duration, batch: &[Queued]) -> Vec<Answer> {
     let mut invocation = BATCH.prepare_invoke();
     for queued in batch {
         match &queued.op {
