@@ -220,6 +220,11 @@ impl Batcher {
     fn queue(&self, op: Op, reply: Reply) -> Instant {
         let deadline = Instant::now() + CALL_TIMEOUT;
         let mut line = lock(&self.line);
+        if line.closed {
+            drop(line);
+            reply.send(Err(anyhow!("state store {}: closed", self.core.shown)));
+            return deadline;
+        }
         line.queued.push(Queued {
             op,
             deadline,
