@@ -13,7 +13,9 @@ use bytes::Bytes;
 use fly_base::clock::unix_now;
 use fly_base::sync::lock;
 use fly_signature::{Verdict, Verifier, json, python};
-use fly_state::{Admission, Claim, Delivery, Pending, WebhookStore, is_gone, is_unavailable};
+use fly_state::{
+    Admission, Claim, Delivery, Later, Pending, WebhookStore, is_gone, is_unavailable,
+};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
@@ -207,6 +209,9 @@ impl Receiver {
         let asked = Instant::now();
         let admission = match self.store.try_admit(&delivery) {
             Some(answer) => answer.map(|admission| self.guard(admission)),
+            None if let Some(later) = self.store.admit_later(&delivery) => {
+                admitted_later(&self.store, later).await
+            }
             // Only the store's disk or server can say: on a blocking thread,
             // where the claim is also guarded at once, so a client that
             // disconnects meanwhile cannot leave it held.
@@ -336,22 +341,36 @@ impl Receiver {
         // effect to repeat).
         if self.handler.is_instant(&update)
             && let Ok(outcome) = self.handler.handle(&update, &mut record.steps)
-            && let Some(marked) = self
+        {
+            let marked = match self
                 .store
                 .try_mark_handled(update.update_id, outcome.as_str())
-        {
-            // Marked: a redelivery finds it handled from here on.
-            drop(claim);
-            // A writer far behind: the answer waits for its batch in hand
-            // (without a thread), which holds the I/O threads back for it.
-            let marked = match marked {
-                Ok(behind) => committed(behind).await,
-                Err(error) => Err(error),
+            {
+                // Marked in memory: a writer far behind makes the answer
+                // wait for its batch in hand (without a thread), which holds
+                // the I/O threads back for it.
+                Some(marked) => Some(match marked {
+                    Ok(behind) => committed(behind).await,
+                    Err(error) => Err(error),
+                }),
+                // A store on a server: the mark is answered by its own thread.
+                None => match self.store.mark_later(update.update_id, outcome.as_str()) {
+                    Some(later) => {
+                        let asked = Instant::now();
+                        let marked = answered(later).await;
+                        record.steps.add(Step::Store, asked.elapsed());
+                        Some(marked)
+                    }
+                    None => None,
+                },
             };
-            return match marked {
-                Ok(()) => (StatusCode::OK, "OK", Some(End::Done(outcome))),
-                Err(error) => self.failed_in_store(error),
-            };
+            if let Some(marked) = marked {
+                drop(claim);
+                return match marked {
+                    Ok(()) => (StatusCode::OK, "OK", Some(End::Done(outcome))),
+                    Err(error) => self.failed_in_store(error),
+                };
+            }
         }
         let handler = Arc::clone(&self.handler);
         let store = Arc::clone(&self.store);
@@ -538,6 +557,33 @@ async fn committed(pending: Pending) -> anyhow::Result<()> {
     receiver
         .await
         .unwrap_or_else(|_| Err(anyhow::anyhow!("the state store's writer stopped")))
+}
+
+/// A store's answer from a thread of its own, as a future.
+async fn answered<T: Send + 'static>(later: Later<anyhow::Result<T>>) -> anyhow::Result<T> {
+    let (sender, receiver) = tokio::sync::oneshot::channel();
+    later.on_done(move |answer| {
+        let _ = sender.send(answer);
+    });
+    receiver
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the state store's call did not finish")))
+}
+
+/// An admission answered by the store's own thread, its claim guarded as
+/// soon as it comes: one that comes after the client left is released.
+async fn admitted_later(
+    store: &Arc<dyn WebhookStore>,
+    later: Later<anyhow::Result<Admission>>,
+) -> anyhow::Result<Guarded> {
+    let (sender, receiver) = tokio::sync::oneshot::channel();
+    let guarding = Arc::clone(store);
+    later.on_done(move |answer| {
+        let _ = sender.send(answer.map(|admission| guard(&guarding, admission)));
+    });
+    receiver
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the state store's call did not finish")))
 }
 
 /// An [`Admission`] whose claim is released when dropped.

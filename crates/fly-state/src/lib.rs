@@ -224,6 +224,13 @@ pub trait Store: Send + Sync {
         None
     }
 
+    /// [`Store::mark_handled`] answered later, by a thread of the store's
+    /// own (no thread waits for it), when the store can (a server's store),
+    /// else `None`. Safe on an async I/O thread.
+    fn mark_later(&self, _update_id: i64, _outcome: &str) -> Option<Later<anyhow::Result<()>>> {
+        None
+    }
+
     /// Makes everything accepted so far durable (a clean stop).
     fn flush(&self) -> anyhow::Result<()> {
         Ok(())
@@ -332,6 +339,33 @@ pub trait WebhookLedger: Store {
     /// blocking thread. Safe on an async I/O thread.
     fn try_admit(&self, _delivery: &Delivery) -> Option<anyhow::Result<Admission>> {
         None
+    }
+
+    /// [`WebhookLedger::admit`] answered later, by a thread of the store's
+    /// own (no thread waits for it), when the store can (a server's store),
+    /// else `None`. Safe on an async I/O thread. An admission nobody takes
+    /// must have its claim released.
+    fn admit_later(&self, _delivery: &Delivery) -> Option<Later<anyhow::Result<Admission>>> {
+        None
+    }
+}
+
+/// A store's answer that comes later: [`Later::on_done`] sends the request
+/// and hands the answer to its callback, on a thread of the store's own
+/// (so the callback must be quick: a channel's send), exactly once.
+pub struct Later<T>(Box<dyn FnOnce(Then<T>) + Send>);
+
+/// The callback a [`Later`] answer is handed to.
+pub type Then<T> = Box<dyn FnOnce(T) + Send>;
+
+impl<T> Later<T> {
+    /// A request that `send` sends, with the callback for its answer.
+    pub fn new(send: impl FnOnce(Then<T>) + Send + 'static) -> Later<T> {
+        Later(Box::new(send))
+    }
+
+    pub fn on_done(self, then: impl FnOnce(T) + Send + 'static) {
+        (self.0)(Box::new(then));
     }
 }
 
