@@ -22,7 +22,7 @@
 #
 #   bash benches/sustained.sh [WINDOWS] [STATE]   (12 windows; sqlite or redis)
 #   WINDOW_SECS=N  seconds a window (default 5)
-#   PER_WINDOW=N   distinct bodies signed up front per window (default 70000
+#   PER_WINDOW=N   distinct bodies signed up front per window (default 80000
 #                  per second of a window: more than fly takes, so none is
 #                  sent twice; a window that runs out says so)
 set -euo pipefail
@@ -30,7 +30,7 @@ cd "$(dirname "$0")/.."
 WINDOWS=${1:-12}
 STATE=${2:-sqlite}
 WINDOW_SECS=${WINDOW_SECS:-5}
-PER_WINDOW=${PER_WINDOW:-$((WINDOW_SECS * 70000))}
+PER_WINDOW=${PER_WINDOW:-$((WINDOW_SECS * 80000))}
 case $STATE in
 sqlite | redis) ;;
 *)
