@@ -53,33 +53,49 @@ wrk_figures() { # report label
 
 # Writes $3 signed updates of kind $1 (callback_query, or message: a text
 # message, chats u_0…u_99 in turn) to file $2, one per line, each with its own
-# update_id and random nonce (as the platform's: no order for a B-tree to
-# exploit), signed with $FLY_WEBHOOK_SECRET as the platform signs (timestamp
-# now: inside the 300 s replay window for a few minutes). Also $2.hmac: per
-# line, the HMAC-SHA256 of the whole body, for peers that check a header.
-make_bodies() { # kind file count
-    python3 - "$1" "$3" "$FLY_WEBHOOK_SECRET" "$2" <<'PY'
-import hashlib, hmac, json, os, sys, time
+# update_id (1000000 + $4 + its line number: each file of one run gets its
+# own $4, default 0) and random nonce (as the platform's: no order for a
+# B-tree to exploit), signed with $FLY_WEBHOOK_SECRET as the platform signs
+# (timestamp now: inside the 300 s replay window for a few minutes). Also
+# $2.hmac: per line, the HMAC-SHA256 of the whole body, for peers that check
+# a header. The JSON is written as json.dumps would (sorted keys where the
+# signature wants them) by string formatting: a few microseconds a body, so
+# that millions can be signed up front.
+make_bodies() { # kind file count [first]
+    python3 - "$1" "$3" "$FLY_WEBHOOK_SECRET" "$2" "${4:-0}" <<'PY'
+import hashlib, hmac, os, sys, time
 kind, count, secret, path = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode(), sys.argv[4]
+first = int(sys.argv[5])
 now = int(time.time())
+digest, sha256 = hmac.digest, hashlib.sha256
+CHUNK = 65536
 with open(path, "w") as bodies, open(path + ".hmac", "w") as macs:
-    for i in range(count):
-        update_id = 1_000_000 + i
-        if kind == "callback_query":
-            payload = {"id": f"cb_{i}", "data": "approve", "from": {"id": f"u_{i % 100}"}}
-        else:
-            payload = {"chat": {"type": "private", "id": f"u_{i % 100}"}, "msgType": "text",
-                       "data": {"content": f"hello {i}"}}
-        canonical = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
-        nonce = os.urandom(16).hex()
-        signing = "\n".join([str(update_id), kind, "bot_bench", str(now), nonce,
-                             hashlib.sha256(canonical.encode()).hexdigest()])
-        signature = hmac.new(secret, signing.encode(), hashlib.sha256).hexdigest()
-        body = json.dumps({"update_id": update_id, "type": kind, kind: payload,
-                           "bot": {"id": "bot_bench"}, "timestamp": now, "nonce": nonce,
-                           "signature": signature}, separators=(",", ":"))
-        bodies.write(body + "\n")
-        macs.write(hmac.new(secret, body.encode(), hashlib.sha256).hexdigest() + "\n")
+    for start in range(0, count, CHUNK):
+        lines, line_macs = [], []
+        randoms = os.urandom(16 * CHUNK).hex()
+        for n in range(start, min(count, start + CHUNK)):
+            i = first + n
+            update_id = 1_000_000 + i
+            if kind == "callback_query":
+                canonical = '{"data":"approve","from":{"id":"u_%d"},"id":"cb_%d"}' % (i % 100, i)
+                payload = '{"id":"cb_%d","data":"approve","from":{"id":"u_%d"}}' % (i, i % 100)
+            else:
+                canonical = ('{"chat":{"id":"u_%d","type":"private"},"data":{"content":"hello %d"},'
+                             '"msgType":"text"}' % (i % 100, i))
+                payload = ('{"chat":{"type":"private","id":"u_%d"},"msgType":"text",'
+                           '"data":{"content":"hello %d"}}' % (i % 100, i))
+            k = 32 * (n - start)
+            nonce = randoms[k:k + 32]
+            signing = "%d\n%s\nbot_bench\n%d\n%s\n%s" % (
+                update_id, kind, now, nonce, sha256(canonical.encode()).hexdigest())
+            signature = digest(secret, signing.encode(), "sha256").hex()
+            body = ('{"update_id":%d,"type":"%s","%s":%s,"bot":{"id":"bot_bench"},"timestamp":%d,'
+                    '"nonce":"%s","signature":"%s"}' % (update_id, kind, kind, payload, now, nonce,
+                                                      signature))
+            lines.append(body)
+            line_macs.append(digest(secret, body.encode(), "sha256").hex())
+        bodies.write("\n".join(lines) + "\n")
+        macs.write("\n".join(line_macs) + "\n")
 PY
     # The generator signs as the platform does: fly must agree.
     head -3 "$2" | "$FLY" verify-sig --lines >/dev/null

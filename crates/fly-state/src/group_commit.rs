@@ -18,6 +18,7 @@
 //!
 //! Nothing here knows SQLite: the [`Sink`] does the writing.
 
+use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -79,8 +80,11 @@ struct Handoff<W> {
 
 struct Queue<W> {
     /// The next batch, and what completes when it is committed. A batch
-    /// that failed is put back at the front.
-    writes: Vec<W>,
+    /// that failed is put back at the front. A ring that keeps its size:
+    /// under a steady load, queueing a write allocates nothing (memory
+    /// freed on another thread than the one that took it is what made the
+    /// allocator's heaps grow with the updates seen).
+    writes: VecDeque<W>,
     done: Arc<Completion>,
     /// Someone waits for `done` though `writes` may be empty (a barrier).
     barrier_wanted: bool,
@@ -112,7 +116,7 @@ impl<W: Send + 'static> GroupCommit<W> {
     pub fn start(name: &str, sink: impl Sink<W>) -> anyhow::Result<GroupCommit<W>> {
         let shared = Arc::new(Handoff {
             queue: Mutex::new(Queue {
-                writes: Vec::new(),
+                writes: VecDeque::new(),
                 done: Arc::new(Completion::default()),
                 barrier_wanted: false,
                 committing: false,
@@ -148,7 +152,7 @@ impl<W: Send + 'static> GroupCommit<W> {
     /// queue with it: how far behind the writer is.
     pub fn submit_counted(&self, write: W) -> (Pending, usize) {
         let mut queue = lock(&self.shared.queue);
-        queue.writes.push(write);
+        queue.writes.push_back(write);
         let done = Arc::clone(&queue.done);
         // A failing writer waits for its next try, not for new writes.
         if queue.writer_idle && queue.failing.is_none() {
@@ -246,6 +250,8 @@ fn write_batches<W>(shared: &Handoff<W>, mut sink: impl Sink<W>) {
     let mut maintenance_due = Instant::now();
     let mut failures: u32 = 0;
     let mut retry_at: Option<Instant> = None;
+    // The batch in hand, its buffer used again batch after batch.
+    let mut batch: Vec<W> = Vec::with_capacity(MAX_BATCH);
     let mut queue = lock(&shared.queue);
     loop {
         if queue.failing.is_none() && Instant::now() >= maintenance_due {
@@ -272,23 +278,24 @@ fn write_batches<W>(shared: &Handoff<W>, mut sink: impl Sink<W>) {
             continue;
         }
         queue.retry_now = false;
-        let (writes, done) = take_batch(&mut queue);
+        let done = take_batch(&mut queue, &mut batch);
         queue.committing = true;
         drop(queue);
 
-        let result = commit(&mut sink, &writes);
+        let result = commit(&mut sink, &batch);
         queue = lock(&shared.queue);
         queue.committing = false;
         let step = std::mem::replace(&mut queue.step, Arc::new(Completion::default()));
         let outcome = match result {
             Ok(()) => {
+                batch.clear();
                 say_writing_again(shared, &mut queue);
                 failures = 0;
                 retry_at = None;
                 Ok(())
             }
             Err(error) => {
-                let kept = keep_failed(shared, &mut queue, &sink, writes, error);
+                let kept = keep_failed(shared, &mut queue, &sink, &mut batch, error);
                 failures = failures.saturating_add(1);
                 let backoff = RETRY_FIRST
                     .saturating_mul(1 << failures.min(8).saturating_sub(1))
@@ -336,17 +343,21 @@ fn wait_idle<'a, W>(
     queue
 }
 
-/// The next batch, and what completes when it is committed: `None` when
-/// the batch is split and the rest stays queued with the same completion,
-/// which the batch that empties the queue completes.
-fn take_batch<W>(queue: &mut Queue<W>) -> (Vec<W>, Option<Arc<Completion>>) {
+/// Moves the next batch into `batch` (empty); returns what completes when
+/// it is committed: `None` when the batch is split and the rest stays
+/// queued with the same completion, which the batch that empties the queue
+/// completes.
+fn take_batch<W>(queue: &mut Queue<W>, batch: &mut Vec<W>) -> Option<Arc<Completion>> {
     if queue.writes.len() > MAX_BATCH {
-        let rest = queue.writes.split_off(MAX_BATCH);
-        (std::mem::replace(&mut queue.writes, rest), None)
+        batch.extend(queue.writes.drain(..MAX_BATCH));
+        None
     } else {
         queue.barrier_wanted = false;
-        let done = std::mem::replace(&mut queue.done, Arc::new(Completion::default()));
-        (std::mem::take(&mut queue.writes), Some(done))
+        batch.extend(queue.writes.drain(..));
+        Some(std::mem::replace(
+            &mut queue.done,
+            Arc::new(Completion::default()),
+        ))
     }
 }
 
@@ -378,21 +389,22 @@ fn say_writing_again<W>(shared: &Handoff<W>, queue: &mut Queue<W>) {
 }
 
 /// The batch `writes` failed with `error`: it is put back, in order, ahead
-/// of what came since, and the writer is failing. Returns what is not
+/// of what came since (leaving `writes` empty), and the writer is failing. Returns what is not
 /// written, and the completion of everyone else waiting, who hears it now
 /// rather than after the outage.
 fn keep_failed<W>(
     shared: &Handoff<W>,
     queue: &mut Queue<W>,
     sink: &impl Sink<W>,
-    writes: Vec<W>,
+    writes: &mut Vec<W>,
     error: Arc<anyhow::Error>,
 ) -> (NotWritten, Arc<Completion>) {
-    let later = std::mem::replace(&mut queue.writes, writes);
-    queue.writes.extend(later);
+    while let Some(write) = writes.pop() {
+        queue.writes.push_front(write);
+    }
     let failed = NotWritten {
         error: error.clone(),
-        unwritten: sink.describe(&queue.writes),
+        unwritten: sink.describe(queue.writes.make_contiguous()),
     };
     if queue.failing.is_none() {
         tracing::error!(
@@ -586,6 +598,28 @@ mod tests {
         fn finish(&mut self) {
             *lock(&self.finished) = true;
         }
+    }
+
+    #[test]
+    fn queueing_reuses_the_queue_and_the_batch_buffers() {
+        let sink = Recorder::default();
+        let writer = GroupCommit::start("test-writer", sink.clone()).unwrap();
+        let gate = lock(&sink.gate);
+        let _first = writer.submit(0);
+        while !lock(&writer.shared.queue).committing {
+            std::thread::yield_now();
+        }
+        let pendings: Vec<Pending> = (1..=3000).map(|n| writer.submit(n)).collect();
+        let capacity = lock(&writer.shared.queue).writes.capacity();
+        drop(gate);
+        for pending in pendings {
+            pending.wait().unwrap();
+        }
+        assert_eq!(
+            lock(&writer.shared.queue).writes.capacity(),
+            capacity,
+            "kept, not given away with each batch"
+        );
     }
 
     #[test]

@@ -867,19 +867,68 @@ impl Letters for SqliteStore {
 // ---------------------------------------------------------------------------
 // What the Front builds on
 
-/// One write of a group commit.
+/// One write of a group commit. Its texts are inline: queueing a write
+/// allocates nothing, and so frees nothing on the writer thread.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Write {
     Handled {
         update_id: i64,
-        outcome: String,
+        outcome: Text,
         at: i64,
     },
     Nonce {
-        nonce: String,
-        update_key: String,
+        nonce: Text,
+        update_key: Text,
         seen_at: i64,
     },
+}
+
+/// A short text (a nonce, an update key, an outcome: a few dozen bytes)
+/// kept inline; a longer one is boxed.
+#[derive(Clone, PartialEq, Eq)]
+pub(super) enum Text {
+    Inline { len: u8, bytes: [u8; TEXT_INLINE] },
+    Boxed(Box<str>),
+}
+
+const TEXT_INLINE: usize = 46;
+
+impl Text {
+    pub(super) fn as_str(&self) -> &str {
+        match self {
+            // Copied from a str at a char boundary: always UTF-8.
+            Text::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default()
+            }
+            Text::Boxed(text) => text,
+        }
+    }
+}
+
+impl From<&str> for Text {
+    fn from(text: &str) -> Text {
+        if text.len() > TEXT_INLINE {
+            return Text::Boxed(text.into());
+        }
+        let mut bytes = [0; TEXT_INLINE];
+        bytes[..text.len()].copy_from_slice(text.as_bytes());
+        Text::Inline {
+            len: text.len() as u8,
+            bytes,
+        }
+    }
+}
+
+impl From<String> for Text {
+    fn from(text: String) -> Text {
+        Text::from(text.as_str())
+    }
+}
+
+impl std::fmt::Debug for Text {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_str().fmt(formatter)
+    }
 }
 
 /// Rows deleted per pruning step: a step stays a few milliseconds long.
@@ -1150,7 +1199,7 @@ impl BatchWriter {
                         update_id,
                         outcome,
                         at,
-                    } => handled.execute(params![update_id, outcome, at])?,
+                    } => handled.execute(params![update_id, outcome.as_str(), at])?,
                     Write::Nonce {
                         nonce,
                         update_key,
@@ -1158,7 +1207,7 @@ impl BatchWriter {
                     } => {
                         logged += 1;
                         oldest = Some(oldest.map_or(*seen_at, |known: i64| known.min(*seen_at)));
-                        nonces.execute(params![nonce, update_key, seen_at])?
+                        nonces.execute(params![nonce.as_str(), update_key.as_str(), seen_at])?
                     }
                 };
             }
@@ -1617,8 +1666,8 @@ mod tests {
         let now = unix_now();
         let writes: Vec<Write> = (0..MERGE_ROWS as i64)
             .map(|n| Write::Nonce {
-                nonce: format!("{:016x}", (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
-                update_key: n.to_string(),
+                nonce: format!("{:016x}", (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)).into(),
+                update_key: n.to_string().into(),
                 seen_at: now,
             })
             .collect();
