@@ -21,11 +21,11 @@
 # Not a test: run it by hand, on a quiet machine.
 #
 #   bash benches/redis.sh [DURATION_SECS]   (10)
-#   BODIES=N  distinct bodies to sign up front (default 60000 per second)
+#   BODIES=N  distinct bodies to sign up front (default 80000 per second)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${1:-10}
-BODIES=${BODIES:-$((DURATION * 60000))}
+BODIES=${BODIES:-$((DURATION * 80000))}
 if ! command -v wrk >/dev/null; then
     (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null
 fi
