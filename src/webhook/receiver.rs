@@ -547,16 +547,10 @@ impl Refusals {
 /// A group-committed write as a future: the writer thread completes it, so
 /// no thread is parked while the disk catches up.
 async fn committed(pending: Pending) -> anyhow::Result<()> {
-    if let Some(result) = pending.try_result() {
-        return result;
+    match pending.try_result() {
+        Some(result) => result,
+        None => answered(Later::new(move |then| pending.on_done(then))).await,
     }
-    let (sender, receiver) = tokio::sync::oneshot::channel();
-    pending.on_done(move |result| {
-        let _ = sender.send(result);
-    });
-    receiver
-        .await
-        .unwrap_or_else(|_| Err(anyhow::anyhow!("the state store's writer stopped")))
 }
 
 /// A store's answer from a thread of its own, as a future.
