@@ -9,7 +9,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::common::{
-    Emulator, Service, fly_child, read_request, sign_update, signal, unique_number, wait_until,
+    Emulator, Service, answering_in_turn, fly_child, read_request, sign_update, signal,
+    unique_number, wait_until,
 };
 use crate::redis::{Poller, RedisServer};
 use crate::serve_webhook::{SECRET, Server, post, text_update};
@@ -157,6 +158,28 @@ fn poll_echo(
 }
 
 const READY_WITHIN: Duration = Duration::from_secs(30);
+
+/// A stand-in platform's answer to a poll: no updates.
+const NO_UPDATES: &str = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+    content-length: 43\r\nconnection: close\r\n\r\n\
+    {\"code\":0,\"msg\":\"ok\",\"data\":{\"updates\":[]}}";
+
+/// `fly poll-echo` on `base_url` under a watchdog (`WATCHDOG_USEC` 0.4 s),
+/// polling with a 1 s timeout, once it said `READY=1`; its state directory
+/// lives as long as the returned one (dropped last, after the service).
+fn watched_poller(base_url: &str) -> (tempfile::TempDir, Manager, Service) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut manager = Manager::at_a_path();
+    let service = poll_echo(
+        base_url,
+        &manager,
+        dir.path(),
+        &[("WATCHDOG_USEC", "400000")],
+        &["--poll-timeout", "1"],
+    );
+    manager.wait_for(READY_WITHIN, "READY=1", |message| message == "READY=1");
+    (dir, manager, service)
+}
 
 #[test]
 fn poll_echo_is_ready_once_it_polls_says_its_status_and_stopping_on_sigterm() {
@@ -361,13 +384,7 @@ fn platform_that_drips_its_answers() -> String {
                 continue;
             }
             if served == 0 {
-                let body = r#"{"code":0,"msg":"ok","data":{"updates":[]}}"#;
-                let _ = write!(
-                    stream,
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
-                     content-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
+                let _ = stream.write_all(NO_UPDATES.as_bytes());
                 continue;
             }
             std::thread::spawn(move || {
@@ -388,16 +405,7 @@ fn platform_that_drips_its_answers() -> String {
 #[test]
 fn watchdog_pings_stop_when_the_poll_loop_stops_turning() {
     let base_url = platform_that_drips_its_answers();
-    let dir = tempfile::tempdir().unwrap();
-    let mut manager = Manager::at_a_path();
-    let mut service = poll_echo(
-        &base_url,
-        &manager,
-        dir.path(),
-        &[("WATCHDOG_USEC", "400000")],
-        &["--poll-timeout", "1"],
-    );
-    manager.wait_for(READY_WITHIN, "READY=1", |message| message == "READY=1");
+    let (_dir, mut manager, mut service) = watched_poller(&base_url);
     let seen = manager.during(Duration::from_secs(2));
     assert!(pings(&seen) >= 4, "few pings while polling: {seen:?}");
     // The second poll never ends: past its connect and read timeouts
@@ -414,46 +422,15 @@ fn watchdog_pings_stop_when_the_poll_loop_stops_turning() {
     );
 }
 
-/// A stand-in platform that answers the first updates request with no
-/// updates, then drops every later connection once it has read the
-/// request: the platform is down. Returns its base URL.
-fn platform_that_goes_down() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let base_url = format!("http://{}", listener.local_addr().unwrap());
-    std::thread::spawn(move || {
-        for (served, stream) in listener.incoming().enumerate() {
-            let Ok(mut stream) = stream else { return };
-            if read_request(&stream).is_none() || served > 0 {
-                continue;
-            }
-            let body = r#"{"code":0,"msg":"ok","data":{"updates":[]}}"#;
-            let _ = write!(
-                stream,
-                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
-                 content-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    base_url
-}
-
 /// A platform that is down is no hung loop: the poll is retried, each
 /// attempt and each wait within its bound, and the pings go on past the
 /// bound of one poll (10 + 1 + 15 s).
 #[test]
 fn watchdog_pings_go_on_while_the_platform_is_down() {
-    let base_url = platform_that_goes_down();
-    let dir = tempfile::tempdir().unwrap();
-    let mut manager = Manager::at_a_path();
-    let _service = poll_echo(
-        &base_url,
-        &manager,
-        dir.path(),
-        &[("WATCHDOG_USEC", "400000")],
-        &["--poll-timeout", "1"],
-    );
-    manager.wait_for(READY_WITHIN, "READY=1", |message| message == "READY=1");
+    // The first poll gets no updates; every later connection is closed
+    // once its request is read, unanswered: the platform is down.
+    let (base_url, _seen) = answering_in_turn(&[NO_UPDATES, ""]);
+    let (_dir, mut manager, _service) = watched_poller(&base_url);
     let past_one_poll = Instant::now() + Duration::from_secs(30);
     let seen = manager.during(past_one_poll.saturating_duration_since(Instant::now()));
     let last = manager.during(Duration::from_secs(3));
